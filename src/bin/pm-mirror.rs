@@ -1,0 +1,9 @@
+//! `pm-mirror`: mirror, publish and serve signature databases (see `pm::mirror`).
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = pm::mirror::Args::parse();
+    pm::cli::init_logging(&args.global);
+    pm::cli::finish(pm::mirror::run(args))
+}

@@ -1,0 +1,304 @@
+//! Conventions shared by every tool (DESIGN.md section 4): global flags, exit statuses,
+//! errors with hints, logging to stderr and results on stdout as a table or one JSON document.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use serde::Serialize;
+
+/// Flags every manager tool accepts, before or after its subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Manager state directory [default: /var/lib/pm as root, else $XDG_DATA_HOME/pm]
+    #[arg(long, global = true, env = "PM_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Print one JSON document on stdout instead of tables
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Show what would change, change nothing
+    #[arg(long, global = true)]
+    pub dry_run: bool,
+    /// How long to wait for another process that holds the inventory (e.g. 30s, 2m)
+    #[arg(long, global = true, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub lock_timeout: Duration,
+    /// More logging (-v debug, -vv trace)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+impl GlobalArgs {
+    /// The manager home: `--home`, else `/var/lib/pm` for root, else `$XDG_DATA_HOME/pm`.
+    pub fn home(&self) -> PathBuf {
+        if let Some(home) = &self.home {
+            return home.clone();
+        }
+        default_home()
+    }
+
+    /// Whether progress bars may be drawn: stderr is a terminal and the output is not JSON.
+    pub fn show_progress(&self) -> bool {
+        !self.json && !self.quiet && std::io::stderr().is_terminal()
+    }
+}
+
+fn default_home() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    // The owner of /proc/self is the effective user: root gets the system location.
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    if is_root {
+        return PathBuf::from("/var/lib/pm");
+    }
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(xdg).join("pm");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/pm"),
+        None => PathBuf::from("/var/lib/pm"),
+    }
+}
+
+/// Parses durations like `30s`, `2m`, `1h`, `500ms` or plain seconds (`30`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration: use e.g. 30s, 2m, 1h"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86400.0,
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{text}`: use ms, s, m, h or d"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}` is out of range"))
+}
+
+/// How a tool ended; the process exit code scripts and Ansible rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// Everything asked for was done (or was already so).
+    Success,
+    /// The operation failed; nothing was half-done.
+    Failure,
+    /// Bad flags, a bad config file or other bad input.
+    Usage,
+    /// Some hosts or products failed, the rest succeeded.
+    Partial,
+}
+
+impl ExitStatus {
+    /// The numeric exit code: 0, 1, 2 or 3.
+    pub fn code(self) -> u8 {
+        match self {
+            ExitStatus::Success => 0,
+            ExitStatus::Failure => 1,
+            ExitStatus::Usage => 2,
+            ExitStatus::Partial => 3,
+        }
+    }
+}
+
+impl From<ExitStatus> for ExitCode {
+    fn from(status: ExitStatus) -> ExitCode {
+        ExitCode::from(status.code())
+    }
+}
+
+/// An error a user can fix, with the exit status it maps to and an optional `hint:` line.
+#[derive(Debug)]
+pub struct UserError {
+    /// What went wrong, lowercase, naming the thing in backticks.
+    pub message: String,
+    /// What to do about it.
+    pub hint: Option<String>,
+    /// Usage (2) for bad input, Failure (1) otherwise.
+    pub status: ExitStatus,
+}
+
+impl UserError {
+    /// Bad input: exit status 2.
+    pub fn usage(message: impl Into<String>) -> Self {
+        UserError {
+            message: message.into(),
+            hint: None,
+            status: ExitStatus::Usage,
+        }
+    }
+
+    /// A failed operation: exit status 1.
+    pub fn failure(message: impl Into<String>) -> Self {
+        UserError {
+            message: message.into(),
+            hint: None,
+            status: ExitStatus::Failure,
+        }
+    }
+
+    /// Adds the `hint:` line.
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl std::fmt::Display for UserError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for UserError {}
+
+/// Sets up `tracing` on stderr: `-q` errors only, default warnings+info, `-v` debug, `-vv`
+/// trace; `RUST_LOG` overrides.
+pub fn init_logging(args: &GlobalArgs) {
+    let default = match (args.quiet, args.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn,pm=info",
+        (false, 1) => "info,pm=debug",
+        (false, _) => "debug,pm=trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(false)
+        .try_init();
+}
+
+/// Runs a tool's body and turns its result into an exit code, printing `error:` and `hint:`
+/// lines once. A closed stdout (`| head`) is not an error.
+pub fn finish(result: anyhow::Result<ExitStatus>) -> ExitCode {
+    match result {
+        Ok(status) => status.into(),
+        Err(err) => {
+            let broken_pipe = err.chain().any(|cause| {
+                cause.downcast_ref::<std::io::Error>().map(|io| io.kind())
+                    == Some(std::io::ErrorKind::BrokenPipe)
+                    || cause
+                        .downcast_ref::<serde_json::Error>()
+                        .and_then(|e| e.io_error_kind())
+                        == Some(std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe {
+                return ExitCode::SUCCESS;
+            }
+            let user = err
+                .chain()
+                .find_map(|cause| cause.downcast_ref::<UserError>());
+            let mut stderr = std::io::stderr().lock();
+            let _ = writeln!(stderr, "error: {err:#}");
+            if let Some(hint) = user.and_then(|u| u.hint.as_deref()) {
+                let _ = writeln!(stderr, "hint: {hint}");
+            }
+            user.map(|u| u.status).unwrap_or(ExitStatus::Failure).into()
+        }
+    }
+}
+
+/// Prints exactly one JSON document on stdout.
+pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut stdout, value)?;
+    writeln!(stdout)?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// A table in the house style: no colour unless on a terminal, width from the terminal.
+pub fn table(header: &[&str]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    if !std::io::stdout().is_terminal() {
+        table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+    }
+    table.set_header(header.iter().map(|h| h.to_string()));
+    table
+}
+
+/// Prints a table (or any text) followed by a newline on stdout.
+pub fn print_text(text: impl std::fmt::Display) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}")?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// A byte count for people: `1.5 MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: Option<Duration>) {
+        assert_eq!(parse_duration(input).ok(), expected, "input {input:?}");
+    }
+
+    #[test]
+    fn durations_parse_with_and_without_units() {
+        check("30", Some(Duration::from_secs(30)));
+        check("30s", Some(Duration::from_secs(30)));
+        check("2m", Some(Duration::from_secs(120)));
+        check("1h", Some(Duration::from_secs(3600)));
+        check("250ms", Some(Duration::from_millis(250)));
+        check("1.5s", Some(Duration::from_millis(1500)));
+        check("soon", None);
+        check("5w", None);
+    }
+
+    #[test]
+    fn exit_codes_are_the_documented_ones() {
+        let codes: Vec<u8> = [
+            ExitStatus::Success,
+            ExitStatus::Failure,
+            ExitStatus::Usage,
+            ExitStatus::Partial,
+        ]
+        .into_iter()
+        .map(ExitStatus::code)
+        .collect();
+        assert_eq!(codes, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn human_bytes_uses_binary_units() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(500 * 1024 * 1024), "500.0 MiB");
+    }
+}

@@ -1,0 +1,491 @@
+//! `pm.toml`: which products are mirrored, how to reach upstream (proxy, timeouts) and how many
+//! generations are kept. Errors name the file, the key and what is wrong.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::Url;
+use serde::Deserialize;
+
+/// Default databases of a `clamav` product, as freshclam fetches them.
+pub const DEFAULT_CLAMAV_DATABASES: [&str; 3] = ["main", "daily", "bytecode"];
+
+/// A configuration problem: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is missing.
+    #[error("no config file at `{path}`")]
+    Missing { path: PathBuf },
+    /// The file exists but cannot be read.
+    #[error("cannot read `{path}`")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// TOML syntax or a type/field error, with toml's own line and column.
+    #[error("`{path}`: {message}")]
+    Syntax { path: PathBuf, message: String },
+    /// A value that parses but makes no sense.
+    #[error("`{path}`: `{key}` {problem}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        problem: String,
+    },
+}
+
+/// The whole `pm.toml`.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// Upstream feeds to mirror, in order.
+    pub products: Vec<Product>,
+    /// HTTP proxy for upstream requests; else `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`.
+    pub proxy: Option<ProxyConfig>,
+    /// How many old generations are kept.
+    pub retention: Retention,
+    /// Timeouts and retries of upstream requests.
+    pub http: HttpConfig,
+}
+
+/// One mirrored upstream feed.
+#[derive(Debug, Clone)]
+pub struct Product {
+    /// Directory name in the repository and in the served layout (`/<name>/<file>`).
+    pub name: String,
+    /// What kind of feed this is, with its own settings.
+    pub source: ProductSource,
+}
+
+/// The feed kinds `pm-mirror sync` understands.
+#[derive(Debug, Clone)]
+pub enum ProductSource {
+    /// ClamAV CVD databases and their cdiffs, fetched the way freshclam does.
+    Clamav(ClamavSource),
+    /// Any vendor feed described by a JSON index of files with sha256 and size.
+    Files(FilesSource),
+}
+
+/// Settings of a `clamav` product.
+#[derive(Debug, Clone)]
+pub struct ClamavSource {
+    /// Base URL: files are `url/<db>.cvd` and `url/<db>-<version>.cdiff`.
+    pub url: String,
+    /// More base URLs tried in order when the first is unreachable or failing.
+    pub fallback_urls: Vec<String>,
+    /// Databases to mirror.
+    pub databases: Vec<String>,
+    /// How many versions of cdiffs to keep so that clients behind can update incrementally.
+    pub cdiff_keep: u32,
+}
+
+/// Settings of a `files` product.
+#[derive(Debug, Clone)]
+pub struct FilesSource {
+    /// URL of the JSON index; file paths in it are relative to this URL.
+    pub index_url: String,
+}
+
+/// A `[[products]]` table as written; checked into a [`Product`] by kind. (serde cannot deny
+/// unknown fields through an internally tagged enum, and a typo must not pass silently.)
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProduct {
+    name: String,
+    kind: String,
+    url: Option<String>,
+    fallback_urls: Option<Vec<String>>,
+    databases: Option<Vec<String>>,
+    cdiff_keep: Option<u32>,
+    index_url: Option<String>,
+}
+
+impl RawProduct {
+    /// Turns the table into a product; errors are `(field, problem)`.
+    fn into_product(self) -> Result<Product, (String, String)> {
+        let not_for = |field: &str, present: bool| -> Result<(), (String, String)> {
+            if present {
+                Err((
+                    field.to_string(),
+                    format!("is not a setting of a `{}` product", self.kind),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let source = match self.kind.as_str() {
+            "clamav" => {
+                not_for("index_url", self.index_url.is_some())?;
+                ProductSource::Clamav(ClamavSource {
+                    url: self
+                        .url
+                        .clone()
+                        .ok_or(("url".to_string(), "is missing".to_string()))?,
+                    fallback_urls: self.fallback_urls.clone().unwrap_or_default(),
+                    databases: self.databases.clone().unwrap_or_else(default_databases),
+                    cdiff_keep: self.cdiff_keep.unwrap_or(30),
+                })
+            }
+            "files" => {
+                not_for("url", self.url.is_some())?;
+                not_for("fallback_urls", self.fallback_urls.is_some())?;
+                not_for("databases", self.databases.is_some())?;
+                not_for("cdiff_keep", self.cdiff_keep.is_some())?;
+                ProductSource::Files(FilesSource {
+                    index_url: self
+                        .index_url
+                        .clone()
+                        .ok_or(("index_url".to_string(), "is missing".to_string()))?,
+                })
+            }
+            other => {
+                return Err((
+                    "kind".to_string(),
+                    format!("`{other}` is not a product kind: use `clamav` or `files`"),
+                ));
+            }
+        };
+        Ok(Product {
+            name: self.name,
+            source,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    products: Vec<RawProduct>,
+    #[serde(default)]
+    proxy: Option<ProxyConfig>,
+    #[serde(default)]
+    retention: Retention,
+    #[serde(default)]
+    http: HttpConfig,
+}
+
+/// Proxy settings; the password is read from a file so it never sits in `pm.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// `http://host:port` of the proxy.
+    pub url: String,
+    /// Proxy user name for basic authentication.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File (0600) holding the proxy password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Comma-separated hosts reached directly, as in `NO_PROXY`.
+    #[serde(default)]
+    pub no_proxy: Option<String>,
+}
+
+/// Generation retention.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Compressed archives kept after the three backups.
+    #[serde(default = "default_archives")]
+    pub archives: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            archives: default_archives(),
+        }
+    }
+}
+
+/// Upstream request behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Whole-request timeout, e.g. "10m".
+    #[serde(default = "default_timeout", with = "duration_text")]
+    pub timeout: Duration,
+    /// Connection timeout, e.g. "15s".
+    #[serde(default = "default_connect_timeout", with = "duration_text")]
+    pub connect_timeout: Duration,
+    /// Retries after a 5xx, a timeout or a broken connection.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// First backoff; doubled after each retry.
+    #[serde(default = "default_backoff", with = "duration_text")]
+    pub backoff: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            timeout: default_timeout(),
+            connect_timeout: default_connect_timeout(),
+            retries: default_retries(),
+            backoff: default_backoff(),
+        }
+    }
+}
+
+fn default_databases() -> Vec<String> {
+    DEFAULT_CLAMAV_DATABASES
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+fn default_archives() -> usize {
+    5
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_backoff() -> Duration {
+    Duration::from_secs(2)
+}
+
+mod duration_text {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(de)?;
+        crate::cli::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Names a product may not take because the served layout uses them.
+const RESERVED_PRODUCT_NAMES: [&str; 4] = ["backup", "manifest.json", "manifest.sig", "archive"];
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ConfigError::Missing {
+                    path: path.to_owned(),
+                });
+            }
+            Err(source) => {
+                return Err(ConfigError::Unreadable {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: one_line(&err.to_string()),
+        })?;
+        let mut products = Vec::new();
+        for (i, product) in raw.products.into_iter().enumerate() {
+            products.push(product.into_product().map_err(|(field, problem)| {
+                ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key: format!("products[{i}].{field}"),
+                    problem,
+                }
+            })?);
+        }
+        let config = Config {
+            products,
+            proxy: raw.proxy,
+            retention: raw.retention,
+            http: raw.http,
+        };
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, problem: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            problem,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for (i, product) in self.products.iter().enumerate() {
+            let key = |field: &str| format!("products[{i}].{field}");
+            let name = &product.name;
+            let name_ok = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && !name.starts_with('.');
+            if !name_ok {
+                return Err(invalid(
+                    key("name"),
+                    format!("`{name}` must be non-empty and use only a-z, 0-9, `-`, `_`, `.`"),
+                ));
+            }
+            if RESERVED_PRODUCT_NAMES.contains(&name.as_str()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("`{name}` is reserved by the layout"),
+                ));
+            }
+            if !seen.insert(name.clone()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("`{name}` is used by two products"),
+                ));
+            }
+            match &product.source {
+                ProductSource::Clamav(clamav) => {
+                    check_url(&clamav.url).map_err(|p| invalid(key("url"), p))?;
+                    for (j, url) in clamav.fallback_urls.iter().enumerate() {
+                        check_url(url)
+                            .map_err(|p| invalid(key(&format!("fallback_urls[{j}]")), p))?;
+                    }
+                    if clamav.databases.is_empty() {
+                        return Err(invalid(key("databases"), "must list at least one".into()));
+                    }
+                    for db in &clamav.databases {
+                        if db.is_empty()
+                            || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                        {
+                            return Err(invalid(
+                                key("databases"),
+                                format!("`{db}` is not a ClamAV database name (e.g. daily)"),
+                            ));
+                        }
+                    }
+                    if clamav.cdiff_keep == 0 {
+                        return Err(invalid(key("cdiff_keep"), "must be at least 1".into()));
+                    }
+                }
+                ProductSource::Files(files) => {
+                    check_url(&files.index_url).map_err(|p| invalid(key("index_url"), p))?;
+                }
+            }
+        }
+        if let Some(proxy) = &self.proxy {
+            check_url(&proxy.url).map_err(|p| invalid("proxy.url".into(), p))?;
+            if proxy.password_file.is_some() && proxy.username.is_none() {
+                return Err(invalid(
+                    "proxy.username".into(),
+                    "is needed with password_file".into(),
+                ));
+            }
+        }
+        if self.http.retries > 20 {
+            return Err(invalid("http.retries".into(), "must be at most 20".into()));
+        }
+        Ok(())
+    }
+}
+
+/// toml's messages draw the offending line over several lines; keep the gist on one.
+fn one_line(message: &str) -> String {
+    let mut lines = message.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default().to_string();
+    match lines.next_back() {
+        Some(last) if last != first => format!("{first}: {}", last.trim_start_matches(['^', ' '])),
+        _ => first,
+    }
+}
+
+fn check_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text).map_err(|err| format!("`{text}` is not a URL ({err})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("`{text}` must be an http:// or https:// URL"));
+    }
+    Ok(url)
+}
+
+/// An example `pm.toml`, shown in hints and written by the demo.
+pub const EXAMPLE: &str = r#"[[products]]
+name = "clamav"
+kind = "clamav"
+url = "https://database.clamav.net"
+databases = ["main", "daily", "bytecode"]
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str, expected_error: Option<&str>) {
+        let result = Config::parse(text, Path::new("/h/pm.toml"));
+        match (result, expected_error) {
+            (Ok(_), None) => {}
+            (Err(err), Some(expected)) => {
+                let message = err.to_string();
+                assert!(message.contains(expected), "`{message}` lacks `{expected}`");
+                assert!(message.contains("/h/pm.toml"), "`{message}` names no file");
+            }
+            (Ok(_), Some(expected)) => panic!("accepted, expected error `{expected}`"),
+            (Err(err), None) => panic!("rejected: {err}"),
+        }
+    }
+
+    #[test]
+    fn issue_example_config_parses_with_defaults() {
+        let text = r#"
+            [[products]]
+            name = "clamav"
+            kind = "clamav"
+            url = "http://127.0.0.1:8000"
+            databases = ["test"]
+
+            [[products]]
+            name = "vendor"
+            kind = "files"
+            index_url = "http://127.0.0.1:8000/vendor/index.json"
+        "#;
+        let config = Config::parse(text, Path::new("pm.toml")).unwrap();
+        assert_eq!(config.products.len(), 2);
+        assert_eq!(config.retention.archives, 5);
+        let ProductSource::Clamav(clamav) = &config.products[0].source else {
+            panic!()
+        };
+        assert_eq!(clamav.cdiff_keep, 30);
+        check(EXAMPLE, None);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key_and_the_problem() {
+        check(
+            "[[products]]\nname = \"x\"\nkind = \"clamav\"\nurl = \"nope\"",
+            Some("products[0].url"),
+        );
+        check(
+            "[[products]]\nname = \"x\"\nkind = \"ftp\"\nurl = \"http://a\"",
+            Some("not a product kind"),
+        );
+        check(
+            "[[products]]\nname = \"x\"\nkind = \"clamav\"",
+            Some("products[0].url` is missing"),
+        );
+        check(
+            "[[products]]\nname = \"x\"\nkind = \"files\"\nindex_url = \"http://a/i\"\ndatabases = []",
+            Some("products[0].databases` is not a setting of a `files` product"),
+        );
+        check(
+            "[[products]]\nname = \"backup\"\nkind = \"files\"\nindex_url = \"http://a/i.json\"",
+            Some("reserved"),
+        );
+        check(
+            "[[products]]\nname = \"a\"\nkind = \"files\"\nindex_url = \"http://a/i\"\n\
+             [[products]]\nname = \"a\"\nkind = \"files\"\nindex_url = \"http://a/i\"",
+            Some("used by two products"),
+        );
+        check("[http]\ntimeout = \"soon\"", Some("not a duration"));
+        check("[retention]\narchive = 3", Some("unknown field"));
+        check(
+            "[[products]]\nname = \"x\"\nkind = \"clamav\"\nurl = \"http://a\"\ndatabases = [\"../x\"]",
+            Some("not a ClamAV database name"),
+        );
+    }
+}

@@ -1,0 +1,518 @@
+//! The inventory: the one DuckDB file every manager tool shares (DESIGN.md section 5). This is
+//! the only module that touches DuckDB. Writers open it only for their write, after all network
+//! work, and retry while another process holds it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use duckdb::{AccessMode, Config, Connection, OptionalExt, params};
+
+use crate::manifest::Manifest;
+
+/// File name of the inventory inside `PM_HOME`.
+pub const INVENTORY_FILE: &str = "inventory.duckdb";
+
+/// Numbered schema migrations, applied in order on open.
+const MIGRATIONS: &[(u32, &str, &str)] =
+    &[(1, "mirror", include_str!("../../sql/0001_mirror.sql"))];
+
+/// Inventory errors.
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    /// Another process kept the file locked past the lock timeout.
+    #[error(
+        "inventory `{path}` is locked by {holder} for more than {waited:?}; \
+         likely a long pm-poll or pm-push, or a DuckDB CLI or Python session that opened it \
+         read-write"
+    )]
+    Locked {
+        path: PathBuf,
+        holder: String,
+        waited: Duration,
+    },
+    /// Any other DuckDB failure.
+    #[error("inventory `{path}`: {source}")]
+    Db {
+        path: PathBuf,
+        source: duckdb::Error,
+    },
+    /// The file was written by a newer pm.
+    #[error("inventory `{path}` has schema version {found}, newer than this pm ({known})")]
+    TooNew {
+        path: PathBuf,
+        found: u32,
+        known: u32,
+    },
+}
+
+/// An open inventory.
+pub struct Inventory {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// One row of `mirror_syncs`.
+#[derive(Debug, Clone)]
+pub struct SyncRecord {
+    /// Product name.
+    pub product: String,
+    /// `upstream`, `bundle` or `parent`.
+    pub source: String,
+    /// When the product's sync started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: DateTime<Utc>,
+    /// `updated`, `unchanged`, `failed` or `cooldown`.
+    pub result: String,
+    /// Body bytes downloaded.
+    pub bytes_downloaded: u64,
+    /// `component=version` list after the sync.
+    pub versions: String,
+    /// New latest revision, if this sync made one.
+    pub revision: Option<String>,
+    /// Error text of a failure.
+    pub error: Option<String>,
+}
+
+/// Per-product upstream state that later syncs and `status` read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProductState {
+    /// Product name.
+    pub product: String,
+    /// `component=version` as last seen upstream.
+    pub upstream_versions: Option<String>,
+    /// When upstream last answered.
+    pub upstream_checked_at: Option<DateTime<Utc>>,
+    /// Last sync that ended well.
+    pub last_success_at: Option<DateTime<Utc>>,
+    /// Last sync that failed.
+    pub last_failure_at: Option<DateTime<Utc>>,
+    /// Its error.
+    pub last_error: Option<String>,
+    /// Upstream asked us to stay away until then.
+    pub cooldown_until: Option<DateTime<Utc>>,
+    /// Why (`HTTP 429 from <url>`).
+    pub cooldown_reason: Option<String>,
+    /// JSON map of URL -> conditional request validators.
+    pub validators: Option<String>,
+}
+
+/// One publish or rollback of dist.
+#[derive(Debug, Clone)]
+pub struct DistChange {
+    /// `publish` or `rollback`.
+    pub action: String,
+    /// What dist became.
+    pub revision: String,
+    /// What dist was.
+    pub previous_revision: Option<String>,
+    /// backup/1..3 after the change.
+    pub backups: Vec<String>,
+    /// Revision moved into the archive.
+    pub archived: Option<String>,
+}
+
+fn to_epoch(time: Option<DateTime<Utc>>) -> Option<f64> {
+    time.map(|t| t.timestamp_micros() as f64 / 1e6)
+}
+
+fn from_epoch(seconds: Option<f64>) -> Option<DateTime<Utc>> {
+    seconds.and_then(|s| DateTime::from_timestamp_micros((s * 1e6).round() as i64))
+}
+
+impl Inventory {
+    /// Opens (creating and migrating) the inventory for writing, waiting up to `lock_timeout`
+    /// while another process holds it.
+    pub fn open(home: &Path, lock_timeout: Duration) -> Result<Inventory, InventoryError> {
+        std::fs::create_dir_all(home).map_err(|err| InventoryError::Db {
+            path: home.to_owned(),
+            source: duckdb::Error::ToSqlConversionFailure(Box::new(err)),
+        })?;
+        let path = home.join(INVENTORY_FILE);
+        let conn = open_with_retry(&path, AccessMode::ReadWrite, lock_timeout)?;
+        let inventory = Inventory { conn, path };
+        inventory.migrate()?;
+        Ok(inventory)
+    }
+
+    /// Opens the inventory read-only; `None` when it does not exist yet.
+    pub fn open_read_only(
+        home: &Path,
+        lock_timeout: Duration,
+    ) -> Result<Option<Inventory>, InventoryError> {
+        let path = home.join(INVENTORY_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = open_with_retry(&path, AccessMode::ReadOnly, lock_timeout)?;
+        Ok(Some(Inventory { conn, path }))
+    }
+
+    fn db<T>(&self, result: duckdb::Result<T>) -> Result<T, InventoryError> {
+        result.map_err(|source| InventoryError::Db {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// The schema version applied to this file.
+    pub fn schema_version(&self) -> Result<u32, InventoryError> {
+        let version: Option<u32> = self.db(self.conn.query_row(
+            "SELECT max(version) FROM schema_migrations",
+            [],
+            |row| row.get(0),
+        ))?;
+        Ok(version.unwrap_or(0))
+    }
+
+    fn migrate(&self) -> Result<(), InventoryError> {
+        self.db(self.conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMPTZ NOT NULL)",
+        ))?;
+        let current = self.schema_version()?;
+        let known = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+        if current > known {
+            return Err(InventoryError::TooNew {
+                path: self.path.clone(),
+                found: current,
+                known,
+            });
+        }
+        for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            let apply = || -> duckdb::Result<()> {
+                self.conn.execute_batch("BEGIN TRANSACTION")?;
+                self.conn.execute_batch(sql)?;
+                self.conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, now())",
+                    params![version, name],
+                )?;
+                self.conn.execute_batch("COMMIT")
+            };
+            if let Err(err) = apply() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                return Err(InventoryError::Db {
+                    path: self.path.clone(),
+                    source: err,
+                });
+            }
+            tracing::debug!(version, name, "applied inventory migration");
+        }
+        Ok(())
+    }
+
+    /// Runs `body` in one transaction: all of it lands or none.
+    pub fn transaction<T>(
+        &self,
+        body: impl FnOnce(&Inventory) -> Result<T, InventoryError>,
+    ) -> Result<T, InventoryError> {
+        self.db(self.conn.execute_batch("BEGIN TRANSACTION"))?;
+        match body(self) {
+            Ok(value) => {
+                self.db(self.conn.execute_batch("COMMIT"))?;
+                Ok(value)
+            }
+            Err(err) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(err)
+            }
+        }
+    }
+
+    /// Inserts a finished job and returns its id.
+    pub fn insert_job(
+        &self,
+        kind: &str,
+        started_at: DateTime<Utc>,
+        status: &str,
+        summary: &str,
+    ) -> Result<i64, InventoryError> {
+        let actor = actor();
+        self.db(self.conn.query_row(
+            "INSERT INTO jobs (kind, started_at, finished_at, status, actor, summary)
+             VALUES (?, to_timestamp(?), now(), ?, ?, ?) RETURNING id",
+            params![kind, to_epoch(Some(started_at)), status, actor, summary],
+            |row| row.get(0),
+        ))
+    }
+
+    /// Records a revision and its files; recording the same revision twice is a no-op.
+    pub fn record_revision(&self, manifest: &Manifest) -> Result<bool, InventoryError> {
+        let exists: Option<i64> = self.db(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM revisions WHERE revision = ?",
+                params![manifest.revision],
+                |row| row.get(0),
+            )
+            .optional())?;
+        if exists.is_some() {
+            return Ok(false);
+        }
+        self.db(self.conn.execute(
+            "INSERT INTO revisions VALUES (?, ?, ?, to_timestamp(?), ?, ?, ?)",
+            params![
+                manifest.serial,
+                manifest.revision,
+                manifest.content_sha256,
+                to_epoch(Some(manifest.created_at)),
+                manifest.source,
+                manifest.files.len() as i64,
+                manifest.total_bytes() as i64,
+            ],
+        ))?;
+        let mut insert = self.db(self
+            .conn
+            .prepare("INSERT INTO revision_files VALUES (?, ?, ?, ?, ?, to_timestamp(?), ?, ?)"))?;
+        for file in &manifest.files {
+            self.db(insert.execute(params![
+                manifest.revision,
+                file.path,
+                file.product,
+                file.component,
+                file.version,
+                to_epoch(file.build_time),
+                file.size as i64,
+                file.sha256,
+            ]))?;
+        }
+        Ok(true)
+    }
+
+    /// Appends sync rows for one job.
+    pub fn record_syncs(&self, job_id: i64, rows: &[SyncRecord]) -> Result<(), InventoryError> {
+        for row in rows {
+            let duration = (row.finished_at - row.started_at)
+                .num_microseconds()
+                .unwrap_or(0) as f64
+                / 1e6;
+            self.db(self.conn.execute(
+                "INSERT INTO mirror_syncs (job_id, product, source, started_at, finished_at,
+                     duration_seconds, result, bytes_downloaded, versions, revision, error)
+                 VALUES (?, ?, ?, to_timestamp(?), to_timestamp(?), ?, ?, ?, ?, ?, ?)",
+                params![
+                    job_id,
+                    row.product,
+                    row.source,
+                    to_epoch(Some(row.started_at)),
+                    to_epoch(Some(row.finished_at)),
+                    duration,
+                    row.result,
+                    row.bytes_downloaded as i64,
+                    row.versions,
+                    row.revision,
+                    row.error,
+                ],
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// Every product's stored upstream state.
+    pub fn product_states(&self) -> Result<Vec<ProductState>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT product, upstream_versions, epoch(upstream_checked_at), epoch(last_success_at),
+                    epoch(last_failure_at), last_error, epoch(cooldown_until), cooldown_reason,
+                    validators
+             FROM mirror_products ORDER BY product",
+        ))?;
+        let rows = self.db(statement.query_map([], |row| {
+            Ok(ProductState {
+                product: row.get(0)?,
+                upstream_versions: row.get(1)?,
+                upstream_checked_at: from_epoch(row.get(2)?),
+                last_success_at: from_epoch(row.get(3)?),
+                last_failure_at: from_epoch(row.get(4)?),
+                last_error: row.get(5)?,
+                cooldown_until: from_epoch(row.get(6)?),
+                cooldown_reason: row.get(7)?,
+                validators: row.get(8)?,
+            })
+        }))?;
+        rows.map(|row| self.db(row)).collect()
+    }
+
+    /// Inserts or replaces a product's upstream state.
+    pub fn save_product_state(&self, state: &ProductState) -> Result<(), InventoryError> {
+        self.db(self.conn.execute(
+            "INSERT OR REPLACE INTO mirror_products VALUES
+                 (?, ?, to_timestamp(?), to_timestamp(?), to_timestamp(?), ?, to_timestamp(?), ?, ?)",
+            params![
+                state.product,
+                state.upstream_versions,
+                to_epoch(state.upstream_checked_at),
+                to_epoch(state.last_success_at),
+                to_epoch(state.last_failure_at),
+                state.last_error,
+                to_epoch(state.cooldown_until),
+                state.cooldown_reason,
+                state.validators,
+            ],
+        ))?;
+        Ok(())
+    }
+
+    /// Records a publish or rollback of dist.
+    pub fn record_dist_change(
+        &self,
+        job_id: i64,
+        change: &DistChange,
+    ) -> Result<(), InventoryError> {
+        self.db(self.conn.execute(
+            "INSERT INTO dist_history (changed_at, action, revision, previous_revision, backups, archived, job_id)
+             VALUES (now(), ?, ?, ?, ?, ?, ?)",
+            params![
+                change.action,
+                change.revision,
+                change.previous_revision,
+                change.backups.join(","),
+                change.archived,
+                job_id,
+            ],
+        ))?;
+        Ok(())
+    }
+
+    /// Runs a query that returns one value per row, for tests and small reports.
+    pub fn query_strings(&self, sql: &str) -> Result<Vec<String>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(sql))?;
+        let rows = self.db(statement.query_map([], |row| row.get::<_, String>(0)))?;
+        rows.map(|row| self.db(row)).collect()
+    }
+}
+
+/// `user@host` of whoever runs the tool, for the jobs audit log.
+fn actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!(
+        "{}@{}",
+        if user.is_empty() { "?" } else { &user },
+        host.trim()
+    )
+}
+
+fn open_with_retry(
+    path: &Path,
+    mode: AccessMode,
+    lock_timeout: Duration,
+) -> Result<Connection, InventoryError> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(20);
+    loop {
+        let config = Config::default()
+            .access_mode(clone_mode(&mode))
+            .and_then(|c| {
+                // The inventory is small; a bounded memory use keeps a busy manager polite.
+                c.max_memory("1GB")
+            });
+        let result = config.and_then(|config| Connection::open_with_flags(path, config));
+        match result {
+            Ok(conn) => return Ok(conn),
+            Err(err) => {
+                let message = err.to_string();
+                if !message.contains("lock") {
+                    return Err(InventoryError::Db {
+                        path: path.to_owned(),
+                        source: err,
+                    });
+                }
+                if started.elapsed() >= lock_timeout {
+                    return Err(InventoryError::Locked {
+                        path: path.to_owned(),
+                        holder: lock_holder(&message),
+                        waited: lock_timeout,
+                    });
+                }
+                tracing::debug!(path = %path.display(), "inventory busy, retrying");
+                std::thread::sleep(delay.min(lock_timeout.saturating_sub(started.elapsed())));
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+fn clone_mode(mode: &AccessMode) -> AccessMode {
+    match mode {
+        AccessMode::ReadOnly => AccessMode::ReadOnly,
+        AccessMode::ReadWrite => AccessMode::ReadWrite,
+        AccessMode::Automatic => AccessMode::Automatic,
+    }
+}
+
+/// Names the process in DuckDB's lock message ("Conflicting lock is held in /usr/bin/x (PID 42)").
+fn lock_holder(message: &str) -> String {
+    let Some(start) = message.find("held in ") else {
+        return "another process".into();
+    };
+    let rest = &message[start + "held in ".len()..];
+    let end = rest.find(')').map(|i| i + 1).unwrap_or(rest.len());
+    let holder = rest[..end].trim();
+    let program = holder.split(" (").next().unwrap_or(holder);
+    let program = Path::new(program)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    match (program, holder.find("(PID")) {
+        (Some(program), Some(pid_at)) => format!("`{program}` {}", &holder[pid_at..]),
+        _ => format!("`{holder}`"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_home_migrates_from_zero_to_the_newest_schema() {
+        let home = tempfile::tempdir().unwrap();
+        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            inventory.schema_version().unwrap(),
+            MIGRATIONS.last().unwrap().0
+        );
+        drop(inventory);
+        let again = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        let tables = again
+            .query_strings("SELECT table_name FROM information_schema.tables ORDER BY 1")
+            .unwrap();
+        for table in [
+            "dist_history",
+            "jobs",
+            "mirror_syncs",
+            "revision_files",
+            "revisions",
+        ] {
+            assert!(
+                tables.iter().any(|t| t == table),
+                "{table} missing from {tables:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn product_state_round_trips() {
+        let home = tempfile::tempdir().unwrap();
+        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        let state = ProductState {
+            product: "clamav".into(),
+            upstream_versions: Some("test=6".into()),
+            cooldown_until: DateTime::from_timestamp(1_900_000_000, 0),
+            cooldown_reason: Some("HTTP 429".into()),
+            ..ProductState::default()
+        };
+        inventory.save_product_state(&state).unwrap();
+        inventory.save_product_state(&state).unwrap();
+        assert_eq!(inventory.product_states().unwrap(), vec![state]);
+    }
+
+    #[test]
+    fn lock_holder_names_the_program_and_pid() {
+        let message = "IO Error: Could not set lock on file \"/h/inventory.duckdb\": Conflicting \
+                       lock is held in /usr/local/bin/pm-poll (PID 4242) by user root. See also";
+        assert_eq!(lock_holder(message), "`pm-poll` (PID 4242)");
+        assert_eq!(lock_holder("weird"), "another process");
+    }
+}

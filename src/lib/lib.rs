@@ -1,0 +1,14 @@
+//! pm keeps a fleet of scanning hosts on fresh signature databases: a mirror of vendor updates
+//! with rollback generations, a private mirror server, and (later) agents, rollouts and metrics.
+
+pub mod clamav;
+pub mod cli;
+pub mod config;
+pub mod durable;
+pub mod inventory;
+pub mod lab;
+pub mod manifest;
+pub mod mirror;
+pub mod pki;
+pub mod repo;
+pub mod static_files;

@@ -1,0 +1,860 @@
+//! `pm-mirror`: mirror vendor updates into `latest`, publish them to `dist` with rollback
+//! generations, and serve the private mirror agents and freshclam download from.
+
+mod serve;
+mod sync;
+mod upstream;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
+use crate::config::{self, Config};
+use crate::inventory::{DistChange, Inventory, SyncRecord};
+use crate::manifest::Manifest;
+use crate::pki::SigningKey;
+use crate::repo::{Generations, Repo};
+
+pub use serve::{ServeState, router, shutdown_signal};
+pub use sync::{ProductReport, ProductResult};
+pub use upstream::parse_retry_after;
+
+/// `pm-mirror` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pm-mirror",
+    version,
+    about = "Mirror signature databases, publish generations, serve a private mirror"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `pm-mirror` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fetch every product's new components and stage a verified revision into latest
+    Sync {
+        /// Only these products (others keep what latest has)
+        #[arg(long = "product", value_name = "NAME")]
+        products: Vec<String>,
+    },
+    /// Upstream, latest, dist and backup versions per product and component
+    Status,
+    /// Publish latest to dist, rotating dist -> backup/1 -> 2 -> 3 -> archive
+    Publish,
+    /// Serve dist and backups over HTTP (freshclam DatabaseMirror/PrivateMirror, agents)
+    Serve {
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+    },
+    /// Remove revisions, views and archives nothing references any more
+    Gc,
+}
+
+/// Runs `pm-mirror` and returns its exit status.
+pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
+    let home = args.global.home();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match args.command {
+        Command::Sync { products } => runtime.block_on(run_sync(&home, &args.global, &products)),
+        Command::Status => run_status(&home, &args.global),
+        Command::Publish => run_publish(&home, &args.global),
+        Command::Serve { listen } => runtime.block_on(run_serve(&home, listen)),
+        Command::Gc => run_gc(&home, &args.global),
+    }
+}
+
+fn load_config(home: &Path) -> anyhow::Result<Config> {
+    let path = home.join("pm.toml");
+    Config::load(&path).map_err(|err| {
+        let hint = match &err {
+            config::ConfigError::Missing { .. } => format!(
+                "create it with the products to mirror, for example:\n{}",
+                config::EXAMPLE.trim_end()
+            ),
+            _ => "fix the value and run again; pm.toml keys are in the README".into(),
+        };
+        anyhow::Error::new(UserError::usage(err.to_string()).with_hint(hint))
+    })
+}
+
+fn inventory_error(err: crate::inventory::InventoryError) -> anyhow::Error {
+    let locked = matches!(err, crate::inventory::InventoryError::Locked { .. });
+    let user = UserError::failure(err.to_string());
+    anyhow::Error::new(if locked {
+        user.with_hint("wait for it to finish, close the other session, or raise --lock-timeout")
+    } else {
+        user
+    })
+}
+
+fn repo_error(err: crate::repo::RepoError) -> anyhow::Error {
+    let hint = match &err {
+        crate::repo::RepoError::Locked { .. } => {
+            Some("wait for the other pm-mirror to finish, or raise --lock-timeout")
+        }
+        _ => None,
+    };
+    let user = UserError::failure(format!("{err:#}"));
+    anyhow::Error::new(match hint {
+        Some(hint) => user.with_hint(hint),
+        None => user,
+    })
+}
+
+/// `--json` document of `pm-mirror sync`.
+#[derive(Debug, Serialize)]
+pub struct SyncReport {
+    /// Whether latest changed.
+    pub changed: bool,
+    /// `--dry-run`: nothing was downloaded or changed.
+    pub dry_run: bool,
+    /// Latest after the sync.
+    pub revision: Option<String>,
+    /// Latest before the sync.
+    pub previous_revision: Option<String>,
+    /// Body bytes downloaded over all products.
+    pub bytes_downloaded: u64,
+    /// Wall time of the sync.
+    pub duration_seconds: f64,
+    /// Per product.
+    pub products: Vec<ProductReport>,
+}
+
+async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::Result<ExitStatus> {
+    let started = Instant::now();
+    let started_at = Utc::now();
+    let config = load_config(home)?;
+    if config.products.is_empty() {
+        return Err(UserError::usage(format!(
+            "`{}` lists no products",
+            home.join("pm.toml").display()
+        ))
+        .with_hint(format!(
+            "add a [[products]] table, for example:\n{}",
+            config::EXAMPLE.trim_end()
+        ))
+        .into());
+    }
+    for name in only {
+        if !config.products.iter().any(|p| &p.name == name) {
+            return Err(UserError::usage(format!("no product `{name}` in pm.toml")).into());
+        }
+    }
+    // Read what earlier runs learned (validators, cool-downs); the file is closed again before
+    // any network work.
+    let states =
+        match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
+            Some(inventory) => inventory.product_states().map_err(inventory_error)?,
+            None => Vec::new(),
+        };
+    let repo = Repo::new(home);
+    let lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
+    let generations = repo.generations().map_err(repo_error)?;
+    let previous = match &generations.latest {
+        Some(latest) => Some(repo.manifest(latest).map_err(repo_error)?),
+        None => None,
+    };
+    let upstream = upstream::Upstream::new(&config, global.show_progress())?;
+    let mut staged = if global.dry_run {
+        None
+    } else {
+        Some(repo.stage(&lock).map_err(repo_error)?)
+    };
+    let inputs = sync::SyncInputs {
+        config: &config,
+        only,
+        upstream: &upstream,
+        previous: previous.as_ref(),
+        repo: &repo,
+        states: &states,
+        dry_run: global.dry_run,
+    };
+    let reports = sync::sync_products(&inputs, staged.as_mut()).await;
+
+    let failed = reports.iter().any(|r| r.result == ProductResult::Failed);
+    let cooling = reports.iter().any(|r| r.result == ProductResult::Cooldown);
+    let mut new_manifest: Option<Manifest> = None;
+    if let Some(staged) = staged {
+        let unchanged = previous.as_ref().is_some_and(|p| {
+            p.content_sha256 == staged.content_sha256()
+                && p.products
+                    == reports
+                        .iter()
+                        .filter_map(|r| r.entry.clone())
+                        .collect::<Vec<_>>()
+        });
+        if failed || unchanged {
+            staged.discard();
+        } else {
+            let key =
+                SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
+            let products = reports.iter().filter_map(|r| r.entry.clone()).collect();
+            let manifest = staged
+                .commit(&repo, &lock, &key, "upstream", products)
+                .map_err(repo_error)?;
+            let after = Generations {
+                latest: Some(manifest.revision.clone()),
+                ..generations.clone()
+            };
+            repo.switch(&lock, &after).map_err(repo_error)?;
+            tracing::info!(revision = %manifest.revision, "staged a new revision into latest");
+            new_manifest = Some(manifest);
+        }
+    }
+    drop(lock);
+
+    let report = SyncReport {
+        changed: new_manifest.is_some(),
+        dry_run: global.dry_run,
+        revision: new_manifest
+            .as_ref()
+            .map(|m| m.revision.clone())
+            .or(generations.latest.clone()),
+        previous_revision: generations.latest.clone(),
+        bytes_downloaded: reports.iter().map(|r| r.bytes_downloaded).sum(),
+        duration_seconds: started.elapsed().as_secs_f64(),
+        products: reports,
+    };
+    let status = if failed {
+        ExitStatus::Failure
+    } else if cooling {
+        ExitStatus::Partial
+    } else {
+        ExitStatus::Success
+    };
+    if !global.dry_run {
+        let job_status = match status {
+            ExitStatus::Failure => "failed",
+            ExitStatus::Partial => "partial",
+            _ if report.changed => "ok",
+            _ => "unchanged",
+        };
+        let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+        inventory
+            .transaction(|inv| {
+                let summary = match &new_manifest {
+                    Some(m) => format!("latest is now {}", m.revision),
+                    None if failed => "sync failed; latest unchanged".to_string(),
+                    None => "no change".to_string(),
+                };
+                let job_id = inv.insert_job("sync", started_at, job_status, &summary)?;
+                record_live_revisions(inv, &repo)?;
+                let rows: Vec<SyncRecord> = report
+                    .products
+                    .iter()
+                    .map(|p| SyncRecord {
+                        product: p.name.clone(),
+                        source: "upstream".into(),
+                        started_at: p.started_at,
+                        finished_at: p.finished_at,
+                        result: serde_json::to_value(p.result)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default(),
+                        bytes_downloaded: p.bytes_downloaded,
+                        versions: p.versions(),
+                        revision: new_manifest.as_ref().map(|m| m.revision.clone()),
+                        error: p.error.clone(),
+                    })
+                    .collect();
+                inv.record_syncs(job_id, &rows)?;
+                for product in &report.products {
+                    inv.save_product_state(&product.state)?;
+                }
+                Ok(())
+            })
+            .map_err(inventory_error)?;
+    }
+    print_sync(global, &report)?;
+    Ok(status)
+}
+
+/// Makes sure every revision the repository holds is in the inventory, so a crash between the
+/// repository switch and the inventory write heals on the next run.
+fn record_live_revisions(
+    inventory: &Inventory,
+    repo: &Repo,
+) -> Result<(), crate::inventory::InventoryError> {
+    let Ok(generations) = repo.generations() else {
+        return Ok(());
+    };
+    let revisions = generations
+        .latest
+        .iter()
+        .chain(generations.dist.iter())
+        .chain(generations.backups.iter());
+    for revision in revisions {
+        if let Ok(manifest) = repo.manifest(revision) {
+            inventory.record_revision(&manifest)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_sync(global: &GlobalArgs, report: &SyncReport) -> anyhow::Result<()> {
+    if global.json {
+        return cli::print_json(report);
+    }
+    let mut table = cli::table(&[
+        "product",
+        "component",
+        "upstream",
+        "before",
+        "after",
+        "result",
+        "downloaded",
+    ]);
+    for product in &report.products {
+        let result = match (&product.error, product.cooldown_until) {
+            (_, Some(until)) => format!("cooldown until {}", until.format("%Y-%m-%d %H:%M:%SZ")),
+            (Some(_), None) => "failed".to_string(),
+            _ => serde_json::to_value(product.result)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+        };
+        let downloaded = cli::human_bytes(product.bytes_downloaded);
+        if product.components.is_empty() {
+            table.add_row(vec![
+                product.name.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                result.clone(),
+                downloaded.clone(),
+            ]);
+        }
+        for (i, component) in product.components.iter().enumerate() {
+            let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+            table.add_row(vec![
+                if i == 0 {
+                    product.name.clone()
+                } else {
+                    String::new()
+                },
+                component.name.clone(),
+                component
+                    .upstream_version
+                    .clone()
+                    .unwrap_or_else(|| "unknown".into()),
+                show(&component.previous_version),
+                show(&component.version),
+                if i == 0 {
+                    result.clone()
+                } else {
+                    String::new()
+                },
+                if i == 0 {
+                    downloaded.clone()
+                } else {
+                    String::new()
+                },
+            ]);
+        }
+    }
+    cli::print_text(table)?;
+    for product in &report.products {
+        if let Some(error) = &product.error {
+            cli::print_text(format!("{}: {error}", product.name))?;
+        }
+        for warning in &product.warnings {
+            cli::print_text(format!("{}: {warning}", product.name))?;
+        }
+    }
+    let verdict = match (&report.revision, report.changed, report.dry_run) {
+        (_, _, true) => "dry run: nothing downloaded or changed".to_string(),
+        (Some(revision), true, _) => {
+            format!("latest is now {revision} (publish it with `pm-mirror publish`)")
+        }
+        (Some(revision), false, _) => format!("latest unchanged at {revision}"),
+        (None, _, _) => "latest is empty".to_string(),
+    };
+    cli::print_text(format!(
+        "{verdict}; {} downloaded in {:.1}s",
+        cli::human_bytes(report.bytes_downloaded),
+        report.duration_seconds
+    ))
+}
+
+/// `--json` document of `pm-mirror publish`.
+#[derive(Debug, Serialize)]
+pub struct PublishReport {
+    /// Whether dist changed.
+    pub changed: bool,
+    /// `--dry-run`: what would happen.
+    pub dry_run: bool,
+    /// dist after the publish.
+    pub dist: Option<String>,
+    /// dist before.
+    pub previous_dist: Option<String>,
+    /// backup/1..3 after.
+    pub backups: Vec<String>,
+    /// Archived revisions after, newest first.
+    pub archives: Vec<String>,
+    /// Revision moved into the archive by this publish.
+    pub archived: Option<String>,
+    /// Archives deleted beyond the retention.
+    pub expired: Vec<String>,
+    /// Why nothing changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+fn run_publish(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
+    let started_at = Utc::now();
+    let config = load_config(home)?;
+    let repo = Repo::new(home);
+    let lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
+    let before = repo.generations().map_err(repo_error)?;
+    let Some(latest) = before.latest.clone() else {
+        return Err(
+            UserError::failure("latest is empty: there is nothing to publish")
+                .with_hint("run `pm-mirror sync` first")
+                .into(),
+        );
+    };
+    let up_to_date = |reason: String| PublishReport {
+        changed: false,
+        dry_run: global.dry_run,
+        dist: before.dist.clone(),
+        previous_dist: before.dist.clone(),
+        backups: before.backups.clone(),
+        archives: before.archives.clone(),
+        archived: None,
+        expired: Vec::new(),
+        reason: Some(reason),
+    };
+    let same_content = match &before.dist {
+        Some(dist) if dist != &latest => {
+            let dist_manifest = repo.manifest(dist).map_err(repo_error)?;
+            let latest_manifest = repo.manifest(&latest).map_err(repo_error)?;
+            dist_manifest.content_sha256 == latest_manifest.content_sha256
+        }
+        _ => false,
+    };
+    let rotation = if same_content {
+        None
+    } else {
+        before.publish(config.retention.archives)
+    };
+    let Some(rotation) = rotation else {
+        drop(lock);
+        let report = up_to_date(format!("dist is up to date with latest ({latest})"));
+        print_publish(global, &report)?;
+        return Ok(ExitStatus::Success);
+    };
+    // The inventory is opened before the switch so that a lock timeout fails with no change.
+    let inventory = if global.dry_run {
+        None
+    } else {
+        Some(Inventory::open(home, global.lock_timeout).map_err(inventory_error)?)
+    };
+    if !global.dry_run {
+        // Sign-check the revision being published: never serve a manifest we did not sign.
+        verify_revision(&repo, home, &latest)?;
+        repo.switch(&lock, &rotation.after).map_err(repo_error)?;
+    }
+    let report = PublishReport {
+        changed: !global.dry_run,
+        dry_run: global.dry_run,
+        dist: rotation.after.dist.clone(),
+        previous_dist: before.dist.clone(),
+        backups: rotation.after.backups.clone(),
+        archives: rotation.after.archives.clone(),
+        archived: rotation.archived.clone(),
+        expired: rotation.expired.clone(),
+        reason: None,
+    };
+    if let Some(inventory) = inventory {
+        inventory
+            .transaction(|inv| {
+                let summary = format!("dist is now {latest}");
+                let job_id = inv.insert_job("publish", started_at, "ok", &summary)?;
+                record_live_revisions(inv, &repo)?;
+                inv.record_dist_change(
+                    job_id,
+                    &DistChange {
+                        action: "publish".into(),
+                        revision: latest.clone(),
+                        previous_revision: before.dist.clone(),
+                        backups: rotation.after.backups.clone(),
+                        archived: rotation.archived.clone(),
+                    },
+                )
+            })
+            .map_err(inventory_error)?;
+    }
+    drop(lock);
+    print_publish(global, &report)?;
+    Ok(ExitStatus::Success)
+}
+
+/// Checks the manifest signature and every file's size and sha256 of a revision.
+fn verify_revision(repo: &Repo, home: &Path, revision: &str) -> anyhow::Result<()> {
+    let dir = repo.revision_dir(revision);
+    let manifest_bytes = std::fs::read(dir.join(crate::manifest::MANIFEST_FILE))
+        .with_context(|| format!("cannot read the manifest of {revision}"))?;
+    let signature = std::fs::read(dir.join(crate::manifest::SIGNATURE_FILE))
+        .with_context(|| format!("cannot read the manifest signature of {revision}"))?;
+    let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
+    let verifier = crate::pki::VerifyingKey::from_pem(&key.public_key_pem()?)?;
+    if !verifier.verify(&manifest_bytes, &signature) {
+        return Err(UserError::failure(format!(
+            "the manifest of {revision} is not signed by this manager's key"
+        ))
+        .with_hint("run `pm-mirror sync` to stage a fresh revision")
+        .into());
+    }
+    let manifest: Manifest = serde_json::from_slice(&manifest_bytes)?;
+    for file in &manifest.files {
+        let path = dir.join(&file.path);
+        let (size, sha256) =
+            hash_file(&path).with_context(|| format!("cannot read `{}`", path.display()))?;
+        if size != file.size || sha256 != file.sha256 {
+            return Err(UserError::failure(format!(
+                "`{}` in {revision} does not match its manifest (size {size}, sha256 {sha256})",
+                file.path
+            ))
+            .with_hint("the repository was modified by hand; run `pm-mirror sync` to stage a fresh revision")
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Size and hex sha256 of a file, streamed.
+pub fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = openssl::sha::Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        size += n as u64;
+    }
+    Ok((size, crate::manifest::hex(&hasher.finish())))
+}
+
+fn print_publish(global: &GlobalArgs, report: &PublishReport) -> anyhow::Result<()> {
+    if global.json {
+        return cli::print_json(report);
+    }
+    if let Some(reason) = &report.reason {
+        return cli::print_text(format!("up to date: {reason}"));
+    }
+    let mut table = cli::table(&["generation", "revision"]);
+    table.add_row(vec![
+        "dist".to_string(),
+        report.dist.clone().unwrap_or_default(),
+    ]);
+    for (i, backup) in report.backups.iter().enumerate() {
+        table.add_row(vec![format!("backup/{}", i + 1), backup.clone()]);
+    }
+    for archive in &report.archives {
+        table.add_row(vec!["archive".to_string(), archive.clone()]);
+    }
+    cli::print_text(table)?;
+    let verb = if report.dry_run {
+        "would publish"
+    } else {
+        "published"
+    };
+    cli::print_text(format!(
+        "{verb} {} (dist was {})",
+        report.dist.clone().unwrap_or_default(),
+        report
+            .previous_dist
+            .clone()
+            .unwrap_or_else(|| "empty".into())
+    ))
+}
+
+/// `--json` document of `pm-mirror status`.
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    /// Always false: status changes nothing.
+    pub changed: bool,
+    /// Revision names per generation.
+    pub generations: Generations,
+    /// Per product.
+    pub products: Vec<ProductStatus>,
+}
+
+/// One product in `pm-mirror status`.
+#[derive(Debug, Serialize)]
+pub struct ProductStatus {
+    /// Product name.
+    pub name: String,
+    /// Last successful sync.
+    pub last_success_at: Option<DateTime<Utc>>,
+    /// Last failed sync and its error.
+    pub last_failure_at: Option<DateTime<Utc>>,
+    /// Error of the last failure.
+    pub last_error: Option<String>,
+    /// Cool-down end, while it lasts.
+    pub cooldown_until: Option<DateTime<Utc>>,
+    /// Why.
+    pub cooldown_reason: Option<String>,
+    /// Per component.
+    pub components: Vec<ComponentStatus>,
+}
+
+/// One component's version in every generation.
+#[derive(Debug, Serialize)]
+pub struct ComponentStatus {
+    /// Component name.
+    pub name: String,
+    /// As last seen upstream, or `unknown` when upstream did not answer.
+    pub upstream: String,
+    /// In latest.
+    pub latest: Option<String>,
+    /// In dist.
+    pub dist: Option<String>,
+    /// In backup/1..3.
+    pub backups: Vec<Option<String>>,
+}
+
+fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
+    let config = load_config(home)?;
+    let repo = Repo::new(home);
+    let generations = repo.generations().map_err(repo_error)?;
+    let states =
+        match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
+            Some(inventory) => inventory.product_states().map_err(inventory_error)?,
+            None => Vec::new(),
+        };
+    let manifest_of =
+        |revision: &Option<String>| revision.as_ref().and_then(|r| repo.manifest(r).ok());
+    let latest = manifest_of(&generations.latest);
+    let dist = manifest_of(&generations.dist);
+    let backups: Vec<Option<Manifest>> = generations
+        .backups
+        .iter()
+        .map(|r| repo.manifest(r).ok())
+        .collect();
+    let version_in = |manifest: Option<&Manifest>, product: &str, component: &str| {
+        manifest?
+            .product(product)?
+            .components
+            .iter()
+            .find(|c| c.name == component)
+            .map(|c| c.version.clone())
+    };
+    let now = Utc::now();
+    let mut products = Vec::new();
+    for product in &config.products {
+        let state = states.iter().find(|s| s.product == product.name);
+        let upstream_versions: Vec<(String, String)> = state
+            .and_then(|s| s.upstream_versions.as_deref())
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|pair| {
+                pair.split_once('=')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .collect();
+        // Upstream counts as unreachable when its last answer is older than the last failure.
+        let reachable = state.is_some_and(|s| match (s.upstream_checked_at, s.last_failure_at) {
+            (Some(ok), Some(failed)) => ok >= failed,
+            (Some(_), None) => true,
+            _ => false,
+        });
+        let mut names: Vec<String> = Vec::new();
+        for manifest in [latest.as_ref(), dist.as_ref()]
+            .into_iter()
+            .flatten()
+            .chain(backups.iter().flatten())
+        {
+            if let Some(entry) = manifest.product(&product.name) {
+                for component in &entry.components {
+                    if !names.contains(&component.name) {
+                        names.push(component.name.clone());
+                    }
+                }
+            }
+        }
+        if let config::ProductSource::Clamav(source) = &product.source {
+            for db in &source.databases {
+                if !names.contains(db) {
+                    names.push(db.clone());
+                }
+            }
+        }
+        let components = names
+            .into_iter()
+            .map(|name| ComponentStatus {
+                upstream: upstream_versions
+                    .iter()
+                    .find(|(c, _)| *c == name)
+                    .filter(|_| reachable)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_else(|| "unknown".into()),
+                latest: version_in(latest.as_ref(), &product.name, &name),
+                dist: version_in(dist.as_ref(), &product.name, &name),
+                backups: backups
+                    .iter()
+                    .map(|m| version_in(m.as_ref(), &product.name, &name))
+                    .collect(),
+                name,
+            })
+            .collect();
+        products.push(ProductStatus {
+            name: product.name.clone(),
+            last_success_at: state.and_then(|s| s.last_success_at),
+            last_failure_at: state.and_then(|s| s.last_failure_at),
+            last_error: state.and_then(|s| s.last_error.clone()),
+            cooldown_until: state
+                .and_then(|s| s.cooldown_until)
+                .filter(|until| *until > now),
+            cooldown_reason: state
+                .filter(|s| s.cooldown_until.is_some_and(|until| until > now))
+                .and_then(|s| s.cooldown_reason.clone()),
+            components,
+        });
+    }
+    let report = StatusReport {
+        changed: false,
+        generations,
+        products,
+    };
+    if global.json {
+        cli::print_json(&report)?;
+        return Ok(ExitStatus::Success);
+    }
+    let mut header = vec!["product", "component", "upstream", "latest", "dist"];
+    let backup_names: Vec<String> = (1..=crate::repo::BACKUP_GENERATIONS)
+        .map(|i| format!("backup/{i}"))
+        .collect();
+    header.extend(backup_names.iter().map(String::as_str));
+    header.extend(["last sync ok", "cool-down"]);
+    let mut table = cli::table(&header);
+    let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    for product in &report.products {
+        for (i, component) in product.components.iter().enumerate() {
+            let mut row = vec![
+                if i == 0 {
+                    product.name.clone()
+                } else {
+                    String::new()
+                },
+                component.name.clone(),
+                component.upstream.clone(),
+                show(&component.latest),
+                show(&component.dist),
+            ];
+            for generation in 0..crate::repo::BACKUP_GENERATIONS {
+                row.push(show(&component.backups.get(generation).cloned().flatten()));
+            }
+            row.push(if i == 0 {
+                product
+                    .last_success_at
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+                    .unwrap_or_else(|| "never".into())
+            } else {
+                String::new()
+            });
+            row.push(if i == 0 {
+                product
+                    .cooldown_until
+                    .map(|t| format!("until {}", t.format("%Y-%m-%d %H:%M:%SZ")))
+                    .unwrap_or_else(|| "-".into())
+            } else {
+                String::new()
+            });
+            table.add_row(row);
+        }
+    }
+    cli::print_text(table)?;
+    let g = &report.generations;
+    cli::print_text(format!(
+        "latest {} · dist {} · backups {} · archives {}",
+        g.latest.as_deref().unwrap_or("-"),
+        g.dist.as_deref().unwrap_or("-"),
+        if g.backups.is_empty() {
+            "-".to_string()
+        } else {
+            g.backups.join(", ")
+        },
+        if g.archives.is_empty() {
+            "-".to_string()
+        } else {
+            g.archives.join(", ")
+        },
+    ))?;
+    for product in &report.products {
+        if let (Some(error), Some(_)) = (
+            &product.last_error,
+            product
+                .last_failure_at
+                .filter(|f| product.last_success_at.is_none_or(|s| s < *f)),
+        ) {
+            cli::print_text(format!("{}: last sync failed: {error}", product.name))?;
+        }
+    }
+    Ok(ExitStatus::Success)
+}
+
+async fn run_serve(home: &Path, listen: std::net::SocketAddr) -> anyhow::Result<ExitStatus> {
+    let repo_root: PathBuf = Repo::new(home).root().to_owned();
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|err| {
+        UserError::failure(format!("cannot listen on `{listen}`: {err}"))
+            .with_hint("pick a free port with --listen")
+    })?;
+    let local = listener.local_addr()?;
+    tracing::info!(address = %local, repo = %repo_root.display(), "serving the mirror");
+    eprintln!("serving {} on http://{local}/", repo_root.display());
+    serve::run(listener, ServeState::new(repo_root)).await?;
+    Ok(ExitStatus::Success)
+}
+
+/// `--json` document of `pm-mirror gc`.
+#[derive(Debug, Serialize)]
+pub struct GcReport {
+    /// Whether anything was removed.
+    pub changed: bool,
+    /// Paths removed.
+    pub removed: Vec<PathBuf>,
+}
+
+fn run_gc(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
+    let repo = Repo::new(home);
+    let lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
+    let removed = if global.dry_run {
+        Vec::new()
+    } else {
+        repo.collect_garbage(&lock).map_err(repo_error)?
+    };
+    let report = GcReport {
+        changed: !removed.is_empty(),
+        removed,
+    };
+    if global.json {
+        cli::print_json(&report)?;
+    } else {
+        cli::print_text(format!(
+            "removed {} unreferenced entries",
+            report.removed.len()
+        ))?;
+    }
+    Ok(ExitStatus::Success)
+}

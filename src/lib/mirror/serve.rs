@@ -1,0 +1,177 @@
+//! `pm-mirror serve`: the private mirror. Serves `repo/dist` at `/<product>/<file>` (so a stock
+//! freshclam takes `DatabaseMirror http://HOST:PORT/clamav`), the signed manifest at
+//! `/manifest.json` and `/manifest.sig`, and the backups under `/backup/<N>/`. Missing files are
+//! 404, never 403 or 429: freshclam treats those as a ban and stops asking for a day.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::clamav;
+use crate::static_files::{self, Content};
+
+/// What the server needs: where the repository is.
+#[derive(Clone)]
+pub struct ServeState {
+    repo_root: Arc<PathBuf>,
+}
+
+impl ServeState {
+    /// Serves the repository rooted at `repo_root` (`PM_HOME/repo`).
+    pub fn new(repo_root: PathBuf) -> ServeState {
+        ServeState {
+            repo_root: Arc::new(repo_root),
+        }
+    }
+}
+
+/// The mirror's routes: every path is a file lookup in the current view.
+pub fn router(state: ServeState) -> Router {
+    Router::new().fallback(serve_file).with_state(state)
+}
+
+/// Maps a request path to a file under the current view, refusing anything but plain names.
+fn resolve(repo_root: &Path, path: &str) -> Option<PathBuf> {
+    let parts: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    let plain = |part: &&str| {
+        !part.is_empty()
+            && *part != "."
+            && *part != ".."
+            && !part.starts_with('.')
+            && !part.contains(['%', '\\', '\0'])
+    };
+    if parts.is_empty() || !parts.iter().all(plain) {
+        return None;
+    }
+    let view = repo_root.join("view");
+    match parts.as_slice() {
+        ["backup", generation, rest @ ..] if !rest.is_empty() => {
+            let generation: usize = generation.parse().ok()?;
+            if !(1..=crate::repo::BACKUP_GENERATIONS).contains(&generation) {
+                return None;
+            }
+            Some(rest.iter().fold(
+                view.join("backup").join(generation.to_string()),
+                |p, part| p.join(part),
+            ))
+        }
+        _ => Some(parts.iter().fold(view.join("dist"), |p, part| p.join(part))),
+    }
+}
+
+async fn serve_file(State(state): State<ServeState>, request: Request) -> Response {
+    let Some(path) = resolve(&state.repo_root, request.uri().path()) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let metadata = match tokio::fs::metadata(&path).await {
+        Ok(metadata) if metadata.is_file() => metadata,
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    let mtime = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let last_modified = if name.ends_with(".cvd") || name.ends_with(".cld") {
+        // freshclam sends the local database's build time as If-Modified-Since and takes 304 as
+        // "up to date": the served CVD's build time is exactly the right Last-Modified.
+        cvd_build_time(&path).await.unwrap_or(mtime)
+    } else {
+        mtime
+    };
+    // Revision files are immutable and hard-linked across revisions, so inode, size and mtime
+    // identify the content.
+    let etag = format!(
+        "\"{:x}-{:x}-{:x}\"",
+        metadata.ino(),
+        metadata.len(),
+        metadata.mtime()
+    );
+    let content_type = if name.ends_with(".json") {
+        "application/json"
+    } else {
+        "application/octet-stream"
+    };
+    tracing::debug!(path = %request.uri().path(), "serving");
+    static_files::respond(
+        request.method(),
+        request.headers(),
+        Content::File {
+            path,
+            len: metadata.len(),
+        },
+        last_modified,
+        &etag,
+        content_type,
+    )
+    .await
+}
+
+async fn cvd_build_time(path: &Path) -> Option<SystemTime> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path).await.ok()?;
+    let mut header = vec![0u8; clamav::CVD_HEADER_LEN];
+    file.read_exact(&mut header).await.ok()?;
+    let header = clamav::parse_cvd_header(&header).ok()?;
+    let seconds = u64::try_from(header.build_time_unix).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+}
+
+/// Serves until SIGINT or SIGTERM.
+pub async fn run(listener: tokio::net::TcpListener, state: ServeState) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+}
+
+/// Resolves on SIGINT or SIGTERM, so systemd stops the server cleanly.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_paths_map_into_dist_and_backups_only() {
+        let root = Path::new("/h/repo");
+        let check = |path: &str, expected: Option<&str>| {
+            assert_eq!(resolve(root, path), expected.map(PathBuf::from), "{path}");
+        };
+        check(
+            "/clamav/test.cvd",
+            Some("/h/repo/view/dist/clamav/test.cvd"),
+        );
+        check("/manifest.json", Some("/h/repo/view/dist/manifest.json"));
+        check(
+            "/backup/2/clamav/test.cvd",
+            Some("/h/repo/view/backup/2/clamav/test.cvd"),
+        );
+        check("/backup/4/clamav/test.cvd", None);
+        check("/backup/0/manifest.json", None);
+        check("/../etc/passwd", None);
+        check("/clamav/../../etc/passwd", None);
+        check("/clamav/%2e%2e/x", None);
+        check("/.lock", None);
+        check("/", None);
+        check("//clamav/test.cvd", None);
+    }
+}

@@ -1,0 +1,164 @@
+//! The manager's keys. For now the manifest signing key: Ed25519, created on first use,
+//! private key 0600 in `PM_HOME/pki/`. A signature is the raw 64 bytes, so operators can check
+//! it with `openssl pkeyutl -verify -rawin`.
+
+use std::path::{Path, PathBuf};
+
+use openssl::pkey::{PKey, Private, Public};
+use openssl::sign::{Signer, Verifier};
+
+use crate::durable;
+
+/// Private key file of the manifest signing key, relative to the home.
+pub const SIGNING_KEY_FILE: &str = "pki/manifest-signing.key";
+/// Public key file that agents and importers trust.
+pub const SIGNING_PUBLIC_KEY_FILE: &str = "pki/manifest-signing.pub.pem";
+
+/// Key errors.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// Reading or writing a key file failed.
+    #[error("cannot access key file `{path}`")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The key file is not a usable key.
+    #[error("`{path}` is not an Ed25519 key in PEM form")]
+    BadKey {
+        path: PathBuf,
+        source: openssl::error::ErrorStack,
+    },
+    /// The private key is readable by others.
+    #[error("`{path}` is readable by other users (mode {mode:o})")]
+    LoosePermissions { path: PathBuf, mode: u32 },
+    /// An OpenSSL operation failed.
+    #[error("openssl: {0}")]
+    Openssl(#[from] openssl::error::ErrorStack),
+}
+
+/// The manager's manifest signing key.
+pub struct SigningKey {
+    key: PKey<Private>,
+}
+
+impl SigningKey {
+    /// Loads the key from `home`, creating it (0600, in a 0700 `pki/`) on first use.
+    pub fn load_or_create(home: &Path) -> Result<SigningKey, PkiError> {
+        let path = home.join(SIGNING_KEY_FILE);
+        match std::fs::read(&path) {
+            Ok(pem) => {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&path)
+                    .map_err(|source| PkiError::Io {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(PkiError::LoosePermissions {
+                        path,
+                        mode: mode & 0o777,
+                    });
+                }
+                let key = PKey::private_key_from_pem(&pem).map_err(|source| PkiError::BadKey {
+                    path: path.clone(),
+                    source,
+                })?;
+                Ok(SigningKey { key })
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                let key = PKey::generate_ed25519()?;
+                let pki = home.join("pki");
+                durable::create_private_dir(&pki, 0o700).map_err(|source| PkiError::Io {
+                    path: pki.clone(),
+                    source,
+                })?;
+                let public_path = home.join(SIGNING_PUBLIC_KEY_FILE);
+                durable::write_atomic(&public_path, &key.public_key_to_pem()?, 0o644).map_err(
+                    |source| PkiError::Io {
+                        path: public_path,
+                        source,
+                    },
+                )?;
+                durable::write_atomic(&path, &key.private_key_to_pem_pkcs8()?, 0o600).map_err(
+                    |source| PkiError::Io {
+                        path: path.clone(),
+                        source,
+                    },
+                )?;
+                tracing::info!(path = %path.display(), "created manifest signing key");
+                Ok(SigningKey { key })
+            }
+            Err(source) => Err(PkiError::Io { path, source }),
+        }
+    }
+
+    /// Signs `message`, returning the raw 64-byte Ed25519 signature.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, PkiError> {
+        let mut signer = Signer::new_without_digest(&self.key)?;
+        Ok(signer.sign_oneshot_to_vec(message)?)
+    }
+
+    /// The public half in PEM form.
+    pub fn public_key_pem(&self) -> Result<Vec<u8>, PkiError> {
+        Ok(self.key.public_key_to_pem()?)
+    }
+}
+
+/// A trusted public key that verifies manifest signatures.
+pub struct VerifyingKey {
+    key: PKey<Public>,
+}
+
+impl VerifyingKey {
+    /// Parses a PEM public key.
+    pub fn from_pem(pem: &[u8]) -> Result<VerifyingKey, openssl::error::ErrorStack> {
+        Ok(VerifyingKey {
+            key: PKey::public_key_from_pem(pem)?,
+        })
+    }
+
+    /// Whether `signature` is a valid signature of `message` by this key.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        Verifier::new_without_digest(&self.key)
+            .and_then(|mut verifier| verifier.verify_oneshot(signature, message))
+            .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn signing_key_is_created_private_and_verifies_its_signatures() {
+        let home = tempfile::tempdir().unwrap();
+        let key = SigningKey::load_or_create(home.path()).unwrap();
+        let mode = std::fs::metadata(home.path().join(SIGNING_KEY_FILE))
+            .unwrap()
+            .permissions();
+        assert_eq!(mode.mode() & 0o777, 0o600);
+        let signature = key.sign(b"manifest").unwrap();
+        let again = SigningKey::load_or_create(home.path()).unwrap();
+        let public = std::fs::read(home.path().join(SIGNING_PUBLIC_KEY_FILE)).unwrap();
+        let verifier = VerifyingKey::from_pem(&public).unwrap();
+        assert!(verifier.verify(b"manifest", &signature));
+        assert!(verifier.verify(b"manifest", &again.sign(b"manifest").unwrap()));
+        assert!(!verifier.verify(b"manifest!", &signature));
+    }
+
+    #[test]
+    fn a_world_readable_signing_key_is_refused() {
+        let home = tempfile::tempdir().unwrap();
+        SigningKey::load_or_create(home.path()).unwrap();
+        let path = home.path().join(SIGNING_KEY_FILE);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            SigningKey::load_or_create(home.path()),
+            Err(PkiError::LoosePermissions { .. })
+        ));
+    }
+}

@@ -1,0 +1,609 @@
+//! The manager's repository on disk (DESIGN.md section 2): immutable revision directories and
+//! one atomically switched *view* that says which revision is latest, dist, backup/1..3 and which
+//! are archived.
+//!
+//! ```text
+//! repo/revisions/r7/          immutable: manifest.json, manifest.sig, <product>/<files>
+//! repo/archives/r2.tar.gz     compressed old generations
+//! repo/views/v12/             state.json + symlinks latest, dist, backup/1..3, archive/
+//! repo/view -> views/v12      the one pointer that changes, by rename
+//! repo/latest -> view/latest  fixed links, so repo/{latest,dist,backup,archive} always resolve
+//! ```
+//!
+//! A change builds a new view aside, fsyncs it and renames `view` over the old pointer, so a
+//! `kill -9` at any instant leaves either the whole old state or the whole new one. Anything no
+//! longer referenced by the current view is garbage and removed by [`Repo::collect_garbage`].
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::durable;
+use crate::manifest::{self, FileEntry, Manifest, ProductEntry};
+use crate::pki::SigningKey;
+
+/// Number of backup generations kept after dist.
+pub const BACKUP_GENERATIONS: usize = 3;
+
+/// Repository errors; each names the path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// A file system operation failed.
+    #[error("{action} `{path}`")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// Another pm-mirror holds the repository lock.
+    #[error(
+        "repository `{path}` is locked by another pm-mirror (sync, publish or import) for more than {waited:?}"
+    )]
+    Locked { path: PathBuf, waited: Duration },
+    /// A manifest or view state does not parse.
+    #[error("`{path}` is corrupt: {problem}")]
+    Corrupt { path: PathBuf, problem: String },
+    /// Signing failed.
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RepoError + 'a {
+    move |source| RepoError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Which revision each generation holds; the contents of a view's `state.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generations {
+    /// Newest verified revision (staging).
+    pub latest: Option<String>,
+    /// The published revision agents install from.
+    pub dist: Option<String>,
+    /// backup/1, backup/2, backup/3: the previous dist revisions, newest first.
+    pub backups: Vec<String>,
+    /// Archived revisions, newest first.
+    pub archives: Vec<String>,
+}
+
+/// What a publish would do to the generations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    /// The generations after the publish.
+    pub after: Generations,
+    /// The revision pushed out of backup/3 into the archive, if any.
+    pub archived: Option<String>,
+    /// Archives dropped beyond the retention.
+    pub expired: Vec<String>,
+}
+
+impl Generations {
+    /// The rotation of a publish: latest -> dist -> backup/1 -> 2 -> 3 -> archive (keep
+    /// `keep_archives`). `None` when there is nothing to publish or dist already is latest.
+    pub fn publish(&self, keep_archives: usize) -> Option<Rotation> {
+        let latest = self.latest.clone()?;
+        if self.dist.as_deref() == Some(latest.as_str()) {
+            return None;
+        }
+        let mut after = self.clone();
+        let mut archived = None;
+        if let Some(old_dist) = after.dist.replace(latest) {
+            after.backups.insert(0, old_dist);
+        }
+        if after.backups.len() > BACKUP_GENERATIONS {
+            let pushed_out = after.backups.split_off(BACKUP_GENERATIONS);
+            for revision in pushed_out.into_iter().rev() {
+                after.archives.insert(0, revision.clone());
+                archived = Some(revision);
+            }
+        }
+        let expired = if after.archives.len() > keep_archives {
+            after.archives.split_off(keep_archives)
+        } else {
+            Vec::new()
+        };
+        Some(Rotation {
+            after,
+            archived,
+            expired,
+        })
+    }
+
+    /// Every revision directory the view needs on disk.
+    fn live_revisions(&self) -> impl Iterator<Item = &String> {
+        self.latest
+            .iter()
+            .chain(self.dist.iter())
+            .chain(self.backups.iter())
+    }
+}
+
+/// The repository under `PM_HOME/repo`.
+#[derive(Debug, Clone)]
+pub struct Repo {
+    root: PathBuf,
+}
+
+/// Held while a process changes the repository; released on drop.
+pub struct RepoLock {
+    _file: File,
+}
+
+impl Repo {
+    /// The repository at `home/repo` (not created until the first change).
+    pub fn new(home: &Path) -> Repo {
+        Repo {
+            root: home.join("repo"),
+        }
+    }
+
+    /// The repository root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Takes the writer lock, waiting up to `timeout` for another pm-mirror to finish.
+    pub fn lock(&self, timeout: Duration) -> Result<RepoLock, RepoError> {
+        self.ensure_layout()?;
+        let path = self.root.join(".lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open lock file", &path))?;
+        let started = Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(RepoLock { _file: file }),
+                Err(fs::TryLockError::WouldBlock) if started.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(RepoError::Locked {
+                        path,
+                        waited: timeout,
+                    });
+                }
+                Err(fs::TryLockError::Error(source)) => {
+                    return Err(RepoError::Io {
+                        action: "lock",
+                        path,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    fn ensure_layout(&self) -> Result<(), RepoError> {
+        for dir in ["revisions", "archives", "views"] {
+            let path = self.root.join(dir);
+            fs::create_dir_all(&path).map_err(io_err("create directory", &path))?;
+        }
+        // Fixed links into the current view; they dangle until the view has that generation.
+        for name in ["latest", "dist", "backup", "archive"] {
+            let link = self.root.join(name);
+            if fs::symlink_metadata(&link).is_err() {
+                durable::replace_symlink(&Path::new("view").join(name), &link)
+                    .map_err(io_err("create link", &link))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The current generations (empty before the first sync).
+    pub fn generations(&self) -> Result<Generations, RepoError> {
+        let path = self.root.join("view/state.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|err| RepoError::Corrupt {
+                path,
+                problem: err.to_string(),
+            }),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Generations::default()),
+            Err(source) => Err(RepoError::Io {
+                action: "read",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Directory of a revision.
+    pub fn revision_dir(&self, revision: &str) -> PathBuf {
+        self.root.join("revisions").join(revision)
+    }
+
+    /// Path of an archived revision.
+    pub fn archive_path(&self, revision: &str) -> PathBuf {
+        self.root
+            .join("archives")
+            .join(format!("{revision}.tar.gz"))
+    }
+
+    /// The manifest of a revision.
+    pub fn manifest(&self, revision: &str) -> Result<Manifest, RepoError> {
+        let path = self.revision_dir(revision).join(manifest::MANIFEST_FILE);
+        let bytes = fs::read(&path).map_err(io_err("read", &path))?;
+        serde_json::from_slice(&bytes).map_err(|err| RepoError::Corrupt {
+            path,
+            problem: err.to_string(),
+        })
+    }
+
+    /// Starts a new revision in a staging directory; nothing is visible until it is committed and
+    /// a view points at it.
+    pub fn stage(&self, _lock: &RepoLock) -> Result<StagedRevision, RepoError> {
+        self.ensure_layout()?;
+        let dir = self
+            .root
+            .join("revisions")
+            .join(format!(".staging-{}", std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(io_err("remove stale staging", &dir))?;
+        }
+        fs::create_dir_all(&dir).map_err(io_err("create staging", &dir))?;
+        Ok(StagedRevision {
+            dir,
+            files: Vec::new(),
+        })
+    }
+
+    fn next_serial(&self) -> Result<u32, RepoError> {
+        let path = self.root.join("serial");
+        let last = match fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse::<u32>().map_err(|_| RepoError::Corrupt {
+                path: path.clone(),
+                problem: format!("`{}` is not a serial number", text.trim()),
+            })?,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => 0,
+            Err(source) => {
+                return Err(RepoError::Io {
+                    action: "read",
+                    path,
+                    source,
+                });
+            }
+        };
+        let next = last + 1;
+        durable::write_atomic(&path, format!("{next}\n").as_bytes(), 0o644)
+            .map_err(io_err("write", &path))?;
+        Ok(next)
+    }
+
+    /// Makes `generations` the current state in one atomic step, creating the archive of a
+    /// revision that is newly archived first. Garbage is collected afterwards.
+    pub fn switch(&self, _lock: &RepoLock, generations: &Generations) -> Result<(), RepoError> {
+        for revision in &generations.archives {
+            let archive = self.archive_path(revision);
+            if !archive.exists() {
+                self.write_archive(revision, &archive)?;
+            }
+        }
+        let views = self.root.join("views");
+        let number = fs::read_dir(&views)
+            .map_err(io_err("list", &views))?
+            .filter_map(|entry| entry.ok())
+            .filter_map(|entry| {
+                entry
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix('v')?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let staging = views.join(format!(".staging-v{number}"));
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(io_err("remove", &staging))?;
+        }
+        fs::create_dir_all(staging.join("backup")).map_err(io_err("create", &staging))?;
+        fs::create_dir_all(staging.join("archive")).map_err(io_err("create", &staging))?;
+        let link = |target: PathBuf, name: &Path| -> Result<(), RepoError> {
+            let path = staging.join(name);
+            std::os::unix::fs::symlink(&target, &path).map_err(io_err("create link", &path))
+        };
+        let to_revision = |depth: usize, revision: &str| {
+            let mut path = PathBuf::new();
+            for _ in 0..depth {
+                path.push("..");
+            }
+            path.join("revisions").join(revision)
+        };
+        if let Some(latest) = &generations.latest {
+            link(to_revision(2, latest), Path::new("latest"))?;
+        }
+        if let Some(dist) = &generations.dist {
+            link(to_revision(2, dist), Path::new("dist"))?;
+        }
+        for (i, backup) in generations.backups.iter().enumerate() {
+            link(
+                to_revision(3, backup),
+                &Path::new("backup").join((i + 1).to_string()),
+            )?;
+        }
+        for archive in &generations.archives {
+            let name = format!("{archive}.tar.gz");
+            link(
+                Path::new("../../../archives").join(&name),
+                &Path::new("archive").join(&name),
+            )?;
+        }
+        let state = serde_json::to_vec_pretty(generations).expect("generations serialize");
+        durable::write_atomic(&staging.join("state.json"), &state, 0o644)
+            .map_err(io_err("write", &staging))?;
+        for dir in [
+            staging.join("backup"),
+            staging.join("archive"),
+            staging.clone(),
+        ] {
+            durable::sync_dir(&dir).map_err(io_err("fsync", &dir))?;
+        }
+        let view = views.join(format!("v{number}"));
+        fs::rename(&staging, &view).map_err(io_err("rename", &view))?;
+        durable::sync_dir(&views).map_err(io_err("fsync", &views))?;
+        let pointer = self.root.join("view");
+        durable::replace_symlink(&Path::new("views").join(format!("v{number}")), &pointer)
+            .map_err(io_err("switch", &pointer))?;
+        self.collect_garbage(_lock)?;
+        Ok(())
+    }
+
+    fn write_archive(&self, revision: &str, archive: &Path) -> Result<(), RepoError> {
+        let source = self.revision_dir(revision);
+        let tmp = archive.with_extension("gz.tmp");
+        let write = || -> io::Result<()> {
+            let file = File::create(&tmp)?;
+            let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
+            let mut tar = tar::Builder::new(gz);
+            tar.follow_symlinks(false);
+            tar.append_dir_all(revision, &source)?;
+            let file = tar.into_inner()?.finish()?;
+            file.sync_all()?;
+            fs::rename(&tmp, archive)?;
+            durable::sync_parent_dir(archive)
+        };
+        write().map_err(|source| {
+            let _ = fs::remove_file(&tmp);
+            RepoError::Io {
+                action: "archive",
+                path: archive.to_owned(),
+                source,
+            }
+        })
+    }
+
+    /// Removes what the current view no longer references: old views, revisions, archives and
+    /// staging left by a killed process. Returns the paths removed.
+    pub fn collect_garbage(&self, _lock: &RepoLock) -> Result<Vec<PathBuf>, RepoError> {
+        let generations = self.generations()?;
+        let current_view = fs::read_link(self.root.join("view")).ok();
+        let live: std::collections::HashSet<&String> = generations.live_revisions().collect();
+        let live_archives: std::collections::HashSet<String> = generations
+            .archives
+            .iter()
+            .map(|r| format!("{r}.tar.gz"))
+            .collect();
+        let mut removed = Vec::new();
+        let mut sweep = |dir: &str, keep: &dyn Fn(&str) -> bool| -> Result<(), RepoError> {
+            let dir = self.root.join(dir);
+            let Ok(entries) = fs::read_dir(&dir) else {
+                return Ok(());
+            };
+            for entry in entries.filter_map(|e| e.ok()) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if keep(&name) {
+                    continue;
+                }
+                let path = entry.path();
+                let result = if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    make_writable(&path);
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                result.map_err(io_err("remove", &path))?;
+                removed.push(path);
+            }
+            Ok(())
+        };
+        sweep("revisions", &|name| live.iter().any(|r| r.as_str() == name))?;
+        sweep("archives", &|name| live_archives.contains(name))?;
+        sweep("views", &|name| {
+            current_view
+                .as_ref()
+                .is_some_and(|v| v.file_name().is_some_and(|f| f == name))
+        })?;
+        Ok(removed)
+    }
+}
+
+/// Revision files are read-only; directories must be writable again before removal.
+fn make_writable(dir: &Path) {
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o755));
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.filter_map(|e| e.ok()) {
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                make_writable(&entry.path());
+            }
+        }
+    }
+}
+
+/// A revision being built: files are downloaded or linked into it, then it is committed.
+pub struct StagedRevision {
+    dir: PathBuf,
+    files: Vec<FileEntry>,
+}
+
+impl StagedRevision {
+    /// Where a file with relative `path` goes; parent directories are created.
+    pub fn path_for(&self, path: &str) -> Result<PathBuf, RepoError> {
+        let full = self.dir.join(path);
+        if let Some(parent) = full.parent() {
+            fs::create_dir_all(parent).map_err(io_err("create directory", parent))?;
+        }
+        Ok(full)
+    }
+
+    /// Records a file already written (and fsynced) at [`Self::path_for`].
+    pub fn add(&mut self, entry: FileEntry) {
+        self.files.retain(|f| f.path != entry.path);
+        self.files.push(entry);
+    }
+
+    /// Carries a file over from an earlier revision by hard link (copy across file systems).
+    pub fn carry_over(&mut self, from_dir: &Path, entry: FileEntry) -> Result<(), RepoError> {
+        let source = from_dir.join(&entry.path);
+        let target = self.path_for(&entry.path)?;
+        if fs::hard_link(&source, &target).is_err() {
+            fs::copy(&source, &target).map_err(io_err("copy", &source))?;
+            File::open(&target)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("fsync", &target))?;
+        }
+        self.add(entry);
+        Ok(())
+    }
+
+    /// Forgets a product's files (its directory is rewritten by the next attempt).
+    pub fn remove_product(&mut self, product: &str) {
+        self.files.retain(|f| f.product != product);
+        let dir = self.dir.join(product);
+        if dir.exists() {
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+
+    /// Drops the staging directory without committing.
+    pub fn discard(self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+
+    /// Files recorded so far.
+    pub fn files(&self) -> &[FileEntry] {
+        &self.files
+    }
+
+    /// The content hash the committed revision would have.
+    pub fn content_sha256(&self) -> String {
+        manifest::content_sha256(&self.files)
+    }
+
+    /// Writes and signs the manifest, makes every file read-only, fsyncs and renames the staging
+    /// directory to `revisions/r<serial>`. The revision is not referenced by any view yet.
+    pub fn commit(
+        mut self,
+        repo: &Repo,
+        _lock: &RepoLock,
+        key: &SigningKey,
+        source: &str,
+        products: Vec<ProductEntry>,
+    ) -> Result<Manifest, RepoError> {
+        self.files.sort();
+        let serial = repo.next_serial()?;
+        let revision = format!("r{serial}");
+        let manifest = Manifest {
+            format: 1,
+            revision: revision.clone(),
+            serial,
+            created_at: chrono::Utc::now(),
+            source: source.to_owned(),
+            content_sha256: manifest::content_sha256(&self.files),
+            products,
+            files: std::mem::take(&mut self.files),
+        };
+        let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+        let signature = key.sign(&json)?;
+        durable::write_atomic(&self.dir.join(manifest::MANIFEST_FILE), &json, 0o444)
+            .map_err(io_err("write manifest", &self.dir))?;
+        durable::write_atomic(&self.dir.join(manifest::SIGNATURE_FILE), &signature, 0o444)
+            .map_err(io_err("write signature", &self.dir))?;
+        seal(&self.dir).map_err(io_err("seal", &self.dir))?;
+        let target = repo.revision_dir(&revision);
+        fs::rename(&self.dir, &target).map_err(io_err("rename", &target))?;
+        durable::sync_parent_dir(&target).map_err(io_err("fsync", &target))?;
+        Ok(manifest)
+    }
+}
+
+/// Makes every file read-only and fsyncs every directory below `dir` (files were fsynced when
+/// written).
+fn seal(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            seal(&entry.path())?;
+        } else {
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o444))?;
+        }
+    }
+    durable::sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generations(
+        latest: &str,
+        dist: Option<&str>,
+        backups: &[&str],
+        archives: &[&str],
+    ) -> Generations {
+        Generations {
+            latest: Some(latest.into()),
+            dist: dist.map(Into::into),
+            backups: backups.iter().map(|s| s.to_string()).collect(),
+            archives: archives.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn check(before: Generations, keep: usize, expected: Option<Generations>) {
+        assert_eq!(before.publish(keep).map(|r| r.after), expected);
+    }
+
+    #[test]
+    fn publish_rotates_dist_into_backups_then_archives() {
+        check(
+            generations("r1", None, &[], &[]),
+            5,
+            Some(generations("r1", Some("r1"), &[], &[])),
+        );
+        check(
+            generations("r2", Some("r1"), &[], &[]),
+            5,
+            Some(generations("r2", Some("r2"), &["r1"], &[])),
+        );
+        check(
+            generations("r5", Some("r4"), &["r3", "r2", "r1"], &[]),
+            5,
+            Some(generations("r5", Some("r5"), &["r4", "r3", "r2"], &["r1"])),
+        );
+        check(
+            generations("r9", Some("r8"), &["r7", "r6", "r5"], &["r4", "r3"]),
+            2,
+            Some(generations(
+                "r9",
+                Some("r9"),
+                &["r8", "r7", "r6"],
+                &["r5", "r4"],
+            )),
+        );
+    }
+
+    #[test]
+    fn publish_is_a_no_op_when_dist_is_latest() {
+        check(generations("r3", Some("r3"), &["r2"], &[]), 5, None);
+        check(Generations::default(), 5, None);
+    }
+}
