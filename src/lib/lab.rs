@@ -48,6 +48,9 @@ pub enum FaultKind {
     Truncate,
     /// Flip one byte in the second half of the body (full GETs only).
     CorruptByte,
+    /// Change one character of a CVD header's digital signature: the MD5 still matches, the
+    /// RSA signature no longer does.
+    BadSignature,
 }
 
 /// A fault and which requests it hits.
@@ -432,6 +435,9 @@ async fn answer(
             }
             Content::Memory(Bytes::from(corrupted))
         }
+        (Some(FaultKind::BadSignature), Content::Memory(bytes)) => {
+            Content::Memory(Bytes::from(forge_dsig(&bytes)))
+        }
         (Some(FaultKind::Truncate), Content::Memory(bytes)) => {
             return truncated_response(bytes);
         }
@@ -446,6 +452,23 @@ async fn answer(
         "application/octet-stream",
     )
     .await
+}
+
+/// A copy of a CVD whose header's dsig field (the sixth) has one character changed.
+fn forge_dsig(cvd: &[u8]) -> Vec<u8> {
+    let mut forged = cvd.to_vec();
+    let colons: Vec<usize> = forged
+        .iter()
+        .take(clamav::CVD_HEADER_LEN)
+        .enumerate()
+        .filter(|(_, byte)| **byte == b':')
+        .map(|(i, _)| i)
+        .collect();
+    // Fields: ClamAV-VDB:time:version:sigs:flevel:md5:dsig:...; the dsig follows the sixth colon.
+    if let Some(byte) = colons.get(5).and_then(|at| forged.get_mut(at + 1)) {
+        *byte = if *byte == b'a' { b'b' } else { b'a' };
+    }
+    forged
 }
 
 fn etag_of(content: &Content, modified: SystemTime) -> String {
@@ -481,6 +504,103 @@ fn truncated_response(bytes: Bytes) -> Response {
     response
 }
 
+/// A forward HTTP proxy for tests of `[proxy]` and `HTTP_PROXY`: it requires Basic credentials
+/// when given some, and counts the requests it forwarded.
+#[derive(Clone)]
+pub struct LabProxy {
+    expected_authorization: Option<String>,
+    forwarded: Arc<std::sync::atomic::AtomicU64>,
+    refused: Arc<std::sync::atomic::AtomicU64>,
+    client: reqwest::Client,
+}
+
+impl LabProxy {
+    /// A proxy that demands `username:password` when given.
+    pub fn new(credentials: Option<(&str, &str)>) -> anyhow::Result<LabProxy> {
+        Ok(LabProxy {
+            expected_authorization: credentials.map(|(user, password)| {
+                format!(
+                    "Basic {}",
+                    openssl::base64::encode_block(format!("{user}:{password}").as_bytes())
+                )
+            }),
+            forwarded: Arc::default(),
+            refused: Arc::default(),
+            client: reqwest::Client::builder().no_proxy().build()?,
+        })
+    }
+
+    /// Requests forwarded so far.
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Requests refused with 407 so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Binds `addr` and proxies in a background task; returns the bound address.
+    pub async fn spawn(&self, addr: &str) -> anyhow::Result<std::net::SocketAddr> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let router = Router::new().fallback(forward).with_state(self.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Ok(local)
+    }
+}
+
+async fn forward(State(proxy): State<LabProxy>, request: Request) -> Response {
+    use std::sync::atomic::Ordering;
+    let given = request
+        .headers()
+        .get(header::PROXY_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Some(expected) = &proxy.expected_authorization {
+        if given != Some(expected.as_str()) {
+            proxy.refused.fetch_add(1, Ordering::Relaxed);
+            return (
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                [(header::PROXY_AUTHENTICATE, "Basic realm=\"lab\"")],
+            )
+                .into_response();
+        }
+    }
+    if request.uri().scheme().is_none() {
+        return (StatusCode::BAD_REQUEST, "absolute-form request expected\n").into_response();
+    }
+    proxy.forwarded.fetch_add(1, Ordering::Relaxed);
+    let mut outgoing = proxy
+        .client
+        .request(request.method().clone(), request.uri().to_string());
+    for (name, value) in request.headers() {
+        let hop_by_hop = [
+            header::PROXY_AUTHORIZATION,
+            header::CONNECTION,
+            header::HOST,
+        ];
+        if !hop_by_hop.contains(name) {
+            outgoing = outgoing.header(name, value);
+        }
+    }
+    match outgoing.send().await {
+        Ok(upstream) => {
+            let mut response = Response::builder().status(upstream.status());
+            for (name, value) in upstream.headers() {
+                if name != header::TRANSFER_ENCODING && name != header::CONNECTION {
+                    response = response.header(name, value);
+                }
+            }
+            response
+                .body(Body::from_stream(upstream.bytes_stream()))
+                .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
+        }
+        Err(_) => StatusCode::BAD_GATEWAY.into_response(),
+    }
+}
+
 /// Parses a fault given on the `pm-lab` command line, e.g. `429:retry_after=60,path=test.cvd,times=1`.
 pub fn parse_fault(text: &str) -> Result<Fault, String> {
     let (kind, options) = text.split_once(':').unwrap_or((text, ""));
@@ -509,9 +629,10 @@ pub fn parse_fault(text: &str) -> Result<Fault, String> {
         },
         "truncate" => FaultKind::Truncate,
         "corrupt" => FaultKind::CorruptByte,
+        "bad_signature" => FaultKind::BadSignature,
         other => {
             return Err(format!(
-                "unknown fault `{other}`: use 429, 403, 500, slow, truncate or corrupt"
+                "unknown fault `{other}`: use 429, 403, 500, slow, truncate, corrupt or bad_signature"
             ));
         }
     };

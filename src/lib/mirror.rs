@@ -187,6 +187,20 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
 
     let failed = reports.iter().any(|r| r.result == ProductResult::Failed);
     let cooling = reports.iter().any(|r| r.result == ProductResult::Cooldown);
+    // Open the inventory before anything becomes visible: if another process holds it past the
+    // lock timeout, the sync fails having changed nothing.
+    let inventory = match &staged {
+        None => None,
+        Some(_) => match Inventory::open(home, global.lock_timeout) {
+            Ok(inventory) => Some(inventory),
+            Err(err) => {
+                if let Some(staged) = staged {
+                    staged.discard();
+                }
+                return Err(inventory_error(err));
+            }
+        },
+    };
     let mut new_manifest: Option<Manifest> = None;
     if let Some(staged) = staged {
         let unchanged = previous.as_ref().is_some_and(|p| {
@@ -236,14 +250,13 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
     } else {
         ExitStatus::Success
     };
-    if !global.dry_run {
+    if let Some(inventory) = inventory {
         let job_status = match status {
             ExitStatus::Failure => "failed",
             ExitStatus::Partial => "partial",
             _ if report.changed => "ok",
             _ => "unchanged",
         };
-        let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
         inventory
             .transaction(|inv| {
                 let summary = match &new_manifest {

@@ -322,8 +322,11 @@ pub(crate) async fn sync_products(
                 status,
                 retry_after,
             })) => {
-                let until = finished_at
-                    + chrono::Duration::from_std(retry_after).unwrap_or(chrono::Duration::hours(4));
+                use chrono::SubsecRound;
+                let until = (finished_at
+                    + chrono::Duration::from_std(retry_after)
+                        .unwrap_or(chrono::Duration::hours(4)))
+                .trunc_subsecs(0);
                 tracing::warn!(product = %product.name, status, until = %until, "upstream asks to back off");
                 report.result = ProductResult::Cooldown;
                 report.cooldown_until = Some(until);

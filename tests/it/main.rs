@@ -1,0 +1,8 @@
+//! Integration tests: the real binaries against the real lab upstream, real files, real DuckDB
+//! and, where the issue asks for it, the real freshclam, clamscan and duckdb CLI.
+
+mod inventory;
+mod mirror_publish;
+mod mirror_serve;
+mod mirror_sync;
+mod support;
