@@ -558,15 +558,15 @@ async fn forward(State(proxy): State<LabProxy>, request: Request) -> Response {
         .headers()
         .get(header::PROXY_AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if let Some(expected) = &proxy.expected_authorization {
-        if given != Some(expected.as_str()) {
-            proxy.refused.fetch_add(1, Ordering::Relaxed);
-            return (
-                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-                [(header::PROXY_AUTHENTICATE, "Basic realm=\"lab\"")],
-            )
-                .into_response();
-        }
+    if let Some(expected) = &proxy.expected_authorization
+        && given != Some(expected.as_str())
+    {
+        proxy.refused.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            [(header::PROXY_AUTHENTICATE, "Basic realm=\"lab\"")],
+        )
+            .into_response();
     }
     if request.uri().scheme().is_none() {
         return (StatusCode::BAD_REQUEST, "absolute-form request expected\n").into_response();
