@@ -1,1 +1,120 @@
-//! (tests to come)
+//! The inventory as users meet it: the stock DuckDB CLI reads it read-only, and a writer that
+//! finds it locked waits, then fails clearly and changes nothing.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{Home, Lab, Pm, manifest};
+
+/// The DuckDB CLI (PyPI `duckdb-cli`), or `$PM_DUCKDB_CLI`.
+fn duckdb_cli() -> String {
+    std::env::var("PM_DUCKDB_CLI").unwrap_or_else(|_| "duckdb".into())
+}
+
+fn duckdb(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(duckdb_cli())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the duckdb CLI runs: pip install duckdb-cli==1.5.6");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (
+        output.status.code().unwrap_or(-1),
+        text(&output.stdout),
+        text(&output.stderr),
+    )
+}
+
+#[test]
+fn the_duckdb_cli_reads_mirror_syncs_read_only() {
+    let lab = Lab::start(3);
+    let home = Home::new();
+    home.clamav_config(&lab, "");
+    Pm::mirror(&home).args(["sync"]).json();
+    lab.upstream.set_version(6).unwrap();
+    Pm::mirror(&home).args(["sync"]).json();
+    Pm::mirror(&home).args(["sync"]).json();
+    Pm::mirror(&home).args(["publish"]).json();
+
+    let file = home.path().join("inventory.duckdb");
+    let file = file.to_str().unwrap();
+    let (version, _, _) = duckdb(&["--version"]);
+    assert_eq!(version, 0);
+    let (code, out, err) = duckdb(&[
+        "-readonly",
+        "-csv",
+        file,
+        "-c",
+        "SELECT product, result, versions, bytes_downloaded > 0 AS downloaded, coalesce(revision, '-') AS revision FROM mirror_syncs ORDER BY id",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        rows,
+        [
+            "product,result,versions,downloaded,revision",
+            "clamav,updated,test=3,true,r1",
+            "clamav,updated,test=6,true,r2",
+            "clamav,unchanged,test=6,false,-",
+        ]
+    );
+    let (code, out, err) = duckdb(&[
+        "-readonly",
+        "-csv",
+        "-noheader",
+        file,
+        "-c",
+        "SELECT r.revision, f.version FROM revisions r JOIN revision_files f USING (revision) \
+         WHERE f.path = 'clamav/test.cvd' ORDER BY r.serial; \
+         SELECT revision FROM dist_history; SELECT count(*) FROM jobs WHERE kind = 'sync'",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["r1,3", "r2,6", "r2", "3"]);
+    // Read-only really is read-only.
+    let (code, _, _) = duckdb(&["-readonly", file, "-c", "DELETE FROM jobs"]);
+    assert_ne!(code, 0);
+}
+
+#[test]
+fn a_locked_inventory_makes_sync_wait_then_fail_clearly_having_changed_nothing() {
+    let lab = Lab::start(3);
+    let home = Home::new();
+    home.clamav_config(&lab, "");
+    Pm::mirror(&home).args(["sync"]).json();
+    let before = manifest(&home, "latest");
+    lab.upstream.set_version(6).unwrap();
+
+    // An interactive DuckDB CLI session holds the file open read-write until its stdin closes.
+    let file = home.path().join("inventory.duckdb");
+    let mut session = Command::new(duckdb_cli())
+        .arg(&file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = session.stdin.take().unwrap();
+    writeln!(stdin, "SELECT 1;").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let started = Instant::now();
+    let run = Pm::mirror(&home)
+        .args(["sync", "--lock-timeout", "2s"])
+        .run();
+    let waited = started.elapsed();
+    assert_eq!(run.code(), 1, "{}", run.stderr());
+    assert!(waited >= Duration::from_secs(2), "waited only {waited:?}");
+    let stderr = run.stderr();
+    assert!(stderr.contains("is locked by `duckdb`"), "{stderr}");
+    assert!(
+        stderr.contains("hint:") && stderr.contains("--lock-timeout"),
+        "{stderr}"
+    );
+    assert_eq!(manifest(&home, "latest"), before, "nothing changed");
+
+    drop(stdin);
+    session.wait().unwrap();
+    let report = Pm::mirror(&home).args(["sync"]).json();
+    assert_eq!(report["revision"], "r2");
+}
