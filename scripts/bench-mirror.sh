@@ -7,14 +7,16 @@
 #
 # Usage: scripts/bench-mirror.sh
 # Environment:
-#   PM_BENCH_MB=500        feed size in MiB, split over PM_BENCH_FILES files (50 for a quick run)
+#   PM_BENCH_MB=500        feed size in MiB, split evenly over PM_BENCH_FILES files (50: quick run)
 #   PM_BENCH_FILES=5       number of feed files
-#   PM_BENCH_RUNS=5        repetitions of the no-change sync
+#   PM_BENCH_REPEAT=3      full syncs and curl runs (interleaved); the table shows the medians
+#   PM_BENCH_RUNS=5        no-change syncs
 #   PM_BENCH_PROFILE=dev   `dev` (cargo build --bins) or `release` (cargo build --release --bins)
 #   PM_BENCH_JSON=PATH     also write a JSON summary to PATH
 #   PM_BENCH_KEEP=1        keep the work directory (its path is printed)
-#   TMPDIR                 where the work directory goes: put it on the disk you want to measure
-#                          (on tmpfs the fsyncs cost nothing)
+#   TMPDIR                 where the work directory goes: put it on the disk to measure (on tmpfs
+#                          fsync costs nothing)
+# Results are only comparable on an otherwise idle machine: the load average is printed.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -22,6 +24,7 @@ mib=1048576
 
 total_mb="${PM_BENCH_MB:-500}"
 file_count="${PM_BENCH_FILES:-5}"
+repeat="${PM_BENCH_REPEAT:-3}"
 runs="${PM_BENCH_RUNS:-5}"
 profile="${PM_BENCH_PROFILE:-dev}"
 json_out="${PM_BENCH_JSON:-}"
@@ -32,9 +35,9 @@ die() {
 }
 log() { echo "bench: $*" >&2; }
 
-for pair in "PM_BENCH_MB:${total_mb}" "PM_BENCH_FILES:${file_count}" "PM_BENCH_RUNS:${runs}"; do
-  value="${pair#*:}"
-  [[ "${value}" =~ ^[1-9][0-9]*$ ]] || die "${pair%%:*} must be a positive integer, not \`${value}\`"
+for setting in "PM_BENCH_MB=${total_mb}" "PM_BENCH_FILES=${file_count}" \
+  "PM_BENCH_REPEAT=${repeat}" "PM_BENCH_RUNS=${runs}"; do
+  [[ "${setting#*=}" =~ ^[1-9][0-9]*$ ]] || die "${setting%%=*} must be a positive integer, not \`${setting#*=}\`"
 done
 per_file_mb=$((total_mb / file_count))
 ((per_file_mb >= 1)) || die "PM_BENCH_MB=${total_mb} is less than 1 MiB per file (PM_BENCH_FILES=${file_count})"
@@ -51,7 +54,7 @@ case "${profile}" in
     ;;
   *) die "PM_BENCH_PROFILE must be \`dev\` or \`release\`, not \`${profile}\`" ;;
 esac
-for tool in curl python3 head; do
+for tool in cargo curl python3 head sync; do
   command -v "${tool}" > /dev/null || die "\`${tool}\` is needed"
 done
 if [[ -n "${json_out}" && "${json_out}" != /* ]]; then
@@ -62,11 +65,11 @@ fi
 unset http_proxy HTTP_PROXY https_proxy HTTPS_PROXY all_proxy ALL_PROXY
 export NO_PROXY="127.0.0.1,localhost" no_proxy="127.0.0.1,localhost"
 
-log "building (${build[*]})"
+log "building: ${build[*]}"
 (cd "${root}" && "${build[@]}" >&2)
 pm_mirror="${bin_dir}/pm-mirror"
 pm_lab="${bin_dir}/pm-lab"
-[[ -x "${pm_mirror}" && -x "${pm_lab}" ]] || die "no pm-mirror/pm-lab in ${bin_dir} after the build"
+[[ -x "${pm_mirror}" && -x "${pm_lab}" ]] || die "no pm-mirror and pm-lab in ${bin_dir} after the build"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/pm-bench.XXXXXX")"
 pids=()
@@ -87,22 +90,25 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 feed="${work}/feed"
-home="${work}/home"
-curl_dir="${work}/curl"
-mkdir -p "${feed}" "${home}" "${curl_dir}"
+mkdir -p "${feed}"
 
 now() { date +%s.%N; }
-# Arithmetic on decimals: calc 'EXPRESSION' with a, b, ... given as name=value arguments.
+# Decimal arithmetic: calc EXPRESSION name=value...; prints the result with 3 decimals.
 calc() {
-  local expr="$1"
-  shift
-  python3 - "${expr}" "$@" << 'EOF'
+  python3 -c '
 import sys
-names = dict(arg.split("=", 1) for arg in sys.argv[2:])
-value = eval(sys.argv[1], {}, {k: float(v) for k, v in names.items()})
-print(f"{value:.3f}")
-EOF
+names = {k: float(v) for k, v in (arg.split("=", 1) for arg in sys.argv[2:])}
+print(f"{eval(sys.argv[1], {}, names):.3f}")' "$@"
 }
+# Median, minimum and maximum of the arguments.
+stats() {
+  python3 -c '
+import statistics, sys
+v = [float(x) for x in sys.argv[1:]]
+print(f"{statistics.median(v):.3f} {min(v):.3f} {max(v):.3f}")' "$@"
+}
+# Flushes everything written so far, so that its writeback does not land in a timed step.
+settle() { sync -f "${work}"; }
 
 log "generating ${file_count} x ${per_file_mb} MiB of random data in ${feed}"
 for i in $(seq 1 "${file_count}"); do
@@ -110,6 +116,7 @@ for i in $(seq 1 "${file_count}"); do
 done
 feed_files=("${feed}"/blob-*.bin)
 feed_bytes=$((file_count * per_file_mb * mib))
+settle
 
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
@@ -136,15 +143,20 @@ for attempt in 1 2 3 4 5; do
   [[ -n "${ready}" ]] && break
   kill "${lab_pid}" 2> /dev/null || true
   wait "${lab_pid}" 2> /dev/null || true
-  log "lab upstream did not start on port ${port} (attempt ${attempt}):"
+  log "the lab upstream did not start on port ${port} (attempt ${attempt}):"
   sed 's/^/  /' "${work}/lab.log" >&2
   lab_pid=""
 done
-[[ -n "${lab_pid}" ]] || die "the lab upstream did not start; see the log above"
+[[ -n "${lab_pid}" ]] || die "the lab upstream did not start; see its log above"
 base="http://127.0.0.1:${port}"
 log "lab upstream on ${base}/ (pid ${lab_pid})"
 
-cat > "${home}/pm.toml" << EOF
+# A fresh manager home with the two products.
+new_home() {
+  local home="$1"
+  rm -rf "${home}"
+  mkdir -p "${home}"
+  cat > "${home}/pm.toml" << EOF
 [[products]]
 name = "vendor"
 kind = "files"
@@ -156,67 +168,45 @@ kind = "clamav"
 url = "${base}/clamav"
 databases = ["test"]
 EOF
+}
 
-# Runs `pm-mirror sync --json`; prints "<wall seconds> <bytes_downloaded> <duration_seconds>
-# <changed> <files downloaded>". stderr goes to ${work}/sync-<label>.log.
+# Runs `pm-mirror --home HOME sync --json` (output in ${work}/sync-LABEL.json, stderr in .log)
+# and prints "<wall seconds> <bytes_downloaded> <self-timed seconds> <changed> <vendor files
+# downloaded>". Fails when pm-mirror does, or when a product did not sync.
 run_sync() {
-  local label="$1" out="${work}/sync-$1.json" err="${work}/sync-$1.log" start end status=0
+  local home="$1" label="$2" start end status=0
+  local out="${work}/sync-${label}.json" err="${work}/sync-${label}.log"
   start="$(now)"
   "${pm_mirror}" --home "${home}" sync --json > "${out}" 2> "${err}" || status=$?
   end="$(now)"
   if ((status != 0)); then
-    echo "error: pm-mirror sync (${label}) exited with ${status}" >&2
+    echo "error: pm-mirror sync (${label}) exited with status ${status}:" >&2
     sed 's/^/  /' "${err}" "${out}" >&2
     return 1
   fi
   python3 - "${out}" "$(calc 'b - a' a="${start}" b="${end}")" << 'EOF'
 import json, sys
 report = json.load(open(sys.argv[1]))
-files = sum(p.get("files_downloaded", 0) for p in report["products"])
-failed = [p["name"] for p in report["products"] if p["result"] in ("failed", "cooldown")]
-if failed:
-    sys.exit(f"error: products did not sync: {', '.join(failed)}")
+bad = [f'{p["name"]} ({p["result"]})' for p in report["products"]
+       if p["result"] not in ("updated", "unchanged")]
+if bad:
+    sys.exit(f"error: products did not sync: {', '.join(bad)} (see {sys.argv[1]})")
+vendor = sum(p["files_downloaded"] for p in report["products"] if p["name"] == "vendor")
 print(sys.argv[2], report["bytes_downloaded"], f'{report["duration_seconds"]:.3f}',
-      str(report["changed"]).lower(), files)
+      str(report["changed"]).lower(), vendor)
 EOF
 }
 
-log "full sync (${feed_bytes} bytes in the feed)"
-result="$(run_sync full)"
-read -r full_wall full_bytes full_self full_changed full_files <<< "${result}"
-[[ "${full_changed}" == true ]] || die "the full sync did not change latest"
-((full_bytes >= feed_bytes)) || die "the full sync downloaded ${full_bytes} bytes, less than the feed's ${feed_bytes}"
-
-log "no-change sync x ${runs}"
-nochange_walls=()
-nochange_selfs=()
-nochange_bytes=0
-for i in $(seq 1 "${runs}"); do
-  result="$(run_sync "nochange-${i}")"
-  read -r wall bytes self changed _ <<< "${result}"
-  if ((bytes != 0)) || [[ "${changed}" != false ]]; then
-    die "no-change sync ${i} downloaded ${bytes} bytes (changed: ${changed}); expected 0 and no change (see ${work}/sync-nochange-${i}.json)"
-  fi
-  nochange_walls+=("${wall}")
-  nochange_selfs+=("${self}")
-  nochange_bytes=$((nochange_bytes + bytes))
-done
-stats() {
-  python3 -c 'import statistics, sys; v = [float(x) for x in sys.argv[1:]]; print(f"{statistics.median(v):.3f} {min(v):.3f} {max(v):.3f}")' "$@"
-}
-read -r nc_median nc_min nc_max <<< "$(stats "${nochange_walls[@]}")"
-read -r nc_self_median _ _ <<< "$(stats "${nochange_selfs[@]}")"
-
-# curl: one process per file, like pm fetches one file after another.
+# Fetches every feed file with one curl each, like pm fetches one file after another, to
+# /dev/null or into DIR; prints "<bytes> <seconds>" (the sum of curl's time_total).
 curl_fetch() {
-  local target_dir="$1" file name bytes seconds result total_bytes=0 total_seconds=0
+  local target_dir="$1" file name output result bytes seconds total_bytes=0 total_seconds=0
   for file in "${feed_files[@]}"; do
     name="$(basename "${file}")"
-    local output=/dev/null
+    output=/dev/null
     [[ -n "${target_dir}" ]] && output="${target_dir}/${name}"
-    result="$(curl -sf --noproxy '*' -o "${output}" \
-      -w '%{size_download} %{time_total}' "${base}/vendor/${name}")" \
-      || die "curl could not fetch ${base}/vendor/${name}"
+    result="$(curl -sf --noproxy '*' -o "${output}" -w '%{size_download} %{time_total}' \
+      "${base}/vendor/${name}")" || die "curl could not fetch ${base}/vendor/${name}"
     read -r bytes seconds <<< "${result}"
     total_bytes=$((total_bytes + bytes))
     total_seconds="$(calc 'a + b' a="${total_seconds}" b="${seconds}")"
@@ -224,66 +214,147 @@ curl_fetch() {
   echo "${total_bytes} ${total_seconds}"
 }
 
-log "curl -> /dev/null"
-result="$(curl_fetch "")"
-read -r curl_null_bytes curl_null_seconds <<< "${result}"
-log "curl -> disk + fsync"
-result="$(curl_fetch "${curl_dir}")"
-read -r curl_disk_bytes curl_disk_transfer <<< "${result}"
-fsync_start="$(now)"
-sync "${curl_dir}"/*.bin
-fsync_end="$(now)"
-curl_fsync="$(calc 'b - a' a="${fsync_start}" b="${fsync_end}")"
-curl_disk_seconds="$(calc 'a + b' a="${curl_disk_transfer}" b="${curl_fsync}")"
-((curl_null_bytes == feed_bytes && curl_disk_bytes == feed_bytes)) \
-  || die "curl fetched ${curl_null_bytes}/${curl_disk_bytes} bytes, the feed has ${feed_bytes}"
+load_before="$(cut -d' ' -f1-3 /proc/loadavg 2> /dev/null || echo unknown)"
+full_walls=()
+full_selfs=()
+null_seconds=()
+disk_seconds=()
+disk_transfers=()
+disk_fsyncs=()
+full_bytes=0
+full_files=0
+for rep in $(seq 1 "${repeat}"); do
+  log "round ${rep}/${repeat}: full sync"
+  home="${work}/home-${rep}"
+  new_home "${home}"
+  rm -rf "${work}/home-$((rep - 1))" "${work}/curl"
+  settle
+  result="$(run_sync "${home}" "full-${rep}")"
+  read -r wall bytes self changed files <<< "${result}"
+  [[ "${changed}" == true ]] || die "full sync ${rep} did not change latest (see ${work}/sync-full-${rep}.json)"
+  ((bytes >= feed_bytes)) || die "full sync ${rep} downloaded ${bytes} bytes, fewer than the feed's ${feed_bytes}"
+  ((files == file_count)) || die "full sync ${rep} downloaded ${files} vendor files, not ${file_count}"
+  full_walls+=("${wall}")
+  full_selfs+=("${self}")
+  full_bytes="${bytes}"
+  full_files="${files}"
+
+  log "round ${rep}/${repeat}: curl -> /dev/null"
+  result="$(curl_fetch "")"
+  read -r bytes seconds <<< "${result}"
+  ((bytes == feed_bytes)) || die "curl fetched ${bytes} bytes, the feed has ${feed_bytes}"
+  null_seconds+=("${seconds}")
+
+  log "round ${rep}/${repeat}: curl -> disk + fsync"
+  mkdir -p "${work}/curl"
+  settle
+  result="$(curl_fetch "${work}/curl")"
+  read -r bytes transfer <<< "${result}"
+  ((bytes == feed_bytes)) || die "curl fetched ${bytes} bytes, the feed has ${feed_bytes}"
+  start="$(now)"
+  sync "${work}/curl"/*
+  end="$(now)"
+  fsync="$(calc 'b - a' a="${start}" b="${end}")"
+  disk_transfers+=("${transfer}")
+  disk_fsyncs+=("${fsync}")
+  disk_seconds+=("$(calc 'a + b' a="${transfer}" b="${fsync}")")
+done
+rm -rf "${work}/curl"
+
+log "no-change sync x ${runs}"
+nochange_walls=()
+nochange_selfs=()
+nochange_bytes=0
+for i in $(seq 1 "${runs}"); do
+  result="$(run_sync "${home}" "nochange-${i}")"
+  read -r wall bytes self changed _ <<< "${result}"
+  if ((bytes != 0)) || [[ "${changed}" != false ]]; then
+    die "no-change sync ${i} downloaded ${bytes} bytes (changed: ${changed}); expected 0 bytes and no change (see ${work}/sync-nochange-${i}.json)"
+  fi
+  nochange_walls+=("${wall}")
+  nochange_selfs+=("${self}")
+  nochange_bytes=$((nochange_bytes + bytes))
+done
+load_after="$(cut -d' ' -f1-3 /proc/loadavg 2> /dev/null || echo unknown)"
+
+read -r full_wall full_wall_min full_wall_max <<< "$(stats "${full_walls[@]}")"
+read -r full_self _ _ <<< "$(stats "${full_selfs[@]}")"
+read -r null_secs null_min null_max <<< "$(stats "${null_seconds[@]}")"
+read -r disk_secs disk_min disk_max <<< "$(stats "${disk_seconds[@]}")"
+read -r disk_transfer _ _ <<< "$(stats "${disk_transfers[@]}")"
+read -r disk_fsync _ _ <<< "$(stats "${disk_fsyncs[@]}")"
+read -r nc_median nc_min nc_max <<< "$(stats "${nochange_walls[@]}")"
+read -r nc_self _ _ <<< "$(stats "${nochange_selfs[@]}")"
 
 rate() { calc 'b / s / m' b="$1" s="$2" m="${mib}"; }
 full_rate="$(rate "${full_bytes}" "${full_wall}")"
 full_self_rate="$(rate "${full_bytes}" "${full_self}")"
-curl_null_rate="$(rate "${curl_null_bytes}" "${curl_null_seconds}")"
-curl_disk_rate="$(rate "${curl_disk_bytes}" "${curl_disk_seconds}")"
-vs_disk="$(calc '100 * p / c' p="${full_rate}" c="${curl_disk_rate}")"
-vs_null="$(calc '100 * p / c' p="${full_rate}" c="${curl_null_rate}")"
+null_rate="$(rate "${feed_bytes}" "${null_secs}")"
+disk_rate="$(rate "${feed_bytes}" "${disk_secs}")"
+vs_disk="$(calc '100 * p / c' p="${full_rate}" c="${disk_rate}")"
+vs_null="$(calc '100 * p / c' p="${full_rate}" c="${null_rate}")"
+marginal="$(calc 'f - n' f="${full_wall}" n="${nc_median}")"
+marginal_rate="$(calc 'b / max(s, 0.001) / m' b="${full_bytes}" s="${marginal}" m="${mib}")"
 cpu="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2> /dev/null | head -n 1)"
 fs_type="$(stat -f -c %T "${work}")"
 
+row() { printf '%-38s %12s %9.3f %9s\n' "$@"; }
+mibs() { printf '%.1f' "$1"; }
 {
-  echo "pm-mirror loopback benchmark: ${file_count} x ${per_file_mb} MiB feed, profile ${profile}"
-  echo "machine: $(nproc) CPUs (${cpu:-unknown CPU}), kernel $(uname -r), work dir on ${fs_type} (${work})"
+  echo "pm-mirror loopback benchmark: ${file_count} x ${per_file_mb} MiB feed, ${profile} profile, median of ${repeat}"
+  echo "machine: $(nproc) CPUs (${cpu:-unknown CPU}), kernel $(uname -r), work dir on ${fs_type}"
+  echo "load average before ${load_before}, after ${load_after}"
   echo
-  printf '%-36s %12s %9s %9s\n' operation bytes seconds MiB/s
-  printf '%-36s %12s %9s %9s\n' "pm-mirror sync, full (wall)" "${full_bytes}" "${full_wall}" "${full_rate}"
-  printf '%-36s %12s %9s %9s\n' "pm-mirror sync, full (self-timed)" "${full_bytes}" "${full_self}" "${full_self_rate}"
-  printf '%-36s %12s %9s %9s\n' "curl -> /dev/null" "${curl_null_bytes}" "${curl_null_seconds}" "${curl_null_rate}"
-  printf '%-36s %12s %9s %9s\n' "curl -> disk + fsync" "${curl_disk_bytes}" "${curl_disk_seconds}" "${curl_disk_rate}"
-  printf '%-36s %12s %9s %9s\n' "pm-mirror sync, no change (median)" 0 "${nc_median}" -
+  printf '%-38s %12s %9s %9s\n' operation bytes seconds MiB/s
+  row "pm-mirror sync, full (wall)" "${full_bytes}" "${full_wall}" "$(mibs "${full_rate}")"
+  row "pm-mirror sync, full (self-timed)" "${full_bytes}" "${full_self}" "$(mibs "${full_self_rate}")"
+  row "curl -> /dev/null" "${feed_bytes}" "${null_secs}" "$(mibs "${null_rate}")"
+  row "curl -> disk + fsync" "${feed_bytes}" "${disk_secs}" "$(mibs "${disk_rate}")"
+  row "pm-mirror sync, no change (wall)" "${nochange_bytes}" "${nc_median}" -
   echo
-  echo "full sync: ${full_files} files; pm-mirror reaches ${vs_disk}% of curl -> disk + fsync, ${vs_null}% of curl -> /dev/null"
-  echo "no-change sync x ${runs}: wall median ${nc_median}s, min ${nc_min}s, max ${nc_max}s (self-timed median ${nc_self_median}s), ${nochange_bytes} bytes downloaded"
-  echo "curl -> disk: ${curl_disk_transfer}s transfer + ${curl_fsync}s fsync; MiB = 1048576 bytes; wall = process start to exit"
+  printf 'full sync: pm-mirror (wall) reaches %.0f%% of curl -> disk + fsync and %.0f%% of curl -> /dev/null\n' \
+    "${vs_disk}" "${vs_null}"
+  echo "  wall ${full_wall_min}..${full_wall_max}s over ${repeat} runs; ${full_files} vendor files; bytes include the index and the clamav product"
+  printf '  full minus no-change wall: %ss = %.1f MiB/s (the data, without the fixed cost of a run)\n' \
+    "${marginal}" "${marginal_rate}"
+  echo "curl -> /dev/null ${null_min}..${null_max}s; curl -> disk + fsync ${disk_min}..${disk_max}s (median ${disk_transfer}s transfer + ${disk_fsync}s fsync)"
+  echo "no-change sync x ${runs}: wall median ${nc_median}s, min ${nc_min}s, max ${nc_max}s; self-timed median ${nc_self}s; ${nochange_bytes} bytes downloaded"
+  echo "MiB = 1048576 bytes; wall = pm-mirror process start to exit; self-timed = its duration_seconds; curl = sum of time_total"
 }
 
 if [[ -n "${json_out}" ]]; then
-  python3 - "${json_out}" "${profile}" "$(uname -r)" "${cpu}" "${fs_type}" << EOF
+  join() {
+    local IFS=,
+    echo "$*"
+  }
+  python3 - "${json_out}" "${profile}" "$(uname -r)" "${cpu}" "${fs_type}" "${load_before}" \
+    "${load_after}" << EOF
 import json, sys
 summary = {
     "profile": sys.argv[2],
-    "machine": {"nproc": $(nproc), "kernel": sys.argv[3], "cpu": sys.argv[4], "work_fs": sys.argv[5]},
+    "machine": {"nproc": $(nproc), "kernel": sys.argv[3], "cpu": sys.argv[4],
+                "work_fs": sys.argv[5], "load_before": sys.argv[6], "load_after": sys.argv[7]},
     "unit": "MiB/s (1 MiB = 1048576 bytes)",
     "feed": {"files": ${file_count}, "bytes": ${feed_bytes}},
-    "full_sync": {"bytes": ${full_bytes}, "files": ${full_files}, "wall_seconds": ${full_wall},
-                  "self_seconds": ${full_self}, "mib_per_s": ${full_rate},
-                  "self_mib_per_s": ${full_self_rate}},
+    "repeat": ${repeat},
+    "full_sync": {"bytes": ${full_bytes}, "vendor_files": ${full_files},
+                  "wall_seconds": [$(join "${full_walls[@]}")],
+                  "self_seconds": [$(join "${full_selfs[@]}")],
+                  "median_wall_seconds": ${full_wall}, "median_self_seconds": ${full_self},
+                  "mib_per_s": ${full_rate}, "self_mib_per_s": ${full_self_rate},
+                  "minus_nochange_seconds": ${marginal},
+                  "minus_nochange_mib_per_s": ${marginal_rate}},
     "nochange_sync": {"runs": ${runs}, "bytes": ${nochange_bytes},
-                      "wall_seconds": [$(IFS=,; echo "${nochange_walls[*]}")],
-                      "self_seconds": [$(IFS=,; echo "${nochange_selfs[*]}")],
-                      "median_seconds": ${nc_median}, "min_seconds": ${nc_min}},
-    "curl_devnull": {"bytes": ${curl_null_bytes}, "seconds": ${curl_null_seconds},
-                     "mib_per_s": ${curl_null_rate}},
-    "curl_disk_fsync": {"bytes": ${curl_disk_bytes}, "seconds": ${curl_disk_seconds},
-                        "transfer_seconds": ${curl_disk_transfer}, "fsync_seconds": ${curl_fsync},
-                        "mib_per_s": ${curl_disk_rate}},
+                      "wall_seconds": [$(join "${nochange_walls[@]}")],
+                      "self_seconds": [$(join "${nochange_selfs[@]}")],
+                      "median_wall_seconds": ${nc_median}, "min_wall_seconds": ${nc_min},
+                      "median_self_seconds": ${nc_self}},
+    "curl_devnull": {"bytes": ${feed_bytes}, "seconds": [$(join "${null_seconds[@]}")],
+                     "median_seconds": ${null_secs}, "mib_per_s": ${null_rate}},
+    "curl_disk_fsync": {"bytes": ${feed_bytes}, "seconds": [$(join "${disk_seconds[@]}")],
+                        "transfer_seconds": [$(join "${disk_transfers[@]}")],
+                        "fsync_seconds": [$(join "${disk_fsyncs[@]}")],
+                        "median_seconds": ${disk_secs}, "mib_per_s": ${disk_rate}},
     "pm_vs_curl_percent": {"disk_fsync": ${vs_disk}, "devnull": ${vs_null}},
 }
 with open(sys.argv[1], "w") as out:

@@ -24,7 +24,7 @@ pub struct GlobalArgs {
     /// How long to wait for another process that holds the inventory (e.g. 30s, 2m)
     #[arg(long, global = true, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub lock_timeout: Duration,
-    /// More logging (-v debug, -vv trace)
+    /// More logging on stderr (-v info, -vv debug)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// Only errors on stderr
@@ -167,14 +167,14 @@ impl std::fmt::Display for UserError {
 
 impl std::error::Error for UserError {}
 
-/// Sets up `tracing` on stderr: `-q` errors only, default warnings+info, `-v` debug, `-vv`
-/// trace; `RUST_LOG` overrides.
+/// Sets up `tracing` on stderr: `-q` errors only, default warnings (so cron mails only what
+/// needs a look), `-v` info, `-vv` debug; `RUST_LOG` overrides.
 pub fn init_logging(args: &GlobalArgs) {
     let default = match (args.quiet, args.verbose) {
         (true, _) => "error",
-        (false, 0) => "warn,pm=info",
-        (false, 1) => "info,pm=debug",
-        (false, _) => "debug,pm=trace",
+        (false, 0) => "warn",
+        (false, 1) => "warn,pm=info",
+        (false, _) => "info,pm=debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

@@ -506,8 +506,12 @@ async fn sync_clamav(
                 });
             }
         };
-        let header =
-            clamav::verify_cvd(&read(&target)?).map_err(|source| ProductError::Clamav {
+        let bytes = read(&target)?;
+        // Inflating and hashing main.cvd takes seconds: keep it off the async workers.
+        let header = tokio::task::spawn_blocking(move || clamav::verify_cvd(&bytes))
+            .await
+            .expect("cvd verification does not panic")
+            .map_err(|source| ProductError::Clamav {
                 url: cvd_url.to_string(),
                 source,
             })?;
