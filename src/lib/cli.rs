@@ -27,7 +27,7 @@ pub struct GlobalArgs {
     /// More logging on stderr (-v info, -vv debug)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
-    /// Only errors on stderr
+    /// Only errors: no logs but errors on stderr, no summary of sync/publish on stdout (for cron)
     #[arg(short, long, global = true)]
     pub quiet: bool,
 }

@@ -322,6 +322,9 @@ fn print_sync(global: &GlobalArgs, report: &SyncReport) -> anyhow::Result<()> {
     if global.json {
         return cli::print_json(report);
     }
+    if global.quiet {
+        return Ok(());
+    }
     let mut table = cli::table(&[
         "product",
         "component",
@@ -571,6 +574,9 @@ pub fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
 fn print_publish(global: &GlobalArgs, report: &PublishReport) -> anyhow::Result<()> {
     if global.json {
         return cli::print_json(report);
+    }
+    if global.quiet {
+        return Ok(());
     }
     if let Some(reason) = &report.reason {
         return cli::print_text(format!("up to date: {reason}"));

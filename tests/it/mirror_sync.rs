@@ -391,7 +391,10 @@ fn sync_goes_through_an_authenticating_proxy_from_pm_toml() {
         &lab,
         &format!("[proxy]\nurl = \"http://{proxy_addr}\"\nusername = \"mirror\"\npassword_file = \"{}\"\n", password.display()),
     );
-    let run = Pm::mirror(&home).args(["sync", "-vv"]).run();
+    let run = Pm::mirror(&home)
+        .args(["sync", "-vv"])
+        .env("RUST_LOG", "trace")
+        .run();
     assert_eq!(run.code(), 0, "{}", run.stderr());
     assert!(proxy.forwarded() >= 2, "forwarded {}", proxy.forwarded());
     assert!(
