@@ -80,7 +80,7 @@ pub struct LoggedRequest {
     pub if_modified_since: Option<String>,
     /// `If-None-Match` header.
     pub if_none_match: Option<String>,
-    /// Status answered.
+    /// Status answered (0 while the answer is still being prepared).
     pub status: u16,
     /// Body bytes in the answer (what a complete transfer carries).
     pub body_bytes: u64,
@@ -350,24 +350,31 @@ async fn serve_upstream(State(lab): State<LabUpstream>, request: Request) -> Res
     let range = text(header::RANGE);
     let full_get = range.is_none() && method == axum::http::Method::GET;
     let fault = lab.take_fault(&path, full_get);
-    let mut log = LoggedRequest {
-        method: method.to_string(),
-        path: path.clone(),
-        range: range.clone(),
-        if_modified_since: text(header::IF_MODIFIED_SINCE),
-        if_none_match: text(header::IF_NONE_MATCH),
-        status: 0,
-        body_bytes: 0,
+    // Logged on arrival, so a test can see a request that is still being answered.
+    let index = {
+        let mut state = lab.state();
+        state.requests.push(LoggedRequest {
+            method: method.to_string(),
+            path: path.clone(),
+            range: range.clone(),
+            if_modified_since: text(header::IF_MODIFIED_SINCE),
+            if_none_match: text(header::IF_NONE_MATCH),
+            status: 0,
+            body_bytes: 0,
+        });
+        state.requests.len() - 1
     };
     let response = answer(&lab, &method, &headers, &path, fault).await;
-    log.status = response.status().as_u16();
-    log.body_bytes = response
+    let body_bytes = response
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok())
         .filter(|_| method == axum::http::Method::GET)
         .unwrap_or(0);
-    lab.state().requests.push(log);
+    if let Some(logged) = lab.state().requests.get_mut(index) {
+        logged.status = response.status().as_u16();
+        logged.body_bytes = body_bytes;
+    }
     response
 }
 

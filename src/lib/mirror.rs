@@ -163,6 +163,10 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
         };
     let repo = Repo::new(home);
     let lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
+    if !global.dry_run {
+        // Staging left by a killed run is garbage now that we hold the lock.
+        repo.collect_garbage(&lock).map_err(repo_error)?;
+    }
     let generations = repo.generations().map_err(repo_error)?;
     let previous = match &generations.latest {
         Some(latest) => Some(repo.manifest(latest).map_err(repo_error)?),

@@ -477,3 +477,59 @@ fn config_errors_name_the_file_and_key_and_exit_2() {
         .run();
     assert_eq!(usage.code(), 2);
 }
+
+#[test]
+fn kill_9_during_a_sync_leaves_latest_and_the_next_sync_cleans_up() {
+    let lab = Lab::start(3);
+    let home = Home::new();
+    home.clamav_config(&lab, "");
+    Pm::mirror(&home).args(["sync"]).json();
+    let before = manifest(&home, "latest");
+    lab.upstream.set_version(6).unwrap();
+    // The first cdiff download hangs long enough to be killed in the middle of the sync, after
+    // the new CVD is already staged.
+    lab.fault(FaultKind::Slow { millis: 5000 }, "test-6.cdiff", Some(1));
+    let mut child = Pm::mirror(&home)
+        .args(["sync", "-q"])
+        .command()
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !lab
+        .upstream
+        .requests()
+        .iter()
+        .any(|r| r.path.ends_with("test-6.cdiff"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sync never reached the cdiffs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(manifest(&home, "latest"), before);
+    let staging = |home: &Home| {
+        std::fs::read_dir(home.repo("revisions"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".staging")
+            })
+            .count()
+    };
+    assert_eq!(
+        staging(&home),
+        1,
+        "the killed sync left its staging directory"
+    );
+
+    lab.upstream.clear_faults();
+    let report = Pm::mirror(&home).args(["sync"]).json();
+    assert_eq!(report["revision"], "r2");
+    assert_eq!(staging(&home), 0);
+}
