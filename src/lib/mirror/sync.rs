@@ -498,14 +498,7 @@ async fn sync_clamav(
         outcome.result = ProductResult::Updated;
 
         let target = staged.path_for(&cvd_path)?;
-        let downloaded = match context.upstream.download(&cvd_url, &target).await? {
-            Fetched::Body { body, .. } => body,
-            _ => {
-                return Err(ProductError::NotFound {
-                    url: cvd_url.to_string(),
-                });
-            }
-        };
+        let downloaded = download_required(context, &cvd_url, &target).await?;
         let bytes = read(&target)?;
         // Inflating and hashing main.cvd takes seconds: keep it off the async workers.
         let header = tokio::task::spawn_blocking(move || clamav::verify_cvd(&bytes))
@@ -598,6 +591,20 @@ async fn sync_clamav(
         }
     }
     Ok(outcome)
+}
+
+/// Downloads a file upstream must have: a 404 is an error.
+async fn download_required(
+    context: &ProductContext<'_>,
+    url: &Url,
+    target: &Path,
+) -> Result<crate::mirror::upstream::Downloaded, ProductError> {
+    match context.upstream.download(url, target).await? {
+        Fetched::Body { body, .. } => Ok(body),
+        _ => Err(ProductError::NotFound {
+            url: url.to_string(),
+        }),
+    }
 }
 
 /// Downloads a file upstream may or may not offer (`.sign` files); 404 is fine.
@@ -796,14 +803,7 @@ async fn sync_files(
             .join(&file.path)
             .map_err(|err| bad_index(err.to_string()))?;
         let target = staged.path_for(&path)?;
-        let downloaded = match context.upstream.download(&url, &target).await? {
-            Fetched::Body { body, .. } => body,
-            _ => {
-                return Err(ProductError::NotFound {
-                    url: url.to_string(),
-                });
-            }
-        };
+        let downloaded = download_required(context, &url, &target).await?;
         if downloaded.size != file.size {
             return Err(ProductError::Verify {
                 url: url.to_string(),

@@ -90,6 +90,13 @@ impl FetchError {
     }
 }
 
+/// An answer sorted by what the caller does next.
+enum Opened {
+    NotModified,
+    NotFound,
+    Body(reqwest::Response, Validators),
+}
+
 /// Result of a conditional request.
 #[derive(Debug)]
 pub enum Fetched<T> {
@@ -154,32 +161,21 @@ impl Upstream {
         validators: Option<&Validators>,
     ) -> Result<Fetched<Vec<u8>>, FetchError> {
         self.with_retries(url, || async {
-            let mut request = self
-                .client
-                .get(url.clone())
-                .header(header::RANGE, format!("bytes=0-{}", n - 1));
-            request = conditional(request, validators);
-            let response = self.send(url, request).await?;
-            let Some((mut response, validators)) = classify(url, response)? else {
-                return Ok(Fetched::NotModified);
-            };
-            if response.status() == StatusCode::NOT_FOUND {
-                self.drain(&mut response).await;
-                return Ok(Fetched::NotFound);
-            }
+            let range = format!("bytes=0-{}", n - 1);
+            let request = self.client.get(url.clone()).header(header::RANGE, range);
+            let (mut response, validators) =
+                match self.open(url, conditional(request, validators)).await? {
+                    Opened::Body(response, validators) => (response, validators),
+                    Opened::NotModified => return Ok(Fetched::NotModified),
+                    Opened::NotFound => return Ok(Fetched::NotFound),
+                };
             // A server that ignores Range sends the whole file: read only what we need.
             let mut body = Vec::with_capacity(n as usize);
-            while (body.len() as u64) < n {
-                match response.chunk().await {
-                    Ok(Some(chunk)) => {
-                        self.bytes_received
-                            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                        body.extend_from_slice(&chunk);
-                    }
-                    Ok(None) => break,
-                    Err(err) => return Err(network(url, err)),
-                }
-            }
+            self.read_chunks(url, &mut response, |chunk| {
+                body.extend_from_slice(chunk);
+                Ok((body.len() as u64) < n)
+            })
+            .await?;
             body.truncate(n as usize);
             Ok(Fetched::Body { body, validators })
         })
@@ -195,33 +191,24 @@ impl Upstream {
     ) -> Result<Fetched<Vec<u8>>, FetchError> {
         self.with_retries(url, || async {
             let request = conditional(self.client.get(url.clone()), validators);
-            let response = self.send(url, request).await?;
-            let Some((mut response, validators)) = classify(url, response)? else {
-                return Ok(Fetched::NotModified);
+            let (mut response, validators) = match self.open(url, request).await? {
+                Opened::Body(response, validators) => (response, validators),
+                Opened::NotModified => return Ok(Fetched::NotModified),
+                Opened::NotFound => return Ok(Fetched::NotFound),
             };
-            if response.status() == StatusCode::NOT_FOUND {
-                self.drain(&mut response).await;
-                return Ok(Fetched::NotFound);
-            }
             let expected = response.content_length();
             let mut body = Vec::new();
-            loop {
-                match response.chunk().await {
-                    Ok(Some(chunk)) => {
-                        self.bytes_received
-                            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                        body.extend_from_slice(&chunk);
-                        if body.len() as u64 > limit {
-                            return Err(FetchError::TooLarge {
-                                url: url.clone(),
-                                limit,
-                            });
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(err) => return Err(network(url, err)),
+            self.read_chunks(url, &mut response, |chunk| {
+                body.extend_from_slice(chunk);
+                if body.len() as u64 > limit {
+                    return Err(FetchError::TooLarge {
+                        url: url.clone(),
+                        limit,
+                    });
                 }
-            }
+                Ok(true)
+            })
+            .await?;
             check_length(url, expected, body.len() as u64)?;
             Ok(Fetched::Body { body, validators })
         })
@@ -236,14 +223,12 @@ impl Upstream {
         dest: &Path,
     ) -> Result<Fetched<Downloaded>, FetchError> {
         self.with_retries(url, || async {
-            let response = self.send(url, self.client.get(url.clone())).await?;
-            let Some((mut response, validators)) = classify(url, response)? else {
-                return Ok(Fetched::NotModified);
-            };
-            if response.status() == StatusCode::NOT_FOUND {
-                self.drain(&mut response).await;
-                return Ok(Fetched::NotFound);
-            }
+            let (mut response, validators) =
+                match self.open(url, self.client.get(url.clone())).await? {
+                    Opened::Body(response, validators) => (response, validators),
+                    Opened::NotModified => return Ok(Fetched::NotModified),
+                    Opened::NotFound => return Ok(Fetched::NotFound),
+                };
             let expected = response.content_length();
             let io = |source| FetchError::Io {
                 path: dest.to_owned(),
@@ -254,22 +239,16 @@ impl Upstream {
             let mut hasher = openssl::sha::Sha256::new();
             let mut size = 0u64;
             let bar = self.progress_bar(url, expected);
-            loop {
-                match response.chunk().await {
-                    Ok(Some(chunk)) => {
-                        self.bytes_received
-                            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                        hasher.update(&chunk);
-                        writer.write_all(&chunk).map_err(io)?;
-                        size += chunk.len() as u64;
-                        if let Some(bar) = &bar {
-                            bar.set_position(size);
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(err) => return Err(network(url, err)),
+            self.read_chunks(url, &mut response, |chunk| {
+                hasher.update(chunk);
+                writer.write_all(chunk).map_err(io)?;
+                size += chunk.len() as u64;
+                if let Some(bar) = &bar {
+                    bar.set_position(size);
                 }
-            }
+                Ok(true)
+            })
+            .await?;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
@@ -286,6 +265,49 @@ impl Upstream {
         .await
     }
 
+    /// Sends a request and sorts the answer: 304, 404 (its body drained), cool-down and other
+    /// errors, or a body to read.
+    async fn open(
+        &self,
+        url: &Url,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Opened, FetchError> {
+        let response = request.send().await.map_err(|err| network(url, err))?;
+        let Some((mut response, validators)) = classify(url, response)? else {
+            return Ok(Opened::NotModified);
+        };
+        if response.status() == StatusCode::NOT_FOUND {
+            self.read_chunks(url, &mut response, |_| Ok(true))
+                .await
+                .ok();
+            return Ok(Opened::NotFound);
+        }
+        Ok(Opened::Body(response, validators))
+    }
+
+    /// Feeds the body to `consume` chunk by chunk, counting the bytes, until the body ends or
+    /// `consume` returns `Ok(false)`.
+    async fn read_chunks(
+        &self,
+        url: &Url,
+        response: &mut reqwest::Response,
+        mut consume: impl FnMut(&[u8]) -> Result<bool, FetchError>,
+    ) -> Result<(), FetchError> {
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    self.bytes_received
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    if !consume(&chunk)? {
+                        return Ok(());
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(err) => return Err(network(url, err)),
+            }
+        }
+    }
+
     fn progress_bar(&self, url: &Url, length: Option<u64>) -> Option<indicatif::ProgressBar> {
         let progress = self.progress.as_ref()?;
         let bar = progress.add(indicatif::ProgressBar::new(length.unwrap_or(0)));
@@ -296,21 +318,6 @@ impl Upstream {
         bar.set_style(style);
         bar.set_message(url.path().rsplit('/').next().unwrap_or("").to_string());
         Some(bar)
-    }
-
-    async fn send(
-        &self,
-        url: &Url,
-        request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, FetchError> {
-        request.send().await.map_err(|err| network(url, err))
-    }
-
-    async fn drain(&self, response: &mut reqwest::Response) {
-        while let Ok(Some(chunk)) = response.chunk().await {
-            self.bytes_received
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        }
     }
 
     async fn with_retries<T, F, Fut>(&self, url: &Url, attempt: F) -> Result<T, FetchError>
