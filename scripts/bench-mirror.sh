@@ -172,28 +172,31 @@ EOF
 
 # Runs `pm-mirror --home HOME sync --json` (output in ${work}/sync-LABEL.json, stderr in .log)
 # and prints "<wall seconds> <bytes_downloaded> <self-timed seconds> <changed> <vendor files
-# downloaded>". Fails when pm-mirror does, or when a product did not sync.
+# downloaded> <CPU seconds>". Fails when pm-mirror does, or when a product did not sync.
 run_sync() {
-  local home="$1" label="$2" start end status=0
+  local home="$1" label="$2"
   local out="${work}/sync-${label}.json" err="${work}/sync-${label}.log"
-  start="$(now)"
-  "${pm_mirror}" --home "${home}" sync --json > "${out}" 2> "${err}" || status=$?
-  end="$(now)"
-  if ((status != 0)); then
-    echo "error: pm-mirror sync (${label}) exited with status ${status}:" >&2
-    sed 's/^/  /' "${err}" "${out}" >&2
-    return 1
-  fi
-  python3 - "${out}" "$(calc 'b - a' a="${start}" b="${end}")" << 'EOF'
-import json, sys
-report = json.load(open(sys.argv[1]))
+  python3 - "${out}" "${err}" "${pm_mirror}" --home "${home}" sync --json << 'EOF'
+import json, resource, subprocess, sys, time
+out, err, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+with open(out, "w") as stdout, open(err, "w") as stderr:
+    start = time.monotonic()
+    status = subprocess.run(argv, stdout=stdout, stderr=stderr).returncode
+    wall = time.monotonic() - start
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+if status != 0:
+    sys.stderr.write(f"error: pm-mirror sync exited with status {status}:\n")
+    for path in (err, out):
+        sys.stderr.writelines("  " + line for line in open(path))
+    sys.exit(1)
+report = json.load(open(out))
 bad = [f'{p["name"]} ({p["result"]})' for p in report["products"]
        if p["result"] not in ("updated", "unchanged")]
 if bad:
-    sys.exit(f"error: products did not sync: {', '.join(bad)} (see {sys.argv[1]})")
+    sys.exit(f"error: products did not sync: {', '.join(bad)} (see {out})")
 vendor = sum(p["files_downloaded"] for p in report["products"] if p["name"] == "vendor")
-print(sys.argv[2], report["bytes_downloaded"], f'{report["duration_seconds"]:.3f}',
-      str(report["changed"]).lower(), vendor)
+print(f"{wall:.3f}", report["bytes_downloaded"], f'{report["duration_seconds"]:.3f}',
+      str(report["changed"]).lower(), vendor, f"{usage.ru_utime + usage.ru_stime:.3f}")
 EOF
 }
 
@@ -217,6 +220,7 @@ curl_fetch() {
 load_before="$(cut -d' ' -f1-3 /proc/loadavg 2> /dev/null || echo unknown)"
 full_walls=()
 full_selfs=()
+full_cpus=()
 null_seconds=()
 disk_seconds=()
 disk_transfers=()
@@ -230,12 +234,13 @@ for rep in $(seq 1 "${repeat}"); do
   rm -rf "${work}/home-$((rep - 1))" "${work}/curl"
   settle
   result="$(run_sync "${home}" "full-${rep}")"
-  read -r wall bytes self changed files <<< "${result}"
+  read -r wall bytes self changed files cpu_seconds <<< "${result}"
   [[ "${changed}" == true ]] || die "full sync ${rep} did not change latest (see ${work}/sync-full-${rep}.json)"
   ((bytes >= feed_bytes)) || die "full sync ${rep} downloaded ${bytes} bytes, fewer than the feed's ${feed_bytes}"
   ((files == file_count)) || die "full sync ${rep} downloaded ${files} vendor files, not ${file_count}"
   full_walls+=("${wall}")
   full_selfs+=("${self}")
+  full_cpus+=("${cpu_seconds}")
   full_bytes="${bytes}"
   full_files="${files}"
 
@@ -264,27 +269,31 @@ rm -rf "${work}/curl"
 log "no-change sync x ${runs}"
 nochange_walls=()
 nochange_selfs=()
+nochange_cpus=()
 nochange_bytes=0
 for i in $(seq 1 "${runs}"); do
   result="$(run_sync "${home}" "nochange-${i}")"
-  read -r wall bytes self changed _ <<< "${result}"
+  read -r wall bytes self changed _ cpu_seconds <<< "${result}"
   if ((bytes != 0)) || [[ "${changed}" != false ]]; then
     die "no-change sync ${i} downloaded ${bytes} bytes (changed: ${changed}); expected 0 bytes and no change (see ${work}/sync-nochange-${i}.json)"
   fi
   nochange_walls+=("${wall}")
   nochange_selfs+=("${self}")
+  nochange_cpus+=("${cpu_seconds}")
   nochange_bytes=$((nochange_bytes + bytes))
 done
 load_after="$(cut -d' ' -f1-3 /proc/loadavg 2> /dev/null || echo unknown)"
 
 read -r full_wall full_wall_min full_wall_max <<< "$(stats "${full_walls[@]}")"
 read -r full_self _ _ <<< "$(stats "${full_selfs[@]}")"
+read -r full_cpu _ _ <<< "$(stats "${full_cpus[@]}")"
 read -r null_secs null_min null_max <<< "$(stats "${null_seconds[@]}")"
 read -r disk_secs disk_min disk_max <<< "$(stats "${disk_seconds[@]}")"
 read -r disk_transfer _ _ <<< "$(stats "${disk_transfers[@]}")"
 read -r disk_fsync _ _ <<< "$(stats "${disk_fsyncs[@]}")"
 read -r nc_median nc_min nc_max <<< "$(stats "${nochange_walls[@]}")"
 read -r nc_self _ _ <<< "$(stats "${nochange_selfs[@]}")"
+read -r nc_cpu _ _ <<< "$(stats "${nochange_cpus[@]}")"
 
 rate() { calc 'b / s / m' b="$1" s="$2" m="${mib}"; }
 full_rate="$(rate "${full_bytes}" "${full_wall}")"
@@ -304,6 +313,9 @@ mibs() { printf '%.1f' "$1"; }
   echo "pm-mirror loopback benchmark: ${file_count} x ${per_file_mb} MiB feed, ${profile} profile, median of ${repeat}"
   echo "machine: $(nproc) CPUs (${cpu:-unknown CPU}), kernel $(uname -r), work dir on ${fs_type}"
   echo "load average before ${load_before}, after ${load_after}"
+  if python3 -c 'import os, sys; sys.exit(0 if os.getloadavg()[0] > os.cpu_count() / 2 else 1)'; then
+    echo "warning: the machine is busy (1-minute load above half the CPUs): expect noisy numbers"
+  fi
   echo
   printf '%-38s %12s %9s %9s\n' operation bytes seconds MiB/s
   row "pm-mirror sync, full (wall)" "${full_bytes}" "${full_wall}" "$(mibs "${full_rate}")"
@@ -314,11 +326,11 @@ mibs() { printf '%.1f' "$1"; }
   echo
   printf 'full sync: pm-mirror (wall) reaches %.0f%% of curl -> disk + fsync and %.0f%% of curl -> /dev/null\n' \
     "${vs_disk}" "${vs_null}"
-  echo "  wall ${full_wall_min}..${full_wall_max}s over ${repeat} runs; ${full_files} vendor files; bytes include the index and the clamav product"
+  echo "  wall ${full_wall_min}..${full_wall_max}s over ${repeat} runs, ${full_cpu} CPU seconds (user + sys, median); ${full_files} vendor files; bytes include the index and the clamav product"
   printf '  full minus no-change wall: %ss = %.1f MiB/s (the data, without the fixed cost of a run)\n' \
     "${marginal}" "${marginal_rate}"
   echo "curl -> /dev/null ${null_min}..${null_max}s; curl -> disk + fsync ${disk_min}..${disk_max}s (median ${disk_transfer}s transfer + ${disk_fsync}s fsync)"
-  echo "no-change sync x ${runs}: wall median ${nc_median}s, min ${nc_min}s, max ${nc_max}s; self-timed median ${nc_self}s; ${nochange_bytes} bytes downloaded"
+  echo "no-change sync x ${runs}: wall median ${nc_median}s, min ${nc_min}s, max ${nc_max}s; self-timed median ${nc_self}s; ${nc_cpu} CPU seconds; ${nochange_bytes} bytes downloaded"
   echo "MiB = 1048576 bytes; wall = pm-mirror process start to exit; self-timed = its duration_seconds; curl = sum of time_total"
 }
 
@@ -340,15 +352,18 @@ summary = {
     "full_sync": {"bytes": ${full_bytes}, "vendor_files": ${full_files},
                   "wall_seconds": [$(join "${full_walls[@]}")],
                   "self_seconds": [$(join "${full_selfs[@]}")],
+                  "cpu_seconds": [$(join "${full_cpus[@]}")],
                   "median_wall_seconds": ${full_wall}, "median_self_seconds": ${full_self},
+                  "median_cpu_seconds": ${full_cpu},
                   "mib_per_s": ${full_rate}, "self_mib_per_s": ${full_self_rate},
                   "minus_nochange_seconds": ${marginal},
                   "minus_nochange_mib_per_s": ${marginal_rate}},
     "nochange_sync": {"runs": ${runs}, "bytes": ${nochange_bytes},
                       "wall_seconds": [$(join "${nochange_walls[@]}")],
                       "self_seconds": [$(join "${nochange_selfs[@]}")],
+                      "cpu_seconds": [$(join "${nochange_cpus[@]}")],
                       "median_wall_seconds": ${nc_median}, "min_wall_seconds": ${nc_min},
-                      "median_self_seconds": ${nc_self}},
+                      "median_self_seconds": ${nc_self}, "median_cpu_seconds": ${nc_cpu}},
     "curl_devnull": {"bytes": ${feed_bytes}, "seconds": [$(join "${null_seconds[@]}")],
                      "median_seconds": ${null_secs}, "mib_per_s": ${null_rate}},
     "curl_disk_fsync": {"bytes": ${feed_bytes}, "seconds": [$(join "${disk_seconds[@]}")],

@@ -130,6 +130,9 @@ pub struct SyncReport {
     pub bytes_downloaded: u64,
     /// Wall time of the sync.
     pub duration_seconds: f64,
+    /// Products with no verified content yet, which keep latest from being updated.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub incomplete: Vec<String>,
     /// Per product.
     pub products: Vec<ProductReport>,
 }
@@ -205,6 +208,13 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
             }
         },
     };
+    // latest holds every configured product; one that has never verified (e.g. in cool-down on
+    // its first sync) keeps the next revision from being made.
+    let incomplete: Vec<String> = reports
+        .iter()
+        .filter(|r| r.entry.is_none())
+        .map(|r| r.name.clone())
+        .collect();
     let mut new_manifest: Option<Manifest> = None;
     if let Some(staged) = staged {
         let unchanged = previous.as_ref().is_some_and(|p| {
@@ -215,7 +225,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
                         .filter_map(|r| r.entry.clone())
                         .collect::<Vec<_>>()
         });
-        if failed || unchanged {
+        if failed || unchanged || !incomplete.is_empty() {
             staged.discard();
         } else {
             let key =
@@ -245,6 +255,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
         previous_revision: generations.latest.clone(),
         bytes_downloaded: reports.iter().map(|r| r.bytes_downloaded).sum(),
         duration_seconds: started.elapsed().as_secs_f64(),
+        incomplete,
         products: reports,
     };
     let status = if failed {
@@ -395,6 +406,12 @@ fn print_sync(global: &GlobalArgs, report: &SyncReport) -> anyhow::Result<()> {
         for warning in &product.warnings {
             cli::print_text(format!("{}: {warning}", product.name))?;
         }
+    }
+    if !report.incomplete.is_empty() && !report.dry_run {
+        cli::print_text(format!(
+            "latest not updated: no verified content yet for {}",
+            report.incomplete.join(", ")
+        ))?;
     }
     let verdict = match (&report.revision, report.changed, report.dry_run) {
         (_, _, true) => "dry run: nothing downloaded or changed".to_string(),

@@ -257,6 +257,9 @@ fn http_403_without_retry_after_cools_down_for_a_day() {
         .num_minutes() as f64
         / 60.0;
     assert!((23.9..=24.0).contains(&hours), "{hours}");
+    // Nothing verified yet: no (empty) latest is made.
+    assert!(!home.repo("latest").exists());
+    assert_eq!(run.json()["incomplete"], serde_json::json!(["clamav"]));
 }
 
 #[test]
