@@ -80,5 +80,5 @@ fn main() -> std::process::ExitCode {
             }
         })
     })();
-    pm::cli::finish(result)
+    pm::cli::finish(result, false)
 }

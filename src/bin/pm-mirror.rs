@@ -5,5 +5,6 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let args = pm::mirror::Args::parse();
     pm::cli::init_logging(&args.global);
-    pm::cli::finish(pm::mirror::run(args))
+    let json = args.global.json;
+    pm::cli::finish(pm::mirror::run(args), json)
 }

@@ -187,34 +187,46 @@ pub fn init_logging(args: &GlobalArgs) {
         .try_init();
 }
 
-/// Runs a tool's body and turns its result into an exit code, printing `error:` and `hint:`
-/// lines once. A closed stdout (`| head`) is not an error.
-pub fn finish(result: anyhow::Result<ExitStatus>) -> ExitCode {
-    match result {
-        Ok(status) => status.into(),
-        Err(err) => {
-            let broken_pipe = err.chain().any(|cause| {
-                cause.downcast_ref::<std::io::Error>().map(|io| io.kind())
-                    == Some(std::io::ErrorKind::BrokenPipe)
-                    || cause
-                        .downcast_ref::<serde_json::Error>()
-                        .and_then(|e| e.io_error_kind())
-                        == Some(std::io::ErrorKind::BrokenPipe)
-            });
-            if broken_pipe {
-                return ExitCode::SUCCESS;
-            }
-            let user = err
-                .chain()
-                .find_map(|cause| cause.downcast_ref::<UserError>());
-            let mut stderr = std::io::stderr().lock();
-            let _ = writeln!(stderr, "error: {err:#}");
-            if let Some(hint) = user.and_then(|u| u.hint.as_deref()) {
-                let _ = writeln!(stderr, "hint: {hint}");
-            }
-            user.map(|u| u.status).unwrap_or(ExitStatus::Failure).into()
-        }
+/// Turns a tool's result into an exit code, printing `error:` and `hint:` lines once on stderr.
+/// With `--json` a failure also prints one JSON document (`changed: false`, `error`, `hint`) so
+/// that scripts reading stdout always get JSON. A closed stdout (`| head`) is not an error.
+pub fn finish(result: anyhow::Result<ExitStatus>, json: bool) -> ExitCode {
+    let err = match result {
+        Ok(status) => return status.into(),
+        Err(err) => err,
+    };
+    let broken_pipe = err.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().map(|io| io.kind())
+            == Some(std::io::ErrorKind::BrokenPipe)
+            || cause
+                .downcast_ref::<serde_json::Error>()
+                .and_then(|e| e.io_error_kind())
+                == Some(std::io::ErrorKind::BrokenPipe)
+    });
+    if broken_pipe {
+        return ExitCode::SUCCESS;
     }
+    let user = err
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<UserError>());
+    let hint = user.and_then(|u| u.hint.as_deref());
+    let status = user.map(|u| u.status).unwrap_or(ExitStatus::Failure);
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "error: {err:#}");
+    if let Some(hint) = hint {
+        let _ = writeln!(stderr, "hint: {hint}");
+    }
+    if json {
+        let document = serde_json::json!({
+            "changed": false,
+            "failed": true,
+            "exit_code": status.code(),
+            "error": format!("{err:#}"),
+            "hint": hint,
+        });
+        let _ = print_json(&document);
+    }
+    status.into()
 }
 
 /// Prints exactly one JSON document on stdout.
