@@ -26,22 +26,39 @@
 //! * cdiff: `ClamAV-Diff:version:script_len:` + gzip script + `:` + dsig. The dsig (same
 //!   alphabet) is an RSASSA-PSS signature (SHA-256, MGF1-SHA-256, 32-byte salt, a second
 //!   ClamAV key with a 2047-bit modulus) over the SHA-256 of every byte before the last `:`.
+//! * `.sign` (ClamAV >= 1.5; reimplemented from `libclamav_rust/src/codesign.rs`, its callers in
+//!   `cvd.rs` and `cdiff.rs`, and the line format of clamav-signature-util's `digital_sig.rs`):
+//!   a detached signature next to the file it signs. A CVD's is `<db>-<version>.cvd.sign`, named
+//!   by the header's version whatever the CVD file is called (`daily.cvd` version 27000 →
+//!   `daily-27000.cvd.sign`); a cdiff's is the cdiff's name plus `.sign`. The first line is
+//!   `#clamsign-1.0`; every other non-blank line not starting with `#` is one signature,
+//!   `min_flevel:max_flevel:pkcs7-pem:<base64>` (an empty max means no upper bound; sigtool
+//!   writes `230::`). The base64 is the body of a PEM `PKCS7` block on one line: DER PKCS#7
+//!   signed-data, detached, over every byte of the signed file (the whole `.cvd` with its
+//!   header, the whole `.cdiff` with its embedded dsig), embedding the signer and intermediate
+//!   certificates. ClamAV checks it against the root certificates in its certs directory. See
+//!   [`verify_sign_file`] for which line decides.
 //!
 //! Stricter than ClamAV, only for bodies Talos' `sigtool --build` never writes: the body must be
 //! gzip (libclamav also reads a plain tar), the inflated size is bounded, a member listed in the
 //! manifest is checked whatever its extension, and a member that ends early is an error.
 //!
-//! Not covered: the detached `.sign` files (PKCS#7, checked by ClamAV >= 1.5 against a certs
-//! directory before falling back to the legacy signature); the header's build time text and
-//! builder name, which ClamAV does not compare with the manifest either, so they stay
-//! unauthenticated; and files the manifest lists that the tar lacks, which ClamAV ignores too.
+//! Not covered: the header's build time text and builder name, which ClamAV does not compare
+//! with the manifest either, so they stay unauthenticated; and files the manifest lists that the
+//! tar lacks, which ClamAV ignores too.
 
 use std::io::{self, Read};
 
 use flate2::bufread::GzDecoder;
+use openssl::asn1::Asn1StringRef;
 use openssl::bn::{BigNum, BigNumContext, BigNumRef};
 use openssl::error::ErrorStack;
 use openssl::hash::{Hasher, MessageDigest};
+use openssl::nid::Nid;
+use openssl::pkcs7::{Pkcs7, Pkcs7Flags};
+use openssl::stack::Stack;
+use openssl::x509::X509Ref;
+use openssl::x509::store::{X509Store, X509StoreBuilder};
 
 /// Size of the fixed, space-padded header that starts every CVD and CLD file.
 pub const CVD_HEADER_LEN: usize = 512;
@@ -155,6 +172,31 @@ const MAX_MEMBERS: usize = 100_000;
 /// Read size while hashing tar members.
 const HASH_CHUNK: usize = 256 << 10;
 
+/// The functionality level [`verify_sign_file`] verifies for: that of ClamAV 1.5.3, the newest
+/// release when this was written. A `.sign` line whose level range excludes it is skipped, as
+/// that ClamAV would skip it.
+pub const SIGN_FILE_FLEVEL: u32 = 233;
+
+/// The only `.sign` header ClamAV 1.5 accepts.
+const SIGN_HEADER: &[u8] = b"#clamsign-1.0";
+
+/// What every `.sign` header starts with, whatever its version.
+const SIGN_HEADER_PREFIX: &[u8] = b"#clamsign";
+
+/// The only signature format a `.sign` line can have.
+const SIGN_FORMAT_PKCS7_PEM: &str = "pkcs7-pem";
+
+/// First functionality level that reads `pkcs7-pem` lines (ClamAV 1.5.0); ClamAV refuses a line
+/// whose minimum is lower.
+const PKCS7_PEM_MIN_FLEVEL: u32 = 230;
+
+/// How much of a wrong first line a [`ClamavError::NoSignHeader`] quotes.
+const SIGN_HEADER_QUOTE_LEN: usize = 40;
+
+/// Most bytes of signed data OpenSSL takes in one memory BIO (`i32::MAX`); the `openssl` crate
+/// panics beyond it. main.cvd is about 160 MB.
+const SIGNED_MAX_LEN: usize = i32::MAX as usize;
+
 /// Parsed CVD (or CLD) header; the field names follow `sigtool -i`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CvdHeader {
@@ -184,6 +226,26 @@ pub struct CdiffHeader {
     pub version: u32,
     /// Length in bytes of the uncompressed script.
     pub script_len: u32,
+}
+
+/// What a `.sign` file says about the file it signs, as [`verify_sign_file`] found it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SignFile {
+    /// Number of signature lines in the file (blank and `#` comment lines aside).
+    pub signatures: usize,
+    /// 1-based number, among the signature lines, of the one that was verified: the first whose
+    /// functionality level range includes [`SIGN_FILE_FLEVEL`].
+    pub verified: usize,
+    /// Lowest functionality level the verified signature is meant for.
+    pub min_flevel: u32,
+    /// Highest functionality level it is meant for; `None` when open-ended, as sigtool writes.
+    pub max_flevel: Option<u32>,
+    /// Subject common name of each signer certificate of the verified signature (the whole
+    /// subject where it has no common name), e.g. "ClamAV TEST CVD Signing Cert".
+    pub signers: Vec<String>,
+    /// Whether the signers' certificate chains were validated against a trusted store; `false`
+    /// means only that the data matches the signature under the certificate it embeds.
+    pub chain_verified: bool,
 }
 
 /// Everything that can be wrong with a ClamAV database file.
@@ -318,6 +380,73 @@ pub enum ClamavError {
         /// SHA-256 of the member, lowercase hex.
         actual: String,
     },
+    /// A `.sign` file's first line is not a `#clamsign` header.
+    #[error("sign file does not start with the #clamsign-1.0 header (first line: {0:?})")]
+    NoSignHeader(
+        /// The first line, lossily decoded and cut after 40 bytes.
+        String,
+    ),
+    /// A `.sign` file's header is `#clamsign` with some version other than 1.0.
+    #[error("sign file header {0:?} is not #clamsign-1.0, the only version supported")]
+    SignFileVersion(
+        /// The header line, lossily decoded and cut after 40 bytes.
+        String,
+    ),
+    /// A line of a `.sign` file does not parse: wrong number of fields, a bad functionality
+    /// level, an unknown format, bad base64, or bytes that are not a usable PKCS#7 signature.
+    #[error("sign file line {line} is malformed: {reason}")]
+    BadSignLine {
+        /// 1-based line number (the header is line 1).
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No signature line of a `.sign` file is meant for [`SIGN_FILE_FLEVEL`] (or it has none).
+    #[error(
+        "sign file has no signature for functionality level {flevel} among its {signatures} \
+         signature lines"
+    )]
+    NoApplicableSignature {
+        /// Number of signature lines in the file.
+        signatures: usize,
+        /// The functionality level looked for.
+        flevel: u32,
+    },
+    /// The deciding `.sign` signature does not match the signed data under its signer's key.
+    #[error(
+        "sign file signature {signature} (line {line}) does not verify for the signed data: \
+         {reason}"
+    )]
+    SignatureMismatch {
+        /// 1-based number among the signature lines.
+        signature: usize,
+        /// 1-based line number in the file.
+        line: usize,
+        /// OpenSSL's reasons.
+        reason: String,
+    },
+    /// The deciding `.sign` signature matches the data, but its signer does not chain to the
+    /// trusted store (unknown root, expired, wrong key usage, ...).
+    #[error(
+        "sign file signature {signature} (line {line}) verifies but its signer is not trusted: \
+         {reason}"
+    )]
+    UntrustedSigner {
+        /// 1-based number among the signature lines.
+        signature: usize,
+        /// 1-based line number in the file.
+        line: usize,
+        /// OpenSSL's reasons.
+        reason: String,
+    },
+    /// The data to check against a `.sign` file is larger than OpenSSL can verify.
+    #[error("signed data is {len} bytes, more than the {max} openssl can verify")]
+    SignedTooLarge {
+        /// Bytes given.
+        len: usize,
+        /// Largest size accepted (2 GiB - 1).
+        max: usize,
+    },
     /// OpenSSL failed (allocation, or MD5 unavailable in a FIPS-only configuration).
     #[error("openssl: {0}")]
     Openssl(#[from] ErrorStack),
@@ -444,6 +573,387 @@ pub fn verify_cdiff(bytes: &[u8]) -> Result<(), ClamavError> {
 /// Name of the cdiff that upgrades `db` to `version`, e.g. `("test", 3)` → "test-3.cdiff".
 pub fn cdiff_file_name(db: &str, version: u32) -> String {
     format!("{db}-{version}.cdiff")
+}
+
+/// Verifies `signed` (the complete bytes of a `.cvd` or `.cdiff`) against its detached `.sign`
+/// file the way ClamAV >= 1.5 does (`verify_signed_file` in `libclamav_rust/src/codesign.rs`);
+/// the format is in the module documentation.
+///
+/// Which line decides, as in ClamAV: signature lines whose functionality level range
+/// (`min..=max`, or `min..` with an empty max) excludes [`SIGN_FILE_FLEVEL`] are skipped, and
+/// the first remaining line alone decides. If it verifies, the file is accepted and later lines
+/// are not verified; if it does not, the file is rejected and ClamAV does not try later lines.
+/// So neither "every line" nor "any line": signatures by two keys can only coexist in one file
+/// through disjoint level ranges. A file with no applicable line is an error.
+///
+/// What verifies: the PKCS#7 detached signature over all of `signed` (OpenSSL `PKCS7_verify`
+/// in binary mode), its signer certificate taken from the certificates the PKCS#7 embeds.
+/// * `trusted: None`: the chain is not validated (`PKCS7_NOVERIFY`), so this is an integrity
+///   check: the data is what whoever holds the embedded certificate's key signed.
+/// * `trusted: Some(store)`: as ClamAV with its certs directory, the signer must also chain,
+///   through the embedded intermediates, to a certificate in `store`, under OpenSSL's S/MIME
+///   signing defaults (purpose `smime_sign`, validity at the store's time or now). Data that
+///   does not match is reported as such before any chain problem.
+///
+/// How ClamAV acts on the outcome (`cvd.rs`, `cdiff.rs`): a signature that does not verify
+/// ([`ClamavError::SignatureMismatch`], [`ClamavError::UntrustedSigner`]) rejects the file
+/// outright, even if its legacy dsig is fine; a missing or unparseable `.sign` (the other
+/// errors) makes ClamAV fall back to the legacy dsig, unless it runs with FIPS limits.
+///
+/// Stricter than ClamAV, only for files Talos' sigtool never writes: the first line must be
+/// exactly `#clamsign-1.0` (ClamAV accepts any `#clamsign` line whose text between its first
+/// and second `-` is `1.0`, and aborts on a bare `#clamsign`); levels are plain digits; a line
+/// has exactly four fields; the base64 is canonical and unbroken; the DER has no trailing
+/// bytes; every line is parsed, also those after the deciding one; and a line whose PKCS#7 is
+/// not signed-data or does not embed its signer certificate is an error, where ClamAV would
+/// move on to the next line.
+pub fn verify_sign_file(
+    sign: &[u8],
+    signed: &[u8],
+    trusted: Option<&X509Store>,
+) -> Result<SignFile, ClamavError> {
+    let lines = parse_sign_file(sign)?;
+    let signatures = lines.len();
+    let (index, chosen) = lines
+        .iter()
+        .enumerate()
+        .find(|(_, line)| line.covers(SIGN_FILE_FLEVEL))
+        .ok_or(ClamavError::NoApplicableSignature {
+            signatures,
+            flevel: SIGN_FILE_FLEVEL,
+        })?;
+    let signature = index + 1;
+    verify_sign_line(chosen, signature, signed, trusted)?;
+    Ok(SignFile {
+        signatures,
+        verified: signature,
+        min_flevel: chosen.min_flevel,
+        max_flevel: chosen.max_flevel,
+        signers: chosen.signers.clone(),
+        chain_verified: trusted.is_some(),
+    })
+}
+
+/// One signature line of a `.sign` file, parsed but not verified.
+struct SignLine {
+    /// 1-based line number in the file.
+    line: usize,
+    min_flevel: u32,
+    max_flevel: Option<u32>,
+    pkcs7: Pkcs7,
+    /// Names of the signer certificates, found among those the PKCS#7 embeds.
+    signers: Vec<String>,
+}
+
+impl SignLine {
+    /// Whether an engine of functionality level `flevel` uses this line.
+    fn covers(&self, flevel: u32) -> bool {
+        self.min_flevel <= flevel && self.max_flevel.is_none_or(|max| flevel <= max)
+    }
+}
+
+/// The `PKCS7_verify` flags ClamAV uses: detached content, hashed as is (no MIME
+/// canonicalisation), CRLs inside the PKCS#7 ignored.
+fn sign_verify_flags() -> Pkcs7Flags {
+    Pkcs7Flags::DETACHED | Pkcs7Flags::BINARY | Pkcs7Flags::NOCRL
+}
+
+/// Parses a whole `.sign` file (header and every signature line) without verifying anything.
+fn parse_sign_file(sign: &[u8]) -> Result<Vec<SignLine>, ClamavError> {
+    // Lines end in "\n" or "\r\n", as Rust's BufRead::lines (which ClamAV uses) reads them.
+    let mut lines = sign
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .zip(1..);
+    let header = lines.next().map_or(&[][..], |(line, _)| line);
+    if header != SIGN_HEADER {
+        let quoted = quote_line(header);
+        return Err(if header.starts_with(SIGN_HEADER_PREFIX) {
+            ClamavError::SignFileVersion(quoted)
+        } else {
+            ClamavError::NoSignHeader(quoted)
+        });
+    }
+    let mut parsed = Vec::new();
+    for (raw, number) in lines {
+        let text = std::str::from_utf8(raw)
+            .map_err(|_| bad_sign_line(number, "not valid utf-8"))?
+            .trim();
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        parsed.push(parse_sign_line(number, text)?);
+    }
+    Ok(parsed)
+}
+
+/// Parses one `min_flevel:max_flevel:pkcs7-pem:<base64>` line (already trimmed).
+fn parse_sign_line(number: usize, text: &str) -> Result<SignLine, ClamavError> {
+    let fields: Vec<&str> = text.split(':').collect();
+    let [min, max, format, data] = fields.as_slice() else {
+        return Err(bad_sign_line(
+            number,
+            format!(
+                "expected min_flevel:max_flevel:format:data, got {} fields",
+                fields.len()
+            ),
+        ));
+    };
+    let min_flevel: u32 = parse_digits(min).ok_or_else(|| {
+        bad_sign_line(
+            number,
+            format!("invalid minimum functionality level {min:?}"),
+        )
+    })?;
+    let max_flevel = match *max {
+        "" => None,
+        max => Some(parse_digits(max).ok_or_else(|| {
+            bad_sign_line(
+                number,
+                format!("invalid maximum functionality level {max:?}"),
+            )
+        })?),
+    };
+    if *format != SIGN_FORMAT_PKCS7_PEM {
+        return Err(bad_sign_line(
+            number,
+            format!("unknown signature format {format:?}, expected {SIGN_FORMAT_PKCS7_PEM}"),
+        ));
+    }
+    if min_flevel < PKCS7_PEM_MIN_FLEVEL {
+        return Err(bad_sign_line(
+            number,
+            format!(
+                "minimum functionality level {min_flevel} is below \
+                 {PKCS7_PEM_MIN_FLEVEL}, the first that reads {SIGN_FORMAT_PKCS7_PEM}"
+            ),
+        ));
+    }
+    let der = decode_base64(data)
+        .map_err(|reason| bad_sign_line(number, format!("invalid base64: {reason}")))?;
+    let pkcs7 = Pkcs7::from_der(&der).map_err(|e| {
+        bad_sign_line(
+            number,
+            format!("not a pkcs#7 structure: {}", openssl_reason(&e)),
+        )
+    })?;
+    if let Some(len) = der_element_len(&der)
+        && len < der.len()
+    {
+        return Err(bad_sign_line(
+            number,
+            format!(
+                "pkcs#7 structure is followed by {} extra bytes",
+                der.len() - len
+            ),
+        ));
+    }
+    if pkcs7.signed().is_none() {
+        return Err(bad_sign_line(number, "pkcs#7 structure is not signed-data"));
+    }
+    let no_extra_certs = Stack::new()?;
+    let signers = pkcs7
+        .signers(&no_extra_certs, sign_verify_flags())
+        .map_err(|e| {
+            bad_sign_line(
+                number,
+                format!(
+                    "pkcs#7 signature has no embedded signer certificate: {}",
+                    openssl_reason(&e)
+                ),
+            )
+        })?
+        .iter()
+        .map(certificate_name)
+        .collect();
+    Ok(SignLine {
+        line: number,
+        min_flevel,
+        max_flevel,
+        pkcs7,
+        signers,
+    })
+}
+
+/// Checks one parsed signature (number `signature` among the lines) over `signed`; see
+/// [`verify_sign_file`].
+fn verify_sign_line(
+    line: &SignLine,
+    signature: usize,
+    signed: &[u8],
+    trusted: Option<&X509Store>,
+) -> Result<(), ClamavError> {
+    check_signed_len(signed.len())?;
+    let no_extra_certs = Stack::new()?;
+    let integrity = || -> Result<(), ClamavError> {
+        // NOVERIFY skips the chain, so the store is never consulted; an empty one will do.
+        let unused_store = X509StoreBuilder::new()?.build();
+        let flags = sign_verify_flags() | Pkcs7Flags::NOVERIFY;
+        line.pkcs7
+            .verify(&no_extra_certs, &unused_store, Some(signed), None, flags)
+            .map_err(|e| ClamavError::SignatureMismatch {
+                signature,
+                line: line.line,
+                reason: openssl_reason(&e),
+            })
+    };
+    let Some(store) = trusted else {
+        return integrity();
+    };
+    let flags = sign_verify_flags();
+    match line
+        .pkcs7
+        .verify(&no_extra_certs, store, Some(signed), None, flags)
+    {
+        Ok(()) => Ok(()),
+        Err(chain) => {
+            // OpenSSL checks the chain before the data; tell a forgery from an unknown signer.
+            integrity()?;
+            Err(ClamavError::UntrustedSigner {
+                signature,
+                line: line.line,
+                reason: openssl_reason(&chain),
+            })
+        }
+    }
+}
+
+/// Refuses signed data too large for OpenSSL's memory BIOs.
+fn check_signed_len(len: usize) -> Result<(), ClamavError> {
+    if len > SIGNED_MAX_LEN {
+        return Err(ClamavError::SignedTooLarge {
+            len,
+            max: SIGNED_MAX_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// A [`ClamavError::BadSignLine`].
+fn bad_sign_line(line: usize, reason: impl Into<String>) -> ClamavError {
+    ClamavError::BadSignLine {
+        line,
+        reason: reason.into(),
+    }
+}
+
+/// The start of a line for an error message.
+fn quote_line(line: &[u8]) -> String {
+    let shown = line.get(..SIGN_HEADER_QUOTE_LEN).unwrap_or(line);
+    let mut text = String::from_utf8_lossy(shown).into_owned();
+    if shown.len() < line.len() {
+        text.push_str("...");
+    }
+    text
+}
+
+/// OpenSSL's reasons (with their details) from an error stack, without codes and source lines.
+fn openssl_reason(stack: &ErrorStack) -> String {
+    let reasons: Vec<String> = stack
+        .errors()
+        .iter()
+        .map(|e| {
+            let reason = e.reason().unwrap_or("unknown error");
+            match e.data() {
+                Some(data) if !data.is_empty() => format!("{reason} ({data})"),
+                _ => reason.to_string(),
+            }
+        })
+        .collect();
+    if reasons.is_empty() {
+        "unknown error".to_string()
+    } else {
+        reasons.join("; ")
+    }
+}
+
+/// A certificate's subject common name, or its whole subject when it has none.
+fn certificate_name(cert: &X509Ref) -> String {
+    let subject = cert.subject_name();
+    let text = |data: &Asn1StringRef| {
+        Asn1StringRef::to_string(data)
+            .unwrap_or_else(|_| String::from_utf8_lossy(data.as_slice()).into_owned())
+    };
+    if let Some(cn) = subject.entries_by_nid(Nid::COMMONNAME).next() {
+        return text(cn.data());
+    }
+    subject
+        .entries()
+        .map(|entry| {
+            let key = entry.object().nid().short_name().unwrap_or("?");
+            format!("{key}={}", text(entry.data()))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Value of a character of the standard base64 alphabet.
+fn base64_value(c: u8) -> Option<u8> {
+    match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    }
+}
+
+/// Strict standard base64: whole 4-character groups, `=` padding only at the end, no
+/// whitespace, and no stray bits in the last character.
+fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
+    let bytes = text.as_bytes();
+    if bytes.is_empty() {
+        return Err("no data".to_string());
+    }
+    if !bytes.len().is_multiple_of(4) {
+        return Err(format!("length {} is not a multiple of 4", bytes.len()));
+    }
+    let padding = bytes.iter().rev().take_while(|&&b| b == b'=').count();
+    if padding > 2 {
+        return Err(format!("{padding} padding characters"));
+    }
+    let digits = bytes.get(..bytes.len() - padding).unwrap_or_default();
+    let mut out = Vec::with_capacity(digits.len() / 4 * 3 + 2);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for (offset, &c) in digits.iter().enumerate() {
+        let value = base64_value(c).ok_or_else(|| {
+            // Every byte before this one is ASCII, so `offset` starts a character.
+            let shown = text
+                .get(offset..)
+                .and_then(|t| t.chars().next())
+                .unwrap_or('?');
+            format!("unexpected {shown:?} at offset {offset}")
+        })?;
+        acc = (acc << 6) | u32::from(value);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    if acc != 0 {
+        return Err("stray bits in the last character".to_string());
+    }
+    Ok(out)
+}
+
+/// Total length (tag, length and content) of the DER element that starts `der`, or `None` if
+/// its length is not in definite form or does not fit.
+fn der_element_len(der: &[u8]) -> Option<usize> {
+    let first = *der.get(1)?;
+    if first < 0x80 {
+        return Some(2 + usize::from(first));
+    }
+    let count = usize::from(first & 0x7f);
+    if count == 0 || count > std::mem::size_of::<usize>() {
+        return None;
+    }
+    let content = der.get(2..2 + count)?.iter().try_fold(0usize, |acc, &b| {
+        acc.checked_mul(256).map(|v| v | usize::from(b))
+    })?;
+    content.checked_add(2 + count)
 }
 
 /// Parses one `ClamAV-VDB:` line: the 512-byte header cut at its end, or the first line of a
@@ -1982,5 +2492,553 @@ mod tests {
                 assert!(verify_cdiff(&bytes).is_err());
             }
         }
+    }
+
+    /// Signer of ClamAV's test databases and their `.sign` files.
+    const TEST_SIGNER: &str = "ClamAV TEST CVD Signing Cert";
+
+    /// The one signature line of a test `.sign` file, e.g. `230::pkcs7-pem:MIIP...`.
+    fn signature_line(name: &str) -> String {
+        let text = String::from_utf8(read(name)).expect("utf-8");
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("#clamsign-1.0"), "{name}");
+        let line = lines.next().expect("signature line").to_string();
+        assert_eq!(lines.next(), None, "{name} has one signature");
+        line
+    }
+
+    /// The base64 DER of a test `.sign` file's signature.
+    fn signature_data(name: &str) -> String {
+        let line = signature_line(name);
+        line.strip_prefix("230::pkcs7-pem:")
+            .expect("sigtool's prefix")
+            .to_string()
+    }
+
+    /// A `.sign` file with the given lines after the header.
+    fn sign_file(lines: &[&str]) -> Vec<u8> {
+        let mut text = String::from("#clamsign-1.0\n");
+        for line in lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text.into_bytes()
+    }
+
+    fn sign_error(sign: &[u8], signed: &[u8]) -> String {
+        match verify_sign_file(sign, signed, None) {
+            Err(e) => e.to_string(),
+            Ok(found) => panic!("verified: {found:?}"),
+        }
+    }
+
+    #[test]
+    fn every_test_sign_file_verifies_the_cvd_or_cdiff_it_is_named_after() {
+        let expected = SignFile {
+            signatures: 1,
+            verified: 1,
+            min_flevel: 230,
+            max_flevel: None,
+            signers: vec![TEST_SIGNER.to_string()],
+            chain_verified: false,
+        };
+        let mut checked = 0;
+        for version in 1..=6 {
+            let mut names = vec![format!("test-{version}.cvd")];
+            if version > 1 {
+                names.push(cdiff_file_name("test", version));
+            }
+            for name in names {
+                let found = verify_sign_file(&read(&format!("{name}.sign")), &read(&name), None);
+                assert_eq!(found.expect(&name), expected, "{name}");
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 11);
+    }
+
+    #[test]
+    fn a_sign_file_for_test_5_does_not_verify_test_6() {
+        for (sign, signed) in [
+            ("test-5.cvd.sign", "test-6.cvd"),
+            ("test-5.cdiff.sign", "test-6.cdiff"),
+            ("test-6.cvd.sign", "test-6.cdiff"),
+            ("test-6.cdiff.sign", "test-6.cvd"),
+        ] {
+            let result = verify_sign_file(&read(sign), &read(signed), None);
+            assert!(
+                matches!(
+                    result,
+                    Err(ClamavError::SignatureMismatch {
+                        signature: 1,
+                        line: 2,
+                        ..
+                    })
+                ),
+                "{sign} on {signed}: {result:?}"
+            );
+        }
+        let message = sign_error(&read("test-5.cvd.sign"), &read("test-6.cvd"));
+        assert!(
+            message.starts_with(
+                "sign file signature 1 (line 2) does not verify for the signed data: "
+            ),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn flipping_a_byte_of_the_signed_data_fails() {
+        for name in ["test-6.cvd", "test-3.cdiff"] {
+            let sign = read(&format!("{name}.sign"));
+            let original = read(name);
+            // The signature covers the whole file: CVD header, body, cdiff dsig alike.
+            for pos in [0, 100, original.len() / 2, original.len() - 1] {
+                let mut bytes = original.clone();
+                bytes[pos] ^= 0x01;
+                assert!(
+                    matches!(
+                        verify_sign_file(&sign, &bytes, None),
+                        Err(ClamavError::SignatureMismatch { .. })
+                    ),
+                    "{name} byte {pos}"
+                );
+            }
+            let mut longer = original.clone();
+            longer.push(b'\n');
+            for bytes in [&original[..original.len() - 1], &longer[..], &[][..]] {
+                assert!(
+                    matches!(
+                        verify_sign_file(&sign, bytes, None),
+                        Err(ClamavError::SignatureMismatch { .. })
+                    ),
+                    "{name} with {} bytes",
+                    bytes.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_truncated_or_garbled_sign_file_fails_with_a_clear_error() {
+        let cvd = read("test-6.cvd");
+        let sign = read("test-6.cvd.sign");
+        let data = signature_data("test-6.cvd.sign");
+        let line = |data: &str| sign_file(&[&format!("230::pkcs7-pem:{data}")]);
+
+        assert_eq!(
+            sign_error(&sign[..14], &cvd),
+            "sign file has no signature for functionality level 233 among its 0 signature lines"
+        );
+        assert_eq!(
+            sign_error(&line(&data[..101]), &cvd),
+            "sign file line 2 is malformed: invalid base64: length 101 is not a multiple of 4"
+        );
+        let message = sign_error(&line(&data[..100]), &cvd);
+        assert!(
+            message.starts_with("sign file line 2 is malformed: not a pkcs#7 structure: "),
+            "{message}"
+        );
+        let mut garbled = data.clone();
+        garbled.replace_range(50..51, "!");
+        assert_eq!(
+            sign_error(&line(&garbled), &cvd),
+            "sign file line 2 is malformed: invalid base64: unexpected '!' at offset 50"
+        );
+        garbled.replace_range(50..51, "é");
+        assert_eq!(
+            sign_error(&line(&garbled[..data.len()]), &cvd),
+            "sign file line 2 is malformed: invalid base64: unexpected 'é' at offset 50"
+        );
+        // "...Q==" and "...R==" decode to the same byte, but only the first is canonical.
+        assert!(data.ends_with("Q=="));
+        assert_eq!(
+            sign_error(&line(&format!("{}R==", &data[..data.len() - 3])), &cvd),
+            "sign file line 2 is malformed: invalid base64: stray bits in the last character"
+        );
+        // PEM's usual 64-column lines are not this format: the first is a truncated DER.
+        let wrapped = format!("{}\n{}", &data[..64], &data[64..]);
+        let message = sign_error(&line(&wrapped), &cvd);
+        assert!(
+            message.starts_with("sign file line 2 is malformed: not a pkcs#7 structure: "),
+            "{message}"
+        );
+        let der = decode_base64(&data).expect("base64");
+        let mut padded = der.clone();
+        padded.extend_from_slice(&[0, 0]);
+        assert_eq!(
+            sign_error(&line(&openssl::base64::encode_block(&padded)), &cvd),
+            "sign file line 2 is malformed: pkcs#7 structure is followed by 2 extra bytes"
+        );
+        // The RSA signature value is the last element of the DER.
+        let mut forged = der.clone();
+        *forged.last_mut().expect("byte") ^= 0x01;
+        let forged = line(&openssl::base64::encode_block(&forged));
+        assert!(matches!(
+            verify_sign_file(&forged, &cvd, None),
+            Err(ClamavError::SignatureMismatch { .. })
+        ));
+
+        // No prefix but the whole file (its last newline aside) verifies, and none panics.
+        assert!(verify_sign_file(&sign[..sign.len() - 1], &cvd, None).is_ok());
+        for len in 0..sign.len() - 1 {
+            assert!(verify_sign_file(&sign[..len], &cvd, None).is_err(), "{len}");
+        }
+        // Mutations: no panic; in the header and the line's prefix they must fail.
+        for pos in (0..sign.len()).step_by(3) {
+            let mut bytes = sign.clone();
+            bytes[pos] = bytes[pos].wrapping_add(0x21);
+            let result = verify_sign_file(&bytes, &cvd, None);
+            if pos < 29 {
+                assert!(result.is_err(), "byte {pos}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_sign_file_without_the_header_fails() {
+        let cvd = read("test-6.cvd");
+        let line = signature_line("test-6.cvd.sign");
+        assert_eq!(
+            sign_error(format!("{line}\n").as_bytes(), &cvd),
+            "sign file does not start with the #clamsign-1.0 header (first line: \
+             \"230::pkcs7-pem:MIIPCQYJKoZIhvcNAQcCoIIO+...\")"
+        );
+        assert_eq!(
+            sign_error(b"", &cvd),
+            "sign file does not start with the #clamsign-1.0 header (first line: \"\")"
+        );
+        assert_eq!(
+            sign_error(format!("\n#clamsign-1.0\n{line}\n").as_bytes(), &cvd),
+            "sign file does not start with the #clamsign-1.0 header (first line: \"\")"
+        );
+        for header in [
+            "#clamsign-1.1",
+            "#clamsign-1.0 ",
+            "#clamsign",
+            "#clamsign-1.0-x",
+        ] {
+            assert_eq!(
+                sign_error(format!("{header}\n{line}\n").as_bytes(), &cvd),
+                format!(
+                    "sign file header {header:?} is not #clamsign-1.0, the only version supported"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn signature_lines_must_have_four_well_formed_fields() {
+        let cvd = read("test-6.cvd");
+        let data = signature_data("test-6.cvd.sign");
+        for (line, reason) in [
+            (
+                format!("230:pkcs7-pem:{data}"),
+                "expected min_flevel:max_flevel:format:data, got 3 fields",
+            ),
+            (
+                format!("230::pkcs7-pem:{data}:"),
+                "expected min_flevel:max_flevel:format:data, got 5 fields",
+            ),
+            (
+                format!("abc::pkcs7-pem:{data}"),
+                "invalid minimum functionality level \"abc\"",
+            ),
+            (
+                format!("+230::pkcs7-pem:{data}"),
+                "invalid minimum functionality level \"+230\"",
+            ),
+            (
+                format!("230:x:pkcs7-pem:{data}"),
+                "invalid maximum functionality level \"x\"",
+            ),
+            (
+                format!("230::pkcs7-der:{data}"),
+                "unknown signature format \"pkcs7-der\", expected pkcs7-pem",
+            ),
+            (
+                format!("229::pkcs7-pem:{data}"),
+                "minimum functionality level 229 is below 230, the first that reads pkcs7-pem",
+            ),
+            ("230::pkcs7-pem:".to_string(), "invalid base64: no data"),
+            (
+                "230::pkcs7-pem:AAAA====".to_string(),
+                "invalid base64: 4 padding characters",
+            ),
+        ] {
+            assert_eq!(
+                sign_error(&sign_file(&[&line]), &cvd),
+                format!("sign file line 2 is malformed: {reason}"),
+                "{line:.40}"
+            );
+        }
+        let mut not_utf8 = sign_file(&["# comment"]);
+        not_utf8[16] = 0xff;
+        assert_eq!(
+            sign_error(&not_utf8, &cvd),
+            "sign file line 2 is malformed: not valid utf-8"
+        );
+        // Well-formed DER that is not signed-data, and signed-data without certificates.
+        let data_only = "MBEGCSqGSIb3DQEHAaAEBAJBQg==";
+        assert_eq!(
+            sign_error(&sign_file(&[&format!("230::pkcs7-pem:{data_only}")]), &cvd),
+            "sign file line 2 is malformed: pkcs#7 structure is not signed-data"
+        );
+        let key = PKey::from_rsa(Rsa::generate(1024).expect("key")).expect("pkey");
+        let (cert, _) = test_certificate("pm test signer", &key, None);
+        let flags = Pkcs7Flags::DETACHED | Pkcs7Flags::BINARY | Pkcs7Flags::NOCERTS;
+        let no_certs = Stack::new().expect("stack");
+        let pkcs7 = Pkcs7::sign(&cert, &key, &no_certs, &cvd, flags).expect("sign");
+        let line = format!(
+            "230::pkcs7-pem:{}",
+            openssl::base64::encode_block(&pkcs7.to_der().expect("der"))
+        );
+        let message = sign_error(&sign_file(&[&line]), &cvd);
+        assert!(
+            message.starts_with(
+                "sign file line 2 is malformed: pkcs#7 signature has no embedded signer \
+                 certificate: "
+            ),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_first_signature_for_our_flevel_decides_and_others_are_skipped() {
+        let cvd = read("test-6.cvd");
+        let good = signature_data("test-6.cvd.sign");
+        let bad = signature_data("test-5.cvd.sign");
+        let ok = |lines: &[String]| {
+            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+            verify_sign_file(&sign_file(&lines), &cvd, None).expect("verifies")
+        };
+        // Lines for other levels, comments, blank lines and CRLF are passed over.
+        let found = ok(&[
+            format!("234::pkcs7-pem:{bad}"),
+            format!("230:232:pkcs7-pem:{bad}"),
+            "# a comment".to_string(),
+            String::new(),
+            format!("  230:233:pkcs7-pem:{good}\r"),
+            format!("230::pkcs7-pem:{bad}"),
+        ]);
+        assert_eq!(
+            (
+                found.signatures,
+                found.verified,
+                found.min_flevel,
+                found.max_flevel
+            ),
+            (4, 3, 230, Some(233))
+        );
+        // The first applicable line decides: a bad one is not rescued by a later good one.
+        let lines = [
+            format!("230::pkcs7-pem:{bad}"),
+            format!("230::pkcs7-pem:{good}"),
+        ];
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        assert!(matches!(
+            verify_sign_file(&sign_file(&lines), &cvd, None),
+            Err(ClamavError::SignatureMismatch {
+                signature: 1,
+                line: 2,
+                ..
+            })
+        ));
+        let found = ok(&[
+            format!("230::pkcs7-pem:{good}"),
+            format!("230::pkcs7-pem:{bad}"),
+        ]);
+        assert_eq!((found.signatures, found.verified), (2, 1));
+        let future = sign_file(&[
+            &format!("234::pkcs7-pem:{good}"),
+            &format!("230:232:pkcs7-pem:{good}"),
+        ]);
+        assert_eq!(
+            sign_error(&future, &cvd),
+            "sign file has no signature for functionality level 233 among its 2 signature lines"
+        );
+    }
+
+    /// A certificate for `cn` with `key`, issued by `issuer` (certificate and key) or
+    /// self-signed as a CA; returns it with a store that trusts it.
+    fn test_certificate(
+        cn: &str,
+        key: &PKey<openssl::pkey::Private>,
+        issuer: Option<(&X509Ref, &PKey<openssl::pkey::Private>)>,
+    ) -> (openssl::x509::X509, X509Store) {
+        use openssl::x509::extension::BasicConstraints;
+        let mut name = openssl::x509::X509NameBuilder::new().expect("name");
+        name.append_entry_by_nid(Nid::COMMONNAME, cn).expect("cn");
+        let name = name.build();
+        let mut builder = openssl::x509::X509Builder::new().expect("builder");
+        builder.set_version(2).expect("v3");
+        let serial = openssl::bn::BigNum::from_u32(cn.len() as u32).expect("serial");
+        builder
+            .set_serial_number(&serial.to_asn1_integer().expect("serial"))
+            .expect("serial");
+        builder.set_subject_name(&name).expect("subject");
+        builder.set_pubkey(key).expect("pubkey");
+        let not_before = openssl::asn1::Asn1Time::days_from_now(0).expect("time");
+        let not_after = openssl::asn1::Asn1Time::days_from_now(30).expect("time");
+        builder.set_not_before(&not_before).expect("not before");
+        builder.set_not_after(&not_after).expect("not after");
+        match issuer {
+            Some((issuer_cert, issuer_key)) => {
+                builder
+                    .set_issuer_name(issuer_cert.subject_name())
+                    .expect("issuer");
+                builder
+                    .sign(issuer_key, MessageDigest::sha256())
+                    .expect("sign");
+            }
+            None => {
+                builder.set_issuer_name(&name).expect("issuer");
+                let ca = BasicConstraints::new().critical().ca().build().expect("bc");
+                builder.append_extension(ca).expect("extension");
+                builder.sign(key, MessageDigest::sha256()).expect("sign");
+            }
+        }
+        let cert = builder.build();
+        let mut store = X509StoreBuilder::new().expect("store");
+        store.add_cert(cert.clone()).expect("add");
+        (cert, store.build())
+    }
+
+    #[test]
+    fn a_trusted_store_must_hold_the_root_of_the_signer_chain() {
+        let key = |bits| PKey::from_rsa(Rsa::generate(bits).expect("key")).expect("pkey");
+        let (root_key, other_key, signer_key) = (key(2048), key(2048), key(2048));
+        let (root, trusted) = test_certificate("pm test root", &root_key, None);
+        let (_, other) = test_certificate("pm other root", &other_key, None);
+        let (signer, _) = test_certificate("pm test signer", &signer_key, Some((&root, &root_key)));
+        let data = read("test-6.cdiff");
+        let flags = Pkcs7Flags::DETACHED | Pkcs7Flags::BINARY;
+        let no_chain = Stack::new().expect("stack");
+        let pkcs7 = Pkcs7::sign(&signer, &signer_key, &no_chain, &data, flags).expect("sign");
+        let der = pkcs7.to_der().expect("der");
+        let sign = sign_file(&[&format!(
+            "230::pkcs7-pem:{}",
+            openssl::base64::encode_block(&der)
+        )]);
+
+        let found = verify_sign_file(&sign, &data, Some(&trusted)).expect("trusted root");
+        assert_eq!(found.signers, ["pm test signer"]);
+        assert!(found.chain_verified);
+        assert!(
+            !verify_sign_file(&sign, &data, None)
+                .expect("integrity")
+                .chain_verified
+        );
+        let message = match verify_sign_file(&sign, &data, Some(&other)) {
+            Err(e @ ClamavError::UntrustedSigner { .. }) => e.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            message.starts_with(
+                "sign file signature 1 (line 2) verifies but its signer is not trusted: "
+            ),
+            "{message}"
+        );
+        // Wrong data is reported as such, not as an untrusted signer.
+        assert!(matches!(
+            verify_sign_file(&sign, &data[1..], Some(&other)),
+            Err(ClamavError::SignatureMismatch { .. })
+        ));
+        assert!(matches!(
+            verify_sign_file(&sign, &data[1..], Some(&trusted)),
+            Err(ClamavError::SignatureMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn the_test_signer_chains_to_the_clamav_test_intermediate() {
+        // ClamAV's test root is not in the test databases, so trust the intermediate the
+        // .sign files embed (a partial chain) at a time within its validity (2025-2035).
+        let sign = read("test-6.cvd.sign");
+        let der = decode_base64(&signature_data("test-6.cvd.sign")).expect("base64");
+        let pkcs7 = Pkcs7::from_der(&der).expect("pkcs7");
+        let certs = pkcs7
+            .signed()
+            .and_then(|s| s.certificates())
+            .expect("certs");
+        let names: Vec<String> = certs.iter().map(certificate_name).collect();
+        assert_eq!(names, [TEST_SIGNER, "ClamAV TEST Intermediate Signing CA"]);
+        let store_at = |unix_time| {
+            let mut param = openssl::x509::verify::X509VerifyParam::new().expect("param");
+            param
+                .set_flags(openssl::x509::verify::X509VerifyFlags::PARTIAL_CHAIN)
+                .expect("flags");
+            param.set_time(unix_time);
+            let mut store = X509StoreBuilder::new().expect("store");
+            store.set_param(&param).expect("param");
+            store
+                .add_cert(certs.get(1).expect("intermediate").to_owned())
+                .expect("add");
+            store.build()
+        };
+        let cvd = read("test-6.cvd");
+        let june_2025 = store_at(1_748_736_000);
+        let found = verify_sign_file(&sign, &cvd, Some(&june_2025)).expect("chains");
+        assert_eq!(found.signers, [TEST_SIGNER]);
+        assert!(found.chain_verified);
+        let after_expiry = store_at(2_100_000_000);
+        let message = match verify_sign_file(&sign, &cvd, Some(&after_expiry)) {
+            Err(e @ ClamavError::UntrustedSigner { .. }) => e.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert!(message.contains("certificate has expired"), "{message}");
+        // Without the PARTIAL_CHAIN flag an intermediate is not a trust anchor.
+        let mut store = X509StoreBuilder::new().expect("store");
+        store
+            .add_cert(certs.get(1).expect("intermediate").to_owned())
+            .expect("add");
+        assert!(matches!(
+            verify_sign_file(&sign, &cvd, Some(&store.build())),
+            Err(ClamavError::UntrustedSigner { .. })
+        ));
+    }
+
+    #[test]
+    fn signed_data_beyond_what_openssl_takes_is_refused_not_a_panic() {
+        assert!(check_signed_len(SIGNED_MAX_LEN).is_ok());
+        assert_eq!(
+            check_signed_len(SIGNED_MAX_LEN + 1).map_err(|e| e.to_string()),
+            Err(format!(
+                "signed data is {} bytes, more than the {} openssl can verify",
+                SIGNED_MAX_LEN + 1,
+                SIGNED_MAX_LEN
+            ))
+        );
+    }
+
+    #[test]
+    fn base64_and_der_lengths_decode_strictly() {
+        assert_eq!(decode_base64("TWFu").expect("Man"), b"Man");
+        assert_eq!(decode_base64("TWE=").expect("Ma"), b"Ma");
+        assert_eq!(decode_base64("TQ==").expect("M"), b"M");
+        assert_eq!(
+            decode_base64("TR==").map_err(|e| e.to_string()),
+            Err("stray bits in the last character".to_string())
+        );
+        assert_eq!(
+            decode_base64("TQ=A").map_err(|e| e.to_string()),
+            Err("unexpected '=' at offset 2".to_string())
+        );
+        assert_eq!(
+            decode_base64("TWFu TWFu").map_err(|e| e.to_string()),
+            Err("length 9 is not a multiple of 4".to_string())
+        );
+        assert_eq!(der_element_len(&[0x30, 0x03, 1, 2, 3]), Some(5));
+        assert_eq!(der_element_len(&[0x30, 0x82, 0x0f, 0x09]), Some(0x0f0d));
+        assert_eq!(der_element_len(&[0x30, 0x80]), None);
+        assert_eq!(der_element_len(&[0x30, 0x82, 0x0f]), None);
+        assert_eq!(
+            der_element_len(&[0x30, 0x89, 1, 0, 0, 0, 0, 0, 0, 0, 0]),
+            None
+        );
+        assert_eq!(
+            der_element_len(&[0x30, 0x88, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            None
+        );
     }
 }

@@ -245,15 +245,12 @@ impl LabUpstream {
         };
         match name {
             "test.cvd" => Some((read(format!("test-{version}.cvd"))?, build_time(version)?)),
-            "test.cvd.sign" => Some((
-                read(format!("test-{version}.cvd.sign"))?,
-                build_time(version)?,
-            )),
             _ => {
                 let rest = name.strip_prefix("test-")?;
                 let (number, suffix) = rest.split_once('.')?;
                 let number: u32 = number.parse().ok()?;
-                if number > version || !matches!(suffix, "cdiff" | "cdiff.sign") {
+                // ClamAV names a CVD's detached signature after its version: test-6.cvd.sign.
+                if number > version || !matches!(suffix, "cdiff" | "cdiff.sign" | "cvd.sign") {
                     return None;
                 }
                 Some((

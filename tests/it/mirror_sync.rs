@@ -52,6 +52,15 @@ fn sync_at_version_3_then_6_holds_test_cvd_6_and_the_cdiffs() {
             "test-6.cdiff"
         ]
     );
+    let cvd_sign = std::fs::read(home.repo("latest/clamav/test-6.cvd.sign")).unwrap();
+    assert_eq!(
+        cvd_sign,
+        std::fs::read(testdb().join("test-6.cvd.sign")).unwrap()
+    );
+    assert!(
+        !home.repo("latest/clamav/test-3.cvd.sign").exists(),
+        "only the current CVD's signature"
+    );
     for n in 2..=6 {
         let sign = home.repo(&format!("latest/clamav/test-{n}.cdiff.sign"));
         assert_eq!(
@@ -175,6 +184,12 @@ fn a_cvd_with_a_bad_signature_is_rejected_and_latest_stays_as_it_was() {
 fn a_corrupted_cdiff_is_rejected_and_latest_stays_as_it_was() {
     let (_, stdout) = rejected_sync_keeps_latest(FaultKind::CorruptByte, "test-5.cdiff");
     assert!(stdout.contains("test-5.cdiff"), "{stdout}");
+}
+
+#[test]
+fn a_corrupted_sign_file_is_rejected_and_latest_stays_as_it_was() {
+    let (_, stdout) = rejected_sync_keeps_latest(FaultKind::CorruptByte, "test-6.cvd.sign");
+    assert!(stdout.contains("test-6.cvd.sign"), "{stdout}");
 }
 
 #[test]

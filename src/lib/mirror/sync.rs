@@ -520,16 +520,11 @@ async fn sync_clamav(
             version: Some(version.to_string()),
             build_time,
         });
-        outcome.files_downloaded += fetch_optional(
-            context,
-            staged,
-            base,
-            product,
-            db,
-            &format!("{cvd_name}.sign"),
-            version,
-        )
-        .await?;
+        // ClamAV (1.5+) names a CVD's detached signature after the version it signs.
+        let sign_name = format!("{db}-{version}.cvd.sign");
+        let sign = sign_entry(product, db, &sign_name, version);
+        outcome.files_downloaded +=
+            fetch_sign_file(context, staged, join(base, &sign_name)?, sign, &target).await?;
         outcome.entry.components.push(ComponentEntry {
             name: db.clone(),
             version: version.to_string(),
@@ -578,16 +573,10 @@ async fn sync_clamav(
                 version: Some(cdiff_version.to_string()),
                 build_time: None,
             });
-            outcome.files_downloaded += fetch_optional(
-                context,
-                staged,
-                base,
-                product,
-                db,
-                &format!("{name}.sign"),
-                cdiff_version,
-            )
-            .await?;
+            let sign_name = format!("{name}.sign");
+            let sign = sign_entry(product, db, &sign_name, cdiff_version);
+            outcome.files_downloaded +=
+                fetch_sign_file(context, staged, join(base, &sign_name)?, sign, &target).await?;
         }
     }
     Ok(outcome)
@@ -607,36 +596,47 @@ async fn download_required(
     }
 }
 
-/// Downloads a file upstream may or may not offer (`.sign` files); 404 is fine.
-async fn fetch_optional(
+/// Downloads the detached `.sign` file of `signed` when upstream offers one (older upstreams do
+/// not: 404 is fine) and checks that its PKCS#7 signature covers the file. The signer chain is not
+/// validated: ClamAV's root certificate is not configured here; the RSA signatures in the CVD
+/// and cdiff themselves are the trust anchor. `entry` names the file; size and hash are filled in.
+async fn fetch_sign_file(
     context: &ProductContext<'_>,
     staged: &mut StagedRevision,
-    base: &str,
-    product: &Product,
-    component: &str,
-    name: &str,
-    version: u32,
+    url: Url,
+    mut entry: FileEntry,
+    signed: &Path,
 ) -> Result<usize, ProductError> {
-    let url = join(base, name)?;
-    let path = format!("{}/{name}", product.name);
-    let target = staged.path_for(&path)?;
-    match context.upstream.download(&url, &target).await? {
-        Fetched::Body { body, .. } => {
-            staged.add(FileEntry {
-                path,
-                size: body.size,
-                sha256: body.sha256,
-                product: product.name.clone(),
-                component: component.to_string(),
-                version: Some(version.to_string()),
-                build_time: None,
-            });
-            Ok(1)
-        }
+    let target = staged.path_for(&entry.path)?;
+    let body = match context.upstream.download(&url, &target).await? {
+        Fetched::Body { body, .. } => body,
         _ => {
             let _ = std::fs::remove_file(&target);
-            Ok(0)
+            return Ok(0);
         }
+    };
+    clamav::verify_sign_file(&read(&target)?, &read(signed)?, None).map_err(|source| {
+        ProductError::Clamav {
+            url: url.to_string(),
+            source,
+        }
+    })?;
+    entry.size = body.size;
+    entry.sha256 = body.sha256;
+    staged.add(entry);
+    Ok(1)
+}
+
+/// The manifest entry of a `.sign` file before it is downloaded.
+fn sign_entry(product: &Product, component: &str, name: &str, version: u32) -> FileEntry {
+    FileEntry {
+        path: format!("{}/{name}", product.name),
+        size: 0,
+        sha256: String::new(),
+        product: product.name.clone(),
+        component: component.to_string(),
+        version: Some(version.to_string()),
+        build_time: None,
     }
 }
 
