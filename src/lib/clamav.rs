@@ -2212,45 +2212,6 @@ mod tests {
         assert!(!has_db_extension("db") && !has_db_extension("x.hdbx"));
     }
 
-    /// Measures the streaming part of verify_cvd on a synthetic main.cvd-like body:
-    /// `cargo test --release -- --ignored --nocapture inflate_and_hash_throughput`.
-    #[test]
-    #[ignore = "benchmark"]
-    fn inflate_and_hash_throughput() {
-        // .hdb-like lines (md5:size:name) from a xorshift generator: compresses about 2:1.
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
-        let mut text = Vec::with_capacity(400 << 20);
-        while text.len() < 400 << 20 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let line = format!(
-                "{state:016x}{:016x}:{}:Win.Trojan.Agent-{}-0\n",
-                state.rotate_left(29),
-                state % 1_000_000,
-                state % 10_000_000
-            );
-            text.extend_from_slice(line.as_bytes());
-        }
-        let body = tar_gz(&[("COPYING", b'0', b"GPL"), ("main.hdb", b'0', &text)]);
-        let start = std::time::Instant::now();
-        let md5 = openssl::hash::hash(MessageDigest::md5(), &body).expect("md5");
-        let md5_time = start.elapsed();
-        let tarball = scan_tarball(&body, body_inflate_limit(body.len())).expect("scan");
-        let total = start.elapsed();
-        assert_eq!((md5.len(), tarball.members.len()), (16, 2));
-        let mb = |bytes: usize| bytes as f64 / 1e6;
-        println!(
-            "gzip {:.0} MB -> tar {:.0} MB; md5 {md5_time:.2?}; inflate+sha256 {:.2?} \
-             ({:.0} MB/s of gzip); estimate for 160 MB of gzip: {:.1} s",
-            mb(body.len()),
-            mb(text.len()),
-            total - md5_time,
-            mb(body.len()) / (total - md5_time).as_secs_f64(),
-            total.as_secs_f64() * 160.0 / mb(body.len()),
-        );
-    }
-
     #[test]
     fn changing_one_character_of_the_dsig_gives_a_signature_error() {
         let original = read("test-6.cvd");
