@@ -5,7 +5,7 @@
 #   - curl fetching the same files from the same server, to /dev/null and to disk + fsync,
 # and prints bytes, seconds and MiB/s (1 MiB = 1048576 bytes) for each.
 #
-# Usage: scripts/bench-mirror.sh
+# Usage: scripts/bench-mirror.sh            (e.g. PM_BENCH_MB=50 scripts/bench-mirror.sh)
 # Environment:
 #   PM_BENCH_MB=500        feed size in MiB, split evenly over PM_BENCH_FILES files (50: quick run)
 #   PM_BENCH_FILES=5       number of feed files
@@ -18,6 +18,18 @@
 #                          fsync costs nothing)
 # Results are only comparable on an otherwise idle machine: the load average is printed.
 set -euo pipefail
+
+case "${1:-}" in
+  "") ;;
+  -h | --help)
+    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+    exit 0
+    ;;
+  *)
+    echo "error: unexpected argument \`$1\`: settings come from the environment (see --help)" >&2
+    exit 2
+    ;;
+esac
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 mib=1048576
@@ -74,7 +86,7 @@ pm_lab="${bin_dir}/pm-lab"
 work="$(mktemp -d "${TMPDIR:-/tmp}/pm-bench.XXXXXX")"
 pids=()
 cleanup() {
-  local pid
+  local status=$? pid
   for pid in "${pids[@]}"; do
     kill "${pid}" 2> /dev/null || true
     wait "${pid}" 2> /dev/null || true
@@ -83,6 +95,9 @@ cleanup() {
     echo "bench: kept ${work}" >&2
   else
     rm -rf "${work}"
+    if ((status != 0)); then
+      echo "hint: rerun with PM_BENCH_KEEP=1 to keep the work directory and its logs" >&2
+    fi
   fi
 }
 trap cleanup EXIT
