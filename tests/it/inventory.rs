@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{Home, Lab, Pm, manifest};
+use crate::support::{Home, Lab, Pm, manifest, synced_at_3_with_6_upstream};
 
 /// The DuckDB CLI (PyPI `duckdb-cli`), or `$PM_DUCKDB_CLI`.
 fn duckdb_cli() -> String {
@@ -78,12 +78,7 @@ fn the_duckdb_cli_reads_mirror_syncs_read_only() {
 
 #[test]
 fn a_locked_inventory_makes_sync_wait_then_fail_clearly_having_changed_nothing() {
-    let lab = Lab::start(3);
-    let home = Home::new();
-    home.clamav_config(&lab, "");
-    Pm::mirror(&home).args(["sync"]).json();
-    let before = manifest(&home, "latest");
-    lab.upstream.set_version(6).unwrap();
+    let (_lab, home, before) = synced_at_3_with_6_upstream();
 
     // An interactive DuckDB CLI session holds the file open read-write until its stdin closes.
     let file = home.path().join("inventory.duckdb");

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use pm::lab::{FaultKind, LabProxy};
 
-use crate::support::{Home, Lab, Pm, component_version, manifest, testdb, write_feed};
+use crate::support::{
+    Home, Lab, Pm, component_version, manifest, synced_at_3_with_6_upstream, testdb, write_feed,
+};
 
 fn cdiffs_in(home: &Home, generation: &str) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(home.repo(generation).join("clamav"))
@@ -125,13 +127,7 @@ fn cdiff_keep_limits_the_cdiffs_kept() {
 /// Syncs at version 3, then tries version 6 with `fault` on `suffix`: the sync must fail and
 /// leave latest exactly as it was. Returns stderr and stdout of the failed run.
 fn rejected_sync_keeps_latest(fault: FaultKind, suffix: &str) -> (String, String) {
-    let lab = Lab::start(3);
-    let home = Home::new();
-    home.clamav_config(&lab, "");
-    Pm::mirror(&home).args(["sync"]).json();
-    let before = manifest(&home, "latest");
-
-    lab.upstream.set_version(6).unwrap();
+    let (lab, home, before) = synced_at_3_with_6_upstream();
     lab.fault(fault, suffix, None);
     let run = Pm::mirror(&home).args(["sync"]).run();
     assert_eq!(
@@ -498,12 +494,7 @@ fn config_errors_name_the_file_and_key_and_exit_2() {
 
 #[test]
 fn kill_9_during_a_sync_leaves_latest_and_the_next_sync_cleans_up() {
-    let lab = Lab::start(3);
-    let home = Home::new();
-    home.clamav_config(&lab, "");
-    Pm::mirror(&home).args(["sync"]).json();
-    let before = manifest(&home, "latest");
-    lab.upstream.set_version(6).unwrap();
+    let (lab, home, before) = synced_at_3_with_6_upstream();
     // The first cdiff download hangs long enough to be killed in the middle of the sync, after
     // the new CVD is already staged.
     lab.fault(FaultKind::Slow { millis: 5000 }, "test-6.cdiff", Some(1));

@@ -238,3 +238,15 @@ pub fn write_feed(dir: &Path, seed: &str, n: usize) {
         std::fs::write(path, format!("{seed}-{i}-").repeat(100 + i)).unwrap();
     }
 }
+
+/// A home that synced test.cvd version 3 from a lab that now offers version 6; returns the
+/// manifest of latest at version 3, to check later that a failed sync changed nothing.
+pub fn synced_at_3_with_6_upstream() -> (Lab, Home, pm::manifest::Manifest) {
+    let lab = Lab::start(3);
+    let home = Home::new();
+    home.clamav_config(&lab, "");
+    Pm::mirror(&home).args(["sync"]).json();
+    let before = manifest(&home, "latest");
+    lab.upstream.set_version(6).unwrap();
+    (lab, home, before)
+}
