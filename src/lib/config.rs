@@ -63,6 +63,8 @@ pub enum ProductSource {
     Clamav(ClamavSource),
     /// Any vendor feed described by a JSON index of files with sha256 and size.
     Files(FilesSource),
+    /// A parent pm mirror (`pm-mirror serve`): its signed manifest and every product in it.
+    Pm(PmSource),
 }
 
 /// Settings of a `clamav` product.
@@ -85,6 +87,17 @@ pub struct FilesSource {
     pub index_url: String,
 }
 
+/// Settings of a `pm` product: a parent mirror whose products this mirror carries as they are.
+#[derive(Debug, Clone)]
+pub struct PmSource {
+    /// Base URL of the parent's `pm-mirror serve`: `url/manifest.json`, `url/manifest.sig` and
+    /// `url/<product>/<file>`.
+    pub url: String,
+    /// PEM public key the parent's manifest must be signed with (the parent's
+    /// `pki/manifest-signing.pub.pem`); a relative path is relative to `pm.toml`'s directory.
+    pub trusted_key: PathBuf,
+}
+
 /// A `[[products]]` table as written; checked into a [`Product`] by kind. (serde cannot deny
 /// unknown fields through an internally tagged enum, and a typo must not pass silently.)
 #[derive(Debug, Deserialize)]
@@ -97,11 +110,13 @@ struct RawProduct {
     databases: Option<Vec<String>>,
     cdiff_keep: Option<u32>,
     index_url: Option<String>,
+    trusted_key: Option<PathBuf>,
 }
 
 impl RawProduct {
-    /// Turns the table into a product; errors are `(field, problem)`.
-    fn into_product(self) -> Result<Product, (String, String)> {
+    /// Turns the table into a product; errors are `(field, problem)`. Relative paths are taken
+    /// relative to `base`, the directory of `pm.toml`.
+    fn into_product(self, base: &Path) -> Result<Product, (String, String)> {
         let not_for = |field: &str, present: bool| -> Result<(), (String, String)> {
             if present {
                 Err((
@@ -115,6 +130,7 @@ impl RawProduct {
         let source = match self.kind.as_str() {
             "clamav" => {
                 not_for("index_url", self.index_url.is_some())?;
+                not_for("trusted_key", self.trusted_key.is_some())?;
                 ProductSource::Clamav(ClamavSource {
                     url: self
                         .url
@@ -130,6 +146,7 @@ impl RawProduct {
                 not_for("fallback_urls", self.fallback_urls.is_some())?;
                 not_for("databases", self.databases.is_some())?;
                 not_for("cdiff_keep", self.cdiff_keep.is_some())?;
+                not_for("trusted_key", self.trusted_key.is_some())?;
                 ProductSource::Files(FilesSource {
                     index_url: self
                         .index_url
@@ -137,10 +154,33 @@ impl RawProduct {
                         .ok_or(("index_url".to_string(), "is missing".to_string()))?,
                 })
             }
+            "pm" => {
+                not_for("fallback_urls", self.fallback_urls.is_some())?;
+                not_for("databases", self.databases.is_some())?;
+                not_for("cdiff_keep", self.cdiff_keep.is_some())?;
+                not_for("index_url", self.index_url.is_some())?;
+                let trusted_key = self
+                    .trusted_key
+                    .clone()
+                    .ok_or(("trusted_key".to_string(), "is missing".to_string()))?;
+                if trusted_key.as_os_str().is_empty() {
+                    return Err((
+                        "trusted_key".to_string(),
+                        "must name the parent's public key file".to_string(),
+                    ));
+                }
+                ProductSource::Pm(PmSource {
+                    url: self
+                        .url
+                        .clone()
+                        .ok_or(("url".to_string(), "is missing".to_string()))?,
+                    trusted_key: base.join(trusted_key),
+                })
+            }
             other => {
                 return Err((
                     "kind".to_string(),
-                    format!("`{other}` is not a product kind: use `clamav` or `files`"),
+                    format!("`{other}` is not a product kind: use `clamav`, `files` or `pm`"),
                 ));
             }
         };
@@ -288,9 +328,10 @@ impl Config {
             path: path.to_owned(),
             message: one_line(&err.to_string()),
         })?;
+        let base = path.parent().unwrap_or(Path::new(""));
         let mut products = Vec::new();
         for (i, product) in raw.products.into_iter().enumerate() {
-            products.push(product.into_product().map_err(|(field, problem)| {
+            products.push(product.into_product(base).map_err(|(field, problem)| {
                 ConfigError::Invalid {
                     path: path.to_owned(),
                     key: format!("products[{i}].{field}"),
@@ -318,23 +359,7 @@ impl Config {
         for (i, product) in self.products.iter().enumerate() {
             let key = |field: &str| format!("products[{i}].{field}");
             let name = &product.name;
-            let name_ok = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                && !name.starts_with('.');
-            if !name_ok {
-                return Err(invalid(
-                    key("name"),
-                    format!("`{name}` must be non-empty and use only a-z, 0-9, `-`, `_`, `.`"),
-                ));
-            }
-            if RESERVED_PRODUCT_NAMES.contains(&name.as_str()) {
-                return Err(invalid(
-                    key("name"),
-                    format!("`{name}` is reserved by the layout"),
-                ));
-            }
+            check_product_name(name).map_err(|p| invalid(key("name"), p))?;
             if !seen.insert(name.clone()) {
                 return Err(invalid(
                     key("name"),
@@ -368,6 +393,9 @@ impl Config {
                 ProductSource::Files(files) => {
                     check_url(&files.index_url).map_err(|p| invalid(key("index_url"), p))?;
                 }
+                ProductSource::Pm(pm) => {
+                    check_url(&pm.url).map_err(|p| invalid(key("url"), p))?;
+                }
             }
         }
         if let Some(proxy) = &self.proxy {
@@ -384,6 +412,25 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether `name` can be a product: a directory of the repository and of the served layout.
+/// Also applied to the products a parent mirror brings.
+pub(crate) fn check_product_name(name: &str) -> Result<(), String> {
+    let name_ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.starts_with('.');
+    if !name_ok {
+        return Err(format!(
+            "`{name}` must be non-empty and use only a-z, 0-9, `-`, `_`, `.`"
+        ));
+    }
+    if RESERVED_PRODUCT_NAMES.contains(&name) {
+        return Err(format!("`{name}` is reserved by the layout"));
+    }
+    Ok(())
 }
 
 /// toml's messages draw the offending line over several lines; keep the gist on one.
@@ -443,9 +490,21 @@ mod tests {
             name = "vendor"
             kind = "files"
             index_url = "http://127.0.0.1:8000/vendor/index.json"
+
+            [[products]]
+            name = "site"
+            kind = "pm"
+            url = "http://parent.internal:8080"
+            trusted_key = "parent.pub.pem"
         "#;
-        let config = Config::parse(text, Path::new("pm.toml")).unwrap();
-        assert_eq!(config.products.len(), 2);
+        let config = Config::parse(text, Path::new("/h/pm.toml")).unwrap();
+        assert_eq!(config.products.len(), 3);
+        let ProductSource::Pm(pm) = &config.products[2].source else {
+            panic!()
+        };
+        assert_eq!(pm.url, "http://parent.internal:8080");
+        // A relative key path is relative to pm.toml's directory, not to the working directory.
+        assert_eq!(pm.trusted_key, Path::new("/h/parent.pub.pem"));
         assert_eq!(config.retention.archives, 5);
         let ProductSource::Clamav(clamav) = &config.products[0].source else {
             panic!()
@@ -486,6 +545,51 @@ mod tests {
         check(
             "[[products]]\nname = \"x\"\nkind = \"clamav\"\nurl = \"http://a\"\ndatabases = [\"../x\"]",
             Some("not a ClamAV database name"),
+        );
+    }
+
+    #[test]
+    fn a_pm_product_needs_a_url_and_a_trusted_key_and_nothing_else() {
+        let pm = "[[products]]\nname = \"up\"\nkind = \"pm\"\n";
+        check(
+            &format!("{pm}url = \"http://p:8080\"\ntrusted_key = \"/etc/pm/parent.pem\""),
+            None,
+        );
+        check(
+            &format!("{pm}url = \"http://p:8080\""),
+            Some("products[0].trusted_key` is missing"),
+        );
+        check(
+            &format!("{pm}trusted_key = \"k.pem\""),
+            Some("products[0].url` is missing"),
+        );
+        check(
+            &format!("{pm}url = \"http://p:8080\"\ntrusted_key = \"\""),
+            Some("products[0].trusted_key` must name the parent's public key file"),
+        );
+        check(
+            &format!("{pm}url = \"file:///srv\"\ntrusted_key = \"k.pem\""),
+            Some("products[0].url` `file:///srv` must be an http:// or https:// URL"),
+        );
+        check(
+            &format!("{pm}url = \"http://p\"\ntrusted_key = \"k.pem\"\ndatabases = [\"daily\"]"),
+            Some("products[0].databases` is not a setting of a `pm` product"),
+        );
+        check(
+            &format!("{pm}url = \"http://p\"\ntrusted_key = \"k.pem\"\nindex_url = \"http://p/i\""),
+            Some("products[0].index_url` is not a setting of a `pm` product"),
+        );
+        check(
+            &format!("{pm}url = \"http://p\"\ntrusted_key = \"k.pem\"\ntrusted_keys = \"k\""),
+            Some("unknown field `trusted_keys`"),
+        );
+        check(
+            "[[products]]\nname = \"x\"\nkind = \"clamav\"\nurl = \"http://a\"\ntrusted_key = \"k.pem\"",
+            Some("products[0].trusted_key` is not a setting of a `clamav` product"),
+        );
+        check(
+            "[[products]]\nname = \"x\"\nkind = \"files\"\nindex_url = \"http://a/i\"\ntrusted_key = \"k.pem\"",
+            Some("products[0].trusted_key` is not a setting of a `files` product"),
         );
     }
 }

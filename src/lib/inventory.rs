@@ -8,14 +8,16 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use duckdb::{AccessMode, Config, Connection, OptionalExt, params};
 
-use crate::manifest::Manifest;
+use crate::manifest::{FileEntry, Manifest};
 
 /// File name of the inventory inside `PM_HOME`.
 pub const INVENTORY_FILE: &str = "inventory.duckdb";
 
 /// Numbered schema migrations, applied in order on open.
-const MIGRATIONS: &[(u32, &str, &str)] =
-    &[(1, "mirror", include_str!("../../sql/0001_mirror.sql"))];
+const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (1, "mirror", include_str!("../../sql/0001_mirror.sql")),
+    (2, "bundles", include_str!("../../sql/0002_bundles.sql")),
+];
 
 /// Inventory errors.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +75,8 @@ pub struct SyncRecord {
     pub revision: Option<String>,
     /// Error text of a failure.
     pub error: Option<String>,
+    /// sha256 of the bundle an import read.
+    pub bundle_sha256: Option<String>,
 }
 
 /// Per-product upstream state that later syncs and `status` read.
@@ -96,6 +100,17 @@ pub struct ProductState {
     pub cooldown_reason: Option<String>,
     /// JSON map of URL -> conditional request validators.
     pub validators: Option<String>,
+}
+
+/// The newest bundle import.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BundleImport {
+    /// When it finished.
+    pub at: DateTime<Utc>,
+    /// sha256 of the bundle file.
+    pub bundle_sha256: Option<String>,
+    /// The local revision it made (none when it changed nothing).
+    pub revision: Option<String>,
 }
 
 /// One publish or rollback of dist.
@@ -289,8 +304,9 @@ impl Inventory {
                 / 1e6;
             self.db(self.conn.execute(
                 "INSERT INTO mirror_syncs (job_id, product, source, started_at, finished_at,
-                     duration_seconds, result, bytes_downloaded, versions, revision, error)
-                 VALUES (?, ?, ?, to_timestamp(?), to_timestamp(?), ?, ?, ?, ?, ?, ?)",
+                     duration_seconds, result, bytes_downloaded, versions, revision, error,
+                     bundle_sha256)
+                 VALUES (?, ?, ?, to_timestamp(?), to_timestamp(?), ?, ?, ?, ?, ?, ?, ?)",
                 params![
                     job_id,
                     row.product,
@@ -303,6 +319,7 @@ impl Inventory {
                     row.versions,
                     row.revision,
                     row.error,
+                    row.bundle_sha256,
                 ],
             ))?;
         }
@@ -372,6 +389,46 @@ impl Inventory {
             ],
         ))?;
         Ok(())
+    }
+
+    /// The newest bundle import: when, which bundle, which revision it made.
+    pub fn last_bundle_import(&self) -> Result<Option<BundleImport>, InventoryError> {
+        self.db(self
+            .conn
+            .query_row(
+                "SELECT epoch(max(finished_at)), arg_max(bundle_sha256, finished_at),
+                            arg_max(revision, finished_at)
+                     FROM mirror_syncs WHERE source = 'bundle' HAVING count(*) > 0",
+                [],
+                |row| {
+                    Ok(BundleImport {
+                        at: from_epoch(row.get(0)?).unwrap_or_default(),
+                        bundle_sha256: row.get(1)?,
+                        revision: row.get(2)?,
+                    })
+                },
+            )
+            .optional())
+    }
+
+    /// The files of a recorded revision (for revisions no longer in the repository).
+    pub fn revision_files(&self, revision: &str) -> Result<Vec<FileEntry>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT path, size, sha256, product, component, version, epoch(build_time)
+             FROM revision_files WHERE revision = ? ORDER BY path",
+        ))?;
+        let rows = self.db(statement.query_map(params![revision], |row| {
+            Ok(FileEntry {
+                path: row.get(0)?,
+                size: row.get::<_, i64>(1)? as u64,
+                sha256: row.get(2)?,
+                product: row.get(3)?,
+                component: row.get(4)?,
+                version: row.get(5)?,
+                build_time: from_epoch(row.get(6)?),
+            })
+        }))?;
+        rows.map(|row| self.db(row)).collect()
     }
 
     /// Runs a query that returns one value per row, for tests and small reports.

@@ -34,15 +34,36 @@ pub struct Manifest {
 /// One product of a revision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProductEntry {
-    /// Product name from `pm.toml`.
+    /// Product name: from `pm.toml`, or from the parent's manifest for a product a `pm` product
+    /// brought.
     pub name: String,
-    /// `clamav` or `files`.
+    /// `clamav` or `files` (a parent's product keeps the parent's kind).
     pub kind: String,
+    /// The `pm.toml` product that brought it when that is not the product itself: the name of a
+    /// `pm` product (a parent mirror) whose parent has this product.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     /// Version of the whole feed, when upstream names one (a `files` index version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
     /// Versions of its components.
     pub components: Vec<ComponentEntry>,
+}
+
+impl ProductEntry {
+    /// Name of the `pm.toml` product that brought this entry.
+    pub fn config_product(&self) -> &str {
+        self.via.as_deref().unwrap_or(&self.name)
+    }
+
+    /// How reports name one of its components: `daily`, or `clamav/daily` for a product a
+    /// parent mirror brought.
+    pub fn component_label(&self, component: &ComponentEntry) -> String {
+        match self.via {
+            Some(_) => format!("{}/{}", self.name, component.name),
+            None => component.name.clone(),
+        }
+    }
 }
 
 /// One versioned artifact, e.g. `daily` 27430.
@@ -121,6 +142,28 @@ impl Manifest {
         self.products.iter().find(|p| p.name == name)
     }
 
+    /// The product entries the `pm.toml` product `name` brought: its own entry, or for a `pm`
+    /// product the parent's products it carries (`via`).
+    pub fn products_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a ProductEntry> {
+        self.products
+            .iter()
+            .filter(move |p| p.config_product() == name)
+    }
+
+    /// Files of the `pm.toml` product `name`: the files of every product it brought (a file of a
+    /// product without an entry counts as that product's own).
+    pub fn files_of_config_product<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a FileEntry> {
+        self.files
+            .iter()
+            .filter(move |f| match self.product(&f.product) {
+                Some(entry) => entry.config_product() == name,
+                None => f.product == name,
+            })
+    }
+
     /// Total bytes of all files.
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
@@ -150,5 +193,65 @@ mod tests {
         let c = [file("a", "1"), file("b", "3")];
         assert_eq!(content_sha256(&a), content_sha256(&b));
         assert_ne!(content_sha256(&a), content_sha256(&c));
+    }
+
+    #[test]
+    fn a_pm_product_owns_the_parent_products_it_brought() {
+        let entry = |name: &str, via: Option<&str>| ProductEntry {
+            name: name.into(),
+            kind: "clamav".into(),
+            via: via.map(Into::into),
+            version: None,
+            components: vec![ComponentEntry {
+                name: "daily".into(),
+                version: "7".into(),
+                build_time: None,
+            }],
+        };
+        let owned = |path: &str, product: &str| FileEntry {
+            product: product.into(),
+            ..file(path, "1")
+        };
+        let manifest = Manifest {
+            format: 1,
+            revision: "r1".into(),
+            serial: 1,
+            created_at: Utc::now(),
+            source: "upstream".into(),
+            content_sha256: String::new(),
+            products: vec![
+                entry("local", None),
+                entry("clamav", Some("parent")),
+                entry("vendor", Some("parent")),
+            ],
+            files: vec![
+                owned("clamav/daily.cvd", "clamav"),
+                owned("local/daily.cvd", "local"),
+                owned("vendor/a.dat", "vendor"),
+            ],
+        };
+        let names = |name| {
+            manifest
+                .products_of(name)
+                .map(|p| p.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names("parent"), ["clamav", "vendor"]);
+        assert_eq!(names("local"), ["local"]);
+        assert!(names("clamav").is_empty());
+        let paths = |name| {
+            manifest
+                .files_of_config_product(name)
+                .map(|f| f.path.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(paths("parent"), ["clamav/daily.cvd", "vendor/a.dat"]);
+        assert_eq!(paths("local"), ["local/daily.cvd"]);
+        let components = |p: &ProductEntry| p.component_label(&p.components[0]);
+        assert_eq!(components(&manifest.products[0]), "daily");
+        assert_eq!(components(&manifest.products[1]), "clamav/daily");
+        // Manifests written before `via` existed still parse, and `via` stays out when unset.
+        let json = serde_json::to_string(&manifest.products[0]).unwrap();
+        assert!(!json.contains("via"), "{json}");
     }
 }

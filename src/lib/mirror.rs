@@ -1,6 +1,7 @@
 //! `pm-mirror`: mirror vendor updates into `latest`, publish them to `dist` with rollback
 //! generations, and serve the private mirror agents and freshclam download from.
 
+mod airgap;
 mod serve;
 mod sync;
 mod upstream;
@@ -21,6 +22,7 @@ use crate::pki::SigningKey;
 use crate::repo::{Generations, Repo};
 
 pub use serve::{ServeState, router, shutdown_signal};
+pub(crate) use sync::safe_relative_path;
 pub use sync::{ProductReport, ProductResult};
 pub use upstream::parse_retry_after;
 
@@ -59,6 +61,64 @@ pub enum Command {
     },
     /// Remove revisions, views and archives nothing references any more
     Gc,
+    /// Write latest (or what changed since REV) into one signed bundle for a closed network
+    Export {
+        /// Bundle file to write
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Carry only what changed since this revision of this mirror (the closed side has it)
+        #[arg(long, value_name = "REV")]
+        since: Option<String>,
+    },
+    /// Verify a bundle completely, then stage it as latest (nothing changes if anything is wrong)
+    Import {
+        /// Bundle file written by `pm-mirror export`
+        file: PathBuf,
+        /// Accept a bundle whose versions are older than latest's
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Refuse bundles larger than this (e.g. 500M, 8G)
+        #[arg(long, default_value = "8G", value_parser = airgap::parse_size, value_name = "SIZE")]
+        max_size: u64,
+    },
+    /// This mirror's signing key
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Keys whose bundles (and parent manifests) this mirror accepts
+    Trust {
+        #[command(subcommand)]
+        command: TrustCommand,
+    },
+}
+
+/// `pm-mirror key` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Write the public half of the signing key, for `trust add` on an importing mirror
+    ExportPublic {
+        /// File to write (PEM)
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+/// `pm-mirror trust` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TrustCommand {
+    /// Trust the public key in FILE (written by `key export-public`)
+    Add {
+        /// PEM public key file
+        file: PathBuf,
+    },
+    /// List trusted keys
+    List,
+    /// Stop trusting a key
+    Remove {
+        /// Its fingerprint (`sha256:...`, or a unique prefix of the hex)
+        fingerprint: String,
+    },
 }
 
 /// Runs `pm-mirror` and returns its exit status.
@@ -74,6 +134,24 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
         Command::Publish => run_publish(&home, &args.global),
         Command::Serve { listen } => runtime.block_on(run_serve(&home, listen)),
         Command::Gc => run_gc(&home, &args.global),
+        Command::Export { out, since } => {
+            airgap::run_export(&home, &args.global, &out, since.as_deref())
+        }
+        Command::Import {
+            file,
+            allow_downgrade,
+            max_size,
+        } => airgap::run_import(&home, &args.global, &file, allow_downgrade, max_size),
+        Command::Key {
+            command: KeyCommand::ExportPublic { out },
+        } => airgap::run_key_export_public(&home, &args.global, &out),
+        Command::Trust { command } => match command {
+            TrustCommand::Add { file } => airgap::run_trust_add(&home, &args.global, &file),
+            TrustCommand::List => airgap::run_trust_list(&home, &args.global),
+            TrustCommand::Remove { fingerprint } => {
+                airgap::run_trust_remove(&home, &args.global, &fingerprint)
+            }
+        },
     }
 }
 
@@ -212,7 +290,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
     // its first sync) keeps the next revision from being made.
     let incomplete: Vec<String> = reports
         .iter()
-        .filter(|r| r.entry.is_none())
+        .filter(|r| !r.has_content())
         .map(|r| r.name.clone())
         .collect();
     let mut new_manifest: Option<Manifest> = None;
@@ -222,7 +300,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
                 && p.products
                     == reports
                         .iter()
-                        .filter_map(|r| r.entry.clone())
+                        .flat_map(|r| r.entries.iter().cloned())
                         .collect::<Vec<_>>()
         });
         if failed || unchanged || !incomplete.is_empty() {
@@ -230,9 +308,18 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
         } else {
             let key =
                 SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
-            let products = reports.iter().filter_map(|r| r.entry.clone()).collect();
+            let products = reports
+                .iter()
+                .flat_map(|r| r.entries.iter().cloned())
+                .collect();
+            // A site fed only by a parent mirror says so in its manifests.
+            let source = if reports.iter().all(|r| r.kind == "pm") {
+                "parent"
+            } else {
+                "upstream"
+            };
             let manifest = staged
-                .commit(&repo, &lock, &key, "upstream", products)
+                .commit(&repo, &lock, &key, source, products)
                 .map_err(repo_error)?;
             let after = Generations {
                 latest: Some(manifest.revision.clone()),
@@ -286,7 +373,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
                     .iter()
                     .map(|p| SyncRecord {
                         product: p.name.clone(),
-                        source: "upstream".into(),
+                        source: if p.kind == "pm" { "parent" } else { "upstream" }.into(),
                         started_at: p.started_at,
                         finished_at: p.finished_at,
                         result: serde_json::to_value(p.result)
@@ -297,6 +384,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
                         versions: p.versions(),
                         revision: new_manifest.as_ref().map(|m| m.revision.clone()),
                         error: p.error.clone(),
+                        bundle_sha256: None,
                     })
                     .collect();
                 inv.record_syncs(job_id, &rows)?;
@@ -636,6 +724,12 @@ pub struct StatusReport {
     pub changed: bool,
     /// Revision names per generation.
     pub generations: Generations,
+    /// The newest air-gap bundle import, if this mirror is fed by bundles.
+    pub last_import: Option<crate::inventory::BundleImport>,
+    /// Build time of the newest component in latest.
+    pub newest_build_time: Option<DateTime<Utc>>,
+    /// Its age: how stale the newest data of this site is.
+    pub newest_data_age_seconds: Option<i64>,
     /// Per product.
     pub products: Vec<ProductStatus>,
 }
@@ -678,10 +772,13 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
     let config = load_config(home)?;
     let repo = Repo::new(home);
     let generations = repo.generations().map_err(repo_error)?;
-    let states =
+    let (states, last_import) =
         match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
-            Some(inventory) => inventory.product_states().map_err(inventory_error)?,
-            None => Vec::new(),
+            Some(inventory) => (
+                inventory.product_states().map_err(inventory_error)?,
+                inventory.last_bundle_import().map_err(inventory_error)?,
+            ),
+            None => (Vec::new(), None),
         };
     let manifest_of =
         |revision: &Option<String>| revision.as_ref().and_then(|r| repo.manifest(r).ok());
@@ -692,13 +789,20 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
         .iter()
         .map(|r| repo.manifest(r).ok())
         .collect();
+    // A component as reports name it (`daily`; `clamav/daily` for what a `pm` product brought)
+    // and its version, over the entries a pm.toml product contributed to a manifest.
+    let components_of = |manifest: &Manifest, product: &str| {
+        manifest
+            .products_of(product)
+            .flat_map(|e| e.components.iter().map(move |c| (e.component_label(c), c)))
+            .map(|(label, c)| (label, c.version.clone()))
+            .collect::<Vec<_>>()
+    };
     let version_in = |manifest: Option<&Manifest>, product: &str, component: &str| {
-        manifest?
-            .product(product)?
-            .components
-            .iter()
-            .find(|c| c.name == component)
-            .map(|c| c.version.clone())
+        components_of(manifest?, product)
+            .into_iter()
+            .find(|(label, _)| label == component)
+            .map(|(_, version)| version)
     };
     let now = Utc::now();
     let mut products = Vec::new();
@@ -725,11 +829,9 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
             .flatten()
             .chain(backups.iter().flatten())
         {
-            if let Some(entry) = manifest.product(&product.name) {
-                for component in &entry.components {
-                    if !names.contains(&component.name) {
-                        names.push(component.name.clone());
-                    }
+            for (label, _) in components_of(manifest, &product.name) {
+                if !names.contains(&label) {
+                    names.push(label);
                 }
             }
         }
@@ -772,8 +874,15 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
             components,
         });
     }
+    // How old the newest data is: what a closed site, fed by bundles, needs to see.
+    let newest_build_time = latest
+        .as_ref()
+        .and_then(|m| m.files.iter().filter_map(|f| f.build_time).max());
     let report = StatusReport {
         changed: false,
+        last_import,
+        newest_build_time,
+        newest_data_age_seconds: newest_build_time.map(|t| (now - t).num_seconds()),
         generations,
         products,
     };
@@ -841,6 +950,25 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
             g.archives.join(", ")
         },
     ))?;
+    if let Some(import) = &report.last_import {
+        cli::print_text(format!(
+            "last bundle import {} (sha256 {}){}",
+            import.at.format("%Y-%m-%d %H:%M:%SZ"),
+            import.bundle_sha256.as_deref().unwrap_or("-"),
+            import
+                .revision
+                .as_ref()
+                .map(|r| format!(" made {r}"))
+                .unwrap_or_default(),
+        ))?;
+    }
+    if let (Some(built), Some(age)) = (report.newest_build_time, report.newest_data_age_seconds) {
+        cli::print_text(format!(
+            "newest data built {} ({} old)",
+            built.format("%Y-%m-%d %H:%M:%SZ"),
+            human_age(age)
+        ))?;
+    }
     for product in &report.products {
         if let (Some(error), Some(_)) = (
             &product.last_error,
@@ -852,6 +980,16 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
         }
     }
     Ok(ExitStatus::Success)
+}
+
+/// `3d 4h`, `5h 12m`, `42m`: an age for people.
+fn human_age(seconds: i64) -> String {
+    let (days, hours, minutes) = (seconds / 86400, seconds % 86400 / 3600, seconds % 3600 / 60);
+    match (days, hours) {
+        (0, 0) => format!("{minutes}m"),
+        (0, _) => format!("{hours}h {minutes}m"),
+        _ => format!("{days}d {hours}h"),
+    }
 }
 
 async fn run_serve(home: &Path, listen: std::net::SocketAddr) -> anyhow::Result<ExitStatus> {

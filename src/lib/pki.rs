@@ -29,6 +29,9 @@ pub enum PkiError {
         path: PathBuf,
         source: openssl::error::ErrorStack,
     },
+    /// A public key of another type.
+    #[error("`{path}` is not an Ed25519 public key (pm signs with Ed25519)")]
+    NotEd25519 { path: PathBuf },
     /// The private key is readable by others.
     #[error("`{path}` is readable by other users (mode {mode:o})")]
     LoosePermissions { path: PathBuf, mode: u32 },
@@ -104,6 +107,120 @@ impl SigningKey {
     /// The public half in PEM form.
     pub fn public_key_pem(&self) -> Result<Vec<u8>, PkiError> {
         Ok(self.key.public_key_to_pem()?)
+    }
+
+    /// `sha256:<hex>` of the public key, as `trust list` shows it.
+    pub fn fingerprint(&self) -> Result<String, PkiError> {
+        Ok(fingerprint_of_der(&self.key.public_key_to_der()?))
+    }
+}
+
+fn fingerprint_of_der(der: &[u8]) -> String {
+    format!(
+        "sha256:{}",
+        crate::manifest::hex(&openssl::sha::sha256(der))
+    )
+}
+
+/// Directory of keys whose bundles and parent manifests this mirror accepts.
+pub const TRUST_DIR: &str = "trust";
+
+/// A key in the trust store.
+pub struct TrustedKey {
+    /// `sha256:<hex>` of the key.
+    pub fingerprint: String,
+    /// The key.
+    pub key: VerifyingKey,
+    /// Where it is stored.
+    pub path: PathBuf,
+}
+
+/// Every key in `home/trust/`, sorted by fingerprint.
+pub fn trusted_keys(home: &Path) -> Result<Vec<TrustedKey>, PkiError> {
+    let dir = home.join(TRUST_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(PkiError::Io { path: dir, source }),
+    };
+    let mut keys = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|source| PkiError::Io {
+                path: dir.clone(),
+                source,
+            })?
+            .path();
+        if path.extension().is_none_or(|e| e != "pem") {
+            continue;
+        }
+        let pem = std::fs::read(&path).map_err(|source| PkiError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let (fingerprint, key) = parse_public_key(&pem, &path)?;
+        keys.push(TrustedKey {
+            fingerprint,
+            key,
+            path,
+        });
+    }
+    keys.sort_by(|a, b| a.fingerprint.cmp(&b.fingerprint));
+    Ok(keys)
+}
+
+/// Parses an Ed25519 public key in PEM form; returns its fingerprint and the key.
+pub fn parse_public_key(pem: &[u8], path: &Path) -> Result<(String, VerifyingKey), PkiError> {
+    let bad = |source| PkiError::BadKey {
+        path: path.to_owned(),
+        source,
+    };
+    let key = PKey::public_key_from_pem(pem).map_err(bad)?;
+    if key.id() != openssl::pkey::Id::ED25519 {
+        return Err(PkiError::NotEd25519 {
+            path: path.to_owned(),
+        });
+    }
+    let fingerprint = fingerprint_of_der(&key.public_key_to_der()?);
+    Ok((fingerprint, VerifyingKey { key }))
+}
+
+/// Adds the public key in `pem` to the trust store; `false` when it was already trusted.
+pub fn trust_key(home: &Path, pem: &[u8], source: &Path) -> Result<(String, bool), PkiError> {
+    let (fingerprint, _) = parse_public_key(pem, source)?;
+    let dir = home.join(TRUST_DIR);
+    std::fs::create_dir_all(&dir).map_err(|source| PkiError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let path = dir.join(format!("{}.pem", fingerprint.trim_start_matches("sha256:")));
+    if path.exists() {
+        return Ok((fingerprint, false));
+    }
+    durable::write_atomic(&path, pem, 0o644).map_err(|source| PkiError::Io { path, source })?;
+    Ok((fingerprint, true))
+}
+
+/// Removes a key (by fingerprint or a unique prefix of it); `false` when none matched.
+pub fn distrust_key(home: &Path, fingerprint: &str) -> Result<Option<String>, PkiError> {
+    let wanted = fingerprint.trim_start_matches("sha256:");
+    let matches: Vec<TrustedKey> = trusted_keys(home)?
+        .into_iter()
+        .filter(|k| {
+            k.fingerprint
+                .trim_start_matches("sha256:")
+                .starts_with(wanted)
+        })
+        .collect();
+    match matches.as_slice() {
+        [key] => {
+            std::fs::remove_file(&key.path).map_err(|source| PkiError::Io {
+                path: key.path.clone(),
+                source,
+            })?;
+            Ok(Some(key.fingerprint.clone()))
+        }
+        _ => Ok(None),
     }
 }
 

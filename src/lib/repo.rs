@@ -446,6 +446,28 @@ pub struct StagedRevision {
 }
 
 impl StagedRevision {
+    /// A staging directory outside the repository, for imports that must leave the repository
+    /// untouched until everything verified. It must be on the repository's file system so that
+    /// the commit is a rename; it is created empty.
+    pub fn at(dir: PathBuf) -> io::Result<StagedRevision> {
+        if dir.exists() {
+            make_writable(&dir);
+            fs::remove_dir_all(&dir)?;
+        }
+        fs::create_dir_all(&dir)?;
+        Ok(StagedRevision {
+            dir,
+            files: Vec::new(),
+        })
+    }
+
+    /// The staging directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl StagedRevision {
     /// Where a file with relative `path` goes; parent directories are created.
     pub fn path_for(&self, path: &str) -> Result<PathBuf, RepoError> {
         let full = self.dir.join(path);

@@ -2,6 +2,8 @@
 //! and, where the issue asks for it, the real freshclam, clamscan and duckdb CLI.
 
 mod inventory;
+mod mirror_airgap;
+mod mirror_chain;
 mod mirror_publish;
 mod mirror_serve;
 mod mirror_sync;

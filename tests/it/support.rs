@@ -1,9 +1,10 @@
 //! The harness: a lab upstream in-process, a temporary manager home, and a runner for the real
 //! binaries (`Pm::mirror(&home).args(["sync"]).json()`).
 
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 
 use pm::lab::{Fault, FaultKind, LabUpstream};
 
@@ -249,4 +250,122 @@ pub fn synced_at_3_with_6_upstream() -> (Lab, Home, pm::manifest::Manifest) {
     let before = manifest(&home, "latest");
     lab.upstream.set_version(6).unwrap();
     (lab, home, before)
+}
+
+/// A running `pm-mirror serve`, stopped on drop.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl Server {
+    /// Starts `pm-mirror serve` on a free loopback port and waits for its address.
+    pub fn start(home: &Home) -> Server {
+        let mut child = Pm::mirror(home)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .command()
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let base = loop {
+            let line = lines.next().expect("serve printed its address").unwrap();
+            if let Some(at) = line.find("on http://") {
+                break line[at + 3..].trim_end_matches('/').to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, base }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const EICAR: &str = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+
+fn run(program: &str, args: &[&str]) -> (i32, String) {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|err| {
+            panic!("`{program}` cannot run ({err}): apt-get install clamav clamav-freshclam")
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+fn clamscan(db: &Path, file: &Path) -> (i32, String) {
+    run(
+        "clamscan",
+        &[
+            "--no-summary",
+            "-d",
+            db.to_str().unwrap(),
+            file.to_str().unwrap(),
+        ],
+    )
+}
+
+/// A stock freshclam pointed at a `pm-mirror serve` at `base` (publishing test.cvd version 6)
+/// updates a database from test-1 to test-6; the real clamscan then finds EICAR, which test-1
+/// does not detect. A second run is a cheap "up to date".
+pub fn freshclam_updates_test_1_to_6(base: &str, mirror_option: &str, expected_file: &str) {
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("db");
+    std::fs::create_dir(&db).unwrap();
+    std::fs::write(
+        db.join("test.cvd"),
+        std::fs::read(testdb().join("test-1.cvd")).unwrap(),
+    )
+    .unwrap();
+    let eicar = work.path().join("eicar.com");
+    std::fs::write(&eicar, EICAR).unwrap();
+    let (code, text) = clamscan(&db, &eicar);
+    assert_eq!(code, 0, "test-1 does not detect EICAR yet: {text}");
+
+    let config = work.path().join("freshclam.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "DatabaseDirectory {}\nDatabaseOwner root\n{mirror_option} {base}/clamav\nScriptedUpdates yes\n\
+             ExcludeDatabase daily\nExcludeDatabase main\nExcludeDatabase bytecode\nExtraDatabase test\n\
+             Foreground yes\n",
+            db.display(),
+        ),
+    )
+    .unwrap();
+    let freshclam = [
+        "--config-file",
+        config.to_str().unwrap(),
+        "--no-dns",
+        "--stdout",
+        "--no-warnings",
+    ];
+    let (code, text) = run("freshclam", &freshclam);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!("{expected_file} updated (version: 6")),
+        "{text}"
+    );
+    let (code, text) = clamscan(&db, &eicar);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("Eicar-Test-Signature FOUND"), "{text}");
+
+    // Asking again is a cheap "up to date", never an error or a cool-down.
+    let (code, text) = run("freshclam", &freshclam);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("is up-to-date (version: 6"), "{text}");
 }

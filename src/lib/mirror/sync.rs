@@ -1,22 +1,28 @@
 //! `pm-mirror sync`: fetch every product's new components, verify them, and stage a new revision
 //! of latest only when every product verified. Unchanged upstreams cost a conditional request.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
 use crate::clamav;
-use crate::config::{ClamavSource, Config, FilesSource, Product, ProductSource};
+use crate::config::{ClamavSource, Config, FilesSource, PmSource, Product, ProductSource};
 use crate::inventory::ProductState;
-use crate::manifest::{ComponentEntry, FileEntry, Manifest, ProductEntry};
+use crate::manifest::{
+    ComponentEntry, FileEntry, MANIFEST_FILE, Manifest, ProductEntry, SIGNATURE_FILE,
+};
 use crate::mirror::upstream::{FetchError, Fetched, Upstream, Validators};
 use crate::repo::{Repo, StagedRevision};
 
 /// Largest `files` index accepted.
 const INDEX_SIZE_LIMIT: u64 = 64 << 20;
+/// Largest parent manifest accepted.
+const MANIFEST_SIZE_LIMIT: u64 = 64 << 20;
+/// Largest parent manifest signature accepted (an Ed25519 signature is 64 bytes).
+const SIGNATURE_SIZE_LIMIT: u64 = 4096;
 
 /// How one product's sync ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -37,7 +43,7 @@ pub enum ProductResult {
 /// One component's versions as a sync saw them.
 #[derive(Debug, Clone, Serialize)]
 pub struct ComponentReport {
-    /// Component name (`daily`, a file path).
+    /// Component name (`daily`, a file path; `<product>/<component>` for a `pm` product).
     pub name: String,
     /// Version upstream offers, when it answered.
     pub upstream_version: Option<String>,
@@ -52,7 +58,7 @@ pub struct ComponentReport {
 pub struct ProductReport {
     /// Product name.
     pub name: String,
-    /// `clamav` or `files`.
+    /// `clamav`, `files` or `pm`.
     pub kind: String,
     /// How it ended.
     pub result: ProductResult,
@@ -75,13 +81,20 @@ pub struct ProductReport {
     pub(crate) started_at: DateTime<Utc>,
     #[serde(skip)]
     pub(crate) finished_at: DateTime<Utc>,
+    /// The manifest entries it contributes to latest: one for a `clamav` or `files` product,
+    /// the parent's products for a `pm` product; empty while it has no verified content.
     #[serde(skip)]
-    pub(crate) entry: Option<ProductEntry>,
+    pub(crate) entries: Vec<ProductEntry>,
     #[serde(skip)]
     pub(crate) state: ProductState,
 }
 
 impl ProductReport {
+    /// Whether it has verified content for latest (now or from an earlier sync).
+    pub(crate) fn has_content(&self) -> bool {
+        !self.entries.is_empty()
+    }
+
     /// `component=version` list for the inventory.
     pub fn versions(&self) -> String {
         self.components
@@ -94,6 +107,7 @@ impl ProductReport {
 
 /// Everything a product sync needs from the rest of the run.
 struct ProductContext<'a> {
+    config: &'a Config,
     upstream: &'a Upstream,
     previous: Option<&'a Manifest>,
     previous_dir: Option<std::path::PathBuf>,
@@ -105,7 +119,7 @@ struct ProductContext<'a> {
 struct ProductOutcome {
     result: ProductResult,
     components: Vec<ComponentReport>,
-    entry: ProductEntry,
+    entries: Vec<ProductEntry>,
     validators: BTreeMap<String, Validators>,
     files_downloaded: usize,
     warnings: Vec<String>,
@@ -127,6 +141,28 @@ enum ProductError {
     Verify { url: String, problem: String },
     #[error("`{url}` is not a valid files index: {problem}")]
     BadIndex { url: String, problem: String },
+    #[error("`{url}` is not a valid pm manifest: {problem}")]
+    BadManifest { url: String, problem: String },
+    #[error("cannot use the trusted key `{}` for `{url}`: {problem}", path.display())]
+    TrustedKey {
+        path: PathBuf,
+        url: String,
+        problem: String,
+    },
+    #[error("`{url}` is not signed by the trusted key `{}`: {problem}", key.display())]
+    Untrusted {
+        url: String,
+        key: PathBuf,
+        problem: String,
+    },
+    #[error(
+        "the parent `{url}` has a product `{name}` and so does {other}: a mirror holds one product of each name, rename the local one"
+    )]
+    Conflict {
+        url: String,
+        name: String,
+        other: String,
+    },
     #[error(transparent)]
     Repo(#[from] crate::repo::RepoError),
     #[error("cannot read `{path}`: {source}")]
@@ -192,24 +228,35 @@ pub(crate) async fn sync_products(
                 product: product.name.clone(),
                 ..Default::default()
             });
-        let previous_entry = previous.and_then(|m| m.product(&product.name)).cloned();
+        let previous_entries: Vec<ProductEntry> = previous
+            .map(|m| m.products_of(&product.name).cloned().collect())
+            .unwrap_or_default();
         let previous_dir = previous.map(|m| repo.revision_dir(&m.revision));
         let carry_over_previous = |staged: &mut Option<&mut StagedRevision>| {
             if let (Some(staged), Some(manifest), Some(dir)) =
                 (staged.as_deref_mut(), previous, &previous_dir)
             {
-                for file in manifest.product_files(&product.name) {
-                    staged.carry_over(dir, file.clone())?;
+                for file in manifest.files_of_config_product(&product.name) {
+                    // Never link over a file another product staged (a name clash, failed below).
+                    if staged.files().iter().any(|f| f.path == file.path) {
+                        return Err(format!(
+                            "`{}` is also brought by another product in pm.toml",
+                            file.path
+                        ));
+                    }
+                    staged
+                        .carry_over(dir, file.clone())
+                        .map_err(|err| format!("{err:#}"))?;
                 }
             }
-            Ok::<(), crate::repo::RepoError>(())
+            Ok::<(), String>(())
         };
-        let unchanged_components = |entry: &Option<ProductEntry>| {
-            entry
+        let unchanged_components = |entries: &[ProductEntry]| {
+            entries
                 .iter()
-                .flat_map(|e| e.components.iter())
-                .map(|c| ComponentReport {
-                    name: c.name.clone(),
+                .flat_map(|e| e.components.iter().map(move |c| (e, c)))
+                .map(|(e, c)| ComponentReport {
+                    name: e.component_label(c),
                     upstream_version: None,
                     previous_version: Some(c.version.clone()),
                     version: Some(c.version.clone()),
@@ -228,7 +275,7 @@ pub(crate) async fn sync_products(
             warnings: Vec::new(),
             started_at,
             finished_at: started_at,
-            entry: previous_entry.clone(),
+            entries: previous_entries.clone(),
             state: state.clone(),
         };
 
@@ -237,7 +284,7 @@ pub(crate) async fn sync_products(
         if skipped || cooling.is_some() {
             if let Err(err) = carry_over_previous(&mut staged) {
                 report.result = ProductResult::Failed;
-                report.error = Some(format!("{err:#}"));
+                report.error = Some(err);
             } else if let Some(until) = cooling {
                 report.result = ProductResult::Cooldown;
                 report.cooldown_until = Some(until);
@@ -247,7 +294,7 @@ pub(crate) async fn sync_products(
                 ));
                 tracing::warn!(product = %product.name, until = %until, "product in cool-down, upstream not contacted");
             }
-            report.components = unchanged_components(&previous_entry);
+            report.components = unchanged_components(&previous_entries);
             report.finished_at = Utc::now();
             reports.push(report);
             continue;
@@ -259,6 +306,7 @@ pub(crate) async fn sync_products(
             .and_then(|json| serde_json::from_str(json).ok())
             .unwrap_or_default();
         let context = ProductContext {
+            config,
             upstream,
             previous,
             previous_dir: previous_dir.clone(),
@@ -291,6 +339,9 @@ pub(crate) async fn sync_products(
             ProductSource::Files(source) => {
                 sync_files(product, source, &context, staged.as_deref_mut()).await
             }
+            ProductSource::Pm(source) => {
+                sync_pm(product, source, &context, staged.as_deref_mut()).await
+            }
         };
         report.bytes_downloaded = upstream.bytes_received() - bytes_before;
         let finished_at = Utc::now();
@@ -300,7 +351,7 @@ pub(crate) async fn sync_products(
                 report.components = outcome.components;
                 report.files_downloaded = outcome.files_downloaded;
                 report.warnings = outcome.warnings;
-                report.entry = Some(outcome.entry);
+                report.entries = outcome.entries;
                 state.validators = serde_json::to_string(&outcome.validators).ok();
                 state.upstream_versions = Some(
                     report
@@ -341,15 +392,15 @@ pub(crate) async fn sync_products(
                 }
                 if let Err(err) = carry_over_previous(&mut staged) {
                     report.result = ProductResult::Failed;
-                    report.error = Some(format!("{err:#}"));
+                    report.error = Some(err);
                 }
-                report.components = unchanged_components(&previous_entry);
+                report.components = unchanged_components(&previous_entries);
             }
             Err(err) => {
                 tracing::error!(product = %product.name, error = %err, "product sync failed");
                 report.result = ProductResult::Failed;
                 report.error = Some(err.to_string());
-                report.components = unchanged_components(&previous_entry);
+                report.components = unchanged_components(&previous_entries);
                 state.last_failure_at = Some(finished_at);
                 state.last_error = Some(err.to_string());
             }
@@ -358,13 +409,51 @@ pub(crate) async fn sync_products(
         report.state = state;
         reports.push(report);
     }
+    fail_name_clashes(&mut reports);
     reports
+}
+
+/// A product name may appear once in latest. `sync_pm` refuses a parent product named like a
+/// local product up front; this catches what it cannot see (a dry run, content carried over
+/// from an earlier sync). The `pm` product of a clashing pair fails.
+fn fail_name_clashes(reports: &mut [ProductReport]) {
+    let mut owner: BTreeMap<String, usize> = BTreeMap::new();
+    let mut clashes = Vec::new();
+    for (i, report) in reports.iter().enumerate() {
+        for entry in &report.entries {
+            match owner.get(&entry.name) {
+                Some(&first) if first != i => clashes.push((first, i, entry.name.clone())),
+                Some(_) => {}
+                None => {
+                    owner.insert(entry.name.clone(), i);
+                }
+            }
+        }
+    }
+    for (first, second, name) in clashes {
+        let (failing, other) = if reports[second].kind == "pm" {
+            (second, first)
+        } else {
+            (first, second)
+        };
+        let error = format!(
+            "product `{name}` is brought by both `{}` and `{}`: a mirror holds one product of each name, rename the local one",
+            reports[failing].name, reports[other].name
+        );
+        tracing::error!(product = %reports[failing].name, error = %error, "product sync failed");
+        let report = &mut reports[failing];
+        report.result = ProductResult::Failed;
+        report.state.last_failure_at = Some(report.finished_at);
+        report.state.last_error = Some(error.clone());
+        report.error = Some(error);
+    }
 }
 
 fn kind_name(source: &ProductSource) -> &'static str {
     match source {
         ProductSource::Clamav(_) => "clamav",
         ProductSource::Files(_) => "files",
+        ProductSource::Pm(_) => "pm",
     }
 }
 
@@ -396,15 +485,17 @@ async fn sync_clamav(
     context: &ProductContext<'_>,
     mut staged: Option<&mut StagedRevision>,
 ) -> Result<ProductOutcome, ProductError> {
+    let mut entry = ProductEntry {
+        name: product.name.clone(),
+        kind: "clamav".into(),
+        via: None,
+        version: None,
+        components: Vec::new(),
+    };
     let mut outcome = ProductOutcome {
         result: ProductResult::Unchanged,
         components: Vec::new(),
-        entry: ProductEntry {
-            name: product.name.clone(),
-            kind: "clamav".into(),
-            version: None,
-            components: Vec::new(),
-        },
+        entries: Vec::new(),
         validators: context.validators.clone(),
         files_downloaded: 0,
         warnings: Vec::new(),
@@ -413,18 +504,18 @@ async fn sync_clamav(
         let cvd_name = format!("{db}.cvd");
         let cvd_path = format!("{}/{cvd_name}", product.name);
         let cvd_url = join(base, &cvd_name)?;
-        let previous_cvd = context.previous.and_then(|m| m.file(&cvd_path));
-        let previous_version: Option<u32> =
-            previous_cvd.and_then(|f| f.version.as_deref()?.parse().ok());
         let previous_db_files: Vec<FileEntry> = context
             .previous
             .map(|m| {
-                m.product_files(&product.name)
+                m.files_of_config_product(&product.name)
                     .filter(|f| f.component == *db)
                     .cloned()
                     .collect()
             })
             .unwrap_or_default();
+        let previous_cvd = previous_db_files.iter().find(|f| f.path == cvd_path);
+        let previous_version: Option<u32> =
+            previous_cvd.and_then(|f| f.version.as_deref()?.parse().ok());
         // Only a file we still have makes a conditional request meaningful.
         let validators = previous_cvd.and_then(|_| context.validators.get(cvd_url.as_str()));
         let probe = context
@@ -477,7 +568,7 @@ async fn sync_clamav(
                 }
             }
             if let Some(previous) = previous_cvd {
-                outcome.entry.components.push(ComponentEntry {
+                entry.components.push(ComponentEntry {
                     name: db.clone(),
                     version: previous.version.clone().unwrap_or_default(),
                     build_time: previous.build_time,
@@ -525,7 +616,7 @@ async fn sync_clamav(
         let sign = sign_entry(product, db, &sign_name, version);
         outcome.files_downloaded +=
             fetch_sign_file(context, staged, join(base, &sign_name)?, sign, &target).await?;
-        outcome.entry.components.push(ComponentEntry {
+        entry.components.push(ComponentEntry {
             name: db.clone(),
             version: version.to_string(),
             build_time,
@@ -579,6 +670,7 @@ async fn sync_clamav(
                 fetch_sign_file(context, staged, join(base, &sign_name)?, sign, &target).await?;
         }
     }
+    outcome.entries = vec![entry];
     Ok(outcome)
 }
 
@@ -680,24 +772,26 @@ async fn sync_files(
     })?;
     let previous_files: Vec<FileEntry> = context
         .previous
-        .map(|m| m.product_files(&product.name).cloned().collect())
+        .map(|m| m.files_of_config_product(&product.name).cloned().collect())
         .unwrap_or_default();
     let previous_entry = context
         .previous
-        .and_then(|m| m.product(&product.name))
+        .and_then(|m| m.products_of(&product.name).next())
         .cloned();
     let validators = (!previous_files.is_empty())
         .then(|| context.validators.get(index_url.as_str()))
         .flatten();
+    let mut product_entry = ProductEntry {
+        name: product.name.clone(),
+        kind: "files".into(),
+        via: None,
+        version: None,
+        components: Vec::new(),
+    };
     let mut outcome = ProductOutcome {
         result: ProductResult::Unchanged,
         components: Vec::new(),
-        entry: ProductEntry {
-            name: product.name.clone(),
-            kind: "files".into(),
-            version: None,
-            components: Vec::new(),
-        },
+        entries: Vec::new(),
         validators: context.validators.clone(),
         files_downloaded: 0,
         warnings: Vec::new(),
@@ -713,7 +807,7 @@ async fn sync_files(
                     staged.carry_over(dir, file.clone())?;
                 }
             }
-            let entry = previous_entry.unwrap_or(outcome.entry);
+            let entry = previous_entry.unwrap_or(product_entry);
             outcome.components = entry
                 .components
                 .iter()
@@ -724,7 +818,7 @@ async fn sync_files(
                     version: Some(c.version.clone()),
                 })
                 .collect();
-            outcome.entry = entry;
+            outcome.entries = vec![entry];
             return Ok(outcome);
         }
         Fetched::NotFound => {
@@ -755,7 +849,7 @@ async fn sync_files(
     outcome
         .validators
         .insert(index_url.to_string(), new_validators);
-    outcome.entry.version = Some(index.version.clone());
+    product_entry.version = Some(index.version.clone());
     for file in &index.files {
         let path = format!("{}/{}", product.name, file.path);
         let sha256 = file.sha256.to_ascii_lowercase();
@@ -771,7 +865,7 @@ async fn sync_files(
             previous_version: previous.and_then(|p| p.version.clone()),
             version: Some(version.clone()),
         });
-        outcome.entry.components.push(ComponentEntry {
+        product_entry.components.push(ComponentEntry {
             name: file.path.clone(),
             version: version.clone(),
             build_time: None,
@@ -829,7 +923,404 @@ async fn sync_files(
         // Same files, new index version: the revision changes only in its metadata.
         outcome.result = ProductResult::Updated;
     }
+    outcome.entries = vec![product_entry];
     Ok(outcome)
+}
+
+/// One `pm` product: a parent pm mirror. A conditional GET of its `manifest.json`, the Ed25519
+/// signature `manifest.sig` checked with the trusted key, then every file of the manifest at the
+/// same path (carried over from latest when its sha256 and size are unchanged), each checked
+/// for size and sha256 against the signed manifest, and the files of ClamAV products verified
+/// like a `clamav` product verifies them. The parent's products are contributed as they are.
+async fn sync_pm(
+    product: &Product,
+    source: &PmSource,
+    context: &ProductContext<'_>,
+    mut staged: Option<&mut StagedRevision>,
+) -> Result<ProductOutcome, ProductError> {
+    let key_path = &source.trusted_key;
+    let key_error = |problem: String| ProductError::TrustedKey {
+        path: key_path.clone(),
+        url: source.url.clone(),
+        problem,
+    };
+    let pem =
+        std::fs::read(key_path).map_err(|err| key_error(format!("cannot read it ({err})")))?;
+    let key = crate::pki::VerifyingKey::from_pem(&pem).map_err(|_| {
+        key_error(
+            "it is not a PEM public key (write it with `pm-mirror key export-public` on the parent)"
+                .into(),
+        )
+    })?;
+    let manifest_url = join(&source.url, MANIFEST_FILE)?;
+    let signature_url = join(&source.url, SIGNATURE_FILE)?;
+    let previous_files: Vec<FileEntry> = context
+        .previous
+        .map(|m| m.files_of_config_product(&product.name).cloned().collect())
+        .unwrap_or_default();
+    let previous_entries: Vec<ProductEntry> = context
+        .previous
+        .map(|m| m.products_of(&product.name).cloned().collect())
+        .unwrap_or_default();
+    let mut outcome = ProductOutcome {
+        result: ProductResult::Unchanged,
+        components: Vec::new(),
+        entries: Vec::new(),
+        validators: context.validators.clone(),
+        files_downloaded: 0,
+        warnings: Vec::new(),
+    };
+    let mut validators = (!previous_files.is_empty())
+        .then(|| context.validators.get(manifest_url.as_str()))
+        .flatten();
+    // The parent may publish between the two requests: a signature that does not match gets one
+    // more try with both fetched again.
+    let mut attempt = 0;
+    let (manifest_bytes, new_validators) = loop {
+        attempt += 1;
+        let (body, new_validators) = match context
+            .upstream
+            .fetch_small(&manifest_url, validators, MANIFEST_SIZE_LIMIT)
+            .await?
+        {
+            Fetched::NotModified => {
+                check_parent_names(
+                    product,
+                    source,
+                    context,
+                    staged.as_deref(),
+                    previous_entries.iter().map(|e| e.name.as_str()),
+                )?;
+                if let (Some(staged), Some(dir)) = (staged.as_deref_mut(), &context.previous_dir) {
+                    for file in &previous_files {
+                        staged.carry_over(dir, file.clone())?;
+                    }
+                }
+                outcome.components = parent_components(&previous_entries, &previous_entries);
+                outcome.entries = previous_entries;
+                return Ok(outcome);
+            }
+            Fetched::NotFound => {
+                return Err(ProductError::NotFound {
+                    url: manifest_url.to_string(),
+                });
+            }
+            Fetched::Body { body, validators } => (body, validators),
+        };
+        let untrusted = |problem: String| ProductError::Untrusted {
+            url: manifest_url.to_string(),
+            key: key_path.clone(),
+            problem,
+        };
+        match context
+            .upstream
+            .fetch_small(&signature_url, None, SIGNATURE_SIZE_LIMIT)
+            .await?
+        {
+            Fetched::Body {
+                body: signature, ..
+            } if key.verify(&body, &signature) => {
+                break (body, new_validators);
+            }
+            Fetched::Body { .. } if attempt < 2 => {
+                tracing::warn!(product = %product.name, url = %signature_url, "the parent's manifest signature does not match; fetching both again");
+                validators = None;
+            }
+            Fetched::Body { .. } => {
+                return Err(untrusted(format!(
+                    "the signature `{signature_url}` does not match; trust the key `pm-mirror key export-public` writes on the parent"
+                )));
+            }
+            _ => {
+                return Err(untrusted(format!(
+                    "its signature `{signature_url}` is not found (HTTP 404)"
+                )));
+            }
+        }
+    };
+    let parent = check_parent_manifest(&manifest_url, &manifest_bytes)?;
+    check_parent_names(
+        product,
+        source,
+        context,
+        staged.as_deref(),
+        parent.products.iter().map(|e| e.name.as_str()),
+    )?;
+    outcome
+        .validators
+        .insert(manifest_url.to_string(), new_validators);
+    outcome.entries = parent
+        .products
+        .iter()
+        .cloned()
+        .map(|mut entry| {
+            entry.via = Some(product.name.clone());
+            entry
+        })
+        .collect();
+    outcome.components = parent_components(&outcome.entries, &previous_entries);
+    for component in &outcome.components {
+        let (Some(new), Some(old)) = (&component.version, &component.previous_version) else {
+            continue;
+        };
+        if let (Ok(new), Ok(old)) = (new.parse::<u64>(), old.parse::<u64>())
+            && new < old
+        {
+            outcome.warnings.push(format!(
+                "the parent has {} version {new}, older than {old} in latest; following the parent",
+                component.name
+            ));
+        }
+    }
+    let mut sorted_previous = previous_files.clone();
+    sorted_previous.sort();
+    let mut sorted_parent = parent.files.clone();
+    sorted_parent.sort();
+    let unchanged = sorted_previous == sorted_parent && outcome.entries == previous_entries;
+    if context.dry_run {
+        if !unchanged {
+            outcome.result = ProductResult::WouldUpdate;
+        }
+        return Ok(outcome);
+    }
+    let Some(staged) = staged else {
+        return Ok(outcome);
+    };
+    if !unchanged {
+        outcome.result = ProductResult::Updated;
+    }
+    match fetch_parent_files(context, &source.url, &parent, staged).await {
+        Ok(downloaded) => outcome.files_downloaded = downloaded,
+        Err(err) => {
+            // Leave nothing half-staged behind for a cool-down's carry-over.
+            for entry in &parent.products {
+                staged.remove_product(&entry.name);
+            }
+            return Err(err);
+        }
+    }
+    Ok(outcome)
+}
+
+/// Parses a parent's (verified) manifest and checks that it can be carried as it is: product
+/// names that make plain directories, every file under its product's directory, safe paths, no
+/// duplicates, valid sha256.
+fn check_parent_manifest(url: &Url, bytes: &[u8]) -> Result<Manifest, ProductError> {
+    let bad = |problem: String| ProductError::BadManifest {
+        url: url.to_string(),
+        problem,
+    };
+    let mut parent: Manifest = serde_json::from_slice(bytes).map_err(|err| bad(err.to_string()))?;
+    if parent.products.is_empty() {
+        return Err(bad("it lists no products".into()));
+    }
+    let mut names = HashSet::new();
+    for entry in &parent.products {
+        crate::config::check_product_name(&entry.name)
+            .map_err(|problem| bad(format!("product name {problem}")))?;
+        if !names.insert(entry.name.as_str()) {
+            return Err(bad(format!("product `{}` is listed twice", entry.name)));
+        }
+    }
+    let mut paths = HashSet::new();
+    for file in &parent.files {
+        if !safe_relative_path(&file.path) {
+            return Err(bad(format!("unsafe path `{}`", file.path)));
+        }
+        if !names.contains(file.product.as_str()) {
+            return Err(bad(format!(
+                "`{}` belongs to `{}`, which is not one of its products",
+                file.path, file.product
+            )));
+        }
+        if !file.path.starts_with(&format!("{}/", file.product)) {
+            return Err(bad(format!(
+                "`{}` is not inside the directory of its product `{}`",
+                file.path, file.product
+            )));
+        }
+        if !paths.insert(file.path.as_str()) {
+            return Err(bad(format!("`{}` is listed twice", file.path)));
+        }
+        if file.sha256.len() != 64 || !file.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad(format!("`{}` has no valid sha256", file.path)));
+        }
+    }
+    for file in &mut parent.files {
+        file.sha256.make_ascii_lowercase();
+    }
+    Ok(parent)
+}
+
+/// Refuses parent products named like another product of `pm.toml` or like one another
+/// product already staged: one directory, one product.
+fn check_parent_names<'a>(
+    product: &Product,
+    source: &PmSource,
+    context: &ProductContext<'_>,
+    staged: Option<&StagedRevision>,
+    names: impl Iterator<Item = &'a str>,
+) -> Result<(), ProductError> {
+    for name in names {
+        let local = context
+            .config
+            .products
+            .iter()
+            .find(|p| p.name == name && p.name != product.name);
+        let conflict = |other: String| ProductError::Conflict {
+            url: source.url.clone(),
+            name: name.to_string(),
+            other,
+        };
+        if let Some(local) = local {
+            return Err(conflict(format!("the product `{}` in pm.toml", local.name)));
+        }
+        if staged.is_some_and(|s| s.files().iter().any(|f| f.product == name)) {
+            return Err(conflict("another product in pm.toml".into()));
+        }
+    }
+    Ok(())
+}
+
+/// The report's components of the parent's products, `<product>/<component>`, with the
+/// versions latest had.
+fn parent_components(entries: &[ProductEntry], previous: &[ProductEntry]) -> Vec<ComponentReport> {
+    let previous_version = |label: &str| {
+        previous
+            .iter()
+            .flat_map(|e| e.components.iter().map(move |c| (e.component_label(c), c)))
+            .find(|(l, _)| l == label)
+            .map(|(_, c)| c.version.clone())
+    };
+    entries
+        .iter()
+        .flat_map(|e| e.components.iter().map(move |c| (e, c)))
+        .map(|(entry, component)| {
+            let name = entry.component_label(component);
+            ComponentReport {
+                previous_version: previous_version(&name),
+                upstream_version: Some(component.version.clone()),
+                version: Some(component.version.clone()),
+                name,
+            }
+        })
+        .collect()
+}
+
+/// Stages every file of a parent's manifest: carried over from latest when its path, size and
+/// sha256 are unchanged, else downloaded from `base/<path>` and checked against the manifest.
+/// Then the files of ClamAV products are verified the way a `clamav` product verifies them.
+/// Returns how many files were downloaded.
+async fn fetch_parent_files(
+    context: &ProductContext<'_>,
+    base: &str,
+    parent: &Manifest,
+    staged: &mut StagedRevision,
+) -> Result<usize, ProductError> {
+    let mut downloaded: HashSet<&str> = HashSet::new();
+    for file in &parent.files {
+        let unchanged = context
+            .previous
+            .and_then(|m| m.file(&file.path))
+            .is_some_and(|p| p.sha256 == file.sha256 && p.size == file.size);
+        if let (true, Some(dir)) = (unchanged, &context.previous_dir) {
+            staged.carry_over(dir, file.clone())?;
+            continue;
+        }
+        let url = join(base, &file.path)?;
+        let target = staged.path_for(&file.path)?;
+        let body = download_required(context, &url, &target).await?;
+        if body.size != file.size {
+            return Err(ProductError::Verify {
+                url: url.to_string(),
+                problem: format!(
+                    "size is {} bytes, the parent's manifest says {}",
+                    body.size, file.size
+                ),
+            });
+        }
+        if body.sha256 != file.sha256 {
+            return Err(ProductError::Verify {
+                url: url.to_string(),
+                problem: format!(
+                    "sha256 is {}, the parent's manifest says {}",
+                    body.sha256, file.sha256
+                ),
+            });
+        }
+        staged.add(file.clone());
+        downloaded.insert(&file.path);
+    }
+    // ClamAV's own checks once every file is in place: a `.sign` may sort before what it signs.
+    let clamav_products: HashSet<&str> = parent
+        .products
+        .iter()
+        .filter(|p| p.kind == "clamav")
+        .map(|p| p.name.as_str())
+        .collect();
+    for file in &parent.files {
+        if !clamav_products.contains(file.product.as_str()) {
+            continue;
+        }
+        let path = file.path.as_str();
+        let url = join(base, path)?.to_string();
+        let clamav_error = |source| ProductError::Clamav {
+            url: url.clone(),
+            source,
+        };
+        if path.ends_with(".sign") {
+            let signed = signed_file(path).ok_or_else(|| ProductError::Verify {
+                url: url.clone(),
+                problem: "is a signature of no file name ClamAV publishes".into(),
+            })?;
+            if !downloaded.contains(path) && !downloaded.contains(signed.as_str()) {
+                continue;
+            }
+            if parent.file(&signed).is_none() {
+                return Err(ProductError::Verify {
+                    url: url.clone(),
+                    problem: format!("signs `{signed}`, which the parent's manifest does not list"),
+                });
+            }
+            let sign = read(&staged.path_for(path)?)?;
+            let signed_bytes = read(&staged.path_for(&signed)?)?;
+            clamav::verify_sign_file(&sign, &signed_bytes, None).map_err(clamav_error)?;
+        } else if !downloaded.contains(path) {
+            continue;
+        } else if path.ends_with(".cvd") {
+            let bytes = read(&staged.path_for(path)?)?;
+            let header = tokio::task::spawn_blocking(move || clamav::verify_cvd(&bytes))
+                .await
+                .expect("cvd verification does not panic")
+                .map_err(clamav_error)?;
+            if let Some(version) = &file.version
+                && *version != header.version.to_string()
+            {
+                return Err(ProductError::Verify {
+                    url: url.clone(),
+                    problem: format!(
+                        "is version {}, the parent's manifest says {version}",
+                        header.version
+                    ),
+                });
+            }
+        } else if path.ends_with(".cdiff") {
+            clamav::verify_cdiff(&read(&staged.path_for(path)?)?).map_err(clamav_error)?;
+        }
+    }
+    Ok(downloaded.len())
+}
+
+/// The file a ClamAV detached signature signs: `X.cdiff.sign` signs `X.cdiff`,
+/// `<db>-<N>.cvd.sign` signs `<db>.cvd`.
+pub(crate) fn signed_file(path: &str) -> Option<String> {
+    let unsigned = path.strip_suffix(".sign")?;
+    if unsigned.ends_with(".cdiff") {
+        return Some(unsigned.to_string());
+    }
+    let (db, version) = unsigned.strip_suffix(".cvd")?.rsplit_once('-')?;
+    let numbered = !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit());
+    (numbered && !db.is_empty() && !db.ends_with('/')).then(|| format!("{db}.cvd"))
 }
 
 #[cfg(test)]
@@ -850,6 +1341,25 @@ mod tests {
             ("a\\b", false),
         ] {
             assert_eq!(safe_relative_path(path), ok, "{path}");
+        }
+    }
+
+    #[test]
+    fn a_sign_file_names_the_file_it_signs() {
+        for (path, signed) in [
+            (
+                "clamav/daily-27430.cdiff.sign",
+                Some("clamav/daily-27430.cdiff"),
+            ),
+            ("clamav/daily-27430.cvd.sign", Some("clamav/daily.cvd")),
+            ("clamav/test-6.cvd.sign", Some("clamav/test.cvd")),
+            ("clamav/daily.cvd.sign", None),
+            ("clamav/daily-x.cvd.sign", None),
+            ("clamav/-6.cvd.sign", None),
+            ("clamav/daily.cvd", None),
+            ("clamav/notes.sign", None),
+        ] {
+            assert_eq!(signed_file(path).as_deref(), signed, "{path}");
         }
     }
 }

@@ -1,0 +1,745 @@
+//! Closed networks: `pm-mirror export` writes latest into a signed bundle on the connected side;
+//! `pm-mirror import` verifies one completely before anything changes and stages it as latest,
+//! exactly as a sync that produced the same revision would. `key` and `trust` manage who may
+//! sign what this mirror accepts.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use chrono::Utc;
+use serde::Serialize;
+
+use crate::bundle::{self, BundleBase, ReadLimits};
+use crate::clamav;
+use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
+use crate::inventory::{Inventory, SyncRecord};
+use crate::manifest::{FileEntry, Manifest};
+use crate::pki::{self, SigningKey};
+use crate::repo::{Generations, Repo, StagedRevision};
+
+use super::{inventory_error, repo_error};
+
+/// `--json` document of `pm-mirror export`.
+#[derive(Debug, Serialize)]
+pub struct ExportReport {
+    /// A new file was written.
+    pub changed: bool,
+    /// The bundle file.
+    pub out: PathBuf,
+    /// Revision exported.
+    pub revision: String,
+    /// Base revision of an incremental bundle.
+    pub since: Option<String>,
+    /// Files carried.
+    pub files: usize,
+    /// Bytes of the bundle.
+    pub size: u64,
+    /// sha256 of the bundle, to compare on both sides.
+    pub sha256: String,
+    /// Fingerprint of the signing key the importer must trust.
+    pub exporter: String,
+}
+
+/// `pm-mirror export --out FILE [--since REV]`.
+pub fn run_export(
+    home: &Path,
+    global: &GlobalArgs,
+    out: &Path,
+    since: Option<&str>,
+) -> anyhow::Result<ExitStatus> {
+    let started_at = Utc::now();
+    let repo = Repo::new(home);
+    let generations = repo.generations().map_err(repo_error)?;
+    let Some(latest) = generations.latest.clone() else {
+        return Err(
+            UserError::failure("latest is empty: there is nothing to export")
+                .with_hint("run `pm-mirror sync` first")
+                .into(),
+        );
+    };
+    let manifest = repo.manifest(&latest).map_err(repo_error)?;
+    let base = match since {
+        None => None,
+        Some(revision) => Some((
+            revision.to_string(),
+            base_files(home, &repo, global, revision)?,
+        )),
+    };
+    let included: Vec<String> = manifest
+        .files
+        .iter()
+        .filter(|file| {
+            base.as_ref().is_none_or(|(_, files)| {
+                !files
+                    .iter()
+                    .any(|b| b.path == file.path && b.sha256 == file.sha256)
+            })
+        })
+        .map(|file| file.path.clone())
+        .collect();
+    let bundle_base = base.as_ref().map(|(revision, files)| BundleBase {
+        revision: revision.clone(),
+        content_sha256: crate::manifest::content_sha256(files),
+    });
+    if global.dry_run {
+        let bytes: u64 = manifest
+            .files
+            .iter()
+            .filter(|f| included.contains(&f.path))
+            .map(|f| f.size)
+            .sum();
+        cli::print_text(format!(
+            "would export {latest}{} to `{}`: {} files, {}",
+            since.map(|s| format!(" since {s}")).unwrap_or_default(),
+            out.display(),
+            included.len(),
+            cli::human_bytes(bytes)
+        ))?;
+        return Ok(ExitStatus::Success);
+    }
+    let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
+    let total: u64 = manifest
+        .files
+        .iter()
+        .filter(|f| included.contains(&f.path))
+        .map(|f| f.size)
+        .sum();
+    let bar = global.show_progress().then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "export {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    });
+    let progress = |written: u64| {
+        if let Some(bar) = &bar {
+            bar.set_position(written);
+        }
+    };
+    let (header, written) = bundle::write_bundle(
+        out,
+        &repo.revision_dir(&latest),
+        bundle_base,
+        included,
+        &key,
+        &progress,
+    )
+    .map_err(|err| UserError::failure(err.to_string()))?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let report = ExportReport {
+        changed: true,
+        out: out.to_owned(),
+        revision: latest.clone(),
+        since: since.map(String::from),
+        files: header.included.len(),
+        size: written.size,
+        sha256: written.sha256.clone(),
+        exporter: header.exporter.clone(),
+    };
+    let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+    let summary = format!(
+        "exported {latest}{} to {} (sha256 {})",
+        since.map(|s| format!(" since {s}")).unwrap_or_default(),
+        out.display(),
+        written.sha256
+    );
+    inventory
+        .insert_job("export", started_at, "ok", &summary)
+        .map_err(inventory_error)?;
+    drop(inventory);
+    if global.json {
+        cli::print_json(&report)?;
+    } else if !global.quiet {
+        cli::print_text(format!(
+            "exported {latest}{} to {}: {} files, {}\nsha256 {}  {}\nthe importing mirror must trust key {}",
+            since.map(|s| format!(" since {s}")).unwrap_or_default(),
+            out.display(),
+            report.files,
+            cli::human_bytes(report.size),
+            report.sha256,
+            out.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            report.exporter,
+        ))?;
+    }
+    Ok(ExitStatus::Success)
+}
+
+/// The files of `revision`, from the repository when it is still there, else from the inventory.
+fn base_files(
+    home: &Path,
+    repo: &Repo,
+    global: &GlobalArgs,
+    revision: &str,
+) -> anyhow::Result<Vec<FileEntry>> {
+    if let Ok(manifest) = repo.manifest(revision) {
+        return Ok(manifest.files);
+    }
+    let files =
+        match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
+            Some(inventory) => inventory
+                .revision_files(revision)
+                .map_err(inventory_error)?,
+            None => Vec::new(),
+        };
+    if files.is_empty() {
+        return Err(UserError::usage(format!("unknown revision `{revision}`"))
+            .with_hint(
+                "--since takes a revision of this mirror (`r42`) that the closed side imported",
+            )
+            .into());
+    }
+    Ok(files)
+}
+
+/// `--json` document of `pm-mirror import`.
+#[derive(Debug, Serialize)]
+pub struct ImportReport {
+    /// Whether latest changed.
+    pub changed: bool,
+    /// Latest after the import.
+    pub revision: Option<String>,
+    /// Latest before.
+    pub previous_revision: Option<String>,
+    /// The exporter's name for the revision.
+    pub exported_revision: String,
+    /// Fingerprint of the trusted key that signed the bundle.
+    pub signer: String,
+    /// sha256 of the bundle file.
+    pub sha256: String,
+    /// Bytes of the bundle file.
+    pub size: u64,
+    /// Files carried by the bundle.
+    pub files_imported: usize,
+    /// Why nothing changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `pm-mirror import FILE`.
+pub fn run_import(
+    home: &Path,
+    global: &GlobalArgs,
+    file: &Path,
+    allow_downgrade: bool,
+    max_size: u64,
+) -> anyhow::Result<ExitStatus> {
+    let started_at = Utc::now();
+    let reject = |message: String| -> anyhow::Error {
+        UserError::failure(format!("bundle `{}` rejected: {message}", file.display()))
+            .with_hint("nothing was changed; check the bundle's sha256 against the exporting side")
+            .into()
+    };
+    let source = std::fs::File::open(file).map_err(|err| {
+        UserError::usage(format!("cannot open bundle `{}`: {err}", file.display()))
+    })?;
+    let length = source.metadata().map(|m| m.len()).unwrap_or(0);
+    if length > max_size {
+        return Err(reject(format!(
+            "{length} bytes is larger than the limit of {max_size} (raise it with --max-size)"
+        )));
+    }
+    let trusted = pki::trusted_keys(home).context("cannot read the trust store")?;
+    if trusted.is_empty() {
+        return Err(UserError::failure(format!("bundle `{}` rejected: this mirror trusts no exporter key", file.display()))
+            .with_hint("on the exporting side run `pm-mirror key export-public --out exporter.pem`, carry it across, then `pm-mirror trust add exporter.pem`")
+            .into());
+    }
+    // Verify everything in a staging directory beside the repository; the repository itself is
+    // not touched until the bundle is known good.
+    let staging_dir = home.join(format!(".import-{}", std::process::id()));
+    let mut staged = StagedRevision::at(staging_dir.clone())
+        .with_context(|| format!("cannot create `{}`", staging_dir.display()))?;
+    let outcome = verify_into(
+        &mut staged,
+        home,
+        source,
+        &trusted,
+        max_size,
+        allow_downgrade,
+    );
+    let verified = match outcome {
+        Ok(verified) => verified,
+        Err(err) => {
+            staged.discard();
+            return Err(reject(err));
+        }
+    };
+    let result = commit_import(home, global, file, staged, verified, started_at);
+    let _ = std::fs::remove_dir_all(&staging_dir);
+    result
+}
+
+/// A bundle verified into staging, with what the commit needs.
+struct VerifiedImport {
+    bundle: bundle::VerifiedBundle,
+    previous: Option<Manifest>,
+    generations: Generations,
+}
+
+fn verify_into(
+    staged: &mut StagedRevision,
+    home: &Path,
+    source: std::fs::File,
+    trusted: &[pki::TrustedKey],
+    max_size: u64,
+    allow_downgrade: bool,
+) -> Result<VerifiedImport, String> {
+    let reader = std::io::BufReader::with_capacity(1 << 20, source);
+    let verified = bundle::read_bundle(reader, staged.dir(), trusted, ReadLimits { max_size })
+        .map_err(|err| err.to_string())?;
+    let repo = Repo::new(home);
+    let generations = repo.generations().map_err(|err| err.to_string())?;
+    let previous = match &generations.latest {
+        Some(latest) => Some(repo.manifest(latest).map_err(|err| err.to_string())?),
+        None => None,
+    };
+    // An incremental bundle needs the base content here; its other files come from latest.
+    if let Some(base) = &verified.header.base {
+        let matches = previous
+            .as_ref()
+            .is_some_and(|p| p.content_sha256 == base.content_sha256);
+        if !matches {
+            return Err(format!(
+                "it holds only what changed since the exporter's {} but latest here is {}; \
+                 export a full bundle, or one --since the revision this side last imported",
+                base.revision,
+                previous
+                    .as_ref()
+                    .map(|p| p.revision.as_str())
+                    .unwrap_or("empty"),
+            ));
+        }
+    }
+    let previous_dir = generations
+        .latest
+        .as_ref()
+        .map(|latest| repo.revision_dir(latest));
+    for file in &verified.manifest.files {
+        if verified.header.included.contains(&file.path) {
+            staged.add(file.clone());
+            continue;
+        }
+        let local = previous.as_ref().and_then(|p| p.file(&file.path));
+        match (local, &previous_dir) {
+            (Some(local), Some(dir)) if local.sha256 == file.sha256 && local.size == file.size => {
+                staged
+                    .carry_over(dir, file.clone())
+                    .map_err(|err| err.to_string())?;
+            }
+            _ => {
+                return Err(format!(
+                    "`{}` is neither in the bundle nor in latest",
+                    file.path
+                ));
+            }
+        }
+    }
+    verify_clamav_files(staged.dir(), &verified.manifest)?;
+    if let Some(previous) = &previous
+        && !allow_downgrade
+    {
+        check_no_downgrade(previous, &verified.manifest)?;
+    }
+    Ok(VerifiedImport {
+        bundle: verified,
+        previous,
+        generations,
+    })
+}
+
+/// The same ClamAV checks a sync makes: every CVD, cdiff and detached signature.
+fn verify_clamav_files(dir: &Path, manifest: &Manifest) -> Result<(), String> {
+    let read = |path: &str| {
+        std::fs::read(dir.join(path)).map_err(|err| format!("cannot read `{path}`: {err}"))
+    };
+    for file in &manifest.files {
+        let path = file.path.as_str();
+        let checked = if path.ends_with(".cvd") {
+            clamav::verify_cvd(&read(path)?).map(|_| ())
+        } else if path.ends_with(".cdiff") {
+            clamav::verify_cdiff(&read(path)?)
+        } else if let Some(signed) = super::sync::signed_file(path) {
+            clamav::verify_sign_file(&read(path)?, &read(&signed)?, None).map(|_| ())
+        } else {
+            Ok(())
+        };
+        checked.map_err(|err| format!("`{path}`: {err}"))?;
+    }
+    Ok(())
+}
+
+/// Refuses a bundle that would move a numeric component version backwards.
+fn check_no_downgrade(previous: &Manifest, incoming: &Manifest) -> Result<(), String> {
+    for product in &incoming.products {
+        let Some(before) = previous.product(&product.name) else {
+            continue;
+        };
+        for component in &product.components {
+            let Some(old) = before.components.iter().find(|c| c.name == component.name) else {
+                continue;
+            };
+            if let (Ok(new), Ok(old_number)) =
+                (component.version.parse::<u64>(), old.version.parse::<u64>())
+                && new < old_number
+            {
+                return Err(format!(
+                    "it carries {}/{} version {new}, older than latest's {old_number}; \
+                     pass --allow-downgrade to accept an older bundle",
+                    product.name, component.name
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn commit_import(
+    home: &Path,
+    global: &GlobalArgs,
+    file: &Path,
+    staged: StagedRevision,
+    verified: VerifiedImport,
+    started_at: chrono::DateTime<Utc>,
+) -> anyhow::Result<ExitStatus> {
+    let VerifiedImport {
+        bundle,
+        previous,
+        generations,
+    } = verified;
+    let mut report = ImportReport {
+        changed: false,
+        revision: generations.latest.clone(),
+        previous_revision: generations.latest.clone(),
+        exported_revision: bundle.header.revision.clone(),
+        signer: bundle.signer.clone(),
+        sha256: bundle.sha256.clone(),
+        size: bundle.size,
+        files_imported: bundle.header.included.len(),
+        reason: None,
+    };
+    let same_content = previous.as_ref().is_some_and(|p| {
+        p.content_sha256 == bundle.manifest.content_sha256 && p.products == bundle.manifest.products
+    });
+    if global.dry_run || same_content {
+        staged.discard();
+        report.reason = Some(if same_content {
+            format!(
+                "latest already holds this content ({})",
+                generations.latest.clone().unwrap_or_default()
+            )
+        } else {
+            "dry run: verified, nothing changed".into()
+        });
+        if same_content && !global.dry_run {
+            let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+            record_import(
+                &inventory,
+                home,
+                &bundle,
+                &report,
+                started_at,
+                previous.as_ref(),
+            )?;
+        }
+        print_import(global, &report, file)?;
+        return Ok(ExitStatus::Success);
+    }
+    let repo = Repo::new(home);
+    let lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
+    let now = repo.generations().map_err(repo_error)?;
+    if now.latest != generations.latest {
+        staged.discard();
+        return Err(UserError::failure(
+            "latest changed while the bundle was being verified (a sync or another import ran)",
+        )
+        .with_hint("run the import again")
+        .into());
+    }
+    // Open the inventory before anything becomes visible: a lock timeout then changes nothing.
+    let inventory = match Inventory::open(home, global.lock_timeout) {
+        Ok(inventory) => inventory,
+        Err(err) => {
+            staged.discard();
+            return Err(inventory_error(err));
+        }
+    };
+    let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
+    let manifest = staged
+        .commit(
+            &repo,
+            &lock,
+            &key,
+            "bundle",
+            bundle.manifest.products.clone(),
+        )
+        .map_err(repo_error)?;
+    let after = Generations {
+        latest: Some(manifest.revision.clone()),
+        ..now
+    };
+    repo.switch(&lock, &after).map_err(repo_error)?;
+    drop(lock);
+    report.changed = true;
+    report.revision = Some(manifest.revision.clone());
+    record_import(
+        &inventory,
+        home,
+        &bundle,
+        &report,
+        started_at,
+        previous.as_ref(),
+    )?;
+    print_import(global, &report, file)?;
+    Ok(ExitStatus::Success)
+}
+
+/// Records the import as a sync from `bundle`: a job and one `mirror_syncs` row per product.
+fn record_import(
+    inventory: &Inventory,
+    home: &Path,
+    bundle: &bundle::VerifiedBundle,
+    report: &ImportReport,
+    started_at: chrono::DateTime<Utc>,
+    previous: Option<&Manifest>,
+) -> anyhow::Result<()> {
+    let finished_at = Utc::now();
+    inventory
+        .transaction(|inv| {
+            let summary = match (&report.revision, report.changed) {
+                (Some(revision), true) => format!(
+                    "imported bundle {} (exporter's {}) as {revision}",
+                    report.sha256, report.exported_revision
+                ),
+                _ => format!("bundle {} changed nothing", report.sha256),
+            };
+            let status = if report.changed { "ok" } else { "unchanged" };
+            let job_id = inv.insert_job("import", started_at, status, &summary)?;
+            super::record_live_revisions(inv, &Repo::new(home))?;
+            let rows: Vec<SyncRecord> = bundle
+                .manifest
+                .products
+                .iter()
+                .map(|product| {
+                    let files = |m: &Manifest| -> Vec<(String, String)> {
+                        m.product_files(&product.name)
+                            .map(|f| (f.path.clone(), f.sha256.clone()))
+                            .collect()
+                    };
+                    let updated = previous.is_none_or(|p| files(p) != files(&bundle.manifest));
+                    SyncRecord {
+                        product: product.name.clone(),
+                        source: "bundle".into(),
+                        started_at,
+                        finished_at,
+                        result: if updated && report.changed {
+                            "updated"
+                        } else {
+                            "unchanged"
+                        }
+                        .into(),
+                        bytes_downloaded: bundle
+                            .bytes_per_product
+                            .get(&product.name)
+                            .copied()
+                            .unwrap_or(0),
+                        versions: product
+                            .components
+                            .iter()
+                            .map(|c| format!("{}={}", c.name, c.version))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        revision: report.revision.clone().filter(|_| report.changed),
+                        error: None,
+                        bundle_sha256: Some(report.sha256.clone()),
+                    }
+                })
+                .collect();
+            inv.record_syncs(job_id, &rows)
+        })
+        .map_err(inventory_error)?;
+    Ok(())
+}
+
+fn print_import(global: &GlobalArgs, report: &ImportReport, file: &Path) -> anyhow::Result<()> {
+    if global.json {
+        return cli::print_json(report);
+    }
+    if global.quiet {
+        return Ok(());
+    }
+    let verdict = match (&report.reason, &report.revision) {
+        (Some(reason), _) => format!("no change: {reason}"),
+        (None, Some(revision)) => {
+            format!("latest is now {revision} (publish it with `pm-mirror publish`)")
+        }
+        (None, None) => String::new(),
+    };
+    cli::print_text(format!(
+        "bundle {} verified: signed by {}, exporter's {}, {} files, {}\nsha256 {}\n{verdict}",
+        file.display(),
+        report.signer,
+        report.exported_revision,
+        report.files_imported,
+        cli::human_bytes(report.size),
+        report.sha256,
+    ))
+}
+
+/// `pm-mirror key export-public --out FILE`.
+pub fn run_key_export_public(
+    home: &Path,
+    global: &GlobalArgs,
+    out: &Path,
+) -> anyhow::Result<ExitStatus> {
+    let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
+    let pem = key.public_key_pem()?;
+    let fingerprint = key.fingerprint()?;
+    let changed = std::fs::read(out).ok().as_deref() != Some(pem.as_slice());
+    if changed && !global.dry_run {
+        crate::durable::write_atomic(out, &pem, 0o644)
+            .with_context(|| format!("cannot write `{}`", out.display()))?;
+    }
+    if global.json {
+        cli::print_json(
+            &serde_json::json!({ "changed": changed, "out": out, "fingerprint": fingerprint }),
+        )?;
+    } else {
+        cli::print_text(format!(
+            "public key {fingerprint} written to {}",
+            out.display()
+        ))?;
+    }
+    Ok(ExitStatus::Success)
+}
+
+/// `pm-mirror trust add FILE`.
+pub fn run_trust_add(home: &Path, global: &GlobalArgs, file: &Path) -> anyhow::Result<ExitStatus> {
+    let pem = std::fs::read(file)
+        .map_err(|err| UserError::usage(format!("cannot read `{}`: {err}", file.display())))?;
+    let (fingerprint, _) = pki::parse_public_key(&pem, file).map_err(|err| {
+        UserError::usage(err.to_string()).with_hint(
+            "give the PEM file written by `pm-mirror key export-public` on the exporting mirror",
+        )
+    })?;
+    let changed = if global.dry_run {
+        !pki::trusted_keys(home)?
+            .iter()
+            .any(|k| k.fingerprint == fingerprint)
+    } else {
+        pki::trust_key(home, &pem, file)?.1
+    };
+    if global.json {
+        cli::print_json(&serde_json::json!({ "changed": changed, "fingerprint": fingerprint }))?;
+    } else if changed {
+        cli::print_text(format!("trusting {fingerprint}"))?;
+    } else {
+        cli::print_text(format!("already trusted: {fingerprint}"))?;
+    }
+    Ok(ExitStatus::Success)
+}
+
+/// `pm-mirror trust list`.
+pub fn run_trust_list(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
+    let keys = pki::trusted_keys(home)?;
+    if global.json {
+        let keys: Vec<_> = keys
+            .iter()
+            .map(|k| serde_json::json!({ "fingerprint": k.fingerprint, "path": k.path }))
+            .collect();
+        cli::print_json(&serde_json::json!({ "changed": false, "keys": keys }))?;
+        return Ok(ExitStatus::Success);
+    }
+    let mut table = cli::table(&["fingerprint", "added", "file"]);
+    for key in &keys {
+        let added = std::fs::metadata(&key.path)
+            .and_then(|m| m.modified())
+            .map(|t| {
+                chrono::DateTime::<Utc>::from(t)
+                    .format("%Y-%m-%d %H:%M:%SZ")
+                    .to_string()
+            })
+            .unwrap_or_default();
+        table.add_row(vec![
+            key.fingerprint.clone(),
+            added,
+            key.path.display().to_string(),
+        ]);
+    }
+    cli::print_text(table)?;
+    Ok(ExitStatus::Success)
+}
+
+/// `pm-mirror trust remove FINGERPRINT`.
+pub fn run_trust_remove(
+    home: &Path,
+    global: &GlobalArgs,
+    fingerprint: &str,
+) -> anyhow::Result<ExitStatus> {
+    if global.dry_run {
+        return Ok(ExitStatus::Success);
+    }
+    match pki::distrust_key(home, fingerprint)? {
+        Some(removed) => {
+            if global.json {
+                cli::print_json(&serde_json::json!({ "changed": true, "fingerprint": removed }))?;
+            } else {
+                cli::print_text(format!("no longer trusting {removed}"))?;
+            }
+            Ok(ExitStatus::Success)
+        }
+        None => Err(
+            UserError::usage(format!("no single trusted key matches `{fingerprint}`"))
+                .with_hint("see `pm-mirror trust list`")
+                .into(),
+        ),
+    }
+}
+
+/// Parses sizes like `8G`, `500M`, `64K` or plain bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size: use e.g. 500M or 8G"))?;
+    let factor: u64 = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(format!("unknown unit in `{text}`: use K, M, G or T")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("500M"), Ok(500 << 20));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("big").is_err());
+        assert!(parse_size("5Q").is_err());
+    }
+}

@@ -1,0 +1,553 @@
+//! Closed networks: `export` on a connected mirror, `import` on one that cannot reach upstream,
+//! every rejection the reader promises (with the offline mirror byte-for-byte unchanged), and
+//! a real freshclam updating from the imported data.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::support::{Home, Lab, Pm, manifest, testdb};
+
+/// A connected mirror synced from the lab, whose public key the offline mirror trusts.
+struct Sites {
+    lab: Lab,
+    online: Home,
+    offline: Home,
+    work: tempfile::TempDir,
+}
+
+impl Sites {
+    fn new(version: u32) -> Sites {
+        let lab = Lab::start(version);
+        let online = Home::new();
+        online.clamav_config(&lab, "");
+        Pm::mirror(&online).args(["sync"]).json();
+        let offline = Home::new();
+        // The closed side mirrors nothing itself: its data only arrives in bundles.
+        offline.config("[retention]\narchives = 5\n");
+        let work = tempfile::tempdir().unwrap();
+        let key = work.path().join("online.pem");
+        Pm::mirror(&online)
+            .args(["key", "export-public", "--out"])
+            .arg_path(&key)
+            .json();
+        let trusted = Pm::mirror(&offline)
+            .args(["trust", "add"])
+            .arg_path(&key)
+            .json();
+        assert_eq!(trusted["changed"], true);
+        Sites {
+            lab,
+            online,
+            offline,
+            work,
+        }
+    }
+
+    fn bundle_path(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+
+    fn export(&self, name: &str, since: Option<&str>) -> serde_json::Value {
+        let out = self.bundle_path(name);
+        let mut pm = Pm::mirror(&self.online)
+            .args(["export", "--out"])
+            .arg_path(&out);
+        if let Some(since) = since {
+            pm = pm.args(["--since", since]);
+        }
+        pm.json()
+    }
+
+    fn import(&self, name: &str) -> crate::support::Run {
+        Pm::mirror(&self.offline)
+            .args(["import", "--json"])
+            .arg_path(&self.bundle_path(name))
+            .run()
+    }
+}
+
+trait ArgPath {
+    fn arg_path(self, path: &Path) -> Self;
+}
+
+impl ArgPath for Pm {
+    fn arg_path(self, path: &Path) -> Pm {
+        self.args([path.as_os_str()])
+    }
+}
+
+#[test]
+fn an_offline_mirror_imports_a_bundle_publishes_it_and_freshclam_updates_from_it() {
+    let sites = Sites::new(6);
+    let export = sites.export("full.tar", None);
+    assert_eq!(export["revision"], "r1");
+    let sha256 = export["sha256"].as_str().unwrap().to_string();
+    let bytes = std::fs::read(sites.bundle_path("full.tar")).unwrap();
+    assert_eq!(
+        pm::manifest::hex(&openssl::sha::sha256(&bytes)),
+        sha256,
+        "the printed sha256 is the file's"
+    );
+
+    // The offline mirror has no route to the lab: its pm.toml names no upstream at all.
+    let run = sites.import("full.tar");
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let report = run.json();
+    assert_eq!(
+        (report["changed"].clone(), report["sha256"].clone()),
+        (true.into(), sha256.clone().into())
+    );
+    let online = manifest(&sites.online, "latest");
+    let offline = manifest(&sites.offline, "latest");
+    assert_eq!(offline.content_sha256, online.content_sha256);
+    assert_eq!(offline.files, online.files);
+    assert_eq!(offline.products, online.products);
+    assert_eq!(offline.source, "bundle");
+
+    // Importing the same bundle again changes nothing.
+    let again = sites.import("full.tar");
+    assert_eq!(
+        (again.code(), again.json()["changed"].clone()),
+        (0, false.into())
+    );
+
+    // The import is in the inventory like a sync, with the bundle's sha256.
+    let inventory =
+        pm::inventory::Inventory::open_read_only(sites.offline.path(), Duration::from_secs(5))
+            .unwrap()
+            .unwrap();
+    let rows = inventory
+        .query_strings("SELECT source || ',' || result || ',' || versions || ',' || bundle_sha256 FROM mirror_syncs ORDER BY id")
+        .unwrap();
+    assert_eq!(rows[0], format!("bundle,updated,test=6,{sha256}"));
+    assert_eq!(rows[1], format!("bundle,unchanged,test=6,{sha256}"));
+    drop(inventory);
+
+    // status shows when the last bundle came and how old the newest data is.
+    let status = Pm::mirror(&sites.offline).args(["status"]).json();
+    assert_eq!(status["last_import"]["bundle_sha256"], sha256.as_str());
+    assert_eq!(status["newest_build_time"], "2021-06-23T01:34:05Z");
+    assert!(status["newest_data_age_seconds"].as_i64().unwrap() > 365 * 86400);
+    let text = Pm::mirror(&sites.offline).args(["status"]).run().stdout();
+    assert!(
+        text.contains("last bundle import") && text.contains("newest data built 2021-06-23"),
+        "{text}"
+    );
+
+    // Publish and serve on the closed side; a stock freshclam updates test-1 -> test-6 from it.
+    Pm::mirror(&sites.offline).args(["publish"]).json();
+    let server = crate::support::Server::start(&sites.offline);
+    crate::support::freshclam_updates_test_1_to_6(&server.base, "DatabaseMirror", "test.cld");
+    drop(sites.lab);
+}
+
+#[test]
+fn an_incremental_bundle_carries_only_what_changed_since_an_imported_revision() {
+    let sites = Sites::new(3);
+    sites.export("r1.tar", None);
+    assert_eq!(sites.import("r1.tar").code(), 0);
+
+    sites.lab.upstream.set_version(6).unwrap();
+    Pm::mirror(&sites.online).args(["sync"]).json();
+    let full = sites.export("r2-full.tar", None);
+    let incremental = sites.export("r2-since-r1.tar", Some("r1"));
+    assert!(incremental["files"].as_u64().unwrap() < full["files"].as_u64().unwrap());
+    assert!(incremental["size"].as_u64().unwrap() < full["size"].as_u64().unwrap());
+
+    let run = sites.import("r2-since-r1.tar");
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    assert_eq!(
+        manifest(&sites.offline, "latest").content_sha256,
+        manifest(&sites.online, "latest").content_sha256
+    );
+    let cvd = std::fs::read(sites.offline.repo("latest/clamav/test.cvd")).unwrap();
+    assert_eq!(cvd, std::fs::read(testdb().join("test-6.cvd")).unwrap());
+
+    // A mirror that never imported the base cannot use an incremental bundle.
+    let fresh = Home::new();
+    fresh.config("");
+    std::fs::create_dir_all(fresh.path().join("trust")).unwrap();
+    for entry in std::fs::read_dir(sites.offline.path().join("trust")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(
+            entry.path(),
+            fresh.path().join("trust").join(entry.file_name()),
+        )
+        .unwrap();
+    }
+    let refused = Pm::mirror(&fresh)
+        .args(["import"])
+        .args([sites.bundle_path("r2-since-r1.tar")])
+        .run();
+    assert_eq!(refused.code(), 1);
+    assert!(
+        refused.stderr().contains("only what changed since"),
+        "{}",
+        refused.stderr()
+    );
+}
+
+/// Every file and symlink under `dir`, with contents, for byte-for-byte comparisons.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(current) = stack.pop() {
+        for entry in std::fs::read_dir(&current).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let kind = entry.file_type().unwrap();
+            let relative = path.strip_prefix(dir).unwrap().to_path_buf();
+            if kind.is_symlink() {
+                let target = std::fs::read_link(&path).unwrap();
+                files.insert(relative, format!("-> {}", target.display()).into_bytes());
+            } else if kind.is_dir() {
+                files.insert(relative, b"<dir>".to_vec());
+                stack.push(path);
+            } else {
+                files.insert(relative, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// A tar member written byte by byte, so a test can make what `tar::Builder` refuses to.
+struct Member {
+    name: Vec<u8>,
+    kind: u8,
+    data: Vec<u8>,
+    link: Vec<u8>,
+}
+
+fn member(name: &str, data: &[u8]) -> Member {
+    Member {
+        name: name.as_bytes().to_vec(),
+        kind: b'0',
+        data: data.to_vec(),
+        link: Vec::new(),
+    }
+}
+
+fn raw_tar(members: &[Member]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for member in members {
+        let mut header = [0u8; 512];
+        header[..member.name.len()].copy_from_slice(&member.name);
+        header[100..107].copy_from_slice(b"0000644");
+        header[108..115].copy_from_slice(b"0000000");
+        header[116..123].copy_from_slice(b"0000000");
+        header[124..135].copy_from_slice(format!("{:011o}", member.data.len()).as_bytes());
+        header[136..147].copy_from_slice(b"00000000000");
+        header[156] = member.kind;
+        header[157..157 + member.link.len()].copy_from_slice(&member.link);
+        header[257..263].copy_from_slice(b"ustar\0");
+        header[263..265].copy_from_slice(b"00");
+        header[148..156].copy_from_slice(b"        ");
+        let checksum: u32 = header.iter().map(|b| *b as u32).sum();
+        header[148..155].copy_from_slice(format!("{checksum:06o}\0").as_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&member.data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// The four leading members of a bundle of `online`'s latest, signed with `key`, carrying
+/// `included` (all files when `None`).
+fn signed_preamble(
+    online: &Home,
+    key: &pm::pki::SigningKey,
+) -> (Vec<Member>, pm::manifest::Manifest) {
+    let dir = online.repo("latest");
+    let manifest_bytes = std::fs::read(dir.join("manifest.json")).unwrap();
+    let manifest: pm::manifest::Manifest = serde_json::from_slice(&manifest_bytes).unwrap();
+    let header = pm::bundle::BundleHeader {
+        format: pm::bundle::BUNDLE_FORMAT,
+        created_at: chrono::Utc::now(),
+        exporter: key.fingerprint().unwrap(),
+        revision: manifest.revision.clone(),
+        content_sha256: manifest.content_sha256.clone(),
+        manifest_sha256: pm::manifest::hex(&openssl::sha::sha256(&manifest_bytes)),
+        base: None,
+        included: manifest.files.iter().map(|f| f.path.clone()).collect(),
+    };
+    let header_bytes = serde_json::to_vec(&header).unwrap();
+    let members = vec![
+        member("bundle.json", &header_bytes),
+        member("bundle.sig", &key.sign(&header_bytes).unwrap()),
+        member("manifest.json", &manifest_bytes),
+        member(
+            "manifest.sig",
+            &std::fs::read(dir.join("manifest.sig")).unwrap(),
+        ),
+    ];
+    (members, manifest)
+}
+
+/// The file members of a correct bundle of `online`'s latest.
+fn file_members(online: &Home, manifest: &pm::manifest::Manifest) -> Vec<Member> {
+    manifest
+        .files
+        .iter()
+        .map(|f| {
+            member(
+                &format!("files/{}", f.path),
+                &std::fs::read(online.repo("latest").join(&f.path)).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_bad_bundle_is_rejected_and_the_offline_mirror_stays_byte_for_byte_the_same() {
+    let sites = Sites::new(3);
+    sites.export("r1.tar", None);
+    assert_eq!(sites.import("r1.tar").code(), 0);
+    sites.lab.upstream.set_version(6).unwrap();
+    Pm::mirror(&sites.online).args(["sync"]).json();
+    let good = sites.export("r2.tar", None);
+
+    let online_key = pm::pki::SigningKey::load_or_create(sites.online.path()).unwrap();
+    let stranger_home = tempfile::tempdir().unwrap();
+    let stranger_key = pm::pki::SigningKey::load_or_create(stranger_home.path()).unwrap();
+    let (preamble, latest) = signed_preamble(&sites.online, &online_key);
+    let files = file_members(&sites.online, &latest);
+    let with = |extra: Vec<Member>, skip_files: &[&str]| -> Vec<u8> {
+        let (mut members, _) = signed_preamble(&sites.online, &online_key);
+        members.extend(
+            file_members(&sites.online, &latest)
+                .into_iter()
+                .filter(|m| {
+                    !skip_files
+                        .iter()
+                        .any(|s| m.name == format!("files/{s}").as_bytes())
+                }),
+        );
+        members.extend(extra);
+        raw_tar(&members)
+    };
+    let link = |name: &str, kind: u8, target: &str| Member {
+        name: name.as_bytes().to_vec(),
+        kind,
+        data: Vec::new(),
+        link: target.as_bytes().to_vec(),
+    };
+    let good_bytes = std::fs::read(sites.bundle_path("r2.tar")).unwrap();
+    let mut tampered = files
+        .iter()
+        .map(|m| Member {
+            name: m.name.clone(),
+            kind: m.kind,
+            data: m.data.clone(),
+            link: Vec::new(),
+        })
+        .collect::<Vec<_>>();
+    let last = tampered.last_mut().unwrap();
+    let at = last.data.len() / 2;
+    last.data[at] ^= 1;
+    let mut tampered_bundle = preamble;
+    tampered_bundle.extend(tampered);
+    let stranger_bundle = {
+        let (mut members, _) = signed_preamble(&sites.online, &stranger_key);
+        members.extend(file_members(&sites.online, &latest));
+        raw_tar(&members)
+    };
+    let cases: Vec<(&str, Vec<u8>, &str, &[&str])> = vec![
+        (
+            "traversal",
+            with(vec![member("files/../../../../tmp/pm-escape", b"x")], &[]),
+            "path traversal",
+            &[],
+        ),
+        (
+            "absolute",
+            with(vec![member("/tmp/pm-escape", b"x")], &[]),
+            "absolute paths are not allowed",
+            &[],
+        ),
+        (
+            "symlink",
+            with(
+                vec![link("files/clamav/test.cvd", b'2', "/etc/passwd")],
+                &["clamav/test.cvd"],
+            ),
+            "links are not allowed",
+            &[],
+        ),
+        (
+            "hardlink",
+            with(
+                vec![link("files/clamav/test.cvd", b'1', "bundle.json")],
+                &["clamav/test.cvd"],
+            ),
+            "links are not allowed",
+            &[],
+        ),
+        (
+            "device",
+            with(
+                vec![link("files/clamav/test.cvd", b'3', "")],
+                &["clamav/test.cvd"],
+            ),
+            "device files are not allowed",
+            &[],
+        ),
+        (
+            "fifo",
+            with(
+                vec![link("files/clamav/test.cvd", b'6', "")],
+                &["clamav/test.cvd"],
+            ),
+            "device files are not allowed",
+            &[],
+        ),
+        (
+            "duplicate",
+            with(
+                vec![member(
+                    "files/clamav/test.cvd",
+                    &std::fs::read(sites.online.repo("latest/clamav/test.cvd")).unwrap(),
+                )],
+                &[],
+            ),
+            "appears twice",
+            &[],
+        ),
+        (
+            "unlisted",
+            with(
+                vec![member("files/clamav/extra.ndb", b"not in the manifest")],
+                &[],
+            ),
+            "not listed in the manifest",
+            &[],
+        ),
+        (
+            "missing",
+            with(Vec::new(), &["clamav/test.cvd"]),
+            "truncated",
+            &[],
+        ),
+        (
+            "truncated",
+            good_bytes[..good_bytes.len() / 2].to_vec(),
+            "truncated",
+            &[],
+        ),
+        (
+            "oversized",
+            good_bytes.clone(),
+            "larger than the limit",
+            &["--max-size", "20K"],
+        ),
+        ("untrusted", stranger_bundle, "does not trust", &[]),
+        (
+            "tampered",
+            raw_tar(&tampered_bundle),
+            "does not match the manifest",
+            &[],
+        ),
+        (
+            "garbage",
+            b"this is not a tar file at all".repeat(40),
+            "rejected",
+            &[],
+        ),
+    ];
+    assert!(good["files"].as_u64().unwrap() > 0);
+
+    let before = snapshot(sites.offline.path());
+    for (name, bytes, expected, extra_args) in cases {
+        let path = sites.bundle_path(&format!("{name}.tar"));
+        std::fs::write(&path, &bytes).unwrap();
+        let run = Pm::mirror(&sites.offline)
+            .args(["import"])
+            .args([&path])
+            .args(extra_args)
+            .run();
+        assert_eq!(run.code(), 1, "{name}: {}", run.stderr());
+        assert!(
+            run.stderr().contains(expected),
+            "{name}: `{expected}` not in {}",
+            run.stderr()
+        );
+        assert!(
+            run.stderr().contains("nothing was changed") || run.stderr().contains("hint:"),
+            "{name}"
+        );
+        assert_eq!(
+            snapshot(sites.offline.path()),
+            before,
+            "{name} changed the offline mirror"
+        );
+        assert!(
+            !Path::new("/tmp/pm-escape").exists(),
+            "{name} wrote outside the staging directory"
+        );
+    }
+
+    // The good bundle still imports after all that.
+    let run = sites.import("r2.tar");
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+}
+
+#[test]
+fn an_older_bundle_does_not_replace_a_newer_latest_unless_allowed() {
+    let sites = Sites::new(3);
+    sites.export("v3.tar", None);
+    sites.lab.upstream.set_version(6).unwrap();
+    Pm::mirror(&sites.online).args(["sync"]).json();
+    sites.export("v6.tar", None);
+    assert_eq!(sites.import("v6.tar").code(), 0);
+
+    let before = snapshot(sites.offline.path());
+    let refused = Pm::mirror(&sites.offline)
+        .args(["import"])
+        .args([sites.bundle_path("v3.tar")])
+        .run();
+    assert_eq!(refused.code(), 1);
+    assert!(
+        refused.stderr().contains("--allow-downgrade"),
+        "{}",
+        refused.stderr()
+    );
+    assert_eq!(snapshot(sites.offline.path()), before);
+
+    let allowed = Pm::mirror(&sites.offline)
+        .args(["import", "--allow-downgrade", "--json"])
+        .args([sites.bundle_path("v3.tar")])
+        .run();
+    assert_eq!(allowed.code(), 0, "{}", allowed.stderr());
+    let cvd = std::fs::read(sites.offline.repo("latest/clamav/test.cvd")).unwrap();
+    assert_eq!(cvd, std::fs::read(testdb().join("test-3.cvd")).unwrap());
+}
+
+#[test]
+fn trust_lists_and_removes_keys_and_refuses_non_keys() {
+    let sites = Sites::new(3);
+    let list = Pm::mirror(&sites.offline).args(["trust", "list"]).json();
+    let fingerprint = list["keys"][0]["fingerprint"].as_str().unwrap().to_string();
+    assert!(fingerprint.starts_with("sha256:"));
+    let not_a_key = sites.work.path().join("not-a-key.pem");
+    std::fs::write(&not_a_key, "hello").unwrap();
+    let refused = Pm::mirror(&sites.offline)
+        .args(["trust", "add"])
+        .args([&not_a_key])
+        .run();
+    assert_eq!(refused.code(), 2, "{}", refused.stderr());
+
+    let removed = Pm::mirror(&sites.offline)
+        .args(["trust", "remove", &fingerprint[7..20]])
+        .json();
+    assert_eq!(removed["fingerprint"], fingerprint.as_str());
+    sites.export("r1.tar", None);
+    let untrusted = sites.import("r1.tar");
+    assert_eq!(untrusted.code(), 1);
+    assert!(
+        untrusted.stderr().contains("trusts no exporter key"),
+        "{}",
+        untrusted.stderr()
+    );
+}

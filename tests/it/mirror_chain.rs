@@ -1,0 +1,420 @@
+//! Mirror chains: a site mirror whose upstream is a parent `pm-mirror serve` (product kind
+//! `pm`). The child holds the parent's products at the same paths, trusts only manifests signed
+//! with the parent's key, checks every file against the signed manifest, fetches only what
+//! changed, works through a proxy, and a real freshclam updates from the child.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use pm::lab::LabProxy;
+use pm::manifest::Manifest;
+use serde_json::json;
+
+use crate::support::{Home, Lab, Pm, Server, freshclam_updates_test_1_to_6, manifest, testdb};
+
+/// The parent's manifest signing public key, as `pm-mirror key export-public` writes it.
+fn parent_key(parent: &Home) -> PathBuf {
+    parent.path().join(pm::pki::SIGNING_PUBLIC_KEY_FILE)
+}
+
+/// A `pm.toml` with one `pm` product `site` chained to `base`, fast retries, plus `extra`.
+fn chain_config(child: &Home, base: &str, key: &Path, extra: &str) {
+    child.config(&format!(
+        "[[products]]\nname = \"site\"\nkind = \"pm\"\nurl = \"{base}\"\ntrusted_key = \"{}\"\n{extra}\n\
+         [http]\ntimeout = \"3s\"\nretries = 2\nbackoff = \"50ms\"\n",
+        key.display()
+    ));
+}
+
+/// A parent that synced the lab at `version` and published it.
+fn published_parent(version: u32) -> (Lab, Home) {
+    let lab = Lab::start(version);
+    let parent = Home::new();
+    parent.clamav_config(&lab, "");
+    Pm::mirror(&parent).args(["sync"]).json();
+    Pm::mirror(&parent).args(["publish"]).json();
+    (lab, parent)
+}
+
+fn sync_publish(home: &Home) -> serde_json::Value {
+    let report = Pm::mirror(home).args(["sync"]).json();
+    Pm::mirror(home).args(["publish"]).json();
+    report
+}
+
+/// Every file as (path, size, sha256, product).
+fn file_list(manifest: &Manifest) -> Vec<(String, u64, String, String)> {
+    manifest
+        .files
+        .iter()
+        .map(|f| (f.path.clone(), f.size, f.sha256.clone(), f.product.clone()))
+        .collect()
+}
+
+/// The child's dist holds exactly the parent's dist: same manifest file list, same bytes.
+fn assert_same_dist(parent: &Home, child: &Home) {
+    let parent_dist = manifest(parent, "dist");
+    let child_dist = manifest(child, "dist");
+    assert_eq!(file_list(&child_dist), file_list(&parent_dist));
+    for file in &parent_dist.files {
+        assert_eq!(
+            std::fs::read(child.repo("dist").join(&file.path)).unwrap(),
+            std::fs::read(parent.repo("dist").join(&file.path)).unwrap(),
+            "{}",
+            file.path
+        );
+    }
+}
+
+/// A sync that must fail: exit 1, the error on stdout, latest exactly as before, no staging.
+fn failed_sync(child: &Home, before: Option<&Manifest>) -> String {
+    let run = Pm::mirror(child).args(["sync"]).run();
+    assert_eq!(
+        run.code(),
+        1,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout(),
+        run.stderr()
+    );
+    match before {
+        Some(before) => assert_eq!(&manifest(child, "latest"), before, "latest must not change"),
+        None => assert!(!child.repo("latest/manifest.json").exists()),
+    }
+    let staging: Vec<_> = std::fs::read_dir(child.repo("revisions"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".staging"))
+        .collect();
+    assert!(staging.is_empty(), "staging left behind: {staging:?}");
+    run.stdout()
+}
+
+#[test]
+fn a_child_mirror_holds_the_parents_files_fetches_only_changes_and_freshclam_updates_from_it() {
+    let (lab, parent) = published_parent(3);
+    let parent_server = Server::start(&parent);
+    let child = Home::new();
+    chain_config(&child, &parent_server.base, &parent_key(&parent), "");
+
+    let first = sync_publish(&child);
+    assert_eq!(first["changed"], true);
+    let product = &first["products"][0];
+    assert_eq!(
+        [&product["name"], &product["kind"], &product["result"]],
+        [&json!("site"), &json!("pm"), &json!("updated")]
+    );
+    assert_eq!(product["components"][0]["name"], "clamav/test");
+    assert_eq!(product["components"][0]["upstream_version"], "3");
+    assert_eq!(product["components"][0]["version"], "3");
+    let parent_files = manifest(&parent, "dist").files.len();
+    assert_eq!(product["files_downloaded"], parent_files);
+    assert_same_dist(&parent, &child);
+    // The parent's product arrives as it is, at the same paths, marked with what brought it.
+    let child_dist = manifest(&child, "dist");
+    let entry = child_dist.product("clamav").unwrap();
+    assert_eq!(
+        (entry.kind.as_str(), entry.via.as_deref()),
+        ("clamav", Some("site"))
+    );
+    assert!(child.repo("dist/clamav/test.cvd").exists());
+    assert_eq!(child_dist.source, "parent");
+
+    // Nothing new on the parent: one 304 for its manifest, no body bytes.
+    let again = Pm::mirror(&child).args(["sync"]).json();
+    assert_eq!(again["changed"], false);
+    assert_eq!(again["bytes_downloaded"], 0);
+    assert_eq!(again["products"][0]["result"], "unchanged");
+
+    lab.upstream.set_version(6).unwrap();
+    sync_publish(&parent);
+    let before = manifest(&child, "latest");
+    let update = Pm::mirror(&child).args(["sync"]).json();
+    assert_eq!(update["changed"], true);
+    let product = &update["products"][0];
+    assert_eq!(product["components"][0]["previous_version"], "3");
+    assert_eq!(product["components"][0]["version"], "6");
+    // Only the files that changed come over the wire: test.cvd, cdiffs 4..6 and their
+    // signatures; cdiffs 2 and 3 are carried over from latest.
+    let parent_dist = manifest(&parent, "dist");
+    let changed: Vec<_> = parent_dist
+        .files
+        .iter()
+        .filter(|f| before.file(&f.path).is_none_or(|b| b.sha256 != f.sha256))
+        .collect();
+    assert!(changed.iter().all(|f| !f.path.contains("test-2.cdiff")));
+    assert_eq!(product["files_downloaded"], changed.len());
+    let manifest_bytes = std::fs::metadata(parent.repo("dist/manifest.json"))
+        .unwrap()
+        .len();
+    let signature_bytes = std::fs::metadata(parent.repo("dist/manifest.sig"))
+        .unwrap()
+        .len();
+    let file_bytes: u64 = changed.iter().map(|f| f.size).sum();
+    assert_eq!(
+        product["bytes_downloaded"],
+        file_bytes + manifest_bytes + signature_bytes
+    );
+    let latest = manifest(&child, "latest");
+    let carried = latest.file("clamav/test-2.cdiff").unwrap();
+    assert_eq!(Some(carried), before.file("clamav/test-2.cdiff"));
+    Pm::mirror(&child).args(["publish"]).json();
+    assert_same_dist(&parent, &child);
+
+    // `status` shows the components the parent brought.
+    let status = Pm::mirror(&child).args(["status"]).json();
+    let component = &status["products"][0]["components"][0];
+    assert_eq!(status["products"][0]["name"], "site");
+    assert_eq!(
+        [
+            &component["name"],
+            &component["upstream"],
+            &component["latest"],
+            &component["dist"]
+        ],
+        [&json!("clamav/test"), &json!("6"), &json!("6"), &json!("6")]
+    );
+    assert_eq!(component["backups"][0], "3");
+
+    // A stock freshclam pointed at the child updates test-1 -> test-6 through the cdiffs.
+    let child_server = Server::start(&child);
+    freshclam_updates_test_1_to_6(&child_server.base, "DatabaseMirror", "test.cld");
+}
+
+#[test]
+fn a_child_with_the_wrong_trusted_key_refuses_the_parents_manifest() {
+    let (lab, parent) = published_parent(3);
+    let server = Server::start(&parent);
+    let child = Home::new();
+    chain_config(&child, &server.base, &parent_key(&parent), "");
+    Pm::mirror(&child).args(["sync"]).json();
+    let before = manifest(&child, "latest");
+    lab.upstream.set_version(6).unwrap();
+    sync_publish(&parent);
+
+    // Another mirror's key: the parent's manifest is not signed by it.
+    let stranger = Home::new();
+    pm::pki::SigningKey::load_or_create(stranger.path()).unwrap();
+    let wrong = parent_key(&stranger);
+    chain_config(&child, &server.base, &wrong, "");
+    let out = failed_sync(&child, Some(&before));
+    let manifest_url = format!("{}/manifest.json", server.base);
+    assert!(
+        out.contains(&format!(
+            "`{manifest_url}` is not signed by the trusted key `{}`",
+            wrong.display()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("manifest.sig` does not match"), "{out}");
+    let json = Pm::mirror(&child).args(["--json", "sync"]).run();
+    assert_eq!(json.code(), 1);
+    assert_eq!(json.json()["products"][0]["result"], "failed");
+    assert_eq!(json.json()["changed"], false);
+
+    // A key file that is missing or not a key says so before contacting the parent.
+    let missing = child.path().join("nope.pem");
+    chain_config(&child, &server.base, &missing, "");
+    let out = failed_sync(&child, Some(&before));
+    assert!(
+        out.contains(&format!(
+            "cannot use the trusted key `{}` for `{}`: cannot read it",
+            missing.display(),
+            server.base
+        )),
+        "{out}"
+    );
+    std::fs::write(&missing, "not a key\n").unwrap();
+    let out = failed_sync(&child, Some(&before));
+    assert!(out.contains("it is not a PEM public key"), "{out}");
+
+    // With the right key the same sync goes through.
+    chain_config(&child, &server.base, &parent_key(&parent), "");
+    let ok = Pm::mirror(&child).args(["sync"]).json();
+    assert_eq!(ok["products"][0]["components"][0]["version"], "6");
+}
+
+/// What the fake parent does to file bodies (the manifest and its signature stay genuine).
+#[derive(Clone, Copy)]
+enum Tamper {
+    FlipByte,
+    AppendByte,
+}
+
+/// A parent that serves a real parent's signed manifest but tampered files.
+fn tampering_parent(lab: &Lab, dist: PathBuf, tamper: Arc<Mutex<Tamper>>) -> String {
+    use axum::extract::Request;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let app = axum::Router::new().fallback(move |request: Request| {
+        let dist = dist.clone();
+        let tamper = *tamper.lock().unwrap();
+        async move {
+            let path = request.uri().path().trim_start_matches('/').to_string();
+            let Ok(mut body) = std::fs::read(dist.join(&path)) else {
+                return StatusCode::NOT_FOUND.into_response();
+            };
+            if !path.starts_with("manifest.") {
+                match tamper {
+                    Tamper::FlipByte => {
+                        let middle = body.len() / 2;
+                        body[middle] ^= 0x01;
+                    }
+                    Tamper::AppendByte => body.push(b'\n'),
+                }
+            }
+            body.into_response()
+        }
+    });
+    let listener = lab
+        .runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    lab.runtime.spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_tampered_file_from_the_parent_fails_its_size_or_sha256_check() {
+    let (lab, parent) = published_parent(3);
+    let server = Server::start(&parent);
+    let child = Home::new();
+    chain_config(&child, &server.base, &parent_key(&parent), "");
+    Pm::mirror(&child).args(["sync"]).json();
+    let before = manifest(&child, "latest");
+    lab.upstream.set_version(6).unwrap();
+    sync_publish(&parent);
+
+    let tamper = Arc::new(Mutex::new(Tamper::FlipByte));
+    let base = tampering_parent(&lab, parent.repo("dist"), tamper.clone());
+    chain_config(&child, &base, &parent_key(&parent), "");
+    let out = failed_sync(&child, Some(&before));
+    assert!(out.contains("the parent's manifest says"), "{out}");
+    assert!(out.contains("sha256 is "), "{out}");
+
+    *tamper.lock().unwrap() = Tamper::AppendByte;
+    let out = failed_sync(&child, Some(&before));
+    assert!(out.contains("bytes, the parent's manifest says"), "{out}");
+
+    // The genuine parent again: the update goes through.
+    chain_config(&child, &server.base, &parent_key(&parent), "");
+    let ok = Pm::mirror(&child).args(["sync"]).json();
+    assert_eq!(ok["changed"], true);
+    assert_eq!(
+        std::fs::read(child.repo("latest/clamav/test.cvd")).unwrap(),
+        std::fs::read(testdb().join("test-6.cvd")).unwrap()
+    );
+}
+
+#[test]
+fn a_signed_parent_manifest_with_a_path_outside_its_product_is_refused() {
+    let (lab, parent) = published_parent(3);
+    // The parent's own key signs a manifest whose file leaves the product directory: the
+    // signature is genuine, the path still is not accepted.
+    let mut evil = manifest(&parent, "dist");
+    evil.files[0].path = "clamav/../../etc/cron.d/evil".into();
+    let json = serde_json::to_vec_pretty(&evil).unwrap();
+    let key = pm::pki::SigningKey::load_or_create(parent.path()).unwrap();
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("manifest.json"), &json).unwrap();
+    std::fs::write(site.path().join("manifest.sig"), key.sign(&json).unwrap()).unwrap();
+    let base = tampering_parent(
+        &lab,
+        site.path().to_owned(),
+        Arc::new(Mutex::new(Tamper::FlipByte)),
+    );
+    let child = Home::new();
+    chain_config(&child, &base, &parent_key(&parent), "");
+    let out = failed_sync(&child, None);
+    assert!(
+        out.contains(&format!(
+            "`{base}/manifest.json` is not a valid pm manifest: unsafe path `clamav/../../etc/cron.d/evil`"
+        )),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_parent_product_named_like_a_local_product_fails_the_pm_product() {
+    let (lab, parent) = published_parent(3);
+    let server = Server::start(&parent);
+    let child = Home::new();
+    // The child also mirrors the lab itself under the same name `clamav`.
+    chain_config(
+        &child,
+        &server.base,
+        &parent_key(&parent),
+        &format!(
+            "[[products]]\nname = \"clamav\"\nkind = \"clamav\"\nurl = \"{}\"\ndatabases = [\"test\"]\n",
+            lab.url("/clamav")
+        ),
+    );
+    let out = failed_sync(&child, None);
+    assert!(
+        out.contains(&format!(
+            "the parent `{}` has a product `clamav` and so does the product `clamav` in pm.toml",
+            server.base
+        )),
+        "{out}"
+    );
+    // A dry run says the same without downloading anything.
+    let dry = Pm::mirror(&child)
+        .args(["--dry-run", "--json", "sync"])
+        .run();
+    assert_eq!(dry.code(), 1, "{}", dry.stdout());
+    let report = dry.json();
+    assert_eq!(report["products"][0]["result"], "failed");
+    assert_eq!(report["products"][1]["result"], "would_update");
+}
+
+#[test]
+fn a_chain_works_through_an_authenticating_proxy_from_pm_toml() {
+    let (lab, parent) = published_parent(3);
+    let server = Server::start(&parent);
+    let proxy = LabProxy::new(Some(("mirror", "s3cret"))).unwrap();
+    let proxy_addr = lab.runtime.block_on(proxy.spawn("127.0.0.1:0")).unwrap();
+    let child = Home::new();
+    let password = child.path().join("proxy.pass");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    chain_config(
+        &child,
+        &server.base,
+        &parent_key(&parent),
+        &format!(
+            "[proxy]\nurl = \"http://{proxy_addr}\"\nusername = \"mirror\"\npassword_file = \"{}\"\n",
+            password.display()
+        ),
+    );
+    let first = sync_publish(&child);
+    assert_eq!(first["changed"], true);
+    assert_same_dist(&parent, &child);
+    // The manifest, its signature and every file went through the proxy.
+    let files = manifest(&parent, "dist").files.len() as u64;
+    assert!(
+        proxy.forwarded() >= files + 2,
+        "forwarded {}",
+        proxy.forwarded()
+    );
+    assert_eq!(proxy.refused(), 0);
+
+    // Conditional requests pass through the proxy too: an unchanged parent costs a 304.
+    let forwarded = proxy.forwarded();
+    let again = Pm::mirror(&child).args(["sync"]).json();
+    assert_eq!(again["changed"], false);
+    assert_eq!(again["bytes_downloaded"], 0);
+    assert_eq!(proxy.forwarded(), forwarded + 1);
+
+    lab.upstream.set_version(6).unwrap();
+    sync_publish(&parent);
+    let update = Pm::mirror(&child).args(["sync"]).json();
+    assert_eq!(update["products"][0]["components"][0]["version"], "6");
+
+    // Without the right password the proxy refuses and the sync fails, naming the 407.
+    std::fs::write(&password, "wrong\n").unwrap();
+    let before = manifest(&child, "latest");
+    let out = failed_sync(&child, Some(&before));
+    assert!(out.contains("407"), "{out}");
+    assert!(proxy.refused() >= 1);
+}
