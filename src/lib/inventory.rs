@@ -17,6 +17,11 @@ pub const INVENTORY_FILE: &str = "inventory.duckdb";
 const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "mirror", include_str!("../../sql/0001_mirror.sql")),
     (2, "bundles", include_str!("../../sql/0002_bundles.sql")),
+    (
+        3,
+        "activation_keys",
+        include_str!("../../sql/0003_activation_keys.sql"),
+    ),
 ];
 
 /// Inventory errors.
@@ -111,6 +116,27 @@ pub struct BundleImport {
     pub bundle_sha256: Option<String>,
     /// The local revision it made (none when it changed nothing).
     pub revision: Option<String>,
+}
+
+/// A stored activation key (never the secret itself).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActivationKeyRecord {
+    /// Public identifier, the part before the dot.
+    pub id: String,
+    /// sha256 of the secret part.
+    pub secret_sha256: String,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+    /// When it stops working.
+    pub expires_at: DateTime<Utc>,
+    /// Uses allowed; `None` for any number until expiry.
+    pub max_uses: Option<i32>,
+    /// Uses so far.
+    pub uses: i32,
+    /// When it was revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// Free text for people.
+    pub comment: Option<String>,
 }
 
 /// One publish or rollback of dist.
@@ -429,6 +455,67 @@ impl Inventory {
             })
         }))?;
         rows.map(|row| self.db(row)).collect()
+    }
+
+    /// Stores a new activation key (only the hash of its secret).
+    pub fn insert_activation_key(&self, key: &ActivationKeyRecord) -> Result<(), InventoryError> {
+        self.db(self.conn.execute(
+            "INSERT INTO activation_keys (id, secret_sha256, created_at, created_by, expires_at,
+                 max_uses, uses, revoked_at, comment)
+             VALUES (?, ?, to_timestamp(?), ?, to_timestamp(?), ?, ?, to_timestamp(?), ?)",
+            params![
+                key.id,
+                key.secret_sha256,
+                to_epoch(Some(key.created_at)),
+                actor(),
+                to_epoch(Some(key.expires_at)),
+                key.max_uses,
+                key.uses,
+                to_epoch(key.revoked_at),
+                key.comment,
+            ],
+        ))?;
+        Ok(())
+    }
+
+    /// Every activation key, newest first.
+    pub fn activation_keys(&self) -> Result<Vec<ActivationKeyRecord>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT id, secret_sha256, epoch(created_at), epoch(expires_at), max_uses, uses,
+                    epoch(revoked_at), comment
+             FROM activation_keys ORDER BY created_at DESC, id",
+        ))?;
+        let rows = self.db(statement.query_map([], |row| {
+            Ok(ActivationKeyRecord {
+                id: row.get(0)?,
+                secret_sha256: row.get(1)?,
+                created_at: from_epoch(row.get(2)?).unwrap_or_default(),
+                expires_at: from_epoch(row.get(3)?).unwrap_or_default(),
+                max_uses: row.get(4)?,
+                uses: row.get(5)?,
+                revoked_at: from_epoch(row.get(6)?),
+                comment: row.get(7)?,
+            })
+        }))?;
+        rows.map(|row| self.db(row)).collect()
+    }
+
+    /// Counts one use of a key.
+    pub fn use_activation_key(&self, id: &str) -> Result<(), InventoryError> {
+        self.db(self.conn.execute(
+            "UPDATE activation_keys SET uses = uses + 1 WHERE id = ?",
+            params![id],
+        ))?;
+        Ok(())
+    }
+
+    /// Revokes a key; `false` when there is no such key.
+    pub fn revoke_activation_key(&self, id: &str) -> Result<bool, InventoryError> {
+        let changed = self.db(self.conn.execute(
+            "UPDATE activation_keys SET revoked_at = now() WHERE id = ? AND revoked_at IS NULL",
+            params![id],
+        ))?;
+        Ok(changed > 0)
     }
 
     /// Runs a query that returns one value per row, for tests and small reports.

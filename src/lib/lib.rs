@@ -1,6 +1,7 @@
 //! pm keeps a fleet of scanning hosts on fresh signature databases: a mirror of vendor updates
 //! with rollback generations, a private mirror server, and (later) agents, rollouts and metrics.
 
+pub mod activate;
 pub mod bundle;
 pub mod clamav;
 pub mod cli;
@@ -13,3 +14,4 @@ pub mod mirror;
 pub mod pki;
 pub mod repo;
 pub mod static_files;
+pub mod tls;

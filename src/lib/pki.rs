@@ -1,6 +1,9 @@
 //! The manager's keys. For now the manifest signing key: Ed25519, created on first use,
 //! private key 0600 in `PM_HOME/pki/`. A signature is the raw 64 bytes, so operators can check
 //! it with `openssl pkeyutl -verify -rawin`.
+//! The mutual-TLS certificates (manager CA, client and agent certificates) are in [`ca`].
+
+pub mod ca;
 
 use std::path::{Path, PathBuf};
 

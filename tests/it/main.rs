@@ -1,6 +1,7 @@
 //! Integration tests: the real binaries against the real lab upstream, real files, real DuckDB
 //! and, where the issue asks for it, the real freshclam, clamscan and duckdb CLI.
 
+mod activate;
 mod inventory;
 mod mirror_airgap;
 mod mirror_chain;

@@ -13,6 +13,7 @@ pub fn bin(name: &str) -> &'static str {
     match name {
         "pm-mirror" => env!("CARGO_BIN_EXE_pm-mirror"),
         "pm-lab" => env!("CARGO_BIN_EXE_pm-lab"),
+        "pm-activate" => env!("CARGO_BIN_EXE_pm-activate"),
         other => panic!("unknown binary {other}"),
     }
 }
@@ -160,6 +161,13 @@ impl Pm {
             command.env_remove(var);
         }
         Pm { command }
+    }
+
+    /// `pm-activate --home HOME`.
+    pub fn activate(home: &Home) -> Pm {
+        let mut pm = Pm::new("pm-activate");
+        pm.command.arg("--home").arg(home.path());
+        pm
     }
 
     /// `pm-mirror --home HOME`.
