@@ -85,7 +85,7 @@ pub enum BundleError {
     Malformed(String),
     /// No trusted key made the signature.
     #[error(
-        "bundle is signed by a key this mirror does not trust (exporter fingerprint {fingerprint})"
+        "bundle is signed by a key this mirror does not trust (it claims exporter {fingerprint})"
     )]
     Untrusted { fingerprint: String },
     /// The manifest's signature does not verify with the key that signed the header.
@@ -493,9 +493,26 @@ fn check_manifest(header: &BundleHeader, manifest: &Manifest) -> Result<(), Bund
         return malformed("the manifest's content hash does not match its file list".into());
     }
     let mut paths = HashSet::new();
+    for product in &manifest.products {
+        if let Err(problem) = crate::config::check_product_name(&product.name) {
+            return malformed(format!("product {problem}"));
+        }
+    }
     for file in &manifest.files {
         if !crate::mirror::safe_relative_path(&file.path) {
             return malformed(format!("unsafe path `{}` in the manifest", file.path));
+        }
+        // Every file lives in its product's directory, so none can land on manifest.json or
+        // on another product's files.
+        let in_product = file
+            .path
+            .strip_prefix(&file.product)
+            .is_some_and(|rest| rest.starts_with('/'));
+        if !in_product || manifest.product(&file.product).is_none() {
+            return malformed(format!(
+                "`{}` is not inside the directory of a product of the manifest",
+                file.path
+            ));
         }
         if !paths.insert(file.path.as_str()) {
             return malformed(format!("`{}` is listed twice in the manifest", file.path));

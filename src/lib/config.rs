@@ -376,7 +376,11 @@ impl Config {
                     if clamav.databases.is_empty() {
                         return Err(invalid(key("databases"), "must list at least one".into()));
                     }
+                    let mut seen_databases = std::collections::HashSet::new();
                     for db in &clamav.databases {
+                        if !seen_databases.insert(db) {
+                            return Err(invalid(key("databases"), format!("lists `{db}` twice")));
+                        }
                         if db.is_empty()
                             || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                         {
@@ -545,6 +549,10 @@ mod tests {
         check(
             "[[products]]\nname = \"x\"\nkind = \"clamav\"\nurl = \"http://a\"\ndatabases = [\"../x\"]",
             Some("not a ClamAV database name"),
+        );
+        check(
+            "[[products]]\nname = \"x\"\nkind = \"clamav\"\nurl = \"http://a\"\ndatabases = [\"test\", \"test\"]",
+            Some("lists `test` twice"),
         );
     }
 

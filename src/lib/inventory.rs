@@ -22,6 +22,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "activation_keys",
         include_str!("../../sql/0003_activation_keys.sql"),
     ),
+    (
+        4,
+        "accepted_bundles",
+        include_str!("../../sql/0004_accepted_bundles.sql"),
+    ),
 ];
 
 /// Inventory errors.
@@ -187,7 +192,15 @@ impl Inventory {
             return Ok(None);
         }
         let conn = open_with_retry(&path, AccessMode::ReadOnly, lock_timeout)?;
-        Ok(Some(Inventory { conn, path }))
+        let inventory = Inventory { conn, path };
+        let known = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+        if inventory.schema_version()? < known {
+            // Written by an older pm: migrate once (briefly read-write), then read.
+            drop(inventory);
+            drop(Inventory::open(home, lock_timeout)?);
+            return Inventory::open_read_only(home, lock_timeout);
+        }
+        Ok(Some(inventory))
     }
 
     fn db<T>(&self, result: duckdb::Result<T>) -> Result<T, InventoryError> {
@@ -437,6 +450,33 @@ impl Inventory {
             .optional())
     }
 
+    /// The newest exporter serial accepted from `signer`.
+    pub fn accepted_bundle_serial(&self, signer: &str) -> Result<Option<u32>, InventoryError> {
+        self.db(self
+            .conn
+            .query_row(
+                "SELECT serial FROM accepted_bundles WHERE signer = ?",
+                params![signer],
+                |row| row.get(0),
+            )
+            .optional())
+    }
+
+    /// Remembers the exporter serial of an accepted bundle (a lower one replaces it only after
+    /// an explicit downgrade).
+    pub fn accept_bundle_serial(
+        &self,
+        signer: &str,
+        serial: u32,
+        revision: &str,
+    ) -> Result<(), InventoryError> {
+        self.db(self.conn.execute(
+            "INSERT OR REPLACE INTO accepted_bundles VALUES (?, ?, ?, now())",
+            params![signer, serial, revision],
+        ))?;
+        Ok(())
+    }
+
     /// The files of a recorded revision (for revisions no longer in the repository).
     pub fn revision_files(&self, revision: &str) -> Result<Vec<FileEntry>, InventoryError> {
         let mut statement = self.db(self.conn.prepare(
@@ -500,15 +540,17 @@ impl Inventory {
         rows.map(|row| self.db(row)).collect()
     }
 
-    /// Counts one use of a key.
-    pub fn use_activation_key(&self, id: &str) -> Result<(), InventoryError> {
-        self.db(self.conn.execute(
-            "UPDATE activation_keys SET uses = uses + 1 WHERE id = ?",
+    /// Counts one use of a key, only if it is still usable (in the same statement, so two
+    /// activations cannot both take a single-use key); `false` when it was not.
+    pub fn use_activation_key(&self, id: &str) -> Result<bool, InventoryError> {
+        let changed = self.db(self.conn.execute(
+            "UPDATE activation_keys SET uses = uses + 1
+             WHERE id = ? AND revoked_at IS NULL AND expires_at > now()
+               AND (max_uses IS NULL OR uses < max_uses)",
             params![id],
         ))?;
-        Ok(())
+        Ok(changed == 1)
     }
-
     /// Revokes a key; `false` when there is no such key.
     pub fn revoke_activation_key(&self, id: &str) -> Result<bool, InventoryError> {
         let changed = self.db(self.conn.execute(

@@ -48,6 +48,9 @@ pub enum FaultKind {
     Truncate,
     /// Flip one byte in the second half of the body (full GETs only).
     CorruptByte,
+    /// Serve `test-<version>.cvd` for full downloads of test.cvd while header reads see the
+    /// current version: a CDN whose edges disagree.
+    StaleBody { version: u32 },
     /// Change one character of a CVD header's digital signature: the MD5 still matches, the
     /// RSA signature no longer does.
     BadSignature,
@@ -215,8 +218,11 @@ impl LabUpstream {
                 .path_suffix
                 .as_deref()
                 .is_none_or(|s| path.ends_with(s));
-            let applies =
-                full_get || !matches!(fault.kind, FaultKind::Truncate | FaultKind::CorruptByte);
+            let body_fault = matches!(
+                fault.kind,
+                FaultKind::Truncate | FaultKind::CorruptByte | FaultKind::StaleBody { .. }
+            );
+            let applies = full_get || !body_fault;
             path_matches && applies
         })?;
         let fault = &mut state.faults[index];
@@ -410,21 +416,32 @@ async fn answer(
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         ))
     } else if let Some(name) = path.strip_prefix("/vendor/") {
-        let file = lab.state().feed.iter().find(|f| f.path == name).cloned();
-        file.map(|f| {
-            let modified = std::fs::metadata(&f.disk_path)
-                .and_then(|m| m.modified())
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            (
-                Content::File {
-                    path: f.disk_path,
-                    len: f.size,
-                },
-                modified,
-            )
-        })
+        let feed_file = lab.state().feed.iter().find(|f| f.path == name).cloned();
+        match feed_file {
+            Some(f) => match tokio::fs::File::open(&f.disk_path).await {
+                Ok(file) => {
+                    let modified = std::fs::metadata(&f.disk_path)
+                        .and_then(|m| m.modified())
+                        .unwrap_or(SystemTime::UNIX_EPOCH);
+                    Some((Content::File { file, len: f.size }, modified))
+                }
+                Err(_) => None,
+            },
+            None => None,
+        }
     } else {
         None
+    };
+    let found = match (&fault, found) {
+        (Some(FaultKind::StaleBody { version }), Some((_, modified)))
+            if path.ends_with("/test.cvd") =>
+        {
+            let bytes = std::fs::read(lab.state().testdb.join(format!("test-{version}.cvd")));
+            bytes
+                .ok()
+                .map(|b| (Content::Memory(Bytes::from(b)), modified))
+        }
+        (_, found) => found,
     };
     let Some((content, modified)) = found else {
         return (StatusCode::NOT_FOUND, "not found\n").into_response();

@@ -388,8 +388,18 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
                     })
                     .collect();
                 inv.record_syncs(job_id, &rows)?;
+                // Validators describe what latest holds. When the staged content was thrown
+                // away, keep the old ones, or the next sync's 304 would hide the new upstream.
+                let discarded = failed || !report.incomplete.is_empty();
                 for product in &report.products {
-                    inv.save_product_state(&product.state)?;
+                    let mut state = product.state.clone();
+                    if discarded {
+                        state.validators = states
+                            .iter()
+                            .find(|s| s.product == product.name)
+                            .and_then(|s| s.validators.clone());
+                    }
+                    inv.save_product_state(&state)?;
                 }
                 Ok(())
             })

@@ -487,11 +487,36 @@ impl StagedRevision {
     pub fn carry_over(&mut self, from_dir: &Path, entry: FileEntry) -> Result<(), RepoError> {
         let source = from_dir.join(&entry.path);
         let target = self.path_for(&entry.path)?;
-        if fs::hard_link(&source, &target).is_err() {
-            fs::copy(&source, &target).map_err(io_err("copy", &source))?;
-            File::open(&target)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err("fsync", &target))?;
+        match fs::hard_link(&source, &target) {
+            Ok(()) => {}
+            // Never open an existing target: it may be a link to a live revision's file, and
+            // writing through it would change every generation that shares it.
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(RepoError::Io {
+                    action: "stage twice",
+                    path: target,
+                    source: err,
+                });
+            }
+            // Another file system: copy into a new file, then rename it into place.
+            Err(_) => {
+                let tmp = target.with_extension("pm-copy");
+                let copy = || -> io::Result<()> {
+                    let mut from = File::open(&source)?;
+                    let mut to = File::options().write(true).create_new(true).open(&tmp)?;
+                    io::copy(&mut from, &mut to)?;
+                    to.sync_all()?;
+                    fs::rename(&tmp, &target)
+                };
+                if let Err(err) = copy() {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(RepoError::Io {
+                        action: "copy",
+                        path: source,
+                        source: err,
+                    });
+                }
+            }
         }
         self.add(entry);
         Ok(())

@@ -1,7 +1,6 @@
 //! Serving immutable files over HTTP the way mirrors and caches expect: strong ETags,
 //! Last-Modified, conditional requests (304), single byte ranges (206/416) and HEAD.
 
-use std::path::PathBuf;
 use std::time::SystemTime;
 
 use axum::body::{Body, Bytes};
@@ -11,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 /// Where the bytes of a response come from.
 pub enum Content {
-    /// A file on disk, streamed.
-    File { path: PathBuf, len: u64 },
+    /// An open file, streamed from its start (plus the range offset).
+    File { file: tokio::fs::File, len: u64 },
     /// Bytes in memory.
     Memory(Bytes),
 }
@@ -81,23 +80,17 @@ pub async fn respond(
     }
     let body = match content {
         Content::Memory(bytes) => Body::from(bytes.slice(start as usize..(start + len) as usize)),
-        Content::File { path, .. } => match open_at(&path, start).await {
-            Ok(file) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        Content::File { mut file, .. } => {
+            if start > 0 && file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
+            Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
                 file.take(len),
                 256 * 1024,
-            )),
-            Err(_) => return StatusCode::NOT_FOUND.into_response(),
-        },
+            ))
+        }
     };
     (status, headers, body).into_response()
-}
-
-async fn open_at(path: &std::path::Path, start: u64) -> std::io::Result<tokio::fs::File> {
-    let mut file = tokio::fs::File::open(path).await?;
-    if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start)).await?;
-    }
-    Ok(file)
 }
 
 fn insert(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {

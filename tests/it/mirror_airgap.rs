@@ -551,3 +551,71 @@ fn trust_lists_and_removes_keys_and_refuses_non_keys() {
         untrusted.stderr()
     );
 }
+
+#[test]
+fn a_replayed_older_bundle_is_refused_even_without_numeric_versions() {
+    // Regression (review finding): `files` versions like 2026.1 are not numbers, so the
+    // exporter's serial is what tells an older bundle apart.
+    let lab = Lab::start(3);
+    let feed = tempfile::tempdir().unwrap();
+    crate::support::write_feed(feed.path(), "one", 2);
+    lab.upstream.set_feed(feed.path(), "2026.1").unwrap();
+    let online = Home::new();
+    online.config(&format!(
+        "[[products]]\nname = \"vendor\"\nkind = \"files\"\nindex_url = \"{}\"\n",
+        lab.url("/vendor/index.json")
+    ));
+    Pm::mirror(&online).args(["sync"]).json();
+    let work = tempfile::tempdir().unwrap();
+    let old = work.path().join("old.tar");
+    let new = work.path().join("new.tar");
+    Pm::mirror(&online)
+        .args(["export", "--out"])
+        .arg_path(&old)
+        .json();
+    crate::support::write_feed(feed.path(), "two", 2);
+    lab.upstream.set_feed(feed.path(), "2026.2").unwrap();
+    Pm::mirror(&online).args(["sync"]).json();
+    Pm::mirror(&online)
+        .args(["export", "--out"])
+        .arg_path(&new)
+        .json();
+
+    let offline = Home::new();
+    offline.config("");
+    let key = work.path().join("online.pem");
+    Pm::mirror(&online)
+        .args(["key", "export-public", "--out"])
+        .arg_path(&key)
+        .json();
+    Pm::mirror(&offline)
+        .args(["trust", "add"])
+        .arg_path(&key)
+        .json();
+    assert_eq!(
+        Pm::mirror(&offline)
+            .args(["import"])
+            .arg_path(&new)
+            .run()
+            .code(),
+        0
+    );
+    let replay = Pm::mirror(&offline).args(["import"]).arg_path(&old).run();
+    assert_eq!(replay.code(), 1);
+    assert!(
+        replay.stderr().contains("older than serial 2"),
+        "{}",
+        replay.stderr()
+    );
+    let allowed = Pm::mirror(&offline)
+        .args(["import", "--allow-downgrade"])
+        .arg_path(&old)
+        .run();
+    assert_eq!(allowed.code(), 0, "{}", allowed.stderr());
+    let version = manifest(&offline, "latest")
+        .product("vendor")
+        .unwrap()
+        .version
+        .clone();
+    assert_eq!(version.as_deref(), Some("2026.1"));
+}

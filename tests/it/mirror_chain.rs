@@ -377,7 +377,7 @@ fn a_chain_works_through_an_authenticating_proxy_from_pm_toml() {
     let proxy_addr = lab.runtime.block_on(proxy.spawn("127.0.0.1:0")).unwrap();
     let child = Home::new();
     let password = child.path().join("proxy.pass");
-    std::fs::write(&password, "s3cret\n").unwrap();
+    crate::support::write_private(&password, "s3cret\n");
     chain_config(
         &child,
         &server.base,

@@ -405,6 +405,11 @@ fn sync_goes_through_an_authenticating_proxy_from_pm_toml() {
         &lab,
         &format!("[proxy]\nurl = \"http://{proxy_addr}\"\nusername = \"mirror\"\npassword_file = \"{}\"\n", password.display()),
     );
+    set_mode(&password, 0o644);
+    let loose = Pm::mirror(&home).args(["sync"]).run();
+    assert_eq!(loose.code(), 1);
+    assert!(loose.stderr().contains("chmod 600"), "{}", loose.stderr());
+    set_mode(&password, 0o600);
     let run = Pm::mirror(&home)
         .args(["sync", "-vv"])
         .env("RUST_LOG", "trace")
@@ -417,6 +422,7 @@ fn sync_goes_through_an_authenticating_proxy_from_pm_toml() {
     );
 
     std::fs::write(&password, "wrong\n").unwrap();
+    set_mode(&password, 0o600);
     lab.upstream.set_version(4).unwrap();
     let refused = Pm::mirror(&home).args(["sync"]).run();
     assert_eq!(refused.code(), 1);
@@ -541,4 +547,70 @@ fn kill_9_during_a_sync_leaves_latest_and_the_next_sync_cleans_up() {
     let report = Pm::mirror(&home).args(["sync"]).json();
     assert_eq!(report["revision"], "r2");
     assert_eq!(staging(&home), 0);
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn a_failed_sync_keeps_the_old_validators_so_the_next_sync_still_sees_the_new_upstream() {
+    // Regression (review finding): validators of discarded content made the next sync a 304.
+    let lab = Lab::start(3);
+    let feed = tempfile::tempdir().unwrap();
+    write_feed(feed.path(), "a", 2);
+    lab.upstream.set_feed(feed.path(), "1").unwrap();
+    let home = Home::new();
+    home.clamav_config(
+        &lab,
+        &format!(
+            "[[products]]\nname = \"vendor\"\nkind = \"files\"\nindex_url = \"{}\"\n",
+            lab.url("/vendor/index.json")
+        ),
+    );
+    Pm::mirror(&home).args(["sync"]).json();
+    lab.upstream.set_version(6).unwrap();
+    lab.fault(FaultKind::ServerError, "index.json", None);
+    assert_eq!(Pm::mirror(&home).args(["sync"]).run().code(), 1);
+    lab.upstream.clear_faults();
+    let report = Pm::mirror(&home).args(["sync"]).json();
+    assert_eq!(report["changed"], true);
+    assert_eq!(
+        component_version(&manifest(&home, "latest"), "clamav", "test"),
+        "6"
+    );
+}
+
+#[test]
+fn a_download_older_than_the_announced_version_never_moves_latest_backwards() {
+    let (lab, home, before) = synced_at_3_with_6_upstream();
+    // Header reads see 6, the full download gets 2 (a CDN edge behind the others).
+    lab.fault(FaultKind::StaleBody { version: 2 }, "test.cvd", None);
+    let run = Pm::mirror(&home).args(["sync"]).run();
+    assert_eq!(run.code(), 1, "{}", run.stdout());
+    assert!(
+        run.stdout().contains("not newer than latest"),
+        "{}",
+        run.stdout()
+    );
+    assert_eq!(manifest(&home, "latest"), before);
+}
+
+#[test]
+fn an_absurd_retry_after_is_capped_at_a_week() {
+    let lab = Lab::start(3);
+    let home = Home::new();
+    home.clamav_config(&lab, "");
+    let retry_after = Some(9_000_000_000_000);
+    lab.fault(FaultKind::TooManyRequests { retry_after }, "test.cvd", None);
+    let run = Pm::mirror(&home).args(["sync", "--json"]).run();
+    assert_eq!(run.code(), 3, "{}", run.stderr());
+    let until = run.json()["products"][0]["cooldown_until"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let until = chrono::DateTime::parse_from_rfc3339(&until).unwrap();
+    let days = until.signed_duration_since(chrono::Utc::now()).num_hours() as f64 / 24.0;
+    assert!((6.9..=7.0).contains(&days), "{days}");
 }

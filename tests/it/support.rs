@@ -377,3 +377,10 @@ pub fn freshclam_updates_test_1_to_6(base: &str, mirror_option: &str, expected_f
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("is up-to-date (version: 6"), "{text}");
 }
+
+/// Writes a secret file the way an operator should: mode 0600.
+pub fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}

@@ -49,6 +49,8 @@ pub fn run_export(
 ) -> anyhow::Result<ExitStatus> {
     let started_at = Utc::now();
     let repo = Repo::new(home);
+    // Held while reading the revision so that a concurrent sync's gc cannot remove it.
+    let _lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
     let generations = repo.generations().map_err(repo_error)?;
     let Some(latest) = generations.latest.clone() else {
         return Err(
@@ -254,12 +256,14 @@ pub fn run_import(
     }
     // Verify everything in a staging directory beside the repository; the repository itself is
     // not touched until the bundle is known good.
+    remove_abandoned_imports(home);
     let staging_dir = home.join(format!(".import-{}", std::process::id()));
     let mut staged = StagedRevision::at(staging_dir.clone())
         .with_context(|| format!("cannot create `{}`", staging_dir.display()))?;
     let outcome = verify_into(
         &mut staged,
         home,
+        global,
         source,
         &trusted,
         max_size,
@@ -277,6 +281,26 @@ pub fn run_import(
     result
 }
 
+/// Removes staging directories of imports whose process is gone (killed mid-import).
+fn remove_abandoned_imports(home: &Path) {
+    let Ok(entries) = std::fs::read_dir(home) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(".import-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(path = %entry.path().display(), "removing an abandoned import");
+            let _ = StagedRevision::at(entry.path()).map(StagedRevision::discard);
+        }
+    }
+}
+
 /// A bundle verified into staging, with what the commit needs.
 struct VerifiedImport {
     bundle: bundle::VerifiedBundle,
@@ -287,6 +311,7 @@ struct VerifiedImport {
 fn verify_into(
     staged: &mut StagedRevision,
     home: &Path,
+    global: &GlobalArgs,
     source: std::fs::File,
     trusted: &[pki::TrustedKey],
     max_size: u64,
@@ -343,10 +368,27 @@ fn verify_into(
         }
     }
     verify_clamav_files(staged.dir(), &verified.manifest)?;
-    if let Some(previous) = &previous
-        && !allow_downgrade
-    {
-        check_no_downgrade(previous, &verified.manifest)?;
+    if !allow_downgrade {
+        // A replayed older bundle from the same exporter is a downgrade even when its versions
+        // are not numbers; the exporter's serial only grows.
+        let accepted = Inventory::open_read_only(home, global.lock_timeout)
+            .map_err(|err| err.to_string())?
+            .map(|inventory| inventory.accepted_bundle_serial(&verified.signer))
+            .transpose()
+            .map_err(|err| err.to_string())?
+            .flatten();
+        if let Some(accepted) = accepted
+            && verified.manifest.serial < accepted
+        {
+            return Err(format!(
+                "it carries the exporter's {} (serial {}), older than serial {accepted} already \
+                 imported from this exporter; pass --allow-downgrade to accept an older bundle",
+                verified.manifest.revision, verified.manifest.serial
+            ));
+        }
+        if let Some(previous) = &previous {
+            check_no_downgrade(previous, &verified.manifest)?;
+        }
     }
     Ok(VerifiedImport {
         bundle: verified,
@@ -378,6 +420,17 @@ fn verify_clamav_files(dir: &Path, manifest: &Manifest) -> Result<(), String> {
 
 /// Refuses a bundle that would move a numeric component version backwards.
 fn check_no_downgrade(previous: &Manifest, incoming: &Manifest) -> Result<(), String> {
+    if let Some(missing) = previous
+        .products
+        .iter()
+        .find(|p| incoming.product(&p.name).is_none())
+    {
+        return Err(format!(
+            "it lacks product `{}` that latest has (an older bundle?); pass --allow-downgrade to \
+             accept it",
+            missing.name
+        ));
+    }
     for product in &incoming.products {
         let Some(before) = previous.product(&product.name) else {
             continue;
@@ -562,7 +615,12 @@ fn record_import(
                     }
                 })
                 .collect();
-            inv.record_syncs(job_id, &rows)
+            inv.record_syncs(job_id, &rows)?;
+            inv.accept_bundle_serial(
+                &bundle.signer,
+                bundle.manifest.serial,
+                &bundle.manifest.revision,
+            )
         })
         .map_err(inventory_error)?;
     Ok(())

@@ -69,7 +69,12 @@ async fn serve_file(State(state): State<ServeState>, request: Request) -> Respon
     let Some(path) = resolve(&state.repo_root, request.uri().path()) else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let metadata = match tokio::fs::metadata(&path).await {
+    // Open once and take everything from the open file: a publish may switch the view between
+    // two lookups, and headers and bytes must describe the same file.
+    let Ok(mut file) = tokio::fs::File::open(&path).await else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let metadata = match file.metadata().await {
         Ok(metadata) if metadata.is_file() => metadata,
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
@@ -81,7 +86,7 @@ async fn serve_file(State(state): State<ServeState>, request: Request) -> Respon
     let last_modified = if name.ends_with(".cvd") || name.ends_with(".cld") {
         // freshclam sends the local database's build time as If-Modified-Since and takes 304 as
         // "up to date": the served CVD's build time is exactly the right Last-Modified.
-        cvd_build_time(&path).await.unwrap_or(mtime)
+        cvd_build_time(&mut file).await.unwrap_or(mtime)
     } else {
         mtime
     };
@@ -103,7 +108,7 @@ async fn serve_file(State(state): State<ServeState>, request: Request) -> Respon
         request.method(),
         request.headers(),
         Content::File {
-            path,
+            file,
             len: metadata.len(),
         },
         last_modified,
@@ -113,14 +118,18 @@ async fn serve_file(State(state): State<ServeState>, request: Request) -> Respon
     .await
 }
 
-async fn cvd_build_time(path: &Path) -> Option<SystemTime> {
-    use tokio::io::AsyncReadExt;
-    let mut file = tokio::fs::File::open(path).await.ok()?;
+/// The build time in a CVD header, read from the open file (which is rewound), when it is a
+/// time HTTP can express.
+async fn cvd_build_time(file: &mut tokio::fs::File) -> Option<SystemTime> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let mut header = vec![0u8; clamav::CVD_HEADER_LEN];
-    file.read_exact(&mut header).await.ok()?;
+    let read = file.read_exact(&mut header).await;
+    file.seek(std::io::SeekFrom::Start(0)).await.ok()?;
+    read.ok()?;
     let header = clamav::parse_cvd_header(&header).ok()?;
     let seconds = u64::try_from(header.build_time_unix).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+    // HTTP dates end at year 9999; a file claiming a later build time keeps its mtime.
+    (seconds < 253_402_300_800).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
 }
 
 /// Serves until SIGINT or SIGTERM.

@@ -17,6 +17,9 @@ use crate::manifest::{
 use crate::mirror::upstream::{FetchError, Fetched, Upstream, Validators};
 use crate::repo::{Repo, StagedRevision};
 
+/// Longest cool-down accepted from a Retry-After header.
+const MAX_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(7 * 86400);
+
 /// Largest `files` index accepted.
 const INDEX_SIZE_LIMIT: u64 = 64 << 20;
 /// Largest parent manifest accepted.
@@ -374,10 +377,13 @@ pub(crate) async fn sync_products(
                 retry_after,
             })) => {
                 use chrono::SubsecRound;
-                let until = (finished_at
-                    + chrono::Duration::from_std(retry_after)
-                        .unwrap_or(chrono::Duration::hours(4)))
-                .trunc_subsecs(0);
+                // An absurd Retry-After is capped rather than trusted (or overflowing).
+                let wait = chrono::Duration::from_std(retry_after.min(MAX_COOLDOWN))
+                    .unwrap_or(chrono::Duration::hours(4));
+                let until = finished_at
+                    .checked_add_signed(wait)
+                    .unwrap_or(finished_at)
+                    .trunc_subsecs(0);
                 tracing::warn!(product = %product.name, status, until = %until, "upstream asks to back off");
                 report.result = ProductResult::Cooldown;
                 report.cooldown_until = Some(until);
@@ -600,6 +606,20 @@ async fn sync_clamav(
                 source,
             })?;
         let version = header.version;
+        // The header probe and the download can reach CDN edges in different states: never let
+        // the download move latest backwards or sideways.
+        if let Some(previous) = previous_version
+            && version <= previous
+        {
+            return Err(ProductError::Verify {
+                url: cvd_url.to_string(),
+                problem: format!(
+                    "upstream announced version {} but served {version}, not newer than latest's \
+                     {previous} (a mirror edge is behind); latest is kept, try again later",
+                    upstream_version.unwrap_or(version)
+                ),
+            });
+        }
         let build_time = stime(&header);
         outcome.files_downloaded += 1;
         staged.add(FileEntry {
@@ -750,9 +770,10 @@ struct IndexedFile {
 
 /// Whether a relative path from an index is safe to use under the product directory.
 pub(crate) fn safe_relative_path(path: &str) -> bool {
+    // `:` would let a URL join leave the index's host (`http:evil/x`); `?#%` change meaning.
     !path.is_empty()
         && !path.starts_with('/')
-        && !path.contains('\\')
+        && !path.contains(['\\', ':', '?', '#', '%', '\0'])
         && path
             .split('/')
             .all(|part| !part.is_empty() && part != "." && part != "..")
@@ -896,6 +917,15 @@ async fn sync_files(
         let url = index_url
             .join(&file.path)
             .map_err(|err| bad_index(err.to_string()))?;
+        let index_dir = index_url
+            .join(".")
+            .map_err(|err| bad_index(err.to_string()))?;
+        if url.origin() != index_url.origin() || !url.path().starts_with(index_dir.path()) {
+            return Err(bad_index(format!(
+                "`{}` leaves the index's location",
+                file.path
+            )));
+        }
         let target = staged.path_for(&path)?;
         let downloaded = download_required(context, &url, &target).await?;
         if downloaded.size != file.size {
@@ -1339,6 +1369,11 @@ mod tests {
             ("./a", false),
             ("", false),
             ("a\\b", false),
+            ("http:evil.example/x", false),
+            ("x:y", false),
+            ("a?b", false),
+            ("a#b", false),
+            ("a%2e", false),
         ] {
             assert_eq!(safe_relative_path(path), ok, "{path}");
         }

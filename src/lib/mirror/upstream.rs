@@ -234,7 +234,14 @@ impl Upstream {
                 path: dest.to_owned(),
                 source,
             };
-            let mut file = std::fs::File::create(dest).map_err(io)?;
+            // A retry starts over. Unlink rather than truncate: the path could be a hard link to
+            // a live revision's file, which must never be written through.
+            let _ = std::fs::remove_file(dest);
+            let mut file = std::fs::File::options()
+                .write(true)
+                .create_new(true)
+                .open(dest)
+                .map_err(io)?;
             let mut writer = std::io::BufWriter::with_capacity(1 << 20, &mut file);
             let mut hasher = openssl::sha::Sha256::new();
             let mut size = 0u64;
@@ -435,16 +442,32 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     )
 }
 
+/// Reads a secret from a file that must be private (0600): its first line, without the newline.
+fn read_secret_file(path: &Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("cannot read proxy password file `{}`", path.display()))?
+        .permissions()
+        .mode();
+    anyhow::ensure!(
+        mode & 0o077 == 0,
+        "proxy password file `{}` is readable by other users (mode {:o}): chmod 600 it",
+        path.display(),
+        mode & 0o777
+    );
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read proxy password file `{}`", path.display()))?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+}
+
 fn build_proxy(config: &ProxyConfig) -> anyhow::Result<reqwest::Proxy> {
     use anyhow::Context;
     let mut proxy = reqwest::Proxy::all(&config.url)
         .with_context(|| format!("proxy url `{}` is not usable", config.url))?;
     if let Some(username) = &config.username {
         let password = match &config.password_file {
-            Some(path) => std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read proxy password file `{}`", path.display()))?
-                .trim_end_matches(['\r', '\n'])
-                .to_string(),
+            Some(path) => read_secret_file(path)?,
             None => String::new(),
         };
         proxy = proxy.basic_auth(username, &password);
