@@ -12,6 +12,7 @@ pub mod lab;
 pub mod manifest;
 pub mod mirror;
 pub mod pki;
+pub mod proto;
 pub mod repo;
 pub mod static_files;
 pub mod tls;

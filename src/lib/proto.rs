@@ -1,0 +1,199 @@
+//! Wire types shared by the manager and `pm-agent`, and the activation proofs. Only these types
+//! go on the wire between them.
+//!
+//! Activation (DESIGN.md section 4), after the manager has read the agent's self-signed
+//! certificate fingerprint `F` over TLS and pinned it for every following request:
+//!
+//! 1. manager -> agent `POST /v1/activation/challenge` [`ChallengeRequest`] with a fresh nonce
+//!    `Nm`. The agent answers [`ChallengeResponse`]: its nonce `Na`, a CSR for its key, and
+//!    `agent_proof = HMAC-SHA256(K, "pm agent proof v1" | F | Nm | Na)`. The manager checks the
+//!    proof with the key `K` it holds: the agent knows `K` and holds the key of `F` (a relay
+//!    would present another certificate, so the proof would not match).
+//! 2. manager -> agent `POST /v1/activation/complete` [`ActivateRequest`] with
+//!    `manager_proof = HMAC-SHA256(K, "pm manager proof v1" | F | Na | Nm)`, the manager CA,
+//!    the agent certificate the CA issued for the CSR, the manifest signing key and the dist
+//!    URL. The agent checks the proof, that the certificate is for its key and chains to the
+//!    CA, stores everything, forgets `K` and from then on requires client certificates issued
+//!    by that CA.
+//!
+//! `K` itself never crosses the wire.
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the first activation step.
+pub const CHALLENGE_PATH: &str = "/v1/activation/challenge";
+/// Path of the second activation step.
+pub const ACTIVATE_PATH: &str = "/v1/activation/complete";
+/// Path of the agent status (mutual TLS after activation).
+pub const STATUS_PATH: &str = "/v1/status";
+/// Path that makes an activated agent forget its manager (mutual TLS).
+pub const DEACTIVATE_PATH: &str = "/v1/deactivate";
+
+/// Step 1 request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChallengeRequest {
+    /// Manager nonce `Nm`, 32 random bytes in hex.
+    pub manager_nonce: String,
+    /// Fingerprint of the manager CA, so an agent activated by another manager can say so.
+    pub manager_ca_fingerprint: String,
+}
+
+/// Step 1 answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChallengeResponse {
+    /// Agent nonce `Na`, 32 random bytes in hex; valid for one `complete` within a minute.
+    pub agent_nonce: String,
+    /// HMAC proving the agent holds the activation key, bound to its certificate.
+    pub agent_proof: String,
+    /// PEM certificate signing request for the agent's existing key.
+    pub csr_pem: String,
+    /// The agent's host name (what it will be called in its certificate).
+    pub host_name: String,
+    /// pm-agent version.
+    pub agent_version: String,
+    /// Engine adapter (`clamav`, `command`).
+    pub engine: String,
+}
+
+/// Step 2 request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivateRequest {
+    /// The agent nonce from step 1.
+    pub agent_nonce: String,
+    /// HMAC proving the manager holds the activation key, bound to the agent's certificate.
+    pub manager_proof: String,
+    /// The manager CA certificate (PEM): the only issuer of client certificates accepted from
+    /// now on.
+    pub ca_pem: String,
+    /// The agent's new certificate (PEM) issued by that CA for the CSR.
+    pub agent_certificate_pem: String,
+    /// The manager's manifest signing public key (PEM), for verifying dist.
+    pub manifest_key_pem: String,
+    /// Base URL of the manager's `pm-mirror serve` (dist).
+    pub dist_url: String,
+    /// Name the manager knows the host by.
+    pub host_name: String,
+}
+
+/// Step 2 answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivateResponse {
+    /// Serial of the certificate the agent now presents (hex).
+    pub certificate_serial: String,
+    /// Fingerprint of that certificate.
+    pub certificate_fingerprint: String,
+}
+
+/// Every error answer of the agent API: a message for the operator and a stable code for
+/// programs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    /// `wrong_key`, `already_activated`, `no_activation_key`, `bad_request`, `forbidden`, ...
+    pub code: String,
+    /// What went wrong and what to do, lowercase.
+    pub message: String,
+}
+
+/// Agent status, for the manager (mutual TLS) and `pm-agent status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// Host name in its certificate.
+    pub host_name: String,
+    /// pm-agent version.
+    pub agent_version: String,
+    /// Whether a manager activated it.
+    pub activated: bool,
+    /// Fingerprint of the manager CA it trusts.
+    pub manager_ca_fingerprint: Option<String>,
+    /// Engine adapter.
+    pub engine: String,
+}
+
+const AGENT_PROOF_LABEL: &[u8] = b"pm agent proof v1";
+const MANAGER_PROOF_LABEL: &[u8] = b"pm manager proof v1";
+
+fn hmac_hex(key: &[u8], parts: &[&[u8]]) -> String {
+    let key = openssl::pkey::PKey::hmac(key).expect("an HMAC key of any length is valid");
+    let mut signer = openssl::sign::Signer::new(openssl::hash::MessageDigest::sha256(), &key)
+        .expect("HMAC-SHA256 is available in every OpenSSL");
+    for part in parts {
+        // Length-prefixed, so no two different sequences of parts hash the same.
+        signer
+            .update(&(part.len() as u64).to_be_bytes())
+            .expect("hmac update");
+        signer.update(part).expect("hmac update");
+    }
+    crate::manifest::hex(&signer.sign_to_vec().expect("hmac final"))
+}
+
+/// The agent's proof: `HMAC(K, label | agent certificate fingerprint | Nm | Na)`.
+pub fn agent_proof(
+    key: &str,
+    agent_fingerprint: &str,
+    manager_nonce: &str,
+    agent_nonce: &str,
+) -> String {
+    hmac_hex(
+        key.as_bytes(),
+        &[
+            AGENT_PROOF_LABEL,
+            agent_fingerprint.as_bytes(),
+            manager_nonce.as_bytes(),
+            agent_nonce.as_bytes(),
+        ],
+    )
+}
+
+/// The manager's proof: `HMAC(K, label | agent certificate fingerprint | Na | Nm)`.
+pub fn manager_proof(
+    key: &str,
+    agent_fingerprint: &str,
+    agent_nonce: &str,
+    manager_nonce: &str,
+) -> String {
+    hmac_hex(
+        key.as_bytes(),
+        &[
+            MANAGER_PROOF_LABEL,
+            agent_fingerprint.as_bytes(),
+            agent_nonce.as_bytes(),
+            manager_nonce.as_bytes(),
+        ],
+    )
+}
+
+/// Compares two proofs in constant time.
+pub fn proofs_equal(a: &str, b: &str) -> bool {
+    a.len() == b.len() && openssl::memcmp::eq(a.as_bytes(), b.as_bytes())
+}
+
+/// 32 random bytes in hex.
+pub fn nonce() -> String {
+    let mut bytes = [0u8; 32];
+    openssl::rand::rand_bytes(&mut bytes).expect("the OpenSSL random generator works");
+    crate::manifest::hex(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proofs_bind_the_key_the_certificate_and_both_nonces() {
+        let proof = agent_proof("pmk1.a.secret", "sha256:aa", "nm", "na");
+        assert!(proofs_equal(
+            &proof,
+            &agent_proof("pmk1.a.secret", "sha256:aa", "nm", "na")
+        ));
+        for other in [
+            agent_proof("pmk1.a.other", "sha256:aa", "nm", "na"),
+            agent_proof("pmk1.a.secret", "sha256:bb", "nm", "na"),
+            agent_proof("pmk1.a.secret", "sha256:aa", "nm2", "na"),
+            agent_proof("pmk1.a.secret", "sha256:aa", "nm", "na2"),
+            manager_proof("pmk1.a.secret", "sha256:aa", "na", "nm"),
+        ] {
+            assert!(!proofs_equal(&proof, &other));
+        }
+        assert_ne!(nonce(), nonce());
+    }
+}
