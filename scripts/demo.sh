@@ -84,6 +84,21 @@ printf '%s' 'X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H
 step "clamscan with the updated database"
 clamscan --no-summary -d "${work}/clamdb" "${work}/eicar.com" || true
 
+step "enrol three agents (127.0.0.2-4) with one reusable activation key over mutual TLS"
+"${bin}/pm-activate" --home "${home}" key new --reusable --ttl 1h --comment demo --out "${work}/demo.key"
+for n in 2 3 4; do
+  agent_port="$(free_port)"
+  state="${work}/agent-${n}"
+  "${bin}/pm-agent" --state "${state}" init --listen "127.0.0.${n}:${agent_port}" --engine clamav \
+    --database-dir "${work}/agent-${n}-db" --host-name "demo-${n}" --activation-key-file "${work}/demo.key" >/dev/null
+  "${bin}/pm-agent" --state "${state}" run 2>"${work}/agent-${n}.log" &
+  pids+=($!)
+  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.${n}/${agent_port}") 2>/dev/null && break; sleep 0.1; done
+  "${bin}/pm-activate" --home "${home}" host "127.0.0.${n}:${agent_port}" --key-file "${work}/demo.key" \
+    --group demo --dist-url "http://127.0.0.1:${serve_port}"
+done
+"${bin}/pm-activate" --home "${home}" list
+
 step "the inventory, queried with the stock DuckDB CLI (read-only)"
 duckdb_cli="${PM_DUCKDB_CLI:-$(command -v duckdb || echo "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/duckdb")}"
 "${duckdb_cli}" -readonly "${home}/inventory.duckdb" -c \

@@ -39,6 +39,49 @@ pub enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Activate the agent at ADDR (host:port, default port 7505), or re-apply its group,
+    /// profile and labels when this manager already activated it
+    Host(HostArgs),
+    /// Make an agent forget this manager; the host is kept as deactivated and its certificate
+    /// is never accepted again
+    Deactivate {
+        /// The host's name (or its address) as `pm-activate list` shows it
+        host: String,
+    },
+    /// Hosts with group, profile, address, state, activation time and agent version
+    List,
+}
+
+/// `pm-activate host` flags.
+#[derive(Debug, clap::Args)]
+pub struct HostArgs {
+    /// The agent's API address: host:port (port 7505 when omitted)
+    #[arg(required_unless_present = "targets", conflicts_with = "targets")]
+    pub address: Option<String>,
+    /// Activate every address of this file (one a line, or CSV `address,wave`), concurrently
+    #[arg(long, value_name = "FILE")]
+    pub targets: Option<PathBuf>,
+    /// File holding the activation key the agent was given (`pm-activate key new --out`)
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Name to give the host (default: the name the agent reports)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Host group
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Scan profile
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// A label `key=value` (repeatable)
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Base URL of `pm-mirror serve` the agent installs from (default: pm.toml `[serve] url`)
+    #[arg(long, value_name = "URL")]
+    pub dist_url: Option<String>,
+    /// How long to wait for the agent on each call
+    #[arg(long, default_value = "10s", value_parser = cli::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// `pm-activate key` subcommands.
@@ -89,6 +132,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
             KeyCommand::List => key_list(&home, &args.global),
             KeyCommand::Revoke { id } => key_revoke(&home, &args.global, &id),
         },
+        Command::Host(host) => host::activate_host(&home, &args.global, host),
+        Command::Deactivate { host } => host::deactivate(&home, &args.global, &host),
+        Command::List => host::list(&home, &args.global),
     }
 }
 
@@ -212,7 +258,7 @@ pub fn check_key(
     Ok(record.clone())
 }
 
-fn inventory_error(err: InventoryError) -> anyhow::Error {
+pub(crate) fn inventory_error(err: InventoryError) -> anyhow::Error {
     let locked = matches!(err, InventoryError::Locked { .. });
     let user = UserError::failure(err.to_string());
     anyhow::Error::new(if locked {
@@ -427,6 +473,8 @@ fn key_revoke(home: &Path, global: &GlobalArgs, id: &str) -> anyhow::Result<Exit
     }
     Ok(ExitStatus::Success)
 }
+
+mod host;
 
 #[cfg(test)]
 mod tests {

@@ -45,6 +45,17 @@ pub struct Config {
     pub retention: Retention,
     /// Timeouts and retries of upstream requests.
     pub http: HttpConfig,
+    /// How agents reach this manager's `pm-mirror serve`.
+    pub serve: ServeConfig,
+}
+
+/// `[serve]`: what agents are told about the manager's `pm-mirror serve`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Base URL of dist as agents reach it (`http://manager:8080`), sent at activation.
+    #[serde(default)]
+    pub url: Option<String>,
 }
 
 /// One mirrored upstream feed.
@@ -202,6 +213,8 @@ struct RawConfig {
     retention: Retention,
     #[serde(default)]
     http: HttpConfig,
+    #[serde(default)]
+    serve: ServeConfig,
 }
 
 /// Proxy settings; the password is read from a file so it never sits in `pm.toml`.
@@ -344,6 +357,7 @@ impl Config {
             proxy: raw.proxy,
             retention: raw.retention,
             http: raw.http,
+            serve: raw.serve,
         };
         config.validate(path)?;
         Ok(config)
@@ -355,6 +369,9 @@ impl Config {
             key,
             problem,
         };
+        if let Some(url) = &self.serve.url {
+            check_url(url).map_err(|p| invalid("serve.url".into(), p))?;
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, product) in self.products.iter().enumerate() {
             let key = |field: &str| format!("products[{i}].{field}");
@@ -515,6 +532,25 @@ mod tests {
         };
         assert_eq!(clamav.cdiff_keep, 30);
         check(EXAMPLE, None);
+    }
+
+    #[test]
+    fn the_serve_url_is_optional_checked_and_closed() {
+        let config = Config::parse(
+            "[serve]\nurl = \"http://manager:8080\"\n",
+            Path::new("/h/pm.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.serve.url.as_deref(), Some("http://manager:8080"));
+        assert!(
+            Config::parse("", Path::new("/h/pm.toml"))
+                .unwrap()
+                .serve
+                .url
+                .is_none()
+        );
+        check("[serve]\nurl = \"ftp://x\"\n", Some("serve.url"));
+        check("[serve]\nport = 1\n", Some("port"));
     }
 
     #[test]

@@ -27,6 +27,7 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "accepted_bundles",
         include_str!("../../sql/0004_accepted_bundles.sql"),
     ),
+    (5, "hosts", include_str!("../../sql/0005_hosts.sql")),
 ];
 
 /// Inventory errors.
@@ -142,6 +143,37 @@ pub struct ActivationKeyRecord {
     pub revoked_at: Option<DateTime<Utc>>,
     /// Free text for people.
     pub comment: Option<String>,
+}
+
+/// A host enrolled by `pm-activate host` (one row of `hosts`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HostRecord {
+    /// The name in its certificate.
+    pub host: String,
+    /// `host:port` of its agent API.
+    pub address: String,
+    /// Its group.
+    pub group: String,
+    /// Its scan profile.
+    pub profile: String,
+    /// Labels as a JSON object text.
+    pub labels: String,
+    /// Serial (lowercase hex) of the certificate the manager issued.
+    pub certificate_serial: Option<String>,
+    /// Fingerprint of that certificate.
+    pub certificate_fingerprint: Option<String>,
+    /// pm-agent version it reported.
+    pub agent_version: Option<String>,
+    /// Engine adapter it reported.
+    pub engine: Option<String>,
+    /// When it was (last) activated.
+    pub activated_at: Option<DateTime<Utc>>,
+    /// Id of the activation key used.
+    pub activation_key_id: Option<String>,
+    /// `active` or `deactivated`.
+    pub state: String,
+    /// When it was deactivated.
+    pub deactivated_at: Option<DateTime<Utc>>,
 }
 
 /// One publish or rollback of dist.
@@ -560,6 +592,111 @@ impl Inventory {
         Ok(changed > 0)
     }
 
+    /// Inserts a host or replaces the row of a host with the same name (a re-activation).
+    pub fn upsert_host(&self, host: &HostRecord) -> Result<(), InventoryError> {
+        self.db(self.conn.execute(
+            "INSERT OR REPLACE INTO hosts (host, address, host_group, profile, labels,
+                 certificate_serial, certificate_fingerprint, agent_version, engine, activated_at,
+                 activation_key_id, state, deactivated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?), ?, ?, to_timestamp(?))",
+            params![
+                host.host,
+                host.address,
+                host.group,
+                host.profile,
+                host.labels,
+                host.certificate_serial,
+                host.certificate_fingerprint,
+                host.agent_version,
+                host.engine,
+                to_epoch(host.activated_at),
+                host.activation_key_id,
+                host.state,
+                to_epoch(host.deactivated_at),
+            ],
+        ))?;
+        Ok(())
+    }
+
+    /// Every host, by name.
+    pub fn hosts(&self) -> Result<Vec<HostRecord>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT host, address, host_group, profile, labels, certificate_serial,
+                    certificate_fingerprint, agent_version, engine, epoch(activated_at),
+                    activation_key_id, state, epoch(deactivated_at)
+             FROM hosts ORDER BY host",
+        ))?;
+        let rows = self.db(statement.query_map([], |row| {
+            Ok(HostRecord {
+                host: row.get(0)?,
+                address: row.get(1)?,
+                group: row.get(2)?,
+                profile: row.get(3)?,
+                labels: row.get(4)?,
+                certificate_serial: row.get(5)?,
+                certificate_fingerprint: row.get(6)?,
+                agent_version: row.get(7)?,
+                engine: row.get(8)?,
+                activated_at: from_epoch(row.get(9)?),
+                activation_key_id: row.get(10)?,
+                state: row.get(11)?,
+                deactivated_at: from_epoch(row.get(12)?),
+            })
+        }))?;
+        rows.map(|row| self.db(row)).collect()
+    }
+
+    /// Marks a host deactivated and revokes its certificate serial (history is kept);
+    /// `false` when there is no such host.
+    pub fn deactivate_host(&self, host: &str, reason: &str) -> Result<bool, InventoryError> {
+        let serial: Option<Option<String>> = self.db(self
+            .conn
+            .query_row(
+                "SELECT certificate_serial FROM hosts WHERE host = ?",
+                params![host],
+                |row| row.get(0),
+            )
+            .optional())?;
+        let Some(serial) = serial else {
+            return Ok(false);
+        };
+        self.db(self.conn.execute(
+            "UPDATE hosts SET state = 'deactivated', deactivated_at = now()
+             WHERE host = ? AND state <> 'deactivated'",
+            params![host],
+        ))?;
+        if let Some(serial) = serial {
+            self.revoke_certificate(&serial, host, reason)?;
+        }
+        Ok(true)
+    }
+
+    /// Records a certificate serial as revoked (again is a no-op).
+    pub fn revoke_certificate(
+        &self,
+        serial: &str,
+        host: &str,
+        reason: &str,
+    ) -> Result<(), InventoryError> {
+        self.db(self.conn.execute(
+            "INSERT INTO revoked_certificates VALUES (?, ?, now(), ?) ON CONFLICT DO NOTHING",
+            params![serial.to_ascii_lowercase(), host, reason],
+        ))?;
+        Ok(())
+    }
+
+    /// The host whose revoked certificate has `serial`, if it was revoked.
+    pub fn revoked_certificate(&self, serial: &str) -> Result<Option<String>, InventoryError> {
+        self.db(self
+            .conn
+            .query_row(
+                "SELECT coalesce(host, '') FROM revoked_certificates WHERE serial = ?",
+                params![serial.to_ascii_lowercase()],
+                |row| row.get(0),
+            )
+            .optional())
+    }
+
     /// Runs a query that returns one value per row, for tests and small reports.
     pub fn query_strings(&self, sql: &str) -> Result<Vec<String>, InventoryError> {
         let mut statement = self.db(self.conn.prepare(sql))?;
@@ -692,6 +829,50 @@ mod tests {
         inventory.save_product_state(&state).unwrap();
         inventory.save_product_state(&state).unwrap();
         assert_eq!(inventory.product_states().unwrap(), vec![state]);
+    }
+
+    #[test]
+    fn a_deactivated_host_is_kept_and_its_serial_revoked() {
+        let home = tempfile::tempdir().unwrap();
+        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        let host = HostRecord {
+            host: "web-1".into(),
+            address: "10.0.0.1:7505".into(),
+            group: "web".into(),
+            profile: "default".into(),
+            labels: r#"{"site":"paris"}"#.into(),
+            certificate_serial: Some("ab12".into()),
+            certificate_fingerprint: Some("sha256:00".into()),
+            agent_version: Some("1.0.0".into()),
+            engine: Some("clamav".into()),
+            activated_at: DateTime::from_timestamp(1_800_000_000, 0),
+            activation_key_id: Some("0badcafe".into()),
+            state: "active".into(),
+            deactivated_at: None,
+        };
+        inventory.upsert_host(&host).unwrap();
+        assert_eq!(inventory.hosts().unwrap(), vec![host.clone()]);
+        assert_eq!(inventory.revoked_certificate("AB12").unwrap(), None);
+        assert!(inventory.deactivate_host("web-1", "test").unwrap());
+        assert!(!inventory.deactivate_host("nobody", "test").unwrap());
+        let kept = inventory.hosts().unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].state, "deactivated");
+        assert!(kept[0].deactivated_at.is_some());
+        assert_eq!(
+            inventory.revoked_certificate("AB12").unwrap().as_deref(),
+            Some("web-1")
+        );
+        // Again: no error, still one revocation.
+        inventory
+            .revoke_certificate("ab12", "web-1", "again")
+            .unwrap();
+        assert_eq!(
+            inventory
+                .query_strings("SELECT serial FROM revoked_certificates")
+                .unwrap(),
+            vec!["ab12".to_string()]
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! with rollback generations, a private mirror server, and (later) agents, rollouts and metrics.
 
 pub mod activate;
+pub mod agent;
 pub mod bundle;
 pub mod clamav;
 pub mod cli;

@@ -2,6 +2,8 @@
 //! and, where the issue asks for it, the real freshclam, clamscan and duckdb CLI.
 
 mod activate;
+mod activate_host;
+mod agent;
 mod inventory;
 mod mirror_airgap;
 mod mirror_chain;

@@ -14,6 +14,7 @@ pub fn bin(name: &str) -> &'static str {
         "pm-mirror" => env!("CARGO_BIN_EXE_pm-mirror"),
         "pm-lab" => env!("CARGO_BIN_EXE_pm-lab"),
         "pm-activate" => env!("CARGO_BIN_EXE_pm-activate"),
+        "pm-agent" => env!("CARGO_BIN_EXE_pm-agent"),
         other => panic!("unknown binary {other}"),
     }
 }
@@ -167,6 +168,16 @@ impl Pm {
     pub fn activate(home: &Home) -> Pm {
         let mut pm = Pm::new("pm-activate");
         pm.command.arg("--home").arg(home.path());
+        pm
+    }
+
+    /// `pm-agent --state STATE_DIR`.
+    pub fn agent(state_dir: &Path) -> Pm {
+        let mut pm = Pm::new("pm-agent");
+        pm.command
+            .arg("--state")
+            .arg(state_dir)
+            .env_remove("PM_AGENT_STATE");
         pm
     }
 

@@ -295,7 +295,24 @@ impl ManagerCa {
     /// address or DNS name, serverAuth + clientAuth, CA:FALSE, a random 128-bit serial
     /// ([`serial_hex`]) and one year of validity.
     pub fn sign_agent_csr(&self, csr_pem: &[u8], host_name: &str) -> Result<X509, CaError> {
-        let san = host_san(host_name)?;
+        self.sign_agent_csr_for(csr_pem, host_name, &[])
+    }
+
+    /// Like [`ManagerCa::sign_agent_csr`], with the IP addresses the manager reaches the agent
+    /// at added to the subjectAltName (when they are not `host_name` itself), so CA-verified
+    /// calls to `https://<ip>:<port>` work whatever the host is called.
+    pub fn sign_agent_csr_for(
+        &self,
+        csr_pem: &[u8],
+        host_name: &str,
+        addresses: &[IpAddr],
+    ) -> Result<X509, CaError> {
+        let mut san = host_san(host_name)?;
+        for address in addresses {
+            if host_name.parse::<IpAddr>().ok() != Some(*address) {
+                san.ip(&address.to_string());
+            }
+        }
         let public = checked_csr_key(csr_pem)?;
         let subject = name_with_cn(host_name)?;
         let mut builder = new_builder(&subject, self.cert.subject_name(), &public, AGENT_DAYS)?;
