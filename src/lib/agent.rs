@@ -4,7 +4,9 @@
 //! State directory (default `/var/lib/pm-agent`, 0700):
 //!
 //! ```text
-//! agent.toml            listen, engine, database_dir, host_name
+//! agent.toml            listen, engine, database_dir, host_name, scan_command, scan_reports_keep
+//! scans/<id>.json       the last scan reports (see `scan`)
+//! installed.json        installed set and 3 backups; files/<sha256> their local copies (see `install`)
 //! agent.key             the agent's ECDSA P-256 key (0600)
 //! agent.pem             its self-signed certificate (used until activation)
 //! activation.key        the activation key (0600), deleted once activated
@@ -45,6 +47,9 @@ use crate::durable;
 use crate::pki::ca::{self, AgentIdentity};
 use crate::proto::{self, ErrorResponse};
 use crate::tls::{self, ClientAuth, TlsConnectInfo, TlsHandle, TlsListener, TlsServerConfig};
+
+mod install;
+mod scan;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/pm-agent";
@@ -125,6 +130,20 @@ pub enum Command {
     Status,
     /// Forget the manager (needed before a re-activation); a new self-signed identity
     Reset(ResetArgs),
+    /// Scan files or directories now with the configured engine; keeps the report
+    Scan(scan::ScanArgs),
+    /// Install the manager's dist now (only files whose sha256 changed are downloaded)
+    Update,
+    /// Reinstall a local backup of a previously installed set
+    Rollback(RollbackArgs),
+}
+
+/// `pm-agent rollback`.
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    /// `backup:N`, N in 1..=3 (1 is the set installed before the current one)
+    #[arg(long, value_parser = install::parse_backup, value_name = "backup:N")]
+    pub to: usize,
 }
 
 /// `pm-agent init`.
@@ -199,6 +218,15 @@ pub struct AgentConfig {
     pub database_dir: PathBuf,
     /// Name of this host in its self-signed certificate.
     pub host_name: String,
+    /// `command` engine: the scan argv (paths are appended), e.g. `["/opt/x/scan", "-r"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_command: Option<Vec<String>>,
+    /// How many scan reports `scans/` keeps (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_reports_keep: Option<usize>,
+    /// clamd's local socket: installs send it `RELOAD` (none: clamscan reads the files each run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clamd_socket: Option<PathBuf>,
 }
 
 /// `manager/manager.json`: the activation record.
@@ -224,6 +252,18 @@ pub fn run(args: Args) -> Result<ExitStatus> {
         Command::Run => serve(&state),
         Command::Status => status(&state, args.json),
         Command::Reset(reset_args) => reset(&state, &reset_args, args.json),
+        Command::Scan(scan_args) => scan::scan_command(&state, &scan_args, args.json),
+        Command::Update => {
+            let config = load_config(&state)?;
+            install::print(&install::update(&state, &config)?, args.json)
+        }
+        Command::Rollback(rollback_args) => {
+            let config = load_config(&state)?;
+            install::print(
+                &install::rollback(&state, &config, rollback_args.to)?,
+                args.json,
+            )
+        }
     }
 }
 
@@ -401,6 +441,9 @@ fn init(dir: &Path, args: &InitArgs, json: bool) -> Result<ExitStatus> {
             .host_name
             .clone()
             .unwrap_or_else(|| default_host_name(args.listen)),
+        scan_command: None,
+        scan_reports_keep: None,
+        clamd_socket: None,
     };
     if dir.join(CONFIG_FILE).exists() {
         let existing = load_config(dir)?;
@@ -408,7 +451,14 @@ fn init(dir: &Path, args: &InitArgs, json: bool) -> Result<ExitStatus> {
             .ok()
             .map(|k| k.trim().to_string());
         let key_unchanged = key.is_none() || key == stored_key;
-        if existing != config || !key_unchanged {
+        // Settings init does not take (the scan settings) may have been edited in since.
+        let comparable = AgentConfig {
+            scan_command: existing.scan_command.clone(),
+            scan_reports_keep: existing.scan_reports_keep,
+            clamd_socket: existing.clamd_socket.clone(),
+            ..config.clone()
+        };
+        if existing != comparable || !key_unchanged {
             return Err(UserError::failure(format!(
                 "`{}` is already initialised with other settings",
                 dir.display()
@@ -504,6 +554,9 @@ struct LocalStatus {
     engine: Engine,
     database_dir: PathBuf,
     agent_version: &'static str,
+    /// Revision installed from dist and the revisions of the local backups (`backup:1` first).
+    installed_revision: Option<String>,
+    backups: Vec<Option<String>>,
 }
 
 fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
@@ -514,6 +567,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
         None => ca::load_certificate(&dir.join(SELF_SIGNED_CERT_FILE))?,
     };
     let record = activation.as_ref().map(|a| &a.record);
+    let installed = install::revisions(dir)?;
     let report = LocalStatus {
         changed: false,
         state: dir.to_owned(),
@@ -531,6 +585,8 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
         engine: config.engine,
         database_dir: config.database_dir,
         agent_version: env!("CARGO_PKG_VERSION"),
+        installed_revision: installed.0,
+        backups: installed.1,
     };
     if json {
         crate::cli::print_json(&report)?;
@@ -584,6 +640,16 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
         "database dir".to_string(),
         report.database_dir.display().to_string(),
     ]);
+    table.add_row(vec![
+        "installed".to_string(),
+        report.installed_revision.clone().unwrap_or_else(none),
+    ]);
+    for (n, revision) in report.backups.iter().enumerate() {
+        table.add_row(vec![
+            format!("backup:{}", n + 1),
+            revision.clone().unwrap_or_else(none),
+        ]);
+    }
     crate::cli::print_text(table)?;
     Ok(ExitStatus::Success)
 }
@@ -1026,6 +1092,9 @@ fn router(agent: Arc<Agent>) -> Router {
         .route(proto::ACTIVATE_PATH, post(complete))
         .route(proto::STATUS_PATH, get(status_handler))
         .route(proto::DEACTIVATE_PATH, post(deactivate))
+        .merge(scan::routes())
+        .route(proto::UPDATE_PATH, post(install::update_handler))
+        .route(proto::ROLLBACK_PATH, post(install::rollback_handler))
         .fallback(fallback)
         .method_not_allowed_fallback(fallback)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -1217,6 +1286,9 @@ mod tests {
             engine: Engine::Clamav,
             database_dir: PathBuf::from("/var/lib/clamav"),
             host_name: "scan-1".into(),
+            scan_command: None,
+            scan_reports_keep: None,
+            clamd_socket: None,
         };
         let text = toml::to_string(&config).unwrap();
         assert!(text.contains("engine = \"clamav\""), "{text}");

@@ -109,6 +109,50 @@ pub struct AgentStatus {
     pub engine: String,
 }
 
+/// Path that makes an activated agent install the manager's dist now (mutual TLS).
+pub const UPDATE_PATH: &str = "/v1/update";
+/// Path that makes an activated agent reinstall one of its local backups (mutual TLS).
+pub const ROLLBACK_PATH: &str = "/v1/rollback";
+
+/// `POST /v1/rollback` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    /// `backup:N`, N in 1..=3 (1 is the set installed before the current one).
+    pub to: String,
+}
+
+/// What an install (`update` or `rollback`) did on the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallReport {
+    /// Whether a database file in the engine's directory changed.
+    pub changed: bool,
+    /// `update` or `rollback`.
+    pub action: String,
+    /// Revision now installed (`r<serial>` of the manager's dist).
+    pub revision: Option<String>,
+    /// Its manifest serial.
+    pub serial: Option<u32>,
+    /// Revision installed before.
+    pub previous_revision: Option<String>,
+    /// Database files that changed.
+    pub files: Vec<InstalledFileChange>,
+    /// Files fetched from dist (the others were already in the agent's local copies).
+    pub downloaded: Vec<String>,
+    /// Whether the engine was told to reload (clamd `RELOAD`).
+    pub reloaded: bool,
+}
+
+/// One database file an install changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledFileChange {
+    /// File name in the engine's database directory, e.g. `daily.cvd`.
+    pub name: String,
+    /// Version installed before (`None`: the file is new).
+    pub from_version: Option<String>,
+    /// Version installed now (`None`: the file was removed).
+    pub to_version: Option<String>,
+}
+
 const AGENT_PROOF_LABEL: &[u8] = b"pm agent proof v1";
 const MANAGER_PROOF_LABEL: &[u8] = b"pm manager proof v1";
 
@@ -172,6 +216,83 @@ pub fn nonce() -> String {
     let mut bytes = [0u8; 32];
     openssl::rand::rand_bytes(&mut bytes).expect("the OpenSSL random generator works");
     crate::manifest::hex(&bytes)
+}
+
+/// Path of an on-demand scan (mutual TLS): [`ScanRequest`] in, [`ScanReport`] out.
+pub const SCAN_PATH: &str = "/v1/scan";
+/// Path of the kept scan reports (mutual TLS): [`ScanList`], newest first.
+pub const SCANS_PATH: &str = "/v1/scans";
+
+/// A request to scan paths on the agent's host now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScanRequest {
+    /// Absolute paths of files or directories (directories are scanned recursively).
+    pub paths: Vec<String>,
+}
+
+/// How a scan ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScanResult {
+    /// The engine scanned everything and found nothing.
+    Clean,
+    /// The engine scanned everything and found something (see the findings).
+    Infected,
+    /// The engine could not scan (everything): see `error`; findings may still be listed.
+    Error,
+}
+
+impl ScanResult {
+    /// `clean`, `infected` or `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScanResult::Clean => "clean",
+            ScanResult::Infected => "infected",
+            ScanResult::Error => "error",
+        }
+    }
+}
+
+/// One detection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanFinding {
+    /// The file, as the engine named it.
+    pub path: String,
+    /// The signature name, e.g. `Eicar-Test-Signature`.
+    pub signature: String,
+}
+
+/// The report of one scan, kept by the agent (its last N) and returned by [`SCAN_PATH`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScanReport {
+    /// Unique and sortable by start time: `20261126T075810.123456Z-1a2b3c4d`.
+    pub id: String,
+    /// When the engine was started.
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// When it ended.
+    pub finished_at: chrono::DateTime<chrono::Utc>,
+    /// Wall-clock time of the engine run.
+    pub duration_seconds: f64,
+    /// Engine adapter (`clamav`, `command`).
+    pub engine: String,
+    /// The scanned paths.
+    pub paths: Vec<String>,
+    /// Files the engine scanned, when it reports the number (`Scanned files: N`).
+    pub files_scanned: Option<u64>,
+    /// Detections.
+    pub findings: Vec<ScanFinding>,
+    /// Clean, infected or error.
+    pub result: ScanResult,
+    /// What went wrong when `result` is `error` (the engine's error output).
+    pub error: Option<String>,
+}
+
+/// The kept scan reports, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScanList {
+    /// Reports, newest first.
+    pub reports: Vec<ScanReport>,
 }
 
 #[cfg(test)]

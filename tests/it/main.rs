@@ -4,6 +4,8 @@
 mod activate;
 mod activate_host;
 mod agent;
+mod agent_install;
+mod agent_scan;
 mod inventory;
 mod mirror_airgap;
 mod mirror_chain;

@@ -308,7 +308,7 @@ impl Drop for Server {
     }
 }
 
-const EICAR: &str = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+pub const EICAR: &str = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
 
 fn run(program: &str, args: &[&str]) -> (i32, String) {
     let output = Command::new(program)

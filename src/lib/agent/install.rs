@@ -1,0 +1,906 @@
+//! Installing revisions on the agent: `pm-agent update` / `POST /v1/update` pulls the manager's
+//! dist, `pm-agent rollback --to backup:N` / `POST /v1/rollback` reinstalls a local backup.
+//!
+//! State (below the agent's state directory):
+//!
+//! ```text
+//! files/<sha256>        local copies of every database file installed or kept as a backup
+//! installed.json        the installed set (revision, serial, files: name, sha256, size, version)
+//!                       and the backups: the three sets installed before, backup:1 first
+//! install.lock          taken by every install, so the CLI and the API never install at once
+//! ```
+//!
+//! An update fetches `<dist_url>/manifest.json` and `manifest.sig`, checks the Ed25519
+//! signature with the manifest key the manager sent at activation, and takes the engine's files
+//! (engine `clamav`: the `.cvd` files of products of kind `clamav`). Files whose sha256 is not in
+//! `files/` are downloaded and checked (size, sha256, ClamAV signature) before anything is
+//! installed. Each database file is then copied aside into the database directory
+//! (`.<name>.pm-tmp-<pid>`, a name no engine loads), fsynced and renamed over `<name>`; a
+//! `<db>.cld` that would shadow the new `<db>.cvd` is removed after it (ClamAV loads the newer of
+//! the two). A `kill -9` at any instant therefore leaves every database file whole: old or new.
+//! `installed.json` is written last (write aside, fsync, rename): the installed set and the
+//! backups change together. A crash before it leaves the old record; the next install repairs the
+//! database directory from it.
+//!
+//! Backups rotate like publish: the set being replaced becomes `backup:1`, 1 -> 2 -> 3, the old
+//! 3 is dropped. A rollback to `backup:N` installs that set and swaps it with the current one:
+//! the set rolled back from becomes `backup:1` (so `rollback --to backup:1` twice is a no-op
+//! round trip), N is removed, the others keep their order. Local copies that no set refers to
+//! any more are deleted.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Agent, AgentConfig, Engine, error, from_manager, io_error, load_activation};
+use crate::cli::{ExitStatus, UserError};
+use crate::durable;
+use crate::manifest::{MANIFEST_FILE, Manifest, SIGNATURE_FILE};
+use crate::proto::{self, InstallReport, InstalledFileChange};
+use crate::tls::TlsConnectInfo;
+use anyhow::{Context, Result};
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+/// Local copies of database files, named by sha256.
+pub const FILES_DIR: &str = "files";
+/// The installed set.
+pub const INSTALLED_FILE: &str = "installed.json";
+/// Serialises installs.
+const LOCK_FILE: &str = "install.lock";
+/// How many sets are kept as backups.
+pub const BACKUPS: usize = 3;
+/// Largest manifest or signature read from dist.
+const MAX_DOCUMENT: usize = 16 * 1024 * 1024;
+/// How long an install waits for another one to finish.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
+/// Marker in the names of files written aside in the database directory.
+const TMP_MARKER: &str = ".pm-tmp-";
+
+/// One installed database file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetFile {
+    /// Name in the database directory.
+    pub name: String,
+    /// Lowercase hex sha256 (the name of its local copy in `files/`).
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Database version.
+    pub version: Option<String>,
+}
+
+/// An installed set (the current one or a backup in `installed.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledSet {
+    /// Revision of the manager's dist it came from.
+    pub revision: Option<String>,
+    /// Manifest serial of that revision.
+    pub serial: Option<u32>,
+    /// When it was installed.
+    pub installed_at: chrono::DateTime<chrono::Utc>,
+    /// Its files, sorted by name.
+    pub files: Vec<SetFile>,
+}
+
+impl InstalledSet {
+    fn same_files(&self, other: &InstalledSet) -> bool {
+        self.files == other.files
+    }
+}
+
+/// Which backup to roll back to: `backup:N`.
+pub fn parse_backup(text: &str) -> Result<usize, String> {
+    text.strip_prefix("backup:")
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| (1..=BACKUPS).contains(n))
+        .ok_or_else(|| format!("`{text}` is not a backup: use backup:1, backup:2 or backup:3"))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match fs::read(path) {
+        Ok(bytes) => {
+            Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                format!("`{}` is damaged", path.display())
+            })?))
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(io_error("read", path)(err)),
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    durable::write_atomic(path, &serde_json::to_vec_pretty(value)?, 0o644)
+        .map_err(io_error("write", path))
+}
+
+/// `installed.json`: the installed set and the backups, in one file so that one rename commits
+/// both.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct InstallState {
+    installed: Option<InstalledSet>,
+    /// `backup:1` first.
+    backups: Vec<InstalledSet>,
+}
+
+/// The installed set and the backups (`backup:1` first).
+fn load_sets(dir: &Path) -> Result<(Option<InstalledSet>, Vec<InstalledSet>)> {
+    let state: InstallState = read_json(&dir.join(INSTALLED_FILE))?.unwrap_or_default();
+    Ok((state.installed, state.backups))
+}
+
+/// The install lock, held while it lives.
+struct InstallLock {
+    _file: File,
+}
+
+fn lock(dir: &Path) -> Result<InstallLock> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_error("open", &path))?;
+    let started = Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(InstallLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) if started.elapsed() < LOCK_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(UserError::failure(format!(
+                    "another install holds `{}` for more than {LOCK_TIMEOUT:?}",
+                    path.display()
+                ))
+                .into());
+            }
+            Err(fs::TryLockError::Error(err)) => return Err(io_error("lock", &path)(err)),
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    crate::manifest::hex(&openssl::sha::sha256(bytes))
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = File::open(path)?;
+    let mut hasher = openssl::sha::Sha256::new();
+    let mut buffer = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(crate::manifest::hex(&hasher.finish()))
+}
+
+/// Whether the local copy of `file` exists and is whole.
+fn have_copy(dir: &Path, file: &SetFile) -> bool {
+    let path = dir.join(FILES_DIR).join(&file.sha256);
+    fs::metadata(&path).is_ok_and(|m| m.len() == file.size)
+        && sha256_file(&path).is_ok_and(|sha| sha == file.sha256)
+}
+
+/// Checks a database file the engine will load.
+fn verify_database(name: &str, bytes: &[u8]) -> Result<Option<String>, String> {
+    if name.ends_with(".cvd") {
+        let header = crate::clamav::verify_cvd(bytes).map_err(|err| err.to_string())?;
+        return Ok(Some(header.version.to_string()));
+    }
+    Ok(None)
+}
+
+/// What the engine takes from a revision: (name in the database directory, manifest path, entry).
+fn engine_files(engine: Engine, manifest: &Manifest) -> Result<Vec<(SetFile, String)>> {
+    if engine != Engine::Clamav {
+        return Err(UserError::failure(format!(
+            "engine `{}` has no databases to install from dist",
+            engine.as_str()
+        ))
+        .with_hint("only engine `clamav` installs revisions")
+        .into());
+    }
+    let mut files = Vec::new();
+    for product in manifest.products.iter().filter(|p| p.kind == "clamav") {
+        for entry in manifest.product_files(&product.name) {
+            // Databases only: cdiffs and `.sign` files are for freshclam, not the engine.
+            let Some(name) = entry
+                .path
+                .rsplit('/')
+                .next()
+                .filter(|n| n.ends_with(".cvd"))
+            else {
+                continue;
+            };
+            let safe = !name.starts_with('.')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                && !entry.path.split('/').any(|s| s == ".." || s.is_empty());
+            let sha_ok = entry.sha256.len() == 64
+                && entry
+                    .sha256
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            if !safe || !sha_ok {
+                return Err(UserError::failure(format!(
+                    "the signed manifest of {} lists an unusable file `{}`",
+                    manifest.revision, entry.path
+                ))
+                .into());
+            }
+            if files
+                .iter()
+                .any(|(f, _): &(SetFile, String)| f.name == name)
+            {
+                return Err(UserError::failure(format!(
+                    "the signed manifest of {} has two products with `{name}`",
+                    manifest.revision
+                ))
+                .into());
+            }
+            files.push((
+                SetFile {
+                    name: name.to_string(),
+                    sha256: entry.sha256.clone(),
+                    size: entry.size,
+                    version: entry.version.clone(),
+                },
+                entry.path.clone(),
+            ));
+        }
+    }
+    files.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    if files.is_empty() {
+        return Err(UserError::failure(format!(
+            "revision {} of the manager's dist has no ClamAV databases",
+            manifest.revision
+        ))
+        .with_hint("add a product of kind `clamav` to pm.toml on the manager, sync and publish")
+        .into());
+    }
+    Ok(files)
+}
+
+fn http_client() -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(600))
+        .build()
+        .context("cannot make an HTTP client")
+}
+
+async fn get(client: &reqwest::Client, url: &str, limit: u64) -> Result<Vec<u8>> {
+    let unreachable = |err: reqwest::Error| {
+        UserError::failure(format!("cannot fetch `{url}`: {err}"))
+            .with_hint("check that `pm-mirror serve` runs on the manager and the dist URL given at activation is reachable from this host")
+    };
+    let response = client.get(url).send().await.map_err(unreachable)?;
+    if !response.status().is_success() {
+        return Err(
+            UserError::failure(format!("`{url}` answered {}", response.status()))
+                .with_hint("check that the manager published a revision (`pm-mirror publish`)")
+                .into(),
+        );
+    }
+    if response.content_length().is_some_and(|len| len > limit) {
+        return Err(UserError::failure(format!("`{url}` is larger than expected")).into());
+    }
+    let bytes = response.bytes().await.map_err(unreachable)?;
+    if bytes.len() as u64 > limit {
+        return Err(UserError::failure(format!("`{url}` is larger than expected")).into());
+    }
+    Ok(bytes.to_vec())
+}
+
+fn join_url(base: &str, path: &str) -> String {
+    format!("{}/{path}", base.trim_end_matches('/'))
+}
+
+/// Fetches and verifies the signed manifest of the manager's dist.
+async fn fetch_manifest(client: &reqwest::Client, dir: &Path, dist_url: &str) -> Result<Manifest> {
+    let key_path = dir.join(super::MANIFEST_KEY_FILE);
+    let pem = fs::read(&key_path).map_err(io_error("read", &key_path))?;
+    let key = crate::pki::VerifyingKey::from_pem(&pem).map_err(|err| {
+        UserError::failure(format!(
+            "`{}` is not a public key: {err}",
+            key_path.display()
+        ))
+        .with_hint(format!(
+            "run `pm-agent --state {} reset` and activate again",
+            dir.display()
+        ))
+    })?;
+    let manifest_url = join_url(dist_url, MANIFEST_FILE);
+    let body = get(client, &manifest_url, MAX_DOCUMENT as u64).await?;
+    let signature = get(client, &join_url(dist_url, SIGNATURE_FILE), 4096).await?;
+    if !key.verify(&body, &signature) {
+        return Err(UserError::failure(format!(
+            "refusing `{manifest_url}`: its signature does not verify with the manifest key \
+             the manager gave at activation"
+        ))
+        .with_hint(
+            "the dist URL serves another manager's repository, or the manifest was altered; \
+             check the dist URL, or re-activate this agent with the manager that serves it",
+        )
+        .into());
+    }
+    serde_json::from_slice(&body).map_err(|err| {
+        UserError::failure(format!(
+            "the signed manifest `{manifest_url}` is not valid: {err}"
+        ))
+        .into()
+    })
+}
+
+/// Downloads `file` from `url` into the local copies, unless a whole copy is there.
+async fn download(client: &reqwest::Client, dir: &Path, url: &str, file: &SetFile) -> Result<bool> {
+    if have_copy(dir, file) {
+        return Ok(false);
+    }
+    let bytes = get(client, url, file.size).await?;
+    let bad = |problem: String| -> anyhow::Error {
+        UserError::failure(format!("refusing `{url}`: {problem}"))
+            .with_hint("nothing was installed; run the update again, and check the manager's dist (`pm-mirror status`) if it persists")
+            .into()
+    };
+    if bytes.len() as u64 != file.size {
+        return Err(bad(format!(
+            "{} bytes, the signed manifest says {}",
+            bytes.len(),
+            file.size
+        )));
+    }
+    let sha = sha256_hex(&bytes);
+    if sha != file.sha256 {
+        return Err(bad(format!(
+            "sha256 {sha}, the signed manifest says {}",
+            file.sha256
+        )));
+    }
+    verify_database(&file.name, &bytes).map_err(bad)?;
+    let files = dir.join(FILES_DIR);
+    durable::create_private_dir(&files, 0o700).map_err(io_error("create directory", &files))?;
+    let path = files.join(&file.sha256);
+    durable::write_atomic(&path, &bytes, 0o644).map_err(io_error("write", &path))?;
+    Ok(true)
+}
+
+/// Removes files written aside by an install that was killed.
+fn remove_leftovers(db: &Path) -> Result<()> {
+    let entries = match fs::read_dir(db) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(io_error("read", db)(err)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_error("read", db))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.contains(TMP_MARKER) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Replaces `db/<name>` with the local copy of `file`: copy aside, fsync, rename.
+fn install_file(dir: &Path, db: &Path, file: &SetFile) -> Result<()> {
+    let source = dir.join(FILES_DIR).join(&file.sha256);
+    let target = db.join(&file.name);
+    let aside = db.join(format!(".{}{TMP_MARKER}{}", file.name, std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut input = File::open(&source)?;
+        let mut output = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&aside)?;
+        std::io::copy(&mut input, &mut output)?;
+        output.flush()?;
+        output.sync_all()?;
+        fs::rename(&aside, &target)?;
+        durable::sync_dir(db)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&aside);
+    }
+    result.map_err(io_error("install", &target))
+}
+
+fn remove_if_present(path: &Path) -> Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(io_error("remove", path)(err)),
+    }
+}
+
+/// Installs `set` into the database directory and removes what `previous` installed that `set`
+/// does not have. Returns whether a file changed.
+fn install_set(
+    dir: &Path,
+    db: &Path,
+    set: &InstalledSet,
+    previous: Option<&InstalledSet>,
+) -> Result<bool> {
+    fs::create_dir_all(db).map_err(io_error("create directory", db))?;
+    remove_leftovers(db)?;
+    let mut changed = false;
+    for file in &set.files {
+        let target = db.join(&file.name);
+        let current = fs::metadata(&target)
+            .ok()
+            .filter(|m| m.len() == file.size)
+            .and_then(|_| sha256_file(&target).ok());
+        if current.as_deref() != Some(file.sha256.as_str()) {
+            install_file(dir, db, file)?;
+            changed = true;
+        }
+        // ClamAV loads the newer of <db>.cld and <db>.cvd: the installed cvd must be the only one.
+        if let Some(stem) = file.name.strip_suffix(".cvd") {
+            changed |= remove_if_present(&db.join(format!("{stem}.cld")))?;
+        }
+    }
+    for old in previous.map(|p| p.files.as_slice()).unwrap_or_default() {
+        if !set.files.iter().any(|f| f.name == old.name) {
+            changed |= remove_if_present(&db.join(&old.name))?;
+        }
+    }
+    durable::sync_dir(db).map_err(io_error("sync", db))?;
+    Ok(changed)
+}
+
+/// Deletes local copies no set refers to.
+fn collect_garbage(dir: &Path, keep: &[&InstalledSet]) -> Result<()> {
+    let files = dir.join(FILES_DIR);
+    let Ok(entries) = fs::read_dir(&files) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_error("read", &files))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let used = keep
+            .iter()
+            .any(|set| set.files.iter().any(|f| f.sha256 == name));
+        if !used {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+fn changes(previous: Option<&InstalledSet>, set: &InstalledSet) -> Vec<InstalledFileChange> {
+    let before = previous.map(|p| p.files.as_slice()).unwrap_or_default();
+    let mut out = Vec::new();
+    for file in &set.files {
+        let old = before.iter().find(|f| f.name == file.name);
+        if old.map(|o| &o.sha256) != Some(&file.sha256) {
+            out.push(InstalledFileChange {
+                name: file.name.clone(),
+                from_version: old.and_then(|o| o.version.clone()),
+                to_version: file.version.clone(),
+            });
+        }
+    }
+    for old in before {
+        if !set.files.iter().any(|f| f.name == old.name) {
+            out.push(InstalledFileChange {
+                name: old.name.clone(),
+                from_version: old.version.clone(),
+                to_version: None,
+            });
+        }
+    }
+    out
+}
+
+/// Tells clamd to reload its databases (`zRELOAD`), when the configuration names its socket.
+fn reload_engine(config: &AgentConfig) -> Result<bool> {
+    let Some(socket) = &config.clamd_socket else {
+        return Ok(false);
+    };
+    let talk = || -> std::io::Result<String> {
+        let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+        stream.write_all(b"zRELOAD\0")?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer)?;
+        Ok(String::from_utf8_lossy(&answer)
+            .trim_end_matches(['\0', '\n'])
+            .to_string())
+    };
+    match talk() {
+        Ok(answer) if answer.contains("RELOADING") => Ok(true),
+        Ok(answer) => Err(UserError::failure(format!(
+            "the databases are installed, but clamd at `{}` answered `{answer}` to RELOAD",
+            socket.display()
+        ))
+        .into()),
+        Err(err) => Err(UserError::failure(format!(
+            "the databases are installed, but clamd at `{}` cannot be told to reload: {err}",
+            socket.display()
+        ))
+        .with_hint("start clamd, or remove `clamd_socket` from agent.toml when clamd does not run")
+        .into()),
+    }
+}
+
+/// Commits `set` as the installed one: backups rotate (the replaced set becomes backup:1 unless
+/// it already is), then `installed.json`.
+fn commit(
+    dir: &Path,
+    set: &InstalledSet,
+    previous: Option<&InstalledSet>,
+    mut backups: Vec<InstalledSet>,
+) -> Result<Vec<InstalledSet>> {
+    if let Some(previous) = previous
+        && !previous.same_files(set)
+        && backups.first().is_none_or(|b| !b.same_files(previous))
+    {
+        backups.insert(0, previous.clone());
+    }
+    backups.truncate(BACKUPS);
+    let state = InstallState {
+        installed: Some(set.clone()),
+        backups,
+    };
+    write_json(&dir.join(INSTALLED_FILE), &state)?;
+    Ok(state.backups)
+}
+
+fn activated_dist_url(dir: &Path) -> Result<String> {
+    match load_activation(dir)? {
+        Some(activation) => Ok(activation.record.dist_url),
+        None => Err(UserError::failure(
+            "this agent is not activated: it has no dist to install from",
+        )
+        .with_hint("activate it with `pm-activate host` on the manager first")
+        .into()),
+    }
+}
+
+/// `update`: installs the manager's dist.
+pub fn update(dir: &Path, config: &AgentConfig) -> Result<InstallReport> {
+    let dist_url = activated_dist_url(dir)?;
+    let _lock = lock(dir)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let (manifest, wanted, downloaded) = runtime.block_on(async {
+        let client = http_client()?;
+        let manifest = fetch_manifest(&client, dir, &dist_url).await?;
+        let wanted = engine_files(config.engine, &manifest)?;
+        let mut downloaded = Vec::new();
+        for (file, path) in &wanted {
+            if download(&client, dir, &join_url(&dist_url, path), file).await? {
+                downloaded.push(file.name.clone());
+            }
+        }
+        anyhow::Ok((manifest, wanted, downloaded))
+    })?;
+    let (installed, backups) = load_sets(dir)?;
+    let set = InstalledSet {
+        revision: Some(manifest.revision.clone()),
+        serial: Some(manifest.serial),
+        installed_at: chrono::Utc::now(),
+        files: wanted.into_iter().map(|(file, _)| file).collect(),
+    };
+    finish(dir, config, "update", set, installed, backups, downloaded)
+}
+
+fn finish(
+    dir: &Path,
+    config: &AgentConfig,
+    action: &str,
+    mut set: InstalledSet,
+    installed: Option<InstalledSet>,
+    backups: Vec<InstalledSet>,
+    downloaded: Vec<String>,
+) -> Result<InstallReport> {
+    let changed = install_set(dir, &config.database_dir, &set, installed.as_ref())?;
+    let unchanged_record = installed.as_ref().is_some_and(|i| {
+        i.same_files(&set) && i.revision == set.revision && i.serial == set.serial
+    });
+    let backups = if unchanged_record {
+        set = installed.clone().unwrap_or(set);
+        backups
+    } else {
+        commit(dir, &set, installed.as_ref(), backups)?
+    };
+    let mut keep: Vec<&InstalledSet> = backups.iter().collect();
+    keep.push(&set);
+    collect_garbage(dir, &keep)?;
+    let files = if changed {
+        changes(installed.as_ref(), &set)
+    } else {
+        Vec::new()
+    };
+    let reloaded = if changed {
+        reload_engine(config)?
+    } else {
+        false
+    };
+    tracing::info!(
+        action,
+        changed,
+        revision = set.revision.as_deref().unwrap_or("-"),
+        "install done"
+    );
+    Ok(InstallReport {
+        changed,
+        action: action.to_string(),
+        revision: set.revision.clone(),
+        serial: set.serial,
+        previous_revision: installed.and_then(|i| i.revision),
+        files,
+        downloaded,
+        reloaded,
+    })
+}
+
+/// `rollback --to backup:N`: reinstalls backup N from the local copies.
+pub fn rollback(dir: &Path, config: &AgentConfig, n: usize) -> Result<InstallReport> {
+    let _lock = lock(dir)?;
+    let (installed, mut backups) = load_sets(dir)?;
+    if n == 0 || n > backups.len() {
+        return Err(UserError::failure(format!(
+            "there is no backup:{n}: this agent keeps {} backup(s)",
+            backups.len()
+        ))
+        .with_hint("`pm-agent status` lists them; every update that changes the databases adds one")
+        .into());
+    }
+    let mut target = backups.remove(n - 1);
+    for file in &target.files {
+        if !have_copy(dir, file) {
+            return Err(UserError::failure(format!(
+                "the local copy of `{}` (sha256 {}) of backup:{n} is missing or damaged",
+                file.name, file.sha256
+            ))
+            .with_hint("nothing was changed; roll back from the manager (pm-rollback) instead")
+            .into());
+        }
+    }
+    target.installed_at = chrono::Utc::now();
+    // The set rolled back from becomes backup:1 (commit puts it first).
+    finish(
+        dir,
+        config,
+        "rollback",
+        target,
+        installed,
+        backups,
+        Vec::new(),
+    )
+}
+
+/// The installed revision and the revisions of the backups (`backup:1` first), for `status`.
+pub(super) fn revisions(dir: &Path) -> Result<(Option<String>, Vec<Option<String>>)> {
+    let (installed, backups) = load_sets(dir)?;
+    Ok((
+        installed.and_then(|set| set.revision),
+        backups.into_iter().map(|set| set.revision).collect(),
+    ))
+}
+
+/// Prints a report like the other commands.
+pub fn print(report: &InstallReport, json: bool) -> Result<ExitStatus> {
+    if json {
+        crate::cli::print_json(report)?;
+        return Ok(ExitStatus::Success);
+    }
+    let revision = report.revision.as_deref().unwrap_or("-");
+    let mut text = if report.changed {
+        format!(
+            "{}: installed {revision} (was {})",
+            report.action,
+            report.previous_revision.as_deref().unwrap_or("nothing")
+        )
+    } else {
+        format!(
+            "{}: {revision} is installed already; nothing changed",
+            report.action
+        )
+    };
+    for file in &report.files {
+        text.push_str(&format!(
+            "\n  {}: {} -> {}",
+            file.name,
+            file.from_version.as_deref().unwrap_or("-"),
+            file.to_version.as_deref().unwrap_or("removed")
+        ));
+    }
+    if report.reloaded {
+        text.push_str("\nclamd reloaded");
+    }
+    crate::cli::print_text(text)?;
+    Ok(ExitStatus::Success)
+}
+
+/// Runs an install on a blocking thread (it does file I/O and its own HTTP runtime) and answers
+/// with its report.
+async fn run_blocking(
+    agent: Arc<Agent>,
+    work: impl FnOnce(&Path, &AgentConfig) -> Result<InstallReport> + Send + 'static,
+) -> Response {
+    let joined = tokio::task::spawn_blocking(move || work(&agent.dir, &agent.config)).await;
+    match joined {
+        Ok(Ok(report)) => axum::Json(report).into_response(),
+        Ok(Err(err)) => {
+            tracing::error!(error = %format!("{err:#}"), "install failed");
+            let hint = err
+                .downcast_ref::<UserError>()
+                .and_then(|e| e.hint.clone())
+                .map(|h| format!(" (hint: {h})"))
+                .unwrap_or_default();
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "install_failed",
+                format!("{err:#}{hint}"),
+            )
+        }
+        Err(err) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the install stopped: {err}"),
+        ),
+    }
+}
+
+/// `POST /v1/update`.
+pub(super) async fn update_handler(
+    State(agent): State<Arc<Agent>>,
+    ConnectInfo(info): ConnectInfo<TlsConnectInfo>,
+) -> Response {
+    if let Err(response) = from_manager(&agent.lock(), &info) {
+        return *response;
+    }
+    run_blocking(agent, update).await
+}
+
+/// `POST /v1/rollback` with [`proto::RollbackRequest`].
+pub(super) async fn rollback_handler(
+    State(agent): State<Arc<Agent>>,
+    ConnectInfo(info): ConnectInfo<TlsConnectInfo>,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = from_manager(&agent.lock(), &info) {
+        return *response;
+    }
+    let request: proto::RollbackRequest = match super::parse_body(&body) {
+        Ok(request) => request,
+        Err(response) => return *response,
+    };
+    let n = match parse_backup(&request.to) {
+        Ok(n) => n,
+        Err(problem) => return error(StatusCode::BAD_REQUEST, "bad_request", problem),
+    };
+    run_blocking(agent, move |dir, config| rollback(dir, config, n)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn backups_are_named_backup_1_to_3() {
+        assert_eq!(parse_backup("backup:1"), Ok(1));
+        assert_eq!(parse_backup("backup:3"), Ok(3));
+        for bad in ["backup:0", "backup:4", "1", "backup:", "r3"] {
+            assert!(parse_backup(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn set(revision: &str, sha: &str) -> InstalledSet {
+        InstalledSet {
+            revision: Some(revision.into()),
+            serial: Some(1),
+            installed_at: chrono::Utc::now(),
+            files: vec![SetFile {
+                name: "test.cvd".into(),
+                sha256: sha.into(),
+                size: 1,
+                version: Some(revision.into()),
+            }],
+        }
+    }
+
+    fn config(socket: Option<PathBuf>) -> AgentConfig {
+        let mut config: AgentConfig = toml::from_str(
+            "listen = \"127.0.0.1:7505\"\nengine = \"clamav\"\n\
+             database_dir = \"/nonexistent\"\nhost_name = \"h\"\n",
+        )
+        .unwrap();
+        config.clamd_socket = socket;
+        config
+    }
+
+    #[test]
+    fn clamd_is_told_to_reload_through_its_socket() {
+        assert!(!reload_engine(&config(None)).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("clamd.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut command = [0u8; 8];
+            stream.read_exact(&mut command).unwrap();
+            stream.write_all(b"RELOADING\0").unwrap();
+            command
+        });
+        assert!(reload_engine(&config(Some(socket.clone()))).unwrap());
+        assert_eq!(&server.join().unwrap(), b"zRELOAD\0");
+        // No clamd on the socket: the error says the databases are installed and what to do.
+        drop(std::fs::remove_file(&socket));
+        let err = reload_engine(&config(Some(socket))).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("databases are installed"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn backups_rotate_and_keep_three() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut backups = Vec::new();
+        let mut installed: Option<InstalledSet> = None;
+        for (i, sha) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+            let next = set(&format!("r{i}"), sha);
+            backups = commit(dir.path(), &next, installed.as_ref(), backups).unwrap();
+            installed = Some(next);
+        }
+        let (current, stored) = load_sets(dir.path()).unwrap();
+        assert_eq!(current.unwrap().files[0].sha256, "e");
+        let shas: Vec<_> = stored.iter().map(|s| s.files[0].sha256.clone()).collect();
+        assert_eq!(shas, ["d", "c", "b"]);
+    }
+
+    #[test]
+    fn a_cld_next_to_an_installed_cvd_is_removed_and_leftovers_too() {
+        let state = tempfile::tempdir().unwrap();
+        let db = state.path().join("db");
+        fs::create_dir_all(state.path().join(FILES_DIR)).unwrap();
+        fs::create_dir_all(&db).unwrap();
+        let bytes = b"database";
+        let sha = sha256_hex(bytes);
+        fs::write(state.path().join(FILES_DIR).join(&sha), bytes).unwrap();
+        fs::write(db.join("test.cld"), b"newer").unwrap();
+        fs::write(db.join(".test.cvd.pm-tmp-1"), b"half").unwrap();
+        let set = InstalledSet {
+            files: vec![SetFile {
+                name: "test.cvd".into(),
+                sha256: sha,
+                size: bytes.len() as u64,
+                version: None,
+            }],
+            ..set("r1", "x")
+        };
+        assert!(install_set(state.path(), &db, &set, None).unwrap());
+        let mut names: Vec<_> = fs::read_dir(&db)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["test.cvd"]);
+        assert_eq!(fs::read(db.join("test.cvd")).unwrap(), bytes);
+        assert!(!install_set(state.path(), &db, &set, None).unwrap());
+    }
+}

@@ -1,0 +1,478 @@
+//! Scans through an engine adapter: `pm-agent scan PATH...` for the host's admin, and
+//! `POST /v1/scan` / `GET /v1/scans` for the manager (mutual TLS).
+//!
+//! Adapters (the `engine` of `agent.toml`):
+//!
+//! - `clamav` runs the real `clamscan -r --infected --database=<database_dir> -- PATH...`.
+//! - `command` runs `scan_command` from `agent.toml` (an argv list, e.g.
+//!   `scan_command = ["/opt/engine/bin/scan", "--recursive"]`) with the paths appended as separate
+//!   arguments.
+//!
+//! Both are read the same way: exit status 0 = clean, 1 = something found, anything else (or a
+//! signal) = error, with the engine's stderr as the error text. Each stdout line of the form
+//! `PATH: SIGNATURE FOUND` is a finding; a `Scanned files: N` line gives the number of files
+//! scanned (clamscan's summary; a `command` engine may print one too).
+//!
+//! No shell is ever involved: the engine argv comes from the agent's own configuration, and each
+//! path is one separate argument. Paths are made absolute (the CLI) or must be absolute (the
+//! API), so none can be taken for an option; clamscan additionally gets `--` before them.
+//!
+//! The active scan profile is, for now, the adapter configuration in `agent.toml` (`engine`,
+//! `database_dir`, `scan_command`); profiles pushed by the manager will replace it.
+//!
+//! Reports are kept as `scans/<id>.json` (write aside, fsync, rename); ids sort by start time
+//! and only the newest `scan_reports_keep` (default 20) are kept.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use anyhow::Result;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+
+use super::{Agent, AgentConfig, Engine, error, from_manager, io_error, load_config, parse_body};
+use crate::cli::{ExitStatus, UserError};
+use crate::durable;
+use crate::proto::{self, ScanFinding, ScanList, ScanReport, ScanResult};
+use crate::tls::TlsConnectInfo;
+
+/// Directory of the kept scan reports, relative to the state directory.
+pub const SCANS_DIR: &str = "scans";
+/// How many scan reports are kept when `scan_reports_keep` is absent.
+pub const DEFAULT_REPORTS_KEEP: usize = 20;
+/// At most this many paths in one API request.
+const MAX_PATHS: usize = 1000;
+/// At most this much of the engine's stderr is kept as the error text.
+const MAX_ERROR_TEXT: usize = 8 * 1024;
+
+/// One scan at a time per process: engines are heavy, and the report store is pruned after each.
+static SCAN_LOCK: Mutex<()> = Mutex::new(());
+
+/// `pm-agent scan`.
+#[derive(Debug, clap::Args)]
+pub struct ScanArgs {
+    /// Files or directories to scan (directories recursively)
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+}
+
+/// The engine argv before the paths.
+fn engine_argv(config: &AgentConfig) -> Result<Vec<OsString>> {
+    match config.engine {
+        Engine::Clamav => {
+            let mut database = OsString::from("--database=");
+            database.push(config.database_dir.as_os_str());
+            Ok(vec![
+                "clamscan".into(),
+                "-r".into(),
+                "--infected".into(),
+                database,
+                "--".into(),
+            ])
+        }
+        Engine::Command => match &config.scan_command {
+            Some(argv) if !argv.is_empty() && !argv[0].is_empty() => {
+                Ok(argv.iter().map(OsString::from).collect())
+            }
+            _ => Err(UserError::usage(
+                "the `command` engine needs `scan_command` in agent.toml".to_string(),
+            )
+            .with_hint(
+                "add e.g. `scan_command = [\"/opt/engine/bin/scan\", \"--recursive\"]`; the paths \
+                 are appended, one argument each",
+            )
+            .into()),
+        },
+    }
+}
+
+/// `PATH: SIGNATURE FOUND` lines and the `Scanned files: N` summary line.
+fn parse_output(stdout: &str) -> (Vec<ScanFinding>, Option<u64>) {
+    let mut findings = Vec::new();
+    let mut files_scanned = None;
+    for line in stdout.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(rest) = line.strip_suffix(" FOUND")
+            && let Some((path, signature)) = rest.rsplit_once(": ")
+            && !path.is_empty()
+            && !signature.trim().is_empty()
+        {
+            findings.push(ScanFinding {
+                path: path.to_string(),
+                signature: signature.trim().to_string(),
+            });
+        } else if let Some(count) = line.strip_prefix("Scanned files: ")
+            && let Ok(count) = count.trim().parse()
+        {
+            files_scanned = Some(count);
+        }
+    }
+    (findings, files_scanned)
+}
+
+/// The end of `text`, at most [`MAX_ERROR_TEXT`] bytes, on a character boundary.
+fn tail(text: &str) -> String {
+    let text = text.trim();
+    let mut start = text.len().saturating_sub(MAX_ERROR_TEXT);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_string()
+}
+
+fn new_id(at: chrono::DateTime<chrono::Utc>) -> String {
+    format!(
+        "{}-{}",
+        at.format("%Y%m%dT%H%M%S%.6fZ"),
+        &proto::nonce()[..8]
+    )
+}
+
+/// Runs the engine over `paths` and reads its answer. Never fails: an engine that cannot run
+/// gives a report with result `error`.
+fn run_engine(engine: Engine, argv: &[OsString], paths: &[PathBuf]) -> ScanReport {
+    let started_at = chrono::Utc::now();
+    let clock = Instant::now();
+    let program = argv[0].to_string_lossy().into_owned();
+    let output = Command::new(&argv[0])
+        .args(&argv[1..])
+        .args(paths)
+        .stdin(Stdio::null())
+        .output();
+    let duration_seconds = clock.elapsed().as_secs_f64();
+    let finished_at = chrono::Utc::now();
+    let (findings, files_scanned, result, error) = match output {
+        Err(err) => (
+            Vec::new(),
+            None,
+            ScanResult::Error,
+            Some(format!("cannot run `{program}`: {err}")),
+        ),
+        Ok(output) => {
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let (findings, files_scanned) = parse_output(&stdout);
+            let (result, error) = match output.status.code() {
+                Some(0) if findings.is_empty() => (ScanResult::Clean, None),
+                Some(0 | 1) => (ScanResult::Infected, None),
+                code => {
+                    let how = match code {
+                        Some(code) => format!("`{program}` exited with status {code}"),
+                        None => format!("`{program}` was killed by a signal"),
+                    };
+                    let text = tail(&stderr);
+                    let error = if text.is_empty() {
+                        how
+                    } else {
+                        format!("{how}: {text}")
+                    };
+                    (ScanResult::Error, Some(error))
+                }
+            };
+            (findings, files_scanned, result, error)
+        }
+    };
+    ScanReport {
+        id: new_id(started_at),
+        started_at,
+        finished_at,
+        duration_seconds,
+        engine: engine.as_str().to_string(),
+        paths: paths
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect(),
+        files_scanned,
+        findings,
+        result,
+        error,
+    }
+}
+
+fn reports_keep(config: &AgentConfig) -> usize {
+    config
+        .scan_reports_keep
+        .unwrap_or(DEFAULT_REPORTS_KEEP)
+        .max(1)
+}
+
+/// Names of the kept report files, oldest first.
+fn report_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let scans = dir.join(SCANS_DIR);
+    let entries = match std::fs::read_dir(&scans) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(io_error("read", &scans)(err)),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_error("read", &scans))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // Temporary files of an interrupted write start with a dot.
+        if !name.starts_with('.') && name.ends_with(".json") {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Stores a report and removes the oldest beyond `keep`.
+fn store(dir: &Path, report: &ScanReport, keep: usize) -> Result<()> {
+    let scans = dir.join(SCANS_DIR);
+    durable::create_private_dir(&scans, 0o700).map_err(io_error("create directory", &scans))?;
+    let path = scans.join(format!("{}.json", report.id));
+    durable::write_atomic(&path, &serde_json::to_vec_pretty(report)?, 0o600)
+        .map_err(io_error("write", &path))?;
+    let files = report_files(dir)?;
+    let excess = files.len().saturating_sub(keep);
+    for old in &files[..excess] {
+        match std::fs::remove_file(old) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(io_error("remove", old)(err)),
+        }
+    }
+    if excess > 0 {
+        durable::sync_dir(&scans).map_err(io_error("sync", &scans))?;
+    }
+    Ok(())
+}
+
+/// The kept reports, newest first; a damaged file is skipped with a warning.
+pub(super) fn list(dir: &Path) -> Result<Vec<ScanReport>> {
+    let mut reports = Vec::new();
+    for path in report_files(dir)?.iter().rev() {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            // Pruned by a concurrent scan.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(io_error("read", path)(err)),
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(report) => reports.push(report),
+            Err(err) => {
+                tracing::warn!(path = %path.display(), %err, "skipping a damaged scan report")
+            }
+        }
+    }
+    Ok(reports)
+}
+
+/// Scans `paths` (absolute) with the configured engine and keeps the report.
+pub(super) fn scan(dir: &Path, config: &AgentConfig, paths: &[PathBuf]) -> Result<ScanReport> {
+    let argv = engine_argv(config)?;
+    let _one_at_a_time = SCAN_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    let report = run_engine(config.engine, &argv, paths);
+    store(dir, &report, reports_keep(config))?;
+    tracing::info!(
+        id = %report.id,
+        result = report.result.as_str(),
+        findings = report.findings.len(),
+        files_scanned = ?report.files_scanned,
+        "scan finished"
+    );
+    Ok(report)
+}
+
+#[derive(Serialize)]
+struct CliReport<'a> {
+    changed: bool,
+    #[serde(flatten)]
+    report: &'a ScanReport,
+}
+
+/// `pm-agent scan PATH...`: exit 0 when the scan ran (clean or infected), 1 when it failed.
+pub(super) fn scan_command(dir: &Path, args: &ScanArgs, json: bool) -> Result<ExitStatus> {
+    let config = load_config(dir)?;
+    let paths = args
+        .paths
+        .iter()
+        .map(|path| std::path::absolute(path).map_err(io_error("resolve", path)))
+        .collect::<Result<Vec<_>>>()?;
+    let report = scan(dir, &config, &paths)?;
+    if json {
+        crate::cli::print_json(&CliReport {
+            changed: false,
+            report: &report,
+        })?;
+    } else {
+        let mut text = String::new();
+        if !report.findings.is_empty() {
+            let mut table = crate::cli::table(&["path", "signature"]);
+            for finding in &report.findings {
+                table.add_row(vec![finding.path.clone(), finding.signature.clone()]);
+            }
+            text.push_str(&format!("{table}\n"));
+        }
+        text.push_str(&format!(
+            "{}: {} finding(s), {} file(s) scanned in {:.2} s by {} (report {})",
+            report.result.as_str(),
+            report.findings.len(),
+            report
+                .files_scanned
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "?".into()),
+            report.duration_seconds,
+            report.engine,
+            report.id
+        ));
+        crate::cli::print_text(text)?;
+        if let Some(error) = &report.error {
+            eprintln!("error: the scan failed: {error}");
+        }
+    }
+    Ok(if report.result == ScanResult::Error {
+        ExitStatus::Failure
+    } else {
+        ExitStatus::Success
+    })
+}
+
+/// Checks the paths of an API request: present, absolute, no NUL.
+fn request_paths(request: &proto::ScanRequest) -> Result<Vec<PathBuf>, String> {
+    if request.paths.is_empty() {
+        return Err("`paths` is empty: give at least one absolute path".into());
+    }
+    if request.paths.len() > MAX_PATHS {
+        return Err(format!("at most {MAX_PATHS} paths per scan"));
+    }
+    request
+        .paths
+        .iter()
+        .map(|path| {
+            if path.contains('\0') || !path.starts_with('/') {
+                Err(format!("`{}` is not an absolute path", path.escape_debug()))
+            } else {
+                Ok(PathBuf::from(path))
+            }
+        })
+        .collect()
+}
+
+async fn scan_handler(
+    State(agent): State<Arc<Agent>>,
+    ConnectInfo(info): ConnectInfo<TlsConnectInfo>,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = from_manager(&agent.lock(), &info) {
+        return *response;
+    }
+    let request: proto::ScanRequest = match parse_body(&body) {
+        Ok(request) => request,
+        Err(response) => return *response,
+    };
+    let paths = match request_paths(&request) {
+        Ok(paths) => paths,
+        Err(message) => return error(StatusCode::BAD_REQUEST, "bad_request", message),
+    };
+    let worker = Arc::clone(&agent);
+    let scanned =
+        tokio::task::spawn_blocking(move || scan(&worker.dir, &worker.config, &paths)).await;
+    match scanned {
+        Ok(Ok(report)) => axum::Json(report).into_response(),
+        Ok(Err(err)) => {
+            tracing::error!(error = %format!("{err:#}"), "cannot scan");
+            // A user error here is the engine configuration (`scan_command` missing).
+            let (status, code) = if err.downcast_ref::<UserError>().is_some() {
+                (StatusCode::CONFLICT, "engine_not_configured")
+            } else {
+                (StatusCode::INTERNAL_SERVER_ERROR, "scan_failed")
+            };
+            error(status, code, format!("the agent cannot scan: {err:#}"))
+        }
+        Err(err) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the scan stopped: {err}"),
+        ),
+    }
+}
+
+async fn scans_handler(
+    State(agent): State<Arc<Agent>>,
+    ConnectInfo(info): ConnectInfo<TlsConnectInfo>,
+) -> Response {
+    if let Err(response) = from_manager(&agent.lock(), &info) {
+        return *response;
+    }
+    match list(&agent.dir) {
+        Ok(reports) => axum::Json(ScanList { reports }).into_response(),
+        Err(err) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the agent cannot read its scan reports: {err:#}"),
+        ),
+    }
+}
+
+/// `POST /v1/scan` and `GET /v1/scans`.
+pub(super) fn routes() -> Router<Arc<Agent>> {
+    Router::new()
+        .route(proto::SCAN_PATH, post(scan_handler))
+        .route(proto::SCANS_PATH, get(scans_handler))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn findings_and_the_summary_are_parsed() {
+        let stdout = "/d/eicar.com: Eicar-Test-Signature FOUND\n\
+                      /d/odd: name.txt: Fake.Sig FOUND\n\
+                      /d/clean.txt: OK\n\
+                      \n----------- SCAN SUMMARY -----------\n\
+                      Scanned files: 3\nInfected files: 2\n";
+        let (findings, scanned) = parse_output(stdout);
+        assert_eq!(scanned, Some(3));
+        assert_eq!(
+            findings,
+            vec![
+                ScanFinding {
+                    path: "/d/eicar.com".into(),
+                    signature: "Eicar-Test-Signature".into()
+                },
+                ScanFinding {
+                    path: "/d/odd: name.txt".into(),
+                    signature: "Fake.Sig".into()
+                },
+            ]
+        );
+        assert_eq!(parse_output("FOUND\n: FOUND\n"), (Vec::new(), None));
+    }
+
+    #[test]
+    fn api_paths_must_be_absolute() {
+        let request = |paths: &[&str]| proto::ScanRequest {
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        };
+        assert!(request_paths(&request(&[])).is_err());
+        assert!(request_paths(&request(&["-r"])).is_err());
+        assert!(request_paths(&request(&["tmp/x"])).is_err());
+        assert!(request_paths(&request(&["/tmp/x\0"])).is_err());
+        assert_eq!(
+            request_paths(&request(&["/tmp/x", "/srv"])).unwrap(),
+            vec![PathBuf::from("/tmp/x"), PathBuf::from("/srv")]
+        );
+    }
+
+    #[test]
+    fn ids_sort_by_start_time_and_the_error_text_is_bounded() {
+        let a = new_id("2026-01-01T00:00:00.000001Z".parse().unwrap());
+        let b = new_id("2026-01-01T00:00:00.000002Z".parse().unwrap());
+        assert!(a < b, "{a} {b}");
+        let long = "é".repeat(MAX_ERROR_TEXT);
+        let kept = tail(&long);
+        assert!(kept.len() <= MAX_ERROR_TEXT && kept.chars().all(|c| c == 'é'));
+    }
+}

@@ -1,0 +1,428 @@
+//! `pm-agent update | rollback` and `POST /v1/update | /v1/rollback`: a real agent activated by
+//! the real `pm-activate`, installing from a real `pm-mirror serve` the lab's ClamAV test
+//! databases, checked with the real `clamscan` and `sigtool`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{EICAR, Home, Lab, Pm, Server};
+
+/// A manager at lab version 3, published and served, and an agent activated by it.
+struct Setup {
+    lab: Lab,
+    home: Home,
+    server: Server,
+    tmp: tempfile::TempDir,
+    addr: SocketAddr,
+    agent: Option<std::process::Child>,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let lab = Lab::start(3);
+        let home = Home::new();
+        home.clamav_config(&lab, "");
+        Pm::mirror(&home).args(["sync"]).json();
+        Pm::mirror(&home).args(["publish"]).json();
+        let server = Server::start(&home);
+        let tmp = tempfile::tempdir().unwrap();
+        let key_file = tmp.path().join("activation.key");
+        Pm::activate(&home)
+            .args(["key", "new", "--out"])
+            .args([&key_file])
+            .json();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut setup = Setup {
+            lab,
+            home,
+            server,
+            tmp,
+            addr,
+            agent: None,
+        };
+        Pm::agent(&setup.state())
+            .args(["init", "--listen", &addr.to_string(), "--engine", "clamav"])
+            .args(["--host-name", "127.0.0.1", "--database-dir"])
+            .args([setup.db()])
+            .args(["--activation-key-file"])
+            .args([&key_file])
+            .json();
+        setup.run_agent();
+        let run = Pm::activate(&setup.home)
+            .args(["host", &addr.to_string(), "--key-file"])
+            .args([&key_file])
+            .args(["--dist-url", &setup.server.base, "--json"])
+            .run();
+        assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+        setup
+    }
+
+    fn run_agent(&mut self) {
+        let mut child = Pm::agent(&self.state())
+            .args(["run"])
+            .command()
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let runtime = runtime();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while runtime
+            .block_on(pm::tls::fetch_server_certificate(
+                self.addr,
+                Duration::from_millis(500),
+            ))
+            .is_err()
+        {
+            assert!(child.try_wait().unwrap().is_none(), "pm-agent run exited");
+            assert!(Instant::now() < deadline, "pm-agent run does not answer");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.agent = Some(child);
+    }
+
+    fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    fn db(&self) -> PathBuf {
+        self.tmp.path().join("db")
+    }
+
+    /// The lab moves to `version`; the manager syncs and publishes it.
+    fn publish(&self, version: u32) {
+        self.lab.upstream.set_version(version).unwrap();
+        Pm::mirror(&self.home).args(["sync"]).json();
+        Pm::mirror(&self.home).args(["publish"]).json();
+    }
+
+    fn agent_cmd(&self, args: &[&str]) -> Value {
+        Pm::agent(&self.state()).args(args).json()
+    }
+
+    /// A mutual-TLS POST as the manager.
+    fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let ca = pm::pki::ca::ManagerCa::load_or_create(self.home.path()).unwrap();
+        let identity = ca.client_identity(self.home.path()).unwrap();
+        let client = pm::tls::client_builder(
+            Some(ca.certificate()),
+            None,
+            Some((&identity.0, &identity.1)),
+        )
+        .unwrap()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+        runtime().block_on(async {
+            let response = client
+                .post(format!("https://{}{path}", self.addr))
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&body).unwrap())
+                .send()
+                .await
+                .unwrap();
+            let code = response.status().as_u16();
+            let bytes = response.bytes().await.unwrap();
+            (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        })
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn tool(program: &str, args: &[&str]) -> (i32, String) {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|err| panic!("`{program}` cannot run ({err}): apt-get install clamav"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+/// `sigtool -i DB/test.cvd`: the version it shows.
+fn sigtool_version(db: &Path) -> String {
+    let (code, text) = tool("sigtool", &["-i", db.join("test.cvd").to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .unwrap_or_else(|| panic!("no Version in {text}"))
+        .trim()
+        .to_string()
+}
+
+/// `clamscan -d DB FILE`: exit code (0 clean, 1 found, 2 error) and output.
+fn clamscan(db: &Path, file: &Path) -> (i32, String) {
+    tool(
+        "clamscan",
+        &[
+            "--no-summary",
+            "-d",
+            db.to_str().unwrap(),
+            file.to_str().unwrap(),
+        ],
+    )
+}
+
+fn eicar(dir: &Path) -> PathBuf {
+    let path = dir.join("eicar.com");
+    std::fs::write(&path, EICAR).unwrap();
+    path
+}
+
+fn names(db: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(db)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn update_installs_dist_only_downloads_changes_and_rolls_back_to_a_backup() {
+    let setup = Setup::new();
+    let db = setup.db();
+    let eicar = eicar(setup.tmp.path());
+
+    let report = setup.agent_cmd(&["update"]);
+    assert_eq!(report["changed"], true, "{report}");
+    assert_eq!(report["action"], "update");
+    assert_eq!(report["downloaded"], serde_json::json!(["test.cvd"]));
+    assert_eq!(report["files"][0]["name"], "test.cvd");
+    assert_eq!(report["files"][0]["to_version"], "3");
+    assert_eq!(report["previous_revision"], Value::Null);
+    let first_revision = report["revision"].as_str().unwrap().to_string();
+    assert_eq!(sigtool_version(&db), "3");
+    assert_eq!(names(&db), ["test.cvd"]);
+
+    // The manager publishes 6: only test.cvd is downloaded, and clamscan finds EICAR with it.
+    setup.publish(6);
+    let report = setup.agent_cmd(&["update"]);
+    assert_eq!(report["changed"], true, "{report}");
+    assert_eq!(report["downloaded"], serde_json::json!(["test.cvd"]));
+    assert_eq!(report["previous_revision"], first_revision.as_str());
+    assert_eq!(report["files"][0]["from_version"], "3");
+    assert_eq!(report["files"][0]["to_version"], "6");
+    let second_revision = report["revision"].as_str().unwrap().to_string();
+    assert_ne!(second_revision, first_revision);
+    assert_eq!(sigtool_version(&db), "6");
+    let (code, text) = clamscan(&db, &eicar);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("Eicar-Test-Signature FOUND"), "{text}");
+
+    // End to end as the issue asks: the manager has the agent scan a directory holding the
+    // EICAR test file and a clean file with the database it just installed.
+    let scan_dir = setup.tmp.path().join("scan-me");
+    std::fs::create_dir(&scan_dir).unwrap();
+    std::fs::write(scan_dir.join("eicar.com"), EICAR).unwrap();
+    std::fs::write(scan_dir.join("clean.txt"), "nothing to see").unwrap();
+    let (status, scan) = setup.post(
+        pm::proto::SCAN_PATH,
+        serde_json::json!({ "paths": [scan_dir] }),
+    );
+    assert_eq!(status, 200, "{scan}");
+    assert_eq!(scan["result"], "infected", "{scan}");
+    assert_eq!(scan["files_scanned"], 2, "{scan}");
+    let finding = &scan["findings"][0];
+    assert_eq!(
+        finding["path"],
+        scan_dir.join("eicar.com").to_str().unwrap()
+    );
+    assert_eq!(finding["signature"], "Eicar-Test-Signature");
+
+    // The same revision again changes nothing and downloads nothing.
+    let report = setup.agent_cmd(&["update"]);
+    assert_eq!(report["changed"], false, "{report}");
+    assert_eq!(report["downloaded"], serde_json::json!([]));
+    assert_eq!(report["files"], serde_json::json!([]));
+    assert_eq!(report["revision"], second_revision.as_str());
+    let text = Pm::agent(&setup.state()).args(["update"]).run();
+    assert_eq!(text.code(), 0, "{}", text.stderr());
+    assert!(
+        text.stdout()
+            .contains("is installed already; nothing changed"),
+        "{}",
+        text.stdout()
+    );
+
+    // A newer test.cld (what freshclam writes after cdiffs) would shadow an older test.cvd:
+    // the rollback removes it, and sigtool shows version 3 again.
+    std::fs::copy(
+        crate::support::testdb().join("test-6.cvd"),
+        db.join("test.cld"),
+    )
+    .unwrap();
+    let report = setup.agent_cmd(&["rollback", "--to", "backup:1"]);
+    assert_eq!(report["changed"], true, "{report}");
+    assert_eq!(report["action"], "rollback");
+    assert_eq!(report["revision"], first_revision.as_str());
+    assert_eq!(report["previous_revision"], second_revision.as_str());
+    assert_eq!(report["files"][0]["from_version"], "6");
+    assert_eq!(report["files"][0]["to_version"], "3");
+    assert_eq!(report["downloaded"], serde_json::json!([]));
+    assert_eq!(sigtool_version(&db), "3");
+    assert_eq!(names(&db), ["test.cvd"]);
+    let (code, text) = clamscan(&db, &eicar);
+    assert!(code == 0 || code == 1, "test-3 loads: {text}");
+
+    // The set rolled back from became backup:1: rolling back to it returns to 6, from the
+    // local copies (the served dist is not needed).
+    let report = setup.agent_cmd(&["rollback", "--to", "backup:1"]);
+    assert_eq!(report["revision"], second_revision.as_str());
+    assert_eq!(sigtool_version(&db), "6");
+    let status = setup.agent_cmd(&["status"]);
+    assert_eq!(status["installed_revision"], second_revision.as_str());
+    assert_eq!(
+        status["backups"],
+        serde_json::json!([first_revision.as_str()])
+    );
+    let run = Pm::agent(&setup.state())
+        .args(["rollback", "--to", "backup:3"])
+        .run();
+    assert_eq!(run.code(), 1, "{}", run.stderr());
+    assert!(run.stderr().contains("no backup:3"), "{}", run.stderr());
+    let run = Pm::agent(&setup.state())
+        .args(["rollback", "--to", "r1"])
+        .run();
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+
+    // Over the API, as the manager (mutual TLS).
+    let (code, report) = setup.post(pm::proto::UPDATE_PATH, serde_json::json!({}));
+    assert_eq!(code, 200, "{report}");
+    let report: pm::proto::InstallReport = serde_json::from_value(report).unwrap();
+    assert!(!report.changed);
+    assert_eq!(report.revision.as_deref(), Some(second_revision.as_str()));
+    let (code, report) = setup.post(
+        pm::proto::ROLLBACK_PATH,
+        serde_json::json!({"to": "backup:1"}),
+    );
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["changed"], true);
+    assert_eq!(report["revision"], first_revision.as_str());
+    assert_eq!(sigtool_version(&db), "3");
+    let (code, report) = setup.post(
+        pm::proto::ROLLBACK_PATH,
+        serde_json::json!({"to": "backup:9"}),
+    );
+    assert_eq!(code, 400, "{report}");
+    let (code, report) = setup.post(pm::proto::UPDATE_PATH, serde_json::json!({}));
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["changed"], true);
+    // 6 is still in the local copies: nothing is downloaded again.
+    assert_eq!(report["downloaded"], serde_json::json!([]));
+    assert_eq!(sigtool_version(&db), "6");
+    // Only the sets still referenced are kept locally: installed (6) and backup:1 (3).
+    let copies = std::fs::read_dir(setup.state().join("files"))
+        .unwrap()
+        .count();
+    assert_eq!(copies, 2);
+}
+
+#[test]
+fn a_manifest_not_signed_by_the_activating_manager_is_refused() {
+    let setup = Setup::new();
+    let db = setup.db();
+    setup.agent_cmd(&["update"]);
+    assert_eq!(sigtool_version(&db), "3");
+    setup.publish(6);
+
+    // The agent's stored manifest key is another manager's: the dist is refused, nothing moves.
+    let key_path = setup.state().join("manager/manifest-signing.pub.pem");
+    let genuine = std::fs::read(&key_path).unwrap();
+    let other = openssl::pkey::PKey::generate_ed25519().unwrap();
+    std::fs::write(&key_path, other.public_key_to_pem().unwrap()).unwrap();
+    let run = Pm::agent(&setup.state()).args(["update"]).run();
+    assert_eq!(run.code(), 1, "{}\n{}", run.stdout(), run.stderr());
+    assert!(
+        run.stderr().contains("signature does not verify"),
+        "{}",
+        run.stderr()
+    );
+    assert!(run.stderr().contains("hint:"), "{}", run.stderr());
+    assert_eq!(sigtool_version(&db), "3");
+    assert_eq!(names(&db), ["test.cvd"]);
+
+    // The genuine key again: 6 is installed.
+    std::fs::write(&key_path, genuine).unwrap();
+    let report = setup.agent_cmd(&["update"]);
+    assert_eq!(report["changed"], true);
+    assert_eq!(sigtool_version(&db), "6");
+}
+
+#[test]
+fn kill_9_during_an_install_leaves_a_database_clamscan_loads() {
+    let setup = Setup::new();
+    let db = setup.db();
+    let eicar = eicar(setup.tmp.path());
+    setup.agent_cmd(&["update"]);
+    setup.publish(6);
+    let started = Instant::now();
+    setup.agent_cmd(&["update"]);
+    let install_time = started.elapsed();
+    let rounds = 20u32;
+    let mut killed = 0;
+    for round in 0..rounds {
+        // Alternate between rolling back to 3 and updating to 6.
+        let args: &[&str] = if sigtool_version(&db) == "6" {
+            &["rollback", "--to", "backup:1", "-q"]
+        } else {
+            &["update", "-q"]
+        };
+        let mut child = Pm::agent(&setup.state())
+            .args(args)
+            .command()
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(install_time * round / rounds);
+        let _ = child.kill(); // SIGKILL
+        if !child.wait().unwrap().success() {
+            killed += 1;
+        }
+        let version = sigtool_version(&db);
+        assert!(version == "3" || version == "6", "round {round}: {version}");
+        let (code, text) = clamscan(&db, &eicar);
+        assert!(
+            code == 0 || code == 1,
+            "round {round}: clamscan cannot load the database: {text}"
+        );
+        assert!(
+            names(&db).iter().all(|n| !n.ends_with(".cld")),
+            "{:?}",
+            names(&db)
+        );
+    }
+    eprintln!("{killed} of {rounds} installs killed before they finished");
+    // Whatever was killed, the next update completes and leaves 6 only.
+    setup.agent_cmd(&["update"]);
+    assert_eq!(sigtool_version(&db), "6");
+    assert_eq!(names(&db), ["test.cvd"]);
+}

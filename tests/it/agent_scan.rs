@@ -1,0 +1,595 @@
+//! `pm-agent scan` and `POST /v1/scan` / `GET /v1/scans`: the real clamscan with ClamAV's signed
+//! test database (test.cvd 6 detects EICAR), the `command` adapter with a script as the engine,
+//! report keeping and pruning.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use pm::pki::ca::ManagerCa;
+use pm::proto;
+use pm::tls;
+use serde_json::{Value, json};
+
+use crate::support::{EICAR, Pm, testdb, write_private};
+
+/// An initialised agent with a database dir holding test.cvd version 6, and scan targets.
+struct ScanAgent {
+    tmp: tempfile::TempDir,
+    addr: SocketAddr,
+}
+
+impl ScanAgent {
+    /// `pm-agent init --engine ENGINE` (with an activation key, so it can be activated).
+    fn init(engine: &str) -> ScanAgent {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("db");
+        std::fs::create_dir(&db).unwrap();
+        let cvd = db.join("test.cvd");
+        std::fs::copy(testdb().join("test-6.cvd"), &cvd).unwrap();
+        std::fs::set_permissions(&cvd, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let agent = ScanAgent { tmp, addr };
+        write_private(&agent.key_file(), &format!("{}\n", key()));
+        let report = Pm::agent(&agent.state())
+            .args(["init", "--listen", &addr.to_string(), "--engine", engine])
+            .args(["--host-name", "127.0.0.1", "--database-dir"])
+            .args([&db])
+            .args(["--activation-key-file"])
+            .args([agent.key_file()])
+            .json();
+        assert_eq!(report["changed"], true);
+        agent
+    }
+
+    fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    fn key_file(&self) -> PathBuf {
+        self.tmp.path().join("activation.key")
+    }
+
+    /// Appends lines to `agent.toml` (keys init does not take).
+    fn configure(&self, lines: &str) {
+        let path = self.state().join("agent.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(lines);
+        std::fs::write(&path, text).unwrap();
+    }
+
+    /// A directory `name` holding the given files.
+    fn dir(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, contents) in files {
+            std::fs::write(dir.join(file), contents).unwrap();
+        }
+        dir
+    }
+
+    /// `pm-agent scan PATH... --json`: exit code and the one JSON document.
+    fn scan(&self, paths: &[&Path]) -> (i32, Value) {
+        let run = Pm::agent(&self.state())
+            .args(["scan"])
+            .args(paths)
+            .args(["--json"])
+            .run();
+        (run.code(), run.json())
+    }
+
+    fn kept_reports(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.state().join("scans"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+fn key() -> String {
+    format!("pmk1.5ca0beef.{}", "s".repeat(43))
+}
+
+fn eicar_dir(agent: &ScanAgent) -> PathBuf {
+    agent.dir(
+        "infected",
+        &[("eicar.com", EICAR), ("clean.txt", "nothing to see\n")],
+    )
+}
+
+fn signatures(report: &Value) -> Vec<(String, String)> {
+    report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["path"].as_str().unwrap().to_string(),
+                f["signature"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn clamscan_finds_eicar_and_counts_the_files() {
+    let agent = ScanAgent::init("clamav");
+    let dir = eicar_dir(&agent);
+    let (code, report) = agent.scan(&[&dir]);
+    assert_eq!(code, 0, "an infected result is a successful scan: {report}");
+    assert_eq!(report["changed"], false);
+    assert_eq!(report["result"], "infected", "{report}");
+    assert_eq!(report["engine"], "clamav");
+    assert_eq!(report["files_scanned"], 2, "{report}");
+    assert_eq!(
+        signatures(&report),
+        vec![(
+            dir.join("eicar.com").display().to_string(),
+            "Eicar-Test-Signature".to_string()
+        )]
+    );
+    assert_eq!(report["paths"], json!([dir.display().to_string()]));
+    assert!(report["error"].is_null());
+    assert!(report["duration_seconds"].as_f64().unwrap() > 0.0);
+    let started: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(report["started_at"].clone()).unwrap();
+    let finished: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(report["finished_at"].clone()).unwrap();
+    assert!(started <= finished);
+
+    // The report is kept, private, under its id.
+    let id = report["id"].as_str().unwrap();
+    let kept = agent.state().join("scans").join(format!("{id}.json"));
+    let stored: proto::ScanReport = serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+    assert_eq!(stored.result, proto::ScanResult::Infected);
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // The text form names the file and the signature in a table; relative paths are resolved.
+    let run = Pm::agent(&agent.state())
+        .args(["scan", "infected"])
+        .command()
+        .current_dir(agent.tmp.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(run.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("Eicar-Test-Signature"), "{stdout}");
+    assert!(
+        stdout.contains(&dir.join("eicar.com").display().to_string()),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("infected: 1 finding(s), 2 file(s)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn clamscan_of_a_clean_directory_is_clean() {
+    let agent = ScanAgent::init("clamav");
+    let dir = agent.dir("clean", &[("a.txt", "hello\n"), ("b.txt", "world\n")]);
+    let (code, report) = agent.scan(&[&dir]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["result"], "clean", "{report}");
+    assert_eq!(report["files_scanned"], 2);
+    assert_eq!(report["findings"], json!([]));
+}
+
+#[test]
+fn a_missing_path_is_an_error_with_clamscans_message() {
+    let agent = ScanAgent::init("clamav");
+    let missing = agent.tmp.path().join("no-such-dir");
+    let (code, report) = agent.scan(&[&missing]);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["result"], "error", "{report}");
+    let error = report["error"].as_str().unwrap();
+    assert!(error.contains("exited with status 2"), "{error}");
+    assert!(
+        error.contains(&missing.display().to_string())
+            && error.contains("No such file or directory"),
+        "{error}"
+    );
+    // Failed scans are kept too.
+    assert_eq!(agent.kept_reports().len(), 1);
+}
+
+#[test]
+fn a_missing_database_is_an_error() {
+    let agent = ScanAgent::init("clamav");
+    std::fs::remove_file(agent.tmp.path().join("db/test.cvd")).unwrap();
+    let dir = eicar_dir(&agent);
+    let (code, report) = agent.scan(&[&dir]);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["result"], "error", "{report}");
+    assert!(!report["error"].as_str().unwrap().is_empty());
+}
+
+/// Writes an executable engine script; it sees its arguments exactly as given.
+fn engine_script(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("engine.sh");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn the_command_adapter_runs_the_configured_argv_without_a_shell() {
+    let agent = ScanAgent::init("command");
+    let dir = agent.dir("target", &[("x.bin", "x")]);
+
+    // Without `scan_command` the command engine cannot scan: a usage error.
+    let run = Pm::agent(&agent.state()).args(["scan"]).args([&dir]).run();
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(run.stderr().contains("scan_command"), "{}", run.stderr());
+
+    let script = engine_script(
+        agent.tmp.path(),
+        "[ \"$1\" = --flag ] || exit 9\nshift\n\
+         for p in \"$@\"; do echo \"$p: Fake.Sig FOUND\"; done\n\
+         echo \"Scanned files: 7\"\nexit 1\n",
+    );
+    agent.configure(&format!(
+        "scan_command = [{:?}, \"--flag\"]\n",
+        script.display().to_string()
+    ));
+    // Init again with the same flags is still "already initialised", not a conflict.
+    let rerun = Pm::agent(&agent.state())
+        .args([
+            "init",
+            "--listen",
+            &agent.addr.to_string(),
+            "--engine",
+            "command",
+        ])
+        .args(["--host-name", "127.0.0.1", "--database-dir"])
+        .args([agent.tmp.path().join("db")])
+        .json();
+    assert_eq!(rerun["changed"], false);
+
+    // A path with shell metacharacters arrives as one argument, untouched.
+    let odd = agent.dir("a dir; touch pwned $(id)", &[]);
+    let (code, report) = agent.scan(&[&dir, &odd]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["engine"], "command");
+    assert_eq!(report["result"], "infected");
+    assert_eq!(report["files_scanned"], 7);
+    assert_eq!(
+        signatures(&report),
+        vec![
+            (dir.display().to_string(), "Fake.Sig".to_string()),
+            (odd.display().to_string(), "Fake.Sig".to_string()),
+        ]
+    );
+    assert!(!agent.tmp.path().join("pwned").exists());
+
+    // Exit 0 with no findings is clean; no summary line means the count is unknown.
+    engine_script(agent.tmp.path(), "exit 0\n");
+    let (code, report) = agent.scan(&[&dir]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["result"], "clean");
+    assert!(report["files_scanned"].is_null());
+
+    // Any other status is an error carrying the engine's stderr.
+    engine_script(agent.tmp.path(), "echo 'licence expired' >&2\nexit 3\n");
+    let (code, report) = agent.scan(&[&dir]);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["result"], "error");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("exited with status 3") && error.contains("licence expired"),
+        "{error}"
+    );
+
+    // An engine that cannot be started is an error report too.
+    std::fs::remove_file(&script).unwrap();
+    let (code, report) = agent.scan(&[&dir]);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report["error"].as_str().unwrap().contains("cannot run"),
+        "{report}"
+    );
+}
+
+#[test]
+fn only_the_last_n_reports_are_kept() {
+    let agent = ScanAgent::init("clamav");
+    agent.configure("scan_reports_keep = 3\n");
+    let dir = agent.dir("clean", &[("a.txt", "hello\n")]);
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let (code, report) = agent.scan(&[&dir]);
+        assert_eq!(code, 0, "{report}");
+        ids.push(report["id"].as_str().unwrap().to_string());
+    }
+    let newest: Vec<String> = ids[2..].iter().map(|id| format!("{id}.json")).collect();
+    assert_eq!(agent.kept_reports(), newest);
+}
+
+/// A running `pm-agent run`, killed on drop.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn fresh(builder: anyhow::Result<reqwest::ClientBuilder>) -> reqwest::Client {
+    builder
+        .unwrap()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+async fn call(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let url = format!("https://{addr}{path}");
+    let request = match body {
+        None => client.get(url),
+        Some(body) => client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&body)?),
+    };
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await?;
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
+/// Starts the agent, activates it as a manager would and returns a mutual-TLS client.
+async fn start_and_activate(agent: &ScanAgent, manager_home: &Path) -> (Running, reqwest::Client) {
+    let child = Pm::agent(&agent.state())
+        .args(["run"])
+        .command()
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let running = Running(child);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let cert = loop {
+        match tls::fetch_server_certificate(agent.addr, Duration::from_millis(500)).await {
+            Ok(cert) => break cert,
+            Err(err) => assert!(Instant::now() < deadline, "agent not up: {err:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let pin = tls::fingerprint(&cert);
+    let pinned = fresh(tls::client_builder(None, Some(&pin), None));
+    let ca = ManagerCa::load_or_create(manager_home).unwrap();
+    let identity = ca.client_identity(manager_home).unwrap();
+    let nm = proto::nonce();
+    let request = proto::ChallengeRequest {
+        manager_nonce: nm.clone(),
+        manager_ca_fingerprint: tls::fingerprint(ca.certificate()),
+    };
+    let (code, answer) = call(
+        &pinned,
+        agent.addr,
+        proto::CHALLENGE_PATH,
+        Some(serde_json::to_value(request).unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{answer}");
+    let answer: proto::ChallengeResponse = serde_json::from_value(answer).unwrap();
+    let issued = ca
+        .sign_agent_csr(answer.csr_pem.as_bytes(), "127.0.0.1")
+        .unwrap();
+    let manifest_key = openssl::pkey::PKey::generate_ed25519().unwrap();
+    let request = proto::ActivateRequest {
+        agent_nonce: answer.agent_nonce.clone(),
+        manager_proof: proto::manager_proof(&key(), &pin, &answer.agent_nonce, &nm),
+        ca_pem: String::from_utf8(ca.certificate_pem().unwrap()).unwrap(),
+        agent_certificate_pem: String::from_utf8(issued.to_pem().unwrap()).unwrap(),
+        manifest_key_pem: String::from_utf8(manifest_key.public_key_to_pem().unwrap()).unwrap(),
+        dist_url: "http://127.0.0.1:8080/".into(),
+        host_name: "127.0.0.1".into(),
+    };
+    let (code, answer) = call(
+        &pinned,
+        agent.addr,
+        proto::ACTIVATE_PATH,
+        Some(serde_json::to_value(request).unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{answer}");
+    let client = fresh(tls::client_builder(
+        Some(ca.certificate()),
+        None,
+        Some((&identity.0, &identity.1)),
+    ));
+    (running, client)
+}
+
+#[test]
+fn the_manager_scans_over_mutual_tls_and_lists_the_reports() {
+    let agent = ScanAgent::init("clamav");
+    let dir = eicar_dir(&agent);
+    let manager = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (_running, client) = start_and_activate(&agent, manager.path()).await;
+        {
+            let path = dir.display().to_string();
+            let (code, report) = call(
+                &client,
+                agent.addr,
+                proto::SCAN_PATH,
+                Some(json!({ "paths": [path] })),
+            )
+            .await
+            .unwrap();
+            assert_eq!(code, 200, "{report}");
+            let report: proto::ScanReport = serde_json::from_value(report).unwrap();
+            assert_eq!(report.result, proto::ScanResult::Infected);
+            assert_eq!(report.files_scanned, Some(2));
+            assert_eq!(
+                report.findings,
+                vec![proto::ScanFinding {
+                    path: dir.join("eicar.com").display().to_string(),
+                    signature: "Eicar-Test-Signature".into(),
+                }]
+            );
+
+            // Relative paths, options and empty lists are refused before any engine runs.
+            for paths in [json!(["-r"]), json!(["infected"]), json!([])] {
+                let (code, answer) = call(
+                    &client,
+                    agent.addr,
+                    proto::SCAN_PATH,
+                    Some(json!({ "paths": paths })),
+                )
+                .await
+                .unwrap();
+                assert_eq!(code, 400, "{answer}");
+                assert_eq!(answer["code"], "bad_request");
+            }
+
+            // A second scan (clean), then the list: newest first.
+            let clean = agent.dir("clean", &[("a.txt", "a\n")]);
+            let (code, second) = call(
+                &client,
+                agent.addr,
+                proto::SCAN_PATH,
+                Some(json!({ "paths": [clean.display().to_string()] })),
+            )
+            .await
+            .unwrap();
+            assert_eq!(code, 200, "{second}");
+            assert_eq!(second["result"], "clean");
+            let (code, list) = call(&client, agent.addr, proto::SCANS_PATH, None)
+                .await
+                .unwrap();
+            assert_eq!(code, 200, "{list}");
+            let list: proto::ScanList = serde_json::from_value(list).unwrap();
+            let ids: Vec<&str> = list.reports.iter().map(|r| r.id.as_str()).collect();
+            assert_eq!(
+                ids,
+                vec![second["id"].as_str().unwrap(), report.id.as_str()]
+            );
+
+            // Without a client certificate there is no scan.
+            let cert = tls::fetch_server_certificate(agent.addr, Duration::from_secs(5))
+                .await
+                .unwrap();
+            let anonymous = fresh(tls::client_builder(
+                None,
+                Some(&tls::fingerprint(&cert)),
+                None,
+            ));
+            let refused = call(
+                &anonymous,
+                agent.addr,
+                proto::SCAN_PATH,
+                Some(json!({ "paths": [path] })),
+            )
+            .await;
+            assert!(
+                refused.is_err(),
+                "a client without a certificate must not even complete TLS: {refused:?}"
+            );
+        }
+    });
+    // The CLI sees the reports the API made.
+    assert_eq!(agent.kept_reports().len(), 2);
+}
+
+#[test]
+fn an_agent_that_is_not_activated_refuses_scans() {
+    let agent = ScanAgent::init("clamav");
+    let dir = eicar_dir(&agent);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let _running = Running(
+            Pm::agent(&agent.state())
+                .args(["run"])
+                .command()
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let cert = loop {
+            match tls::fetch_server_certificate(agent.addr, Duration::from_millis(500)).await {
+                Ok(cert) => break cert,
+                Err(err) => assert!(Instant::now() < deadline, "agent not up: {err:#}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let client = fresh(tls::client_builder(
+            None,
+            Some(&tls::fingerprint(&cert)),
+            None,
+        ));
+        for (path, body) in [
+            (
+                proto::SCAN_PATH,
+                Some(json!({ "paths": [dir.display().to_string()] })),
+            ),
+            (proto::SCANS_PATH, None),
+        ] {
+            let (code, answer) = call(&client, agent.addr, path, body).await.unwrap();
+            assert_eq!(code, 403, "{answer}");
+            assert_eq!(answer["code"], "not_activated");
+        }
+    });
+    assert!(!agent.state().join("scans").exists());
+}
+
+#[test]
+fn a_command_engine_without_scan_command_answers_conflict() {
+    let agent = ScanAgent::init("command");
+    let dir = agent.dir("target", &[("x.bin", "x")]);
+    let manager = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (_running, client) = start_and_activate(&agent, manager.path()).await;
+        let (code, answer) = call(
+            &client,
+            agent.addr,
+            proto::SCAN_PATH,
+            Some(json!({ "paths": [dir.display().to_string()] })),
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, 409, "{answer}");
+        assert_eq!(answer["code"], "engine_not_configured");
+        assert!(
+            answer["message"].as_str().unwrap().contains("scan_command"),
+            "{answer}"
+        );
+    });
+}
