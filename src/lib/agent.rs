@@ -6,6 +6,7 @@
 //! ```text
 //! agent.toml            listen, engine, database_dir, host_name, scan_command, scan_reports_keep
 //! scans/<id>.json       the last scan reports (see `scan`)
+//! updates/<id>.json     the last scheduled update runs (see `schedule`)
 //! installed.json        installed set and 3 backups; files/<sha256> their local copies (see `install`)
 //! agent.key             the agent's ECDSA P-256 key (0600)
 //! agent.pem             its self-signed certificate (used until activation)
@@ -50,6 +51,9 @@ use crate::tls::{self, ClientAuth, TlsConnectInfo, TlsHandle, TlsListener, TlsSe
 
 mod install;
 mod scan;
+mod schedule;
+
+pub use schedule::ScheduleConfig;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/pm-agent";
@@ -227,6 +231,9 @@ pub struct AgentConfig {
     /// clamd's local socket: installs send it `RELOAD` (none: clamscan reads the files each run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clamd_socket: Option<PathBuf>,
+    /// The agent's own schedule of updates and scans (see `schedule`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleConfig>,
 }
 
 /// `manager/manager.json`: the activation record.
@@ -323,8 +330,14 @@ fn load_config(dir: &Path) -> Result<AgentConfig> {
         }
         Err(err) => return Err(io_error("read", &path)(err)),
     };
-    toml::from_str(&text)
-        .map_err(|err| UserError::usage(format!("`{}` is not valid: {err}", path.display())).into())
+    let config: AgentConfig = toml::from_str(&text).map_err(|err| {
+        anyhow::Error::from(UserError::usage(format!(
+            "`{}` is not valid: {err}",
+            path.display()
+        )))
+    })?;
+    schedule::jobs(&config, &path)?;
+    Ok(config)
 }
 
 fn write_config(dir: &Path, config: &AgentConfig) -> Result<()> {
@@ -444,6 +457,7 @@ fn init(dir: &Path, args: &InitArgs, json: bool) -> Result<ExitStatus> {
         scan_command: None,
         scan_reports_keep: None,
         clamd_socket: None,
+        schedule: None,
     };
     if dir.join(CONFIG_FILE).exists() {
         let existing = load_config(dir)?;
@@ -456,6 +470,7 @@ fn init(dir: &Path, args: &InitArgs, json: bool) -> Result<ExitStatus> {
             scan_command: existing.scan_command.clone(),
             scan_reports_keep: existing.scan_reports_keep,
             clamd_socket: existing.clamd_socket.clone(),
+            schedule: existing.schedule.clone(),
             ..config.clone()
         };
         if existing != comparable || !key_unchanged {
@@ -557,6 +572,8 @@ struct LocalStatus {
     /// Revision installed from dist and the revisions of the local backups (`backup:1` first).
     installed_revision: Option<String>,
     backups: Vec<Option<String>>,
+    /// The agent's own schedule and the next fire times (local time).
+    schedule: Vec<schedule::ScheduleStatus>,
 }
 
 fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
@@ -568,6 +585,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
     };
     let record = activation.as_ref().map(|a| &a.record);
     let installed = install::revisions(dir)?;
+    let schedule = schedule::status(&config, &dir.join(CONFIG_FILE))?;
     let report = LocalStatus {
         changed: false,
         state: dir.to_owned(),
@@ -587,6 +605,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
         agent_version: env!("CARGO_PKG_VERSION"),
         installed_revision: installed.0,
         backups: installed.1,
+        schedule,
     };
     if json {
         crate::cli::print_json(&report)?;
@@ -648,6 +667,16 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
         table.add_row(vec![
             format!("backup:{}", n + 1),
             revision.clone().unwrap_or_else(none),
+        ]);
+    }
+    for entry in &report.schedule {
+        table.add_row(vec![
+            format!("schedule {}", entry.job),
+            format!(
+                "{} (next run: {})",
+                entry.expression,
+                entry.next_run.map(|t| t.to_rfc3339()).unwrap_or_else(none)
+            ),
         ]);
     }
     crate::cli::print_text(table)?;
@@ -1093,6 +1122,7 @@ fn router(agent: Arc<Agent>) -> Router {
         .route(proto::STATUS_PATH, get(status_handler))
         .route(proto::DEACTIVATE_PATH, post(deactivate))
         .merge(scan::routes())
+        .merge(schedule::routes())
         .route(proto::UPDATE_PATH, post(install::update_handler))
         .route(proto::ROLLBACK_PATH, post(install::rollback_handler))
         .fallback(fallback)
@@ -1217,6 +1247,7 @@ fn serve(dir: &Path) -> Result<ExitStatus> {
             }),
         });
         let reloader = tokio::spawn(reload_on_sighup(Arc::clone(&agent)));
+        let scheduled = schedule::spawn(&agent)?;
         let served = axum::serve(
             listener,
             router(agent).into_make_service_with_connect_info::<TlsConnectInfo>(),
@@ -1224,6 +1255,9 @@ fn serve(dir: &Path) -> Result<ExitStatus> {
         .with_graceful_shutdown(crate::mirror::shutdown_signal())
         .await;
         reloader.abort();
+        for task in scheduled {
+            task.abort();
+        }
         served.context("the agent API stopped")?;
         tracing::info!("stopped");
         Ok(ExitStatus::Success)
@@ -1289,6 +1323,7 @@ mod tests {
             scan_command: None,
             scan_reports_keep: None,
             clamd_socket: None,
+            schedule: None,
         };
         let text = toml::to_string(&config).unwrap();
         assert!(text.contains("engine = \"clamav\""), "{text}");

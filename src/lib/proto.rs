@@ -113,6 +113,32 @@ pub struct AgentStatus {
 pub const UPDATE_PATH: &str = "/v1/update";
 /// Path that makes an activated agent reinstall one of its local backups (mutual TLS).
 pub const ROLLBACK_PATH: &str = "/v1/rollback";
+/// Path listing the agent's last scheduled update runs, newest first (mutual TLS).
+pub const UPDATES_PATH: &str = "/v1/updates";
+
+/// One scheduled update run of the agent (`updates/<id>.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateRun {
+    /// Sortable id (start time, UTC).
+    pub id: String,
+    /// What started it (`schedule`).
+    pub trigger: String,
+    /// When it started.
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// When it finished.
+    pub finished_at: chrono::DateTime<chrono::Utc>,
+    /// What the install did, when it succeeded.
+    pub report: Option<InstallReport>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// `GET /v1/updates` response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateList {
+    /// Runs, newest first.
+    pub runs: Vec<UpdateRun>,
+}
 
 /// `POST /v1/rollback` request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

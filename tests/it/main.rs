@@ -6,6 +6,7 @@ mod activate_host;
 mod agent;
 mod agent_install;
 mod agent_scan;
+mod agent_schedule;
 mod inventory;
 mod mirror_airgap;
 mod mirror_chain;

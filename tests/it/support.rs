@@ -395,3 +395,178 @@ pub fn write_private(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
+
+/// A manager at lab version 3, published and served, and an agent activated by it.
+pub struct AgentSetup {
+    pub lab: Lab,
+    pub home: Home,
+    pub server: Server,
+    pub tmp: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub agent: Option<std::process::Child>,
+}
+
+impl AgentSetup {
+    pub fn new() -> AgentSetup {
+        let lab = Lab::start(3);
+        let home = Home::new();
+        home.clamav_config(&lab, "");
+        Pm::mirror(&home).args(["sync"]).json();
+        Pm::mirror(&home).args(["publish"]).json();
+        let server = Server::start(&home);
+        let tmp = tempfile::tempdir().unwrap();
+        let key_file = tmp.path().join("activation.key");
+        Pm::activate(&home)
+            .args(["key", "new", "--out"])
+            .args([&key_file])
+            .json();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut setup = AgentSetup {
+            lab,
+            home,
+            server,
+            tmp,
+            addr,
+            agent: None,
+        };
+        Pm::agent(&setup.state())
+            .args(["init", "--listen", &addr.to_string(), "--engine", "clamav"])
+            .args(["--host-name", "127.0.0.1", "--database-dir"])
+            .args([setup.db()])
+            .args(["--activation-key-file"])
+            .args([&key_file])
+            .json();
+        setup.run_agent();
+        let run = Pm::activate(&setup.home)
+            .args(["host", &addr.to_string(), "--key-file"])
+            .args([&key_file])
+            .args(["--dist-url", &setup.server.base, "--json"])
+            .run();
+        assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+        setup
+    }
+
+    pub fn run_agent(&mut self) {
+        let mut child = Pm::agent(&self.state())
+            .args(["run"])
+            .command()
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let runtime = runtime();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while runtime
+            .block_on(pm::tls::fetch_server_certificate(
+                self.addr,
+                std::time::Duration::from_millis(500),
+            ))
+            .is_err()
+        {
+            assert!(child.try_wait().unwrap().is_none(), "pm-agent run exited");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pm-agent run does not answer"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        self.agent = Some(child);
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.tmp.path().join("db")
+    }
+
+    /// The lab moves to `version`; the manager syncs and publishes it.
+    pub fn publish(&self, version: u32) {
+        self.lab.upstream.set_version(version).unwrap();
+        Pm::mirror(&self.home).args(["sync"]).json();
+        Pm::mirror(&self.home).args(["publish"]).json();
+    }
+
+    pub fn agent_cmd(&self, args: &[&str]) -> serde_json::Value {
+        Pm::agent(&self.state()).args(args).json()
+    }
+
+    /// A mutual-TLS GET as the manager.
+    pub fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let ca = pm::pki::ca::ManagerCa::load_or_create(self.home.path()).unwrap();
+        let identity = ca.client_identity(self.home.path()).unwrap();
+        let client = pm::tls::client_builder(
+            Some(ca.certificate()),
+            None,
+            Some((&identity.0, &identity.1)),
+        )
+        .unwrap()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .unwrap();
+        runtime().block_on(async {
+            let response = client
+                .get(format!("https://{}{path}", self.addr))
+                .send()
+                .await
+                .unwrap();
+            let code = response.status().as_u16();
+            let bytes = response.bytes().await.unwrap();
+            (
+                code,
+                serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+            )
+        })
+    }
+
+    /// A mutual-TLS POST as the manager.
+    pub fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let ca = pm::pki::ca::ManagerCa::load_or_create(self.home.path()).unwrap();
+        let identity = ca.client_identity(self.home.path()).unwrap();
+        let client = pm::tls::client_builder(
+            Some(ca.certificate()),
+            None,
+            Some((&identity.0, &identity.1)),
+        )
+        .unwrap()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .unwrap();
+        runtime().block_on(async {
+            let response = client
+                .post(format!("https://{}{path}", self.addr))
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&body).unwrap())
+                .send()
+                .await
+                .unwrap();
+            let code = response.status().as_u16();
+            let bytes = response.bytes().await.unwrap();
+            (
+                code,
+                serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+            )
+        })
+    }
+}
+
+impl Drop for AgentSetup {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
