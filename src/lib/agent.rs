@@ -50,6 +50,7 @@ use crate::proto::{self, ErrorResponse};
 use crate::tls::{self, ClientAuth, TlsConnectInfo, TlsHandle, TlsListener, TlsServerConfig};
 
 mod install;
+mod reports;
 mod scan;
 mod schedule;
 

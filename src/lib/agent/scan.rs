@@ -40,7 +40,6 @@ use serde::Serialize;
 
 use super::{Agent, AgentConfig, Engine, error, from_manager, io_error, load_config, parse_body};
 use crate::cli::{ExitStatus, UserError};
-use crate::durable;
 use crate::proto::{self, ScanFinding, ScanList, ScanReport, ScanResult};
 use crate::tls::TlsConnectInfo;
 
@@ -204,68 +203,9 @@ fn reports_keep(config: &AgentConfig) -> usize {
         .max(1)
 }
 
-/// Names of the kept report files, oldest first.
-fn report_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let scans = dir.join(SCANS_DIR);
-    let entries = match std::fs::read_dir(&scans) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(err) => return Err(io_error("read", &scans)(err)),
-    };
-    let mut files = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_error("read", &scans))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        // Temporary files of an interrupted write start with a dot.
-        if !name.starts_with('.') && name.ends_with(".json") {
-            files.push(entry.path());
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// Stores a report and removes the oldest beyond `keep`.
-fn store(dir: &Path, report: &ScanReport, keep: usize) -> Result<()> {
-    let scans = dir.join(SCANS_DIR);
-    durable::create_private_dir(&scans, 0o700).map_err(io_error("create directory", &scans))?;
-    let path = scans.join(format!("{}.json", report.id));
-    durable::write_atomic(&path, &serde_json::to_vec_pretty(report)?, 0o600)
-        .map_err(io_error("write", &path))?;
-    let files = report_files(dir)?;
-    let excess = files.len().saturating_sub(keep);
-    for old in &files[..excess] {
-        match std::fs::remove_file(old) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(io_error("remove", old)(err)),
-        }
-    }
-    if excess > 0 {
-        durable::sync_dir(&scans).map_err(io_error("sync", &scans))?;
-    }
-    Ok(())
-}
-
-/// The kept reports, newest first; a damaged file is skipped with a warning.
+/// The kept reports, newest first.
 pub(super) fn list(dir: &Path) -> Result<Vec<ScanReport>> {
-    let mut reports = Vec::new();
-    for path in report_files(dir)?.iter().rev() {
-        let bytes = match std::fs::read(path) {
-            Ok(bytes) => bytes,
-            // Pruned by a concurrent scan.
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(err) => return Err(io_error("read", path)(err)),
-        };
-        match serde_json::from_slice(&bytes) {
-            Ok(report) => reports.push(report),
-            Err(err) => {
-                tracing::warn!(path = %path.display(), %err, "skipping a damaged scan report")
-            }
-        }
-    }
-    Ok(reports)
+    super::reports::list(&dir.join(SCANS_DIR))
 }
 
 /// Scans `paths` (absolute) with the configured engine and keeps the report.
@@ -273,7 +213,12 @@ pub(super) fn scan(dir: &Path, config: &AgentConfig, paths: &[PathBuf]) -> Resul
     let argv = engine_argv(config)?;
     let _one_at_a_time = SCAN_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     let report = run_engine(config.engine, &argv, paths);
-    store(dir, &report, reports_keep(config))?;
+    super::reports::store(
+        &dir.join(SCANS_DIR),
+        &report.id,
+        &report,
+        reports_keep(config),
+    )?;
     tracing::info!(
         id = %report.id,
         result = report.result.as_str(),

@@ -33,9 +33,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use super::{Agent, AgentConfig, error, from_manager, install, io_error, scan};
+use super::{Agent, AgentConfig, error, from_manager, install, scan};
 use crate::cli::UserError;
-use crate::durable;
 use crate::proto::{self, UpdateList, UpdateRun};
 use crate::tls::TlsConnectInfo;
 
@@ -231,63 +230,14 @@ async fn run_once(agent: &Arc<Agent>, job: Job) {
     }
 }
 
-/// The kept update run files, oldest first (temporary files start with a dot).
-fn update_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let updates = dir.join(UPDATES_DIR);
-    let entries = match std::fs::read_dir(&updates) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(err) => return Err(io_error("read", &updates)(err)),
-    };
-    let mut files = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_error("read", &updates))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if !name.starts_with('.') && name.ends_with(".json") {
-            files.push(entry.path());
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// Stores an update run (write aside + rename) and removes the oldest beyond [`UPDATES_KEEP`].
+/// Stores an update run and removes the oldest beyond [`UPDATES_KEEP`].
 fn store_update(dir: &Path, run: &UpdateRun) -> Result<()> {
-    let updates = dir.join(UPDATES_DIR);
-    durable::create_private_dir(&updates, 0o700).map_err(io_error("create directory", &updates))?;
-    let path = updates.join(format!("{}.json", run.id));
-    durable::write_atomic(&path, &serde_json::to_vec_pretty(run)?, 0o600)
-        .map_err(io_error("write", &path))?;
-    let files = update_files(dir)?;
-    let excess = files.len().saturating_sub(UPDATES_KEEP);
-    for old in &files[..excess] {
-        match std::fs::remove_file(old) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(io_error("remove", old)(err)),
-        }
-    }
-    Ok(())
+    super::reports::store(&dir.join(UPDATES_DIR), &run.id, run, UPDATES_KEEP)
 }
 
-/// The kept update runs, newest first; a damaged file is skipped with a warning.
+/// The kept update runs, newest first.
 fn list_updates(dir: &Path) -> Result<Vec<UpdateRun>> {
-    let mut runs = Vec::new();
-    for path in update_files(dir)?.iter().rev() {
-        let bytes = match std::fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(err) => return Err(io_error("read", path)(err)),
-        };
-        match serde_json::from_slice(&bytes) {
-            Ok(run) => runs.push(run),
-            Err(err) => {
-                tracing::warn!(path = %path.display(), %err, "skipping a damaged update report")
-            }
-        }
-    }
-    Ok(runs)
+    super::reports::list(&dir.join(UPDATES_DIR))
 }
 
 async fn updates_handler(
