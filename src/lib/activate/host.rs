@@ -227,6 +227,15 @@ async fn post_json<T: Serialize, R: serde::de::DeserializeOwned>(
         .send()
         .await
         .map_err(|err| request_error(address, err))?;
+    read_answer(address, path, response).await
+}
+
+/// Reads an agent's answer: its refusal as an error, or the JSON document it must be.
+async fn read_answer<R: serde::de::DeserializeOwned>(
+    address: &str,
+    path: &str,
+    response: reqwest::Response,
+) -> Result<R, UserError> {
     let status = response.status();
     let bytes = response
         .bytes()
@@ -252,19 +261,7 @@ async fn get_status(
         .send()
         .await
         .map_err(|err| request_error(address, err))?;
-    let status = response.status();
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|err| request_error(address, err))?;
-    if !status.is_success() {
-        return Err(agent_refusal(address, status, &bytes));
-    }
-    serde_json::from_slice(&bytes).map_err(|err| {
-        UserError::failure(format!(
-            "agent `{address}` sent a status that is not one: {err}"
-        ))
-    })
+    read_answer(address, proto::STATUS_PATH, response).await
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
