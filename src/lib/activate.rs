@@ -39,8 +39,8 @@ pub enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
-    /// Activate the agent at ADDR (host:port, default port 7505), or re-apply its group,
-    /// profile and labels when this manager already activated it
+    /// Activate the agent at ADDR (host:port, default port 7505) and set up its profile, group
+    /// and license; or re-apply those when this manager already activated it
     Host(HostArgs),
     /// Make an agent forget this manager; the host is kept as deactivated and its certificate
     /// is never accepted again
@@ -50,6 +50,16 @@ pub enum Command {
     },
     /// Hosts with group, profile, address, state, activation time and agent version
     List,
+    /// Scan profiles hosts get (`default` always exists)
+    Profile {
+        #[command(subcommand)]
+        command: setup::ProfileCommand,
+    },
+    /// License files hosts get (the newest registered)
+    License {
+        #[command(subcommand)]
+        command: setup::LicenseCommand,
+    },
 }
 
 /// `pm-activate host` flags.
@@ -135,6 +145,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
         Command::Host(host) => host::activate_host(&home, &args.global, host),
         Command::Deactivate { host } => host::deactivate(&home, &args.global, &host),
         Command::List => host::list(&home, &args.global),
+        Command::Profile { command } => setup::profile_command(&home, &args.global, command),
+        Command::License { command } => setup::license_command(&home, &args.global, command),
     }
 }
 
@@ -475,6 +487,7 @@ fn key_revoke(home: &Path, global: &GlobalArgs, id: &str) -> anyhow::Result<Exit
 }
 
 mod host;
+pub mod setup;
 
 #[cfg(test)]
 mod tests {

@@ -53,6 +53,7 @@ mod install;
 mod reports;
 mod scan;
 mod schedule;
+pub mod setup;
 
 pub use schedule::ScheduleConfig;
 
@@ -427,6 +428,7 @@ fn forget_manager(dir: &Path) -> Result<bool> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(io_error("remove", &manager)(err)),
     }
+    setup::forget(dir)?;
     durable::sync_dir(dir).map_err(io_error("sync", dir))?;
     Ok(was_activated)
 }
@@ -575,6 +577,10 @@ struct LocalStatus {
     backups: Vec<Option<String>>,
     /// The agent's own schedule and the next fire times (local time).
     schedule: Vec<schedule::ScheduleStatus>,
+    /// What the manager set up: group, scan profile, license.
+    group: Option<String>,
+    profile: Option<crate::profile::Profile>,
+    license: Option<setup::LicenseInfo>,
 }
 
 fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
@@ -587,6 +593,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
     let record = activation.as_ref().map(|a| &a.record);
     let installed = install::revisions(dir)?;
     let schedule = schedule::status(&config, &dir.join(CONFIG_FILE))?;
+    let setup = setup::load(dir)?;
     let report = LocalStatus {
         changed: false,
         state: dir.to_owned(),
@@ -607,6 +614,9 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
         installed_revision: installed.0,
         backups: installed.1,
         schedule,
+        group: setup.group,
+        profile: setup.profile,
+        license: setup.license,
     };
     if json {
         crate::cli::print_json(&report)?;
@@ -670,6 +680,26 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
             revision.clone().unwrap_or_else(none),
         ]);
     }
+    table.add_row(vec![
+        "group".to_string(),
+        report.group.clone().unwrap_or_else(none),
+    ]);
+    table.add_row(vec![
+        "profile".to_string(),
+        report
+            .profile
+            .as_ref()
+            .map(|p| format!("{} ({})", p.name, p.summary()))
+            .unwrap_or_else(none),
+    ]);
+    table.add_row(vec![
+        "license".to_string(),
+        report
+            .license
+            .as_ref()
+            .map(|l| format!("{} (expires {})", l.file_name, l.expires_at.to_rfc3339()))
+            .unwrap_or_else(none),
+    ]);
     for entry in &report.schedule {
         table.add_row(vec![
             format!("schedule {}", entry.job),
@@ -1056,6 +1086,10 @@ fn from_manager(inner: &Inner, info: &TlsConnectInfo) -> Result<(), Box<Response
 }
 
 fn agent_status(agent: &Agent, inner: &Inner) -> proto::AgentStatus {
+    let setup = setup::load(&agent.dir).unwrap_or_else(|err| {
+        tracing::warn!(error = %format!("{err:#}"), "cannot read the setup");
+        setup::Setup::default()
+    });
     proto::AgentStatus {
         host_name: inner
             .activation
@@ -1069,6 +1103,9 @@ fn agent_status(agent: &Agent, inner: &Inner) -> proto::AgentStatus {
             .as_ref()
             .map(|a| a.record.manager_ca_fingerprint.clone()),
         engine: agent.config.engine.as_str().to_string(),
+        group: setup.group,
+        profile: setup.profile.map(|p| p.name),
+        license_expires_at: setup.license.map(|l| l.expires_at),
     }
 }
 
@@ -1124,6 +1161,7 @@ fn router(agent: Arc<Agent>) -> Router {
         .route(proto::DEACTIVATE_PATH, post(deactivate))
         .merge(scan::routes())
         .merge(schedule::routes())
+        .merge(setup::routes())
         .route(proto::UPDATE_PATH, post(install::update_handler))
         .route(proto::ROLLBACK_PATH, post(install::rollback_handler))
         .fallback(fallback)

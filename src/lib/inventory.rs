@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use duckdb::{AccessMode, Config, Connection, OptionalExt, params};
 
 use crate::manifest::{FileEntry, Manifest};
+use crate::profile::Profile;
 
 /// File name of the inventory inside `PM_HOME`.
 pub const INVENTORY_FILE: &str = "inventory.duckdb";
@@ -28,6 +29,7 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         include_str!("../../sql/0004_accepted_bundles.sql"),
     ),
     (5, "hosts", include_str!("../../sql/0005_hosts.sql")),
+    (6, "setup", include_str!("../../sql/0006_setup.sql")),
 ];
 
 /// Inventory errors.
@@ -174,6 +176,25 @@ pub struct HostRecord {
     pub state: String,
     /// When it was deactivated.
     pub deactivated_at: Option<DateTime<Utc>>,
+    /// Setup steps not confirmed by the agent yet, comma separated ('' when complete).
+    pub setup_failed: String,
+    /// sha256 of the license the agent holds.
+    pub license_sha256: Option<String>,
+}
+
+/// A registered license file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LicenseRecord {
+    /// sha256 of its content (also its file name under `PM_HOME/licenses/`).
+    pub sha256: String,
+    /// The name agents store it under.
+    pub file_name: String,
+    /// Its size.
+    pub size_bytes: i64,
+    /// When it expires.
+    pub expires_at: DateTime<Utc>,
+    /// When it was registered.
+    pub added_at: DateTime<Utc>,
 }
 
 /// One publish or rollback of dist.
@@ -597,8 +618,8 @@ impl Inventory {
         self.db(self.conn.execute(
             "INSERT OR REPLACE INTO hosts (host, address, host_group, profile, labels,
                  certificate_serial, certificate_fingerprint, agent_version, engine, activated_at,
-                 activation_key_id, state, deactivated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?), ?, ?, to_timestamp(?))",
+                 activation_key_id, state, deactivated_at, setup_failed, license_sha256)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?), ?, ?, to_timestamp(?), ?, ?)",
             params![
                 host.host,
                 host.address,
@@ -613,6 +634,8 @@ impl Inventory {
                 host.activation_key_id,
                 host.state,
                 to_epoch(host.deactivated_at),
+                host.setup_failed,
+                host.license_sha256,
             ],
         ))?;
         Ok(())
@@ -623,7 +646,8 @@ impl Inventory {
         let mut statement = self.db(self.conn.prepare(
             "SELECT host, address, host_group, profile, labels, certificate_serial,
                     certificate_fingerprint, agent_version, engine, epoch(activated_at),
-                    activation_key_id, state, epoch(deactivated_at)
+                    activation_key_id, state, epoch(deactivated_at), coalesce(setup_failed, ''),
+                    license_sha256
              FROM hosts ORDER BY host",
         ))?;
         let rows = self.db(statement.query_map([], |row| {
@@ -641,6 +665,8 @@ impl Inventory {
                 activation_key_id: row.get(10)?,
                 state: row.get(11)?,
                 deactivated_at: from_epoch(row.get(12)?),
+                setup_failed: row.get(13)?,
+                license_sha256: row.get(14)?,
             })
         }))?;
         rows.map(|row| self.db(row)).collect()
@@ -695,6 +721,87 @@ impl Inventory {
                 |row| row.get(0),
             )
             .optional())
+    }
+
+    /// Every profile, by name (`default` included).
+    pub fn profiles(&self) -> Result<Vec<Profile>, InventoryError> {
+        let mut statement =
+            self.db(self.conn.prepare("SELECT body FROM profiles ORDER BY name"))?;
+        let rows = self.db(statement.query_map([], |row| row.get::<_, String>(0)))?;
+        rows.map(|row| {
+            let body = self.db(row)?;
+            serde_json::from_str(&body).map_err(|err| InventoryError::Db {
+                path: self.path.clone(),
+                source: duckdb::Error::FromSqlConversionFailure(
+                    0,
+                    duckdb::types::Type::Text,
+                    Box::new(err),
+                ),
+            })
+        })
+        .collect()
+    }
+
+    /// The profile called `name`.
+    pub fn profile(&self, name: &str) -> Result<Option<Profile>, InventoryError> {
+        Ok(self.profiles()?.into_iter().find(|p| p.name == name))
+    }
+
+    /// Creates or replaces a profile; `false` when it was already exactly this.
+    pub fn save_profile(&self, profile: &Profile) -> Result<bool, InventoryError> {
+        if self.profile(&profile.name)?.as_ref() == Some(profile) {
+            return Ok(false);
+        }
+        let body = serde_json::to_string(profile).expect("profiles serialise");
+        self.db(self.conn.execute(
+            "INSERT INTO profiles VALUES (?, ?, ?, now(), now())
+             ON CONFLICT (name) DO UPDATE SET mode = excluded.mode, body = excluded.body,
+                 updated_at = now()",
+            params![profile.name, profile.mode(), body],
+        ))?;
+        Ok(true)
+    }
+
+    /// Deletes a profile; `false` when there was none.
+    pub fn delete_profile(&self, name: &str) -> Result<bool, InventoryError> {
+        let deleted = self.db(self
+            .conn
+            .execute("DELETE FROM profiles WHERE name = ?", params![name]))?;
+        Ok(deleted > 0)
+    }
+
+    /// Registers a license file (again is a no-op).
+    pub fn insert_license(&self, license: &LicenseRecord) -> Result<bool, InventoryError> {
+        let inserted = self.db(self.conn.execute(
+            "INSERT INTO licenses VALUES (?, ?, ?, to_timestamp(?), to_timestamp(?))
+             ON CONFLICT DO NOTHING",
+            params![
+                license.sha256,
+                license.file_name,
+                license.size_bytes,
+                to_epoch(Some(license.expires_at)),
+                to_epoch(Some(license.added_at)),
+            ],
+        ))?;
+        Ok(inserted > 0)
+    }
+
+    /// Registered licenses, newest first (the first is the one hosts get).
+    pub fn licenses(&self) -> Result<Vec<LicenseRecord>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT sha256, file_name, size_bytes, epoch(expires_at), epoch(added_at)
+             FROM licenses ORDER BY added_at DESC, sha256",
+        ))?;
+        let rows = self.db(statement.query_map([], |row| {
+            Ok(LicenseRecord {
+                sha256: row.get(0)?,
+                file_name: row.get(1)?,
+                size_bytes: row.get(2)?,
+                expires_at: from_epoch(row.get(3)?).unwrap_or_default(),
+                added_at: from_epoch(row.get(4)?).unwrap_or_default(),
+            })
+        }))?;
+        rows.map(|row| self.db(row)).collect()
     }
 
     /// Runs a query that returns one value per row, for tests and small reports.
@@ -849,6 +956,8 @@ mod tests {
             activation_key_id: Some("0badcafe".into()),
             state: "active".into(),
             deactivated_at: None,
+            setup_failed: "license".into(),
+            license_sha256: None,
         };
         inventory.upsert_host(&host).unwrap();
         assert_eq!(inventory.hosts().unwrap(), vec![host.clone()]);

@@ -13,6 +13,7 @@ pub mod lab;
 pub mod manifest;
 pub mod mirror;
 pub mod pki;
+pub mod profile;
 pub mod proto;
 pub mod repo;
 pub mod static_files;

@@ -107,6 +107,63 @@ pub struct AgentStatus {
     pub manager_ca_fingerprint: Option<String>,
     /// Engine adapter.
     pub engine: String,
+    /// Host group the manager gave it.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Name of its active scan profile (`None`: no profile given yet, the engine's defaults).
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// Expiry of the license the manager gave it.
+    #[serde(default)]
+    pub license_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Setup step: the host group (mutual TLS), [`GroupRequest`] in, [`SetupResponse`] out.
+pub const GROUP_PATH: &str = "/v1/setup/group";
+/// Setup step: the scan profile (mutual TLS), [`crate::profile::Profile`] in.
+pub const PROFILE_PATH: &str = "/v1/setup/profile";
+/// Setup step: the license file (mutual TLS), [`LicenseRequest`] in.
+pub const LICENSE_PATH: &str = "/v1/setup/license";
+
+/// The host group the manager files the host under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupRequest {
+    /// Group name.
+    pub group: String,
+}
+
+/// A license file for the engine, registered on the manager with `pm-activate license add`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LicenseRequest {
+    /// The file's name as registered (a plain name, no directories).
+    pub file_name: String,
+    /// When it expires.
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// sha256 of the content (hex), checked on arrival.
+    pub sha256: String,
+    /// The content, hex-encoded.
+    pub content_hex: String,
+}
+
+/// Answer of a setup step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetupResponse {
+    /// Whether the agent's setup changed.
+    pub changed: bool,
+}
+
+/// Decodes lowercase or uppercase hex; `None` when it is not hex.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    // `from_str_radix` alone would take a sign (`+1`).
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Path that makes an activated agent install the manager's dist now (mutual TLS).
@@ -342,5 +399,15 @@ mod tests {
             assert!(!proofs_equal(&proof, &other));
         }
         assert_ne!(nonce(), nonce());
+    }
+
+    #[test]
+    fn hex_round_trips_and_rejects_what_is_not_hex() {
+        let bytes = [0u8, 1, 0xab, 0xff];
+        assert_eq!(unhex(&crate::manifest::hex(&bytes)).unwrap(), bytes);
+        assert_eq!(unhex("ABff").unwrap(), [0xab, 0xff]);
+        for bad in ["abc", "zz", "+1", "é0"] {
+            assert!(unhex(bad).is_none(), "{bad}");
+        }
     }
 }

@@ -152,6 +152,9 @@ async fn status(State(state): State<Arc<Mutex<AgentState>>>) -> Response {
         activated: state.manager_ca.is_some(),
         manager_ca_fingerprint: state.manager_ca.clone(),
         engine: "clamav".into(),
+        group: None,
+        profile: None,
+        license_expires_at: None,
     })
 }
 
@@ -166,6 +169,13 @@ async fn deactivate(
     assert!(info.peer.is_some_and(|p| p.verified));
     reset(&mut state);
     json(&serde_json::json!({"deactivated": true}))
+}
+
+/// The setup steps: accepted from the manager (mutual TLS) and otherwise ignored (so they
+/// never change anything; the real agent's are tested in `activate_setup`).
+async fn setup_step(ConnectInfo(info): ConnectInfo<TlsConnectInfo>) -> Response {
+    assert!(info.peer.is_some_and(|p| p.verified));
+    json(&proto::SetupResponse { changed: false })
 }
 
 fn reset(state: &mut AgentState) {
@@ -203,6 +213,9 @@ impl FakeAgent {
             .route(proto::ACTIVATE_PATH, post(complete))
             .route(proto::STATUS_PATH, get(status))
             .route(proto::DEACTIVATE_PATH, post(deactivate))
+            .route(proto::PROFILE_PATH, post(setup_step))
+            .route(proto::GROUP_PATH, post(setup_step))
+            .route(proto::LICENSE_PATH, post(setup_step))
             .with_state(state.clone());
         let config = TlsServerConfig {
             key: pkey,
@@ -320,7 +333,9 @@ fn a_host_is_activated_listed_and_a_second_run_only_reapplies_its_setup() {
             )
         })
         .collect();
-    for step in ["activate", "verify", "group", "profile", "labels"] {
+    for step in [
+        "activate", "verify", "profile", "group", "license", "labels",
+    ] {
         assert!(steps.contains(&(step.to_string(), true)), "{steps:?}");
     }
     assert!(agent.activated());
@@ -711,6 +726,9 @@ fn a_real_pm_agent_is_activated_refuses_another_manager_and_forgets_on_deactivat
     let (file, key) = new_key(&home, "agent.key", &[]);
     let mut agent = RealAgent::start(&file);
     let address = agent.addr.to_string();
+    Pm::activate(&home)
+        .args(["profile", "new", "strict", "--set", "detect_pua=yes"])
+        .json();
     let run = Pm::activate(&home)
         .args(["host", &address, "--name", "real-1", "--key-file"])
         .args([&file])

@@ -3,6 +3,7 @@
 
 mod activate;
 mod activate_host;
+mod activate_setup;
 mod agent;
 mod agent_install;
 mod agent_scan;

@@ -408,6 +408,12 @@ pub struct AgentSetup {
 
 impl AgentSetup {
     pub fn new() -> AgentSetup {
+        AgentSetup::with(|_| {}, &[])
+    }
+
+    /// Like `new`, with `prepare` run on the manager home before the activation and extra
+    /// `pm-activate host` flags (e.g. `--profile P`).
+    pub fn with(prepare: impl FnOnce(&Home), host_flags: &[&str]) -> AgentSetup {
         let lab = Lab::start(3);
         let home = Home::new();
         home.clamav_config(&lab, "");
@@ -442,10 +448,12 @@ impl AgentSetup {
             .args([&key_file])
             .json();
         setup.run_agent();
+        prepare(&setup.home);
         let run = Pm::activate(&setup.home)
             .args(["host", &addr.to_string(), "--key-file"])
             .args([&key_file])
             .args(["--dist-url", &setup.server.base, "--json"])
+            .args(host_flags)
             .run();
         assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
         setup

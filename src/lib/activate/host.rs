@@ -21,6 +21,7 @@ use openssl::pkey::{PKey, Private};
 use openssl::x509::X509;
 use serde::Serialize;
 
+use super::setup::{self, SetupPlan};
 use super::{HostArgs, KeyProblem, check_key, inventory_error};
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
 use crate::inventory::{HostRecord, Inventory};
@@ -31,28 +32,42 @@ use crate::tls;
 /// One reported setup step of `host`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
-    /// `activate`, `verify`, `group`, `profile`, `labels`.
+    /// `activate`, `verify`, `profile`, `group`, `license`, `labels`.
     pub name: String,
-    /// Whether it worked.
+    /// Whether it worked (a skipped step did not fail).
     pub ok: bool,
     /// Why not.
     pub error: Option<String>,
+    /// Why it was skipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 impl Step {
-    fn ok(name: &str) -> Step {
+    pub(super) fn ok(name: &str) -> Step {
         Step {
             name: name.into(),
             ok: true,
             error: None,
+            skipped: None,
         }
     }
 
-    fn failed(name: &str, error: impl Into<String>) -> Step {
+    pub(super) fn failed(name: &str, error: impl Into<String>) -> Step {
         Step {
             name: name.into(),
             ok: false,
             error: Some(error.into()),
+            skipped: None,
+        }
+    }
+
+    pub(super) fn skipped(name: &str, why: impl Into<String>) -> Step {
+        Step {
+            name: name.into(),
+            ok: true,
+            error: None,
+            skipped: Some(why.into()),
         }
     }
 }
@@ -214,7 +229,7 @@ fn agent_refusal(address: &str, status: reqwest::StatusCode, body: &[u8]) -> Use
     }
 }
 
-async fn post_json<T: Serialize, R: serde::de::DeserializeOwned>(
+pub(super) async fn post_json<T: Serialize, R: serde::de::DeserializeOwned>(
     client: &reqwest::Client,
     address: &str,
     path: &str,
@@ -484,17 +499,35 @@ fn activate_one(
     if let Some(key) = &key {
         super::parse_key(key).map_err(key_error)?;
     }
-    // What the inventory knows: keys, hosts, revoked serials (read-only, closed right away).
-    let (keys, hosts) = {
+    // What the inventory knows: keys, hosts, profiles, licenses (read-only, closed right away).
+    let (keys, hosts, profiles, licenses) = {
         let _turn = inventory_turn();
         match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
             Some(inventory) => (
                 inventory.activation_keys().map_err(inventory_error)?,
                 inventory.hosts().map_err(inventory_error)?,
+                inventory.profiles().map_err(inventory_error)?,
+                inventory.licenses().map_err(inventory_error)?,
             ),
-            None => (Vec::new(), Vec::new()),
+            None => (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
         }
     };
+    // A host already known keeps its group and profile unless the flags change them.
+    let plan_for = |known: Option<&HostRecord>| {
+        let group = args
+            .group
+            .clone()
+            .or_else(|| known.map(|h| h.group.clone()))
+            .unwrap_or_else(|| "default".into());
+        let profile = args
+            .profile
+            .clone()
+            .or_else(|| known.map(|h| h.profile.clone()))
+            .unwrap_or_else(|| crate::profile::DEFAULT_PROFILE.into());
+        SetupPlan::load(home, &profiles, &licenses, &group, &profile)
+    };
+    // Refuse an unknown profile before the agent is contacted (or a key use is taken).
+    plan_for(None)?;
     let runtime = runtime()?;
     let (socket, address) = runtime.block_on(resolve(address))?;
     let presented = runtime
@@ -524,6 +557,7 @@ fn activate_one(
         }
         return reapply(
             home, global, args, &runtime, &address, &ca, &identity, &presented, &hosts, labels,
+            &plan_for,
         );
     }
     if !self_signed(&presented) {
@@ -694,8 +728,11 @@ fn activate_one(
             (challenge.agent_version.clone(), challenge.engine.clone())
         }
     };
-    let group = args.group.clone().unwrap_or_else(|| "default".into());
-    let profile = args.profile.clone().unwrap_or_else(|| "default".into());
+    let plan = plan_for(None)?;
+    let setup = runtime.block_on(setup::apply(&mutual, &address, &plan));
+    steps.extend(setup.steps.iter().cloned());
+    let group = plan.group.clone();
+    let profile = plan.profile.name.clone();
     let host = HostRecord {
         host: host_name.clone(),
         address: address.clone(),
@@ -710,8 +747,10 @@ fn activate_one(
         activation_key_id: Some(record.id.clone()),
         state: "active".into(),
         deactivated_at: None,
+        setup_failed: setup.failed(),
+        license_sha256: setup.license_sha256.clone(),
     };
-    steps.extend(setup_steps(args, &labels));
+    steps.extend(labels_step(&labels));
     let failed = steps.iter().any(|s| !s.ok);
     // A host activated again under the same name gets a new certificate; the old one is done.
     let replaced = hosts
@@ -754,14 +793,9 @@ fn activate_one(
     })
 }
 
-/// The group, profile and labels steps. They are recorded in the inventory with the host; the
-/// agent does not take them over the API yet, so each one succeeds once it is recorded.
-fn setup_steps(args: &HostArgs, labels: &BTreeMap<String, String>) -> Vec<Step> {
-    let mut steps = vec![Step::ok("group"), Step::ok("profile")];
-    if !labels.is_empty() || !args.labels.is_empty() {
-        steps.push(Step::ok("labels"));
-    }
-    steps
+/// Labels are the manager's own (target selection): recorded with the host, not sent.
+fn labels_step(labels: &BTreeMap<String, String>) -> Option<Step> {
+    (!labels.is_empty()).then(|| Step::ok("labels"))
 }
 
 async fn verify_status(
@@ -858,6 +892,7 @@ fn reapply(
     presented: &X509,
     hosts: &[HostRecord],
     labels: BTreeMap<String, String>,
+    plan_for: &dyn Fn(Option<&HostRecord>) -> Result<SetupPlan, UserError>,
 ) -> anyhow::Result<HostReport> {
     let fingerprint = tls::fingerprint(presented);
     let serial = serial_hex(presented).unwrap_or_default();
@@ -896,15 +931,26 @@ fn reapply(
         activation_key_id: None,
         state: "active".into(),
         deactivated_at: None,
+        setup_failed: String::new(),
+        license_sha256: None,
     });
     let before = host.clone();
     host.host = host_name.clone();
     host.address = address.to_string();
-    if let Some(group) = &args.group {
-        host.group = group.clone();
-    }
-    if let Some(profile) = &args.profile {
-        host.profile = profile.clone();
+    let plan = plan_for(known)?;
+    host.group = plan.group.clone();
+    host.profile = plan.profile.name.clone();
+    let setup = if global.dry_run {
+        None
+    } else {
+        Some(runtime.block_on(setup::apply(&mutual, address, &plan)))
+    };
+    if let Some(setup) = &setup {
+        steps.extend(setup.steps.iter().cloned());
+        host.setup_failed = setup.failed();
+        if setup.license_sha256.is_some() {
+            host.license_sha256 = setup.license_sha256.clone();
+        }
     }
     let mut merged: BTreeMap<String, String> =
         serde_json::from_str(&host.labels).unwrap_or_default();
@@ -914,9 +960,10 @@ fn reapply(
         host.agent_version = Some(status.agent_version.clone());
         host.engine = Some(status.engine.clone());
     }
-    steps.extend(setup_steps(args, &merged));
+    steps.extend(labels_step(&merged));
     let failed = steps.iter().any(|s| !s.ok);
-    let changed = host != before || known.is_none();
+    let agent_changed = setup.as_ref().is_some_and(|s| s.changed);
+    let changed = host != before || known.is_none() || agent_changed;
     if changed && !global.dry_run {
         let _turn = inventory_turn();
         let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
@@ -1139,6 +1186,9 @@ pub fn list(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                     "activated_at": h.activated_at, "deactivated_at": h.deactivated_at,
                     "agent_version": h.agent_version, "engine": h.engine,
                     "certificate_serial": h.certificate_serial,
+                    "setup_failed": h.setup_failed.split(',').filter(|s| !s.is_empty())
+                        .collect::<Vec<_>>(),
+                    "license_sha256": h.license_sha256,
                 })
             })
             .collect();
@@ -1153,6 +1203,7 @@ pub fn list(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
         "state",
         "activated",
         "agent",
+        "setup",
     ]);
     for host in &hosts {
         table.add_row(vec![
@@ -1165,6 +1216,11 @@ pub fn list(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                 .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
                 .unwrap_or_default(),
             host.agent_version.clone().unwrap_or_default(),
+            if host.setup_failed.is_empty() {
+                "ok".to_string()
+            } else {
+                format!("failed: {}", host.setup_failed)
+            },
         ]);
     }
     cli::print_text(table)?;

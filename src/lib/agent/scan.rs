@@ -17,8 +17,9 @@
 //! path is one separate argument. Paths are made absolute (the CLI) or must be absolute (the
 //! API), so none can be taken for an option; clamscan additionally gets `--` before them.
 //!
-//! The active scan profile is, for now, the adapter configuration in `agent.toml` (`engine`,
-//! `database_dir`, `scan_command`); profiles pushed by the manager will replace it.
+//! The active scan profile is the one the manager set up (`setup.json`, see `setup`): its form
+//! keys become `clamscan` options; a `command` engine reads `profile.conf` where its
+//! `scan_command` says `{profile}`. Without one, the engine runs with its defaults.
 //!
 //! Reports are kept as `scans/<id>.json` (write aside, fsync, rename); ids sort by start time
 //! and only the newest `scan_reports_keep` (default 20) are kept.
@@ -40,6 +41,7 @@ use serde::Serialize;
 
 use super::{Agent, AgentConfig, Engine, error, from_manager, io_error, load_config, parse_body};
 use crate::cli::{ExitStatus, UserError};
+use crate::profile::{Profile, ProfileBody};
 use crate::proto::{self, ScanFinding, ScanList, ScanReport, ScanResult};
 use crate::tls::TlsConnectInfo;
 
@@ -47,6 +49,8 @@ use crate::tls::TlsConnectInfo;
 pub const SCANS_DIR: &str = "scans";
 /// How many scan reports are kept when `scan_reports_keep` is absent.
 pub const DEFAULT_REPORTS_KEEP: usize = 20;
+/// A `scan_command` argument that stands for the path of the active profile's `profile.conf`.
+pub const PROFILE_PLACEHOLDER: &str = "{profile}";
 /// At most this many paths in one API request.
 const MAX_PATHS: usize = 1000;
 /// At most this much of the engine's stderr is kept as the error text.
@@ -63,23 +67,44 @@ pub struct ScanArgs {
     pub paths: Vec<PathBuf>,
 }
 
-/// The engine argv before the paths.
-fn engine_argv(config: &AgentConfig) -> Result<Vec<OsString>> {
+/// The engine argv before the paths, with the active profile applied: `clamav` gets the form
+/// keys as `clamscan` options; `command` gets the path of `profile.conf` wherever its
+/// `scan_command` has an argument `{profile}`.
+fn engine_argv(dir: &Path, config: &AgentConfig) -> Result<Vec<OsString>> {
+    let profile = super::setup::load(dir)?.profile;
     match config.engine {
         Engine::Clamav => {
             let mut database = OsString::from("--database=");
             database.push(config.database_dir.as_os_str());
-            Ok(vec![
+            let mut argv: Vec<OsString> = vec![
                 "clamscan".into(),
                 "-r".into(),
                 "--infected".into(),
                 database,
-                "--".into(),
-            ])
+            ];
+            if let Some(Profile {
+                body: ProfileBody::Form { options },
+                ..
+            }) = &profile
+            {
+                argv.extend(options.clamscan_args().into_iter().map(OsString::from));
+            }
+            argv.push("--".into());
+            Ok(argv)
         }
         Engine::Command => match &config.scan_command {
             Some(argv) if !argv.is_empty() && !argv[0].is_empty() => {
-                Ok(argv.iter().map(OsString::from).collect())
+                let conf = super::setup::profile_conf(dir);
+                Ok(argv
+                    .iter()
+                    .map(|arg| {
+                        if arg == PROFILE_PLACEHOLDER {
+                            conf.clone().into_os_string()
+                        } else {
+                            OsString::from(arg)
+                        }
+                    })
+                    .collect())
             }
             _ => Err(UserError::usage(
                 "the `command` engine needs `scan_command` in agent.toml".to_string(),
@@ -210,7 +235,7 @@ pub(super) fn list(dir: &Path) -> Result<Vec<ScanReport>> {
 
 /// Scans `paths` (absolute) with the configured engine and keeps the report.
 pub(super) fn scan(dir: &Path, config: &AgentConfig, paths: &[PathBuf]) -> Result<ScanReport> {
-    let argv = engine_argv(config)?;
+    let argv = engine_argv(dir, config)?;
     let _one_at_a_time = SCAN_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     let report = run_engine(config.engine, &argv, paths);
     super::reports::store(
@@ -394,6 +419,53 @@ mod tests {
             ]
         );
         assert_eq!(parse_output("FOUND\n: FOUND\n"), (Vec::new(), None));
+    }
+
+    #[test]
+    fn the_active_profile_becomes_engine_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = AgentConfig {
+            listen: "127.0.0.1:7505".parse().unwrap(),
+            engine: Engine::Command,
+            database_dir: PathBuf::from("/db"),
+            host_name: "h".into(),
+            scan_command: Some(vec![
+                "/opt/scan".into(),
+                "--config".into(),
+                "{profile}".into(),
+            ]),
+            scan_reports_keep: None,
+            clamd_socket: None,
+            schedule: None,
+        };
+        let setup = super::super::setup::Setup {
+            profile: Some(Profile {
+                name: "quick".into(),
+                body: ProfileBody::Form {
+                    options: crate::profile::ScanOptions {
+                        exclude_dir: vec!["^/proc".into()],
+                        ..Default::default()
+                    },
+                },
+            }),
+            ..Default::default()
+        };
+        std::fs::write(
+            dir.path().join(super::super::setup::SETUP_FILE),
+            serde_json::to_vec(&setup).unwrap(),
+        )
+        .unwrap();
+        let conf = dir.path().join("profile.conf").into_os_string();
+        assert_eq!(
+            engine_argv(dir.path(), &config).unwrap(),
+            [OsString::from("/opt/scan"), "--config".into(), conf]
+        );
+        config.engine = Engine::Clamav;
+        let argv = engine_argv(dir.path(), &config).unwrap();
+        assert_eq!(
+            argv[4..],
+            [OsString::from("--exclude-dir=^/proc"), "--".into()]
+        );
     }
 
     #[test]

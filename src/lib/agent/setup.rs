@@ -1,0 +1,321 @@
+//! What the manager sets up on an activated agent after activation, one step at a time so a
+//! failed step can be retried alone (the seed's "(n1,n2,n3)" exit codes): the scan profile
+//! (`POST /v1/setup/profile`), the host group (`/v1/setup/group`) and the engine license
+//! (`/v1/setup/license`). All mutual TLS.
+//!
+//! State: `setup.json` (written aside, fsync, rename), the profile rendered for a `command`
+//! engine in `profile.conf`, the license file in `license/` (0600). A reset forgets all of it
+//! together with the manager.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use anyhow::Result;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde::{Deserialize, Serialize};
+
+use super::{Agent, Engine, error, from_manager, io_error, parse_body};
+use crate::durable;
+use crate::profile::{self, Profile, ProfileBody};
+use crate::proto::{self, GroupRequest, LicenseRequest, SetupResponse};
+use crate::tls::TlsConnectInfo;
+
+/// The setup record, relative to the state directory.
+pub const SETUP_FILE: &str = "setup.json";
+/// The active profile rendered for a `command` engine (`{profile}` in `scan_command`).
+pub const PROFILE_CONF_FILE: &str = "profile.conf";
+/// Directory of the license file.
+pub const LICENSE_DIR: &str = "license";
+/// A license file larger than this is refused.
+const MAX_LICENSE: usize = 1024 * 1024;
+
+/// Setup steps are read-modify-write of one file: one at a time.
+static SETUP_LOCK: Mutex<()> = Mutex::new(());
+
+/// The license the agent holds (the file itself is in `license/`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LicenseInfo {
+    /// Its file name in `license/`.
+    pub file_name: String,
+    /// sha256 of its content.
+    pub sha256: String,
+    /// When it expires.
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// When the manager installed it.
+    pub installed_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `setup.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setup {
+    /// Host group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// The active scan profile (`None`: the engine's defaults).
+    #[serde(default)]
+    pub profile: Option<Profile>,
+    /// The engine license.
+    #[serde(default)]
+    pub license: Option<LicenseInfo>,
+}
+
+/// Reads `setup.json` (empty when there is none).
+pub fn load(dir: &Path) -> Result<Setup> {
+    let path = dir.join(SETUP_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|err| {
+            anyhow::anyhow!(
+                "`{}` is damaged ({err}); run the manager's `pm-activate host` for this host again",
+                path.display()
+            )
+        }),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Setup::default()),
+        Err(err) => Err(io_error("read", &path)(err)),
+    }
+}
+
+fn save(dir: &Path, setup: &Setup) -> Result<()> {
+    let path = dir.join(SETUP_FILE);
+    durable::write_atomic(&path, &serde_json::to_vec_pretty(setup)?, 0o600)
+        .map_err(io_error("write", &path))
+}
+
+/// Forgets the setup (after the manager record is gone).
+pub(super) fn forget(dir: &Path) -> Result<()> {
+    for file in [SETUP_FILE, PROFILE_CONF_FILE] {
+        let path = dir.join(file);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(io_error("remove", &path)(err)),
+        }
+    }
+    let license = dir.join(LICENSE_DIR);
+    match std::fs::remove_dir_all(&license) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(io_error("remove", &license)(err)),
+    }
+}
+
+/// The path the `{profile}` placeholder of a `command` engine stands for.
+pub fn profile_conf(dir: &Path) -> PathBuf {
+    dir.join(PROFILE_CONF_FILE)
+}
+
+/// A refused setup step: status, code, message.
+type Refusal = (StatusCode, &'static str, String);
+
+fn bad(message: impl Into<String>) -> Refusal {
+    (StatusCode::BAD_REQUEST, "bad_request", message.into())
+}
+
+/// Applies `change` to the setup under the lock and saves it when it changed.
+fn update(dir: &Path, change: impl FnOnce(&mut Setup) -> Result<()>) -> Result<bool> {
+    let _one_at_a_time = SETUP_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut setup = load(dir)?;
+    let before = setup.clone();
+    change(&mut setup)?;
+    if setup == before {
+        return Ok(false);
+    }
+    save(dir, &setup)?;
+    Ok(true)
+}
+
+fn apply_group(agent: &Agent, request: GroupRequest) -> Result<bool, Refusal> {
+    profile::check_name(&request.group).map_err(|e| bad(format!("group: {e}")))?;
+    update(&agent.dir, |setup| {
+        setup.group = Some(request.group);
+        Ok(())
+    })
+    .map_err(internal)
+}
+
+fn apply_profile(agent: &Agent, profile: Profile) -> Result<bool, Refusal> {
+    profile
+        .validate()
+        .map_err(|e| bad(format!("profile: {e}")))?;
+    if agent.config.engine == Engine::Clamav && matches!(profile.body, ProfileBody::File { .. }) {
+        return Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "profile_unsupported",
+            format!(
+                "profile `{}` is a file-mode profile, and this agent's engine is clamav, which \
+                 takes form profiles only (`pm-activate profile new NAME --set key=value`)",
+                profile.name
+            ),
+        ));
+    }
+    update(&agent.dir, |setup| {
+        if agent.config.engine == Engine::Command {
+            let path = profile_conf(&agent.dir);
+            durable::write_atomic(&path, profile.rendered().as_bytes(), 0o600)
+                .map_err(io_error("write", &path))?;
+        }
+        setup.profile = Some(profile);
+        Ok(())
+    })
+    .map_err(internal)
+}
+
+fn apply_license(agent: &Agent, request: LicenseRequest) -> Result<bool, Refusal> {
+    profile::check_name(&request.file_name).map_err(|e| bad(format!("license file name: {e}")))?;
+    let content = proto::unhex(&request.content_hex)
+        .ok_or_else(|| bad("license: `content_hex` is not hex"))?;
+    if content.len() > MAX_LICENSE {
+        return Err(bad(format!(
+            "license: {} bytes; at most {MAX_LICENSE}",
+            content.len()
+        )));
+    }
+    let digest = crate::manifest::hex(&openssl::sha::sha256(&content));
+    if !digest.eq_ignore_ascii_case(&request.sha256) {
+        return Err(bad(
+            "license: the content does not match its sha256 (damaged in transit?)",
+        ));
+    }
+    let now = chrono::Utc::now();
+    if request.expires_at <= now {
+        return Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "license_expired",
+            format!(
+                "license `{}` expired at {}; register a current one on the manager with \
+                 `pm-activate license add FILE --expires DATE`",
+                request.file_name,
+                request.expires_at.to_rfc3339()
+            ),
+        ));
+    }
+    update(&agent.dir, |setup| {
+        if setup.license.as_ref().is_some_and(|l| {
+            l.sha256 == digest
+                && l.file_name == request.file_name
+                && l.expires_at == request.expires_at
+        }) {
+            return Ok(());
+        }
+        let license_dir = agent.dir.join(LICENSE_DIR);
+        durable::create_private_dir(&license_dir, 0o700)
+            .map_err(io_error("create directory", &license_dir))?;
+        let path = license_dir.join(&request.file_name);
+        durable::write_atomic(&path, &content, 0o600).map_err(io_error("write", &path))?;
+        if let Some(old) = &setup.license
+            && old.file_name != request.file_name
+        {
+            let _ = std::fs::remove_file(license_dir.join(&old.file_name));
+        }
+        setup.license = Some(LicenseInfo {
+            file_name: request.file_name,
+            sha256: digest,
+            expires_at: request.expires_at,
+            installed_at: now,
+        });
+        Ok(())
+    })
+    .map_err(internal)
+}
+
+fn internal(err: anyhow::Error) -> Refusal {
+    tracing::error!(error = %format!("{err:#}"), "cannot store the setup");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "setup_failed",
+        format!("the agent cannot store its setup: {err:#}"),
+    )
+}
+
+/// The common shape of the three handlers: mutual TLS, parse, apply off the async threads.
+async fn handle<T: serde::de::DeserializeOwned + Send + 'static>(
+    agent: Arc<Agent>,
+    info: &TlsConnectInfo,
+    body: &[u8],
+    step: &'static str,
+    apply: fn(&Agent, T) -> Result<bool, Refusal>,
+) -> Response {
+    if let Err(response) = from_manager(&agent.lock(), info) {
+        return *response;
+    }
+    let request: T = match parse_body(body) {
+        Ok(request) => request,
+        Err(response) => return *response,
+    };
+    let worker = Arc::clone(&agent);
+    match tokio::task::spawn_blocking(move || apply(&worker, request)).await {
+        Ok(Ok(changed)) => {
+            tracing::info!(step, changed, "setup step applied");
+            axum::Json(SetupResponse { changed }).into_response()
+        }
+        Ok(Err((status, code, message))) => {
+            tracing::warn!(step, code, "setup step refused");
+            error(status, code, message)
+        }
+        Err(err) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the setup step stopped: {err}"),
+        ),
+    }
+}
+
+async fn group_handler(
+    State(agent): State<Arc<Agent>>,
+    ConnectInfo(info): ConnectInfo<TlsConnectInfo>,
+    body: Bytes,
+) -> Response {
+    handle(agent, &info, &body, "group", apply_group).await
+}
+
+async fn profile_handler(
+    State(agent): State<Arc<Agent>>,
+    ConnectInfo(info): ConnectInfo<TlsConnectInfo>,
+    body: Bytes,
+) -> Response {
+    handle(agent, &info, &body, "profile", apply_profile).await
+}
+
+async fn license_handler(
+    State(agent): State<Arc<Agent>>,
+    ConnectInfo(info): ConnectInfo<TlsConnectInfo>,
+    body: Bytes,
+) -> Response {
+    handle(agent, &info, &body, "license", apply_license).await
+}
+
+/// The setup routes of the agent API.
+pub(super) fn routes() -> Router<Arc<Agent>> {
+    Router::new()
+        .route(proto::GROUP_PATH, post(group_handler))
+        .route(proto::PROFILE_PATH, post(profile_handler))
+        .route(proto::LICENSE_PATH, post(license_handler))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_forgets_the_setup_and_the_license_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path();
+        let setup = Setup {
+            group: Some("web".into()),
+            profile: Some(Profile::default_profile()),
+            license: None,
+        };
+        save(state, &setup).unwrap();
+        std::fs::create_dir(state.join(LICENSE_DIR)).unwrap();
+        std::fs::write(state.join(LICENSE_DIR).join("site.lic"), b"x").unwrap();
+        assert_eq!(load(state).unwrap(), setup);
+        forget(state).unwrap();
+        assert_eq!(load(state).unwrap(), Setup::default());
+        assert!(!state.join(LICENSE_DIR).exists());
+        forget(state).unwrap();
+    }
+}
