@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The demo: sets up a fresh Debian machine, builds pm, and walks the mirror pipeline on loopback:
 # a lab upstream serving ClamAV's signed test databases -> pm-mirror sync -> publish -> serve ->
-# a stock freshclam updates from it -> clamscan finds the EICAR test file -> the DuckDB CLI
-# shows the history. Everything runs in a temporary directory and stops by itself.
+# a stock freshclam updates from it -> clamscan finds the EICAR test file -> pm-lab agents starts
+# three agents on 127.0.0.2-4 that pm-activate enrols in bulk -> agents install and scan ->
+# pm-poll records the fleet -> pm-query and the DuckDB CLI show status and history.
+# Everything runs in a temporary directory and stops by itself.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "${root}"
@@ -14,6 +16,8 @@ work="$(mktemp -d)"
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "${pid}" 2>/dev/null || true; done
+  # pm-lab agents stops its agents on SIGTERM; let it finish before their files go.
+  for pid in "${pids[@]}"; do wait "${pid}" 2>/dev/null || true; done
   rm -rf "${work}"
 }
 trap cleanup EXIT
@@ -84,20 +88,30 @@ printf '%s' 'X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H
 step "clamscan with the updated database"
 clamscan --no-summary -d "${work}/clamdb" "${work}/eicar.com" || true
 
-step "enrol three agents (127.0.0.2-4) with one reusable activation key over mutual TLS"
+step "three agents on 127.0.0.2-4 (pm-lab agents), enrolled in bulk with one reusable activation key over mutual TLS"
 "${bin}/pm-activate" --home "${home}" key new --reusable --ttl 1h --comment demo --out "${work}/demo.key"
-for n in 2 3 4; do
-  agent_port="$(free_port)"
-  state="${work}/agent-${n}"
-  "${bin}/pm-agent" --state "${state}" init --listen "127.0.0.${n}:${agent_port}" --engine clamav \
-    --database-dir "${work}/agent-${n}-db" --host-name "demo-${n}" --activation-key-file "${work}/demo.key" >/dev/null
-  "${bin}/pm-agent" --state "${state}" run 2>"${work}/agent-${n}.log" &
-  pids+=($!)
-  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.${n}/${agent_port}") 2>/dev/null && break; sleep 0.1; done
-  "${bin}/pm-activate" --home "${home}" host "127.0.0.${n}:${agent_port}" --key-file "${work}/demo.key" \
-    --group demo --dist-url "http://127.0.0.1:${serve_port}"
-done
+"${bin}/pm-lab" agents --count 3 --dir "${work}/agents" --port "$(free_port)" --host-prefix demo- \
+  --activation-key-file "${work}/demo.key" >"${work}/agents.txt" 2>"${work}/agents.log" &
+pids+=($!)
+# It prints the table, then says on stderr that the agents run (each waited for, at most 10 s).
+for _ in $(seq 1 400); do grep -qs 'agents running' "${work}/agents.log" && break; sleep 0.1; done
+grep -qs 'agents running' "${work}/agents.log" || { cat "${work}/agents.log" >&2; echo "pm-lab agents did not start" >&2; exit 1; }
+cat "${work}/agents.txt"
+"${bin}/pm-activate" --home "${home}" host --targets "${work}/agents/targets.txt" --key-file "${work}/demo.key" \
+  --group demo --dist-url "http://127.0.0.1:${serve_port}"
 "${bin}/pm-activate" --home "${home}" list
+
+step "two agents install dist, one scans a directory holding EICAR; pm-poll records the fleet"
+for n in 000 001; do "${bin}/pm-agent" --state "${work}/agents/agent-${n}" update >/dev/null; done
+mkdir -p "${work}/scan-me" && cp "${work}/eicar.com" "${work}/scan-me/" && echo clean > "${work}/scan-me/clean.txt"
+"${bin}/pm-agent" --state "${work}/agents/agent-000" scan "${work}/scan-me" || true
+"${bin}/pm-poll" --home "${home}"
+step "a second poll: nothing new, changed: false"
+"${bin}/pm-poll" --home "${home}" --json | python3 -c 'import json,sys; r=json.load(sys.stdin); print("changed:", r["changed"], r["summary"])'
+step "fleet status and scan alerts with pm-query"
+"${bin}/pm-query" --home "${home}" \
+  "SELECT host, grp, reachable, versions, behind_by, version_colour, scan_colour FROM fleet_status ORDER BY host"
+"${bin}/pm-query" --home "${home}" "SELECT host, path, signature, found_at FROM scan_alerts"
 
 step "the inventory, queried with the stock DuckDB CLI (read-only)"
 duckdb_cli="${PM_DUCKDB_CLI:-$(command -v duckdb || echo "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/duckdb")}"

@@ -5,7 +5,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
-apt_packages=(pkg-config libssl-dev openssl curl ca-certificates clamav clamav-freshclam)
+apt_packages=(pkg-config libssl-dev openssl curl ca-certificates clamav clamav-freshclam clamav-daemon clamdscan)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "${package}" 2>/dev/null | grep -q "install ok installed" || missing+=("${package}")
@@ -19,8 +19,13 @@ if (( ${#missing[@]} > 0 )); then
 fi
 
 # The DuckDB CLI users query the inventory with (DESIGN.md section 7), same version as libduckdb.
-if ! python3 -m pip show duckdb-cli 2>/dev/null | grep -q '^Version: 1.5.6$'; then
-  python3 -m pip install --quiet --disable-pip-version-check duckdb-cli==1.5.6
-fi
+# Python's duckdb of the same version: the tests run the README's SQL examples with it too
+# (it needs pytz to hand out TIMESTAMPTZ values).
+for package in duckdb-cli duckdb; do
+  if ! python3 -m pip show "${package}" 2>/dev/null | grep -q '^Version: 1.5.6$'; then
+    python3 -m pip install --quiet --disable-pip-version-check "${package}==1.5.6"
+  fi
+done
+python3 -m pip show pytz >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check pytz
 
 "${root}/scripts/fetch-libduckdb.sh"

@@ -1,6 +1,8 @@
 //! `pm-lab`: the test harness of DESIGN.md section 8; `pm-lab upstream` runs the fake vendor
-//! update server used by the demo, the integration tests and the benchmarks.
+//! update server used by the demo, the integration tests and the benchmarks; `pm-lab agents`
+//! runs N real agents on loopback addresses.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -9,7 +11,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "pm-lab",
     version,
-    about = "Loopback lab: a fake upstream with fault injection"
+    about = "Loopback lab: a fake upstream with fault injection, and real agents"
 )]
 struct Args {
     #[command(subcommand)]
@@ -39,14 +41,47 @@ enum Command {
         #[arg(long = "fault", value_parser = pm::lab::parse_fault)]
         faults: Vec<pm::lab::Fault>,
     },
+    /// Start N pm-agent processes on 127.0.0.2, .3, ... and write DIR/targets.txt; SIGINT or
+    /// SIGTERM stops them
+    Agents(pm::lab_agents::AgentsArgs),
+    /// Serve N simulated agents in this process, each on its own loopback address with its own
+    /// certificate, enrolled in the inventory of --home; SIGINT or SIGTERM stops them
+    Fleet(pm::lab_fleet::FleetArgs),
+    /// Time bare TLS handshakes (manager client certificate) to every active host: the
+    /// baseline of the poll benchmark
+    Handshakes(pm::lab_fleet::HandshakesArgs),
+    /// Fill a fresh inventory in --home with simulated poll history (N hosts polled every
+    /// interval for D days), checkpoint it, and print its size and the fleet views' timings
+    /// as JSON (scripts/bench-history.sh)
+    History {
+        /// PM_HOME to create; must not hold an inventory yet
+        #[arg(long)]
+        home: PathBuf,
+        /// Active hosts
+        #[arg(long, default_value_t = 10_000)]
+        hosts: usize,
+        /// Days of history, ending now
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+        /// Poll interval: 300, 300s, 5m, 1h
+        #[arg(long, default_value = "5m", value_parser = pm::inventory::parse_interval)]
+        interval: std::time::Duration,
+        /// Seed of the simulated data
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false)
         .try_init();
+    let json = matches!(&args.command, Command::Agents(agents) if agents.json)
+        || matches!(&args.command, Command::Handshakes(handshakes) if handshakes.json);
     let result = (|| -> anyhow::Result<pm::cli::ExitStatus> {
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(async {
@@ -77,8 +112,39 @@ fn main() -> std::process::ExitCode {
                         .await?;
                     Ok(pm::cli::ExitStatus::Success)
                 }
+                Command::Agents(agents) => pm::lab_agents::run(agents).await,
+                Command::Fleet(fleet) => pm::lab_fleet::run(fleet).await,
+                Command::Handshakes(handshakes) => pm::lab_fleet::handshakes(handshakes).await,
+                Command::History {
+                    home,
+                    hosts,
+                    days,
+                    interval,
+                    seed,
+                } => {
+                    if home.join(pm::inventory::INVENTORY_FILE).exists() {
+                        anyhow::bail!(
+                            "`{}` already holds an inventory: give a new --home",
+                            home.display()
+                        );
+                    }
+                    let spec = pm::inventory::HistorySpec {
+                        hosts,
+                        days,
+                        interval,
+                        seed,
+                    };
+                    let report = pm::inventory::history_benchmark(
+                        &home,
+                        &spec,
+                        std::time::Duration::from_secs(10),
+                        &mut |line| eprintln!("{line}"),
+                    )?;
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                    Ok(pm::cli::ExitStatus::Success)
+                }
             }
         })
     })();
-    pm::cli::finish(result, false)
+    pm::cli::finish(result, json)
 }

@@ -50,6 +50,7 @@ use crate::proto::{self, ErrorResponse};
 use crate::tls::{self, ClientAuth, TlsConnectInfo, TlsHandle, TlsListener, TlsServerConfig};
 
 mod install;
+mod poll;
 mod reports;
 mod scan;
 mod schedule;
@@ -264,14 +265,16 @@ pub fn run(args: Args) -> Result<ExitStatus> {
         Command::Scan(scan_args) => scan::scan_command(&state, &scan_args, args.json),
         Command::Update => {
             let config = load_config(&state)?;
-            install::print(&install::update(&state, &config)?, args.json)
+            let report =
+                schedule::record_run(&state, "local", || install::update(&state, &config))?;
+            install::print(&report, args.json)
         }
         Command::Rollback(rollback_args) => {
             let config = load_config(&state)?;
-            install::print(
-                &install::rollback(&state, &config, rollback_args.to)?,
-                args.json,
-            )
+            let report = schedule::record_run(&state, "local", || {
+                install::rollback(&state, &config, rollback_args.to)
+            })?;
+            install::print(&report, args.json)
         }
     }
 }
@@ -1162,6 +1165,7 @@ fn router(agent: Arc<Agent>) -> Router {
         .merge(scan::routes())
         .merge(schedule::routes())
         .merge(setup::routes())
+        .merge(poll::routes())
         .route(proto::UPDATE_PATH, post(install::update_handler))
         .route(proto::ROLLBACK_PATH, post(install::rollback_handler))
         .fallback(fallback)

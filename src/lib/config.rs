@@ -47,6 +47,64 @@ pub struct Config {
     pub http: HttpConfig,
     /// How agents reach this manager's `pm-mirror serve`.
     pub serve: ServeConfig,
+    /// How `pm-poll` asks agents and what the status views call stale.
+    pub poll: PollConfig,
+}
+
+/// `[poll]`: how `pm-poll` works and what `fleet_status` calls inactive or stale.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollConfig {
+    /// Agents asked at once.
+    #[serde(default = "default_poll_concurrency")]
+    pub concurrency: usize,
+    /// How long one agent may take to answer.
+    #[serde(default = "default_poll_timeout", with = "duration_text")]
+    pub timeout: Duration,
+    /// How long a whole poll may take; agents not done by then are recorded as `deadline`.
+    #[serde(default = "default_poll_deadline", with = "duration_text")]
+    pub deadline: Duration,
+    /// No successful contact for this long: the host is `inactive`.
+    #[serde(default = "default_inactive_after", with = "duration_text")]
+    pub inactive_after: Duration,
+    /// A last scan older than this makes the scan colour yellow.
+    #[serde(default = "default_scan_max_age", with = "duration_text")]
+    pub scan_max_age: Duration,
+    /// `pm-poll --prune` deletes polls older than this (versions, scans and installs stay).
+    #[serde(default = "default_keep_polls", with = "duration_text")]
+    pub keep_polls: Duration,
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        PollConfig {
+            concurrency: default_poll_concurrency(),
+            timeout: default_poll_timeout(),
+            deadline: default_poll_deadline(),
+            inactive_after: default_inactive_after(),
+            scan_max_age: default_scan_max_age(),
+            keep_polls: default_keep_polls(),
+        }
+    }
+}
+
+fn default_poll_concurrency() -> usize {
+    256
+}
+fn default_poll_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_poll_deadline() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_inactive_after() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_scan_max_age() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_keep_polls() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
 }
 
 /// `[serve]`: what agents are told about the manager's `pm-mirror serve`.
@@ -215,6 +273,8 @@ struct RawConfig {
     http: HttpConfig,
     #[serde(default)]
     serve: ServeConfig,
+    #[serde(default)]
+    poll: PollConfig,
 }
 
 /// Proxy settings; the password is read from a file so it never sits in `pm.toml`.
@@ -358,6 +418,7 @@ impl Config {
             retention: raw.retention,
             http: raw.http,
             serve: raw.serve,
+            poll: raw.poll,
         };
         config.validate(path)?;
         Ok(config)
@@ -369,6 +430,23 @@ impl Config {
             key,
             problem,
         };
+        if !(1..=10_000).contains(&self.poll.concurrency) {
+            return Err(invalid(
+                "poll.concurrency".into(),
+                format!("{} is out of range 1..=10000", self.poll.concurrency),
+            ));
+        }
+        for (key, value) in [
+            ("poll.timeout", self.poll.timeout),
+            ("poll.deadline", self.poll.deadline),
+            ("poll.inactive_after", self.poll.inactive_after),
+            ("poll.scan_max_age", self.poll.scan_max_age),
+            ("poll.keep_polls", self.poll.keep_polls),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key.into(), "must be longer than 0s".into()));
+            }
+        }
         if let Some(url) = &self.serve.url {
             check_url(url).map_err(|p| invalid("serve.url".into(), p))?;
         }

@@ -11,6 +11,20 @@ use duckdb::{AccessMode, Config, Connection, OptionalExt, params};
 use crate::manifest::{FileEntry, Manifest};
 use crate::profile::Profile;
 
+mod query;
+pub use query::{QueryError, QueryResult, QuerySink, QueryValue};
+
+mod bulk;
+
+mod poll;
+pub use poll::{FleetRow, PollCursors, PollFailure, PolledHost, RecordedPolls};
+
+mod history;
+pub use history::{
+    GeneratedHistory, HistoryReport, HistorySpec, QueryTiming, bench_host_name, history_benchmark,
+    history_queries, parse_interval,
+};
+
 /// File name of the inventory inside `PM_HOME`.
 pub const INVENTORY_FILE: &str = "inventory.duckdb";
 
@@ -30,6 +44,7 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
     ),
     (5, "hosts", include_str!("../../sql/0005_hosts.sql")),
     (6, "setup", include_str!("../../sql/0006_setup.sql")),
+    (7, "polls", include_str!("../../sql/0007_polls.sql")),
 ];
 
 /// Inventory errors.
@@ -182,6 +197,30 @@ pub struct HostRecord {
     pub license_sha256: Option<String>,
 }
 
+impl HostRecord {
+    /// An active host known by name and address only: group and profile `default`, no labels,
+    /// nothing reported yet.
+    pub fn active(host: &str, address: &str) -> HostRecord {
+        HostRecord {
+            host: host.into(),
+            address: address.into(),
+            group: "default".into(),
+            profile: crate::profile::DEFAULT_PROFILE.into(),
+            labels: "{}".into(),
+            certificate_serial: None,
+            certificate_fingerprint: None,
+            agent_version: None,
+            engine: None,
+            activated_at: None,
+            activation_key_id: None,
+            state: "active".into(),
+            deactivated_at: None,
+            setup_failed: String::new(),
+            license_sha256: None,
+        }
+    }
+}
+
 /// A registered license file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LicenseRecord {
@@ -230,6 +269,8 @@ impl Inventory {
         })?;
         let path = home.join(INVENTORY_FILE);
         let conn = open_with_retry(&path, AccessMode::ReadWrite, lock_timeout)?;
+        // Appended timestamps are UTC; DuckDB would read them in the session's time zone.
+        let _ = conn.execute_batch("SET TimeZone = 'UTC'");
         let inventory = Inventory { conn, path };
         inventory.migrate()?;
         Ok(inventory)

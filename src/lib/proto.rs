@@ -166,6 +166,65 @@ pub fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Path of the manager's poll (mutual TLS): [`PollResponse`], with the query
+/// `?scans_after=ID&updates_after=ID` so only reports the manager has not recorded come back.
+pub const POLL_PATH: &str = "/v1/poll";
+/// At most this many scan reports and this many update runs in one poll answer.
+pub const POLL_MAX_REPORTS: usize = 50;
+
+/// One installed component (database) on the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledComponent {
+    /// Component name, e.g. `daily` or `test`.
+    pub component: String,
+    /// Its version, e.g. `27430`.
+    pub version: Option<String>,
+    /// Upstream build time, when known.
+    #[serde(default)]
+    pub build_time: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// What is installed in the engine's database directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledState {
+    /// Revision of the manager's dist (`r<serial>`).
+    pub revision: Option<String>,
+    /// Its manifest serial.
+    pub serial: Option<u32>,
+    /// When it was installed.
+    pub installed_at: chrono::DateTime<chrono::Utc>,
+    /// Its components.
+    pub components: Vec<InstalledComponent>,
+    /// Revisions of the local backups, `backup:1` first.
+    pub backups: Vec<Option<String>>,
+}
+
+/// One configured schedule of the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleEntry {
+    /// `update` or `scan`.
+    pub job: String,
+    /// Cron expression (host local time).
+    pub expression: String,
+    /// Next run.
+    pub next_run: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `GET /v1/poll`: everything the manager records about a host in one answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PollResponse {
+    /// Identity, version, group, profile, license.
+    pub status: AgentStatus,
+    /// What is installed (`None`: nothing installed yet).
+    pub installed: Option<InstalledState>,
+    /// The agent's own schedule.
+    pub schedule: Vec<ScheduleEntry>,
+    /// Scan reports newer than `scans_after`, oldest first, at most [`POLL_MAX_REPORTS`].
+    pub scans: Vec<ScanReport>,
+    /// Update and rollback runs newer than `updates_after`, oldest first.
+    pub updates: Vec<UpdateRun>,
+}
+
 /// Path that makes an activated agent install the manager's dist now (mutual TLS).
 pub const UPDATE_PATH: &str = "/v1/update";
 /// Path that makes an activated agent reinstall one of its local backups (mutual TLS).
@@ -178,7 +237,7 @@ pub const UPDATES_PATH: &str = "/v1/updates";
 pub struct UpdateRun {
     /// Sortable id (start time, UTC).
     pub id: String,
-    /// What started it (`schedule`).
+    /// What started it: `schedule`, `manager` (the API) or `local` (`pm-agent update`).
     pub trigger: String,
     /// When it started.
     pub started_at: chrono::DateTime<chrono::Utc>,
@@ -359,6 +418,9 @@ pub struct ScanReport {
     pub duration_seconds: f64,
     /// Engine adapter (`clamav`, `command`).
     pub engine: String,
+    /// The program that ran: `clamscan`, `clamdscan`, or the `command` engine's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
     /// The scanned paths.
     pub paths: Vec<String>,
     /// Files the engine scanned, when it reports the number (`Scanned files: N`).

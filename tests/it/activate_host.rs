@@ -670,32 +670,7 @@ impl RealAgent {
     }
 
     fn run(&mut self) {
-        let mut child = Pm::agent(&self.state())
-            .args(["run"])
-            .command()
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-        while runtime
-            .block_on(pm::tls::fetch_server_certificate(
-                self.addr,
-                std::time::Duration::from_millis(500),
-            ))
-            .is_err()
-        {
-            assert!(child.try_wait().unwrap().is_none(), "pm-agent run exited");
-            assert!(
-                std::time::Instant::now() < deadline,
-                "pm-agent run does not answer"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        self.child = Some(child);
+        self.child = Some(crate::support::spawn_agent(&self.state(), self.addr));
     }
 
     fn stop(&mut self) {

@@ -5,15 +5,14 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pm::pki::ca::ManagerCa;
 use pm::proto;
 use pm::tls;
 use serde_json::{Value, json};
 
-use crate::support::{EICAR, Pm, testdb, write_private};
+use crate::agent::{Manager, Running, activate, call, fresh};
+use crate::support::{EICAR, Pm, free_port, runtime, testdb, write_private};
 
 /// An initialised agent with a database dir holding test.cvd version 6, and scan targets.
 struct ScanAgent {
@@ -30,12 +29,7 @@ impl ScanAgent {
         let cvd = db.join("test.cvd");
         std::fs::copy(testdb().join("test-6.cvd"), &cvd).unwrap();
         std::fs::set_permissions(&cvd, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let agent = ScanAgent { tmp, addr };
         write_private(&agent.key_file(), &format!("{}\n", key()));
         let report = Pm::agent(&agent.state())
@@ -317,130 +311,28 @@ fn only_the_last_n_reports_are_kept() {
     assert_eq!(agent.kept_reports(), newest);
 }
 
-/// A running `pm-agent run`, killed on drop.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn fresh(builder: anyhow::Result<reqwest::ClientBuilder>) -> reqwest::Client {
-    builder
-        .unwrap()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
-
-async fn call(
-    client: &reqwest::Client,
-    addr: SocketAddr,
-    path: &str,
-    body: Option<Value>,
-) -> anyhow::Result<(u16, Value)> {
-    let url = format!("https://{addr}{path}");
-    let request = match body {
-        None => client.get(url),
-        Some(body) => client
-            .post(url)
-            .header("content-type", "application/json")
-            .body(serde_json::to_vec(&body)?),
-    };
-    let response = request.send().await?;
-    let status = response.status().as_u16();
-    let bytes = response.bytes().await?;
-    Ok((
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    ))
-}
-
-/// Starts the agent, activates it as a manager would and returns a mutual-TLS client.
-async fn start_and_activate(agent: &ScanAgent, manager_home: &Path) -> (Running, reqwest::Client) {
-    let child = Pm::agent(&agent.state())
-        .args(["run"])
-        .command()
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let running = Running(child);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let cert = loop {
-        match tls::fetch_server_certificate(agent.addr, Duration::from_millis(500)).await {
-            Ok(cert) => break cert,
-            Err(err) => assert!(Instant::now() < deadline, "agent not up: {err:#}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let pin = tls::fingerprint(&cert);
-    let pinned = fresh(tls::client_builder(None, Some(&pin), None));
-    let ca = ManagerCa::load_or_create(manager_home).unwrap();
-    let identity = ca.client_identity(manager_home).unwrap();
-    let nm = proto::nonce();
-    let request = proto::ChallengeRequest {
-        manager_nonce: nm.clone(),
-        manager_ca_fingerprint: tls::fingerprint(ca.certificate()),
-    };
-    let (code, answer) = call(
-        &pinned,
-        agent.addr,
-        proto::CHALLENGE_PATH,
-        Some(serde_json::to_value(request).unwrap()),
-    )
-    .await
-    .unwrap();
+/// Starts the agent and activates it as a manager would; the manager's mutual-TLS client.
+fn start_and_activate(agent: &ScanAgent) -> (Running, Manager) {
+    let running = Running::start(&agent.state(), agent.addr);
+    let manager = Manager::new();
+    let (code, answer) = runtime().block_on(activate(agent.addr, &manager, &key()));
     assert_eq!(code, 200, "{answer}");
-    let answer: proto::ChallengeResponse = serde_json::from_value(answer).unwrap();
-    let issued = ca
-        .sign_agent_csr(answer.csr_pem.as_bytes(), "127.0.0.1")
-        .unwrap();
-    let manifest_key = openssl::pkey::PKey::generate_ed25519().unwrap();
-    let request = proto::ActivateRequest {
-        agent_nonce: answer.agent_nonce.clone(),
-        manager_proof: proto::manager_proof(&key(), &pin, &answer.agent_nonce, &nm),
-        ca_pem: String::from_utf8(ca.certificate_pem().unwrap()).unwrap(),
-        agent_certificate_pem: String::from_utf8(issued.to_pem().unwrap()).unwrap(),
-        manifest_key_pem: String::from_utf8(manifest_key.public_key_to_pem().unwrap()).unwrap(),
-        dist_url: "http://127.0.0.1:8080/".into(),
-        host_name: "127.0.0.1".into(),
-    };
-    let (code, answer) = call(
-        &pinned,
-        agent.addr,
-        proto::ACTIVATE_PATH,
-        Some(serde_json::to_value(request).unwrap()),
-    )
-    .await
-    .unwrap();
-    assert_eq!(code, 200, "{answer}");
-    let client = fresh(tls::client_builder(
-        Some(ca.certificate()),
-        None,
-        Some((&identity.0, &identity.1)),
-    ));
-    (running, client)
+    (running, manager)
 }
 
 #[test]
 fn the_manager_scans_over_mutual_tls_and_lists_the_reports() {
     let agent = ScanAgent::init("clamav");
     let dir = eicar_dir(&agent);
-    let manager = tempfile::tempdir().unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let (_running, client) = start_and_activate(&agent, manager.path()).await;
+    let (_running, manager) = start_and_activate(&agent);
+    let client = manager.client();
+    runtime().block_on(async {
         {
             let path = dir.display().to_string();
             let (code, report) = call(
                 &client,
                 agent.addr,
+                false,
                 proto::SCAN_PATH,
                 Some(json!({ "paths": [path] })),
             )
@@ -463,6 +355,7 @@ fn the_manager_scans_over_mutual_tls_and_lists_the_reports() {
                 let (code, answer) = call(
                     &client,
                     agent.addr,
+                    false,
                     proto::SCAN_PATH,
                     Some(json!({ "paths": paths })),
                 )
@@ -477,6 +370,7 @@ fn the_manager_scans_over_mutual_tls_and_lists_the_reports() {
             let (code, second) = call(
                 &client,
                 agent.addr,
+                false,
                 proto::SCAN_PATH,
                 Some(json!({ "paths": [clean.display().to_string()] })),
             )
@@ -484,7 +378,7 @@ fn the_manager_scans_over_mutual_tls_and_lists_the_reports() {
             .unwrap();
             assert_eq!(code, 200, "{second}");
             assert_eq!(second["result"], "clean");
-            let (code, list) = call(&client, agent.addr, proto::SCANS_PATH, None)
+            let (code, list) = call(&client, agent.addr, true, proto::SCANS_PATH, None)
                 .await
                 .unwrap();
             assert_eq!(code, 200, "{list}");
@@ -507,6 +401,7 @@ fn the_manager_scans_over_mutual_tls_and_lists_the_reports() {
             let refused = call(
                 &anonymous,
                 agent.addr,
+                false,
                 proto::SCAN_PATH,
                 Some(json!({ "paths": [path] })),
             )
@@ -525,40 +420,25 @@ fn the_manager_scans_over_mutual_tls_and_lists_the_reports() {
 fn an_agent_that_is_not_activated_refuses_scans() {
     let agent = ScanAgent::init("clamav");
     let dir = eicar_dir(&agent);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let _running = Running(
-            Pm::agent(&agent.state())
-                .args(["run"])
-                .command()
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let cert = loop {
-            match tls::fetch_server_certificate(agent.addr, Duration::from_millis(500)).await {
-                Ok(cert) => break cert,
-                Err(err) => assert!(Instant::now() < deadline, "agent not up: {err:#}"),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+    let _running = Running::start(&agent.state(), agent.addr);
+    runtime().block_on(async {
+        let cert = tls::fetch_server_certificate(agent.addr, Duration::from_secs(5))
+            .await
+            .unwrap();
         let client = fresh(tls::client_builder(
             None,
             Some(&tls::fingerprint(&cert)),
             None,
         ));
-        for (path, body) in [
+        for (get, path, body) in [
             (
+                false,
                 proto::SCAN_PATH,
                 Some(json!({ "paths": [dir.display().to_string()] })),
             ),
-            (proto::SCANS_PATH, None),
+            (true, proto::SCANS_PATH, None),
         ] {
-            let (code, answer) = call(&client, agent.addr, path, body).await.unwrap();
+            let (code, answer) = call(&client, agent.addr, get, path, body).await.unwrap();
             assert_eq!(code, 403, "{answer}");
             assert_eq!(answer["code"], "not_activated");
         }
@@ -570,16 +450,13 @@ fn an_agent_that_is_not_activated_refuses_scans() {
 fn a_command_engine_without_scan_command_answers_conflict() {
     let agent = ScanAgent::init("command");
     let dir = agent.dir("target", &[("x.bin", "x")]);
-    let manager = tempfile::tempdir().unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let (_running, client) = start_and_activate(&agent, manager.path()).await;
+    let (_running, manager) = start_and_activate(&agent);
+    let client = manager.client();
+    runtime().block_on(async {
         let (code, answer) = call(
             &client,
             agent.addr,
+            false,
             proto::SCAN_PATH,
             Some(json!({ "paths": [dir.display().to_string()] })),
         )

@@ -1,30 +1,11 @@
 //! The inventory as users meet it: the stock DuckDB CLI reads it read-only, and a writer that
 //! finds it locked waits, then fails clearly and changes nothing.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{Home, Lab, Pm, manifest, synced_at_3_with_6_upstream};
-
-/// The DuckDB CLI (PyPI `duckdb-cli`), or `$PM_DUCKDB_CLI`.
-fn duckdb_cli() -> String {
-    std::env::var("PM_DUCKDB_CLI").unwrap_or_else(|_| "duckdb".into())
-}
-
-fn duckdb(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(duckdb_cli())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("the duckdb CLI runs: pip install duckdb-cli==1.5.6");
-    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-    (
-        output.status.code().unwrap_or(-1),
-        text(&output.stdout),
-        text(&output.stderr),
-    )
-}
+use crate::support::{
+    Home, Lab, Pm, duckdb, hold_read_write, manifest, synced_at_3_with_6_upstream,
+};
 
 #[test]
 fn the_duckdb_cli_reads_mirror_syncs_read_only() {
@@ -82,16 +63,7 @@ fn a_locked_inventory_makes_sync_wait_then_fail_clearly_having_changed_nothing()
 
     // An interactive DuckDB CLI session holds the file open read-write until its stdin closes.
     let file = home.path().join("inventory.duckdb");
-    let mut session = Command::new(duckdb_cli())
-        .arg(&file)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = session.stdin.take().unwrap();
-    writeln!(stdin, "SELECT 1;").unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let (mut session, stdin) = hold_read_write(&file);
 
     let started = Instant::now();
     let run = Pm::mirror(&home)

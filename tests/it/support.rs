@@ -15,6 +15,8 @@ pub fn bin(name: &str) -> &'static str {
         "pm-lab" => env!("CARGO_BIN_EXE_pm-lab"),
         "pm-activate" => env!("CARGO_BIN_EXE_pm-activate"),
         "pm-agent" => env!("CARGO_BIN_EXE_pm-agent"),
+        "pm-poll" => env!("CARGO_BIN_EXE_pm-poll"),
+        "pm-query" => env!("CARGO_BIN_EXE_pm-query"),
         other => panic!("unknown binary {other}"),
     }
 }
@@ -178,6 +180,13 @@ impl Pm {
             .arg("--state")
             .arg(state_dir)
             .env_remove("PM_AGENT_STATE");
+        pm
+    }
+
+    /// `pm-poll --home HOME`.
+    pub fn poll(home: &Home) -> Pm {
+        let mut pm = Pm::new("pm-poll");
+        pm.command.arg("--home").arg(home.path());
         pm
     }
 
@@ -426,12 +435,7 @@ impl AgentSetup {
             .args(["key", "new", "--out"])
             .args([&key_file])
             .json();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut setup = AgentSetup {
             lab,
             home,
@@ -460,29 +464,40 @@ impl AgentSetup {
     }
 
     pub fn run_agent(&mut self) {
-        let mut child = Pm::agent(&self.state())
-            .args(["run"])
-            .command()
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let runtime = runtime();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-        while runtime
-            .block_on(pm::tls::fetch_server_certificate(
-                self.addr,
-                std::time::Duration::from_millis(500),
-            ))
-            .is_err()
-        {
-            assert!(child.try_wait().unwrap().is_none(), "pm-agent run exited");
-            assert!(
-                std::time::Instant::now() < deadline,
-                "pm-agent run does not answer"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        self.agent = Some(child);
+        self.agent = Some(spawn_agent(&self.state(), self.addr));
+    }
+
+    /// Another agent on a free loopback port, initialised with a fresh key and activated by
+    /// the same manager (`host_flags`: extra `pm-activate host` flags).
+    pub fn add_agent(&self, host_name: &str, host_flags: &[&str]) -> ExtraAgent {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("activation.key");
+        Pm::activate(&self.home)
+            .args(["key", "new", "--out"])
+            .args([&key_file])
+            .json();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut agent = ExtraAgent {
+            dir,
+            addr,
+            child: None,
+        };
+        Pm::agent(&agent.state())
+            .args(["init", "--listen", &addr.to_string(), "--engine", "clamav"])
+            .args(["--host-name", host_name, "--database-dir"])
+            .args([agent.db()])
+            .args(["--activation-key-file"])
+            .args([&key_file])
+            .json();
+        agent.start();
+        let run = Pm::activate(&self.home)
+            .args(["host", &addr.to_string(), "--key-file"])
+            .args([&key_file])
+            .args(["--dist-url", &self.server.base, "--json"])
+            .args(host_flags)
+            .run();
+        assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+        agent
     }
 
     pub fn state(&self) -> PathBuf {
@@ -563,6 +578,76 @@ impl AgentSetup {
     }
 }
 
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `pm-agent run` and waits until it answers TLS.
+pub fn spawn_agent(state: &Path, addr: SocketAddr) -> std::process::Child {
+    let mut child = Pm::agent(state)
+        .args(["run"])
+        .command()
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let runtime = runtime();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while runtime
+        .block_on(pm::tls::fetch_server_certificate(
+            addr,
+            std::time::Duration::from_millis(500),
+        ))
+        .is_err()
+    {
+        assert!(child.try_wait().unwrap().is_none(), "pm-agent run exited");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pm-agent run does not answer"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child
+}
+
+/// A second (third, ...) agent of an [`AgentSetup`] manager.
+pub struct ExtraAgent {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub child: Option<std::process::Child>,
+}
+
+impl ExtraAgent {
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.dir.path().join("db")
+    }
+
+    pub fn start(&mut self) {
+        self.child = Some(spawn_agent(&self.state(), self.addr));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ExtraAgent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 impl Drop for AgentSetup {
     fn drop(&mut self) {
         if let Some(mut child) = self.agent.take() {
@@ -577,4 +662,55 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// The DuckDB CLI (PyPI `duckdb-cli`), or `$PM_DUCKDB_CLI`.
+pub fn duckdb_cli() -> String {
+    std::env::var("PM_DUCKDB_CLI").unwrap_or_else(|_| "duckdb".into())
+}
+
+pub fn duckdb(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(duckdb_cli())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the duckdb CLI runs: pip install duckdb-cli==1.5.6");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (
+        output.status.code().unwrap_or(-1),
+        text(&output.stdout),
+        text(&output.stderr),
+    )
+}
+
+/// Rows of a read-only query through the DuckDB CLI, as CSV lines without the header.
+pub fn sql(home: &Home, query: &str) -> Vec<String> {
+    let file = home.path().join("inventory.duckdb");
+    let (code, out, err) = duckdb(&[
+        "-readonly",
+        "-csv",
+        "-noheader",
+        file.to_str().unwrap(),
+        "-c",
+        query,
+    ]);
+    assert_eq!(code, 0, "{query}: {err}");
+    out.lines().map(str::to_string).collect()
+}
+
+/// An interactive DuckDB CLI session that holds `file` open read-write until its stdin (the
+/// second value) is dropped.
+pub fn hold_read_write(file: &Path) -> (Child, std::process::ChildStdin) {
+    use std::io::Write;
+    let mut session = Command::new(duckdb_cli())
+        .arg(file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = session.stdin.take().unwrap();
+    writeln!(stdin, "SELECT 1;").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    (session, stdin)
 }

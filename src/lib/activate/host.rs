@@ -918,21 +918,9 @@ fn reapply(
         .or_else(|| status.as_ref().ok().map(|s| s.host_name.clone()))
         .unwrap_or_else(|| address.to_string());
     let mut host = known.cloned().unwrap_or_else(|| HostRecord {
-        host: host_name.clone(),
-        address: address.to_string(),
-        group: "default".into(),
-        profile: "default".into(),
-        labels: "{}".into(),
         certificate_serial: Some(serial.clone()),
         certificate_fingerprint: Some(fingerprint.clone()),
-        agent_version: None,
-        engine: None,
-        activated_at: None,
-        activation_key_id: None,
-        state: "active".into(),
-        deactivated_at: None,
-        setup_failed: String::new(),
-        license_sha256: None,
+        ..HostRecord::active(&host_name, address)
     });
     let before = host.clone();
     host.host = host_name.clone();

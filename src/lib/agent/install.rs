@@ -74,6 +74,12 @@ pub struct SetFile {
     pub size: u64,
     /// Database version.
     pub version: Option<String>,
+    /// Component it carries (from the manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
+    /// Upstream build time (from the manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_time: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// An installed set (the current one or a backup in `installed.json`).
@@ -257,6 +263,8 @@ fn engine_files(engine: Engine, manifest: &Manifest) -> Result<Vec<(SetFile, Str
                     sha256: entry.sha256.clone(),
                     size: entry.size,
                     version: entry.version.clone(),
+                    component: Some(entry.component.clone()),
+                    build_time: entry.build_time,
                 },
                 entry.path.clone(),
             ));
@@ -509,23 +517,48 @@ fn changes(previous: Option<&InstalledSet>, set: &InstalledSet) -> Vec<Installed
     out
 }
 
+/// Sends clamd one command (`zPING`, `zRELOAD`, ...) on its local socket and returns its answer,
+/// every step bounded by `timeout`.
+pub(super) fn clamd_command(
+    socket: &Path,
+    command: &str,
+    timeout: Duration,
+) -> std::io::Result<String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(format!("z{command}\0").as_bytes())?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    Ok(String::from_utf8_lossy(&answer)
+        .trim_end_matches(['\0', '\n'])
+        .to_string())
+}
+
+/// A one-connection stand-in for clamd on `socket`: reads a command of `command_len` bytes,
+/// answers `answer`, and gives the command it read.
+#[cfg(test)]
+pub(super) fn fake_clamd(
+    socket: &Path,
+    command_len: usize,
+    answer: &'static [u8],
+) -> std::thread::JoinHandle<Vec<u8>> {
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut command = vec![0u8; command_len];
+        stream.read_exact(&mut command).unwrap();
+        stream.write_all(answer).unwrap();
+        command
+    })
+}
+
 /// Tells clamd to reload its databases (`zRELOAD`), when the configuration names its socket.
 fn reload_engine(config: &AgentConfig) -> Result<bool> {
     let Some(socket) = &config.clamd_socket else {
         return Ok(false);
     };
-    let talk = || -> std::io::Result<String> {
-        let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-        stream.write_all(b"zRELOAD\0")?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer)?;
-        Ok(String::from_utf8_lossy(&answer)
-            .trim_end_matches(['\0', '\n'])
-            .to_string())
-    };
-    match talk() {
+    match clamd_command(socket, "RELOAD", Duration::from_secs(30)) {
         Ok(answer) if answer.contains("RELOADING") => Ok(true),
         Ok(answer) => Err(UserError::failure(format!(
             "the databases are installed, but clamd at `{}` answered `{answer}` to RELOAD",
@@ -692,6 +725,31 @@ pub fn rollback(dir: &Path, config: &AgentConfig, n: usize) -> Result<InstallRep
 }
 
 /// The installed revision and the revisions of the backups (`backup:1` first), for `status`.
+/// What is installed, for the manager's poll.
+pub(super) fn installed_state(dir: &Path) -> Result<Option<proto::InstalledState>> {
+    let (installed, backups) = load_sets(dir)?;
+    Ok(installed.map(|set| proto::InstalledState {
+        revision: set.revision,
+        serial: set.serial,
+        installed_at: set.installed_at,
+        components: set
+            .files
+            .iter()
+            .map(|file| proto::InstalledComponent {
+                component: file.component.clone().unwrap_or_else(|| {
+                    // Sets installed before components were recorded: `daily.cvd` -> `daily`.
+                    file.name
+                        .rsplit_once('.')
+                        .map_or(file.name.clone(), |(stem, _)| stem.to_string())
+                }),
+                version: file.version.clone(),
+                build_time: file.build_time,
+            })
+            .collect(),
+        backups: backups.into_iter().map(|set| set.revision).collect(),
+    }))
+}
+
 pub(super) fn revisions(dir: &Path) -> Result<(Option<String>, Vec<Option<String>>)> {
     let (installed, backups) = load_sets(dir)?;
     Ok((
@@ -740,7 +798,10 @@ async fn run_blocking(
     agent: Arc<Agent>,
     work: impl FnOnce(&Path, &AgentConfig) -> Result<InstallReport> + Send + 'static,
 ) -> Response {
-    let joined = tokio::task::spawn_blocking(move || work(&agent.dir, &agent.config)).await;
+    let joined = tokio::task::spawn_blocking(move || {
+        super::schedule::record_run(&agent.dir, "manager", || work(&agent.dir, &agent.config))
+    })
+    .await;
     match joined {
         Ok(Ok(report)) => axum::Json(report).into_response(),
         Ok(Err(err)) => {
@@ -819,6 +880,8 @@ mod tests {
                 sha256: sha.into(),
                 size: 1,
                 version: Some(revision.into()),
+                component: None,
+                build_time: None,
             }],
         }
     }
@@ -838,14 +901,7 @@ mod tests {
         assert!(!reload_engine(&config(None)).unwrap());
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("clamd.sock");
-        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut command = [0u8; 8];
-            stream.read_exact(&mut command).unwrap();
-            stream.write_all(b"RELOADING\0").unwrap();
-            command
-        });
+        let server = fake_clamd(&socket, 8, b"RELOADING\0");
         assert!(reload_engine(&config(Some(socket.clone()))).unwrap());
         assert_eq!(&server.join().unwrap(), b"zRELOAD\0");
         // No clamd on the socket: the error says the databases are installed and what to do.
@@ -890,6 +946,8 @@ mod tests {
                 sha256: sha,
                 size: bytes.len() as u64,
                 version: None,
+                component: None,
+                build_time: None,
             }],
             ..set("r1", "x")
         };

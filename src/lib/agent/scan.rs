@@ -3,7 +3,14 @@
 //!
 //! Adapters (the `engine` of `agent.toml`):
 //!
-//! - `clamav` runs the real `clamscan -r --infected --database=<database_dir> -- PATH...`.
+//! - `clamav` runs the real `clamscan -r --infected --database=<database_dir> -- PATH...`, or,
+//!   when `clamd_socket` is set in `agent.toml`, the real
+//!   `clamdscan --config-file=<state>/clamdscan.conf --fdpass --infected -- PATH...` through the
+//!   running clamd (its databases are already loaded, and `--fdpass` lets it read files it has no
+//!   permission for). `clamdscan.conf` is written by the agent and holds only `LocalSocket`.
+//!   clamscan still runs when the active profile has form keys (clamdscan takes no per-scan
+//!   options: they are `clamd.conf` settings) or when clamd does not answer `PING` on the socket
+//!   (a warning, not a failure); each case says so in a log line.
 //! - `command` runs `scan_command` from `agent.toml` (an argv list, e.g.
 //!   `scan_command = ["/opt/engine/bin/scan", "--recursive"]`) with the paths appended as separate
 //!   arguments.
@@ -11,7 +18,8 @@
 //! Both are read the same way: exit status 0 = clean, 1 = something found, anything else (or a
 //! signal) = error, with the engine's stderr as the error text. Each stdout line of the form
 //! `PATH: SIGNATURE FOUND` is a finding; a `Scanned files: N` line gives the number of files
-//! scanned (clamscan's summary; a `command` engine may print one too).
+//! scanned (clamscan's summary; a `command` engine may print one too; clamdscan prints none, so
+//! its reports have no count).
 //!
 //! No shell is ever involved: the engine argv comes from the agent's own configuration, and each
 //! path is one separate argument. Paths are made absolute (the CLI) or must be absolute (the
@@ -28,7 +36,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use axum::Router;
@@ -49,6 +57,11 @@ use crate::tls::TlsConnectInfo;
 pub const SCANS_DIR: &str = "scans";
 /// How many scan reports are kept when `scan_reports_keep` is absent.
 pub const DEFAULT_REPORTS_KEEP: usize = 20;
+/// The agent's own `clamdscan` configuration in the state directory: only `LocalSocket`, so the
+/// host's `/etc/clamav/clamd.conf` never decides where scans go.
+pub const CLAMDSCAN_CONF: &str = "clamdscan.conf";
+/// How long clamd may take to answer `PING` before a scan falls back to clamscan.
+const CLAMD_PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// A `scan_command` argument that stands for the path of the active profile's `profile.conf`.
 pub const PROFILE_PLACEHOLDER: &str = "{profile}";
 /// At most this many paths in one API request.
@@ -67,13 +80,26 @@ pub struct ScanArgs {
     pub paths: Vec<PathBuf>,
 }
 
-/// The engine argv before the paths, with the active profile applied: `clamav` gets the form
-/// keys as `clamscan` options; `command` gets the path of `profile.conf` wherever its
-/// `scan_command` has an argument `{profile}`.
+/// The engine argv before the paths, with the active profile applied: `clamav` runs clamdscan
+/// when clamd can take the scan (see [`clamd_takes`]), else clamscan with the form keys as
+/// options; `command` gets the path of `profile.conf` wherever its `scan_command` has an
+/// argument `{profile}`.
 fn engine_argv(dir: &Path, config: &AgentConfig) -> Result<Vec<OsString>> {
     let profile = super::setup::load(dir)?.profile;
     match config.engine {
         Engine::Clamav => {
+            let options = match &profile {
+                Some(Profile {
+                    body: ProfileBody::Form { options },
+                    ..
+                }) => options.clamscan_args(),
+                _ => Vec::new(),
+            };
+            if let Some(socket) = &config.clamd_socket
+                && clamd_takes(socket, &options)
+            {
+                return clamdscan_argv(dir, socket);
+            }
             let mut database = OsString::from("--database=");
             database.push(config.database_dir.as_os_str());
             let mut argv: Vec<OsString> = vec![
@@ -82,13 +108,7 @@ fn engine_argv(dir: &Path, config: &AgentConfig) -> Result<Vec<OsString>> {
                 "--infected".into(),
                 database,
             ];
-            if let Some(Profile {
-                body: ProfileBody::Form { options },
-                ..
-            }) = &profile
-            {
-                argv.extend(options.clamscan_args().into_iter().map(OsString::from));
-            }
+            argv.extend(options.into_iter().map(OsString::from));
             argv.push("--".into());
             Ok(argv)
         }
@@ -116,6 +136,59 @@ fn engine_argv(dir: &Path, config: &AgentConfig) -> Result<Vec<OsString>> {
             .into()),
         },
     }
+}
+
+/// Whether a scan goes through clamd on `socket`: the profile has no clamscan options (clamdscan
+/// cannot take them per scan), the socket path fits on a `clamdscan.conf` line, and clamd
+/// answers `PING`. Each "no" is logged with its reason; the scan then runs clamscan.
+fn clamd_takes(socket: &Path, profile_options: &[String]) -> bool {
+    let socket_text = socket.display();
+    if !profile_options.is_empty() {
+        tracing::info!(
+            socket = %socket_text,
+            options = ?profile_options,
+            "the active profile has scan options that clamdscan cannot take per scan (they are \
+             clamd.conf settings); scanning with clamscan"
+        );
+        return false;
+    }
+    if socket
+        .to_str()
+        .is_none_or(|text| text.contains(['\n', '\r']))
+    {
+        tracing::warn!(socket = %socket_text, "`clamd_socket` cannot be written into clamdscan.conf; scanning with clamscan");
+        return false;
+    }
+    match super::install::clamd_command(socket, "PING", CLAMD_PING_TIMEOUT) {
+        Ok(answer) if answer == "PONG" => true,
+        Ok(answer) => {
+            tracing::warn!(socket = %socket_text, answer, "clamd answered PING oddly; scanning with clamscan");
+            false
+        }
+        Err(err) => {
+            tracing::warn!(socket = %socket_text, error = %err, "clamd does not answer on its socket; scanning with clamscan");
+            false
+        }
+    }
+}
+
+/// clamdscan's argv before the paths, after writing `clamdscan.conf` when it changed.
+fn clamdscan_argv(dir: &Path, socket: &Path) -> Result<Vec<OsString>> {
+    let conf = dir.join(CLAMDSCAN_CONF);
+    let text = format!("LocalSocket {}\n", socket.display());
+    if std::fs::read(&conf).ok().as_deref() != Some(text.as_bytes()) {
+        crate::durable::write_atomic(&conf, text.as_bytes(), 0o644)
+            .map_err(io_error("write", &conf))?;
+    }
+    let mut config_file = OsString::from("--config-file=");
+    config_file.push(conf.as_os_str());
+    Ok(vec![
+        "clamdscan".into(),
+        config_file,
+        "--fdpass".into(),
+        "--infected".into(),
+        "--".into(),
+    ])
 }
 
 /// `PATH: SIGNATURE FOUND` lines and the `Scanned files: N` summary line.
@@ -210,6 +283,7 @@ fn run_engine(engine: Engine, argv: &[OsString], paths: &[PathBuf]) -> ScanRepor
         finished_at,
         duration_seconds,
         engine: engine.as_str().to_string(),
+        program: Some(program),
         paths: paths
             .iter()
             .map(|p| p.to_string_lossy().into_owned())
@@ -246,6 +320,7 @@ pub(super) fn scan(dir: &Path, config: &AgentConfig, paths: &[PathBuf]) -> Resul
     )?;
     tracing::info!(
         id = %report.id,
+        program = report.program.as_deref().unwrap_or("?"),
         result = report.result.as_str(),
         findings = report.findings.len(),
         files_scanned = ?report.files_scanned,
@@ -270,6 +345,7 @@ pub(super) fn scan_command(dir: &Path, args: &ScanArgs, json: bool) -> Result<Ex
         .map(|path| std::path::absolute(path).map_err(io_error("resolve", path)))
         .collect::<Result<Vec<_>>>()?;
     let report = scan(dir, &config, &paths)?;
+    let program = report.program.as_deref().unwrap_or("?");
     if json {
         crate::cli::print_json(&CliReport {
             changed: false,
@@ -285,7 +361,7 @@ pub(super) fn scan_command(dir: &Path, args: &ScanArgs, json: bool) -> Result<Ex
             text.push_str(&format!("{table}\n"));
         }
         text.push_str(&format!(
-            "{}: {} finding(s), {} file(s) scanned in {:.2} s by {} (report {})",
+            "{}: {} finding(s), {} file(s) scanned in {:.2} s by {} ({program}, report {})",
             report.result.as_str(),
             report.findings.len(),
             report
@@ -421,6 +497,22 @@ mod tests {
         assert_eq!(parse_output("FOUND\n: FOUND\n"), (Vec::new(), None));
     }
 
+    /// Writes a `setup.json` whose profile has the form keys `options`.
+    fn set_up_profile(dir: &Path, options: crate::profile::ScanOptions) {
+        let setup = super::super::setup::Setup {
+            profile: Some(Profile {
+                name: "quick".into(),
+                body: ProfileBody::Form { options },
+            }),
+            ..Default::default()
+        };
+        std::fs::write(
+            dir.join(super::super::setup::SETUP_FILE),
+            serde_json::to_vec(&setup).unwrap(),
+        )
+        .unwrap();
+    }
+
     #[test]
     fn the_active_profile_becomes_engine_arguments() {
         let dir = tempfile::tempdir().unwrap();
@@ -438,23 +530,13 @@ mod tests {
             clamd_socket: None,
             schedule: None,
         };
-        let setup = super::super::setup::Setup {
-            profile: Some(Profile {
-                name: "quick".into(),
-                body: ProfileBody::Form {
-                    options: crate::profile::ScanOptions {
-                        exclude_dir: vec!["^/proc".into()],
-                        ..Default::default()
-                    },
-                },
-            }),
-            ..Default::default()
-        };
-        std::fs::write(
-            dir.path().join(super::super::setup::SETUP_FILE),
-            serde_json::to_vec(&setup).unwrap(),
-        )
-        .unwrap();
+        set_up_profile(
+            dir.path(),
+            crate::profile::ScanOptions {
+                exclude_dir: vec!["^/proc".into()],
+                ..Default::default()
+            },
+        );
         let conf = dir.path().join("profile.conf").into_os_string();
         assert_eq!(
             engine_argv(dir.path(), &config).unwrap(),
@@ -465,6 +547,54 @@ mod tests {
         assert_eq!(
             argv[4..],
             [OsString::from("--exclude-dir=^/proc"), "--".into()]
+        );
+    }
+
+    #[test]
+    fn clamd_scans_only_when_it_answers_and_the_profile_has_no_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("clamd.sock");
+        let clamd = super::super::install::fake_clamd(&socket, 6, b"PONG\0");
+        let mut config: AgentConfig = toml::from_str(
+            "listen = \"127.0.0.1:7505\"\nengine = \"clamav\"\n\
+             database_dir = \"/db\"\nhost_name = \"h\"\n",
+        )
+        .unwrap();
+        config.clamd_socket = Some(socket.clone());
+        let conf = dir.path().join(CLAMDSCAN_CONF);
+        let mut config_file = OsString::from("--config-file=");
+        config_file.push(&conf);
+        assert_eq!(
+            engine_argv(dir.path(), &config).unwrap(),
+            [
+                OsString::from("clamdscan"),
+                config_file,
+                "--fdpass".into(),
+                "--infected".into(),
+                "--".into()
+            ]
+        );
+        assert_eq!(&clamd.join().unwrap(), b"zPING\0");
+        assert_eq!(
+            std::fs::read_to_string(&conf).unwrap(),
+            format!("LocalSocket {}\n", socket.display())
+        );
+        // Nobody answers on the socket any more: clamscan.
+        let argv = engine_argv(dir.path(), &config).unwrap();
+        assert_eq!(argv[0], "clamscan");
+        // Profile options are clamd.conf settings for clamd: clamscan, without asking clamd.
+        set_up_profile(
+            dir.path(),
+            crate::profile::ScanOptions {
+                exclude: vec!["\\.log$".into()],
+                ..Default::default()
+            },
+        );
+        let argv = engine_argv(dir.path(), &config).unwrap();
+        assert_eq!(argv[0], "clamscan");
+        assert!(
+            argv.contains(&OsString::from("--exclude=\\.log$")),
+            "{argv:?}"
         );
     }
 

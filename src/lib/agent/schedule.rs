@@ -180,20 +180,9 @@ async fn run_once(agent: &Arc<Agent>, job: Job) {
     let joined = tokio::task::spawn_blocking(move || -> Result<String> {
         match job {
             Job::Update => {
-                let started_at = chrono::Utc::now();
-                let result = install::update(&worker.dir, &worker.config);
-                let run = UpdateRun {
-                    id: started_at.format("%Y%m%dT%H%M%S%.6fZ").to_string(),
-                    trigger: "schedule".into(),
-                    started_at,
-                    finished_at: chrono::Utc::now(),
-                    report: result.as_ref().ok().cloned(),
-                    error: result.as_ref().err().map(|err| format!("{err:#}")),
-                };
-                if let Err(err) = store_update(&worker.dir, &run) {
-                    tracing::error!(error = %format!("{err:#}"), "cannot keep the update report");
-                }
-                let report = result?;
+                let report = record_run(&worker.dir, "schedule", || {
+                    install::update(&worker.dir, &worker.config)
+                })?;
                 Ok(format!(
                     "revision {}, changed: {}",
                     report.revision.as_deref().unwrap_or("-"),
@@ -230,13 +219,40 @@ async fn run_once(agent: &Arc<Agent>, job: Job) {
     }
 }
 
+/// Runs an install (update or rollback) and keeps its run report in `updates/` whatever the
+/// outcome, so the manager's poll sees every install, whoever started it.
+pub(super) fn record_run(
+    dir: &Path,
+    trigger: &str,
+    install: impl FnOnce() -> Result<proto::InstallReport>,
+) -> Result<proto::InstallReport> {
+    let started_at = chrono::Utc::now();
+    let result = install();
+    let run = UpdateRun {
+        id: format!(
+            "{}-{}",
+            started_at.format("%Y%m%dT%H%M%S%.6fZ"),
+            &proto::nonce()[..8]
+        ),
+        trigger: trigger.into(),
+        started_at,
+        finished_at: chrono::Utc::now(),
+        report: result.as_ref().ok().cloned(),
+        error: result.as_ref().err().map(|err| format!("{err:#}")),
+    };
+    if let Err(err) = store_update(dir, &run) {
+        tracing::error!(error = %format!("{err:#}"), "cannot keep the update report");
+    }
+    result
+}
+
 /// Stores an update run and removes the oldest beyond [`UPDATES_KEEP`].
 fn store_update(dir: &Path, run: &UpdateRun) -> Result<()> {
     super::reports::store(&dir.join(UPDATES_DIR), &run.id, run, UPDATES_KEEP)
 }
 
 /// The kept update runs, newest first.
-fn list_updates(dir: &Path) -> Result<Vec<UpdateRun>> {
+pub(super) fn list_updates(dir: &Path) -> Result<Vec<UpdateRun>> {
     super::reports::list(&dir.join(UPDATES_DIR))
 }
 

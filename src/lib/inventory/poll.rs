@@ -1,0 +1,753 @@
+//! Recording polls (`pm-poll`): one short write of everything the network part collected.
+//!
+//! Current state is replaced per polled host (`host_state`, `installed_components`); history is
+//! appended only for what is new: a `polls` row per host, a `component_versions` row per
+//! component whose version changed, scan reports and install runs newer than the host's cursor
+//! (read again inside the transaction, so two polls racing never record a report twice).
+//! Rows go in through DuckDB's Appender.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use duckdb::params;
+use duckdb::types::{TimeUnit, Value};
+
+use super::{Inventory, InventoryError, from_epoch};
+use crate::proto::{PollResponse, ScanResult};
+
+/// Why a host could not be polled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollFailure {
+    /// `timeout`, `unreachable`, `tls`, `refused`, `bad_response`, `deadline`.
+    pub kind: String,
+    /// What happened, for people.
+    pub message: String,
+}
+
+/// One host's poll, as the network part saw it.
+#[derive(Debug, Clone)]
+pub struct PolledHost {
+    /// Host name in the inventory.
+    pub host: String,
+    /// When the request started.
+    pub polled_at: DateTime<Utc>,
+    /// Round trip, when there was an answer.
+    pub latency_ms: Option<f64>,
+    /// The agent's answer or why there is none.
+    pub answer: Result<PollResponse, PollFailure>,
+}
+
+/// The newest report ids recorded for a host: the agent only sends newer ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PollCursors {
+    /// Newest scan report id recorded.
+    pub scans_after: Option<String>,
+    /// Newest install run id recorded.
+    pub updates_after: Option<String>,
+}
+
+/// What a recorded poll added.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordedPolls {
+    /// Hosts whose versions, reachability, or reports changed.
+    pub changed_hosts: Vec<String>,
+    /// `component_versions` rows added.
+    pub version_changes: usize,
+    /// Scan reports added.
+    pub scans: usize,
+    /// Findings added.
+    pub findings: usize,
+    /// Install runs added.
+    pub update_runs: usize,
+}
+
+/// One row of `fleet_status`, as `pm-poll` prints it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FleetRow {
+    pub host: String,
+    pub grp: String,
+    pub address: String,
+    pub reachable: bool,
+    pub inactive: bool,
+    pub error_kind: Option<String>,
+    pub error: Option<String>,
+    pub latency_ms: Option<f64>,
+    pub installed_revision: Option<String>,
+    pub dist_revision: Option<String>,
+    pub versions: Option<String>,
+    pub behind_by: Option<i64>,
+    pub version_colour: String,
+    pub scan_colour: String,
+    pub last_scan_at: Option<DateTime<Utc>>,
+    pub last_scan_result: Option<String>,
+    pub last_scan_findings: Option<i32>,
+    pub last_ok_at: Option<DateTime<Utc>>,
+    pub agent_version: Option<String>,
+}
+
+/// `host_state`, one row.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct HostState {
+    host: String,
+    last_poll_at: Option<DateTime<Utc>>,
+    last_ok_at: Option<DateTime<Utc>>,
+    reachable: bool,
+    error_kind: Option<String>,
+    last_error: Option<String>,
+    latency_ms: Option<f64>,
+    agent_version: Option<String>,
+    engine: Option<String>,
+    reported_group: Option<String>,
+    reported_profile: Option<String>,
+    license_expires_at: Option<DateTime<Utc>>,
+    installed_revision: Option<String>,
+    installed_serial: Option<i32>,
+    installed_at: Option<DateTime<Utc>>,
+    backups: Option<String>,
+    schedule: Option<String>,
+    last_scan_id: Option<String>,
+    last_scan_at: Option<DateTime<Utc>>,
+    last_scan_result: Option<String>,
+    last_scan_findings: Option<i32>,
+    last_update_id: Option<String>,
+    last_update_at: Option<DateTime<Utc>>,
+    last_update_ok: Option<bool>,
+    last_update_error: Option<String>,
+}
+
+const HOST_STATE_COLUMNS: &str = "host, epoch(last_poll_at), epoch(last_ok_at), reachable, \
+     error_kind, last_error, latency_ms, agent_version, engine, reported_group, reported_profile, \
+     epoch(license_expires_at), installed_revision, installed_serial, epoch(installed_at), backups, \
+     schedule, last_scan_id, epoch(last_scan_at), last_scan_result, last_scan_findings, \
+     last_update_id, epoch(last_update_at), last_update_ok, last_update_error";
+
+/// A timestamp the Appender writes as is (the connection's time zone is UTC).
+fn ts(time: Option<DateTime<Utc>>) -> Value {
+    match time {
+        Some(t) => Value::Timestamp(TimeUnit::Microsecond, t.timestamp_micros()),
+        None => Value::Null,
+    }
+}
+
+fn text(value: Option<&str>) -> Value {
+    value.map_or(Value::Null, |v| Value::Text(v.to_string()))
+}
+
+/// Components as the inventory tracks them: the databases, and the agent itself.
+fn components(answer: &PollResponse) -> BTreeMap<String, (Option<String>, Option<DateTime<Utc>>)> {
+    let mut components = BTreeMap::new();
+    if let Some(installed) = &answer.installed {
+        for component in &installed.components {
+            components.insert(
+                component.component.clone(),
+                (component.version.clone(), component.build_time),
+            );
+        }
+    }
+    components.insert(
+        "pm-agent".to_string(),
+        (Some(answer.status.agent_version.clone()), None),
+    );
+    components
+}
+
+impl Inventory {
+    fn host_states(&self) -> Result<HashMap<String, HostState>, InventoryError> {
+        let mut statement = self.db(self
+            .conn
+            .prepare(&format!("SELECT {HOST_STATE_COLUMNS} FROM host_state")))?;
+        let rows = self.db(statement.query_map([], |row| {
+            Ok(HostState {
+                host: row.get(0)?,
+                last_poll_at: from_epoch(row.get(1)?),
+                last_ok_at: from_epoch(row.get(2)?),
+                reachable: row.get(3)?,
+                error_kind: row.get(4)?,
+                last_error: row.get(5)?,
+                latency_ms: row.get(6)?,
+                agent_version: row.get(7)?,
+                engine: row.get(8)?,
+                reported_group: row.get(9)?,
+                reported_profile: row.get(10)?,
+                license_expires_at: from_epoch(row.get(11)?),
+                installed_revision: row.get(12)?,
+                installed_serial: row.get(13)?,
+                installed_at: from_epoch(row.get(14)?),
+                backups: row.get(15)?,
+                schedule: row.get(16)?,
+                last_scan_id: row.get(17)?,
+                last_scan_at: from_epoch(row.get(18)?),
+                last_scan_result: row.get(19)?,
+                last_scan_findings: row.get(20)?,
+                last_update_id: row.get(21)?,
+                last_update_at: from_epoch(row.get(22)?),
+                last_update_ok: row.get(23)?,
+                last_update_error: row.get(24)?,
+            })
+        }))?;
+        rows.map(|row| self.db(row).map(|state| (state.host.clone(), state)))
+            .collect()
+    }
+
+    /// The report cursors of every host polled before.
+    pub fn poll_cursors(&self) -> Result<HashMap<String, PollCursors>, InventoryError> {
+        Ok(self
+            .host_states()?
+            .into_values()
+            .map(|state| {
+                (
+                    state.host,
+                    PollCursors {
+                        scans_after: state.last_scan_id,
+                        updates_after: state.last_update_id,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Each host's current components and their versions.
+    fn installed_components(
+        &self,
+    ) -> Result<HashMap<String, HashMap<String, Option<String>>>, InventoryError> {
+        let mut statement = self.db(self
+            .conn
+            .prepare("SELECT host, component, version FROM installed_components"))?;
+        let rows =
+            self.db(statement.query_map([], |row| Ok(((row.get(0)?, row.get(1)?), row.get(2)?))))?;
+        let mut by_host: HashMap<String, HashMap<String, Option<String>>> = HashMap::new();
+        for row in rows {
+            let ((host, component), version) = self.db(row)?;
+            by_host.entry(host).or_default().insert(component, version);
+        }
+        Ok(by_host)
+    }
+
+    /// Settings the views read (`inactive_after_seconds`, `scan_max_age_seconds`).
+    pub fn save_settings(&self, settings: &[(&str, String)]) -> Result<(), InventoryError> {
+        for (key, value) in settings {
+            self.db(self.conn.execute(
+                "INSERT INTO settings VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// Records one poll of many hosts (call inside [`Inventory::transaction`]).
+    pub fn record_polls(
+        &self,
+        job_id: i64,
+        polled: &[PolledHost],
+    ) -> Result<RecordedPolls, InventoryError> {
+        let now = Utc::now();
+        let mut states = self.host_states()?;
+        let mut current = self.installed_components()?;
+        let mut recorded = RecordedPolls::default();
+
+        let mut polls = Vec::with_capacity(polled.len());
+        let mut versions = Vec::new();
+        let mut components_rows = Vec::new();
+        let mut scans = Vec::new();
+        let mut findings = Vec::new();
+        let mut updates = Vec::new();
+        let mut new_states = Vec::with_capacity(polled.len());
+        let mut answered: HashSet<&str> = HashSet::new();
+
+        for poll in polled {
+            let before = states.remove(&poll.host);
+            let mut state = before.clone().unwrap_or_else(|| HostState {
+                host: poll.host.clone(),
+                ..HostState::default()
+            });
+            state.last_poll_at = Some(poll.polled_at);
+            state.latency_ms = poll.latency_ms;
+            let mut changed = false;
+            match &poll.answer {
+                Err(failure) => {
+                    polls.push([
+                        Value::BigInt(job_id),
+                        Value::Text(poll.host.clone()),
+                        ts(Some(poll.polled_at)),
+                        Value::Boolean(false),
+                        Value::Text(failure.kind.clone()),
+                        Value::Text(failure.message.clone()),
+                        poll.latency_ms.map_or(Value::Null, Value::Double),
+                    ]);
+                    changed |= before.as_ref().is_none_or(|b| b.reachable);
+                    state.reachable = false;
+                    state.error_kind = Some(failure.kind.clone());
+                    state.last_error = Some(failure.message.clone());
+                }
+                Ok(answer) => {
+                    answered.insert(poll.host.as_str());
+                    polls.push([
+                        Value::BigInt(job_id),
+                        Value::Text(poll.host.clone()),
+                        ts(Some(poll.polled_at)),
+                        Value::Boolean(true),
+                        Value::Null,
+                        Value::Null,
+                        poll.latency_ms.map_or(Value::Null, Value::Double),
+                    ]);
+                    changed |= before.as_ref().is_none_or(|b| !b.reachable);
+                    state.reachable = true;
+                    state.last_ok_at = Some(poll.polled_at);
+                    state.error_kind = None;
+                    state.last_error = None;
+                    state.agent_version = Some(answer.status.agent_version.clone());
+                    state.engine = Some(answer.status.engine.clone());
+                    state.reported_group = answer.status.group.clone();
+                    state.reported_profile = answer.status.profile.clone();
+                    state.license_expires_at = answer.status.license_expires_at;
+                    let revision = answer.installed.as_ref().and_then(|i| i.revision.clone());
+                    state.installed_revision = revision.clone();
+                    state.installed_serial = answer
+                        .installed
+                        .as_ref()
+                        .and_then(|i| i.serial)
+                        .map(|s| s.min(i32::MAX as u32) as i32);
+                    state.installed_at = answer.installed.as_ref().map(|i| i.installed_at);
+                    state.backups = answer.installed.as_ref().map(|i| {
+                        i.backups
+                            .iter()
+                            .map(|b| b.clone().unwrap_or_default())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    });
+                    state.schedule = Some(
+                        answer
+                            .schedule
+                            .iter()
+                            .map(|s| format!("{}={}", s.job, s.expression))
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    )
+                    .filter(|s| !s.is_empty());
+
+                    // Components: a row for every one whose version changed, or that went away.
+                    let now_installed = components(answer);
+                    let mut previous = current.remove(&poll.host).unwrap_or_default();
+                    for (component, (version, build_time)) in &now_installed {
+                        if previous.remove(component).as_ref() != Some(version) {
+                            changed = true;
+                            versions.push([
+                                Value::Text(poll.host.clone()),
+                                Value::Text(component.clone()),
+                                text(version.as_deref()),
+                                ts(*build_time),
+                                text(revision.as_deref()),
+                                ts(Some(poll.polled_at)),
+                            ]);
+                        }
+                        components_rows.push([
+                            Value::Text(poll.host.clone()),
+                            Value::Text(component.clone()),
+                            text(version.as_deref()),
+                            ts(*build_time),
+                            text(revision.as_deref()),
+                        ]);
+                    }
+                    // What is left of the previous set went away.
+                    for component in previous.into_keys().filter(|c| c != "pm-agent") {
+                        changed = true;
+                        versions.push([
+                            Value::Text(poll.host.clone()),
+                            Value::Text(component),
+                            Value::Null,
+                            Value::Null,
+                            text(revision.as_deref()),
+                            ts(Some(poll.polled_at)),
+                        ]);
+                    }
+
+                    // Reports newer than what is recorded (the cursor as of this transaction).
+                    for scan in &answer.scans {
+                        if state
+                            .last_scan_id
+                            .as_deref()
+                            .is_some_and(|c| scan.id.as_str() <= c)
+                        {
+                            continue;
+                        }
+                        scans.push([
+                            Value::Text(poll.host.clone()),
+                            Value::Text(scan.id.clone()),
+                            ts(Some(scan.started_at)),
+                            ts(Some(scan.finished_at)),
+                            Value::Double(scan.duration_seconds),
+                            Value::Text(scan.engine.clone()),
+                            text(scan.program.as_deref()),
+                            Value::Text(scan.paths.join("\n")),
+                            scan.files_scanned.map_or(Value::Null, |n| {
+                                Value::BigInt(n.min(i64::MAX as u64) as i64)
+                            }),
+                            Value::Text(scan.result.as_str().to_string()),
+                            Value::Int(scan.findings.len().min(i32::MAX as usize) as i32),
+                            text(scan.error.as_deref()),
+                            ts(Some(now)),
+                        ]);
+                        for finding in &scan.findings {
+                            findings.push([
+                                Value::Text(poll.host.clone()),
+                                Value::Text(scan.id.clone()),
+                                Value::Text(finding.path.clone()),
+                                Value::Text(finding.signature.clone()),
+                                ts(Some(scan.finished_at)),
+                            ]);
+                        }
+                        state.last_scan_id = Some(scan.id.clone());
+                        state.last_scan_at = Some(scan.finished_at);
+                        state.last_scan_result = Some(
+                            match scan.result {
+                                ScanResult::Clean => "clean",
+                                ScanResult::Infected => "infected",
+                                ScanResult::Error => "error",
+                            }
+                            .to_string(),
+                        );
+                        state.last_scan_findings =
+                            Some(scan.findings.len().min(i32::MAX as usize) as i32);
+                        recorded.scans += 1;
+                        recorded.findings += scan.findings.len();
+                        changed = true;
+                    }
+                    for run in &answer.updates {
+                        if state
+                            .last_update_id
+                            .as_deref()
+                            .is_some_and(|c| run.id.as_str() <= c)
+                        {
+                            continue;
+                        }
+                        let report = run.report.as_ref();
+                        updates.push([
+                            Value::Text(poll.host.clone()),
+                            Value::Text(run.id.clone()),
+                            Value::Text(run.trigger.clone()),
+                            text(report.map(|r| r.action.as_str())),
+                            ts(Some(run.started_at)),
+                            ts(Some(run.finished_at)),
+                            Value::Boolean(run.error.is_none()),
+                            report.map_or(Value::Null, |r| Value::Boolean(r.changed)),
+                            text(report.and_then(|r| r.revision.as_deref())),
+                            text(report.and_then(|r| r.previous_revision.as_deref())),
+                            text(run.error.as_deref()),
+                            ts(Some(now)),
+                        ]);
+                        state.last_update_id = Some(run.id.clone());
+                        state.last_update_at = Some(run.finished_at);
+                        state.last_update_ok = Some(run.error.is_none());
+                        state.last_update_error = run.error.clone();
+                        recorded.update_runs += 1;
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                recorded.changed_hosts.push(poll.host.clone());
+            }
+            new_states.push(state);
+        }
+        recorded.version_changes = versions.len();
+
+        // Stage the polled names: they get their `host_ids` number, and their current state is
+        // replaced below.
+        self.db(self.conn.execute_batch(
+            "CREATE OR REPLACE TEMP TABLE polled_hosts (host VARCHAR, answered BOOLEAN)",
+        ))?;
+        self.append(
+            "polled_hosts",
+            polled.iter().map(|p| {
+                [
+                    Value::Text(p.host.clone()),
+                    Value::Boolean(answered.contains(p.host.as_str())),
+                ]
+            }),
+        )?;
+        let ids = self.host_ids()?;
+        self.append(
+            "polls",
+            polls.into_iter().map(|mut row| {
+                if let Value::Text(host) = &row[1] {
+                    row[1] = Value::Int(ids[host.as_str()]);
+                }
+                row
+            }),
+        )?;
+        self.append("component_versions", versions)?;
+        self.append("scans", scans)?;
+        self.append("scan_findings", findings)?;
+        self.append("update_runs", updates)?;
+
+        // Replace the current state of the polled hosts (and the components of those that
+        // answered): the names staged above, delete, append.
+        self.db(self.conn.execute_batch(
+            "DELETE FROM host_state WHERE host IN (SELECT host FROM polled_hosts);
+             DELETE FROM installed_components
+                 WHERE host IN (SELECT host FROM polled_hosts WHERE answered);
+             DROP TABLE polled_hosts;",
+        ))?;
+        self.append("installed_components", components_rows)?;
+        self.append(
+            "host_state",
+            new_states.into_iter().map(|s| {
+                [
+                    Value::Text(s.host),
+                    ts(s.last_poll_at),
+                    ts(s.last_ok_at),
+                    Value::Boolean(s.reachable),
+                    text(s.error_kind.as_deref()),
+                    text(s.last_error.as_deref()),
+                    s.latency_ms.map_or(Value::Null, Value::Double),
+                    text(s.agent_version.as_deref()),
+                    text(s.engine.as_deref()),
+                    text(s.reported_group.as_deref()),
+                    text(s.reported_profile.as_deref()),
+                    ts(s.license_expires_at),
+                    text(s.installed_revision.as_deref()),
+                    s.installed_serial.map_or(Value::Null, Value::Int),
+                    ts(s.installed_at),
+                    text(s.backups.as_deref()),
+                    text(s.schedule.as_deref()),
+                    text(s.last_scan_id.as_deref()),
+                    ts(s.last_scan_at),
+                    text(s.last_scan_result.as_deref()),
+                    s.last_scan_findings.map_or(Value::Null, Value::Int),
+                    text(s.last_update_id.as_deref()),
+                    ts(s.last_update_at),
+                    s.last_update_ok.map_or(Value::Null, Value::Boolean),
+                    text(s.last_update_error.as_deref()),
+                ]
+            }),
+        )?;
+        Ok(recorded)
+    }
+
+    /// Numbers the staged `polled_hosts` that have none yet; every polled host's number.
+    fn host_ids(&self) -> Result<HashMap<String, i32>, InventoryError> {
+        self.db(self.conn.execute_batch(
+            "INSERT INTO host_ids (host)
+             SELECT DISTINCT host FROM polled_hosts
+             WHERE host NOT IN (SELECT host FROM host_ids)",
+        ))?;
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT i.host, i.id FROM host_ids i JOIN polled_hosts p ON p.host = i.host",
+        ))?;
+        let rows = self.db(statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))))?;
+        rows.map(|row| self.db(row)).collect()
+    }
+
+    fn append<const N: usize>(
+        &self,
+        table: &str,
+        rows: impl IntoIterator<Item = [Value; N]>,
+    ) -> Result<(), InventoryError> {
+        let mut appender = self.db(self.conn.appender(table))?;
+        for row in rows {
+            self.db(appender.append_row(duckdb::appender_params_from_iter(row)))?;
+        }
+        self.db(appender.flush())
+    }
+
+    /// Hosts for which `predicate` (SQL) holds on `fleet_status` (`--where`).
+    pub fn hosts_where(&self, predicate: &str) -> Result<HashSet<String>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(&format!(
+            "SELECT host FROM fleet_status WHERE ({predicate})"
+        )))?;
+        let rows = self.db(statement.query_map([], |row| row.get::<_, String>(0)))?;
+        rows.map(|row| self.db(row)).collect()
+    }
+
+    /// `fleet_status` rows, by host name (`only`: these hosts).
+    pub fn fleet_status(&self, only: Option<&[String]>) -> Result<Vec<FleetRow>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT host, grp, address, reachable, inactive, error_kind, last_error, latency_ms,
+                    installed_revision, dist_revision, versions, behind_by, version_colour,
+                    scan_colour, epoch(last_scan_at), last_scan_result, last_scan_findings,
+                    epoch(last_ok_at), agent_version
+             FROM fleet_status ORDER BY host",
+        ))?;
+        let rows = self.db(statement.query_map([], |row| {
+            Ok(FleetRow {
+                host: row.get(0)?,
+                grp: row.get(1)?,
+                address: row.get(2)?,
+                reachable: row.get(3)?,
+                inactive: row.get(4)?,
+                error_kind: row.get(5)?,
+                error: row.get(6)?,
+                latency_ms: row.get(7)?,
+                installed_revision: row.get(8)?,
+                dist_revision: row.get(9)?,
+                versions: row.get(10)?,
+                behind_by: row.get(11)?,
+                version_colour: row.get(12)?,
+                scan_colour: row.get(13)?,
+                last_scan_at: from_epoch(row.get(14)?),
+                last_scan_result: row.get(15)?,
+                last_scan_findings: row.get(16)?,
+                last_ok_at: from_epoch(row.get(17)?),
+                agent_version: row.get(18)?,
+            })
+        }))?;
+        let only: Option<HashSet<&str>> = only.map(|o| o.iter().map(String::as_str).collect());
+        rows.filter(|row| {
+            row.as_ref().map_or(true, |r| {
+                only.as_ref().is_none_or(|o| o.contains(r.host.as_str()))
+            })
+        })
+        .map(|row| self.db(row))
+        .collect()
+    }
+
+    /// Deletes polls older than `before`; version changes, scans and install runs stay.
+    pub fn prune_polls(&self, before: DateTime<Utc>) -> Result<usize, InventoryError> {
+        self.db(self.conn.execute(
+            "DELETE FROM polls WHERE polled_at < to_timestamp(?)",
+            params![before.timestamp_micros() as f64 / 1e6],
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::proto::{
+        AgentStatus, InstalledComponent, InstalledState, ScanFinding, ScanReport, UpdateRun,
+    };
+
+    fn answer(version: &str, scans: Vec<ScanReport>) -> PollResponse {
+        PollResponse {
+            status: AgentStatus {
+                host_name: "web-1".into(),
+                agent_version: "0.1.0".into(),
+                activated: true,
+                manager_ca_fingerprint: None,
+                engine: "clamav".into(),
+                group: Some("web".into()),
+                profile: Some("default".into()),
+                license_expires_at: None,
+            },
+            installed: Some(InstalledState {
+                revision: Some(format!("r{version}")),
+                serial: Some(1),
+                installed_at: Utc::now(),
+                components: vec![InstalledComponent {
+                    component: "test".into(),
+                    version: Some(version.into()),
+                    build_time: DateTime::from_timestamp(1_700_000_000, 0),
+                }],
+                backups: vec![Some("r1".into()), None],
+            }),
+            schedule: Vec::new(),
+            scans,
+            updates: vec![UpdateRun {
+                id: "20260101T000000.000000Z-aa".into(),
+                trigger: "schedule".into(),
+                started_at: Utc::now(),
+                finished_at: Utc::now(),
+                report: None,
+                error: Some("no dist".into()),
+            }],
+        }
+    }
+
+    fn scan(id: &str) -> ScanReport {
+        ScanReport {
+            id: id.into(),
+            started_at: Utc::now(),
+            finished_at: Utc::now(),
+            duration_seconds: 0.5,
+            engine: "clamav".into(),
+            program: Some("clamscan".into()),
+            paths: vec!["/srv".into()],
+            files_scanned: Some(2),
+            findings: vec![ScanFinding {
+                path: "/srv/eicar.com".into(),
+                signature: "Eicar-Test-Signature".into(),
+            }],
+            result: ScanResult::Infected,
+            error: None,
+        }
+    }
+
+    fn count(inventory: &Inventory, table: &str) -> i64 {
+        inventory
+            .conn
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn versions_and_reports_are_recorded_once_and_a_failure_keeps_the_last_contact() {
+        let home = tempfile::tempdir().unwrap();
+        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        let at = DateTime::from_timestamp(1_800_000_000, 123_456_000).unwrap();
+        let poll = |answer: Result<PollResponse, PollFailure>, at: DateTime<Utc>| PolledHost {
+            host: "web-1".into(),
+            polled_at: at,
+            latency_ms: Some(1.5),
+            answer,
+        };
+        let first = inventory
+            .transaction(|inv| inv.record_polls(1, &[poll(Ok(answer("3", vec![scan("a")])), at)]))
+            .unwrap();
+        assert_eq!(first.version_changes, 2, "test and pm-agent");
+        assert_eq!((first.scans, first.findings, first.update_runs), (1, 1, 1));
+        // The same answer again: nothing new but the poll row.
+        let again = inventory
+            .transaction(|inv| inv.record_polls(2, &[poll(Ok(answer("3", vec![scan("a")])), at)]))
+            .unwrap();
+        assert_eq!(again, RecordedPolls::default());
+        let moved = inventory
+            .transaction(|inv| {
+                inv.record_polls(3, &[poll(Ok(answer("4", vec![scan("a"), scan("b")])), at)])
+            })
+            .unwrap();
+        assert_eq!((moved.version_changes, moved.scans), (1, 1));
+        assert_eq!(count(&inventory, "component_versions"), 3);
+        assert_eq!(count(&inventory, "scans"), 2);
+        assert_eq!(count(&inventory, "scan_findings"), 2);
+        assert_eq!(count(&inventory, "update_runs"), 1);
+        assert_eq!(count(&inventory, "polls"), 3);
+        let later = at + chrono::Duration::minutes(5);
+        let failed = inventory
+            .transaction(|inv| {
+                inv.record_polls(
+                    4,
+                    &[poll(
+                        Err(PollFailure {
+                            kind: "timeout".into(),
+                            message: "no answer in 5s".into(),
+                        }),
+                        later,
+                    )],
+                )
+            })
+            .unwrap();
+        assert_eq!(failed.changed_hosts, ["web-1"]);
+        let states = inventory.host_states().unwrap();
+        let state = &states["web-1"];
+        assert!(!state.reachable);
+        assert_eq!(
+            state.last_ok_at,
+            Some(at),
+            "timestamps round-trip exactly, in UTC"
+        );
+        assert_eq!(state.last_poll_at, Some(later));
+        assert_eq!(state.installed_revision.as_deref(), Some("r4"));
+        assert_eq!(state.last_scan_id.as_deref(), Some("b"));
+        assert_eq!(count(&inventory, "installed_components"), 2);
+        assert_eq!(
+            inventory.poll_cursors().unwrap()["web-1"]
+                .scans_after
+                .as_deref(),
+            Some("b")
+        );
+        assert_eq!(inventory.prune_polls(later).unwrap(), 3);
+        assert_eq!(count(&inventory, "component_versions"), 3, "history stays");
+    }
+}

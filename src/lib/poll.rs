@@ -1,0 +1,747 @@
+//! `pm-poll`: asks every target agent for its status over mutual TLS and records it.
+//!
+//! The network part runs first with the inventory closed: at most `concurrency` agents at once,
+//! each within `timeout`, the whole poll within `deadline` (agents not done by then are recorded
+//! as `deadline`). Then one short transaction records everything (`Inventory::record_polls`), so
+//! the inventory is locked for milliseconds. Unreachable hosts are recorded with the error, never
+//! dropped.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use futures_util::StreamExt;
+use serde::Serialize;
+
+use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
+use crate::config::{Config, PollConfig};
+use crate::inventory::{
+    FleetRow, Inventory, InventoryError, PollCursors, PollFailure, PolledHost, RecordedPolls,
+};
+use crate::pki::ca::ManagerCa;
+use crate::proto::{self, ErrorResponse, PollResponse};
+use crate::targets::{Target, TargetArgs};
+use crate::tls;
+
+/// The largest poll answer read from an agent.
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
+
+/// `pm-poll` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pm-poll",
+    version,
+    about = "Ask agents for their status over mutual TLS and record it in the inventory"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(flatten)]
+    pub targets: TargetArgs,
+    /// Agents asked at once [default: pm.toml `[poll]` concurrency, else 256]
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// How long one agent may take [default: pm.toml `[poll]` timeout, else 10s]
+    #[arg(long, value_parser = cli::parse_duration, value_name = "DURATION")]
+    pub timeout: Option<Duration>,
+    /// How long the whole poll may take [default: pm.toml `[poll]` deadline, else 5m]
+    #[arg(long, value_parser = cli::parse_duration, value_name = "DURATION")]
+    pub deadline: Option<Duration>,
+    /// Poll again every DURATION (default 10s) for a live view; Ctrl-C stops (with --json: one
+    /// document per line)
+    #[arg(long, value_parser = cli::parse_duration, value_name = "DURATION",
+          num_args = 0..=1, default_missing_value = "10s")]
+    pub watch: Option<Duration>,
+    /// With --watch: stop after this many polls
+    #[arg(long, requires = "watch")]
+    pub count: Option<u64>,
+    /// Do not poll: delete polls older than pm.toml `[poll]` keep_polls (30d) or --older-than;
+    /// version changes, scans and install runs are kept
+    #[arg(long, conflicts_with = "watch")]
+    pub prune: bool,
+    /// With --prune: the age of the polls to delete
+    #[arg(long, requires = "prune", value_parser = cli::parse_duration, value_name = "DURATION")]
+    pub older_than: Option<Duration>,
+}
+
+/// The clock polls are stamped with: the real one, or shifted to `PM_POLL_NOW` (RFC 3339) so
+/// tests can record polls "in the past" and watch hosts turn inactive.
+fn clock() -> Result<chrono::Duration, UserError> {
+    match std::env::var("PM_POLL_NOW") {
+        Ok(text) => DateTime::parse_from_rfc3339(&text)
+            .map(|t| t.with_timezone(&Utc) - Utc::now())
+            .map_err(|err| {
+                UserError::usage(format!(
+                    "PM_POLL_NOW `{text}` is not an RFC 3339 time: {err}"
+                ))
+            }),
+        Err(_) => Ok(chrono::Duration::zero()),
+    }
+}
+
+fn inventory_error(err: InventoryError) -> anyhow::Error {
+    let hint = match &err {
+        InventoryError::Locked { .. } => Some(
+            "nothing was recorded; run pm-poll again when the other writer is done, or raise \
+             --lock-timeout",
+        ),
+        _ => None,
+    };
+    let error = UserError::failure(err.to_string());
+    match hint {
+        Some(hint) => error.with_hint(hint).into(),
+        None => error.into(),
+    }
+}
+
+fn load_config(home: &Path) -> Result<PollConfig, UserError> {
+    let path = home.join("pm.toml");
+    if !path.exists() {
+        return Ok(PollConfig::default());
+    }
+    Config::load(&path)
+        .map(|c| c.poll)
+        .map_err(|err| UserError::usage(err.to_string()))
+}
+
+/// Runs `pm-poll`.
+pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
+    let home = args.global.home();
+    let config = load_config(&home)?;
+    if args.prune {
+        return prune(
+            &home,
+            &args.global,
+            args.older_than.unwrap_or(config.keep_polls),
+        );
+    }
+    let concurrency = args.concurrency.unwrap_or(config.concurrency);
+    if !(1..=10_000).contains(&concurrency) {
+        return Err(UserError::usage("--concurrency must be 1..=10000").into());
+    }
+    let settings = Settings {
+        concurrency,
+        timeout: args.timeout.unwrap_or(config.timeout),
+        deadline: args.deadline.unwrap_or(config.deadline),
+        inactive_after: config.inactive_after,
+        scan_max_age: config.scan_max_age,
+    };
+    // Thousands of agents at once need thousands of sockets: take the hard limit, like other
+    // network daemons do (the soft default is often 1024).
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(err) => tracing::warn!(error = %err, "cannot raise the open files limit"),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    // One client for every round of --watch: its idle connections are reused, so later rounds
+    // skip the TLS handshakes.
+    let mut client = None;
+    let Some(interval) = args.watch else {
+        let outcome = poll_once(&home, &args, &settings, &runtime, &mut client)?;
+        return print(&args.global, &outcome, false);
+    };
+    let mut status;
+    let mut n = 0u64;
+    loop {
+        let started = Instant::now();
+        let outcome = poll_once(&home, &args, &settings, &runtime, &mut client)?;
+        status = print(&args.global, &outcome, true)?;
+        n += 1;
+        if args.count.is_some_and(|count| n >= count) {
+            break;
+        }
+        let pause = interval.saturating_sub(started.elapsed());
+        let stop = runtime.block_on(async {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => false,
+                _ = crate::mirror::shutdown_signal() => true,
+            }
+        });
+        if stop {
+            break;
+        }
+    }
+    Ok(status)
+}
+
+#[derive(Debug, Clone)]
+struct Settings {
+    concurrency: usize,
+    timeout: Duration,
+    deadline: Duration,
+    inactive_after: Duration,
+    scan_max_age: Duration,
+}
+
+/// What one poll did, for printing.
+#[derive(Debug, Serialize)]
+struct Outcome {
+    changed: bool,
+    /// `--dry-run`: the hosts a poll would ask (nothing is asked or recorded).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    would_poll: Vec<String>,
+    job_id: Option<i64>,
+    summary: Summary,
+    hosts: Vec<HostLine>,
+}
+
+#[derive(Debug, Serialize)]
+struct Summary {
+    polled: usize,
+    ok: usize,
+    unreachable: usize,
+    changed: usize,
+    version_changes: usize,
+    new_scans: usize,
+    new_findings: usize,
+    new_update_runs: usize,
+    duration_seconds: f64,
+    network_seconds: f64,
+    inventory_write_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct HostLine {
+    #[serde(flatten)]
+    row: FleetRow,
+    /// This poll's answer: ok or the failure kind.
+    polled: String,
+}
+
+fn poll_once(
+    home: &Path,
+    args: &Args,
+    settings: &Settings,
+    runtime: &tokio::runtime::Runtime,
+    client: &mut Option<reqwest::Client>,
+) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let shift = clock()?;
+    let started_at = Utc::now() + shift;
+    // What to ask, read-only and closed right away.
+    let (targets, cursors) = {
+        let Some(inventory) =
+            Inventory::open_read_only(home, args.global.lock_timeout).map_err(inventory_error)?
+        else {
+            return Err(UserError::usage(format!(
+                "no inventory in `{}` yet: there are no hosts to poll",
+                home.display()
+            ))
+            .with_hint("activate agents first with `pm-activate host ADDR --key-file F`")
+            .into());
+        };
+        let hosts = inventory.hosts().map_err(inventory_error)?;
+        let where_hosts = match &args.targets.where_sql {
+            Some(sql) => Some(inventory.hosts_where(sql).map_err(|err| {
+                UserError::usage(format!(
+                    "--where `{sql}` does not work on fleet_status: {err}"
+                ))
+                .with_hint("`pm-query \"DESCRIBE fleet_status\"` lists the columns")
+            })?),
+            None => None,
+        };
+        let targets = args.targets.resolve(&hosts, where_hosts.as_ref())?;
+        (targets, inventory.poll_cursors().map_err(inventory_error)?)
+    };
+    if targets.is_empty() || args.global.dry_run {
+        return Ok(Outcome {
+            changed: false,
+            would_poll: targets.iter().map(|t| t.host.clone()).collect(),
+            job_id: None,
+            summary: Summary::empty(started.elapsed().as_secs_f64()),
+            hosts: Vec::new(),
+        });
+    }
+    let client = match client {
+        Some(client) => client.clone(),
+        None => client
+            .insert(mutual_client(home, settings, args.watch.is_some())?)
+            .clone(),
+    };
+    let network = Instant::now();
+    let polled = runtime.block_on(ask_all(&client, &targets, &cursors, settings, shift));
+    let network_seconds = network.elapsed().as_secs_f64();
+
+    let ok = polled.iter().filter(|p| p.answer.is_ok()).count();
+    let unreachable = polled.len() - ok;
+    let write = Instant::now();
+    let inventory = Inventory::open(home, args.global.lock_timeout).map_err(inventory_error)?;
+    let (job_id, recorded) = inventory
+        .transaction(|inv| {
+            let job_id = inv.insert_job(
+                "poll",
+                started_at,
+                if unreachable == 0 {
+                    "ok"
+                } else if ok == 0 {
+                    "failed"
+                } else {
+                    "partial"
+                },
+                &format!(
+                    "polled {} hosts: {ok} ok, {unreachable} unreachable",
+                    polled.len()
+                ),
+            )?;
+            inv.save_settings(&[
+                (
+                    "inactive_after_seconds",
+                    settings.inactive_after.as_secs().to_string(),
+                ),
+                (
+                    "scan_max_age_seconds",
+                    settings.scan_max_age.as_secs().to_string(),
+                ),
+            ])?;
+            let recorded = inv.record_polls(job_id, &polled)?;
+            Ok((job_id, recorded))
+        })
+        .map_err(inventory_error)?;
+    let inventory_write_seconds = write.elapsed().as_secs_f64();
+    let names: Vec<String> = targets.iter().map(|t| t.host.clone()).collect();
+    let rows = inventory
+        .fleet_status(Some(&names))
+        .map_err(inventory_error)?;
+    drop(inventory);
+    let answers: HashMap<&str, String> = polled
+        .iter()
+        .map(|p| {
+            (
+                p.host.as_str(),
+                match &p.answer {
+                    Ok(_) => "ok".to_string(),
+                    Err(failure) => failure.kind.clone(),
+                },
+            )
+        })
+        .collect();
+    let RecordedPolls {
+        changed_hosts,
+        version_changes,
+        scans,
+        findings,
+        update_runs,
+    } = recorded;
+    Ok(Outcome {
+        changed: !changed_hosts.is_empty(),
+        would_poll: Vec::new(),
+        job_id: Some(job_id),
+        summary: Summary {
+            polled: polled.len(),
+            ok,
+            unreachable,
+            changed: changed_hosts.len(),
+            version_changes,
+            new_scans: scans,
+            new_findings: findings,
+            new_update_runs: update_runs,
+            duration_seconds: started.elapsed().as_secs_f64(),
+            network_seconds,
+            inventory_write_seconds,
+        },
+        hosts: rows
+            .into_iter()
+            .map(|row| HostLine {
+                polled: answers.get(row.host.as_str()).cloned().unwrap_or_default(),
+                row,
+            })
+            .collect(),
+    })
+}
+
+impl Summary {
+    fn empty(duration_seconds: f64) -> Summary {
+        Summary {
+            polled: 0,
+            ok: 0,
+            unreachable: 0,
+            changed: 0,
+            version_changes: 0,
+            new_scans: 0,
+            new_findings: 0,
+            new_update_runs: 0,
+            duration_seconds,
+            network_seconds: 0.0,
+            inventory_write_seconds: 0.0,
+        }
+    }
+}
+
+/// The manager's mutual-TLS client: agents must present a certificate from its CA.
+/// With `keep_alive` (`--watch`) idle connections stay open for the next round; a single poll
+/// closes each one after its answer, so open sockets never pile up to one per host.
+fn mutual_client(
+    home: &Path,
+    settings: &Settings,
+    keep_alive: bool,
+) -> Result<reqwest::Client, UserError> {
+    let ca = ManagerCa::load_or_create(home)
+        .map_err(|err| UserError::failure(format!("manager CA: {err}")))?;
+    let identity = ca
+        .client_identity(home)
+        .map_err(|err| UserError::failure(format!("manager client certificate: {err}")))?;
+    tls::client_builder(
+        Some(ca.certificate()),
+        None,
+        Some((&identity.0, &identity.1)),
+    )
+    .and_then(|b| {
+        b.timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(usize::from(keep_alive))
+            .build()
+            .context("cannot build the TLS client")
+    })
+    .map_err(|err| UserError::failure(format!("{err:#}")))
+}
+
+/// Asks every target, `concurrency` at a time, until the deadline.
+async fn ask_all(
+    client: &reqwest::Client,
+    targets: &[Target],
+    cursors: &HashMap<String, PollCursors>,
+    settings: &Settings,
+    shift: chrono::Duration,
+) -> Vec<PolledHost> {
+    let deadline = tokio::time::Instant::now() + settings.deadline;
+    let results: Arc<std::sync::Mutex<HashMap<String, PolledHost>>> = Arc::default();
+    let asked = futures_util::stream::iter(targets.iter().cloned())
+        .map(|target| {
+            let client = client.clone();
+            let cursor = cursors.get(&target.host).cloned().unwrap_or_default();
+            let results = Arc::clone(&results);
+            let timeout = settings.timeout;
+            async move {
+                // Each host on its own task, so the two runtime threads share the TLS work.
+                let polled = tokio::spawn(async move {
+                    ask_one(&client, &target, &cursor, timeout, shift).await
+                })
+                .await;
+                if let Ok(polled) = polled {
+                    results
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(polled.host.clone(), polled);
+                }
+            }
+        })
+        .buffer_unordered(settings.concurrency)
+        .collect::<Vec<()>>();
+    let finished = tokio::time::timeout_at(deadline, asked).await.is_ok();
+    let mut results = std::mem::take(
+        &mut *results
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    targets
+        .iter()
+        .map(|target| {
+            results.remove(&target.host).unwrap_or_else(|| PolledHost {
+                host: target.host.clone(),
+                polled_at: Utc::now() + shift,
+                latency_ms: None,
+                answer: Err(PollFailure {
+                    kind: if finished { "internal" } else { "deadline" }.into(),
+                    message: format!(
+                        "not answered within the poll deadline of {:?}",
+                        settings.deadline
+                    ),
+                }),
+            })
+        })
+        .collect()
+}
+
+fn failure(kind: &str, message: impl Into<String>) -> PollFailure {
+    PollFailure {
+        kind: kind.into(),
+        message: message.into(),
+    }
+}
+
+/// Sorts a transport error into the kinds the inventory records.
+fn transport_failure(address: &str, err: &reqwest::Error, timeout: Duration) -> PollFailure {
+    let chain = {
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(err);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
+    };
+    if err.is_timeout() {
+        return failure(
+            "timeout",
+            format!("agent `{address}` did not answer within {timeout:?}"),
+        );
+    }
+    let lower = chain.to_ascii_lowercase();
+    if lower.contains("certificate") || lower.contains("ssl") || lower.contains("tls") {
+        return failure(
+            "tls",
+            format!("TLS with agent `{address}` failed (not activated by this manager?): {chain}"),
+        );
+    }
+    if lower.contains("connection refused") {
+        return failure(
+            "refused",
+            format!("agent `{address}` refused the connection (pm-agent not running?): {chain}"),
+        );
+    }
+    failure("unreachable", format!("agent `{address}`: {chain}"))
+}
+
+async fn ask_one(
+    client: &reqwest::Client,
+    target: &Target,
+    cursor: &PollCursors,
+    timeout: Duration,
+    shift: chrono::Duration,
+) -> PolledHost {
+    let polled_at = Utc::now() + shift;
+    let started = Instant::now();
+    let answer = tokio::time::timeout(timeout, request(client, target, cursor, timeout))
+        .await
+        .unwrap_or_else(|_| {
+            Err(failure(
+                "timeout",
+                format!(
+                    "agent `{}` did not answer within {timeout:?}",
+                    target.address
+                ),
+            ))
+        });
+    let latency_ms = answer
+        .is_ok()
+        .then(|| started.elapsed().as_secs_f64() * 1000.0);
+    PolledHost {
+        host: target.host.clone(),
+        polled_at,
+        latency_ms,
+        answer,
+    }
+}
+
+async fn request(
+    client: &reqwest::Client,
+    target: &Target,
+    cursor: &PollCursors,
+    timeout: Duration,
+) -> Result<PollResponse, PollFailure> {
+    let address = &target.address;
+    let mut url =
+        reqwest::Url::parse(&format!("https://{address}{}", proto::POLL_PATH)).map_err(|err| {
+            failure(
+                "bad_address",
+                format!("`{address}` is not an address: {err}"),
+            )
+        })?;
+    {
+        let mut query = url.query_pairs_mut();
+        if let Some(id) = &cursor.scans_after {
+            query.append_pair("scans_after", id);
+        }
+        if let Some(id) = &cursor.updates_after {
+            query.append_pair("updates_after", id);
+        }
+    }
+    let mut response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|err| transport_failure(address, &err, timeout))?;
+    let status = response.status();
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|err| transport_failure(address, &err, timeout))?
+    {
+        if body.len() + chunk.len() > MAX_ANSWER {
+            return Err(failure(
+                "bad_response",
+                format!("agent `{address}` sent more than {MAX_ANSWER} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if !status.is_success() {
+        let message = serde_json::from_slice::<ErrorResponse>(&body)
+            .map(|e| format!("{} ({})", e.message, e.code))
+            .unwrap_or_else(|_| format!("HTTP {status}"));
+        return Err(failure(
+            "rejected",
+            format!("agent `{address}` refused the poll: {message}"),
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|err| {
+        failure(
+            "bad_response",
+            format!("agent `{address}` answered something that is not a poll answer: {err}"),
+        )
+    })
+}
+
+fn colour_cell(text: &str, colour: &str, terminal: bool) -> comfy_table::Cell {
+    let cell = comfy_table::Cell::new(text);
+    if !terminal {
+        return cell;
+    }
+    match colour {
+        "green" => cell.fg(comfy_table::Color::Green),
+        "yellow" => cell.fg(comfy_table::Color::Yellow),
+        "red" => cell.fg(comfy_table::Color::Red),
+        _ => cell,
+    }
+}
+
+fn print(global: &GlobalArgs, outcome: &Outcome, watching: bool) -> anyhow::Result<ExitStatus> {
+    let status = if outcome.summary.unreachable == 0 {
+        ExitStatus::Success
+    } else if outcome.summary.ok == 0 {
+        ExitStatus::Failure
+    } else {
+        ExitStatus::Partial
+    };
+    if global.json {
+        if watching {
+            // One compact document per line (JSON Lines), so a pipe can read each round.
+            cli::print_text(serde_json::to_string(outcome)?)?;
+        } else {
+            cli::print_json(outcome)?;
+        }
+        return Ok(status);
+    }
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut text = String::new();
+    if watching && terminal {
+        // Redraw in place for a live view.
+        text.push_str("\x1b[2J\x1b[H");
+    }
+    if !global.quiet {
+        let mut table = cli::table(&[
+            "host",
+            "group",
+            "poll",
+            "revision",
+            "versions",
+            "behind",
+            "versions",
+            "scan",
+            "last scan",
+        ]);
+        for line in &outcome.hosts {
+            let row = &line.row;
+            let poll = if line.polled == "ok" {
+                format!("ok {:.0} ms", row.latency_ms.unwrap_or_default())
+            } else if row.inactive {
+                format!("{} (inactive)", line.polled)
+            } else {
+                line.polled.clone()
+            };
+            table.add_row(vec![
+                comfy_table::Cell::new(&row.host),
+                comfy_table::Cell::new(&row.grp),
+                colour_cell(
+                    &poll,
+                    if line.polled == "ok" { "green" } else { "red" },
+                    terminal,
+                ),
+                comfy_table::Cell::new(format!(
+                    "{}/{}",
+                    row.installed_revision.as_deref().unwrap_or("-"),
+                    row.dist_revision.as_deref().unwrap_or("-")
+                )),
+                comfy_table::Cell::new(row.versions.as_deref().unwrap_or("-")),
+                comfy_table::Cell::new(row.behind_by.map_or("-".to_string(), |b| b.to_string())),
+                colour_cell(&row.version_colour, &row.version_colour, terminal),
+                colour_cell(&row.scan_colour, &row.scan_colour, terminal),
+                comfy_table::Cell::new(match (&row.last_scan_at, &row.last_scan_result) {
+                    (Some(at), Some(result)) => format!(
+                        "{} {result} ({} findings)",
+                        at.format("%Y-%m-%d %H:%M"),
+                        row.last_scan_findings.unwrap_or(0)
+                    ),
+                    _ => "-".into(),
+                }),
+            ]);
+        }
+        text.push_str(&format!("{table}\n"));
+    }
+    if !outcome.would_poll.is_empty() {
+        text.push_str(&format!(
+            "dry run: would poll {} host(s): {}\n",
+            outcome.would_poll.len(),
+            outcome.would_poll.join(", ")
+        ));
+    }
+    let s = &outcome.summary;
+    text.push_str(&format!(
+        "polled {}, ok {}, unreachable {}, changed {} in {:.2} s (inventory write {:.0} ms)",
+        s.polled,
+        s.ok,
+        s.unreachable,
+        s.changed,
+        s.duration_seconds,
+        s.inventory_write_seconds * 1000.0
+    ));
+    cli::print_text(text)?;
+    Ok(status)
+}
+
+#[derive(Debug, Serialize)]
+struct PruneReport {
+    changed: bool,
+    deleted_polls: usize,
+    older_than: String,
+    kept: &'static str,
+}
+
+fn prune(home: &Path, global: &GlobalArgs, older_than: Duration) -> anyhow::Result<ExitStatus> {
+    let before = Utc::now()
+        - chrono::Duration::from_std(older_than)
+            .map_err(|_| UserError::usage("--older-than is too long"))?;
+    let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+    let deleted = if global.dry_run {
+        0
+    } else {
+        let started = Utc::now();
+        inventory
+            .transaction(|inv| {
+                let deleted = inv.prune_polls(before)?;
+                inv.insert_job(
+                    "prune",
+                    started,
+                    "ok",
+                    &format!("deleted {deleted} polls older than {}", before.to_rfc3339()),
+                )?;
+                Ok(deleted)
+            })
+            .map_err(inventory_error)?
+    };
+    let report = PruneReport {
+        changed: deleted > 0,
+        deleted_polls: deleted,
+        older_than: before.to_rfc3339(),
+        kept: "version changes, scans, findings, install runs and each host's current state",
+    };
+    if global.json {
+        cli::print_json(&report)?;
+    } else if !global.quiet {
+        cli::print_text(format!(
+            "deleted {deleted} polls older than {}; kept {}",
+            report.older_than, report.kept
+        ))?;
+    }
+    Ok(ExitStatus::Success)
+}
