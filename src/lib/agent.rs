@@ -140,9 +140,17 @@ pub enum Command {
     /// Scan files or directories now with the configured engine; keeps the report
     Scan(scan::ScanArgs),
     /// Install the manager's dist now (only files whose sha256 changed are downloaded)
-    Update,
+    Update(UpdateArgs),
     /// Reinstall a local backup of a previously installed set
     Rollback(RollbackArgs),
+}
+
+/// `pm-agent update`.
+#[derive(Debug, clap::Args)]
+pub struct UpdateArgs {
+    /// Install the manager's backup N (1..=3) instead of dist (an explicit rollback)
+    #[arg(long, value_parser = crate::repo::parse_generation, value_name = "N")]
+    pub generation: Option<usize>,
 }
 
 /// `pm-agent rollback`.
@@ -263,10 +271,11 @@ pub fn run(args: Args) -> Result<ExitStatus> {
         Command::Status => status(&state, args.json),
         Command::Reset(reset_args) => reset(&state, &reset_args, args.json),
         Command::Scan(scan_args) => scan::scan_command(&state, &scan_args, args.json),
-        Command::Update => {
+        Command::Update(update_args) => {
             let config = load_config(&state)?;
-            let report =
-                schedule::record_run(&state, "local", || install::update(&state, &config))?;
+            let report = schedule::record_run(&state, "local", || {
+                install::update_from(&state, &config, update_args.generation)
+            })?;
             install::print(&report, args.json)
         }
         Command::Rollback(rollback_args) => {
@@ -705,7 +714,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
     ]);
     for entry in &report.schedule {
         table.add_row(vec![
-            format!("schedule {}", entry.job),
+            format!("schedule {} (from {})", entry.job, entry.source),
             format!(
                 "{} (next run: {})",
                 entry.expression,

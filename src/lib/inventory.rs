@@ -17,7 +17,9 @@ pub use query::{QueryError, QueryResult, QuerySink, QueryValue};
 mod bulk;
 
 mod poll;
+mod rollout;
 pub use poll::{FleetRow, PollCursors, PollFailure, PolledHost, RecordedPolls};
+pub use rollout::{HostAttempt, RolloutRecord};
 
 mod history;
 pub use history::{
@@ -45,6 +47,7 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
     (5, "hosts", include_str!("../../sql/0005_hosts.sql")),
     (6, "setup", include_str!("../../sql/0006_setup.sql")),
     (7, "polls", include_str!("../../sql/0007_polls.sql")),
+    (8, "rollouts", include_str!("../../sql/0008_rollouts.sql")),
 ];
 
 /// Inventory errors.

@@ -52,7 +52,17 @@ pub enum Command {
     /// Upstream, latest, dist and backup versions per product and component
     Status,
     /// Publish latest to dist, rotating dist -> backup/1 -> 2 -> 3 -> archive
-    Publish,
+    Publish {
+        /// Publish latest even though a rollback took it out of dist before
+        #[arg(long)]
+        again: bool,
+    },
+    /// Move dist back to backup/N (dist only; to roll back the fleet use pm-rollback)
+    Rollback {
+        /// Which backup becomes dist: 1, 2 or 3 (1 is the dist before the last publish)
+        #[arg(long, value_parser = crate::repo::parse_generation, value_name = "N")]
+        generation: usize,
+    },
     /// Serve dist and backups over HTTP (freshclam DatabaseMirror/PrivateMirror, agents)
     Serve {
         /// Address to listen on
@@ -131,7 +141,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     match args.command {
         Command::Sync { products } => runtime.block_on(run_sync(&home, &args.global, &products)),
         Command::Status => run_status(&home, &args.global),
-        Command::Publish => run_publish(&home, &args.global),
+        Command::Publish { again } => run_publish(&home, &args.global, again),
+        Command::Rollback { generation } => run_rollback(&home, &args.global, generation),
         Command::Serve { listen } => runtime.block_on(run_serve(&home, listen)),
         Command::Gc => run_gc(&home, &args.global),
         Command::Export { out, since } => {
@@ -550,7 +561,7 @@ pub struct PublishReport {
     pub reason: Option<String>,
 }
 
-fn run_publish(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
+fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<ExitStatus> {
     let started_at = Utc::now();
     let config = load_config(home)?;
     let repo = Repo::new(home);
@@ -587,12 +598,31 @@ fn run_publish(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
     } else {
         before.publish(config.retention.archives)
     };
-    let Some(rotation) = rotation else {
+    let Some(mut rotation) = rotation else {
         drop(lock);
         let report = up_to_date(format!("dist is up to date with latest ({latest})"));
         print_publish(global, &report)?;
         return Ok(ExitStatus::Success);
     };
+    // A rollback took this revision out of dist on purpose: bringing it back takes a decision.
+    if let Some(rolled_back_on) = before.is_rolled_back(&latest).then(|| {
+        before
+            .rolled_back_on(&latest)
+            .map(|at| at.format("%Y-%m-%d %H:%M:%SZ").to_string())
+            .unwrap_or_else(|| "an unknown date".into())
+    }) {
+        if !again {
+            return Err(UserError::usage(format!(
+                "latest `{latest}` was rolled back from dist; refusing to publish it again"
+            ))
+            .with_hint(format!(
+                "it was rolled back on {rolled_back_on}; run `pm-mirror publish --again` to \
+                 publish it anyway, or wait for a newer revision from `pm-mirror sync`"
+            ))
+            .into());
+        }
+        rotation.after.forget_rolled_back(&latest);
+    }
     // The inventory is opened before the switch so that a lock timeout fails with no change.
     let inventory = if global.dry_run {
         None
@@ -636,6 +666,143 @@ fn run_publish(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
     }
     drop(lock);
     print_publish(global, &report)?;
+    Ok(ExitStatus::Success)
+}
+
+/// What [`rollback_dist`] did, or with `--dry-run` would do; the `--json` document of
+/// `pm-mirror rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DistRollback {
+    /// Whether dist changed (false with `--dry-run`).
+    pub changed: bool,
+    /// `--dry-run`: nothing changed.
+    pub dry_run: bool,
+    /// The backup generation rolled back to.
+    pub generation: usize,
+    /// dist before.
+    pub from: String,
+    /// dist after (what backup/N held).
+    pub to: String,
+    /// backup/1..3 after.
+    pub backups: Vec<String>,
+    /// Archived revisions after, newest first (a rollback does not change them).
+    pub archives: Vec<String>,
+    /// What this rollback took out of dist and the backups, newest first; `pm-mirror publish`
+    /// refuses these until `--again`.
+    pub rolled_back: Vec<String>,
+    /// The `jobs` row recorded with the `dist_history` row (none with `--dry-run`).
+    pub job_id: Option<i64>,
+}
+
+/// Rolls the manager's dist back to backup/`generation`, crash-safely like a publish: takes the
+/// repository lock, computes [`Generations::rollback`], opens the inventory before anything
+/// changes (a lock timeout fails with no change), re-verifies the target revision's signature
+/// and files, switches the view in one rename ([`Repo::switch`], which also collects garbage:
+/// never latest, never a revision the view still references), then records the job and a
+/// `dist_history` row with action `rollback` in one transaction. With `global.dry_run` it only
+/// reports. It moves dist only; agents are rolled back by pm-rollback.
+pub fn rollback_dist(
+    home: &Path,
+    global: &GlobalArgs,
+    generation: usize,
+) -> anyhow::Result<DistRollback> {
+    let started_at = Utc::now();
+    let repo = Repo::new(home);
+    let lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
+    let before = repo.generations().map_err(repo_error)?;
+    let Some(rollback) = before.rollback(generation) else {
+        let problem = match (&before.dist, before.backups.len()) {
+            (None, _) => "dist is empty: nothing was published".to_string(),
+            (Some(dist), 0) => format!("dist is {dist} and there are no backups"),
+            (Some(dist), n) => format!(
+                "dist is {dist} and there {} only {n} backup{} ({})",
+                if n == 1 { "is" } else { "are" },
+                if n == 1 { "" } else { "s" },
+                before.backups.join(", ")
+            ),
+        };
+        return Err(UserError::usage(format!(
+            "there is no backup/{generation} to roll back to: {problem}"
+        ))
+        .with_hint("`pm-mirror status` shows the generations; each publish adds a backup")
+        .into());
+    };
+    let inventory = if global.dry_run {
+        None
+    } else {
+        Some(Inventory::open(home, global.lock_timeout).map_err(inventory_error)?)
+    };
+    let mut job_id = None;
+    if let Some(inventory) = inventory {
+        // Never serve a manifest we did not sign, nor files that changed since.
+        verify_revision(&repo, home, &rollback.to)?;
+        repo.switch(&lock, &rollback.after).map_err(repo_error)?;
+        tracing::info!(from = %rollback.from, to = %rollback.to, generation, "rolled dist back");
+        job_id = Some(
+            inventory
+                .transaction(|inv| {
+                    let summary = format!(
+                        "dist rolled back from {} to {} (backup/{generation})",
+                        rollback.from, rollback.to
+                    );
+                    let job_id = inv.insert_job("rollback", started_at, "ok", &summary)?;
+                    record_live_revisions(inv, &repo)?;
+                    inv.record_dist_change(
+                        job_id,
+                        &DistChange {
+                            action: "rollback".into(),
+                            revision: rollback.to.clone(),
+                            previous_revision: Some(rollback.from.clone()),
+                            backups: rollback.after.backups.clone(),
+                            archived: None,
+                        },
+                    )?;
+                    Ok(job_id)
+                })
+                .map_err(inventory_error)?,
+        );
+    }
+    drop(lock);
+    Ok(DistRollback {
+        changed: !global.dry_run,
+        dry_run: global.dry_run,
+        generation,
+        from: rollback.from,
+        to: rollback.to,
+        backups: rollback.after.backups,
+        archives: rollback.after.archives,
+        rolled_back: rollback.rolled_back,
+        job_id,
+    })
+}
+
+fn run_rollback(home: &Path, global: &GlobalArgs, generation: usize) -> anyhow::Result<ExitStatus> {
+    let report = rollback_dist(home, global, generation)?;
+    if global.json {
+        cli::print_json(&report)?;
+        return Ok(ExitStatus::Success);
+    }
+    if global.quiet {
+        return Ok(ExitStatus::Success);
+    }
+    cli::print_text(generations_table(
+        &report.to,
+        &report.backups,
+        &report.archives,
+    ))?;
+    let verb = if report.dry_run {
+        "would roll"
+    } else {
+        "rolled"
+    };
+    cli::print_text(format!(
+        "{verb} dist back from {} to {} (backup/{}); {} will not be published again without \
+         `pm-mirror publish --again`\nthis moves dist only; to roll back the fleet use pm-rollback",
+        report.from,
+        report.to,
+        report.generation,
+        report.rolled_back.join(", ")
+    ))?;
     Ok(ExitStatus::Success)
 }
 
@@ -690,6 +857,19 @@ pub fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
     Ok((size, crate::manifest::hex(&hasher.finish())))
 }
 
+/// The generations after a publish or rollback, one row each.
+fn generations_table(dist: &str, backups: &[String], archives: &[String]) -> comfy_table::Table {
+    let mut table = cli::table(&["generation", "revision"]);
+    table.add_row(vec!["dist".to_string(), dist.to_string()]);
+    for (i, backup) in backups.iter().enumerate() {
+        table.add_row(vec![format!("backup/{}", i + 1), backup.clone()]);
+    }
+    for archive in archives {
+        table.add_row(vec!["archive".to_string(), archive.clone()]);
+    }
+    table
+}
+
 fn print_publish(global: &GlobalArgs, report: &PublishReport) -> anyhow::Result<()> {
     if global.json {
         return cli::print_json(report);
@@ -700,18 +880,11 @@ fn print_publish(global: &GlobalArgs, report: &PublishReport) -> anyhow::Result<
     if let Some(reason) = &report.reason {
         return cli::print_text(format!("up to date: {reason}"));
     }
-    let mut table = cli::table(&["generation", "revision"]);
-    table.add_row(vec![
-        "dist".to_string(),
-        report.dist.clone().unwrap_or_default(),
-    ]);
-    for (i, backup) in report.backups.iter().enumerate() {
-        table.add_row(vec![format!("backup/{}", i + 1), backup.clone()]);
-    }
-    for archive in &report.archives {
-        table.add_row(vec!["archive".to_string(), archive.clone()]);
-    }
-    cli::print_text(table)?;
+    cli::print_text(generations_table(
+        report.dist.as_deref().unwrap_or_default(),
+        &report.backups,
+        &report.archives,
+    ))?;
     let verb = if report.dry_run {
         "would publish"
     } else {

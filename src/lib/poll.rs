@@ -83,7 +83,7 @@ fn clock() -> Result<chrono::Duration, UserError> {
     }
 }
 
-fn inventory_error(err: InventoryError) -> anyhow::Error {
+pub(crate) fn inventory_error(err: InventoryError) -> anyhow::Error {
     let hint = match &err {
         InventoryError::Locked { .. } => Some(
             "nothing was recorded; run pm-poll again when the other writer is done, or raise \
@@ -98,7 +98,7 @@ fn inventory_error(err: InventoryError) -> anyhow::Error {
     }
 }
 
-fn load_config(home: &Path) -> Result<PollConfig, UserError> {
+pub(crate) fn load_config(home: &Path) -> Result<PollConfig, UserError> {
     let path = home.join("pm.toml");
     if !path.exists() {
         return Ok(PollConfig::default());
@@ -172,12 +172,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
 }
 
 #[derive(Debug, Clone)]
-struct Settings {
-    concurrency: usize,
-    timeout: Duration,
-    deadline: Duration,
-    inactive_after: Duration,
-    scan_max_age: Duration,
+pub(crate) struct Settings {
+    pub(crate) concurrency: usize,
+    pub(crate) timeout: Duration,
+    pub(crate) deadline: Duration,
+    pub(crate) inactive_after: Duration,
+    pub(crate) scan_max_age: Duration,
 }
 
 /// What one poll did, for printing.
@@ -262,7 +262,7 @@ fn poll_once(
     let client = match client {
         Some(client) => client.clone(),
         None => client
-            .insert(mutual_client(home, settings, args.watch.is_some())?)
+            .insert(mutual_client(home, settings.timeout, args.watch.is_some())?)
             .clone(),
     };
     let network = Instant::now();
@@ -377,9 +377,9 @@ impl Summary {
 /// The manager's mutual-TLS client: agents must present a certificate from its CA.
 /// With `keep_alive` (`--watch`) idle connections stay open for the next round; a single poll
 /// closes each one after its answer, so open sockets never pile up to one per host.
-fn mutual_client(
+pub(crate) fn mutual_client(
     home: &Path,
-    settings: &Settings,
+    timeout: Duration,
     keep_alive: bool,
 ) -> Result<reqwest::Client, UserError> {
     let ca = ManagerCa::load_or_create(home)
@@ -393,8 +393,8 @@ fn mutual_client(
         Some((&identity.0, &identity.1)),
     )
     .and_then(|b| {
-        b.timeout(settings.timeout)
-            .connect_timeout(settings.timeout)
+        b.timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(30)))
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(usize::from(keep_alive))
             .build()
@@ -404,7 +404,7 @@ fn mutual_client(
 }
 
 /// Asks every target, `concurrency` at a time, until the deadline.
-async fn ask_all(
+pub(crate) async fn ask_all(
     client: &reqwest::Client,
     targets: &[Target],
     cursors: &HashMap<String, PollCursors>,

@@ -225,8 +225,21 @@ pub struct PollResponse {
     pub updates: Vec<UpdateRun>,
 }
 
-/// Path that makes an activated agent install the manager's dist now (mutual TLS).
+/// Path that makes an activated agent install the manager's dist now (mutual TLS); the body is
+/// empty or an [`UpdateRequest`].
 pub const UPDATE_PATH: &str = "/v1/update";
+
+/// `POST /v1/update` request (optional: an empty body, `null` or `{}` installs dist).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRequest {
+    /// Install the manager's backup N (1..=3) instead of dist: the revision `pm-mirror serve`
+    /// serves at `<dist_url>/backup/N/`, verified with the manager key like dist. This is how
+    /// pm-rollback moves agents back to an older revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u32>,
+}
+
 /// Path that makes an activated agent reinstall one of its local backups (mutual TLS).
 pub const ROLLBACK_PATH: &str = "/v1/rollback";
 /// Path listing the agent's last scheduled update runs, newest first (mutual TLS).
@@ -438,6 +451,28 @@ pub struct ScanReport {
 pub struct ScanList {
     /// Reports, newest first.
     pub reports: Vec<ScanReport>,
+}
+
+/// Setup step: the agent's own schedule (mutual TLS), [`ScheduleRequest`] in,
+/// [`SetupResponse`] out.
+pub const SCHEDULE_PATH: &str = "/v1/setup/schedule";
+
+/// The schedule the manager gives an agent; it overrides `[schedule]` in the agent's
+/// `agent.toml`. Neither `update` nor `scan`: the manager's schedule is removed and
+/// `agent.toml`'s applies again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRequest {
+    /// When to install dist: a cron expression (5 fields, or 6 with seconds first), host
+    /// local time.
+    #[serde(default)]
+    pub update: Option<String>,
+    /// When to scan `scan_paths`: a cron expression.
+    #[serde(default)]
+    pub scan: Option<String>,
+    /// Absolute paths the scheduled scan covers; required with `scan`.
+    #[serde(default)]
+    pub scan_paths: Vec<String>,
 }
 
 #[cfg(test)]

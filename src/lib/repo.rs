@@ -14,12 +14,14 @@
 //! `kill -9` at any instant leaves either the whole old state or the whole new one. Anything no
 //! longer referenced by the current view is garbage and removed by [`Repo::collect_garbage`].
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::durable;
@@ -28,6 +30,27 @@ use crate::pki::SigningKey;
 
 /// Number of backup generations kept after dist.
 pub const BACKUP_GENERATIONS: usize = 3;
+
+/// A backup generation named on a command line or in a request: 1..=[`BACKUP_GENERATIONS`].
+pub fn check_generation(n: usize) -> Result<usize, String> {
+    if (1..=BACKUP_GENERATIONS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "generation {n} is not a backup: use 1, 2 or 3 (1 is the dist before the last publish)"
+        ))
+    }
+}
+
+/// `--generation N` of `pm-mirror rollback`, `pm-agent update` and pm-rollback.
+pub fn parse_generation(text: &str) -> Result<usize, String> {
+    text.parse::<usize>()
+        .map_err(|_| format!("`{text}` is not a generation: use 1, 2 or 3"))
+        .and_then(check_generation)
+}
+
+/// How many rolled-back revisions [`Generations::rolled_back`] remembers.
+pub const ROLLED_BACK_KEPT: usize = 10;
 
 /// Repository errors; each names the path involved.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +94,14 @@ pub struct Generations {
     pub backups: Vec<String>,
     /// Archived revisions, newest first.
     pub archives: Vec<String>,
+    /// Revisions taken out of dist or the backups by a rollback, newest first (at most
+    /// [`ROLLED_BACK_KEPT`]): `pm-mirror publish` refuses to publish them again without
+    /// `--again`, so a rolled-back revision never comes back silently.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rolled_back: Vec<String>,
+    /// When each revision in `rolled_back` was rolled back.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rolled_back_at: BTreeMap<String, DateTime<Utc>>,
 }
 
 /// What a publish would do to the generations.
@@ -84,7 +115,74 @@ pub struct Rotation {
     pub expired: Vec<String>,
 }
 
+/// What a rollback of dist to a backup generation would do to the generations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollback {
+    /// The generations after the rollback.
+    pub after: Generations,
+    /// dist before.
+    pub from: String,
+    /// dist after: the revision backup/N held.
+    pub to: String,
+    /// The revisions this rollback took out (dist and backup/1..N-1), newest first.
+    pub rolled_back: Vec<String>,
+}
+
 impl Generations {
+    /// The rollback of dist to backup/`generation` (1..=[`BACKUP_GENERATIONS`]): dist becomes
+    /// that backup's revision, older backups move up in order (backup/N+1 becomes backup/1),
+    /// archives stay, and the revisions that were dist and backup/1..N-1 are recorded in
+    /// [`Generations::rolled_back`] with the time now. `None` when dist is empty or that backup
+    /// does not exist.
+    pub fn rollback(&self, generation: usize) -> Option<Rollback> {
+        if !(1..=BACKUP_GENERATIONS).contains(&generation) || generation > self.backups.len() {
+            return None;
+        }
+        let from = self.dist.clone()?;
+        let mut after = self.clone();
+        let mut newer = after.backups.drain(..generation).collect::<Vec<_>>();
+        let to = newer.pop().expect("generation <= backups.len()");
+        after.dist = Some(to.clone());
+        let mut rolled_back = vec![from.clone()];
+        rolled_back.extend(newer);
+        let now = Utc::now();
+        for revision in rolled_back.iter().rev() {
+            after.rolled_back.retain(|r| r != revision);
+            after.rolled_back.insert(0, revision.clone());
+            after.rolled_back_at.insert(revision.clone(), now);
+        }
+        after.rolled_back.truncate(ROLLED_BACK_KEPT);
+        // A revision that is dist again is no longer rolled back.
+        after.rolled_back.retain(|r| r != &to);
+        let kept = after.rolled_back.clone();
+        after.rolled_back_at.retain(|r, _| kept.contains(r));
+        Some(Rollback {
+            after,
+            from,
+            to,
+            rolled_back,
+        })
+    }
+
+    /// Whether `revision` is in [`Generations::rolled_back`].
+    pub fn is_rolled_back(&self, revision: &str) -> bool {
+        self.rolled_back.iter().any(|r| r == revision)
+    }
+
+    /// When `revision` was rolled back, if it is in [`Generations::rolled_back`].
+    pub fn rolled_back_on(&self, revision: &str) -> Option<DateTime<Utc>> {
+        self.rolled_back_at
+            .get(revision)
+            .copied()
+            .filter(|_| self.is_rolled_back(revision))
+    }
+
+    /// Forgets that `revision` was rolled back (the operator published it again on purpose).
+    pub fn forget_rolled_back(&mut self, revision: &str) {
+        self.rolled_back.retain(|r| r != revision);
+        self.rolled_back_at.remove(revision);
+    }
+
     /// The rotation of a publish: latest -> dist -> backup/1 -> 2 -> 3 -> archive (keep
     /// `keep_archives`). `None` when there is nothing to publish or dist already is latest.
     pub fn publish(&self, keep_archives: usize) -> Option<Rotation> {
@@ -612,6 +710,7 @@ mod tests {
             dist: dist.map(Into::into),
             backups: backups.iter().map(|s| s.to_string()).collect(),
             archives: archives.iter().map(|s| s.to_string()).collect(),
+            ..Generations::default()
         }
     }
 
@@ -652,5 +751,111 @@ mod tests {
     fn publish_is_a_no_op_when_dist_is_latest() {
         check(generations("r3", Some("r3"), &["r2"], &[]), 5, None);
         check(Generations::default(), 5, None);
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// dist, backups, archives and the rolled-back list (newest first) after a rollback.
+    type Expected<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
+
+    /// Rolls `before` back to `generation` and compares the generations with `expected`.
+    fn check_rollback(before: Generations, generation: usize, expected: Option<Expected>) {
+        let rollback = before.rollback(generation);
+        let got = rollback.as_ref().map(|r| {
+            (
+                r.after.dist.clone().unwrap(),
+                r.after.backups.clone(),
+                r.after.archives.clone(),
+                r.after.rolled_back.clone(),
+            )
+        });
+        let expected = expected.map(|(dist, backups, archives, rolled_back)| {
+            (
+                dist.to_string(),
+                names(backups),
+                names(archives),
+                names(rolled_back),
+            )
+        });
+        assert_eq!(got, expected, "rollback {generation} of {before:?}");
+        if let Some(rollback) = rollback {
+            let after = &rollback.after;
+            assert_eq!(after.latest, before.latest, "latest never moves");
+            assert_eq!(rollback.from, before.dist.clone().unwrap());
+            assert_eq!(Some(&rollback.to), after.dist.as_ref());
+            for revision in &after.rolled_back {
+                assert!(after.rolled_back_on(revision).is_some(), "{revision}");
+            }
+            assert_eq!(after.rolled_back_at.len(), after.rolled_back.len());
+        }
+    }
+
+    #[test]
+    fn rollback_makes_backup_n_dist_and_remembers_what_it_took_out() {
+        let full = generations("r5", Some("r4"), &["r3", "r2", "r1"], &["r0"]);
+        check_rollback(
+            full.clone(),
+            1,
+            Some(("r3", &["r2", "r1"], &["r0"], &["r4"])),
+        );
+        check_rollback(
+            full.clone(),
+            2,
+            Some(("r2", &["r1"], &["r0"], &["r4", "r3"])),
+        );
+        check_rollback(
+            full.clone(),
+            3,
+            Some(("r1", &[], &["r0"], &["r4", "r3", "r2"])),
+        );
+        let rollback = full.rollback(2).unwrap();
+        assert_eq!(rollback.rolled_back, names(&["r4", "r3"]));
+    }
+
+    #[test]
+    fn rollback_to_a_missing_generation_is_none() {
+        check_rollback(generations("r2", Some("r2"), &["r1"], &[]), 2, None);
+        check_rollback(generations("r2", Some("r2"), &["r1"], &[]), 0, None);
+        check_rollback(
+            generations("r5", Some("r4"), &["r3", "r2", "r1"], &[]),
+            4,
+            None,
+        );
+        check_rollback(generations("r1", Some("r1"), &[], &[]), 1, None);
+        check_rollback(generations("r1", None, &[], &[]), 1, None);
+    }
+
+    #[test]
+    fn rolled_back_revisions_stay_newest_first_bounded_and_leave_when_dist_again() {
+        let mut before = generations("r3", Some("r3"), &["r2", "r1"], &[]);
+        before.rolled_back = names(&["r9", "r8", "r7", "r6", "r5", "r4", "r2", "x3", "x2", "x1"]);
+        let rollback = before.rollback(1).unwrap();
+        // r3 goes first, r2 is dist again so it is no longer rolled back, the oldest fall off.
+        assert_eq!(
+            rollback.after.rolled_back,
+            names(&["r3", "r9", "r8", "r7", "r6", "r5", "r4", "x3", "x2"])
+        );
+        let mut after = rollback.after;
+        assert!(after.is_rolled_back("r3") && after.rolled_back_on("r3").is_some());
+        after.forget_rolled_back("r3");
+        assert!(!after.is_rolled_back("r3") && after.rolled_back_on("r3").is_none());
+    }
+
+    #[test]
+    fn publish_keeps_the_rolled_back_list() {
+        let mut before = generations("r4", Some("r2"), &["r1"], &[]);
+        before.rolled_back = names(&["r3"]);
+        let after = before.publish(5).unwrap().after;
+        assert_eq!(after.rolled_back, names(&["r3"]));
+    }
+
+    #[test]
+    fn a_state_without_rolled_back_parses() {
+        let state: Generations =
+            serde_json::from_str(r#"{"latest":"r1","dist":"r1","backups":[],"archives":[]}"#)
+                .unwrap();
+        assert!(state.rolled_back.is_empty() && state.rolled_back_at.is_empty());
     }
 }

@@ -25,7 +25,7 @@ fn tool(program: &str, args: &[&str]) -> (i32, String) {
 }
 
 /// `sigtool -i DB/test.cvd`: the version it shows.
-fn sigtool_version(db: &Path) -> String {
+pub(crate) fn sigtool_version(db: &Path) -> String {
     let (code, text) = tool("sigtool", &["-i", db.join("test.cvd").to_str().unwrap()]);
     assert_eq!(code, 0, "{text}");
     text.lines()
@@ -283,4 +283,88 @@ fn kill_9_during_an_install_leaves_a_database_clamscan_loads() {
     setup.agent_cmd(&["update"]);
     assert_eq!(sigtool_version(&db), "6");
     assert_eq!(names(&db), ["test.cvd"]);
+}
+
+#[test]
+fn update_with_a_generation_installs_the_managers_backup_and_reports_a_rollback() {
+    let setup = Setup::new();
+    let db = setup.db();
+    // dist is 6 and the manager's backup/1 is the revision with 3.
+    setup.publish(6);
+    let report = setup.agent_cmd(&["update"]);
+    assert_eq!(sigtool_version(&db), "6");
+    let dist_revision = report["revision"].as_str().unwrap().to_string();
+
+    let (code, report) = setup.post(pm::proto::UPDATE_PATH, serde_json::json!({"generation": 1}));
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["action"], "rollback", "{report}");
+    assert_eq!(report["changed"], true);
+    assert_eq!(report["previous_revision"], dist_revision.as_str());
+    assert_ne!(report["revision"], dist_revision.as_str());
+    // This agent never had 3: it came from the manager's backup/1, verified like dist.
+    assert_eq!(report["downloaded"], serde_json::json!(["test.cvd"]));
+    assert_eq!(report["files"][0]["from_version"], "6");
+    assert_eq!(report["files"][0]["to_version"], "3");
+    assert_eq!(sigtool_version(&db), "3");
+    assert_eq!(names(&db), ["test.cvd"]);
+    let backup_revision = report["revision"].as_str().unwrap().to_string();
+    // The set it replaced is the local backup:1, like any install.
+    let status = setup.agent_cmd(&["status"]);
+    assert_eq!(status["installed_revision"], backup_revision.as_str());
+    assert_eq!(
+        status["backups"],
+        serde_json::json!([dist_revision.as_str()])
+    );
+
+    // Installing what is installed changes nothing.
+    let (code, report) = setup.post(pm::proto::UPDATE_PATH, serde_json::json!({"generation": 1}));
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["changed"], false, "{report}");
+    assert_eq!(report["downloaded"], serde_json::json!([]));
+
+    // Bad requests are refused before anything happens.
+    for (body, says) in [
+        (
+            serde_json::json!({"generation": 0}),
+            "generation 0 is not a backup",
+        ),
+        (
+            serde_json::json!({"generation": 4}),
+            "generation 4 is not a backup",
+        ),
+        (serde_json::json!({"generation": "x"}), "not valid"),
+        (
+            serde_json::json!({"revision": "r1"}),
+            "unknown field `revision`",
+        ),
+    ] {
+        let (code, answer) = setup.post(pm::proto::UPDATE_PATH, body.clone());
+        assert_eq!(code, 400, "{body}: {answer}");
+        assert!(answer.to_string().contains(says), "{body}: {answer}");
+    }
+    // A generation the manager does not have (backup/2) fails with a hint, nothing moves.
+    let (code, answer) = setup.post(pm::proto::UPDATE_PATH, serde_json::json!({"generation": 2}));
+    assert_eq!(code, 500, "{answer}");
+    assert!(
+        answer.to_string().contains("backup/2/manifest.json")
+            && answer.to_string().contains("no such backup generation"),
+        "{answer}"
+    );
+    assert_eq!(sigtool_version(&db), "3");
+
+    // Back to dist with `null` (no body), then the same rollback from the command line.
+    let (code, report) = setup.post(pm::proto::UPDATE_PATH, Value::Null);
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["action"], "update");
+    assert_eq!(report["revision"], dist_revision.as_str());
+    assert_eq!(sigtool_version(&db), "6");
+    let report = setup.agent_cmd(&["update", "--generation", "1"]);
+    assert_eq!(report["action"], "rollback", "{report}");
+    assert_eq!(report["revision"], backup_revision.as_str());
+    assert_eq!(report["downloaded"], serde_json::json!([]));
+    assert_eq!(sigtool_version(&db), "3");
+    let run = Pm::agent(&setup.state())
+        .args(["update", "--generation", "4"])
+        .run();
+    assert_eq!(run.code(), 2, "{}", run.stderr());
 }

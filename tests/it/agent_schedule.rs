@@ -1,13 +1,14 @@
-//! The agent's own schedule (`[schedule]` in agent.toml): a running agent scans and updates by
-//! itself on per-second cron expressions, bad expressions are refused at load, and `status`
-//! shows the next runs.
+//! The agent's own schedule (`[schedule]` in agent.toml, or the manager's from
+//! `pm-push schedule`): a running agent scans and updates by itself on per-second cron
+//! expressions, bad expressions are refused at load (and by pm-push before any host is asked),
+//! and `status` shows the next runs and where the schedule comes from.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{AgentSetup, EICAR, Pm, testdb};
+use crate::support::{AgentSetup, EICAR, Pm, sql, testdb};
 
 /// An initialised (not activated) clamav agent with test.cvd 6 and a directory holding EICAR.
 struct Scheduled {
@@ -228,4 +229,137 @@ fn status_shows_the_schedule_and_the_next_runs() {
         text.stdout()
     );
     assert!(text.stdout().contains("next run"), "{}", text.stdout());
+}
+
+/// The newest scan report id in an agent's `scans/`, if any.
+fn newest_scan(state: &Path) -> Option<String> {
+    std::fs::read_dir(state.join("scans"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".json"))
+        .max()
+}
+
+#[test]
+fn pm_push_schedule_sets_a_running_agents_schedule_and_clear_gives_it_back() {
+    let setup = AgentSetup::new();
+    setup.agent_cmd(&["update"]);
+    let dir = setup.tmp.path().join("files");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("eicar.com"), EICAR).unwrap();
+    let dir = dir.to_str().unwrap();
+    let push = |args: &[&str]| {
+        let run = Pm::push(&setup.home)
+            .args(["schedule"])
+            .args(args)
+            .args(["--json"])
+            .run();
+        (run.code(), run.stdout(), run.stderr())
+    };
+
+    // Bad input is refused before any host is asked: no job, nothing on the agent.
+    for (args, names) in [
+        (
+            vec!["--scan", "every tuesday", "--scan-path", dir],
+            "--scan",
+        ),
+        (vec!["--update", "61 * * * *"], "--update"),
+        (vec!["--scan", "0 3 * * *"], "--scan-path"),
+        (
+            vec!["--scan", "0 3 * * *", "--scan-path", "srv"],
+            "--scan-path",
+        ),
+        (vec!["--scan-path", dir], "--scan-path"),
+        (vec![], "--clear"),
+    ] {
+        let (code, _, stderr) = push(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(names), "{args:?}: {stderr}");
+    }
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT count(*) FROM jobs WHERE kind = 'schedule'"
+        ),
+        ["0"]
+    );
+    assert_eq!(
+        setup.agent_cmd(&["status"])["schedule"],
+        serde_json::json!([])
+    );
+
+    // The running agent scans on the manager's schedule without a restart.
+    let (code, stdout, stderr) = push(&["--scan", "*/1 * * * * *", "--scan-path", dir]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["changed"], true, "{report}");
+    assert_eq!(report["summary"]["ok"], 1, "{report}");
+    assert_eq!(report["hosts"][0]["host"], "127.0.0.1", "{report}");
+    let scans = setup.state().join("scans");
+    wait_for(30, || {
+        std::fs::read_dir(&scans)
+            .ok()?
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .find(|text| text.contains("Eicar-Test-Signature"))
+    })
+    .expect("no scheduled scan report naming Eicar-Test-Signature within 30 s");
+    let status = setup.agent_cmd(&["status"]);
+    let schedule = status["schedule"].as_array().unwrap();
+    assert_eq!(schedule.len(), 1, "{status:#}");
+    assert_eq!(schedule[0]["job"], "scan");
+    assert_eq!(schedule[0]["expression"], "*/1 * * * * *");
+    assert_eq!(schedule[0]["source"], "manager");
+    let text = Pm::agent(&setup.state()).args(["status"]).run();
+    assert!(
+        text.stdout().contains("schedule scan (from manager)"),
+        "{}",
+        text.stdout()
+    );
+    // The manager's poll sees the schedule in effect.
+    let (code, poll) = setup.get("/v1/poll");
+    assert_eq!(code, 200, "{poll:#}");
+    assert_eq!(poll["schedule"][0]["job"], "scan", "{poll:#}");
+    assert_eq!(poll["schedule"][0]["expression"], "*/1 * * * * *");
+
+    // The same schedule again changes nothing; the agent refuses a bad one itself too.
+    let (code, stdout, _) = push(&["--scan", "*/1 * * * * *", "--scan-path", dir]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("\"changed\": false"), "{stdout}");
+    let (code, refused) = setup.post(
+        "/v1/setup/schedule",
+        serde_json::json!({"update": "every tuesday"}),
+    );
+    assert_eq!(code, 400, "{refused}");
+    assert!(
+        refused["message"].as_str().unwrap().contains("`update`"),
+        "{refused}"
+    );
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT count(*) FROM jobs WHERE kind = 'schedule' AND status = 'ok'"
+        ),
+        ["2"]
+    );
+
+    // Clearing stops the scheduled scans: agent.toml (no schedule) applies again.
+    let (code, stdout, _) = push(&["--clear"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("\"changed\": true"), "{stdout}");
+    assert_eq!(
+        setup.agent_cmd(&["status"])["schedule"],
+        serde_json::json!([])
+    );
+    // A scan already under way finishes; after that no new report appears.
+    std::thread::sleep(Duration::from_secs(3));
+    let settled = newest_scan(&setup.state());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        newest_scan(&setup.state()),
+        settled,
+        "a scan ran after --clear"
+    );
+    let (_, poll) = setup.get("/v1/poll");
+    assert_eq!(poll["schedule"], serde_json::json!([]), "{poll:#}");
 }

@@ -11,17 +11,24 @@ use serde_json::{Value, json};
 use crate::support::{Home, Pm, free_port};
 
 /// A running `pm-lab agents`; SIGTERM and a reap on drop so a failed assertion leaves no agent.
-struct LabAgents {
-    child: Child,
+pub(crate) struct LabAgents {
+    pub(crate) child: Child,
 }
 
 impl LabAgents {
-    fn start(dir: &Path, port: u16, key_file: &Path, stdout: &Path, log: &Path) -> LabAgents {
+    pub(crate) fn start(
+        dir: &Path,
+        count: usize,
+        port: u16,
+        key_file: &Path,
+        stdout: &Path,
+        log: &Path,
+    ) -> LabAgents {
         let child = Pm::new("pm-lab")
             .args([
                 "agents",
                 "--count",
-                "3",
+                &count.to_string(),
                 "--port",
                 &port.to_string(),
                 "--dir",
@@ -36,6 +43,24 @@ impl LabAgents {
             .spawn()
             .unwrap();
         LabAgents { child }
+    }
+
+    /// Waits (at most `seconds`) for the JSON report pm-lab prints once every agent runs.
+    pub(crate) fn report(&mut self, stdout: &Path, log: &Path, seconds: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        loop {
+            let text = std::fs::read_to_string(stdout).unwrap_or_default();
+            if let Ok(report) = serde_json::from_str(&text) {
+                return report;
+            }
+            let exited = self.child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "no report (pm-lab {exited:?}):\n{text}\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGTERM, as systemd or a CI runner would send it; the exit status within `limit`.
@@ -85,23 +110,10 @@ fn three_lab_agents_are_activated_from_targets_and_stop_with_the_lab() {
     let log = work.path().join("pm-lab.log");
     let port = free_port();
     let stdout = work.path().join("pm-lab.json");
-    let mut lab = LabAgents::start(&dir, port, &key_file, &stdout, &log);
+    let mut lab = LabAgents::start(&dir, 3, port, &key_file, &stdout, &log);
 
     // The report comes once every agent accepts connections and targets.txt is written.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let lab_report: Value = loop {
-        let text = std::fs::read_to_string(&stdout).unwrap_or_default();
-        if let Ok(report) = serde_json::from_str(&text) {
-            break report;
-        }
-        let exited = lab.child.try_wait().unwrap();
-        assert!(
-            exited.is_none() && Instant::now() < deadline,
-            "no report (pm-lab {exited:?}):\n{text}\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let lab_report = lab.report(&stdout, &log, 40);
     let targets = dir.join("targets.txt");
     assert_eq!(lab_report["targets_file"], targets.to_str().unwrap());
     let pids: Vec<u64> = lab_report["agents"]

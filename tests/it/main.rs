@@ -18,6 +18,8 @@ mod mirror_publish;
 mod mirror_serve;
 mod mirror_sync;
 mod poll;
+mod push;
 mod query;
 mod readme_sql;
+mod rollback;
 mod support;

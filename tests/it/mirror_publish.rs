@@ -193,6 +193,56 @@ fn assert_consistent(home: &Path) {
     }
 }
 
+/// What the `kill -9` rounds of a test saw.
+#[derive(Debug, Default)]
+struct Kills {
+    killed_midway: u32,
+    kept_old: u32,
+    got_new: u32,
+}
+
+impl Kills {
+    /// Runs `pm-mirror ARGS -q`, sends it SIGKILL after `delay`, and checks that the generations
+    /// are `before` or `new` (when a revision was rolled back aside), never a mix, and that the
+    /// repository is consistent.
+    fn round(
+        &mut self,
+        feed: &Feed,
+        args: &[&str],
+        delay: Duration,
+        before: &Generations,
+        new: &Generations,
+    ) {
+        let mut child = Pm::mirror(&feed.home)
+            .args(args)
+            .args(["-q"])
+            .command()
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill(); // SIGKILL
+        if !child.wait().unwrap().success() {
+            self.killed_midway += 1;
+        }
+        let after = feed.generations();
+        let without_times = |g: &Generations| Generations {
+            rolled_back_at: Default::default(),
+            ..g.clone()
+        };
+        if after == *before {
+            self.kept_old += 1;
+        } else {
+            assert_eq!(
+                without_times(&after),
+                without_times(new),
+                "a mix of states; before {before:?}"
+            );
+            self.got_new += 1;
+        }
+        assert_consistent(feed.home.path());
+    }
+}
+
 #[test]
 fn kill_9_during_publish_leaves_either_the_old_or_the_new_generations() {
     let mut feed = Feed::new("[retention]\narchives = 2\n");
@@ -202,48 +252,204 @@ fn kill_9_during_publish_leaves_either_the_old_or_the_new_generations() {
     Pm::mirror(&feed.home).args(["publish"]).json();
     let publish_time = started.elapsed();
     let rounds = 24u32;
-    let mut killed_midway = 0;
-    let (mut kept_old, mut got_new) = (0, 0);
+    let mut kills = Kills::default();
     for round in 0..rounds {
         let latest = feed.new_revision();
         let before = feed.generations();
-        let mut child = Pm::mirror(&feed.home)
-            .args(["publish", "-q"])
-            .command()
-            .spawn()
-            .unwrap();
-        std::thread::sleep(publish_time * round / rounds);
-        let _ = child.kill(); // SIGKILL
-        let status = child.wait().unwrap();
-        if !status.success() {
-            killed_midway += 1;
-        }
-        let after = feed.generations();
-        let old_or_new = after == before
-            || (after.dist.as_deref() == Some(latest.as_str())
-                && after == before.publish(2).unwrap().after);
-        assert!(
-            old_or_new,
-            "round {round}: a mix of states\nbefore {before:?}\nafter {after:?}"
+        let new = before.publish(2).unwrap().after;
+        kills.round(
+            &feed,
+            &["publish"],
+            publish_time * round / rounds,
+            &before,
+            &new,
         );
-        if after == before {
-            kept_old += 1;
-        } else {
-            got_new += 1;
-        }
-        assert_consistent(feed.home.path());
         // Whatever happened, the next publish completes and rotates correctly.
         let report = Pm::mirror(&feed.home).args(["publish"]).json();
         assert_eq!(report["dist"], latest.as_str());
         assert_consistent(feed.home.path());
     }
-    eprintln!(
-        "{killed_midway} of {rounds} publishes killed: {kept_old} kept the old state, {got_new} the new"
-    );
-    assert!(killed_midway > 0, "no kill landed while publish ran");
+    eprintln!("publishes: {kills:?}");
+    assert!(kills.killed_midway > 0, "no kill landed while publish ran");
     // Leftovers of killed runs (staging views, unreferenced revisions) are collected.
     let gc = Pm::mirror(&feed.home).args(["gc"]).json();
     let _ = gc;
     let views = std::fs::read_dir(feed.home.repo("views")).unwrap().count();
     assert_eq!(views, 1, "only the current view remains");
+}
+
+/// GET `path` from a running `pm-mirror serve` as JSON.
+fn served_json(server: &crate::support::Server, path: &str) -> serde_json::Value {
+    let url = format!("{}{path}", server.base);
+    crate::support::runtime().block_on(async {
+        let response = reqwest::get(&url).await.unwrap();
+        assert_eq!(response.status(), 200, "{url}");
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
+    })
+}
+
+#[test]
+fn rollback_moves_dist_to_a_backup_and_publish_refuses_the_rolled_back_revision_until_again() {
+    let mut feed = Feed::new("");
+    for _ in 0..3 {
+        feed.new_revision();
+        Pm::mirror(&feed.home).args(["publish"]).json();
+    }
+    let server = crate::support::Server::start(&feed.home);
+    assert_eq!(served_json(&server, "/manifest.json")["revision"], "r3");
+
+    // A dry run says what would happen and changes nothing.
+    let before = feed.generations();
+    let dry = Pm::mirror(&feed.home)
+        .args(["rollback", "--generation", "1", "--dry-run"])
+        .json();
+    assert_eq!(
+        (dry["changed"].clone(), dry["to"].clone()),
+        (false.into(), "r2".into())
+    );
+    assert_eq!(feed.generations(), before);
+
+    let report = Pm::mirror(&feed.home)
+        .args(["rollback", "--generation", "1"])
+        .json();
+    assert_eq!(report["changed"], true);
+    assert_eq!(report["from"], "r3");
+    assert_eq!(report["to"], "r2");
+    assert_eq!(report["backups"], serde_json::json!(["r1"]));
+    assert_eq!(report["rolled_back"], serde_json::json!(["r3"]));
+    let generations = feed.generations();
+    assert_eq!(generations.latest.as_deref(), Some("r3"));
+    assert_eq!(generations.dist.as_deref(), Some("r2"));
+    assert_eq!(generations.backups, names(&["r1"]));
+    assert_eq!(generations.rolled_back, names(&["r3"]));
+    assert_consistent(feed.home.path());
+    // latest is still on disk: garbage collection never takes it.
+    assert!(feed.home.repo("revisions/r3/manifest.json").is_file());
+
+    // The running server serves r2 as dist now, and backup/1 is r1.
+    assert_eq!(served_json(&server, "/manifest.json")["revision"], "r2");
+    assert_eq!(
+        served_json(&server, "/backup/1/manifest.json")["revision"],
+        "r1"
+    );
+
+    let rows = crate::support::sql(
+        &feed.home,
+        "SELECT action || ' ' || revision || ' ' || previous_revision || ' ' || backups \
+         FROM dist_history ORDER BY id DESC LIMIT 1",
+    );
+    assert_eq!(rows, ["rollback r2 r3 r1"]);
+    let jobs = crate::support::sql(
+        &feed.home,
+        "SELECT kind || ' ' || status FROM jobs ORDER BY id DESC LIMIT 1",
+    );
+    assert_eq!(jobs, ["rollback ok"]);
+
+    // Publish refuses the rolled-back latest, with a hint, and changes nothing.
+    let refused = Pm::mirror(&feed.home).args(["publish"]).run();
+    assert_eq!(refused.code(), 2, "{}", refused.stderr());
+    assert!(
+        refused
+            .stderr()
+            .contains("error: latest `r3` was rolled back")
+            && refused.stderr().contains("hint: it was rolled back on 20")
+            && refused
+                .stderr()
+                .contains("run `pm-mirror publish --again` to publish it anyway"),
+        "{}",
+        refused.stderr()
+    );
+    assert_eq!(feed.generations(), generations);
+
+    // --again publishes it and forgets that it was rolled back.
+    let again = Pm::mirror(&feed.home).args(["publish", "--again"]).json();
+    assert_eq!(again["dist"], "r3");
+    assert_eq!(again["backups"], serde_json::json!(["r2", "r1"]));
+    assert!(feed.generations().rolled_back.is_empty());
+    assert_eq!(served_json(&server, "/manifest.json")["revision"], "r3");
+}
+
+#[test]
+fn after_a_rollback_a_newer_revision_publishes_normally() {
+    let mut feed = Feed::new("");
+    for _ in 0..3 {
+        feed.new_revision();
+        Pm::mirror(&feed.home).args(["publish"]).json();
+    }
+    let report = Pm::mirror(&feed.home)
+        .args(["rollback", "--generation", "2"])
+        .json();
+    assert_eq!(report["to"], "r1");
+    assert_eq!(report["rolled_back"], serde_json::json!(["r3", "r2"]));
+    // r2 is referenced by nothing any more: collected.
+    assert!(!feed.home.repo("revisions/r2").exists());
+    assert_consistent(feed.home.path());
+
+    feed.new_revision();
+    let published = Pm::mirror(&feed.home).args(["publish"]).json();
+    assert_eq!(published["dist"], "r4");
+    assert_eq!(published["backups"], serde_json::json!(["r1"]));
+    // Still remembered, so an import or a mistake cannot bring them back silently.
+    assert_eq!(feed.generations().rolled_back, names(&["r3", "r2"]));
+}
+
+#[test]
+fn rollback_to_a_missing_generation_is_a_usage_error_that_changes_nothing() {
+    let mut feed = Feed::new("");
+    feed.new_revision();
+    Pm::mirror(&feed.home).args(["publish"]).json();
+    feed.new_revision();
+    Pm::mirror(&feed.home).args(["publish"]).json();
+    let before = feed.generations();
+    let run = Pm::mirror(&feed.home)
+        .args(["rollback", "--generation", "2"])
+        .run();
+    assert_eq!(run.code(), 2);
+    assert!(
+        run.stderr()
+            .contains("error: there is no backup/2 to roll back to: dist is r2 and there is only 1 backup (r1)")
+            && run.stderr().contains("hint: `pm-mirror status`"),
+        "{}",
+        run.stderr()
+    );
+    for bad in ["0", "4", "x"] {
+        let run = Pm::mirror(&feed.home)
+            .args(["rollback", "--generation", bad])
+            .run();
+        assert_eq!(run.code(), 2, "{bad}: {}", run.stderr());
+    }
+    assert_eq!(feed.generations(), before);
+}
+
+#[test]
+fn kill_9_during_rollback_leaves_either_the_old_or_the_new_generations() {
+    let mut feed = Feed::new("");
+    let rounds = 8u32;
+    let mut rollback_time = None;
+    let mut kills = Kills::default();
+    for round in 0..rounds {
+        // dist and one backup to roll back to.
+        for _ in 0..2 {
+            feed.new_revision();
+            Pm::mirror(&feed.home).args(["publish"]).json();
+        }
+        let before = feed.generations();
+        let Some(time) = rollback_time else {
+            let started = Instant::now();
+            Pm::mirror(&feed.home)
+                .args(["rollback", "--generation", "1"])
+                .json();
+            rollback_time = Some(started.elapsed());
+            continue;
+        };
+        let new = before.rollback(1).unwrap().after;
+        kills.round(
+            &feed,
+            &["rollback", "--generation", "1"],
+            time * round / rounds,
+            &before,
+            &new,
+        );
+    }
+    eprintln!("rollbacks: {kills:?}");
 }

@@ -211,25 +211,27 @@ fn targets_select_hosts_and_unknown_names_are_refused() {
 fn a_poll_waits_for_a_reader_and_fails_clearly_when_a_writer_keeps_the_lock() {
     let setup = AgentSetup::new();
     let file = setup.home.path().join("inventory.duckdb");
-    // Readers come and go while pm-poll runs: both finish.
+    // Readers come and go while pm-poll runs: pm-poll waits for them, and a reader that
+    // meets the write (milliseconds) retries, as DuckDB readers must.
     let reader = std::thread::spawn({
         let file = file.clone();
         move || {
             for _ in 0..5 {
-                let out = Command::new(duckdb_cli())
-                    .args([
-                        "-readonly",
-                        file.to_str().unwrap(),
-                        "-c",
-                        "SELECT count(*) FROM fleet_status",
-                    ])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                let mut attempts = 0;
+                loop {
+                    let out = Command::new(duckdb_cli())
+                        .args(["-readonly", file.to_str().unwrap(), "-c"])
+                        .arg("SELECT count(*) FROM fleet_status")
+                        .output()
+                        .unwrap();
+                    if out.status.success() {
+                        break;
+                    }
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    attempts += 1;
+                    assert!(err.contains("lock") && attempts < 200, "{err}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
         }
     });

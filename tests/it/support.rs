@@ -16,6 +16,8 @@ pub fn bin(name: &str) -> &'static str {
         "pm-activate" => env!("CARGO_BIN_EXE_pm-activate"),
         "pm-agent" => env!("CARGO_BIN_EXE_pm-agent"),
         "pm-poll" => env!("CARGO_BIN_EXE_pm-poll"),
+        "pm-push" => env!("CARGO_BIN_EXE_pm-push"),
+        "pm-rollback" => env!("CARGO_BIN_EXE_pm-rollback"),
         "pm-query" => env!("CARGO_BIN_EXE_pm-query"),
         other => panic!("unknown binary {other}"),
     }
@@ -180,6 +182,20 @@ impl Pm {
             .arg("--state")
             .arg(state_dir)
             .env_remove("PM_AGENT_STATE");
+        pm
+    }
+
+    /// `pm-push --home HOME`.
+    pub fn push(home: &Home) -> Pm {
+        let mut pm = Pm::new("pm-push");
+        pm.command.arg("--home").arg(home.path());
+        pm
+    }
+
+    /// `pm-rollback --home HOME`.
+    pub fn rollback(home: &Home) -> Pm {
+        let mut pm = Pm::new("pm-rollback");
+        pm.command.arg("--home").arg(home.path());
         pm
     }
 

@@ -67,7 +67,8 @@ pub enum LicenseCommand {
     List,
 }
 
-fn parse_expiry(text: &str) -> Result<DateTime<Utc>, String> {
+/// `--expires`: YYYY-MM-DD (the end of that day, UTC) or an RFC 3339 time.
+pub fn parse_expiry(text: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(time) = DateTime::parse_from_rfc3339(text) {
         return Ok(time.with_timezone(&Utc));
     }
@@ -324,6 +325,35 @@ fn license_add(
     file: &Path,
     expires_at: DateTime<Utc>,
 ) -> anyhow::Result<ExitStatus> {
+    let (record, changed) = register_license(home, global, file, expires_at)?;
+    if global.json {
+        cli::print_json(&serde_json::json!({
+            "changed": changed, "sha256": record.sha256, "file_name": record.file_name,
+            "expires_at": record.expires_at,
+        }))?;
+    } else if !global.quiet {
+        cli::print_text(if changed {
+            format!(
+                "registered license {} (expires {}); hosts get it on their next \
+                 `pm-activate host` or `pm-push license`",
+                record.file_name,
+                record.expires_at.format("%Y-%m-%d")
+            )
+        } else {
+            format!("license {} is already registered", record.file_name)
+        })?;
+    }
+    Ok(ExitStatus::Success)
+}
+
+/// Registers a license file (kept 0600 under `PM_HOME/licenses`); whether it was new. With
+/// `--dry-run` it is only checked.
+pub fn register_license(
+    home: &Path,
+    global: &GlobalArgs,
+    file: &Path,
+    expires_at: DateTime<Utc>,
+) -> anyhow::Result<(LicenseRecord, bool)> {
     let file_name = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -402,24 +432,7 @@ fn license_add(
             })
             .map_err(inventory_error)?;
     }
-    if global.json {
-        cli::print_json(&serde_json::json!({
-            "changed": changed, "sha256": sha256, "file_name": record.file_name,
-            "expires_at": record.expires_at,
-        }))?;
-    } else if !global.quiet {
-        cli::print_text(if changed {
-            format!(
-                "registered license {} (expires {}); hosts get it on their next \
-                 `pm-activate host`",
-                record.file_name,
-                record.expires_at.format("%Y-%m-%d")
-            )
-        } else {
-            format!("license {} is already registered", record.file_name)
-        })?;
-    }
-    Ok(ExitStatus::Success)
+    Ok((record, changed))
 }
 
 /// What the setup steps give one host, read before the agent is contacted.
@@ -451,29 +464,58 @@ impl SetupPlan {
                 .cloned()
                 .ok_or_else(|| missing_profile(profile))?
         };
-        let license = match licenses.first() {
-            Some(record) => {
-                let path = home.join(LICENSES_DIR).join(&record.sha256);
-                let content = std::fs::read(&path).map_err(|err| {
-                    UserError::failure(format!(
-                        "license {} is registered but `{}` cannot be read: {err}",
-                        record.file_name,
-                        path.display()
-                    ))
-                    .with_hint(
-                        "register it again with `pm-activate license add FILE --expires DATE`",
-                    )
-                })?;
-                Some((record.clone(), content))
-            }
-            None => None,
-        };
+        let license = current_license(home, licenses)?;
         Ok(SetupPlan {
             profile,
             group: group.to_string(),
             license,
         })
     }
+}
+
+/// The newest registered license (the first of `licenses`) and its content.
+pub fn current_license(
+    home: &Path,
+    licenses: &[LicenseRecord],
+) -> Result<Option<(LicenseRecord, Vec<u8>)>, UserError> {
+    let Some(record) = licenses.first() else {
+        return Ok(None);
+    };
+    let path = home.join(LICENSES_DIR).join(&record.sha256);
+    let content = std::fs::read(&path).map_err(|err| {
+        UserError::failure(format!(
+            "license {} is registered but `{}` cannot be read: {err}",
+            record.file_name,
+            path.display()
+        ))
+        .with_hint("register it again with `pm-activate license add FILE --expires DATE`")
+    })?;
+    Ok(Some((record.clone(), content)))
+}
+
+/// Sends a license to an agent (mutual TLS).
+pub async fn send_license(
+    client: &reqwest::Client,
+    address: &str,
+    license: &LicenseRecord,
+    content: &[u8],
+) -> Result<proto::SetupResponse, UserError> {
+    let request = proto::LicenseRequest {
+        file_name: license.file_name.clone(),
+        expires_at: license.expires_at,
+        sha256: license.sha256.clone(),
+        content_hex: crate::manifest::hex(content),
+    };
+    super::host::post_json(client, address, proto::LICENSE_PATH, &request).await
+}
+
+/// Sends a scan profile to an agent (mutual TLS).
+pub async fn send_profile(
+    client: &reqwest::Client,
+    address: &str,
+    profile: &Profile,
+) -> Result<proto::SetupResponse, UserError> {
+    super::host::post_json(client, address, proto::PROFILE_PATH, profile).await
 }
 
 /// What the setup steps did.
@@ -513,7 +555,7 @@ pub async fn apply(client: &reqwest::Client, address: &str, plan: &SetupPlan) ->
     };
     record(
         "profile",
-        super::host::post_json(client, address, proto::PROFILE_PATH, &plan.profile).await,
+        send_profile(client, address, &plan.profile).await,
     );
     record(
         "group",
@@ -530,14 +572,7 @@ pub async fn apply(client: &reqwest::Client, address: &str, plan: &SetupPlan) ->
     let mut license_sha256 = None;
     match &plan.license {
         Some((license, content)) => {
-            let request = proto::LicenseRequest {
-                file_name: license.file_name.clone(),
-                expires_at: license.expires_at,
-                sha256: license.sha256.clone(),
-                content_hex: crate::manifest::hex(content),
-            };
-            let result =
-                super::host::post_json(client, address, proto::LICENSE_PATH, &request).await;
+            let result = send_license(client, address, license, content).await;
             if result.is_ok() {
                 license_sha256 = Some(license.sha256.clone());
             }

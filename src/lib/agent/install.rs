@@ -1,5 +1,7 @@
 //! Installing revisions on the agent: `pm-agent update` / `POST /v1/update` pulls the manager's
-//! dist, `pm-agent rollback --to backup:N` / `POST /v1/rollback` reinstalls a local backup.
+//! dist (or with `--generation N` / `{"generation": N}` the manager's backup N, which is how
+//! pm-rollback moves a fleet back), `pm-agent rollback --to backup:N` / `POST /v1/rollback`
+//! reinstalls a local backup.
 //!
 //! State (below the agent's state directory):
 //!
@@ -298,9 +300,14 @@ async fn get(client: &reqwest::Client, url: &str, limit: u64) -> Result<Vec<u8>>
     };
     let response = client.get(url).send().await.map_err(unreachable)?;
     if !response.status().is_success() {
+        let hint = if url.contains("/backup/") {
+            "the manager has no such backup generation: `pm-mirror status` on the manager lists them"
+        } else {
+            "check that the manager published a revision (`pm-mirror publish`)"
+        };
         return Err(
             UserError::failure(format!("`{url}` answered {}", response.status()))
-                .with_hint("check that the manager published a revision (`pm-mirror publish`)")
+                .with_hint(hint)
                 .into(),
         );
     }
@@ -610,7 +617,26 @@ fn activated_dist_url(dir: &Path) -> Result<String> {
 
 /// `update`: installs the manager's dist.
 pub fn update(dir: &Path, config: &AgentConfig) -> Result<InstallReport> {
+    update_from(dir, config, None)
+}
+
+/// `update [--generation N]`: installs the manager's dist, or with `Some(N)` the manager's
+/// backup N, served at `<dist_url>/backup/N/` and verified with the manager key exactly like
+/// dist. Installing an older revision this way is the operator's explicit rollback: the report
+/// says `rollback` whenever the installed serial goes down.
+pub fn update_from(
+    dir: &Path,
+    config: &AgentConfig,
+    generation: Option<usize>,
+) -> Result<InstallReport> {
+    if let Some(n) = generation {
+        crate::repo::check_generation(n).map_err(UserError::usage)?;
+    }
     let dist_url = activated_dist_url(dir)?;
+    let source_url = match generation {
+        None => dist_url,
+        Some(n) => join_url(&dist_url, &format!("backup/{n}")),
+    };
     let _lock = lock(dir)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -618,11 +644,11 @@ pub fn update(dir: &Path, config: &AgentConfig) -> Result<InstallReport> {
         .context("cannot start the async runtime")?;
     let (manifest, wanted, downloaded) = runtime.block_on(async {
         let client = http_client()?;
-        let manifest = fetch_manifest(&client, dir, &dist_url).await?;
+        let manifest = fetch_manifest(&client, dir, &source_url).await?;
         let wanted = engine_files(config.engine, &manifest)?;
         let mut downloaded = Vec::new();
         for (file, path) in &wanted {
-            if download(&client, dir, &join_url(&dist_url, path), file).await? {
+            if download(&client, dir, &join_url(&source_url, path), file).await? {
                 downloaded.push(file.name.clone());
             }
         }
@@ -635,7 +661,38 @@ pub fn update(dir: &Path, config: &AgentConfig) -> Result<InstallReport> {
         installed_at: chrono::Utc::now(),
         files: wanted.into_iter().map(|(file, _)| file).collect(),
     };
-    finish(dir, config, "update", set, installed, backups, downloaded)
+    let older = matches!(
+        (set.serial, installed.as_ref().and_then(|i| i.serial)),
+        (Some(new), Some(old)) if new < old
+    );
+    let action = if older { "rollback" } else { "update" };
+    finish(dir, config, action, set, installed, backups, downloaded)
+}
+
+/// The generation a `POST /v1/update` body asks for: `None` (dist) for an empty body, `null`
+/// or `{}`.
+fn parse_update_request(body: &[u8]) -> Result<Option<usize>, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let invalid = |problem: String| {
+        format!(
+            "the update request is not valid ({problem}): send no body or {{}} for dist, or \
+             {{\"generation\": N}} with N 1, 2 or 3 for the manager's backup N"
+        )
+    };
+    // An object or null only: serde would also take `[1]` for the struct.
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|err| invalid(err.to_string()))?;
+    if !value.is_object() && !value.is_null() {
+        return Err(invalid("not a JSON object".into()));
+    }
+    let request: Option<proto::UpdateRequest> =
+        serde_json::from_value(value).map_err(|err| invalid(err.to_string()))?;
+    request
+        .and_then(|r| r.generation)
+        .map(|n| crate::repo::check_generation(n as usize))
+        .transpose()
 }
 
 fn finish(
@@ -825,15 +882,23 @@ async fn run_blocking(
     }
 }
 
-/// `POST /v1/update`.
+/// `POST /v1/update`, optionally with [`proto::UpdateRequest`].
 pub(super) async fn update_handler(
     State(agent): State<Arc<Agent>>,
     ConnectInfo(info): ConnectInfo<TlsConnectInfo>,
+    body: Bytes,
 ) -> Response {
     if let Err(response) = from_manager(&agent.lock(), &info) {
         return *response;
     }
-    run_blocking(agent, update).await
+    let generation = match parse_update_request(&body) {
+        Ok(generation) => generation,
+        Err(problem) => return error(StatusCode::BAD_REQUEST, "bad_request", problem),
+    };
+    run_blocking(agent, move |dir, config| {
+        update_from(dir, config, generation)
+    })
+    .await
 }
 
 /// `POST /v1/rollback` with [`proto::RollbackRequest`].
@@ -960,5 +1025,27 @@ mod tests {
         assert_eq!(names, ["test.cvd"]);
         assert_eq!(fs::read(db.join("test.cvd")).unwrap(), bytes);
         assert!(!install_set(state.path(), &db, &set, None).unwrap());
+    }
+
+    #[test]
+    fn an_update_request_names_dist_or_a_backup_generation_of_the_manager() {
+        for dist in ["", "  ", "null", "{}", "{\"generation\": null}"] {
+            assert_eq!(parse_update_request(dist.as_bytes()), Ok(None), "{dist:?}");
+        }
+        for n in 1..=3 {
+            let body = format!("{{\"generation\": {n}}}");
+            assert_eq!(parse_update_request(body.as_bytes()), Ok(Some(n)));
+        }
+        for (bad, says) in [
+            ("{\"generation\": 0}", "generation 0 is not a backup"),
+            ("{\"generation\": 4}", "generation 4 is not a backup"),
+            ("{\"generation\": \"x\"}", "not valid"),
+            ("{\"generation\": -1}", "not valid"),
+            ("{\"revision\": \"r3\"}", "unknown field `revision`"),
+            ("[1]", "not valid"),
+        ] {
+            let problem = parse_update_request(bad.as_bytes()).unwrap_err();
+            assert!(problem.contains(says), "{bad}: {problem}");
+        }
     }
 }

@@ -14,6 +14,11 @@
 //! or CLI update apart). Runs missed while the agent was down are not replayed, and a run that
 //! lasts past its next fire time skips it, like cron.
 //!
+//! The manager can set the schedule too (`POST /v1/setup/schedule`, kept in `setup.json`): when
+//! it has, its schedule is the one in effect and `agent.toml`'s waits until the manager clears
+//! it. A running agent applies a new schedule at once: the tasks of the old one are aborted (a
+//! run already under way finishes) and the new ones started, without a restart.
+//!
 //! Scan runs keep their reports in `scans/` like on-demand scans; update runs keep theirs in
 //! `updates/<id>.json` (the last [`UPDATES_KEEP`], write aside + rename), served as
 //! `GET /v1/updates` to the manager.
@@ -33,7 +38,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use super::{Agent, AgentConfig, error, from_manager, install, scan};
+use super::{Agent, AgentConfig, CONFIG_FILE, error, from_manager, install, scan, setup};
 use crate::cli::UserError;
 use crate::proto::{self, UpdateList, UpdateRun};
 use crate::tls::TlsConnectInfo;
@@ -43,7 +48,15 @@ pub const UPDATES_DIR: &str = "updates";
 /// How many update runs `updates/` keeps.
 pub const UPDATES_KEEP: usize = 20;
 
-/// `[schedule]` in `agent.toml`.
+/// The schedule in effect comes from the manager (`setup.json`).
+const FROM_MANAGER: &str = "manager";
+/// The schedule in effect comes from `[schedule]` in `agent.toml`.
+const FROM_AGENT_TOML: &str = "agent.toml";
+
+/// Wakes the task that runs the schedule when the schedule in effect may have changed.
+static RELOAD: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// `[schedule]` in `agent.toml`, or the schedule the manager gave (`setup.json`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleConfig {
@@ -80,81 +93,170 @@ pub(super) struct ScheduleStatus {
     pub job: &'static str,
     pub expression: String,
     pub next_run: Option<DateTime<Local>>,
+    /// Where the schedule comes from: `manager` or `agent.toml`.
+    pub source: &'static str,
 }
 
 fn parse(expression: &str) -> Result<Cron, String> {
     Cron::from_str(expression).map_err(|err| err.to_string())
 }
 
-/// The configured schedules, parsed; errors name `agent.toml` and the key.
-pub(super) fn jobs(config: &AgentConfig, path: &Path) -> Result<Vec<(Job, String, Cron)>> {
-    let Some(schedule) = &config.schedule else {
-        return Ok(Vec::new());
-    };
-    let bad = |key: &str, problem: String| -> anyhow::Error {
-        UserError::usage(format!(
-            "`{}`: `schedule.{key}` {problem}",
-            path.display()
-        ))
-        .with_hint(format!(
-            "fix `[schedule]` in `{}`, e.g. `scan = \"0 3 * * *\"` and `scan_paths = [\"/srv\"]`",
-            path.display()
-        ))
-        .into()
-    };
-    let mut jobs = Vec::new();
-    for (job, expression) in [(Job::Update, &schedule.update), (Job::Scan, &schedule.scan)] {
-        if let Some(expression) = expression {
-            let cron = parse(expression).map_err(|problem| {
-                bad(
-                    job.as_str(),
-                    format!("is not a cron expression (`{expression}`): {problem}"),
-                )
-            })?;
-            jobs.push((job, expression.clone(), cron));
+/// A schedule's jobs with their parsed expressions.
+type Jobs = Vec<(Job, String, Cron)>;
+
+impl ScheduleConfig {
+    /// Checks the schedule the way `agent.toml` is checked at load: cron syntax, a scan needs
+    /// paths, the paths are absolute. The error names the key at fault (`update`, `scan`,
+    /// `scan_paths`) and the problem.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        self.parse_jobs().map(drop)
+    }
+
+    fn parse_jobs(&self) -> Result<Jobs, (&'static str, String)> {
+        let mut jobs = Vec::new();
+        for (job, expression) in [(Job::Update, &self.update), (Job::Scan, &self.scan)] {
+            if let Some(expression) = expression {
+                let cron = parse(expression).map_err(|problem| {
+                    (
+                        job.as_str(),
+                        format!("is not a cron expression (`{expression}`): {problem}"),
+                    )
+                })?;
+                jobs.push((job, expression.clone(), cron));
+            }
         }
+        if self.scan.is_some() && self.scan_paths.is_empty() {
+            return Err(("scan_paths", "is required when a scan is scheduled".into()));
+        }
+        if let Some(relative) = self.scan_paths.iter().find(|p| !p.is_absolute()) {
+            return Err((
+                "scan_paths",
+                format!("must hold absolute paths, not `{}`", relative.display()),
+            ));
+        }
+        Ok(jobs)
     }
-    if schedule.scan.is_some() && schedule.scan_paths.is_empty() {
-        return Err(bad(
-            "scan_paths",
-            "is required when `schedule.scan` is set".into(),
-        ));
-    }
-    if let Some(relative) = schedule.scan_paths.iter().find(|p| !p.is_absolute()) {
-        return Err(bad(
-            "scan_paths",
-            format!("must hold absolute paths, not `{}`", relative.display()),
-        ));
-    }
-    Ok(jobs)
 }
 
-/// The schedules and their next fire times after now.
+/// The jobs of a schedule kept in `path`; errors name the file and the key.
+fn jobs_in(schedule: &ScheduleConfig, path: &Path) -> Result<Jobs> {
+    schedule.parse_jobs().map_err(|(key, problem)| {
+        let error = UserError::usage(format!(
+            "`{}`: `schedule.{key}` {problem}",
+            path.display()
+        ));
+        let hint = if path.ends_with(CONFIG_FILE) {
+            format!(
+                "fix `[schedule]` in `{}`, e.g. `scan = \"0 3 * * *\"` and `scan_paths = [\"/srv\"]`",
+                path.display()
+            )
+        } else {
+            "send the schedule again from the manager with `pm-push schedule`".into()
+        };
+        error.with_hint(hint).into()
+    })
+}
+
+/// The schedules of `agent.toml`, parsed; errors name `agent.toml` and the key.
+pub(super) fn jobs(config: &AgentConfig, path: &Path) -> Result<Jobs> {
+    match &config.schedule {
+        Some(schedule) => jobs_in(schedule, path),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// The schedule in effect: its jobs, the paths its scans cover and where it comes from.
+struct Effective {
+    jobs: Jobs,
+    scan_paths: Arc<[PathBuf]>,
+    source: &'static str,
+}
+
+/// The manager's schedule when it gave one, else `agent.toml`'s.
+fn effective(dir: &Path, config: &AgentConfig) -> Result<Effective> {
+    let (schedule, path, source) = match setup::load(dir)?.schedule {
+        Some(schedule) => (schedule, dir.join(setup::SETUP_FILE), FROM_MANAGER),
+        None => (
+            config.schedule.clone().unwrap_or_default(),
+            dir.join(CONFIG_FILE),
+            FROM_AGENT_TOML,
+        ),
+    };
+    Ok(Effective {
+        jobs: jobs_in(&schedule, &path)?,
+        scan_paths: schedule.scan_paths.into(),
+        source,
+    })
+}
+
+/// The schedules in effect and their next fire times after now. `path` is `agent.toml` in the
+/// state directory; the manager's schedule is read from `setup.json` next to it.
 pub(super) fn status(config: &AgentConfig, path: &Path) -> Result<Vec<ScheduleStatus>> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let effective = effective(dir, config)?;
     let now = Local::now();
-    Ok(jobs(config, path)?
+    Ok(effective
+        .jobs
         .into_iter()
         .map(|(job, expression, cron)| ScheduleStatus {
             job: job.as_str(),
             expression,
             next_run: cron.find_next_occurrence(&now, false).ok(),
+            source: effective.source,
         })
         .collect())
 }
 
-/// Starts one task per configured schedule.
+/// Starts the task that runs the schedule in effect (one task per expression under it) and
+/// restarts them when [`reload`] says the schedule may have changed. Aborting the returned
+/// task aborts them all.
 pub(super) fn spawn(agent: &Arc<Agent>) -> Result<Vec<tokio::task::JoinHandle<()>>> {
-    let path = agent.dir.join(super::CONFIG_FILE);
-    Ok(jobs(&agent.config, &path)?
-        .into_iter()
-        .map(|(job, expression, cron)| {
-            tracing::info!(job = job.as_str(), %expression, "scheduled");
-            tokio::spawn(run_schedule(Arc::clone(agent), job, cron))
-        })
-        .collect())
+    let first = effective(&agent.dir, &agent.config)?;
+    Ok(vec![tokio::spawn(supervise(Arc::clone(agent), first))])
 }
 
-async fn run_schedule(agent: Arc<Agent>, job: Job, cron: Cron) {
+/// Tells the running schedule to read the schedule in effect again (after a change of
+/// `setup.json`); a no-op in a process that runs no schedule.
+pub(super) fn reload() {
+    RELOAD.notify_one();
+}
+
+async fn supervise(agent: Arc<Agent>, first: Effective) {
+    let mut tasks = start(&agent, first);
+    loop {
+        RELOAD.notified().await;
+        match effective(&agent.dir, &agent.config) {
+            // A run under way in a blocking thread finishes and keeps its report.
+            Ok(schedule) => {
+                tasks.abort_all();
+                tasks = start(&agent, schedule);
+            }
+            Err(err) => tracing::error!(
+                error = %format!("{err:#}"),
+                "cannot read the new schedule; keeping the current one"
+            ),
+        }
+    }
+}
+
+fn start(agent: &Arc<Agent>, schedule: Effective) -> tokio::task::JoinSet<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    if schedule.jobs.is_empty() {
+        tracing::info!(source = schedule.source, "nothing scheduled");
+    }
+    for (job, expression, cron) in schedule.jobs {
+        tracing::info!(job = job.as_str(), %expression, source = schedule.source, "scheduled");
+        tasks.spawn(run_schedule(
+            Arc::clone(agent),
+            job,
+            cron,
+            Arc::clone(&schedule.scan_paths),
+        ));
+    }
+    tasks
+}
+
+async fn run_schedule(agent: Arc<Agent>, job: Job, cron: Cron, scan_paths: Arc<[PathBuf]>) {
     loop {
         let now = Local::now();
         let next = match cron.find_next_occurrence(&now, false) {
@@ -166,17 +268,18 @@ async fn run_schedule(agent: Arc<Agent>, job: Job, cron: Cron) {
         };
         let wait = (next - now).to_std().unwrap_or_default();
         tokio::time::sleep(wait).await;
-        run_once(&agent, job).await;
+        run_once(&agent, job, &scan_paths).await;
     }
 }
 
 /// Runs one scheduled job like its on-demand counterpart and logs the outcome.
-async fn run_once(agent: &Arc<Agent>, job: Job) {
+async fn run_once(agent: &Arc<Agent>, job: Job, scan_paths: &Arc<[PathBuf]>) {
     if job == Job::Update && agent.lock().activation.is_none() {
         tracing::info!("scheduled update skipped: the agent is not activated (no dist URL)");
         return;
     }
     let worker = Arc::clone(agent);
+    let scan_paths = Arc::clone(scan_paths);
     let joined = tokio::task::spawn_blocking(move || -> Result<String> {
         match job {
             Job::Update => {
@@ -190,13 +293,7 @@ async fn run_once(agent: &Arc<Agent>, job: Job) {
                 ))
             }
             Job::Scan => {
-                let paths = worker
-                    .config
-                    .schedule
-                    .as_ref()
-                    .map(|s| s.scan_paths.clone())
-                    .unwrap_or_default();
-                let report = scan::scan(&worker.dir, &worker.config, &paths)?;
+                let report = scan::scan(&worker.dir, &worker.config, &scan_paths)?;
                 Ok(format!(
                     "report {}, {:?}, {} files scanned, {} findings",
                     report.id,

@@ -1,7 +1,8 @@
 //! What the manager sets up on an activated agent after activation, one step at a time so a
 //! failed step can be retried alone (the seed's "(n1,n2,n3)" exit codes): the scan profile
-//! (`POST /v1/setup/profile`), the host group (`/v1/setup/group`) and the engine license
-//! (`/v1/setup/license`). All mutual TLS.
+//! (`POST /v1/setup/profile`), the host group (`/v1/setup/group`), the engine license
+//! (`/v1/setup/license`) and the agent's own schedule (`/v1/setup/schedule`, in effect at once
+//! and instead of `agent.toml`'s, see `schedule`). All mutual TLS.
 //!
 //! State: `setup.json` (written aside, fsync, rename), the profile rendered for a `command`
 //! engine in `profile.conf`, the license file in `license/` (0600). A reset forgets all of it
@@ -19,10 +20,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::{Deserialize, Serialize};
 
-use super::{Agent, Engine, error, from_manager, io_error, parse_body};
+use super::{Agent, Engine, ScheduleConfig, error, from_manager, io_error, parse_body};
 use crate::durable;
 use crate::profile::{self, Profile, ProfileBody};
-use crate::proto::{self, GroupRequest, LicenseRequest, SetupResponse};
+use crate::proto::{self, GroupRequest, LicenseRequest, ScheduleRequest, SetupResponse};
 use crate::tls::TlsConnectInfo;
 
 /// The setup record, relative to the state directory.
@@ -62,6 +63,9 @@ pub struct Setup {
     /// The engine license.
     #[serde(default)]
     pub license: Option<LicenseInfo>,
+    /// The manager's schedule, in effect instead of `[schedule]` in `agent.toml`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleConfig>,
 }
 
 /// Reads `setup.json` (empty when there is none).
@@ -85,7 +89,8 @@ fn save(dir: &Path, setup: &Setup) -> Result<()> {
         .map_err(io_error("write", &path))
 }
 
-/// Forgets the setup (after the manager record is gone).
+/// Forgets the setup (after the manager record is gone); a running agent goes back to the
+/// schedule of `agent.toml`.
 pub(super) fn forget(dir: &Path) -> Result<()> {
     for file in [SETUP_FILE, PROFILE_CONF_FILE] {
         let path = dir.join(file);
@@ -95,6 +100,7 @@ pub(super) fn forget(dir: &Path) -> Result<()> {
             Err(err) => return Err(io_error("remove", &path)(err)),
         }
     }
+    super::schedule::reload();
     let license = dir.join(LICENSE_DIR);
     match std::fs::remove_dir_all(&license) {
         Ok(()) => Ok(()),
@@ -222,6 +228,33 @@ fn apply_license(agent: &Agent, request: LicenseRequest) -> Result<bool, Refusal
     .map_err(internal)
 }
 
+/// The manager's schedule, checked like `[schedule]` in `agent.toml`; neither `update` nor
+/// `scan` removes it. A change is in effect before the answer: the schedule restarts.
+fn apply_schedule(agent: &Agent, request: ScheduleRequest) -> Result<bool, Refusal> {
+    let schedule = ScheduleConfig {
+        update: request.update,
+        scan: request.scan,
+        scan_paths: request.scan_paths.into_iter().map(PathBuf::from).collect(),
+    };
+    let schedule = if schedule.update.is_none() && schedule.scan.is_none() {
+        None
+    } else {
+        schedule
+            .check()
+            .map_err(|(key, problem)| bad(format!("schedule: `{key}` {problem}")))?;
+        Some(schedule)
+    };
+    let changed = update(&agent.dir, |setup| {
+        setup.schedule = schedule;
+        Ok(())
+    })
+    .map_err(internal)?;
+    if changed {
+        super::schedule::reload();
+    }
+    Ok(changed)
+}
+
 fn internal(err: anyhow::Error) -> Refusal {
     tracing::error!(error = %format!("{err:#}"), "cannot store the setup");
     (
@@ -231,7 +264,7 @@ fn internal(err: anyhow::Error) -> Refusal {
     )
 }
 
-/// The common shape of the three handlers: mutual TLS, parse, apply off the async threads.
+/// The common shape of the handlers: mutual TLS, parse, apply off the async threads.
 async fn handle<T: serde::de::DeserializeOwned + Send + 'static>(
     agent: Arc<Agent>,
     info: &TlsConnectInfo,
@@ -288,12 +321,21 @@ async fn license_handler(
     handle(agent, &info, &body, "license", apply_license).await
 }
 
+async fn schedule_handler(
+    State(agent): State<Arc<Agent>>,
+    ConnectInfo(info): ConnectInfo<TlsConnectInfo>,
+    body: Bytes,
+) -> Response {
+    handle(agent, &info, &body, "schedule", apply_schedule).await
+}
+
 /// The setup routes of the agent API.
 pub(super) fn routes() -> Router<Arc<Agent>> {
     Router::new()
         .route(proto::GROUP_PATH, post(group_handler))
         .route(proto::PROFILE_PATH, post(profile_handler))
         .route(proto::LICENSE_PATH, post(license_handler))
+        .route(proto::SCHEDULE_PATH, post(schedule_handler))
 }
 
 #[cfg(test)]
@@ -308,6 +350,11 @@ mod tests {
             group: Some("web".into()),
             profile: Some(Profile::default_profile()),
             license: None,
+            schedule: Some(ScheduleConfig {
+                scan: Some("0 3 * * *".into()),
+                scan_paths: vec!["/srv".into()],
+                ..Default::default()
+            }),
         };
         save(state, &setup).unwrap();
         std::fs::create_dir(state.join(LICENSE_DIR)).unwrap();

@@ -1,0 +1,1590 @@
+//! `pm-push`: rollouts of dist in waves that stop themselves (DESIGN.md section 4).
+//!
+//! `update` plans waves (a canary, then batches of `--wave-size` or the wave column of a targets
+//! CSV), skips hosts whose last poll shows them on dist already, and asks each host of a wave to
+//! install dist (`POST /v1/update`, mutual TLS). After each wave it polls the wave's hosts and
+//! records their attempts and state in one short transaction; when a wave's failures exceed
+//! `--max-failures`, the rollout stops and the later waves are recorded `not_attempted`. The
+//! rollout is a job with a row per host per attempt, so an interrupted pm-push (Ctrl-C, kill)
+//! leaves a job that says where it stopped, and `resume JOB` continues it. Before each wave dist
+//! is read again: a rollout never installs a revision it did not start with.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
+use crate::inventory::{HostAttempt, Inventory, InventoryError, RolloutRecord};
+use crate::poll::{Settings, ask_all, mutual_client};
+use crate::proto::{self, ErrorResponse, InstallReport};
+use crate::repo::Repo;
+use crate::targets::{Target, TargetArgs};
+
+/// `pm-push` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pm-push",
+    version,
+    about = "Roll dist out to agents in waves that stop themselves"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `pm-push` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Install the published dist revision on the targets, in waves
+    Update(UpdateArgs),
+    /// Show a rollout's progress (default: the newest)
+    Status {
+        /// The rollout's job id
+        job: Option<i64>,
+    },
+    /// Continue an interrupted or stopped rollout where it ended
+    Resume {
+        /// The rollout's job id
+        job: i64,
+    },
+    /// Give the targets a scan profile (made with `pm-activate profile new`)
+    Profile {
+        /// Profile name
+        name: String,
+        #[command(flatten)]
+        targets: TargetArgs,
+    },
+    /// Give the targets the newest registered license; with FILE, register it first
+    License {
+        /// A license file to register first (needs --expires)
+        #[arg(requires = "expires")]
+        file: Option<std::path::PathBuf>,
+        /// Its expiry: YYYY-MM-DD or RFC 3339
+        #[arg(long, value_parser = crate::activate::setup::parse_expiry)]
+        expires: Option<chrono::DateTime<Utc>>,
+        #[command(flatten)]
+        targets: TargetArgs,
+    },
+    /// Scan paths on the targets now and record the reports
+    Scan {
+        /// An absolute path to scan (repeatable)
+        #[arg(long = "path", value_name = "PATH", required = true)]
+        paths: Vec<String>,
+        /// How long one host's scan may take
+        #[arg(long, default_value = "1h", value_parser = cli::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        targets: TargetArgs,
+    },
+    /// Set the agents' own schedule of updates and scans (instead of their agent.toml's)
+    Schedule {
+        /// When to install dist: a cron expression in host local time, e.g. "*/15 * * * *"
+        #[arg(long, value_name = "CRON")]
+        update: Option<String>,
+        /// When to scan the --scan-path paths: a cron expression, e.g. "0 3 * * *"
+        #[arg(long, value_name = "CRON")]
+        scan: Option<String>,
+        /// An absolute path the scheduled scan covers (repeatable)
+        #[arg(long = "scan-path", value_name = "PATH")]
+        scan_paths: Vec<String>,
+        /// Remove the manager's schedule: each agent's agent.toml applies again
+        #[arg(long, conflicts_with_all = ["update", "scan", "scan_paths"])]
+        clear: bool,
+        #[command(flatten)]
+        targets: TargetArgs,
+    },
+}
+
+/// How many failures a wave may have: a count or a percentage of the wave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MaxFailures {
+    /// At most this many hosts.
+    Count(usize),
+    /// At most this percentage of the wave (rounded down).
+    Percent(u8),
+}
+
+impl MaxFailures {
+    /// Failures a wave of `hosts` may have before the rollout stops.
+    pub fn allowed(self, hosts: usize) -> usize {
+        match self {
+            MaxFailures::Count(n) => n,
+            MaxFailures::Percent(p) => hosts * usize::from(p) / 100,
+        }
+    }
+}
+
+impl FromStr for MaxFailures {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{text}` is not a count (e.g. 3) or a percentage (e.g. 10%)");
+        match text.trim().strip_suffix('%') {
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(p) if p <= 100 => Ok(MaxFailures::Percent(p)),
+                _ => Err(bad()),
+            },
+            None => text
+                .trim()
+                .parse()
+                .map(MaxFailures::Count)
+                .map_err(|_| bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for MaxFailures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MaxFailures::Count(n) => write!(f, "{n}"),
+            MaxFailures::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// `pm-push update` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpdateArgs {
+    #[command(flatten)]
+    pub targets: TargetArgs,
+    #[command(flatten)]
+    pub waves: WaveArgs,
+}
+
+/// How a rollout moves through its waves (kept with the job, so `resume` moves the same way).
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+pub struct WaveArgs {
+    /// Hosts in the first wave (0: no canary)
+    #[arg(long, default_value_t = 1)]
+    pub canary: usize,
+    /// Hosts per wave after the canary (a targets CSV with a wave column sets the waves instead)
+    #[arg(long, default_value_t = 50)]
+    pub wave_size: usize,
+    /// Failures a wave may have before the rollout stops: a count or a percentage, e.g. 10%
+    #[arg(long, default_value = "0", value_parser = MaxFailures::from_str)]
+    pub max_failures: MaxFailures,
+    /// Wait between waves
+    #[arg(long, default_value = "0s", value_parser = cli::parse_duration, value_name = "DURATION")]
+    #[serde(with = "millis")]
+    pub pause: Duration,
+    /// How long one host's install may take
+    #[arg(long, default_value = "10m", value_parser = cli::parse_duration, value_name = "DURATION")]
+    #[serde(with = "millis")]
+    pub timeout: Duration,
+    /// Hosts installing at once within a wave
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+pub(crate) fn inventory_error(err: InventoryError) -> anyhow::Error {
+    let hint = match &err {
+        InventoryError::Locked { .. } => Some(
+            "run the same command again when the other writer is done, or raise --lock-timeout",
+        ),
+        _ => None,
+    };
+    let error = UserError::failure(err.to_string());
+    match hint {
+        Some(hint) => error.with_hint(hint).into(),
+        None => error.into(),
+    }
+}
+
+/// Runs `pm-push`.
+pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
+    let home = args.global.home();
+    match &args.command {
+        Command::Update(update) => start(&home, &args.global, update),
+        Command::Status { job } => status(&home, &args.global, *job),
+        Command::Resume { job } => resume(&home, &args.global, *job),
+        Command::Profile { name, targets } => push_profile(&home, &args.global, name, targets),
+        Command::License {
+            file,
+            expires,
+            targets,
+        } => push_license(&home, &args.global, file.as_deref(), *expires, targets),
+        Command::Scan {
+            paths,
+            timeout,
+            targets,
+        } => push_scan(&home, &args.global, paths, *timeout, targets),
+        Command::Schedule {
+            update,
+            scan,
+            scan_paths,
+            clear,
+            targets,
+        } => {
+            let request = proto::ScheduleRequest {
+                update: update.clone(),
+                scan: scan.clone(),
+                scan_paths: scan_paths.clone(),
+            };
+            push_schedule(&home, &args.global, request, *clear, targets)
+        }
+    }
+}
+
+/// The revision dist serves now.
+fn dist_revision(home: &Path) -> Result<String, UserError> {
+    Repo::new(home)
+        .generations()
+        .map_err(|err| UserError::failure(err.to_string()))?
+        .dist
+        .ok_or_else(|| {
+            UserError::usage("nothing is published yet: there is no dist to roll out")
+                .with_hint("run `pm-mirror sync` and `pm-mirror publish` first")
+        })
+}
+
+/// The waves of a rollout: the canary first, then the CSV waves or batches of `wave_size`.
+pub fn plan_waves(to_do: &[Target], canary: usize, wave_size: usize) -> Vec<Vec<Target>> {
+    let mut waves = Vec::new();
+    let canary = canary.min(to_do.len());
+    if canary > 0 {
+        waves.push(to_do[..canary].to_vec());
+    }
+    let rest = &to_do[canary..];
+    if rest.iter().any(|t| t.wave.is_some()) {
+        // The CSV's waves, in wave order; hosts without a wave go last.
+        let mut by_wave: BTreeMap<u32, Vec<Target>> = BTreeMap::new();
+        for target in rest {
+            by_wave
+                .entry(target.wave.unwrap_or(u32::MAX))
+                .or_default()
+                .push(target.clone());
+        }
+        waves.extend(by_wave.into_values());
+    } else {
+        waves.extend(rest.chunks(wave_size.max(1)).map(<[Target]>::to_vec));
+    }
+    waves
+}
+
+/// The first attempt of every target: `pending` in its wave (the canary is wave 0, the others
+/// count from 1), or `skipped` (wave -1) when its last poll shows it on `revision`; and the
+/// number of waves.
+pub(crate) fn plan_attempts(
+    targets: Vec<Target>,
+    installed: &HashMap<String, Option<String>>,
+    revision: &str,
+    canary: usize,
+    wave_size: usize,
+) -> (Vec<HostAttempt>, usize) {
+    let (done, to_do): (Vec<Target>, Vec<Target>) = targets
+        .into_iter()
+        .partition(|t| installed.get(&t.host).and_then(|r| r.as_deref()) == Some(revision));
+    let waves = plan_waves(&to_do, canary, wave_size);
+    let attempt = |host: &str, wave: i32| HostAttempt {
+        host: host.to_string(),
+        wave,
+        attempt: 1,
+        result: "pending".into(),
+        changed: None,
+        revision: None,
+        error: None,
+    };
+    let mut hosts: Vec<HostAttempt> = Vec::new();
+    for (n, wave) in waves.iter().enumerate() {
+        let number = if canary > 0 { n } else { n + 1 } as i32;
+        hosts.extend(wave.iter().map(|t| attempt(&t.host, number)));
+    }
+    hosts.extend(done.iter().map(|t| HostAttempt {
+        result: "skipped".into(),
+        changed: Some(false),
+        revision: Some(revision.to_string()),
+        error: Some(format!("already on {revision}")),
+        ..attempt(&t.host, -1)
+    }));
+    (hosts, waves.len())
+}
+
+/// Changes the host rows of the targets a setup step reached (`step` is no longer failed).
+fn mark_hosts(
+    inv: &Inventory,
+    hosts: &[crate::inventory::HostRecord],
+    outcomes: &[(Target, HostOutcome)],
+    step: &str,
+    change: impl Fn(&mut crate::inventory::HostRecord),
+) -> Result<(), InventoryError> {
+    for (target, outcome) in outcomes {
+        if outcome.is_ok()
+            && let Some(host) = hosts.iter().find(|h| h.host == target.host)
+        {
+            let mut host = host.clone();
+            change(&mut host);
+            host.setup_failed = without(&host.setup_failed, step);
+            inv.upsert_host(&host)?;
+        }
+    }
+    Ok(())
+}
+
+/// One host's line in the output.
+#[derive(Debug, Clone, Serialize)]
+struct HostLine {
+    host: String,
+    wave: i32,
+    result: String,
+    changed: Option<bool>,
+    revision: Option<String>,
+    error: Option<String>,
+}
+
+impl From<&HostAttempt> for HostLine {
+    fn from(a: &HostAttempt) -> HostLine {
+        HostLine {
+            host: a.host.clone(),
+            wave: a.wave,
+            result: a.result.clone(),
+            changed: a.changed,
+            revision: a.revision.clone(),
+            error: a.error.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct WaveLine {
+    wave: i32,
+    hosts: usize,
+    ok: usize,
+    failed: usize,
+    skipped: usize,
+    not_attempted: usize,
+    pending: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Report {
+    changed: bool,
+    job_id: Option<i64>,
+    kind: &'static str,
+    revision: String,
+    pub(crate) state: String,
+    pub(crate) summary: BTreeMap<String, usize>,
+    waves: Vec<WaveLine>,
+    hosts: Vec<HostLine>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stopped_at_wave: Option<i32>,
+}
+
+pub(crate) fn report(
+    kind: &'static str,
+    job_id: Option<i64>,
+    revision: &str,
+    state: &str,
+    stopped_at_wave: Option<i32>,
+    hosts: &[HostAttempt],
+) -> Report {
+    let mut summary: BTreeMap<String, usize> =
+        ["ok", "failed", "skipped", "not_attempted", "pending"]
+            .iter()
+            .map(|k| (k.to_string(), 0))
+            .collect();
+    let mut waves: BTreeMap<i32, WaveLine> = BTreeMap::new();
+    for host in hosts {
+        *summary.entry(host.result.clone()).or_default() += 1;
+        let line = waves.entry(host.wave).or_insert(WaveLine {
+            wave: host.wave,
+            hosts: 0,
+            ok: 0,
+            failed: 0,
+            skipped: 0,
+            not_attempted: 0,
+            pending: 0,
+        });
+        line.hosts += 1;
+        match host.result.as_str() {
+            "ok" => line.ok += 1,
+            "failed" => line.failed += 1,
+            "skipped" => line.skipped += 1,
+            "not_attempted" => line.not_attempted += 1,
+            _ => line.pending += 1,
+        }
+    }
+    summary.insert("targets".into(), hosts.len());
+    Report {
+        changed: hosts.iter().any(|h| h.changed == Some(true)),
+        job_id,
+        kind,
+        revision: revision.to_string(),
+        state: state.to_string(),
+        summary,
+        waves: waves.into_values().collect(),
+        hosts: hosts.iter().map(HostLine::from).collect(),
+        stopped_at_wave,
+    }
+}
+
+pub(crate) fn print(global: &GlobalArgs, report: &Report) -> anyhow::Result<ExitStatus> {
+    let failed = report.summary.get("failed").copied().unwrap_or(0);
+    let ok = report.summary.get("ok").copied().unwrap_or(0)
+        + report.summary.get("skipped").copied().unwrap_or(0);
+    let status = match report.state.as_str() {
+        "planned" | "done" if failed == 0 => ExitStatus::Success,
+        "done" => ExitStatus::Partial,
+        "running" => ExitStatus::Success,
+        _ if ok > 0 => ExitStatus::Partial,
+        _ => ExitStatus::Failure,
+    };
+    if global.json {
+        cli::print_json(report)?;
+    } else {
+        if !global.quiet {
+            let mut table = cli::table(&["wave", "host", "result", "revision", "detail"]);
+            for host in &report.hosts {
+                table.add_row(vec![
+                    if host.wave == 0 {
+                        "canary".to_string()
+                    } else {
+                        host.wave.to_string()
+                    },
+                    host.host.clone(),
+                    host.result.clone(),
+                    host.revision.clone().unwrap_or_default(),
+                    host.error.clone().unwrap_or_default(),
+                ]);
+            }
+            cli::print_text(table)?;
+        }
+        let s = &report.summary;
+        cli::print_text(format!(
+            "{} {} of {}: {} ({} ok, {} failed, {} skipped, {} not attempted, {} pending){}",
+            report.kind,
+            report
+                .job_id
+                .map_or("(dry run)".to_string(), |j| format!("job {j}")),
+            report.revision,
+            report.state,
+            s["ok"],
+            s["failed"],
+            s["skipped"],
+            s["not_attempted"],
+            s["pending"],
+            report
+                .stopped_at_wave
+                .map_or(String::new(), |w| format!("; stopped at wave {w}")),
+        ))?;
+    }
+    if report.state == "stopped" {
+        eprintln!(
+            "error: the rollout stopped at wave {}: too many hosts failed; later waves were not \
+             touched",
+            report.stopped_at_wave.unwrap_or_default()
+        );
+        eprintln!(
+            "hint: fix the failed hosts, then `pm-push resume {}` (or run the update again)",
+            report.job_id.unwrap_or_default()
+        );
+    } else if report.state == "interrupted" {
+        eprintln!(
+            "hint: `pm-push resume {}` continues where it stopped",
+            report.job_id.unwrap_or_default()
+        );
+    }
+    Ok(status)
+}
+
+/// `pm-push update`.
+fn start(home: &Path, global: &GlobalArgs, args: &UpdateArgs) -> anyhow::Result<ExitStatus> {
+    if args.waves.concurrency == 0 || args.waves.wave_size == 0 {
+        return Err(UserError::usage("--concurrency and --wave-size must be at least 1").into());
+    }
+    let revision = dist_revision(home)?;
+    let (targets, installed) = {
+        let Some(inventory) =
+            Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)?
+        else {
+            return Err(
+                UserError::usage("no inventory yet: there are no hosts to update")
+                    .with_hint("activate agents first with `pm-activate host ADDR --key-file F`")
+                    .into(),
+            );
+        };
+        let hosts = inventory.hosts().map_err(inventory_error)?;
+        let where_hosts = match &args.targets.where_sql {
+            Some(sql) => Some(inventory.hosts_where(sql).map_err(|err| {
+                UserError::usage(format!(
+                    "--where `{sql}` does not work on fleet_status: {err}"
+                ))
+            })?),
+            None => None,
+        };
+        (
+            args.targets.resolve(&hosts, where_hosts.as_ref())?,
+            inventory.installed_revisions().map_err(inventory_error)?,
+        )
+    };
+    let (hosts, waves) = plan_attempts(
+        targets,
+        &installed,
+        &revision,
+        args.waves.canary,
+        args.waves.wave_size,
+    );
+    if global.dry_run || hosts.is_empty() {
+        let state = if hosts.is_empty() { "done" } else { "planned" };
+        return print(
+            global,
+            &report("update", None, &revision, state, None, &hosts),
+        );
+    }
+    let options = serde_json::to_string(&args.waves)?;
+    let record = RolloutRecord {
+        job_id: 0,
+        kind: "update".into(),
+        revision: Some(revision.clone()),
+        generation: None,
+        state: "running".into(),
+        waves: waves as i32,
+        max_failures: args.waves.max_failures.to_string(),
+        options,
+        pid: Some(std::process::id() as i32),
+        stopped_at_wave: None,
+        started_at: None,
+    };
+    let job_id = {
+        let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+        inventory
+            .transaction(|inv| {
+                inv.start_rollout(
+                    Utc::now(),
+                    &format!("update to {revision}: {} hosts", hosts.len()),
+                    &record,
+                    &hosts,
+                )
+            })
+            .map_err(inventory_error)?
+    };
+    tracing::info!(job_id, %revision, waves, "rollout started");
+    let done = execute(
+        home,
+        global,
+        job_id,
+        &revision,
+        &args.waves,
+        Action::Update,
+        hosts,
+    )?;
+    print(global, &done.report(job_id, &revision))
+}
+
+/// `pm-push resume JOB`.
+fn resume(home: &Path, global: &GlobalArgs, job_id: i64) -> anyhow::Result<ExitStatus> {
+    let (record, hosts) = {
+        let inventory = Inventory::open_read_only(home, global.lock_timeout)
+            .map_err(inventory_error)?
+            .ok_or_else(|| UserError::usage("no inventory yet: there is no rollout to resume"))?;
+        inventory
+            .rollout(Some(job_id), "update")
+            .map_err(inventory_error)?
+            .filter(|(r, _)| r.kind == "update")
+            .ok_or_else(|| {
+                UserError::usage(format!("there is no update rollout with job id {job_id}"))
+                    .with_hint("`pm-push status` shows the newest rollout")
+            })?
+    };
+    let state = effective_state(&record);
+    if state == "running" {
+        return Err(UserError::usage(format!(
+            "rollout {job_id} is still running (process {})",
+            record.pid.unwrap_or_default()
+        ))
+        .with_hint("wait for it, or stop it with Ctrl-C / kill first")
+        .into());
+    }
+    if state == "done" {
+        let revision = record.revision.clone().unwrap_or_default();
+        return print(
+            global,
+            &report("update", Some(job_id), &revision, "done", None, &hosts),
+        );
+    }
+    let revision = record.revision.clone().unwrap_or_default();
+    let dist = dist_revision(home)?;
+    if dist != revision {
+        return Err(UserError::usage(format!(
+            "rollout {job_id} was of {revision}, but dist is now {dist}"
+        ))
+        .with_hint("start a new rollout: `pm-push update`")
+        .into());
+    }
+    let waves: WaveArgs = serde_json::from_str(&record.options)
+        .context("the rollout's stored options are not readable")?;
+    // Continue: what never finished, or was not attempted, gets a new attempt.
+    let hosts: Vec<HostAttempt> = hosts
+        .into_iter()
+        .map(|mut h| {
+            if h.result == "pending" || h.result == "not_attempted" {
+                h.attempt += 1;
+                h.result = "pending".into();
+                h.error = None;
+            }
+            h
+        })
+        .collect();
+    let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+    inventory
+        .transaction(|inv| {
+            let pending: Vec<HostAttempt> = hosts
+                .iter()
+                .filter(|h| h.result == "pending")
+                .cloned()
+                .collect();
+            inv.record_attempts(job_id, &pending)?;
+            inv.update_rollout(
+                job_id,
+                "running",
+                None,
+                Some(std::process::id() as i32),
+                "running",
+                &format!("update to {revision}: resumed"),
+            )
+        })
+        .map_err(inventory_error)?;
+    drop(inventory);
+    let done = execute(
+        home,
+        global,
+        job_id,
+        &revision,
+        &waves,
+        Action::Update,
+        hosts,
+    )?;
+    print(global, &done.report(job_id, &revision))
+}
+
+/// A rollout's state, telling a live `running` from one whose process is gone.
+pub(crate) fn effective_state(record: &RolloutRecord) -> String {
+    let alive = record
+        .pid
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+    if record.state == "running" && !alive {
+        "interrupted".into()
+    } else {
+        record.state.clone()
+    }
+}
+
+/// `pm-push status [JOB]`.
+fn status(home: &Path, global: &GlobalArgs, job: Option<i64>) -> anyhow::Result<ExitStatus> {
+    let found =
+        match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
+            Some(inventory) => inventory.rollout(job, "update").map_err(inventory_error)?,
+            None => None,
+        };
+    let Some((record, hosts)) = found else {
+        return Err(UserError::usage(match job {
+            Some(job) => format!("there is no rollout with job id {job}"),
+            None => "there is no rollout yet".to_string(),
+        })
+        .with_hint("start one with `pm-push update`")
+        .into());
+    };
+    let state = effective_state(&record);
+    let report = report(
+        if record.kind == "rollback" {
+            "rollback"
+        } else {
+            "update"
+        },
+        Some(record.job_id),
+        record.revision.as_deref().unwrap_or("-"),
+        &state,
+        record.stopped_at_wave,
+        &hosts,
+    );
+    print(global, &report).map(|status| {
+        // Showing a rollout succeeds whatever the rollout's outcome.
+        if matches!(status, ExitStatus::Usage) {
+            status
+        } else {
+            ExitStatus::Success
+        }
+    })
+}
+
+/// Asks one agent to install dist.
+async fn install(
+    client: &reqwest::Client,
+    address: &str,
+    action: Action,
+) -> Result<InstallReport, String> {
+    let request = client.post(format!("https://{address}{}", proto::UPDATE_PATH));
+    let request = match action {
+        Action::Update => request,
+        Action::Generation(n) => request
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(format!(r#"{{"generation":{n}}}"#)),
+    };
+    let response = request.send().await.map_err(|err| {
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        format!("agent `{address}` did not answer: {text}")
+    })?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|err| format!("agent `{address}`: {err}"))?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<ErrorResponse>(&body)
+            .map(|e| e.message)
+            .unwrap_or_else(|_| format!("HTTP {status}"));
+        return Err(format!("agent `{address}` could not install: {message}"));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|err| format!("agent `{address}` answered something that is not a report: {err}"))
+}
+
+/// A host's index in the rollout and how its install went.
+type Installed = (usize, Result<InstallReport, String>);
+
+/// Runs the pending hosts wave by wave, recording each wave, until done, stopped or interrupted.
+pub(crate) fn execute(
+    home: &Path,
+    global: &GlobalArgs,
+    job_id: i64,
+    revision: &str,
+    options: &WaveArgs,
+    action: Action,
+    mut hosts: Vec<HostAttempt>,
+) -> anyhow::Result<Executed> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let client = mutual_client(home, options.timeout, false)?;
+    let addresses: HashMap<String, String> = {
+        let inventory = Inventory::open_read_only(home, global.lock_timeout)
+            .map_err(inventory_error)?
+            .ok_or_else(|| UserError::failure("the inventory went away"))?;
+        inventory
+            .hosts()
+            .map_err(inventory_error)?
+            .into_iter()
+            .map(|h| (h.host, h.address))
+            .collect()
+    };
+    let wave_numbers: Vec<i32> = {
+        let mut numbers: Vec<i32> = hosts
+            .iter()
+            .filter(|h| h.result == "pending")
+            .map(|h| h.wave)
+            .collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        numbers
+    };
+    let poll_settings = Settings {
+        concurrency: options.concurrency,
+        timeout: Duration::from_secs(30),
+        deadline: Duration::from_secs(300),
+        inactive_after: crate::poll::load_config(home)?.inactive_after,
+        scan_max_age: crate::poll::load_config(home)?.scan_max_age,
+    };
+    let mut state = "done";
+    let mut stopped_at = None;
+    for (index, wave) in wave_numbers.iter().copied().enumerate() {
+        if index > 0 && !options.pause.is_zero() {
+            std::thread::sleep(options.pause);
+        }
+        // Dist must still be what this rollout installs.
+        let now = action.serves(home)?;
+        if now.as_deref() != Some(revision) {
+            tracing::error!(?now, %revision, "the manager's revision changed during the rollout; stopping");
+            state = "stopped";
+            stopped_at = Some(wave);
+            break;
+        }
+        let targets: Vec<(usize, String)> = hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.wave == wave && h.result == "pending")
+            .map(|(i, h)| (i, addresses.get(&h.host).cloned().unwrap_or_default()))
+            .collect();
+        let started = Instant::now();
+        let done: Arc<Mutex<Vec<Installed>>> = Arc::default();
+        let work = futures_util::stream::iter(targets.clone())
+            .map(|(i, address)| {
+                let client = client.clone();
+                let done = Arc::clone(&done);
+                async move {
+                    let result =
+                        tokio::spawn(async move { install(&client, &address, action).await })
+                            .await
+                            .unwrap_or_else(|err| Err(format!("the install task stopped: {err}")));
+                    done.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((i, result));
+                }
+            })
+            .buffer_unordered(options.concurrency)
+            .collect::<Vec<()>>();
+        let interrupted = runtime.block_on(async {
+            tokio::select! {
+                _ = work => false,
+                _ = crate::mirror::shutdown_signal() => true,
+            }
+        });
+        let finished = std::mem::take(&mut *done.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut changed_attempts = Vec::new();
+        let mut failures = 0;
+        for (i, result) in finished {
+            let host = &mut hosts[i];
+            match result {
+                Ok(report) => {
+                    host.result = "ok".into();
+                    host.changed = Some(report.changed);
+                    host.revision = report.revision.clone();
+                    host.error = None;
+                }
+                Err(error) => {
+                    host.result = "failed".into();
+                    host.error = Some(error);
+                    failures += 1;
+                }
+            }
+            changed_attempts.push(host.clone());
+        }
+        tracing::info!(
+            wave,
+            hosts = targets.len(),
+            failures,
+            seconds = started.elapsed().as_secs_f64(),
+            "wave done"
+        );
+        let allowed = options.max_failures.allowed(targets.len());
+        let stop = !interrupted && failures > allowed;
+        if interrupted {
+            state = "interrupted";
+        } else if stop {
+            state = "stopped";
+            stopped_at = Some(wave);
+            for host in hosts
+                .iter_mut()
+                .filter(|h| h.wave > wave && h.result == "pending")
+            {
+                host.result = "not_attempted".into();
+                changed_attempts.push(host.clone());
+            }
+        }
+        // The wave's hosts as they are now (installed revision, components), and the attempts.
+        let wave_hosts: Vec<Target> = targets
+            .iter()
+            .map(|(i, address)| Target {
+                host: hosts[*i].host.clone(),
+                address: address.clone(),
+                group: String::new(),
+                wave: None,
+            })
+            .collect();
+        let polled = if interrupted {
+            Vec::new()
+        } else {
+            let cursors = Inventory::open_read_only(home, global.lock_timeout)
+                .map_err(inventory_error)?
+                .map(|inv| inv.poll_cursors())
+                .transpose()
+                .map_err(inventory_error)?
+                .unwrap_or_default();
+            runtime.block_on(ask_all(
+                &client,
+                &wave_hosts,
+                &cursors,
+                &poll_settings,
+                chrono::Duration::zero(),
+            ))
+        };
+        let summary_text = summary_line(action.kind(), revision, &hosts);
+        let final_state = (interrupted || stop || index + 1 == wave_numbers.len()).then_some(state);
+        let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+        inventory
+            .transaction(|inv| {
+                inv.record_attempts(job_id, &changed_attempts)?;
+                if !polled.is_empty() {
+                    inv.record_polls(job_id, &polled)?;
+                }
+                if let Some(final_state) = final_state {
+                    let job_status = match (final_state, hosts.iter().any(|h| h.result == "failed"))
+                    {
+                        ("done", false) => "ok",
+                        ("done", true) => "partial",
+                        _ => "failed",
+                    };
+                    inv.update_rollout(
+                        job_id,
+                        final_state,
+                        stopped_at,
+                        None,
+                        job_status,
+                        &summary_text,
+                    )?;
+                }
+                Ok(())
+            })
+            .map_err(inventory_error)?;
+        if interrupted || stop {
+            break;
+        }
+    }
+    if state == "stopped"
+        && stopped_at.is_some()
+        && !hosts.iter().any(|h| h.result == "not_attempted")
+    {
+        // Stopped because dist moved before a wave: record the rest as not attempted.
+        let rest: Vec<HostAttempt> = hosts
+            .iter_mut()
+            .filter(|h| h.result == "pending")
+            .map(|h| {
+                h.result = "not_attempted".into();
+                h.error = Some("the manager's revision changed during the rollout".into());
+                h.clone()
+            })
+            .collect();
+        let summary_text = summary_line(action.kind(), revision, &hosts);
+        let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+        inventory
+            .transaction(|inv| {
+                inv.record_attempts(job_id, &rest)?;
+                inv.update_rollout(job_id, "stopped", stopped_at, None, "failed", &summary_text)
+            })
+            .map_err(inventory_error)?;
+    }
+    Ok(Executed {
+        kind: action.kind(),
+        state: state.to_string(),
+        stopped_at,
+        hosts,
+    })
+}
+
+/// What a rollout installs on each host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// The manager's dist.
+    Update,
+    /// The manager's backup generation N (a fleet rollback).
+    Generation(u32),
+}
+
+impl Action {
+    fn kind(self) -> &'static str {
+        match self {
+            Action::Update => "update",
+            Action::Generation(_) => "rollback",
+        }
+    }
+
+    /// The revision the manager serves for this action now.
+    pub(crate) fn serves(self, home: &Path) -> Result<Option<String>, UserError> {
+        let generations = Repo::new(home)
+            .generations()
+            .map_err(|err| UserError::failure(err.to_string()))?;
+        Ok(match self {
+            Action::Update => generations.dist,
+            Action::Generation(n) => generations.backups.get(n as usize - 1).cloned(),
+        })
+    }
+}
+
+/// How a rollout's waves ended.
+pub(crate) struct Executed {
+    pub(crate) kind: &'static str,
+    pub(crate) state: String,
+    pub(crate) stopped_at: Option<i32>,
+    pub(crate) hosts: Vec<HostAttempt>,
+}
+
+impl Executed {
+    fn report(&self, job_id: i64, revision: &str) -> Report {
+        report(
+            self.kind,
+            Some(job_id),
+            revision,
+            &self.state,
+            self.stopped_at,
+            &self.hosts,
+        )
+    }
+}
+
+/// What a command did on one host: whether it changed, a line for people, or why it failed.
+type HostOutcome = Result<(bool, String), String>;
+
+/// What a per-host command is, for the job log and the output.
+struct JobKind<'a> {
+    kind: &'static str,
+    what: &'a str,
+    /// How long one host may take.
+    timeout: Duration,
+}
+
+/// Resolves the targets (read-only) and returns them with every host record.
+pub(crate) fn resolve(
+    home: &Path,
+    global: &GlobalArgs,
+    targets: &TargetArgs,
+) -> anyhow::Result<(Vec<Target>, Vec<crate::inventory::HostRecord>)> {
+    let Some(inventory) =
+        Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)?
+    else {
+        return Err(UserError::usage("no inventory yet: there are no hosts")
+            .with_hint("activate agents first with `pm-activate host ADDR --key-file F`")
+            .into());
+    };
+    let hosts = inventory.hosts().map_err(inventory_error)?;
+    let where_hosts = match &targets.where_sql {
+        Some(sql) => Some(inventory.hosts_where(sql).map_err(|err| {
+            UserError::usage(format!(
+                "--where `{sql}` does not work on fleet_status: {err}"
+            ))
+        })?),
+        None => None,
+    };
+    Ok((targets.resolve(&hosts, where_hosts.as_ref())?, hosts))
+}
+
+/// Runs `op` on every target (32 at a time), records a job with a result row per host (and
+/// whatever `record` adds, in the same transaction) and prints the per-host results.
+fn on_targets<F, Fut>(
+    home: &Path,
+    global: &GlobalArgs,
+    job: JobKind<'_>,
+    targets: Vec<Target>,
+    op: F,
+    record: impl FnOnce(&Inventory, &[(Target, HostOutcome)]) -> Result<(), InventoryError>,
+) -> anyhow::Result<ExitStatus>
+where
+    F: Fn(reqwest::Client, Target) -> Fut,
+    Fut: std::future::Future<Output = HostOutcome> + Send + 'static,
+{
+    let JobKind {
+        kind,
+        what,
+        timeout,
+    } = job;
+    if global.dry_run || targets.is_empty() {
+        let hosts: Vec<_> = targets.iter().map(|t| t.host.clone()).collect();
+        if global.json {
+            cli::print_json(&serde_json::json!({
+                "changed": false, "kind": kind, "would_apply_to": hosts, "hosts": [],
+            }))?;
+        } else {
+            cli::print_text(format!(
+                "{kind} {what}: would apply to {} host(s): {}",
+                hosts.len(),
+                hosts.join(", ")
+            ))?;
+        }
+        return Ok(ExitStatus::Success);
+    }
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let client = mutual_client(home, timeout, false)?;
+    let started = Utc::now();
+    let outcomes: Vec<(Target, HostOutcome)> = runtime.block_on(
+        futures_util::stream::iter(targets)
+            .map(|target| {
+                let work = op(client.clone(), target.clone());
+                async move {
+                    let outcome = tokio::spawn(work)
+                        .await
+                        .unwrap_or_else(|err| Err(format!("the task stopped: {err}")));
+                    (target, outcome)
+                }
+            })
+            .buffer_unordered(32)
+            .collect(),
+    );
+    let attempts: Vec<HostAttempt> = outcomes
+        .iter()
+        .map(|(target, outcome)| HostAttempt {
+            host: target.host.clone(),
+            wave: 0,
+            attempt: 1,
+            result: if outcome.is_ok() { "ok" } else { "failed" }.into(),
+            changed: outcome.as_ref().ok().map(|(changed, _)| *changed),
+            revision: None,
+            error: outcome.as_ref().err().cloned(),
+        })
+        .collect();
+    let failed = attempts.iter().filter(|a| a.result == "failed").count();
+    let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+    let job_id = inventory
+        .transaction(|inv| {
+            let job_id = inv.insert_job(
+                kind,
+                started,
+                match failed {
+                    0 => "ok",
+                    n if n == attempts.len() => "failed",
+                    _ => "partial",
+                },
+                &format!("{kind} {what}: {} hosts, {failed} failed", attempts.len()),
+            )?;
+            inv.record_attempts(job_id, &attempts)?;
+            record(inv, &outcomes)?;
+            Ok(job_id)
+        })
+        .map_err(inventory_error)?;
+    drop(inventory);
+    let mut lines: Vec<serde_json::Value> = outcomes
+        .iter()
+        .map(|(target, outcome)| match outcome {
+            Ok((changed, detail)) => serde_json::json!({
+                "host": target.host, "result": "ok", "changed": changed, "detail": detail,
+                "error": null,
+            }),
+            Err(error) => serde_json::json!({
+                "host": target.host, "result": "failed", "changed": false, "error": error,
+            }),
+        })
+        .collect();
+    lines.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
+    let changed = outcomes.iter().any(|(_, o)| matches!(o, Ok((true, _))));
+    if global.json {
+        cli::print_json(&serde_json::json!({
+            "changed": changed, "job_id": job_id, "kind": kind, "hosts": lines,
+            "summary": {"targets": lines.len(), "ok": lines.len() - failed, "failed": failed},
+        }))?;
+    } else {
+        let mut table = cli::table(&["host", "result", "detail"]);
+        for line in &lines {
+            table.add_row(vec![
+                line["host"].as_str().unwrap_or_default().to_string(),
+                line["result"].as_str().unwrap_or_default().to_string(),
+                line["error"]
+                    .as_str()
+                    .or(line["detail"].as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+            ]);
+        }
+        cli::print_text(table)?;
+        cli::print_text(format!(
+            "{kind} {what} (job {job_id}): {} ok, {failed} failed",
+            lines.len() - failed
+        ))?;
+    }
+    Ok(match failed {
+        0 => ExitStatus::Success,
+        n if n == lines.len() => ExitStatus::Failure,
+        _ => ExitStatus::Partial,
+    })
+}
+
+fn setup_error(err: UserError) -> String {
+    err.message
+}
+
+/// `pm-push profile NAME`.
+fn push_profile(
+    home: &Path,
+    global: &GlobalArgs,
+    name: &str,
+    targets: &TargetArgs,
+) -> anyhow::Result<ExitStatus> {
+    let profile = Inventory::open_read_only(home, global.lock_timeout)
+        .map_err(inventory_error)?
+        .map(|inv| inv.profile(name))
+        .transpose()
+        .map_err(inventory_error)?
+        .flatten()
+        .ok_or_else(|| {
+            UserError::usage(format!("there is no profile `{name}`")).with_hint(format!(
+                "create it with `pm-activate profile new {name} --set key=value` (or `--file F`)"
+            ))
+        })?;
+    let (targets, hosts) = resolve(home, global, targets)?;
+    let profile = Arc::new(profile);
+    on_targets(
+        home,
+        global,
+        JobKind {
+            kind: "profile",
+            what: name,
+            timeout: Duration::from_secs(30),
+        },
+        targets,
+        |client, target| {
+            let profile = Arc::clone(&profile);
+            async move {
+                crate::activate::setup::send_profile(&client, &target.address, &profile)
+                    .await
+                    .map(|answer| (answer.changed, format!("profile {}", profile.name)))
+                    .map_err(setup_error)
+            }
+        },
+        |inv, outcomes| {
+            mark_hosts(inv, &hosts, outcomes, "profile", |host| {
+                host.profile = name.to_string();
+            })
+        },
+    )
+}
+
+/// `pm-push schedule`: the agents' own schedule (`POST /v1/setup/schedule`), checked here like
+/// the agents check it, so a bad one reaches no host; `clear` (an empty request) gives each
+/// agent its agent.toml schedule back.
+fn push_schedule(
+    home: &Path,
+    global: &GlobalArgs,
+    request: proto::ScheduleRequest,
+    clear: bool,
+    targets: &TargetArgs,
+) -> anyhow::Result<ExitStatus> {
+    if !clear && request.update.is_none() && request.scan.is_none() {
+        return Err(UserError::usage("no schedule given")
+            .with_hint("give --update CRON, --scan CRON --scan-path PATH, or --clear")
+            .into());
+    }
+    if request.scan.is_none() && !request.scan_paths.is_empty() {
+        return Err(UserError::usage("`--scan-path` is for a scheduled scan")
+            .with_hint("give the scan's schedule too: --scan CRON")
+            .into());
+    }
+    let schedule = crate::agent::ScheduleConfig {
+        update: request.update.clone(),
+        scan: request.scan.clone(),
+        scan_paths: request.scan_paths.iter().map(Into::into).collect(),
+    };
+    schedule.check().map_err(|(key, problem)| {
+        let flag = match key {
+            "update" => "--update",
+            "scan" => "--scan",
+            _ => "--scan-path",
+        };
+        UserError::usage(format!("`{flag}` {problem}"))
+            .with_hint("cron: 5 fields (minute first) or 6 (seconds first), e.g. \"0 3 * * *\"")
+    })?;
+    let what = match (&request.update, &request.scan) {
+        (None, None) => "cleared".to_string(),
+        (update, scan) => [
+            update.as_ref().map(|u| format!("update `{u}`")),
+            scan.as_ref()
+                .map(|s| format!("scan `{s}` of {}", request.scan_paths.join(" "))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", "),
+    };
+    let (targets, _) = resolve(home, global, targets)?;
+    let body = Arc::new(serde_json::to_vec(&request)?);
+    on_targets(
+        home,
+        global,
+        JobKind {
+            kind: "schedule",
+            what: &what,
+            timeout: Duration::from_secs(30),
+        },
+        targets,
+        |client, target| {
+            let body = Arc::clone(&body);
+            let detail = what.clone();
+            async move {
+                let address = &target.address;
+                let response = client
+                    .post(format!("https://{address}{}", proto::SCHEDULE_PATH))
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.to_vec())
+                    .send()
+                    .await
+                    .map_err(|err| format!("agent `{address}` did not answer: {err}"))?;
+                let status = response.status();
+                let answer = response.bytes().await.unwrap_or_default();
+                match serde_json::from_slice::<proto::SetupResponse>(&answer) {
+                    Ok(setup) if status.is_success() => Ok((setup.changed, detail)),
+                    _ => Err(format!(
+                        "agent `{address}` refused the schedule: {}",
+                        serde_json::from_slice::<ErrorResponse>(&answer)
+                            .map_or_else(|_| format!("HTTP {status}"), |e| e.message)
+                    )),
+                }
+            }
+        },
+        |_, _| Ok(()),
+    )
+}
+
+/// `failed` (a comma list of setup steps) without `step`.
+fn without(failed: &str, step: &str) -> String {
+    failed
+        .split(',')
+        .filter(|s| !s.is_empty() && *s != step)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `pm-push license [FILE --expires DATE]`.
+fn push_license(
+    home: &Path,
+    global: &GlobalArgs,
+    file: Option<&Path>,
+    expires: Option<chrono::DateTime<Utc>>,
+    targets: &TargetArgs,
+) -> anyhow::Result<ExitStatus> {
+    if let (Some(file), Some(expires)) = (file, expires) {
+        crate::activate::setup::register_license(home, global, file, expires)?;
+    }
+    let licenses = Inventory::open_read_only(home, global.lock_timeout)
+        .map_err(inventory_error)?
+        .map(|inv| inv.licenses())
+        .transpose()
+        .map_err(inventory_error)?
+        .unwrap_or_default();
+    let (license, content) =
+        crate::activate::setup::current_license(home, &licenses)?.ok_or_else(|| {
+            UserError::usage("no license is registered")
+                .with_hint("give the file: `pm-push license FILE --expires YYYY-MM-DD`")
+        })?;
+    let (targets, hosts) = resolve(home, global, targets)?;
+    let license = Arc::new((license, content));
+    let sha256 = license.0.sha256.clone();
+    on_targets(
+        home,
+        global,
+        JobKind {
+            kind: "license",
+            what: &license.0.file_name.clone(),
+            timeout: Duration::from_secs(30),
+        },
+        targets,
+        |client, target| {
+            let license = Arc::clone(&license);
+            async move {
+                crate::activate::setup::send_license(
+                    &client,
+                    &target.address,
+                    &license.0,
+                    &license.1,
+                )
+                .await
+                .map(|answer| {
+                    (
+                        answer.changed,
+                        format!(
+                            "{} (expires {})",
+                            license.0.file_name,
+                            license.0.expires_at.format("%Y-%m-%d")
+                        ),
+                    )
+                })
+                .map_err(setup_error)
+            }
+        },
+        |inv, outcomes| {
+            mark_hosts(inv, &hosts, outcomes, "license", |host| {
+                host.license_sha256 = Some(sha256.clone());
+            })
+        },
+    )
+}
+
+/// `pm-push scan --path P...`: each target scans now; then a poll records the reports.
+fn push_scan(
+    home: &Path,
+    global: &GlobalArgs,
+    paths: &[String],
+    timeout: Duration,
+    targets: &TargetArgs,
+) -> anyhow::Result<ExitStatus> {
+    if let Some(bad) = paths
+        .iter()
+        .find(|p| !p.starts_with('/') || p.contains('\0'))
+    {
+        return Err(UserError::usage(format!("--path `{bad}` is not an absolute path")).into());
+    }
+    let (targets, _) = resolve(home, global, targets)?;
+    let request = Arc::new(proto::ScanRequest {
+        paths: paths.to_vec(),
+    });
+    let cursors = Inventory::open_read_only(home, global.lock_timeout)
+        .map_err(inventory_error)?
+        .map(|inv| inv.poll_cursors())
+        .transpose()
+        .map_err(inventory_error)?
+        .unwrap_or_default();
+    let polled: Arc<Mutex<Vec<crate::inventory::PolledHost>>> = Arc::default();
+    let status = on_targets(
+        home,
+        global,
+        JobKind {
+            kind: "scan",
+            what: &paths.join(" "),
+            timeout,
+        },
+        targets,
+        |client, target| {
+            let request = Arc::clone(&request);
+            let cursors = cursors.clone();
+            let polled = Arc::clone(&polled);
+            async move {
+                let report = scan_one(&client, &target.address, &request).await?;
+                // The report is on the agent now: a poll brings it (and the state) in.
+                let settings = Settings {
+                    concurrency: 1,
+                    timeout: Duration::from_secs(30),
+                    deadline: Duration::from_secs(60),
+                    inactive_after: Duration::from_secs(1800),
+                    scan_max_age: Duration::from_secs(7 * 86_400),
+                };
+                let mut answer = ask_all(
+                    &client,
+                    std::slice::from_ref(&target),
+                    &cursors,
+                    &settings,
+                    chrono::Duration::zero(),
+                )
+                .await;
+                polled
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .append(&mut answer);
+                Ok((
+                    true,
+                    format!(
+                        "{}: {} finding(s), {} file(s) scanned",
+                        report.result.as_str(),
+                        report.findings.len(),
+                        report.files_scanned.map_or("?".into(), |n| n.to_string())
+                    ),
+                ))
+            }
+        },
+        |inv, _| {
+            let polled =
+                std::mem::take(&mut *polled.lock().unwrap_or_else(PoisonError::into_inner));
+            if !polled.is_empty() {
+                inv.record_polls(0, &polled)?;
+            }
+            Ok(())
+        },
+    )?;
+    Ok(status)
+}
+
+async fn scan_one(
+    client: &reqwest::Client,
+    address: &str,
+    request: &proto::ScanRequest,
+) -> Result<proto::ScanReport, String> {
+    let response = client
+        .post(format!("https://{address}{}", proto::SCAN_PATH))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(request).map_err(|err| err.to_string())?)
+        .send()
+        .await
+        .map_err(|err| format!("agent `{address}` did not answer: {err}"))?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|err| format!("agent `{address}`: {err}"))?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<ErrorResponse>(&body)
+            .map(|e| e.message)
+            .unwrap_or_else(|_| format!("HTTP {status}"));
+        return Err(format!("agent `{address}` could not scan: {message}"));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|err| format!("agent `{address}` answered something that is not a report: {err}"))
+}
+
+fn summary_line(kind: &str, revision: &str, hosts: &[HostAttempt]) -> String {
+    let count = |result: &str| hosts.iter().filter(|h| h.result == result).count();
+    format!(
+        "{kind} to {revision}: {} ok, {} failed, {} skipped, {} not attempted",
+        count("ok"),
+        count("failed"),
+        count("skipped"),
+        count("not_attempted")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn targets(n: usize, wave: impl Fn(usize) -> Option<u32>) -> Vec<Target> {
+        (0..n)
+            .map(|i| Target {
+                host: format!("h{i:02}"),
+                address: format!("10.0.0.{i}:7505"),
+                group: "g".into(),
+                wave: wave(i),
+            })
+            .collect()
+    }
+
+    fn sizes(waves: &[Vec<Target>]) -> Vec<usize> {
+        waves.iter().map(Vec::len).collect()
+    }
+
+    #[test]
+    fn a_canary_then_batches_or_the_csv_waves() {
+        assert_eq!(
+            sizes(&plan_waves(&targets(50, |_| None), 1, 10)),
+            [1, 10, 10, 10, 10, 9]
+        );
+        assert_eq!(sizes(&plan_waves(&targets(5, |_| None), 0, 10)), [5]);
+        assert_eq!(
+            sizes(&plan_waves(&targets(0, |_| None), 1, 10)),
+            Vec::<usize>::new()
+        );
+        let csv = plan_waves(&targets(7, |i| Some(if i < 3 { 2 } else { 1 })), 1, 10);
+        assert_eq!(
+            sizes(&csv),
+            [1, 4, 2],
+            "canary h00, then wave 1 (h03..h06), then wave 2"
+        );
+        assert_eq!(csv[1][0].host, "h03");
+    }
+
+    #[test]
+    fn max_failures_is_a_count_or_a_share_of_the_wave() {
+        assert_eq!("3".parse::<MaxFailures>().unwrap().allowed(10), 3);
+        assert_eq!("10%".parse::<MaxFailures>().unwrap().allowed(25), 2);
+        assert_eq!("0%".parse::<MaxFailures>().unwrap().allowed(25), 0);
+        for bad in ["-1", "101%", "many", "5 %x"] {
+            assert!(bad.parse::<MaxFailures>().is_err(), "{bad}");
+        }
+        assert_eq!(MaxFailures::Percent(20).to_string(), "20%");
+    }
+}

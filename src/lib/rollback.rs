@@ -1,0 +1,442 @@
+//! `pm-rollback`: the whole fleet (or the chosen targets) back to a backup generation, or one
+//! host back to a revision or one of its local backups (DESIGN.md section 4, seed PSMT 4.9).
+//!
+//! `--generation N`: every target installs the revision of the manager's backup/N
+//! (`POST /v1/update {"generation": N}`; the agent reuses its local copies of the files and
+//! downloads only what it lacks from the backup the mirror serves), in waves like `pm-push`.
+//! Only when every target reported OK (the seed's "OK == Total") does the manager rotate dist
+//! back (`pm-mirror`'s dist rollback: backup/N becomes dist, the newer revisions are marked
+//! rolled back so `pm-mirror publish` will not publish them again without `--again`). Otherwise
+//! dist stays, and the output lists the hosts that failed or were not reached, with reasons.
+//!
+//! `--host H --to backup:N | REVISION`: one host only; `backup:N` is the host's own local backup
+//! (`POST /v1/rollback`), a revision is installed from the generation the mirror serves it in.
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::Utc;
+use clap::Parser;
+use serde::Serialize;
+
+use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
+use crate::inventory::{HostAttempt, Inventory, RolloutRecord};
+use crate::poll::{Settings, ask_all, mutual_client};
+use crate::proto::{self, ErrorResponse, InstallReport};
+use crate::push::{self, Action, WaveArgs, inventory_error};
+use crate::repo::{BACKUP_GENERATIONS, Repo};
+use crate::targets::TargetArgs;
+
+/// `pm-rollback` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pm-rollback",
+    version,
+    about = "Roll the fleet back to a backup generation, or one host to an earlier revision"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// Roll the targets back to the manager's backup generation N (1..3)
+    #[arg(
+        long,
+        value_name = "N",
+        required_unless_present = "to",
+        conflicts_with = "to"
+    )]
+    pub generation: Option<u32>,
+    /// With --host: `backup:N` (the host's local backup) or a revision the mirror serves
+    #[arg(long, value_name = "backup:N|REVISION", requires = "hosts")]
+    pub to: Option<String>,
+    #[command(flatten)]
+    pub targets: TargetArgs,
+    /// Hosts in the first wave (0: none)
+    #[arg(long, default_value_t = 0)]
+    pub canary: usize,
+    /// Hosts per wave
+    #[arg(long, default_value_t = 1000)]
+    pub wave_size: usize,
+    /// Failures a wave may have before the rollback stops: a count or a percentage
+    #[arg(long, default_value = "0", value_parser = <push::MaxFailures as std::str::FromStr>::from_str)]
+    pub max_failures: push::MaxFailures,
+    /// How long one host's install may take
+    #[arg(long, default_value = "10m", value_parser = cli::parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
+    /// Hosts installing at once within a wave
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+}
+
+/// Runs `pm-rollback`.
+pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
+    let home = args.global.home();
+    match (&args.generation, &args.to) {
+        (Some(generation), None) => fleet(&home, &args, *generation),
+        (None, Some(to)) => one_host(&home, &args, to),
+        _ => {
+            Err(UserError::usage("give --generation N, or --host H --to backup:N|REVISION").into())
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct FleetReport {
+    #[serde(flatten)]
+    rollout: push::Report,
+    generation: u32,
+    /// Whether the manager's dist rotated back (every target reported OK).
+    dist_rolled_back: bool,
+    /// dist before and after.
+    dist_before: Option<String>,
+    dist_after: Option<String>,
+}
+
+fn check_generation(generation: u32) -> Result<usize, UserError> {
+    let n = generation as usize;
+    if !(1..=BACKUP_GENERATIONS).contains(&n) {
+        return Err(UserError::usage(format!(
+            "--generation {generation} is out of range: 1..={BACKUP_GENERATIONS}"
+        )));
+    }
+    Ok(n)
+}
+
+fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus> {
+    let global = &args.global;
+    let n = check_generation(generation)?;
+    let generations = Repo::new(home)
+        .generations()
+        .map_err(|err| UserError::failure(err.to_string()))?;
+    let Some(revision) = generations.backups.get(n - 1).cloned() else {
+        return Err(UserError::usage(format!(
+            "there is no backup/{n}: dist has {} backup generation(s)",
+            generations.backups.len()
+        ))
+        .with_hint("`pm-mirror status` shows the generations")
+        .into());
+    };
+    let (targets, _) = push::resolve(home, global, &args.targets)?;
+    let installed = Inventory::open_read_only(home, global.lock_timeout)
+        .map_err(inventory_error)?
+        .map(|inv| inv.installed_revisions())
+        .transpose()
+        .map_err(inventory_error)?
+        .unwrap_or_default();
+    let (hosts, waves) =
+        push::plan_attempts(targets, &installed, &revision, args.canary, args.wave_size);
+    let options = WaveArgs {
+        canary: args.canary,
+        wave_size: args.wave_size,
+        max_failures: args.max_failures,
+        pause: Duration::ZERO,
+        timeout: args.timeout,
+        concurrency: args.concurrency.max(1),
+    };
+    let dist_before = generations.dist.clone();
+    if global.dry_run {
+        let report = FleetReport {
+            rollout: push::report("rollback", None, &revision, "planned", None, &hosts),
+            generation,
+            dist_rolled_back: false,
+            dist_before: dist_before.clone(),
+            dist_after: dist_before,
+        };
+        return print(global, &report);
+    }
+    let record = RolloutRecord {
+        job_id: 0,
+        kind: "rollback".into(),
+        revision: Some(revision.clone()),
+        generation: Some(generation as i32),
+        state: "running".into(),
+        waves: waves as i32,
+        max_failures: args.max_failures.to_string(),
+        options: serde_json::to_string(&options)?,
+        pid: Some(std::process::id() as i32),
+        stopped_at_wave: None,
+        started_at: None,
+    };
+    let job_id = Inventory::open(home, global.lock_timeout)
+        .map_err(inventory_error)?
+        .transaction(|inv| {
+            inv.start_rollout(
+                Utc::now(),
+                &format!("rollback to backup/{n} ({revision}): {} hosts", hosts.len()),
+                &record,
+                &hosts,
+            )
+        })
+        .map_err(inventory_error)?;
+    let executed = if hosts.iter().any(|h| h.result == "pending") {
+        push::execute(
+            home,
+            global,
+            job_id,
+            &revision,
+            &options,
+            Action::Generation(generation),
+            hosts,
+        )?
+    } else {
+        // Everyone is on it already: nothing to ask; the rollout is done.
+        let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+        inventory
+            .transaction(|inv| {
+                inv.update_rollout(job_id, "done", None, None, "ok", "every target was on it")
+            })
+            .map_err(inventory_error)?;
+        push::Executed {
+            kind: "rollback",
+            state: "done".into(),
+            stopped_at: None,
+            hosts,
+        }
+    };
+    // OK == Total: only then does dist rotate back.
+    let all_ok = executed.state == "done"
+        && executed
+            .hosts
+            .iter()
+            .all(|h| h.result == "ok" || h.result == "skipped");
+    let mut dist_after = dist_before.clone();
+    if all_ok {
+        let rolled = crate::mirror::rollback_dist(home, global, n)?;
+        dist_after = Some(rolled.to.clone());
+    }
+    let report = FleetReport {
+        rollout: push::report(
+            "rollback",
+            Some(job_id),
+            &revision,
+            &executed.state,
+            executed.stopped_at,
+            &executed.hosts,
+        ),
+        generation,
+        dist_rolled_back: all_ok,
+        dist_before,
+        dist_after,
+    };
+    if !all_ok && executed.state != "interrupted" {
+        let missing: Vec<String> = executed
+            .hosts
+            .iter()
+            .filter(|h| h.result != "ok" && h.result != "skipped")
+            .map(|h| {
+                format!(
+                    "{} ({}{})",
+                    h.host,
+                    h.result,
+                    h.error
+                        .as_deref()
+                        .map_or(String::new(), |e| format!(": {e}"))
+                )
+            })
+            .collect();
+        eprintln!(
+            "error: dist stays at {}: not every target rolled back ({} not OK): {}",
+            report.dist_before.as_deref().unwrap_or("-"),
+            missing.len(),
+            missing.join("; ")
+        );
+        eprintln!(
+            "hint: fix or deactivate those hosts, then run the same pm-rollback again (hosts \
+             already on {revision} are skipped)"
+        );
+    }
+    print(global, &report)
+}
+
+fn print(global: &GlobalArgs, report: &FleetReport) -> anyhow::Result<ExitStatus> {
+    let status = if report.rollout.state == "planned" || report.dist_rolled_back {
+        ExitStatus::Success
+    } else if report.rollout.summary.get("ok").copied().unwrap_or(0) > 0 {
+        ExitStatus::Partial
+    } else {
+        ExitStatus::Failure
+    };
+    if global.json {
+        cli::print_json(report)?;
+        return Ok(status);
+    }
+    push::print(
+        &GlobalArgs {
+            json: false,
+            ..global.clone()
+        },
+        &report.rollout,
+    )?;
+    cli::print_text(if report.dist_rolled_back {
+        format!(
+            "dist rolled back: {} -> {} (backup/{}); `pm-mirror publish` will not publish the \
+             rolled-back revisions again without --again",
+            report.dist_before.as_deref().unwrap_or("-"),
+            report.dist_after.as_deref().unwrap_or("-"),
+            report.generation
+        )
+    } else {
+        format!(
+            "dist stays at {}",
+            report.dist_before.as_deref().unwrap_or("-")
+        )
+    })?;
+    Ok(status)
+}
+
+#[derive(Debug, Serialize)]
+struct HostReport {
+    changed: bool,
+    job_id: i64,
+    host: String,
+    result: &'static str,
+    to: String,
+    report: Option<InstallReport>,
+    error: Option<String>,
+}
+
+/// `--host H --to backup:N | REVISION`.
+fn one_host(home: &Path, args: &Args, to: &str) -> anyhow::Result<ExitStatus> {
+    let global = &args.global;
+    if args.targets.hosts.len() != 1 {
+        return Err(UserError::usage("--to rolls back one host: give exactly one --host").into());
+    }
+    let (targets, _) = push::resolve(home, global, &args.targets)?;
+    let target = targets
+        .into_iter()
+        .next()
+        .ok_or_else(|| UserError::usage("the host is not an active host of this manager"))?;
+    // What to ask the agent for.
+    let (path, body) = if let Some(n) = to.strip_prefix("backup:") {
+        n.parse::<usize>()
+            .ok()
+            .filter(|n| (1..=3).contains(n))
+            .ok_or_else(|| {
+                UserError::usage(format!(
+                    "`{to}` is not a backup: use backup:1, backup:2 or backup:3"
+                ))
+            })?;
+        (proto::ROLLBACK_PATH, format!(r#"{{"to":"backup:{n}"}}"#))
+    } else {
+        let generations = Repo::new(home)
+            .generations()
+            .map_err(|err| UserError::failure(err.to_string()))?;
+        if generations.dist.as_deref() == Some(to) {
+            (proto::UPDATE_PATH, String::new())
+        } else if let Some(i) = generations.backups.iter().position(|r| r == to) {
+            (proto::UPDATE_PATH, format!(r#"{{"generation":{}}}"#, i + 1))
+        } else {
+            return Err(UserError::usage(format!(
+                "revision `{to}` is not served by the mirror (dist {}, backups {})",
+                generations.dist.as_deref().unwrap_or("-"),
+                generations.backups.join(", ")
+            ))
+            .with_hint("choose one of those, or the host's own local backup with --to backup:N")
+            .into());
+        }
+    };
+    if global.dry_run {
+        cli::print_json(&serde_json::json!({
+            "changed": false, "host": target.host, "would_ask": path, "body": body,
+        }))?;
+        return Ok(ExitStatus::Success);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = mutual_client(home, args.timeout, false)?;
+    let outcome: Result<InstallReport, String> = runtime.block_on(async {
+        let mut request = client.post(format!("https://{}{path}", target.address));
+        if !body.is_empty() {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|err| format!("agent `{}` did not answer: {err}", target.address))?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|err| err.to_string())?;
+        if !status.is_success() {
+            return Err(serde_json::from_slice::<ErrorResponse>(&bytes)
+                .map(|e| e.message)
+                .unwrap_or_else(|_| format!("HTTP {status}")));
+        }
+        serde_json::from_slice(&bytes).map_err(|err| err.to_string())
+    });
+    let polled = runtime.block_on(async {
+        let cursors = Inventory::open_read_only(home, global.lock_timeout)
+            .ok()
+            .flatten()
+            .and_then(|inv| inv.poll_cursors().ok())
+            .unwrap_or_default();
+        let settings = Settings {
+            concurrency: 1,
+            timeout: Duration::from_secs(30),
+            deadline: Duration::from_secs(60),
+            inactive_after: Duration::from_secs(1800),
+            scan_max_age: Duration::from_secs(7 * 86_400),
+        };
+        ask_all(
+            &client,
+            std::slice::from_ref(&target),
+            &cursors,
+            &settings,
+            chrono::Duration::zero(),
+        )
+        .await
+    });
+    let attempt = HostAttempt {
+        host: target.host.clone(),
+        wave: 0,
+        attempt: 1,
+        result: if outcome.is_ok() { "ok" } else { "failed" }.into(),
+        changed: outcome.as_ref().ok().map(|r| r.changed),
+        revision: outcome.as_ref().ok().and_then(|r| r.revision.clone()),
+        error: outcome.as_ref().err().cloned(),
+    };
+    let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+    let job_id = inventory
+        .transaction(|inv| {
+            let job_id = inv.insert_job(
+                "rollback",
+                Utc::now(),
+                if outcome.is_ok() { "ok" } else { "failed" },
+                &format!("rollback of {} to {to}", target.host),
+            )?;
+            inv.record_attempts(job_id, std::slice::from_ref(&attempt))?;
+            inv.record_polls(job_id, &polled)?;
+            Ok(job_id)
+        })
+        .map_err(inventory_error)?;
+    drop(inventory);
+    let report = HostReport {
+        changed: attempt.changed == Some(true),
+        job_id,
+        host: target.host.clone(),
+        result: if outcome.is_ok() { "ok" } else { "failed" },
+        to: to.to_string(),
+        error: outcome.as_ref().err().cloned(),
+        report: outcome.ok(),
+    };
+    if global.json {
+        cli::print_json(&report)?;
+    } else {
+        cli::print_text(match (&report.report, &report.error) {
+            (Some(r), _) => format!(
+                "{}: {} -> {} (changed: {})",
+                report.host,
+                r.previous_revision.as_deref().unwrap_or("-"),
+                r.revision.as_deref().unwrap_or("-"),
+                r.changed
+            ),
+            (_, Some(e)) => format!("{}: failed: {e}", report.host),
+            _ => String::new(),
+        })?;
+    }
+    Ok(if report.error.is_none() {
+        ExitStatus::Success
+    } else {
+        ExitStatus::Failure
+    })
+}

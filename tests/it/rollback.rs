@@ -1,0 +1,130 @@
+//! `pm-rollback` on real agents: the fleet back to a backup generation only when every target
+//! did it (OK == Total), and one host back to a local backup or a served revision.
+
+use serde_json::Value;
+
+use crate::agent_install::sigtool_version;
+use crate::push::Fleet;
+use crate::support::{AgentSetup, Pm, sql};
+
+fn rollback(setup: &AgentSetup, args: &[&str]) -> (i32, Value) {
+    let run = Pm::rollback(&setup.home).args(args).args(["--json"]).run();
+    (run.code(), run.json())
+}
+
+fn results(report: &Value) -> Vec<(String, String)> {
+    let mut rows: Vec<(String, String)> = report["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["host"].as_str().unwrap().to_string(),
+                h["result"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+#[test]
+fn a_fleet_rollback_rotates_dist_back_only_when_every_target_did_it() {
+    let fleet = Fleet::start(4);
+    fleet.setup.publish(6);
+    let (code, pushed) = fleet.push(&["update"]);
+    assert_eq!(code, 0, "{pushed}");
+
+    // One agent does not answer: the others roll back, dist stays, the output names it.
+    let pid = fleet.lab["agents"][3]["pid"].as_u64().unwrap();
+    std::process::Command::new("kill")
+        .args(["-s", "STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    let (code, report) = rollback(&fleet.setup, &["--generation", "1", "--timeout", "3s"]);
+    assert_eq!(code, 3, "{report}");
+    assert_eq!(report["dist_rolled_back"], false);
+    assert_eq!(report["dist_before"], "r2");
+    assert_eq!(report["dist_after"], "r2");
+    assert_eq!(
+        results(&report),
+        [
+            ("lab-000".into(), "ok".into()),
+            ("lab-001".into(), "ok".into()),
+            ("lab-002".into(), "ok".into()),
+            ("lab-003".into(), "failed".into()),
+        ]
+    );
+    let run = Pm::rollback(&fleet.setup.home)
+        .args(["--generation", "1", "--timeout", "3s"])
+        .run();
+    assert!(
+        run.stderr().contains("dist stays at r2") && run.stderr().contains("lab-003"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(
+        sql(
+            &fleet.setup.home,
+            "SELECT action, revision FROM dist_history ORDER BY id DESC LIMIT 1"
+        ),
+        ["publish,r2"],
+        "dist did not move"
+    );
+
+    // Once it answers again, the same command finishes: the three already on r1 are skipped.
+    std::process::Command::new("kill")
+        .args(["-s", "CONT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let (code, report) = rollback(&fleet.setup, &["--generation", "1"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["dist_rolled_back"], true);
+    assert_eq!(report["dist_after"], "r1");
+    assert_eq!(report["summary"]["skipped"], 3);
+    for n in 0..4 {
+        let db = fleet.dir.join(format!("agent-{n:03}-db"));
+        assert_eq!(
+            sigtool_version(&db),
+            "3",
+            "agent {n} shows the older version"
+        );
+    }
+    // The rolled-back revision is not re-pushed: dist is r1, so an update changes nothing,
+    // and publishing r2 again needs `--again`.
+    let (code, again) = fleet.push(&["update"]);
+    assert_eq!(code, 0);
+    assert_eq!(again["changed"], false, "{again}");
+    let run = Pm::mirror(&fleet.setup.home).args(["publish"]).run();
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(run.stderr().contains("--again"), "{}", run.stderr());
+}
+
+#[test]
+fn one_host_rolls_back_to_a_local_backup_or_a_served_revision() {
+    let setup = AgentSetup::new();
+    setup.agent_cmd(&["update"]);
+    setup.publish(6);
+    setup.agent_cmd(&["update"]);
+    let (code, report) = rollback(&setup, &["--host", "127.0.0.1", "--to", "backup:1"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["result"], "ok");
+    assert_eq!(report["report"]["revision"], "r1");
+    assert_eq!(sigtool_version(&setup.db()), "3");
+    let (code, report) = rollback(&setup, &["--host", "127.0.0.1", "--to", "r2"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["report"]["revision"], "r2");
+    assert_eq!(sigtool_version(&setup.db()), "6");
+    let (code, report) = rollback(&setup, &["--host", "127.0.0.1", "--to", "r1"]);
+    assert_eq!(code, 0, "served as backup/1: {report}");
+    assert_eq!(sigtool_version(&setup.db()), "3");
+    let (code, _) = rollback(&setup, &["--host", "127.0.0.1", "--to", "r9"]);
+    assert_eq!(code, 2);
+    let (code, _) = rollback(&setup, &["--host", "127.0.0.1", "--to", "backup:7"]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        sql(&setup.home, "SELECT installed_revision FROM fleet_status"),
+        ["r1"],
+        "the host's state was polled after each rollback"
+    );
+}
