@@ -380,7 +380,7 @@ struct WaveLine {
 
 #[derive(Debug, Serialize)]
 pub(crate) struct Report {
-    changed: bool,
+    pub(crate) changed: bool,
     job_id: Option<i64>,
     kind: &'static str,
     revision: String,
@@ -445,9 +445,8 @@ pub(crate) fn print(global: &GlobalArgs, report: &Report) -> anyhow::Result<Exit
     let ok = report.summary.get("ok").copied().unwrap_or(0)
         + report.summary.get("skipped").copied().unwrap_or(0);
     let status = match report.state.as_str() {
-        "planned" | "done" if failed == 0 => ExitStatus::Success,
-        "done" => ExitStatus::Partial,
-        "running" => ExitStatus::Success,
+        "planned" | "running" => ExitStatus::Success,
+        "done" if failed == 0 => ExitStatus::Success,
         _ if ok > 0 => ExitStatus::Partial,
         _ => ExitStatus::Failure,
     };
@@ -497,7 +496,8 @@ pub(crate) fn print(global: &GlobalArgs, report: &Report) -> anyhow::Result<Exit
             report.stopped_at_wave.unwrap_or_default()
         );
         eprintln!(
-            "hint: fix the failed hosts, then `pm-push resume {}` (or run the update again)",
+            "hint: `pm-push resume {}` runs the waves that were not attempted; after fixing the \
+             failed hosts, `pm-push update` retries them (hosts on dist are skipped)",
             report.job_id.unwrap_or_default()
         );
     } else if report.state == "interrupted" {
@@ -602,12 +602,19 @@ fn resume(home: &Path, global: &GlobalArgs, job_id: i64) -> anyhow::Result<ExitS
         inventory
             .rollout(Some(job_id), "update")
             .map_err(inventory_error)?
-            .filter(|(r, _)| r.kind == "update")
             .ok_or_else(|| {
-                UserError::usage(format!("there is no update rollout with job id {job_id}"))
+                UserError::usage(format!("there is no rollout with job id {job_id}"))
                     .with_hint("`pm-push status` shows the newest rollout")
             })?
     };
+    if record.kind == "rollback" {
+        return Err(UserError::usage(format!(
+            "job {job_id} is a fleet rollback: run `pm-rollback --generation {}` again (hosts \
+             already on it are skipped; dist rotates back once every target is)",
+            record.generation.unwrap_or(1)
+        ))
+        .into());
+    }
     let state = effective_state(&record);
     if state == "running" {
         return Err(UserError::usage(format!(
@@ -814,11 +821,48 @@ pub(crate) fn execute(
         inactive_after: crate::poll::load_config(home)?.inactive_after,
         scan_max_age: crate::poll::load_config(home)?.scan_max_age,
     };
+    // One listener for the whole run: a Ctrl-C or SIGTERM at any point (a wave, the pause, the
+    // poll) stops before the next wave; the hosts asked so far are recorded.
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    runtime.spawn({
+        let stopping = Arc::clone(&stopping);
+        async move {
+            crate::mirror::shutdown_signal().await;
+            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let stopped = {
+        let stopping = Arc::clone(&stopping);
+        move || {
+            let stopping = Arc::clone(&stopping);
+            async move {
+                while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    };
     let mut state = "done";
     let mut stopped_at = None;
     for (index, wave) in wave_numbers.iter().copied().enumerate() {
         if index > 0 && !options.pause.is_zero() {
-            std::thread::sleep(options.pause);
+            runtime.block_on(async {
+                tokio::select! {
+                    _ = tokio::time::sleep(options.pause) => {}
+                    _ = stopped() => {}
+                }
+            });
+        }
+        if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            state = "interrupted";
+            let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+            let summary_text = summary_line(action.kind(), revision, &hosts);
+            inventory
+                .transaction(|inv| {
+                    inv.update_rollout(job_id, "interrupted", None, None, "failed", &summary_text)
+                })
+                .map_err(inventory_error)?;
+            break;
         }
         // Dist must still be what this rollout installs.
         let now = action.serves(home)?;
@@ -834,6 +878,17 @@ pub(crate) fn execute(
             .filter(|(_, h)| h.wave == wave && h.result == "pending")
             .map(|(i, h)| (i, addresses.get(&h.host).cloned().unwrap_or_default()))
             .collect();
+        for (i, address) in &targets {
+            if address.is_empty() {
+                hosts[*i].result = "failed".into();
+                hosts[*i].error = Some(format!(
+                    "host {} is no longer active (deactivated?); it was not asked",
+                    hosts[*i].host
+                ));
+            }
+        }
+        let targets: Vec<(usize, String)> =
+            targets.into_iter().filter(|(_, a)| !a.is_empty()).collect();
         let started = Instant::now();
         let done: Arc<Mutex<Vec<Installed>>> = Arc::default();
         let work = futures_util::stream::iter(targets.clone())
@@ -855,7 +910,7 @@ pub(crate) fn execute(
         let interrupted = runtime.block_on(async {
             tokio::select! {
                 _ = work => false,
-                _ = crate::mirror::shutdown_signal() => true,
+                _ = stopped() => true,
             }
         });
         let finished = std::mem::take(&mut *done.lock().unwrap_or_else(PoisonError::into_inner));
@@ -864,6 +919,18 @@ pub(crate) fn execute(
         for (i, result) in finished {
             let host = &mut hosts[i];
             match result {
+                Ok(report) if report.revision.as_deref() != Some(revision) => {
+                    host.result = "failed".into();
+                    host.changed = Some(report.changed);
+                    host.revision = report.revision.clone();
+                    host.error = Some(format!(
+                        "the agent installed {}, not {revision}: the manager's revision moved \
+                         during the rollout, or the agent's dist URL serves another mirror \
+                         (check `pm-agent status` on it)",
+                        report.revision.as_deref().unwrap_or("nothing")
+                    ));
+                    failures += 1;
+                }
                 Ok(report) => {
                     host.result = "ok".into();
                     host.changed = Some(report.changed);
@@ -885,8 +952,13 @@ pub(crate) fn execute(
             seconds = started.elapsed().as_secs_f64(),
             "wave done"
         );
-        let allowed = options.max_failures.allowed(targets.len());
-        let stop = !interrupted && failures > allowed;
+        // The whole wave counts, including attempts of an earlier run that was resumed.
+        let wave_size = hosts.iter().filter(|h| h.wave == wave).count();
+        let wave_failures = hosts
+            .iter()
+            .filter(|h| h.wave == wave && h.result == "failed")
+            .count();
+        let stop = !interrupted && wave_failures > options.max_failures.allowed(wave_size);
         if interrupted {
             state = "interrupted";
         } else if stop {

@@ -116,6 +116,13 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
         .into());
     };
     let (targets, _) = push::resolve(home, global, &args.targets)?;
+    if targets.is_empty() {
+        return Err(UserError::usage(
+            "no active host matches the targets: nothing to roll back, and dist stays",
+        )
+        .with_hint("`pm-activate list` shows the hosts; check --group, --label, --where")
+        .into());
+    }
     let installed = Inventory::open_read_only(home, global.lock_timeout)
         .map_err(inventory_error)?
         .map(|inv| inv.installed_revisions())
@@ -199,11 +206,20 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
             .iter()
             .all(|h| h.result == "ok" || h.result == "skipped");
     let mut dist_after = dist_before.clone();
+    // backup/N must still be what the hosts installed (a publish meanwhile shifts it).
+    let still = Action::Generation(generation).serves(home)?;
+    let all_ok = all_ok && still.as_deref() == Some(revision.as_str());
     if all_ok {
         let rolled = crate::mirror::rollback_dist(home, global, n)?;
         dist_after = Some(rolled.to.clone());
+    } else if still.as_deref() != Some(revision.as_str()) {
+        eprintln!(
+            "error: backup/{n} is now {} (a publish during the rollback?), not {revision}: dist \
+             stays",
+            still.as_deref().unwrap_or("-")
+        );
     }
-    let report = FleetReport {
+    let mut report = FleetReport {
         rollout: push::report(
             "rollback",
             Some(job_id),
@@ -217,6 +233,7 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
         dist_before,
         dist_after,
     };
+    report.rollout.changed |= all_ok;
     if !all_ok && executed.state != "interrupted" {
         let missing: Vec<String> = executed
             .hosts
@@ -248,9 +265,11 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
 }
 
 fn print(global: &GlobalArgs, report: &FleetReport) -> anyhow::Result<ExitStatus> {
+    let reached = report.rollout.summary.get("ok").copied().unwrap_or(0)
+        + report.rollout.summary.get("skipped").copied().unwrap_or(0);
     let status = if report.rollout.state == "planned" || report.dist_rolled_back {
         ExitStatus::Success
-    } else if report.rollout.summary.get("ok").copied().unwrap_or(0) > 0 {
+    } else if reached > 0 {
         ExitStatus::Partial
     } else {
         ExitStatus::Failure

@@ -338,3 +338,54 @@ fn profile_license_and_scan_reach_every_target_with_a_result_per_host() {
         "{down}"
     );
 }
+
+#[test]
+fn ctrl_c_during_the_pause_stops_before_the_next_wave() {
+    let fleet = Fleet::start(3);
+    fleet.setup.publish(6);
+    let mut child = Pm::push(&fleet.setup.home)
+        .args(["update", "--wave-size", "1", "--pause", "20s", "--json"])
+        .command()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = fleet.setup.home.path().join("inventory.duckdb");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, recorded, _) = duckdb(&[
+            "-readonly",
+            "-csv",
+            "-noheader",
+            file.to_str().unwrap(),
+            "-c",
+            "SELECT count(*) FROM rollout_hosts WHERE result = 'ok'",
+        ]);
+        if recorded.trim() == "1" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the canary was never recorded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::process::Command::new("kill")
+        .args(["-s", "INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "pm-push did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(3), "stopped with one host done");
+    let status = Pm::push(&fleet.setup.home).args(["status"]).json();
+    assert_eq!(status["state"], "interrupted", "{status}");
+    assert_eq!(count(&status, "ok"), 1);
+    assert_eq!(
+        count(&status, "pending"),
+        2,
+        "the next waves were not started"
+    );
+}

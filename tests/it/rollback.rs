@@ -127,4 +127,14 @@ fn one_host_rolls_back_to_a_local_backup_or_a_served_revision() {
         ["r1"],
         "the host's state was polled after each rollback"
     );
+    // No target, no rollback: dist does not move on an empty selection.
+    let (code, report) = rollback(&setup, &["--generation", "1", "--group", "nope"]);
+    assert_eq!(code, 2, "{report}");
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT action FROM dist_history ORDER BY id DESC LIMIT 1"
+        ),
+        ["publish"]
+    );
 }
