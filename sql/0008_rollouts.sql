@@ -31,7 +31,11 @@ CREATE TABLE job_results (
 CREATE VIEW rollout_hosts AS
 SELECT job_id, host, wave, attempt, result, changed, revision, error, recorded_at
 FROM job_results
-QUALIFY row_number() OVER (PARTITION BY job_id, host ORDER BY attempt DESC, recorded_at DESC) = 1;
+-- Within an attempt the outcome outranks its `pending` row, whatever the clock says.
+QUALIFY row_number() OVER (
+    PARTITION BY job_id, host
+    ORDER BY attempt DESC, (result <> 'pending') DESC, recorded_at DESC
+) = 1;
 
 -- Per rollout and wave: how many hosts are in each state.
 CREATE VIEW rollout_progress AS

@@ -248,6 +248,46 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     }
 }
 
+/// Held while a rollout runs: one `pm-push update/resume` or fleet `pm-rollback` at a time
+/// changes the fleet's revision (two at once would fight over the same hosts).
+pub(crate) struct RolloutLock {
+    _file: std::fs::File,
+}
+
+/// Takes `PM_HOME/rollout.lock`, or says who holds it.
+pub(crate) fn rollout_lock(home: &Path) -> Result<RolloutLock, UserError> {
+    use std::io::{Read, Seek, Write};
+    let path = home.join("rollout.lock");
+    let fail =
+        |err: std::io::Error| UserError::failure(format!("cannot use `{}`: {err}", path.display()));
+    std::fs::create_dir_all(home).map_err(fail)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(fail)?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0).map_err(fail)?;
+            file.rewind().map_err(fail)?;
+            write!(file, "{}", std::process::id()).map_err(fail)?;
+            Ok(RolloutLock { _file: file })
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            Err(UserError::failure(format!(
+                "another rollout (pm-push or pm-rollback, PID {}) is running on this manager",
+                holder.trim()
+            ))
+            .with_hint("wait for it to end (`pm-push status` shows it), then run this again"))
+        }
+        Err(std::fs::TryLockError::Error(err)) => Err(fail(err)),
+    }
+}
+
 /// The revision dist serves now.
 fn dist_revision(home: &Path) -> Result<String, UserError> {
     Repo::new(home)
@@ -553,6 +593,7 @@ fn start(home: &Path, global: &GlobalArgs, args: &UpdateArgs) -> anyhow::Result<
             &report("update", None, &revision, state, None, &hosts),
         );
     }
+    let _lock = rollout_lock(home)?;
     let options = serde_json::to_string(&args.waves)?;
     let record = RolloutRecord {
         job_id: 0,
@@ -615,15 +656,9 @@ fn resume(home: &Path, global: &GlobalArgs, job_id: i64) -> anyhow::Result<ExitS
         ))
         .into());
     }
-    let state = effective_state(&record);
-    if state == "running" {
-        return Err(UserError::usage(format!(
-            "rollout {job_id} is still running (process {})",
-            record.pid.unwrap_or_default()
-        ))
-        .with_hint("wait for it, or stop it with Ctrl-C / kill first")
-        .into());
-    }
+    // Holding the lock, no other rollout runs: a `running` one was interrupted.
+    let _lock = rollout_lock(home)?;
+    let state = record.state.clone();
     if state == "done" {
         let revision = record.revision.clone().unwrap_or_default();
         return print(
@@ -1001,7 +1036,15 @@ pub(crate) fn execute(
         };
         let summary_text = summary_line(action.kind(), revision, &hosts);
         let final_state = (interrupted || stop || index + 1 == wave_numbers.len()).then_some(state);
-        let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+        // The wave's hosts were asked; if only the record fails, installing is idempotent, so
+        // resuming asks them again and records them.
+        let unrecorded = |err: InventoryError| {
+            anyhow::Error::from(UserError::failure(err.to_string()).with_hint(format!(
+                "the hosts of wave {wave} were asked but not recorded: `pm-push resume {job_id}` \
+                 asks them again and records them"
+            )))
+        };
+        let inventory = Inventory::open(home, global.lock_timeout).map_err(unrecorded)?;
         inventory
             .transaction(|inv| {
                 inv.record_attempts(job_id, &changed_attempts)?;
@@ -1026,7 +1069,7 @@ pub(crate) fn execute(
                 }
                 Ok(())
             })
-            .map_err(inventory_error)?;
+            .map_err(unrecorded)?;
         if interrupted || stop {
             break;
         }

@@ -150,6 +150,7 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
         };
         return print(global, &report);
     }
+    let _lock = push::rollout_lock(home)?;
     let record = RolloutRecord {
         job_id: 0,
         kind: "rollback".into(),

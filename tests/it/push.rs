@@ -367,6 +367,14 @@ fn ctrl_c_during_the_pause_stops_before_the_next_wave() {
         assert!(Instant::now() < deadline, "the canary was never recorded");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Meanwhile another rollout is refused: one at a time changes the fleet.
+    let second = Pm::push(&fleet.setup.home).args(["update"]).run();
+    assert_eq!(second.code(), 1, "{}", second.stderr());
+    assert!(
+        second.stderr().contains("another rollout"),
+        "{}",
+        second.stderr()
+    );
     std::process::Command::new("kill")
         .args(["-s", "INT", &child.id().to_string()])
         .status()

@@ -187,11 +187,15 @@ impl Inventory {
         Ok(Some((record, hosts)))
     }
 
-    /// What each polled host had installed at its last answer.
+    /// What each host had installed at its last answer, for hosts whose last poll succeeded
+    /// within the inactive threshold (an older answer is not trusted to skip a host).
     pub fn installed_revisions(&self) -> Result<HashMap<String, Option<String>>, InventoryError> {
-        let mut statement = self.db(self
-            .conn
-            .prepare("SELECT host, installed_revision FROM host_state"))?;
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT host, installed_revision FROM host_state
+             WHERE reachable AND last_ok_at >= now() - to_seconds(coalesce(
+                 (SELECT TRY_CAST(value AS BIGINT) FROM settings
+                  WHERE key = 'inactive_after_seconds'), 1800))",
+        ))?;
         let rows = self.db(statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))))?;
         rows.map(|row| self.db(row)).collect()
     }
