@@ -84,8 +84,10 @@ struct FleetReport {
     #[serde(flatten)]
     rollout: push::Report,
     generation: u32,
-    /// Whether the manager's dist rotated back (every target reported OK).
+    /// Whether the manager's dist rotated back (the whole fleet targeted, every host OK).
     dist_rolled_back: bool,
+    /// Whether every target reported OK (rolled back, or already there).
+    targets_ok: bool,
     /// dist before and after.
     dist_before: Option<String>,
     dist_after: Option<String>,
@@ -145,6 +147,7 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
             rollout: push::report("rollback", None, &revision, "planned", None, &hosts),
             generation,
             dist_rolled_back: false,
+            targets_ok: false,
             dist_before: dist_before.clone(),
             dist_after: dist_before,
         };
@@ -210,7 +213,17 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
     // backup/N must still be what the hosts installed (a publish meanwhile shifts it).
     let still = Action::Generation(generation).serves(home)?;
     let all_ok = all_ok && still.as_deref() == Some(revision.as_str());
-    if all_ok {
+    // Dist is the whole fleet's: it moves back only when the whole fleet was targeted.
+    let whole_fleet = args.targets.is_all();
+    if all_ok && !whole_fleet {
+        eprintln!(
+            "note: the targets rolled back to {revision}; dist stays at {} because only part of \
+             the fleet was targeted (run without target flags, or with --all, to move dist too)",
+            dist_before.as_deref().unwrap_or("-")
+        );
+    }
+    let rotate = all_ok && whole_fleet;
+    if rotate {
         let rolled = crate::mirror::rollback_dist(home, global, n)?;
         dist_after = Some(rolled.to.clone());
     } else if still.as_deref() != Some(revision.as_str()) {
@@ -230,11 +243,12 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
             &executed.hosts,
         ),
         generation,
-        dist_rolled_back: all_ok,
+        dist_rolled_back: rotate,
+        targets_ok: all_ok,
         dist_before,
         dist_after,
     };
-    report.rollout.changed |= all_ok;
+    report.rollout.changed |= rotate;
     if !all_ok && executed.state != "interrupted" {
         let missing: Vec<String> = executed
             .hosts
@@ -268,7 +282,7 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
 fn print(global: &GlobalArgs, report: &FleetReport) -> anyhow::Result<ExitStatus> {
     let reached = report.rollout.summary.get("ok").copied().unwrap_or(0)
         + report.rollout.summary.get("skipped").copied().unwrap_or(0);
-    let status = if report.rollout.state == "planned" || report.dist_rolled_back {
+    let status = if report.rollout.state == "planned" || report.targets_ok {
         ExitStatus::Success
     } else if reached > 0 {
         ExitStatus::Partial

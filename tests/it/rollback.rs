@@ -127,6 +127,11 @@ fn one_host_rolls_back_to_a_local_backup_or_a_served_revision() {
         ["r1"],
         "the host's state was polled after each rollback"
     );
+    // Part of the fleet: the host rolls back (here it is there already), dist stays.
+    let (code, report) = rollback(&setup, &["--generation", "1", "--host", "127.0.0.1"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["targets_ok"], true);
+    assert_eq!(report["dist_rolled_back"], false);
     // No target, no rollback: dist does not move on an empty selection.
     let (code, report) = rollback(&setup, &["--generation", "1", "--group", "nope"]);
     assert_eq!(code, 2, "{report}");
