@@ -777,13 +777,28 @@ async fn install(
     address: &str,
     action: Action,
 ) -> Result<InstallReport, String> {
-    let request = client.post(format!("https://{address}{}", proto::UPDATE_PATH));
-    let request = match action {
-        Action::Update => request,
-        Action::Generation(n) => request
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(format!(r#"{{"generation":{n}}}"#)),
+    let body = match action {
+        Action::Update => None,
+        Action::Generation(n) => Some(format!(r#"{{"generation":{n}}}"#)),
     };
+    post_agent(client, address, proto::UPDATE_PATH, body, "install").await
+}
+
+/// POSTs `body` (JSON, or nothing) to an agent over mutual TLS: its answer as `T`, or a line
+/// that names the agent and says what went wrong (`what` is the refused action: "install").
+pub(crate) async fn post_agent<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    address: &str,
+    path: &str,
+    body: Option<String>,
+    what: &str,
+) -> Result<T, String> {
+    let mut request = client.post(format!("https://{address}{path}"));
+    if let Some(body) = body {
+        request = request
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+    }
     let response = request.send().await.map_err(|err| {
         let mut text = err.to_string();
         let mut source = std::error::Error::source(&err);
@@ -803,7 +818,7 @@ async fn install(
         let message = serde_json::from_slice::<ErrorResponse>(&body)
             .map(|e| e.message)
             .unwrap_or_else(|_| format!("HTTP {status}"));
-        return Err(format!("agent `{address}` could not install: {message}"));
+        return Err(format!("agent `{address}` could not {what}: {message}"));
     }
     serde_json::from_slice(&body)
         .map_err(|err| format!("agent `{address}` answered something that is not a report: {err}"))
@@ -1620,26 +1635,8 @@ async fn scan_one(
     address: &str,
     request: &proto::ScanRequest,
 ) -> Result<proto::ScanReport, String> {
-    let response = client
-        .post(format!("https://{address}{}", proto::SCAN_PATH))
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(serde_json::to_vec(request).map_err(|err| err.to_string())?)
-        .send()
-        .await
-        .map_err(|err| format!("agent `{address}` did not answer: {err}"))?;
-    let status = response.status();
-    let body = response
-        .bytes()
-        .await
-        .map_err(|err| format!("agent `{address}`: {err}"))?;
-    if !status.is_success() {
-        let message = serde_json::from_slice::<ErrorResponse>(&body)
-            .map(|e| e.message)
-            .unwrap_or_else(|_| format!("HTTP {status}"));
-        return Err(format!("agent `{address}` could not scan: {message}"));
-    }
-    serde_json::from_slice(&body)
-        .map_err(|err| format!("agent `{address}` answered something that is not a report: {err}"))
+    let body = serde_json::to_string(request).map_err(|err| err.to_string())?;
+    post_agent(client, address, proto::SCAN_PATH, Some(body), "scan").await
 }
 
 fn summary_line(kind: &str, revision: &str, hosts: &[HostAttempt]) -> String {

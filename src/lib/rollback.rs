@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
 use crate::inventory::{HostAttempt, Inventory, RolloutRecord};
 use crate::poll::{Settings, ask_all, mutual_client};
-use crate::proto::{self, ErrorResponse, InstallReport};
+use crate::proto::{self, InstallReport};
 use crate::push::{self, Action, WaveArgs, inventory_error};
 use crate::repo::{BACKUP_GENERATIONS, Repo};
 use crate::targets::TargetArgs;
@@ -378,26 +378,13 @@ fn one_host(home: &Path, args: &Args, to: &str) -> anyhow::Result<ExitStatus> {
         .enable_all()
         .build()?;
     let client = mutual_client(home, args.timeout, false)?;
-    let outcome: Result<InstallReport, String> = runtime.block_on(async {
-        let mut request = client.post(format!("https://{}{path}", target.address));
-        if !body.is_empty() {
-            request = request
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone());
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|err| format!("agent `{}` did not answer: {err}", target.address))?;
-        let status = response.status();
-        let bytes = response.bytes().await.map_err(|err| err.to_string())?;
-        if !status.is_success() {
-            return Err(serde_json::from_slice::<ErrorResponse>(&bytes)
-                .map(|e| e.message)
-                .unwrap_or_else(|_| format!("HTTP {status}")));
-        }
-        serde_json::from_slice(&bytes).map_err(|err| err.to_string())
-    });
+    let outcome: Result<InstallReport, String> = runtime.block_on(push::post_agent(
+        &client,
+        &target.address,
+        path,
+        (!body.is_empty()).then(|| body.clone()),
+        "roll back",
+    ));
     let polled = runtime.block_on(async {
         let cursors = Inventory::open_read_only(home, global.lock_timeout)
             .ok()

@@ -64,6 +64,28 @@ impl Fleet {
         std::fs::create_dir_all(&db).unwrap();
     }
 
+    /// Waits (at most a minute) until a running rollout has recorded its canary as ok.
+    fn wait_for_canary(&self) {
+        let file = self.setup.home.path().join("inventory.duckdb");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // pm-push holds the file for its writes: a read may meet one and is tried again.
+            let (_, recorded, _) = duckdb(&[
+                "-readonly",
+                "-csv",
+                "-noheader",
+                file.to_str().unwrap(),
+                "-c",
+                "SELECT count(*) FROM rollout_hosts WHERE result = 'ok'",
+            ]);
+            if recorded.trim() == "1" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the canary was never recorded");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub(crate) fn push(&self, args: &[&str]) -> (i32, Value) {
         let run = Pm::push(&self.setup.home).args(args).args(["--json"]).run();
         (run.code(), run.json())
@@ -205,24 +227,7 @@ fn an_interrupted_rollout_says_where_it_stopped_and_resume_finishes_it() {
         .spawn()
         .unwrap();
     // Kill -9 once the canary is recorded, during the pause before wave 1.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let file = fleet.setup.home.path().join("inventory.duckdb");
-    loop {
-        // pm-push holds the file for its writes: a read may meet one and is tried again.
-        let (_, recorded, _) = duckdb(&[
-            "-readonly",
-            "-csv",
-            "-noheader",
-            file.to_str().unwrap(),
-            "-c",
-            "SELECT count(*) FROM rollout_hosts WHERE result = 'ok'",
-        ]);
-        if recorded.trim() == "1" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the canary was never recorded");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    fleet.wait_for_canary();
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -350,23 +355,7 @@ fn ctrl_c_during_the_pause_stops_before_the_next_wave() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let file = fleet.setup.home.path().join("inventory.duckdb");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, recorded, _) = duckdb(&[
-            "-readonly",
-            "-csv",
-            "-noheader",
-            file.to_str().unwrap(),
-            "-c",
-            "SELECT count(*) FROM rollout_hosts WHERE result = 'ok'",
-        ]);
-        if recorded.trim() == "1" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the canary was never recorded");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    fleet.wait_for_canary();
     // Meanwhile another rollout is refused: one at a time changes the fleet.
     let second = Pm::push(&fleet.setup.home).args(["update"]).run();
     assert_eq!(second.code(), 1, "{}", second.stderr());
