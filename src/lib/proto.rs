@@ -293,6 +293,9 @@ pub struct InstallReport {
     pub files: Vec<InstalledFileChange>,
     /// Files fetched from dist (the others were already in the agent's local copies).
     pub downloaded: Vec<String>,
+    /// Bytes fetched from the manager (0 from agents older than this field).
+    #[serde(default)]
+    pub downloaded_bytes: u64,
     /// Whether the engine was told to reload (clamd `RELOAD`).
     pub reloaded: bool,
 }

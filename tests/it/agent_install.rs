@@ -368,3 +368,72 @@ fn update_with_a_generation_installs_the_managers_backup_and_reports_a_rollback(
         .run();
     assert_eq!(run.code(), 2, "{}", run.stderr());
 }
+
+#[test]
+fn a_feeds_signature_files_are_installed_beside_the_cvd_and_only_changed_files_are_fetched() {
+    let setup = Setup::new();
+    let db = setup.db();
+    // A site's own hash database (`md5:size:name`, what `sigtool --md5` prints) detecting a
+    // harmless sample, and a README the engine must not get.
+    let sample = setup.tmp.path().join("sample.bin");
+    std::fs::write(&sample, b"pm site sample: not malware, only listed").unwrap();
+    let (code, md5_line) = tool("sigtool", &["--md5", sample.to_str().unwrap()]);
+    assert_eq!(code, 0, "{md5_line}");
+    let line = md5_line.trim().replace("sample.bin", "Pm.Site.Sample");
+    let feed = setup.tmp.path().join("feed");
+    std::fs::create_dir_all(feed.join("sigs")).unwrap();
+    std::fs::write(feed.join("sigs/site.hdb"), format!("{line}\n")).unwrap();
+    std::fs::write(feed.join("README.txt"), "not a database").unwrap();
+    setup.lab.upstream.set_feed(&feed, "1").unwrap();
+    setup.home.clamav_config(
+        &setup.lab,
+        &format!(
+            "[[products]]\nname = \"vendor\"\nkind = \"files\"\nindex_url = \"{}\"\n",
+            setup.lab.url("/vendor/index.json")
+        ),
+    );
+    setup.publish(3);
+
+    let report = setup.agent_cmd(&["update"]);
+    assert_eq!(
+        report["downloaded"],
+        serde_json::json!(["site.hdb", "test.cvd"]),
+        "{report}"
+    );
+    let expected_bytes = std::fs::metadata(feed.join("sigs/site.hdb")).unwrap().len()
+        + std::fs::metadata(crate::support::testdb().join("test-3.cvd"))
+            .unwrap()
+            .len();
+    assert_eq!(report["downloaded_bytes"], expected_bytes, "{report}");
+    assert_eq!(names(&db), ["site.hdb", "test.cvd"]);
+    let (code, text) = clamscan(&db, &sample);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("Pm.Site.Sample"), "{text}");
+    // The installed database is the local copy, linked, not a second copy on disk.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(db.join("site.hdb")).unwrap().nlink(), 2);
+
+    // Only the ClamAV feed moves: only test.cvd is fetched, the feed file stays.
+    setup.publish(4);
+    let report = setup.agent_cmd(&["update"]);
+    assert_eq!(
+        report["downloaded"],
+        serde_json::json!(["test.cvd"]),
+        "{report}"
+    );
+    assert_eq!(sigtool_version(&db), "4");
+    assert_eq!(names(&db), ["site.hdb", "test.cvd"]);
+
+    // The feed drops the file: the engine's copy goes with it, and a rollback brings it back.
+    std::fs::remove_file(feed.join("sigs/site.hdb")).unwrap();
+    setup.lab.upstream.set_feed(&feed, "2").unwrap();
+    setup.publish(4);
+    let report = setup.agent_cmd(&["update"]);
+    assert_eq!(report["changed"], true, "{report}");
+    assert_eq!(report["downloaded"], serde_json::json!([]), "{report}");
+    assert_eq!(names(&db), ["test.cvd"]);
+    let (code, text) = clamscan(&db, &sample);
+    assert_eq!(code, 0, "{text}");
+    setup.agent_cmd(&["rollback", "--to", "backup:1"]);
+    assert_eq!(names(&db), ["site.hdb", "test.cvd"]);
+}

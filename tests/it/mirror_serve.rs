@@ -146,3 +146,44 @@ fn freshclam_private_mirror_updates_from_test_1_to_6() {
     // PrivateMirror downloads the whole CVD.
     freshclam_updates_from_1_to_6("PrivateMirror", "test.cvd");
 }
+
+#[test]
+fn serve_says_on_sigterm_how_many_requests_and_body_bytes_it_served() {
+    let lab = Lab::start(6);
+    let home = Home::new();
+    home.clamav_config(&lab, "");
+    publish_version(&lab, &home, 6);
+    let server = Server::start(&home);
+    let cvd = std::fs::read(testdb().join("test-6.cvd")).unwrap();
+    let manifest = std::fs::read(home.repo("dist/manifest.json")).unwrap();
+    let client = reqwest::Client::new();
+    lab.runtime.block_on(async {
+        for path in [
+            "/clamav/test.cvd",
+            "/manifest.json",
+            "/clamav/test.cvd",
+            "/nothing",
+        ] {
+            client
+                .get(format!("{}{path}", server.base))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+        }
+        // HEAD sends no body: it is counted as a request, not as bytes.
+        client
+            .head(format!("{}/clamav/test.cvd", server.base))
+            .send()
+            .await
+            .unwrap();
+    });
+    let stderr = server.stop();
+    let expected = format!(
+        "served 5 requests, {} body bytes",
+        2 * cvd.len() + manifest.len()
+    );
+    assert!(stderr.iter().any(|l| l == &expected), "{stderr:?}");
+}

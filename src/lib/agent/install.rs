@@ -14,12 +14,14 @@
 //!
 //! An update fetches `<dist_url>/manifest.json` and `manifest.sig`, checks the Ed25519
 //! signature with the manifest key the manager sent at activation, and takes the engine's files
-//! (engine `clamav`: the `.cvd` files of products of kind `clamav`). Files whose sha256 is not in
-//! `files/` are downloaded and checked (size, sha256, ClamAV signature) before anything is
-//! installed. Each database file is then copied aside into the database directory
-//! (`.<name>.pm-tmp-<pid>`, a name no engine loads), fsynced and renamed over `<name>`; a
-//! `<db>.cld` that would shadow the new `<db>.cvd` is removed after it (ClamAV loads the newer of
-//! the two). A `kill -9` at any instant therefore leaves every database file whole: old or new.
+//! (engine `clamav`: the `.cvd` files of products of kind `clamav`, and the plain signature files
+//! — `.hdb`, `.ndb`, `.ldb`, ... — of `files` feeds). Files whose sha256 is not in `files/` are
+//! streamed to disk and checked (size, sha256, ClamAV signature) before anything is installed:
+//! only changed files are fetched. Each database file is then hard-linked (copied across file
+//! systems) aside into the database directory (`.<name>.pm-tmp-<pid>`, a name no engine loads)
+//! and renamed over `<name>`; a `<db>.cld` that would shadow the new `<db>.cvd` is removed after
+//! it (ClamAV loads the newer of the two). A `kill -9` at any instant therefore leaves every
+//! database file whole: old or new.
 //! `installed.json` is written last (write aside, fsync, rename): the installed set and the
 //! backups change together. A crash before it leaves the old record; the next install repairs the
 //! database directory from it.
@@ -176,10 +178,6 @@ fn lock(dir: &Path) -> Result<InstallLock> {
     }
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    crate::manifest::hex(&openssl::sha::sha256(bytes))
-}
-
 fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut file = File::open(path)?;
     let mut hasher = openssl::sha::Sha256::new();
@@ -210,6 +208,29 @@ fn verify_database(name: &str, bytes: &[u8]) -> Result<Option<String>, String> {
     Ok(None)
 }
 
+/// Plain-text signature databases ClamAV loads from its database directory without a container
+/// (`CLI_DBEXT` in libclamav/readdb.h minus the signed containers): how third-party feeds
+/// (SaneSecurity, URLhaus, a site's own hashes) ship. Matched as a case-insensitive suffix.
+const PLAIN_SIGNATURE_EXTENSIONS: &[&str] = &[
+    ".hdb", ".hdu", ".hsb", ".hsu", ".mdb", ".mdu", ".msb", ".msu", ".ndb", ".ndu", ".ldb", ".ldu",
+    ".cdb", ".idb", ".fp", ".sfp", ".ign", ".ign2", ".pdb", ".gdb", ".wdb", ".ftm", ".cbc", ".crb",
+    ".cat", ".pwdb", ".yar", ".yara",
+];
+
+/// Whether ClamAV loads `name` of a product of `kind`: the signed `.cvd` databases of `clamav`
+/// products (their cdiffs and `.sign` files are for freshclam), and the plain signature files of
+/// `files` feeds (anything else in a feed, e.g. an index or a README, stays out of the engine).
+fn engine_loads(kind: &str, name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    match kind {
+        "clamav" => lower.ends_with(".cvd"),
+        "files" => PLAIN_SIGNATURE_EXTENSIONS
+            .iter()
+            .any(|ext| lower.ends_with(ext) && lower.len() > ext.len()),
+        _ => false,
+    }
+}
+
 /// What the engine takes from a revision: (name in the database directory, manifest path, entry).
 fn engine_files(engine: Engine, manifest: &Manifest) -> Result<Vec<(SetFile, String)>> {
     if engine != Engine::Clamav {
@@ -221,14 +242,13 @@ fn engine_files(engine: Engine, manifest: &Manifest) -> Result<Vec<(SetFile, Str
         .into());
     }
     let mut files = Vec::new();
-    for product in manifest.products.iter().filter(|p| p.kind == "clamav") {
+    for product in &manifest.products {
         for entry in manifest.product_files(&product.name) {
-            // Databases only: cdiffs and `.sign` files are for freshclam, not the engine.
             let Some(name) = entry
                 .path
                 .rsplit('/')
                 .next()
-                .filter(|n| n.ends_with(".cvd"))
+                .filter(|name| engine_loads(&product.kind, name))
             else {
                 continue;
             };
@@ -361,37 +381,106 @@ async fn fetch_manifest(client: &reqwest::Client, dir: &Path, dist_url: &str) ->
     })
 }
 
-/// Downloads `file` from `url` into the local copies, unless a whole copy is there.
-async fn download(client: &reqwest::Client, dir: &Path, url: &str, file: &SetFile) -> Result<bool> {
-    if have_copy(dir, file) {
-        return Ok(false);
-    }
-    let bytes = get(client, url, file.size).await?;
-    let bad = |problem: String| -> anyhow::Error {
-        UserError::failure(format!("refusing `{url}`: {problem}"))
-            .with_hint("nothing was installed; run the update again, and check the manager's dist (`pm-mirror status`) if it persists")
-            .into()
+/// Streams `url` into `path` (created 0644, fsynced), refusing more than `limit` bytes.
+/// Returns the bytes written and their sha256; memory use does not grow with the file.
+async fn fetch_to_file(
+    client: &reqwest::Client,
+    url: &str,
+    limit: u64,
+    path: &Path,
+) -> Result<(u64, String)> {
+    let unreachable = |err: reqwest::Error| {
+        UserError::failure(format!("cannot fetch `{url}`: {err}")).with_hint(
+            "check that `pm-mirror serve` runs on the manager and the dist URL given at \
+             activation is reachable from this host",
+        )
     };
-    if bytes.len() as u64 != file.size {
-        return Err(bad(format!(
-            "{} bytes, the signed manifest says {}",
-            bytes.len(),
-            file.size
-        )));
+    let mut response = client.get(url).send().await.map_err(unreachable)?;
+    if !response.status().is_success() {
+        return Err(
+            UserError::failure(format!("`{url}` answered {}", response.status()))
+                .with_hint("check that the manager's dist is whole (`pm-mirror status`)")
+                .into(),
+        );
     }
-    let sha = sha256_hex(&bytes);
-    if sha != file.sha256 {
-        return Err(bad(format!(
-            "sha256 {sha}, the signed manifest says {}",
-            file.sha256
-        )));
+    let too_large =
+        || UserError::failure(format!("`{url}` is larger than the signed manifest says"));
+    if response.content_length().is_some_and(|len| len > limit) {
+        return Err(too_large().into());
     }
-    verify_database(&file.name, &bytes).map_err(bad)?;
+    let mut output = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(path)
+        .map_err(io_error("create", path))?;
+    let mut hasher = openssl::sha::Sha256::new();
+    let mut written = 0u64;
+    while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+        written += chunk.len() as u64;
+        if written > limit {
+            return Err(too_large().into());
+        }
+        hasher.update(&chunk);
+        output.write_all(&chunk).map_err(io_error("write", path))?;
+    }
+    output.sync_all().map_err(io_error("write", path))?;
+    Ok((written, crate::manifest::hex(&hasher.finish())))
+}
+
+/// Downloads `file` from `url` into the local copies, unless a whole copy is there: streamed
+/// aside, checked (size, sha256, ClamAV signature), then renamed. Returns the bytes fetched, or
+/// `None` when the local copy was already there.
+async fn download(
+    client: &reqwest::Client,
+    dir: &Path,
+    url: &str,
+    file: &SetFile,
+) -> Result<Option<u64>> {
+    if have_copy(dir, file) {
+        return Ok(None);
+    }
     let files = dir.join(FILES_DIR);
     durable::create_private_dir(&files, 0o700).map_err(io_error("create directory", &files))?;
     let path = files.join(&file.sha256);
-    durable::write_atomic(&path, &bytes, 0o644).map_err(io_error("write", &path))?;
-    Ok(true)
+    let aside = files.join(format!(
+        ".{}{TMP_MARKER}{}",
+        file.sha256,
+        std::process::id()
+    ));
+    let result = async {
+        let (size, sha) = fetch_to_file(client, url, file.size, &aside).await?;
+        let bad = |problem: String| -> anyhow::Error {
+            UserError::failure(format!("refusing `{url}`: {problem}"))
+                .with_hint("nothing was installed; run the update again, and check the manager's dist (`pm-mirror status`) if it persists")
+                .into()
+        };
+        if size != file.size {
+            return Err(bad(format!(
+                "{size} bytes, the signed manifest says {}",
+                file.size
+            )));
+        }
+        if sha != file.sha256 {
+            return Err(bad(format!(
+                "sha256 {sha}, the signed manifest says {}",
+                file.sha256
+            )));
+        }
+        if file.name.ends_with(".cvd") {
+            let bytes = fs::read(&aside).map_err(io_error("read", &aside))?;
+            verify_database(&file.name, &bytes).map_err(bad)?;
+        }
+        fs::rename(&aside, &path).map_err(io_error("write", &path))?;
+        durable::sync_dir(&files).map_err(io_error("sync", &files))?;
+        anyhow::Ok(size)
+    }
+    .await;
+    if result.is_err() {
+        let _ = fs::remove_file(&aside);
+    }
+    result.map(Some)
 }
 
 /// Removes files written aside by an install that was killed.
@@ -412,12 +501,20 @@ fn remove_leftovers(db: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Replaces `db/<name>` with the local copy of `file`: copy aside, fsync, rename.
+/// Replaces `db/<name>` with the local copy of `file`: hard-linked (or, across file systems,
+/// copied and fsynced) aside, then renamed over it. A link costs no space or time for a
+/// database of hundreds of MB; local copies are never written in place, and every reuse checks
+/// their sha256 first.
 fn install_file(dir: &Path, db: &Path, file: &SetFile) -> Result<()> {
     let source = dir.join(FILES_DIR).join(&file.sha256);
     let target = db.join(&file.name);
     let aside = db.join(format!(".{}{TMP_MARKER}{}", file.name, std::process::id()));
     let result = (|| -> std::io::Result<()> {
+        let _ = fs::remove_file(&aside);
+        if fs::hard_link(&source, &aside).is_ok() {
+            fs::rename(&aside, &target)?;
+            return durable::sync_dir(db);
+        }
         let mut input = File::open(&source)?;
         let mut output = OpenOptions::new()
             .write(true)
@@ -646,10 +743,11 @@ pub fn update_from(
         let client = http_client()?;
         let manifest = fetch_manifest(&client, dir, &source_url).await?;
         let wanted = engine_files(config.engine, &manifest)?;
-        let mut downloaded = Vec::new();
+        let mut downloaded = Downloaded::default();
         for (file, path) in &wanted {
-            if download(&client, dir, &join_url(&source_url, path), file).await? {
-                downloaded.push(file.name.clone());
+            if let Some(bytes) = download(&client, dir, &join_url(&source_url, path), file).await? {
+                downloaded.files.push(file.name.clone());
+                downloaded.bytes += bytes;
             }
         }
         anyhow::Ok((manifest, wanted, downloaded))
@@ -695,6 +793,15 @@ fn parse_update_request(body: &[u8]) -> Result<Option<usize>, String> {
         .transpose()
 }
 
+/// What an install fetched from the manager.
+#[derive(Debug, Default)]
+struct Downloaded {
+    /// Names of the files fetched.
+    files: Vec<String>,
+    /// Bytes fetched.
+    bytes: u64,
+}
+
 fn finish(
     dir: &Path,
     config: &AgentConfig,
@@ -702,7 +809,7 @@ fn finish(
     mut set: InstalledSet,
     installed: Option<InstalledSet>,
     backups: Vec<InstalledSet>,
-    downloaded: Vec<String>,
+    downloaded: Downloaded,
 ) -> Result<InstallReport> {
     let changed = install_set(dir, &config.database_dir, &set, installed.as_ref())?;
     let unchanged_record = installed.as_ref().is_some_and(|i| {
@@ -740,7 +847,8 @@ fn finish(
         serial: set.serial,
         previous_revision: installed.and_then(|i| i.revision),
         files,
-        downloaded,
+        downloaded: downloaded.files,
+        downloaded_bytes: downloaded.bytes,
         reloaded,
     })
 }
@@ -777,7 +885,7 @@ pub fn rollback(dir: &Path, config: &AgentConfig, n: usize) -> Result<InstallRep
         target,
         installed,
         backups,
-        Vec::new(),
+        Downloaded::default(),
     )
 }
 
@@ -925,6 +1033,10 @@ pub(super) async fn rollback_handler(
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        crate::manifest::hex(&openssl::sha::sha256(bytes))
+    }
 
     #[test]
     fn backups_are_named_backup_1_to_3() {

@@ -6,20 +6,32 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::http::header::CONTENT_LENGTH;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::clamav;
 use crate::static_files::{self, Content};
 
-/// What the server needs: where the repository is.
+/// What the server needs: where the repository is, and what it served so far.
 #[derive(Clone)]
 pub struct ServeState {
     repo_root: Arc<PathBuf>,
+    served: Arc<Served>,
+}
+
+/// Requests answered and body bytes sent (complete `200` and `206` answers to GET).
+#[derive(Debug, Default)]
+pub struct Served {
+    /// Requests answered, whatever their status.
+    pub requests: AtomicU64,
+    /// Body bytes of the answers to GET.
+    pub bytes: AtomicU64,
 }
 
 impl ServeState {
@@ -27,7 +39,13 @@ impl ServeState {
     pub fn new(repo_root: PathBuf) -> ServeState {
         ServeState {
             repo_root: Arc::new(repo_root),
+            served: Arc::default(),
         }
+    }
+
+    /// What was served so far.
+    pub fn served(&self) -> &Served {
+        &self.served
     }
 }
 
@@ -65,7 +83,27 @@ fn resolve(repo_root: &Path, path: &str) -> Option<PathBuf> {
     }
 }
 
+/// Answers one request and logs it, like an access log: method, path, status, body bytes.
 async fn serve_file(State(state): State<ServeState>, request: Request) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = answer(&state, request).await;
+    let bytes = if method == Method::GET {
+        response
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|len| len.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    state.served.requests.fetch_add(1, Ordering::Relaxed);
+    state.served.bytes.fetch_add(bytes, Ordering::Relaxed);
+    tracing::info!(%method, %path, status = response.status().as_u16(), bytes, "served");
+    response
+}
+
+async fn answer(state: &ServeState, request: Request) -> Response {
     let Some(path) = resolve(&state.repo_root, request.uri().path()) else {
         return StatusCode::NOT_FOUND.into_response();
     };
@@ -103,7 +141,6 @@ async fn serve_file(State(state): State<ServeState>, request: Request) -> Respon
     } else {
         "application/octet-stream"
     };
-    tracing::debug!(path = %request.uri().path(), "serving");
     static_files::respond(
         request.method(),
         request.headers(),
@@ -132,11 +169,18 @@ async fn cvd_build_time(file: &mut tokio::fs::File) -> Option<SystemTime> {
     (seconds < 253_402_300_800).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
 }
 
-/// Serves until SIGINT or SIGTERM.
+/// Serves until SIGINT or SIGTERM, then says on stderr how much it served.
 pub async fn run(listener: tokio::net::TcpListener, state: ServeState) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(shutdown_signal())
-        .await
+        .await?;
+    let served = state.served();
+    eprintln!(
+        "served {} requests, {} body bytes",
+        served.requests.load(Ordering::Relaxed),
+        served.bytes.load(Ordering::Relaxed)
+    );
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM, so systemd stops the server cleanly.
