@@ -84,6 +84,19 @@ pub struct SetFile {
     /// Upstream build time (from the manifest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_time: Option<chrono::DateTime<chrono::Utc>>,
+    /// For a database built here from cdiffs (`daily.cld`): the sha256 of the dist file it
+    /// stands for (`daily.cvd` of the same version), so that installing that revision again, or
+    /// rolling back to it, reuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dist_sha256: Option<String>,
+}
+
+impl SetFile {
+    /// Whether `other` carries the same database (a `.cvd` and the `.cld` built from cdiffs
+    /// are the same component).
+    fn same_database(&self, other: &SetFile) -> bool {
+        self.name == other.name || (self.component.is_some() && self.component == other.component)
+    }
 }
 
 /// An installed set (the current one or a backup in `installed.json`).
@@ -287,6 +300,7 @@ fn engine_files(engine: Engine, manifest: &Manifest) -> Result<Vec<(SetFile, Str
                     version: entry.version.clone(),
                     component: Some(entry.component.clone()),
                     build_time: entry.build_time,
+                    dist_sha256: None,
                 },
                 entry.path.clone(),
             ));
@@ -563,9 +577,15 @@ fn install_set(
             install_file(dir, db, file)?;
             changed = true;
         }
-        // ClamAV loads the newer of <db>.cld and <db>.cvd: the installed cvd must be the only one.
-        if let Some(stem) = file.name.strip_suffix(".cvd") {
-            changed |= remove_if_present(&db.join(format!("{stem}.cld")))?;
+        // ClamAV loads the newer of <db>.cld and <db>.cvd: the one installed must be the only
+        // one (removed after the new one is in place, so the engine always finds one).
+        let other = match file.name.rsplit_once('.') {
+            Some((stem, "cvd")) => Some(format!("{stem}.cld")),
+            Some((stem, "cld")) => Some(format!("{stem}.cvd")),
+            _ => None,
+        };
+        if let Some(other) = other {
+            changed |= remove_if_present(&db.join(other))?;
         }
     }
     for old in previous.map(|p| p.files.as_slice()).unwrap_or_default() {
@@ -600,7 +620,7 @@ fn changes(previous: Option<&InstalledSet>, set: &InstalledSet) -> Vec<Installed
     let before = previous.map(|p| p.files.as_slice()).unwrap_or_default();
     let mut out = Vec::new();
     for file in &set.files {
-        let old = before.iter().find(|f| f.name == file.name);
+        let old = before.iter().find(|f| f.same_database(file));
         if old.map(|o| &o.sha256) != Some(&file.sha256) {
             out.push(InstalledFileChange {
                 name: file.name.clone(),
@@ -610,7 +630,7 @@ fn changes(previous: Option<&InstalledSet>, set: &InstalledSet) -> Vec<Installed
         }
     }
     for old in before {
-        if !set.files.iter().any(|f| f.name == old.name) {
+        if !set.files.iter().any(|f| f.same_database(old)) {
             out.push(InstalledFileChange {
                 name: old.name.clone(),
                 from_version: old.version.clone(),
@@ -1059,6 +1079,7 @@ mod tests {
                 version: Some(revision.into()),
                 component: None,
                 build_time: None,
+                dist_sha256: None,
             }],
         }
     }
@@ -1125,6 +1146,7 @@ mod tests {
                 version: None,
                 component: None,
                 build_time: None,
+                dist_sha256: None,
             }],
             ..set("r1", "x")
         };
