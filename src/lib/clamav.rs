@@ -39,6 +39,10 @@
 //!   certificates. ClamAV checks it against the root certificates in its certs directory. See
 //!   [`verify_sign_file`] for which line decides.
 //!
+//! * CLD: what freshclam writes after applying cdiffs, the same 512-byte header with "X" as md5
+//!   and dsig, then a tar, plain or gzip. It has no signature of its own; [`verify_cld`] checks
+//!   its body and manifest exactly as a CVD body's. [`cdiff`] applies cdiffs and builds one.
+//!
 //! Stricter than ClamAV, only for bodies Talos' `sigtool --build` never writes: the body must be
 //! gzip (libclamav also reads a plain tar), the inflated size is bounded, a member listed in the
 //! manifest is checked whatever its extension, and a member that ends early is an error.
@@ -47,7 +51,9 @@
 //! with the manifest either, so they stay unauthenticated; and files the manifest lists that the
 //! tar lacks, which ClamAV ignores too.
 
-use std::io::{self, Read};
+pub mod cdiff;
+
+use std::io::{self, BufRead, Read};
 
 use flate2::bufread::GzDecoder;
 use openssl::asn1::Asn1StringRef;
@@ -304,6 +310,19 @@ pub enum ClamavError {
     /// The body does not start with the gzip magic bytes.
     #[error("cvd body is not gzip-compressed")]
     BodyNotGzip,
+    /// Reading an uncompressed body (a CLD's plain tar) failed.
+    #[error("cannot read the database body: {0}")]
+    BodyRead(#[source] io::Error),
+    /// A member could not be written out while unpacking the body (see
+    /// [`cdiff::apply_cdiffs`]).
+    #[error("cannot unpack member {member:?}: {source}")]
+    Unpack {
+        /// Member name.
+        member: String,
+        /// Why the file for it could not be created or written.
+        #[source]
+        source: io::Error,
+    },
     /// Inflating the body failed (corrupt deflate data, bad CRC, cut short).
     #[error("cvd body is not a valid gzip stream: {0}")]
     BodyGzip(#[source] io::Error),
@@ -483,24 +502,63 @@ pub fn verify_cvd(bytes: &[u8]) -> Result<CvdHeader, ClamavError> {
     let header = parse_cvd_header(bytes)?;
     let body = bytes.get(CVD_HEADER_LEN..).unwrap_or_default();
     let digest = openssl::hash::hash(MessageDigest::md5(), body)?;
-    let body_md5 = to_hex(&digest);
+    check_cvd_signature(&header, &digest)?;
+    // Only now, with the body authenticated, is it inflated and parsed.
+    check_body(&header, body, body_inflate_limit(body.len()))?;
+    Ok(header)
+}
+
+/// Checks the header's md5 against `digest` (the MD5 of everything after the header) and the
+/// header's digital signature of it: what [`verify_cvd`] checks before it looks at the body.
+fn check_cvd_signature(header: &CvdHeader, digest: &[u8]) -> Result<(), ClamavError> {
+    let body_md5 = to_hex(digest);
     // ClamAV compares against its own lowercase hex, so an uppercase header would fail there
     // too. (ClamAV >= 1.5 skips this comparison when the field is not 32 characters long and
     // relies on the signature alone; real CVDs always carry the md5, so we insist on it.)
     if header.md5 != body_md5 {
         return Err(ClamavError::Md5Mismatch {
-            header: header.md5,
+            header: header.md5.clone(),
             body: body_md5,
         });
     }
     let n = BigNum::from_dec_str(CVD_KEY_N)?;
     let e = BigNum::from_dec_str(CVD_KEY_E)?;
     let plain = rsa_public_decode(header.dsig.as_bytes(), MD5_LEN, &n, &e)?;
-    if plain.as_slice() != &*digest {
+    if plain.as_slice() != digest {
         return Err(ClamavError::BadSignature);
     }
-    // Only now, with the body authenticated, is it inflated and parsed.
-    check_body(&header, body, body_inflate_limit(body.len()))?;
+    Ok(())
+}
+
+/// Verifies a CLD, the database freshclam (and [`cdiff::apply_cdiffs`]) writes after applying
+/// cdiffs: the 512-byte header, then a tar, plain or gzip-compressed.
+///
+/// A CLD has no signature of its own (its header carries "X" as md5 and dsig, which are not
+/// looked at), so everything rests on the `.info` manifest inside, checked as in a CVD body
+/// (see the module documentation): signed with ClamAV's key, its version, signature count,
+/// functionality level and build time (Unix) equal to the header's, every member it lists with
+/// the listed size and SHA-256, every database member listed. This is what libclamav checks
+/// when it loads a CLD. The body is streamed; a gzip body may inflate to at most
+/// `inflate_limit` bytes ([`body_inflate_limit`] of the file size is a good bound).
+pub fn verify_cld(cld: impl Read, inflate_limit: u64) -> Result<CvdHeader, ClamavError> {
+    let mut cld = io::BufReader::with_capacity(HASH_CHUNK, cld);
+    let mut head = [0u8; CVD_HEADER_LEN];
+    let mut filled = 0;
+    while filled < CVD_HEADER_LEN {
+        let n = cld
+            .read(head.get_mut(filled..).unwrap_or_default())
+            .map_err(ClamavError::BodyRead)?;
+        if n == 0 {
+            return Err(ClamavError::Truncated {
+                len: filled,
+                need: CVD_HEADER_LEN,
+            });
+        }
+        filled += n;
+    }
+    let header = parse_cvd_header(&head)?;
+    let tarball = scan_database_body(cld, inflate_limit, |_| Ok(io::sink()))?;
+    check_tarball(&header, tarball)?;
     Ok(header)
 }
 
@@ -1052,8 +1110,10 @@ struct Member {
 /// What one streaming pass over the inflated body yields.
 #[derive(Debug, Default)]
 struct Tarball {
-    /// Content of the first member whose name ends in `.info`.
-    info: Option<Vec<u8>>,
+    /// Name and content of the first member whose name ends in `.info`.
+    info: Option<(String, Vec<u8>)>,
+    /// How many members come before the manifest in the archive.
+    info_position: usize,
     /// Every other member, in archive order.
     members: Vec<Member>,
 }
@@ -1081,8 +1141,13 @@ struct Info {
 /// Checks an MD5-authenticated CVD body against `header` (see the module documentation);
 /// `limit` bounds the inflated size.
 fn check_body(header: &CvdHeader, body: &[u8], limit: u64) -> Result<(), ClamavError> {
-    let tarball = scan_tarball(body, limit)?;
-    let info_bytes = tarball.info.ok_or(ClamavError::NoInfo)?;
+    check_tarball(header, scan_tarball(body, limit)?)
+}
+
+/// Checks the members and manifest of a scanned body against `header` (see the module
+/// documentation).
+fn check_tarball(header: &CvdHeader, tarball: Tarball) -> Result<(), ClamavError> {
+    let (_, info_bytes) = tarball.info.ok_or(ClamavError::NoInfo)?;
     let info = parse_info(&info_bytes)?;
     if info.entries.is_empty() {
         return Err(ClamavError::InfoListsNoFiles);
@@ -1187,6 +1252,13 @@ struct Bounded<R> {
     left: u64,
 }
 
+impl<R> Bounded<R> {
+    /// Lets through at most `limit` bytes of `inner`.
+    fn new(inner: R, limit: u64) -> Self {
+        Self { inner, left: limit }
+    }
+}
+
 impl<R: Read> Read for Bounded<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // Asking for one byte more than allowed tells "ends at the limit" from "goes past it".
@@ -1201,13 +1273,15 @@ impl<R: Read> Read for Bounded<R> {
     }
 }
 
-/// The inflated body as a sequence of reads, with errors already mapped to [`ClamavError`].
-struct TarStream<'a> {
-    reader: Bounded<GzDecoder<&'a [u8]>>,
+/// The (inflated) body as a sequence of reads, with errors already mapped to [`ClamavError`].
+struct TarStream<R> {
+    reader: Bounded<R>,
     limit: u64,
+    /// Whether `reader` inflates gzip, which decides how its errors are reported.
+    gzip: bool,
 }
 
-impl TarStream<'_> {
+impl<R: Read> TarStream<R> {
     /// Fills `buf` unless the stream ends first; returns how many bytes were read.
     fn fill(&mut self, buf: &mut [u8]) -> Result<usize, ClamavError> {
         let mut filled = 0;
@@ -1222,8 +1296,10 @@ impl TarStream<'_> {
                         .is_some_and(|inner| inner.is::<InflateLimitExceeded>());
                     return Err(if over {
                         ClamavError::BodyTooLarge { limit: self.limit }
-                    } else {
+                    } else if self.gzip {
                         ClamavError::BodyGzip(e)
+                    } else {
+                        ClamavError::BodyRead(e)
                     });
                 }
             }
@@ -1232,22 +1308,47 @@ impl TarStream<'_> {
     }
 }
 
-/// Inflates `body` and walks its tar members in one pass, hashing each (SHA-256) as it streams
-/// past and keeping only the manifest, as libclamav's `cli_tgzload` reads a CVD.
-///
-/// The archive ends at an all-zero block or where the data ends on a block boundary (sigtool
-/// writes no end-of-archive marker). Only the 100-byte name, the type flag and the octal size
-/// of each header are used, as libclamav does; the header checksum is not checked.
+/// Inflates a CVD `body` and walks its tar members in one pass; see [`scan_tar`].
 fn scan_tarball(body: &[u8], limit: u64) -> Result<Tarball, ClamavError> {
     if !body.starts_with(&[0x1f, 0x8b]) {
         return Err(ClamavError::BodyNotGzip);
     }
+    scan_tar(GzDecoder::new(body), true, limit, |_| Ok(io::sink()))
+}
+
+/// Walks the tar in a database body that is gzip-compressed or, as a CLD may be, plain; see
+/// [`scan_tar`] for `limit` and `unpack`.
+fn scan_database_body<W: io::Write>(
+    mut body: impl BufRead,
+    limit: u64,
+    unpack: impl FnMut(&str) -> io::Result<W>,
+) -> Result<Tarball, ClamavError> {
+    let start = body.fill_buf().map_err(ClamavError::BodyRead)?;
+    if start.starts_with(&[0x1f, 0x8b]) {
+        scan_tar(GzDecoder::new(body), true, limit, unpack)
+    } else {
+        scan_tar(body, false, limit, unpack)
+    }
+}
+
+/// Walks the tar members of an (inflated) body in one pass, hashing each (SHA-256) as it streams
+/// past and keeping only the manifest, as libclamav's `cli_tgzload` reads a CVD. Each member's
+/// content is also copied to the writer `unpack` returns for its name (`io::sink()` to only
+/// check). At most `limit` bytes are read from `tar`.
+///
+/// The archive ends at an all-zero block or where the data ends on a block boundary (sigtool
+/// writes no end-of-archive marker). Only the 100-byte name, the type flag and the octal size
+/// of each header are used, as libclamav does; the header checksum is not checked.
+fn scan_tar<W: io::Write>(
+    tar: impl Read,
+    gzip: bool,
+    limit: u64,
+    mut unpack: impl FnMut(&str) -> io::Result<W>,
+) -> Result<Tarball, ClamavError> {
     let mut stream = TarStream {
-        reader: Bounded {
-            inner: GzDecoder::new(body),
-            left: limit,
-        },
+        reader: Bounded::new(tar, limit),
         limit,
+        gzip,
     };
     let mut tarball = Tarball::default();
     let mut chunk = vec![0u8; HASH_CHUNK];
@@ -1263,6 +1364,11 @@ fn scan_tarball(body: &[u8], limit: u64) -> Result<Tarball, ClamavError> {
         }
         let (name, size) = parse_tar_header(&block)?;
         let truncated = || bad_tar(format!("member {name:?} is cut short"));
+        let unpack_error = |source| ClamavError::Unpack {
+            member: name.clone(),
+            source,
+        };
+        let mut out = unpack(&name).map_err(unpack_error)?;
         if tarball.info.is_none() && ends_with_ignore_case(name.as_bytes(), INFO_SUFFIX) {
             if size > INFO_MAX_LEN {
                 return Err(ClamavError::InfoTooLarge {
@@ -1274,7 +1380,11 @@ fn scan_tarball(body: &[u8], limit: u64) -> Result<Tarball, ClamavError> {
             if stream.fill(&mut content)? != content.len() {
                 return Err(truncated());
             }
-            tarball.info = Some(content);
+            out.write_all(&content)
+                .and_then(|()| out.flush())
+                .map_err(unpack_error)?;
+            tarball.info_position = tarball.members.len();
+            tarball.info = Some((name, content));
         } else {
             let mut hasher = Hasher::new(MessageDigest::sha256())?;
             let mut left = size;
@@ -1282,12 +1392,15 @@ fn scan_tarball(body: &[u8], limit: u64) -> Result<Tarball, ClamavError> {
                 let want = usize::try_from(left).map_or(chunk.len(), |l| l.min(chunk.len()));
                 let piece = chunk.get_mut(..want).unwrap_or_default();
                 let n = stream.fill(piece)?;
-                hasher.update(piece.get(..n).unwrap_or_default())?;
+                let read = piece.get(..n).unwrap_or_default();
+                hasher.update(read)?;
+                out.write_all(read).map_err(unpack_error)?;
                 if n < want {
                     return Err(truncated());
                 }
                 left -= n as u64;
             }
+            out.flush().map_err(unpack_error)?;
             let mut sha256 = [0u8; SHA256_LEN];
             sha256.copy_from_slice(&hasher.finish()?);
             if tarball.members.len() == MAX_MEMBERS {
@@ -1588,7 +1701,7 @@ mod tests {
     use std::path::PathBuf;
 
     /// Directory with ClamAV's officially signed test databases.
-    fn testdb() -> PathBuf {
+    pub(super) fn testdb() -> PathBuf {
         std::env::var_os("PM_CLAMAV_TESTDB").map_or_else(
             || {
                 PathBuf::from(concat!(
@@ -1734,7 +1847,7 @@ mod tests {
 
     /// A tar as sigtool's tar_addfile writes it: name, octal size, type flag and checksum,
     /// data padded to whole blocks, no end-of-archive blocks.
-    fn tar_blocks(members: &[(&str, u8, &[u8])]) -> Vec<u8> {
+    pub(super) fn tar_blocks(members: &[(&str, u8, &[u8])]) -> Vec<u8> {
         let mut out = Vec::new();
         for &(name, kind, data) in members {
             let mut block = [0u8; TAR_BLOCK];
