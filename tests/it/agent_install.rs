@@ -24,9 +24,16 @@ fn tool(program: &str, args: &[&str]) -> (i32, String) {
     (output.status.code().unwrap_or(-1), text)
 }
 
-/// `sigtool -i DB/test.cvd`: the version it shows.
+/// `sigtool -i` of the test database in DB (`test.cld` when the agent built it from cdiffs,
+/// else `test.cvd`; an agent never leaves both): the version it shows.
 pub(crate) fn sigtool_version(db: &Path) -> String {
-    let (code, text) = tool("sigtool", &["-i", db.join("test.cvd").to_str().unwrap()]);
+    let cld = db.join("test.cld");
+    let database = if cld.exists() {
+        cld
+    } else {
+        db.join("test.cvd")
+    };
+    let (code, text) = tool("sigtool", &["-i", database.to_str().unwrap()]);
     assert_eq!(code, 0, "{text}");
     text.lines()
         .find_map(|l| l.strip_prefix("Version: "))
@@ -80,12 +87,25 @@ fn update_installs_dist_only_downloads_changes_and_rolls_back_to_a_backup() {
     assert_eq!(sigtool_version(&db), "3");
     assert_eq!(names(&db), ["test.cvd"]);
 
-    // The manager publishes 6: only test.cvd is downloaded, and clamscan finds EICAR with it.
+    // The manager publishes 6: like freshclam, the agent fetches only the cdiffs 4, 5 and 6,
+    // builds test.cld from its copy of 3, and clamscan finds EICAR with it.
     setup.publish(6);
     let report = setup.agent_cmd(&["update"]);
     assert_eq!(report["changed"], true, "{report}");
-    assert_eq!(report["downloaded"], serde_json::json!(["test.cvd"]));
+    assert_eq!(
+        report["downloaded"],
+        serde_json::json!(["test-4.cdiff", "test-5.cdiff", "test-6.cdiff"])
+    );
+    let cdiff_bytes: u64 = (4..=6)
+        .map(|v| {
+            let cdiff = crate::support::testdb().join(format!("test-{v}.cdiff"));
+            std::fs::metadata(cdiff).unwrap().len()
+        })
+        .sum();
+    assert_eq!(report["downloaded_bytes"], cdiff_bytes, "{report}");
+    assert_eq!(names(&db), ["test.cld"]);
     assert_eq!(report["previous_revision"], first_revision.as_str());
+    assert_eq!(report["files"][0]["name"], "test.cld");
     assert_eq!(report["files"][0]["from_version"], "3");
     assert_eq!(report["files"][0]["to_version"], "6");
     let second_revision = report["revision"].as_str().unwrap().to_string();
@@ -272,17 +292,13 @@ fn kill_9_during_an_install_leaves_a_database_clamscan_loads() {
             code == 0 || code == 1,
             "round {round}: clamscan cannot load the database: {text}"
         );
-        assert!(
-            names(&db).iter().all(|n| !n.ends_with(".cld")),
-            "{:?}",
-            names(&db)
-        );
     }
     eprintln!("{killed} of {rounds} installs killed before they finished");
-    // Whatever was killed, the next update completes and leaves 6 only.
+    // Whatever was killed, the next update completes and leaves 6 only (the test.cld built
+    // from cdiffs; a kill between installing one and removing the other may have left both).
     setup.agent_cmd(&["update"]);
     assert_eq!(sigtool_version(&db), "6");
-    assert_eq!(names(&db), ["test.cvd"]);
+    assert_eq!(names(&db), ["test.cld"]);
 }
 
 #[test]
@@ -409,20 +425,17 @@ fn a_feeds_signature_files_are_installed_beside_the_cvd_and_only_changed_files_a
     let (code, text) = clamscan(&db, &sample);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("Pm.Site.Sample"), "{text}");
-    // The installed database is the local copy, linked, not a second copy on disk.
-    use std::os::unix::fs::MetadataExt;
-    assert_eq!(std::fs::metadata(db.join("site.hdb")).unwrap().nlink(), 2);
 
-    // Only the ClamAV feed moves: only test.cvd is fetched, the feed file stays.
+    // Only the ClamAV feed moves: only its cdiff is fetched, the feed file stays.
     setup.publish(4);
     let report = setup.agent_cmd(&["update"]);
     assert_eq!(
         report["downloaded"],
-        serde_json::json!(["test.cvd"]),
+        serde_json::json!(["test-4.cdiff"]),
         "{report}"
     );
     assert_eq!(sigtool_version(&db), "4");
-    assert_eq!(names(&db), ["site.hdb", "test.cvd"]);
+    assert_eq!(names(&db), ["site.hdb", "test.cld"]);
 
     // The feed drops the file: the engine's copy goes with it, and a rollback brings it back.
     std::fs::remove_file(feed.join("sigs/site.hdb")).unwrap();
@@ -431,9 +444,35 @@ fn a_feeds_signature_files_are_installed_beside_the_cvd_and_only_changed_files_a
     let report = setup.agent_cmd(&["update"]);
     assert_eq!(report["changed"], true, "{report}");
     assert_eq!(report["downloaded"], serde_json::json!([]), "{report}");
-    assert_eq!(names(&db), ["test.cvd"]);
+    assert_eq!(names(&db), ["test.cld"]);
     let (code, text) = clamscan(&db, &sample);
     assert_eq!(code, 0, "{text}");
     setup.agent_cmd(&["rollback", "--to", "backup:1"]);
-    assert_eq!(names(&db), ["site.hdb", "test.cvd"]);
+    assert_eq!(names(&db), ["site.hdb", "test.cld"]);
+}
+
+#[test]
+fn a_cdiff_that_does_not_match_the_signed_manifest_makes_the_agent_download_the_whole_cvd() {
+    let setup = Setup::new();
+    let db = setup.db();
+    setup.agent_cmd(&["update"]);
+    setup.publish(4);
+    // Someone alters the served cdiff (same size, one byte flipped): its sha256 no longer
+    // matches the signed manifest, so it is refused and test.cvd is fetched instead.
+    let cdiff = setup.home.repo("dist/clamav/test-4.cdiff");
+    let mut bytes = std::fs::read(&cdiff).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::remove_file(&cdiff).unwrap();
+    std::fs::write(&cdiff, &bytes).unwrap();
+    let report = setup.agent_cmd(&["update"]);
+    assert_eq!(report["changed"], true, "{report}");
+    assert_eq!(
+        report["downloaded"],
+        serde_json::json!(["test.cvd"]),
+        "{report}"
+    );
+    assert_eq!(sigtool_version(&db), "4");
+    assert_eq!(names(&db), ["test.cvd"]);
+    assert!(!setup.state().join("patch.tmp").exists());
 }

@@ -17,8 +17,8 @@
 //! (engine `clamav`: the `.cvd` files of products of kind `clamav`, and the plain signature files
 //! — `.hdb`, `.ndb`, `.ldb`, ... — of `files` feeds). Files whose sha256 is not in `files/` are
 //! streamed to disk and checked (size, sha256, ClamAV signature) before anything is installed:
-//! only changed files are fetched. Each database file is then hard-linked (copied across file
-//! systems) aside into the database directory (`.<name>.pm-tmp-<pid>`, a name no engine loads)
+//! only changed files are fetched. Each database file is then copied aside into the database
+//! directory (`.<name>.pm-tmp-<pid>`, a name no engine loads)
 //! and renamed over `<name>`; a `<db>.cld` that would shadow the new `<db>.cvd` is removed after
 //! it (ClamAV loads the newer of the two). A `kill -9` at any instant therefore leaves every
 //! database file whole: old or new.
@@ -443,6 +443,44 @@ async fn fetch_to_file(
     Ok((written, crate::manifest::hex(&hasher.finish())))
 }
 
+/// Streams `url` to `path` and checks it against the signed manifest's `size` and `sha256`;
+/// removes `path` when it does not match. Returns the bytes fetched.
+async fn fetch_checked(
+    client: &reqwest::Client,
+    url: &str,
+    size: u64,
+    sha256: &str,
+    path: &Path,
+) -> Result<u64> {
+    let result = async {
+        let (fetched, sha) = fetch_to_file(client, url, size, path).await?;
+        if fetched != size {
+            return Err(refusing(
+                url,
+                format!("{fetched} bytes, the signed manifest says {size}"),
+            ));
+        }
+        if sha != sha256 {
+            return Err(refusing(
+                url,
+                format!("sha256 {sha}, the signed manifest says {sha256}"),
+            ));
+        }
+        anyhow::Ok(fetched)
+    }
+    .await;
+    if result.is_err() {
+        let _ = fs::remove_file(path);
+    }
+    result
+}
+
+fn refusing(url: &str, problem: String) -> anyhow::Error {
+    UserError::failure(format!("refusing `{url}`: {problem}"))
+        .with_hint("nothing was installed; run the update again, and check the manager's dist (`pm-mirror status`) if it persists")
+        .into()
+}
+
 /// Downloads `file` from `url` into the local copies, unless a whole copy is there: streamed
 /// aside, checked (size, sha256, ClamAV signature), then renamed. Returns the bytes fetched, or
 /// `None` when the local copy was already there.
@@ -463,38 +501,120 @@ async fn download(
         file.sha256,
         std::process::id()
     ));
-    let result = async {
-        let (size, sha) = fetch_to_file(client, url, file.size, &aside).await?;
-        let bad = |problem: String| -> anyhow::Error {
-            UserError::failure(format!("refusing `{url}`: {problem}"))
-                .with_hint("nothing was installed; run the update again, and check the manager's dist (`pm-mirror status`) if it persists")
-                .into()
-        };
-        if size != file.size {
-            return Err(bad(format!(
-                "{size} bytes, the signed manifest says {}",
-                file.size
-            )));
-        }
-        if sha != file.sha256 {
-            return Err(bad(format!(
-                "sha256 {sha}, the signed manifest says {}",
-                file.sha256
-            )));
-        }
+    let size = fetch_checked(client, url, file.size, &file.sha256, &aside).await?;
+    let result = (|| {
         if file.name.ends_with(".cvd") {
             let bytes = fs::read(&aside).map_err(io_error("read", &aside))?;
-            verify_database(&file.name, &bytes).map_err(bad)?;
+            verify_database(&file.name, &bytes).map_err(|problem| refusing(url, problem))?;
         }
         fs::rename(&aside, &path).map_err(io_error("write", &path))?;
-        durable::sync_dir(&files).map_err(io_error("sync", &files))?;
-        anyhow::Ok(size)
-    }
-    .await;
+        durable::sync_dir(&files).map_err(io_error("sync", &files))
+    })();
     if result.is_err() {
         let _ = fs::remove_file(&aside);
     }
+    result.map(|()| Some(size))
+}
+
+/// Where cdiffs are applied, below the state directory (one install at a time holds the lock).
+const PATCH_DIR: &str = "patch.tmp";
+
+/// Builds `file`, a `.cvd` of version M this agent lacks, as `<db>.cld` from the installed
+/// version N and the cdiffs N+1..=M that dist carries beside it, as freshclam does: a daily
+/// change costs a cdiff instead of the whole database. The result is verified with ClamAV's own
+/// keys (every cdiff's signature, the signed `.info` of the result and every member against it)
+/// and must be version M. `Ok(None)`: there is no such chain (or it is not smaller than the
+/// database), so the caller downloads the `.cvd`.
+async fn build_from_cdiffs(
+    client: &reqwest::Client,
+    dir: &Path,
+    source_url: &str,
+    manifest: &Manifest,
+    installed: Option<&InstalledSet>,
+    (file, path): (&SetFile, &str),
+) -> Result<Option<(SetFile, Downloaded)>> {
+    let version = |f: &SetFile| f.version.as_deref().and_then(|v| v.parse::<u32>().ok());
+    let (Some(stem), Some(target)) = (file.name.strip_suffix(".cvd"), version(file)) else {
+        return Ok(None);
+    };
+    let Some(current) = installed.and_then(|set| set.files.iter().find(|f| f.same_database(file)))
+    else {
+        return Ok(None);
+    };
+    let Some(from) = version(current).filter(|&from| from < target) else {
+        return Ok(None);
+    };
+    let product_dir = path.rsplit_once('/').map_or("", |(dir, _)| dir);
+    let chain: Option<Vec<_>> = (from + 1..=target)
+        .map(|v| {
+            manifest.file(&format!(
+                "{product_dir}/{}",
+                crate::clamav::cdiff_file_name(stem, v)
+            ))
+        })
+        .collect();
+    let Some(chain) = chain else {
+        return Ok(None);
+    };
+    if chain.iter().map(|entry| entry.size).sum::<u64>() >= file.size || !have_copy(dir, current) {
+        return Ok(None);
+    }
+    let work = dir.join(PATCH_DIR);
+    let _ = fs::remove_dir_all(&work);
+    durable::create_private_dir(&work, 0o700).map_err(io_error("create directory", &work))?;
+    let result = async {
+        let mut downloaded = Downloaded::default();
+        let mut cdiffs = Vec::new();
+        for entry in &chain {
+            let name = entry.path.rsplit('/').next().unwrap_or(&entry.path);
+            let local = work.join(name);
+            let url = join_url(source_url, &entry.path);
+            downloaded.bytes +=
+                fetch_checked(client, &url, entry.size, &entry.sha256, &local).await?;
+            downloaded.files.push(name.to_string());
+            cdiffs.push(local);
+        }
+        let built = work.join(format!("{stem}.cld"));
+        let database = dir.join(FILES_DIR).join(&current.sha256);
+        let header =
+            crate::clamav::cdiff::apply_cdiffs(&database, &cdiffs, &work.join("unpacked"), &built)?;
+        if header.version != target {
+            return Err(anyhow::anyhow!(
+                "the cdiffs built version {}, the signed manifest says {target}",
+                header.version
+            ));
+        }
+        let sha256 = sha256_file(&built).map_err(io_error("read", &built))?;
+        let size = fs::metadata(&built)
+            .map_err(io_error("read", &built))?
+            .len();
+        let copy = dir.join(FILES_DIR).join(&sha256);
+        fs::rename(&built, &copy).map_err(io_error("write", &copy))?;
+        durable::sync_parent_dir(&copy).map_err(io_error("sync", &copy))?;
+        let set_file = SetFile {
+            name: format!("{stem}.cld"),
+            sha256,
+            size,
+            dist_sha256: Some(file.sha256.clone()),
+            ..file.clone()
+        };
+        anyhow::Ok((set_file, downloaded))
+    }
+    .await;
+    let _ = fs::remove_dir_all(&work);
     result.map(Some)
+}
+
+/// The local copy that stands for `file`: itself, or a `.cld` built earlier from cdiffs for
+/// exactly that dist file, in the installed set or a backup.
+fn local_equivalent(dir: &Path, sets: &[&InstalledSet], file: &SetFile) -> Option<SetFile> {
+    if have_copy(dir, file) {
+        return Some(file.clone());
+    }
+    sets.iter()
+        .flat_map(|set| &set.files)
+        .find(|f| f.dist_sha256.as_deref() == Some(file.sha256.as_str()) && have_copy(dir, f))
+        .cloned()
 }
 
 /// Removes files written aside by an install that was killed.
@@ -515,20 +635,14 @@ fn remove_leftovers(db: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Replaces `db/<name>` with the local copy of `file`: hard-linked (or, across file systems,
-/// copied and fsynced) aside, then renamed over it. A link costs no space or time for a
-/// database of hundreds of MB; local copies are never written in place, and every reuse checks
-/// their sha256 first.
+/// Replaces `db/<name>` with the local copy of `file`: copy aside, fsync, rename. A copy, not a
+/// hard link: whoever writes into the database directory in place (`cp` onto a database file
+/// does) must not damage the backups.
 fn install_file(dir: &Path, db: &Path, file: &SetFile) -> Result<()> {
     let source = dir.join(FILES_DIR).join(&file.sha256);
     let target = db.join(&file.name);
     let aside = db.join(format!(".{}{TMP_MARKER}{}", file.name, std::process::id()));
     let result = (|| -> std::io::Result<()> {
-        let _ = fs::remove_file(&aside);
-        if fs::hard_link(&source, &aside).is_ok() {
-            fs::rename(&aside, &target)?;
-            return durable::sync_dir(db);
-        }
         let mut input = File::open(&source)?;
         let mut output = OpenOptions::new()
             .write(true)
@@ -759,25 +873,54 @@ pub fn update_from(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let (manifest, wanted, downloaded) = runtime.block_on(async {
+    let (installed, backups) = load_sets(dir)?;
+    let (manifest, files, downloaded) = runtime.block_on(async {
         let client = http_client()?;
         let manifest = fetch_manifest(&client, dir, &source_url).await?;
         let wanted = engine_files(config.engine, &manifest)?;
+        let sets: Vec<&InstalledSet> = installed.iter().chain(&backups).collect();
         let mut downloaded = Downloaded::default();
+        let mut files = Vec::new();
         for (file, path) in &wanted {
+            if let Some(local) = local_equivalent(dir, &sets, file) {
+                files.push(local);
+                continue;
+            }
+            let built = build_from_cdiffs(
+                &client,
+                dir,
+                &source_url,
+                &manifest,
+                installed.as_ref(),
+                (file, path),
+            );
+            match built.await {
+                Ok(Some((built, fetched))) => {
+                    downloaded.files.extend(fetched.files);
+                    downloaded.bytes += fetched.bytes;
+                    files.push(built);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(err) => tracing::warn!(
+                    file = %file.name,
+                    error = %format!("{err:#}"),
+                    "cannot build the database from cdiffs; downloading it whole"
+                ),
+            }
             if let Some(bytes) = download(&client, dir, &join_url(&source_url, path), file).await? {
                 downloaded.files.push(file.name.clone());
                 downloaded.bytes += bytes;
             }
+            files.push(file.clone());
         }
-        anyhow::Ok((manifest, wanted, downloaded))
+        anyhow::Ok((manifest, files, downloaded))
     })?;
-    let (installed, backups) = load_sets(dir)?;
     let set = InstalledSet {
         revision: Some(manifest.revision.clone()),
         serial: Some(manifest.serial),
         installed_at: chrono::Utc::now(),
-        files: wanted.into_iter().map(|(file, _)| file).collect(),
+        files,
     };
     let older = matches!(
         (set.serial, installed.as_ref().and_then(|i| i.serial)),
