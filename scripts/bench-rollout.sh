@@ -106,7 +106,7 @@ stop_serve() {
   serve_pid=""
   local probe
   probe="$(stat -c %s "${home}/repo/dist/manifest.sig")"
-  awk -v probe="${probe}" '/^served [0-9]+ requests, [0-9]+ body bytes$/ { print $4 - probe }' "${work}/serve-$1.log"
+  awk -v probe="${probe}" '/^served [0-9]+ requests, [0-9]+ body bytes$/ { printf "%d\n", $4 - probe }' "${work}/serve-$1.log"
 }
 
 "${bin}/pm-activate" --home "${home}" --quiet key new --reusable --ttl 2h --comment bench --out "${work}/bench.key" >/dev/null
