@@ -265,7 +265,7 @@ fn check_version(new: &Path, package: &str, version: &str) -> Result<()> {
         match spawned {
             // Another thread may have forked while the file was still open for writing
             // (ETXTBSY, "text file busy"); that child closes it at its exec.
-            Err(err) if err.raw_os_error() == Some(26) && attempts < 20 => {
+            Err(err) if err.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 20 => {
                 attempts += 1;
                 std::thread::sleep(Duration::from_millis(50));
             }
