@@ -842,6 +842,20 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
         .into_response()
 }
 
+/// A 500 answer for a failed operation: the error chain and its `hint:` in one message.
+fn failure_response(code: &str, err: &anyhow::Error) -> Response {
+    let hint = err
+        .downcast_ref::<UserError>()
+        .and_then(|e| e.hint.clone())
+        .map(|h| format!(" (hint: {h})"))
+        .unwrap_or_default();
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        code,
+        format!("{err:#}{hint}"),
+    )
+}
+
 fn not_activated() -> Response {
     error(
         StatusCode::FORBIDDEN,

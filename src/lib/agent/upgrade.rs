@@ -31,7 +31,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use super::install::{activated_dist_url, fetch_manifest, get, http_client, join_url, sha256_file};
-use super::{Agent, error, from_manager};
+use super::{Agent, error, failure_response, from_manager};
 use crate::cli::{ExitStatus, UserError};
 use crate::durable;
 use crate::manifest::{agent_component, hex};
@@ -391,16 +391,7 @@ pub(super) async fn upgrade_handler(
         Err(err) => {
             restart.busy.store(false, Ordering::SeqCst);
             tracing::error!(error = %format!("{err:#}"), "upgrade failed; nothing changed");
-            let hint = err
-                .downcast_ref::<UserError>()
-                .and_then(|e| e.hint.clone())
-                .map(|h| format!(" (hint: {h})"))
-                .unwrap_or_default();
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "upgrade_failed",
-                format!("{err:#}{hint}"),
-            )
+            failure_response("upgrade_failed", &err)
         }
     }
 }
