@@ -245,3 +245,42 @@ fn sync_refuses_an_agent_package_that_is_not_elf_or_is_badly_named() {
         "{synced}"
     );
 }
+
+#[test]
+fn pm_agent_upgrade_replaces_its_own_file_and_status_shows_the_new_sha256() {
+    let setup = AgentSetup::new();
+    let packages = with_agent_product(&setup.home, &setup.lab);
+    let package = new_package(&packages);
+    sync_and_publish(&setup.home);
+    // A copy of pm-agent, so that the build's own binary is never replaced.
+    let copy = setup.tmp.path().join("bin").join("pm-agent");
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    std::fs::copy(bin("pm-agent"), &copy).unwrap();
+    let old_sha = sha256(&copy);
+    let new_sha = sha256(&package);
+    let local = |args: &[&str]| {
+        let output = std::process::Command::new(&copy)
+            .arg("--state")
+            .arg(setup.state())
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    assert_eq!(local(&["status"])["agent_sha256"], old_sha.as_str());
+
+    let report = local(&["upgrade"]);
+    assert_eq!(report["changed"], true, "{report}");
+    assert_eq!(report["from_sha256"], old_sha.as_str(), "{report}");
+    assert_eq!(report["to_sha256"], new_sha.as_str(), "{report}");
+    assert_eq!(sha256(&copy), new_sha);
+    assert_eq!(sha256(&copy.with_file_name("pm-agent.previous")), old_sha);
+    assert_eq!(local(&["status"])["agent_sha256"], new_sha.as_str());
+    assert_eq!(local(&["upgrade"])["changed"], false);
+}

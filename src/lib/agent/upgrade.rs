@@ -298,11 +298,11 @@ fn check_version(new: &Path, package: &str, version: &str) -> Result<()> {
     let first_line = |text: &str| text.lines().next().unwrap_or_default().trim().to_string();
     let stderr = String::from_utf8_lossy(&output.stderr);
     Err(refuse(format!(
-        "`--version` exited with {status} and printed `{}`{}, expected `{expected}`",
+        "`--version` printed `{}` ({status}){}, expected `{expected}`",
         first_line(&printed),
         match first_line(&stderr) {
             line if line.is_empty() => String::new(),
-            line => format!(" (stderr: `{line}`)"),
+            line => format!(" and on stderr `{line}`"),
         }
     )))
 }
