@@ -104,9 +104,10 @@ stop_serve() {
   kill -TERM "${serve_pid}"
   wait "${serve_pid}" || true
   serve_pid=""
-  local probe
+  local probe served
   probe="$(stat -c %s "${home}/repo/dist/manifest.sig")"
-  awk -v probe="${probe}" '/^served [0-9]+ requests, [0-9]+ body bytes$/ { printf "%d\n", $4 - probe }' "${work}/serve-$1.log"
+  served="$(sed -n 's/^served [0-9]* requests, \([0-9]*\) body bytes$/\1/p' "${work}/serve-$1.log")"
+  python3 -c "print(int('${served}') - ${probe})"
 }
 
 "${bin}/pm-activate" --home "${home}" --quiet key new --reusable --ttl 2h --comment bench --out "${work}/bench.key" >/dev/null

@@ -55,6 +55,7 @@ mod reports;
 mod scan;
 mod schedule;
 pub mod setup;
+mod upgrade;
 
 pub use schedule::ScheduleConfig;
 
@@ -143,6 +144,9 @@ pub enum Command {
     Update(UpdateArgs),
     /// Reinstall a local backup of a previously installed set
     Rollback(RollbackArgs),
+    /// Replace this executable with the pm-agent package of the manager's dist (restart the
+    /// agent afterwards; `pm-push upgrade-agent` does both)
+    Upgrade,
 }
 
 /// `pm-agent update`.
@@ -285,6 +289,7 @@ pub fn run(args: Args) -> Result<ExitStatus> {
             })?;
             install::print(&report, args.json)
         }
+        Command::Upgrade => upgrade::upgrade_command(&state, args.json),
     }
 }
 
@@ -584,6 +589,8 @@ struct LocalStatus {
     engine: Engine,
     database_dir: PathBuf,
     agent_version: &'static str,
+    /// sha256 of the pm-agent executable on disk (what `pm-agent run` runs after a restart).
+    agent_sha256: Option<String>,
     /// Revision installed from dist and the revisions of the local backups (`backup:1` first).
     installed_revision: Option<String>,
     backups: Vec<Option<String>>,
@@ -623,6 +630,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
         engine: config.engine,
         database_dir: config.database_dir,
         agent_version: env!("CARGO_PKG_VERSION"),
+        agent_sha256: upgrade::Executable::current().ok().map(|e| e.sha256),
         installed_revision: installed.0,
         backups: installed.1,
         schedule,
@@ -678,6 +686,14 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
     ]);
     table.add_row(vec!["listen".to_string(), report.listen.to_string()]);
     table.add_row(vec!["engine".to_string(), report.engine.as_str().into()]);
+    table.add_row(vec![
+        "agent version".to_string(),
+        report.agent_version.to_string(),
+    ]);
+    table.add_row(vec![
+        "executable sha256".to_string(),
+        report.agent_sha256.clone().unwrap_or_else(none),
+    ]);
     table.add_row(vec![
         "database dir".to_string(),
         report.database_dir.display().to_string(),
@@ -801,6 +817,12 @@ struct Agent {
     config: AgentConfig,
     handle: TlsHandle,
     inner: Mutex<Inner>,
+    /// The running executable (`None`: unreadable at start, so no self-upgrade).
+    executable: Option<upgrade::Executable>,
+    /// A self-upgrade asking the serve loop to restart.
+    restart: upgrade::Restart,
+    /// Why the last self-upgrade was undone after its answer (cleared by the next one).
+    upgrade_error: Mutex<Option<String>>,
 }
 
 impl Agent {
@@ -818,6 +840,20 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
         }),
     )
         .into_response()
+}
+
+/// A 500 answer for a failed operation: the error chain and its `hint:` in one message.
+fn failure_response(code: &str, err: &anyhow::Error) -> Response {
+    let hint = err
+        .downcast_ref::<UserError>()
+        .and_then(|e| e.hint.clone())
+        .map(|h| format!(" (hint: {h})"))
+        .unwrap_or_default();
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        code,
+        format!("{err:#}{hint}"),
+    )
 }
 
 fn not_activated() -> Response {
@@ -1109,6 +1145,12 @@ fn agent_status(agent: &Agent, inner: &Inner) -> proto::AgentStatus {
             .map(|a| a.record.host_name.clone())
             .unwrap_or_else(|| agent.config.host_name.clone()),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        agent_sha256: agent.executable.as_ref().map(|e| e.sha256.clone()),
+        upgrade_error: agent
+            .upgrade_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone(),
         activated: inner.activation.is_some(),
         manager_ca_fingerprint: inner
             .activation
@@ -1177,6 +1219,7 @@ fn router(agent: Arc<Agent>) -> Router {
         .merge(poll::routes())
         .route(proto::UPDATE_PATH, post(install::update_handler))
         .route(proto::ROLLBACK_PATH, post(install::rollback_handler))
+        .merge(upgrade::routes())
         .fallback(fallback)
         .method_not_allowed_fallback(fallback)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -1262,58 +1305,115 @@ async fn reload_on_sighup(agent: Arc<Agent>) {
     }
 }
 
+/// How long open requests may run on after a self-upgrade asked for a restart.
+const RESTART_GRACE: Duration = Duration::from_secs(30);
+
 fn serve(dir: &Path) -> Result<ExitStatus> {
     let config = load_config(dir)?;
-    let loaded = load_state(dir)?;
+    let executable = upgrade::Executable::current()
+        .inspect_err(|err| {
+            tracing::warn!(error = %format!("{err:#}"), "cannot read the executable: self-upgrade is off");
+        })
+        .ok();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
-        let listener = TlsListener::bind(config.listen, &loaded.tls)
-            .await
-            .map_err(|err| {
-                UserError::failure(format!("{err:#}")).with_hint(format!(
-                    "change `listen` in `{}` or stop what uses the port",
-                    dir.join(CONFIG_FILE).display()
-                ))
-            })?;
-        let addr = listener.local_addr()?;
-        tracing::info!(
-            %addr,
-            fingerprint = %listener.handle().fingerprint(),
-            activated = loaded.activation.is_some(),
-            manager_ca = loaded.activation.as_ref().map(|a| a.record.manager_ca_fingerprint.as_str()).unwrap_or("-"),
-            activation_key_stored = loaded.activation_key.is_some(),
-            "pm-agent listening on https://{addr}"
-        );
-        let agent = Arc::new(Agent {
-            dir: dir.to_owned(),
-            config,
-            handle: listener.handle(),
-            inner: Mutex::new(Inner {
-                key: loaded.tls.key.clone(),
-                activation: loaded.activation,
-                activation_key: loaded.activation_key,
-                challenges: HashMap::new(),
-            }),
-        });
-        let reloader = tokio::spawn(reload_on_sighup(Arc::clone(&agent)));
-        let scheduled = schedule::spawn(&agent)?;
-        let served = axum::serve(
-            listener,
-            router(agent).into_make_service_with_connect_info::<TlsConnectInfo>(),
-        )
-        .with_graceful_shutdown(crate::mirror::shutdown_signal())
-        .await;
-        reloader.abort();
-        for task in scheduled {
-            task.abort();
+    let mut upgrade_error = None;
+    loop {
+        let loaded = load_state(dir)?;
+        let replaced = runtime.block_on(serve_until_stopped(
+            dir,
+            config.clone(),
+            loaded,
+            executable.clone(),
+            upgrade_error.take(),
+        ))?;
+        let Some(replaced) = replaced else {
+            return Ok(ExitStatus::Success);
+        };
+        // The server is down and its port released; on success this never returns.
+        upgrade_error = Some(upgrade::exec(replaced));
+    }
+}
+
+/// Serves the API until a signal (`None`) or a self-upgrade that replaced the executable
+/// (`Some`: start it). The listener is closed when this returns.
+async fn serve_until_stopped(
+    dir: &Path,
+    config: AgentConfig,
+    loaded: Loaded,
+    executable: Option<upgrade::Executable>,
+    upgrade_error: Option<String>,
+) -> Result<Option<upgrade::Replaced>> {
+    let listener = TlsListener::bind(config.listen, &loaded.tls)
+        .await
+        .map_err(|err| {
+            UserError::failure(format!("{err:#}")).with_hint(format!(
+                "change `listen` in `{}` or stop what uses the port",
+                dir.join(CONFIG_FILE).display()
+            ))
+        })?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        %addr,
+        fingerprint = %listener.handle().fingerprint(),
+        activated = loaded.activation.is_some(),
+        manager_ca = loaded.activation.as_ref().map(|a| a.record.manager_ca_fingerprint.as_str()).unwrap_or("-"),
+        activation_key_stored = loaded.activation_key.is_some(),
+        version = env!("CARGO_PKG_VERSION"),
+        sha256 = executable.as_ref().map(|e| e.sha256.as_str()).unwrap_or("-"),
+        "pm-agent listening on https://{addr}"
+    );
+    let agent = Arc::new(Agent {
+        dir: dir.to_owned(),
+        config,
+        handle: listener.handle(),
+        inner: Mutex::new(Inner {
+            key: loaded.tls.key.clone(),
+            activation: loaded.activation,
+            activation_key: loaded.activation_key,
+            challenges: HashMap::new(),
+        }),
+        executable,
+        restart: upgrade::Restart::default(),
+        upgrade_error: Mutex::new(upgrade_error),
+    });
+    let reloader = tokio::spawn(reload_on_sighup(Arc::clone(&agent)));
+    let scheduled = schedule::spawn(&agent)?;
+    let restart_agent = Arc::clone(&agent);
+    let served = axum::serve(
+        listener,
+        router(Arc::clone(&agent)).into_make_service_with_connect_info::<TlsConnectInfo>(),
+    )
+    .with_graceful_shutdown(async move {
+        tokio::select! {
+            _ = crate::mirror::shutdown_signal() => {}
+            _ = restart_agent.restart.requested() => {}
         }
-        served.context("the agent API stopped")?;
-        tracing::info!("stopped");
-        Ok(ExitStatus::Success)
-    })
+    });
+    // After a restart request, open requests get RESTART_GRACE to finish (a long scan must not
+    // hold the upgrade forever); dropping the server then closes the listener.
+    let restart_agent = Arc::clone(&agent);
+    let served = tokio::select! {
+        served = served => served.context("the agent API stopped"),
+        _ = async {
+            restart_agent.restart.requested().await;
+            tokio::time::sleep(RESTART_GRACE).await;
+        } => Ok(()),
+    };
+    reloader.abort();
+    for task in scheduled {
+        task.abort();
+    }
+    served?;
+    match agent.restart.take() {
+        Some(replaced) => Ok(Some(replaced)),
+        None => {
+            tracing::info!("stopped");
+            Ok(None)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -134,6 +134,8 @@ pub enum ProductSource {
     Files(FilesSource),
     /// A parent pm mirror (`pm-mirror serve`): its signed manifest and every product in it.
     Pm(PmSource),
+    /// pm-agent packages from a local directory (`pm-agent-<version>-<arch>-<os>`).
+    Agent(AgentSource),
 }
 
 /// Settings of a `clamav` product.
@@ -167,6 +169,14 @@ pub struct PmSource {
     pub trusted_key: PathBuf,
 }
 
+/// Settings of an `agent` product: pm-agent executables the operator puts in a directory.
+#[derive(Debug, Clone)]
+pub struct AgentSource {
+    /// Directory of `pm-agent-<version>-<arch>-<os>` files; a relative path is relative to
+    /// `pm.toml`'s directory.
+    pub dir: PathBuf,
+}
+
 /// A `[[products]]` table as written; checked into a [`Product`] by kind. (serde cannot deny
 /// unknown fields through an internally tagged enum, and a typo must not pass silently.)
 #[derive(Debug, Deserialize)]
@@ -180,6 +190,7 @@ struct RawProduct {
     cdiff_keep: Option<u32>,
     index_url: Option<String>,
     trusted_key: Option<PathBuf>,
+    dir: Option<PathBuf>,
 }
 
 impl RawProduct {
@@ -196,10 +207,20 @@ impl RawProduct {
                 Ok(())
             }
         };
+        // A path setting that must be there and not empty, taken relative to `base`.
+        let required_path =
+            |field: &str, value: &Option<PathBuf>, what: &str| match value.as_deref() {
+                None => Err((field.to_string(), "is missing".to_string())),
+                Some(path) if path.as_os_str().is_empty() => {
+                    Err((field.to_string(), format!("must name {what}")))
+                }
+                Some(path) => Ok(base.join(path)),
+            };
         let source = match self.kind.as_str() {
             "clamav" => {
                 not_for("index_url", self.index_url.is_some())?;
                 not_for("trusted_key", self.trusted_key.is_some())?;
+                not_for("dir", self.dir.is_some())?;
                 ProductSource::Clamav(ClamavSource {
                     url: self
                         .url
@@ -216,6 +237,7 @@ impl RawProduct {
                 not_for("databases", self.databases.is_some())?;
                 not_for("cdiff_keep", self.cdiff_keep.is_some())?;
                 not_for("trusted_key", self.trusted_key.is_some())?;
+                not_for("dir", self.dir.is_some())?;
                 ProductSource::Files(FilesSource {
                     index_url: self
                         .index_url
@@ -228,28 +250,36 @@ impl RawProduct {
                 not_for("databases", self.databases.is_some())?;
                 not_for("cdiff_keep", self.cdiff_keep.is_some())?;
                 not_for("index_url", self.index_url.is_some())?;
-                let trusted_key = self
-                    .trusted_key
-                    .clone()
-                    .ok_or(("trusted_key".to_string(), "is missing".to_string()))?;
-                if trusted_key.as_os_str().is_empty() {
-                    return Err((
-                        "trusted_key".to_string(),
-                        "must name the parent's public key file".to_string(),
-                    ));
-                }
+                not_for("dir", self.dir.is_some())?;
+                let trusted_key = required_path(
+                    "trusted_key",
+                    &self.trusted_key,
+                    "the parent's public key file",
+                )?;
                 ProductSource::Pm(PmSource {
                     url: self
                         .url
                         .clone()
                         .ok_or(("url".to_string(), "is missing".to_string()))?,
-                    trusted_key: base.join(trusted_key),
+                    trusted_key,
                 })
+            }
+            "agent" => {
+                not_for("url", self.url.is_some())?;
+                not_for("fallback_urls", self.fallback_urls.is_some())?;
+                not_for("databases", self.databases.is_some())?;
+                not_for("cdiff_keep", self.cdiff_keep.is_some())?;
+                not_for("index_url", self.index_url.is_some())?;
+                not_for("trusted_key", self.trusted_key.is_some())?;
+                let dir = required_path("dir", &self.dir, "the directory of pm-agent packages")?;
+                ProductSource::Agent(AgentSource { dir })
             }
             other => {
                 return Err((
                     "kind".to_string(),
-                    format!("`{other}` is not a product kind: use `clamav`, `files` or `pm`"),
+                    format!(
+                        "`{other}` is not a product kind: use `clamav`, `files`, `pm` or `agent`"
+                    ),
                 ));
             }
         };
@@ -495,6 +525,7 @@ impl Config {
                 ProductSource::Pm(pm) => {
                     check_url(&pm.url).map_err(|p| invalid(key("url"), p))?;
                 }
+                ProductSource::Agent(_) => {}
             }
         }
         if let Some(proxy) = &self.proxy {
@@ -713,5 +744,36 @@ mod tests {
             "[[products]]\nname = \"x\"\nkind = \"files\"\nindex_url = \"http://a/i\"\ntrusted_key = \"k.pem\"",
             Some("products[0].trusted_key` is not a setting of a `files` product"),
         );
+    }
+
+    #[test]
+    fn an_agent_product_needs_a_dir_taken_relative_to_pm_toml() {
+        let agent = "[[products]]\nname = \"agent\"\nkind = \"agent\"\n";
+        check(
+            &format!("{agent}dir = \"/var/lib/pm/agent-packages\""),
+            None,
+        );
+        check(agent, Some("products[0].dir` is missing"));
+        check(
+            &format!("{agent}dir = \"\""),
+            Some("products[0].dir` must name the directory of pm-agent packages"),
+        );
+        check(
+            &format!("{agent}dir = \"p\"\nurl = \"http://a\""),
+            Some("products[0].url` is not a setting of a `agent` product"),
+        );
+        check(
+            "[[products]]\nname = \"x\"\nkind = \"files\"\nindex_url = \"http://a/i\"\ndir = \"p\"",
+            Some("products[0].dir` is not a setting of a `files` product"),
+        );
+        let config = Config::parse(
+            &format!("{agent}dir = \"packages\""),
+            Path::new("/h/pm.toml"),
+        )
+        .unwrap();
+        let ProductSource::Agent(source) = &config.products[0].source else {
+            panic!("not an agent product");
+        };
+        assert_eq!(source.dir, Path::new("/h/packages"));
     }
 }

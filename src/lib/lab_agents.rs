@@ -7,6 +7,7 @@
 //! ```text
 //! agent-000/            state dir of the first agent (`pm-agent --state`), reused when initialised
 //! agent-000/agent.log   its stderr
+//! agent-000/pm-agent    with --own-binary: the executable this agent runs (and may replace)
 //! agent-000-db/         its ClamAV database dir (beside the state dir, so `rm -r agent-000`
 //!                       starts an agent over without touching the databases it installed)
 //! targets.txt           `ADDR:PORT` per line, written once every agent accepts connections
@@ -69,6 +70,10 @@ pub struct AgentsArgs {
     /// Host names are this prefix and the zero-padded index: `lab-000`, `lab-001`, ...
     #[arg(long, default_value = "lab-")]
     pub host_prefix: String,
+    /// Run each agent from its own copy of pm-agent (`agent-NNN/pm-agent`, kept across
+    /// restarts), so that an agent can replace its executable (`pm-push upgrade-agent`)
+    #[arg(long)]
+    pub own_binary: bool,
     /// Print one JSON document on stdout instead of a table
     #[arg(long)]
     pub json: bool,
@@ -271,7 +276,12 @@ fn run_blocking(args: &AgentsArgs, stop: &StopFlag) -> Result<ExitStatus> {
             return Err(UserError::failure("stopped by a signal while starting agents").into());
         }
         reused.push(init(&pm_agent, agent, args)?);
-        let child = spawn(&pm_agent, agent)?;
+        let executable = if args.own_binary {
+            own_binary(&pm_agent, agent)?
+        } else {
+            pm_agent.clone()
+        };
+        let child = spawn(&executable, agent)?;
         fleet.children.push((agent.clone(), child));
         wait_until_listening(&mut fleet, stop)?;
     }
@@ -316,6 +326,26 @@ fn pm_agent_binary() -> Result<PathBuf> {
                 .with_hint("build every binary: cargo build --bins")
                 .into(),
         );
+    }
+    Ok(path)
+}
+
+/// The agent's own `agent-NNN/pm-agent`, made from `pm_agent` unless it exists (an agent that
+/// upgraded itself keeps its version across lab restarts). A hard link is as good as a copy: an
+/// upgrade renames a new file over the path and never writes into the old one.
+fn own_binary(pm_agent: &Path, agent: &LabAgent) -> Result<PathBuf> {
+    let path = agent.state_dir.join("pm-agent");
+    if path.is_file() {
+        return Ok(path);
+    }
+    if std::fs::hard_link(pm_agent, &path).is_err() {
+        std::fs::copy(pm_agent, &path).with_context(|| {
+            format!(
+                "cannot copy `{}` to `{}`",
+                pm_agent.display(),
+                path.display()
+            )
+        })?;
     }
     Ok(path)
 }

@@ -649,6 +649,8 @@ impl FleetState {
             status: proto::AgentStatus {
                 host_name: host.name.clone(),
                 agent_version: env!("CARGO_PKG_VERSION").into(),
+                agent_sha256: None,
+                upgrade_error: None,
                 activated: true,
                 manager_ca_fingerprint: Some(self.ca_fingerprint.clone()),
                 engine: "clamav".into(),

@@ -10,6 +10,15 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// File name of the detached Ed25519 signature of `manifest.json`.
 pub const SIGNATURE_FILE: &str = "manifest.sig";
 
+/// Product kind of pm-agent packages.
+pub const AGENT_KIND: &str = "agent";
+
+/// Component name of the pm-agent package for one platform: `pm-agent-x86_64-linux` (arch and
+/// os as Rust's `std::env::consts`).
+pub fn agent_component(arch: &str, os: &str) -> String {
+    format!("pm-agent-{arch}-{os}")
+}
+
 /// `manifest.json` of one revision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -162,6 +171,21 @@ impl Manifest {
                 Some(entry) => entry.config_product() == name,
                 None => f.product == name,
             })
+    }
+
+    /// The pm-agent package for `component` ([`agent_component`]): the file of an `agent`
+    /// product (its own, or one a parent mirror brought) that carries it.
+    pub fn agent_package(&self, component: &str) -> Option<&FileEntry> {
+        self.products
+            .iter()
+            .filter(|p| p.kind == AGENT_KIND)
+            .flat_map(|p| self.product_files(&p.name))
+            .find(|f| f.component == component)
+    }
+
+    /// Whether the revision has an `agent` product.
+    pub fn has_agent_product(&self) -> bool {
+        self.products.iter().any(|p| p.kind == AGENT_KIND)
     }
 
     /// Total bytes of all files.

@@ -101,6 +101,14 @@ pub struct AgentStatus {
     pub host_name: String,
     /// pm-agent version.
     pub agent_version: String,
+    /// sha256 of the running pm-agent executable (read at start; `None` from older agents or
+    /// when the file could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_sha256: Option<String>,
+    /// Why the last self-upgrade did not take effect, when it failed after its answer (the new
+    /// executable could not be started; the agent went back to the old one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_error: Option<String>,
     /// Whether a manager activated it.
     pub activated: bool,
     /// Fingerprint of the manager CA it trusts.
@@ -238,6 +246,29 @@ pub struct UpdateRequest {
     /// pm-rollback moves agents back to an older revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u32>,
+}
+
+/// Path that makes an activated agent replace its own executable with the pm-agent package of
+/// the manager's dist for its platform, then restart itself (mutual TLS): [`UpgradeReport`].
+pub const UPGRADE_PATH: &str = "/v1/upgrade";
+
+/// The answer to [`UPGRADE_PATH`] (and `pm-agent upgrade`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeReport {
+    /// Whether the executable was replaced (the agent restarts after answering).
+    pub changed: bool,
+    /// The package's component, `pm-agent-<arch>-<os>`.
+    pub component: String,
+    /// Version and sha256 of the executable that answered.
+    pub from_version: String,
+    /// sha256 of the executable that answered.
+    pub from_sha256: String,
+    /// Version of the package in dist.
+    pub to_version: String,
+    /// sha256 of the package in dist.
+    pub to_sha256: String,
+    /// Revision of dist the package came from.
+    pub revision: String,
 }
 
 /// Path that makes an activated agent reinstall one of its local backups (mutual TLS).

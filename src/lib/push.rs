@@ -103,6 +103,15 @@ pub enum Command {
         #[command(flatten)]
         targets: TargetArgs,
     },
+    /// Replace the targets' pm-agent with the package in dist (a product of kind `agent`); each
+    /// agent restarts itself and must come back on the package
+    UpgradeAgent {
+        /// How long one host may take to answer the upgrade, and then to come back on the package
+        #[arg(long, default_value = "60s", value_parser = cli::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        targets: TargetArgs,
+    },
 }
 
 /// How many failures a wave may have: a count or a percentage of the wave.
@@ -244,6 +253,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
                 scan_paths: scan_paths.clone(),
             };
             push_schedule(&home, &args.global, request, *clear, targets)
+        }
+        Command::UpgradeAgent { timeout, targets } => {
+            push_upgrade_agent(&home, &args.global, *timeout, targets)
         }
     }
 }
@@ -1179,6 +1191,9 @@ struct JobKind<'a> {
     what: &'a str,
     /// How long one host may take.
     timeout: Duration,
+    /// A host that needed no change is `skipped` rather than `ok` (upgrade-agent: the host was
+    /// on the package already).
+    unchanged_is_skipped: bool,
 }
 
 /// Resolves the targets (read-only) and returns them with every host record.
@@ -1224,7 +1239,13 @@ where
         kind,
         what,
         timeout,
+        unchanged_is_skipped,
     } = job;
+    let result_of = |outcome: &HostOutcome| match outcome {
+        Ok((false, _)) if unchanged_is_skipped => "skipped",
+        Ok(_) => "ok",
+        Err(_) => "failed",
+    };
     if global.dry_run || targets.is_empty() {
         let hosts: Vec<_> = targets.iter().map(|t| t.host.clone()).collect();
         if global.json {
@@ -1267,13 +1288,14 @@ where
             host: target.host.clone(),
             wave: 0,
             attempt: 1,
-            result: if outcome.is_ok() { "ok" } else { "failed" }.into(),
+            result: result_of(outcome).into(),
             changed: outcome.as_ref().ok().map(|(changed, _)| *changed),
             revision: None,
             error: outcome.as_ref().err().cloned(),
         })
         .collect();
     let failed = attempts.iter().filter(|a| a.result == "failed").count();
+    let skipped = attempts.iter().filter(|a| a.result == "skipped").count();
     let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
     let job_id = inventory
         .transaction(|inv| {
@@ -1297,8 +1319,8 @@ where
         .iter()
         .map(|(target, outcome)| match outcome {
             Ok((changed, detail)) => serde_json::json!({
-                "host": target.host, "result": "ok", "changed": changed, "detail": detail,
-                "error": null,
+                "host": target.host, "result": result_of(outcome), "changed": changed,
+                "detail": detail, "error": null,
             }),
             Err(error) => serde_json::json!({
                 "host": target.host, "result": "failed", "changed": false, "error": error,
@@ -1310,7 +1332,10 @@ where
     if global.json {
         cli::print_json(&serde_json::json!({
             "changed": changed, "job_id": job_id, "kind": kind, "hosts": lines,
-            "summary": {"targets": lines.len(), "ok": lines.len() - failed, "failed": failed},
+            "summary": {
+                "targets": lines.len(), "ok": lines.len() - failed - skipped, "failed": failed,
+                "skipped": skipped,
+            },
         }))?;
     } else {
         let mut table = cli::table(&["host", "result", "detail"]);
@@ -1327,8 +1352,8 @@ where
         }
         cli::print_text(table)?;
         cli::print_text(format!(
-            "{kind} {what} (job {job_id}): {} ok, {failed} failed",
-            lines.len() - failed
+            "{kind} {what} (job {job_id}): {} ok, {failed} failed, {skipped} skipped",
+            lines.len() - failed - skipped
         ))?;
     }
     Ok(match failed {
@@ -1369,6 +1394,7 @@ fn push_profile(
             kind: "profile",
             what: name,
             timeout: Duration::from_secs(30),
+            unchanged_is_skipped: false,
         },
         targets,
         |client, target| {
@@ -1443,6 +1469,7 @@ fn push_schedule(
             kind: "schedule",
             what: &what,
             timeout: Duration::from_secs(30),
+            unchanged_is_skipped: false,
         },
         targets,
         |client, target| {
@@ -1514,6 +1541,7 @@ fn push_license(
             kind: "license",
             what: &license.0.file_name.clone(),
             timeout: Duration::from_secs(30),
+            unchanged_is_skipped: false,
         },
         targets,
         |client, target| {
@@ -1579,6 +1607,7 @@ fn push_scan(
             kind: "scan",
             what: &paths.join(" "),
             timeout,
+            unchanged_is_skipped: false,
         },
         targets,
         |client, target| {
@@ -1628,6 +1657,142 @@ fn push_scan(
         },
     )?;
     Ok(status)
+}
+
+/// `pm-push upgrade-agent`: each target replaces its executable with the `agent` product's
+/// package for its platform (`POST /v1/upgrade`) and restarts itself; then its status is asked
+/// until it answers from the package's sha256 (ok) or `--timeout` passes (failed). A host on the
+/// package already is skipped.
+fn push_upgrade_agent(
+    home: &Path,
+    global: &GlobalArgs,
+    timeout: Duration,
+    targets: &TargetArgs,
+) -> anyhow::Result<ExitStatus> {
+    let revision = dist_revision(home)?;
+    let manifest = Repo::new(home)
+        .manifest(&revision)
+        .map_err(|err| UserError::failure(err.to_string()))?;
+    let packages: Vec<String> = manifest
+        .products
+        .iter()
+        .filter(|p| p.kind == crate::manifest::AGENT_KIND)
+        .flat_map(|p| p.components.iter())
+        .map(|c| format!("{} {}", c.name, c.version))
+        .collect();
+    if !manifest.has_agent_product() {
+        return Err(UserError::usage(format!(
+            "dist ({revision}) has no `agent` product: there is no pm-agent package to roll out"
+        ))
+        .with_hint(
+            "add `[[products]] name = \"agent\" kind = \"agent\" dir = \"...\"` to pm.toml, put \
+             pm-agent-<version>-<arch>-<os> binaries in that directory, then run \
+             `pm-mirror sync` and `pm-mirror publish`",
+        )
+        .into());
+    }
+    let (targets, _) = resolve(home, global, targets)?;
+    on_targets(
+        home,
+        global,
+        JobKind {
+            kind: "upgrade-agent",
+            what: &format!("{revision} ({})", packages.join(", ")),
+            timeout,
+            unchanged_is_skipped: true,
+        },
+        targets,
+        move |client, target| async move {
+            let report: proto::UpgradeReport = post_agent(
+                &client,
+                &target.address,
+                proto::UPGRADE_PATH,
+                None,
+                "upgrade",
+            )
+            .await?;
+            if !report.changed {
+                return Ok((
+                    false,
+                    format!("already on {} {}", report.component, report.to_version),
+                ));
+            }
+            wait_for_upgraded(&client, &target.address, &report, timeout).await?;
+            Ok((
+                true,
+                format!(
+                    "{} {} -> {} ({} -> {})",
+                    report.component,
+                    report.from_version,
+                    report.to_version,
+                    short_sha(&report.from_sha256),
+                    short_sha(&report.to_sha256)
+                ),
+            ))
+        },
+        |_, _| Ok(()),
+    )
+}
+
+fn short_sha(sha256: &str) -> &str {
+    sha256.get(..12).unwrap_or(sha256)
+}
+
+/// Asks an agent that replaced its executable for its status until it answers from the new one
+/// (its sha256 is the package's), at most `timeout`. The old process may still answer for a
+/// moment before it restarts, so an answer with the old sha256 is only a failure when the agent
+/// says why (`upgrade_error`: it went back to the old executable) or time is up.
+async fn wait_for_upgraded(
+    client: &reqwest::Client,
+    address: &str,
+    report: &proto::UpgradeReport,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let asked = tokio::time::timeout(
+            Duration::from_secs(5),
+            client
+                .get(format!("https://{address}{}", proto::STATUS_PATH))
+                .send(),
+        )
+        .await;
+        let last = match asked {
+            Ok(Ok(response)) if response.status().is_success() => {
+                let body = response.bytes().await.unwrap_or_default();
+                match serde_json::from_slice::<proto::AgentStatus>(&body) {
+                    Ok(status) if status.agent_sha256.as_deref() == Some(&report.to_sha256) => {
+                        return Ok(());
+                    }
+                    Ok(proto::AgentStatus {
+                        upgrade_error: Some(error),
+                        ..
+                    }) => {
+                        return Err(format!(
+                            "agent `{address}` went back to its previous executable: {error}"
+                        ));
+                    }
+                    Ok(status) => format!(
+                        "version {} with sha256 {}",
+                        status.agent_version,
+                        status.agent_sha256.as_deref().unwrap_or("unknown")
+                    ),
+                    Err(err) => format!("an answer that is not a status: {err}"),
+                }
+            }
+            Ok(Ok(response)) => format!("HTTP {}", response.status()),
+            Ok(Err(err)) => format!("no answer ({err})"),
+            Err(_) => "no answer within 5s".into(),
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "agent `{address}` replaced its executable but did not come back on sha256 {} \
+                 within {timeout:?}; last: {last}",
+                report.to_sha256
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn scan_one(

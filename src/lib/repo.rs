@@ -537,6 +537,26 @@ fn make_writable(dir: &Path) {
     }
 }
 
+/// Copies `source` into a new file beside `target` (fsynced), then renames it to `target`.
+fn copy_new(source: &Path, target: &Path) -> Result<(), RepoError> {
+    let tmp = target.with_extension("pm-copy");
+    let copy = || -> io::Result<()> {
+        let mut from = File::open(source)?;
+        let mut to = File::options().write(true).create_new(true).open(&tmp)?;
+        io::copy(&mut from, &mut to)?;
+        to.sync_all()?;
+        fs::rename(&tmp, target)
+    };
+    copy().map_err(|err| {
+        let _ = fs::remove_file(&tmp);
+        RepoError::Io {
+            action: "copy",
+            path: source.to_owned(),
+            source: err,
+        }
+    })
+}
+
 /// A revision being built: files are downloaded or linked into it, then it is committed.
 pub struct StagedRevision {
     dir: PathBuf,
@@ -597,25 +617,18 @@ impl StagedRevision {
                 });
             }
             // Another file system: copy into a new file, then rename it into place.
-            Err(_) => {
-                let tmp = target.with_extension("pm-copy");
-                let copy = || -> io::Result<()> {
-                    let mut from = File::open(&source)?;
-                    let mut to = File::options().write(true).create_new(true).open(&tmp)?;
-                    io::copy(&mut from, &mut to)?;
-                    to.sync_all()?;
-                    fs::rename(&tmp, &target)
-                };
-                if let Err(err) = copy() {
-                    let _ = fs::remove_file(&tmp);
-                    return Err(RepoError::Io {
-                        action: "copy",
-                        path: source,
-                        source: err,
-                    });
-                }
-            }
+            Err(_) => copy_new(&source, &target)?,
         }
+        self.add(entry);
+        Ok(())
+    }
+
+    /// Copies a file from outside the repository (an `agent` product's package directory) into
+    /// the revision. Never a hard link: committing makes revision files read-only, which must
+    /// not change the operator's file. `entry` must describe the copy.
+    pub fn copy_in(&mut self, source: &Path, entry: FileEntry) -> Result<(), RepoError> {
+        let target = self.path_for(&entry.path)?;
+        copy_new(source, &target)?;
         self.add(entry);
         Ok(())
     }

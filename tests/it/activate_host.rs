@@ -149,6 +149,8 @@ async fn status(State(state): State<Arc<Mutex<AgentState>>>) -> Response {
     json(&proto::AgentStatus {
         host_name: state.name.clone(),
         agent_version: "0.0.0-fake".into(),
+        agent_sha256: None,
+        upgrade_error: None,
         activated: state.manager_ca.is_some(),
         manager_ca_fingerprint: state.manager_ca.clone(),
         engine: "clamav".into(),

@@ -16,6 +16,7 @@ pub(crate) struct LabAgents {
 }
 
 impl LabAgents {
+    /// `pm-lab agents` with `extra` flags (e.g. `--own-binary`).
     pub(crate) fn start(
         dir: &Path,
         count: usize,
@@ -23,6 +24,7 @@ impl LabAgents {
         key_file: &Path,
         stdout: &Path,
         log: &Path,
+        extra: &[&str],
     ) -> LabAgents {
         let child = Pm::new("pm-lab")
             .args([
@@ -37,6 +39,7 @@ impl LabAgents {
             .args(["--activation-key-file"])
             .args([key_file])
             .args(["--json"])
+            .args(extra)
             .command()
             .stdout(std::fs::File::create(stdout).unwrap())
             .stderr(std::fs::File::create(log).unwrap())
@@ -110,7 +113,7 @@ fn three_lab_agents_are_activated_from_targets_and_stop_with_the_lab() {
     let log = work.path().join("pm-lab.log");
     let port = free_port();
     let stdout = work.path().join("pm-lab.json");
-    let mut lab = LabAgents::start(&dir, 3, port, &key_file, &stdout, &log);
+    let mut lab = LabAgents::start(&dir, 3, port, &key_file, &stdout, &log, &[]);
 
     // The report comes once every agent accepts connections and targets.txt is written.
     let lab_report = lab.report(&stdout, &log, 40);

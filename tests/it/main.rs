@@ -23,3 +23,4 @@ mod query;
 mod readme_sql;
 mod rollback;
 mod support;
+mod upgrade_agent;

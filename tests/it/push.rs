@@ -20,6 +20,11 @@ pub(crate) struct Fleet {
 
 impl Fleet {
     pub(crate) fn start(count: usize) -> Fleet {
+        Fleet::start_with(count, &[])
+    }
+
+    /// Like `start`, with extra `pm-lab agents` flags (e.g. `--own-binary`).
+    pub(crate) fn start_with(count: usize, lab_flags: &[&str]) -> Fleet {
         let setup = AgentSetup::new();
         let key_file = setup.tmp.path().join("fleet.key");
         Pm::activate(&setup.home)
@@ -29,7 +34,15 @@ impl Fleet {
         let dir = setup.tmp.path().join("lab");
         let stdout = setup.tmp.path().join("lab.json");
         let log = setup.tmp.path().join("lab.log");
-        let mut lab = LabAgents::start(&dir, count, free_port(), &key_file, &stdout, &log);
+        let mut lab = LabAgents::start(
+            &dir,
+            count,
+            free_port(),
+            &key_file,
+            &stdout,
+            &log,
+            lab_flags,
+        );
         let report = lab.report(&stdout, &log, 120);
         let activated = Pm::activate(&setup.home)
             .args(["host", "--targets"])

@@ -191,7 +191,7 @@ fn lock(dir: &Path) -> Result<InstallLock> {
     }
 }
 
-fn sha256_file(path: &Path) -> std::io::Result<String> {
+pub(super) fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut file = File::open(path)?;
     let mut hasher = openssl::sha::Sha256::new();
     let mut buffer = vec![0u8; 256 * 1024];
@@ -318,7 +318,7 @@ fn engine_files(engine: Engine, manifest: &Manifest) -> Result<Vec<(SetFile, Str
     Ok(files)
 }
 
-fn http_client() -> Result<reqwest::Client> {
+pub(super) fn http_client() -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .no_proxy()
         .connect_timeout(Duration::from_secs(10))
@@ -327,7 +327,7 @@ fn http_client() -> Result<reqwest::Client> {
         .context("cannot make an HTTP client")
 }
 
-async fn get(client: &reqwest::Client, url: &str, limit: u64) -> Result<Vec<u8>> {
+pub(super) async fn get(client: &reqwest::Client, url: &str, limit: u64) -> Result<Vec<u8>> {
     let unreachable = |err: reqwest::Error| {
         UserError::failure(format!("cannot fetch `{url}`: {err}"))
             .with_hint("check that `pm-mirror serve` runs on the manager and the dist URL given at activation is reachable from this host")
@@ -355,12 +355,16 @@ async fn get(client: &reqwest::Client, url: &str, limit: u64) -> Result<Vec<u8>>
     Ok(bytes.to_vec())
 }
 
-fn join_url(base: &str, path: &str) -> String {
+pub(super) fn join_url(base: &str, path: &str) -> String {
     format!("{}/{path}", base.trim_end_matches('/'))
 }
 
 /// Fetches and verifies the signed manifest of the manager's dist.
-async fn fetch_manifest(client: &reqwest::Client, dir: &Path, dist_url: &str) -> Result<Manifest> {
+pub(super) async fn fetch_manifest(
+    client: &reqwest::Client,
+    dir: &Path,
+    dist_url: &str,
+) -> Result<Manifest> {
     let key_path = dir.join(super::MANIFEST_KEY_FILE);
     let pem = fs::read(&key_path).map_err(io_error("read", &key_path))?;
     let key = crate::pki::VerifyingKey::from_pem(&pem).map_err(|err| {
@@ -835,7 +839,7 @@ fn commit(
     Ok(state.backups)
 }
 
-fn activated_dist_url(dir: &Path) -> Result<String> {
+pub(super) fn activated_dist_url(dir: &Path) -> Result<String> {
     match load_activation(dir)? {
         Some(activation) => Ok(activation.record.dist_url),
         None => Err(UserError::failure(

@@ -624,6 +624,8 @@ mod tests {
             status: AgentStatus {
                 host_name: "web-1".into(),
                 agent_version: "0.1.0".into(),
+                agent_sha256: None,
+                upgrade_error: None,
                 activated: true,
                 manager_ca_fingerprint: None,
                 engine: "clamav".into(),

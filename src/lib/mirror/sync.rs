@@ -9,10 +9,13 @@ use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
 use crate::clamav;
-use crate::config::{ClamavSource, Config, FilesSource, PmSource, Product, ProductSource};
+use crate::config::{
+    AgentSource, ClamavSource, Config, FilesSource, PmSource, Product, ProductSource,
+};
 use crate::inventory::ProductState;
 use crate::manifest::{
-    ComponentEntry, FileEntry, MANIFEST_FILE, Manifest, ProductEntry, SIGNATURE_FILE,
+    AGENT_KIND, ComponentEntry, FileEntry, MANIFEST_FILE, Manifest, ProductEntry, SIGNATURE_FILE,
+    agent_component,
 };
 use crate::mirror::upstream::{FetchError, Fetched, Upstream, Validators};
 use crate::repo::{Repo, StagedRevision};
@@ -128,6 +131,20 @@ struct ProductOutcome {
     warnings: Vec<String>,
 }
 
+impl ProductOutcome {
+    /// Nothing new yet; the validators as stored.
+    fn unchanged(context: &ProductContext<'_>) -> ProductOutcome {
+        ProductOutcome {
+            result: ProductResult::Unchanged,
+            components: Vec::new(),
+            entries: Vec::new(),
+            validators: context.validators.clone(),
+            files_downloaded: 0,
+            warnings: Vec::new(),
+        }
+    }
+}
+
 /// Why a product failed.
 #[derive(Debug, thiserror::Error)]
 enum ProductError {
@@ -168,6 +185,8 @@ enum ProductError {
     },
     #[error(transparent)]
     Repo(#[from] crate::repo::RepoError),
+    #[error("`{}`: {problem}", path.display())]
+    Package { path: PathBuf, problem: String },
     #[error("cannot read `{path}`: {source}")]
     Read {
         path: std::path::PathBuf,
@@ -345,6 +364,9 @@ pub(crate) async fn sync_products(
             ProductSource::Pm(source) => {
                 sync_pm(product, source, &context, staged.as_deref_mut()).await
             }
+            ProductSource::Agent(source) => {
+                sync_agent(product, source, &context, staged.as_deref_mut()).await
+            }
         };
         report.bytes_downloaded = upstream.bytes_received() - bytes_before;
         let finished_at = Utc::now();
@@ -460,6 +482,7 @@ fn kind_name(source: &ProductSource) -> &'static str {
         ProductSource::Clamav(_) => "clamav",
         ProductSource::Files(_) => "files",
         ProductSource::Pm(_) => "pm",
+        ProductSource::Agent(_) => AGENT_KIND,
     }
 }
 
@@ -498,14 +521,7 @@ async fn sync_clamav(
         version: None,
         components: Vec::new(),
     };
-    let mut outcome = ProductOutcome {
-        result: ProductResult::Unchanged,
-        components: Vec::new(),
-        entries: Vec::new(),
-        validators: context.validators.clone(),
-        files_downloaded: 0,
-        warnings: Vec::new(),
-    };
+    let mut outcome = ProductOutcome::unchanged(context);
     for db in &source.databases {
         let cvd_name = format!("{db}.cvd");
         let cvd_path = format!("{}/{cvd_name}", product.name);
@@ -809,14 +825,7 @@ async fn sync_files(
         version: None,
         components: Vec::new(),
     };
-    let mut outcome = ProductOutcome {
-        result: ProductResult::Unchanged,
-        components: Vec::new(),
-        entries: Vec::new(),
-        validators: context.validators.clone(),
-        files_downloaded: 0,
-        warnings: Vec::new(),
-    };
+    let mut outcome = ProductOutcome::unchanged(context);
     let (body, new_validators) = match context
         .upstream
         .fetch_small(&index_url, validators, INDEX_SIZE_LIMIT)
@@ -992,14 +1001,7 @@ async fn sync_pm(
         .previous
         .map(|m| m.products_of(&product.name).cloned().collect())
         .unwrap_or_default();
-    let mut outcome = ProductOutcome {
-        result: ProductResult::Unchanged,
-        components: Vec::new(),
-        entries: Vec::new(),
-        validators: context.validators.clone(),
-        files_downloaded: 0,
-        warnings: Vec::new(),
-    };
+    let mut outcome = ProductOutcome::unchanged(context);
     let mut validators = (!previous_files.is_empty())
         .then(|| context.validators.get(manifest_url.as_str()))
         .flatten();
@@ -1341,6 +1343,267 @@ async fn fetch_parent_files(
     Ok(downloaded.len())
 }
 
+/// One pm-agent package found in an `agent` product's directory.
+#[derive(Debug)]
+struct AgentPackage {
+    path: PathBuf,
+    file_name: String,
+    version: String,
+    /// Its component, `pm-agent-<arch>-<os>`.
+    component: String,
+    size: u64,
+    sha256: String,
+}
+
+/// What a package file must be named like, for error messages.
+const AGENT_PACKAGE_PATTERN: &str =
+    "`pm-agent-<version>-<arch>-<os>`, e.g. `pm-agent-0.1.0-x86_64-linux`";
+
+/// Splits `pm-agent-<version>-<arch>-<os>` into version, arch and os. The version may hold `-`
+/// (a pre-release); arch (`x86_64`) and os never do, so they are the last two parts.
+fn parse_agent_package_name(name: &str) -> Option<(&str, &str, &str)> {
+    let rest = name.strip_prefix("pm-agent-")?;
+    let (rest, os) = rest.rsplit_once('-')?;
+    let (version, arch) = rest.rsplit_once('-')?;
+    let word = |part: &str| {
+        !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let version_ok = version_core(version).is_some()
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '-'));
+    (version_ok && word(arch) && word(os)).then_some((version, arch, os))
+}
+
+/// The numeric core of a semver-ish version (`1.2.3` of `1.2.3-rc.1+build`): one or more
+/// dot-separated numbers.
+fn version_core(version: &str) -> Option<Vec<u64>> {
+    let without_build = version.split('+').next()?;
+    let core = without_build.split('-').next()?;
+    core.split('.')
+        .map(|n| {
+            (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| n.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// Semver precedence of two versions [`parse_agent_package_name`] accepted: the numeric core,
+/// then a release above its pre-releases, pre-release identifiers numerically or by text; build
+/// metadata is ignored except as a last tie-break (so the order is total).
+fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let pre = |v: &'_ str| -> Option<String> {
+        let without_build = v.split('+').next().unwrap_or_default();
+        without_build.split_once('-').map(|(_, p)| p.to_string())
+    };
+    let core_order = version_core(a).cmp(&version_core(b));
+    let pre_order = match (pre(a), pre(b)) {
+        (None, None) => Ordering::Equal,
+        (None, Some(_)) => Ordering::Greater,
+        (Some(_), None) => Ordering::Less,
+        (Some(x), Some(y)) => {
+            let mut left = x.split('.');
+            let mut right = y.split('.');
+            loop {
+                match (left.next(), right.next()) {
+                    (None, None) => break Ordering::Equal,
+                    (None, Some(_)) => break Ordering::Less,
+                    (Some(_), None) => break Ordering::Greater,
+                    (Some(l), Some(r)) => {
+                        let order = match (l.parse::<u64>(), r.parse::<u64>()) {
+                            (Ok(l), Ok(r)) => l.cmp(&r),
+                            (Ok(_), Err(_)) => Ordering::Less,
+                            (Err(_), Ok(_)) => Ordering::Greater,
+                            (Err(_), Err(_)) => l.cmp(r),
+                        };
+                        if order != Ordering::Equal {
+                            break order;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    core_order.then(pre_order).then_with(|| a.cmp(b))
+}
+
+/// Reads an `agent` product's directory: every file must be a pm-agent package (name and ELF
+/// magic checked); per platform the highest version wins. Hidden files are ignored (editors and
+/// copy tools leave them). Blocking: it hashes every package.
+fn read_agent_packages(dir: &Path) -> Result<Vec<AgentPackage>, ProductError> {
+    let read_error = |source| ProductError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut best: BTreeMap<String, AgentPackage> = BTreeMap::new();
+    for dir_entry in std::fs::read_dir(dir).map_err(read_error)? {
+        let dir_entry = dir_entry.map_err(read_error)?;
+        let path = dir_entry.path();
+        let file_name = dir_entry.file_name().to_string_lossy().into_owned();
+        if file_name.starts_with('.') {
+            continue;
+        }
+        let problem = |problem: String| ProductError::Package {
+            path: path.clone(),
+            problem,
+        };
+        let Some((version, arch, os)) = parse_agent_package_name(&file_name) else {
+            return Err(problem(format!(
+                "is not named like a pm-agent package: expected {AGENT_PACKAGE_PATTERN}"
+            )));
+        };
+        if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            return Err(problem("is not a plain file".into()));
+        }
+        let (size, sha256, magic) = hash_file(&path).map_err(|source| ProductError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        if magic != *b"\x7fELF" {
+            return Err(problem(
+                "is not an ELF executable: a pm-agent package is the pm-agent binary itself".into(),
+            ));
+        }
+        let package = AgentPackage {
+            path: path.clone(),
+            file_name: file_name.clone(),
+            version: version.to_string(),
+            component: agent_component(arch, os),
+            size,
+            sha256,
+        };
+        match best.get(&package.component) {
+            Some(other)
+                if compare_versions(&other.version, &package.version)
+                    != std::cmp::Ordering::Less => {}
+            _ => {
+                best.insert(package.component.clone(), package);
+            }
+        }
+    }
+    Ok(best.into_values().collect())
+}
+
+/// Size, sha256 and the first four bytes of a file.
+fn hash_file(path: &Path) -> std::io::Result<(u64, String, [u8; 4])> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = openssl::sha::Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut magic = [0u8; 4];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        let start = size.min(4) as usize;
+        let take = (4 - start).min(n);
+        magic[start..start + take].copy_from_slice(&buffer[..take]);
+        hasher.update(&buffer[..n]);
+        size += n as u64;
+    }
+    Ok((size, crate::manifest::hex(&hasher.finish()), magic))
+}
+
+/// One `agent` product: the pm-agent packages in a local directory, the highest version per
+/// platform, one component `pm-agent-<arch>-<os>` each at `<product>/<file name>`. A package
+/// whose size and sha256 latest already has is carried over; others are copied in and checked
+/// again after the copy (a file changing under the sync fails it rather than shipping a mix).
+async fn sync_agent(
+    product: &Product,
+    source: &AgentSource,
+    context: &ProductContext<'_>,
+    staged: Option<&mut StagedRevision>,
+) -> Result<ProductOutcome, ProductError> {
+    let dir = source.dir.clone();
+    let packages = tokio::task::spawn_blocking(move || read_agent_packages(&dir))
+        .await
+        .expect("reading packages does not panic")?;
+    let previous_files: Vec<FileEntry> = context
+        .previous
+        .map(|m| m.files_of_config_product(&product.name).cloned().collect())
+        .unwrap_or_default();
+    let mut outcome = ProductOutcome::unchanged(context);
+    if packages.is_empty() {
+        outcome.warnings.push(format!(
+            "`{}` holds no pm-agent package ({AGENT_PACKAGE_PATTERN})",
+            source.dir.display()
+        ));
+    }
+    let mut product_entry = ProductEntry {
+        name: product.name.clone(),
+        kind: AGENT_KIND.into(),
+        via: None,
+        version: None,
+        components: Vec::new(),
+    };
+    let mut files = Vec::new();
+    for package in &packages {
+        let component = package.component.clone();
+        let entry = FileEntry {
+            path: format!("{}/{}", product.name, package.file_name),
+            size: package.size,
+            sha256: package.sha256.clone(),
+            product: product.name.clone(),
+            component: component.clone(),
+            version: Some(package.version.clone()),
+            build_time: None,
+        };
+        let previous = previous_files.iter().find(|f| f.component == component);
+        outcome.components.push(ComponentReport {
+            name: component.clone(),
+            upstream_version: Some(package.version.clone()),
+            previous_version: previous.and_then(|p| p.version.clone()),
+            version: Some(package.version.clone()),
+        });
+        product_entry.components.push(ComponentEntry {
+            name: component,
+            version: package.version.clone(),
+            build_time: None,
+        });
+        files.push((package, entry));
+    }
+    let unchanged = |entry: &FileEntry| {
+        previous_files
+            .iter()
+            .any(|p| p.path == entry.path && p.sha256 == entry.sha256 && p.size == entry.size)
+    };
+    let same_set = files.len() == previous_files.len() && files.iter().all(|(_, e)| unchanged(e));
+    if !same_set {
+        outcome.result = if context.dry_run {
+            ProductResult::WouldUpdate
+        } else {
+            ProductResult::Updated
+        };
+    }
+    if let Some(staged) = staged {
+        for (package, entry) in files {
+            if let (true, Some(dir)) = (unchanged(&entry), &context.previous_dir) {
+                staged.carry_over(dir, entry)?;
+                continue;
+            }
+            staged.copy_in(&package.path, entry.clone())?;
+            let copy = staged.path_for(&entry.path)?;
+            let (size, sha256, _) = hash_file(&copy).map_err(|source| ProductError::Read {
+                path: copy.clone(),
+                source,
+            })?;
+            if size != entry.size || sha256 != entry.sha256 {
+                return Err(ProductError::Package {
+                    path: package.path.clone(),
+                    problem: "changed while it was copied; run the sync again".into(),
+                });
+            }
+            outcome.files_downloaded += 1;
+        }
+    }
+    outcome.entries = vec![product_entry];
+    Ok(outcome)
+}
+
 /// The file a ClamAV detached signature signs: `X.cdiff.sign` signs `X.cdiff`,
 /// `<db>-<N>.cvd.sign` signs `<db>.cvd`.
 pub(crate) fn signed_file(path: &str) -> Option<String> {
@@ -1396,5 +1659,42 @@ mod tests {
         ] {
             assert_eq!(signed_file(path).as_deref(), signed, "{path}");
         }
+    }
+
+    #[test]
+    fn agent_package_names_split_into_version_arch_and_os() {
+        let check = |name: &str, expected: Option<(&str, &str, &str)>| {
+            assert_eq!(parse_agent_package_name(name), expected, "{name}");
+        };
+        check(
+            "pm-agent-0.1.0-x86_64-linux",
+            Some(("0.1.0", "x86_64", "linux")),
+        );
+        check(
+            "pm-agent-1.2.3-rc.1+b7-aarch64-linux",
+            Some(("1.2.3-rc.1+b7", "aarch64", "linux")),
+        );
+        check("pm-agent-0.1.0-linux", None);
+        check("pm-agent-latest-x86_64-linux", None);
+        check("pm-agent-0.1.0-x86_64-", None);
+        check("pm-agent-0..1-x86_64-linux", None);
+        check("pm-agent-0.1.0 -x86_64-linux", None);
+        check("clamav-0.1.0-x86_64-linux", None);
+        check("pm-agent-x86_64-linux", None);
+    }
+
+    #[test]
+    fn agent_versions_order_like_semver() {
+        use std::cmp::Ordering::{Greater, Less};
+        let check = |a: &str, b: &str, expected: std::cmp::Ordering| {
+            assert_eq!(compare_versions(a, b), expected, "{a} vs {b}");
+            assert_eq!(compare_versions(b, a), expected.reverse(), "{b} vs {a}");
+        };
+        check("0.10.0", "0.9.0", Greater);
+        check("1.0.0", "1.0.0-rc.1", Greater);
+        check("1.0.0-rc.2", "1.0.0-rc.10", Less);
+        check("1.0.0-alpha", "1.0.0-1", Greater);
+        check("1.0.0-alpha", "1.0.0-alpha.1", Less);
+        check("2", "1.9.9", Greater);
     }
 }
