@@ -843,7 +843,7 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 }
 
 /// A 500 answer for a failed operation: the error chain and its `hint:` in one message.
-fn failure_response(code: &str, err: &anyhow::Error) -> Response {
+pub(super) fn failure_response(code: &str, err: &anyhow::Error) -> Response {
     let hint = err
         .downcast_ref::<UserError>()
         .and_then(|e| e.hint.clone())

@@ -1138,16 +1138,7 @@ async fn run_blocking(
         Ok(Ok(report)) => axum::Json(report).into_response(),
         Ok(Err(err)) => {
             tracing::error!(error = %format!("{err:#}"), "install failed");
-            let hint = err
-                .downcast_ref::<UserError>()
-                .and_then(|e| e.hint.clone())
-                .map(|h| format!(" (hint: {h})"))
-                .unwrap_or_default();
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "install_failed",
-                format!("{err:#}{hint}"),
-            )
+            super::failure_response("install_failed", &err)
         }
         Err(err) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
