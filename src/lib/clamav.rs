@@ -508,6 +508,51 @@ pub fn verify_cvd(bytes: &[u8]) -> Result<CvdHeader, ClamavError> {
     Ok(header)
 }
 
+/// [`verify_cvd`] of the file at `path`, streamed: memory use does not grow with the file
+/// (main.cvd is about 160 MB). The body is read twice, for its MD5 and then, authenticated, for
+/// its contents.
+pub fn verify_cvd_file(path: &std::path::Path) -> Result<CvdHeader, ClamavError> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(ClamavError::BodyRead)?;
+    let len = file.metadata().map_err(ClamavError::BodyRead)?.len();
+    let mut head = [0u8; CVD_HEADER_LEN];
+    file.read_exact(&mut head)
+        .map_err(|_| ClamavError::Truncated {
+            len: usize::try_from(len).unwrap_or(usize::MAX),
+            need: CVD_HEADER_LEN,
+        })?;
+    let header = parse_cvd_header(&head)?;
+    let mut hasher = Hasher::new(MessageDigest::md5())?;
+    let mut chunk = vec![0u8; HASH_CHUNK];
+    loop {
+        let n = file.read(&mut chunk).map_err(ClamavError::BodyRead)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(chunk.get(..n).unwrap_or_default())?;
+    }
+    check_cvd_signature(&header, &hasher.finish()?)?;
+    file.seek(SeekFrom::Start(CVD_HEADER_LEN as u64))
+        .map_err(ClamavError::BodyRead)?;
+    let mut body = io::BufReader::with_capacity(HASH_CHUNK, file);
+    if !body
+        .fill_buf()
+        .map_err(ClamavError::BodyRead)?
+        .starts_with(&[0x1f, 0x8b])
+    {
+        return Err(ClamavError::BodyNotGzip);
+    }
+    let body_len = usize::try_from(len.saturating_sub(CVD_HEADER_LEN as u64)).unwrap_or(usize::MAX);
+    let tarball = scan_tar(
+        GzDecoder::new(body),
+        true,
+        body_inflate_limit(body_len),
+        |_| Ok(io::sink()),
+    )?;
+    check_tarball(&header, tarball)?;
+    Ok(header)
+}
+
 /// Checks the header's md5 against `digest` (the MD5 of everything after the header) and the
 /// header's digital signature of it: what [`verify_cvd`] checks before it looks at the body.
 fn check_cvd_signature(header: &CvdHeader, digest: &[u8]) -> Result<(), ClamavError> {
@@ -1890,6 +1935,33 @@ mod tests {
         for (version, build_time, sigs, builder, md5, stime) in EXPECTED {
             check(version, build_time, sigs, builder, md5, stime);
         }
+    }
+
+    #[test]
+    fn a_cvd_file_verifies_streamed_like_its_bytes_and_a_flipped_byte_is_refused() {
+        for version in 1..=6 {
+            let path = testdb().join(format!("test-{version}.cvd"));
+            let streamed = verify_cvd_file(&path).unwrap_or_else(|e| panic!("{version}: {e}"));
+            assert_eq!(
+                streamed,
+                verify_cvd(&read(&format!("test-{version}.cvd"))).unwrap()
+            );
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bytes = read("test-6.cvd");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let tampered = dir.path().join("test.cvd");
+        std::fs::write(&tampered, &bytes).expect("write");
+        assert!(matches!(
+            verify_cvd_file(&tampered),
+            Err(ClamavError::Md5Mismatch { .. })
+        ));
+        std::fs::write(&tampered, &bytes[..100]).expect("write");
+        assert!(matches!(
+            verify_cvd_file(&tampered),
+            Err(ClamavError::Truncated { .. })
+        ));
     }
 
     #[test]

@@ -174,18 +174,25 @@ impl Manifest {
     }
 
     /// The pm-agent package for `component` ([`agent_component`]): the file of an `agent`
-    /// product (its own, or one a parent mirror brought) that carries it.
+    /// product of this mirror's own that carries it.
     pub fn agent_package(&self, component: &str) -> Option<&FileEntry> {
-        self.products
-            .iter()
-            .filter(|p| p.kind == AGENT_KIND)
+        self.own_agent_products()
             .flat_map(|p| self.product_files(&p.name))
             .find(|f| f.component == component)
     }
 
-    /// Whether the revision has an `agent` product.
+    /// Whether the revision has an `agent` product of this mirror's own.
     pub fn has_agent_product(&self) -> bool {
-        self.products.iter().any(|p| p.kind == AGENT_KIND)
+        self.own_agent_products().next().is_some()
+    }
+
+    /// `agent` products this mirror synced itself. One a parent mirror brought (`via`) is never
+    /// offered to agents: a parent trusted for signature data must not choose the executable
+    /// the fleet runs as root.
+    fn own_agent_products(&self) -> impl Iterator<Item = &ProductEntry> {
+        self.products
+            .iter()
+            .filter(|p| p.kind == AGENT_KIND && p.via.is_none())
     }
 
     /// Total bytes of all files.

@@ -1194,6 +1194,10 @@ struct JobKind<'a> {
     /// A host that needed no change is `skipped` rather than `ok` (upgrade-agent: the host was
     /// on the package already).
     unchanged_is_skipped: bool,
+    /// The first host goes alone, and when it fails the others are `not_attempted`
+    /// (upgrade-agent: a package that breaks the agent must not take the fleet's management
+    /// channel with it).
+    canary: bool,
 }
 
 /// Resolves the targets (read-only) and returns them with every host record.
@@ -1240,6 +1244,7 @@ where
         what,
         timeout,
         unchanged_is_skipped,
+        canary,
     } = job;
     let result_of = |outcome: &HostOutcome| match outcome {
         Ok((false, _)) if unchanged_is_skipped => "skipped",
@@ -1268,21 +1273,37 @@ where
         .context("cannot start the async runtime")?;
     let client = mutual_client(home, timeout, false)?;
     let started = Utc::now();
-    let outcomes: Vec<(Target, HostOutcome)> = runtime.block_on(
-        futures_util::stream::iter(targets)
-            .map(|target| {
-                let work = op(client.clone(), target.clone());
-                async move {
-                    let outcome = tokio::spawn(work)
-                        .await
-                        .unwrap_or_else(|err| Err(format!("the task stopped: {err}")));
-                    (target, outcome)
-                }
-            })
-            .buffer_unordered(32)
-            .collect(),
-    );
-    let attempts: Vec<HostAttempt> = outcomes
+    let run = |targets: Vec<Target>| -> Vec<(Target, HostOutcome)> {
+        runtime.block_on(
+            futures_util::stream::iter(targets)
+                .map(|target| {
+                    let work = op(client.clone(), target.clone());
+                    async move {
+                        let outcome = tokio::spawn(work)
+                            .await
+                            .unwrap_or_else(|err| Err(format!("the task stopped: {err}")));
+                        (target, outcome)
+                    }
+                })
+                .buffer_unordered(32)
+                .collect(),
+        )
+    };
+    let mut targets = targets;
+    let rest = if canary && targets.len() > 1 {
+        targets.split_off(1)
+    } else {
+        Vec::new()
+    };
+    let mut outcomes = run(targets);
+    let canary_failed = outcomes.iter().any(|(_, outcome)| outcome.is_err());
+    let not_attempted: Vec<Target> = if canary_failed {
+        rest
+    } else {
+        outcomes.extend(run(rest));
+        Vec::new()
+    };
+    let mut attempts: Vec<HostAttempt> = outcomes
         .iter()
         .map(|(target, outcome)| HostAttempt {
             host: target.host.clone(),
@@ -1294,8 +1315,18 @@ where
             error: outcome.as_ref().err().cloned(),
         })
         .collect();
+    attempts.extend(not_attempted.iter().map(|target| HostAttempt {
+        host: target.host.clone(),
+        wave: 0,
+        attempt: 1,
+        result: "not_attempted".into(),
+        changed: None,
+        revision: None,
+        error: None,
+    }));
     let failed = attempts.iter().filter(|a| a.result == "failed").count();
     let skipped = attempts.iter().filter(|a| a.result == "skipped").count();
+    let untouched = not_attempted.len();
     let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
     let job_id = inventory
         .transaction(|inv| {
@@ -1304,7 +1335,7 @@ where
                 started,
                 match failed {
                     0 => "ok",
-                    n if n == attempts.len() => "failed",
+                    n if n + untouched == attempts.len() => "failed",
                     _ => "partial",
                 },
                 &format!("{kind} {what}: {} hosts, {failed} failed", attempts.len()),
@@ -1326,6 +1357,11 @@ where
                 "host": target.host, "result": "failed", "changed": false, "error": error,
             }),
         })
+        .chain(not_attempted.iter().map(|target| {
+            serde_json::json!({
+                "host": target.host, "result": "not_attempted", "changed": false, "error": null,
+            })
+        }))
         .collect();
     lines.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
     let changed = outcomes.iter().any(|(_, o)| matches!(o, Ok((true, _))));
@@ -1333,8 +1369,8 @@ where
         cli::print_json(&serde_json::json!({
             "changed": changed, "job_id": job_id, "kind": kind, "hosts": lines,
             "summary": {
-                "targets": lines.len(), "ok": lines.len() - failed - skipped, "failed": failed,
-                "skipped": skipped,
+                "targets": lines.len(), "ok": lines.len() - failed - skipped - untouched,
+                "failed": failed, "skipped": skipped, "not_attempted": untouched,
             },
         }))?;
     } else {
@@ -1352,13 +1388,21 @@ where
         }
         cli::print_text(table)?;
         cli::print_text(format!(
-            "{kind} {what} (job {job_id}): {} ok, {failed} failed, {skipped} skipped",
-            lines.len() - failed - skipped
+            "{kind} {what} (job {job_id}): {} ok, {failed} failed, {skipped} skipped{}",
+            lines.len() - failed - skipped - untouched,
+            if untouched > 0 {
+                format!(
+                    ", {untouched} not attempted: the first host failed, so the others were \
+                     left alone; fix what it reports and run the same command again"
+                )
+            } else {
+                String::new()
+            }
         ))?;
     }
     Ok(match failed {
         0 => ExitStatus::Success,
-        n if n == lines.len() => ExitStatus::Failure,
+        n if n + untouched == lines.len() => ExitStatus::Failure,
         _ => ExitStatus::Partial,
     })
 }
@@ -1395,6 +1439,7 @@ fn push_profile(
             what: name,
             timeout: Duration::from_secs(30),
             unchanged_is_skipped: false,
+            canary: false,
         },
         targets,
         |client, target| {
@@ -1470,6 +1515,7 @@ fn push_schedule(
             what: &what,
             timeout: Duration::from_secs(30),
             unchanged_is_skipped: false,
+            canary: false,
         },
         targets,
         |client, target| {
@@ -1542,6 +1588,7 @@ fn push_license(
             what: &license.0.file_name.clone(),
             timeout: Duration::from_secs(30),
             unchanged_is_skipped: false,
+            canary: false,
         },
         targets,
         |client, target| {
@@ -1608,6 +1655,7 @@ fn push_scan(
             what: &paths.join(" "),
             timeout,
             unchanged_is_skipped: false,
+            canary: false,
         },
         targets,
         |client, target| {
@@ -1700,6 +1748,7 @@ fn push_upgrade_agent(
             what: &format!("{revision} ({})", packages.join(", ")),
             timeout,
             unchanged_is_skipped: true,
+            canary: true,
         },
         targets,
         move |client, target| async move {

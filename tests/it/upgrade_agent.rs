@@ -150,8 +150,8 @@ fn upgrade_agent_replaces_every_executable_in_place_and_a_rerun_skips_every_host
 }
 
 #[test]
-fn a_package_that_does_not_run_as_pm_agent_fails_the_host_and_changes_nothing() {
-    let fleet = Fleet::start_with(1, &["--own-binary"]);
+fn a_package_that_does_not_run_as_pm_agent_fails_the_first_host_and_the_others_are_left_alone() {
+    let fleet = Fleet::start_with(3, &["--own-binary"]);
     let home = &fleet.setup.home;
     let packages = with_agent_product(home, &fleet.setup.lab);
     // An ELF (so sync takes it) that is no pm-agent: `--version` does not name pm-agent 9.9.9.
@@ -159,11 +159,27 @@ fn a_package_that_does_not_run_as_pm_agent_fails_the_host_and_changes_nothing() 
     sync_and_publish(home);
     let exe = agent_dir(&fleet, 0).join("pm-agent");
     let before = sha256(&exe);
+    let others: Vec<_> = (1..3)
+        .map(|i| sha256(&agent_dir(&fleet, i).join("pm-agent")))
+        .collect();
 
+    // The first host goes alone: it fails, so the others are not even asked.
     let (code, report) = fleet.push(&["upgrade-agent", "--all"]);
     assert_eq!(code, 1, "{report}");
     assert_eq!(report["changed"], false, "{report}");
-    assert_eq!(results(&report), ["lab-000 failed"], "{report}");
+    assert_eq!(
+        results(&report),
+        [
+            "lab-000 failed",
+            "lab-001 not_attempted",
+            "lab-002 not_attempted"
+        ],
+        "{report}"
+    );
+    assert_eq!(report["summary"]["not_attempted"], 2, "{report}");
+    for (i, before) in (1..3).zip(&others) {
+        assert_eq!(&sha256(&agent_dir(&fleet, i).join("pm-agent")), before);
+    }
     let error = report["hosts"][0]["error"].as_str().unwrap();
     assert!(
         error.contains("does not run as pm-agent 9.9.9"),

@@ -212,15 +212,6 @@ fn have_copy(dir: &Path, file: &SetFile) -> bool {
         && sha256_file(&path).is_ok_and(|sha| sha == file.sha256)
 }
 
-/// Checks a database file the engine will load.
-fn verify_database(name: &str, bytes: &[u8]) -> Result<Option<String>, String> {
-    if name.ends_with(".cvd") {
-        let header = crate::clamav::verify_cvd(bytes).map_err(|err| err.to_string())?;
-        return Ok(Some(header.version.to_string()));
-    }
-    Ok(None)
-}
-
 /// Plain-text signature databases ClamAV loads from its database directory without a container
 /// (`CLI_DBEXT` in libclamav/readdb.h minus the signed containers): how third-party feeds
 /// (SaneSecurity, URLhaus, a site's own hashes) ship. Matched as a case-insensitive suffix.
@@ -275,6 +266,11 @@ fn engine_files(engine: Engine, manifest: &Manifest) -> Result<Vec<(SetFile, Str
                     .sha256
                     .bytes()
                     .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            if !safe && product.kind == "files" {
+                // A third-party feed's odd file name costs that file, not every update.
+                tracing::warn!(file = %entry.path, "skipping a feed file whose name the engine's directory cannot take (use letters, digits, `-`, `_` and `.`)");
+                continue;
+            }
             if !safe || !sha_ok {
                 return Err(UserError::failure(format!(
                     "the signed manifest of {} lists an unusable file `{}`",
@@ -287,9 +283,14 @@ fn engine_files(engine: Engine, manifest: &Manifest) -> Result<Vec<(SetFile, Str
                 .any(|(f, _): &(SetFile, String)| f.name == name)
             {
                 return Err(UserError::failure(format!(
-                    "the signed manifest of {} has two products with `{name}`",
-                    manifest.revision
+                    "the signed manifest of {} has two database files named `{name}` (the \
+                     second is `{}`): one would replace the other in the engine's directory",
+                    manifest.revision, entry.path
                 ))
+                .with_hint(
+                    "on the manager, rename one of them in its feed or drop one of the products \
+                     from pm.toml, then sync and publish",
+                )
                 .into());
             }
             files.push((
@@ -508,8 +509,7 @@ async fn download(
     let size = fetch_checked(client, url, file.size, &file.sha256, &aside).await?;
     let result = (|| {
         if file.name.ends_with(".cvd") {
-            let bytes = fs::read(&aside).map_err(io_error("read", &aside))?;
-            verify_database(&file.name, &bytes).map_err(|problem| refusing(url, problem))?;
+            crate::clamav::verify_cvd_file(&aside).map_err(|err| refusing(url, err.to_string()))?;
         }
         fs::rename(&aside, &path).map_err(io_error("write", &path))?;
         durable::sync_dir(&files).map_err(io_error("sync", &files))

@@ -54,24 +54,32 @@ pub(super) struct Executable {
 }
 
 impl Executable {
-    /// The running executable and its sha256; leftovers of an upgrade that was killed are
-    /// removed from its directory.
+    /// The running executable and its sha256.
     pub(super) fn current() -> Result<Executable> {
         let path = std::env::current_exe().context("cannot find the running executable")?;
         let sha256 = sha256_file(&path)
             .with_context(|| format!("cannot read the executable `{}`", path.display()))?;
-        if let Some(dir) = path.parent()
-            && let Ok(entries) = fs::read_dir(dir)
-        {
-            let own = format!("{NEW_PREFIX}{}", std::process::id());
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with(NEW_PREFIX) && name != own {
-                    let _ = fs::remove_file(entry.path());
-                }
+        Ok(Executable { path, sha256 })
+    }
+
+    /// Removes new executables that upgrades left half-written beside this one when they were
+    /// killed: those of processes that no longer run (another agent process may be upgrading).
+    pub(super) fn remove_leftovers(&self) {
+        let Some(Ok(entries)) = self.path.parent().map(fs::read_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix(NEW_PREFIX) else {
+                continue;
+            };
+            let running = pid.parse::<u32>().is_ok_and(|pid| {
+                pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
+            });
+            if !running {
+                let _ = fs::remove_file(entry.path());
             }
         }
-        Ok(Executable { path, sha256 })
     }
 }
 
@@ -373,25 +381,44 @@ pub(super) async fn upgrade_handler(
         .upgrade_error
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = None;
-    match replace_executable(&agent.dir, &exe).await {
-        Ok((report, Some(replaced))) => {
-            tracing::info!(from = %report.from_sha256, to = %report.to_sha256, version = %report.to_version, "executable replaced; restarting after the answer");
-            *restart
-                .replaced
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(replaced);
-            // Graceful shutdown lets this answer go out before the server stops.
-            restart.requested.send_replace(true);
-            axum::Json(report).into_response()
+    // A task of its own: a manager that gives up waiting (its timeout, Ctrl-C) drops this
+    // handler, but an upgrade that started finishes, restart included, and frees `busy`.
+    let task_agent = agent.clone();
+    let task = tokio::spawn(async move {
+        let restart = &task_agent.restart;
+        let outcome = replace_executable(&task_agent.dir, &exe).await;
+        match &outcome {
+            Ok((report, Some(_))) => {
+                tracing::info!(from = %report.from_sha256, to = %report.to_sha256, version = %report.to_version, "executable replaced; restarting after the answer");
+            }
+            Ok((_, None)) => restart.busy.store(false, Ordering::SeqCst),
+            Err(err) => {
+                restart.busy.store(false, Ordering::SeqCst);
+                tracing::error!(error = %format!("{err:#}"), "upgrade failed; nothing changed");
+            }
         }
-        Ok((report, None)) => {
-            restart.busy.store(false, Ordering::SeqCst);
-            axum::Json(report).into_response()
-        }
+        outcome.map(|(report, replaced)| {
+            if let Some(replaced) = replaced {
+                *restart
+                    .replaced
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(replaced);
+                // Graceful shutdown lets the answer go out before the server stops.
+                restart.requested.send_replace(true);
+            }
+            report
+        })
+    });
+    match task.await {
+        Ok(Ok(report)) => axum::Json(report).into_response(),
+        Ok(Err(err)) => failure_response("upgrade_failed", &err),
         Err(err) => {
             restart.busy.store(false, Ordering::SeqCst);
-            tracing::error!(error = %format!("{err:#}"), "upgrade failed; nothing changed");
-            failure_response("upgrade_failed", &err)
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "upgrade_failed",
+                format!("the upgrade stopped: {err}"),
+            )
         }
     }
 }
@@ -400,6 +427,7 @@ pub(super) async fn upgrade_handler(
 /// one until it is restarted.
 pub(super) fn upgrade_command(dir: &Path, json: bool) -> Result<ExitStatus> {
     let exe = Executable::current()?;
+    exe.remove_leftovers();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

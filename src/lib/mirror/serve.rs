@@ -25,7 +25,8 @@ pub struct ServeState {
     served: Arc<Served>,
 }
 
-/// Requests answered and body bytes sent (complete `200` and `206` answers to GET).
+/// Requests answered, and the body bytes of the answers to GET (their `Content-Length`: what a
+/// complete transfer carries; a client that hangs up early is counted in full).
 #[derive(Debug, Default)]
 pub struct Served {
     /// Requests answered, whatever their status.
@@ -99,7 +100,7 @@ async fn serve_file(State(state): State<ServeState>, request: Request) -> Respon
     };
     state.served.requests.fetch_add(1, Ordering::Relaxed);
     state.served.bytes.fetch_add(bytes, Ordering::Relaxed);
-    tracing::info!(%method, %path, status = response.status().as_u16(), bytes, "served");
+    tracing::debug!(%method, %path, status = response.status().as_u16(), bytes, "served");
     response
 }
 
