@@ -23,7 +23,8 @@
 //!     open, and as in ClamAV (which never finishes a one-line move) `n2` must exceed `n1`.
 //!   - `UNLINK name` deletes a file; no file may be open.
 //! * The result is written as freshclam's `buildcld` does: the first line of the new `.info`,
-//!   space-padded to 512 bytes, as the header (md5 and dsig are "X"), then an uncompressed tar.
+//!   space-padded to 512 bytes, as the header (md5 and dsig are "X"), then the tar, here
+//!   gzip-compressed (freshclam writes it plain; libclamav reads either).
 //!   Members keep their order; new ones follow in the order the `.info` lists them.
 //!
 //! Stricter than ClamAV, never for cdiffs Talos publishes: names in scripts must be plain ASCII
@@ -446,7 +447,7 @@ fn apply_cdiff(path: &Path, expected: u32, dir: &Path) -> Result<(), CdiffError>
 }
 
 /// Writes the `.cld` of the files in `dir` to `partial`: the `.info`'s first line as header,
-/// then the members (in `order`, then new ones) as an uncompressed tar, fsynced.
+/// then the members (in `order`, then new ones) as a gzip-compressed tar, fsynced.
 fn write_cld(dir: &Path, order: &[String], partial: &Path) -> Result<(), CdiffError> {
     let mut present = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_error("list", dir))? {
@@ -506,7 +507,11 @@ fn write_cld(dir: &Path, order: &[String], partial: &Path) -> Result<(), CdiffEr
     let file = File::create(partial).map_err(io_error("create", partial))?;
     let mut out = BufWriter::with_capacity(HASH_CHUNK, file);
     out.write_all(&header).map_err(io_error("write", partial))?;
-    let mut tar = tar::Builder::new(out);
+    // Compressed (libclamav reads either): the agent keeps this file in its local copies and
+    // backups as well as in the database directory, and an inflated daily is several times
+    // its CVD. Fast compression: this runs on every host at every update.
+    let gzip = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gzip);
     for name in &members {
         let path = dir.join(name);
         let member = File::open(&path).map_err(io_error("open", &path))?;
@@ -523,7 +528,8 @@ fn write_cld(dir: &Path, order: &[String], partial: &Path) -> Result<(), CdiffEr
         tar.append(&entry, member.take(size))
             .map_err(io_error("write", partial))?;
     }
-    let out = tar.into_inner().map_err(io_error("write", partial))?;
+    let gzip = tar.into_inner().map_err(io_error("write", partial))?;
+    let out = gzip.finish().map_err(io_error("write", partial))?;
     let file = out
         .into_inner()
         .map_err(|e| io_error("write", partial)(e.into_error()))?;
@@ -906,6 +912,20 @@ mod tests {
     /// Name, size and SHA-256 of every member of a CVD or CLD, sorted by name.
     type Members = Vec<(String, u64, String)>;
 
+    /// A CLD with its body inflated if it is compressed (a plain tar, which libclamav reads
+    /// too), for tests that look into or alter its bytes.
+    fn read_plain(path: &Path) -> Vec<u8> {
+        let bytes = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if !bytes[CVD_HEADER_LEN..].starts_with(&[0x1f, 0x8b]) {
+            return bytes;
+        }
+        let mut plain = bytes[..CVD_HEADER_LEN].to_vec();
+        flate2::read::GzDecoder::new(&bytes[CVD_HEADER_LEN..])
+            .read_to_end(&mut plain)
+            .expect("inflate");
+        plain
+    }
+
     fn members(path: &Path) -> Members {
         let bytes = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let body = &bytes[CVD_HEADER_LEN..];
@@ -981,7 +1001,7 @@ mod tests {
         assert_eq!((header.md5.as_str(), header.dsig.as_str()), ("X", "X"));
         assert!(!s.work.exists());
         assert_eq!(members(&s.output), members(&testdb().join("test-6.cvd")));
-        let bytes = fs::read(&s.output).expect("read");
+        let bytes = read_plain(&s.output);
         assert_eq!(
             String::from_utf8_lossy(&bytes[..CVD_HEADER_LEN]).trim_end(),
             "ClamAV-VDB:22 Jun 2021 21-34 -0400:6:14:81:X:X:micasnyd:1624412045"
@@ -1144,7 +1164,7 @@ mod tests {
         let cld = s.dir.path().join("tampered").join("test.cld");
         fs::create_dir(cld.parent().expect("parent")).expect("mkdir");
         apply_cdiffs(&testdb().join("test-1.cvd"), &cdiffs(2..=3), &s.work, &cld).expect("ok");
-        let mut bytes = fs::read(&cld).expect("read");
+        let mut bytes = read_plain(&cld);
         let needle = b"Clamav.Test.File-6";
         let at = bytes
             .windows(needle.len())
@@ -1183,7 +1203,7 @@ mod tests {
             "{message}"
         );
         // And the same file as bytes, gzip-compressed as freshclam can write it.
-        let bytes = fs::read(&cld).expect("read");
+        let bytes = read_plain(&cld);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&bytes[CVD_HEADER_LEN..]).expect("gzip");
         let mut compressed = bytes[..CVD_HEADER_LEN].to_vec();
@@ -1200,7 +1220,7 @@ mod tests {
         s.apply(&testdb().join("test-1.cvd"), &cdiffs(2..=4))
             .expect("ok");
         assert_eq!(verify_cld_file(&s.output).expect("plain").version, 4);
-        let bytes = fs::read(&s.output).expect("read");
+        let bytes = read_plain(&s.output);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&bytes[CVD_HEADER_LEN..]).expect("gzip");
         let mut compressed = bytes[..CVD_HEADER_LEN].to_vec();
