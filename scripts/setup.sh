@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building and testing pm needs on a fresh Debian machine: system packages
-# (OpenSSL headers, ClamAV's freshclam/clamscan/sigtool for the end-to-end tests), the DuckDB CLI
-# from PyPI, and the prebuilt libduckdb. Safe to run again: it skips what is already there.
+# (OpenSSL headers, ClamAV's freshclam/clamscan/sigtool for the end-to-end tests, Prometheus's
+# promtool and server for dashboards/check.sh), the DuckDB CLI from PyPI, and the prebuilt
+# libduckdb. Safe to run again: it skips what is already there.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
-apt_packages=(pkg-config libssl-dev openssl curl ca-certificates clamav clamav-freshclam clamav-daemon clamdscan)
+apt_packages=(pkg-config libssl-dev openssl curl ca-certificates clamav clamav-freshclam clamav-daemon clamdscan prometheus)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "${package}" 2>/dev/null | grep -q "install ok installed" || missing+=("${package}")
