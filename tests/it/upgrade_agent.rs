@@ -300,3 +300,56 @@ fn pm_agent_upgrade_replaces_its_own_file_and_status_shows_the_new_sha256() {
     assert_eq!(local(&["status"])["agent_sha256"], new_sha.as_str());
     assert_eq!(local(&["upgrade"])["changed"], false);
 }
+
+#[test]
+fn a_package_that_prints_the_right_version_but_cannot_read_the_agents_state_is_refused() {
+    let fleet = Fleet::start_with(1, &["--own-binary"]);
+    let home = &fleet.setup.home;
+    let packages = with_agent_product(home, &fleet.setup.lab);
+    // A real ELF built here that answers `--version` as pm-agent 9.9.9 would and fails at
+    // everything else: after an exec it would never serve, so it must never replace the agent.
+    let source = packages.join("impostor.rs");
+    std::fs::write(
+        &source,
+        r#"fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("pm-agent 9.9.9");
+    } else {
+        eprintln!("error: cannot read agent.toml");
+        std::process::exit(1);
+    }
+}
+"#,
+    )
+    .unwrap();
+    let built = std::process::Command::new("rustc")
+        .args(["-O", "-o"])
+        .arg(packages.join(package_name("9.9.9")))
+        .arg(&source)
+        .output()
+        .expect("rustc (it comes with cargo)");
+    assert!(built.status.success(), "{built:?}");
+    std::fs::remove_file(&source).unwrap();
+    sync_and_publish(home);
+    let exe = agent_dir(&fleet, 0).join("pm-agent");
+    let before = sha256(&exe);
+
+    let (code, report) = fleet.push(&["upgrade-agent", "--all"]);
+    assert_eq!(code, 1, "{report}");
+    let error = report["hosts"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("`status` cannot read this agent's state")
+            && error.contains("cannot read agent.toml"),
+        "the reason is given: {error}"
+    );
+    assert_eq!(sha256(&exe), before, "the executable is unchanged");
+    let running = std::fs::read_link(format!("/proc/{}/exe", pid(&fleet, 0))).unwrap();
+    assert_eq!(running, exe);
+    let polled = Pm::poll(home).args(["--all", "--json"]).run();
+    assert_eq!(
+        polled.code(),
+        0,
+        "the agent still answers: {}",
+        polled.stderr()
+    );
+}

@@ -189,9 +189,10 @@ async fn replace_executable(
         .into());
     }
     let exe_path = exe.path.clone();
+    let state_dir = dir.to_path_buf();
     let package = file.path.clone();
     let replaced = tokio::task::spawn_blocking(move || {
-        install_beside(&exe_path, &bytes, &package, &to_version)
+        install_beside(&exe_path, &state_dir, &bytes, &package, &to_version)
     })
     .await
     .context("the upgrade stopped")??;
@@ -202,7 +203,13 @@ async fn replace_executable(
 /// Writes `bytes` beside `exe`, checks that it runs as pm-agent `version`, keeps `exe` as
 /// `<exe>.previous` and renames the new file over `exe`. Before the rename nothing is changed
 /// (the new file is removed again on failure).
-fn install_beside(exe: &Path, bytes: &[u8], package: &str, version: &str) -> Result<Replaced> {
+fn install_beside(
+    exe: &Path,
+    state_dir: &Path,
+    bytes: &[u8],
+    package: &str,
+    version: &str,
+) -> Result<Replaced> {
     let dir = exe.parent().context("the executable has no directory")?;
     let new = dir.join(format!("{NEW_PREFIX}{}", std::process::id()));
     let previous = PathBuf::from(format!("{}.previous", exe.display()));
@@ -213,7 +220,7 @@ fn install_beside(exe: &Path, bytes: &[u8], package: &str, version: &str) -> Res
                  ReadWritePaths)",
             )
         })?;
-        check_version(&new, package, version)?;
+        check_runs(&new, state_dir, package, version)?;
         keep_previous(exe, &previous).map_err(|err| {
             UserError::failure(format!(
                 "cannot keep the current executable as `{}`: {err}",
@@ -254,7 +261,10 @@ fn write_executable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Runs `new --version` (at most [`VERSION_TIMEOUT`]); it must print `pm-agent <version>`.
-fn check_version(new: &Path, package: &str, version: &str) -> Result<()> {
+/// Runs the new executable twice before it may replace the running one: `--version` must name
+/// the package's version, and `--state DIR status --json` must read this agent's configuration
+/// and state (a build that cannot would fail in `run`, after the exec, with no way back).
+fn check_runs(new: &Path, state_dir: &Path, package: &str, version: &str) -> Result<()> {
     let refuse = |problem: String| -> anyhow::Error {
         UserError::failure(format!(
             "the package `{package}` does not run as pm-agent {version}: {problem}"
@@ -262,10 +272,52 @@ fn check_version(new: &Path, package: &str, version: &str) -> Result<()> {
         .with_hint("nothing changed; put a working pm-agent build in the agent product's directory on the manager, sync and publish")
         .into()
     };
+    let first_line = |text: &[u8]| {
+        String::from_utf8_lossy(text)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let stderr_part = |stderr: &[u8]| match first_line(stderr) {
+        line if line.is_empty() => String::new(),
+        line => format!(" and on stderr `{line}`"),
+    };
+    let output = run_bounded(new, &["--version".as_ref()]).map_err(refuse)?;
+    let expected = format!("pm-agent {version}");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() || !printed.lines().any(|line| line.trim() == expected) {
+        return Err(refuse(format!(
+            "`--version` printed `{}` ({}){}, expected `{expected}`",
+            first_line(&output.stdout),
+            output.status,
+            stderr_part(&output.stderr)
+        )));
+    }
+    let args = [
+        "--state".as_ref(),
+        state_dir.as_os_str(),
+        "status".as_ref(),
+        "--json".as_ref(),
+    ];
+    let output = run_bounded(new, &args).map_err(refuse)?;
+    if !output.status.success() {
+        return Err(refuse(format!(
+            "`status` cannot read this agent's state ({}){}",
+            output.status,
+            stderr_part(&output.stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `program` with `args`, killed after [`VERSION_TIMEOUT`].
+fn run_bounded(program: &Path, args: &[&std::ffi::OsStr]) -> Result<std::process::Output, String> {
     let mut attempts = 0;
     let mut child = loop {
-        let spawned = Command::new(new)
-            .arg("--version")
+        let spawned = Command::new(program)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -277,42 +329,26 @@ fn check_version(new: &Path, package: &str, version: &str) -> Result<()> {
                 attempts += 1;
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Err(err) => return Err(refuse(format!("it cannot be started: {err}"))),
+            Err(err) => return Err(format!("it cannot be started: {err}")),
             Ok(child) => break child,
         }
     };
     let deadline = Instant::now() + VERSION_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().context("cannot wait for `--version`")? {
-            break status;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("it did not finish within {VERSION_TIMEOUT:?}"));
+            }
+            Err(err) => return Err(format!("cannot wait for it: {err}")),
         }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(refuse(format!(
-                "`--version` did not finish within {VERSION_TIMEOUT:?}"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let output = child
-        .wait_with_output()
-        .context("cannot read `--version`")?;
-    let printed = String::from_utf8_lossy(&output.stdout);
-    let expected = format!("pm-agent {version}");
-    if status.success() && printed.lines().any(|line| line.trim() == expected) {
-        return Ok(());
     }
-    let first_line = |text: &str| text.lines().next().unwrap_or_default().trim().to_string();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    Err(refuse(format!(
-        "`--version` printed `{}` ({status}){}, expected `{expected}`",
-        first_line(&printed),
-        match first_line(&stderr) {
-            line if line.is_empty() => String::new(),
-            line => format!(" and on stderr `{line}`"),
-        }
-    )))
+    child
+        .wait_with_output()
+        .map_err(|err| format!("cannot read its output: {err}"))
 }
 
 /// `<exe>.previous` becomes the current executable: a hard link, or a copy across devices.
