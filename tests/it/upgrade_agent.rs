@@ -41,6 +41,19 @@ fn new_package(dir: &Path) -> PathBuf {
     path
 }
 
+/// The first agent still runs `exe` (not replaced) and answers a poll.
+fn still_serves(fleet: &Fleet, exe: &Path) {
+    let running = std::fs::read_link(format!("/proc/{}/exe", pid(fleet, 0))).unwrap();
+    assert_eq!(running, exe);
+    let polled = Pm::poll(&fleet.setup.home).args(["--all", "--json"]).run();
+    assert_eq!(
+        polled.code(),
+        0,
+        "the agent still answers: {}",
+        polled.stderr()
+    );
+}
+
 fn sync_and_publish(home: &Home) -> Value {
     let synced = Pm::mirror(home).args(["sync"]).json();
     Pm::mirror(home).args(["publish"]).json();
@@ -192,15 +205,7 @@ fn a_package_that_does_not_run_as_pm_agent_fails_the_first_host_and_the_others_a
         .filter(|name| name.starts_with(".pm-agent") || name.ends_with(".previous"))
         .collect();
     assert!(leftovers.is_empty(), "nothing left behind: {leftovers:?}");
-    let running = std::fs::read_link(format!("/proc/{}/exe", pid(&fleet, 0))).unwrap();
-    assert_eq!(running, exe);
-    let polled = Pm::poll(home).args(["--all", "--json"]).run();
-    assert_eq!(
-        polled.code(),
-        0,
-        "the agent still answers: {}",
-        polled.stderr()
-    );
+    still_serves(&fleet, &exe);
 }
 
 #[test]
@@ -343,13 +348,5 @@ fn a_package_that_prints_the_right_version_but_cannot_read_the_agents_state_is_r
         "the reason is given: {error}"
     );
     assert_eq!(sha256(&exe), before, "the executable is unchanged");
-    let running = std::fs::read_link(format!("/proc/{}/exe", pid(&fleet, 0))).unwrap();
-    assert_eq!(running, exe);
-    let polled = Pm::poll(home).args(["--all", "--json"]).run();
-    assert_eq!(
-        polled.code(),
-        0,
-        "the agent still answers: {}",
-        polled.stderr()
-    );
+    still_serves(&fleet, &exe);
 }
