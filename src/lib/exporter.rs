@@ -4,9 +4,10 @@
 //! The inventory is a DuckDB file that one process may hold for writing (pm-poll, pm-push) or
 //! many read-only, never both. So the exporter never keeps it open: a background task opens it
 //! read-only once per `--refresh`, without waiting for a lock, runs a few set-based queries
-//! (`Inventory::metrics_snapshot`), closes it, renders the exposition text in both formats and
-//! swaps it in. A scrape copies nothing large: it writes the cached text and the exporter's own
-//! few series. When the file is busy, missing, replaced or broken, the last good snapshot keeps
+//! (`Inventory::metrics_snapshot`), closes it, renders the exposition text and swaps it in: the
+//! gauge families once (they read the same in both formats), the few `*_info` families once
+//! per format. A scrape copies nothing large: it writes the cached text and the exporter's own
+//! few series, and never waits for a read once a snapshot exists. When the file is busy, missing, replaced or broken, the last good snapshot keeps
 //! being served, `pm_inventory_read_errors_total` counts the failure, its age grows, and a
 //! warning is logged once per kind of failure until a read succeeds again.
 
@@ -34,7 +35,7 @@ use tokio::sync::{Notify, watch};
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
 use crate::inventory::{Inventory, InventoryError};
 use crate::tls::{ClientAuth, TlsConnectInfo, TlsListener, TlsServerConfig};
-use render::{ExporterValues, Format, SnapshotData};
+use render::{ExporterValues, Format, Part, SnapshotData};
 
 /// How long a scrape waits for a refresh it started before it serves the last snapshot.
 const SCRAPE_WAIT: Duration = Duration::from_secs(1);
@@ -198,16 +199,20 @@ struct Rendered {
     read_at: f64,
     /// How long the read held the file.
     read_seconds: f64,
-    prometheus: Bytes,
-    openmetrics: Bytes,
+    /// The gauge families, the bulk of the text, the same in both formats.
+    gauges: Bytes,
+    infos_prometheus: Bytes,
+    infos_openmetrics: Bytes,
 }
 
 impl Rendered {
-    fn body(&self, format: Format) -> Bytes {
-        match format {
-            Format::Prometheus => self.prometheus.clone(),
-            Format::OpenMetrics => self.openmetrics.clone(),
-        }
+    /// The inventory's part of a body (cheap clones of shared bytes).
+    fn chunks(&self, format: Format) -> [Bytes; 2] {
+        let infos = match format {
+            Format::Prometheus => &self.infos_prometheus,
+            Format::OpenMetrics => &self.infos_openmetrics,
+        };
+        [self.gauges.clone(), infos.clone()]
     }
 }
 
@@ -274,8 +279,10 @@ impl Exporter {
     /// stale and a refresh is due.
     pub async fn refresh_loop(self: Arc<Self>) {
         loop {
-            self.refresh_once().await;
+            // Counted from the start of the attempt, so the snapshot served is at most
+            // `--refresh` plus one read old while reads succeed.
             let next = tokio::time::Instant::now() + self.refresh;
+            self.refresh_once().await;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(next) => break,
@@ -336,11 +343,14 @@ impl Exporter {
         self.attempts.send_modify(|n| *n += 1);
     }
 
-    /// Before a scrape: when the snapshot is missing or older than `--refresh` and a refresh
-    /// is running or due, wait for it, but at most [`SCRAPE_WAIT`].
+    /// Before a scrape: a snapshot older than `--refresh` starts a refresh if one is due (the
+    /// scrape serves the one it has: rendering a large fleet takes longer than a scrape may);
+    /// without any snapshot yet, the scrape waits for a running or due refresh, but at most
+    /// [`SCRAPE_WAIT`].
     async fn freshen_for_scrape(&self) {
-        let stale = self
-            .current()
+        let current = self.current();
+        let stale = current
+            .as_ref()
             .is_none_or(|r| unix_now() - r.read_at > self.refresh.as_secs_f64());
         if !stale {
             return;
@@ -352,7 +362,9 @@ impl Exporter {
         let mut attempts = self.attempts.subscribe();
         attempts.mark_unchanged();
         self.wake.notify_one();
-        let _ = tokio::time::timeout(SCRAPE_WAIT, attempts.changed()).await;
+        if current.is_none() {
+            let _ = tokio::time::timeout(SCRAPE_WAIT, attempts.changed()).await;
+        }
     }
 
     fn exporter_values(&self, current: Option<&Rendered>) -> ExporterValues {
@@ -407,13 +419,14 @@ fn read_and_render(home: &Path) -> Result<Rendered, ReadFailure> {
     // The inventory was dropped (closed) at the end of the block above.
     let read_seconds = started.elapsed().as_secs_f64();
     let data = Arc::new(data);
-    let prometheus = render::render_snapshot(Arc::clone(&data), Format::Prometheus);
-    let openmetrics = render::render_snapshot(data, Format::OpenMetrics);
+    let render =
+        |part, format| Bytes::from(render::render_snapshot(Arc::clone(&data), part, format));
     Ok(Rendered {
         read_at,
         read_seconds,
-        prometheus: Bytes::from(prometheus),
-        openmetrics: Bytes::from(openmetrics),
+        gauges: render(Part::Gauges, Format::Prometheus),
+        infos_prometheus: render(Part::Infos, Format::Prometheus),
+        infos_openmetrics: render(Part::Infos, Format::OpenMetrics),
     })
 }
 
@@ -461,10 +474,12 @@ async fn metrics(
     );
     let current = exporter.current();
     let own = render::render_exporter(exporter.exporter_values(current.as_deref()), format);
-    let chunks = [current.map(|r| r.body(format)), Some(Bytes::from(own))];
-    let body = Body::from_stream(futures_util::stream::iter(
-        chunks.into_iter().flatten().map(Ok::<_, Infallible>),
-    ));
+    let chunks = current
+        .map(|r| r.chunks(format))
+        .into_iter()
+        .flatten()
+        .chain([Bytes::from(own)]);
+    let body = Body::from_stream(futures_util::stream::iter(chunks.map(Ok::<_, Infallible>)));
     let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
     exporter
         .last_scrape_nanos

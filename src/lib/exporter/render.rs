@@ -62,10 +62,20 @@ pub struct SnapshotData {
     pub rollouts_in_progress: i64,
 }
 
-/// Renders the inventory series of `data` (no `# EOF`).
-pub fn render_snapshot(data: Arc<SnapshotData>, format: Format) -> String {
+/// Which families of a snapshot to render: the gauges read the same in both formats (checked
+/// by a test), so they are rendered once; only the `*_info` families differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Every gauge family.
+    Gauges,
+    /// The `*_info` families.
+    Infos,
+}
+
+/// Renders one part of the inventory series of `data` (no `# EOF`).
+pub fn render_snapshot(data: Arc<SnapshotData>, part: Part, format: Format) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(SnapshotCollector(data)));
+    registry.register_collector(Box::new(SnapshotCollector { data, part }));
     encode(&registry, format, false)
 }
 
@@ -185,11 +195,69 @@ fn integer_versions(text: &str) -> impl Iterator<Item = (&str, i64)> {
 }
 
 #[derive(Debug)]
-struct SnapshotCollector(Arc<SnapshotData>);
+struct SnapshotCollector {
+    data: Arc<SnapshotData>,
+    part: Part,
+}
 
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        let data = &self.0;
+        match self.part {
+            Part::Gauges => self.encode_gauges(&mut encoder),
+            Part::Infos => self.encode_infos(&mut encoder),
+        }
+    }
+}
+
+impl SnapshotCollector {
+    fn encode_infos(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        let snapshot = &self.data.snapshot;
+        info(
+            e,
+            "pm_host_agent",
+            "The pm-agent version of the host",
+            snapshot.hosts.iter().filter_map(|h| {
+                Some([
+                    ("host", h.host.clone()),
+                    ("group", h.group.clone()),
+                    ("version", h.agent_version.clone()?),
+                ])
+            }),
+        )?;
+        let dist = snapshot.dist.as_ref();
+        info(
+            e,
+            "pm_dist",
+            "The revision dist serves",
+            dist.map(|d| [("revision", d.revision.clone())]),
+        )?;
+        info(
+            e,
+            "pm_latest",
+            "The newest revision (latest)",
+            snapshot
+                .latest_revision
+                .as_ref()
+                .map(|r| [("revision", r.clone())]),
+        )?;
+        info(
+            e,
+            "pm_backup",
+            "The revision of each backup generation",
+            dist.into_iter().flat_map(|d| {
+                d.backups
+                    .iter()
+                    .take(3)
+                    .enumerate()
+                    .filter(|(_, r)| !r.is_empty())
+                    .map(|(i, r)| [("generation", (i + 1).to_string()), ("revision", r.clone())])
+            }),
+        )?;
+        Ok(())
+    }
+
+    fn encode_gauges(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        let data = &self.data;
         let snapshot = &data.snapshot;
         let hosts = &snapshot.hosts;
         let host_labels = |h: &crate::inventory::HostMetrics| {
@@ -200,7 +268,6 @@ impl Collector for SnapshotCollector {
                 .iter()
                 .filter_map(move |h| Some((host_labels(h), pick(h)?)))
         };
-        let e = &mut encoder;
 
         gauge(
             e,
@@ -276,15 +343,6 @@ impl Collector for SnapshotCollector {
             "License expiry of the host",
             per_host(|h| h.license_expiry),
         )?;
-        info(
-            e,
-            "pm_host_agent",
-            "The pm-agent version of the host",
-            hosts.iter().filter_map(|h| {
-                let [host, group] = host_labels(h);
-                Some([host, group, ("version", h.agent_version.clone()?)])
-            }),
-        )?;
 
         let components = &snapshot.host_components;
         let component_labels = |c: &crate::inventory::HostComponentMetrics| {
@@ -352,12 +410,6 @@ impl Collector for SnapshotCollector {
         )?;
 
         let dist = snapshot.dist.as_ref();
-        info(
-            e,
-            "pm_dist",
-            "The revision dist serves",
-            dist.map(|d| [("revision", d.revision.clone())]),
-        )?;
         gauge(
             e,
             "pm_dist_serial",
@@ -370,29 +422,6 @@ impl Collector for SnapshotCollector {
             "When dist last changed (publish or rollback)",
             dist.and_then(|d| Some((NO_LABELS, d.changed_at?))),
         )?;
-        info(
-            e,
-            "pm_latest",
-            "The newest revision (latest)",
-            snapshot
-                .latest_revision
-                .as_ref()
-                .map(|r| [("revision", r.clone())]),
-        )?;
-        info(
-            e,
-            "pm_backup",
-            "The revision of each backup generation",
-            dist.into_iter().flat_map(|d| {
-                d.backups
-                    .iter()
-                    .take(3)
-                    .enumerate()
-                    .filter(|(_, r)| !r.is_empty())
-                    .map(|(i, r)| [("generation", (i + 1).to_string()), ("revision", r.clone())])
-            }),
-        )?;
-
         let dist_components = &snapshot.dist_components;
         let product_component = |product: &str, component: &str| {
             [
@@ -542,6 +571,263 @@ impl Collector for ExporterCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inventory::{
+        DistComponentMetrics, DistMetrics, HostComponentMetrics, HostMetrics, ProductMetrics,
+    };
+
+    /// One polled host with findings, one never polled, dist with backups, a product in
+    /// cool-down and a rollout's canary wave.
+    fn fixture() -> Arc<SnapshotData> {
+        let host = |name: &str, group: &str| HostMetrics {
+            host: name.into(),
+            group: group.into(),
+            reachable: false,
+            inactive: true,
+            last_poll: None,
+            last_ok: None,
+            last_update: None,
+            last_update_ok: None,
+            last_scan: None,
+            scan_findings: None,
+            version_colour: "unknown".into(),
+            scan_colour: "yellow".into(),
+            license_expiry: None,
+            agent_version: None,
+        };
+        let scanned = HostMetrics {
+            reachable: true,
+            inactive: false,
+            last_poll: Some(1_700_000_100.0),
+            last_ok: Some(1_700_000_100.0),
+            last_update: Some(1_700_000_050.5),
+            last_update_ok: Some(true),
+            last_scan: Some(1_700_000_000.0),
+            scan_findings: Some(2),
+            version_colour: "yellow".into(),
+            scan_colour: "red".into(),
+            license_expiry: Some(1_800_000_000.0),
+            agent_version: Some("0.1.0".into()),
+            ..host("web-1", "web")
+        };
+        let component =
+            |name: &str, version: Option<i64>, behind: Option<i64>| HostComponentMetrics {
+                host: "web-1".into(),
+                group: "web".into(),
+                component: name.into(),
+                version,
+                build_time: Some(1_699_000_000.0),
+                behind,
+            };
+        Arc::new(SnapshotData {
+            snapshot: MetricsSnapshot {
+                hosts: vec![scanned, host("new \"one\"", "default")],
+                host_components: vec![
+                    component("daily", Some(27000), Some(2)),
+                    component("feed", None, None),
+                ],
+                dist: Some(DistMetrics {
+                    revision: "r7".into(),
+                    serial: Some(7),
+                    changed_at: Some(1_699_999_000.0),
+                    backups: vec!["r6".into(), "r5".into(), String::new()],
+                }),
+                latest_revision: Some("r8".into()),
+                dist_components: vec![DistComponentMetrics {
+                    product: "clamav".into(),
+                    component: "daily".into(),
+                    version: Some(27002),
+                    build_time: Some(1_699_500_000.0),
+                }],
+                products: vec![ProductMetrics {
+                    product: "clamav".into(),
+                    last_sync: Some(1_700_000_200.0),
+                    last_success: Some(1_699_000_000.0),
+                    cooldown_until: Some(1_700_003_600.0),
+                    upstream_versions: Some("daily=27003,feed=x".into()),
+                }],
+                last_bundle_import: None,
+                rollouts: Vec::new(),
+            },
+            waves: vec![RolloutWaveMetrics {
+                job_id: 12,
+                kind: "update".into(),
+                wave: 0,
+                results: [
+                    ("ok", 1),
+                    ("failed", 0),
+                    ("skipped", 0),
+                    ("not_attempted", 0),
+                    ("pending", 0),
+                ],
+            }],
+            rollouts_in_progress: 1,
+        })
+    }
+
+    fn check(part: Part, format: Format, expected: &str) {
+        let actual = render_snapshot(fixture(), part, format);
+        assert_eq!(actual, expected, "actual:\n{actual}");
+    }
+
+    #[test]
+    fn a_fixture_renders_to_the_exact_gauge_text_in_both_formats() {
+        // The gauges are rendered once and served in both formats: they must not differ.
+        let expected = r#"# HELP pm_host_up 1 if the last poll of the host succeeded, else 0
+# TYPE pm_host_up gauge
+pm_host_up{host="web-1",group="web"} 1
+pm_host_up{host="new \"one\"",group="default"} 0
+# HELP pm_host_inactive 1 if the host had no successful contact for inactive_after
+# TYPE pm_host_inactive gauge
+pm_host_inactive{host="web-1",group="web"} 0
+pm_host_inactive{host="new \"one\"",group="default"} 1
+# HELP pm_host_last_poll_timestamp_seconds Last poll attempt
+# TYPE pm_host_last_poll_timestamp_seconds gauge
+pm_host_last_poll_timestamp_seconds{host="web-1",group="web"} 1700000100.0
+# HELP pm_host_last_successful_poll_timestamp_seconds Last successful poll
+# TYPE pm_host_last_successful_poll_timestamp_seconds gauge
+pm_host_last_successful_poll_timestamp_seconds{host="web-1",group="web"} 1700000100.0
+# HELP pm_host_last_update_timestamp_seconds Last update run reported by the agent
+# TYPE pm_host_last_update_timestamp_seconds gauge
+pm_host_last_update_timestamp_seconds{host="web-1",group="web"} 1700000050.5
+# HELP pm_host_last_update_success 1 if the last update run succeeded, 0 if it failed
+# TYPE pm_host_last_update_success gauge
+pm_host_last_update_success{host="web-1",group="web"} 1
+# HELP pm_host_last_scan_timestamp_seconds Last scan
+# TYPE pm_host_last_scan_timestamp_seconds gauge
+pm_host_last_scan_timestamp_seconds{host="web-1",group="web"} 1700000000.0
+# HELP pm_host_scan_findings Findings of the last scan
+# TYPE pm_host_scan_findings gauge
+pm_host_scan_findings{host="web-1",group="web"} 2
+# HELP pm_host_version_status Versions against dist: 0 green (all components at dist), 1 yellow (some behind), 2 red (all behind or none comparable), 3 unknown (no dist or never polled)
+# TYPE pm_host_version_status gauge
+pm_host_version_status{host="web-1",group="web"} 1
+pm_host_version_status{host="new \"one\"",group="default"} 3
+# HELP pm_host_scan_status Last scan: 0 green (clean and recent), 1 yellow (none yet, too old or failed), 2 red (findings)
+# TYPE pm_host_scan_status gauge
+pm_host_scan_status{host="web-1",group="web"} 2
+pm_host_scan_status{host="new \"one\"",group="default"} 1
+# HELP pm_host_license_expiry_timestamp_seconds License expiry of the host
+# TYPE pm_host_license_expiry_timestamp_seconds gauge
+pm_host_license_expiry_timestamp_seconds{host="web-1",group="web"} 1800000000.0
+# HELP pm_host_component_version Installed version of the component (integer versions only)
+# TYPE pm_host_component_version gauge
+pm_host_component_version{host="web-1",group="web",component="daily"} 27000
+# HELP pm_host_component_build_timestamp_seconds Upstream build time of the installed component
+# TYPE pm_host_component_build_timestamp_seconds gauge
+pm_host_component_build_timestamp_seconds{host="web-1",group="web",component="daily"} 1699000000.0
+pm_host_component_build_timestamp_seconds{host="web-1",group="web",component="feed"} 1699000000.0
+# HELP pm_host_component_behind_dist Dist version minus installed version, 0 when current or ahead
+# TYPE pm_host_component_behind_dist gauge
+pm_host_component_behind_dist{host="web-1",group="web",component="daily"} 2
+# HELP pm_hosts Active hosts by version status
+# TYPE pm_hosts gauge
+pm_hosts{version_status="green"} 0
+pm_hosts{version_status="yellow"} 1
+pm_hosts{version_status="red"} 0
+pm_hosts{version_status="unknown"} 1
+# HELP pm_hosts_by_scan_status Active hosts by scan status
+# TYPE pm_hosts_by_scan_status gauge
+pm_hosts_by_scan_status{scan_status="green"} 0
+pm_hosts_by_scan_status{scan_status="yellow"} 1
+pm_hosts_by_scan_status{scan_status="red"} 1
+# HELP pm_hosts_inactive Active hosts that are inactive
+# TYPE pm_hosts_inactive gauge
+pm_hosts_inactive 1
+# HELP pm_dist_serial Serial of the revision dist serves
+# TYPE pm_dist_serial gauge
+pm_dist_serial 7
+# HELP pm_dist_published_timestamp_seconds When dist last changed (publish or rollback)
+# TYPE pm_dist_published_timestamp_seconds gauge
+pm_dist_published_timestamp_seconds 1699999000.0
+# HELP pm_dist_component_version Version of each dist component (integer versions only)
+# TYPE pm_dist_component_version gauge
+pm_dist_component_version{product="clamav",component="daily"} 27002
+# HELP pm_dist_component_build_timestamp_seconds Upstream build time of each dist component
+# TYPE pm_dist_component_build_timestamp_seconds gauge
+pm_dist_component_build_timestamp_seconds{product="clamav",component="daily"} 1699500000.0
+# HELP pm_upstream_component_version Upstream version seen by the last sync (integer versions only)
+# TYPE pm_upstream_component_version gauge
+pm_upstream_component_version{product="clamav",component="daily"} 27003
+# HELP pm_mirror_last_sync_timestamp_seconds Last sync attempt of the product
+# TYPE pm_mirror_last_sync_timestamp_seconds gauge
+pm_mirror_last_sync_timestamp_seconds{product="clamav"} 1700000200.0
+# HELP pm_mirror_last_successful_sync_timestamp_seconds Last successful sync of the product
+# TYPE pm_mirror_last_successful_sync_timestamp_seconds gauge
+pm_mirror_last_successful_sync_timestamp_seconds{product="clamav"} 1699000000.0
+# HELP pm_mirror_cooldown_until_timestamp_seconds End of the upstream cool-down (HTTP 429/403) of the product
+# TYPE pm_mirror_cooldown_until_timestamp_seconds gauge
+pm_mirror_cooldown_until_timestamp_seconds{product="clamav"} 1700003600.0
+# HELP pm_rollouts_in_progress Rollout jobs running (state running, process alive)
+# TYPE pm_rollouts_in_progress gauge
+pm_rollouts_in_progress 1
+# HELP pm_rollout_hosts Hosts per wave and result of running rollouts and the most recent one
+# TYPE pm_rollout_hosts gauge
+pm_rollout_hosts{job_id="12",kind="update",wave="0",result="ok"} 1
+pm_rollout_hosts{job_id="12",kind="update",wave="0",result="failed"} 0
+pm_rollout_hosts{job_id="12",kind="update",wave="0",result="skipped"} 0
+pm_rollout_hosts{job_id="12",kind="update",wave="0",result="not_attempted"} 0
+pm_rollout_hosts{job_id="12",kind="update",wave="0",result="pending"} 0
+"#;
+        check(Part::Gauges, Format::Prometheus, expected);
+        check(Part::Gauges, Format::OpenMetrics, expected);
+    }
+
+    #[test]
+    fn info_families_differ_between_the_formats_only_in_their_descriptors() {
+        let samples = r#"pm_host_agent_info{host="web-1",group="web",version="0.1.0"} 1
+pm_dist_info{revision="r7"} 1
+pm_latest_info{revision="r8"} 1
+pm_backup_info{generation="1",revision="r6"} 1
+pm_backup_info{generation="2",revision="r5"} 1
+"#;
+        let prometheus = render_snapshot(fixture(), Part::Infos, Format::Prometheus);
+        let openmetrics = render_snapshot(fixture(), Part::Infos, Format::OpenMetrics);
+        let lines = |text: &str, comments: bool| {
+            text.lines()
+                .filter(|l| l.starts_with('#') == comments)
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+        };
+        assert_eq!(lines(&prometheus, false), samples);
+        assert_eq!(lines(&openmetrics, false), samples);
+        assert!(
+            prometheus.contains("# TYPE pm_backup_info gauge\n"),
+            "{prometheus}"
+        );
+        assert!(
+            openmetrics.contains("# TYPE pm_backup info\n"),
+            "{openmetrics}"
+        );
+    }
+
+    #[test]
+    fn the_exporter_series_end_openmetrics_with_eof_and_count_errors_as_a_counter() {
+        let values = ExporterValues {
+            snapshot_timestamp: Some(1_700_000_300.0),
+            snapshot_age: Some(4.5),
+            snapshot_read_seconds: Some(0.25),
+            read_errors: 3,
+            scrape_duration: None,
+        };
+        let openmetrics = render_exporter(values.clone(), Format::OpenMetrics);
+        assert!(
+            openmetrics.ends_with("pm_inventory_snapshot_read_seconds 0.25\n# EOF\n"),
+            "{openmetrics}"
+        );
+        assert!(openmetrics.contains(
+            "# TYPE pm_inventory_read_errors counter\npm_inventory_read_errors_total 3\n"
+        ));
+        let prometheus = render_exporter(values, Format::Prometheus);
+        assert!(!prometheus.contains("# EOF"), "{prometheus}");
+        assert!(
+            prometheus.contains("pm_inventory_snapshot_age_seconds 4.5\n"),
+            "{prometheus}"
+        );
+        assert!(
+            !prometheus.contains("pm_exporter_scrape_duration_seconds"),
+            "no scrape yet"
+        );
+    }
 
     #[test]
     fn upstream_versions_keep_integers_only() {
