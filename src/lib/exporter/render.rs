@@ -167,6 +167,12 @@ fn flag(value: bool) -> i64 {
     i64::from(value)
 }
 
+/// The `version_status` label values of `pm_hosts`, by status code.
+const VERSION_STATUSES: [&str; 4] = ["green", "yellow", "red", "unknown"];
+
+/// The `scan_status` label values of `pm_hosts_by_scan_status`, by status code.
+const SCAN_STATUSES: [&str; 3] = ["green", "yellow", "red"];
+
 /// The status codes of `pm_host_version_status`.
 fn version_status(colour: &str) -> i64 {
     match colour {
@@ -377,36 +383,48 @@ impl SnapshotCollector {
                 .filter_map(|c| Some((component_labels(c), c.behind?))),
         )?;
 
-        let count = |pick: &dyn Fn(&crate::inventory::HostMetrics) -> bool| {
-            hosts.iter().filter(|h| pick(h)).count() as i64
-        };
-        gauge(
+        // Every status is present, also with no host in it, so a dashboard never shows a gap.
+        let by_status =
+            |e: &mut DescriptorEncoder,
+             name: &str,
+             help: &str,
+             label: &'static str,
+             statuses: &[&'static str],
+             status_of: fn(&crate::inventory::HostMetrics) -> &'static str| {
+                gauge(
+                    e,
+                    name,
+                    help,
+                    statuses.iter().map(|status| {
+                        let n_hosts = hosts.iter().filter(|h| status_of(h) == *status).count();
+                        ([(label, *status)], n_hosts as i64)
+                    }),
+                )
+            };
+        by_status(
             e,
             "pm_hosts",
             "Active hosts by version status",
-            [(0, "green"), (1, "yellow"), (2, "red"), (3, "unknown")].map(|(code, name)| {
-                (
-                    [("version_status", name)],
-                    count(&|h| version_status(&h.version_colour) == code),
-                )
-            }),
+            "version_status",
+            &VERSION_STATUSES,
+            |h| VERSION_STATUSES[version_status(&h.version_colour) as usize],
         )?;
-        gauge(
+        by_status(
             e,
             "pm_hosts_by_scan_status",
             "Active hosts by scan status",
-            [(0, "green"), (1, "yellow"), (2, "red")].map(|(code, name)| {
-                (
-                    [("scan_status", name)],
-                    count(&|h| scan_status(&h.scan_colour) == code),
-                )
-            }),
+            "scan_status",
+            &SCAN_STATUSES,
+            |h| SCAN_STATUSES[scan_status(&h.scan_colour) as usize],
         )?;
         gauge(
             e,
             "pm_hosts_inactive",
             "Active hosts that are inactive",
-            [(NO_LABELS, count(&|h| h.inactive))],
+            [(
+                NO_LABELS,
+                hosts.iter().filter(|h| h.inactive).count() as i64,
+            )],
         )?;
 
         let dist = snapshot.dist.as_ref();
