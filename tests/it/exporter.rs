@@ -23,7 +23,16 @@ fn exporter(home: &Home, flags: &[&str]) -> Server {
 
 /// Status, content type and body of a GET.
 fn get(server: &Server, path: &str, accept: Option<&str>) -> (u16, String, String) {
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    get_with(reqwest::Client::builder(), server, path, accept)
+}
+
+fn get_with(
+    client: reqwest::ClientBuilder,
+    server: &Server,
+    path: &str,
+    accept: Option<&str>,
+) -> (u16, String, String) {
+    let client = client.no_proxy().build().unwrap();
     runtime().block_on(async {
         let mut request = client
             .get(format!("{}{path}", server.base))
@@ -98,6 +107,12 @@ fn polled_fleet() -> (AgentSetup, crate::support::ExtraAgent) {
 #[test]
 fn a_polled_fleet_is_exported_in_both_formats_and_promtool_accepts_it() {
     let (setup, _other) = polled_fleet();
+    // A finished rollout: 127.0.0.1 is on dist already (skipped), web-2 is down.
+    let run = Pm::push(&setup.home)
+        .args(["update", "--all", "--json"])
+        .run();
+    assert_ne!(run.code(), 2, "{}", run.stderr());
+    let job_id = run.json()["job_id"].clone();
     let server = exporter(&setup.home, &[]);
 
     let (code, content_type, body) = get(&server, "/metrics", None);
@@ -159,6 +174,22 @@ fn a_polled_fleet_is_exported_in_both_formats_and_promtool_accepts_it() {
         .is_some()
     );
     assert!(value(&body, "pm_inventory_snapshot_read_seconds").is_some());
+    // The rollout: every host counted once in its wave, all five results present.
+    let rollout: Vec<&str> = body
+        .lines()
+        .filter(|l| {
+            l.starts_with(&format!(
+                "pm_rollout_hosts{{job_id=\"{job_id}\",kind=\"update\""
+            ))
+        })
+        .collect();
+    assert_eq!(rollout.len() % 5, 0, "{body}");
+    assert!(!rollout.is_empty(), "job {job_id}: {body}");
+    let counted: f64 = rollout
+        .iter()
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(counted, 2.0, "{rollout:#?}");
     // Nothing of the scan but its count: no paths or signature names in labels.
     assert!(!body.contains("Eicar"), "{body}");
     promtool_check(&body);
@@ -331,4 +362,60 @@ fn the_last_snapshot_is_served_while_pm_poll_writes_and_after_the_inventory_is_g
     let stderr = server.stop();
     let warnings = stderr.iter().filter(|l| l.contains("WARN")).count();
     assert!((1..=4).contains(&warnings), "{stderr:#?}");
+}
+
+#[test]
+fn https_scrapes_are_served_with_the_given_certificate_and_the_allow_list_applies() {
+    let home = Home::new();
+    let (key, cert) = pm::pki::ca::AgentIdentity::generate("127.0.0.1").unwrap();
+    let key_file = home.path().join("exporter.key");
+    crate::support::write_private(
+        &key_file,
+        std::str::from_utf8(&key.private_key_to_pem_pkcs8().unwrap()).unwrap(),
+    );
+    let cert_file = home.path().join("exporter.pem");
+    std::fs::write(&cert_file, cert.to_pem().unwrap()).unwrap();
+    let tls = |allow: &str| {
+        exporter(
+            &home,
+            &[
+                "--tls-cert",
+                cert_file.to_str().unwrap(),
+                "--tls-key",
+                key_file.to_str().unwrap(),
+                "--allow",
+                allow,
+            ],
+        )
+    };
+    let insecure = || reqwest::Client::builder().danger_accept_invalid_certs(true);
+
+    let server = tls("127.0.0.0/8");
+    assert!(server.base.starts_with("https://"), "{}", server.base);
+    let (code, _, body) = get_with(insecure(), &server, "/metrics", None);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("pm_exporter_build_info"), "{body}");
+    let (code, _, _) = get_with(insecure(), &server, "/healthz", None);
+    assert_eq!(code, 503, "no inventory");
+
+    let refused = tls("10.0.0.0/8");
+    let (code, _, body) = get_with(insecure(), &refused, "/metrics", None);
+    assert_eq!((code, body.as_str()), (403, ""));
+
+    // A key others can read is refused before anything listens.
+    let loose = home.path().join("loose.key");
+    std::fs::write(&loose, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = Pm::new("pm-exporter")
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert_file.to_str().unwrap(),
+        ])
+        .args(["--tls-key", loose.to_str().unwrap()])
+        .run();
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(run.stderr().contains("hint:"), "{}", run.stderr());
 }
