@@ -505,3 +505,60 @@ async fn healthz(State(exporter): State<Arc<Exporter>>) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    /// Status of `GET path` from `peer` through the router with `allow`.
+    async fn status_from(peer: &str, allow: &[&str], path: &str) -> StatusCode {
+        let home = tempfile::tempdir().unwrap();
+        let exporter = Exporter::new(home.path().to_owned(), Duration::from_secs(15));
+        let allow = allow.iter().map(|net| net.parse().unwrap()).collect();
+        let peer: SocketAddr = peer.parse().unwrap();
+        // What `into_make_service_with_connect_info::<SocketAddr>` puts on each request.
+        let app = router(exporter, allow).layer(axum::Extension(ConnectInfo(peer)));
+        let request = Request::get(path).body(Body::empty()).unwrap();
+        app.oneshot(request).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn the_allow_list_refuses_other_peers_and_matches_mapped_ipv4() {
+        let check = |peer: &'static str, allow: &'static [&'static str], expected: StatusCode| async move {
+            assert_eq!(
+                status_from(peer, allow, "/metrics").await,
+                expected,
+                "{peer} {allow:?}"
+            );
+        };
+        check("127.0.0.1:5000", &[], StatusCode::OK).await;
+        check("127.0.0.1:5000", &["10.0.0.0/8"], StatusCode::FORBIDDEN).await;
+        check("10.1.2.3:5000", &["10.0.0.0/8"], StatusCode::OK).await;
+        check("[::ffff:10.1.2.3]:5000", &["10.0.0.0/8"], StatusCode::OK).await;
+        check(
+            "[2001:db8::1]:5000",
+            &["10.0.0.0/8", "2001:db8::/32"],
+            StatusCode::OK,
+        )
+        .await;
+        check(
+            "[2001:db9::1]:5000",
+            &["2001:db8::/32"],
+            StatusCode::FORBIDDEN,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn healthz_is_unavailable_without_an_inventory_and_unknown_paths_are_404() {
+        assert_eq!(
+            status_from("127.0.0.1:5000", &[], "/healthz").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status_from("127.0.0.1:5000", &[], "/other").await,
+            StatusCode::NOT_FOUND
+        );
+    }
+}

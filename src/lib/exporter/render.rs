@@ -119,6 +119,8 @@ fn encode(registry: &Registry, format: Format, eof: bool) -> String {
         }
     };
     result.expect("encoding into a String does not fail");
+    // The text lives until the next snapshot; growth by doubling can leave half of it unused.
+    text.shrink_to_fit();
     text
 }
 

@@ -160,6 +160,9 @@ impl Inventory {
         }
         let conn = open_with_retry(&path, AccessMode::ReadOnly, std::time::Duration::ZERO)?;
         let inventory = Inventory { conn, path };
+        // One thread: the queries are small, and a long-running exporter should not keep a
+        // buffer per core nor take both cores from the scrapes it serves meanwhile.
+        inventory.db(inventory.conn.execute_batch("SET threads = 1"))?;
         let known = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
         let found = inventory.schema_version()?;
         if found != known {
