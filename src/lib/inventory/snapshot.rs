@@ -94,7 +94,7 @@ pub struct ProductMetrics {
     pub last_sync: Option<f64>,
     /// Last successful sync.
     pub last_success: Option<f64>,
-    /// End of the upstream cool-down.
+    /// End of the upstream cool-down, while it lasts.
     pub cooldown_until: Option<f64>,
     /// `component=version,...` as upstream last answered.
     pub upstream_versions: Option<String>,
@@ -311,7 +311,9 @@ impl Inventory {
                  SELECT product, max(started_at) AS last_sync FROM mirror_syncs GROUP BY product
              )
              SELECT coalesce(p.product, s.product), epoch(s.last_sync), epoch(p.last_success_at),
-                    epoch(p.cooldown_until), p.upstream_versions
+                    -- An expired cool-down is none (as pm-mirror status shows it).
+                    CASE WHEN p.cooldown_until > now() THEN epoch(p.cooldown_until) END,
+                    p.upstream_versions
              FROM mirror_products p FULL JOIN syncs s ON s.product = p.product
              ORDER BY 1",
         ))?;
