@@ -20,17 +20,7 @@
 #   PM_BENCH_KEEP=1            keep the work directory (its path is printed)
 set -euo pipefail
 
-case "${1:-}" in
-  "") ;;
-  -h | --help)
-    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
-    exit 0
-    ;;
-  *)
-    echo "error: unexpected argument \`$1\`: settings come from the environment (see --help)" >&2
-    exit 2
-    ;;
-esac
+. "$(dirname "$0")/bench-args.sh" "$0" "$@"
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "${root}"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing pm needs on a fresh Debian machine: system packages
 # (OpenSSL headers, ClamAV's freshclam/clamscan/sigtool for the end-to-end tests, Prometheus's
-# promtool and server for dashboards/check.sh), the DuckDB CLI from PyPI, and the prebuilt
-# libduckdb. Safe to run again: it skips what is already there.
+# promtool and server for the exporter's and dashboards' tests), the DuckDB CLI from PyPI, and
+# the prebuilt libduckdb. Safe to run again: it skips what is already there.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -11,12 +11,16 @@ missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "${package}" 2>/dev/null | grep -q "install ok installed" || missing+=("${package}")
 done
+sudo=""
+[[ "$(id -u)" -ne 0 ]] && sudo="sudo"
 if (( ${#missing[@]} > 0 )); then
-  sudo=""
-  [[ "$(id -u)" -ne 0 ]] && sudo="sudo"
   echo "installing: ${missing[*]}"
   ${sudo} apt-get update -qq
   DEBIAN_FRONTEND=noninteractive ${sudo} apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# Only promtool is needed; the Prometheus server the package starts under systemd is not.
+if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+  ${sudo} systemctl disable --now prometheus
 fi
 
 # The DuckDB CLI users query the inventory with (DESIGN.md section 7), same version as libduckdb.

@@ -21,6 +21,12 @@ mod rollout;
 pub use poll::{FleetRow, PollCursors, PollFailure, PolledHost, RecordedPolls};
 pub use rollout::{HostAttempt, RolloutRecord};
 
+mod snapshot;
+pub use snapshot::{
+    DistComponentMetrics, DistMetrics, HostComponentMetrics, HostMetrics, MetricsSnapshot,
+    ProductMetrics, RolloutMetrics, RolloutWaveMetrics,
+};
+
 mod history;
 pub use history::{
     GeneratedHistory, HistoryReport, HistorySpec, QueryTiming, bench_host_name, history_benchmark,
@@ -69,6 +75,16 @@ pub enum InventoryError {
     Db {
         path: PathBuf,
         source: duckdb::Error,
+    },
+    /// The file has an older schema and this reader may not migrate it (the exporter).
+    #[error(
+        "inventory `{path}` has schema version {found}, older than this pm ({known}); \
+         any pm tool that writes (pm-poll) migrates it"
+    )]
+    TooOld {
+        path: PathBuf,
+        found: u32,
+        known: u32,
     },
     /// The file was written by a newer pm.
     #[error("inventory `{path}` has schema version {found}, newer than this pm ({known})")]

@@ -8,6 +8,7 @@ pub mod clamav;
 pub mod cli;
 pub mod config;
 pub mod durable;
+pub mod exporter;
 pub mod inventory;
 pub mod lab;
 pub mod lab_agents;

@@ -735,14 +735,16 @@ fn resume(home: &Path, global: &GlobalArgs, job_id: i64) -> anyhow::Result<ExitS
 
 /// A rollout's state, telling a live `running` from one whose process is gone.
 pub(crate) fn effective_state(record: &RolloutRecord) -> String {
-    let alive = record
-        .pid
-        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-    if record.state == "running" && !alive {
+    if record.state == "running" && !rollout_process_alive(record.pid) {
         "interrupted".into()
     } else {
         record.state.clone()
     }
+}
+
+/// Whether the process recorded as running a rollout still exists (the manager runs it here).
+pub(crate) fn rollout_process_alive(pid: Option<i32>) -> bool {
+    pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// `pm-push status [JOB]`.

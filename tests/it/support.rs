@@ -19,6 +19,7 @@ pub fn bin(name: &str) -> &'static str {
         "pm-push" => env!("CARGO_BIN_EXE_pm-push"),
         "pm-rollback" => env!("CARGO_BIN_EXE_pm-rollback"),
         "pm-query" => env!("CARGO_BIN_EXE_pm-query"),
+        "pm-exporter" => env!("CARGO_BIN_EXE_pm-exporter"),
         other => panic!("unknown binary {other}"),
     }
 }
@@ -296,7 +297,7 @@ pub fn synced_at_3_with_6_upstream() -> (Lab, Home, pm::manifest::Manifest) {
     (lab, home, before)
 }
 
-/// A running `pm-mirror serve`, stopped on drop.
+/// A running server (`pm-mirror serve`, `pm-exporter`), stopped on drop.
 pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`.
@@ -308,17 +309,20 @@ pub struct Server {
 impl Server {
     /// Starts `pm-mirror serve` on a free loopback port and waits for its address.
     pub fn start(home: &Home) -> Server {
-        let mut child = Pm::mirror(home)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .command()
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        Server::spawn(Pm::mirror(home).args(["serve", "--listen", "127.0.0.1:0"]))
+    }
+
+    /// Starts a server that prints `... on http(s)://ADDR/` on stderr and waits for that line.
+    pub fn spawn(server: Pm) -> Server {
+        let mut child = server.command().stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let mut lines = std::io::BufReader::new(stderr).lines();
         let base = loop {
-            let line = lines.next().expect("serve printed its address").unwrap();
-            if let Some(at) = line.find("on http://") {
+            let line = lines
+                .next()
+                .expect("the server printed its address")
+                .unwrap();
+            if let Some(at) = line.find("on http://").or_else(|| line.find("on https://")) {
                 break line[at + 3..].trim_end_matches('/').to_string();
             }
         };
@@ -345,7 +349,7 @@ impl Server {
             .unwrap();
         assert!(status.success());
         let exit = self.child.wait().unwrap();
-        assert!(exit.success(), "pm-mirror serve exited with {exit}");
+        assert!(exit.success(), "the server exited with {exit}");
         // The reader thread ends with the pipe; give it a moment to take the last lines.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while std::sync::Arc::strong_count(&self.stderr) > 1 && std::time::Instant::now() < deadline

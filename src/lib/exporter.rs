@@ -1,0 +1,564 @@
+//! `pm-exporter`: serves `/metrics` (Prometheus text 0.0.4, or OpenMetrics 1.0 when the
+//! `Accept` header asks for it) and `/healthz` from snapshots of the inventory.
+//!
+//! The inventory is a DuckDB file that one process may hold for writing (pm-poll, pm-push) or
+//! many read-only, never both. So the exporter never keeps it open: a background task opens it
+//! read-only once per `--refresh`, without waiting for a lock, runs a few set-based queries
+//! (`Inventory::metrics_snapshot`), closes it, renders the exposition text and swaps it in: the
+//! gauge families once (they read the same in both formats), the few `*_info` families once
+//! per format. A scrape copies nothing large: it writes the cached text and the exporter's own
+//! few series, and never waits for a read once a snapshot exists. When the file is busy, missing, replaced or broken, the last good snapshot keeps
+//! being served, `pm_inventory_read_errors_total` counts the failure, its age grows, and a
+//! warning is logged once per kind of failure until a read succeeds again.
+
+pub mod render;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use clap::Parser;
+use ipnet::IpNet;
+use tokio::sync::{Notify, watch};
+
+use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
+use crate::inventory::{Inventory, InventoryError};
+use crate::tls::{ClientAuth, TlsConnectInfo, TlsListener, TlsServerConfig};
+use render::{ExporterValues, Format, Part, SnapshotData};
+
+/// How long a scrape waits for a refresh it started before it serves the last snapshot.
+const SCRAPE_WAIT: Duration = Duration::from_secs(1);
+
+/// `pm-exporter` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pm-exporter",
+    version,
+    about = "Serve the inventory as Prometheus metrics (/metrics) and a health check (/healthz)"
+)]
+pub struct Args {
+    /// Manager state directory [default: /var/lib/pm as root, else $XDG_DATA_HOME/pm]
+    #[arg(long, env = "PM_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:9745 or 127.0.0.1:9745
+    #[arg(long, value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Answer only peers in this network (repeatable); others get 403. Default: everyone
+    #[arg(long = "allow", value_name = "CIDR")]
+    pub allow: Vec<IpNet>,
+    /// Read the inventory at most this often (e.g. 15s, 1m)
+    #[arg(long, default_value = "15s", value_parser = cli::parse_duration, value_name = "DURATION")]
+    pub refresh: Duration,
+    /// Serve HTTPS with this certificate (PEM; needs --tls-key)
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM, mode 0600)
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// More logging on stderr (-v info, -vv debug)
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl Args {
+    /// The shared flags, for `cli::init_logging` and the default home.
+    pub fn global(&self) -> GlobalArgs {
+        GlobalArgs {
+            home: self.home.clone(),
+            json: false,
+            dry_run: false,
+            lock_timeout: Duration::ZERO,
+            verbose: self.verbose,
+            quiet: self.quiet,
+        }
+    }
+}
+
+/// Runs `pm-exporter` until SIGINT or SIGTERM.
+pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
+    if args.refresh.is_zero() {
+        return Err(UserError::usage("`--refresh` must be longer than zero")
+            .with_hint("pass e.g. --refresh 15s")
+            .into());
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(load_tls(cert, key)?),
+        _ => None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(args, tls))
+}
+
+fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<TlsServerConfig> {
+    let hint = "pass a PEM certificate and its PEM private key (mode 0600)";
+    let key = crate::pki::ca::load_private_key(key)
+        .map_err(|err| UserError::usage(err.to_string()).with_hint(hint))?;
+    let cert = crate::pki::ca::load_certificate(cert)
+        .map_err(|err| UserError::usage(err.to_string()).with_hint(hint))?;
+    Ok(TlsServerConfig {
+        key,
+        cert,
+        client_auth: ClientAuth::None,
+    })
+}
+
+async fn serve(args: Args, tls: Option<TlsServerConfig>) -> anyhow::Result<ExitStatus> {
+    let home = args.global().home();
+    let tcp = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|err| {
+            UserError::failure(format!("cannot listen on `{}`: {err}", args.listen))
+                .with_hint("pick a free address with --listen")
+        })?;
+    let local = tcp.local_addr()?;
+    let exporter = Exporter::new(home.clone(), args.refresh);
+    tokio::spawn(Arc::clone(&exporter).refresh_loop());
+    let app = router(exporter, args.allow.clone());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(address = %local, home = %home.display(), "serving metrics");
+    // Tests and people read the address from this line (port 0 picks a free one).
+    eprintln!(
+        "serving metrics of {} on {scheme}://{local}/",
+        home.display()
+    );
+    match tls {
+        Some(config) => {
+            let listener = TlsListener::new(tcp, &config)?;
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<TlsConnectInfo>(),
+            )
+            .with_graceful_shutdown(crate::mirror::shutdown_signal())
+            .await?;
+        }
+        None => {
+            axum::serve(tcp, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(crate::mirror::shutdown_signal())
+                .await?;
+        }
+    }
+    Ok(ExitStatus::Success)
+}
+
+/// Why a refresh failed; each kind is logged once until a read succeeds again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureKind {
+    /// No inventory file.
+    Missing,
+    /// A writer holds the file.
+    Busy,
+    /// Another schema version than this pm's.
+    Schema,
+    /// Not readable as an inventory (replaced, truncated, damaged).
+    Damaged,
+}
+
+/// A failed refresh.
+#[derive(Debug)]
+struct ReadFailure {
+    kind: FailureKind,
+    message: String,
+}
+
+impl From<InventoryError> for ReadFailure {
+    fn from(err: InventoryError) -> ReadFailure {
+        let kind = match &err {
+            InventoryError::Locked { .. } => FailureKind::Busy,
+            InventoryError::TooOld { .. } | InventoryError::TooNew { .. } => FailureKind::Schema,
+            InventoryError::Db { .. } => FailureKind::Damaged,
+        };
+        ReadFailure {
+            kind,
+            message: err.to_string(),
+        }
+    }
+}
+
+/// A snapshot ready to serve: the inventory's series rendered in both formats.
+#[derive(Debug)]
+struct Rendered {
+    /// When it was read (Unix seconds).
+    read_at: f64,
+    /// How long the read held the file.
+    read_seconds: f64,
+    /// The gauge families, the bulk of the text, the same in both formats.
+    gauges: Bytes,
+    infos_prometheus: Bytes,
+    infos_openmetrics: Bytes,
+}
+
+impl Rendered {
+    /// The inventory's part of a body (cheap clones of shared bytes).
+    fn chunks(&self, format: Format) -> [Bytes; 2] {
+        let infos = match format {
+            Format::Prometheus => &self.infos_prometheus,
+            Format::OpenMetrics => &self.infos_openmetrics,
+        };
+        [self.gauges.clone(), infos.clone()]
+    }
+}
+
+/// Bookkeeping of the refresh task.
+#[derive(Debug, Default)]
+struct RefreshState {
+    last_attempt: Option<Instant>,
+    running: bool,
+    warned: Vec<FailureKind>,
+    last_error: Option<String>,
+}
+
+/// The exporter's shared state: the snapshot served and how refreshing it goes.
+#[derive(Debug)]
+pub struct Exporter {
+    home: PathBuf,
+    refresh: Duration,
+    current: RwLock<Option<Arc<Rendered>>>,
+    state: Mutex<RefreshState>,
+    read_errors: AtomicU64,
+    /// Nanoseconds the previous scrape took to render, plus one (0: no scrape yet).
+    last_scrape_nanos: AtomicU64,
+    wake: Notify,
+    attempts: watch::Sender<u64>,
+}
+
+impl Exporter {
+    /// An exporter of the inventory in `home` that reads it at most once per `refresh`.
+    pub fn new(home: PathBuf, refresh: Duration) -> Arc<Exporter> {
+        Arc::new(Exporter {
+            home,
+            refresh,
+            current: RwLock::new(None),
+            state: Mutex::new(RefreshState::default()),
+            read_errors: AtomicU64::new(0),
+            last_scrape_nanos: AtomicU64::new(0),
+            wake: Notify::new(),
+            attempts: watch::Sender::new(0),
+        })
+    }
+
+    fn current(&self) -> Option<Arc<Rendered>> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, RefreshState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the next refresh may start now: none is running and none started within
+    /// `--refresh`.
+    fn refresh_due(&self) -> bool {
+        let state = self.state();
+        !state.running
+            && state
+                .last_attempt
+                .is_none_or(|at| at.elapsed() >= self.refresh)
+    }
+
+    /// Refreshes at once, then once per `--refresh`, earlier when a scrape finds the snapshot
+    /// stale and a refresh is due.
+    pub async fn refresh_loop(self: Arc<Self>) {
+        loop {
+            // Counted from the start of the attempt, so the snapshot served is at most
+            // `--refresh` plus one read old while reads succeed.
+            let next = tokio::time::Instant::now() + self.refresh;
+            self.refresh_once().await;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => break,
+                    _ = self.wake.notified() => if self.refresh_due() { break },
+                }
+            }
+        }
+    }
+
+    /// One attempt: read and render off the async threads, then swap or count the failure.
+    pub async fn refresh_once(&self) {
+        {
+            let mut state = self.state();
+            if state.running {
+                return;
+            }
+            state.running = true;
+            state.last_attempt = Some(Instant::now());
+        }
+        let home = self.home.clone();
+        let outcome = tokio::task::spawn_blocking(move || read_and_render(&home))
+            .await
+            .unwrap_or_else(|err| {
+                Err(ReadFailure {
+                    kind: FailureKind::Damaged,
+                    message: format!("the snapshot read panicked: {err}"),
+                })
+            });
+        let mut state = self.state();
+        state.running = false;
+        match outcome {
+            Ok(rendered) => {
+                tracing::debug!(read_seconds = rendered.read_seconds, "snapshot refreshed");
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) =
+                    Some(Arc::new(rendered));
+                if !state.warned.is_empty() {
+                    tracing::info!(home = %self.home.display(), "inventory readable again");
+                }
+                state.warned.clear();
+                state.last_error = None;
+            }
+            Err(failure) => {
+                self.read_errors.fetch_add(1, Ordering::Relaxed);
+                if !state.warned.contains(&failure.kind) {
+                    state.warned.push(failure.kind);
+                    tracing::warn!(
+                        kind = ?failure.kind,
+                        error = %failure.message,
+                        "cannot refresh the snapshot; serving the last one"
+                    );
+                } else {
+                    tracing::debug!(kind = ?failure.kind, error = %failure.message, "refresh failed");
+                }
+                state.last_error = Some(failure.message);
+            }
+        }
+        drop(state);
+        self.attempts.send_modify(|n| *n += 1);
+    }
+
+    /// Before a scrape: a snapshot older than `--refresh` starts a refresh if one is due (the
+    /// scrape serves the one it has: rendering a large fleet takes longer than a scrape may);
+    /// without any snapshot yet, the scrape waits for a running or due refresh, but at most
+    /// [`SCRAPE_WAIT`].
+    async fn freshen_for_scrape(&self) {
+        let current = self.current();
+        let stale = current
+            .as_ref()
+            .is_none_or(|r| unix_now() - r.read_at > self.refresh.as_secs_f64());
+        if !stale {
+            return;
+        }
+        let running = self.state().running;
+        if !running && !self.refresh_due() {
+            return;
+        }
+        let mut attempts = self.attempts.subscribe();
+        attempts.mark_unchanged();
+        self.wake.notify_one();
+        if current.is_none() {
+            let _ = tokio::time::timeout(SCRAPE_WAIT, attempts.changed()).await;
+        }
+    }
+
+    fn exporter_values(&self, current: Option<&Rendered>) -> ExporterValues {
+        let scrape = self.last_scrape_nanos.load(Ordering::Relaxed);
+        ExporterValues {
+            snapshot_timestamp: current.map(|r| r.read_at),
+            snapshot_age: current.map(|r| (unix_now() - r.read_at).max(0.0)),
+            snapshot_read_seconds: current.map(|r| r.read_seconds),
+            read_errors: self.read_errors.load(Ordering::Relaxed),
+            scrape_duration: (scrape > 0).then(|| (scrape - 1) as f64 / 1e9),
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Opens the inventory read-only, reads a snapshot, closes it, and renders it.
+fn read_and_render(home: &Path) -> Result<Rendered, ReadFailure> {
+    let read_at = unix_now();
+    let started = Instant::now();
+    let data = {
+        let inventory = Inventory::open_for_snapshot(home)?.ok_or_else(|| ReadFailure {
+            kind: FailureKind::Missing,
+            message: format!(
+                "no inventory at `{}`",
+                home.join(crate::inventory::INVENTORY_FILE).display()
+            ),
+        })?;
+        let snapshot = inventory.metrics_snapshot()?;
+        let alive = |r: &crate::inventory::RolloutMetrics| {
+            r.state == "running" && crate::push::rollout_process_alive(r.pid)
+        };
+        let rollouts_in_progress = snapshot.rollouts.iter().filter(|r| alive(r)).count() as i64;
+        let shown: Vec<i64> = snapshot
+            .rollouts
+            .iter()
+            .filter(|r| r.most_recent || alive(r))
+            .map(|r| r.job_id)
+            .collect();
+        let waves = inventory.rollout_waves(&shown)?;
+        SnapshotData {
+            snapshot,
+            waves,
+            rollouts_in_progress,
+        }
+    };
+    // The inventory was dropped (closed) at the end of the block above.
+    let read_seconds = started.elapsed().as_secs_f64();
+    let data = Arc::new(data);
+    let render =
+        |part, format| Bytes::from(render::render_snapshot(Arc::clone(&data), part, format));
+    Ok(Rendered {
+        read_at,
+        read_seconds,
+        gauges: render(Part::Gauges, Format::Prometheus),
+        infos_prometheus: render(Part::Infos, Format::Prometheus),
+        infos_openmetrics: render(Part::Infos, Format::OpenMetrics),
+    })
+}
+
+/// The exporter's routes: `/metrics`, `/healthz`, behind the `--allow` list (empty: everyone).
+pub fn router(exporter: Arc<Exporter>, allow: Vec<IpNet>) -> Router {
+    let allow: Arc<[IpNet]> = allow.into();
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(exporter)
+        .layer(axum::middleware::from_fn_with_state(allow, only_allowed))
+}
+
+/// Answers 403 with an empty body to peers outside `--allow`.
+async fn only_allowed(State(allow): State<Arc<[IpNet]>>, request: Request, next: Next) -> Response {
+    if allow.is_empty() {
+        return next.run(request).await;
+    }
+    let peer: Option<IpAddr> = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip())
+        .or_else(|| {
+            request
+                .extensions()
+                .get::<ConnectInfo<TlsConnectInfo>>()
+                .map(|info| info.0.remote.ip())
+        });
+    match peer.map(|ip| ip.to_canonical()) {
+        Some(ip) if allow.iter().any(|net| net.contains(&ip)) => next.run(request).await,
+        _ => StatusCode::FORBIDDEN.into_response(),
+    }
+}
+
+async fn metrics(
+    State(exporter): State<Arc<Exporter>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    exporter.freshen_for_scrape().await;
+    let started = Instant::now();
+    let format = Format::negotiate(
+        headers
+            .get(header::ACCEPT)
+            .and_then(|value| value.to_str().ok()),
+    );
+    let current = exporter.current();
+    let own = render::render_exporter(exporter.exporter_values(current.as_deref()), format);
+    let chunks = current
+        .map(|r| r.chunks(format))
+        .into_iter()
+        .flatten()
+        .chain([Bytes::from(own)]);
+    let body = Body::from_stream(futures_util::stream::iter(chunks.map(Ok::<_, Infallible>)));
+    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+    exporter
+        .last_scrape_nanos
+        .store(nanos.saturating_add(1), Ordering::Relaxed);
+    ([(header::CONTENT_TYPE, format.content_type())], body).into_response()
+}
+
+async fn healthz(State(exporter): State<Arc<Exporter>>) -> Response {
+    if exporter.current().is_none() {
+        exporter.freshen_for_scrape().await;
+    }
+    if exporter.current().is_some() {
+        return (StatusCode::OK, "ok\n").into_response();
+    }
+    let reason = exporter
+        .state()
+        .last_error
+        .clone()
+        .unwrap_or_else(|| "the first inventory read has not finished".into());
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("no snapshot yet: {reason}\n"),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    /// Status of `GET path` from `peer` through the router with `allow`.
+    async fn status_from(peer: &str, allow: &[&str], path: &str) -> StatusCode {
+        let home = tempfile::tempdir().unwrap();
+        let exporter = Exporter::new(home.path().to_owned(), Duration::from_secs(15));
+        let allow = allow.iter().map(|net| net.parse().unwrap()).collect();
+        let peer: SocketAddr = peer.parse().unwrap();
+        // What `into_make_service_with_connect_info::<SocketAddr>` puts on each request.
+        let app = router(exporter, allow).layer(axum::Extension(ConnectInfo(peer)));
+        let request = Request::get(path).body(Body::empty()).unwrap();
+        app.oneshot(request).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn the_allow_list_refuses_other_peers_and_matches_mapped_ipv4() {
+        let check = |peer: &'static str, allow: &'static [&'static str], expected: StatusCode| async move {
+            assert_eq!(
+                status_from(peer, allow, "/metrics").await,
+                expected,
+                "{peer} {allow:?}"
+            );
+        };
+        check("127.0.0.1:5000", &[], StatusCode::OK).await;
+        check("127.0.0.1:5000", &["10.0.0.0/8"], StatusCode::FORBIDDEN).await;
+        check("10.1.2.3:5000", &["10.0.0.0/8"], StatusCode::OK).await;
+        check("[::ffff:10.1.2.3]:5000", &["10.0.0.0/8"], StatusCode::OK).await;
+        check(
+            "[2001:db8::1]:5000",
+            &["10.0.0.0/8", "2001:db8::/32"],
+            StatusCode::OK,
+        )
+        .await;
+        check(
+            "[2001:db9::1]:5000",
+            &["2001:db8::/32"],
+            StatusCode::FORBIDDEN,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn healthz_is_unavailable_without_an_inventory_and_unknown_paths_are_404() {
+        assert_eq!(
+            status_from("127.0.0.1:5000", &[], "/healthz").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status_from("127.0.0.1:5000", &[], "/other").await,
+            StatusCode::NOT_FOUND
+        );
+    }
+}
