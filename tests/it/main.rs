@@ -20,6 +20,7 @@ mod mirror_publish;
 mod mirror_serve;
 mod mirror_sync;
 mod poll;
+mod prometheus;
 mod push;
 mod query;
 mod readme_sql;
