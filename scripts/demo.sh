@@ -3,7 +3,8 @@
 # a lab upstream serving ClamAV's signed test databases -> pm-mirror sync -> publish -> serve ->
 # a stock freshclam updates from it -> clamscan finds the EICAR test file -> pm-lab agents starts
 # three agents on 127.0.0.2-4 that pm-activate enrols in bulk -> agents install and scan ->
-# pm-poll records the fleet -> pm-query and the DuckDB CLI show status and history.
+# pm-poll records the fleet -> pm-query and the DuckDB CLI show status and history -> pm-exporter
+# serves it to Prometheus.
 # Everything runs in a temporary directory and stops by itself.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -119,4 +120,12 @@ duckdb_cli="${PM_DUCKDB_CLI:-$(command -v duckdb || echo "$(python3 -c 'import s
   "SELECT product, result, versions, bytes_downloaded, revision, round(duration_seconds, 3) AS seconds FROM mirror_syncs ORDER BY id"
 "${duckdb_cli}" -readonly "${home}/inventory.duckdb" -c \
   "SELECT changed_at, action, revision, previous_revision, backups FROM dist_history ORDER BY id"
+step "pm-exporter: the same fleet as Prometheus metrics (promtool checks the scrape)"
+exporter_port="$(free_port)"
+"${bin}/pm-exporter" --home "${home}" --listen "127.0.0.1:${exporter_port}" --allow 127.0.0.0/8 2>"${work}/exporter.log" &
+pids+=($!)
+wait_for "http://127.0.0.1:${exporter_port}/healthz"
+curl -sf "http://127.0.0.1:${exporter_port}/metrics" >"${work}/metrics.txt"
+grep -E '^pm_host_(up|scan_findings|version_status)\{' "${work}/metrics.txt"
+promtool check metrics <"${work}/metrics.txt" && echo "promtool check metrics: ok"
 step "demo done"
