@@ -808,35 +808,47 @@ fn run_rollback(home: &Path, global: &GlobalArgs, generation: usize) -> anyhow::
 
 /// Checks the manifest signature and every file's size and sha256 of a revision.
 fn verify_revision(repo: &Repo, home: &Path, revision: &str) -> anyhow::Result<()> {
-    let dir = repo.revision_dir(revision);
-    let manifest_bytes = std::fs::read(dir.join(crate::manifest::MANIFEST_FILE))
-        .with_context(|| format!("cannot read the manifest of {revision}"))?;
-    let signature = std::fs::read(dir.join(crate::manifest::SIGNATURE_FILE))
-        .with_context(|| format!("cannot read the manifest signature of {revision}"))?;
     let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
     let verifier = crate::pki::VerifyingKey::from_pem(&key.public_key_pem()?)?;
+    verify_revision_dir(&repo.revision_dir(revision), revision, &verifier)?;
+    Ok(())
+}
+
+/// Checks a revision directory (or a generation's stable path such as `repo/dist`) against its
+/// `manifest.json`: the signature with `verifier`, then every listed file's size and sha256,
+/// streamed. `label` names the revision in messages; the errors carry a `hint:`.
+pub fn verify_revision_dir(
+    dir: &Path,
+    label: &str,
+    verifier: &crate::pki::VerifyingKey,
+) -> anyhow::Result<Manifest> {
+    let manifest_bytes = std::fs::read(dir.join(crate::manifest::MANIFEST_FILE))
+        .with_context(|| format!("cannot read the manifest of {label}"))?;
+    let signature = std::fs::read(dir.join(crate::manifest::SIGNATURE_FILE))
+        .with_context(|| format!("cannot read the manifest signature of {label}"))?;
     if !verifier.verify(&manifest_bytes, &signature) {
         return Err(UserError::failure(format!(
-            "the manifest of {revision} is not signed by this manager's key"
+            "the manifest of {label} is not signed by this manager's key"
         ))
         .with_hint("run `pm-mirror sync` to stage a fresh revision")
         .into());
     }
-    let manifest: Manifest = serde_json::from_slice(&manifest_bytes)?;
+    let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+        .with_context(|| format!("the manifest of {label} is not valid JSON"))?;
     for file in &manifest.files {
         let path = dir.join(&file.path);
         let (size, sha256) =
             hash_file(&path).with_context(|| format!("cannot read `{}`", path.display()))?;
         if size != file.size || sha256 != file.sha256 {
             return Err(UserError::failure(format!(
-                "`{}` in {revision} does not match its manifest (size {size}, sha256 {sha256})",
+                "`{}` in {label} does not match its manifest (size {size}, sha256 {sha256})",
                 file.path
             ))
             .with_hint("the repository was modified by hand; run `pm-mirror sync` to stage a fresh revision")
             .into());
         }
     }
-    Ok(())
+    Ok(manifest)
 }
 
 /// Size and hex sha256 of a file, streamed.

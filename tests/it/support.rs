@@ -20,6 +20,7 @@ pub fn bin(name: &str) -> &'static str {
         "pm-rollback" => env!("CARGO_BIN_EXE_pm-rollback"),
         "pm-query" => env!("CARGO_BIN_EXE_pm-query"),
         "pm-exporter" => env!("CARGO_BIN_EXE_pm-exporter"),
+        "pm-doctor" => env!("CARGO_BIN_EXE_pm-doctor"),
         other => panic!("unknown binary {other}"),
     }
 }

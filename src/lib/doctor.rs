@@ -1,0 +1,574 @@
+//! `pm-doctor`: checks a manager home (config, secrets, inventory, repository and, when asked,
+//! the running `pm-mirror serve` and `pm-exporter`) and says what to fix. It only reads: it
+//! never creates a key, migrates the inventory or waits for a writer.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Serialize;
+
+use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
+use crate::config::{Config, ConfigError};
+use crate::inventory::{Inventory, InventoryError};
+use crate::repo::{Generations, Repo};
+
+/// How long each reachability check may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `pm-doctor` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pm-doctor",
+    version,
+    about = "Check a manager home and say what to fix"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// Also fetch `URL/manifest.json` from this `pm-mirror serve` and compare it with dist's
+    #[arg(long, value_name = "URL")]
+    pub serve: Option<reqwest::Url>,
+    /// Also expect `200` from `URL/healthz` of this `pm-exporter`
+    #[arg(long, value_name = "URL")]
+    pub exporter: Option<reqwest::Url>,
+}
+
+/// The outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckResult {
+    /// Nothing to do.
+    Ok,
+    /// Works, but something is missing or will need a look.
+    Warn,
+    /// Broken or unsafe: the exit status is 1.
+    Fail,
+}
+
+/// One check: what it looked at, the outcome, and unless ok what is wrong and what to do.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What was checked, e.g. `config` or `secret pki/ca.key`.
+    pub name: String,
+    /// ok, warn or fail.
+    pub result: CheckResult,
+    /// What is wrong; for an ok check a short note of what was found.
+    pub message: Option<String>,
+    /// What to do about it.
+    pub hint: Option<String>,
+}
+
+impl Check {
+    fn ok(name: impl Into<String>, note: Option<String>) -> Check {
+        Check {
+            name: name.into(),
+            result: CheckResult::Ok,
+            message: note,
+            hint: None,
+        }
+    }
+
+    fn warn(name: impl Into<String>, message: impl Into<String>, hint: impl Into<String>) -> Check {
+        Check {
+            name: name.into(),
+            result: CheckResult::Warn,
+            message: Some(message.into()),
+            hint: Some(hint.into()),
+        }
+    }
+
+    fn fail(name: impl Into<String>, message: impl Into<String>, hint: impl Into<String>) -> Check {
+        Check {
+            name: name.into(),
+            result: CheckResult::Fail,
+            message: Some(message.into()),
+            hint: Some(hint.into()),
+        }
+    }
+}
+
+/// The `--json` document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Always false: the doctor changes nothing.
+    pub changed: bool,
+    /// No check failed (warnings allowed).
+    pub ok: bool,
+    /// Every check, in the order they ran.
+    pub checks: Vec<Check>,
+}
+
+/// Runs `pm-doctor`: 0 when no check fails, 1 when one does.
+pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
+    let home = args.global.home();
+    let report = examine(&home, args.serve.as_ref(), args.exporter.as_ref())?;
+    if args.global.json {
+        cli::print_json(&report)?;
+    } else {
+        let mut table = cli::table(&["check", "result", "message", "hint"]);
+        for check in &report.checks {
+            table.add_row(vec![
+                check.name.clone(),
+                serde_json::to_value(check.result)?
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                check.message.clone().unwrap_or_default(),
+                check.hint.clone().unwrap_or_default(),
+            ]);
+        }
+        cli::print_text(table)?;
+    }
+    Ok(if report.ok {
+        ExitStatus::Success
+    } else {
+        ExitStatus::Failure
+    })
+}
+
+/// Runs every check against `home`; the reachability checks only for the URLs given.
+pub fn examine(
+    home: &Path,
+    serve: Option<&reqwest::Url>,
+    exporter: Option<&reqwest::Url>,
+) -> anyhow::Result<Report> {
+    let mut checks = Vec::new();
+    let config = check_config(home, &mut checks);
+    check_secrets(home, config.as_ref(), &mut checks);
+    checks.push(check_inventory(home));
+    let dist_manifest = check_repository(home, &mut checks);
+    if serve.is_some() || exporter.is_some() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let client = reqwest::Client::builder().timeout(HTTP_TIMEOUT).build()?;
+        if let Some(url) = serve {
+            checks.push(runtime.block_on(check_serve(&client, url, dist_manifest.as_deref())));
+        }
+        if let Some(url) = exporter {
+            checks.push(runtime.block_on(check_exporter(&client, url)));
+        }
+    }
+    let ok = checks.iter().all(|check| check.result != CheckResult::Fail);
+    Ok(Report {
+        changed: false,
+        ok,
+        checks,
+    })
+}
+
+/// `pm.toml` through the loader every tool uses; its error text is the message.
+fn check_config(home: &Path, checks: &mut Vec<Check>) -> Option<Config> {
+    let path = home.join("pm.toml");
+    match Config::load(&path) {
+        Ok(config) => {
+            checks.push(Check::ok(
+                "config",
+                Some(format!("{} products", config.products.len())),
+            ));
+            Some(config)
+        }
+        Err(err) => {
+            let hint = match err {
+                ConfigError::Missing { .. } => {
+                    "create it with the products to mirror (see `pm.toml` in the README)"
+                }
+                _ => "fix the value; pm.toml keys are in the README",
+            };
+            checks.push(Check::fail("config", err.to_string(), hint));
+            None
+        }
+    }
+}
+
+/// The private keys, license files and the proxy password file: present, owned by this user,
+/// not readable by group or others. Only metadata is read, never the contents.
+fn check_secrets(home: &Path, config: Option<&Config>, checks: &mut Vec<Check>) {
+    let created_by = [
+        (crate::pki::SIGNING_KEY_FILE, "run `pm-mirror sync`"),
+        (
+            crate::pki::ca::CA_KEY_FILE,
+            "it is created by the first `pm-activate host` or `pm-poll`",
+        ),
+        (
+            crate::pki::ca::CLIENT_KEY_FILE,
+            "it is created by the first `pm-activate host` or `pm-poll`",
+        ),
+    ];
+    for (relative, create_hint) in created_by {
+        let path = home.join(relative);
+        let name = format!("secret {relative}");
+        match std::fs::metadata(&path) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => checks.push(Check::warn(
+                name,
+                format!("`{}` does not exist yet", path.display()),
+                create_hint,
+            )),
+            _ => checks.push(check_secret_file(name, &path)),
+        }
+    }
+    let public = home.join(crate::pki::SIGNING_PUBLIC_KEY_FILE);
+    if home.join(crate::pki::SIGNING_KEY_FILE).exists() && !public.exists() {
+        checks.push(Check::fail(
+            format!("key {}", crate::pki::SIGNING_PUBLIC_KEY_FILE),
+            format!("`{}` is missing", public.display()),
+            format!(
+                "openssl pkey -in {} -pubout -out {}",
+                home.join(crate::pki::SIGNING_KEY_FILE).display(),
+                public.display()
+            ),
+        ));
+    }
+    let licenses = home.join(crate::activate::setup::LICENSES_DIR);
+    if let Ok(entries) = std::fs::read_dir(&licenses) {
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|entry| entry.path()).collect();
+        paths.sort();
+        for path in paths {
+            let relative = path
+                .strip_prefix(home)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            checks.push(check_secret_file(format!("secret {relative}"), &path));
+        }
+    }
+    if let Some(password) = config
+        .and_then(|config| config.proxy.as_ref())
+        .and_then(|proxy| proxy.password_file.as_ref())
+    {
+        checks.push(check_secret_file(
+            "secret proxy password_file".to_string(),
+            password,
+        ));
+    }
+}
+
+/// One secret file: exists, owned by the effective user, mode 0600 or stricter.
+fn check_secret_file(name: String, path: &Path) -> Check {
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(err) => {
+            return Check::fail(
+                name,
+                format!("cannot read `{}`: {err}", path.display()),
+                "restore the file or point the config at the right one",
+            );
+        }
+    };
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Check::fail(
+            name,
+            format!(
+                "`{}` is readable by group or others (mode {mode:o})",
+                path.display()
+            ),
+            format!("chmod 600 {}", path.display()),
+        );
+    }
+    let me = effective_uid();
+    if me.is_some_and(|uid| uid != metadata.uid()) {
+        return Check::fail(
+            name,
+            format!(
+                "`{}` is owned by uid {}, not by this user (uid {})",
+                path.display(),
+                metadata.uid(),
+                me.unwrap_or_default()
+            ),
+            format!(
+                "chown {} {} (run pm as the user that owns PM_HOME)",
+                me.unwrap_or_default(),
+                path.display()
+            ),
+        );
+    }
+    Check::ok(name, Some(format!("mode {mode:o}")))
+}
+
+/// The effective user: the owner of `/proc/self` (no libc, no unsafe).
+fn effective_uid() -> Option<u32> {
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// The inventory as the exporter opens it: read-only, one attempt, never migrated.
+fn check_inventory(home: &Path) -> Check {
+    const NAME: &str = "inventory";
+    match Inventory::open_for_snapshot(home) {
+        Ok(Some(inventory)) => {
+            let version = inventory.schema_version().unwrap_or_default();
+            Check::ok(NAME, Some(format!("schema version {version}")))
+        }
+        Ok(None) => Check::warn(
+            NAME,
+            "no inventory yet",
+            "run pm-mirror sync or pm-activate",
+        ),
+        Err(InventoryError::Locked { path, holder, .. }) => Check::warn(
+            NAME,
+            format!(
+                "`{}` is busy: a writer is running ({holder})",
+                path.display()
+            ),
+            "run pm-doctor again when it has finished",
+        ),
+        Err(err @ InventoryError::TooOld { .. }) => Check::warn(
+            NAME,
+            err.to_string(),
+            "run any tool that writes it (e.g. pm-mirror sync) to migrate it",
+        ),
+        Err(err @ InventoryError::TooNew { .. }) => Check::fail(
+            NAME,
+            err.to_string(),
+            "upgrade pm to the version that wrote it",
+        ),
+        Err(err) => Check::fail(
+            NAME,
+            err.to_string(),
+            "restore inventory.duckdb from a backup, or move it aside to start a new one",
+        ),
+    }
+}
+
+/// The generations: dist verified (signature, sizes, sha256), latest and backups present.
+/// Returns the bytes of dist's `manifest.json` when dist verified.
+fn check_repository(home: &Path, checks: &mut Vec<Check>) -> Option<Vec<u8>> {
+    let repo = Repo::new(home);
+    let generations = match repo.generations() {
+        Ok(generations) => generations,
+        Err(err) => {
+            checks.push(Check::fail(
+                "repository",
+                format!("{err:#}"),
+                "run `pm-mirror status`; the repository state is damaged",
+            ));
+            return None;
+        }
+    };
+    let dist_manifest = check_dist(home, &repo, &generations, checks);
+    checks.push(match &generations.latest {
+        None => Check::warn("latest", "no latest revision yet", "run `pm-mirror sync`"),
+        Some(revision) => present(&repo, "latest", revision),
+    });
+    let missing: Vec<String> = generations
+        .backups
+        .iter()
+        .enumerate()
+        .filter(|(_, revision)| !repo.revision_dir(revision).is_dir())
+        .map(|(i, revision)| format!("backup/{} ({revision})", i + 1))
+        .collect();
+    checks.push(if !missing.is_empty() {
+        Check::fail(
+            "backups",
+            format!("missing from `repo/revisions`: {}", missing.join(", ")),
+            "the repository was modified by hand; publish again with `pm-mirror publish`",
+        )
+    } else if generations.backups.is_empty() {
+        Check::ok("backups", Some("none yet".to_string()))
+    } else {
+        Check::ok(
+            "backups",
+            Some(
+                generations
+                    .backups
+                    .iter()
+                    .enumerate()
+                    .map(|(i, revision)| format!("backup/{}: {revision}", i + 1))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        )
+    });
+    dist_manifest
+}
+
+fn check_dist(
+    home: &Path,
+    repo: &Repo,
+    generations: &Generations,
+    checks: &mut Vec<Check>,
+) -> Option<Vec<u8>> {
+    const NAME: &str = "dist";
+    let Some(revision) = &generations.dist else {
+        checks.push(Check::warn(
+            NAME,
+            "nothing published yet (no `repo/dist`)",
+            "run `pm-mirror publish`",
+        ));
+        return None;
+    };
+    let public_path = home.join(crate::pki::SIGNING_PUBLIC_KEY_FILE);
+    let verifier = match std::fs::read(&public_path)
+        .map_err(|err| format!("cannot read `{}`: {err}", public_path.display()))
+        .and_then(|pem| {
+            crate::pki::parse_public_key(&pem, &public_path).map_err(|err| err.to_string())
+        }) {
+        Ok((_, verifier)) => verifier,
+        Err(message) => {
+            checks.push(Check::fail(
+                NAME,
+                format!("cannot verify dist ({revision}): {message}"),
+                "restore `pki/` from a backup of this manager",
+            ));
+            return None;
+        }
+    };
+    let dir = repo.root().join("dist");
+    let label = format!("dist ({revision})");
+    match crate::mirror::verify_revision_dir(&dir, &label, &verifier) {
+        Ok(manifest) => {
+            checks.push(Check::ok(
+                NAME,
+                Some(format!(
+                    "{revision}: signature and {} files verified",
+                    manifest.files.len()
+                )),
+            ));
+            std::fs::read(dir.join(crate::manifest::MANIFEST_FILE)).ok()
+        }
+        Err(err) => {
+            let hint = err
+                .chain()
+                .find_map(|cause| cause.downcast_ref::<UserError>())
+                .and_then(|user| user.hint.clone())
+                .unwrap_or_else(|| {
+                    "the repository was modified by hand; run `pm-mirror sync` and \
+                     `pm-mirror publish`"
+                        .to_string()
+                });
+            checks.push(Check::fail(NAME, format!("{err:#}"), hint));
+            None
+        }
+    }
+}
+
+/// A generation whose revision directory must exist.
+fn present(repo: &Repo, name: &str, revision: &str) -> Check {
+    if repo.revision_dir(revision).is_dir() {
+        Check::ok(name, Some(revision.to_string()))
+    } else {
+        Check::fail(
+            name,
+            format!("{name} names {revision}, which is missing from `repo/revisions`"),
+            "the repository was modified by hand; run `pm-mirror sync`",
+        )
+    }
+}
+
+/// `URL` joined with `path` without doubling or losing a slash.
+fn join(url: &reqwest::Url, path: &str) -> String {
+    format!("{}/{path}", url.as_str().trim_end_matches('/'))
+}
+
+/// `pm-mirror serve` answers dist's `manifest.json`, byte for byte.
+async fn check_serve(client: &reqwest::Client, url: &reqwest::Url, dist: Option<&[u8]>) -> Check {
+    const NAME: &str = "serve";
+    let target = join(url, "manifest.json");
+    let body = match get(client, &target).await {
+        Ok((200, body)) => body,
+        Ok((status, _)) => {
+            return Check::fail(
+                NAME,
+                format!("`{target}` answered {status}"),
+                "check that pm-mirror serve serves this home (`--home`) and that dist exists",
+            );
+        }
+        Err(message) => {
+            return Check::fail(
+                NAME,
+                message,
+                "start pm-mirror serve, or check the URL and the firewall",
+            );
+        }
+    };
+    match dist {
+        None => Check::warn(
+            NAME,
+            format!("`{target}` answers, but this home has no verified dist to compare it with"),
+            "fix the dist check first",
+        ),
+        Some(dist) if dist == body.as_slice() => {
+            Check::ok(NAME, Some(format!("`{target}` is dist's manifest")))
+        }
+        Some(_) => Check::fail(
+            NAME,
+            format!("`{target}` differs from this home's `repo/dist/manifest.json`"),
+            "point pm-mirror serve at this home (`--home`), or restart it",
+        ),
+    }
+}
+
+/// `pm-exporter` answers `200` on `/healthz`.
+async fn check_exporter(client: &reqwest::Client, url: &reqwest::Url) -> Check {
+    const NAME: &str = "exporter";
+    let target = join(url, "healthz");
+    match get(client, &target).await {
+        Ok((200, _)) => Check::ok(NAME, Some(format!("`{target}` answered 200"))),
+        Ok((status, body)) => Check::fail(
+            NAME,
+            format!(
+                "`{target}` answered {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            ),
+            "see pm-exporter's log on stderr; it needs a readable inventory in its --home",
+        ),
+        Err(message) => Check::fail(
+            NAME,
+            message,
+            "start pm-exporter, or check the URL, --allow and the firewall",
+        ),
+    }
+}
+
+/// One GET, its status and body (bounded by the client's timeout), or why it failed.
+async fn get(client: &reqwest::Client, url: &str) -> Result<(u16, Vec<u8>), String> {
+    let failed = |err: reqwest::Error| {
+        let cause = std::error::Error::source(&err)
+            .map(|source| format!(": {source}"))
+            .unwrap_or_default();
+        format!("cannot GET `{url}`{cause}")
+    };
+    let response = client.get(url).send().await.map_err(failed)?;
+    let status = response.status().as_u16();
+    let body = response.bytes().await.map_err(failed)?;
+    Ok((status, body.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(mode: u32, expected: CheckResult) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret.key");
+        std::fs::write(&path, "not a key").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let result = check_secret_file("secret".into(), &path);
+        assert_eq!(result.result, expected, "mode {mode:o}: {result:?}");
+        if expected == CheckResult::Fail {
+            assert_eq!(
+                result.hint.as_deref(),
+                Some(format!("chmod 600 {}", path.display()).as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn doctor_secrets_fail_when_group_or_others_may_read_them() {
+        check(0o600, CheckResult::Ok);
+        check(0o400, CheckResult::Ok);
+        check(0o640, CheckResult::Fail);
+        check(0o604, CheckResult::Fail);
+        check(0o644, CheckResult::Fail);
+    }
+
+    #[test]
+    fn doctor_url_join_keeps_one_slash() {
+        let url = reqwest::Url::parse("http://127.0.0.1:9745/").unwrap();
+        assert_eq!(join(&url, "healthz"), "http://127.0.0.1:9745/healthz");
+        let url = reqwest::Url::parse("http://h/mirror").unwrap();
+        assert_eq!(join(&url, "manifest.json"), "http://h/mirror/manifest.json");
+    }
+}
