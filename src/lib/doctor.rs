@@ -71,20 +71,19 @@ impl Check {
     }
 
     fn warn(name: impl Into<String>, message: impl Into<String>, hint: impl Into<String>) -> Check {
-        Check {
-            name: name.into(),
-            result: CheckResult::Warn,
-            message: Some(message.into()),
-            hint: Some(hint.into()),
-        }
+        Check::problem(CheckResult::Warn, name.into(), message.into(), hint.into())
     }
 
     fn fail(name: impl Into<String>, message: impl Into<String>, hint: impl Into<String>) -> Check {
+        Check::problem(CheckResult::Fail, name.into(), message.into(), hint.into())
+    }
+
+    fn problem(result: CheckResult, name: String, message: String, hint: String) -> Check {
         Check {
-            name: name.into(),
-            result: CheckResult::Fail,
-            message: Some(message.into()),
-            hint: Some(hint.into()),
+            name,
+            result,
+            message: Some(message),
+            hint: Some(hint),
         }
     }
 }
