@@ -142,7 +142,12 @@ pub fn examine(
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let client = reqwest::Client::builder().timeout(HTTP_TIMEOUT).build()?;
+        // The manager's own services: asked directly, never through a proxy from the
+        // environment.
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(HTTP_TIMEOUT)
+            .build()?;
         if let Some(url) = serve {
             checks.push(runtime.block_on(check_serve(&client, url, dist_manifest.as_deref())));
         }

@@ -50,7 +50,24 @@ fn keys_of(value: &serde_json::Value) -> Vec<String> {
 fn doctor_finds_a_synced_published_and_served_home_healthy() {
     let (_lab, home) = published_home();
     let server = Server::start(&home);
-    let (code, document) = json(doctor(&home).args(["--serve", &server.base]));
+    let exporter = Server::spawn(
+        Pm::new("pm-exporter")
+            .args(["--listen", "127.0.0.1:0"])
+            .env("PM_HOME", home.path().to_str().unwrap()),
+    );
+    // The exporter answers /healthz once its first snapshot is read.
+    let healthz = format!("{}/healthz", exporter.base);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while crate::support::runtime()
+        .block_on(async { reqwest::get(&healthz).await.map(|r| r.status().as_u16()) })
+        .ok()
+        != Some(200)
+    {
+        assert!(std::time::Instant::now() < deadline, "no snapshot");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (code, document) =
+        json(doctor(&home).args(["--serve", &server.base, "--exporter", &exporter.base]));
     assert_eq!(code, 0, "{document:#}");
     assert_eq!(document["changed"], false);
     assert_eq!(document["ok"], true);
@@ -68,6 +85,7 @@ fn doctor_finds_a_synced_published_and_served_home_healthy() {
         "latest",
         "backups",
         "serve",
+        "exporter",
     ] {
         check(&document, name);
     }
