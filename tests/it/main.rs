@@ -12,6 +12,7 @@ mod agent_schedule;
 mod dashboards;
 mod exporter;
 mod inventory;
+mod kit;
 mod lab_agents;
 mod lab_fleet;
 mod mirror_airgap;
