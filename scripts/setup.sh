@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what building and testing pm needs on a fresh Debian machine: system packages
 # (OpenSSL headers, ClamAV's freshclam/clamscan/sigtool for the end-to-end tests, Prometheus's
-# promtool and server for the exporter's and dashboards' tests), the DuckDB CLI from PyPI, and
-# the prebuilt libduckdb. Safe to run again: it skips what is already there.
+# promtool and server for the exporter's and dashboards' tests, groff/man-db, systemd-analyze
+# and unshare/setpriv for the install kit's tests), the DuckDB CLI from PyPI, and the prebuilt
+# libduckdb. Safe to run again: it skips what is already there.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
-apt_packages=(pkg-config libssl-dev openssl curl ca-certificates clamav clamav-freshclam clamav-daemon clamdscan prometheus)
+apt_packages=(pkg-config libssl-dev openssl curl ca-certificates clamav clamav-freshclam clamav-daemon clamdscan prometheus groff-base man-db systemd util-linux)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "${package}" 2>/dev/null | grep -q "install ok installed" || missing+=("${package}")

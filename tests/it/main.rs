@@ -13,6 +13,7 @@ mod dashboards;
 mod doctor;
 mod exporter;
 mod inventory;
+mod kit;
 mod lab_agents;
 mod lab_fleet;
 mod mirror_airgap;

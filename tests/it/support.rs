@@ -170,6 +170,11 @@ impl Pm {
         Pm { command }
     }
 
+    /// Any command line (e.g. a binary wrapped in a sandbox), run like the others.
+    pub fn wrap(command: Command) -> Pm {
+        Pm { command }
+    }
+
     /// `pm-activate --home HOME`.
     pub fn activate(home: &Home) -> Pm {
         let mut pm = Pm::new("pm-activate");
