@@ -419,3 +419,64 @@ fn https_scrapes_are_served_with_the_given_certificate_and_the_allow_list_applie
     assert_eq!(run.code(), 2, "{}", run.stderr());
     assert!(run.stderr().contains("hint:"), "{}", run.stderr());
 }
+
+#[test]
+fn a_scrape_that_accepts_gzip_gets_the_same_series_compressed() {
+    let (setup, _other) = polled_fleet();
+    let server = exporter(&setup.home, &[]);
+    let plain = scrape(&server);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (encoding, vary, compressed) = runtime().block_on(async {
+        let response = client
+            .get(format!("{}/metrics", server.base))
+            .header("accept-encoding", "gzip, deflate")
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let (encoding, vary) = (header("content-encoding"), header("vary"));
+        (encoding, vary, response.bytes().await.unwrap().to_vec())
+    });
+    assert_eq!(encoding.as_deref(), Some("gzip"));
+    assert_eq!(vary.as_deref(), Some("accept-encoding"));
+    // Several gzip members in one stream (the snapshot's, compressed once, then the
+    // exporter's own few series), as Prometheus's reader takes them.
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::MultiGzDecoder::new(&compressed[..]),
+        &mut text,
+    )
+    .unwrap();
+    assert!(compressed.len() < plain.len(), "compressed");
+    let inventory_lines = |body: &str| -> Vec<String> {
+        body.lines()
+            .filter(|l| l.starts_with("pm_host_") || l.starts_with("pm_dist_"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert!(!inventory_lines(&plain).is_empty());
+    assert_eq!(inventory_lines(&text), inventory_lines(&plain));
+    promtool_check(&text);
+    // `q=0` refuses gzip: plain text.
+    let (code, _, body) = get_with(
+        reqwest::Client::builder().default_headers(
+            [(
+                reqwest::header::ACCEPT_ENCODING,
+                reqwest::header::HeaderValue::from_static("gzip;q=0"),
+            )]
+            .into_iter()
+            .collect(),
+        ),
+        &server,
+        "/metrics",
+        None,
+    );
+    assert_eq!(code, 200);
+    assert_eq!(inventory_lines(&body), inventory_lines(&plain));
+}
