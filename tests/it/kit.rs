@@ -36,9 +36,45 @@ fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Whether `path` is under /tmp or /var/tmp, which a unit's `PrivateTmp=yes` replaces.
+fn under_private_tmp(path: &Path) -> bool {
+    path.starts_with("/tmp") || path.starts_with("/var/tmp")
+}
+
+/// Where a sandboxed unit's files go: cargo's target tmpdir, unless the checkout itself is
+/// under /tmp (a CI clone may be), then a directory of /var/cache (these tests run as root; not
+/// below /var/lib/pm, which the unit rewrites replace).
+fn outside_private_tmp() -> PathBuf {
+    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    if !under_private_tmp(&target) {
+        return target;
+    }
+    let base = PathBuf::from("/var/cache/pm-kit-tests");
+    std::fs::create_dir_all(&base).unwrap();
+    base
+}
+
 /// A temporary directory outside /tmp, which a unit's `PrivateTmp=yes` hides.
 fn tempdir_outside_tmp() -> tempfile::TempDir {
-    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+    tempfile::tempdir_in(outside_private_tmp()).unwrap()
+}
+
+/// The binaries as a sandboxed unit can see them: `bin_dir()`, or when that is under /tmp,
+/// hard links (copies across file systems) to them in `scratch/bin`.
+fn unit_bin_dir(scratch: &Path) -> PathBuf {
+    let dir = bin_dir();
+    if !under_private_tmp(&dir) {
+        return dir;
+    }
+    let out = scratch.join("bin");
+    std::fs::create_dir_all(&out).unwrap();
+    for tool in ["pm-mirror", "pm-exporter", "pm-poll", "pm-agent"] {
+        let (from, to) = (dir.join(tool), out.join(tool));
+        if std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).unwrap();
+        }
+    }
+    out
 }
 
 fn run(command: &mut Command) -> (i32, String, String) {
@@ -345,10 +381,11 @@ fn hardened(unit_name: &str, key: &str, rewrites: &[(&str, String)]) -> Command 
     command
 }
 
-/// Rewrites of the manager units: binaries under test, `home` as PM_HOME, loopback `port`.
-fn manager_rewrites(home: &Path, port: u16) -> Vec<(&'static str, String)> {
+/// Rewrites of the manager units: binaries under test (in `bins`), `home` as PM_HOME, loopback
+/// `port`.
+fn manager_rewrites(bins: &Path, home: &Path, port: u16) -> Vec<(&'static str, String)> {
     vec![
-        ("/usr/local/bin/", format!("{}/", bin_dir().display())),
+        ("/usr/local/bin/", format!("{}/", bins.display())),
         ("/var/lib/pm", home.display().to_string()),
         ("0.0.0.0:8080", format!("127.0.0.1:{port}")),
         ("0.0.0.0:9745", format!("127.0.0.1:{port}")),
@@ -377,10 +414,12 @@ fn get(base: &str, path: &str) -> (u16, String) {
 fn the_manager_units_sync_publish_serve_and_export_under_their_hardening() {
     let lab = Lab::start(5);
     let home_dir = tempdir_outside_tmp();
+    let scratch = tempdir_outside_tmp();
+    let bins = unit_bin_dir(scratch.path());
     let home = Home { dir: home_dir };
     home.clamav_config(&lab, "");
     chown_to_nobody(home.path());
-    let rewrites = manager_rewrites(home.path(), free_port());
+    let rewrites = manager_rewrites(&bins, home.path(), free_port());
 
     // pm-mirror-sync.service: as nobody, everything read-only but PM_HOME.
     for key in ["ExecStart", "ExecStartPost"] {
