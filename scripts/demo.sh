@@ -6,12 +6,25 @@
 # pm-poll records the fleet -> pm-query and the DuckDB CLI show status and history -> pm-exporter
 # serves it to Prometheus.
 # Everything runs in a temporary directory and stops by itself.
+#
+# PM_BIN_DIR=/usr/bin runs it on installed tools (the .deb packages) instead of a fresh build;
+# pm-lab, the lab tool that is never packaged, then comes from PM_LAB (default target/debug).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "${root}"
 scripts/setup.sh
-cargo build --quiet --bins
-bin="${root}/target/debug"
+if [[ -n "${PM_BIN_DIR:-}" ]]; then
+  bin="${PM_BIN_DIR}"
+  lab="${PM_LAB:-${root}/target/debug/pm-lab}"
+  [[ -x "${lab}" ]] || { echo "error: no pm-lab at ${lab}" >&2; echo "hint: cargo build --bin pm-lab, or set PM_LAB" >&2; exit 2; }
+  # The lab agents run the installed pm-agent too.
+  export PM_AGENT_BIN="${bin}/pm-agent"
+else
+  cargo build --quiet --bins
+  bin="${root}/target/debug"
+  lab="${bin}/pm-lab"
+fi
+echo "tools from ${bin}"
 
 work="$(mktemp -d)"
 pids=()
@@ -31,7 +44,7 @@ mkdir -p "${home}" "${work}/feed"
 head -c 2000000 /dev/urandom > "${work}/feed/engine-update.bin"
 
 upstream_port="$(free_port)"
-"${bin}/pm-lab" upstream --listen "127.0.0.1:${upstream_port}" --version 3 \
+"${lab}" upstream --listen "127.0.0.1:${upstream_port}" --version 3 \
   --files-dir "${work}/feed" --files-version 2026.11 2>"${work}/lab.log" &
 pids+=($!)
 wait_for "http://127.0.0.1:${upstream_port}/clamav/test.cvd"
@@ -91,7 +104,7 @@ clamscan --no-summary -d "${work}/clamdb" "${work}/eicar.com" || true
 
 step "three agents on 127.0.0.2-4 (pm-lab agents), enrolled in bulk with one reusable activation key over mutual TLS"
 "${bin}/pm-activate" --home "${home}" key new --reusable --ttl 1h --comment demo --out "${work}/demo.key"
-"${bin}/pm-lab" agents --count 3 --dir "${work}/agents" --port "$(free_port)" --host-prefix demo- \
+"${lab}" agents --count 3 --dir "${work}/agents" --port "$(free_port)" --host-prefix demo- \
   --activation-key-file "${work}/demo.key" >"${work}/agents.txt" 2>"${work}/agents.log" &
 pids+=($!)
 # It prints the table, then says on stderr that the agents run (each waited for, at most 10 s).

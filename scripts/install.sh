@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs pm: the manager tools and pm-agent to PREFIX/bin, their bash/zsh/fish completions and
-# man pages (generated from the binaries' own command lines by `pm-lab generate`), and the
+# Installs pm: the manager tools and pm-agent to PREFIX/bin, the prebuilt libduckdb they load to
+# PREFIX/lib/pm (their rpath rewritten to it with patchelf, so they do not need the build tree),
+# their bash/zsh/fish completions and man pages (generated from the binaries' own command lines
+# by `pm-lab generate`), and the
 # systemd units with the binary path rewritten to PREFIX/bin, the `pm` user (sysusers.d) and
 # /var/lib/pm (tmpfiles.d).
 #
@@ -34,12 +36,13 @@ prefix="${prefix%/}"
 destdir="${destdir%/}"
 
 # The tools installed; pm-lab is the lab and development tool and stays in the build tree.
-tools=(pm-mirror pm-activate pm-agent pm-poll pm-push pm-rollback pm-query pm-exporter)
+tools=(pm-mirror pm-activate pm-agent pm-poll pm-push pm-rollback pm-query pm-exporter pm-doctor)
 
 if [[ -z "${bin_dir}" ]]; then
   (cd "${root_dir}" && cargo build --release --locked --bins)
   bin_dir="${root_dir}/target/release"
 fi
+libduckdb="${DUCKDB_LIB_DIR:-${root_dir}/.cache/libduckdb}/libduckdb.so"
 [[ -d "${bin_dir}" ]] || die "--bin-dir \`${bin_dir}\` is not a directory"
 for tool in "${tools[@]}" pm-lab; do
   [[ -x "${bin_dir}/${tool}" ]] || die "\`${bin_dir}/${tool}\` is missing or not executable" \
@@ -52,12 +55,22 @@ trap 'rm -rf "${staging}"' EXIT
   || die "\`${bin_dir}/pm-lab generate\` failed" "run it by hand to see why"
 
 target="${destdir}${prefix}"
-install -d "${target}/bin" "${target}/share/bash-completion/completions" \
+install -d "${target}/bin" "${target}/lib/pm" "${target}/share/bash-completion/completions" \
   "${target}/share/zsh/site-functions" "${target}/share/fish/vendor_completions.d" \
   "${target}/share/man/man1" "${target}/lib/systemd/system" "${target}/lib/sysusers.d" \
   "${target}/lib/tmpfiles.d"
 for tool in "${tools[@]}"; do
   install -s -m 0755 "${bin_dir}/${tool}" "${target}/bin/${tool}"
+  # Built against the prebuilt libduckdb (not `--features bundled`): load the copy beside it.
+  if readelf -d "${target}/bin/${tool}" | grep -q 'NEEDED.*\[libduckdb\.so\]'; then
+    [[ -f "${libduckdb}" ]] || die "\`${tool}\` needs libduckdb.so and \`${libduckdb}\` is missing" \
+      "run scripts/fetch-libduckdb.sh (or set DUCKDB_LIB_DIR to the directory that holds it)"
+    install -m 0644 "${libduckdb}" "${target}/lib/pm/libduckdb.so"
+    patchelf --set-rpath '$ORIGIN/../lib/pm' "${target}/bin/${tool}"
+  else
+    # No path into the build tree in an installed binary (pm-agent, bundled builds).
+    patchelf --remove-rpath "${target}/bin/${tool}"
+  fi
   install -m 0644 "${staging}/completions/bash/${tool}" "${target}/share/bash-completion/completions/${tool}"
   install -m 0644 "${staging}/completions/zsh/_${tool}" "${target}/share/zsh/site-functions/_${tool}"
   install -m 0644 "${staging}/completions/fish/${tool}.fish" "${target}/share/fish/vendor_completions.d/${tool}.fish"

@@ -2,12 +2,13 @@
 # Installs what building and testing pm needs on a fresh Debian machine: system packages
 # (OpenSSL headers, ClamAV's freshclam/clamscan/sigtool for the end-to-end tests, Prometheus's
 # promtool and server for the exporter's and dashboards' tests, groff/man-db, systemd-analyze
-# and unshare/setpriv for the install kit's tests), the DuckDB CLI from PyPI, and the prebuilt
+# and unshare/setpriv for the install kit's tests, patchelf for the packages, python3-venv for
+# Ansible), the DuckDB CLI from PyPI, and the prebuilt
 # libduckdb. Safe to run again: it skips what is already there.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
-apt_packages=(pkg-config libssl-dev openssl curl ca-certificates clamav clamav-freshclam clamav-daemon clamdscan prometheus groff-base man-db systemd util-linux)
+apt_packages=(pkg-config libssl-dev openssl curl ca-certificates clamav clamav-freshclam clamav-daemon clamdscan prometheus groff-base man-db systemd util-linux patchelf python3-venv python3-apt sudo)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "${package}" 2>/dev/null | grep -q "install ok installed" || missing+=("${package}")
@@ -33,5 +34,13 @@ for package in duckdb-cli duckdb; do
   fi
 done
 python3 -m pip show pytz >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check pytz
+
+# Ansible for the playbooks' tests (ansible/test.sh), in its own virtualenv; pinned.
+ansible_venv="${root}/.cache/ansible"
+if ! "${ansible_venv}/bin/ansible-playbook" --version 2>/dev/null | grep -q 'core 2.19.14'; then
+  python3 -m venv "${ansible_venv}"
+  "${ansible_venv}/bin/pip" install --quiet --disable-pip-version-check \
+    ansible-core==2.19.14 ansible-lint==26.10.1
+fi
 
 "${root}/scripts/fetch-libduckdb.sh"

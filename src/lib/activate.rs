@@ -304,7 +304,11 @@ fn key_new(
 ) -> anyhow::Result<ExitStatus> {
     let key = generate_key(max_uses, ttl, comment, Utc::now())?;
     if global.dry_run {
-        cli::print_text("dry run: no key made")?;
+        if global.json {
+            cli::print_json(&serde_json::json!({ "changed": true, "dry_run": true }))?;
+        } else {
+            cli::print_text("dry run: no key made")?;
+        }
         return Ok(ExitStatus::Success);
     }
     if let Some(out) = out {

@@ -32,6 +32,7 @@ pub fn commands() -> Vec<clap::Command> {
         crate::rollback::Args::command(),
         crate::query::Args::command(),
         crate::exporter::Args::command(),
+        crate::doctor::Args::command(),
         crate::lab_cli::Args::command(),
     ]
 }

@@ -316,14 +316,21 @@ fn run_blocking(args: &AgentsArgs, stop: &StopFlag) -> Result<ExitStatus> {
     Ok(ExitStatus::Success)
 }
 
+/// `PM_AGENT_BIN` (an installed pm-agent, e.g. /usr/bin/pm-agent of the package), else
 /// `pm-agent` next to the running `pm-lab` (both come from one `cargo build`).
 fn pm_agent_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot find the running pm-lab executable")?;
-    let path = exe.with_file_name("pm-agent");
+    let path = match std::env::var_os("PM_AGENT_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()
+            .context("cannot find the running pm-lab executable")?
+            .with_file_name("pm-agent"),
+    };
     if !path.is_file() {
         return Err(
             UserError::failure(format!("`{}` does not exist", path.display()))
-                .with_hint("build every binary: cargo build --bins")
+                .with_hint(
+                    "build every binary (cargo build --bins), or point PM_AGENT_BIN at a pm-agent",
+                )
                 .into(),
         );
     }

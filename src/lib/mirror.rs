@@ -343,8 +343,15 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
     }
     drop(lock);
 
+    // A dry run says whether a sync would make a new revision (Ansible's check mode).
+    let would_update = global.dry_run
+        && !failed
+        && incomplete.is_empty()
+        && reports
+            .iter()
+            .any(|r| r.result == ProductResult::WouldUpdate);
     let report = SyncReport {
-        changed: new_manifest.is_some(),
+        changed: new_manifest.is_some() || would_update,
         dry_run: global.dry_run,
         revision: new_manifest
             .as_ref()
@@ -635,7 +642,8 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
         repo.switch(&lock, &rotation.after).map_err(repo_error)?;
     }
     let report = PublishReport {
-        changed: !global.dry_run,
+        // In a dry run: it would change (what Ansible's check mode reports).
+        changed: true,
         dry_run: global.dry_run,
         dist: rotation.after.dist.clone(),
         previous_dist: before.dist.clone(),
@@ -764,7 +772,8 @@ pub fn rollback_dist(
     }
     drop(lock);
     Ok(DistRollback {
-        changed: !global.dry_run,
+        // In a dry run: it would change (what Ansible's check mode reports).
+        changed: true,
         dry_run: global.dry_run,
         generation,
         from: rollback.from,

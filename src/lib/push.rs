@@ -480,7 +480,9 @@ pub(crate) fn report(
     }
     summary.insert("targets".into(), hosts.len());
     Report {
-        changed: hosts.iter().any(|h| h.changed == Some(true)),
+        // A plan (a dry run) changes what it would install on (Ansible's check mode).
+        changed: hosts.iter().any(|h| h.changed == Some(true))
+            || (state == "planned" && hosts.iter().any(|h| h.result == "pending")),
         job_id,
         kind,
         revision: revision.to_string(),

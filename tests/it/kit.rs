@@ -19,12 +19,15 @@ fn installed_tools() -> Vec<String> {
         .collect()
 }
 
-const UNITS: [&str; 5] = [
+const UNITS: [&str; 8] = [
     "pm-agent.service",
+    "pm-agent@.service",
     "pm-exporter.service",
     "pm-mirror-serve.service",
     "pm-mirror-sync.service",
     "pm-mirror-sync.timer",
+    "pm-poll.service",
+    "pm-poll.timer",
 ];
 
 /// The directory of the binaries under test (target/debug in a plain `cargo test`).
@@ -187,6 +190,7 @@ fn install_script_installs_tools_completions_man_pages_and_units_and_can_run_aga
     }
     expected.push("opt/pm/lib/sysusers.d/pm.conf".into());
     expected.push("opt/pm/lib/tmpfiles.d/pm.conf".into());
+    expected.push("opt/pm/lib/pm/libduckdb.so".into());
     for file in &expected {
         assert!(first.contains(file), "{file} missing from {first:#?}");
     }
@@ -211,6 +215,23 @@ fn install_script_installs_tools_completions_man_pages_and_units_and_can_run_aga
     );
     assert!(agent_unit.contains("ReadWritePaths=/var/lib/pm-agent /var/lib/clamav /opt/pm/bin"));
     assert!(!agent_unit.contains("/usr/local"), "{agent_unit}");
+
+    // The manager tools load the libduckdb installed beside them, not the build tree's.
+    let installed = root.path().join("opt/pm/bin/pm-mirror");
+    let (_, dynamic, _) = run(Command::new("readelf").arg("-d").arg(&installed));
+    assert!(dynamic.contains("[$ORIGIN/../lib/pm]"), "{dynamic}");
+    let (code, libs, stderr) = run(Command::new("ldd").arg(&installed));
+    assert_eq!(code, 0, "{stderr}");
+    let libduckdb = root.path().join("opt/pm/bin/../lib/pm/libduckdb.so");
+    assert!(
+        libs.contains(&format!("libduckdb.so => {} ", libduckdb.display())),
+        "{libs}"
+    );
+    let (_, agent_dynamic, _) = run(Command::new("readelf")
+        .arg("-d")
+        .arg(root.path().join("opt/pm/bin/pm-agent")));
+    assert!(!agent_dynamic.contains("[libduckdb.so]"), "{agent_dynamic}");
+    assert!(!agent_dynamic.contains("RUNPATH"), "{agent_dynamic}");
 
     let (code, _, stderr) = install(&["--root", root_arg, "--prefix", "/opt/pm"]);
     assert_eq!(code, 0, "{stderr}");

@@ -9,6 +9,7 @@ mod agent_clamd;
 mod agent_install;
 mod agent_scan;
 mod agent_schedule;
+mod ansible;
 mod dashboards;
 mod doctor;
 mod exporter;

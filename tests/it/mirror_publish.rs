@@ -129,10 +129,15 @@ fn publish_dry_run_shows_the_rotation_and_changes_nothing() {
     Pm::mirror(&feed.home).args(["publish"]).json();
     feed.new_revision();
     let before = feed.generations();
+    // `changed` says it would change (Ansible's check mode), `dry_run` that it did not.
     let report = Pm::mirror(&feed.home).args(["publish", "--dry-run"]).json();
     assert_eq!(
-        (report["changed"].clone(), report["dist"].clone()),
-        (false.into(), "r2".into())
+        (
+            report["changed"].clone(),
+            report["dry_run"].clone(),
+            report["dist"].clone()
+        ),
+        (true.into(), true.into(), "r2".into())
     );
     assert_eq!(feed.generations(), before);
 }
@@ -305,7 +310,7 @@ fn rollback_moves_dist_to_a_backup_and_publish_refuses_the_rolled_back_revision_
         .json();
     assert_eq!(
         (dry["changed"].clone(), dry["to"].clone()),
-        (false.into(), "r2".into())
+        (true.into(), "r2".into())
     );
     assert_eq!(feed.generations(), before);
 

@@ -449,11 +449,17 @@ fn dry_run_reports_what_would_change_and_changes_nothing() {
     let lab = Lab::start(3);
     let home = Home::new();
     home.clamav_config(&lab, "");
+    // `changed`: a sync would make a revision (what Ansible's check mode reports).
     let report = Pm::mirror(&home).args(["sync", "--dry-run"]).json();
-    assert_eq!(report["changed"], false);
+    assert_eq!(report["changed"], true);
     assert_eq!(report["products"][0]["result"], "would_update");
     assert!(!home.path().join("inventory.duckdb").exists());
     assert!(!home.repo("latest").exists());
+
+    Pm::mirror(&home).args(["sync"]).json();
+    let report = Pm::mirror(&home).args(["sync", "--dry-run"]).json();
+    assert_eq!(report["changed"], false, "{report}");
+    assert_eq!(report["products"][0]["result"], "unchanged");
 }
 
 #[test]

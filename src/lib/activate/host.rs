@@ -1075,7 +1075,14 @@ pub fn deactivate(home: &Path, global: &GlobalArgs, name: &str) -> anyhow::Resul
         return Ok(ExitStatus::Success);
     }
     if global.dry_run {
-        cli::print_text(format!("dry run: would deactivate {}", host.host))?;
+        if global.json {
+            cli::print_json(&serde_json::json!({
+                "changed": true, "dry_run": true, "host": host.host, "address": host.address,
+                "state": host.state,
+            }))?;
+        } else {
+            cli::print_text(format!("dry run: would deactivate {}", host.host))?;
+        }
         return Ok(ExitStatus::Success);
     }
     let started = Utc::now();

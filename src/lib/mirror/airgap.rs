@@ -90,13 +90,20 @@ pub fn run_export(
             .filter(|f| included.contains(&f.path))
             .map(|f| f.size)
             .sum();
-        cli::print_text(format!(
-            "would export {latest}{} to `{}`: {} files, {}",
-            since.map(|s| format!(" since {s}")).unwrap_or_default(),
-            out.display(),
-            included.len(),
-            cli::human_bytes(bytes)
-        ))?;
+        if global.json {
+            cli::print_json(&serde_json::json!({
+                "changed": true, "dry_run": true, "out": out, "revision": latest,
+                "since": since, "files": included.len(), "size": bytes,
+            }))?;
+        } else {
+            cli::print_text(format!(
+                "would export {latest}{} to `{}`: {} files, {}",
+                since.map(|s| format!(" since {s}")).unwrap_or_default(),
+                out.display(),
+                included.len(),
+                cli::human_bytes(bytes)
+            ))?;
+        }
         return Ok(ExitStatus::Success);
     }
     let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
@@ -491,6 +498,8 @@ fn commit_import(
         } else {
             "dry run: verified, nothing changed".into()
         });
+        // A dry run says whether the import would change latest (Ansible's check mode).
+        report.changed = global.dry_run && !same_content;
         if same_content && !global.dry_run {
             let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
             record_import(

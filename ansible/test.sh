@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# Runs the roles and playbooks for real, twice each: the first run must change something, the
+# second nothing (Ansible's PLAY RECAP), and --check must report without changing. The target is
+# this machine inside a systemd box (scripts/systemd-box.sh: systemd as PID 1, /usr /etc /var
+# as throwaway overlays) where dpkg installs the packages built from BIN_DIR and systemd runs
+# the hardened units; a pm-lab upstream on loopback serves ClamAV's signed test databases; three
+# agents (pm-agent@a..c) listen on 127.0.0.2-4. Then the README's demo runs on the packaged
+# tools. Needs root.
+#
+#   ansible/test.sh [BIN_DIR]      (default: target/debug; it must hold pm-lab too)
+#
+# PM_TEST_DEBS=DIR takes the packages from DIR (scripts/package-deb.sh --out DIR) instead.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+bin_dir="$(cd "${1:-${root}/target/debug}" && pwd)"
+ansible_bin="${root}/.cache/ansible/bin"
+[[ -x "${ansible_bin}/ansible-playbook" ]] || { echo "error: no Ansible in ${ansible_bin}" >&2; echo "hint: run scripts/setup.sh" >&2; exit 2; }
+
+# Not under /usr, /etc or /var: the box's overlays would keep what it writes there from us.
+mkdir -p "${root}/target"
+work="$(mktemp -d "${root}/target/ansible-test.XXXXXX")"
+box="${work}/box"
+pids=()
+cleanup() {
+  "${root}/scripts/systemd-box.sh" stop "${box}" || true
+  for pid in "${pids[@]}"; do kill "${pid}" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "${pid}" 2>/dev/null || true; done
+  rm -rf "${work}"
+}
+trap cleanup EXIT
+step() { printf '\n== %s\n' "$*"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+in_box() { "${root}/scripts/systemd-box.sh" run "${box}" "$@"; }
+
+export PATH="${ansible_bin}:${PATH}"
+if [[ -n "${PM_TEST_DEBS:-}" ]]; then
+  step "packages from ${PM_TEST_DEBS}"
+  debs=("${PM_TEST_DEBS}"/pm-manager_*.deb "${PM_TEST_DEBS}"/pm-agent_*.deb)
+else
+  step "packages from ${bin_dir}"
+  mapfile -t debs < <("${root}/scripts/package-deb.sh" --fast --bin-dir "${bin_dir}" --out "${work}/debs")
+fi
+manager_deb="${debs[0]}"
+agent_deb="${debs[1]}"
+[[ "${manager_deb}" == *pm-manager_* && "${agent_deb}" == *pm-agent_* ]] || fail "package-deb.sh printed ${debs[*]}"
+
+upstream_port="$(free_port)"
+"${bin_dir}/pm-lab" upstream --listen "127.0.0.1:${upstream_port}" --version 3 2>"${work}/upstream.log" &
+pids+=($!)
+for _ in $(seq 1 100); do curl -sf -o /dev/null "http://127.0.0.1:${upstream_port}/clamav/test.cvd" && break; sleep 0.1; done
+
+serve_port="$(free_port)"
+exporter_port="$(free_port)"
+agent_port="$(free_port)"
+mkdir -p "${work}/airgap"
+# Every "host" is this machine (inside the box), reached without SSH.
+local_hosts='all:
+  vars:
+    ansible_connection: local
+    ansible_python_interpreter: /usr/bin/python3
+  children:'
+cat > "${work}/inventory.yml" <<YAML
+${local_hosts}
+    pm_managers:
+      hosts:
+        manager:
+          pm_manager_deb: ${manager_deb}
+          pm_manager_products:
+            - {name: clamav, kind: clamav, url: "http://127.0.0.1:${upstream_port}/clamav", databases: [test]}
+          pm_manager_config:
+            serve: {url: "http://127.0.0.1:${serve_port}"}
+          pm_manager_serve_listen: "127.0.0.1:${serve_port}"
+          pm_manager_exporter_listen: "127.0.0.1:${exporter_port}"
+          pm_manager_exporter_allow: [127.0.0.0/8]
+    pm_agents:
+      vars:
+        pm_agent_deb: ${agent_deb}
+        pm_agent_group: lab
+      hosts:
+        agent-a: {pm_agent_instance: a, pm_agent_listen: "127.0.0.2:${agent_port}", pm_agent_address: "127.0.0.2:${agent_port}", pm_agent_labels: [rack=r1]}
+        agent-b: {pm_agent_instance: b, pm_agent_listen: "127.0.0.3:${agent_port}", pm_agent_address: "127.0.0.3:${agent_port}"}
+        agent-c: {pm_agent_instance: c, pm_agent_listen: "127.0.0.4:${agent_port}", pm_agent_address: "127.0.0.4:${agent_port}"}
+YAML
+# The closed network's own inventory: a manager without services, fed only by bundles.
+cat > "${work}/closed.yml" <<YAML
+${local_hosts}
+    pm_managers:
+      hosts:
+        closed:
+          pm_manager_deb: ${manager_deb}
+          pm_manager_home: /var/lib/pm-closed
+          pm_manager_services: false
+YAML
+
+# Runs a playbook in the box; $1 = what the recap must show: changed (some change, no failure),
+# unchanged (changed=0 everywhere), failed (some failure). The rest are ansible-playbook args.
+playbook() {
+  local expect="$1"; shift
+  local log="${work}/run-$((++runs)).log"
+  echo "ansible-playbook $* (expect ${expect})"
+  local code=0
+  # One host at a time: the three agents share this machine's dpkg lock (real hosts do not).
+  (cd "${root}/ansible" && in_box env ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1 ANSIBLE_FORKS=1 \
+    ANSIBLE_LOCAL_TEMP="${work}/ansible-tmp" "${ansible_bin}/ansible-playbook" "$@") >"${log}" 2>&1 || code=$?
+  local recap
+  recap="$(sed -n '/^PLAY RECAP/,$p' "${log}")"
+  local changed failed
+  changed="$(grep -o ' changed=[0-9]*' <<<"${recap}" | awk -F= '{n += $2} END {if (NR) print n}')"
+  failed="$(grep -o ' failed=[0-9]*' <<<"${recap}" | awk -F= '{n += $2} END {if (NR) print n}')"
+  local ok=true
+  case "${expect}" in
+    changed) [[ "${code}" -eq 0 && "${failed:-1}" -eq 0 && "${changed:-0}" -gt 0 ]] || ok=false ;;
+    unchanged) [[ "${code}" -eq 0 && "${failed:-1}" -eq 0 && "${changed:-1}" -eq 0 ]] || ok=false ;;
+    failed) [[ "${code}" -ne 0 && "${failed:-0}" -gt 0 ]] || ok=false ;;
+  esac
+  if ! ${ok}; then
+    cat "${log}" >&2
+    fail "ansible-playbook $* exited ${code} with changed=${changed:-?} failed=${failed:-?}, expected ${expect}"
+  fi
+  echo "  ok: exit ${code}, changed=${changed}, failed=${failed}"
+}
+runs=0
+json_field() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {}, {"d": d}))' "$1"; }
+pm() { in_box "$@"; }
+
+step "syntax and lint"
+for playbook_file in site.yml activate.yml rollout.yml rollback.yml airgap-export.yml airgap-import.yml; do
+  (cd "${root}/ansible" && "${ansible_bin}/ansible-playbook" -i "${work}/inventory.yml" --syntax-check "${playbook_file}" >/dev/null) \
+    || fail "--syntax-check ${playbook_file}"
+done
+echo "  --syntax-check: 6 playbooks ok"
+(cd "${root}/ansible" && "${ansible_bin}/ansible-lint" --nocolor -q) || fail "ansible-lint"
+echo "  ansible-lint: ok"
+
+step "a systemd box"
+"${root}/scripts/systemd-box.sh" start "${box}"
+
+step "site.yml: the manager and three agents installed, started and activated"
+playbook changed -i "${work}/inventory.yml" site.yml
+playbook unchanged -i "${work}/inventory.yml" site.yml
+playbook unchanged -i "${work}/inventory.yml" site.yml --check
+for unit in pm-mirror-serve.service pm-exporter.service pm-agent@a.service pm-agent@b.service pm-agent@c.service \
+    pm-mirror-sync.timer pm-poll.timer; do
+  [[ "$(in_box systemctl is-active "${unit}")" == active ]] || { in_box systemctl status "${unit}" --no-pager >&2 || true; fail "${unit} is not active"; }
+  [[ "$(in_box systemctl is-enabled "${unit}")" == enabled ]] || fail "${unit} is not enabled"
+done
+serve_pid="$(in_box systemctl show -P MainPID pm-mirror-serve.service)"
+[[ "$(in_box stat -c %U "/proc/${serve_pid}")" == pm ]] || fail "pm-mirror serve does not run as pm"
+[[ "$(in_box stat -c '%U %a' /var/lib/pm/pm.toml)" == "pm 640" ]] || fail "pm.toml is not pm's, 0640"
+activated="$(pm pm-activate --home /var/lib/pm --json list | json_field 'sorted((h["host"], h["group"], h["state"]) for h in d["hosts"])')"
+[[ "${activated}" == "[('agent-a', 'lab', 'active'), ('agent-b', 'lab', 'active'), ('agent-c', 'lab', 'active')]" ]] \
+  || fail "pm-activate list: ${activated}"
+echo "  units active and enabled, serve runs as pm, three agents active in group lab"
+pm find /var/lib/pm-agent-a -name '*.activation-key' | grep -q . && fail "an activation key file was left behind"
+pm test ! -e /var/lib/pm/ansible-activation.key || fail "the manager's activation key file was left behind"
+
+step "rollout.yml: sync, publish, push, poll; then nothing to do"
+playbook changed -i "${work}/inventory.yml" rollout.yml
+dist="$(pm pm-mirror --home /var/lib/pm status --json | json_field 'd["generations"]["dist"]')"
+for agent in a b c; do
+  installed="$(pm pm-agent --state "/var/lib/pm-agent-${agent}" status --json | json_field 'd["installed_revision"]')"
+  [[ "${installed}" == "${dist}" ]] || fail "agent ${agent} has ${installed}, dist is ${dist}"
+done
+echo "  every agent installed dist ${dist}"
+playbook unchanged -i "${work}/inventory.yml" rollout.yml
+playbook unchanged -i "${work}/inventory.yml" rollout.yml --check
+
+step "upstream moves to version 6: --check says so and changes nothing, then the rollout"
+curl -sf -X POST "http://127.0.0.1:${upstream_port}/_lab/version?n=6" >/dev/null
+playbook changed -i "${work}/inventory.yml" rollout.yml --check
+[[ "$(pm pm-mirror --home /var/lib/pm status --json | json_field 'd["generations"]["dist"]')" == "${dist}" ]] \
+  || fail "rollout.yml --check changed dist"
+playbook changed -i "${work}/inventory.yml" rollout.yml
+new_dist="$(pm pm-mirror --home /var/lib/pm status --json | json_field 'd["generations"]["dist"]')"
+[[ "${new_dist}" != "${dist}" ]] || fail "dist did not move"
+playbook unchanged -i "${work}/inventory.yml" rollout.yml
+
+step "rollback.yml back to ${dist}"
+playbook failed -i "${work}/inventory.yml" rollback.yml -e pm_rollback_revision=no-such-revision
+playbook changed -i "${work}/inventory.yml" rollback.yml -e "pm_rollback_revision=${dist}"
+[[ "$(pm pm-mirror --home /var/lib/pm status --json | json_field 'd["generations"]["dist"]')" == "${dist}" ]] \
+  || fail "dist is not ${dist} after the rollback"
+for agent in a b c; do
+  installed="$(pm pm-agent --state "/var/lib/pm-agent-${agent}" status --json | json_field 'd["installed_revision"]')"
+  [[ "${installed}" == "${dist}" ]] || fail "agent ${agent} has ${installed} after the rollback"
+done
+playbook unchanged -i "${work}/inventory.yml" rollback.yml -e "pm_rollback_revision=${dist}"
+
+step "airgap-export.yml, then airgap-import.yml into a closed manager"
+playbook changed -i "${work}/inventory.yml" airgap-export.yml -e "pm_airgap_dir=${work}/airgap"
+playbook unchanged -i "${work}/inventory.yml" airgap-export.yml -e "pm_airgap_dir=${work}/airgap"
+ls "${work}/airgap"/pm-*.bundle "${work}/airgap/exporter.pub.pem" >/dev/null || fail "nothing fetched to the controller"
+playbook changed -i "${work}/closed.yml" site.yml
+playbook changed -i "${work}/closed.yml" airgap-import.yml -e "pm_airgap_dir=${work}/airgap"
+playbook unchanged -i "${work}/closed.yml" airgap-import.yml -e "pm_airgap_dir=${work}/airgap"
+playbook unchanged -i "${work}/closed.yml" airgap-import.yml -e "pm_airgap_dir=${work}/airgap" --check
+latest="$(pm pm-mirror --home /var/lib/pm status --json | json_field 'd["generations"]["latest"]')"
+closed_dist="$(pm pm-mirror --home /var/lib/pm-closed status --json | json_field 'd["generations"]["dist"]')"
+[[ -n "${closed_dist}" && "${closed_dist}" != None ]] || fail "the closed manager has no dist"
+echo "  closed dist ${closed_dist} (connected latest ${latest})"
+
+step "pm-doctor on the installed manager"
+pm runuser -u pm -- pm-doctor --home /var/lib/pm --serve "http://127.0.0.1:${serve_port}" \
+  --exporter "http://127.0.0.1:${exporter_port}" || fail "pm-doctor"
+
+step "the README's demo on the packaged tools"
+(in_box env PM_BIN_DIR=/usr/bin PM_LAB="${bin_dir}/pm-lab" "${root}/scripts/demo.sh" >"${work}/demo.log" 2>&1) \
+  || { cat "${work}/demo.log" >&2; fail "the demo on the packaged tools"; }
+grep -q '== demo done' "${work}/demo.log" || fail "the demo did not finish"
+echo "  demo done with /usr/bin's tools"
+
+step "ansible: ${runs} playbook runs as expected"
