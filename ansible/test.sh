@@ -3,9 +3,9 @@
 # second nothing (Ansible's PLAY RECAP), and --check must report without changing. The target is
 # this machine inside a systemd box (scripts/systemd-box.sh: systemd as PID 1, /usr /etc /var
 # as throwaway overlays) where dpkg installs the packages built from BIN_DIR and systemd runs
-# the hardened units; a pm-lab upstream on loopback serves ClamAV's signed test databases; three
-# agents (pm-agent@a..c) listen on 127.0.0.2-4. Then the README's demo runs on the packaged
-# tools. Needs root.
+# the hardened units; a pm-lab upstream on loopback serves ClamAV's signed test databases; four
+# agents (pm-agent@a..c on 127.0.0.2-4, pm-agent.service on 127.0.0.5). Then the README's demo
+# runs on the packaged tools. Needs root.
 #
 #   ansible/test.sh [BIN_DIR]      (default: target/debug; it must hold pm-lab too)
 #
@@ -81,6 +81,8 @@ ${local_hosts}
         agent-a: {pm_agent_instance: a, pm_agent_listen: "127.0.0.2:${agent_port}", pm_agent_address: "127.0.0.2:${agent_port}", pm_agent_labels: [rack=r1]}
         agent-b: {pm_agent_instance: b, pm_agent_listen: "127.0.0.3:${agent_port}", pm_agent_address: "127.0.0.3:${agent_port}"}
         agent-c: {pm_agent_instance: c, pm_agent_listen: "127.0.0.4:${agent_port}", pm_agent_address: "127.0.0.4:${agent_port}"}
+        # The one agent of a host: pm-agent.service, /var/lib/pm-agent, /var/lib/clamav.
+        agent-d: {pm_agent_listen: "127.0.0.5:${agent_port}", pm_agent_address: "127.0.0.5:${agent_port}"}
 YAML
 # The closed network's own inventory: a manager without services, fed only by bundles.
 cat > "${work}/closed.yml" <<YAML
@@ -100,7 +102,7 @@ playbook() {
   local log="${work}/run-$((++runs)).log"
   echo "ansible-playbook $* (expect ${expect})"
   local code=0
-  # One host at a time: the three agents share this machine's dpkg lock (real hosts do not).
+  # One host at a time: the test agents share this machine's dpkg lock (real hosts do not).
   (cd "${root}/ansible" && in_box env ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1 ANSIBLE_FORKS=1 \
     ANSIBLE_LOCAL_TEMP="${work}/ansible-tmp" "${ansible_bin}/ansible-playbook" "$@") >"${log}" 2>&1 || code=$?
   local recap
@@ -136,12 +138,12 @@ echo "  ansible-lint: ok"
 step "a systemd box"
 "${root}/scripts/systemd-box.sh" start "${box}"
 
-step "site.yml: the manager and three agents installed, started and activated"
+step "site.yml: the manager and four agents installed, started and activated"
 playbook changed -i "${work}/inventory.yml" site.yml
 playbook unchanged -i "${work}/inventory.yml" site.yml
 playbook unchanged -i "${work}/inventory.yml" site.yml --check
 for unit in pm-mirror-serve.service pm-exporter.service pm-agent@a.service pm-agent@b.service pm-agent@c.service \
-    pm-mirror-sync.timer pm-poll.timer; do
+    pm-agent.service pm-mirror-sync.timer pm-poll.timer; do
   [[ "$(in_box systemctl is-active "${unit}")" == active ]] || { in_box systemctl status "${unit}" --no-pager >&2 || true; fail "${unit} is not active"; }
   [[ "$(in_box systemctl is-enabled "${unit}")" == enabled ]] || fail "${unit} is not enabled"
 done
@@ -149,20 +151,32 @@ serve_pid="$(in_box systemctl show -P MainPID pm-mirror-serve.service)"
 [[ "$(in_box stat -c %U "/proc/${serve_pid}")" == pm ]] || fail "pm-mirror serve does not run as pm"
 [[ "$(in_box stat -c '%U %a' /var/lib/pm/pm.toml)" == "pm 640" ]] || fail "pm.toml is not pm's, 0640"
 activated="$(pm pm-activate --home /var/lib/pm --json list | json_field 'sorted((h["host"], h["group"], h["state"]) for h in d["hosts"])')"
-[[ "${activated}" == "[('agent-a', 'lab', 'active'), ('agent-b', 'lab', 'active'), ('agent-c', 'lab', 'active')]" ]] \
+[[ "${activated}" == "[('agent-a', 'lab', 'active'), ('agent-b', 'lab', 'active'), ('agent-c', 'lab', 'active'), ('agent-d', 'lab', 'active')]" ]] \
   || fail "pm-activate list: ${activated}"
-echo "  units active and enabled, serve runs as pm, three agents active in group lab"
-pm find /var/lib/pm-agent-a -name '*.activation-key' | grep -q . && fail "an activation key file was left behind"
+echo "  units active and enabled, serve runs as pm, four agents active in group lab"
+# From here on the test runs sync and poll itself: a timer firing mid-test (poll 2 min, sync
+# 5 min after boot) would publish behind the assertions' back.
+in_box systemctl stop pm-mirror-sync.timer pm-poll.timer
+pm find /var/lib -maxdepth 1 -name '*.activation-key' | grep -q . && fail "an activation key file was left behind"
 pm test ! -e /var/lib/pm/ansible-activation.key || fail "the manager's activation key file was left behind"
 
 step "rollout.yml: sync, publish, push, poll; then nothing to do"
 playbook changed -i "${work}/inventory.yml" rollout.yml
 dist="$(pm pm-mirror --home /var/lib/pm status --json | json_field 'd["generations"]["dist"]')"
-for agent in a b c; do
-  installed="$(pm pm-agent --state "/var/lib/pm-agent-${agent}" status --json | json_field 'd["installed_revision"]')"
-  [[ "${installed}" == "${dist}" ]] || fail "agent ${agent} has ${installed}, dist is ${dist}"
+for state in /var/lib/pm-agent-a /var/lib/pm-agent-b /var/lib/pm-agent-c /var/lib/pm-agent; do
+  installed="$(pm pm-agent --state "${state}" status --json | json_field 'd["installed_revision"]')"
+  [[ "${installed}" == "${dist}" ]] || fail "agent ${state} has ${installed}, dist is ${dist}"
 done
+pm test -s /var/lib/clamav/test.cvd || fail "pm-agent.service did not install into /var/lib/clamav"
 echo "  every agent installed dist ${dist}"
+
+step "the timers' services under systemd: sync+publish and poll as pm, hardened"
+for unit in pm-mirror-sync.service pm-poll.service; do
+  in_box systemctl start "${unit}" || { in_box journalctl -u "${unit}" --no-pager >&2 || true; fail "${unit} failed"; }
+  [[ "$(in_box systemctl show -P Result "${unit}")" == success ]] || fail "${unit}: $(in_box systemctl show -P Result "${unit}")"
+done
+[[ "$(pm stat -c %U /var/lib/pm/inventory.duckdb)" == pm ]] || fail "the inventory is not pm's"
+echo "  pm-mirror-sync.service and pm-poll.service succeeded"
 playbook unchanged -i "${work}/inventory.yml" rollout.yml
 playbook unchanged -i "${work}/inventory.yml" rollout.yml --check
 
@@ -181,9 +195,9 @@ playbook failed -i "${work}/inventory.yml" rollback.yml -e pm_rollback_revision=
 playbook changed -i "${work}/inventory.yml" rollback.yml -e "pm_rollback_revision=${dist}"
 [[ "$(pm pm-mirror --home /var/lib/pm status --json | json_field 'd["generations"]["dist"]')" == "${dist}" ]] \
   || fail "dist is not ${dist} after the rollback"
-for agent in a b c; do
-  installed="$(pm pm-agent --state "/var/lib/pm-agent-${agent}" status --json | json_field 'd["installed_revision"]')"
-  [[ "${installed}" == "${dist}" ]] || fail "agent ${agent} has ${installed} after the rollback"
+for state in /var/lib/pm-agent-a /var/lib/pm-agent-b /var/lib/pm-agent-c /var/lib/pm-agent; do
+  installed="$(pm pm-agent --state "${state}" status --json | json_field 'd["installed_revision"]')"
+  [[ "${installed}" == "${dist}" ]] || fail "agent ${state} has ${installed} after the rollback"
 done
 playbook unchanged -i "${work}/inventory.yml" rollback.yml -e "pm_rollback_revision=${dist}"
 

@@ -2,8 +2,8 @@
 //! and ansible-lint from PyPI (scripts/setup.sh), `--syntax-check` and ansible-lint on every
 //! playbook, then site, activate, rollout, rollback and air-gap export/import against this
 //! machine inside a systemd box (`scripts/systemd-box.sh`: dpkg installs the `.deb` packages
-//! built from the binaries under test, systemd runs their hardened units, three agents listen on
-//! 127.0.0.2-4), each run twice (the first changes, the second does not) and in check mode.
+//! built from the binaries under test, systemd runs their hardened units, four agents listen on
+//! 127.0.0.2-5), each run twice (the first changes, the second does not) and in check mode.
 //! Then the README's demo on the packaged tools.
 
 use std::path::Path;
