@@ -1,8 +1,8 @@
 //! The install kit: `pm-lab generate` (man pages that groff renders, bash completions that
 //! load), `scripts/install.sh` (the installed tree, twice), the systemd units
 //! (`systemd-analyze verify`) and every unit's command line started with its hardening
-//! settings in effect, as far as this machine allows without systemd running (see
-//! [`hardened`]).
+//! settings emulated without systemd (see [`hardened`]). The packaged units under a real
+//! systemd are `ansible/test.sh`'s (tests/it/ansible.rs).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
