@@ -139,6 +139,9 @@ step "a systemd box"
 "${root}/scripts/systemd-box.sh" start "${box}"
 
 step "site.yml: the manager and four agents installed, started and activated"
+# Check mode on a host with nothing installed yet: it says what would change and changes nothing.
+playbook changed -i "${work}/inventory.yml" site.yml --check
+in_box test ! -e /usr/bin/pm-mirror || fail "site.yml --check installed pm-manager"
 playbook changed -i "${work}/inventory.yml" site.yml
 playbook unchanged -i "${work}/inventory.yml" site.yml
 playbook unchanged -i "${work}/inventory.yml" site.yml --check
@@ -214,6 +217,21 @@ closed_dist="$(pm pm-mirror --home /var/lib/pm-closed status --json | json_field
 [[ -n "${closed_dist}" && "${closed_dist}" != None ]] || fail "the closed manager has no dist"
 echo "  closed dist ${closed_dist} (connected latest ${latest})"
 
+step "a package upgrade through site.yml: the running services restart on the new binaries"
+mapfile -t next_debs < <("${root}/scripts/package-deb.sh" --fast --version 0.1.1~test --bin-dir "${bin_dir}" --out "${work}/debs-next")
+serve_before="$(in_box systemctl show -P MainPID pm-mirror-serve.service)"
+agent_before="$(in_box systemctl show -P MainPID pm-agent@a.service)"
+playbook changed -i "${work}/inventory.yml" site.yml -e "pm_manager_deb=${next_debs[0]}" -e "pm_agent_deb=${next_debs[1]}"
+playbook unchanged -i "${work}/inventory.yml" site.yml -e "pm_manager_deb=${next_debs[0]}" -e "pm_agent_deb=${next_debs[1]}"
+[[ "$(in_box dpkg-query -W -f '${Version} ' pm-manager pm-agent)" == "0.1.1~test 0.1.1~test " ]] \
+  || fail "the packages were not upgraded: $(in_box dpkg-query -W pm-manager pm-agent)"
+for unit in pm-mirror-serve.service pm-agent@a.service; do
+  [[ "$(in_box systemctl is-active "${unit}")" == active ]] || fail "${unit} is not active after the upgrade"
+done
+[[ "$(in_box systemctl show -P MainPID pm-mirror-serve.service)" != "${serve_before}" ]] || fail "pm-mirror serve was not restarted"
+[[ "$(in_box systemctl show -P MainPID pm-agent@a.service)" != "${agent_before}" ]] || fail "pm-agent@a was not restarted"
+echo "  both packages at 0.1.1~test, serve and the agents restarted and active"
+
 step "pm-doctor on the installed manager"
 pm runuser -u pm -- pm-doctor --home /var/lib/pm --serve "http://127.0.0.1:${serve_port}" \
   --exporter "http://127.0.0.1:${exporter_port}" || fail "pm-doctor"
@@ -223,5 +241,8 @@ step "the README's demo on the packaged tools"
   || { cat "${work}/demo.log" >&2; fail "the demo on the packaged tools"; }
 grep -q '== demo done' "${work}/demo.log" || fail "the demo did not finish"
 echo "  demo done with /usr/bin's tools"
+
+# The activation key (pmk1.…) is only ever in no_log tasks and private files that are removed.
+if grep -l 'pmk1\.' "${work}"/run-*.log; then fail "an activation key is in the playbook output above"; fi
 
 step "ansible: ${runs} playbook runs as expected"

@@ -70,9 +70,17 @@ grep -q '^ReadWritePaths=/var/lib/pm-agent /var/lib/clamav$' "${work}/pm-agent/u
   || die "pm-agent.service's ReadWritePaths line changed: update scripts/package-deb.sh"
 
 # The manager's extras: dashboards and alert rules to provision, the Ansible roles and playbooks.
+# Only files the repository tracks: an operator's inventory or carried bundles in ansible/ must
+# never end up in a package; nor the test driver.
 mkdir -p "${work}/pm-manager/usr/share/pm"
-cp -r "${root_dir}/dashboards" "${root_dir}/ansible" "${work}/pm-manager/usr/share/pm/"
-find "${work}/pm-manager/usr/share/pm" -name '__pycache__' -prune -exec rm -rf {} +
+if git -C "${root_dir}" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  git -C "${root_dir}" ls-files -z dashboards ansible | grep -zv '^ansible/test\.sh$' \
+    | (cd "${root_dir}" && xargs -0 cp --parents -t "${work}/pm-manager/usr/share/pm")
+else
+  tar -C "${root_dir}" --exclude='ansible/test.sh' --exclude='ansible/inventory.yml' \
+    --exclude='ansible/airgap' --exclude='__pycache__' -cf - dashboards ansible \
+    | tar -C "${work}/pm-manager/usr/share/pm" -xf -
+fi
 
 for package in pm-manager pm-agent; do
   tree="${work}/${package}"
@@ -87,7 +95,8 @@ done
 
 # Libraries the binaries load (objdump -T: GLIBC_2.34 at most); libduckdb, shipped inside
 # pm-manager, adds libstdc++ (GLIBCXX_3.4.22).
-depends="libc6 (>= 2.34), libgcc-s1, libssl3 (>= 3.0.0)"
+# (Debian 13 and Ubuntu 24.04 name OpenSSL's library package libssl3t64.)
+depends="libc6 (>= 2.34), libgcc-s1, libssl3 (>= 3.0.0) | libssl3t64"
 installed_size() { du -sk --exclude=DEBIAN "$1" | cut -f1; }
 
 # control PACKAGE EXTRA_DEPENDS SUMMARY DESCRIPTION: the package's DEBIAN/control.
@@ -118,38 +127,59 @@ manager's signed dist revision into the engine's database directory, scans on re
 own schedule and reports its status to pm-poll."
 
 # Maintainer scripts: the user and directory of the manager units, and systemd's view of the
-# units. Nothing is enabled or started (pm.toml must be written first); nothing is deleted on
-# removal or purge: /var/lib/pm and /var/lib/pm-agent hold the repository, keys and inventory.
-cat > "${work}/pm-manager/DEBIAN/postinst" <<'SCRIPT'
+# units. A first install enables and starts nothing (pm.toml must be written first); an upgrade
+# restarts what runs (try-restart: only running units), so no old binary keeps serving; removal
+# stops and disables the units. Nothing is deleted, not even on purge: /var/lib/pm and
+# /var/lib/pm-agent hold the repository, keys and inventory.
+# maintainer_scripts PACKAGE "UNITS" [CONFIGURE]: postinst (running CONFIGURE first), prerm and
+# postrm of the package. UNITS may hold systemctl patterns (quoted in the scripts).
+maintainer_scripts() {
+  local package="$1" units="$2" configure="${3:-:}"
+  local quoted
+  # Split UNITS on spaces without expanding its patterns here.
+  local -
+  set -f
+  quoted="$(printf "'%s' " ${units})"
+  cat > "${work}/${package}/DEBIAN/postinst" <<SCRIPT
 #!/bin/sh
 set -e
-if [ "$1" = configure ]; then
-  systemd-sysusers pm.conf
-  systemd-tmpfiles --create pm.conf
+if [ "\$1" = configure ]; then
+  ${configure}
 fi
-if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
-SCRIPT
-cat > "${work}/pm-agent/DEBIAN/postinst" <<'SCRIPT'
-#!/bin/sh
-set -e
-if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
-SCRIPT
-cat > "${work}/pm-manager/DEBIAN/prerm" <<'SCRIPT'
-#!/bin/sh
-set -e
-if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
-  systemctl stop pm-mirror-sync.timer pm-poll.timer pm-mirror-serve.service pm-exporter.service || true
-fi
-SCRIPT
-cat > "${work}/pm-agent/DEBIAN/prerm" <<'SCRIPT'
-#!/bin/sh
-set -e
-if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
-  systemctl stop pm-agent.service 'pm-agent@*.service' || true
+if [ -d /run/systemd/system ]; then
+  systemctl daemon-reload || true
+  # An upgrade (configure with the old version in \$2): restart what runs on the new binary.
+  if [ "\$1" = configure ] && [ -n "\$2" ]; then systemctl try-restart ${quoted}|| true; fi
 fi
 SCRIPT
+  cat > "${work}/${package}/DEBIAN/prerm" <<SCRIPT
+#!/bin/sh
+set -e
+if [ "\$1" = remove ] && [ -d /run/systemd/system ]; then
+  systemctl stop ${quoted}|| true
+fi
+SCRIPT
+  cat > "${work}/${package}/DEBIAN/postrm" <<SCRIPT
+#!/bin/sh
+set -e
+if [ "\$1" = remove ] || [ "\$1" = purge ]; then
+  # The units are gone: their enablement links must not point at nothing.
+  for link in /etc/systemd/system/*.wants/pm-agent.service /etc/systemd/system/*.wants/pm-agent@*.service \\
+      /etc/systemd/system/*.wants/pm-mirror-serve.service /etc/systemd/system/*.wants/pm-exporter.service \\
+      /etc/systemd/system/*.wants/pm-mirror-sync.timer /etc/systemd/system/*.wants/pm-poll.timer; do
+    case "\$(basename "\$link")" in
+      ${units// /|}) rm -f "\$link" ;;
+    esac
+  done
+  if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
+fi
+SCRIPT
+  chmod 0755 "${work}/${package}/DEBIAN/postinst" "${work}/${package}/DEBIAN/prerm" "${work}/${package}/DEBIAN/postrm"
+}
+maintainer_scripts pm-manager "pm-mirror-sync.timer pm-poll.timer pm-mirror-serve.service pm-exporter.service" \
+  "systemd-sysusers pm.conf; systemd-tmpfiles --create pm.conf"
+maintainer_scripts pm-agent "pm-agent.service pm-agent@*.service"
 for package in pm-manager pm-agent; do
-  chmod 0755 "${work}/${package}/DEBIAN/postinst" "${work}/${package}/DEBIAN/prerm"
   deb="${out}/${package}_${version}_${arch}.deb"
   dpkg-deb --root-owner-group "${compression[@]}" --build "${work}/${package}" "${deb}" >/dev/null
   echo "${deb}"

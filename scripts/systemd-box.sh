@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # A throwaway Debian system for tests that need the real thing: dpkg installing pm's packages,
-# systemd starting its hardened units, Ansible driving both. It boots systemd as PID 1 of a new
-# PID and mount namespace; /usr, /etc and /var are overlays whose writes land in a tmpfs, so
-# nothing installed, no user created and no unit enabled inside reaches this machine. The
-# network, /tmp, /work and /root are this machine's (loopback tests, the build tree, pip's tools).
+# systemd starting its hardened units, Ansible driving both. It boots systemd as PID 1 of new
+# PID, mount, UTS, IPC and cgroup namespaces; /usr, /etc and /var are overlays whose writes land
+# in a tmpfs, so nothing installed, no user created and no unit enabled inside reaches this
+# machine. The network, /tmp, /dev, /work and /root are this machine's (loopback tests, the
+# build tree, pip's tools): /proc/sys and /sys are read-only, and the boot units that would
+# write the shared ones (tmpfiles empties /tmp, /dev/log, sysctl, modules, udev, fstrim and
+# this machine's own enabled timers and sockets) are masked or left out.
 # Needs root (namespaces, mounts) and a Debian machine with systemd installed (not running).
 #
 #   scripts/systemd-box.sh start DIR      boot a box; DIR keeps its pid (and the boot log)
@@ -35,7 +38,7 @@ case "${command}" in
       || die "a box already runs in \`${dir}\`" "stop it with \`$0 stop ${dir}\`"
     mkdir -p "${dir}/overlays"
     # systemd must be PID 1 of the namespace; `exec` keeps the PID unshare forked.
-    setsid unshare --pid --mount --fork --mount-proc --propagation private bash -c '
+    setsid unshare --pid --mount --uts --ipc --cgroup --fork --mount-proc --propagation private bash -c '
       set -e
       overlays="$1"
       mount -t tmpfs -o mode=0755 pm-box "${overlays}"
@@ -52,10 +55,17 @@ case "${command}" in
           systemd-tmpfiles-setup-dev-early.service systemd-tmpfiles-clean.timer \
           systemd-sysctl.service systemd-modules-load.service systemd-binfmt.service \
           systemd-udevd.service systemd-udev-trigger.service systemd-udev-settle.service \
-          systemd-random-seed.service systemd-journal-flush.service; do
+          systemd-random-seed.service systemd-journal-flush.service systemd-remount-fs.service \
+          systemd-journald-dev-log.socket systemd-hwdb-update.service systemd-update-utmp.service \
+          fstrim.timer e2scrub_all.timer e2scrub_reap.service; do
         ln -sfn /dev/null "/etc/systemd/system/${unit}"
       done
+      # This machine enabled its own timers, sockets and services (apt-daily, ssh, ...): the box
+      # runs only what its tests enable (the removal lands in the overlay, not on this machine).
+      rm -rf /etc/systemd/system/*.target.wants
       mount -o remount,bind,ro /sys
+      mount --bind /proc/sys /proc/sys
+      mount -o remount,bind,ro /proc/sys
       # basic.target: sockets, timers and the journal, not this machine'"'"'s enabled services.
       exec env container=pm-box /lib/systemd/systemd --system --unit=basic.target \
         --log-target=console --log-level=warning
@@ -89,8 +99,13 @@ case "${command}" in
   stop)
     if [[ -s "${dir}/pid" ]]; then
       pid="$(cat "${dir}/pid")"
-      # Killing PID 1 of a namespace kills every process in it; the mounts go with the last one.
-      kill -KILL "${pid}" 2>/dev/null || true
+      # Only the box's systemd (the PID may have been reused since): a systemd in another PID
+      # namespace than ours. Killing PID 1 of a namespace kills every process in it; the mounts
+      # go with the last one.
+      if [[ "$(cat "/proc/${pid}/comm" 2>/dev/null)" == systemd \
+          && "$(readlink "/proc/${pid}/ns/pid")" != "$(readlink /proc/self/ns/pid)" ]]; then
+        kill -KILL "${pid}" 2>/dev/null || true
+      fi
       for _ in $(seq 1 100); do kill -0 "${pid}" 2>/dev/null || break; sleep 0.1; done
       rm -f "${dir}/pid"
     fi

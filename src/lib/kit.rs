@@ -139,6 +139,7 @@ mod tests {
                 "pm-rollback",
                 "pm-query",
                 "pm-exporter",
+                "pm-doctor",
                 "pm-lab"
             ]
         );

@@ -49,6 +49,11 @@ pub struct SigningKey {
 }
 
 impl SigningKey {
+    /// Whether `home` has a signing key yet (dry runs must not create one).
+    pub fn exists(home: &Path) -> bool {
+        home.join(SIGNING_KEY_FILE).exists()
+    }
+
     /// Loads the key from `home`, creating it (0600, in a 0700 `pki/`) on first use.
     pub fn load_or_create(home: &Path) -> Result<SigningKey, PkiError> {
         let path = home.join(SIGNING_KEY_FILE);

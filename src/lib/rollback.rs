@@ -143,7 +143,7 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
     };
     let dist_before = generations.dist.clone();
     if global.dry_run {
-        let report = FleetReport {
+        let mut report = FleetReport {
             rollout: push::report("rollback", None, &revision, "planned", None, &hosts),
             generation,
             dist_rolled_back: false,
@@ -151,6 +151,8 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
             dist_before: dist_before.clone(),
             dist_after: dist_before,
         };
+        // A real run over the whole fleet moves dist even when every host is on it already.
+        report.rollout.changed |= args.targets.is_all();
         return print(global, &report);
     }
     let _lock = push::rollout_lock(home)?;

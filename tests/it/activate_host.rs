@@ -300,13 +300,14 @@ fn a_host_is_activated_listed_and_a_second_run_only_reapplies_its_setup() {
     assert_eq!(run.code(), 2, "{}", run.stderr());
     assert!(run.stderr().contains("[serve] url"), "{}", run.stderr());
     assert!(!agent.activated());
-    // A dry run checks key, agent and dist URL (here from pm.toml) and changes nothing.
+    // A dry run checks key, agent and dist URL (here from pm.toml) and changes nothing; its
+    // `changed` says the agent would be activated (Ansible's check mode).
     home.config("[serve]\nurl = \"http://127.0.0.1:8080\"\n");
     let dry = Pm::activate(&home)
         .args(["host", &agent.address(), "--dry-run", "--key-file"])
         .args([&file])
         .json();
-    assert_eq!(dry["changed"], false);
+    assert_eq!(dry["changed"], true);
     assert_eq!(dry["action"], "dry-run");
     assert!(!agent.activated());
 

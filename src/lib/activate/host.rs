@@ -586,9 +586,10 @@ fn activate_one(
     let pin = tls::fingerprint(&presented);
     let started = Utc::now();
     if global.dry_run {
-        // Key, agent and dist URL are fine; the agent is not told anything.
+        // Key, agent and dist URL are fine; the agent is not told anything. It would be
+        // activated: changed (what Ansible's check mode reports).
         return Ok(HostReport {
-            changed: false,
+            changed: true,
             action: "dry-run",
             host: args.name.clone().unwrap_or_default(),
             address,

@@ -666,6 +666,18 @@ pub fn run_key_export_public(
     global: &GlobalArgs,
     out: &Path,
 ) -> anyhow::Result<ExitStatus> {
+    if global.dry_run && !SigningKey::exists(home) {
+        // A dry run creates no key: a real run would, and write its public half.
+        if global.json {
+            cli::print_json(&serde_json::json!({ "changed": true, "dry_run": true, "out": out }))?;
+        } else {
+            cli::print_text(format!(
+                "dry run: would create the signing key and write its public half to {}",
+                out.display()
+            ))?;
+        }
+        return Ok(ExitStatus::Success);
+    }
     let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
     let pem = key.public_key_pem()?;
     let fingerprint = key.fingerprint()?;
@@ -751,6 +763,20 @@ pub fn run_trust_remove(
     fingerprint: &str,
 ) -> anyhow::Result<ExitStatus> {
     if global.dry_run {
+        let trusted = pki::trusted_keys(home)?
+            .iter()
+            .any(|k| k.fingerprint == fingerprint);
+        if global.json {
+            cli::print_json(&serde_json::json!({
+                "changed": trusted, "dry_run": true, "fingerprint": fingerprint,
+            }))?;
+        } else {
+            cli::print_text(if trusted {
+                format!("dry run: would stop trusting {fingerprint}")
+            } else {
+                format!("dry run: {fingerprint} is not trusted")
+            })?;
+        }
         return Ok(ExitStatus::Success);
     }
     match pki::distrust_key(home, fingerprint)? {
