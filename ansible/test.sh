@@ -153,6 +153,12 @@ done
 serve_pid="$(in_box systemctl show -P MainPID pm-mirror-serve.service)"
 [[ "$(in_box stat -c %U "/proc/${serve_pid}")" == pm ]] || fail "pm-mirror serve does not run as pm"
 [[ "$(in_box stat -c '%U %a' /var/lib/pm/pm.toml)" == "pm 640" ]] || fail "pm.toml is not pm's, 0640"
+# The network-facing services cannot reach the private keys, even as the pm user that owns them.
+for unit in pm-mirror-serve.service pm-exporter.service; do
+  pid="$(in_box systemctl show -P MainPID "${unit}")"
+  in_box nsenter -t "${pid}" -m test -e /var/lib/pm/pki/ca.key && fail "${unit} can see pki/ca.key"
+  in_box test -e /var/lib/pm/pki/ca.key || fail "no pki/ca.key to hide: the check above proves nothing"
+done
 activated="$(pm pm-activate --home /var/lib/pm --json list | json_field 'sorted((h["host"], h["group"], h["state"]) for h in d["hosts"])')"
 [[ "${activated}" == "[('agent-a', 'lab', 'active'), ('agent-b', 'lab', 'active'), ('agent-c', 'lab', 'active'), ('agent-d', 'lab', 'active')]" ]] \
   || fail "pm-activate list: ${activated}"

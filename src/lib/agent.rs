@@ -1124,6 +1124,14 @@ fn from_manager(inner: &Inner, info: &TlsConnectInfo) -> Result<(), Box<Response
         return Err(Box::new(not_activated()));
     }
     match &info.peer {
+        // Agents' certificates come from the same CA: one of them (a compromised host) must
+        // not be able to drive the others. Theirs carry serverAuth, the manager's does not.
+        Some(peer) if peer.verified && peer.server_auth => Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "an agent's certificate cannot call another agent: only the manager's client \
+             certificate can",
+        ))),
         Some(peer) if peer.verified => Ok(()),
         _ => Err(Box::new(error(
             StatusCode::FORBIDDEN,

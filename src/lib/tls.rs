@@ -329,6 +329,9 @@ pub struct PeerCertificate {
     /// Whether OpenSSL verified it against the configured CA. Always true in practice, since
     /// a certificate that does not verify fails the handshake; handlers should still check.
     pub verified: bool,
+    /// Whether it may serve TLS (extended key usage serverAuth): every agent's certificate
+    /// does, the manager's client certificate does not.
+    pub server_auth: bool,
 }
 
 impl PeerCertificate {
@@ -344,11 +347,15 @@ impl PeerCertificate {
             .to_bn()
             .and_then(|bn| bn.to_hex_str().map(|hex| hex.to_ascii_lowercase()))
             .unwrap_or_default();
+        let server_auth = cert
+            .extended_key_usage()
+            .is_some_and(|usage| usage.contains(openssl::x509::X509ExtendedKeyUsage::SSL_SERVER));
         PeerCertificate {
             fingerprint: fingerprint(cert),
             subject_cn,
             serial_hex,
             verified,
+            server_auth,
         }
     }
 }

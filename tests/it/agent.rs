@@ -671,3 +671,39 @@ fn the_agent_is_small_does_not_link_duckdb_and_stops_on_sigterm() {
     };
     assert_eq!(code, Some(0), "{}", agent.stderr());
 }
+
+#[test]
+fn an_agents_own_certificate_cannot_drive_another_agent() {
+    let setup = crate::support::AgentSetup::new();
+    let other = setup.add_agent("other.example", &[]);
+    // The other agent's CA-issued identity, as a compromised host would hold it.
+    let cert =
+        pm::pki::ca::load_certificate(&other.state().join(pm::agent::ISSUED_CERT_FILE)).unwrap();
+    let key = PKey::private_key_from_pem(
+        &std::fs::read(other.state().join(pm::agent::KEY_FILE)).unwrap(),
+    )
+    .unwrap();
+    let eku = cert.extended_key_usage().unwrap();
+    assert!(!eku.contains(openssl::x509::X509ExtendedKeyUsage::SSL_CLIENT));
+    let ca = ManagerCa::load_or_create(setup.home.path()).unwrap();
+    let client = tls::client_builder(Some(ca.certificate()), None, Some((&key, &cert)))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let outcome = runtime().block_on(async {
+        client
+            .get(format!("https://{}/v1/status", setup.addr))
+            .send()
+            .await
+            .map(|response| response.status().as_u16())
+    });
+    // The handshake refuses a certificate without clientAuth; were it accepted (a certificate
+    // issued before agents lost clientAuth), the agent answers 403.
+    match outcome {
+        Err(_) | Ok(403) => {}
+        Ok(code) => panic!("an agent's certificate got {code} from another agent"),
+    }
+    // The manager's client certificate still works.
+    assert_eq!(setup.get("/v1/status").0, 200);
+}

@@ -323,12 +323,8 @@ impl ManagerCa {
             usage.key_encipherment();
         }
         builder.append_extension(usage.build()?)?;
-        builder.append_extension(
-            ExtendedKeyUsage::new()
-                .server_auth()
-                .client_auth()
-                .build()?,
-        )?;
+        // serverAuth only: an agent's certificate must not work as a client of another agent.
+        builder.append_extension(ExtendedKeyUsage::new().server_auth().build()?)?;
         let san = san.build(&builder.x509v3_context(Some(&self.cert), None))?;
         builder.append_extension(san)?;
         self.append_key_ids(&mut builder)?;
@@ -742,21 +738,27 @@ mod tests {
         assert_eq!(sans.len(), 1);
         assert_eq!(sans.get(0).unwrap().dnsname(), Some("agent-one.example"));
         let eku = cert.extended_key_usage().unwrap();
-        assert!(eku.contains(X509ExtendedKeyUsage::SSL_SERVER | X509ExtendedKeyUsage::SSL_CLIENT));
+        assert!(eku.contains(X509ExtendedKeyUsage::SSL_SERVER));
+        assert!(!eku.contains(X509ExtendedKeyUsage::SSL_CLIENT));
         assert!(cert.pathlen().is_none());
         assert!(
             !verify_issued_by(ca.certificate(), &cert),
             "the agent cannot issue"
         );
         let dir = home.path();
-        for purpose in ["sslserver", "sslclient"] {
-            assert!(openssl_verify(
-                dir,
-                ca.certificate(),
-                &cert,
-                &["-purpose", purpose]
-            ));
-        }
+        assert!(openssl_verify(
+            dir,
+            ca.certificate(),
+            &cert,
+            &["-purpose", "sslserver"]
+        ));
+        // Not a client: an agent's certificate must not open a session to another agent.
+        assert!(!openssl_verify(
+            dir,
+            ca.certificate(),
+            &cert,
+            &["-purpose", "sslclient"]
+        ));
         assert!(openssl_verify(
             dir,
             ca.certificate(),
