@@ -611,6 +611,7 @@ fn copy_hashing(source: &mut dyn Read, target: &PathBuf) -> Result<(u64, String)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz::{Damage, Rng, campaign};
     use crate::manifest::ProductEntry;
 
     /// A signed revision of three files and a bundle of it; returns the bundle, the key that
@@ -716,69 +717,28 @@ mod tests {
         assert_eq!(first[start..], second[start_again..]);
     }
 
-    /// xorshift64*: a small deterministic generator, so a failure names a seed to replay.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
-
-    /// A damaged copy of `bundle`: flipped bytes, cut or inserted ranges, duplicated blocks,
-    /// garbage; half of the damage lands after the signed documents so the member parser and
-    /// not only the signature check gets exercised.
+    /// A damaged copy of `bundle`: the shared byte mutations, plus duplicated 512-byte blocks and
+    /// rewritten tar type flags and names; half of the damage lands after the signed documents
+    /// so the member parser and not only the signature check gets exercised.
     fn mutate(bundle: &[u8], files_start: usize, rng: &mut Rng) -> Vec<u8> {
-        let mut bytes = bundle.to_vec();
-        let region = |rng: &mut Rng, len: usize| {
-            if rng.below(2) == 0 {
-                files_start + rng.below(len - files_start)
-            } else {
-                rng.below(len)
-            }
-        };
-        for _ in 0..1 + rng.below(4) {
-            let len = bytes.len().max(files_start + 1);
-            match rng.below(7) {
-                0 => {
-                    for _ in 0..1 + rng.below(8) {
-                        let at = region(rng, len).min(bytes.len().saturating_sub(1));
-                        if let Some(byte) = bytes.get_mut(at) {
-                            *byte ^= 1 << rng.below(8);
-                        }
-                    }
-                }
-                1 => bytes.truncate(region(rng, len)),
-                2 => {
-                    let at = region(rng, len).min(bytes.len());
-                    let junk: Vec<u8> = (0..rng.below(1024)).map(|_| rng.next() as u8).collect();
-                    bytes.splice(at..at, junk);
-                }
-                3 => {
-                    let block = region(rng, len) / 512 * 512;
-                    if block + 512 <= bytes.len() {
-                        let copy = bytes[block..block + 512].to_vec();
-                        let at = (region(rng, len) / 512 * 512).min(bytes.len());
-                        bytes.splice(at..at, copy);
-                    }
-                }
+        let mut damage = Damage::new(bundle, files_start, rng);
+        for _ in 0..1 + damage.rng.below(4) {
+            match damage.rng.below(8) {
+                0 => damage.flip_bits(),
+                1 => damage.truncate(),
+                2 => damage.insert_junk(1024),
+                3 => damage.duplicate(0, 512),
                 4 => {
                     // Rewrite a header's type flag: links, devices, directories, pax, gnu.
-                    let block = region(rng, len) / 512 * 512;
-                    if let Some(flag) = bytes.get_mut(block + 156) {
-                        *flag = *b"0123456789KLxgDS".get(rng.below(16)).unwrap_or(&b'0');
+                    let block = damage.spot() / 512 * 512;
+                    let flag = *damage.rng.pick(b"0123456789KLxgDS");
+                    if let Some(byte) = damage.bytes.get_mut(block + 156) {
+                        *byte = flag;
                     }
                 }
                 5 => {
                     // Rewrite a header's name.
-                    let block = region(rng, len) / 512 * 512;
+                    let block = damage.spot() / 512 * 512;
                     let names: [&[u8]; 6] = [
                         b"../x",
                         b"/etc/x",
@@ -787,22 +747,17 @@ mod tests {
                         b"files/",
                         b"bundle.json",
                     ];
-                    let name = names[rng.below(names.len())];
-                    if block + 100 <= bytes.len() {
-                        bytes[block..block + 100].fill(0);
-                        bytes[block..block + name.len()].copy_from_slice(name);
+                    let name = *damage.rng.pick(&names);
+                    if let Some(field) = damage.bytes.get_mut(block..block + 100) {
+                        field.fill(0);
+                        field[..name.len()].copy_from_slice(name);
                     }
                 }
-                _ => {
-                    let at = region(rng, len).min(bytes.len());
-                    let end = (at + rng.below(2048)).min(bytes.len());
-                    for byte in &mut bytes[at..end] {
-                        *byte = rng.next() as u8;
-                    }
-                }
+                6 => damage.remove(1024),
+                _ => damage.scramble(2048),
             }
         }
-        bytes
+        damage.bytes
     }
 
     /// Everything below `dir` that is not a plain file or directory, or that exists outside
@@ -829,45 +784,30 @@ mod tests {
     }
 
     /// The bundle reader under damaged input: never a panic, never a write outside the staging
-    /// directory, never a link. CI runs a few hundred cases; `PM_FUZZ_SECONDS=600 cargo test
-    /// --release bundle_reader` runs for ten minutes, and `PM_FUZZ_SEED` replays a case.
+    /// directory, never a link (harness: `crate::fuzz`; CONTRIBUTING.md tells how to run it
+    /// longer or replay a seed).
     #[test]
     fn bundle_reader_survives_damaged_bundles_without_writing_outside_staging() {
         let dir = tempfile::tempdir().unwrap();
         let (bundle, trusted, files_start) = sample_bundle(&dir.path().join("source"));
         let sandbox = dir.path().join("sandbox");
         std::fs::create_dir(&sandbox).unwrap();
-        let seconds: u64 = std::env::var("PM_FUZZ_SECONDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let seed: u64 = std::env::var("PM_FUZZ_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0x9e37_79b9);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
-        let (mut cases, mut accepted) = (0u64, 0u64);
-        let mut rng = Rng(seed);
-        while cases < 400 || std::time::Instant::now() < deadline {
-            let case_seed = rng.next() | 1;
-            let damaged = mutate(&bundle, files_start, &mut Rng(case_seed));
+        campaign("bundle reader", 400, |seed| {
+            let damaged = mutate(&bundle, files_start, &mut Rng::new(seed));
             let staging = sandbox.join("staging");
             std::fs::create_dir(&staging).unwrap();
-            if read(&damaged, &staging, &trusted).is_ok() {
-                accepted += 1;
-            }
+            let accepted = read(&damaged, &staging, &trusted).is_ok();
             let stray = strays(&sandbox, &staging);
             assert!(
                 stray.is_empty(),
-                "seed {case_seed}: wrote outside staging or made links: {stray:?}"
+                "wrote outside staging or made links: {stray:?}"
             );
             std::fs::remove_dir_all(&staging).unwrap();
-            cases += 1;
-        }
+            accepted
+        });
         assert!(
             std::fs::read_dir(dir.path()).unwrap().count() == 2,
             "nothing appeared beside the sandbox"
         );
-        eprintln!("bundle reader: {cases} damaged bundles, {accepted} still verified");
     }
 }

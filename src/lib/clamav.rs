@@ -3187,4 +3187,106 @@ mod tests {
             None
         );
     }
+
+    /// Delimiters, magic, CLD markers and out-of-range numbers of the CVD header.
+    const CVD_TOKENS: &[&[u8]] = &[
+        b":",
+        b"ClamAV-VDB:",
+        b"X",
+        b"\n",
+        b"\0",
+        b" ",
+        b"-1",
+        b"+1",
+        b"0",
+        b"4294967295",
+        b"4294967296",
+        b"99999999999999999999",
+        b"\x1f\x8b",
+        b"test.info",
+        b"ustar",
+    ];
+
+    /// The CVD header parser and the three whole-database checks under damaged copies of the
+    /// signed test-3.cvd and test-6.cvd (harness: `crate::fuzz`): no panics; the bytes and file
+    /// checks agree; whatever verifies as a CVD has the original body, md5 and signed fields,
+    /// and whatever verifies as a CLD has the original signed fields.
+    #[test]
+    fn mutated_cvds_never_panic_and_verify_only_with_their_signed_body_and_fields() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("damaged.cvd");
+        let originals: Vec<(Vec<u8>, CvdHeader)> = ["test-3.cvd", "test-6.cvd"]
+            .iter()
+            .map(|name| {
+                let bytes = read(name);
+                let header = verify_cvd(&bytes).expect("the original verifies");
+                (bytes, header)
+            })
+            .collect();
+        let signed = |h: &CvdHeader| {
+            (
+                h.version,
+                h.signatures,
+                h.functionality_level,
+                h.build_time_unix,
+            )
+        };
+        crate::fuzz::campaign("cvd", 1000, |seed| {
+            let mut rng = crate::fuzz::Rng::new(seed);
+            let (original, header) = &originals[rng.below(originals.len())];
+            // Half of the cases damage only the header, the rest anything.
+            let focus = if rng.below(2) == 0 { CVD_HEADER_LEN } else { 0 };
+            let mut damage = crate::fuzz::Damage::new(original, focus, &mut rng);
+            if focus == 0 {
+                damage.any(CVD_TOKENS);
+                damage
+                    .bytes
+                    .truncate(CVD_HEADER_LEN.max(damage.bytes.len()));
+            } else {
+                for _ in 0..1 + damage.rng.below(3) {
+                    let at = damage.rng.below(CVD_HEADER_LEN);
+                    match damage.rng.below(3) {
+                        0 => damage.bytes[at] ^= 1 << damage.rng.below(8),
+                        1 => {
+                            let token = *damage.rng.pick(CVD_TOKENS);
+                            let end = (at + token.len()).min(CVD_HEADER_LEN);
+                            damage.bytes[at..end].copy_from_slice(&token[..end - at]);
+                        }
+                        _ => damage.bytes[at] = damage.rng.next() as u8,
+                    }
+                }
+            }
+            let damaged = damage.bytes;
+
+            if let Ok(parsed) = parse_cvd_header(&damaged) {
+                // The header is a function of the first 512 bytes only.
+                let head = damaged.get(..CVD_HEADER_LEN).expect("parsed, so 512 bytes");
+                assert_eq!(parse_cvd_header(head).ok(), Some(parsed));
+            }
+            let from_bytes = verify_cvd(&damaged);
+            std::fs::write(&path, &damaged).expect("write");
+            let from_file = verify_cvd_file(&path);
+            assert_eq!(
+                from_bytes.as_ref().ok(),
+                from_file.as_ref().ok(),
+                "verify_cvd and verify_cvd_file disagree: {:?} / {:?}",
+                from_bytes.as_ref().err().map(ToString::to_string),
+                from_file.as_ref().err().map(ToString::to_string),
+            );
+            if let Ok(verified) = &from_bytes {
+                assert_eq!(
+                    damaged.get(CVD_HEADER_LEN..),
+                    original.get(CVD_HEADER_LEN..),
+                    "a changed body verified"
+                );
+                assert_eq!(verified.md5, header.md5);
+                assert_eq!(signed(verified), signed(header));
+            }
+            let as_cld = verify_cld(damaged.as_slice(), body_inflate_limit(damaged.len()));
+            if let Ok(verified) = &as_cld {
+                assert_eq!(signed(verified), signed(header), "signed fields changed");
+            }
+            from_bytes.is_ok()
+        });
+    }
 }

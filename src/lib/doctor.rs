@@ -318,6 +318,12 @@ fn check_inventory(home: &Path) -> Check {
             ),
             "run pm-doctor again when it has finished",
         ),
+        Err(err) if err.is_unreplayable_wal() => Check::warn(
+            NAME,
+            "a writer was interrupted: its write-ahead log is replayed by the next pm command \
+             that writes the inventory (read-only opens cannot replay it)",
+            "run a writing command, e.g. pm-mirror sync or pm-poll",
+        ),
         Err(err @ InventoryError::TooOld { .. }) => Check::warn(
             NAME,
             err.to_string(),

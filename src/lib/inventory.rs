@@ -96,6 +96,16 @@ pub enum InventoryError {
 }
 
 /// An open inventory.
+impl InventoryError {
+    /// A writer was killed with a write-ahead log that a read-only open cannot replay (DuckDB
+    /// replays some logged schema changes only in a read-write open). Nothing is lost: the next
+    /// read-write open replays it.
+    pub fn is_unreplayable_wal(&self) -> bool {
+        matches!(self, InventoryError::Db { source, .. }
+            if source.to_string().contains("Failure while replaying WAL"))
+    }
+}
+
 pub struct Inventory {
     conn: Connection,
     path: PathBuf,
@@ -304,7 +314,14 @@ impl Inventory {
         if !path.exists() {
             return Ok(None);
         }
-        let conn = open_with_retry(&path, AccessMode::ReadOnly, lock_timeout)?;
+        let conn = match open_with_retry(&path, AccessMode::ReadOnly, lock_timeout) {
+            Err(err) if err.is_unreplayable_wal() => {
+                // As for a migration: replay it once, briefly read-write, then read.
+                drop(Inventory::open(home, lock_timeout)?);
+                open_with_retry(&path, AccessMode::ReadOnly, lock_timeout)?
+            }
+            other => other?,
+        };
         let inventory = Inventory { conn, path };
         let known = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
         if inventory.schema_version()? < known {
@@ -323,8 +340,18 @@ impl Inventory {
         })
     }
 
-    /// The schema version applied to this file.
+    /// The schema version applied to this file: 0 for a file no migration ever completed in
+    /// (a first run killed while creating it), which the next writer migrates.
     pub fn schema_version(&self) -> Result<u32, InventoryError> {
+        let tables: i64 = self.db(self.conn.query_row(
+            "SELECT count(*) FROM duckdb_tables() \
+             WHERE schema_name = 'main' AND table_name = 'schema_migrations'",
+            [],
+            |row| row.get(0),
+        ))?;
+        if tables == 0 {
+            return Ok(0);
+        }
         let version: Option<u32> = self.db(self.conn.query_row(
             "SELECT max(version) FROM schema_migrations",
             [],
@@ -954,6 +981,23 @@ fn lock_holder(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_no_migration_completed_in_reads_as_version_zero_and_the_next_open_migrates_it() {
+        // What a first run killed between creating the file and its first migration leaves.
+        let home = tempfile::tempdir().unwrap();
+        drop(duckdb::Connection::open(home.path().join(INVENTORY_FILE)).unwrap());
+        match Inventory::open_for_snapshot(home.path()) {
+            Err(InventoryError::TooOld { found: 0, .. }) => {}
+            Err(err) => panic!("expected TooOld from 0, got {err}"),
+            Ok(_) => panic!("expected TooOld from 0, got an inventory"),
+        }
+        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            inventory.schema_version().unwrap(),
+            MIGRATIONS.last().unwrap().0
+        );
+    }
 
     #[test]
     fn an_empty_home_migrates_from_zero_to_the_newest_schema() {

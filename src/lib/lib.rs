@@ -10,6 +10,8 @@ pub mod config;
 pub mod doctor;
 pub mod durable;
 pub mod exporter;
+#[cfg(test)]
+mod fuzz;
 pub mod inventory;
 pub mod kit;
 pub mod lab;

@@ -195,9 +195,12 @@ impl Manifest {
             .filter(|p| p.kind == AGENT_KIND && p.via.is_none())
     }
 
-    /// Total bytes of all files.
+    /// Total bytes of all files. Saturates: a manifest is parsed from untrusted bytes before
+    /// any file is checked against it, and sizes near `u64::MAX` must not overflow the sum.
     pub fn total_bytes(&self) -> u64 {
-        self.files.iter().map(|f| f.size).sum()
+        self.files
+            .iter()
+            .fold(0u64, |total, f| total.saturating_add(f.size))
     }
 }
 
@@ -284,5 +287,192 @@ mod tests {
         // Manifests written before `via` existed still parse, and `via` stays out when unset.
         let json = serde_json::to_string(&manifest.products[0]).unwrap();
         assert!(!json.contains("via"), "{json}");
+    }
+
+    /// Found by the fuzz test below (seed 12578651032905805883): `total_bytes` summed with `+`,
+    /// which panics in debug builds and wraps in release ones.
+    #[test]
+    fn total_bytes_of_sizes_past_u64_max_saturates_instead_of_overflowing() {
+        let mut manifest = sample_manifest();
+        manifest.files[0].size = u64::MAX;
+        assert_eq!(manifest.total_bytes(), u64::MAX);
+        manifest.files.truncate(2);
+        manifest.files[0].size = 7;
+        manifest.files[1].size = 5;
+        assert_eq!(manifest.total_bytes(), 12);
+    }
+
+    /// Field names and values of the manifest's own, besides `fuzz::JSON_SYNTAX`.
+    const JSON_EXTRA: &[&[u8]] = &[
+        b"\"via\": \"parent\", ",
+        b"\"kind\": \"agent\", ",
+        b"\"size\": 18446744073709551615, ",
+        b"../",
+    ];
+
+    /// A manifest like the ones `pm-mirror sync` writes: ClamAV databases and a cdiff, a
+    /// `files` feed, a parent's product and the agent packages.
+    fn sample_manifest() -> Manifest {
+        let built = DateTime::parse_from_rfc3339("2026-11-25T09:10:11Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let product =
+            |name: &str, kind: &str, via: Option<&str>, components: &[(&str, &str)]| ProductEntry {
+                name: name.into(),
+                kind: kind.into(),
+                via: via.map(Into::into),
+                version: (kind == "files").then(|| "2026.11.25".into()),
+                components: components
+                    .iter()
+                    .map(|&(name, version)| ComponentEntry {
+                        name: name.into(),
+                        version: version.into(),
+                        build_time: Some(built),
+                    })
+                    .collect(),
+            };
+        let entry =
+            |path: &str, size: u64, product: &str, component: &str, version: &str| FileEntry {
+                path: path.into(),
+                size,
+                sha256: hex(&openssl::sha::sha256(path.as_bytes())),
+                product: product.into(),
+                component: component.into(),
+                version: Some(version.into()),
+                build_time: Some(built),
+            };
+        let files = vec![
+            entry(
+                "agent/pm-agent-x86_64-linux",
+                9_812_345,
+                "agent",
+                "pm-agent-x86_64-linux",
+                "0.1.0",
+            ),
+            entry("clamav/bytecode.cvd", 282_624, "clamav", "bytecode", "336"),
+            entry(
+                "clamav/daily-27430.cdiff",
+                4_217,
+                "clamav",
+                "daily",
+                "27430",
+            ),
+            entry("clamav/daily.cvd", 61_865_472, "clamav", "daily", "27430"),
+            entry("clamav/main.cvd", 170_479_789, "clamav", "main", "62"),
+            entry(
+                "upstream/daily.cvd",
+                61_865_472,
+                "upstream",
+                "daily",
+                "27429",
+            ),
+            entry(
+                "vendor/rules/a.yar",
+                1_500,
+                "vendor",
+                "rules/a.yar",
+                "2026.11.25",
+            ),
+        ];
+        Manifest {
+            format: 1,
+            revision: "r42".into(),
+            serial: 42,
+            created_at: built,
+            source: "upstream".into(),
+            content_sha256: content_sha256(&files),
+            products: vec![
+                product(
+                    "agent",
+                    AGENT_KIND,
+                    None,
+                    &[("pm-agent-x86_64-linux", "0.1.0")],
+                ),
+                product(
+                    "clamav",
+                    "clamav",
+                    None,
+                    &[("bytecode", "336"), ("daily", "27430"), ("main", "62")],
+                ),
+                product("upstream", "clamav", Some("parent"), &[("daily", "27429")]),
+                product("vendor", "files", None, &[("rules/a.yar", "2026.11.25")]),
+            ],
+            files,
+        }
+    }
+
+    /// Everything consumers of a parsed manifest call on it.
+    fn use_every_accessor(manifest: &Manifest) {
+        let _ = manifest.total_bytes();
+        let _ = content_sha256(&manifest.files);
+        let _ = manifest.has_agent_product();
+        let _ = manifest.agent_package(&agent_component("x86_64", "linux"));
+        for product in &manifest.products {
+            let _ = manifest.file(&product.name);
+            let _ = manifest.product_files(&product.name).count();
+            let _ = manifest.products_of(product.config_product()).count();
+            let _ = manifest.files_of_config_product(&product.name).count();
+            for component in &product.components {
+                let _ = product.component_label(component);
+            }
+        }
+    }
+
+    /// A signed manifest and its signature under damage (harness: `crate::fuzz`), checked the
+    /// way agents and child mirrors do (Ed25519 signature, then the JSON): whatever verifies is
+    /// the original, byte for byte and in meaning; whatever parses (a parent signs what it
+    /// likes) round-trips through serde unchanged and survives every accessor.
+    #[test]
+    fn mutated_manifests_never_panic_and_verify_only_when_byte_identical() {
+        let home = tempfile::tempdir().unwrap();
+        let key = crate::pki::SigningKey::load_or_create(home.path()).unwrap();
+        let verifier = crate::pki::VerifyingKey::from_pem(&key.public_key_pem().unwrap()).unwrap();
+        let original = sample_manifest();
+        let json = serde_json::to_vec_pretty(&original).unwrap();
+        let signature = key.sign(&json).unwrap();
+        assert!(verifier.verify(&json, &signature));
+        let campaign = crate::fuzz::campaign("manifest", 8000, |seed| {
+            let mut rng = crate::fuzz::Rng::new(seed);
+            let (damage_json, damage_signature) = match rng.below(8) {
+                0 => (false, true),
+                1 => (true, true),
+                _ => (true, false),
+            };
+            let mut damaged_json = json.clone();
+            if damage_json {
+                let mut damage = crate::fuzz::Damage::new(&json, 0, &mut rng);
+                damage.any(&crate::fuzz::json_tokens(JSON_EXTRA));
+                damaged_json = damage.bytes;
+            }
+            let mut damaged_signature = signature.clone();
+            if damage_signature {
+                let mut damage = crate::fuzz::Damage::new(&signature, 0, &mut rng);
+                damage.any(&[b"\0", b"\xff"]);
+                damaged_signature = damage.bytes;
+            }
+            let parsed = serde_json::from_slice::<Manifest>(&damaged_json);
+            let verified = verifier.verify(&damaged_json, &damaged_signature);
+            if verified {
+                assert!(damaged_json == json, "a changed manifest verified");
+                assert!(
+                    damaged_signature == signature,
+                    "a changed signature verified"
+                );
+                assert_eq!(parsed.as_ref().ok(), Some(&original));
+            }
+            if let Ok(manifest) = &parsed {
+                let again = serde_json::to_vec_pretty(manifest).unwrap();
+                assert_eq!(
+                    serde_json::from_slice::<Manifest>(&again).ok().as_ref(),
+                    Some(manifest),
+                    "does not round-trip"
+                );
+                use_every_accessor(manifest);
+            }
+            verified
+        });
+        if !campaign.replay {
+            assert!(campaign.accepted < campaign.cases, "nothing was damaged");
+        }
     }
 }

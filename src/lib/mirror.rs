@@ -424,7 +424,32 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
             .map_err(inventory_error)?;
     }
     print_sync(global, &report)?;
+    if failed {
+        print_sync_errors(home, &report);
+    }
     Ok(status)
+}
+
+/// `error:`/`hint:` on stderr for each product that failed (the report has the details).
+fn print_sync_errors(home: &Path, report: &SyncReport) {
+    for product in report.products.iter() {
+        let Some(error) = &product.error else {
+            continue;
+        };
+        eprintln!("error: {}: {error}", product.name);
+        if error.contains("No space left on device") {
+            eprintln!(
+                "hint: free space on the filesystem of `{}` (df -h) and run again; latest and \
+                 dist are unchanged",
+                home.display()
+            );
+        } else {
+            eprintln!(
+                "hint: latest is unchanged; fix the cause and run again (`pm-mirror status` \
+                 shows each product's last error)"
+            );
+        }
+    }
 }
 
 /// Makes sure every revision the repository holds is in the inventory, so a crash between the

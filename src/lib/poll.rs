@@ -584,12 +584,32 @@ async fn request(
             format!("agent `{address}` refused the poll: {message}"),
         ));
     }
-    serde_json::from_slice(&body).map_err(|err| {
+    parse_answer(&body).map_err(|problem| {
         failure(
             "bad_response",
-            format!("agent `{address}` answered something that is not a poll answer: {err}"),
+            format!("agent `{address}` answered something that is not a poll answer: {problem}"),
         )
     })
+}
+
+/// Parses an agent's poll answer (at most [`MAX_ANSWER`] bytes, which bounds every string in
+/// it; serde_json refuses nesting deeper than 128 and numbers out of their field's range).
+/// Agents send at most [`proto::POLL_MAX_REPORTS`] scan reports and update runs; an answer
+/// with more is refused rather than written to the inventory.
+fn parse_answer(body: &[u8]) -> Result<PollResponse, String> {
+    let answer: PollResponse = serde_json::from_slice(body).map_err(|err| err.to_string())?;
+    for (what, n) in [
+        ("scan reports", answer.scans.len()),
+        ("update runs", answer.updates.len()),
+    ] {
+        if n > proto::POLL_MAX_REPORTS {
+            return Err(format!(
+                "{n} {what}, more than the {} an agent sends",
+                proto::POLL_MAX_REPORTS
+            ));
+        }
+    }
+    Ok(answer)
 }
 
 fn colour_cell(text: &str, colour: &str, terminal: bool) -> comfy_table::Cell {
@@ -744,4 +764,228 @@ fn prune(home: &Path, global: &GlobalArgs, older_than: Duration) -> anyhow::Resu
         ))?;
     }
     Ok(ExitStatus::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{
+        AgentStatus, InstallReport, InstalledComponent, InstalledFileChange, InstalledState,
+        ScanFinding, ScanReport, ScanResult, ScheduleEntry, UpdateRun,
+    };
+
+    /// Values of the answer's own, besides `fuzz::JSON_SYNTAX`.
+    const JSON_EXTRA: &[&[u8]] = &[
+        b"-1e999",
+        b"1.7976931348623157e308",
+        b"5e-324",
+        b"99999999999999999999999999999999",
+        b"\"result\": \"error\", ",
+    ];
+
+    /// An answer like a real agent's: activated, something installed, a schedule, two scans
+    /// (one infected) and an update run.
+    fn sample_answer() -> PollResponse {
+        let at = |text: &str| {
+            DateTime::parse_from_rfc3339(text)
+                .unwrap()
+                .with_timezone(&Utc)
+        };
+        let scan = |id: &str, result: ScanResult, findings: Vec<ScanFinding>| ScanReport {
+            id: id.into(),
+            started_at: at("2026-11-26T07:58:10.123456Z"),
+            finished_at: at("2026-11-26T07:58:12.5Z"),
+            duration_seconds: 2.376544,
+            engine: "clamav".into(),
+            program: Some("clamscan".into()),
+            paths: vec!["/srv/upload".into(), "/home".into()],
+            files_scanned: Some(18_234),
+            findings,
+            result,
+            error: None,
+        };
+        PollResponse {
+            status: AgentStatus {
+                host_name: "scan-17.example.net".into(),
+                agent_version: "0.1.0".into(),
+                agent_sha256: Some("ab".repeat(32)),
+                upgrade_error: None,
+                activated: true,
+                manager_ca_fingerprint: Some(format!("sha256:{}", "cd".repeat(32))),
+                engine: "clamav".into(),
+                group: Some("web".into()),
+                profile: Some("default".into()),
+                license_expires_at: Some(at("2027-11-26T00:00:00Z")),
+            },
+            installed: Some(InstalledState {
+                revision: Some("r42".into()),
+                serial: Some(42),
+                installed_at: at("2026-11-26T06:00:03Z"),
+                components: vec![
+                    InstalledComponent {
+                        component: "daily".into(),
+                        version: Some("27430".into()),
+                        build_time: Some(at("2026-11-26T04:21:00Z")),
+                    },
+                    InstalledComponent {
+                        component: "main".into(),
+                        version: Some("62".into()),
+                        build_time: None,
+                    },
+                ],
+                backups: vec![Some("r41".into()), Some("r40".into()), None],
+            }),
+            schedule: vec![
+                ScheduleEntry {
+                    job: "update".into(),
+                    expression: "0 * * * *".into(),
+                    next_run: Some(at("2026-11-26T09:00:00Z")),
+                },
+                ScheduleEntry {
+                    job: "scan".into(),
+                    expression: "30 3 * * *".into(),
+                    next_run: None,
+                },
+            ],
+            scans: vec![
+                scan(
+                    "20261126T075810.123456Z-1a2b3c4d",
+                    ScanResult::Clean,
+                    Vec::new(),
+                ),
+                scan(
+                    "20261126T081502.000001Z-5e6f7a8b",
+                    ScanResult::Infected,
+                    vec![ScanFinding {
+                        path: "/srv/upload/eicar.com".into(),
+                        signature: "Eicar-Test-Signature".into(),
+                    }],
+                ),
+            ],
+            updates: vec![UpdateRun {
+                id: "20261126T060000.000000Z".into(),
+                trigger: "schedule".into(),
+                started_at: at("2026-11-26T06:00:00Z"),
+                finished_at: at("2026-11-26T06:00:03Z"),
+                report: Some(InstallReport {
+                    changed: true,
+                    action: "update".into(),
+                    revision: Some("r42".into()),
+                    serial: Some(42),
+                    previous_revision: Some("r41".into()),
+                    files: vec![InstalledFileChange {
+                        name: "daily.cvd".into(),
+                        from_version: Some("27429".into()),
+                        to_version: Some("27430".into()),
+                    }],
+                    downloaded: vec!["daily-27430.cdiff".into()],
+                    downloaded_bytes: 4_217,
+                    reloaded: true,
+                }),
+                error: None,
+            }],
+        }
+    }
+
+    /// Inserts, after an opening brace at a random spot, an unknown field holding something
+    /// oversized: deep nesting, a long string, a long number, or many scan reports.
+    fn insert_oversized(damage: &mut crate::fuzz::Damage<'_>, scan_report: &[u8]) {
+        let at = damage.spot();
+        let Some(brace) = damage.bytes.get(at..).and_then(|rest| {
+            rest.iter()
+                .position(|&b| b == b'{')
+                .map(|offset| at + offset + 1)
+        }) else {
+            return;
+        };
+        let depth = *damage.rng.pick(&[1usize, 127, 128, 129, 10_000, 100_000]);
+        let field: Vec<u8> = match damage.rng.below(4) {
+            0 => [
+                b"\"nested\": ".to_vec(),
+                b"[".repeat(depth),
+                b"]".repeat(depth),
+                b", ".to_vec(),
+            ]
+            .concat(),
+            1 => [
+                b"\"pad\": \"".to_vec(),
+                b"a".repeat(depth),
+                b"\", ".to_vec(),
+            ]
+            .concat(),
+            2 => [b"\"n\": ".to_vec(), b"9".repeat(depth), b", ".to_vec()].concat(),
+            _ => {
+                let n = proto::POLL_MAX_REPORTS + damage.rng.below(3);
+                let reports = vec![scan_report; n].join(&b","[..]);
+                [b"\"scans\": [".to_vec(), reports, b"], ".to_vec()].concat()
+            }
+        };
+        damage.bytes.splice(brace..brace, field);
+    }
+
+    /// The poll answer parser under damaged copies of a real answer (harness: `crate::fuzz`):
+    /// no panics (nor stack overflows from nesting); whatever parses is within the bounds an
+    /// agent keeps to, and round-trips through serde unchanged.
+    #[test]
+    fn mutated_poll_answers_never_panic_and_parse_only_within_bounds() {
+        let original = sample_answer();
+        let json = serde_json::to_vec(&original).unwrap();
+        assert_eq!(parse_answer(&json).as_ref(), Ok(&original));
+        let scan_report = serde_json::to_vec(&original.scans[1]).unwrap();
+        let campaign = crate::fuzz::campaign("poll answer", 2000, |seed| {
+            let mut rng = crate::fuzz::Rng::new(seed);
+            let mut damage = crate::fuzz::Damage::new(&json, 0, &mut rng);
+            for _ in 0..1 + damage.rng.below(3) {
+                if damage.rng.below(4) == 0 {
+                    insert_oversized(&mut damage, &scan_report);
+                } else {
+                    damage.one(&crate::fuzz::json_tokens(JSON_EXTRA));
+                }
+            }
+            let damaged = damage.bytes;
+            let Ok(answer) = parse_answer(&damaged) else {
+                return false;
+            };
+            assert!(answer.scans.len() <= proto::POLL_MAX_REPORTS);
+            assert!(answer.updates.len() <= proto::POLL_MAX_REPORTS);
+            for scan in &answer.scans {
+                assert!(scan.duration_seconds.is_finite());
+            }
+            // serde_json's default float parsing (no `float_roundtrip` feature) may be one ulp
+            // off for long mantissas (seed 136804447726949201: 2.18446744073709551616 reads
+            // back as ...095 and again as ...0954), so durations compare to that precision and
+            // everything else exactly.
+            let again = serde_json::to_vec(&answer).unwrap();
+            let mut reread = parse_answer(&again).expect("a parsed answer parses again");
+            assert_eq!(reread.scans.len(), answer.scans.len());
+            for (back, scan) in reread.scans.iter_mut().zip(&answer.scans) {
+                let ulp = f64::EPSILON * scan.duration_seconds.abs().max(f64::MIN_POSITIVE);
+                assert!(
+                    (back.duration_seconds - scan.duration_seconds).abs() <= ulp,
+                    "duration {} reads back as {}",
+                    scan.duration_seconds,
+                    back.duration_seconds
+                );
+                back.duration_seconds = scan.duration_seconds;
+            }
+            assert_eq!(reread, answer, "does not round-trip");
+            true
+        });
+        if !campaign.replay {
+            assert!(campaign.accepted < campaign.cases, "nothing was damaged");
+        }
+    }
+
+    #[test]
+    fn an_answer_with_more_reports_than_an_agent_sends_is_refused() {
+        let mut answer = sample_answer();
+        answer.scans = vec![answer.scans[0].clone(); proto::POLL_MAX_REPORTS + 1];
+        let json = serde_json::to_vec(&answer).unwrap();
+        assert_eq!(
+            parse_answer(&json).map(|_| ()),
+            Err("51 scan reports, more than the 50 an agent sends".to_string())
+        );
+        answer.scans.truncate(proto::POLL_MAX_REPORTS);
+        assert!(parse_answer(&serde_json::to_vec(&answer).unwrap()).is_ok());
+    }
 }

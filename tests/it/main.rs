@@ -13,6 +13,7 @@ mod ansible;
 mod dashboards;
 mod doctor;
 mod exporter;
+mod faults;
 mod inventory;
 mod kit;
 mod lab_agents;

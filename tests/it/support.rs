@@ -109,6 +109,17 @@ impl Home {
         ))
     }
 
+    /// [`Home::clamav_config`] plus the lab's `files` feed as product `vendor`.
+    pub fn clamav_and_feed_config(&self, lab: &Lab) -> &Home {
+        self.clamav_config(
+            lab,
+            &format!(
+                "[[products]]\nname = \"vendor\"\nkind = \"files\"\nindex_url = \"{}\"\n",
+                lab.url("/vendor/index.json")
+            ),
+        )
+    }
+
     /// A path inside the repository, e.g. `latest/clamav/test.cvd`.
     pub fn repo(&self, path: &str) -> PathBuf {
         self.path().join("repo").join(path)

@@ -1464,4 +1464,166 @@ mod tests {
             }
         }
     }
+
+    /// Commands, names, separators and out-of-range numbers of cdiff scripts.
+    const SCRIPT_TOKENS: &[&[u8]] = &[
+        b"OPEN ",
+        b"ADD ",
+        b"DEL ",
+        b"XCHG ",
+        b"CLOSE\n",
+        b"MOVE ",
+        b"UNLINK ",
+        b"\n",
+        b" ",
+        b"#",
+        b"../",
+        b"/",
+        b"..",
+        b".cdiff-close",
+        b".cdiff-move",
+        b"test.ndb",
+        b"test.info",
+        b"0",
+        b"1",
+        b"4294967296",
+        b"18446744073709551616",
+        b"\0",
+        b"\r\n",
+    ];
+
+    /// The gzip-compressed script of a cdiff, inflated.
+    fn script_of(cdiff: &[u8]) -> Vec<u8> {
+        let start = cdiff
+            .iter()
+            .enumerate()
+            .filter(|&(_, &b)| b == b':')
+            .nth(2)
+            .expect("header")
+            .0;
+        let end = cdiff.iter().rposition(|&b| b == b':').expect("signature");
+        let mut script = Vec::new();
+        flate2::read::GzDecoder::new(&cdiff[start + 1..end])
+            .read_to_end(&mut script)
+            .expect("inflate");
+        script
+    }
+
+    /// Name and content of every file in `dir`, sorted; panics on anything but plain files
+    /// with member names.
+    fn plain_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
+            .expect("list")
+            .map(|entry| {
+                let entry = entry.expect("entry");
+                let name = entry.file_name().into_string().expect("utf-8 name");
+                let kind = fs::symlink_metadata(entry.path())
+                    .expect("stat")
+                    .file_type();
+                assert!(
+                    kind.is_file() && is_plain_member_name(&name),
+                    "`{name}` is not a plain member file ({kind:?})"
+                );
+                (name, fs::read(entry.path()).expect("read"))
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// One of the test databases with the cdiff that updates it.
+    struct Step {
+        database: PathBuf,
+        cdiff: Vec<u8>,
+        script: Vec<u8>,
+        /// The database unpacked, one file per member.
+        unpacked: Vec<(String, Vec<u8>)>,
+        /// The files after the intact script.
+        updated: Vec<(String, Vec<u8>)>,
+        /// The members of the `.cld` the intact cdiff gives.
+        result: Members,
+    }
+
+    /// Cdiff scripts and whole cdiffs under damage (harness: `crate::fuzz`), started from the
+    /// real test-N.cvd and test-(N+1).cdiff, N = 1..5: no panics; a script writes nothing but
+    /// plain member files in its directory and leaves no scratch files, failed or not;
+    /// `apply_cdiffs` with a damaged cdiff either fails and leaves nothing behind, or the cdiff
+    /// still verifies and gives the same database as the intact one.
+    #[test]
+    fn mutated_cdiffs_never_panic_and_never_write_outside_their_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sandbox = dir.path().join("sandbox");
+        let work = sandbox.join("work");
+        let output = sandbox.join("test.cld");
+        let damaged_path = dir.path().join("damaged.cdiff");
+        let damaged_cdiffs = std::slice::from_ref(&damaged_path);
+        fs::create_dir(&sandbox).expect("mkdir");
+        let steps: Vec<Step> = (1..=5)
+            .map(|n| {
+                let database = testdb().join(format!("test-{n}.cvd"));
+                let cdiff = fs::read(testdb().join(format!("test-{}.cdiff", n + 1))).expect("read");
+                let script = script_of(&cdiff);
+                let base = dir.path().join(format!("base-{n}"));
+                fs::create_dir(&base).expect("mkdir");
+                unpack_database(&database, &base).expect("unpacks");
+                let unpacked = plain_files(&base);
+                apply_script(script.as_slice(), &base).expect("the intact script applies");
+                let updated = plain_files(&base);
+                fs::write(&damaged_path, &cdiff).expect("write");
+                apply_cdiffs(&database, damaged_cdiffs, &work, &output)
+                    .expect("the intact cdiff applies");
+                let result = members(&output);
+                fs::remove_file(&output).expect("remove");
+                Step {
+                    database,
+                    cdiff,
+                    script,
+                    unpacked,
+                    updated,
+                    result,
+                }
+            })
+            .collect();
+        let campaign = crate::fuzz::campaign("cdiff", 400, |seed| {
+            let mut rng = crate::fuzz::Rng::new(seed);
+            let step = &steps[rng.below(steps.len())];
+            if rng.below(8) == 0 {
+                let mut damage = crate::fuzz::Damage::new(&step.cdiff, 0, &mut rng);
+                damage.any(SCRIPT_TOKENS);
+                fs::write(&damaged_path, &damage.bytes).expect("write");
+                let result = apply_cdiffs(&step.database, damaged_cdiffs, &work, &output);
+                if result.is_ok() {
+                    assert!(verify_cdiff(&damage.bytes).is_ok(), "applied unverified");
+                    assert_eq!(members(&output), step.result, "another database");
+                    fs::remove_file(&output).expect("remove");
+                }
+                let left: Vec<_> = fs::read_dir(&sandbox).expect("list").collect();
+                assert!(left.is_empty(), "left behind: {left:?}");
+                return result.is_ok();
+            }
+            let mut damage = crate::fuzz::Damage::new(&step.script, 0, &mut rng);
+            damage.any(SCRIPT_TOKENS);
+            fs::create_dir(&work).expect("mkdir");
+            for (name, content) in &step.unpacked {
+                fs::write(work.join(name), content).expect("write");
+            }
+            let result = apply_script(damage.bytes.as_slice(), &work);
+            let files = plain_files(&work);
+            if damage.bytes == step.script {
+                assert!(result.is_ok(), "the intact script failed: {result:?}");
+                assert_eq!(files, step.updated);
+            }
+            fs::remove_dir_all(&work).expect("remove");
+            let left: Vec<_> = fs::read_dir(&sandbox).expect("list").collect();
+            assert!(
+                left.is_empty(),
+                "written beside the work directory: {left:?}"
+            );
+            result.is_ok()
+        });
+        if !campaign.replay {
+            // Otherwise the damage is too coarse to reach the applier's writing paths.
+            assert!(campaign.accepted > 0, "no damaged script applied");
+        }
+    }
 }

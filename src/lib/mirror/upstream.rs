@@ -72,7 +72,7 @@ pub enum FetchError {
     #[error("`{url}` is larger than the limit of {limit} bytes")]
     TooLarge { url: Url, limit: u64 },
     /// Writing the download failed.
-    #[error("cannot write `{path}`")]
+    #[error("cannot write `{path}`: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
