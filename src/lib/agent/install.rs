@@ -648,10 +648,16 @@ fn install_file(dir: &Path, db: &Path, file: &SetFile) -> Result<()> {
     let aside = db.join(format!(".{}{TMP_MARKER}{}", file.name, std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let mut input = File::open(&source)?;
+        // Whoever can write the database directory must not make the agent (root) write
+        // elsewhere through a link planted at the aside name: remove what is there (a link
+        // itself, never its target) and create a new file, which never follows a link.
+        match fs::remove_file(&aside) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
         let mut output = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o644)
             .open(&aside)?;
         std::io::copy(&mut input, &mut output)?;
@@ -1194,6 +1200,40 @@ mod tests {
 
     fn sha256_hex(bytes: &[u8]) -> String {
         crate::manifest::hex(&openssl::sha::sha256(bytes))
+    }
+
+    #[test]
+    fn a_link_planted_at_the_aside_name_is_not_followed() {
+        let state = tempfile::tempdir().unwrap();
+        let db = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        fs::write(&victim, b"keep me").unwrap();
+        let content = b"database";
+        let file = SetFile {
+            name: "test.cvd".into(),
+            sha256: sha256_hex(content),
+            size: content.len() as u64,
+            version: None,
+            component: None,
+            build_time: None,
+            dist_sha256: None,
+        };
+        fs::create_dir_all(state.path().join(FILES_DIR)).unwrap();
+        fs::write(state.path().join(FILES_DIR).join(&file.sha256), content).unwrap();
+        let aside = db
+            .path()
+            .join(format!(".test.cvd{TMP_MARKER}{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &aside).unwrap();
+        install_file(state.path(), db.path(), &file).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep me");
+        assert_eq!(fs::read(db.path().join("test.cvd")).unwrap(), content);
+        assert!(
+            !fs::symlink_metadata(db.path().join("test.cvd"))
+                .unwrap()
+                .is_symlink()
+        );
+        assert!(fs::symlink_metadata(&aside).is_err());
     }
 
     #[test]
