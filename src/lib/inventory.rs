@@ -297,6 +297,9 @@ impl Inventory {
             source: duckdb::Error::ToSqlConversionFailure(Box::new(err)),
         })?;
         let path = home.join(INVENTORY_FILE);
+        if !path.exists() {
+            create_complete(&path)?;
+        }
         let conn = open_with_retry(&path, AccessMode::ReadWrite, lock_timeout)?;
         // Appended timestamps are UTC; DuckDB would read them in the session's time zone.
         let _ = conn.execute_batch("SET TimeZone = 'UTC'");
@@ -392,6 +395,11 @@ impl Inventory {
                 });
             }
             tracing::debug!(version, name, "applied inventory migration");
+        }
+        if current < known {
+            // Schema changes left in the log are what DuckDB replays worst after a kill (and
+            // read-only opens not at all): fold them into the file at once.
+            self.db(self.conn.execute_batch("CHECKPOINT"))?;
         }
         Ok(())
     }
@@ -948,6 +956,74 @@ fn open_with_retry(
                 std::thread::sleep(delay.min(lock_timeout.saturating_sub(started.elapsed())));
                 delay = (delay * 2).min(Duration::from_millis(500));
             }
+        }
+    }
+}
+
+/// Prefix of the file a new inventory is built in before it is linked into place.
+const STAGING_PREFIX: &str = "inventory.duckdb.new-";
+
+/// Creates the inventory at `path` already migrated and checkpointed: it is built under a
+/// staging name and hard-linked into place, so a first run killed meanwhile leaves no inventory
+/// at all rather than one whose first schema changes sit in a log DuckDB fails to replay.
+fn create_complete(path: &Path) -> Result<(), InventoryError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let failed = |source: std::io::Error| InventoryError::Db {
+        path: path.to_owned(),
+        source: duckdb::Error::ToSqlConversionFailure(Box::new(source)),
+    };
+    remove_abandoned_staging(dir);
+    let staging = dir.join(format!("{STAGING_PREFIX}{}", std::process::id()));
+    remove_staging(&staging);
+    let built = (|| {
+        let conn = open_with_retry(&staging, AccessMode::ReadWrite, Duration::ZERO)?;
+        let inventory = Inventory {
+            conn,
+            path: staging.clone(),
+        };
+        inventory.migrate()?;
+        inventory.db(inventory.conn.execute_batch("CHECKPOINT"))?;
+        drop(inventory);
+        std::fs::File::open(&staging)
+            .and_then(|file| file.sync_all())
+            .map_err(failed)
+    })();
+    let linked = built.and_then(|()| match std::fs::hard_link(&staging, path) {
+        // Another first run finished first: its inventory is as good as ours.
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other
+            .and_then(|()| crate::durable::sync_dir(dir))
+            .map_err(failed),
+    });
+    remove_staging(&staging);
+    linked
+}
+
+fn remove_staging(staging: &Path) {
+    let mut wal = staging.as_os_str().to_owned();
+    wal.push(".wal");
+    let _ = std::fs::remove_file(staging);
+    let _ = std::fs::remove_file(wal);
+}
+
+/// Removes what first runs killed while building an inventory left (their process is gone).
+fn remove_abandoned_staging(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(STAGING_PREFIX)
+            .map(|rest| rest.trim_end_matches(".wal"))
+        else {
+            continue;
+        };
+        let alive = pid.parse::<u32>().is_ok_and(|pid| {
+            pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
+        });
+        if !alive {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }

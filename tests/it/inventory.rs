@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Home, Lab, Pm, duckdb, hold_read_write, manifest, synced_at_3_with_6_upstream,
+    Home, Lab, Pm, duckdb, hold_read_write, manifest, sql, synced_at_3_with_6_upstream,
 };
 
 #[test]
@@ -84,4 +84,59 @@ fn a_locked_inventory_makes_sync_wait_then_fail_clearly_having_changed_nothing()
     session.wait().unwrap();
     let report = Pm::mirror(&home).args(["sync"]).json();
     assert_eq!(report["revision"], "r2");
+}
+
+#[test]
+fn first_runs_killed_while_creating_the_inventory_leave_none_or_a_complete_one() {
+    // The first writer on a fresh home creates and migrates the inventory. Killed at any point
+    // of that, it must leave either no inventory or a complete one that readers and the next
+    // writer open: a log holding the first schema changes once made it unopenable.
+    const STEPS: u32 = 16;
+    let window = {
+        let home = Home::new();
+        let started = Instant::now();
+        assert_eq!(Pm::activate(&home).args(["key", "new"]).run().code(), 0);
+        started.elapsed()
+    };
+    let mut left_complete = 0;
+    for step in 0..STEPS {
+        let home = Home::new();
+        let mut first = Pm::activate(&home)
+            .args(["key", "new"])
+            .command()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(window * step / STEPS);
+        let _ = first.kill();
+        first.wait().unwrap();
+
+        let file = home.path().join("inventory.duckdb");
+        if file.exists() {
+            left_complete += 1;
+            let (code, _, err) = duckdb(&[
+                "-readonly",
+                file.to_str().unwrap(),
+                "-c",
+                "SELECT count(*) FROM schema_migrations",
+            ]);
+            assert_eq!(code, 0, "step {step}: the DuckDB CLI cannot read it: {err}");
+        }
+        let next = Pm::activate(&home).args(["key", "new"]).run();
+        assert_eq!(next.code(), 0, "step {step}: {}", next.stderr());
+        let keys = sql(&home, "SELECT count(*) FROM activation_keys");
+        assert!(
+            keys == ["1"] || keys == ["2"],
+            "step {step}: {keys:?} activation keys"
+        );
+        let strays: Vec<_> = std::fs::read_dir(home.path())
+            .unwrap()
+            .flatten()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(".new-"))
+            .collect();
+        assert!(strays.is_empty(), "step {step}: left behind {strays:?}");
+    }
+    eprintln!("{left_complete} of {STEPS} killed first runs left an inventory");
 }
