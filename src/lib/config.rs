@@ -108,12 +108,29 @@ fn default_keep_polls() -> Duration {
 }
 
 /// `[serve]`: what agents are told about the manager's `pm-mirror serve`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServeConfig {
     /// Base URL of dist as agents reach it (`http://manager:8080`), sent at activation.
     #[serde(default)]
     pub url: Option<String>,
+    /// How long a signed dist statement is valid: agents refuse dist once it was not re-signed
+    /// (by `pm-mirror publish`, which the sync timer runs) for this long.
+    #[serde(default = "default_dist_valid_for", with = "duration_text")]
+    pub dist_valid_for: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            url: None,
+            dist_valid_for: default_dist_valid_for(),
+        }
+    }
+}
+
+fn default_dist_valid_for() -> Duration {
+    crate::dist_statement::DEFAULT_VALID_FOR
 }
 
 /// One mirrored upstream feed.
@@ -403,7 +420,14 @@ mod duration_text {
 }
 
 /// Names a product may not take because the served layout uses them.
-const RESERVED_PRODUCT_NAMES: [&str; 4] = ["backup", "manifest.json", "manifest.sig", "archive"];
+const RESERVED_PRODUCT_NAMES: [&str; 6] = [
+    "backup",
+    "manifest.json",
+    "manifest.sig",
+    "archive",
+    crate::dist_statement::STATEMENT_FILE,
+    crate::dist_statement::SIGNATURE_FILE,
+];
 
 impl Config {
     /// Reads and validates `path`.
@@ -472,6 +496,7 @@ impl Config {
             ("poll.inactive_after", self.poll.inactive_after),
             ("poll.scan_max_age", self.poll.scan_max_age),
             ("poll.keep_polls", self.poll.keep_polls),
+            ("serve.dist_valid_for", self.serve.dist_valid_for),
         ] {
             if value.is_zero() {
                 return Err(invalid(key.into(), "must be longer than 0s".into()));

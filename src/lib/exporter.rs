@@ -422,6 +422,14 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The expiry of the repository's signed dist statement, as Unix seconds.
+fn dist_valid_until(home: &Path) -> Option<f64> {
+    let signed = crate::repo::Repo::new(home).dist_statement().ok()??;
+    let statement: crate::dist_statement::DistStatement =
+        serde_json::from_slice(&signed.document).ok()?;
+    Some(statement.expires_at.timestamp_millis() as f64 / 1000.0)
+}
+
 /// Opens the inventory read-only, reads a snapshot, closes it, and renders it.
 fn read_and_render(home: &Path) -> Result<Rendered, ReadFailure> {
     let read_at = unix_now();
@@ -450,6 +458,7 @@ fn read_and_render(home: &Path) -> Result<Rendered, ReadFailure> {
             snapshot,
             waves,
             rollouts_in_progress,
+            dist_valid_until: dist_valid_until(home),
         }
     };
     // The inventory was dropped (closed) at the end of the block above.

@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod clamav;
 pub mod cli;
 pub mod config;
+pub mod dist_statement;
 pub mod doctor;
 pub mod durable;
 pub mod exporter;

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
 use crate::config::{self, Config};
+use crate::dist_statement::{DistStatement, SignedStatement};
 use crate::inventory::{DistChange, Inventory, SyncRecord};
 use crate::manifest::Manifest;
 use crate::pki::SigningKey;
@@ -336,7 +337,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
                 latest: Some(manifest.revision.clone()),
                 ..generations.clone()
             };
-            repo.switch(&lock, &after).map_err(repo_error)?;
+            repo.switch(&lock, &after, None).map_err(repo_error)?;
             tracing::info!(revision = %manifest.revision, "staged a new revision into latest");
             new_manifest = Some(manifest);
         }
@@ -591,6 +592,12 @@ pub struct PublishReport {
     /// Why nothing changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Until when agents accept dist: the signed dist statement's expiry, re-signed by this
+    /// publish when it changed dist or a part of the validity had passed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dist_valid_until: Option<DateTime<Utc>>,
+    /// Whether this publish re-signed the statement of an unchanged dist.
+    pub re_signed: bool,
 }
 
 fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<ExitStatus> {
@@ -616,6 +623,8 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
         archived: None,
         expired: Vec::new(),
         reason: Some(reason),
+        dist_valid_until: None,
+        re_signed: false,
     };
     let same_content = match &before.dist {
         Some(dist) if dist != &latest => {
@@ -631,8 +640,24 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
         before.publish(config.retention.archives)
     };
     let Some(mut rotation) = rotation else {
+        let mut report = up_to_date(format!("dist is up to date with latest ({latest})"));
+        let valid_for = config.serve.dist_valid_for;
+        let current = current_statement(&repo)?;
+        report.dist_valid_until = current.as_ref().map(|s| s.expires_at);
+        let due = current
+            .as_ref()
+            .is_none_or(|s| s.is_due_for_refresh(Utc::now(), valid_for));
+        if before.dist.is_some() && due && !global.dry_run {
+            // The same dist, signed again: agents tell a live mirror from a frozen one by it.
+            let mut after = before.clone();
+            after.dist_serial += 1;
+            let statement = sign_dist_statement(home, &repo, &after, valid_for)?;
+            repo.switch(&lock, &after, Some(&statement.1))
+                .map_err(repo_error)?;
+            report.dist_valid_until = Some(statement.0.expires_at);
+            report.re_signed = true;
+        }
         drop(lock);
-        let report = up_to_date(format!("dist is up to date with latest ({latest})"));
         print_publish(global, &report)?;
         return Ok(ExitStatus::Success);
     };
@@ -661,10 +686,15 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
     } else {
         Some(Inventory::open(home, global.lock_timeout).map_err(inventory_error)?)
     };
+    let mut dist_valid_until = None;
     if !global.dry_run {
         // Sign-check the revision being published: never serve a manifest we did not sign.
         verify_revision(&repo, home, &latest)?;
-        repo.switch(&lock, &rotation.after).map_err(repo_error)?;
+        let statement =
+            sign_dist_statement(home, &repo, &rotation.after, config.serve.dist_valid_for)?;
+        repo.switch(&lock, &rotation.after, Some(&statement.1))
+            .map_err(repo_error)?;
+        dist_valid_until = Some(statement.0.expires_at);
     }
     let report = PublishReport {
         // In a dry run: it would change (what Ansible's check mode reports).
@@ -677,6 +707,8 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
         archived: rotation.archived.clone(),
         expired: rotation.expired.clone(),
         reason: None,
+        dist_valid_until,
+        re_signed: false,
     };
     if let Some(inventory) = inventory {
         inventory
@@ -769,7 +801,14 @@ pub fn rollback_dist(
     if let Some(inventory) = inventory {
         // Never serve a manifest we did not sign, nor files that changed since.
         verify_revision(&repo, home, &rollback.to)?;
-        repo.switch(&lock, &rollback.after).map_err(repo_error)?;
+        let after = &rollback.after;
+        // Read here, not before the lock: a rollback needs no pm.toml otherwise.
+        let valid_for = Config::load(&home.join("pm.toml"))
+            .map(|config| config.serve.dist_valid_for)
+            .unwrap_or(crate::dist_statement::DEFAULT_VALID_FOR);
+        let statement = sign_dist_statement(home, &repo, after, valid_for)?;
+        repo.switch(&lock, after, Some(&statement.1))
+            .map_err(repo_error)?;
         tracing::info!(from = %rollback.from, to = %rollback.to, generation, "rolled dist back");
         job_id = Some(
             inventory
@@ -838,6 +877,33 @@ fn run_rollback(home: &Path, global: &GlobalArgs, generation: usize) -> anyhow::
         report.rolled_back.join(", ")
     ))?;
     Ok(ExitStatus::Success)
+}
+
+/// Signs the dist statement of `generations` (its dist and `dist_serial`) with the manifest key.
+fn sign_dist_statement(
+    home: &Path,
+    repo: &Repo,
+    generations: &Generations,
+    valid_for: std::time::Duration,
+) -> anyhow::Result<(DistStatement, SignedStatement)> {
+    let dist = generations
+        .dist
+        .as_deref()
+        .expect("a dist statement is signed for a dist");
+    let manifest = repo.manifest(dist).map_err(repo_error)?;
+    let statement = DistStatement::new(&manifest, generations.dist_serial, valid_for);
+    let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
+    let signed = SignedStatement::sign(&statement, &key)?;
+    Ok((statement, signed))
+}
+
+/// The current view's dist statement, parsed (`None` before the first publish that wrote one).
+fn current_statement(repo: &Repo) -> anyhow::Result<Option<DistStatement>> {
+    let Some(signed) = repo.dist_statement().map_err(repo_error)? else {
+        return Ok(None);
+    };
+    // Ours, so a statement that does not parse is one to replace, not an error.
+    Ok(serde_json::from_slice(&signed.document).ok())
 }
 
 /// Checks the manifest signature and every file's size and sha256 of a revision.

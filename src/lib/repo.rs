@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::dist_statement::{
+    SIGNATURE_FILE as STATEMENT_SIGNATURE_FILE, STATEMENT_FILE, SignedStatement,
+};
 use crate::durable;
 use crate::manifest::{self, FileEntry, Manifest, ProductEntry};
 use crate::pki::SigningKey;
@@ -102,6 +105,10 @@ pub struct Generations {
     /// When each revision in `rolled_back` was rolled back.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rolled_back_at: BTreeMap<String, DateTime<Utc>>,
+    /// The counter of the view's signed dist statement ([`crate::dist_statement`]): grows with
+    /// every publish, rollback and re-signing, never goes back.
+    #[serde(default)]
+    pub dist_serial: u64,
 }
 
 /// What a publish would do to the generations.
@@ -143,6 +150,7 @@ impl Generations {
         let mut newer = after.backups.drain(..generation).collect::<Vec<_>>();
         let to = newer.pop().expect("generation <= backups.len()");
         after.dist = Some(to.clone());
+        after.dist_serial += 1;
         let mut rolled_back = vec![from.clone()];
         rolled_back.extend(newer);
         let now = Utc::now();
@@ -191,6 +199,7 @@ impl Generations {
             return None;
         }
         let mut after = self.clone();
+        after.dist_serial += 1;
         let mut archived = None;
         if let Some(old_dist) = after.dist.replace(latest) {
             after.backups.insert(0, old_dist);
@@ -377,8 +386,15 @@ impl Repo {
     }
 
     /// Makes `generations` the current state in one atomic step, creating the archive of a
-    /// revision that is newly archived first. Garbage is collected afterwards.
-    pub fn switch(&self, _lock: &RepoLock, generations: &Generations) -> Result<(), RepoError> {
+    /// revision that is newly archived first. Garbage is collected afterwards. The new view
+    /// holds `statement` as its signed dist statement, or with `None` (dist unchanged) the
+    /// current view's.
+    pub fn switch(
+        &self,
+        _lock: &RepoLock,
+        generations: &Generations,
+        statement: Option<&SignedStatement>,
+    ) -> Result<(), RepoError> {
         for revision in &generations.archives {
             let archive = self.archive_path(revision);
             if !archive.exists() {
@@ -436,6 +452,23 @@ impl Repo {
                 &Path::new("archive").join(&name),
             )?;
         }
+        let carried;
+        let statement = match statement {
+            Some(statement) => Some(statement),
+            None => {
+                carried = self.dist_statement()?;
+                carried.as_ref()
+            }
+        };
+        if let Some(statement) = statement {
+            for (name, bytes) in [
+                (STATEMENT_FILE, &statement.document),
+                (STATEMENT_SIGNATURE_FILE, &statement.signature),
+            ] {
+                durable::write_atomic(&staging.join(name), bytes, 0o644)
+                    .map_err(io_err("write", &staging))?;
+            }
+        }
         let state = serde_json::to_vec_pretty(generations).expect("generations serialize");
         durable::write_atomic(&staging.join("state.json"), &state, 0o644)
             .map_err(io_err("write", &staging))?;
@@ -454,6 +487,33 @@ impl Repo {
             .map_err(io_err("switch", &pointer))?;
         self.collect_garbage(_lock)?;
         Ok(())
+    }
+
+    /// The current view's signed dist statement, if it has one (a repository published before
+    /// statements existed has none until its next publish).
+    pub fn dist_statement(&self) -> Result<Option<SignedStatement>, RepoError> {
+        let view = self.root.join("view");
+        let read = |name: &str| {
+            let path = view.join(name);
+            match fs::read(&path) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(RepoError::Io {
+                    action: "read",
+                    path,
+                    source,
+                }),
+            }
+        };
+        Ok(
+            match (read(STATEMENT_FILE)?, read(STATEMENT_SIGNATURE_FILE)?) {
+                (Some(document), Some(signature)) => Some(SignedStatement {
+                    document,
+                    signature,
+                }),
+                _ => None,
+            },
+        )
     }
 
     fn write_archive(&self, revision: &str, archive: &Path) -> Result<(), RepoError> {
@@ -728,7 +788,19 @@ mod tests {
     }
 
     fn check(before: Generations, keep: usize, expected: Option<Generations>) {
-        assert_eq!(before.publish(keep).map(|r| r.after), expected);
+        let after = before.publish(keep).map(|r| r.after);
+        if let Some(after) = &after {
+            assert_eq!(
+                after.dist_serial,
+                before.dist_serial + 1,
+                "a publish signs anew"
+            );
+        }
+        let without_serial = |g: Generations| Generations {
+            dist_serial: 0,
+            ..g
+        };
+        assert_eq!(after.map(without_serial), expected);
     }
 
     #[test]

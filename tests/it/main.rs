@@ -11,6 +11,7 @@ mod agent_scan;
 mod agent_schedule;
 mod ansible;
 mod dashboards;
+mod dist_statement;
 mod doctor;
 mod exporter;
 mod faults;

@@ -41,6 +41,9 @@ use std::time::{Duration, Instant};
 
 use super::{Agent, AgentConfig, Engine, error, from_manager, io_error, load_activation};
 use crate::cli::{ExitStatus, UserError};
+use crate::dist_statement::{
+    DistStatement, SIGNATURE_FILE as STATEMENT_SIGNATURE_FILE, STATEMENT_FILE,
+};
 use crate::durable;
 use crate::manifest::{MANIFEST_FILE, Manifest, SIGNATURE_FILE};
 use crate::proto::{self, InstallReport, InstalledFileChange};
@@ -329,11 +332,26 @@ pub(super) fn http_client() -> Result<reqwest::Client> {
 }
 
 pub(super) async fn get(client: &reqwest::Client, url: &str, limit: u64) -> Result<Vec<u8>> {
+    get_unless_missing(client, url, limit, false)
+        .await
+        .map(|body| body.unwrap_or_default())
+}
+
+/// [`get`], or with `missing_ok` `None` for a 404.
+async fn get_unless_missing(
+    client: &reqwest::Client,
+    url: &str,
+    limit: u64,
+    missing_ok: bool,
+) -> Result<Option<Vec<u8>>> {
     let unreachable = |err: reqwest::Error| {
         UserError::failure(format!("cannot fetch `{url}`: {err}"))
             .with_hint("check that `pm-mirror serve` runs on the manager and the dist URL given at activation is reachable from this host")
     };
     let response = client.get(url).send().await.map_err(unreachable)?;
+    if missing_ok && response.status() == reqwest::StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
     if !response.status().is_success() {
         let hint = if url.contains("/backup/") {
             "the manager has no such backup generation: `pm-mirror status` on the manager lists them"
@@ -349,26 +367,27 @@ pub(super) async fn get(client: &reqwest::Client, url: &str, limit: u64) -> Resu
     if response.content_length().is_some_and(|len| len > limit) {
         return Err(UserError::failure(format!("`{url}` is larger than expected")).into());
     }
-    let bytes = response.bytes().await.map_err(unreachable)?;
-    if bytes.len() as u64 > limit {
-        return Err(UserError::failure(format!("`{url}` is larger than expected")).into());
+    // Streamed against the limit: a server that sends without end costs no more than it.
+    let mut response = response;
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Err(UserError::failure(format!("`{url}` is larger than expected")).into());
+        }
+        body.extend_from_slice(&chunk);
     }
-    Ok(bytes.to_vec())
+    Ok(Some(body))
 }
 
 pub(super) fn join_url(base: &str, path: &str) -> String {
     format!("{}/{path}", base.trim_end_matches('/'))
 }
 
-/// Fetches and verifies the signed manifest of the manager's dist.
-pub(super) async fn fetch_manifest(
-    client: &reqwest::Client,
-    dir: &Path,
-    dist_url: &str,
-) -> Result<Manifest> {
+/// The manager's manifest verification key, given at activation.
+fn manifest_key(dir: &Path) -> Result<crate::pki::VerifyingKey> {
     let key_path = dir.join(super::MANIFEST_KEY_FILE);
     let pem = fs::read(&key_path).map_err(io_error("read", &key_path))?;
-    let key = crate::pki::VerifyingKey::from_pem(&pem).map_err(|err| {
+    crate::pki::VerifyingKey::from_pem(&pem).map_err(|err| {
         UserError::failure(format!(
             "`{}` is not a public key: {err}",
             key_path.display()
@@ -377,25 +396,158 @@ pub(super) async fn fetch_manifest(
             "run `pm-agent --state {} reset` and activate again",
             dir.display()
         ))
-    })?;
+        .into()
+    })
+}
+
+fn signature_refused(url: &str, what: &str) -> anyhow::Error {
+    UserError::failure(format!(
+        "refusing `{url}`: its signature does not verify with the {what} key the manager gave \
+         at activation"
+    ))
+    .with_hint(
+        "the dist URL serves another manager's repository, or the file was altered; check the \
+         dist URL, or re-activate this agent with the manager that serves it",
+    )
+    .into()
+}
+
+/// Fetches and verifies the signed manifest at `dist_url` (dist, or a backup generation).
+pub(super) async fn fetch_manifest(
+    client: &reqwest::Client,
+    dir: &Path,
+    dist_url: &str,
+) -> Result<Manifest> {
+    let key = manifest_key(dir)?;
     let manifest_url = join_url(dist_url, MANIFEST_FILE);
     let body = get(client, &manifest_url, MAX_DOCUMENT as u64).await?;
     let signature = get(client, &join_url(dist_url, SIGNATURE_FILE), 4096).await?;
     if !key.verify(&body, &signature) {
-        return Err(UserError::failure(format!(
-            "refusing `{manifest_url}`: its signature does not verify with the manifest key \
-             the manager gave at activation"
-        ))
-        .with_hint(
-            "the dist URL serves another manager's repository, or the manifest was altered; \
-             check the dist URL, or re-activate this agent with the manager that serves it",
-        )
-        .into());
+        return Err(signature_refused(&manifest_url, "manifest"));
     }
     serde_json::from_slice(&body).map_err(|err| {
         UserError::failure(format!(
             "the signed manifest `{manifest_url}` is not valid: {err}"
         ))
+        .into()
+    })
+}
+
+/// The last dist statement this agent accepted; under `manager/`, so that a reset (before an
+/// activation with another manager) forgets it with the rest of the manager's trust.
+pub const ACCEPTED_STATEMENT_FILE: &str = "manager/dist-statement.json";
+
+/// Fetches the manager's dist: its signed statement (refused when older than one accepted
+/// before, expired, or naming another manifest), then the manifest it names. A manager that
+/// never wrote a statement is followed as before, until the agent has accepted one.
+pub(super) async fn fetch_dist(
+    client: &reqwest::Client,
+    dir: &Path,
+    dist_url: &str,
+) -> Result<Manifest> {
+    let accepted_path = dir.join(ACCEPTED_STATEMENT_FILE);
+    let accepted: Option<DistStatement> = read_json(&accepted_path)?;
+    // Publish may switch dist between the two fetches: one more try sees a consistent pair.
+    for attempt in 0..2 {
+        let statement = fetch_statement(client, dir, dist_url).await?;
+        let manifest = fetch_manifest(client, dir, dist_url).await?;
+        let Some(statement) = statement else {
+            if let Some(accepted) = &accepted {
+                return Err(UserError::failure(format!(
+                    "refusing dist at `{dist_url}`: it serves no signed dist statement, but this \
+                     agent accepted one (dist serial {}, {}) before",
+                    accepted.dist_serial, accepted.revision
+                ))
+                .with_hint(
+                    "something between this host and the manager strips `dist.json`, or the \
+                     manager's repository was replaced by an older one; check `pm-mirror serve` \
+                     and run `pm-mirror publish` on the manager",
+                )
+                .into());
+            }
+            return Ok(manifest);
+        };
+        if !statement.names(&manifest) {
+            if attempt == 0 {
+                continue;
+            }
+            return Err(UserError::failure(format!(
+                "refusing dist at `{dist_url}`: its signed statement names {} (serial {}) but \
+                 the manifest served is {} (serial {})",
+                statement.revision, statement.manifest_serial, manifest.revision, manifest.serial
+            ))
+            .with_hint(
+                "files of two different dists are being served together: check the dist URL \
+                 and any cache or proxy in front of `pm-mirror serve`",
+            )
+            .into());
+        }
+        if let Some(accepted) = accepted
+            .as_ref()
+            .filter(|a| a.dist_serial > statement.dist_serial)
+        {
+            return Err(UserError::failure(format!(
+                "refusing dist at `{dist_url}`: its signed statement (dist serial {}, {}, \
+                 signed {}) is older than one this agent already accepted (dist serial {}, {}, \
+                 signed {}): an old dist is being replayed",
+                statement.dist_serial,
+                statement.revision,
+                statement.signed_at.format("%Y-%m-%d %H:%M:%SZ"),
+                accepted.dist_serial,
+                accepted.revision,
+                accepted.signed_at.format("%Y-%m-%d %H:%M:%SZ"),
+            ))
+            .with_hint(format!(
+                "check what serves the dist URL; to roll this host back on purpose use \
+                 `pm-rollback` (or `pm-agent update --generation N`); if the manager's \
+                 repository was rebuilt, remove `{}`",
+                accepted_path.display()
+            ))
+            .into());
+        }
+        let now = chrono::Utc::now();
+        if statement.is_expired(now) {
+            return Err(UserError::failure(format!(
+                "refusing dist at `{dist_url}`: its signed statement expired at {} (signed {}): \
+                 dist has not been re-signed for longer than the manager allows, so it may be \
+                 a frozen copy",
+                statement.expires_at.format("%Y-%m-%d %H:%M:%SZ"),
+                statement.signed_at.format("%Y-%m-%d %H:%M:%SZ"),
+            ))
+            .with_hint(
+                "on the manager, check that the `pm-mirror-sync` timer runs `pm-mirror publish` \
+                 (it re-signs dist) and run it; check this host's clock",
+            )
+            .into());
+        }
+        if accepted.as_ref() != Some(&statement) {
+            write_json(&accepted_path, &statement)?;
+        }
+        return Ok(manifest);
+    }
+    unreachable!("the second attempt returns")
+}
+
+/// The signed dist statement at `dist_url`, verified; `None` when the manager serves none.
+async fn fetch_statement(
+    client: &reqwest::Client,
+    dir: &Path,
+    dist_url: &str,
+) -> Result<Option<DistStatement>> {
+    let url = join_url(dist_url, STATEMENT_FILE);
+    let limit = crate::dist_statement::MAX_STATEMENT_BYTES;
+    let Some(body) = get_unless_missing(client, &url, limit, true).await? else {
+        return Ok(None);
+    };
+    let signature = get(client, &join_url(dist_url, STATEMENT_SIGNATURE_FILE), 4096).await?;
+    if !manifest_key(dir)?.verify(&body, &signature) {
+        return Err(signature_refused(&url, "manifest signing"));
+    }
+    serde_json::from_slice(&body).map(Some).map_err(|err| {
+        UserError::failure(format!(
+            "the signed dist statement `{url}` is not valid: {err}"
+        ))
+        .with_hint("the manager is newer than this agent: upgrade pm-agent")
         .into()
     })
 }
@@ -886,7 +1038,11 @@ pub fn update_from(
     let (installed, backups) = load_sets(dir)?;
     let (manifest, files, downloaded) = runtime.block_on(async {
         let client = http_client()?;
-        let manifest = fetch_manifest(&client, dir, &source_url).await?;
+        let manifest = match generation {
+            // The operator's explicit rollback to a backup: older on purpose.
+            Some(_) => fetch_manifest(&client, dir, &source_url).await?,
+            None => fetch_dist(&client, dir, &source_url).await?,
+        };
         let wanted = engine_files(config.engine, &manifest)?;
         let sets: Vec<&InstalledSet> = installed.iter().chain(&backups).collect();
         let mut downloaded = Downloaded::default();

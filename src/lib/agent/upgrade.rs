@@ -30,7 +30,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use super::install::{activated_dist_url, fetch_manifest, get, http_client, join_url, sha256_file};
+use super::install::{activated_dist_url, fetch_dist, get, http_client, join_url, sha256_file};
 use super::{Agent, error, failure_response, from_manager};
 use crate::cli::{ExitStatus, UserError};
 use crate::durable;
@@ -137,7 +137,7 @@ async fn replace_executable(
 ) -> Result<(UpgradeReport, Option<Replaced>)> {
     let dist_url = activated_dist_url(dir)?;
     let client = http_client()?;
-    let manifest = fetch_manifest(&client, dir, &dist_url).await?;
+    let manifest = fetch_dist(&client, dir, &dist_url).await?;
     let component = agent_component(std::env::consts::ARCH, std::env::consts::OS);
     if !manifest.has_agent_product() {
         return Err(UserError::failure(format!(

@@ -60,6 +60,8 @@ pub struct SnapshotData {
     pub waves: Vec<RolloutWaveMetrics>,
     /// Rollouts whose state is `running` and whose process is alive.
     pub rollouts_in_progress: i64,
+    /// When the signed dist statement in the repository expires (agents refuse dist after).
+    pub dist_valid_until: Option<f64>,
 }
 
 /// Which families of a snapshot to render: the gauges read the same in both formats (checked
@@ -442,6 +444,12 @@ impl SnapshotCollector {
             "When dist last changed (publish or rollback)",
             dist.and_then(|d| Some((NO_LABELS, d.changed_at?))),
         )?;
+        gauge(
+            e,
+            "pm_dist_valid_until_timestamp_seconds",
+            "When the signed dist statement expires: agents refuse dist after it unless publish re-signs it",
+            data.dist_valid_until.map(|at| (NO_LABELS, at)),
+        )?;
         let dist_components = &snapshot.dist_components;
         let product_component = |product: &str, component: &str| {
             [
@@ -681,6 +689,7 @@ mod tests {
                 ],
             }],
             rollouts_in_progress: 1,
+            dist_valid_until: Some(1_700_604_800.0),
         })
     }
 
@@ -759,6 +768,9 @@ pm_dist_serial 7
 # HELP pm_dist_published_timestamp_seconds When dist last changed (publish or rollback)
 # TYPE pm_dist_published_timestamp_seconds gauge
 pm_dist_published_timestamp_seconds 1699999000.0
+# HELP pm_dist_valid_until_timestamp_seconds When the signed dist statement expires: agents refuse dist after it unless publish re-signs it
+# TYPE pm_dist_valid_until_timestamp_seconds gauge
+pm_dist_valid_until_timestamp_seconds 1700604800.0
 # HELP pm_dist_component_version Version of each dist component (integer versions only)
 # TYPE pm_dist_component_version gauge
 pm_dist_component_version{product="clamav",component="daily"} 27002

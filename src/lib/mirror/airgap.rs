@@ -547,7 +547,7 @@ fn commit_import(
         latest: Some(manifest.revision.clone()),
         ..now
     };
-    repo.switch(&lock, &after).map_err(repo_error)?;
+    repo.switch(&lock, &after, None).map_err(repo_error)?;
     drop(lock);
     report.changed = true;
     report.revision = Some(manifest.revision.clone());

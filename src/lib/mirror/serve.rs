@@ -1,6 +1,7 @@
 //! `pm-mirror serve`: the private mirror. Serves `repo/dist` at `/<product>/<file>` (so a stock
 //! freshclam takes `DatabaseMirror http://HOST:PORT/clamav`), the signed manifest at
-//! `/manifest.json` and `/manifest.sig`, and the backups under `/backup/<N>/`. Missing files are
+//! `/manifest.json` and `/manifest.sig`, the signed dist statement at `/dist.json` and
+//! `/dist.sig`, and the backups under `/backup/<N>/`. Missing files are
 //! 404, never 403 or 429: freshclam treats those as a ban and stops asking for a day.
 
 use std::os::unix::fs::MetadataExt;
@@ -70,6 +71,12 @@ fn resolve(repo_root: &Path, path: &str) -> Option<PathBuf> {
     }
     let view = repo_root.join("view");
     match parts.as_slice() {
+        [name]
+            if *name == crate::dist_statement::STATEMENT_FILE
+                || *name == crate::dist_statement::SIGNATURE_FILE =>
+        {
+            Some(view.join(name))
+        }
         ["backup", generation, rest @ ..] if !rest.is_empty() => {
             let generation: usize = generation.parse().ok()?;
             if !(1..=crate::repo::BACKUP_GENERATIONS).contains(&generation) {
@@ -215,6 +222,9 @@ mod tests {
             Some("/h/repo/view/dist/clamav/test.cvd"),
         );
         check("/manifest.json", Some("/h/repo/view/dist/manifest.json"));
+        check("/dist.json", Some("/h/repo/view/dist.json"));
+        check("/dist.sig", Some("/h/repo/view/dist.sig"));
+        check("/state.json", Some("/h/repo/view/dist/state.json"));
         check(
             "/backup/2/clamav/test.cvd",
             Some("/h/repo/view/backup/2/clamav/test.cvd"),
