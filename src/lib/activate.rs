@@ -493,6 +493,20 @@ fn key_revoke(home: &Path, global: &GlobalArgs, id: &str) -> anyhow::Result<Exit
 mod host;
 pub mod setup;
 
+/// A secret file that cannot be read or that others can read, with what to do.
+pub(crate) fn secret_file_error(what: &str, err: crate::durable::SecretFileError) -> UserError {
+    let hint = match &err {
+        crate::durable::SecretFileError::Readable { .. } => format!(
+            "others may have read the {what} already: revoke it (`pm-activate key revoke ID`), \
+             create a new one with `pm-activate key new --out FILE` (written 0600) and keep it 0600"
+        ),
+        crate::durable::SecretFileError::Io { .. } => {
+            "give the file written by `pm-activate key new --out FILE`".to_string()
+        }
+    };
+    UserError::usage(format!("{what} file: {err}")).with_hint(hint)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

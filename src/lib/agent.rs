@@ -312,7 +312,8 @@ fn not_initialised(dir: &Path) -> anyhow::Error {
 
 /// Reads and checks an activation key file; returns the key text (never logged).
 fn read_activation_key(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).map_err(io_error("read", path))?;
+    let text = crate::durable::read_secret(path)
+        .map_err(|err| crate::activate::secret_file_error("activation key", err))?;
     let key = text.trim().to_string();
     crate::activate::parse_key(&key).map_err(|problem| {
         UserError::usage(format!("`{}`: {problem}", path.display()))

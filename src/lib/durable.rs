@@ -105,3 +105,31 @@ mod tests {
         assert_eq!(fs::read_link(&link).unwrap(), Path::new("b"));
     }
 }
+
+/// Why [`read_secret`] refused a file.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    /// It cannot be read.
+    #[error("cannot read `{path}`: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    /// Group or others may read it: it may have leaked already, and whoever made it so will
+    /// not notice unless refused.
+    #[error("`{path}` is readable by other users (mode {mode:o}): chmod 600 it")]
+    Readable { path: PathBuf, mode: u32 },
+}
+
+/// Reads a secret (a password, an activation key), refusing a file group or others can read.
+pub fn read_secret(path: &Path) -> Result<String, SecretFileError> {
+    let io = |source| SecretFileError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mode = fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(SecretFileError::Readable {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    fs::read_to_string(path).map_err(io)
+}

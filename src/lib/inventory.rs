@@ -818,6 +818,14 @@ impl Inventory {
             .optional())
     }
 
+    /// Every revoked certificate serial (lowercase hex).
+    pub fn revoked_serials(&self) -> Result<std::collections::HashSet<String>, InventoryError> {
+        Ok(self
+            .query_strings("SELECT serial FROM revoked_certificates")?
+            .into_iter()
+            .collect())
+    }
+
     /// Every profile, by name (`default` included).
     pub fn profiles(&self) -> Result<Vec<Profile>, InventoryError> {
         let mut statement =

@@ -387,13 +387,24 @@ pub(crate) fn mutual_client(
     let identity = ca
         .client_identity(home)
         .map_err(|err| UserError::failure(format!("manager client certificate: {err}")))?;
+    // An agent presenting a revoked certificate is someone holding a deactivated host's key.
+    let revoked = match Inventory::open_read_only(home, Duration::from_secs(30)) {
+        Ok(Some(inventory)) => inventory.revoked_serials(),
+        Ok(None) => Ok(Default::default()),
+        Err(err) => Err(err),
+    }
+    .map_err(|err| {
+        UserError::failure(format!("cannot read the revoked certificates: {err}"))
+            .with_hint("run `pm-doctor` to check the inventory")
+    })?;
     tls::client_builder(
         Some(ca.certificate()),
         None,
         Some((&identity.0, &identity.1)),
     )
     .and_then(|b| {
-        b.timeout(timeout)
+        tls::refuse_revoked(b, revoked)
+            .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(30)))
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(usize::from(keep_alive))
@@ -467,6 +478,18 @@ fn failure(kind: &str, message: impl Into<String>) -> PollFailure {
     }
 }
 
+/// Whether the connection was refused because the agent's certificate is revoked.
+fn tls_revoked(err: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(error) = source {
+        if error.is::<tls::RevokedCertificate>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 /// Sorts a transport error into the kinds the inventory records.
 fn transport_failure(address: &str, err: &reqwest::Error, timeout: Duration) -> PollFailure {
     let chain = {
@@ -486,6 +509,12 @@ fn transport_failure(address: &str, err: &reqwest::Error, timeout: Duration) -> 
         );
     }
     let lower = chain.to_ascii_lowercase();
+    if tls_revoked(err) {
+        return failure(
+            "tls",
+            format!("agent `{address}` presented a revoked certificate: {chain}"),
+        );
+    }
     if lower.contains("certificate") || lower.contains("ssl") || lower.contains("tls") {
         return failure(
             "tls",

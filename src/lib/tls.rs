@@ -493,9 +493,7 @@ pub fn client_builder(
     if let Some(pin) = pin {
         builder = builder
             .tls_danger_accept_invalid_hostnames(true)
-            .connector_layer(PinLayer {
-                pin: Arc::from(pin),
-            });
+            .connector_layer(CertCheckLayer::pin(Arc::from(pin)));
     }
     if let Some((key, cert)) = identity {
         let key_pem = key
@@ -593,30 +591,52 @@ pub fn pin_mismatch<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<
     None
 }
 
-/// A connector layer that checks each new connection's server certificate against a pin.
+/// What a [`CertCheckLayer`] asks of each new connection's server certificate (DER, `None` if
+/// the server presented none).
+type CertCheck = Arc<dyn Fn(Option<&[u8]>) -> Result<(), BoxError> + Send + Sync>;
+
+/// A connector layer that checks each new connection's server certificate before any request
+/// is sent on it: against a pin, or against the revoked serials.
 #[derive(Clone)]
-struct PinLayer {
-    pin: Arc<str>,
+struct CertCheckLayer {
+    check: CertCheck,
 }
 
-impl<S> tower_layer::Layer<S> for PinLayer {
-    type Service = PinCheck<S>;
+impl CertCheckLayer {
+    fn pin(pin: Arc<str>) -> CertCheckLayer {
+        CertCheckLayer {
+            check: Arc::new(move |der| {
+                let actual = der.map(fingerprint_der).unwrap_or_default();
+                if actual != *pin {
+                    return Err(Box::new(PinMismatch {
+                        expected: pin.to_string(),
+                        actual,
+                    }) as BoxError);
+                }
+                Ok(())
+            }),
+        }
+    }
+}
 
-    fn layer(&self, inner: S) -> PinCheck<S> {
-        PinCheck {
+impl<S> tower_layer::Layer<S> for CertCheckLayer {
+    type Service = CertChecked<S>;
+
+    fn layer(&self, inner: S) -> CertChecked<S> {
+        CertChecked {
             inner,
-            pin: Arc::clone(&self.pin),
+            check: Arc::clone(&self.check),
         }
     }
 }
 
 #[derive(Clone)]
-struct PinCheck<S> {
+struct CertChecked<S> {
     inner: S,
-    pin: Arc<str>,
+    check: CertCheck,
 }
 
-impl<S, R> tower_service::Service<R> for PinCheck<S>
+impl<S, R> tower_service::Service<R> for CertChecked<S>
 where
     S: tower_service::Service<R, Error = BoxError>,
     S::Response: Connection + Send + 'static,
@@ -632,25 +652,53 @@ where
 
     fn call(&mut self, request: R) -> Self::Future {
         let connecting = self.inner.call(request);
-        let pin = Arc::clone(&self.pin);
+        let check = Arc::clone(&self.check);
         Box::pin(async move {
             let connection = connecting.await?;
             let mut extensions = axum::http::Extensions::new();
             connection.connected().get_extras(&mut extensions);
-            let actual = extensions
+            let der = extensions
                 .get::<reqwest::tls::TlsInfo>()
-                .and_then(|info| info.peer_certificate())
-                .map(fingerprint_der)
-                .unwrap_or_default();
-            if actual != *pin {
-                return Err(Box::new(PinMismatch {
-                    expected: pin.to_string(),
-                    actual,
-                }) as BoxError);
-            }
+                .and_then(|info| info.peer_certificate());
+            check(der)?;
             Ok(connection)
         })
     }
+}
+
+/// The server presented a certificate the manager revoked (its host was deactivated).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the server presented certificate serial {serial}, which was revoked when its host was \
+     deactivated: refusing to talk to it (someone holds that host's old key)"
+)]
+pub struct RevokedCertificate {
+    /// The revoked serial, lowercase hex.
+    pub serial: String,
+}
+
+/// Makes `builder` refuse servers whose certificate serial (lowercase hex) is in `revoked`,
+/// before any request is sent to them.
+pub fn refuse_revoked(
+    builder: reqwest::ClientBuilder,
+    revoked: std::collections::HashSet<String>,
+) -> reqwest::ClientBuilder {
+    if revoked.is_empty() {
+        return builder;
+    }
+    builder.connector_layer(CertCheckLayer {
+        check: Arc::new(move |der| {
+            let serial = der
+                .and_then(|der| X509::from_der(der).ok())
+                .and_then(|cert| crate::pki::ca::serial_hex(&cert).ok());
+            match serial {
+                Some(serial) if revoked.contains(&serial) => {
+                    Err(Box::new(RevokedCertificate { serial }) as BoxError)
+                }
+                _ => Ok(()),
+            }
+        }),
+    })
 }
 
 #[cfg(test)]

@@ -429,11 +429,8 @@ fn a_wrong_or_unknown_key_is_refused_with_what_to_do() {
     let (other_file, _) = new_key(&home, "other.key", &[]);
     let agent = FakeAgent::start("web-2", Some(&agent_key));
 
-    // A key file others can read works, with a warning.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&other_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // (A key file others can read is refused: an_activation_key_file_others_can_read_...)
     let run = activate(&home, &agent, &other_file, &[]);
-    assert!(run.stderr().contains("make it 0600"), "{}", run.stderr());
     assert_eq!(run.code(), 1);
     assert!(
         run.stderr().contains("wrong activation key") && run.stderr().contains("different key"),
@@ -508,7 +505,7 @@ fn an_expired_key_is_refused() {
     inventory.insert_activation_key(&key.record).unwrap();
     drop(inventory);
     let file = home.path().join("expired.key");
-    std::fs::write(&file, &key.text).unwrap();
+    crate::support::write_private(&file, &key.text);
     let agent = FakeAgent::start("web-5", Some(&key.text));
     let run = activate(&home, &agent, &file, &[]);
     assert_eq!(run.code(), 1);
@@ -885,4 +882,46 @@ fn bulk_activation_reports_each_target_and_a_name_is_not_taken_twice() {
     assert!(run.stderr().contains("--name"), "{}", run.stderr());
     let run = activate(&home, &impostor, &file, &["--name", "bulk-9"]);
     assert_eq!(run.code(), 0, "{}", run.stderr());
+}
+
+#[test]
+fn an_activation_key_file_others_can_read_is_refused_by_the_manager_and_the_agent() {
+    let home = Home::new();
+    let (file, key) = new_key(&home, "agent.key", &[]);
+    let agent = FakeAgent::start("web-9", Some(&key));
+    let mut perms = std::fs::metadata(&file).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    std::fs::set_permissions(&file, perms).unwrap();
+    let run = activate(&home, &agent, &file, &[]);
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(
+        run.stderr().contains("readable by other users (mode 644)"),
+        "{}",
+        run.stderr()
+    );
+    assert!(
+        run.stderr().contains("pm-activate key revoke"),
+        "{}",
+        run.stderr()
+    );
+    assert!(!agent.activated());
+    assert!(hosts(&home).is_empty());
+
+    let state = tempfile::tempdir().unwrap();
+    let run = Pm::agent(&state.path().join("state"))
+        .args(["init", "--listen", "127.0.0.1:1", "--engine", "clamav"])
+        .args([
+            "--database-dir",
+            "/nonexistent-pm-db",
+            "--activation-key-file",
+        ])
+        .args([&file])
+        .run();
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(
+        run.stderr().contains("readable by other users"),
+        "{}",
+        run.stderr()
+    );
+    assert!(!state.path().join("state").join("agent.toml").exists());
 }

@@ -707,3 +707,61 @@ fn an_agents_own_certificate_cannot_drive_another_agent() {
     // The manager's client certificate still works.
     assert_eq!(setup.get("/v1/status").0, 200);
 }
+
+#[test]
+fn the_manager_refuses_an_agent_presenting_a_revoked_certificate() {
+    let mut setup = crate::support::AgentSetup::new();
+    assert_eq!(Pm::poll(&setup.home).run().code(), 0);
+    // What a thief copies off the host: its key and CA-issued certificate.
+    let stolen = tempfile::tempdir().unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(setup.state())
+        .arg(stolen.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let stolen_state = stolen.path().join("state");
+
+    // The operator deactivates the host (its serial is revoked) and enrols it again.
+    let mut agent = setup.agent.take().unwrap();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let deactivated = Pm::activate(&setup.home)
+        .args(["deactivate", "127.0.0.1"])
+        .run();
+    assert_eq!(deactivated.code(), 3, "{}", deactivated.stderr());
+    let key_file = setup.tmp.path().join("again.key");
+    Pm::activate(&setup.home)
+        .args(["key", "new", "--out"])
+        .args([&key_file])
+        .json();
+    Pm::agent(&setup.state())
+        .args(["reset", "--activation-key-file"])
+        .args([&key_file])
+        .json();
+    setup.run_agent();
+    let run = Pm::activate(&setup.home)
+        .args(["host", &setup.addr.to_string(), "--key-file"])
+        .args([&key_file])
+        .args(["--dist-url", &setup.server.base])
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    assert_eq!(Pm::poll(&setup.home).run().code(), 0);
+
+    // The thief answers at the host's address with the old identity.
+    let mut agent = setup.agent.take().unwrap();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    setup.agent = Some(crate::support::spawn_agent(&stolen_state, setup.addr));
+    for run in [
+        Pm::poll(&setup.home).args(["--json"]).run(),
+        Pm::push(&setup.home)
+            .args(["update", "--host", "127.0.0.1", "--json"])
+            .run(),
+    ] {
+        assert_ne!(run.code(), 0, "{}", run.stdout());
+        let said = format!("{}{}", run.stdout(), run.stderr());
+        assert!(said.contains("revoked"), "{said}");
+    }
+}

@@ -172,19 +172,9 @@ fn request_error(address: &str, error: reqwest::Error) -> UserError {
 
 /// Reads the key file, warning when it is readable by others. Never logs the key.
 fn read_key_file(path: &Path) -> Result<String, UserError> {
-    use std::os::unix::fs::PermissionsExt;
-    let text = std::fs::read_to_string(path).map_err(|err| {
-        UserError::usage(format!("cannot read key file `{}`: {err}", path.display()))
-    })?;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        tracing::warn!(
-            path = %path.display(),
-            "the activation key file is readable by group or others; make it 0600"
-        );
-    }
-    Ok(text.trim().to_string())
+    crate::durable::read_secret(path)
+        .map(|text| text.trim().to_string())
+        .map_err(|err| super::secret_file_error("activation key", err))
 }
 
 fn key_error(problem: KeyProblem) -> UserError {

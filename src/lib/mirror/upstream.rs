@@ -444,20 +444,8 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 
 /// Reads a secret from a file that must be private (0600): its first line, without the newline.
 fn read_secret_file(path: &Path) -> anyhow::Result<String> {
-    use anyhow::Context;
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .with_context(|| format!("cannot read proxy password file `{}`", path.display()))?
-        .permissions()
-        .mode();
-    anyhow::ensure!(
-        mode & 0o077 == 0,
-        "proxy password file `{}` is readable by other users (mode {:o}): chmod 600 it",
-        path.display(),
-        mode & 0o777
-    );
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read proxy password file `{}`", path.display()))?;
+    let text = crate::durable::read_secret(path)
+        .map_err(|err| anyhow::anyhow!("proxy password file: {err}"))?;
     Ok(text.trim_end_matches(['\r', '\n']).to_string())
 }
 
