@@ -57,6 +57,7 @@ mod schedule;
 pub mod setup;
 mod upgrade;
 
+pub use install::DIST_STALL_TIMEOUT;
 pub use schedule::ScheduleConfig;
 
 /// Default state directory.

@@ -188,7 +188,7 @@ fn timed(pm: Pm) -> std::time::Duration {
 
 /// What must hold after any kill: latest and dist verify with the home's key (signature, every
 /// file's size and sha256), pm-doctor finds nothing failed, status and the inventory answer.
-fn assert_consistent(home: &Home, context: &str) {
+pub(crate) fn assert_consistent(home: &Home, context: &str) {
     // No key yet (a closed home before its first import): then there is nothing to verify.
     let verifier = std::fs::read(home.path().join(pm::pki::SIGNING_PUBLIC_KEY_FILE))
         .ok()

@@ -24,6 +24,7 @@ mod mirror_chain;
 mod mirror_publish;
 mod mirror_serve;
 mod mirror_sync;
+mod net_faults;
 mod poll;
 mod prometheus;
 mod push;

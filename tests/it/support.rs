@@ -781,3 +781,136 @@ pub fn hold_read_write(file: &Path) -> (Child, std::process::ChildStdin) {
     std::thread::sleep(std::time::Duration::from_millis(500));
     (session, stdin)
 }
+
+/// What a [`FaultProxy`] does to each connection it accepts (the mode at accept time applies
+/// for the connection's life).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetFault {
+    /// Forward both ways untouched.
+    Pass,
+    /// Forward, sleeping this long before each chunk in either direction.
+    Delay(std::time::Duration),
+    /// Accept and close at once (FIN before any byte).
+    Drop,
+    /// Accept and reset: SO_LINGER 0, then close (RST).
+    Reset,
+    /// Forward until this many bytes went back to the client, then close both sides.
+    CutAfter(u64),
+    /// Accept and never forward nor close: the client waits for its own timeout.
+    Stall,
+}
+
+/// A fault-injecting TCP proxy on a loopback port in front of `target`, on its own runtime;
+/// it counts the connections it accepted (each is one connection attempt of the client).
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    mode: std::sync::Arc<std::sync::Mutex<NetFault>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    // Dropping the runtime closes every socket, stalled ones included.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl FaultProxy {
+    pub fn start(target: SocketAddr) -> FaultProxy {
+        use std::sync::atomic::Ordering;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mode = std::sync::Arc::new(std::sync::Mutex::new(NetFault::Pass));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (shared_mode, counter) = (mode.clone(), accepted.clone());
+        runtime.spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let fault = *shared_mode.lock().unwrap();
+                tokio::spawn(proxy_connection(client, target, fault));
+            }
+        });
+        FaultProxy {
+            addr,
+            mode,
+            accepted,
+            _runtime: runtime,
+        }
+    }
+
+    /// The mode of connections accepted from now on.
+    pub fn set(&self, fault: NetFault) {
+        *self.mode.lock().unwrap() = fault;
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// `http://127.0.0.1:PORT<path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+async fn proxy_connection(client: tokio::net::TcpStream, target: SocketAddr, fault: NetFault) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (delay, mut budget) = match fault {
+        NetFault::Drop => return,
+        NetFault::Reset => {
+            let _ = client.set_zero_linger();
+            return;
+        }
+        NetFault::Stall => {
+            // Hold the socket open until the proxy goes away.
+            let _held = client;
+            std::future::pending::<()>().await;
+            return;
+        }
+        NetFault::Pass => (None, u64::MAX),
+        NetFault::Delay(delay) => (Some(delay), u64::MAX),
+        NetFault::CutAfter(n) => (None, n),
+    };
+    let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+        return;
+    };
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = async move {
+        let mut buffer = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = client_read.read(&mut buffer).await {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            if server_write.write_all(&buffer[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = server_write.shutdown().await;
+    };
+    let downstream = async move {
+        let mut buffer = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = server_read.read(&mut buffer).await {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            let n = n.min(usize::try_from(budget).unwrap_or(usize::MAX));
+            if client_write.write_all(&buffer[..n]).await.is_err() {
+                break;
+            }
+            budget -= n as u64;
+            if budget == 0 {
+                break;
+            }
+        }
+        let _ = client_write.shutdown().await;
+    };
+    // A cut ends the whole connection: the client must not keep a half-open one.
+    tokio::select! {
+        _ = downstream => {}
+        _ = async { upstream.await; std::future::pending::<()>().await } => {}
+    }
+}

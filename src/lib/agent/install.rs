@@ -322,10 +322,15 @@ fn engine_files(engine: Engine, manifest: &Manifest) -> Result<Vec<(SetFile, Str
     Ok(files)
 }
 
+/// How long a download from dist may go without receiving a byte. Without it a stalled
+/// connection held the install (and its lock) for the whole request timeout.
+pub const DIST_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub(super) fn http_client() -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .no_proxy()
         .connect_timeout(Duration::from_secs(10))
+        .read_timeout(DIST_STALL_TIMEOUT)
         .timeout(Duration::from_secs(600))
         .build()
         .context("cannot make an HTTP client")
