@@ -54,6 +54,9 @@ pub enum FaultKind {
     /// Change one character of a CVD header's digital signature: the MD5 still matches, the
     /// RSA signature no longer does.
     BadSignature,
+    /// Serve these bytes instead of the file (header reads and full GETs alike, and also for a
+    /// path the lab does not have): whatever a broken or hostile upstream may send.
+    Replace { body: Vec<u8> },
 }
 
 /// A fault and which requests it hits.
@@ -433,6 +436,10 @@ async fn answer(
         None
     };
     let found = match (&fault, found) {
+        (Some(FaultKind::Replace { body }), _) => Some((
+            Content::Memory(Bytes::from(body.clone())),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        )),
         (Some(FaultKind::StaleBody { version }), Some((_, modified)))
             if path.ends_with("/test.cvd") =>
         {

@@ -376,6 +376,7 @@ impl SimFleet {
                     name: host.name.clone(),
                     behaviour: watch::Sender::new(Behaviour::Ok),
                     polls: AtomicU32::new(0),
+                    raw_answer: std::sync::Mutex::new(None),
                 })
                 .collect(),
             group: self.spec.group.clone(),
@@ -493,6 +494,17 @@ impl RunningFleet {
         }
     }
 
+    /// Makes host `index` answer polls with exactly `body` (status 200, JSON content type),
+    /// or like an agent again with `None`: what a broken or hostile agent may send.
+    pub fn set_raw_answer(&self, index: usize, body: Option<Vec<u8>>) {
+        if let Some(host) = self.state.hosts.get(index) {
+            *host
+                .raw_answer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = body;
+        }
+    }
+
     /// Makes every host report test database `version` (revision `r<version>`) from now on.
     pub fn set_version(&self, version: u32) {
         self.state.version.store(version, Ordering::Relaxed);
@@ -536,6 +548,8 @@ struct HostState {
     name: String,
     behaviour: watch::Sender<Behaviour>,
     polls: AtomicU32,
+    /// Bytes answered with 200 instead of a poll answer, while the behaviour is `Ok`.
+    raw_answer: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 /// Which host a connection reached: the local address it was accepted on.
@@ -591,7 +605,18 @@ async fn poll_handler(
         None => error(StatusCode::NOT_FOUND, "not_found", "no simulated host here"),
         Some(index) => {
             let behaviour = *fleet.hosts[index].behaviour.borrow();
+            let raw = fleet.hosts[index]
+                .raw_answer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone();
             match behaviour {
+                Behaviour::Ok if raw.is_some() => (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    raw.unwrap_or_default(),
+                )
+                    .into_response(),
                 Behaviour::Ok => axum::Json(fleet.answer(index, &cursors)).into_response(),
                 Behaviour::Hang => std::future::pending().await,
                 Behaviour::Garbage => {

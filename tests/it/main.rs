@@ -10,6 +10,7 @@ mod agent_install;
 mod agent_scan;
 mod agent_schedule;
 mod ansible;
+mod bad_input;
 mod dashboards;
 mod dist_statement;
 mod doctor;

@@ -9,15 +9,15 @@ use std::time::Duration;
 use crate::support::{Home, Lab, Pm, manifest, testdb};
 
 /// A connected mirror synced from the lab, whose public key the offline mirror trusts.
-struct Sites {
-    lab: Lab,
-    online: Home,
-    offline: Home,
-    work: tempfile::TempDir,
+pub(crate) struct Sites {
+    pub(crate) lab: Lab,
+    pub(crate) online: Home,
+    pub(crate) offline: Home,
+    pub(crate) work: tempfile::TempDir,
 }
 
 impl Sites {
-    fn new(version: u32) -> Sites {
+    pub(crate) fn new(version: u32) -> Sites {
         let lab = Lab::start(version);
         let online = Home::new();
         online.clamav_config(&lab, "");
@@ -44,11 +44,11 @@ impl Sites {
         }
     }
 
-    fn bundle_path(&self, name: &str) -> PathBuf {
+    pub(crate) fn bundle_path(&self, name: &str) -> PathBuf {
         self.work.path().join(name)
     }
 
-    fn export(&self, name: &str, since: Option<&str>) -> serde_json::Value {
+    pub(crate) fn export(&self, name: &str, since: Option<&str>) -> serde_json::Value {
         let out = self.bundle_path(name);
         let mut pm = Pm::mirror(&self.online)
             .args(["export", "--out"])
@@ -59,7 +59,7 @@ impl Sites {
         pm.json()
     }
 
-    fn import(&self, name: &str) -> crate::support::Run {
+    pub(crate) fn import(&self, name: &str) -> crate::support::Run {
         Pm::mirror(&self.offline)
             .args(["import", "--json"])
             .arg_path(&self.bundle_path(name))
@@ -213,14 +213,14 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 /// A tar member written byte by byte, so a test can make what `tar::Builder` refuses to.
-struct Member {
-    name: Vec<u8>,
-    kind: u8,
-    data: Vec<u8>,
-    link: Vec<u8>,
+pub(crate) struct Member {
+    pub(crate) name: Vec<u8>,
+    pub(crate) kind: u8,
+    pub(crate) data: Vec<u8>,
+    pub(crate) link: Vec<u8>,
 }
 
-fn member(name: &str, data: &[u8]) -> Member {
+pub(crate) fn member(name: &str, data: &[u8]) -> Member {
     Member {
         name: name.as_bytes().to_vec(),
         kind: b'0',
@@ -229,7 +229,7 @@ fn member(name: &str, data: &[u8]) -> Member {
     }
 }
 
-fn raw_tar(members: &[Member]) -> Vec<u8> {
+pub(crate) fn raw_tar(members: &[Member]) -> Vec<u8> {
     let mut out = Vec::new();
     for member in members {
         let mut header = [0u8; 512];
@@ -256,7 +256,7 @@ fn raw_tar(members: &[Member]) -> Vec<u8> {
 
 /// The four leading members of a bundle of `online`'s latest, signed with `key`, carrying
 /// `included` (all files when `None`).
-fn signed_preamble(
+pub(crate) fn signed_preamble(
     online: &Home,
     key: &pm::pki::SigningKey,
 ) -> (Vec<Member>, pm::manifest::Manifest) {
@@ -287,7 +287,7 @@ fn signed_preamble(
 }
 
 /// The file members of a correct bundle of `online`'s latest.
-fn file_members(online: &Home, manifest: &pm::manifest::Manifest) -> Vec<Member> {
+pub(crate) fn file_members(online: &Home, manifest: &pm::manifest::Manifest) -> Vec<Member> {
     manifest
         .files
         .iter()
