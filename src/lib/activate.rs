@@ -90,7 +90,7 @@ pub struct HostArgs {
     #[arg(long, value_name = "URL")]
     pub dist_url: Option<String>,
     /// How long to wait for the agent on each call
-    #[arg(long, default_value = "10s", value_parser = cli::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = cli::parse_nonzero_duration)]
     pub timeout: Duration,
 }
 
@@ -106,7 +106,7 @@ pub enum KeyCommand {
         #[arg(long)]
         reusable: bool,
         /// How long it works, at most 24h
-        #[arg(long, default_value = "24h", value_parser = cli::parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = cli::parse_nonzero_duration)]
         ttl: Duration,
         /// Write the key to this file (0600) instead of printing it
         #[arg(long, value_name = "FILE")]

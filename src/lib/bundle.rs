@@ -499,7 +499,7 @@ fn check_manifest(header: &BundleHeader, manifest: &Manifest) -> Result<(), Bund
         }
     }
     for file in &manifest.files {
-        if !crate::mirror::safe_relative_path(&file.path) {
+        if !crate::manifest::safe_relative_path(&file.path) {
             return malformed(format!("unsafe path `{}` in the manifest", file.path));
         }
         // Every file lives in its product's directory, so none can land on manifest.json or
@@ -549,7 +549,7 @@ fn member_name(entry: &tar::Entry<'_, &mut dyn Read>) -> Result<String, BundleEr
     if name.split('/').any(|part| part == "..") {
         return Err(bad("path traversal (`..`) is not allowed"));
     }
-    if !crate::mirror::safe_relative_path(&name) {
+    if !crate::manifest::safe_relative_path(&name) {
         return Err(bad("not a plain relative path"));
     }
     Ok(name)

@@ -90,6 +90,27 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}` is out of range"))
 }
 
+/// A timeout, deadline or interval: [`parse_duration`], refusing zero (which would fail or spin
+/// every time rather than mean anything).
+pub fn parse_nonzero_duration(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err(format!(
+            "`{text}` would end at once: give a duration longer than 0, e.g. 10s"
+        ));
+    }
+    Ok(duration)
+}
+
+/// A count of hosts per wave or at once: a number of at least 1.
+pub fn parse_count(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(count) => Ok(count),
+        Err(_) => Err(format!("`{text}` is not a number of hosts")),
+    }
+}
+
 /// How a tool ended; the process exit code scripts and Ansible rely on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

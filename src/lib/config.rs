@@ -497,6 +497,8 @@ impl Config {
             ("poll.scan_max_age", self.poll.scan_max_age),
             ("poll.keep_polls", self.poll.keep_polls),
             ("serve.dist_valid_for", self.serve.dist_valid_for),
+            ("http.timeout", self.http.timeout),
+            ("http.connect_timeout", self.http.connect_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(key.into(), "must be longer than 0s".into()));

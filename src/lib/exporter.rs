@@ -58,7 +58,7 @@ pub struct Args {
     #[arg(long = "allow", value_name = "CIDR")]
     pub allow: Vec<IpNet>,
     /// Read the inventory at most this often (e.g. 15s, 1m)
-    #[arg(long, default_value = "15s", value_parser = cli::parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "15s", value_parser = cli::parse_nonzero_duration, value_name = "DURATION")]
     pub refresh: Duration,
     /// Serve HTTPS with this certificate (PEM; needs --tls-key)
     #[arg(long, requires = "tls_key", value_name = "FILE")]

@@ -135,7 +135,42 @@ pub fn hex(bytes: &[u8]) -> String {
         })
 }
 
+/// Whether a relative path from an index is safe to use under the product directory.
+pub fn safe_relative_path(path: &str) -> bool {
+    // `:` would let a URL join leave the index's host (`http:evil/x`); `?#%` change meaning.
+    !path.is_empty()
+        && !path.starts_with('/')
+        && !path.contains(['\\', ':', '?', '#', '%', '\0'])
+        && path
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
+/// The manifest format this pm writes and reads.
+pub const FORMAT: u32 = 1;
+
 impl Manifest {
+    /// Checks what a reader relies on beyond the signature: a format it knows, and a revision
+    /// named `r<serial>` (the name becomes a record and a path component elsewhere).
+    pub fn check_shape(&self) -> Result<(), String> {
+        if self.format != FORMAT {
+            return Err(format!(
+                "manifest format {} is not {FORMAT}, the one this pm reads: upgrade pm",
+                self.format
+            ));
+        }
+        if self.revision != format!("r{}", self.serial) {
+            return Err(format!(
+                "revision `{}` does not match serial {} (r{})",
+                self.revision, self.serial, self.serial
+            ));
+        }
+        if let Some(file) = self.files.iter().find(|f| !safe_relative_path(&f.path)) {
+            return Err(format!("it lists the unusable path `{}`", file.path));
+        }
+        Ok(())
+    }
+
     /// The entry for `path`, if the revision has it.
     pub fn file(&self, path: &str) -> Option<&FileEntry> {
         self.files.iter().find(|f| f.path == path)
@@ -247,7 +282,7 @@ mod tests {
             ..file(path, "1")
         };
         let manifest = Manifest {
-            format: 1,
+            format: FORMAT,
             revision: "r1".into(),
             serial: 1,
             created_at: Utc::now(),
@@ -375,7 +410,7 @@ mod tests {
             ),
         ];
         Manifest {
-            format: 1,
+            format: FORMAT,
             revision: "r42".into(),
             serial: 42,
             created_at: built,

@@ -23,7 +23,6 @@ use crate::pki::SigningKey;
 use crate::repo::{Generations, Repo};
 
 pub use serve::{ServeState, router, shutdown_signal};
-pub(crate) use sync::safe_relative_path;
 pub use sync::{ProductReport, ProductResult};
 pub use upstream::parse_retry_after;
 

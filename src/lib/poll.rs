@@ -46,14 +46,14 @@ pub struct Args {
     #[arg(long)]
     pub concurrency: Option<usize>,
     /// How long one agent may take [default: pm.toml `[poll]` timeout, else 10s]
-    #[arg(long, value_parser = cli::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = cli::parse_nonzero_duration, value_name = "DURATION")]
     pub timeout: Option<Duration>,
     /// How long the whole poll may take [default: pm.toml `[poll]` deadline, else 5m]
-    #[arg(long, value_parser = cli::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = cli::parse_nonzero_duration, value_name = "DURATION")]
     pub deadline: Option<Duration>,
     /// Poll again every DURATION (default 10s) for a live view; Ctrl-C stops (with --json: one
     /// document per line)
-    #[arg(long, value_parser = cli::parse_duration, value_name = "DURATION",
+    #[arg(long, value_parser = cli::parse_nonzero_duration, value_name = "DURATION",
           num_args = 0..=1, default_missing_value = "10s")]
     pub watch: Option<Duration>,
     /// With --watch: stop after this many polls

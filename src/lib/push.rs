@@ -81,7 +81,7 @@ pub enum Command {
         #[arg(long = "path", value_name = "PATH", required = true)]
         paths: Vec<String>,
         /// How long one host's scan may take
-        #[arg(long, default_value = "1h", value_parser = cli::parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = cli::parse_nonzero_duration)]
         timeout: Duration,
         #[command(flatten)]
         targets: TargetArgs,
@@ -107,7 +107,7 @@ pub enum Command {
     /// agent restarts itself and must come back on the package
     UpgradeAgent {
         /// How long one host may take to answer the upgrade, and then to come back on the package
-        #[arg(long, default_value = "60s", value_parser = cli::parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = cli::parse_nonzero_duration)]
         timeout: Duration,
         #[command(flatten)]
         targets: TargetArgs,
@@ -177,7 +177,7 @@ pub struct WaveArgs {
     #[arg(long, default_value_t = 1)]
     pub canary: usize,
     /// Hosts per wave after the canary (a targets CSV with a wave column sets the waves instead)
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value = "50", value_parser = cli::parse_count)]
     pub wave_size: usize,
     /// Failures a wave may have before the rollout stops: a count or a percentage, e.g. 10%
     #[arg(long, default_value = "0", value_parser = MaxFailures::from_str)]
@@ -187,11 +187,11 @@ pub struct WaveArgs {
     #[serde(with = "millis")]
     pub pause: Duration,
     /// How long one host's install may take
-    #[arg(long, default_value = "10m", value_parser = cli::parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "10m", value_parser = cli::parse_nonzero_duration, value_name = "DURATION")]
     #[serde(with = "millis")]
     pub timeout: Duration,
     /// Hosts installing at once within a wave
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value = "32", value_parser = cli::parse_count)]
     pub concurrency: usize,
 }
 
@@ -565,9 +565,6 @@ pub(crate) fn print(global: &GlobalArgs, report: &Report) -> anyhow::Result<Exit
 
 /// `pm-push update`.
 fn start(home: &Path, global: &GlobalArgs, args: &UpdateArgs) -> anyhow::Result<ExitStatus> {
-    if args.waves.concurrency == 0 || args.waves.wave_size == 0 {
-        return Err(UserError::usage("--concurrency and --wave-size must be at least 1").into());
-    }
     let revision = dist_revision(home)?;
     let (targets, installed) = {
         let Some(inventory) =

@@ -731,7 +731,7 @@ impl StagedRevision {
         let serial = repo.next_serial()?;
         let revision = format!("r{serial}");
         let manifest = Manifest {
-            format: 1,
+            format: crate::manifest::FORMAT,
             revision: revision.clone(),
             serial,
             created_at: chrono::Utc::now(),

@@ -54,16 +54,16 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub canary: usize,
     /// Hosts per wave
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value = "1000", value_parser = cli::parse_count)]
     pub wave_size: usize,
     /// Failures a wave may have before the rollback stops: a count or a percentage
     #[arg(long, default_value = "0", value_parser = <push::MaxFailures as std::str::FromStr>::from_str)]
     pub max_failures: push::MaxFailures,
     /// How long one host's install may take
-    #[arg(long, default_value = "10m", value_parser = cli::parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "10m", value_parser = cli::parse_nonzero_duration, value_name = "DURATION")]
     pub timeout: Duration,
     /// Hosts installing at once within a wave
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value = "32", value_parser = cli::parse_count)]
     pub concurrency: usize,
 }
 

@@ -212,8 +212,15 @@ fn profiles_are_checked_and_default_or_used_ones_cannot_be_deleted() {
         assert_eq!(run.code(), 2, "{}", run.stderr());
         assert!(run.stderr().contains(expected), "{}", run.stderr());
     }
-    let run = Pm::activate(&home).args(["profile", "new", "../etc"]).run();
+    let run = Pm::activate(&home)
+        .args(["profile", "new", "../etc", "--set", "scan_archive=no"])
+        .run();
     assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(run.stderr().contains("../etc"), "{}", run.stderr());
+    // Neither --set nor --file: nothing to save.
+    let run = Pm::activate(&home).args(["profile", "new", "empty"]).run();
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(run.stderr().contains("--set"), "{}", run.stderr());
 
     let run = Pm::activate(&home)
         .args(["profile", "delete", "default"])

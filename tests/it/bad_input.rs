@@ -474,6 +474,30 @@ static CONFIGS: &[Case<Config>] = &[
         "dir",
     ),
     case(
+        "http timeout zero",
+        Text(
+            "[[products]]\nname = \"clamav\"\nkind = \"clamav\"\nurl = \"{url}\"\n[http]\ntimeout = \"0s\"\n",
+        ),
+        2,
+        "http.timeout",
+    ),
+    case(
+        "http connect_timeout zero",
+        Text(
+            "[[products]]\nname = \"clamav\"\nkind = \"clamav\"\nurl = \"{url}\"\n[http]\nconnect_timeout = \"0s\"\n",
+        ),
+        2,
+        "http.connect_timeout",
+    ),
+    case(
+        "serve dist_valid_for zero",
+        Text(
+            "[[products]]\nname = \"clamav\"\nkind = \"clamav\"\nurl = \"{url}\"\n[serve]\ndist_valid_for = \"0s\"\n",
+        ),
+        2,
+        "serve.dist_valid_for",
+    ),
+    case(
         "http timeout negative",
         Text(
             "[[products]]\nname = \"clamav\"\nkind = \"clamav\"\nurl = \"{url}\"\n[http]\ntimeout = \"-5s\"\n",
@@ -650,8 +674,15 @@ impl Manager {
             .args([t.join("key")])
             .json();
         std::fs::write(t.join("license.lic"), "licensed to the lab\n").unwrap();
-        std::fs::write(t.join("garbage"), "this is not anything\n").unwrap();
-        std::fs::write(t.join("empty"), "").unwrap();
+        // Private, as secrets must be: the cases test what is in them.
+        crate::support::write_private(&t.join("garbage"), "this is not anything\n");
+        crate::support::write_private(&t.join("empty"), "");
+        std::fs::copy(t.join("key"), t.join("loose.key")).unwrap();
+        std::fs::set_permissions(
+            t.join("loose.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .unwrap();
         std::fs::create_dir(t.join("dir")).unwrap();
         std::fs::write(t.join("bundle.tar"), b"not a tar file".repeat(100)).unwrap();
         Pm::agent(&t.join("agent"))
@@ -699,6 +730,66 @@ impl Manager {
 type Cli = (&'static str, &'static [&'static str]);
 
 static CLI: &[Case<Cli>] = &[
+    // Zero timeouts and counts would fail every host or spin: refused up front.
+    case(
+        "poll: timeout 0s",
+        ("pm-poll", &["--timeout", "0s"]),
+        2,
+        "0s",
+    ),
+    case(
+        "poll: deadline 0s",
+        ("pm-poll", &["--deadline", "0s"]),
+        2,
+        "0s",
+    ),
+    case("poll: watch 0s", ("pm-poll", &["--watch", "0s"]), 2, "0s"),
+    case(
+        "push: update timeout 0s",
+        ("pm-push", &["update", "--all", "--timeout", "0s"]),
+        2,
+        "0s",
+    ),
+    case(
+        "rollback: wave size 0",
+        ("pm-rollback", &["--generation", "1", "--wave-size", "0"]),
+        2,
+        "at least 1",
+    ),
+    case(
+        "rollback: concurrency 0",
+        ("pm-rollback", &["--generation", "1", "--concurrency", "0"]),
+        2,
+        "at least 1",
+    ),
+    case(
+        "activate: key ttl 0s",
+        ("pm-activate", &["key", "new", "--ttl", "0s"]),
+        2,
+        "0s",
+    ),
+    case(
+        "activate: profile new with neither --set nor --file",
+        ("pm-activate", &["profile", "new", "p9"]),
+        2,
+        "--set",
+    ),
+    case(
+        "activate: host with an ftp dist URL",
+        (
+            "pm-activate",
+            &[
+                "host",
+                "127.0.0.1:9",
+                "--key-file",
+                "{tmp}/key",
+                "--dist-url",
+                "ftp://x",
+            ],
+        ),
+        2,
+        "http:// or https://",
+    ),
     // pm-mirror
     case(
         "mirror: unknown flag",
@@ -913,12 +1004,21 @@ static CLI: &[Case<Cli>] = &[
         "no-such.key",
     ),
     case(
+        "activate: host with a key file others can read",
+        (
+            "pm-activate",
+            &["host", "127.0.0.1:9", "--key-file", "{tmp}/loose.key"],
+        ),
+        2,
+        "readable by other users",
+    ),
+    case(
         "activate: host with a key file of garbage",
         (
             "pm-activate",
             &["host", "127.0.0.1:9", "--key-file", "{tmp}/garbage"],
         ),
-        1,
+        2,
         "not a pm activation key",
     ),
     case(
@@ -927,7 +1027,7 @@ static CLI: &[Case<Cli>] = &[
             "pm-activate",
             &["host", "127.0.0.1:9", "--key-file", "{tmp}/empty"],
         ),
-        1,
+        2,
         "not a pm activation key",
     ),
     case(
@@ -1568,7 +1668,7 @@ static CLI: &[Case<Cli>] = &[
             "pm-agent",
             &["reset", "--activation-key-file", "{tmp}/no-such.key"],
         ),
-        1,
+        2,
         "no-such.key",
     ),
     // pm-lab
@@ -2731,25 +2831,37 @@ static DISTS: &[Case<Dist>] = &[
         "signed: traversal path",
         Dist::Signed("/files/0/path", "\"../../../../tmp/pm-escape\""),
         1,
-        "no ClamAV databases",
+        "unusable path",
     ),
     case(
         "signed: absolute path",
         Dist::Signed("/files/0/path", "\"/tmp/pm-escape\""),
         1,
-        "no ClamAV databases",
+        "unusable path",
     ),
     case(
         "signed: path with a NUL",
         Dist::Signed("/files/0/path", "\"clamav/te\\u0000st.cvd\""),
         1,
-        "unusable file",
+        "unusable path",
     ),
     case(
         "signed: empty path",
         Dist::Signed("/files/0/path", "\"\""),
         1,
-        "no ClamAV databases",
+        "unusable path",
+    ),
+    case(
+        "signed: unknown format",
+        Dist::Signed("/format", "2"),
+        1,
+        "manifest format 2",
+    ),
+    case(
+        "signed: revision named like a path",
+        Dist::Signed("/revision", "\"../../r9\""),
+        1,
+        "does not match serial",
     ),
     case(
         "signed: sha256 not hex",

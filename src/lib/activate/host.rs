@@ -182,7 +182,11 @@ fn key_error(problem: KeyProblem) -> UserError {
         KeyProblem::Malformed => "give the file written by `pm-activate key new --out FILE`",
         _ => "create a new key with `pm-activate key new --out FILE` and give it to the agent",
     };
-    UserError::failure(problem.to_string()).with_hint(hint)
+    match problem {
+        // What the operator gave is no key at all.
+        KeyProblem::Malformed => UserError::usage(problem.to_string()).with_hint(hint),
+        _ => UserError::failure(problem.to_string()).with_hint(hint),
+    }
 }
 
 /// An error answer of the agent, as an error with a hint saying what to do.
@@ -315,6 +319,10 @@ pub fn activate_host(
     global: &GlobalArgs,
     args: HostArgs,
 ) -> anyhow::Result<ExitStatus> {
+    if let Some(url) = &args.dist_url {
+        // Refused before any agent is contacted.
+        dist_url(home, Some(url))?;
+    }
     if let Some(targets) = &args.targets {
         return activate_many(home, global, &args, targets);
     }

@@ -32,7 +32,12 @@ pub enum ProfileCommand {
         name: String,
         /// A form key (repeatable): exclude, exclude_dir, max_filesize_mb, max_scansize_mb,
         /// max_recursion, scan_archive, detect_pua, follow_symlinks
-        #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "file")]
+        #[arg(
+            long = "set",
+            value_name = "KEY=VALUE",
+            conflicts_with = "file",
+            required_unless_present = "file"
+        )]
         set: Vec<String>,
         /// Raw configuration text for a `command` engine (file mode)
         #[arg(long, value_name = "FILE")]

@@ -430,12 +430,16 @@ pub(super) async fn fetch_manifest(
     if !key.verify(&body, &signature) {
         return Err(signature_refused(&manifest_url, "manifest"));
     }
-    serde_json::from_slice(&body).map_err(|err| {
+    let manifest: Manifest = serde_json::from_slice(&body).map_err(|err| {
         UserError::failure(format!(
             "the signed manifest `{manifest_url}` is not valid: {err}"
         ))
-        .into()
-    })
+    })?;
+    manifest.check_shape().map_err(|problem| {
+        UserError::failure(format!("refusing `{manifest_url}`: {problem}"))
+            .with_hint("the manager is newer than this agent, or its repository is damaged: check `pm-mirror status` there")
+    })?;
+    Ok(manifest)
 }
 
 /// The last dist statement this agent accepted; under `manager/`, so that a reset (before an
@@ -444,12 +448,13 @@ pub const ACCEPTED_STATEMENT_FILE: &str = "manager/dist-statement.json";
 
 /// Fetches the manager's dist: its signed statement (refused when older than one accepted
 /// before, expired, or naming another manifest), then the manifest it names. A manager that
-/// never wrote a statement is followed as before, until the agent has accepted one.
+/// never wrote a statement is followed as before, until the agent has accepted one. Returns the
+/// statement to record with [`accept_statement`] once the install succeeded, if it is new.
 pub(super) async fn fetch_dist(
     client: &reqwest::Client,
     dir: &Path,
     dist_url: &str,
-) -> Result<Manifest> {
+) -> Result<(Manifest, Option<DistStatement>)> {
     let accepted_path = dir.join(ACCEPTED_STATEMENT_FILE);
     let accepted: Option<DistStatement> = read_json(&accepted_path)?;
     // Publish may switch dist between the two fetches: one more try sees a consistent pair.
@@ -470,7 +475,7 @@ pub(super) async fn fetch_dist(
                 )
                 .into());
             }
-            return Ok(manifest);
+            return Ok((manifest, None));
         };
         if !statement.names(&manifest) {
             if attempt == 0 {
@@ -525,12 +530,15 @@ pub(super) async fn fetch_dist(
             )
             .into());
         }
-        if accepted.as_ref() != Some(&statement) {
-            write_json(&accepted_path, &statement)?;
-        }
-        return Ok(manifest);
+        let new = (accepted.as_ref() != Some(&statement)).then_some(statement);
+        return Ok((manifest, new));
     }
     unreachable!("the second attempt returns")
+}
+
+/// Records `statement` as the newest this agent accepted: later dists must not be older.
+pub(super) fn accept_statement(dir: &Path, statement: &DistStatement) -> Result<()> {
+    write_json(&dir.join(ACCEPTED_STATEMENT_FILE), statement)
 }
 
 /// The signed dist statement at `dist_url`, verified; `None` when the manager serves none.
@@ -1041,11 +1049,11 @@ pub fn update_from(
         .build()
         .context("cannot start the async runtime")?;
     let (installed, backups) = load_sets(dir)?;
-    let (manifest, files, downloaded) = runtime.block_on(async {
+    let (manifest, statement, files, downloaded) = runtime.block_on(async {
         let client = http_client()?;
-        let manifest = match generation {
+        let (manifest, statement) = match generation {
             // The operator's explicit rollback to a backup: older on purpose.
-            Some(_) => fetch_manifest(&client, dir, &source_url).await?,
+            Some(_) => (fetch_manifest(&client, dir, &source_url).await?, None),
             None => fetch_dist(&client, dir, &source_url).await?,
         };
         let wanted = engine_files(config.engine, &manifest)?;
@@ -1085,7 +1093,7 @@ pub fn update_from(
             }
             files.push(file.clone());
         }
-        anyhow::Ok((manifest, files, downloaded))
+        anyhow::Ok((manifest, statement, files, downloaded))
     })?;
     let set = InstalledSet {
         revision: Some(manifest.revision.clone()),
@@ -1098,7 +1106,11 @@ pub fn update_from(
         (Some(new), Some(old)) if new < old
     );
     let action = if older { "rollback" } else { "update" };
-    finish(dir, config, action, set, installed, backups, downloaded)
+    let report = finish(dir, config, action, set, installed, backups, downloaded)?;
+    if let Some(statement) = statement {
+        accept_statement(dir, &statement)?;
+    }
+    Ok(report)
 }
 
 /// The generation a `POST /v1/update` body asks for: `None` (dist) for an empty body, `null`

@@ -137,7 +137,8 @@ async fn replace_executable(
 ) -> Result<(UpgradeReport, Option<Replaced>)> {
     let dist_url = activated_dist_url(dir)?;
     let client = http_client()?;
-    let manifest = fetch_dist(&client, dir, &dist_url).await?;
+    // The statement is recorded by the next update, which installs what it names.
+    let (manifest, _) = fetch_dist(&client, dir, &dist_url).await?;
     let component = agent_component(std::env::consts::ARCH, std::env::consts::OS);
     if !manifest.has_agent_product() {
         return Err(UserError::failure(format!(

@@ -784,17 +784,6 @@ struct IndexedFile {
     version: Option<String>,
 }
 
-/// Whether a relative path from an index is safe to use under the product directory.
-pub(crate) fn safe_relative_path(path: &str) -> bool {
-    // `:` would let a URL join leave the index's host (`http:evil/x`); `?#%` change meaning.
-    !path.is_empty()
-        && !path.starts_with('/')
-        && !path.contains(['\\', ':', '?', '#', '%', '\0'])
-        && path
-            .split('/')
-            .all(|part| !part.is_empty() && part != "." && part != "..")
-}
-
 /// One `files` product: conditional fetch of the index, then every file whose sha256 differs
 /// from latest, each verified for size and sha256.
 async fn sync_files(
@@ -866,7 +855,7 @@ async fn sync_files(
         serde_json::from_slice(&body).map_err(|err| bad_index(err.to_string()))?;
     let mut seen = std::collections::HashSet::new();
     for file in &index.files {
-        if !safe_relative_path(&file.path) {
+        if !crate::manifest::safe_relative_path(&file.path) {
             return Err(bad_index(format!("unsafe path `{}`", file.path)));
         }
         if !seen.insert(file.path.as_str()) {
@@ -1156,7 +1145,7 @@ fn check_parent_manifest(url: &Url, bytes: &[u8]) -> Result<Manifest, ProductErr
     }
     let mut paths = HashSet::new();
     for file in &parent.files {
-        if !safe_relative_path(&file.path) {
+        if !crate::manifest::safe_relative_path(&file.path) {
             return Err(bad(format!("unsafe path `{}`", file.path)));
         }
         if !names.contains(file.product.as_str()) {
@@ -1638,7 +1627,7 @@ mod tests {
             ("a#b", false),
             ("a%2e", false),
         ] {
-            assert_eq!(safe_relative_path(path), ok, "{path}");
+            assert_eq!(crate::manifest::safe_relative_path(path), ok, "{path}");
         }
     }
 
