@@ -28,7 +28,7 @@ use crate::targets::{Target, TargetArgs};
 use crate::tls;
 
 /// The largest poll answer read from an agent.
-const MAX_ANSWER: usize = 16 * 1024 * 1024;
+const MAX_ANSWER: usize = proto::MAX_ANSWER_BYTES;
 
 /// `pm-poll` command line.
 #[derive(Debug, Parser)]
@@ -584,26 +584,21 @@ async fn request(
             query.append_pair("updates_after", id);
         }
     }
-    let mut response = client
+    let response = client
         .get(url)
         .send()
         .await
         .map_err(|err| transport_failure(address, &err, timeout))?;
     let status = response.status();
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
+    let body = proto::read_body(response, MAX_ANSWER)
         .await
-        .map_err(|err| transport_failure(address, &err, timeout))?
-    {
-        if body.len() + chunk.len() > MAX_ANSWER {
-            return Err(failure(
+        .map_err(|err| match err {
+            proto::AnswerError::Transport(err) => transport_failure(address, &err, timeout),
+            proto::AnswerError::TooLarge(_) => failure(
                 "bad_response",
                 format!("agent `{address}` sent more than {MAX_ANSWER} bytes"),
-            ));
-        }
-        body.extend_from_slice(&chunk);
-    }
+            ),
+        })?;
     if !status.is_success() {
         let message = serde_json::from_slice::<ErrorResponse>(&body)
             .map(|e| format!("{} ({})", e.message, e.code))

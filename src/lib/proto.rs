@@ -509,9 +509,83 @@ pub struct ScheduleRequest {
     pub scan_paths: Vec<String>,
 }
 
+/// Largest answer the manager reads from an agent: a poll with its reports, an install or scan
+/// report. A compromised or broken agent sending without end costs no more than this.
+pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why an agent's answer could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// The transfer failed.
+    #[error(transparent)]
+    Transport(#[from] reqwest::Error),
+    /// It was longer than the limit.
+    #[error("its answer is larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+/// Reads an answer's body, refusing more than `limit` bytes as they arrive.
+pub async fn read_body(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, AnswerError> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Err(AnswerError::TooLarge(limit));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Err(AnswerError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Serves `body` once per request at `/` on a loopback port; returns its URL.
+    async fn serve(body: fn() -> axum::body::Body) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let app = axum::Router::new().route("/", axum::routing::get(move || async move { body() }));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    #[test]
+    fn an_answer_longer_than_the_limit_is_refused_as_it_arrives() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let limit = 1 << 20;
+            // Announced too long: refused before reading.
+            let announced = serve(|| axum::body::Body::from(vec![b'x'; (1 << 20) + 1])).await;
+            // Chunked without a length, and longer than any limit (bounded: 64 MiB).
+            let endless = serve(|| {
+                let chunks = (0..1024).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 64 << 10]));
+                axum::body::Body::from_stream(futures_util::stream::iter(chunks))
+            })
+            .await;
+            let fits = serve(|| axum::body::Body::from(vec![b'x'; 1 << 20])).await;
+            for url in [announced, endless] {
+                let response = reqwest::get(&url).await.unwrap();
+                match read_body(response, limit).await {
+                    Err(AnswerError::TooLarge(at)) => assert_eq!(at, limit),
+                    other => panic!("{url}: {:?}", other.map(|b| b.len())),
+                }
+            }
+            let response = reqwest::get(&fits).await.unwrap();
+            assert_eq!(read_body(response, limit).await.unwrap().len(), limit);
+        });
+    }
 
     #[test]
     fn proofs_bind_the_key_the_certificate_and_both_nonces() {

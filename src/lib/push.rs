@@ -823,8 +823,7 @@ pub(crate) async fn post_agent<T: serde::de::DeserializeOwned>(
         format!("agent `{address}` did not answer: {text}")
     })?;
     let status = response.status();
-    let body = response
-        .bytes()
+    let body = proto::read_body(response, proto::MAX_ANSWER_BYTES)
         .await
         .map_err(|err| format!("agent `{address}`: {err}"))?;
     if !status.is_success() {
@@ -1532,7 +1531,9 @@ fn push_schedule(
                     .await
                     .map_err(|err| format!("agent `{address}` did not answer: {err}"))?;
                 let status = response.status();
-                let answer = response.bytes().await.unwrap_or_default();
+                let answer = proto::read_body(response, proto::MAX_ANSWER_BYTES)
+                    .await
+                    .map_err(|err| format!("agent `{address}`: {err}"))?;
                 match serde_json::from_slice::<proto::SetupResponse>(&answer) {
                     Ok(setup) if status.is_success() => Ok((setup.changed, detail)),
                     _ => Err(format!(
@@ -1809,7 +1810,9 @@ async fn wait_for_upgraded(
         .await;
         let last = match asked {
             Ok(Ok(response)) if response.status().is_success() => {
-                let body = response.bytes().await.unwrap_or_default();
+                let body = proto::read_body(response, proto::MAX_ANSWER_BYTES)
+                    .await
+                    .unwrap_or_default();
                 match serde_json::from_slice::<proto::AgentStatus>(&body) {
                     Ok(status) if status.agent_sha256.as_deref() == Some(&report.to_sha256) => {
                         return Ok(());

@@ -620,3 +620,35 @@ fn an_absurd_retry_after_is_capped_at_a_week() {
     let days = until.signed_duration_since(chrono::Utc::now()).num_hours() as f64 / 24.0;
     assert!((6.9..=7.0).contains(&days), "{days}");
 }
+
+#[test]
+fn a_file_longer_than_its_index_says_is_refused_as_it_arrives() {
+    let lab = Lab::start(3);
+    let feed = tempfile::tempdir().unwrap();
+    write_feed(feed.path(), "v1", 2);
+    lab.upstream.set_feed(feed.path(), "1").unwrap();
+    let size = std::fs::metadata(feed.path().join("file0.dat"))
+        .unwrap()
+        .len();
+    // A hostile or broken upstream sends far more than the index promised.
+    lab.fault(
+        FaultKind::Replace {
+            body: vec![b'x'; 16 << 20],
+        },
+        "file0.dat",
+        None,
+    );
+    let home = Home::new();
+    home.config(&format!(
+        "[[products]]\nname = \"vendor\"\nkind = \"files\"\nindex_url = \"{}\"\n",
+        lab.url("/vendor/index.json")
+    ));
+    let run = Pm::mirror(&home).args(["sync"]).run();
+    assert_eq!(run.code(), 1, "{}{}", run.stdout(), run.stderr());
+    let said = format!("{}{}", run.stdout(), run.stderr());
+    assert!(
+        said.contains(&format!("larger than the limit of {size} bytes")),
+        "{said}"
+    );
+    assert!(!home.repo("latest").exists());
+}

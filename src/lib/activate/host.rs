@@ -246,10 +246,13 @@ async fn read_answer<R: serde::de::DeserializeOwned>(
     response: reqwest::Response,
 ) -> Result<R, UserError> {
     let status = response.status();
-    let bytes = response
-        .bytes()
+    let bytes = proto::read_body(response, proto::MAX_ANSWER_BYTES)
         .await
-        .map_err(|err| request_error(address, err))?;
+        .map_err(|err| match err {
+            proto::AnswerError::Transport(err) => request_error(address, err),
+            too_large => UserError::failure(format!("agent `{address}`: {too_large}"))
+                .with_hint("check that a pm-agent runs at that address"),
+        })?;
     if !status.is_success() {
         return Err(agent_refusal(address, status, &bytes));
     }
@@ -1106,7 +1109,9 @@ pub fn deactivate(home: &Path, global: &GlobalArgs, name: &str) -> anyhow::Resul
             .await
             .map_err(|err| request_error(&host.address, err))?;
         let status = response.status();
-        let body = response.bytes().await.unwrap_or_default();
+        let body = proto::read_body(response, proto::MAX_ANSWER_BYTES)
+            .await
+            .unwrap_or_default();
         if status.is_success() {
             Ok(())
         } else {

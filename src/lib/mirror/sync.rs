@@ -29,6 +29,12 @@ const INDEX_SIZE_LIMIT: u64 = 64 << 20;
 const MANIFEST_SIZE_LIMIT: u64 = 64 << 20;
 /// Largest parent manifest signature accepted (an Ed25519 signature is 64 bytes).
 const SIGNATURE_SIZE_LIMIT: u64 = 4096;
+/// Largest CVD accepted (ClamAV's main.cvd is about 170 MB).
+const CVD_SIZE_LIMIT: u64 = 1 << 30;
+/// Largest cdiff accepted (they are a few KB).
+const CDIFF_SIZE_LIMIT: u64 = 64 << 20;
+/// Largest detached `.sign` file accepted (a PKCS#7 signature of a few KB).
+const SIGN_FILE_SIZE_LIMIT: u64 = 1 << 20;
 
 /// How one product's sync ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -611,7 +617,7 @@ async fn sync_clamav(
         outcome.result = ProductResult::Updated;
 
         let target = staged.path_for(&cvd_path)?;
-        let downloaded = download_required(context, &cvd_url, &target).await?;
+        let downloaded = download_required(context, &cvd_url, &target, CVD_SIZE_LIMIT).await?;
         let bytes = read(&target)?;
         // Inflating and hashing main.cvd takes seconds: keep it off the async workers.
         let header = tokio::task::spawn_blocking(move || clamav::verify_cvd(&bytes))
@@ -679,7 +685,11 @@ async fn sync_clamav(
             }
             let url = join(base, &name)?;
             let target = staged.path_for(&path)?;
-            let downloaded = match context.upstream.download(&url, &target).await? {
+            let downloaded = match context
+                .upstream
+                .download(&url, &target, CDIFF_SIZE_LIMIT)
+                .await?
+            {
                 Fetched::Body { body, .. } => body,
                 _ => {
                     let _ = std::fs::remove_file(&target);
@@ -715,8 +725,9 @@ async fn download_required(
     context: &ProductContext<'_>,
     url: &Url,
     target: &Path,
+    limit: u64,
 ) -> Result<crate::mirror::upstream::Downloaded, ProductError> {
-    match context.upstream.download(url, target).await? {
+    match context.upstream.download(url, target, limit).await? {
         Fetched::Body { body, .. } => Ok(body),
         _ => Err(ProductError::NotFound {
             url: url.to_string(),
@@ -736,7 +747,11 @@ async fn fetch_sign_file(
     signed: &Path,
 ) -> Result<usize, ProductError> {
     let target = staged.path_for(&entry.path)?;
-    let body = match context.upstream.download(&url, &target).await? {
+    let body = match context
+        .upstream
+        .download(&url, &target, SIGN_FILE_SIZE_LIMIT)
+        .await?
+    {
         Fetched::Body { body, .. } => body,
         _ => {
             let _ = std::fs::remove_file(&target);
@@ -925,7 +940,8 @@ async fn sync_files(
             )));
         }
         let target = staged.path_for(&path)?;
-        let downloaded = download_required(context, &url, &target).await?;
+        // The index says the size: anything longer is refused as it arrives.
+        let downloaded = download_required(context, &url, &target, file.size).await?;
         if downloaded.size != file.size {
             return Err(ProductError::Verify {
                 url: url.to_string(),
@@ -1250,7 +1266,7 @@ async fn fetch_parent_files(
         }
         let url = join(base, &file.path)?;
         let target = staged.path_for(&file.path)?;
-        let body = download_required(context, &url, &target).await?;
+        let body = download_required(context, &url, &target, file.size).await?;
         if body.size != file.size {
             return Err(ProductError::Verify {
                 url: url.to_string(),

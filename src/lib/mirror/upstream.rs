@@ -215,12 +215,14 @@ impl Upstream {
         .await
     }
 
-    /// Downloads `url` to `dest` (fsynced), hashing it on the way. Not conditional: callers
-    /// decide from a header read or an index whether the file is needed.
+    /// Downloads `url` to `dest` (fsynced), hashing it on the way, refusing more than `limit`
+    /// bytes. Not conditional: callers decide from a header read or an index whether the file
+    /// is needed.
     pub async fn download(
         &self,
         url: &Url,
         dest: &Path,
+        limit: u64,
     ) -> Result<Fetched<Downloaded>, FetchError> {
         self.with_retries(url, || async {
             let (mut response, validators) =
@@ -246,10 +248,23 @@ impl Upstream {
             let mut hasher = openssl::sha::Sha256::new();
             let mut size = 0u64;
             let bar = self.progress_bar(url, expected);
+            if expected.is_some_and(|length| length > limit) {
+                return Err(FetchError::TooLarge {
+                    url: url.clone(),
+                    limit,
+                });
+            }
             self.read_chunks(url, &mut response, |chunk| {
+                size += chunk.len() as u64;
+                // An endless body costs the limit, not the disk until the timeout.
+                if size > limit {
+                    return Err(FetchError::TooLarge {
+                        url: url.clone(),
+                        limit,
+                    });
+                }
                 hasher.update(chunk);
                 writer.write_all(chunk).map_err(io)?;
-                size += chunk.len() as u64;
                 if let Some(bar) = &bar {
                     bar.set_position(size);
                 }
