@@ -294,9 +294,10 @@ fn a_tampered_file_from_the_parent_fails_its_size_or_sha256_check() {
     assert!(out.contains("the parent's manifest says"), "{out}");
     assert!(out.contains("sha256 is "), "{out}");
 
+    // One byte more than the parent's manifest says: refused as it arrives.
     *tamper.lock().unwrap() = Tamper::AppendByte;
     let out = failed_sync(&child, Some(&before));
-    assert!(out.contains("bytes, the parent's manifest says"), "{out}");
+    assert!(out.contains("is larger than the limit of"), "{out}");
 
     // The genuine parent again: the update goes through.
     chain_config(&child, &server.base, &parent_key(&parent), "");
