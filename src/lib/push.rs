@@ -650,17 +650,24 @@ fn start(home: &Path, global: &GlobalArgs, args: &UpdateArgs) -> anyhow::Result<
 
 /// `pm-push resume JOB`.
 fn resume(home: &Path, global: &GlobalArgs, job_id: i64) -> anyhow::Result<ExitStatus> {
-    let (record, hosts) = {
+    let (record, hosts, newest) = {
         let inventory = Inventory::open_read_only(home, global.lock_timeout)
             .map_err(inventory_error)?
             .ok_or_else(|| UserError::usage("no inventory yet: there is no rollout to resume"))?;
-        inventory
+        let (record, hosts) = inventory
             .rollout(Some(job_id), "update")
             .map_err(inventory_error)?
             .ok_or_else(|| {
                 UserError::usage(format!("there is no rollout with job id {job_id}"))
                     .with_hint("`pm-push status` shows the newest rollout")
-            })?
+            })?;
+        let mut newest = job_id;
+        for kind in ["update", "rollback"] {
+            if let Some((later, _)) = inventory.rollout(None, kind).map_err(inventory_error)? {
+                newest = newest.max(later.job_id);
+            }
+        }
+        (record, hosts, newest)
     };
     if record.kind == "rollback" {
         return Err(UserError::usage(format!(
@@ -679,6 +686,16 @@ fn resume(home: &Path, global: &GlobalArgs, job_id: i64) -> anyhow::Result<ExitS
             global,
             &report("update", Some(job_id), &revision, "done", None, &hosts),
         );
+    }
+    // A later rollout (or rollback) may have moved the hosts this one recorded as done: its
+    // results no longer say what is left to do.
+    if newest > job_id {
+        return Err(UserError::usage(format!(
+            "rollout {job_id} was followed by rollout {newest}: its results no longer say which \
+             hosts are on its revision"
+        ))
+        .with_hint("start a new rollout: `pm-push update` (hosts already on dist are skipped)")
+        .into());
     }
     let revision = record.revision.clone().unwrap_or_default();
     let dist = dist_revision(home)?;
@@ -744,9 +761,14 @@ pub(crate) fn effective_state(record: &RolloutRecord) -> String {
     }
 }
 
-/// Whether the process recorded as running a rollout still exists (the manager runs it here).
+/// Whether the process recorded as running a rollout still runs (the manager runs it here): it
+/// exists and is a pm-push or pm-rollback, so a PID the kernel has since given to another
+/// program (pid_max is often 32768) does not keep a killed rollout `running`.
 pub(crate) fn rollout_process_alive(pid: Option<i32>) -> bool {
-    pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    pid.is_some_and(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|comm| matches!(comm.trim_end(), "pm-push" | "pm-rollback"))
+    })
 }
 
 /// `pm-push status [JOB]`.
@@ -1871,6 +1893,28 @@ fn summary_line(kind: &str, revision: &str, hosts: &[HostAttempt]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pid_now_held_by_another_program_does_not_keep_a_killed_rollout_running() {
+        // This test process and init exist, but neither is a pm-push or pm-rollback.
+        assert!(!rollout_process_alive(Some(std::process::id() as i32)));
+        assert!(!rollout_process_alive(Some(1)));
+        assert!(!rollout_process_alive(None));
+        let record = RolloutRecord {
+            job_id: 1,
+            kind: "update".into(),
+            revision: Some("r1".into()),
+            generation: None,
+            state: "running".into(),
+            waves: 1,
+            max_failures: "0".into(),
+            options: "{}".into(),
+            pid: Some(std::process::id() as i32),
+            stopped_at_wave: None,
+            started_at: None,
+        };
+        assert_eq!(effective_state(&record), "interrupted");
+    }
 
     fn targets(n: usize, wave: impl Fn(usize) -> Option<u32>) -> Vec<Target> {
         (0..n)
