@@ -753,22 +753,32 @@ fn resume(home: &Path, global: &GlobalArgs, job_id: i64) -> anyhow::Result<ExitS
 }
 
 /// A rollout's state, telling a live `running` from one whose process is gone.
-pub(crate) fn effective_state(record: &RolloutRecord) -> String {
-    if record.state == "running" && !rollout_process_alive(record.pid) {
+pub(crate) fn effective_state(home: &Path, record: &RolloutRecord) -> String {
+    if record.state == "running" && !rollout_process_alive(home, record.pid) {
         "interrupted".into()
     } else {
         record.state.clone()
     }
 }
 
-/// Whether the process recorded as running a rollout still runs (the manager runs it here): it
-/// exists and is a pm-push or pm-rollback, so a PID the kernel has since given to another
-/// program (pid_max is often 32768) does not keep a killed rollout `running`.
-pub(crate) fn rollout_process_alive(pid: Option<i32>) -> bool {
-    pid.is_some_and(|pid| {
-        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+/// Whether the process recorded as running a rollout still runs (the manager runs it here). A
+/// PID alone is not enough: pid_max is often 32768, so the kernel soon gives a killed rollout's
+/// PID to another program, even to the `pm-push status` asking. So it must still be the PID
+/// that `rollout.lock` names (every rollout writes its own there; another one means a later
+/// rollout has run), not this process, and a pm-push or pm-rollback.
+pub(crate) fn rollout_process_alive(home: &Path, pid: Option<i32>) -> bool {
+    let Some(pid) = pid else {
+        return false;
+    };
+    match std::fs::read_to_string(home.join("rollout.lock")) {
+        Ok(locker) if locker.trim() != pid.to_string() => return false,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return false,
+        // Unreadable (another user's home): the other checks decide.
+        _ => {}
+    }
+    pid as u32 != std::process::id()
+        && std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .is_ok_and(|comm| matches!(comm.trim_end(), "pm-push" | "pm-rollback"))
-    })
 }
 
 /// `pm-push status [JOB]`.
@@ -786,7 +796,7 @@ fn status(home: &Path, global: &GlobalArgs, job: Option<i64>) -> anyhow::Result<
         .with_hint("start one with `pm-push update`")
         .into());
     };
-    let state = effective_state(&record);
+    let state = effective_state(home, &record);
     let report = report(
         if record.kind == "rollback" {
             "rollback"
@@ -1896,10 +1906,16 @@ mod tests {
 
     #[test]
     fn a_pid_now_held_by_another_program_does_not_keep_a_killed_rollout_running() {
-        // This test process and init exist, but neither is a pm-push or pm-rollback.
-        assert!(!rollout_process_alive(Some(std::process::id() as i32)));
-        assert!(!rollout_process_alive(Some(1)));
-        assert!(!rollout_process_alive(None));
+        let home = tempfile::tempdir().unwrap();
+        let me = std::process::id() as i32;
+        // No lock was ever taken: nothing runs.
+        assert!(!rollout_process_alive(home.path(), Some(me)));
+        // The lock names init, which exists but is no rollout; or this process, which asks.
+        std::fs::write(home.path().join("rollout.lock"), "1").unwrap();
+        assert!(!rollout_process_alive(home.path(), Some(1)));
+        std::fs::write(home.path().join("rollout.lock"), me.to_string()).unwrap();
+        assert!(!rollout_process_alive(home.path(), Some(me)));
+        assert!(!rollout_process_alive(home.path(), None));
         let record = RolloutRecord {
             job_id: 1,
             kind: "update".into(),
@@ -1913,7 +1929,7 @@ mod tests {
             stopped_at_wave: None,
             started_at: None,
         };
-        assert_eq!(effective_state(&record), "interrupted");
+        assert_eq!(effective_state(home.path(), &record), "interrupted");
     }
 
     fn targets(n: usize, wave: impl Fn(usize) -> Option<u32>) -> Vec<Target> {
