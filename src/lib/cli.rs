@@ -208,6 +208,10 @@ pub fn init_logging(args: &GlobalArgs) {
         .try_init();
 }
 
+/// The `hint:` of a failure caused by a full disk (ENOSPC) that has no hint of its own.
+pub const DISK_FULL_HINT: &str = "the disk is full: free space on the filesystem of the path \
+     named above (df -h), then run the same command again; what it was replacing is unchanged";
+
 /// Turns a tool's result into an exit code, printing `error:` and `hint:` lines once on stderr.
 /// With `--json` a failure also prints one JSON document (`changed: false`, `error`, `hint`) so
 /// that scripts reading stdout always get JSON. A closed stdout (`| head`) is not an error.
@@ -230,7 +234,15 @@ pub fn finish(result: anyhow::Result<ExitStatus>, json: bool) -> ExitCode {
     let user = err
         .chain()
         .find_map(|cause| cause.downcast_ref::<UserError>());
-    let hint = user.and_then(|u| u.hint.as_deref());
+    // A full disk says what to do even where the failing step gave no hint of its own.
+    let disk_full = err.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().map(|io| io.kind())
+            == Some(std::io::ErrorKind::StorageFull)
+            || cause.to_string().contains("(os error 28)")
+    });
+    let hint = user
+        .and_then(|u| u.hint.as_deref())
+        .or(disk_full.then_some(DISK_FULL_HINT));
     let status = user.map(|u| u.status).unwrap_or(ExitStatus::Failure);
     let mut stderr = std::io::stderr().lock();
     let _ = writeln!(stderr, "error: {err:#}");

@@ -444,7 +444,7 @@ fn read_and_render(home: &Path) -> Result<Rendered, ReadFailure> {
         })?;
         let snapshot = inventory.metrics_snapshot()?;
         let alive = |r: &crate::inventory::RolloutMetrics| {
-            r.state == "running" && crate::push::rollout_process_alive(r.pid)
+            r.state == "running" && crate::push::rollout_process_alive(home, r.pid)
         };
         let rollouts_in_progress = snapshot.rollouts.iter().filter(|r| alive(r)).count() as i64;
         let shown: Vec<i64> = snapshot

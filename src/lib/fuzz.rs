@@ -12,33 +12,7 @@ use std::time::{Duration, Instant};
 /// Seed of the sequence of case seeds when `PM_FUZZ_SEED` does not name one case.
 const FIRST_SEED: u64 = 0x9e37_79b9;
 
-/// xorshift64*: a small deterministic generator, so a failure names a seed to replay.
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    /// A generator; a zero seed (a fixed point of xorshift) is replaced.
-    pub(crate) fn new(seed: u64) -> Rng {
-        Rng(if seed == 0 { FIRST_SEED } else { seed })
-    }
-
-    /// The next 64 random bits.
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// A number in `0..n` (0 when `n` is 0).
-    pub(crate) fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    /// One of `items`, which must not be empty.
-    pub(crate) fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
+pub(crate) use crate::rng::Rng;
 
 /// What a campaign ran, for the test to print or check.
 pub(crate) struct Campaign {

@@ -28,6 +28,8 @@ pub mod proto;
 pub mod push;
 pub mod query;
 pub mod repo;
+#[cfg(test)]
+mod rng;
 pub mod rollback;
 pub mod static_files;
 pub mod targets;

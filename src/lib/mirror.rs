@@ -195,9 +195,21 @@ fn repo_error(err: crate::repo::RepoError) -> anyhow::Error {
         crate::repo::RepoError::Locked { .. } => {
             Some("wait for the other pm-mirror to finish, or raise --lock-timeout")
         }
+        crate::repo::RepoError::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::StorageFull =>
+        {
+            Some(cli::DISK_FULL_HINT)
+        }
         _ => None,
     };
-    let user = UserError::failure(format!("{err:#}"));
+    // The message names the cause too (`No space left on device`), not only the step.
+    let mut message = err.to_string();
+    let mut cause = std::error::Error::source(&err);
+    while let Some(inner) = cause {
+        message = format!("{message}: {inner}");
+        cause = inner.source();
+    }
+    let user = UserError::failure(message);
     anyhow::Error::new(match hint {
         Some(hint) => user.with_hint(hint),
         None => user,

@@ -647,17 +647,24 @@ fn start(home: &Path, global: &GlobalArgs, args: &UpdateArgs) -> anyhow::Result<
 
 /// `pm-push resume JOB`.
 fn resume(home: &Path, global: &GlobalArgs, job_id: i64) -> anyhow::Result<ExitStatus> {
-    let (record, hosts) = {
+    let (record, hosts, newest) = {
         let inventory = Inventory::open_read_only(home, global.lock_timeout)
             .map_err(inventory_error)?
             .ok_or_else(|| UserError::usage("no inventory yet: there is no rollout to resume"))?;
-        inventory
+        let (record, hosts) = inventory
             .rollout(Some(job_id), "update")
             .map_err(inventory_error)?
             .ok_or_else(|| {
                 UserError::usage(format!("there is no rollout with job id {job_id}"))
                     .with_hint("`pm-push status` shows the newest rollout")
-            })?
+            })?;
+        let mut newest = job_id;
+        for kind in ["update", "rollback"] {
+            if let Some((later, _)) = inventory.rollout(None, kind).map_err(inventory_error)? {
+                newest = newest.max(later.job_id);
+            }
+        }
+        (record, hosts, newest)
     };
     if record.kind == "rollback" {
         return Err(UserError::usage(format!(
@@ -676,6 +683,16 @@ fn resume(home: &Path, global: &GlobalArgs, job_id: i64) -> anyhow::Result<ExitS
             global,
             &report("update", Some(job_id), &revision, "done", None, &hosts),
         );
+    }
+    // A later rollout (or rollback) may have moved the hosts this one recorded as done: its
+    // results no longer say what is left to do.
+    if newest > job_id {
+        return Err(UserError::usage(format!(
+            "rollout {job_id} was followed by rollout {newest}: its results no longer say which \
+             hosts are on its revision"
+        ))
+        .with_hint("start a new rollout: `pm-push update` (hosts already on dist are skipped)")
+        .into());
     }
     let revision = record.revision.clone().unwrap_or_default();
     let dist = dist_revision(home)?;
@@ -733,17 +750,32 @@ fn resume(home: &Path, global: &GlobalArgs, job_id: i64) -> anyhow::Result<ExitS
 }
 
 /// A rollout's state, telling a live `running` from one whose process is gone.
-pub(crate) fn effective_state(record: &RolloutRecord) -> String {
-    if record.state == "running" && !rollout_process_alive(record.pid) {
+pub(crate) fn effective_state(home: &Path, record: &RolloutRecord) -> String {
+    if record.state == "running" && !rollout_process_alive(home, record.pid) {
         "interrupted".into()
     } else {
         record.state.clone()
     }
 }
 
-/// Whether the process recorded as running a rollout still exists (the manager runs it here).
-pub(crate) fn rollout_process_alive(pid: Option<i32>) -> bool {
-    pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+/// Whether the process recorded as running a rollout still runs (the manager runs it here). A
+/// PID alone is not enough: pid_max is often 32768, so the kernel soon gives a killed rollout's
+/// PID to another program, even to the `pm-push status` asking. So it must still be the PID
+/// that `rollout.lock` names (every rollout writes its own there; another one means a later
+/// rollout has run), not this process, and a pm-push or pm-rollback.
+pub(crate) fn rollout_process_alive(home: &Path, pid: Option<i32>) -> bool {
+    let Some(pid) = pid else {
+        return false;
+    };
+    match std::fs::read_to_string(home.join("rollout.lock")) {
+        Ok(locker) if locker.trim() != pid.to_string() => return false,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return false,
+        // Unreadable (another user's home): the other checks decide.
+        _ => {}
+    }
+    pid as u32 != std::process::id()
+        && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|comm| matches!(comm.trim_end(), "pm-push" | "pm-rollback"))
 }
 
 /// `pm-push status [JOB]`.
@@ -761,7 +793,7 @@ fn status(home: &Path, global: &GlobalArgs, job: Option<i64>) -> anyhow::Result<
         .with_hint("start one with `pm-push update`")
         .into());
     };
-    let state = effective_state(&record);
+    let state = effective_state(home, &record);
     let report = report(
         if record.kind == "rollback" {
             "rollback"
@@ -1871,6 +1903,34 @@ fn summary_line(kind: &str, revision: &str, hosts: &[HostAttempt]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pid_now_held_by_another_program_does_not_keep_a_killed_rollout_running() {
+        let home = tempfile::tempdir().unwrap();
+        let me = std::process::id() as i32;
+        // No lock was ever taken: nothing runs.
+        assert!(!rollout_process_alive(home.path(), Some(me)));
+        // The lock names init, which exists but is no rollout; or this process, which asks.
+        std::fs::write(home.path().join("rollout.lock"), "1").unwrap();
+        assert!(!rollout_process_alive(home.path(), Some(1)));
+        std::fs::write(home.path().join("rollout.lock"), me.to_string()).unwrap();
+        assert!(!rollout_process_alive(home.path(), Some(me)));
+        assert!(!rollout_process_alive(home.path(), None));
+        let record = RolloutRecord {
+            job_id: 1,
+            kind: "update".into(),
+            revision: Some("r1".into()),
+            generation: None,
+            state: "running".into(),
+            waves: 1,
+            max_failures: "0".into(),
+            options: "{}".into(),
+            pid: Some(std::process::id() as i32),
+            stopped_at_wave: None,
+            started_at: None,
+        };
+        assert_eq!(effective_state(home.path(), &record), "interrupted");
+    }
 
     fn targets(n: usize, wave: impl Fn(usize) -> Option<u32>) -> Vec<Target> {
         (0..n)

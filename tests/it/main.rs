@@ -31,6 +31,10 @@ mod prometheus;
 mod push;
 mod query;
 mod readme_sql;
+// The seeded generator of the lib's fuzz harness, shared by file so no binary ships it.
+#[path = "../../src/lib/rng.rs"]
+#[allow(dead_code)]
+mod rng;
 mod rollback;
 mod support;
 mod upgrade_agent;

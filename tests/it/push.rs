@@ -241,6 +241,8 @@ fn an_interrupted_rollout_says_where_it_stopped_and_resume_finishes_it() {
         .unwrap();
     // Kill -9 once the canary is recorded, during the pause before wave 1.
     fleet.wait_for_canary();
+    let live = Pm::push(&fleet.setup.home).args(["status"]).json();
+    assert_eq!(live["state"], "running", "its process runs: {live}");
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -397,5 +399,57 @@ fn ctrl_c_during_the_pause_stops_before_the_next_wave() {
         count(&status, "pending"),
         2,
         "the next waves were not started"
+    );
+}
+
+#[test]
+fn a_rollout_followed_by_a_later_one_is_not_resumed_and_a_new_update_finishes_the_fleet() {
+    let fleet = Fleet::start(2);
+    let home = &fleet.setup.home;
+    fleet.setup.publish(6);
+    let mut child = Pm::push(home)
+        .args(["update", "--wave-size", "1", "--pause", "3s", "--json"])
+        .command()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    fleet.wait_for_canary();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let status = Pm::push(home).args(["status"]).json();
+    assert_eq!(status["state"], "interrupted", "{status}");
+    let job = status["job_id"].as_i64().unwrap().to_string();
+    let canary = status["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["result"] == "ok")
+        .unwrap()["host"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A later rollout takes the canary back to r1: the interrupted one's `ok` for it is stale,
+    // and resuming it would report done with the canary behind.
+    let back = Pm::rollback(home)
+        .args(["--generation", "1", "--host", &canary])
+        .json();
+    assert_eq!(back["summary"]["ok"], 1, "{back}");
+    let run = Pm::push(home).args(["resume", &job]).run();
+    assert_eq!(run.code(), 2, "{}{}", run.stdout(), run.stderr());
+    assert!(
+        run.stderr().contains("was followed by rollout") && run.stderr().contains("hint: "),
+        "{}",
+        run.stderr()
+    );
+    let (code, report) = fleet.push(&["update"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(count(&report, "ok"), 2, "{report}");
+    assert_eq!(
+        sql(
+            home,
+            "SELECT count(*) FROM fleet_status WHERE host LIKE 'lab-%' AND installed_revision = 'r2'"
+        ),
+        ["2"]
     );
 }
