@@ -394,6 +394,74 @@ fn check_repository(home: &Path, checks: &mut Vec<Check>) -> Option<Vec<u8>> {
     dist_manifest
 }
 
+/// The signed dist statement agents check: present, signed, naming dist, not near expiry.
+fn check_dist_statement(
+    repo: &Repo,
+    verifier: &crate::pki::VerifyingKey,
+    manifest: &crate::manifest::Manifest,
+) -> Check {
+    const NAME: &str = "dist statement";
+    let publish = "run `pm-mirror publish` (it signs a statement for an unchanged dist too)";
+    let signed = match repo.dist_statement() {
+        Ok(Some(signed)) => signed,
+        Ok(None) => {
+            return Check::warn(
+                NAME,
+                "dist has no signed statement (published by an older pm): agents cannot tell \
+                 a replayed or frozen dist",
+                publish,
+            );
+        }
+        Err(err) => return Check::fail(NAME, err.to_string(), publish),
+    };
+    let statement =
+        serde_json::from_slice::<crate::dist_statement::DistStatement>(&signed.document);
+    let statement = match statement {
+        Ok(statement) if verifier.verify(&signed.document, &signed.signature) => statement,
+        _ => {
+            return Check::fail(
+                NAME,
+                "`repo/view/dist.json` does not verify with the manifest key",
+                "the repository was modified by hand: restore it from a backup, or roll dist \
+                 back and forward again (`pm-mirror rollback`, `pm-mirror publish --again`)",
+            );
+        }
+    };
+    if !statement.names(manifest) {
+        return Check::fail(
+            NAME,
+            format!(
+                "the statement names {} but dist is {}: agents refuse dist",
+                statement.revision, manifest.revision
+            ),
+            "the repository was modified by hand: restore it from a backup",
+        );
+    }
+    let now = chrono::Utc::now();
+    let until = statement.expires_at.format("%Y-%m-%d %H:%M:%SZ");
+    if statement.is_expired(now) {
+        return Check::fail(
+            NAME,
+            format!("expired at {until}: agents refuse dist"),
+            publish,
+        );
+    }
+    if statement.expires_at - now < chrono::Duration::days(2) {
+        return Check::warn(
+            NAME,
+            format!("expires at {until}: agents refuse dist after that"),
+            publish,
+        );
+    }
+    Check::ok(
+        NAME,
+        Some(format!(
+            "dist serial {}, valid until {until}",
+            statement.dist_serial
+        )),
+    )
+}
+
 fn check_dist(
     home: &Path,
     repo: &Repo,
@@ -436,6 +504,7 @@ fn check_dist(
                     manifest.files.len()
                 )),
             ));
+            checks.push(check_dist_statement(repo, &verifier, &manifest));
             std::fs::read(dir.join(crate::manifest::MANIFEST_FILE)).ok()
         }
         Err(err) => {

@@ -125,6 +125,8 @@ fn an_agent_refuses_a_dist_not_re_signed_in_time_and_publish_re_signs_it() {
     std::thread::sleep(std::time::Duration::from_millis(7500));
     update_refused(&setup, "expired at");
     assert_eq!(sigtool_version(&db), "6");
+    // The manager's own check says so too.
+    assert_eq!(doctor_statement(&setup.home)["result"], "fail");
 
     // The manager's timer runs publish: with nothing new, it re-signs dist.
     let publish = Pm::mirror(&setup.home).args(["publish"]).json();
@@ -136,4 +138,20 @@ fn an_agent_refuses_a_dist_not_re_signed_in_time_and_publish_re_signs_it() {
     let report = setup.agent_cmd(&["update"]);
     assert_eq!(report["changed"], false, "{report}");
     assert!(Path::new(&view_file(&setup.home, "dist.json")).exists());
+    // 7 s of validity is under the 2 days pm-doctor wants left: a warning, not a failure.
+    assert_eq!(doctor_statement(&setup.home)["result"], "warn");
+}
+
+/// pm-doctor's `dist statement` check.
+fn doctor_statement(home: &Home) -> serde_json::Value {
+    let run = Pm::new("pm-doctor")
+        .args(["--home", home.path().to_str().unwrap(), "--json"])
+        .run();
+    run.json()["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|check| check["name"] == "dist statement")
+        .cloned()
+        .unwrap_or_else(|| panic!("no dist statement check: {}", run.stdout()))
 }

@@ -82,6 +82,7 @@ fn doctor_finds_a_synced_published_and_served_home_healthy() {
         "secret pki/client.key",
         "inventory",
         "dist",
+        "dist statement",
         "latest",
         "backups",
         "serve",
