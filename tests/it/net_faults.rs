@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use crate::faults::assert_consistent;
 use crate::support::{
-    AgentSetup, ExtraAgent, FaultProxy, Home, Lab, NetFault, Pm, component_version, free_port,
-    manifest, spawn_agent, testdb, write_feed,
+    AgentSetup, ExtraAgent, FaultProxy, Home, Lab, NetFault, Pm, component_version, manifest,
+    testdb, write_feed,
 };
 
 /// `[http]` of the homes below: each request may take 3 s, and is tried 1 + 2 times.
@@ -263,34 +263,14 @@ fn an_agent_update_from_a_stalled_dist_gives_up_after_the_stall_timeout_and_keep
 /// Another agent of `setup`'s manager that the manager reaches only through a proxy: it is
 /// activated at the proxy's address, so every poll and push to it goes through the proxy.
 fn agent_via_proxy(setup: &AgentSetup, host_name: &str) -> (ExtraAgent, FaultProxy) {
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("activation.key");
-    Pm::activate(&setup.home)
-        .args(["key", "new", "--out"])
-        .args([&key_file])
-        .json();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut agent = ExtraAgent {
-        dir,
-        addr,
-        child: None,
-    };
-    Pm::agent(&agent.state())
-        .args(["init", "--listen", &addr.to_string(), "--engine", "clamav"])
-        .args(["--host-name", host_name, "--database-dir"])
-        .args([agent.db()])
-        .args(["--activation-key-file"])
-        .args([&key_file])
-        .json();
-    agent.child = Some(spawn_agent(&agent.state(), addr));
-    let proxy = FaultProxy::start(addr);
-    let run = Pm::activate(&setup.home)
-        .args(["host", &proxy.addr.to_string(), "--key-file"])
-        .args([&key_file])
-        .args(["--dist-url", &setup.server.base, "--json"])
-        .run();
-    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
-    (agent, proxy)
+    let mut proxy = None;
+    let agent = setup.add_agent_reached_at(host_name, &[], |addr| {
+        let started = FaultProxy::start(addr);
+        let at = started.addr;
+        proxy = Some(started);
+        at
+    });
+    (agent, proxy.unwrap())
 }
 
 /// `pm-query --json QUERY` rows.

@@ -537,6 +537,17 @@ impl AgentSetup {
     /// Another agent on a free loopback port, initialised with a fresh key and activated by
     /// the same manager (`host_flags`: extra `pm-activate host` flags).
     pub fn add_agent(&self, host_name: &str, host_flags: &[&str]) -> ExtraAgent {
+        self.add_agent_reached_at(host_name, host_flags, |addr| addr)
+    }
+
+    /// [`AgentSetup::add_agent`], activated at the address `reach` gives for the agent's own
+    /// (e.g. a proxy in front of it), so the manager reaches it only there.
+    pub fn add_agent_reached_at(
+        &self,
+        host_name: &str,
+        host_flags: &[&str],
+        reach: impl FnOnce(SocketAddr) -> SocketAddr,
+    ) -> ExtraAgent {
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("activation.key");
         Pm::activate(&self.home)
@@ -558,7 +569,7 @@ impl AgentSetup {
             .json();
         agent.start();
         let run = Pm::activate(&self.home)
-            .args(["host", &addr.to_string(), "--key-file"])
+            .args(["host", &reach(addr).to_string(), "--key-file"])
             .args([&key_file])
             .args(["--dist-url", &self.server.base, "--json"])
             .args(host_flags)
