@@ -478,18 +478,6 @@ fn failure(kind: &str, message: impl Into<String>) -> PollFailure {
     }
 }
 
-/// Whether the connection was refused because the agent's certificate is revoked.
-fn tls_revoked(err: &reqwest::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(error) = source {
-        if error.is::<tls::RevokedCertificate>() {
-            return true;
-        }
-        source = error.source();
-    }
-    false
-}
-
 /// Sorts a transport error into the kinds the inventory records.
 fn transport_failure(address: &str, err: &reqwest::Error, timeout: Duration) -> PollFailure {
     let chain = {
@@ -509,7 +497,7 @@ fn transport_failure(address: &str, err: &reqwest::Error, timeout: Duration) -> 
         );
     }
     let lower = chain.to_ascii_lowercase();
-    if tls_revoked(err) {
+    if tls::find_cause::<tls::RevokedCertificate>(err).is_some() {
         return failure(
             "tls",
             format!("agent `{address}` presented a revoked certificate: {chain}"),

@@ -581,10 +581,18 @@ pub struct PinMismatch {
 /// the error's sources, so it works on a `reqwest::Error` and on an `anyhow::Error`
 /// (`pin_mismatch(error.as_ref())`).
 pub fn pin_mismatch<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a PinMismatch> {
+    find_cause(error)
+}
+
+/// The first `T` among `error` and its sources: why a connection check refused a server
+/// ([`PinMismatch`], [`RevokedCertificate`]) behind the client's own error.
+pub fn find_cause<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
     let mut current = Some(error);
     while let Some(error) = current {
-        if let Some(mismatch) = error.downcast_ref::<PinMismatch>() {
-            return Some(mismatch);
+        if let Some(cause) = error.downcast_ref::<T>() {
+            return Some(cause);
         }
         current = error.source();
     }
