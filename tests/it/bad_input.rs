@@ -1793,7 +1793,7 @@ static TARGETS: &[Case<TargetsInput>] = &[
         "push: some lines with waves, some without",
         (PUSH, Some("sim-000,1\nsim-001\n")),
         2,
-        "not active hosts",
+        "has no wave",
     ),
     case(
         "push: a name with a space",
@@ -1806,6 +1806,13 @@ static TARGETS: &[Case<TargetsInput>] = &[
         (PUSH, Some("x' OR '1'='1\n")),
         2,
         "x' OR '1'='1",
+    ),
+    case("push: wave 0", (PUSH, Some("sim-00000,0\n")), 2, "wave 0"),
+    case(
+        "push: a host in two waves",
+        (PUSH, Some("sim-00000,1\nsim-00001,1\n127.211.0.1,2\n")),
+        2,
+        "both list `sim-00000`",
     ),
     case(
         "push: an empty host with a wave",
@@ -1850,17 +1857,12 @@ static TARGETS: &[Case<TargetsInput>] = &[
         2,
         "cannot read targets file",
     ),
-    case(
-        "activate: empty",
-        (ACTIVATE, Some("")),
-        2,
-        "lists no address",
-    ),
+    case("activate: empty", (ACTIVATE, Some("")), 2, "lists no host"),
     case(
         "activate: only comments",
         (ACTIVATE, Some("# later\n")),
         2,
-        "lists no address",
+        "lists no host",
     ),
     case(
         "activate: a directory",

@@ -360,27 +360,12 @@ fn activate_many(
     if args.name.is_some() {
         return Err(UserError::usage("--name names one host: it cannot go with --targets").into());
     }
-    let text = std::fs::read_to_string(targets).map_err(|err| {
-        UserError::usage(format!(
-            "cannot read targets file `{}`: {err}",
-            targets.display()
-        ))
-    })?;
+    // The same reader as every other --targets (BOM, quotes, `host,wave`): the first column.
     let mut addresses: Vec<String> = Vec::new();
-    for line in text.lines() {
-        let line = line.split('#').next().unwrap_or_default().trim();
-        // `host` or CSV `host,wave`: the first column.
-        let address = line.split(',').next().unwrap_or_default().trim();
-        if !address.is_empty() && !addresses.iter().any(|a| a == address) {
-            addresses.push(address.to_string());
+    for listed in crate::targets::read_targets_file(targets)? {
+        if !addresses.contains(&listed.name) {
+            addresses.push(listed.name);
         }
-    }
-    if addresses.is_empty() {
-        return Err(UserError::usage(format!(
-            "targets file `{}` lists no address",
-            targets.display()
-        ))
-        .into());
     }
     // Create the CA and client certificate once, before the workers race for them.
     manager_pki(home)?;
