@@ -49,6 +49,7 @@ use crate::pki::ca::{self, AgentIdentity};
 use crate::proto::{self, ErrorResponse};
 use crate::tls::{self, ClientAuth, TlsConnectInfo, TlsHandle, TlsListener, TlsServerConfig};
 
+mod hold;
 mod install;
 mod poll;
 mod reports;
@@ -278,15 +279,28 @@ pub fn run(args: Args) -> Result<ExitStatus> {
         Command::Scan(scan_args) => scan::scan_command(&state, &scan_args, args.json),
         Command::Update(update_args) => {
             let config = load_config(&state)?;
+            // By hand on the host: dist whatever a hold says (it stays); the manager's backup
+            // N is a rollback by hand, which holds the host there.
+            let policy = match update_args.generation {
+                None => hold::HoldPolicy::Ignore,
+                Some(n) => hold::HoldPolicy::Take(hold::rolled_back_by_hand(
+                    &format!("the manager's backup {n} (pm-agent update --generation {n})"),
+                    &hold::local_actor(),
+                )),
+            };
             let report = schedule::record_run(&state, "local", || {
-                install::update_from(&state, &config, update_args.generation)
+                install::update_from(&state, &config, update_args.generation, &policy)
             })?;
             install::print(&report, args.json)
         }
         Command::Rollback(rollback_args) => {
             let config = load_config(&state)?;
+            let hold = hold::rolled_back_by_hand(
+                &format!("backup:{} (pm-agent rollback)", rollback_args.to),
+                &hold::local_actor(),
+            );
             let report = schedule::record_run(&state, "local", || {
-                install::rollback(&state, &config, rollback_args.to)
+                install::rollback(&state, &config, rollback_args.to, hold)
             })?;
             install::print(&report, args.json)
         }
@@ -602,6 +616,8 @@ struct LocalStatus {
     group: Option<String>,
     profile: Option<crate::profile::Profile>,
     license: Option<setup::LicenseInfo>,
+    /// The hold in force: nothing moves the host but a rollback or an install by hand.
+    hold: Option<proto::HoldState>,
 }
 
 fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
@@ -639,6 +655,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
         group: setup.group,
         profile: setup.profile,
         license: setup.license,
+        hold: setup.hold.filter(|h| hold::in_force(h, chrono::Utc::now())),
     };
     if json {
         crate::cli::print_json(&report)?;
@@ -728,6 +745,14 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
             .license
             .as_ref()
             .map(|l| format!("{} (expires {})", l.file_name, l.expires_at.to_rfc3339()))
+            .unwrap_or_else(none),
+    ]);
+    table.add_row(vec![
+        "hold".to_string(),
+        report
+            .hold
+            .as_ref()
+            .map(hold::describe)
             .unwrap_or_else(none),
     ]);
     for entry in &report.schedule {

@@ -21,6 +21,9 @@ mod rollout;
 pub use poll::{FleetRow, PollCursors, PollFailure, PolledHost, RecordedPolls};
 pub use rollout::{HostAttempt, RolloutRecord};
 
+mod holds;
+pub use holds::HoldRecord;
+
 mod snapshot;
 pub use snapshot::{
     DistComponentMetrics, DistMetrics, HostComponentMetrics, HostMetrics, MetricsSnapshot,
@@ -54,6 +57,7 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
     (6, "setup", include_str!("../../sql/0006_setup.sql")),
     (7, "polls", include_str!("../../sql/0007_polls.sql")),
     (8, "rollouts", include_str!("../../sql/0008_rollouts.sql")),
+    (10, "holds", include_str!("../../sql/0010_holds.sql")),
 ];
 
 /// Inventory errors.
@@ -433,8 +437,15 @@ impl Inventory {
         let actor = actor();
         self.db(self.conn.query_row(
             "INSERT INTO jobs (kind, started_at, finished_at, status, actor, summary)
-             VALUES (?, to_timestamp(?), now(), ?, ?, ?) RETURNING id",
-            params![kind, to_epoch(Some(started_at)), status, actor, summary],
+             VALUES (?, to_timestamp(?), greatest(now(), to_timestamp(?)), ?, ?, ?) RETURNING id",
+            params![
+                kind,
+                to_epoch(Some(started_at)),
+                to_epoch(Some(started_at)),
+                status,
+                actor,
+                summary
+            ],
             |row| row.get(0),
         ))
     }
@@ -916,7 +927,7 @@ impl Inventory {
 }
 
 /// `user@host` of whoever runs the tool, for the jobs audit log.
-fn actor() -> String {
+pub(crate) fn actor() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_default();

@@ -250,6 +250,9 @@ fn poll_once(
         let targets = args.targets.resolve(&hosts, where_hosts.as_ref())?;
         (targets, inventory.poll_cursors().map_err(inventory_error)?)
     };
+    if targets.is_empty() {
+        crate::targets::note_no_active_host();
+    }
     if targets.is_empty() || args.global.dry_run {
         return Ok(Outcome {
             changed: false,

@@ -88,10 +88,23 @@ pub struct ActivateResponse {
 /// programs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorResponse {
-    /// `wrong_key`, `already_activated`, `no_activation_key`, `bad_request`, `forbidden`, ...
+    /// `wrong_key`, `already_activated`, `no_activation_key`, `bad_request`, `forbidden`,
+    /// `held` (then the body is a [`HeldResponse`]), ...
     pub code: String,
     /// What went wrong and what to do, lowercase.
     pub message: String,
+}
+
+/// An agent's refusal of an install because the host is held (HTTP 409): an
+/// [`ErrorResponse`] with code `held`, and the hold, which the manager records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldResponse {
+    /// `held`.
+    pub code: String,
+    /// Which hold, since when, until when, and how to release it.
+    pub message: String,
+    /// The hold in force.
+    pub hold: HoldState,
 }
 
 /// Agent status, for the manager (mutual TLS) and `pm-agent status`.
@@ -246,6 +259,10 @@ pub struct UpdateRequest {
     /// pm-rollback moves agents back to an older revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u32>,
+    /// Hold the host at what it installs (a rollback by hand, a fleet rollback): taken under
+    /// the install lock once the install succeeded, so its schedule never runs in between.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<HoldSpec>,
 }
 
 /// Path that makes an activated agent replace its own executable with the pm-agent package of
@@ -305,6 +322,89 @@ pub struct UpdateList {
 pub struct RollbackRequest {
     /// `backup:N`, N in 1..=3 (1 is the set installed before the current one).
     pub to: String,
+    /// The hold the rollback leaves the host under (none: one of kind `rollback` saying the
+    /// manager rolled it back): a host rolled back by hand stays there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<HoldSpec>,
+}
+
+/// Setup step: hold the host where it is, or release it (mutual TLS), [`HoldRequest`] in,
+/// [`SetupResponse`] out. The answer comes once no install runs: after it, nothing moves the
+/// host until the hold ends.
+pub const HOLD_PATH: &str = "/v1/setup/hold";
+
+/// Why a host is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HoldKind {
+    /// Held on purpose: a maintenance window or change freeze (`pm-push hold`).
+    Hold,
+    /// Rolled back by hand: `pm-rollback --host H --to ...`, `pm-agent rollback`.
+    Rollback,
+    /// Moved by a fleet rollback whose dist has not rotated back (yet, or at all: part of the
+    /// fleet); a fleet rollback that rotates dist releases these.
+    FleetRollback,
+}
+
+impl HoldKind {
+    /// The name in the inventory and the output: `hold`, `rollback`, `fleet-rollback`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldKind::Hold => "hold",
+            HoldKind::Rollback => "rollback",
+            HoldKind::FleetRollback => "fleet-rollback",
+        }
+    }
+}
+
+/// A hold as the manager asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldSpec {
+    /// Why.
+    pub kind: HoldKind,
+    /// For people: what the operator wrote, or what set it.
+    pub reason: String,
+    /// `user@host` of the command that set it.
+    pub set_by: String,
+    /// When it ends by itself, by the manager's clock (none: until released).
+    #[serde(default)]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Seconds from the request to `until`. The agent holds until the later of `until` and
+    /// this much of its own time from now, so a clock ahead of the manager's never ends a
+    /// maintenance window early.
+    #[serde(default)]
+    pub seconds_left: Option<u64>,
+}
+
+/// `POST /v1/setup/hold`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldRequest {
+    /// The hold to take (it replaces the one in force); none releases.
+    pub hold: Option<HoldSpec>,
+    /// With no hold: release only a hold of this kind (a fleet rollback releases the holds it
+    /// set, never an operator's).
+    #[serde(default)]
+    pub only_kind: Option<HoldKind>,
+}
+
+/// A hold as the agent keeps it (`setup.json`) and shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldState {
+    /// Why.
+    pub kind: HoldKind,
+    /// For people.
+    pub reason: String,
+    /// Who set it.
+    pub set_by: String,
+    /// When the agent took it (its clock).
+    pub set_at: chrono::DateTime<chrono::Utc>,
+    /// When it ends, by the agent's clock (none: until released).
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// The end the manager asked for, by the manager's clock.
+    #[serde(default)]
+    pub requested_until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What an install (`update` or `rollback`) did on the agent.

@@ -22,11 +22,13 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
-use crate::inventory::{HostAttempt, Inventory, InventoryError, RolloutRecord};
+use crate::inventory::{HoldRecord, HostAttempt, Inventory, InventoryError, RolloutRecord};
 use crate::poll::{Settings, ask_all, mutual_client};
-use crate::proto::{self, ErrorResponse, InstallReport};
+use crate::proto::{self, ErrorResponse, HoldKind, InstallReport};
 use crate::repo::Repo;
 use crate::targets::{Target, TargetArgs};
+
+pub mod hold;
 
 /// `pm-push` command line.
 #[derive(Debug, Parser)]
@@ -103,6 +105,27 @@ pub enum Command {
         #[command(flatten)]
         targets: TargetArgs,
     },
+    /// Hold the targets where they are: rollouts and their own schedules leave them alone until
+    /// `release` or the end time (a maintenance window, a change freeze)
+    Hold {
+        /// When the hold ends by itself: a duration from now (4h, 2d), YYYY-MM-DD (its end,
+        /// UTC) or an RFC 3339 time [default: until released]
+        #[arg(long, value_name = "WHEN", value_parser = hold::parse_until)]
+        until: Option<hold::Until>,
+        /// Why, for whoever finds the host held
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        #[command(flatten)]
+        targets: TargetArgs,
+    },
+    /// Release the targets' holds (set by `hold`, a rollback by hand or a fleet rollback): they
+    /// follow dist again
+    Release {
+        #[command(flatten)]
+        targets: TargetArgs,
+    },
+    /// List the holds in force
+    Holds,
     /// Replace the targets' pm-agent with the package in dist (a product of kind `agent`); each
     /// agent restarts itself and must come back on the package
     UpgradeAgent {
@@ -173,9 +196,10 @@ pub struct UpdateArgs {
 /// How a rollout moves through its waves (kept with the job, so `resume` moves the same way).
 #[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
 pub struct WaveArgs {
-    /// Hosts in the first wave (0: no canary)
-    #[arg(long, default_value_t = 1)]
-    pub canary: usize,
+    /// Hosts in the first wave, the canary (0: none) [default: 1; with a wave CSV none, and N
+    /// takes the first N hosts of its first wave]
+    #[arg(long, value_name = "N")]
+    pub canary: Option<usize>,
     /// Hosts per wave after the canary (a targets CSV with a wave column sets the waves instead)
     #[arg(long, default_value = "50", value_parser = cli::parse_count)]
     pub wave_size: usize,
@@ -257,6 +281,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
         Command::UpgradeAgent { timeout, targets } => {
             push_upgrade_agent(&home, &args.global, *timeout, targets)
         }
+        Command::Hold {
+            until,
+            reason,
+            targets,
+        } => hold::push_hold(
+            &home,
+            &args.global,
+            until.as_ref(),
+            reason.as_deref(),
+            targets,
+        ),
+        Command::Release { targets } => hold::push_release(&home, &args.global, targets),
+        Command::Holds => hold::list(&home, &args.global),
     }
 }
 
@@ -312,16 +349,26 @@ fn dist_revision(home: &Path) -> Result<String, UserError> {
         })
 }
 
-/// The waves of a rollout: the canary first, then the CSV waves or batches of `wave_size`.
-pub fn plan_waves(to_do: &[Target], canary: usize, wave_size: usize) -> Vec<Vec<Target>> {
+/// The waves of a rollout, numbered. With a wave CSV (`--targets update_list.csv`), its waves
+/// under the operator's own numbers (sparse ones too), and a canary only when `canary` asks for
+/// one: the first N hosts of the first wave, as wave 0. Otherwise the canary (wave 0; `canary`,
+/// 1 when not given) and batches of `wave_size` numbered from 1.
+pub fn plan_waves(
+    to_do: &[Target],
+    canary: Option<usize>,
+    wave_size: usize,
+) -> Vec<(i32, Vec<Target>)> {
+    let csv = to_do.iter().any(|t| t.wave.is_some());
+    let mut ordered = to_do.to_vec();
+    // Stable: a wave keeps the file's order.
+    ordered.sort_by_key(|t| t.wave);
+    let canary = canary.unwrap_or(if csv { 0 } else { 1 }).min(ordered.len());
     let mut waves = Vec::new();
-    let canary = canary.min(to_do.len());
     if canary > 0 {
-        waves.push(to_do[..canary].to_vec());
+        waves.push((0, ordered[..canary].to_vec()));
     }
-    let rest = &to_do[canary..];
-    if rest.iter().any(|t| t.wave.is_some()) {
-        // The CSV's waves, in wave order; hosts without a wave go last.
+    let rest = &ordered[canary..];
+    if csv {
         let mut by_wave: BTreeMap<u32, Vec<Target>> = BTreeMap::new();
         for target in rest {
             by_wave
@@ -329,28 +376,40 @@ pub fn plan_waves(to_do: &[Target], canary: usize, wave_size: usize) -> Vec<Vec<
                 .or_default()
                 .push(target.clone());
         }
-        waves.extend(by_wave.into_values());
+        waves.extend(
+            by_wave
+                .into_iter()
+                .map(|(n, hosts)| (i32::try_from(n).unwrap_or(i32::MAX), hosts)),
+        );
     } else {
-        waves.extend(rest.chunks(wave_size.max(1)).map(<[Target]>::to_vec));
+        waves.extend(
+            rest.chunks(wave_size.max(1))
+                .zip(1..)
+                .map(|(hosts, n)| (n, hosts.to_vec())),
+        );
     }
     waves
 }
 
-/// The first attempt of every target: `pending` in its wave (the canary is wave 0, the others
-/// count from 1), or `skipped` (wave -1) when its last poll shows it on `revision`; and the
-/// number of waves.
+/// The first attempt of every target and the number of waves: `held` when a hold in `holds`
+/// is in force on it, `skipped` when its last poll shows it on `revision` (neither is in a
+/// wave: they are not asked), else `pending` in its wave.
 pub(crate) fn plan_attempts(
     targets: Vec<Target>,
     installed: &HashMap<String, Option<String>>,
+    holds: &HashMap<String, HoldRecord>,
     revision: &str,
-    canary: usize,
+    canary: Option<usize>,
     wave_size: usize,
 ) -> (Vec<HostAttempt>, usize) {
+    let (held, targets): (Vec<Target>, Vec<Target>) = targets
+        .into_iter()
+        .partition(|t| holds.contains_key(&t.host));
     let (done, to_do): (Vec<Target>, Vec<Target>) = targets
         .into_iter()
         .partition(|t| installed.get(&t.host).and_then(|r| r.as_deref()) == Some(revision));
     let waves = plan_waves(&to_do, canary, wave_size);
-    let attempt = |host: &str, wave: i32| HostAttempt {
+    let attempt = |host: &str, wave: Option<i32>| HostAttempt {
         host: host.to_string(),
         wave,
         attempt: 1,
@@ -360,18 +419,68 @@ pub(crate) fn plan_attempts(
         error: None,
     };
     let mut hosts: Vec<HostAttempt> = Vec::new();
-    for (n, wave) in waves.iter().enumerate() {
-        let number = if canary > 0 { n } else { n + 1 } as i32;
-        hosts.extend(wave.iter().map(|t| attempt(&t.host, number)));
+    for (number, wave) in &waves {
+        hosts.extend(wave.iter().map(|t| attempt(&t.host, Some(*number))));
     }
     hosts.extend(done.iter().map(|t| HostAttempt {
         result: "skipped".into(),
         changed: Some(false),
         revision: Some(revision.to_string()),
         error: Some(format!("already on {revision}")),
-        ..attempt(&t.host, -1)
+        ..attempt(&t.host, None)
+    }));
+    hosts.extend(held.iter().map(|t| HostAttempt {
+        result: "held".into(),
+        changed: Some(false),
+        revision: installed.get(&t.host).cloned().flatten(),
+        error: holds.get(&t.host).map(HoldRecord::describe),
+        ..attempt(&t.host, None)
     }));
     (hosts, waves.len())
+}
+
+/// The holds a rollout of `action` to `revision` leaves alone: every hold in force, except,
+/// for a fleet rollback, those fleet rollbacks set at the same revision (the same
+/// `pm-rollback` run again continues what they started).
+pub(crate) fn holds_in_the_way(
+    mut holds: HashMap<String, HoldRecord>,
+    action: Action,
+    revision: &str,
+) -> HashMap<String, HoldRecord> {
+    if let Action::Generation(_) = action {
+        holds.retain(|_, hold| {
+            hold.kind != HoldKind::FleetRollback.as_str()
+                || hold.revision.as_deref() != Some(revision)
+        });
+    }
+    holds
+}
+
+/// What each host had installed at its last recent answer (see
+/// [`Inventory::installed_revisions`]), read-only.
+pub(crate) fn read_installed(
+    home: &Path,
+    global: &GlobalArgs,
+) -> anyhow::Result<HashMap<String, Option<String>>> {
+    Ok(Inventory::open_read_only(home, global.lock_timeout)
+        .map_err(inventory_error)?
+        .map(|inv| inv.installed_revisions())
+        .transpose()
+        .map_err(inventory_error)?
+        .unwrap_or_default())
+}
+
+/// The holds in force, read-only.
+pub(crate) fn read_holds(
+    home: &Path,
+    global: &GlobalArgs,
+) -> anyhow::Result<HashMap<String, HoldRecord>> {
+    Ok(Inventory::open_read_only(home, global.lock_timeout)
+        .map_err(inventory_error)?
+        .map(|inv| inv.holds())
+        .transpose()
+        .map_err(inventory_error)?
+        .unwrap_or_default())
 }
 
 /// Changes the host rows of the targets a setup step reached (`step` is no longer failed).
@@ -399,7 +508,8 @@ fn mark_hosts(
 #[derive(Debug, Clone, Serialize)]
 struct HostLine {
     host: String,
-    wave: i32,
+    /// None: not asked (skipped, held).
+    wave: Option<i32>,
     result: String,
     changed: Option<bool>,
     revision: Option<String>,
@@ -421,13 +531,15 @@ impl From<&HostAttempt> for HostLine {
 
 #[derive(Debug, Serialize)]
 struct WaveLine {
-    wave: i32,
+    /// None: the hosts not asked (skipped, held).
+    wave: Option<i32>,
     hosts: usize,
     ok: usize,
     failed: usize,
     skipped: usize,
     not_attempted: usize,
     pending: usize,
+    held: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -442,6 +554,10 @@ pub(crate) struct Report {
     hosts: Vec<HostLine>,
     #[serde(skip_serializing_if = "Option::is_none")]
     stopped_at_wave: Option<i32>,
+    /// The command that continues a stopped or interrupted rollout: `pm-push resume JOB`, or
+    /// for a fleet rollback the same `pm-rollback` again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) next_step: Option<String>,
 }
 
 pub(crate) fn report(
@@ -452,12 +568,18 @@ pub(crate) fn report(
     stopped_at_wave: Option<i32>,
     hosts: &[HostAttempt],
 ) -> Report {
-    let mut summary: BTreeMap<String, usize> =
-        ["ok", "failed", "skipped", "not_attempted", "pending"]
-            .iter()
-            .map(|k| (k.to_string(), 0))
-            .collect();
-    let mut waves: BTreeMap<i32, WaveLine> = BTreeMap::new();
+    let mut summary: BTreeMap<String, usize> = [
+        "ok",
+        "failed",
+        "skipped",
+        "not_attempted",
+        "pending",
+        "held",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), 0))
+    .collect();
+    let mut waves: BTreeMap<Option<i32>, WaveLine> = BTreeMap::new();
     for host in hosts {
         *summary.entry(host.result.clone()).or_default() += 1;
         let line = waves.entry(host.wave).or_insert(WaveLine {
@@ -468,6 +590,7 @@ pub(crate) fn report(
             skipped: 0,
             not_attempted: 0,
             pending: 0,
+            held: 0,
         });
         line.hosts += 1;
         match host.result.as_str() {
@@ -475,6 +598,7 @@ pub(crate) fn report(
             "failed" => line.failed += 1,
             "skipped" => line.skipped += 1,
             "not_attempted" => line.not_attempted += 1,
+            "held" => line.held += 1,
             _ => line.pending += 1,
         }
     }
@@ -491,6 +615,12 @@ pub(crate) fn report(
         waves: waves.into_values().collect(),
         hosts: hosts.iter().map(HostLine::from).collect(),
         stopped_at_wave,
+        next_step: match (kind, job_id, state) {
+            ("update", Some(job), "stopped" | "interrupted") => {
+                Some(format!("pm-push resume {job}"))
+            }
+            _ => None,
+        },
     }
 }
 
@@ -507,14 +637,14 @@ pub(crate) fn print(global: &GlobalArgs, report: &Report) -> anyhow::Result<Exit
     if global.json {
         cli::print_json(report)?;
     } else {
-        if !global.quiet {
+        if !global.quiet && !report.hosts.is_empty() {
             let mut table = cli::table(&["wave", "host", "result", "revision", "detail"]);
             for host in &report.hosts {
                 table.add_row(vec![
-                    if host.wave == 0 {
-                        "canary".to_string()
-                    } else {
-                        host.wave.to_string()
+                    match host.wave {
+                        None => "-".to_string(),
+                        Some(0) => "canary".to_string(),
+                        Some(n) => n.to_string(),
                     },
                     host.host.clone(),
                     host.result.clone(),
@@ -526,16 +656,22 @@ pub(crate) fn print(global: &GlobalArgs, report: &Report) -> anyhow::Result<Exit
         }
         let s = &report.summary;
         cli::print_text(format!(
-            "{} {} of {}: {} ({} ok, {} failed, {} skipped, {} not attempted, {} pending){}",
+            "{} {} of {}: {} ({} ok, {} failed, {} skipped, {} held, {} not attempted, {} \
+             pending){}",
             report.kind,
-            report
-                .job_id
-                .map_or("(dry run)".to_string(), |j| format!("job {j}")),
+            report.job_id.map_or_else(
+                || match report.state.as_str() {
+                    "planned" => "(dry run)".to_string(),
+                    _ => "(no job: no target)".to_string(),
+                },
+                |j| format!("job {j}")
+            ),
             report.revision,
             report.state,
             s["ok"],
             s["failed"],
             s["skipped"],
+            s["held"],
             s["not_attempted"],
             s["pending"],
             report
@@ -543,30 +679,60 @@ pub(crate) fn print(global: &GlobalArgs, report: &Report) -> anyhow::Result<Exit
                 .map_or(String::new(), |w| format!("; stopped at wave {w}")),
         ))?;
     }
-    if report.state == "stopped" {
-        eprintln!(
-            "error: the rollout stopped at wave {}: too many hosts failed; later waves were not \
-             touched",
-            report.stopped_at_wave.unwrap_or_default()
-        );
-        eprintln!(
-            "hint: `pm-push resume {}` runs the waves that were not attempted; after fixing the \
-             failed hosts, `pm-push update` retries them (hosts on dist are skipped)",
-            report.job_id.unwrap_or_default()
-        );
-    } else if report.state == "interrupted" {
-        eprintln!(
-            "hint: `pm-push resume {}` continues where it stopped",
-            report.job_id.unwrap_or_default()
-        );
+    let next = report.next_step.as_deref().unwrap_or_default();
+    match (report.kind, report.state.as_str()) {
+        ("update", "stopped") => {
+            eprintln!(
+                "error: the rollout stopped at wave {}: too many hosts failed; later waves were \
+                 not touched",
+                report.stopped_at_wave.unwrap_or_default()
+            );
+            eprintln!(
+                "hint: `{next}` runs the waves that were not attempted; after fixing the failed \
+                 hosts, `pm-push update` retries them (hosts on dist are skipped)"
+            );
+        }
+        ("update", "interrupted") => eprintln!("hint: `{next}` continues where it stopped"),
+        // A fleet rollback is continued by running it again: resuming is refused for it, and
+        // an update would install dist, undoing it.
+        ("rollback", state @ ("stopped" | "interrupted")) => {
+            if state == "stopped" {
+                eprintln!(
+                    "error: the rollback stopped at wave {}: too many hosts failed; later waves \
+                     were not touched",
+                    report.stopped_at_wave.unwrap_or_default()
+                );
+            }
+            eprintln!(
+                "hint: after fixing the failed hosts, run the same pm-rollback again: `{next}` \
+                 (hosts already on {} are skipped; dist rotates back once every target that is \
+                 not held is on it)",
+                report.revision
+            );
+        }
+        _ => {}
     }
     Ok(status)
+}
+
+/// The command line that runs a fleet rollback again: the one it was started with (kept in its
+/// options), else the generation alone.
+pub(crate) fn rollback_command(record: &RolloutRecord) -> String {
+    serde_json::from_str::<serde_json::Value>(&record.options)
+        .ok()
+        .and_then(|options| options["command"].as_str().map(str::to_string))
+        .unwrap_or_else(|| {
+            format!(
+                "pm-rollback --generation {}",
+                record.generation.unwrap_or(1)
+            )
+        })
 }
 
 /// `pm-push update`.
 fn start(home: &Path, global: &GlobalArgs, args: &UpdateArgs) -> anyhow::Result<ExitStatus> {
     let revision = dist_revision(home)?;
-    let (targets, installed) = {
+    let (targets, installed, holds) = {
         let Some(inventory) =
             Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)?
         else {
@@ -588,20 +754,28 @@ fn start(home: &Path, global: &GlobalArgs, args: &UpdateArgs) -> anyhow::Result<
         (
             args.targets.resolve(&hosts, where_hosts.as_ref())?,
             inventory.installed_revisions().map_err(inventory_error)?,
+            inventory.holds().map_err(inventory_error)?,
         )
     };
+    if targets.is_empty() {
+        crate::targets::note_no_active_host();
+        return print(
+            global,
+            &report("update", None, &revision, "done", None, &[]),
+        );
+    }
     let (hosts, waves) = plan_attempts(
         targets,
         &installed,
+        &holds,
         &revision,
         args.waves.canary,
         args.waves.wave_size,
     );
-    if global.dry_run || hosts.is_empty() {
-        let state = if hosts.is_empty() { "done" } else { "planned" };
+    if global.dry_run {
         return print(
             global,
-            &report("update", None, &revision, state, None, &hosts),
+            &report("update", None, &revision, "planned", None, &hosts),
         );
     }
     let _lock = rollout_lock(home)?;
@@ -619,19 +793,32 @@ fn start(home: &Path, global: &GlobalArgs, args: &UpdateArgs) -> anyhow::Result<
         stopped_at_wave: None,
         started_at: None,
     };
+    // Nobody to ask (every target on dist, or held): the job ends as it starts.
+    let nothing_to_ask = !hosts.iter().any(|h| h.result == "pending");
     let job_id = {
         let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
         inventory
             .transaction(|inv| {
-                inv.start_rollout(
+                let job_id = inv.start_rollout(
                     Utc::now(),
                     &format!("update to {revision}: {} hosts", hosts.len()),
                     &record,
                     &hosts,
-                )
+                )?;
+                if nothing_to_ask {
+                    let summary = summary_line("update", &revision, &hosts);
+                    inv.update_rollout(job_id, "done", None, None, "unchanged", &summary)?;
+                }
+                Ok(job_id)
             })
             .map_err(inventory_error)?
     };
+    if nothing_to_ask {
+        return print(
+            global,
+            &report("update", Some(job_id), &revision, "done", None, &hosts),
+        );
+    }
     tracing::info!(job_id, %revision, waves, "rollout started");
     let done = execute(
         home,
@@ -668,9 +855,12 @@ fn resume(home: &Path, global: &GlobalArgs, job_id: i64) -> anyhow::Result<ExitS
     };
     if record.kind == "rollback" {
         return Err(UserError::usage(format!(
-            "job {job_id} is a fleet rollback: run `pm-rollback --generation {}` again (hosts \
-             already on it are skipped; dist rotates back once every target is)",
-            record.generation.unwrap_or(1)
+            "job {job_id} is a fleet rollback: it is not resumed but run again"
+        ))
+        .with_hint(format!(
+            "run the same pm-rollback again: `{}` (hosts already on its revision are skipped; \
+             dist rotates back once every target that is not held is)",
+            rollback_command(&record)
         ))
         .into());
     }
@@ -794,7 +984,7 @@ fn status(home: &Path, global: &GlobalArgs, job: Option<i64>) -> anyhow::Result<
         .into());
     };
     let state = effective_state(home, &record);
-    let report = report(
+    let mut report = report(
         if record.kind == "rollback" {
             "rollback"
         } else {
@@ -806,6 +996,9 @@ fn status(home: &Path, global: &GlobalArgs, job: Option<i64>) -> anyhow::Result<
         record.stopped_at_wave,
         &hosts,
     );
+    if record.kind == "rollback" && matches!(state.as_str(), "stopped" | "interrupted") {
+        report.next_step = Some(rollback_command(&record));
+    }
     print(global, &report).map(|status| {
         // Showing a rollout succeeds whatever the rollout's outcome.
         if matches!(status, ExitStatus::Usage) {
@@ -816,17 +1009,46 @@ fn status(home: &Path, global: &GlobalArgs, job: Option<i64>) -> anyhow::Result<
     })
 }
 
-/// Asks one agent to install dist.
+/// Why an agent did not install.
+#[derive(Debug)]
+pub(crate) enum InstallError {
+    /// The host is held: the agent refused (HTTP 409 `held`), naming the hold.
+    Held {
+        message: String,
+        hold: proto::HoldState,
+    },
+    /// Anything else, as a line for people.
+    Failed(String),
+}
+
+/// Asks one agent to install dist or a backup generation, with the hold to take when given.
 async fn install(
     client: &reqwest::Client,
     address: &str,
     action: Action,
-) -> Result<InstallReport, String> {
-    let body = match action {
-        Action::Update => None,
-        Action::Generation(n) => Some(format!(r#"{{"generation":{n}}}"#)),
+    hold: Option<&proto::HoldSpec>,
+) -> Result<InstallReport, InstallError> {
+    let request = proto::UpdateRequest {
+        generation: match action {
+            Action::Update => None,
+            Action::Generation(n) => Some(n),
+        },
+        hold: hold.cloned(),
     };
-    post_agent(client, address, proto::UPDATE_PATH, body, "install").await
+    let body = serde_json::to_string(&request).map_err(|e| InstallError::Failed(e.to_string()))?;
+    let (status, answer) = post_agent_raw(client, address, proto::UPDATE_PATH, Some(body))
+        .await
+        .map_err(InstallError::Failed)?;
+    if status == reqwest::StatusCode::CONFLICT
+        && let Ok(held) = serde_json::from_slice::<proto::HeldResponse>(&answer)
+        && held.code == "held"
+    {
+        return Err(InstallError::Held {
+            message: held.message,
+            hold: held.hold,
+        });
+    }
+    agent_answer(address, status, &answer, "install").map_err(InstallError::Failed)
 }
 
 /// POSTs `body` (JSON, or nothing) to an agent over mutual TLS: its answer as `T`, or a line
@@ -838,6 +1060,17 @@ pub(crate) async fn post_agent<T: serde::de::DeserializeOwned>(
     body: Option<String>,
     what: &str,
 ) -> Result<T, String> {
+    let (status, answer) = post_agent_raw(client, address, path, body).await?;
+    agent_answer(address, status, &answer, what)
+}
+
+/// POSTs to an agent: the status and the body of its answer (capped), or why there is none.
+async fn post_agent_raw(
+    client: &reqwest::Client,
+    address: &str,
+    path: &str,
+    body: Option<String>,
+) -> Result<(reqwest::StatusCode, Vec<u8>), String> {
     let mut request = client.post(format!("https://{address}{path}"));
     if let Some(body) = body {
         request = request
@@ -858,20 +1091,34 @@ pub(crate) async fn post_agent<T: serde::de::DeserializeOwned>(
     let body = proto::read_body(response, proto::MAX_ANSWER_BYTES)
         .await
         .map_err(|err| format!("agent `{address}`: {err}"))?;
+    Ok((status, body))
+}
+
+/// An agent's answer as `T`, or its refusal as a line for people.
+fn agent_answer<T: serde::de::DeserializeOwned>(
+    address: &str,
+    status: reqwest::StatusCode,
+    body: &[u8],
+    what: &str,
+) -> Result<T, String> {
     if !status.is_success() {
-        let message = serde_json::from_slice::<ErrorResponse>(&body)
+        let message = serde_json::from_slice::<ErrorResponse>(body)
             .map(|e| e.message)
             .unwrap_or_else(|_| format!("HTTP {status}"));
         return Err(format!("agent `{address}` could not {what}: {message}"));
     }
-    serde_json::from_slice(&body)
+    serde_json::from_slice(body)
         .map_err(|err| format!("agent `{address}` answered something that is not a report: {err}"))
 }
 
 /// A host's index in the rollout and how its install went.
-type Installed = (usize, Result<InstallReport, String>);
+type Installed = (usize, Result<InstallReport, InstallError>);
 
 /// Runs the pending hosts wave by wave, recording each wave, until done, stopped or interrupted.
+/// Before each wave, dist must still be the revision rolled out, and hosts held since the plan
+/// are left alone (`held`); an agent that answers it is held is `held` too, and its hold is
+/// recorded. A fleet rollback (`Action::Generation`) holds each host it moves at the revision
+/// (kind `fleet-rollback`), so its own schedule does not take it forward before dist rotates.
 pub(crate) fn execute(
     home: &Path,
     global: &GlobalArgs,
@@ -898,11 +1145,21 @@ pub(crate) fn execute(
             .map(|h| (h.host, h.address))
             .collect()
     };
+    let hold_spec: Option<Arc<proto::HoldSpec>> = match action {
+        Action::Update => None,
+        Action::Generation(n) => Some(Arc::new(proto::HoldSpec {
+            kind: HoldKind::FleetRollback,
+            reason: format!("fleet rollback to backup/{n} ({revision}), job {job_id}"),
+            set_by: crate::inventory::actor(),
+            until: None,
+            seconds_left: None,
+        })),
+    };
     let wave_numbers: Vec<i32> = {
         let mut numbers: Vec<i32> = hosts
             .iter()
             .filter(|h| h.result == "pending")
-            .map(|h| h.wave)
+            .filter_map(|h| h.wave)
             .collect();
         numbers.sort_unstable();
         numbers.dedup();
@@ -938,6 +1195,8 @@ pub(crate) fn execute(
     };
     let mut state = "done";
     let mut stopped_at = None;
+    // Whether the rollout's end is recorded (each way out records it once).
+    let mut ended = false;
     for (index, wave) in wave_numbers.iter().copied().enumerate() {
         if index > 0 && !options.pause.is_zero() {
             runtime.block_on(async {
@@ -956,6 +1215,7 @@ pub(crate) fn execute(
                     inv.update_rollout(job_id, "interrupted", None, None, "failed", &summary_text)
                 })
                 .map_err(inventory_error)?;
+            ended = true;
             break;
         }
         // Dist must still be what this rollout installs.
@@ -966,10 +1226,24 @@ pub(crate) fn execute(
             stopped_at = Some(wave);
             break;
         }
+        // A rollout can take hours: a host held meanwhile is left alone.
+        let holds = holds_in_the_way(read_holds(home, global)?, action, revision);
+        let mut changed_attempts = Vec::new();
+        for host in hosts
+            .iter_mut()
+            .filter(|h| h.wave == Some(wave) && h.result == "pending")
+        {
+            if let Some(hold) = holds.get(&host.host) {
+                host.result = "held".into();
+                host.changed = Some(false);
+                host.error = Some(hold.describe());
+                changed_attempts.push(host.clone());
+            }
+        }
         let targets: Vec<(usize, String)> = hosts
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.wave == wave && h.result == "pending")
+            .filter(|(_, h)| h.wave == Some(wave) && h.result == "pending")
             .map(|(i, h)| (i, addresses.get(&h.host).cloned().unwrap_or_default()))
             .collect();
         for (i, address) in &targets {
@@ -989,11 +1263,17 @@ pub(crate) fn execute(
             .map(|(i, address)| {
                 let client = client.clone();
                 let done = Arc::clone(&done);
+                let hold_spec = hold_spec.clone();
                 async move {
-                    let result =
-                        tokio::spawn(async move { install(&client, &address, action).await })
-                            .await
-                            .unwrap_or_else(|err| Err(format!("the install task stopped: {err}")));
+                    let result = tokio::spawn(async move {
+                        install(&client, &address, action, hold_spec.as_deref()).await
+                    })
+                    .await
+                    .unwrap_or_else(|err| {
+                        Err(InstallError::Failed(format!(
+                            "the install task stopped: {err}"
+                        )))
+                    });
                     done.lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .push((i, result));
@@ -1008,8 +1288,9 @@ pub(crate) fn execute(
             }
         });
         let finished = std::mem::take(&mut *done.lock().unwrap_or_else(PoisonError::into_inner));
-        let mut changed_attempts = Vec::new();
         let mut failures = 0;
+        // Holds to record: taken by this fleet rollback, or learnt from agents that refused.
+        let mut new_holds: Vec<HoldRecord> = Vec::new();
         for (i, result) in finished {
             let host = &mut hosts[i];
             match result {
@@ -1030,8 +1311,37 @@ pub(crate) fn execute(
                     host.changed = Some(report.changed);
                     host.revision = report.revision.clone();
                     host.error = None;
+                    if let Some(spec) = &hold_spec {
+                        new_holds.push(HoldRecord {
+                            host: host.host.clone(),
+                            kind: spec.kind.as_str().into(),
+                            reason: spec.reason.clone(),
+                            revision: report.revision.clone(),
+                            set_at: Utc::now(),
+                            set_by: spec.set_by.clone(),
+                            until: None,
+                            job_id: Some(job_id),
+                            on_agent: true,
+                        });
+                    }
                 }
-                Err(error) => {
+                Err(InstallError::Held { message, hold }) => {
+                    host.result = "held".into();
+                    host.changed = Some(false);
+                    host.error = Some(message);
+                    new_holds.push(HoldRecord {
+                        host: host.host.clone(),
+                        kind: hold.kind.as_str().into(),
+                        reason: hold.reason,
+                        revision: None,
+                        set_at: hold.set_at,
+                        set_by: format!("{} (from the agent)", hold.set_by),
+                        until: hold.until,
+                        job_id: Some(job_id),
+                        on_agent: true,
+                    });
+                }
+                Err(InstallError::Failed(error)) => {
                     host.result = "failed".into();
                     host.error = Some(error);
                     failures += 1;
@@ -1046,11 +1356,14 @@ pub(crate) fn execute(
             seconds = started.elapsed().as_secs_f64(),
             "wave done"
         );
-        // The whole wave counts, including attempts of an earlier run that was resumed.
-        let wave_size = hosts.iter().filter(|h| h.wave == wave).count();
+        // The whole wave counts (attempts of an earlier run that was resumed too), but for its
+        // held hosts, which were not asked.
+        let in_wave = |h: &&HostAttempt| h.wave == Some(wave) && h.result != "held";
+        let wave_size = hosts.iter().filter(in_wave).count();
         let wave_failures = hosts
             .iter()
-            .filter(|h| h.wave == wave && h.result == "failed")
+            .filter(in_wave)
+            .filter(|h| h.result == "failed")
             .count();
         let stop = !interrupted && wave_failures > options.max_failures.allowed(wave_size);
         if interrupted {
@@ -1060,7 +1373,7 @@ pub(crate) fn execute(
             stopped_at = Some(wave);
             for host in hosts
                 .iter_mut()
-                .filter(|h| h.wave > wave && h.result == "pending")
+                .filter(|h| h.wave > Some(wave) && h.result == "pending")
             {
                 host.result = "not_attempted".into();
                 changed_attempts.push(host.clone());
@@ -1110,25 +1423,21 @@ pub(crate) fn execute(
                 if !polled.is_empty() {
                     inv.record_polls(job_id, &polled)?;
                 }
+                inv.record_holds(&new_holds)?;
                 if let Some(final_state) = final_state {
-                    let job_status = match (final_state, hosts.iter().any(|h| h.result == "failed"))
-                    {
-                        ("done", false) => "ok",
-                        ("done", true) => "partial",
-                        _ => "failed",
-                    };
                     inv.update_rollout(
                         job_id,
                         final_state,
                         stopped_at,
                         None,
-                        job_status,
+                        job_status(final_state, &hosts),
                         &summary_text,
                     )?;
                 }
                 Ok(())
             })
             .map_err(unrecorded)?;
+        ended |= final_state.is_some();
         if interrupted || stop {
             break;
         }
@@ -1155,6 +1464,22 @@ pub(crate) fn execute(
                 inv.update_rollout(job_id, "stopped", stopped_at, None, "failed", &summary_text)
             })
             .map_err(inventory_error)?;
+    } else if !ended {
+        // No wave left to run (a resume of a rollout whose hosts all finished): it is done.
+        let summary_text = summary_line(action.kind(), revision, &hosts);
+        let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+        inventory
+            .transaction(|inv| {
+                inv.update_rollout(
+                    job_id,
+                    state,
+                    None,
+                    None,
+                    job_status(state, &hosts),
+                    &summary_text,
+                )
+            })
+            .map_err(inventory_error)?;
     }
     Ok(Executed {
         kind: action.kind(),
@@ -1162,6 +1487,16 @@ pub(crate) fn execute(
         stopped_at,
         hosts,
     })
+}
+
+/// The job status of a rollout that ended in `state`: `ok` when done without failures (held
+/// hosts are not failures), `partial` when done with some, else `failed`.
+fn job_status(state: &str, hosts: &[HostAttempt]) -> &'static str {
+    match (state, hosts.iter().any(|h| h.result == "failed")) {
+        ("done", false) => "ok",
+        ("done", true) => "partial",
+        _ => "failed",
+    }
 }
 
 /// What a rollout installs on each host.
@@ -1257,15 +1592,31 @@ pub(crate) fn resolve(
     Ok((targets.resolve(&hosts, where_hosts.as_ref())?, hosts))
 }
 
+/// A per-host command over a fleet with no active host: nothing to do (no job), said alike by
+/// every command.
+fn no_target(global: &GlobalArgs, kind: &str, what: &str) -> anyhow::Result<ExitStatus> {
+    crate::targets::note_no_active_host();
+    if global.json {
+        cli::print_json(&serde_json::json!({
+            "changed": false, "job_id": null, "kind": kind, "hosts": [],
+            "summary": {"targets": 0, "ok": 0, "failed": 0, "skipped": 0, "not_attempted": 0},
+        }))?;
+    } else {
+        cli::print_text(format!("{kind} {what}: no target, nothing done"))?;
+    }
+    Ok(ExitStatus::Success)
+}
+
 /// Runs `op` on every target (32 at a time), records a job with a result row per host (and
-/// whatever `record` adds, in the same transaction) and prints the per-host results.
+/// whatever `record` adds, given the job id, in the same transaction) and prints the per-host
+/// results.
 fn on_targets<F, Fut>(
     home: &Path,
     global: &GlobalArgs,
     job: JobKind<'_>,
     targets: Vec<Target>,
     op: F,
-    record: impl FnOnce(&Inventory, &[(Target, HostOutcome)]) -> Result<(), InventoryError>,
+    record: impl FnOnce(&Inventory, i64, &[(Target, HostOutcome)]) -> Result<(), InventoryError>,
 ) -> anyhow::Result<ExitStatus>
 where
     F: Fn(reqwest::Client, Target) -> Fut,
@@ -1283,7 +1634,10 @@ where
         Ok(_) => "ok",
         Err(_) => "failed",
     };
-    if global.dry_run || targets.is_empty() {
+    if targets.is_empty() {
+        return no_target(global, kind, what);
+    }
+    if global.dry_run {
         let hosts: Vec<_> = targets.iter().map(|t| t.host.clone()).collect();
         if global.json {
             cli::print_json(&serde_json::json!({
@@ -1339,7 +1693,7 @@ where
         .iter()
         .map(|(target, outcome)| HostAttempt {
             host: target.host.clone(),
-            wave: 0,
+            wave: Some(0),
             attempt: 1,
             result: result_of(outcome).into(),
             changed: outcome.as_ref().ok().map(|(changed, _)| *changed),
@@ -1349,7 +1703,7 @@ where
         .collect();
     attempts.extend(not_attempted.iter().map(|target| HostAttempt {
         host: target.host.clone(),
-        wave: 0,
+        wave: Some(0),
         attempt: 1,
         result: "not_attempted".into(),
         changed: None,
@@ -1373,7 +1727,7 @@ where
                 &format!("{kind} {what}: {} hosts, {failed} failed", attempts.len()),
             )?;
             inv.record_attempts(job_id, &attempts)?;
-            record(inv, &outcomes)?;
+            record(inv, job_id, &outcomes)?;
             Ok(job_id)
         })
         .map_err(inventory_error)?;
@@ -1483,7 +1837,7 @@ fn push_profile(
                     .map_err(setup_error)
             }
         },
-        |inv, outcomes| {
+        |inv, _, outcomes| {
             mark_hosts(inv, &hosts, outcomes, "profile", |host| {
                 host.profile = name.to_string();
             })
@@ -1576,7 +1930,7 @@ fn push_schedule(
                 }
             }
         },
-        |_, _| Ok(()),
+        |_, _, _| Ok(()),
     )
 }
 
@@ -1648,7 +2002,7 @@ fn push_license(
                 .map_err(setup_error)
             }
         },
-        |inv, outcomes| {
+        |inv, _, outcomes| {
             mark_hosts(inv, &hosts, outcomes, "license", |host| {
                 host.license_sha256 = Some(sha256.clone());
             })
@@ -1729,7 +2083,7 @@ fn push_scan(
                 ))
             }
         },
-        |inv, _| {
+        |inv, _, _| {
             let polled =
                 std::mem::take(&mut *polled.lock().unwrap_or_else(PoisonError::into_inner));
             if !polled.is_empty() {
@@ -1751,6 +2105,11 @@ fn push_upgrade_agent(
     timeout: Duration,
     targets: &TargetArgs,
 ) -> anyhow::Result<ExitStatus> {
+    // The selection first, as every command that takes one: an empty fleet is nothing to do.
+    let (targets, _) = resolve(home, global, targets)?;
+    if targets.is_empty() {
+        return no_target(global, "upgrade-agent", "of the agent package");
+    }
     let revision = dist_revision(home)?;
     let manifest = Repo::new(home)
         .manifest(&revision)
@@ -1773,7 +2132,6 @@ fn push_upgrade_agent(
         )
         .into());
     }
-    let (targets, _) = resolve(home, global, targets)?;
     on_targets(
         home,
         global,
@@ -1813,7 +2171,7 @@ fn push_upgrade_agent(
                 ),
             ))
         },
-        |_, _| Ok(()),
+        |_, _, _| Ok(()),
     )
 }
 
@@ -1892,10 +2250,11 @@ async fn scan_one(
 fn summary_line(kind: &str, revision: &str, hosts: &[HostAttempt]) -> String {
     let count = |result: &str| hosts.iter().filter(|h| h.result == result).count();
     format!(
-        "{kind} to {revision}: {} ok, {} failed, {} skipped, {} not attempted",
+        "{kind} to {revision}: {} ok, {} failed, {} skipped, {} held, {} not attempted",
         count("ok"),
         count("failed"),
         count("skipped"),
+        count("held"),
         count("not_attempted")
     )
 }
@@ -1943,28 +2302,86 @@ mod tests {
             .collect()
     }
 
-    fn sizes(waves: &[Vec<Target>]) -> Vec<usize> {
-        waves.iter().map(Vec::len).collect()
+    /// `(wave number, hosts)` of a plan.
+    fn sizes(waves: &[(i32, Vec<Target>)]) -> Vec<(i32, usize)> {
+        waves.iter().map(|(n, hosts)| (*n, hosts.len())).collect()
     }
 
     #[test]
-    fn a_canary_then_batches_or_the_csv_waves() {
+    fn a_canary_then_batches_or_the_csv_waves_under_their_own_numbers() {
         assert_eq!(
-            sizes(&plan_waves(&targets(50, |_| None), 1, 10)),
-            [1, 10, 10, 10, 10, 9]
+            sizes(&plan_waves(&targets(50, |_| None), None, 10)),
+            [(0, 1), (1, 10), (2, 10), (3, 10), (4, 10), (5, 9)]
         );
-        assert_eq!(sizes(&plan_waves(&targets(5, |_| None), 0, 10)), [5]);
         assert_eq!(
-            sizes(&plan_waves(&targets(0, |_| None), 1, 10)),
-            Vec::<usize>::new()
+            sizes(&plan_waves(&targets(5, |_| None), Some(0), 10)),
+            [(1, 5)]
         );
-        let csv = plan_waves(&targets(7, |i| Some(if i < 3 { 2 } else { 1 })), 1, 10);
         assert_eq!(
-            sizes(&csv),
-            [1, 4, 2],
-            "canary h00, then wave 1 (h03..h06), then wave 2"
+            sizes(&plan_waves(&targets(0, |_| None), None, 10)),
+            Vec::<(i32, usize)>::new()
         );
-        assert_eq!(csv[1][0].host, "h03");
+        // The file's sparse waves 5 and 7, in wave order whatever the line order; no canary
+        // unless asked for.
+        let csv = |i| Some(if i < 3 { 7 } else { 5 });
+        let plan = plan_waves(&targets(7, csv), None, 10);
+        assert_eq!(sizes(&plan), [(5, 4), (7, 3)]);
+        assert_eq!(plan[0].1[0].host, "h03", "a wave keeps the file's order");
+        // `--canary 1`: the first host of the first wave, as wave 0.
+        let plan = plan_waves(&targets(7, csv), Some(1), 10);
+        assert_eq!(sizes(&plan), [(0, 1), (5, 3), (7, 3)]);
+        assert_eq!(plan[0].1[0].host, "h03");
+    }
+
+    #[test]
+    fn held_and_skipped_hosts_are_in_no_wave() {
+        let installed: HashMap<String, Option<String>> =
+            [("h01".to_string(), Some("r2".to_string()))].into();
+        let hold = HoldRecord {
+            host: "h02".into(),
+            kind: "hold".into(),
+            reason: "change freeze".into(),
+            revision: None,
+            set_at: Utc::now(),
+            set_by: "ops".into(),
+            until: None,
+            job_id: None,
+            on_agent: true,
+        };
+        let holds: HashMap<String, HoldRecord> = [("h02".to_string(), hold)].into();
+        let (hosts, waves) =
+            plan_attempts(targets(4, |_| None), &installed, &holds, "r2", None, 10);
+        assert_eq!(waves, 2);
+        let plan: Vec<(&str, Option<i32>, &str)> = hosts
+            .iter()
+            .map(|h| (h.host.as_str(), h.wave, h.result.as_str()))
+            .collect();
+        assert_eq!(
+            plan,
+            [
+                ("h00", Some(0), "pending"),
+                ("h03", Some(1), "pending"),
+                ("h01", None, "skipped"),
+                ("h02", None, "held"),
+            ]
+        );
+        assert!(hosts[3].error.as_deref().unwrap().contains("change freeze"));
+        // A fleet rollback run again continues what its own holds started.
+        let fleet = HoldRecord {
+            kind: "fleet-rollback".into(),
+            revision: Some("r1".into()),
+            ..holds["h02"].clone()
+        };
+        let holds: HashMap<String, HoldRecord> = [("h02".to_string(), fleet)].into();
+        assert!(holds_in_the_way(holds.clone(), Action::Generation(1), "r1").is_empty());
+        assert_eq!(
+            holds_in_the_way(holds.clone(), Action::Update, "r1").len(),
+            1
+        );
+        assert_eq!(
+            holds_in_the_way(holds, Action::Generation(1), "r0").len(),
+            1
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use clap::Parser;
 use serde::Serialize;
 
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
-use crate::inventory::{HostAttempt, Inventory, RolloutRecord};
+use crate::inventory::{HoldRecord, HostAttempt, Inventory, RolloutRecord};
 use crate::poll::{Settings, ask_all, mutual_client};
 use crate::proto::{self, InstallReport};
 use crate::push::{self, Action, WaveArgs, inventory_error};
@@ -103,12 +103,37 @@ fn check_generation(generation: u32) -> Result<usize, UserError> {
     Ok(n)
 }
 
+/// This command line as run (`pm-rollback --generation 1 --group web`), to name the next step
+/// of a fleet rollback that did not finish: the same command again.
+fn command_line() -> String {
+    let words: Vec<String> = std::iter::once("pm-rollback".to_string())
+        .chain(std::env::args().skip(1))
+        .collect();
+    shlex::try_join(words.iter().map(String::as_str)).unwrap_or_else(|_| words.join(" "))
+}
+
 fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus> {
     let global = &args.global;
     let n = check_generation(generation)?;
+    let (targets, _) = push::resolve(home, global, &args.targets)?;
     let generations = Repo::new(home)
         .generations()
         .map_err(|err| UserError::failure(err.to_string()))?;
+    let dist_before = generations.dist.clone();
+    if targets.is_empty() {
+        crate::targets::note_no_active_host();
+        return print(
+            global,
+            &FleetReport {
+                rollout: push::report("rollback", None, "-", "done", None, &[]),
+                generation,
+                dist_rolled_back: false,
+                targets_ok: true,
+                dist_before: dist_before.clone(),
+                dist_after: dist_before,
+            },
+        );
+    }
     let Some(revision) = generations.backups.get(n - 1).cloned() else {
         return Err(UserError::usage(format!(
             "there is no backup/{n}: dist has {} backup generation(s)",
@@ -117,31 +142,26 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
         .with_hint("`pm-mirror status` shows the generations")
         .into());
     };
-    let (targets, _) = push::resolve(home, global, &args.targets)?;
-    if targets.is_empty() {
-        return Err(UserError::usage(
-            "no active host matches the targets: nothing to roll back, and dist stays",
-        )
-        .with_hint("`pm-activate list` shows the hosts; check --group, --label, --where")
-        .into());
-    }
-    let installed = Inventory::open_read_only(home, global.lock_timeout)
-        .map_err(inventory_error)?
-        .map(|inv| inv.installed_revisions())
-        .transpose()
-        .map_err(inventory_error)?
-        .unwrap_or_default();
-    let (hosts, waves) =
-        push::plan_attempts(targets, &installed, &revision, args.canary, args.wave_size);
+    let installed = push::read_installed(home, global)?;
+    let action = Action::Generation(generation);
+    let holds = push::holds_in_the_way(push::read_holds(home, global)?, action, &revision);
+    let (hosts, waves) = push::plan_attempts(
+        targets.clone(),
+        &installed,
+        &holds,
+        &revision,
+        Some(args.canary),
+        args.wave_size,
+    );
     let options = WaveArgs {
-        canary: args.canary,
+        canary: Some(args.canary),
         wave_size: args.wave_size,
         max_failures: args.max_failures,
         pause: Duration::ZERO,
         timeout: args.timeout,
         concurrency: args.concurrency.max(1),
     };
-    let dist_before = generations.dist.clone();
+    let command = command_line();
     if global.dry_run {
         let mut report = FleetReport {
             rollout: push::report("rollback", None, &revision, "planned", None, &hosts),
@@ -156,6 +176,10 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
         return print(global, &report);
     }
     let _lock = push::rollout_lock(home)?;
+    // The options resume would need, and the command that runs it again (`pm-push status`
+    // names it as the next step).
+    let mut stored = serde_json::to_value(&options)?;
+    stored["command"] = serde_json::Value::String(command.clone());
     let record = RolloutRecord {
         job_id: 0,
         kind: "rollback".into(),
@@ -164,7 +188,7 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
         state: "running".into(),
         waves: waves as i32,
         max_failures: args.max_failures.to_string(),
-        options: serde_json::to_string(&options)?,
+        options: stored.to_string(),
         pid: Some(std::process::id() as i32),
         stopped_at_wave: None,
         started_at: None,
@@ -181,17 +205,9 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
         })
         .map_err(inventory_error)?;
     let executed = if hosts.iter().any(|h| h.result == "pending") {
-        push::execute(
-            home,
-            global,
-            job_id,
-            &revision,
-            &options,
-            Action::Generation(generation),
-            hosts,
-        )?
+        push::execute(home, global, job_id, &revision, &options, action, hosts)?
     } else {
-        // Everyone is on it already: nothing to ask; the rollout is done.
+        // Everyone is on it already (or held): nothing to ask; the rollout is done.
         let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
         inventory
             .transaction(|inv| {
@@ -205,27 +221,46 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
             hosts,
         }
     };
-    // OK == Total: only then does dist rotate back.
+    // OK == Total, held hosts out of both: a held host is left where it is (it follows dist
+    // once released), so it neither blocks nor counts.
+    let is_ok = |h: &&HostAttempt| matches!(h.result.as_str(), "ok" | "skipped");
+    let held: Vec<&HostAttempt> = executed
+        .hosts
+        .iter()
+        .filter(|h| h.result == "held")
+        .collect();
     let all_ok = executed.state == "done"
         && executed
             .hosts
             .iter()
-            .all(|h| h.result == "ok" || h.result == "skipped");
+            .all(|h| h.result == "held" || is_ok(&h));
     let mut dist_after = dist_before.clone();
     // backup/N must still be what the hosts installed (a publish meanwhile shifts it).
-    let still = Action::Generation(generation).serves(home)?;
+    let still = action.serves(home)?;
     let all_ok = all_ok && still.as_deref() == Some(revision.as_str());
     // Dist is the whole fleet's: it moves back only when the whole fleet was targeted.
     let whole_fleet = args.targets.is_all();
     if all_ok && !whole_fleet {
         eprintln!(
-            "note: the targets rolled back to {revision}; dist stays at {} because only part of \
-             the fleet was targeted (run without target flags, or with --all, to move dist too)",
+            "note: the targets rolled back to {revision} and are held there, so their own \
+             schedules keep them on it; dist stays at {} because only part of the fleet was \
+             targeted (run without target flags, or with --all, to move dist too; `pm-push \
+             release` with the same target flags lets them follow dist again)",
             dist_before.as_deref().unwrap_or("-")
         );
     }
     let rotate = all_ok && whole_fleet;
     if rotate {
+        // On dist, the hosts need no hold to stay there: the holds this rollback (and earlier
+        // runs of it) took end first. A kill in between leaves them free and dist where it
+        // was; the same command again finishes.
+        let unreleased = push::hold::release_fleet_rollback_holds(home, global, &targets, job_id)?;
+        for (host, error) in &unreleased {
+            eprintln!(
+                "warning: {host} keeps its rollback hold (at {revision}, which dist is now): \
+                 {error}; `pm-push release --host {host}` ends it"
+            );
+        }
         let rolled = crate::mirror::rollback_dist(home, global, n)?;
         dist_after = Some(rolled.to.clone());
     } else if still.as_deref() != Some(revision.as_str()) {
@@ -233,6 +268,17 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
             "error: backup/{n} is now {} (a publish during the rollback?), not {revision}: dist \
              stays",
             still.as_deref().unwrap_or("-")
+        );
+    }
+    if !held.is_empty() {
+        eprintln!(
+            "note: {} held host(s) left where they are, not counted against OK == Total: {} \
+             (they follow dist once released: `pm-push release --host HOST`)",
+            held.len(),
+            held.iter()
+                .map(|h| h.host.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let mut report = FleetReport {
@@ -252,10 +298,11 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
     };
     report.rollout.changed |= rotate;
     if !all_ok && executed.state != "interrupted" {
+        report.rollout.next_step = Some(command.clone());
         let missing: Vec<String> = executed
             .hosts
             .iter()
-            .filter(|h| h.result != "ok" && h.result != "skipped")
+            .filter(|h| h.result != "held" && !is_ok(h))
             .map(|h| {
                 format!(
                     "{} ({}{})",
@@ -273,10 +320,16 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
             missing.len(),
             missing.join("; ")
         );
-        eprintln!(
-            "hint: fix or deactivate those hosts, then run the same pm-rollback again (hosts \
-             already on {revision} are skipped)"
-        );
+        // A stopped rollout's hint (the same command) comes with its table below.
+        if executed.state == "done" {
+            eprintln!(
+                "hint: fix or deactivate those hosts, then run the same pm-rollback again: \
+                 `{command}` (hosts already on {revision} are skipped; those it moved are held \
+                 there meanwhile)"
+            );
+        }
+    } else if executed.state == "interrupted" {
+        report.rollout.next_step = Some(command);
     }
     print(global, &report)
 }
@@ -328,6 +381,8 @@ struct HostReport {
     to: String,
     report: Option<InstallReport>,
     error: Option<String>,
+    /// The hold the host is under now (a host rolled back by hand stays there).
+    held: Option<String>,
 }
 
 /// `--host H --to backup:N | REVISION`.
@@ -341,6 +396,16 @@ fn one_host(home: &Path, args: &Args, to: &str) -> anyhow::Result<ExitStatus> {
         .into_iter()
         .next()
         .ok_or_else(|| UserError::usage("the host is not an active host of this manager"))?;
+    let started = Utc::now();
+    // A host rolled back by hand is held there until released: its own schedule, pushes and
+    // rollouts would otherwise take it forward again.
+    let hold = proto::HoldSpec {
+        kind: proto::HoldKind::Rollback,
+        reason: format!("rolled back by hand to {to} with pm-rollback"),
+        set_by: crate::inventory::actor(),
+        until: None,
+        seconds_left: None,
+    };
     // What to ask the agent for.
     let (path, body) = if let Some(n) = to.strip_prefix("backup:") {
         n.parse::<usize>()
@@ -351,15 +416,25 @@ fn one_host(home: &Path, args: &Args, to: &str) -> anyhow::Result<ExitStatus> {
                     "`{to}` is not a backup: use backup:1, backup:2 or backup:3"
                 ))
             })?;
-        (proto::ROLLBACK_PATH, format!(r#"{{"to":"backup:{n}"}}"#))
+        let request = proto::RollbackRequest {
+            to: format!("backup:{n}"),
+            hold: Some(hold.clone()),
+        };
+        (proto::ROLLBACK_PATH, serde_json::to_string(&request)?)
     } else {
         let generations = Repo::new(home)
             .generations()
             .map_err(|err| UserError::failure(err.to_string()))?;
+        let update = |generation: Option<u32>| {
+            serde_json::to_string(&proto::UpdateRequest {
+                generation,
+                hold: Some(hold.clone()),
+            })
+        };
         if generations.dist.as_deref() == Some(to) {
-            (proto::UPDATE_PATH, String::new())
+            (proto::UPDATE_PATH, update(None)?)
         } else if let Some(i) = generations.backups.iter().position(|r| r == to) {
-            (proto::UPDATE_PATH, format!(r#"{{"generation":{}}}"#, i + 1))
+            (proto::UPDATE_PATH, update(Some(i as u32 + 1))?)
         } else {
             return Err(UserError::usage(format!(
                 "revision `{to}` is not served by the mirror (dist {}, backups {})",
@@ -384,7 +459,7 @@ fn one_host(home: &Path, args: &Args, to: &str) -> anyhow::Result<ExitStatus> {
         &client,
         &target.address,
         path,
-        (!body.is_empty()).then(|| body.clone()),
+        Some(body.clone()),
         "roll back",
     ));
     let polled = runtime.block_on(async {
@@ -411,24 +486,41 @@ fn one_host(home: &Path, args: &Args, to: &str) -> anyhow::Result<ExitStatus> {
     });
     let attempt = HostAttempt {
         host: target.host.clone(),
-        wave: 0,
+        wave: Some(0),
         attempt: 1,
         result: if outcome.is_ok() { "ok" } else { "failed" }.into(),
         changed: outcome.as_ref().ok().map(|r| r.changed),
         revision: outcome.as_ref().ok().and_then(|r| r.revision.clone()),
         error: outcome.as_ref().err().cloned(),
     };
+    let held = outcome.as_ref().ok().map(|report| HoldRecord {
+        host: target.host.clone(),
+        kind: hold.kind.as_str().into(),
+        reason: hold.reason.clone(),
+        revision: report.revision.clone(),
+        set_at: Utc::now(),
+        set_by: hold.set_by.clone(),
+        until: None,
+        job_id: None,
+        on_agent: true,
+    });
     let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
     let job_id = inventory
         .transaction(|inv| {
             let job_id = inv.insert_job(
                 "rollback",
-                Utc::now(),
+                started,
                 if outcome.is_ok() { "ok" } else { "failed" },
                 &format!("rollback of {} to {to}", target.host),
             )?;
             inv.record_attempts(job_id, std::slice::from_ref(&attempt))?;
             inv.record_polls(job_id, &polled)?;
+            if let Some(held) = &held {
+                inv.record_holds(&[HoldRecord {
+                    job_id: Some(job_id),
+                    ..held.clone()
+                }])?;
+            }
             Ok(job_id)
         })
         .map_err(inventory_error)?;
@@ -441,6 +533,7 @@ fn one_host(home: &Path, args: &Args, to: &str) -> anyhow::Result<ExitStatus> {
         to: to.to_string(),
         error: outcome.as_ref().err().cloned(),
         report: outcome.ok(),
+        held: held.as_ref().map(HoldRecord::describe),
     };
     if global.json {
         cli::print_json(&report)?;
@@ -456,6 +549,13 @@ fn one_host(home: &Path, args: &Args, to: &str) -> anyhow::Result<ExitStatus> {
             (_, Some(e)) => format!("{}: failed: {e}", report.host),
             _ => String::new(),
         })?;
+    }
+    if report.held.is_some() {
+        eprintln!(
+            "note: {} is held there: its own schedule, pushes and rollouts leave it alone until \
+             `pm-push release --host {}`",
+            report.host, report.host
+        );
     }
     Ok(if report.error.is_none() {
         ExitStatus::Success

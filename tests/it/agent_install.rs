@@ -190,7 +190,14 @@ fn update_installs_dist_only_downloads_changes_and_rolls_back_to_a_backup() {
         .run();
     assert_eq!(run.code(), 2, "{}", run.stderr());
 
-    // Over the API, as the manager (mutual TLS).
+    // Over the API, as the manager (mutual TLS). Rolled back by hand, the host is held: a
+    // plain update is refused until the hold is released (issue 16).
+    let (code, report) = setup.post(pm::proto::UPDATE_PATH, serde_json::json!({}));
+    assert_eq!(code, 409, "{report}");
+    assert_eq!(report["code"], "held", "{report}");
+    let release = serde_json::json!({"hold": null});
+    let (code, report) = setup.post(pm::proto::HOLD_PATH, release.clone());
+    assert_eq!((code, &report["changed"]), (200, &serde_json::json!(true)));
     let (code, report) = setup.post(pm::proto::UPDATE_PATH, serde_json::json!({}));
     assert_eq!(code, 200, "{report}");
     let report: pm::proto::InstallReport = serde_json::from_value(report).unwrap();
@@ -209,6 +216,7 @@ fn update_installs_dist_only_downloads_changes_and_rolls_back_to_a_backup() {
         serde_json::json!({"to": "backup:9"}),
     );
     assert_eq!(code, 400, "{report}");
+    setup.post(pm::proto::HOLD_PATH, release);
     let (code, report) = setup.post(pm::proto::UPDATE_PATH, serde_json::json!({}));
     assert_eq!(code, 200, "{report}");
     assert_eq!(report["changed"], true);

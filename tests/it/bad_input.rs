@@ -757,6 +757,24 @@ static CLI: &[Case<Cli>] = &[
         "at least 1",
     ),
     case(
+        "push: hold until a past date",
+        ("pm-push", &["hold", "--until", "2020-01-01"]),
+        2,
+        "is past",
+    ),
+    case(
+        "push: hold until no time",
+        ("pm-push", &["hold", "--until", "soon"]),
+        2,
+        "soon",
+    ),
+    case(
+        "push: hold with a blank reason",
+        ("pm-push", &["hold", "--reason", " "]),
+        2,
+        "--reason",
+    ),
+    case(
         "rollback: concurrency 0",
         ("pm-rollback", &["--generation", "1", "--concurrency", "0"]),
         2,

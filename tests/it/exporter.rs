@@ -174,7 +174,7 @@ fn a_polled_fleet_is_exported_in_both_formats_and_promtool_accepts_it() {
         .is_some()
     );
     assert!(value(&body, "pm_inventory_snapshot_read_seconds").is_some());
-    // The rollout: every host counted once in its wave, all five results present.
+    // The rollout: every host counted once in its wave, all six results present.
     let rollout: Vec<&str> = body
         .lines()
         .filter(|l| {
@@ -183,7 +183,7 @@ fn a_polled_fleet_is_exported_in_both_formats_and_promtool_accepts_it() {
             ))
         })
         .collect();
-    assert_eq!(rollout.len() % 5, 0, "{body}");
+    assert_eq!(rollout.len() % 6, 0, "{body}");
     assert!(!rollout.is_empty(), "job {job_id}: {body}");
     let counted: f64 = rollout
         .iter()

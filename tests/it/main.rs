@@ -16,6 +16,7 @@ mod dist_statement;
 mod doctor;
 mod exporter;
 mod faults;
+mod holds;
 mod inventory;
 mod kit;
 mod lab_agents;
@@ -36,5 +37,6 @@ mod readme_sql;
 #[allow(dead_code)]
 mod rng;
 mod rollback;
+mod selection;
 mod support;
 mod upgrade_agent;

@@ -65,13 +65,13 @@ impl Fleet {
     }
 
     /// Makes agent `n`'s installs fail: its database directory becomes a plain file.
-    fn break_agent(&self, n: usize) {
+    pub(crate) fn break_agent(&self, n: usize) {
         let db = self.dir.join(format!("agent-{n:03}-db"));
         std::fs::remove_dir_all(&db).ok();
         std::fs::write(&db, "not a directory").unwrap();
     }
 
-    fn mend_agent(&self, n: usize) {
+    pub(crate) fn mend_agent(&self, n: usize) {
         let db = self.dir.join(format!("agent-{n:03}-db"));
         std::fs::remove_file(&db).ok();
         std::fs::create_dir_all(&db).unwrap();
@@ -442,14 +442,72 @@ fn a_rollout_followed_by_a_later_one_is_not_resumed_and_a_new_update_finishes_th
         "{}",
         run.stderr()
     );
+    // Rolled back alone (dist stays), the canary is held there until released.
     let (code, report) = fleet.push(&["update"]);
     assert_eq!(code, 0, "{report}");
-    assert_eq!(count(&report, "ok"), 2, "{report}");
+    assert_eq!(count(&report, "held"), 1, "{report}");
+    let (code, _) = fleet.push(&["release", "--host", &canary]);
+    assert_eq!(code, 0);
+    let (code, report) = fleet.push(&["update"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(count(&report, "ok"), 1, "{report}");
     assert_eq!(
         sql(
             home,
             "SELECT count(*) FROM fleet_status WHERE host LIKE 'lab-%' AND installed_revision = 'r2'"
         ),
         ["2"]
+    );
+}
+
+#[test]
+fn an_update_with_every_host_on_dist_ends_its_job_and_every_job_ends_after_it_started() {
+    let setup = AgentSetup::new();
+    let home = &setup.home;
+    let first = Pm::push(home).args(["update"]).json();
+    assert_eq!(first["summary"]["ok"], 1, "{first}");
+    // The idempotent re-run (the Ansible rollout does one every time): nothing to ask.
+    for _ in 0..2 {
+        let again = Pm::push(home).args(["update"]).json();
+        assert_eq!(again["state"], "done", "{again}");
+        assert_eq!(again["summary"]["skipped"], 1, "{again}");
+        let status = Pm::push(home).args(["status"]).run();
+        assert_eq!(status.code(), 0, "{}", status.stderr());
+        assert!(
+            status.stdout().contains(": done"),
+            "the re-run is done, not interrupted: {}",
+            status.stdout()
+        );
+        assert!(
+            !status.stderr().contains("resume"),
+            "nothing to resume: {}",
+            status.stderr()
+        );
+    }
+    // Every other kind of job that writes the jobs table from pm-push and pm-rollback.
+    setup.publish(6);
+    Pm::push(home).args(["update"]).json();
+    Pm::rollback(home)
+        .args(["--host", "127.0.0.1", "--to", "backup:1"])
+        .json();
+    Pm::push(home).args(["profile", "default"]).json();
+    assert_eq!(
+        sql(
+            home,
+            "SELECT count(*) FROM rollouts WHERE state = 'running'"
+        ),
+        ["0"]
+    );
+    assert_eq!(
+        sql(
+            home,
+            "SELECT count(*) FROM jobs WHERE finished_at IS NULL OR finished_at < started_at"
+        ),
+        ["0"],
+        "{:?}",
+        sql(
+            home,
+            "SELECT id, kind, started_at, finished_at, status FROM jobs"
+        )
     );
 }

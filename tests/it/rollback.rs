@@ -143,3 +143,57 @@ fn one_host_rolls_back_to_a_local_backup_or_a_served_revision() {
         ["publish"]
     );
 }
+
+#[test]
+fn a_fleet_rollback_stopped_by_a_failed_host_names_the_same_pm_rollback_as_next_step_and_it_works()
+{
+    let fleet = Fleet::start(3);
+    let home = &fleet.setup.home;
+    fleet.setup.publish(6);
+    let (code, pushed) = fleet.push(&["update"]);
+    assert_eq!(code, 0, "{pushed}");
+    fleet.break_agent(1);
+    let run = Pm::rollback(home)
+        .args(["--generation", "1", "--wave-size", "1"])
+        .run();
+    assert_eq!(run.code(), 3, "{}{}", run.stdout(), run.stderr());
+    let stderr = run.stderr();
+    // Not `pm-push resume` (refused for a rollback), not `pm-push update` (it would undo it).
+    assert!(
+        !stderr.contains("pm-push resume") && !stderr.contains("pm-push update"),
+        "{stderr}"
+    );
+    let next = stderr
+        .lines()
+        .filter(|l| l.starts_with("hint: "))
+        .find_map(|l| {
+            let start = l.find("`pm-rollback ")? + 1;
+            let end = start + l[start..].find('`')?;
+            Some(l[start..end].to_string())
+        })
+        .unwrap_or_else(|| panic!("no `pm-rollback ...` in a hint: {stderr}"));
+    let status = Pm::push(home)
+        .args(["status", &sql(home, "SELECT max(job_id) FROM rollouts")[0]])
+        .run();
+    assert!(
+        status.stderr().contains(&next) && !status.stderr().contains("pm-push resume"),
+        "pm-push status names the same next step: {}",
+        status.stderr()
+    );
+
+    // The step printed is the step that works.
+    fleet.mend_agent(1);
+    let words = shlex::split(&next).unwrap();
+    assert_eq!(words[0], "pm-rollback");
+    let again = Pm::new("pm-rollback")
+        .args(&words[1..])
+        .args(["--json"])
+        .run();
+    assert_eq!(again.code(), 0, "{next}: {}", again.stderr());
+    let report = again.json();
+    assert_eq!(report["dist_rolled_back"], true, "{report}");
+    for n in 0..3 {
+        let db = fleet.dir.join(format!("agent-{n:03}-db"));
+        assert_eq!(sigtool_version(&db), "3", "agent {n}");
+    }
+}

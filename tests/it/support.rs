@@ -667,12 +667,15 @@ pub fn free_port() -> u16 {
 
 /// Starts `pm-agent run` and waits until it answers TLS.
 pub fn spawn_agent(state: &Path, addr: SocketAddr) -> std::process::Child {
-    let mut child = Pm::agent(state)
-        .args(["run"])
-        .command()
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut command = Pm::agent(state).args(["run"]).command();
+    command.stderr(Stdio::null());
+    spawn_agent_command(command, addr)
+}
+
+/// Starts a `pm-agent run` command line (e.g. under libfaketime) and waits until it answers
+/// TLS at `addr`.
+pub fn spawn_agent_command(mut command: Command, addr: SocketAddr) -> std::process::Child {
+    let mut child = command.spawn().unwrap();
     let runtime = runtime();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     while runtime

@@ -39,6 +39,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::hold::{Held, HoldPolicy};
 use super::{Agent, AgentConfig, Engine, error, from_manager, io_error, load_activation};
 use crate::cli::{ExitStatus, UserError};
 use crate::dist_statement::{
@@ -46,7 +47,7 @@ use crate::dist_statement::{
 };
 use crate::durable;
 use crate::manifest::{MANIFEST_FILE, Manifest, SIGNATURE_FILE};
-use crate::proto::{self, InstallReport, InstalledFileChange};
+use crate::proto::{self, HoldSpec, InstallReport, InstalledFileChange};
 use crate::tls::TlsConnectInfo;
 use anyhow::{Context, Result};
 use axum::body::Bytes;
@@ -162,11 +163,12 @@ fn load_sets(dir: &Path) -> Result<(Option<InstalledSet>, Vec<InstalledSet>)> {
 }
 
 /// The install lock, held while it lives.
-struct InstallLock {
+pub(super) struct InstallLock {
     _file: File,
 }
 
-fn lock(dir: &Path) -> Result<InstallLock> {
+/// Takes the install lock: one install at a time, and none while a hold is being set.
+pub(super) fn lock(dir: &Path) -> Result<InstallLock> {
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .create(true)
@@ -1021,19 +1023,16 @@ pub(super) fn activated_dist_url(dir: &Path) -> Result<String> {
     }
 }
 
-/// `update`: installs the manager's dist.
-pub fn update(dir: &Path, config: &AgentConfig) -> Result<InstallReport> {
-    update_from(dir, config, None)
-}
-
 /// `update [--generation N]`: installs the manager's dist, or with `Some(N)` the manager's
 /// backup N, served at `<dist_url>/backup/N/` and verified with the manager key exactly like
 /// dist. Installing an older revision this way is the operator's explicit rollback: the report
-/// says `rollback` whenever the installed serial goes down.
+/// says `rollback` whenever the installed serial goes down. `policy` says what a hold on the
+/// host does to it (see `hold`); [`hold::Held`](super::hold::Held) when it forbids it.
 pub fn update_from(
     dir: &Path,
     config: &AgentConfig,
     generation: Option<usize>,
+    policy: &HoldPolicy,
 ) -> Result<InstallReport> {
     if let Some(n) = generation {
         crate::repo::check_generation(n).map_err(UserError::usage)?;
@@ -1044,6 +1043,7 @@ pub fn update_from(
         Some(n) => join_url(&dist_url, &format!("backup/{n}")),
     };
     let _lock = lock(dir)?;
+    super::hold::admit(dir, policy)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1110,14 +1110,15 @@ pub fn update_from(
     if let Some(statement) = statement {
         accept_statement(dir, &statement)?;
     }
+    super::hold::after_install(dir, policy)?;
     Ok(report)
 }
 
-/// The generation a `POST /v1/update` body asks for: `None` (dist) for an empty body, `null`
-/// or `{}`.
-fn parse_update_request(body: &[u8]) -> Result<Option<usize>, String> {
+/// The generation a `POST /v1/update` body asks for (`None`, dist, for an empty body, `null`
+/// or `{}`), and the hold to take with it.
+fn parse_update_request(body: &[u8]) -> Result<(Option<usize>, Option<HoldSpec>), String> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
+        return Ok((None, None));
     }
     let invalid = |problem: String| {
         format!(
@@ -1131,12 +1132,17 @@ fn parse_update_request(body: &[u8]) -> Result<Option<usize>, String> {
     if !value.is_object() && !value.is_null() {
         return Err(invalid("not a JSON object".into()));
     }
-    let request: Option<proto::UpdateRequest> =
-        serde_json::from_value(value).map_err(|err| invalid(err.to_string()))?;
-    request
-        .and_then(|r| r.generation)
+    let request: proto::UpdateRequest = serde_json::from_value::<Option<_>>(value)
+        .map_err(|err| invalid(err.to_string()))?
+        .unwrap_or_default();
+    if let Some(hold) = &request.hold {
+        super::hold::check_spec(hold)?;
+    }
+    let generation = request
+        .generation
         .map(|n| crate::repo::check_generation(n as usize))
-        .transpose()
+        .transpose()?;
+    Ok((generation, request.hold))
 }
 
 /// What an install fetched from the manager.
@@ -1199,8 +1205,15 @@ fn finish(
     })
 }
 
-/// `rollback --to backup:N`: reinstalls backup N from the local copies.
-pub fn rollback(dir: &Path, config: &AgentConfig, n: usize) -> Result<InstallReport> {
+/// `rollback --to backup:N`: reinstalls backup N from the local copies, and holds the host
+/// there with `hold` (a rollback by hand stays: see `hold`).
+pub fn rollback(
+    dir: &Path,
+    config: &AgentConfig,
+    n: usize,
+    hold: HoldSpec,
+) -> Result<InstallReport> {
+    let policy = HoldPolicy::Take(hold);
     let _lock = lock(dir)?;
     let (installed, mut backups) = load_sets(dir)?;
     if n == 0 || n > backups.len() {
@@ -1222,9 +1235,10 @@ pub fn rollback(dir: &Path, config: &AgentConfig, n: usize) -> Result<InstallRep
             .into());
         }
     }
+    super::hold::admit(dir, &policy)?;
     target.installed_at = chrono::Utc::now();
     // The set rolled back from becomes backup:1 (commit puts it first).
-    finish(
+    let report = finish(
         dir,
         config,
         "rollback",
@@ -1232,7 +1246,9 @@ pub fn rollback(dir: &Path, config: &AgentConfig, n: usize) -> Result<InstallRep
         installed,
         backups,
         Downloaded::default(),
-    )
+    )?;
+    super::hold::after_install(dir, &policy)?;
+    Ok(report)
 }
 
 /// The installed revision and the revisions of the backups (`backup:1` first), for `status`.
@@ -1315,10 +1331,21 @@ async fn run_blocking(
     .await;
     match joined {
         Ok(Ok(report)) => axum::Json(report).into_response(),
-        Ok(Err(err)) => {
-            tracing::error!(error = %format!("{err:#}"), "install failed");
-            super::failure_response("install_failed", &err)
-        }
+        Ok(Err(err)) => match err.downcast_ref::<Held>() {
+            Some(Held(hold)) => {
+                tracing::info!(reason = %hold.reason, "install refused: the host is held");
+                let body = proto::HeldResponse {
+                    code: "held".into(),
+                    message: err.to_string(),
+                    hold: hold.clone(),
+                };
+                (StatusCode::CONFLICT, axum::Json(body)).into_response()
+            }
+            None => {
+                tracing::error!(error = %format!("{err:#}"), "install failed");
+                super::failure_response("install_failed", &err)
+            }
+        },
         Err(err) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -1336,12 +1363,15 @@ pub(super) async fn update_handler(
     if let Err(response) = from_manager(&agent.lock(), &info) {
         return *response;
     }
-    let generation = match parse_update_request(&body) {
-        Ok(generation) => generation,
+    let (generation, hold) = match parse_update_request(&body) {
+        Ok(request) => request,
         Err(problem) => return error(StatusCode::BAD_REQUEST, "bad_request", problem),
     };
+    // With a hold the manager rolls the host back on purpose; without one it installs what
+    // it thinks the host follows, which a hold it did not know of refuses.
+    let policy = hold.map_or(HoldPolicy::Refuse, HoldPolicy::Take);
     run_blocking(agent, move |dir, config| {
-        update_from(dir, config, generation)
+        update_from(dir, config, generation, &policy)
     })
     .await
 }
@@ -1363,7 +1393,13 @@ pub(super) async fn rollback_handler(
         Ok(n) => n,
         Err(problem) => return error(StatusCode::BAD_REQUEST, "bad_request", problem),
     };
-    run_blocking(agent, move |dir, config| rollback(dir, config, n)).await
+    if let Some(Err(problem)) = request.hold.as_ref().map(super::hold::check_spec) {
+        return error(StatusCode::BAD_REQUEST, "bad_request", problem);
+    }
+    let hold = request
+        .hold
+        .unwrap_or_else(|| super::hold::rolled_back_by_hand(&request.to, "the manager"));
+    run_blocking(agent, move |dir, config| rollback(dir, config, n, hold)).await
 }
 
 #[cfg(test)]
@@ -1515,12 +1551,21 @@ mod tests {
     #[test]
     fn an_update_request_names_dist_or_a_backup_generation_of_the_manager() {
         for dist in ["", "  ", "null", "{}", "{\"generation\": null}"] {
-            assert_eq!(parse_update_request(dist.as_bytes()), Ok(None), "{dist:?}");
+            assert_eq!(
+                parse_update_request(dist.as_bytes()),
+                Ok((None, None)),
+                "{dist:?}"
+            );
         }
         for n in 1..=3 {
             let body = format!("{{\"generation\": {n}}}");
-            assert_eq!(parse_update_request(body.as_bytes()), Ok(Some(n)));
+            assert_eq!(parse_update_request(body.as_bytes()), Ok((Some(n), None)));
         }
+        let held = r#"{"generation": 1, "hold": {"kind": "fleet-rollback", "reason": "job 7",
+            "set_by": "ops@manager"}}"#;
+        let (generation, hold) = parse_update_request(held.as_bytes()).unwrap();
+        assert_eq!(generation, Some(1));
+        assert_eq!(hold.unwrap().kind, proto::HoldKind::FleetRollback);
         for (bad, says) in [
             ("{\"generation\": 0}", "generation 0 is not a backup"),
             ("{\"generation\": 4}", "generation 4 is not a backup"),
@@ -1528,6 +1573,10 @@ mod tests {
             ("{\"generation\": -1}", "not valid"),
             ("{\"revision\": \"r3\"}", "unknown field `revision`"),
             ("[1]", "not valid"),
+            (
+                r#"{"hold": {"kind": "hold", "reason": "", "set_by": "x"}}"#,
+                "`reason` must be",
+            ),
         ] {
             let problem = parse_update_request(bad.as_bytes()).unwrap_err();
             assert!(problem.contains(says), "{bad}: {problem}");

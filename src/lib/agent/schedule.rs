@@ -7,6 +7,8 @@
 //! scan_paths = ["/srv", "/home"]
 //! ```
 //!
+//! A scheduled update does nothing while the host is held (see `hold`).
+//!
 //! Expressions are cron syntax (the `croner` crate): 5 fields, or 6 with seconds first. They
 //! are evaluated in the host's local time zone, like the host's own cron files. `pm-agent run`
 //! starts one task per expression that sleeps until the next fire time and then runs the same
@@ -38,6 +40,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use super::hold::{Held, HoldPolicy};
 use super::{Agent, AgentConfig, CONFIG_FILE, error, from_manager, install, scan, setup};
 use crate::cli::UserError;
 use crate::proto::{self, UpdateList, UpdateRun};
@@ -284,7 +287,7 @@ async fn run_once(agent: &Arc<Agent>, job: Job, scan_paths: &Arc<[PathBuf]>) {
         match job {
             Job::Update => {
                 let report = record_run(&worker.dir, "schedule", || {
-                    install::update(&worker.dir, &worker.config)
+                    install::update_from(&worker.dir, &worker.config, None, &HoldPolicy::Skip)
                 })?;
                 Ok(format!(
                     "revision {}, changed: {}",
@@ -307,6 +310,11 @@ async fn run_once(agent: &Arc<Agent>, job: Job, scan_paths: &Arc<[PathBuf]>) {
     .await;
     match joined {
         Ok(Ok(outcome)) => tracing::info!(job = job.as_str(), %outcome, "scheduled run done"),
+        Ok(Err(err)) if err.downcast_ref::<Held>().is_some() => tracing::info!(
+            job = job.as_str(),
+            reason = %err,
+            "scheduled run skipped: the host is held"
+        ),
         Ok(Err(err)) => tracing::error!(
             job = job.as_str(),
             error = %format!("{err:#}"),
@@ -317,7 +325,8 @@ async fn run_once(agent: &Arc<Agent>, job: Job, scan_paths: &Arc<[PathBuf]>) {
 }
 
 /// Runs an install (update or rollback) and keeps its run report in `updates/` whatever the
-/// outcome, so the manager's poll sees every install, whoever started it.
+/// outcome, so the manager's poll sees every install, whoever started it. An install a hold
+/// did not allow never started: no report (it would count as a failed update).
 pub(super) fn record_run(
     dir: &Path,
     trigger: &str,
@@ -337,6 +346,12 @@ pub(super) fn record_run(
         report: result.as_ref().ok().cloned(),
         error: result.as_ref().err().map(|err| format!("{err:#}")),
     };
+    if result
+        .as_ref()
+        .is_err_and(|err| err.downcast_ref::<Held>().is_some())
+    {
+        return result;
+    }
     if let Err(err) = store_update(dir, &run) {
         tracing::error!(error = %format!("{err:#}"), "cannot keep the update report");
     }

@@ -1,8 +1,9 @@
 //! What the manager sets up on an activated agent after activation, one step at a time so a
 //! failed step can be retried alone (the seed's "(n1,n2,n3)" exit codes): the scan profile
 //! (`POST /v1/setup/profile`), the host group (`/v1/setup/group`), the engine license
-//! (`/v1/setup/license`) and the agent's own schedule (`/v1/setup/schedule`, in effect at once
-//! and instead of `agent.toml`'s, see `schedule`). All mutual TLS.
+//! (`/v1/setup/license`), the agent's own schedule (`/v1/setup/schedule`, in effect at once
+//! and instead of `agent.toml`'s, see `schedule`) and holds (`/v1/setup/hold`, see `hold`). All
+//! mutual TLS.
 //!
 //! State: `setup.json` (written aside, fsync, rename), the profile rendered for a `command`
 //! engine in `profile.conf`, the license file in `license/` (0600). A reset forgets all of it
@@ -23,7 +24,9 @@ use serde::{Deserialize, Serialize};
 use super::{Agent, Engine, ScheduleConfig, error, from_manager, io_error, parse_body};
 use crate::durable;
 use crate::profile::{self, Profile, ProfileBody};
-use crate::proto::{self, GroupRequest, LicenseRequest, ScheduleRequest, SetupResponse};
+use crate::proto::{
+    self, GroupRequest, HoldRequest, LicenseRequest, ScheduleRequest, SetupResponse,
+};
 use crate::tls::TlsConnectInfo;
 
 /// The setup record, relative to the state directory.
@@ -66,6 +69,9 @@ pub struct Setup {
     /// The manager's schedule, in effect instead of `[schedule]` in `agent.toml`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<ScheduleConfig>,
+    /// The hold on the host (see `hold`); one that ended stays here until the next change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<proto::HoldState>,
 }
 
 /// Reads `setup.json` (empty when there is none).
@@ -132,6 +138,21 @@ fn update(dir: &Path, change: impl FnOnce(&mut Setup) -> Result<()>) -> Result<b
     }
     save(dir, &setup)?;
     Ok(true)
+}
+
+/// Keeps `hold` (`None`: no hold) in `setup.json`.
+pub(super) fn set_hold(dir: &Path, hold: Option<proto::HoldState>) -> Result<bool> {
+    update(dir, |setup| {
+        setup.hold = hold;
+        Ok(())
+    })
+}
+
+fn apply_hold(agent: &Agent, request: HoldRequest) -> Result<bool, Refusal> {
+    if let Some(spec) = &request.hold {
+        super::hold::check_spec(spec).map_err(bad)?;
+    }
+    super::hold::apply(&agent.dir, &request).map_err(internal)
 }
 
 fn apply_group(agent: &Agent, request: GroupRequest) -> Result<bool, Refusal> {
@@ -321,6 +342,14 @@ async fn license_handler(
     handle(agent, &info, &body, "license", apply_license).await
 }
 
+async fn hold_handler(
+    State(agent): State<Arc<Agent>>,
+    ConnectInfo(info): ConnectInfo<TlsConnectInfo>,
+    body: Bytes,
+) -> Response {
+    handle(agent, &info, &body, "hold", apply_hold).await
+}
+
 async fn schedule_handler(
     State(agent): State<Arc<Agent>>,
     ConnectInfo(info): ConnectInfo<TlsConnectInfo>,
@@ -336,6 +365,7 @@ pub(super) fn routes() -> Router<Arc<Agent>> {
         .route(proto::PROFILE_PATH, post(profile_handler))
         .route(proto::LICENSE_PATH, post(license_handler))
         .route(proto::SCHEDULE_PATH, post(schedule_handler))
+        .route(proto::HOLD_PATH, post(hold_handler))
 }
 
 #[cfg(test)]
@@ -355,6 +385,7 @@ mod tests {
                 scan_paths: vec!["/srv".into()],
                 ..Default::default()
             }),
+            hold: None,
         };
         save(state, &setup).unwrap();
         std::fs::create_dir(state.join(LICENSE_DIR)).unwrap();

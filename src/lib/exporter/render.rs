@@ -353,6 +353,18 @@ impl SnapshotCollector {
             "License expiry of the host",
             per_host(|h| h.license_expiry),
         )?;
+        gauge(
+            e,
+            "pm_host_held",
+            "1 if a hold is in force on the host: rollouts and its own schedule leave it alone",
+            hosts.iter().map(|h| (host_labels(h), flag(h.held))),
+        )?;
+        gauge(
+            e,
+            "pm_host_hold_until_timestamp_seconds",
+            "When the hold on the host ends by itself (no series: none, or until released)",
+            per_host(|h| h.held_until),
+        )?;
 
         let components = &snapshot.host_components;
         let component_labels = |c: &crate::inventory::HostComponentMetrics| {
@@ -533,7 +545,7 @@ impl SnapshotCollector {
                         [
                             ("job_id", w.job_id.to_string()),
                             ("kind", w.kind.clone()),
-                            ("wave", w.wave.to_string()),
+                            ("wave", w.wave.map_or("none".to_string(), |n| n.to_string())),
                             ("result", (*result).to_string()),
                         ],
                         *hosts,
@@ -621,6 +633,8 @@ mod tests {
             scan_colour: "yellow".into(),
             license_expiry: None,
             agent_version: None,
+            held: false,
+            held_until: None,
         };
         let scanned = HostMetrics {
             reachable: true,
@@ -635,6 +649,8 @@ mod tests {
             scan_colour: "red".into(),
             license_expiry: Some(1_800_000_000.0),
             agent_version: Some("0.1.0".into()),
+            held: true,
+            held_until: Some(1_700_086_400.0),
             ..host("web-1", "web")
         };
         let component =
@@ -676,18 +692,34 @@ mod tests {
                 last_bundle_import: None,
                 rollouts: Vec::new(),
             },
-            waves: vec![RolloutWaveMetrics {
-                job_id: 12,
-                kind: "update".into(),
-                wave: 0,
-                results: [
-                    ("ok", 1),
-                    ("failed", 0),
-                    ("skipped", 0),
-                    ("not_attempted", 0),
-                    ("pending", 0),
-                ],
-            }],
+            waves: vec![
+                RolloutWaveMetrics {
+                    job_id: 12,
+                    kind: "update".into(),
+                    wave: Some(0),
+                    results: [
+                        ("ok", 1),
+                        ("failed", 0),
+                        ("skipped", 0),
+                        ("not_attempted", 0),
+                        ("pending", 0),
+                        ("held", 0),
+                    ],
+                },
+                RolloutWaveMetrics {
+                    job_id: 12,
+                    kind: "update".into(),
+                    wave: None,
+                    results: [
+                        ("ok", 0),
+                        ("failed", 0),
+                        ("skipped", 2),
+                        ("not_attempted", 0),
+                        ("pending", 0),
+                        ("held", 1),
+                    ],
+                },
+            ],
             rollouts_in_progress: 1,
             dist_valid_until: Some(1_700_604_800.0),
         })
@@ -738,6 +770,13 @@ pm_host_scan_status{host="new \"one\"",group="default"} 1
 # HELP pm_host_license_expiry_timestamp_seconds License expiry of the host
 # TYPE pm_host_license_expiry_timestamp_seconds gauge
 pm_host_license_expiry_timestamp_seconds{host="web-1",group="web"} 1800000000.0
+# HELP pm_host_held 1 if a hold is in force on the host: rollouts and its own schedule leave it alone
+# TYPE pm_host_held gauge
+pm_host_held{host="web-1",group="web"} 1
+pm_host_held{host="new \"one\"",group="default"} 0
+# HELP pm_host_hold_until_timestamp_seconds When the hold on the host ends by itself (no series: none, or until released)
+# TYPE pm_host_hold_until_timestamp_seconds gauge
+pm_host_hold_until_timestamp_seconds{host="web-1",group="web"} 1700086400.0
 # HELP pm_host_component_version Installed version of the component (integer versions only)
 # TYPE pm_host_component_version gauge
 pm_host_component_version{host="web-1",group="web",component="daily"} 27000
@@ -799,6 +838,13 @@ pm_rollout_hosts{job_id="12",kind="update",wave="0",result="failed"} 0
 pm_rollout_hosts{job_id="12",kind="update",wave="0",result="skipped"} 0
 pm_rollout_hosts{job_id="12",kind="update",wave="0",result="not_attempted"} 0
 pm_rollout_hosts{job_id="12",kind="update",wave="0",result="pending"} 0
+pm_rollout_hosts{job_id="12",kind="update",wave="0",result="held"} 0
+pm_rollout_hosts{job_id="12",kind="update",wave="none",result="ok"} 0
+pm_rollout_hosts{job_id="12",kind="update",wave="none",result="failed"} 0
+pm_rollout_hosts{job_id="12",kind="update",wave="none",result="skipped"} 2
+pm_rollout_hosts{job_id="12",kind="update",wave="none",result="not_attempted"} 0
+pm_rollout_hosts{job_id="12",kind="update",wave="none",result="pending"} 0
+pm_rollout_hosts{job_id="12",kind="update",wave="none",result="held"} 1
 "#;
         check(Part::Gauges, Format::Prometheus, expected);
         check(Part::Gauges, Format::OpenMetrics, expected);

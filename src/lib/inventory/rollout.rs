@@ -41,11 +41,12 @@ pub struct RolloutRecord {
 pub struct HostAttempt {
     /// The host.
     pub host: String,
-    /// Its wave (0: canary).
-    pub wave: i32,
+    /// Its wave (0: canary; none: the rollout did not ask it, it was on the revision already
+    /// or held).
+    pub wave: Option<i32>,
     /// 1, then 2.. for each resume.
     pub attempt: i32,
-    /// `pending`, `ok`, `failed`, `skipped`, `not_attempted`.
+    /// `pending`, `ok`, `failed`, `skipped`, `not_attempted`, `held`.
     pub result: String,
     /// Whether the host changed.
     pub changed: Option<bool>,
@@ -56,7 +57,8 @@ pub struct HostAttempt {
 }
 
 impl Inventory {
-    /// Starts a rollout: its job (status `running`), its row and every host's first row.
+    /// Starts a rollout: its job (status `running`, not finished), its row and every host's
+    /// first row.
     pub fn start_rollout(
         &self,
         started_at: DateTime<Utc>,
@@ -65,6 +67,10 @@ impl Inventory {
         hosts: &[HostAttempt],
     ) -> Result<i64, InventoryError> {
         let job_id = self.insert_job(&rollout.kind, started_at, "running", summary)?;
+        self.db(self.conn.execute(
+            "UPDATE jobs SET finished_at = NULL WHERE id = ?",
+            params![job_id],
+        ))?;
         self.db(self.conn.execute(
             "INSERT INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
             params![
@@ -111,7 +117,9 @@ impl Inventory {
         self.db(appender.flush())
     }
 
-    /// Changes a rollout's state (and its job's status and summary when it ends).
+    /// Changes a rollout's state and its job's status and summary: a job that runs (again)
+    /// has no end; one that ended, an end no earlier than its start (even across a clock
+    /// step back).
     pub fn update_rollout(
         &self,
         job_id: i64,
@@ -127,8 +135,11 @@ impl Inventory {
             params![state, stopped_at_wave, pid, job_id],
         ))?;
         self.db(self.conn.execute(
-            "UPDATE jobs SET status = ?, summary = ?, finished_at = now() WHERE id = ?",
-            params![job_status, summary, job_id],
+            "UPDATE jobs SET status = ?, summary = ?,
+                    finished_at = CASE WHEN ? = 'running' THEN NULL
+                                       ELSE greatest(now(), started_at) END
+             WHERE id = ?",
+            params![job_status, summary, state, job_id],
         ))?;
         Ok(())
     }
@@ -170,7 +181,7 @@ impl Inventory {
         };
         let mut statement = self.db(self.conn.prepare(
             "SELECT host, wave, attempt, result, changed, revision, error FROM rollout_hosts
-             WHERE job_id = ? ORDER BY wave, host",
+             WHERE job_id = ? ORDER BY wave NULLS LAST, host",
         ))?;
         let rows = self.db(statement.query_map(params![record.job_id], |row| {
             Ok(HostAttempt {

@@ -40,6 +40,10 @@ pub struct HostMetrics {
     pub license_expiry: Option<f64>,
     /// pm-agent version.
     pub agent_version: Option<String>,
+    /// A hold is in force: rollouts and its own schedule leave it alone.
+    pub held: bool,
+    /// When that hold ends by itself (none: until released, or not held).
+    pub held_until: Option<f64>,
 }
 
 /// One installed component of an active host (`host_versions`).
@@ -122,10 +126,10 @@ pub struct RolloutWaveMetrics {
     pub job_id: i64,
     /// `update` or `rollback`.
     pub kind: String,
-    /// Wave number (0: canary).
-    pub wave: i64,
-    /// Hosts by result: ok, failed, skipped, not_attempted, pending.
-    pub results: [(&'static str, i64); 5],
+    /// Wave number (0: canary; none: the hosts not asked, skipped or held).
+    pub wave: Option<i64>,
+    /// Hosts by result: ok, failed, skipped, not_attempted, pending, held.
+    pub results: [(&'static str, i64); 6],
 }
 
 /// Everything the exporter reads in one visit.
@@ -208,7 +212,7 @@ impl Inventory {
             "SELECT host, grp, reachable, inactive, epoch(last_poll_at), epoch(last_ok_at),
                     epoch(last_update_at), last_update_ok, epoch(last_scan_at),
                     last_scan_findings, version_colour, scan_colour,
-                    epoch(license_expires_at), agent_version
+                    epoch(license_expires_at), agent_version, held, epoch(held_until)
              FROM fleet_status ORDER BY host",
         ))?;
         let rows = self.db(statement.query_map([], |row| {
@@ -227,6 +231,8 @@ impl Inventory {
                 scan_colour: row.get(11)?,
                 license_expiry: row.get(12)?,
                 agent_version: row.get(13)?,
+                held: row.get(14)?,
+                held_until: row.get(15)?,
             })
         }))?;
         rows.map(|row| self.db(row)).collect()
@@ -362,8 +368,8 @@ impl Inventory {
             .collect::<Vec<_>>()
             .join(",");
         let mut statement = self.db(self.conn.prepare(&format!(
-            "SELECT job_id, kind, wave, ok, failed, skipped, not_attempted, pending
-             FROM rollout_progress WHERE job_id IN ({list}) ORDER BY job_id, wave"
+            "SELECT job_id, kind, wave, ok, failed, skipped, not_attempted, pending, held
+             FROM rollout_progress WHERE job_id IN ({list}) ORDER BY job_id, wave NULLS LAST"
         )))?;
         let rows = self.db(statement.query_map([], |row| {
             Ok(RolloutWaveMetrics {
@@ -376,6 +382,7 @@ impl Inventory {
                     ("skipped", row.get(5)?),
                     ("not_attempted", row.get(6)?),
                     ("pending", row.get(7)?),
+                    ("held", row.get(8)?),
                 ],
             })
         }))?;

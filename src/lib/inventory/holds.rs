@@ -1,0 +1,185 @@
+//! Holds (`holds`, `host_holds`): hosts rollouts leave alone. A new hold on a host replaces the
+//! one in force (which is kept, released); `pm-push release` releases; an end time ends a hold
+//! by itself (the view compares it with `now()`, so nothing has to run at that moment).
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use duckdb::params;
+
+use super::{Inventory, InventoryError, from_epoch, to_epoch};
+
+/// A hold in force, or one to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldRecord {
+    /// The host.
+    pub host: String,
+    /// `hold`, `rollback`, `fleet-rollback`.
+    pub kind: String,
+    /// For people.
+    pub reason: String,
+    /// What the host had installed when held, when known.
+    pub revision: Option<String>,
+    /// When it was set.
+    pub set_at: DateTime<Utc>,
+    /// `user@host` of the command, or `agent` (learnt from the agent's refusal).
+    pub set_by: String,
+    /// When it ends by itself (none: until released).
+    pub until: Option<DateTime<Utc>>,
+    /// The job that set it.
+    pub job_id: Option<i64>,
+    /// Whether the agent has it too.
+    pub on_agent: bool,
+}
+
+impl HoldRecord {
+    /// `hold (why) since T, until U` for the output of rollouts.
+    pub fn describe(&self) -> String {
+        format!(
+            "held ({}: {}) since {}, {}",
+            self.kind,
+            self.reason,
+            self.set_at.format("%Y-%m-%d %H:%M:%SZ"),
+            self.until
+                .map_or("until released".to_string(), |until| format!(
+                    "until {}",
+                    until.format("%Y-%m-%d %H:%M:%SZ")
+                ))
+        )
+    }
+}
+
+impl Inventory {
+    /// The holds in force, by host (`host_holds`).
+    pub fn holds(&self) -> Result<HashMap<String, HoldRecord>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT host, kind, reason, revision, epoch(set_at), set_by, epoch(held_until),
+                    job_id, on_agent
+             FROM host_holds ORDER BY host",
+        ))?;
+        let rows = self.db(statement.query_map([], |row| {
+            Ok(HoldRecord {
+                host: row.get(0)?,
+                kind: row.get(1)?,
+                reason: row.get(2)?,
+                revision: row.get(3)?,
+                set_at: from_epoch(row.get(4)?).unwrap_or_default(),
+                set_by: row.get(5)?,
+                until: from_epoch(row.get(6)?),
+                job_id: row.get(7)?,
+                on_agent: row.get(8)?,
+            })
+        }))?;
+        rows.map(|row| self.db(row).map(|hold| (hold.host.clone(), hold)))
+            .collect()
+    }
+
+    /// Records holds, each replacing the one in force on its host.
+    pub fn record_holds(&self, holds: &[HoldRecord]) -> Result<(), InventoryError> {
+        for hold in holds {
+            self.db(self.conn.execute(
+                "UPDATE holds SET released_at = now(), released_by = 'a newer hold',
+                        release_job_id = ?
+                 WHERE host = ? AND released_at IS NULL",
+                params![hold.job_id, hold.host],
+            ))?;
+            self.db(self.conn.execute(
+                "INSERT INTO holds (host, kind, reason, revision, set_at, set_by, held_until,
+                                    job_id, on_agent)
+                 VALUES (?, ?, ?, ?, to_timestamp(?), ?, to_timestamp(?), ?, ?)",
+                params![
+                    hold.host,
+                    hold.kind,
+                    hold.reason,
+                    hold.revision,
+                    to_epoch(Some(hold.set_at)),
+                    hold.set_by,
+                    to_epoch(hold.until),
+                    hold.job_id,
+                    hold.on_agent,
+                ],
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// Releases the holds on `hosts` that are not released yet (only those of `only_kind`
+    /// when given); returns how many were in force.
+    pub fn release_holds(
+        &self,
+        hosts: &[String],
+        only_kind: Option<&str>,
+        released_by: &str,
+        job_id: Option<i64>,
+    ) -> Result<usize, InventoryError> {
+        let in_force = self.holds()?;
+        let mut released = 0;
+        for host in hosts {
+            if in_force
+                .get(host)
+                .is_some_and(|hold| only_kind.is_none_or(|kind| kind == hold.kind))
+            {
+                released += 1;
+            }
+            self.db(self.conn.execute(
+                "UPDATE holds SET released_at = now(), released_by = ?, release_job_id = ?
+                 WHERE host = ? AND released_at IS NULL AND (? IS NULL OR kind = ?)",
+                params![released_by, job_id, host, only_kind, only_kind],
+            ))?;
+        }
+        Ok(released)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hold(host: &str, kind: &str, until: Option<DateTime<Utc>>) -> HoldRecord {
+        HoldRecord {
+            host: host.into(),
+            kind: kind.into(),
+            reason: format!("{kind} of {host}"),
+            revision: Some("r1".into()),
+            set_at: Utc::now(),
+            set_by: "ops@manager".into(),
+            until,
+            job_id: Some(1),
+            on_agent: true,
+        }
+    }
+
+    #[test]
+    fn a_hold_replaces_the_one_in_force_ends_at_its_time_and_releases_by_kind() {
+        let home = tempfile::tempdir().unwrap();
+        let inventory = Inventory::open(home.path(), std::time::Duration::from_secs(5)).unwrap();
+        let past = Utc::now() - chrono::Duration::seconds(1);
+        inventory
+            .record_holds(&[
+                hold("a", "hold", None),
+                hold("b", "fleet-rollback", None),
+                hold("c", "hold", Some(past)),
+            ])
+            .unwrap();
+        inventory
+            .record_holds(&[hold("a", "rollback", None)])
+            .unwrap();
+        let held = inventory.holds().unwrap();
+        assert_eq!(
+            held.keys().map(String::as_str).collect::<Vec<_>>().len(),
+            2,
+            "c ended: {held:?}"
+        );
+        assert_eq!(held["a"].kind, "rollback", "the newer hold is in force");
+        let all = ["a".to_string(), "b".to_string(), "c".to_string()];
+        assert_eq!(
+            inventory
+                .release_holds(&all, Some("fleet-rollback"), "job 2", Some(2))
+                .unwrap(),
+            1
+        );
+        assert_eq!(inventory.holds().unwrap().keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(inventory.release_holds(&all, None, "ops", None).unwrap(), 1);
+        assert!(inventory.holds().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,375 @@
+//! `pm-push hold`, `release` and `holds`: maintenance windows and change freezes on any target
+//! selection, and the end of any hold (see `agent::hold` for what a hold does on the agent).
+//!
+//! A hold is recorded on the manager for every target, reached or not (rollouts read it from
+//! the inventory, so they leave the host alone at once), and sent to each agent
+//! (`POST /v1/setup/hold`), whose own schedule then skips updates; an agent that did not answer
+//! is reported failed (exit 3) with what that means. A release is recorded and sent the same
+//! way; an agent that still holds itself after a release the manager recorded refuses the next
+//! push, which records the hold again, so the two never disagree for long unseen.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{JobKind, inventory_error, on_targets, post_agent, read_holds, resolve};
+use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
+use crate::inventory::{HoldRecord, Inventory};
+use crate::proto::{self, HoldKind, HoldRequest, HoldSpec, SetupResponse};
+use crate::targets::{Target, TargetArgs};
+
+/// How long one agent may take to answer a hold: it answers once no install runs, and an
+/// install holds the agent's lock for up to two minutes.
+const HOLD_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// `--until`: as written, and when it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Until {
+    text: String,
+    when: When,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum When {
+    After(Duration),
+    At(DateTime<Utc>),
+}
+
+impl Until {
+    /// The end time, when `now` is the start; an error when it is not in the future.
+    fn at(&self, now: DateTime<Utc>) -> Result<DateTime<Utc>, UserError> {
+        let at = match self.when {
+            When::After(duration) => chrono::TimeDelta::from_std(duration)
+                .ok()
+                .and_then(|delta| now.checked_add_signed(delta))
+                .ok_or_else(|| {
+                    UserError::usage(format!("--until `{}` is too far away", self.text))
+                })?,
+            When::At(at) => at,
+        };
+        if at <= now {
+            return Err(UserError::usage(format!(
+                "--until `{}` ({}) is past: a hold that ended would hold nothing",
+                self.text,
+                at.to_rfc3339()
+            ))
+            .with_hint("give a later time, or a duration from now such as 4h or 2d"));
+        }
+        Ok(at)
+    }
+}
+
+/// Parses `--until`: a date (`YYYY-MM-DD`, the end of that day in UTC) or RFC 3339 time, or a
+/// duration from now (`90m`, `4h`, `2d`).
+pub fn parse_until(text: &str) -> Result<Until, String> {
+    let when = match crate::activate::setup::parse_expiry(text) {
+        Ok(at) => When::At(at),
+        Err(_) => When::After(crate::cli::parse_nonzero_duration(text).map_err(|_| {
+            format!(
+                "`{text}` is not a duration from now (4h, 2d), a date (YYYY-MM-DD) or an RFC 3339 \
+                 time"
+            )
+        })?),
+    };
+    Ok(Until {
+        text: text.to_string(),
+        when,
+    })
+}
+
+/// `pm-push hold [--until WHEN] [--reason TEXT] [targets]`.
+pub(super) fn push_hold(
+    home: &Path,
+    global: &GlobalArgs,
+    until: Option<&Until>,
+    reason: Option<&str>,
+    targets: &TargetArgs,
+) -> anyhow::Result<ExitStatus> {
+    let now = Utc::now();
+    let until = until.map(|u| u.at(now)).transpose()?;
+    let reason = reason.map(str::trim).unwrap_or("held with pm-push hold");
+    if reason.is_empty() || reason.len() > 1024 || reason.chars().any(char::is_control) {
+        return Err(
+            UserError::usage("--reason must be one line of 1 to 1024 bytes")
+                .with_hint("say why, e.g. --reason \"change freeze until the release\"")
+                .into(),
+        );
+    }
+    let (targets, _) = resolve(home, global, targets)?;
+    let installed = super::read_installed(home, global)?;
+    let spec = HoldSpec {
+        kind: HoldKind::Hold,
+        reason: reason.to_string(),
+        set_by: crate::inventory::actor(),
+        until,
+        seconds_left: until.map(|at| (at - now).num_seconds().max(0) as u64),
+    };
+    let what = match until {
+        Some(at) => format!("until {}: {reason}", at.format("%Y-%m-%d %H:%M:%SZ")),
+        None => format!("until released: {reason}"),
+    };
+    let body = Arc::new(HoldRequest {
+        hold: Some(spec.clone()),
+        only_kind: None,
+    });
+    let detail = what.clone();
+    on_targets(
+        home,
+        global,
+        JobKind {
+            kind: "hold",
+            what: &what,
+            timeout: HOLD_TIMEOUT,
+            unchanged_is_skipped: false,
+            canary: false,
+        },
+        targets,
+        move |client, target| {
+            let body = Arc::clone(&body);
+            let detail = detail.clone();
+            async move {
+                send(&client, &target, &body)
+                    .await
+                    .map(|changed| (changed, detail))
+                    .map_err(|error| {
+                        format!(
+                            "{error}; the hold is recorded on the manager, so rollouts leave the \
+                             host alone, but its agent does not have it and its own schedule may \
+                             still update it: run this again when it answers"
+                        )
+                    })
+            }
+        },
+        |inv, job_id, outcomes| {
+            let holds: Vec<HoldRecord> = outcomes
+                .iter()
+                .map(|(target, outcome)| HoldRecord {
+                    host: target.host.clone(),
+                    kind: spec.kind.as_str().into(),
+                    reason: spec.reason.clone(),
+                    revision: installed.get(&target.host).cloned().flatten(),
+                    set_at: now,
+                    set_by: spec.set_by.clone(),
+                    until,
+                    job_id: Some(job_id),
+                    on_agent: outcome.is_ok(),
+                })
+                .collect();
+            inv.record_holds(&holds)
+        },
+    )
+}
+
+/// `pm-push release [targets]`.
+pub(super) fn push_release(
+    home: &Path,
+    global: &GlobalArgs,
+    targets: &TargetArgs,
+) -> anyhow::Result<ExitStatus> {
+    let (targets, _) = resolve(home, global, targets)?;
+    let held: Arc<HashMap<String, HoldRecord>> = Arc::new(read_holds(home, global)?);
+    let body = Arc::new(HoldRequest {
+        hold: None,
+        only_kind: None,
+    });
+    let hosts: Vec<String> = targets.iter().map(|t| t.host.clone()).collect();
+    let released_by = crate::inventory::actor();
+    on_targets(
+        home,
+        global,
+        JobKind {
+            kind: "release",
+            what: "of holds",
+            timeout: HOLD_TIMEOUT,
+            unchanged_is_skipped: false,
+            canary: false,
+        },
+        targets,
+        move |client, target| {
+            let body = Arc::clone(&body);
+            let held = Arc::clone(&held);
+            async move {
+                let on_manager = held.contains_key(&target.host);
+                send(&client, &target, &body)
+                    .await
+                    .map(
+                        |on_agent| match (on_agent || on_manager, held.get(&target.host)) {
+                            (true, Some(hold)) => (true, format!("released: {}", hold.describe())),
+                            (true, None) => (true, "released (the agent held itself)".to_string()),
+                            (false, _) => (false, "was not held".to_string()),
+                        },
+                    )
+                    .map_err(|error| {
+                        format!(
+                            "{error}; released on the manager, but its agent may still hold \
+                             itself (its schedule skips updates, and it refuses pushes, which \
+                             record the hold again): run this again when it answers"
+                        )
+                    })
+            }
+        },
+        |inv, job_id, _| {
+            inv.release_holds(&hosts, None, &released_by, Some(job_id))
+                .map(drop)
+        },
+    )
+}
+
+/// Sends a hold request to one agent: whether its hold changed.
+async fn send(
+    client: &reqwest::Client,
+    target: &Target,
+    request: &HoldRequest,
+) -> Result<bool, String> {
+    let body = serde_json::to_string(request).map_err(|err| err.to_string())?;
+    let answer: SetupResponse = post_agent(
+        client,
+        &target.address,
+        proto::HOLD_PATH,
+        Some(body),
+        "hold",
+    )
+    .await?;
+    Ok(answer.changed)
+}
+
+/// One hold in the output of `holds`.
+#[derive(Debug, Serialize)]
+struct HoldLine {
+    host: String,
+    kind: String,
+    reason: String,
+    revision: Option<String>,
+    set_at: DateTime<Utc>,
+    set_by: String,
+    until: Option<DateTime<Utc>>,
+    job_id: Option<i64>,
+    on_agent: bool,
+}
+
+/// `pm-push holds`: the holds in force.
+pub(super) fn list(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
+    let holds = read_holds(home, global)?;
+    let mut lines: Vec<HoldLine> = holds
+        .into_values()
+        .map(|h| HoldLine {
+            host: h.host,
+            kind: h.kind,
+            reason: h.reason,
+            revision: h.revision,
+            set_at: h.set_at,
+            set_by: h.set_by,
+            until: h.until,
+            job_id: h.job_id,
+            on_agent: h.on_agent,
+        })
+        .collect();
+    lines.sort_by(|a, b| a.host.cmp(&b.host));
+    if global.json {
+        cli::print_json(&serde_json::json!({ "changed": false, "holds": lines }))?;
+        return Ok(ExitStatus::Success);
+    }
+    if lines.is_empty() {
+        cli::print_text("no host is held")?;
+        return Ok(ExitStatus::Success);
+    }
+    let mut table = cli::table(&[
+        "host",
+        "kind",
+        "since",
+        "until",
+        "reason",
+        "by",
+        "agent has it",
+    ]);
+    let time = |at: DateTime<Utc>| at.format("%Y-%m-%d %H:%M:%SZ").to_string();
+    for line in &lines {
+        table.add_row(vec![
+            line.host.clone(),
+            line.kind.clone(),
+            time(line.set_at),
+            line.until.map_or("released".to_string(), time),
+            line.reason.clone(),
+            line.set_by.clone(),
+            if line.on_agent { "yes" } else { "no" }.to_string(),
+        ]);
+    }
+    cli::print_text(table)?;
+    Ok(ExitStatus::Success)
+}
+
+/// The holds a fleet rollback set on `hosts`, released on the agents and then in the
+/// inventory once dist rotated back to their revision (a host on dist needs no hold to stay
+/// there). Hosts whose agent did not answer, with why: their hold ends at the next
+/// `pm-push release`.
+pub(crate) fn release_fleet_rollback_holds(
+    home: &Path,
+    global: &GlobalArgs,
+    targets: &[Target],
+    job_id: i64,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let request = HoldRequest {
+        hold: None,
+        only_kind: Some(HoldKind::FleetRollback),
+    };
+    let client = crate::poll::mutual_client(home, HOLD_TIMEOUT, false)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let failed: Vec<(String, String)> = runtime.block_on(async {
+        use futures_util::StreamExt;
+        futures_util::stream::iter(targets)
+            .map(|target| {
+                let (client, request) = (client.clone(), &request);
+                async move { (target.host.clone(), send(&client, target, request).await) }
+            })
+            .buffer_unordered(32)
+            .filter_map(|(host, sent)| async move { sent.err().map(|error| (host, error)) })
+            .collect()
+            .await
+    });
+    let hosts: Vec<String> = targets.iter().map(|t| t.host.clone()).collect();
+    Inventory::open(home, global.lock_timeout)
+        .map_err(inventory_error)?
+        .transaction(|inv| {
+            inv.release_holds(
+                &hosts,
+                Some(HoldKind::FleetRollback.as_str()),
+                &format!("dist rotated back (job {job_id})"),
+                Some(job_id),
+            )
+        })
+        .map_err(inventory_error)?;
+    Ok(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn until_is_a_duration_a_date_or_a_time_and_never_in_the_past() {
+        let now = DateTime::parse_from_rfc3339("2026-01-01T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        let check = |text: &str, expected: &str| {
+            let at = parse_until(text).unwrap().at(now).unwrap();
+            assert_eq!(at.to_rfc3339(), expected, "{text}");
+        };
+        check("4h", "2026-01-01T16:00:00+00:00");
+        check("2d", "2026-01-03T12:00:00+00:00");
+        check("2026-01-02", "2026-01-02T23:59:59+00:00");
+        check("2026-01-01T13:30:00+01:00", "2026-01-01T12:30:00+00:00");
+        for past in ["2025-12-31", "2026-01-01T11:00:00Z"] {
+            let err = parse_until(past).unwrap().at(now).unwrap_err();
+            assert!(err.message.contains("is past"), "{}", err.message);
+        }
+        for bad in ["0s", "soon", "2026-13-01", ""] {
+            assert!(parse_until(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Holds (issue 16): a host rolled back by hand stays where it was put, on its own schedule,
+//! through pushes, rollouts and restarts, until `pm-push release`; holds set on purpose with
+//! `pm-push hold [--until]` end by themselves on the manager and on the agent, also when the
+//! agent's clock is off; rollouts report held hosts as `held`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::push::Fleet;
+use crate::support::{AgentSetup, Pm, bin, spawn_agent_command, sql};
+
+/// The revision the agent in `state` has installed, as its own record says.
+fn installed(state: &Path) -> String {
+    Pm::agent(state).args(["status"]).json()["installed_revision"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits (at most `seconds`) until the agent in `state` has `revision` installed.
+fn wait_installed(state: &Path, revision: &str, seconds: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        if installed(state) == revision {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// The agent stays on `revision` for `seconds` (its schedule fires every second meanwhile).
+fn stays_on(state: &Path, revision: &str, seconds: u64, context: &str) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        assert_eq!(installed(state), revision, "{context}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn host_result<'a>(report: &'a Value, host: &str) -> &'a Value {
+    report["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == host)
+        .unwrap_or_else(|| panic!("{host} not in {report}"))
+}
+
+/// The agent installed r1 (test 3), then r2 (test 6) on its schedule, which installs dist
+/// every second.
+fn every_second_on_r2(setup: &AgentSetup) {
+    Pm::agent(&setup.state()).args(["update"]).json();
+    Pm::push(&setup.home)
+        .args(["schedule", "--update", "* * * * * *"])
+        .json();
+    setup.publish(6);
+    assert!(
+        wait_installed(&setup.state(), "r2", 20),
+        "the schedule did not install r2"
+    );
+}
+
+#[test]
+fn a_host_rolled_back_by_hand_stays_held_through_its_schedule_pushes_and_restarts_until_released() {
+    let mut setup = AgentSetup::new();
+    let state = setup.state();
+    every_second_on_r2(&setup);
+    let back = Pm::rollback(&setup.home)
+        .args(["--host", "127.0.0.1", "--to", "backup:1"])
+        .json();
+    assert_eq!(back["report"]["revision"], "r1", "{back}");
+    // Its schedule (every second) leaves it there.
+    stays_on(
+        &state,
+        "r1",
+        2,
+        "the schedule rolled the host forward again",
+    );
+    let status = Pm::agent(&state).args(["status"]).json();
+    assert_eq!(status["hold"]["kind"], "rollback", "{status}");
+
+    // A fleet push leaves it there too and says why.
+    let pushed = Pm::push(&setup.home).args(["update"]).json();
+    assert_eq!(pushed["state"], "done", "{pushed}");
+    assert_eq!(pushed["summary"]["held"], 1, "{pushed}");
+    assert_eq!(pushed["changed"], false, "{pushed}");
+    let line = host_result(&pushed, "127.0.0.1");
+    assert_eq!(line["result"], "held", "{pushed}");
+    assert_eq!(
+        line["wave"],
+        Value::Null,
+        "a held host is in no wave: {pushed}"
+    );
+    assert!(
+        line["error"].as_str().unwrap().contains("backup:1"),
+        "the reason names the rollback: {pushed}"
+    );
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT held, hold_kind, installed_revision FROM fleet_status"
+        ),
+        ["true,rollback,r1"]
+    );
+    assert_eq!(
+        sql(&setup.home, "SELECT count(*) FROM stale_hosts"),
+        ["0"],
+        "a held host behind dist is held there on purpose, not stale"
+    );
+
+    // A restart of the agent keeps the hold (it is on disk).
+    if let Some(mut child) = setup.agent.take() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    setup.run_agent();
+    stays_on(&state, "r1", 2, "the restarted agent forgot its hold");
+
+    // Released, the host follows dist again: its schedule installs r2 by itself.
+    let released = Pm::push(&setup.home)
+        .args(["release", "--host", "127.0.0.1"])
+        .json();
+    assert_eq!(released["changed"], true, "{released}");
+    assert!(wait_installed(&state, "r2", 20), "released, not updated");
+    assert_eq!(
+        Pm::agent(&state).args(["status"]).json()["hold"],
+        Value::Null
+    );
+    assert_eq!(sql(&setup.home, "SELECT held FROM fleet_status"), ["false"]);
+    let again = Pm::push(&setup.home)
+        .args(["release", "--host", "127.0.0.1"])
+        .json();
+    assert_eq!(again["changed"], false, "releasing twice changes nothing");
+}
+
+/// `pm-agent run` under libfaketime, its clock `offset` from the machine's.
+fn spawn_agent_with_clock(state: &Path, addr: SocketAddr, offset: &str) -> Child {
+    let mut command = Command::new("faketime");
+    command
+        .args(["-f", offset, bin("pm-agent"), "--state"])
+        .arg(state)
+        .arg("run")
+        .env_remove("PM_AGENT_STATE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    spawn_agent_command(command, addr)
+}
+
+#[test]
+fn a_hold_until_a_time_ends_by_itself_on_the_manager_and_on_an_agent_an_hour_ahead() {
+    let mut setup = AgentSetup::new();
+    let state = setup.state();
+    // The agent's clock runs an hour ahead of the manager's.
+    if let Some(mut child) = setup.agent.take() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    setup.agent = Some(spawn_agent_with_clock(&state, setup.addr, "+1h"));
+    Pm::agent(&state).args(["update"]).json();
+    setup.publish(6);
+    assert_eq!(installed(&state), "r1");
+
+    // A maintenance window of 8 seconds from now, by the manager's clock; then the agent's
+    // schedule installs dist every second.
+    let held = Pm::push(&setup.home)
+        .args(["hold", "--until", "8s", "--reason", "change freeze"])
+        .json();
+    let set_at = Instant::now();
+    assert_eq!(held["summary"]["ok"], 1, "{held}");
+    Pm::push(&setup.home)
+        .args(["schedule", "--update", "* * * * * *"])
+        .json();
+    assert_eq!(
+        sql(&setup.home, "SELECT held, hold_reason FROM fleet_status"),
+        ["true,change freeze"]
+    );
+    // The agent took the hold by its own clock, an hour ahead.
+    let status = Pm::agent(&state).args(["status"]).json();
+    let taken: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(status["hold"]["set_at"].clone()).unwrap();
+    assert!(
+        taken - chrono::Utc::now() > chrono::Duration::minutes(50),
+        "the agent's clock is not ahead: {status}"
+    );
+    let pushed = Pm::push(&setup.home).args(["update"]).json();
+    assert_eq!(host_result(&pushed, "127.0.0.1")["result"], "held");
+    // The agent an hour ahead still holds: its window is 8 s of its own time, not a moment
+    // already an hour past.
+    let window = Duration::from_secs(8);
+    while set_at.elapsed() + Duration::from_millis(1500) < window {
+        assert_eq!(installed(&state), "r1", "the hold ended early on the agent");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // After the window both sides let go by themselves: the schedule installs dist.
+    assert!(
+        wait_installed(&state, "r2", 20),
+        "the hold did not end on the agent"
+    );
+    assert_eq!(sql(&setup.home, "SELECT held FROM fleet_status"), ["false"]);
+    let holds = Pm::push(&setup.home).args(["holds"]).json();
+    assert_eq!(holds["holds"], serde_json::json!([]), "{holds}");
+
+    // A time already past is refused, naming it.
+    let run = Pm::push(&setup.home)
+        .args(["hold", "--until", "2020-01-01"])
+        .run();
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(
+        run.stderr().contains("2020-01-01") && run.stderr().contains("hint: "),
+        "{}",
+        run.stderr()
+    );
+}
+
+#[test]
+fn rollouts_report_held_hosts_and_a_fleet_rollback_moves_dist_without_waiting_for_them() {
+    let fleet = Fleet::start(3);
+    let home = &fleet.setup.home;
+    let state = |n: usize| fleet.dir.join(format!("agent-{n:03}"));
+    let (code, first) = fleet.push(&["update"]);
+    assert_eq!(code, 0, "{first}");
+    let (code, held) = fleet.push(&["hold", "--host", "lab-001", "--reason", "db migration"]);
+    assert_eq!(code, 0, "{held}");
+    fleet.setup.publish(6);
+
+    let (code, pushed) = fleet.push(&["update", "--wave-size", "1"]);
+    assert_eq!(code, 0, "held hosts are not failures: {pushed}");
+    assert_eq!(pushed["state"], "done", "{pushed}");
+    assert_eq!(pushed["summary"]["ok"], 2, "{pushed}");
+    assert_eq!(pushed["summary"]["held"], 1, "{pushed}");
+    assert_eq!(host_result(&pushed, "lab-001")["result"], "held");
+    assert_eq!(installed(&state(1)), "r1");
+    assert_eq!(
+        sql(
+            home,
+            "SELECT wave, ok, held FROM rollout_progress WHERE job_id = (SELECT max(job_id) FROM rollouts) ORDER BY wave NULLS FIRST"
+        ),
+        ["NULL,0,1", "0,1,0", "1,1,0"]
+    );
+
+    // A fleet rollback leaves the held host alone, and it does not count against OK == Total:
+    // dist moves back once every host that is not held is back.
+    let (code, back) = {
+        let run = Pm::rollback(home)
+            .args(["--generation", "1", "--json"])
+            .run();
+        (run.code(), run.json())
+    };
+    assert_eq!(code, 0, "{back}");
+    assert_eq!(back["dist_rolled_back"], true, "{back}");
+    assert_eq!(back["summary"]["held"], 1, "{back}");
+    assert_eq!(host_result(&back, "lab-001")["result"], "held");
+    for n in [0, 2] {
+        assert_eq!(installed(&state(n)), "r1");
+    }
+    // A hold the agent took itself (a rollback by hand on the host) is learnt by the next
+    // push that meets it; the manager did not know it.
+    Pm::mirror(home).args(["publish", "--again"]).json();
+    let (code, _) = fleet.push(&["release", "--host", "lab-001"]);
+    assert_eq!(code, 0);
+    // lab-002 (on r1) stays on the manager's backup/1 (r1) by hand, on the host.
+    Pm::agent(&state(2))
+        .args(["update", "--generation", "1"])
+        .json();
+    let (code, pushed) = fleet.push(&["update"]);
+    assert_eq!(code, 0, "{pushed}");
+    assert_eq!(host_result(&pushed, "lab-000")["result"], "ok", "{pushed}");
+    assert_eq!(host_result(&pushed, "lab-001")["result"], "ok", "{pushed}");
+    assert_eq!(
+        host_result(&pushed, "lab-002")["result"],
+        "held",
+        "{pushed}"
+    );
+    assert_eq!(installed(&state(2)), "r1");
+    assert_eq!(
+        sql(
+            home,
+            "SELECT host, held FROM fleet_status WHERE host LIKE 'lab-%' ORDER BY host"
+        ),
+        ["lab-000,false", "lab-001,false", "lab-002,true"]
+    );
+    // `pm-agent update` by hand installs dist (the operator on the host asked for it) and the
+    // host stays held.
+    let run = Pm::agent(&state(2)).args(["update"]).run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    assert!(run.stderr().contains("held"), "{}", run.stderr());
+    assert_eq!(installed(&state(2)), "r2");
+    assert_eq!(
+        Pm::agent(&state(2)).args(["status"]).json()["hold"]["kind"],
+        "rollback"
+    );
+}
