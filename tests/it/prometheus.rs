@@ -188,6 +188,10 @@ fn prometheus_scraping_the_exporter_answers_every_dashboard_expression_and_fires
     let behind = setup.add_agent("db-3", &["--group", "db"]);
     let mut stopped = setup.add_agent("web-2", &["--group", "web"]);
     Pm::agent(&behind.state()).args(["update"]).json();
+    // web-2 is also held, for a day: the held-hosts panel has a host and an end time.
+    Pm::push(&setup.home)
+        .args(["hold", "--host", "web-2", "--until", "1d"])
+        .json();
     setup
         .home
         .clamav_config(&setup.lab, "[poll]\ninactive_after = \"8s\"\n");
