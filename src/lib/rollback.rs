@@ -97,8 +97,9 @@ fn check_generation(generation: u32) -> Result<usize, UserError> {
     let n = generation as usize;
     if !(1..=BACKUP_GENERATIONS).contains(&n) {
         return Err(UserError::usage(format!(
-            "--generation {generation} is out of range: 1..={BACKUP_GENERATIONS}"
-        )));
+            "`--generation {generation}` is out of range: 1..={BACKUP_GENERATIONS}"
+        ))
+        .with_hint("1 is the newest backup; `pm-mirror status` shows the generations"));
     }
     Ok(n)
 }

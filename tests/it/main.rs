@@ -11,6 +11,7 @@ mod agent_scan;
 mod agent_schedule;
 mod ansible;
 mod bad_input;
+mod cli;
 mod dashboards;
 mod dist_statement;
 mod doctor;
