@@ -238,15 +238,7 @@ fn poll_once(
             .into());
         };
         let hosts = inventory.hosts().map_err(inventory_error)?;
-        let where_hosts = match &args.targets.where_sql {
-            Some(sql) => Some(inventory.hosts_where(sql).map_err(|err| {
-                UserError::usage(format!(
-                    "--where `{sql}` does not work on fleet_status: {err}"
-                ))
-                .with_hint("`pm-query \"DESCRIBE fleet_status\"` lists the columns")
-            })?),
-            None => None,
-        };
+        let where_hosts = args.targets.where_hosts(&inventory)?;
         let targets = args.targets.resolve(&hosts, where_hosts.as_ref())?;
         (targets, inventory.poll_cursors().map_err(inventory_error)?)
     };

@@ -577,14 +577,7 @@ fn start(home: &Path, global: &GlobalArgs, args: &UpdateArgs) -> anyhow::Result<
             );
         };
         let hosts = inventory.hosts().map_err(inventory_error)?;
-        let where_hosts = match &args.targets.where_sql {
-            Some(sql) => Some(inventory.hosts_where(sql).map_err(|err| {
-                UserError::usage(format!(
-                    "--where `{sql}` does not work on fleet_status: {err}"
-                ))
-            })?),
-            None => None,
-        };
+        let where_hosts = args.targets.where_hosts(&inventory)?;
         (
             args.targets.resolve(&hosts, where_hosts.as_ref())?,
             inventory.installed_revisions().map_err(inventory_error)?,
@@ -1246,14 +1239,7 @@ pub(crate) fn resolve(
             .into());
     };
     let hosts = inventory.hosts().map_err(inventory_error)?;
-    let where_hosts = match &targets.where_sql {
-        Some(sql) => Some(inventory.hosts_where(sql).map_err(|err| {
-            UserError::usage(format!(
-                "--where `{sql}` does not work on fleet_status: {err}"
-            ))
-        })?),
-        None => None,
-    };
+    let where_hosts = targets.where_hosts(&inventory)?;
     Ok((targets.resolve(&hosts, where_hosts.as_ref())?, hosts))
 }
 

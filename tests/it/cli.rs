@@ -116,3 +116,65 @@ fn every_tool_prints_one_json_document_for_a_usage_error_under_json() {
 fn home_entries(home: &Home) -> usize {
     std::fs::read_dir(home.path()).unwrap().count()
 }
+
+#[test]
+fn where_runs_in_pm_querys_sandbox_and_cannot_leave_its_parentheses() {
+    let setup = AgentSetup::new();
+    let secret = setup.tmp.path().join("secret.txt");
+    std::fs::write(&secret, "one line\n").unwrap();
+    let would_poll = |predicate: &str| {
+        let run = Pm::poll(&setup.home)
+            .args(["--dry-run", "--json", "--where", predicate])
+            .run();
+        (run.code(), run.json(), run.stderr())
+    };
+    // A condition on fleet_status, subqueries on other tables included, still selects hosts.
+    for predicate in [
+        "address IS NOT NULL",
+        "host = '127.0.0.1' AND grp = 'default'",
+        "host IN (SELECT host FROM hosts WHERE state = 'active')",
+        "host <> ')' AND host <> '(--'",
+        "true) OR (true",
+    ] {
+        let (code, report, stderr) = would_poll(predicate);
+        assert_eq!(code, 0, "{predicate}: {stderr}");
+        assert_eq!(
+            report["would_poll"],
+            serde_json::json!(["127.0.0.1"]),
+            "{predicate}"
+        );
+    }
+    // No file access: what pm-query refuses, --where refuses too.
+    let read_file = format!(
+        "(SELECT count(*) FROM read_text('{}')) = 1",
+        secret.display()
+    );
+    let (code, report, stderr) = would_poll(&read_file);
+    assert_eq!(code, 2, "{report}");
+    assert!(stderr.contains("hint:"), "{stderr}");
+    assert!(
+        report["error"].as_str().unwrap().contains("disabled"),
+        "{report}"
+    );
+    // Nothing after the condition: no set operation, modifier, clause or second statement.
+    for predicate in [
+        "false) UNION SELECT host FROM hosts --",
+        "false) UNION ALL SELECT '127.0.0.1' --",
+        "true) ORDER BY host LIMIT 0 --",
+        "true) GROUP BY host HAVING count(*) > 5 --",
+        "true) QUALIFY false --",
+        "true); SELECT 1 --",
+        "true) -- ",
+    ] {
+        let (code, report, stderr) = would_poll(predicate);
+        assert_eq!(code, 2, "{predicate}: {report}");
+        assert!(stderr.contains("--where"), "{predicate}: {stderr}");
+        assert!(stderr.contains("hint:"), "{predicate}: {stderr}");
+    }
+    // pm-push resolves targets through the same owner.
+    let run = Pm::push(&setup.home)
+        .args(["update", "--dry-run", "--json", "--where"])
+        .args([&read_file])
+        .run();
+    assert_eq!(run.code(), 2, "{}", run.stdout());
+}

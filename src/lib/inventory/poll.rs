@@ -550,15 +550,6 @@ impl Inventory {
         self.db(appender.flush())
     }
 
-    /// Hosts for which `predicate` (SQL) holds on `fleet_status` (`--where`).
-    pub fn hosts_where(&self, predicate: &str) -> Result<HashSet<String>, InventoryError> {
-        let mut statement = self.db(self.conn.prepare(&format!(
-            "SELECT host FROM fleet_status WHERE ({predicate})"
-        )))?;
-        let rows = self.db(statement.query_map([], |row| row.get::<_, String>(0)))?;
-        rows.map(|row| self.db(row)).collect()
-    }
-
     /// `fleet_status` rows, by host name (`only`: these hosts).
     pub fn fleet_status(&self, only: Option<&[String]>) -> Result<Vec<FleetRow>, InventoryError> {
         let mut statement = self.db(self.conn.prepare(
