@@ -54,8 +54,9 @@ pub struct Args {
     /// Address to listen on, e.g. 0.0.0.0:9745 or 127.0.0.1:9745
     #[arg(long, value_name = "ADDR")]
     pub listen: SocketAddr,
-    /// Answer only peers in this network (repeatable); others get 403. Default: everyone
-    #[arg(long = "allow", value_name = "CIDR")]
+    /// Answer only peers in this network (repeatable); others get 403. Default: everyone.
+    /// IPv4-mapped IPv6 networks (::ffff:10.0.0.0/104) are read as the IPv4 ones they name
+    #[arg(long = "allow", value_name = "CIDR", value_parser = parse_allow)]
     pub allow: Vec<IpNet>,
     /// Read the inventory at most this often (e.g. 15s, 1m)
     #[arg(long, default_value = "15s", value_parser = cli::parse_nonzero_duration, value_name = "DURATION")]
@@ -85,6 +86,35 @@ impl Args {
             verbose: self.verbose,
             quiet: self.quiet,
         }
+    }
+}
+
+/// An `--allow` network. A dual-stack listener (`[::]:P`) sees an IPv4 client as
+/// `::ffff:a.b.c.d`, and [`only_allowed`] matches it as the IPv4 address it is, so an
+/// IPv4-mapped entry is turned into that IPv4 network; one shorter than /96 would also cover
+/// IPv6 addresses that are not mapped, and is refused.
+fn parse_allow(text: &str) -> Result<IpNet, String> {
+    let net: IpNet = text
+        .trim()
+        .parse()
+        .map_err(|err| format!("`{text}` is not a network ({err}): write e.g. 10.0.0.0/8"))?;
+    let IpNet::V6(v6) = net else {
+        return Ok(net);
+    };
+    // As written: `::ffff:0:0/95` names mapped addresses, though its network is not.
+    let Some(v4) = v6.addr().to_ipv4_mapped() else {
+        return Ok(net);
+    };
+    match v6.prefix_len().checked_sub(96) {
+        Some(prefix) => Ok(IpNet::V4(
+            ipnet::Ipv4Net::new(v4, prefix)
+                .expect("0..=32 is an IPv4 prefix length")
+                .trunc(),
+        )),
+        None => Err(format!(
+            "`{text}` covers IPv4-mapped and other IPv6 addresses at once: give the IPv4 \
+             network (e.g. 0.0.0.0/0) and the IPv6 one as two --allow flags"
+        )),
     }
 }
 
@@ -621,6 +651,23 @@ mod tests {
             StatusCode::FORBIDDEN,
         )
         .await;
+    }
+
+    #[test]
+    fn ipv4_mapped_allow_entries_are_read_as_ipv4_and_wider_ones_refused() {
+        let check = |text: &str, expected: Option<&str>| {
+            let got = parse_allow(text).ok().map(|net| net.to_string());
+            assert_eq!(got.as_deref(), expected, "{text}");
+        };
+        check("::ffff:127.0.0.1/128", Some("127.0.0.1/32"));
+        check("::ffff:10.0.0.0/104", Some("10.0.0.0/8"));
+        check("::ffff:0:0/96", Some("0.0.0.0/0"));
+        check("::ffff:0:0/95", None);
+        check("10.0.0.0/8", Some("10.0.0.0/8"));
+        check("2001:db8::/32", Some("2001:db8::/32"));
+        check("::/0", Some("::/0"));
+        check("::1/128", Some("::1/128"));
+        check("10.0.0.0", None);
     }
 
     #[tokio::test]
