@@ -499,15 +499,23 @@ fn a_scrape_that_accepts_gzip_gets_the_same_series_compressed() {
     });
     assert_eq!(encoding.as_deref(), Some("gzip"));
     assert_eq!(vary.as_deref(), Some("accept-encoding"));
-    // Several gzip members in one stream (the snapshot's, compressed once, then the
-    // exporter's own few series), as Prometheus's reader takes them.
+    // One gzip member, as zlib-based clients read it (a second member would be ignored):
+    // a single-member reader must reach the end of the body and find every series.
     let mut text = String::new();
-    std::io::Read::read_to_string(
-        &mut flate2::read::MultiGzDecoder::new(&compressed[..]),
-        &mut text,
-    )
-    .unwrap();
+    let mut single = flate2::bufread::GzDecoder::new(&compressed[..]);
+    std::io::Read::read_to_string(&mut single, &mut text).unwrap();
+    assert!(
+        single.into_inner().is_empty(),
+        "bytes after the first gzip member"
+    );
     assert!(compressed.len() < plain.len(), "compressed");
+    // Every series but the previous scrape's duration, which the first scrape has not.
+    let series = |body: &str| {
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("pm_exporter_scrape_duration"))
+            .count()
+    };
+    assert_eq!(series(&text), series(&plain), "{text}");
     let inventory_lines = |body: &str| -> Vec<String> {
         body.lines()
             .filter(|l| l.starts_with("pm_host_") || l.starts_with("pm_dist_"))
@@ -517,6 +525,16 @@ fn a_scrape_that_accepts_gzip_gets_the_same_series_compressed() {
     assert!(!inventory_lines(&plain).is_empty());
     assert_eq!(inventory_lines(&text), inventory_lines(&plain));
     promtool_check(&text);
+    // curl --compressed (libcurl decodes with zlib) sees every series too.
+    let output = Command::new("curl")
+        .args(["-s", "--compressed", "--noproxy", "*", "--max-time", "10"])
+        .arg(format!("{}/metrics", server.base))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "curl: {:?}", output.status);
+    let curled = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(series(&curled), series(&plain), "{curled}");
+    assert_eq!(inventory_lines(&curled), inventory_lines(&plain));
     // `q=0` refuses gzip: plain text.
     let (code, _, body) = get_with(
         reqwest::Client::builder().default_headers(
