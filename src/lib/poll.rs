@@ -254,7 +254,12 @@ fn poll_once(
     let client = match client {
         Some(client) => client.clone(),
         None => client
-            .insert(mutual_client(home, settings.timeout, args.watch.is_some())?)
+            .insert(mutual_client(
+                home,
+                settings.timeout,
+                args.watch.is_some(),
+                args.global.lock_timeout,
+            )?)
             .clone(),
     };
     let network = Instant::now();
@@ -368,11 +373,13 @@ impl Summary {
 
 /// The manager's mutual-TLS client: agents must present a certificate from its CA.
 /// With `keep_alive` (`--watch`) idle connections stay open for the next round; a single poll
-/// closes each one after its answer, so open sockets never pile up to one per host.
+/// closes each one after its answer, so open sockets never pile up to one per host. The
+/// revoked certificates are read from the inventory, waiting up to `lock_timeout` for a writer.
 pub(crate) fn mutual_client(
     home: &Path,
     timeout: Duration,
     keep_alive: bool,
+    lock_timeout: Duration,
 ) -> Result<reqwest::Client, UserError> {
     let ca = ManagerCa::load_or_create(home)
         .map_err(|err| UserError::failure(format!("manager CA: {err}")))?;
@@ -380,14 +387,20 @@ pub(crate) fn mutual_client(
         .client_identity(home)
         .map_err(|err| UserError::failure(format!("manager client certificate: {err}")))?;
     // An agent presenting a revoked certificate is someone holding a deactivated host's key.
-    let revoked = match Inventory::open_read_only(home, Duration::from_secs(30)) {
+    let revoked = match Inventory::open_read_only(home, lock_timeout) {
         Ok(Some(inventory)) => inventory.revoked_serials(),
         Ok(None) => Ok(Default::default()),
         Err(err) => Err(err),
     }
     .map_err(|err| {
-        UserError::failure(format!("cannot read the revoked certificates: {err}"))
-            .with_hint("run `pm-doctor` to check the inventory")
+        let hint = match err {
+            InventoryError::Locked { .. } => {
+                "no agent was asked and nothing was recorded; run the same command again when \
+                 the other writer is done, or raise --lock-timeout"
+            }
+            _ => "run `pm-doctor` to check the inventory",
+        };
+        UserError::failure(format!("cannot read the revoked certificates: {err}")).with_hint(hint)
     })?;
     tls::client_builder(
         Some(ca.certificate()),

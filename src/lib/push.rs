@@ -879,7 +879,7 @@ pub(crate) fn execute(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let client = mutual_client(home, options.timeout, false)?;
+    let client = mutual_client(home, options.timeout, false, global.lock_timeout)?;
     let addresses: HashMap<String, String> = {
         let inventory = Inventory::open_read_only(home, global.lock_timeout)
             .map_err(inventory_error)?
@@ -1289,7 +1289,7 @@ where
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let client = mutual_client(home, timeout, false)?;
+    let client = mutual_client(home, timeout, false, global.lock_timeout)?;
     let started = Utc::now();
     let run = |targets: Vec<Target>| -> Vec<(Target, HostOutcome)> {
         runtime.block_on(

@@ -380,7 +380,7 @@ fn one_host(home: &Path, args: &Args, to: &str) -> anyhow::Result<ExitStatus> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let client = mutual_client(home, args.timeout, false)?;
+    let client = mutual_client(home, args.timeout, false, global.lock_timeout)?;
     let outcome: Result<InstallReport, String> = runtime.block_on(push::post_agent(
         &client,
         &target.address,

@@ -2,6 +2,10 @@
 //! for every usage error under `--json`, `--lock-timeout` honoured by every inventory open, and
 //! the `--where` sandbox.
 
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
 use crate::support::*;
 
 /// Runs `tool args` with `home` as `PM_HOME` and checks a usage error under `--json`: exit 2,
@@ -177,4 +181,150 @@ fn where_runs_in_pm_querys_sandbox_and_cannot_leave_its_parentheses() {
         .args([&read_file])
         .run();
     assert_eq!(run.code(), 2, "{}", run.stdout());
+}
+
+/// A `--where` predicate that keeps the tool's first, read-only inventory connection open for
+/// a moment (counting 300 million rows), long enough to see it open.
+const SLOW_WHERE: &str = "(SELECT count(*) FROM range(300000000)) > 0";
+
+/// How long a tool may take past its `--lock-timeout` of 1 s (process start, retry steps,
+/// a loaded machine), far below the 30 s a hard-coded wait would take.
+const LOCK_SLACK: Duration = Duration::from_secs(8);
+
+/// Runs `pm` (with `--lock-timeout 1s` and [`SLOW_WHERE`] among its flags): once its first
+/// inventory connection is open, waits for the inventory's write lock (`F_SETLKW`), which the
+/// kernel grants the moment that connection closes, so every later open of the tool meets a
+/// writer. Returns the run and how long the tool lived after the lock was taken.
+fn run_meeting_a_writer_after_the_first_read(pm: Pm, file: &Path) -> (Run, Duration) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = pm
+        .command()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fd_dir = PathBuf::from(format!("/proc/{}/fd", child.id()));
+    let opened = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == file))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !opened(&fd_dir) {
+        assert!(
+            Instant::now() < deadline,
+            "the tool never opened `{}`",
+            file.display()
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the tool ended before its first read"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    rustix::fs::fcntl_lock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let locked_at = Instant::now();
+    let output = child.wait_with_output().unwrap();
+    let lived = locked_at.elapsed();
+    drop(lock);
+    assert!(output.status.signal().is_none(), "{:?}", output.status);
+    (Run { output }, lived)
+}
+
+fn check_waited_about_its_lock_timeout(tool: &str, run: &Run, lived: Duration) {
+    assert_eq!(run.code(), 1, "{tool}: {}\n{}", run.stdout(), run.stderr());
+    let stderr = run.stderr();
+    assert!(stderr.contains("is locked by"), "{tool}: {stderr}");
+    assert!(stderr.contains("--lock-timeout"), "{tool}: {stderr}");
+    assert!(
+        lived < Duration::from_secs(1) + LOCK_SLACK,
+        "{tool} waited {lived:?} for a writer with --lock-timeout 1s: {stderr}"
+    );
+}
+
+#[test]
+fn poll_push_and_rollback_honour_lock_timeout_in_every_inventory_open() {
+    let setup = AgentSetup::new();
+    setup.publish(4);
+    let file = setup
+        .home
+        .path()
+        .join("inventory.duckdb")
+        .canonicalize()
+        .unwrap();
+    let common = ["--lock-timeout", "1s", "--where", SLOW_WHERE];
+    // After the targets are read, the TLS client reads the revoked certificates.
+    let runs = [
+        ("pm-poll", Pm::poll(&setup.home).args(common)),
+        (
+            "pm-push schedule",
+            Pm::push(&setup.home)
+                .args(["schedule", "--clear"])
+                .args(common),
+        ),
+        (
+            "pm-rollback --host",
+            Pm::rollback(&setup.home)
+                .args(["--host", "127.0.0.1", "--to", "backup:1"])
+                .args(common),
+        ),
+    ];
+    for (tool, pm) in runs {
+        let (run, lived) = run_meeting_a_writer_after_the_first_read(pm, &file);
+        check_waited_about_its_lock_timeout(tool, &run, lived);
+    }
+}
+
+#[test]
+fn every_tool_that_opens_the_inventory_waits_its_lock_timeout_for_a_writer() {
+    let setup = AgentSetup::new();
+    let file = setup.home.path().join("inventory.duckdb");
+    let (mut session, stdin) = hold_read_write(&file);
+    let key = setup.tmp.path().join("k.key");
+    let runs: [(&str, Pm); 8] = [
+        ("pm-mirror sync", Pm::mirror(&setup.home).args(["sync"])),
+        ("pm-mirror status", Pm::mirror(&setup.home).args(["status"])),
+        (
+            "pm-activate key new",
+            Pm::activate(&setup.home)
+                .args(["key", "new", "--out"])
+                .args([&key]),
+        ),
+        ("pm-activate list", Pm::activate(&setup.home).args(["list"])),
+        ("pm-poll", Pm::poll(&setup.home)),
+        (
+            "pm-push update",
+            Pm::push(&setup.home).args(["update", "--all"]),
+        ),
+        (
+            "pm-rollback --host",
+            Pm::rollback(&setup.home).args(["--host", "127.0.0.1", "--to", "backup:1"]),
+        ),
+        (
+            "pm-query",
+            Pm::new("pm-query")
+                .args(["--home"])
+                .args([setup.home.path()])
+                .args(["SELECT count(*) FROM hosts"]),
+        ),
+    ];
+    for (tool, pm) in runs {
+        let started = Instant::now();
+        let run = pm.args(["--lock-timeout", "1s"]).run();
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(1),
+            "{tool} waited only {waited:?}"
+        );
+        check_waited_about_its_lock_timeout(tool, &run, waited);
+    }
+    drop(stdin);
+    session.wait().unwrap();
 }
