@@ -585,6 +585,25 @@ async fn check_exporter(client: &reqwest::Client, url: &reqwest::Url) -> Check {
     let target = join(url, "healthz");
     match get(client, &target).await {
         Ok((200, _)) => Check::ok(NAME, Some(format!("`{target}` answered 200"))),
+        // The exporter answers 403 only to peers outside its --allow list: the inventory is
+        // not the matter, the address this host speaks from is.
+        Ok((403, _)) => {
+            let hint = match source_address(url) {
+                Some(ip) => format!(
+                    "add this host to pm-exporter's --allow (it connects from {ip}: \
+                     `--allow {}`), or run pm-doctor where the exporter allows it",
+                    ipnet::IpNet::from(ip)
+                ),
+                None => "add this host's address to pm-exporter's --allow, or run pm-doctor \
+                         where the exporter allows it"
+                    .into(),
+            };
+            Check::fail(
+                NAME,
+                format!("`{target}` answered 403: this host is not in pm-exporter's --allow list"),
+                hint,
+            )
+        }
         Ok((status, body)) => Check::fail(
             NAME,
             format!(
@@ -599,6 +618,20 @@ async fn check_exporter(client: &reqwest::Client, url: &reqwest::Url) -> Check {
             "start pm-exporter, or check the URL, --allow and the firewall",
         ),
     }
+}
+
+/// The address this host sends from to `url`'s host, as the peer sees it (a connected UDP
+/// socket takes the route's source address; nothing is sent).
+fn source_address(url: &reqwest::Url) -> Option<std::net::IpAddr> {
+    let peer = url.socket_addrs(|| None).ok()?.into_iter().next()?;
+    let unspecified: std::net::SocketAddr = if peer.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(unspecified).ok()?;
+    socket.connect(peer).ok()?;
+    Some(socket.local_addr().ok()?.ip().to_canonical())
 }
 
 /// One GET, its status and body (bounded by the client's timeout), or why it failed.

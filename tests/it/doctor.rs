@@ -220,3 +220,26 @@ fn doctor_fails_an_unreachable_exporter_and_rejects_a_bad_url_as_usage() {
     let run = doctor(&home).args(["--serve", "not a url"]).run();
     assert_eq!(run.code(), 2, "{}", run.stderr());
 }
+
+#[test]
+fn doctor_names_the_allow_list_when_the_exporter_answers_403() {
+    let home = Home::new();
+    let exporter = Server::spawn(
+        Pm::new("pm-exporter")
+            .args(["--listen", "127.0.0.1:0", "--allow", "10.0.0.0/8"])
+            .env("PM_HOME", home.path().to_str().unwrap()),
+    );
+    let (code, document) = json(doctor(&home).args(["--exporter", &exporter.base]));
+    assert_eq!(code, 1, "{document:#}");
+    let exporter = check(&document, "exporter");
+    assert_eq!(exporter["result"], "fail");
+    let message = exporter["message"].as_str().unwrap();
+    let hint = exporter["hint"].as_str().unwrap();
+    assert!(
+        message.contains("403") && message.contains("--allow"),
+        "{exporter:#}"
+    );
+    // The address to add, as the exporter sees this host; not a word about the inventory.
+    assert!(hint.contains("--allow 127.0.0.1/32"), "{exporter:#}");
+    assert!(!hint.contains("inventory"), "{exporter:#}");
+}
