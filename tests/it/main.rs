@@ -33,6 +33,7 @@ mod push;
 mod query;
 mod readme_sql;
 // The seeded generator of the lib's fuzz harness, shared by file so no binary ships it.
+mod retention;
 #[path = "../../src/lib/rng.rs"]
 #[allow(dead_code)]
 mod rng;

@@ -591,14 +591,6 @@ impl Inventory {
         .map(|row| self.db(row))
         .collect()
     }
-
-    /// Deletes polls older than `before`; version changes, scans and install runs stay.
-    pub fn prune_polls(&self, before: DateTime<Utc>) -> Result<usize, InventoryError> {
-        self.db(self.conn.execute(
-            "DELETE FROM polls WHERE polled_at < to_timestamp(?)",
-            params![before.timestamp_micros() as f64 / 1e6],
-        ))
-    }
 }
 
 #[cfg(test)]
@@ -740,7 +732,7 @@ mod tests {
                 .as_deref(),
             Some("b")
         );
-        assert_eq!(inventory.prune_polls(later).unwrap(), 3);
+        assert_eq!(inventory.prune(later, None, false).unwrap().polls, 3);
         assert_eq!(count(&inventory, "component_versions"), 3, "history stays");
     }
 }
