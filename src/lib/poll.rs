@@ -888,16 +888,18 @@ fn prune(home: &Path, global: &GlobalArgs, keep: Keep) -> anyhow::Result<ExitSta
         };
         let history = match &report.history_before {
             Some(before) => format!(
-                "{} scans, {} findings, {} install runs and {} superseded versions before {before}",
+                "{verb} {} scans, {} findings, {} install runs and {} superseded versions before \
+                 {before}",
                 deleted.scans,
                 deleted.scan_findings,
                 deleted.update_runs,
                 deleted.component_versions
             ),
-            None => "no history (keep_history = \"forever\")".into(),
+            None => "kept scans, findings, install runs and versions (keep_history = \"forever\")"
+                .into(),
         };
         cli::print_text(format!(
-            "{verb} {} polls before {}; {verb} {history}",
+            "{verb} {} polls before {}; {history}",
             deleted.polls, report.polls_before
         ))?;
     }
