@@ -134,7 +134,7 @@ impl Inventory {
     }
 
     /// Runs one SQL statement from a person (`pm-query`) and hands its rows to `sink`, in the
-    /// [sandbox](Inventory::sandbox): read-only, no file access.
+    /// sandbox (`Inventory::sandbox`): read-only, no file access.
     pub fn query(&self, sql: &str, sink: &mut dyn QuerySink) -> Result<QueryResult, QueryError> {
         self.sandbox()?;
         let mut statement = self.conn.prepare(sql).map_err(QueryError::from_duckdb)?;
@@ -170,7 +170,7 @@ impl Inventory {
 
 impl Inventory {
     /// Hosts for which `predicate` (SQL, `--where`) holds on `fleet_status`, run in pm-query's
-    /// [sandbox](Inventory::sandbox). The predicate must be one condition: DuckDB's own parser
+    /// sandbox (`Inventory::sandbox`). The predicate must be one condition: DuckDB's own parser
     /// reads the statement it is put in, and anything but the `WHERE` clause that differs from
     /// the statement with `TRUE` in its place (a closing parenthesis followed by `UNION`,
     /// `ORDER BY`, `LIMIT`, `GROUP BY`, a second statement, a comment eating the closing

@@ -56,7 +56,7 @@ impl Inventory {
     }
 
     /// Deletes polls older than `polls_before` and, with `history_before`, the history older
-    /// than that (see [`HISTORY`]); `dry_run` only counts. The caller holds a transaction.
+    /// than that (the tables of `HISTORY`); `dry_run` only counts. The caller holds a transaction.
     pub fn prune(
         &self,
         polls_before: DateTime<Utc>,
