@@ -488,19 +488,10 @@ impl Exporter {
             snapshot_read_seconds: current.map(|r| r.read_seconds),
             read_errors: self.read_errors.load(Ordering::Relaxed),
             scrape_duration: (scrape > 0).then(|| (scrape - 1) as f64 / 1e9),
-            inventory_size_bytes: inventory_size(&self.home),
+            // Read at each scrape: two `stat`s, never blocked by a writer.
+            inventory_size_bytes: Inventory::size_on_disk(&self.home),
         }
     }
-}
-
-/// Bytes of the inventory and its write-ahead log on disk, read at each scrape (two `stat`s,
-/// no open: a writer never blocks it); `None` without an inventory.
-fn inventory_size(home: &Path) -> Option<u64> {
-    let file = home.join(crate::inventory::INVENTORY_FILE);
-    let size = std::fs::metadata(&file).ok()?.len();
-    let mut wal = file.into_os_string();
-    wal.push(".wal");
-    Some(size + std::fs::metadata(wal).map_or(0, |m| m.len()))
 }
 
 fn unix_now() -> f64 {

@@ -8,6 +8,8 @@
 //! it however old), and neither is anything the status views read: `fleet_status` reads
 //! `host_state` and `installed_components` only, and the poll cursors live in `host_state`.
 
+use std::path::Path;
+
 use chrono::{DateTime, Utc};
 use duckdb::params;
 use serde::Serialize;
@@ -45,6 +47,16 @@ const HISTORY: [(&str, &str); 4] = [
 ];
 
 impl Inventory {
+    /// Bytes of the inventory in `home` and its write-ahead log on disk (two `stat`s, no open:
+    /// a writer never blocks it); `None` without an inventory.
+    pub fn size_on_disk(home: &Path) -> Option<u64> {
+        let file = home.join(super::INVENTORY_FILE);
+        let size = std::fs::metadata(&file).ok()?.len();
+        let mut wal = file.into_os_string();
+        wal.push(".wal");
+        Some(size + std::fs::metadata(wal).map_or(0, |m| m.len()))
+    }
+
     /// When the newest prune (a `prune` job, by pm-poll or `pm-poll --prune`) started.
     pub fn last_prune_at(&self) -> Result<Option<DateTime<Utc>>, InventoryError> {
         let seconds: Option<f64> = self.db(self.conn.query_row(
@@ -52,6 +64,17 @@ impl Inventory {
             [],
             |row| row.get(0),
         ))?;
+        Ok(seconds.and_then(|s| DateTime::from_timestamp_micros((s * 1e6).round() as i64)))
+    }
+
+    /// When the oldest poll kept was recorded (`None`: no polls).
+    pub fn oldest_poll_at(&self) -> Result<Option<DateTime<Utc>>, InventoryError> {
+        let seconds: Option<f64> =
+            self.db(self
+                .conn
+                .query_row("SELECT epoch(min(polled_at)) FROM polls", [], |row| {
+                    row.get(0)
+                }))?;
         Ok(seconds.and_then(|s| DateTime::from_timestamp_micros((s * 1e6).round() as i64)))
     }
 
