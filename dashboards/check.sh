@@ -46,7 +46,7 @@ pm_mirror_last_successful_sync_timestamp_seconds pm_mirror_cooldown_until_timest
 pm_bundle_last_import_timestamp_seconds pm_rollouts_in_progress pm_rollout_hosts
 pm_exporter_build_info pm_inventory_snapshot_timestamp_seconds pm_inventory_snapshot_age_seconds
 pm_inventory_read_errors_total pm_inventory_snapshot_read_seconds
-pm_exporter_scrape_duration_seconds
+pm_exporter_scrape_duration_seconds pm_inventory_size_bytes
 """.split())
 errors = []
 uids = {}

@@ -1,9 +1,7 @@
 //! `pm-activate`: enrol agents (see `pm::activate`).
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let args = pm::activate::Args::parse();
+    let args: pm::activate::Args = pm::cli::parse_args();
     pm::cli::init_logging(&args.global);
     let json = args.global.json;
     pm::cli::finish(pm::activate::run(args), json)

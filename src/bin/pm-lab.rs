@@ -5,10 +5,8 @@
 
 use std::io::IsTerminal;
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let args = pm::lab_cli::Args::parse();
+    let args: pm::lab_cli::Args = pm::cli::parse_args();
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

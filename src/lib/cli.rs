@@ -250,16 +250,131 @@ pub fn finish(result: anyhow::Result<ExitStatus>, json: bool) -> ExitCode {
         let _ = writeln!(stderr, "hint: {hint}");
     }
     if json {
-        let document = serde_json::json!({
-            "changed": false,
-            "failed": true,
-            "exit_code": status.code(),
-            "error": format!("{err:#}"),
-            "hint": hint,
-        });
-        let _ = print_json(&document);
+        let _ = print_json(&error_document(status, &format!("{err:#}"), hint, None));
     }
     status.into()
+}
+
+/// The one JSON document of a failed run (`--json`): what scripts and Ansible read on stdout.
+fn error_document(
+    status: ExitStatus,
+    error: &str,
+    hint: Option<&str>,
+    usage: Option<&str>,
+) -> serde_json::Value {
+    let mut document = serde_json::json!({
+        "changed": false,
+        "failed": true,
+        "exit_code": status.code(),
+        "error": error,
+        "hint": hint,
+    });
+    if let Some(usage) = usage {
+        document["usage"] = usage.into();
+    }
+    document
+}
+
+/// Parses a tool's command line. A usage error (unknown flag, missing or bad value, missing
+/// subcommand) is printed by clap on stderr as usual and, when the command line asks for JSON
+/// (`--json` anywhere, or `--format json`), also as one JSON document on stdout, so a script
+/// reading stdout gets JSON for every failure, not only for those after parsing; then the
+/// process exits 2. `--help` and `--version` print their text and exit 0 as usual.
+pub fn parse_args<T: clap::Parser>() -> T {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match T::try_parse_from(&argv) {
+        Ok(args) => args,
+        Err(err) => {
+            let program = argv
+                .first()
+                .map(std::path::Path::new)
+                .and_then(|path| path.file_name())
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            exit_on_usage_error(&err, json_requested(&argv), &program)
+        }
+    }
+}
+
+/// Whether a command line asks for JSON output: `--json`, `--format json` or `--format=json`
+/// before any `--` (after it everything is a value).
+fn json_requested(argv: &[std::ffi::OsString]) -> bool {
+    let mut words = argv.iter().skip(1).map(|word| word.to_str().unwrap_or(""));
+    while let Some(word) = words.next() {
+        match word {
+            "--" => return false,
+            "--json" | "--format=json" => return true,
+            "--format" if words.next() == Some("json") => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+fn exit_on_usage_error(err: &clap::Error, json: bool, program: &str) -> ! {
+    use clap::error::ErrorKind;
+    let usage_error = !matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    );
+    if !usage_error || !json {
+        err.exit();
+    }
+    // clap's own text on stderr (coloured on a terminal), as without --json.
+    let _ = err.print();
+    let (error, hint, usage) = split_clap_message(&err.render().to_string(), program);
+    let _ = print_json(&error_document(
+        ExitStatus::Usage,
+        &error,
+        hint.as_deref(),
+        usage.as_deref(),
+    ));
+    std::process::exit(ExitStatus::Usage.code().into());
+}
+
+/// clap's rendered error as the JSON document's `error` (its first paragraph, without the
+/// `error: ` prefix), `hint` (its `tip:` lines, else the `--help` of the command its usage line
+/// names, else of `program`) and `usage` line.
+fn split_clap_message(text: &str, program: &str) -> (String, Option<String>, Option<String>) {
+    let mut error = Vec::new();
+    let mut tips = Vec::new();
+    let mut usage = None;
+    let mut in_error = true;
+    for line in text.lines() {
+        let line = line.trim_end();
+        if line.trim().is_empty() {
+            in_error = false;
+        } else if let Some(tip) = line.trim_start().strip_prefix("tip: ") {
+            tips.push(tip.to_string());
+        } else if let Some(rest) = line.strip_prefix("Usage: ") {
+            usage = Some(rest.trim().to_string());
+        } else if in_error {
+            error.push(
+                line.strip_prefix("error: ")
+                    .unwrap_or(line)
+                    .trim()
+                    .to_string(),
+            );
+        }
+    }
+    let hint = if tips.is_empty() {
+        let command = usage
+            .as_deref()
+            .map(|u| {
+                u.split_whitespace()
+                    .take_while(|w| !w.starts_with(['[', '<', '-']))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| program.to_string());
+        Some(format!(
+            "`{command} --help` lists the flags and values it takes"
+        ))
+    } else {
+        Some(tips.join("; "))
+    };
+    (error.join(" "), hint, usage)
 }
 
 /// Prints exactly one JSON document on stdout.
@@ -338,6 +453,61 @@ mod tests {
         .map(ExitStatus::code)
         .collect();
         assert_eq!(codes, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn json_is_requested_by_json_or_format_json_before_a_double_dash() {
+        let check = |words: &[&str], expected: bool| {
+            let argv: Vec<std::ffi::OsString> = std::iter::once("pm-x")
+                .chain(words.iter().copied())
+                .map(Into::into)
+                .collect();
+            assert_eq!(json_requested(&argv), expected, "{words:?}");
+        };
+        check(&["--json"], true);
+        check(&["sync", "--bogus", "--json"], true);
+        check(&["--format", "json", "SELECT 1"], true);
+        check(&["--format=json", "SELECT 1"], true);
+        check(&["--format", "csv", "SELECT 1"], false);
+        check(&["--", "--json"], false);
+        check(&["status"], false);
+    }
+
+    #[test]
+    fn a_clap_message_splits_into_error_hint_and_usage() {
+        let text = "error: unexpected argument '--bogus' found\n\n  tip: to pass '--bogus' as a \
+                    value, use '-- --bogus'\n\nUsage: pm-push update [OPTIONS]\n\nFor more \
+                    information, try '--help'.\n";
+        let (error, hint, usage) = split_clap_message(text, "pm-push");
+        assert_eq!(error, "unexpected argument '--bogus' found");
+        assert_eq!(
+            hint.as_deref(),
+            Some("to pass '--bogus' as a value, use '-- --bogus'")
+        );
+        assert_eq!(usage.as_deref(), Some("pm-push update [OPTIONS]"));
+
+        let text = "error: the following required arguments were not provided:\n  <SQL>\n\n\
+                    Usage: pm-query [OPTIONS] <SQL>\n";
+        let (error, hint, _) = split_clap_message(text, "pm-query");
+        assert_eq!(
+            error,
+            "the following required arguments were not provided: <SQL>"
+        );
+        assert_eq!(
+            hint.as_deref(),
+            Some("`pm-query --help` lists the flags and values it takes")
+        );
+
+        let text = "error: invalid value '0s' for '--timeout <DURATION>': `0s` would end at \
+                    once\n\nFor more information, try '--help'.\n";
+        let (_, hint, usage) = split_clap_message(text, "pm-poll");
+        assert_eq!(
+            (hint.as_deref(), usage),
+            (
+                Some("`pm-poll --help` lists the flags and values it takes"),
+                None
+            )
+        );
     }
 
     #[test]

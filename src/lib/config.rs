@@ -73,6 +73,13 @@ pub struct PollConfig {
     /// `pm-poll --prune` deletes polls older than this (versions, scans and installs stay).
     #[serde(default = "default_keep_polls", with = "duration_text")]
     pub keep_polls: Duration,
+    /// pm-poll prunes by itself, at most once a day, after it recorded a poll.
+    #[serde(default = "default_auto_prune")]
+    pub auto_prune: bool,
+    /// Scans, findings, install runs and superseded versions older than this are pruned too;
+    /// `None` (`"forever"`, the default): they stay.
+    #[serde(default, with = "duration_or_forever")]
+    pub keep_history: Option<Duration>,
 }
 
 impl Default for PollConfig {
@@ -84,6 +91,8 @@ impl Default for PollConfig {
             inactive_after: default_inactive_after(),
             scan_max_age: default_scan_max_age(),
             keep_polls: default_keep_polls(),
+            auto_prune: default_auto_prune(),
+            keep_history: None,
         }
     }
 }
@@ -105,6 +114,9 @@ fn default_scan_max_age() -> Duration {
 }
 fn default_keep_polls() -> Duration {
     Duration::from_secs(30 * 24 * 3600)
+}
+fn default_auto_prune() -> bool {
+    true
 }
 
 /// `[serve]`: what agents are told about the manager's `pm-mirror serve`.
@@ -419,6 +431,22 @@ mod duration_text {
     }
 }
 
+/// A duration, or `"forever"` for none.
+mod duration_or_forever {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(de)?;
+        if text.trim() == "forever" {
+            return Ok(None);
+        }
+        crate::cli::parse_duration(&text)
+            .map(Some)
+            .map_err(|err| serde::de::Error::custom(format!("{err}, or \"forever\"")))
+    }
+}
+
 /// Names a product may not take because the served layout uses them.
 const RESERVED_PRODUCT_NAMES: [&str; 6] = [
     "backup",
@@ -496,6 +524,10 @@ impl Config {
             ("poll.inactive_after", self.poll.inactive_after),
             ("poll.scan_max_age", self.poll.scan_max_age),
             ("poll.keep_polls", self.poll.keep_polls),
+            (
+                "poll.keep_history",
+                self.poll.keep_history.unwrap_or(Duration::MAX),
+            ),
             ("serve.dist_valid_for", self.serve.dist_valid_for),
             ("http.timeout", self.http.timeout),
             ("http.connect_timeout", self.http.connect_timeout),
@@ -632,6 +664,22 @@ mod tests {
             (Ok(_), Some(expected)) => panic!("accepted, expected error `{expected}`"),
             (Err(err), None) => panic!("rejected: {err}"),
         }
+    }
+
+    #[test]
+    fn retention_keys_take_a_duration_and_keep_history_forever() {
+        check(
+            "[poll]\nkeep_history = \"forever\"\nauto_prune = false",
+            None,
+        );
+        check("[poll]\nkeep_history = \"400d\"", None);
+        check("[poll]\nkeep_history = \"0s\"", Some("poll.keep_history"));
+        check("[poll]\nkeep_history = \"soon\"", Some("or \"forever\""));
+        check("[poll]\nauto_prune = \"daily\"", Some("expected a boolean"));
+        let config = Config::parse("[poll]\nkeep_history = \"400d\"", Path::new("pm.toml"));
+        let poll = config.unwrap().poll;
+        assert!(poll.auto_prune);
+        assert_eq!(poll.keep_history, Some(Duration::from_secs(400 * 86400)));
     }
 
     #[test]

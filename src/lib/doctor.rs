@@ -10,7 +10,7 @@ use clap::Parser;
 use serde::Serialize;
 
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, PollConfig};
 use crate::inventory::{Inventory, InventoryError};
 use crate::repo::{Generations, Repo};
 
@@ -136,7 +136,7 @@ pub fn examine(
     let mut checks = Vec::new();
     let config = check_config(home, &mut checks);
     check_secrets(home, config.as_ref(), &mut checks);
-    checks.push(check_inventory(home));
+    checks.push(check_inventory(home, config.as_ref()));
     let dist_manifest = check_repository(home, &mut checks);
     if serve.is_some() || exporter.is_some() {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -297,13 +297,24 @@ fn effective_uid() -> Option<u32> {
     std::fs::metadata("/proc/self").ok().map(|m| m.uid())
 }
 
-/// The inventory as the exporter opens it: read-only, one attempt, never migrated.
-fn check_inventory(home: &Path) -> Check {
+/// The inventory as the exporter opens it: read-only, one attempt, never migrated; and whether
+/// polls past `[poll] keep_polls` are being pruned.
+fn check_inventory(home: &Path, config: Option<&Config>) -> Check {
     const NAME: &str = "inventory";
     match Inventory::open_for_snapshot(home) {
         Ok(Some(inventory)) => {
             let version = inventory.schema_version().unwrap_or_default();
-            Check::ok(NAME, Some(format!("schema version {version}")))
+            let poll = config.map(|c| c.poll.clone()).unwrap_or_default();
+            match retention_overdue(&inventory, &poll) {
+                Some((message, hint)) => Check::warn(NAME, message, hint),
+                None => Check::ok(
+                    NAME,
+                    Some(format!(
+                        "schema version {version}, {} on disk",
+                        cli::human_bytes(Inventory::size_on_disk(home).unwrap_or_default())
+                    )),
+                ),
+            }
         }
         Ok(None) => Check::warn(
             NAME,
@@ -339,6 +350,50 @@ fn check_inventory(home: &Path) -> Check {
             err.to_string(),
             "restore inventory.duckdb from a backup, or move it aside to start a new one",
         ),
+    }
+}
+
+/// Slack past `keep_polls` before an old poll means no prune ran: pm-poll prunes at most a
+/// day apart, and a day without polls delays it.
+const PRUNE_SLACK: chrono::Duration = chrono::Duration::days(2);
+
+/// What is wrong, and what to do, when the oldest poll kept is older than `keep_polls` plus
+/// [`PRUNE_SLACK`]: the daily prune (or the operator's `pm-poll --prune`) is not running.
+fn retention_overdue(inventory: &Inventory, poll: &PollConfig) -> Option<(String, String)> {
+    let oldest = inventory.oldest_poll_at().ok()??;
+    let keep = chrono::Duration::from_std(poll.keep_polls).ok()?;
+    if chrono::Utc::now() - oldest <= keep + PRUNE_SLACK {
+        return None;
+    }
+    let last = match inventory.last_prune_at().ok()? {
+        Some(at) => format!("the last prune ran at {}", at.to_rfc3339()),
+        None => "no prune ever ran".into(),
+    };
+    let hint = if poll.auto_prune {
+        "pm-poll prunes after a poll once a day: check that pm-poll runs (`systemctl list-timers \
+         pm-poll.timer`), then run `pm-poll --prune` and read its error"
+    } else {
+        "`[poll] auto_prune = false`: run `pm-poll --prune` from a daily timer, or set auto_prune \
+         = true"
+    };
+    Some((
+        format!(
+            "polls from {} are kept, older than `[poll] keep_polls` ({}) by more than 2 days: \
+             {last}; the inventory grows without bound",
+            oldest.to_rfc3339(),
+            humantime_days(poll.keep_polls)
+        ),
+        hint.into(),
+    ))
+}
+
+/// `30d`, `12h` or seconds, as `pm.toml` would say it.
+fn humantime_days(duration: Duration) -> String {
+    let seconds = duration.as_secs();
+    match seconds {
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s => format!("{s}s"),
     }
 }
 
@@ -585,6 +640,25 @@ async fn check_exporter(client: &reqwest::Client, url: &reqwest::Url) -> Check {
     let target = join(url, "healthz");
     match get(client, &target).await {
         Ok((200, _)) => Check::ok(NAME, Some(format!("`{target}` answered 200"))),
+        // The exporter answers 403 only to peers outside its --allow list: the inventory is
+        // not the matter, the address this host speaks from is.
+        Ok((403, _)) => {
+            let hint = match source_address(url) {
+                Some(ip) => format!(
+                    "add this host to pm-exporter's --allow (it connects from {ip}: \
+                     `--allow {}`), or run pm-doctor where the exporter allows it",
+                    ipnet::IpNet::from(ip)
+                ),
+                None => "add this host's address to pm-exporter's --allow, or run pm-doctor \
+                         where the exporter allows it"
+                    .into(),
+            };
+            Check::fail(
+                NAME,
+                format!("`{target}` answered 403: this host is not in pm-exporter's --allow list"),
+                hint,
+            )
+        }
         Ok((status, body)) => Check::fail(
             NAME,
             format!(
@@ -599,6 +673,20 @@ async fn check_exporter(client: &reqwest::Client, url: &reqwest::Url) -> Check {
             "start pm-exporter, or check the URL, --allow and the firewall",
         ),
     }
+}
+
+/// The address this host sends from to `url`'s host, as the peer sees it (a connected UDP
+/// socket takes the route's source address; nothing is sent).
+fn source_address(url: &reqwest::Url) -> Option<std::net::IpAddr> {
+    let peer = url.socket_addrs(|| None).ok()?.into_iter().next()?;
+    let unspecified: std::net::SocketAddr = if peer.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(unspecified).ok()?;
+    socket.connect(peer).ok()?;
+    Some(socket.local_addr().ok()?.ip().to_canonical())
 }
 
 /// One GET, its status and body (bounded by the client's timeout), or why it failed.
@@ -632,6 +720,13 @@ mod tests {
                 Some(format!("chmod 600 {}", path.display()).as_str())
             );
         }
+    }
+
+    #[test]
+    fn keep_polls_is_written_as_pm_toml_would_say_it() {
+        assert_eq!(humantime_days(Duration::from_secs(30 * 86_400)), "30d");
+        assert_eq!(humantime_days(Duration::from_secs(36 * 3600)), "36h");
+        assert_eq!(humantime_days(Duration::from_secs(90)), "90s");
     }
 
     #[test]

@@ -54,8 +54,9 @@ pub struct Args {
     /// Address to listen on, e.g. 0.0.0.0:9745 or 127.0.0.1:9745
     #[arg(long, value_name = "ADDR")]
     pub listen: SocketAddr,
-    /// Answer only peers in this network (repeatable); others get 403. Default: everyone
-    #[arg(long = "allow", value_name = "CIDR")]
+    /// Answer only peers in this network (repeatable); others get 403. Default: everyone.
+    /// IPv4-mapped IPv6 networks (::ffff:10.0.0.0/104) are read as the IPv4 ones they name
+    #[arg(long = "allow", value_name = "CIDR", value_parser = parse_allow)]
     pub allow: Vec<IpNet>,
     /// Read the inventory at most this often (e.g. 15s, 1m)
     #[arg(long, default_value = "15s", value_parser = cli::parse_nonzero_duration, value_name = "DURATION")]
@@ -85,6 +86,35 @@ impl Args {
             verbose: self.verbose,
             quiet: self.quiet,
         }
+    }
+}
+
+/// An `--allow` network. A dual-stack listener (`[::]:P`) sees an IPv4 client as
+/// `::ffff:a.b.c.d`, and [`only_allowed`] matches it as the IPv4 address it is, so an
+/// IPv4-mapped entry is turned into that IPv4 network; one shorter than /96 would also cover
+/// IPv6 addresses that are not mapped, and is refused.
+fn parse_allow(text: &str) -> Result<IpNet, String> {
+    let net: IpNet = text
+        .trim()
+        .parse()
+        .map_err(|err| format!("`{text}` is not a network ({err}): write e.g. 10.0.0.0/8"))?;
+    let IpNet::V6(v6) = net else {
+        return Ok(net);
+    };
+    // As written: `::ffff:0:0/95` names mapped addresses, though its network is not.
+    let Some(v4) = v6.addr().to_ipv4_mapped() else {
+        return Ok(net);
+    };
+    match v6.prefix_len().checked_sub(96) {
+        Some(prefix) => Ok(IpNet::V4(
+            ipnet::Ipv4Net::new(v4, prefix)
+                .expect("0..=32 is an IPv4 prefix length")
+                .trunc(),
+        )),
+        None => Err(format!(
+            "`{text}` covers IPv4-mapped and other IPv6 addresses at once: give the IPv4 \
+             network (e.g. 0.0.0.0/0) and the IPv6 one as two --allow flags"
+        )),
     }
 }
 
@@ -203,37 +233,84 @@ struct Rendered {
     gauges: Bytes,
     infos_prometheus: Bytes,
     infos_openmetrics: Bytes,
-    /// The same three gzip-compressed, once per snapshot: a scrape that accepts gzip gets
-    /// them as members of one gzip stream (RFC 1952 allows several; Prometheus reads them).
-    gauges_gzip: Bytes,
-    infos_prometheus_gzip: Bytes,
-    infos_openmetrics_gzip: Bytes,
+    /// The same three compressed once per snapshot, as parts of the one gzip member a scrape
+    /// that accepts gzip gets (zlib-based clients such as `curl --compressed` read only the
+    /// first member of a stream, so the body must not be several).
+    gauges_deflated: DeflatedPart,
+    infos_prometheus_deflated: DeflatedPart,
+    infos_openmetrics_deflated: DeflatedPart,
 }
 
 impl Rendered {
     /// The inventory's part of a body (cheap clones of shared bytes).
-    fn chunks(&self, format: Format, gzip: bool) -> [Bytes; 2] {
-        let (gauges, infos) = match (format, gzip) {
-            (Format::Prometheus, false) => (&self.gauges, &self.infos_prometheus),
-            (Format::OpenMetrics, false) => (&self.gauges, &self.infos_openmetrics),
-            (Format::Prometheus, true) => (&self.gauges_gzip, &self.infos_prometheus_gzip),
-            (Format::OpenMetrics, true) => (&self.gauges_gzip, &self.infos_openmetrics_gzip),
+    fn chunks(&self, format: Format) -> [Bytes; 2] {
+        let infos = match format {
+            Format::Prometheus => &self.infos_prometheus,
+            Format::OpenMetrics => &self.infos_openmetrics,
         };
-        [gauges.clone(), infos.clone()]
+        [self.gauges.clone(), infos.clone()]
+    }
+
+    /// The same, compressed.
+    fn deflated(&self, format: Format) -> [&DeflatedPart; 2] {
+        let infos = match format {
+            Format::Prometheus => &self.infos_prometheus_deflated,
+            Format::OpenMetrics => &self.infos_openmetrics_deflated,
+        };
+        [&self.gauges_deflated, infos]
     }
 }
 
-/// `bytes` as one gzip member (fast level: this runs per snapshot, and metrics text compresses
-/// about 10 to 1 even so).
-fn gzip(bytes: &[u8]) -> Bytes {
-    use std::io::Write;
-    let mut encoder = flate2::write::GzEncoder::new(
-        Vec::with_capacity(bytes.len() / 8),
-        flate2::Compression::fast(),
-    );
+/// Text compressed on its own as raw deflate blocks that end in a sync flush (byte-aligned,
+/// not final), so that parts compressed at different times follow each other inside one
+/// gzip member; with the CRC-32 and length of the text, which the member's trailer needs.
+#[derive(Debug, Clone)]
+struct DeflatedPart {
+    deflate: Bytes,
+    crc: crc32fast::Hasher,
+}
+
+impl DeflatedPart {
+    /// `text` compressed (fast level: this runs per snapshot, and metrics text compresses
+    /// about 10 to 1 even so).
+    fn new(text: &[u8]) -> DeflatedPart {
+        use std::io::Write;
+        let mut encoder = flate2::write::DeflateEncoder::new(
+            Vec::with_capacity(text.len() / 8),
+            flate2::Compression::fast(),
+        );
+        // Writing to a Vec cannot fail; `flush` is deflate's sync flush.
+        let _ = encoder.write_all(text).and_then(|()| encoder.flush());
+        let deflate = Bytes::from(std::mem::take(encoder.get_mut()));
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(text);
+        DeflatedPart { deflate, crc }
+    }
+}
+
+/// One gzip member (RFC 1952) of `parts` and then `last`: the header, the parts' deflate
+/// blocks as they are, `last` compressed now into the final block, and the trailer with the
+/// CRC-32 and length of all the text, combined without reading the parts' text again.
+fn gzip_member(parts: &[&DeflatedPart], last: &[u8]) -> Vec<Bytes> {
+    /// Magic, deflate, no flags, no modification time, no extra flags, unknown OS.
+    const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+    let mut crc = crc32fast::Hasher::new();
+    let mut body = vec![Bytes::from_static(&HEADER)];
+    for part in parts {
+        crc.combine(&part.crc);
+        body.push(part.deflate.clone());
+    }
+    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
     // Writing to a Vec cannot fail.
-    let _ = encoder.write_all(bytes);
-    Bytes::from(encoder.finish().unwrap_or_default())
+    let _ = std::io::Write::write_all(&mut encoder, last);
+    body.push(Bytes::from(encoder.finish().unwrap_or_default()));
+    crc.update(last);
+    // ISIZE is the length modulo 2^32 (RFC 1952 section 2.3.1).
+    let length = crc.total_len() as u32;
+    let mut trailer = crc.finalize().to_le_bytes().to_vec();
+    trailer.extend_from_slice(&length.to_le_bytes());
+    body.push(Bytes::from(trailer));
+    body
 }
 
 /// Whether an `Accept-Encoding` header accepts gzip (and not with `q=0`).
@@ -411,6 +488,8 @@ impl Exporter {
             snapshot_read_seconds: current.map(|r| r.read_seconds),
             read_errors: self.read_errors.load(Ordering::Relaxed),
             scrape_duration: (scrape > 0).then(|| (scrape - 1) as f64 / 1e9),
+            // Read at each scrape: two `stat`s, never blocked by a writer.
+            inventory_size_bytes: Inventory::size_on_disk(&self.home),
         }
     }
 }
@@ -472,9 +551,9 @@ fn read_and_render(home: &Path) -> Result<Rendered, ReadFailure> {
     Ok(Rendered {
         read_at,
         read_seconds,
-        gauges_gzip: gzip(&gauges),
-        infos_prometheus_gzip: gzip(&infos_prometheus),
-        infos_openmetrics_gzip: gzip(&infos_openmetrics),
+        gauges_deflated: DeflatedPart::new(&gauges),
+        infos_prometheus_deflated: DeflatedPart::new(&infos_prometheus),
+        infos_openmetrics_deflated: DeflatedPart::new(&infos_openmetrics),
         gauges,
         infos_prometheus,
         infos_openmetrics,
@@ -530,17 +609,19 @@ async fn metrics(
     );
     let current = exporter.current();
     let own = render::render_exporter(exporter.exporter_values(current.as_deref()), format);
-    let own = if compressed {
-        gzip(own.as_bytes())
-    } else {
-        Bytes::from(own)
+    let chunks: Vec<Bytes> = match (&current, compressed) {
+        (Some(rendered), true) => gzip_member(&rendered.deflated(format), own.as_bytes()),
+        (None, true) => gzip_member(&[], own.as_bytes()),
+        (Some(rendered), false) => rendered
+            .chunks(format)
+            .into_iter()
+            .chain([Bytes::from(own)])
+            .collect(),
+        (None, false) => vec![Bytes::from(own)],
     };
-    let chunks = current
-        .map(|r| r.chunks(format, compressed))
-        .into_iter()
-        .flatten()
-        .chain([own]);
-    let body = Body::from_stream(futures_util::stream::iter(chunks.map(Ok::<_, Infallible>)));
+    let body = Body::from_stream(futures_util::stream::iter(
+        chunks.into_iter().map(Ok::<_, Infallible>),
+    ));
     let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
     exporter
         .last_scrape_nanos
@@ -621,6 +702,48 @@ mod tests {
             StatusCode::FORBIDDEN,
         )
         .await;
+    }
+
+    #[test]
+    fn parts_deflated_apart_make_one_gzip_member_of_their_text() {
+        let check = |parts: &[&str], last: &str| {
+            let deflated: Vec<DeflatedPart> = parts
+                .iter()
+                .map(|part| DeflatedPart::new(part.as_bytes()))
+                .collect();
+            let body: Vec<u8> =
+                gzip_member(&deflated.iter().collect::<Vec<_>>(), last.as_bytes()).concat();
+            // A single-member reader (what zlib-based clients are) must read it all.
+            let mut decoder = flate2::bufread::GzDecoder::new(&body[..]);
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut decoder, &mut text).unwrap();
+            assert_eq!(text, format!("{}{last}", parts.concat()));
+            assert!(decoder.into_inner().is_empty(), "one member: {parts:?}");
+        };
+        check(&[], "");
+        check(&[], "pm_exporter_build_info{version=\"1\"} 1\n");
+        check(&["", ""], "tail\n");
+        let big: String = (0..50_000)
+            .map(|i| format!("pm_host_up{{host=\"h{i}\"}} 1\n"))
+            .collect();
+        check(&[&big, "# TYPE x gauge\nx 1\n"], "tail\n");
+    }
+
+    #[test]
+    fn ipv4_mapped_allow_entries_are_read_as_ipv4_and_wider_ones_refused() {
+        let check = |text: &str, expected: Option<&str>| {
+            let got = parse_allow(text).ok().map(|net| net.to_string());
+            assert_eq!(got.as_deref(), expected, "{text}");
+        };
+        check("::ffff:127.0.0.1/128", Some("127.0.0.1/32"));
+        check("::ffff:10.0.0.0/104", Some("10.0.0.0/8"));
+        check("::ffff:0:0/96", Some("0.0.0.0/0"));
+        check("::ffff:0:0/95", None);
+        check("10.0.0.0/8", Some("10.0.0.0/8"));
+        check("2001:db8::/32", Some("2001:db8::/32"));
+        check("::/0", Some("::/0"));
+        check("::1/128", Some("::1/128"));
+        check("10.0.0.0", None);
     }
 
     #[tokio::test]

@@ -19,6 +19,8 @@ mod bulk;
 mod poll;
 mod rollout;
 pub use poll::{FleetRow, PollCursors, PollFailure, PolledHost, RecordedPolls};
+mod retention;
+pub use retention::Pruned;
 pub use rollout::{HostAttempt, RolloutRecord};
 
 mod holds;

@@ -20,7 +20,8 @@ use serde::Serialize;
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
 use crate::config::{Config, PollConfig};
 use crate::inventory::{
-    FleetRow, Inventory, InventoryError, PollCursors, PollFailure, PolledHost, RecordedPolls,
+    FleetRow, Inventory, InventoryError, PollCursors, PollFailure, PolledHost, Pruned,
+    RecordedPolls,
 };
 use crate::pki::ca::ManagerCa;
 use crate::proto::{self, ErrorResponse, PollResponse};
@@ -112,12 +113,13 @@ pub(crate) fn load_config(home: &Path) -> Result<PollConfig, UserError> {
 pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     let home = args.global.home();
     let config = load_config(&home)?;
+    let keep = Keep::of(&config);
     if args.prune {
-        return prune(
-            &home,
-            &args.global,
-            args.older_than.unwrap_or(config.keep_polls),
-        );
+        let keep = Keep {
+            polls: args.older_than.unwrap_or(config.keep_polls),
+            ..keep
+        };
+        return prune(&home, &args.global, keep);
     }
     let concurrency = args.concurrency.unwrap_or(config.concurrency);
     if !(1..=10_000).contains(&concurrency) {
@@ -144,14 +146,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     // skip the TLS handshakes.
     let mut client = None;
     let Some(interval) = args.watch else {
-        let outcome = poll_once(&home, &args, &settings, &runtime, &mut client)?;
+        let outcome = poll_once(&home, &args, &settings, keep, &runtime, &mut client)?;
         return print(&args.global, &outcome, false);
     };
     let mut status;
     let mut n = 0u64;
     loop {
         let started = Instant::now();
-        let outcome = poll_once(&home, &args, &settings, &runtime, &mut client)?;
+        let outcome = poll_once(&home, &args, &settings, keep, &runtime, &mut client)?;
         status = print(&args.global, &outcome, true)?;
         n += 1;
         if args.count.is_some_and(|count| n >= count) {
@@ -187,6 +189,9 @@ struct Outcome {
     /// `--dry-run`: the hosts a poll would ask (nothing is asked or recorded).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     would_poll: Vec<String>,
+    /// The daily prune, when this poll ran it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pruned: Option<PruneReport>,
     job_id: Option<i64>,
     summary: Summary,
     hosts: Vec<HostLine>,
@@ -219,6 +224,7 @@ fn poll_once(
     home: &Path,
     args: &Args,
     settings: &Settings,
+    keep: Keep,
     runtime: &tokio::runtime::Runtime,
     client: &mut Option<reqwest::Client>,
 ) -> anyhow::Result<Outcome> {
@@ -238,15 +244,7 @@ fn poll_once(
             .into());
         };
         let hosts = inventory.hosts().map_err(inventory_error)?;
-        let where_hosts = match &args.targets.where_sql {
-            Some(sql) => Some(inventory.hosts_where(sql).map_err(|err| {
-                UserError::usage(format!(
-                    "--where `{sql}` does not work on fleet_status: {err}"
-                ))
-                .with_hint("`pm-query \"DESCRIBE fleet_status\"` lists the columns")
-            })?),
-            None => None,
-        };
+        let where_hosts = args.targets.where_hosts(&inventory)?;
         let targets = args.targets.resolve(&hosts, where_hosts.as_ref())?;
         (targets, inventory.poll_cursors().map_err(inventory_error)?)
     };
@@ -257,6 +255,7 @@ fn poll_once(
         return Ok(Outcome {
             changed: false,
             would_poll: targets.iter().map(|t| t.host.clone()).collect(),
+            pruned: None,
             job_id: None,
             summary: Summary::empty(started.elapsed().as_secs_f64()),
             hosts: Vec::new(),
@@ -265,7 +264,12 @@ fn poll_once(
     let client = match client {
         Some(client) => client.clone(),
         None => client
-            .insert(mutual_client(home, settings.timeout, args.watch.is_some())?)
+            .insert(mutual_client(
+                home,
+                settings.timeout,
+                args.watch.is_some(),
+                args.global.lock_timeout,
+            )?)
             .clone(),
     };
     let network = Instant::now();
@@ -308,6 +312,7 @@ fn poll_once(
         })
         .map_err(inventory_error)?;
     let inventory_write_seconds = write.elapsed().as_secs_f64();
+    let pruned = prune_if_due(&inventory, started_at, keep);
     let names: Vec<String> = targets.iter().map(|t| t.host.clone()).collect();
     let rows = inventory
         .fleet_status(Some(&names))
@@ -335,6 +340,7 @@ fn poll_once(
     Ok(Outcome {
         changed: !changed_hosts.is_empty(),
         would_poll: Vec::new(),
+        pruned,
         job_id: Some(job_id),
         summary: Summary {
             polled: polled.len(),
@@ -379,11 +385,13 @@ impl Summary {
 
 /// The manager's mutual-TLS client: agents must present a certificate from its CA.
 /// With `keep_alive` (`--watch`) idle connections stay open for the next round; a single poll
-/// closes each one after its answer, so open sockets never pile up to one per host.
+/// closes each one after its answer, so open sockets never pile up to one per host. The
+/// revoked certificates are read from the inventory, waiting up to `lock_timeout` for a writer.
 pub(crate) fn mutual_client(
     home: &Path,
     timeout: Duration,
     keep_alive: bool,
+    lock_timeout: Duration,
 ) -> Result<reqwest::Client, UserError> {
     let ca = ManagerCa::load_or_create(home)
         .map_err(|err| UserError::failure(format!("manager CA: {err}")))?;
@@ -391,14 +399,20 @@ pub(crate) fn mutual_client(
         .client_identity(home)
         .map_err(|err| UserError::failure(format!("manager client certificate: {err}")))?;
     // An agent presenting a revoked certificate is someone holding a deactivated host's key.
-    let revoked = match Inventory::open_read_only(home, Duration::from_secs(30)) {
+    let revoked = match Inventory::open_read_only(home, lock_timeout) {
         Ok(Some(inventory)) => inventory.revoked_serials(),
         Ok(None) => Ok(Default::default()),
         Err(err) => Err(err),
     }
     .map_err(|err| {
-        UserError::failure(format!("cannot read the revoked certificates: {err}"))
-            .with_hint("run `pm-doctor` to check the inventory")
+        let hint = match err {
+            InventoryError::Locked { .. } => {
+                "no agent was asked and nothing was recorded; run the same command again when \
+                 the other writer is done, or raise --lock-timeout"
+            }
+            _ => "run `pm-doctor` to check the inventory",
+        };
+        UserError::failure(format!("cannot read the revoked certificates: {err}")).with_hint(hint)
     })?;
     tls::client_builder(
         Some(ca.certificate()),
@@ -734,48 +748,162 @@ fn print(global: &GlobalArgs, outcome: &Outcome, watching: bool) -> anyhow::Resu
     Ok(status)
 }
 
-#[derive(Debug, Serialize)]
-struct PruneReport {
-    changed: bool,
-    deleted_polls: usize,
-    older_than: String,
-    kept: &'static str,
+/// What pm-poll keeps (pm.toml `[poll]`), for `--prune` and the prune after a poll.
+#[derive(Debug, Clone, Copy)]
+struct Keep {
+    polls: Duration,
+    history: Option<Duration>,
+    /// Prune after a poll, once a day (`auto_prune`).
+    daily: bool,
 }
 
-fn prune(home: &Path, global: &GlobalArgs, older_than: Duration) -> anyhow::Result<ExitStatus> {
-    let before = Utc::now()
-        - chrono::Duration::from_std(older_than)
-            .map_err(|_| UserError::usage("--older-than is too long"))?;
-    let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
-    let deleted = if global.dry_run {
-        0
-    } else {
-        let started = Utc::now();
-        inventory
-            .transaction(|inv| {
-                let deleted = inv.prune_polls(before)?;
+impl Keep {
+    fn of(config: &PollConfig) -> Keep {
+        Keep {
+            polls: config.keep_polls,
+            history: config.keep_history,
+            daily: config.auto_prune,
+        }
+    }
+}
+
+/// How often pm-poll prunes by itself: a prune deletes a day of polls at a time, and every
+/// poll of the day finds the last prune recent and skips it.
+const PRUNE_EVERY: chrono::Duration = chrono::Duration::days(1);
+
+/// What a prune deleted, in the report of `--prune` and of the poll that pruned.
+#[derive(Debug, Serialize)]
+struct PruneReport {
+    #[serde(flatten)]
+    deleted: Pruned,
+    /// Polls before this were deleted.
+    polls_before: String,
+    /// Scans, findings, install runs and superseded versions before this were deleted;
+    /// `None`: they are kept (`keep_history = "forever"`).
+    history_before: Option<String>,
+    /// How long the prune held the inventory.
+    seconds: f64,
+}
+
+/// The time `now` minus `age`, or bad input for an age beyond the calendar.
+fn before(now: DateTime<Utc>, age: Duration, key: &str) -> Result<DateTime<Utc>, UserError> {
+    chrono::Duration::from_std(age)
+        .ok()
+        .and_then(|age| now.checked_sub_signed(age))
+        .ok_or_else(|| UserError::usage(format!("`{key}` is too long")))
+}
+
+/// Prunes in one transaction and records it as a `prune` job (whose time decides when pm-poll
+/// prunes by itself next); `dry_run` counts instead and records nothing.
+fn prune_inventory(
+    inventory: &Inventory,
+    now: DateTime<Utc>,
+    keep: Keep,
+    dry_run: bool,
+) -> anyhow::Result<PruneReport> {
+    let started = Instant::now();
+    let polls_before = before(now, keep.polls, "keep_polls")?;
+    let history_before = keep
+        .history
+        .map(|age| before(now, age, "keep_history"))
+        .transpose()?;
+    let deleted = inventory
+        .transaction(|inv| {
+            let deleted = inv.prune(polls_before, history_before, dry_run)?;
+            if !dry_run {
                 inv.insert_job(
                     "prune",
-                    started,
+                    now,
                     "ok",
-                    &format!("deleted {deleted} polls older than {}", before.to_rfc3339()),
+                    &format!(
+                        "deleted {} polls before {}, {} scans, {} findings, {} install runs, {} \
+                         superseded versions before {}",
+                        deleted.polls,
+                        polls_before.to_rfc3339(),
+                        deleted.scans,
+                        deleted.scan_findings,
+                        deleted.update_runs,
+                        deleted.component_versions,
+                        history_before.map_or("-".into(), |t| t.to_rfc3339()),
+                    ),
                 )?;
-                Ok(deleted)
-            })
-            .map_err(inventory_error)?
+            }
+            Ok(deleted)
+        })
+        .map_err(inventory_error)?;
+    Ok(PruneReport {
+        deleted,
+        polls_before: polls_before.to_rfc3339(),
+        history_before: history_before.map(|t| t.to_rfc3339()),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// After a poll, on the inventory it just wrote: prunes when `auto_prune` is on and the last
+/// prune is a day old (or there was none). A failed prune is a warning: the poll is recorded.
+fn prune_if_due(inventory: &Inventory, now: DateTime<Utc>, keep: Keep) -> Option<PruneReport> {
+    if !keep.daily {
+        return None;
+    }
+    let due = match inventory.last_prune_at() {
+        Ok(last) => last.is_none_or(|last| now - last >= PRUNE_EVERY),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot tell when the inventory was last pruned");
+            false
+        }
     };
-    let report = PruneReport {
-        changed: deleted > 0,
-        deleted_polls: deleted,
-        older_than: before.to_rfc3339(),
-        kept: "version changes, scans, findings, install runs and each host's current state",
-    };
+    if !due {
+        return None;
+    }
+    match prune_inventory(inventory, now, keep, false) {
+        Ok(report) => {
+            tracing::info!(deleted = ?report.deleted, seconds = report.seconds, "pruned");
+            Some(report)
+        }
+        Err(err) => {
+            tracing::warn!(error = %format!("{err:#}"), "the daily prune failed; the poll is recorded");
+            None
+        }
+    }
+}
+
+/// `pm-poll --prune`: at once, whatever `auto_prune` says; `--older-than` replaces
+/// `keep_polls`.
+fn prune(home: &Path, global: &GlobalArgs, keep: Keep) -> anyhow::Result<ExitStatus> {
+    let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+    let report = prune_inventory(&inventory, Utc::now() + clock()?, keep, global.dry_run)?;
+    let deleted = report.deleted;
     if global.json {
-        cli::print_json(&report)?;
+        cli::print_json(&serde_json::json!({
+            "changed": !global.dry_run && deleted != Pruned::default(),
+            "dry_run": global.dry_run,
+            "deleted_polls": deleted.polls,
+            "older_than": report.polls_before,
+            "pruned": report,
+            "kept": "version changes, scans, findings and install runs newer than keep_history \
+                     (all of them by default), each host's newest version and current state",
+        }))?;
     } else if !global.quiet {
+        let verb = if global.dry_run {
+            "would delete"
+        } else {
+            "deleted"
+        };
+        let history = match &report.history_before {
+            Some(before) => format!(
+                "{verb} {} scans, {} findings, {} install runs and {} superseded versions before \
+                 {before}",
+                deleted.scans,
+                deleted.scan_findings,
+                deleted.update_runs,
+                deleted.component_versions
+            ),
+            None => "kept scans, findings, install runs and versions (keep_history = \"forever\")"
+                .into(),
+        };
         cli::print_text(format!(
-            "deleted {deleted} polls older than {}; kept {}",
-            report.older_than, report.kept
+            "{verb} {} polls before {}; {history}",
+            deleted.polls, report.polls_before
         ))?;
     }
     Ok(ExitStatus::Success)

@@ -743,14 +743,7 @@ fn start(home: &Path, global: &GlobalArgs, args: &UpdateArgs) -> anyhow::Result<
             );
         };
         let hosts = inventory.hosts().map_err(inventory_error)?;
-        let where_hosts = match &args.targets.where_sql {
-            Some(sql) => Some(inventory.hosts_where(sql).map_err(|err| {
-                UserError::usage(format!(
-                    "--where `{sql}` does not work on fleet_status: {err}"
-                ))
-            })?),
-            None => None,
-        };
+        let where_hosts = args.targets.where_hosts(&inventory)?;
         (
             args.targets.resolve(&hosts, where_hosts.as_ref())?,
             inventory.installed_revisions().map_err(inventory_error)?,
@@ -1133,7 +1126,7 @@ pub(crate) fn execute(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let client = mutual_client(home, options.timeout, false)?;
+    let client = mutual_client(home, options.timeout, false, global.lock_timeout)?;
     let addresses: HashMap<String, String> = {
         let inventory = Inventory::open_read_only(home, global.lock_timeout)
             .map_err(inventory_error)?
@@ -1581,14 +1574,7 @@ pub(crate) fn resolve(
             .into());
     };
     let hosts = inventory.hosts().map_err(inventory_error)?;
-    let where_hosts = match &targets.where_sql {
-        Some(sql) => Some(inventory.hosts_where(sql).map_err(|err| {
-            UserError::usage(format!(
-                "--where `{sql}` does not work on fleet_status: {err}"
-            ))
-        })?),
-        None => None,
-    };
+    let where_hosts = targets.where_hosts(&inventory)?;
     Ok((targets.resolve(&hosts, where_hosts.as_ref())?, hosts))
 }
 
@@ -1657,7 +1643,7 @@ where
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let client = mutual_client(home, timeout, false)?;
+    let client = mutual_client(home, timeout, false, global.lock_timeout)?;
     let started = Utc::now();
     let run = |targets: Vec<Target>| -> Vec<(Target, HostOutcome)> {
         runtime.block_on(

@@ -97,8 +97,9 @@ fn check_generation(generation: u32) -> Result<usize, UserError> {
     let n = generation as usize;
     if !(1..=BACKUP_GENERATIONS).contains(&n) {
         return Err(UserError::usage(format!(
-            "--generation {generation} is out of range: 1..={BACKUP_GENERATIONS}"
-        )));
+            "`--generation {generation}` is out of range: 1..={BACKUP_GENERATIONS}"
+        ))
+        .with_hint("1 is the newest backup; `pm-mirror status` shows the generations"));
     }
     Ok(n)
 }
@@ -454,7 +455,7 @@ fn one_host(home: &Path, args: &Args, to: &str) -> anyhow::Result<ExitStatus> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let client = mutual_client(home, args.timeout, false)?;
+    let client = mutual_client(home, args.timeout, false, global.lock_timeout)?;
     let outcome: Result<InstallReport, String> = runtime.block_on(push::post_agent(
         &client,
         &target.address,

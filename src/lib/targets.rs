@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 
 use crate::cli::UserError;
-use crate::inventory::HostRecord;
+use crate::inventory::{HostRecord, Inventory};
 
 /// The target flags, flattened into each command.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -277,6 +277,25 @@ impl TargetArgs {
             && self.cidrs.is_empty()
             && self.where_sql.is_none()
             && self.targets.is_none()
+    }
+
+    /// The hosts `--where` selects on `fleet_status` (`None` without `--where`), run in
+    /// pm-query's sandbox by `Inventory::hosts_where`; a predicate that fails, reads files or is
+    /// more than one condition is bad input.
+    pub fn where_hosts(&self, inventory: &Inventory) -> Result<Option<HashSet<String>>, UserError> {
+        let Some(sql) = &self.where_sql else {
+            return Ok(None);
+        };
+        inventory.hosts_where(sql).map(Some).map_err(|err| {
+            UserError::usage(format!(
+                "--where `{sql}` does not work on fleet_status: {err}"
+            ))
+            .with_hint(
+                "give one condition on fleet_status's columns (`pm-query \"DESCRIBE \
+                     fleet_status\"` lists them), e.g. --where \"grp = 'web' AND NOT reachable\"; \
+                     it runs read-only without file access, like pm-query",
+            )
+        })
     }
 
     /// Chooses among `hosts` (every host of the inventory; only active ones are chosen).

@@ -220,3 +220,77 @@ fn doctor_fails_an_unreachable_exporter_and_rejects_a_bad_url_as_usage() {
     let run = doctor(&home).args(["--serve", "not a url"]).run();
     assert_eq!(run.code(), 2, "{}", run.stderr());
 }
+
+#[test]
+fn doctor_names_the_allow_list_when_the_exporter_answers_403() {
+    let home = Home::new();
+    let exporter = Server::spawn(
+        Pm::new("pm-exporter")
+            .args(["--listen", "127.0.0.1:0", "--allow", "10.0.0.0/8"])
+            .env("PM_HOME", home.path().to_str().unwrap()),
+    );
+    let (code, document) = json(doctor(&home).args(["--exporter", &exporter.base]));
+    assert_eq!(code, 1, "{document:#}");
+    let exporter = check(&document, "exporter");
+    assert_eq!(exporter["result"], "fail");
+    let message = exporter["message"].as_str().unwrap();
+    let hint = exporter["hint"].as_str().unwrap();
+    assert!(
+        message.contains("403") && message.contains("--allow"),
+        "{exporter:#}"
+    );
+    // The address to add, as the exporter sees this host; not a word about the inventory.
+    assert!(hint.contains("--allow 127.0.0.1/32"), "{exporter:#}");
+    assert!(!hint.contains("inventory"), "{exporter:#}");
+}
+
+#[test]
+fn doctor_warns_when_polls_older_than_keep_polls_are_never_pruned() {
+    let home = Home::new();
+    home.config("[poll]\nkeep_polls = \"30d\"\n");
+    let key = home.path().join("k.key");
+    Pm::activate(&home)
+        .args(["key", "new", "--out"])
+        .args([&key])
+        .json();
+    let (_, document) = json(doctor(&home));
+    assert_eq!(
+        check(&document, "inventory")["result"],
+        "ok",
+        "{document:#}"
+    );
+
+    // A poll 40 days old is still there: nothing pruned it (as when pm-poll stopped running,
+    // or auto_prune is off and nobody runs pm-poll --prune).
+    let file = home.path().join("inventory.duckdb");
+    let (code, _, err) = crate::support::duckdb(&[
+        file.to_str().unwrap(),
+        "-c",
+        "INSERT INTO polls VALUES (NULL, 1, now() - INTERVAL 40 DAY, true, NULL, NULL, 1)",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, document) = json(doctor(&home));
+    assert_eq!(code, 0, "a warning: {document:#}");
+    let inventory = check(&document, "inventory");
+    assert_eq!(inventory["result"], "warn", "{inventory:#}");
+    let message = inventory["message"].as_str().unwrap();
+    assert!(message.contains("keep_polls` (30d)"), "{inventory:#}");
+    assert!(message.contains("no prune ever ran"), "{inventory:#}");
+    assert!(
+        inventory["hint"]
+            .as_str()
+            .unwrap()
+            .contains("pm-poll --prune"),
+        "{inventory:#}"
+    );
+
+    // A prune puts it right.
+    let pruned = Pm::poll(&home).args(["--prune"]).json();
+    assert_eq!(pruned["deleted_polls"], 1, "{pruned:#}");
+    let (_, document) = json(doctor(&home));
+    assert_eq!(
+        check(&document, "inventory")["result"],
+        "ok",
+        "{document:#}"
+    );
+}

@@ -275,6 +275,60 @@ fn only_allowed_networks_are_answered_and_healthz_waits_for_an_inventory() {
     assert!(!body.contains("pm_dist_info"), "nothing published: {body}");
 }
 
+/// The status `curl` gets for `/healthz` at `url` (0: no answer).
+fn curl_status(url: &str) -> u16 {
+    let output = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .args(["--noproxy", "*", url])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).parse().unwrap_or(0)
+}
+
+#[test]
+fn an_ipv4_mapped_allow_entry_on_a_dual_stack_listener_admits_ipv4_clients() {
+    let home = Home::new();
+    let port = crate::support::free_port();
+    let server = Server::spawn(
+        Pm::new("pm-exporter")
+            .args(["--listen", &format!("[::]:{port}")])
+            .args([
+                "--allow",
+                "::ffff:127.0.0.1/128",
+                "--allow",
+                "::ffff:0:0/104",
+            ])
+            .env("PM_HOME", home.path().to_str().unwrap()),
+    );
+    // Written as IPv6 (::ffff:127.0.0.1, ::ffff:0.0.0.0/104), meant as IPv4 (127.0.0.1,
+    // 0.0.0.0/8): the IPv4 client is in, an IPv6 one is not.
+    assert_eq!(
+        curl_status(&format!("http://127.0.0.1:{port}/healthz")),
+        503
+    );
+    assert_eq!(curl_status(&format!("http://[::1]:{port}/healthz")), 403);
+    drop(server);
+    // A mapped entry shorter than /96 covers IPv6 and IPv4 at once: refused, with a hint.
+    let run = Pm::new("pm-exporter")
+        .args(["--listen", "127.0.0.1:0", "--allow", "::ffff:0:0/95"])
+        .env("PM_HOME", home.path().to_str().unwrap())
+        .run();
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(
+        run.stderr().contains("as two --allow flags"),
+        "{}",
+        run.stderr()
+    );
+}
+
 #[test]
 fn the_last_snapshot_is_served_while_pm_poll_writes_and_after_the_inventory_is_gone() {
     let (setup, _other) = polled_fleet();
@@ -445,15 +499,23 @@ fn a_scrape_that_accepts_gzip_gets_the_same_series_compressed() {
     });
     assert_eq!(encoding.as_deref(), Some("gzip"));
     assert_eq!(vary.as_deref(), Some("accept-encoding"));
-    // Several gzip members in one stream (the snapshot's, compressed once, then the
-    // exporter's own few series), as Prometheus's reader takes them.
+    // One gzip member, as zlib-based clients read it (a second member would be ignored):
+    // a single-member reader must reach the end of the body and find every series.
     let mut text = String::new();
-    std::io::Read::read_to_string(
-        &mut flate2::read::MultiGzDecoder::new(&compressed[..]),
-        &mut text,
-    )
-    .unwrap();
+    let mut single = flate2::bufread::GzDecoder::new(&compressed[..]);
+    std::io::Read::read_to_string(&mut single, &mut text).unwrap();
+    assert!(
+        single.into_inner().is_empty(),
+        "bytes after the first gzip member"
+    );
     assert!(compressed.len() < plain.len(), "compressed");
+    // Every series but the previous scrape's duration, which the first scrape has not.
+    let series = |body: &str| {
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("pm_exporter_scrape_duration"))
+            .count()
+    };
+    assert_eq!(series(&text), series(&plain), "{text}");
     let inventory_lines = |body: &str| -> Vec<String> {
         body.lines()
             .filter(|l| l.starts_with("pm_host_") || l.starts_with("pm_dist_"))
@@ -463,6 +525,16 @@ fn a_scrape_that_accepts_gzip_gets_the_same_series_compressed() {
     assert!(!inventory_lines(&plain).is_empty());
     assert_eq!(inventory_lines(&text), inventory_lines(&plain));
     promtool_check(&text);
+    // curl --compressed (libcurl decodes with zlib) sees every series too.
+    let output = Command::new("curl")
+        .args(["-s", "--compressed", "--noproxy", "*", "--max-time", "10"])
+        .arg(format!("{}/metrics", server.base))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "curl: {:?}", output.status);
+    let curled = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(series(&curled), series(&plain), "{curled}");
+    assert_eq!(inventory_lines(&curled), inventory_lines(&plain));
     // `q=0` refuses gzip: plain text.
     let (code, _, body) = get_with(
         reqwest::Client::builder().default_headers(

@@ -11,6 +11,7 @@ mod agent_scan;
 mod agent_schedule;
 mod ansible;
 mod bad_input;
+mod cli;
 mod dashboards;
 mod dist_statement;
 mod doctor;
@@ -33,6 +34,7 @@ mod push;
 mod query;
 mod readme_sql;
 // The seeded generator of the lib's fuzz harness, shared by file so no binary ships it.
+mod retention;
 #[path = "../../src/lib/rng.rs"]
 #[allow(dead_code)]
 mod rng;

@@ -321,6 +321,11 @@ fn watch_repeats_with_one_json_line_per_round_and_concurrent_writers_both_land()
 #[test]
 fn prune_drops_old_polls_and_keeps_versions_and_scans() {
     let setup = AgentSetup::new();
+    // Only --prune prunes here (retention.rs tests the prune pm-poll runs by itself).
+    let config = std::fs::read_to_string(setup.home.path().join("pm.toml")).unwrap();
+    setup
+        .home
+        .config(&format!("{config}\n[poll]\nauto_prune = false\n"));
     setup.agent_cmd(&["update"]);
     let earlier = (chrono::Utc::now() - chrono::Duration::days(40)).to_rfc3339();
     Pm::poll(&setup.home)

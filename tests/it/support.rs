@@ -780,20 +780,60 @@ pub fn sql(home: &Home, query: &str) -> Vec<String> {
 }
 
 /// An interactive DuckDB CLI session that holds `file` open read-write until its stdin (the
-/// second value) is dropped.
+/// second value) is dropped. It returns once the kernel lists the session's write lock: a fixed
+/// sleep was too short on a loaded machine (the command under test then found the file free),
+/// and a session that met a reader (an exporter's refresh) ends at once and is started again.
 pub fn hold_read_write(file: &Path) -> (Child, std::process::ChildStdin) {
     use std::io::Write;
-    let mut session = Command::new(duckdb_cli())
-        .arg(file)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = session.stdin.take().unwrap();
-    writeln!(stdin, "SELECT 1;").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    (session, stdin)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mut session = Command::new(duckdb_cli())
+            .arg(file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = session.stdin.take().unwrap();
+        writeln!(stdin, "SELECT 1;").unwrap();
+        while session.try_wait().unwrap().is_none() {
+            if holds_write_lock(file) {
+                return (session, stdin);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the DuckDB CLI did not lock `{}`",
+                file.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the DuckDB CLI never opened `{}` read-write",
+            file.display()
+        );
+    }
+}
+
+/// Whether some process holds a POSIX write lock on `file` (`/proc/locks`: `N: POSIX ADVISORY
+/// WRITE PID MAJOR:MINOR:INODE START END`, the device numbers in hex). The PID is not compared:
+/// the `duckdb` on PATH may be a wrapper (pyenv) whose child opens the file.
+pub fn holds_write_lock(file: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(metadata) = std::fs::metadata(file) else {
+        return false;
+    };
+    let dev = metadata.dev();
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let id = format!("{major:02x}:{minor:02x}:{}", metadata.ino());
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    locks.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&"POSIX")
+            && fields.get(3) == Some(&"WRITE")
+            && fields.get(5) == Some(&id.as_str())
+    })
 }
 
 /// What a [`FaultProxy`] does to each connection it accepts (the mode at accept time applies

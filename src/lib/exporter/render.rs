@@ -94,6 +94,8 @@ pub struct ExporterValues {
     pub read_errors: u64,
     /// How long rendering the previous scrape took.
     pub scrape_duration: Option<f64>,
+    /// Bytes of the inventory file and its write-ahead log (None: no file).
+    pub inventory_size_bytes: Option<u64>,
 }
 
 /// Renders the exporter's own series; with OpenMetrics, the closing `# EOF` too.
@@ -594,6 +596,14 @@ impl Collector for ExporterCollector {
         )?;
         gauge(
             e,
+            "pm_inventory_size_bytes",
+            "Bytes of the inventory file and its write-ahead log on disk",
+            values
+                .inventory_size_bytes
+                .map(|v| (NO_LABELS, i64::try_from(v).unwrap_or(i64::MAX))),
+        )?;
+        gauge(
+            e,
             "pm_inventory_snapshot_read_seconds",
             "How long the last successful snapshot read held the inventory open",
             values.snapshot_read_seconds.map(|v| (NO_LABELS, v)),
@@ -886,6 +896,7 @@ pm_backup_info{generation="2",revision="r5"} 1
             snapshot_read_seconds: Some(0.25),
             read_errors: 3,
             scrape_duration: None,
+            inventory_size_bytes: Some(1_048_576),
         };
         let openmetrics = render_exporter(values.clone(), Format::OpenMetrics);
         assert!(
@@ -897,6 +908,12 @@ pm_backup_info{generation="2",revision="r5"} 1
         ));
         let prometheus = render_exporter(values, Format::Prometheus);
         assert!(!prometheus.contains("# EOF"), "{prometheus}");
+        assert!(
+            prometheus.contains(
+                "# TYPE pm_inventory_size_bytes gauge\npm_inventory_size_bytes 1048576\n"
+            ),
+            "{prometheus}"
+        );
         assert!(
             prometheus.contains("pm_inventory_snapshot_age_seconds 4.5\n"),
             "{prometheus}"

@@ -550,15 +550,6 @@ impl Inventory {
         self.db(appender.flush())
     }
 
-    /// Hosts for which `predicate` (SQL) holds on `fleet_status` (`--where`).
-    pub fn hosts_where(&self, predicate: &str) -> Result<HashSet<String>, InventoryError> {
-        let mut statement = self.db(self.conn.prepare(&format!(
-            "SELECT host FROM fleet_status WHERE ({predicate})"
-        )))?;
-        let rows = self.db(statement.query_map([], |row| row.get::<_, String>(0)))?;
-        rows.map(|row| self.db(row)).collect()
-    }
-
     /// `fleet_status` rows, by host name (`only`: these hosts).
     pub fn fleet_status(&self, only: Option<&[String]>) -> Result<Vec<FleetRow>, InventoryError> {
         let mut statement = self.db(self.conn.prepare(
@@ -599,14 +590,6 @@ impl Inventory {
         })
         .map(|row| self.db(row))
         .collect()
-    }
-
-    /// Deletes polls older than `before`; version changes, scans and install runs stay.
-    pub fn prune_polls(&self, before: DateTime<Utc>) -> Result<usize, InventoryError> {
-        self.db(self.conn.execute(
-            "DELETE FROM polls WHERE polled_at < to_timestamp(?)",
-            params![before.timestamp_micros() as f64 / 1e6],
-        ))
     }
 }
 
@@ -749,7 +732,7 @@ mod tests {
                 .as_deref(),
             Some("b")
         );
-        assert_eq!(inventory.prune_polls(later).unwrap(), 3);
+        assert_eq!(inventory.prune(later, None, false).unwrap().polls, 3);
         assert_eq!(count(&inventory, "component_versions"), 3, "history stays");
     }
 }

@@ -1,11 +1,13 @@
 //! Arbitrary SQL for `pm-query`: one statement run on a read-only connection, its rows handed
 //! over one at a time as [`QueryValue`]s so that no module but `inventory` sees DuckDB's types.
 
+use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use duckdb::arrow::datatypes::DataType;
 use duckdb::types::{TimeUnit, Value};
+use serde_json::Value as Json;
 
 use super::Inventory;
 
@@ -114,15 +116,27 @@ impl QueryError {
     }
 }
 
+/// The statement a `--where` predicate is put in; the predicate goes between the parentheses,
+/// on a line of its own so that a `--` comment in it cannot swallow the closing one.
+const WHERE_STATEMENT: [&str; 2] = ["SELECT host FROM fleet_status WHERE (\n", "\n)"];
+
 impl Inventory {
-    /// Runs one SQL statement from a person (`pm-query`) and hands its rows to `sink`. The
-    /// connection must be read-only ([`Inventory::open_read_only`]); file system access is also
-    /// switched off first, so `COPY ... TO` or `ATTACH` cannot write anywhere either.
-    pub fn query(&self, sql: &str, sink: &mut dyn QuerySink) -> Result<QueryResult, QueryError> {
+    /// The sandbox of SQL that comes from a person (`pm-query`, `--where`): on top of the
+    /// read-only connection ([`Inventory::open_read_only`]), file system access is switched
+    /// off, so `read_text`, `read_csv`, `COPY ... TO`, `ATTACH` or `INSTALL` cannot read or write
+    /// anywhere. DuckDB refuses to switch it back on while the database is open, so the SQL
+    /// itself cannot undo it.
+    fn sandbox(&self) -> Result<(), QueryError> {
         self.conn
             // UTC so that casts and strftime in the SQL agree with the UTC the rows print in.
             .execute_batch("SET enable_external_access = false; SET TimeZone = 'UTC'")
-            .map_err(QueryError::from_duckdb)?;
+            .map_err(QueryError::from_duckdb)
+    }
+
+    /// Runs one SQL statement from a person (`pm-query`) and hands its rows to `sink`, in the
+    /// sandbox (`Inventory::sandbox`): read-only, no file access.
+    pub fn query(&self, sql: &str, sink: &mut dyn QuerySink) -> Result<QueryResult, QueryError> {
+        self.sandbox()?;
         let mut statement = self.conn.prepare(sql).map_err(QueryError::from_duckdb)?;
         let mut rows = statement.query([]).map_err(QueryError::from_duckdb)?;
         let executed = rows
@@ -151,6 +165,71 @@ impl Inventory {
             result.row_count += 1;
         }
         Ok(result)
+    }
+}
+
+impl Inventory {
+    /// Hosts for which `predicate` (SQL, `--where`) holds on `fleet_status`, run in pm-query's
+    /// sandbox (`Inventory::sandbox`). The predicate must be one condition: DuckDB's own parser
+    /// reads the statement it is put in, and anything but the `WHERE` clause that differs from
+    /// the statement with `TRUE` in its place (a closing parenthesis followed by `UNION`,
+    /// `ORDER BY`, `LIMIT`, `GROUP BY`, a second statement, a comment eating the closing
+    /// parenthesis) is refused before anything runs.
+    pub fn hosts_where(&self, predicate: &str) -> Result<HashSet<String>, QueryError> {
+        self.sandbox()?;
+        let [head, tail] = WHERE_STATEMENT;
+        let sql = format!("{head}{predicate}{tail}");
+        let without_where = |sql: &str| -> Result<Json, QueryError> {
+            let mut tree = self.parse_tree(sql)?;
+            let statements = tree["statements"].as_array_mut();
+            match statements.map(|s| s.as_mut_slice()) {
+                Some([statement]) => Ok(statement["node"]
+                    .as_object_mut()
+                    .and_then(|node| node.remove("where_clause"))
+                    .map(|_| statement["node"].take())
+                    .unwrap_or_default()),
+                _ => Ok(Json::Null),
+            }
+        };
+        let expected = without_where(&format!("{head}TRUE{tail}"))?;
+        if expected.is_null() || without_where(&sql)? != expected {
+            return Err(QueryError::Sql {
+                message: "it is not one condition: it ends the parentheses it is put in and \
+                          adds to the statement"
+                    .into(),
+            });
+        }
+        let mut statement = self.conn.prepare(&sql).map_err(QueryError::from_duckdb)?;
+        let rows = statement
+            .query_map([], |row| row.get::<_, String>(0))
+            .map_err(QueryError::from_duckdb)?;
+        rows.map(|row| row.map_err(QueryError::from_duckdb))
+            .collect()
+    }
+
+    /// DuckDB's parse tree of `sql` (`json_serialize_sql`: SELECT statements only); a
+    /// statement it cannot parse is an error with DuckDB's message.
+    fn parse_tree(&self, sql: &str) -> Result<Json, QueryError> {
+        let text: String = self
+            .conn
+            .query_row(
+                "SELECT json_serialize_sql(?::VARCHAR)::VARCHAR",
+                [sql],
+                |row| row.get(0),
+            )
+            .map_err(QueryError::from_duckdb)?;
+        let tree: Json = serde_json::from_str(&text).map_err(|err| QueryError::Sql {
+            message: format!("DuckDB's parse tree is not JSON: {err}"),
+        })?;
+        if tree["error"] != Json::Bool(false) {
+            return Err(QueryError::Sql {
+                message: tree["error_message"]
+                    .as_str()
+                    .unwrap_or("DuckDB cannot parse it")
+                    .to_string(),
+            });
+        }
+        Ok(tree)
     }
 }
 

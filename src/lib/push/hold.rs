@@ -316,7 +316,7 @@ pub(crate) fn release_fleet_rollback_holds(
         hold: None,
         only_kind: Some(HoldKind::FleetRollback),
     };
-    let client = crate::poll::mutual_client(home, HOLD_TIMEOUT, false)?;
+    let client = crate::poll::mutual_client(home, HOLD_TIMEOUT, false, global.lock_timeout)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -1,0 +1,121 @@
+//! Retention (issue 16, day-2 operations): pm-poll prunes old polls by itself once a day, an
+//! inventory's size is a metric, and what stays for ever can be bounded.
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+fn count(setup: &AgentSetup, sql_text: &str) -> i64 {
+    sql(&setup.home, sql_text)[0].parse().unwrap()
+}
+
+fn poll_at(setup: &AgentSetup, now: Option<&str>) -> serde_json::Value {
+    let mut pm = Pm::poll(&setup.home).args(["--json", "--timeout", "5s"]);
+    if let Some(now) = now {
+        pm = pm.env("PM_POLL_NOW", now);
+    }
+    let run = pm.run();
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    run.json()
+}
+
+#[test]
+fn a_poll_prunes_polls_older_than_keep_polls_once_a_day_without_a_timer() {
+    let setup = AgentSetup::new();
+    let forty_days_ago = (chrono::Utc::now() - chrono::Duration::days(40)).to_rfc3339();
+    let prunes = "SELECT count(*) FROM jobs WHERE kind = 'prune'";
+    // A poll 40 days ago: nothing is that old yet, but it is the first prune of this inventory.
+    poll_at(&setup, Some(&forty_days_ago));
+    assert_eq!(count(&setup, "SELECT count(*) FROM polls"), 1);
+
+    // Today's poll is the first in more than a day: it also deletes what is older than
+    // keep_polls (30 days by default), records the prune as a job and says so.
+    let report = poll_at(&setup, None);
+    assert_eq!(report["pruned"]["polls"], 1, "{report:#}");
+    assert_eq!(
+        count(&setup, "SELECT count(*) FROM polls"),
+        1,
+        "the old poll is gone"
+    );
+    assert_eq!(
+        count(
+            &setup,
+            "SELECT count(*) FROM polls WHERE polled_at > now() - INTERVAL 1 DAY"
+        ),
+        1,
+        "today's poll stays"
+    );
+    let after_first_day = count(&setup, prunes);
+
+    // Later polls the same day leave it alone.
+    let report = poll_at(&setup, None);
+    assert!(report.get("pruned").is_none(), "{report:#}");
+    assert_eq!(count(&setup, prunes), after_first_day);
+    assert_eq!(count(&setup, "SELECT count(*) FROM polls"), 2);
+
+    // auto_prune = false: pm-poll --prune (from the operator's own timer) is the only way.
+    let config = std::fs::read_to_string(setup.home.path().join("pm.toml")).unwrap();
+    setup
+        .home
+        .config(&format!("{config}\n[poll]\nauto_prune = false\n"));
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(2)).to_rfc3339();
+    let report = poll_at(&setup, Some(&tomorrow));
+    assert!(report.get("pruned").is_none(), "{report:#}");
+    assert_eq!(count(&setup, prunes), after_first_day);
+
+    // keep_history reaches --prune; a dry run counts and records nothing.
+    setup.home.config(&format!(
+        "{config}\n[poll]\nauto_prune = false\nkeep_history = \"400d\"\n"
+    ));
+    let polls = count(&setup, "SELECT count(*) FROM polls");
+    let report = Pm::poll(&setup.home).args(["--prune", "--dry-run"]).json();
+    assert_eq!(report["changed"], false, "{report:#}");
+    assert!(report["pruned"]["history_before"].is_string(), "{report:#}");
+    assert_eq!(report["pruned"]["scans"], 0, "{report:#}");
+    assert_eq!(count(&setup, "SELECT count(*) FROM polls"), polls);
+    assert_eq!(count(&setup, prunes), after_first_day);
+}
+
+#[test]
+fn the_exporter_reports_the_inventory_file_size() {
+    let setup = AgentSetup::new();
+    poll_at(&setup, None);
+    let server = Server::spawn(
+        Pm::new("pm-exporter")
+            .args(["--listen", "127.0.0.1:0", "--refresh", "1s"])
+            .env("PM_HOME", setup.home.path().to_str().unwrap()),
+    );
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let size = loop {
+        let body = runtime().block_on(async {
+            let response = client
+                .get(format!("{}/metrics", server.base))
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .unwrap();
+            response.text().await.unwrap()
+        });
+        if let Some(line) = body
+            .lines()
+            .find(|l| l.starts_with("pm_inventory_size_bytes "))
+        {
+            break line["pm_inventory_size_bytes ".len()..]
+                .parse::<f64>()
+                .unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pm_inventory_size_bytes: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let file = |name: &str| {
+        std::fs::metadata(setup.home.path().join(name))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    let on_disk = file("inventory.duckdb") + file("inventory.duckdb.wal");
+    assert_eq!(size, on_disk as f64);
+}
