@@ -216,9 +216,15 @@ pub enum KeyProblem {
     /// Not of the form `pmk1.<id>.<secret>`.
     #[error("this is not a pm activation key (expected pmk1.<id>.<secret>)")]
     Malformed,
-    /// No key with that id, or the secret does not match.
+    /// No key with that id.
     #[error("activation key `{0}` is not known to this manager")]
     Unknown(String),
+    /// A key with that id exists, but the secret is not its secret.
+    #[error(
+        "activation key `{0}` is known to this manager, but the key file's secret does not \
+         match it: the file was damaged, edited, or mixes two keys"
+    )]
+    WrongSecret(String),
     /// Past its expiry.
     #[error("activation key `{id}` expired at {at}")]
     Expired { id: String, at: DateTime<Utc> },
@@ -259,13 +265,14 @@ pub fn check_key(
     now: DateTime<Utc>,
 ) -> Result<ActivationKeyRecord, KeyProblem> {
     let (id, secret) = parse_key(text)?;
-    let record = keys
-        .iter()
-        .find(|k| {
-            k.id == id
-                && openssl::memcmp::eq(k.secret_sha256.as_bytes(), secret_hash(&secret).as_bytes())
-        })
-        .ok_or_else(|| KeyProblem::Unknown(id.clone()))?;
+    let with_id: Vec<&ActivationKeyRecord> = keys.iter().filter(|k| k.id == id).collect();
+    if with_id.is_empty() {
+        return Err(KeyProblem::Unknown(id));
+    }
+    let record = with_id
+        .into_iter()
+        .find(|k| openssl::memcmp::eq(k.secret_sha256.as_bytes(), secret_hash(&secret).as_bytes()))
+        .ok_or_else(|| KeyProblem::WrongSecret(id.clone()))?;
     check_key_state(record, now)?;
     Ok(record.clone())
 }
@@ -563,7 +570,12 @@ mod tests {
         let forged = format!("pmk1.{id}.{}", String::from_utf8(wrong).unwrap());
         assert_eq!(
             check_key(&forged, &records, Utc::now()),
-            Err(KeyProblem::Unknown(id))
+            Err(KeyProblem::WrongSecret(id))
+        );
+        let unknown = format!("pmk1.00000000.{}", "A".repeat(43));
+        assert_eq!(
+            check_key(&unknown, &records, Utc::now()),
+            Err(KeyProblem::Unknown("00000000".into()))
         );
         assert_eq!(
             check_key("hello", &records, Utc::now()),

@@ -16,6 +16,7 @@ mod dist_statement;
 mod doctor;
 mod exporter;
 mod faults;
+mod host_identity;
 mod inventory;
 mod kit;
 mod lab_agents;
