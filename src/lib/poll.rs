@@ -578,10 +578,16 @@ async fn ask_one(
                 renewed_from: None,
             }),
         ),
-        (Err(failure), Some(ca)) if failure.kind == "tls" => (
-            Err(explain_tls(target, ca, timeout).await.unwrap_or(failure)),
-            None,
-        ),
+        // Only this manager's check of the agent's certificate failing is explained by a look
+        // at it (one more handshake); a link that broke mid-handshake is not asked again.
+        (Err(failure), Some(ca))
+            if failure.kind == "tls" && failure.message.contains("certificate verify failed") =>
+        {
+            (
+                Err(explain_tls(target, ca, timeout).await.unwrap_or(failure)),
+                None,
+            )
+        }
         (Err(failure), _) => (Err(failure), None),
     };
     PolledHost {
