@@ -48,7 +48,8 @@ pub enum Command {
         /// The host's name (or its address) as `pm-activate list` shows it
         host: String,
     },
-    /// Hosts with group, profile, address, state, activation time and agent version
+    /// Hosts with group, profile, address, state, activation time, certificate expiry and
+    /// agent version
     List,
     /// Scan profiles hosts get (`default` always exists)
     Profile {
@@ -74,7 +75,8 @@ pub struct HostArgs {
     /// File holding the activation key the agent was given (`pm-activate key new --out`)
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
-    /// Name to give the host (default: the name the agent reports)
+    /// Name to give the host (default: its name in the inventory, else the one the agent
+    /// reports); on a host this manager activated, renames it and its history
     #[arg(long)]
     pub name: Option<String>,
     /// Host group
