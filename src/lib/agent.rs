@@ -1284,6 +1284,7 @@ fn load_state(dir: &Path) -> Result<Loaded> {
         Some(activation) => {
             // A crash between the commit and the deletion of the key leaves it behind.
             remove_activation_key(dir)?;
+            identity::repair(dir, &load_config(dir)?.host_name)?;
             let (key, cert) = identity::issued_identity(dir)?;
             TlsServerConfig {
                 key,

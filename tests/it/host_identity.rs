@@ -172,18 +172,23 @@ fn poll(home: &Home, flags: &[&str]) -> (i32, Value, String) {
     (run.code(), run.json(), run.stderr())
 }
 
-/// `pm-poll --json` under `faketime -f OFFSET`.
-fn poll_at(home: &Home, offset: &str, flags: &[&str]) -> Run {
+/// `TOOL --home HOME --json ARGS` under `faketime -f OFFSET`: a manager whose clock is on.
+fn at(offset: &str, tool: &str, home: &Home, args: &[&str]) -> Run {
     let mut command = Command::new("faketime");
     command
-        .args(["-f", offset, bin("pm-poll"), "--home"])
+        .args(["-f", offset, bin(tool), "--home"])
         .arg(home.path())
         .args(["--json"])
-        .args(flags)
+        .args(args)
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
     Pm::wrap(command).run()
+}
+
+/// `pm-poll --json FLAGS` at `OFFSET`.
+fn poll_at(home: &Home, offset: &str, flags: &[&str]) -> Run {
+    at(offset, "pm-poll", home, flags)
 }
 
 /// Every row of the tables that describe hosts, as text, to prove that nothing changed.
@@ -570,6 +575,15 @@ fn a_polled_fleet_renews_its_certificates_and_still_answers_a_year_on() {
     let report = run.json();
     assert_eq!(report["summary"]["ok"], 2, "{report}");
     assert_eq!(report["summary"]["certificates_renewed"], 0, "{report}");
+
+    // A renewed agent still forgets its manager cleanly and falls back to a self-signed
+    // certificate for its new key.
+    let run = at("+400d", "pm-activate", &home, &["deactivate", "a71"]);
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    let fallback = agents[0].certificate();
+    assert!(fallback.verify(&fallback.public_key().unwrap()).unwrap());
+    let status = Pm::agent(&agents[0].state()).args(["status"]).json();
+    assert_eq!(status["activated"], false, "{status}");
 }
 
 #[test]
@@ -591,14 +605,12 @@ fn an_expired_certificate_is_named_as_such_and_pm_activate_renews_it() {
         "says what to do: {error}"
     );
 
-    let mut command = Command::new("faketime");
-    command
-        .args(["-f", "+366d", bin("pm-activate"), "--home"])
-        .arg(home.path())
-        .args(["--json", "host", &agent.addr.to_string()])
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .stdin(Stdio::null());
-    let run = Pm::wrap(command).run();
+    let run = at(
+        "+366d",
+        "pm-activate",
+        &home,
+        &["host", &agent.addr.to_string()],
+    );
     assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
     let run = poll_at(&home, "+366d", &["--all"]);
     assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
@@ -647,14 +659,7 @@ fn certificate_expiry_is_exported_and_pm_doctor_warns_when_renewal_is_overdue() 
     );
 
     let doctor = |offset: &str| {
-        let mut command = Command::new("faketime");
-        command
-            .args(["-f", offset, bin("pm-doctor"), "--home"])
-            .arg(home.path())
-            .args(["--json"])
-            .stdin(Stdio::null());
-        let run = Pm::wrap(command).run();
-        let report = run.json();
+        let report = at(offset, "pm-doctor", &home, &[]).json();
         report["checks"]
             .as_array()
             .unwrap()

@@ -6,14 +6,13 @@
 //! the certificate the manager CA issued for that request: it must be for the kept key and chain
 //! to the manager CA this agent trusts; when it only fails on time, the answer (`clock`) names
 //! this host's clock and the certificate's validity. Then key and certificate are written
-//! together to `manager/identity.pem` (0600) in one rename (the commit: a crash leaves the old
-//! pair or the new one, never a key without its certificate), `manager.json` and
-//! `manager/agent.pem` follow, and the TLS listener switches for new connections.
-//!
-//! Before the first re-issue the issued certificate is `manager/agent.pem` for the key
-//! `agent.key` (what activation wrote); [`issued_identity`] reads whichever is current.
-//! `agent.key` and `agent.pem` stay the self-signed identity the agent falls back to when its
-//! manager is forgotten.
+//! together to `manager/identity.pem` (0600) in one rename: the commit, so a crash leaves the
+//! old pair or the new one, never a key without its certificate. The files activation wrote
+//! follow ([`mirror`]: `agent.key`, a self-signed `agent.pem` for the new key, `manager/agent.pem`,
+//! `manager.json`), so that they keep meaning what they meant (for an older pm-agent after a
+//! downgrade, for `openssl x509 -in manager/agent.pem`, for the self-signed identity a
+//! deactivation falls back to); a crash between the commit and them is repaired at the next
+//! start ([`repair`]). Then the TLS listener switches for new connections.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,9 +27,12 @@ use axum::routing::post;
 use openssl::pkey::{PKey, Private};
 use openssl::x509::X509;
 
-use super::{Agent, ISSUED_CERT_FILE, MANAGER_FILE, error, from_manager, io_error};
+use super::{
+    Agent, ISSUED_CERT_FILE, KEY_FILE, MANAGER_FILE, SELF_SIGNED_CERT_FILE, error, from_manager,
+    io_error,
+};
 use crate::durable;
-use crate::pki::ca::{self, IssueProblem};
+use crate::pki::ca::{self, AgentIdentity, IssueProblem};
 use crate::proto;
 use crate::tls::{ClientAuth, TlsConnectInfo, TlsServerConfig};
 
@@ -40,7 +42,8 @@ pub const IDENTITY_FILE: &str = "manager/identity.pem";
 const RENEWAL_KEY_FILE: &str = "manager/renewal.key";
 
 /// The key and the certificate the manager issued to this agent: `manager/identity.pem` after
-/// a re-issue, else `agent.key` with `manager/agent.pem` (as activation left them).
+/// a re-issue (what a crash may have left ahead of the other files), else `agent.key` with
+/// `manager/agent.pem` (as activation left them).
 pub(super) fn issued_identity(dir: &Path) -> Result<(PKey<Private>, X509)> {
     let path = dir.join(IDENTITY_FILE);
     if !path.exists() {
@@ -200,12 +203,12 @@ async fn install_handler(
         certificate_serial: ca::serial_hex(&cert).unwrap_or_default(),
         ..activation.record.clone()
     };
-    if let Err(err) = commit(&agent.dir, &key, &cert, &record) {
+    if let Err(err) = commit(&agent.dir, &key, &cert, &record, &agent.config.host_name) {
         tracing::error!(error = %format!("{err:#}"), "cannot store the new certificate");
         return super::failure_response("internal", &err);
     }
     let config = TlsServerConfig {
-        key,
+        key: key.clone(),
         cert: cert.clone(),
         client_auth: ClientAuth::Required {
             ca: activation.ca.clone(),
@@ -228,31 +231,71 @@ async fn install_handler(
         serial = %answer.certificate_serial,
         "installed a new certificate"
     );
+    // `agent.key` is the new key now, for the self-signed identity too.
+    inner.key = key;
     axum::Json(answer).into_response()
 }
 
-/// Writes the new pair (the commit), then what follows from it, then forgets the kept key.
+/// Writes the new pair (the commit), then the files that follow from it, then forgets the kept
+/// key. `self_name` is the common name of the self-signed certificate (the agent's own
+/// `host_name`).
 fn commit(
     dir: &Path,
     key: &PKey<Private>,
     cert: &X509,
     record: &super::ManagerRecord,
+    self_name: &str,
 ) -> Result<()> {
     let mut pair = key.private_key_to_pem_pkcs8()?;
     pair.extend_from_slice(&cert.to_pem()?);
     let identity = dir.join(IDENTITY_FILE);
     durable::write_atomic(&identity, &pair, 0o600).map_err(io_error("write", &identity))?;
+    mirror(dir, key, cert, self_name)?;
     let manager = dir.join(MANAGER_FILE);
     durable::write_atomic(&manager, &serde_json::to_vec_pretty(record)?, 0o644)
         .map_err(io_error("write", &manager))?;
-    let issued = dir.join(ISSUED_CERT_FILE);
-    durable::write_atomic(&issued, &cert.to_pem()?, 0o644).map_err(io_error("write", &issued))?;
     let pending = dir.join(RENEWAL_KEY_FILE);
     match std::fs::remove_file(&pending) {
         Ok(()) => Ok(()),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(err) => Err(io_error("remove", &pending)(err)),
     }
+}
+
+/// Writes the files activation wrote for the committed pair: `agent.key` (0600), a self-signed
+/// `agent.pem` for it, and `manager/agent.pem`, each by rename.
+fn mirror(dir: &Path, key: &PKey<Private>, cert: &X509, self_name: &str) -> Result<()> {
+    let write = |file: &str, bytes: &[u8], mode: u32| {
+        let path = dir.join(file);
+        durable::write_atomic(&path, bytes, mode).map_err(io_error("write", &path))
+    };
+    write(KEY_FILE, &key.private_key_to_pem_pkcs8()?, 0o600)?;
+    let self_signed = AgentIdentity::self_signed(key, self_name)?;
+    write(SELF_SIGNED_CERT_FILE, &self_signed.to_pem()?, 0o644)?;
+    write(ISSUED_CERT_FILE, &cert.to_pem()?, 0o644)
+}
+
+/// At start: when a crash came between a re-issue's commit and the files that follow it, writes
+/// them again from `manager/identity.pem` (nothing to do otherwise).
+pub(super) fn repair(dir: &Path, self_name: &str) -> Result<()> {
+    if !dir.join(IDENTITY_FILE).exists() {
+        return Ok(());
+    }
+    let (key, cert) = issued_identity(dir)?;
+    let behind = match (
+        ca::load_private_key(&dir.join(KEY_FILE)),
+        ca::load_certificate(&dir.join(ISSUED_CERT_FILE)),
+    ) {
+        (Ok(legacy_key), Ok(legacy_cert)) => {
+            !legacy_key.public_eq(&key) || legacy_cert.to_der()? != cert.to_der()?
+        }
+        _ => true,
+    };
+    if behind {
+        tracing::warn!("finishing a certificate re-issue an interruption left halfway");
+        mirror(dir, &key, &cert, self_name)?;
+    }
+    Ok(())
 }
 
 /// The self-signed identity (`agent.key`, `agent.pem`) as a TLS configuration without client
@@ -271,4 +314,71 @@ pub(super) fn routes() -> Router<Arc<Agent>> {
     Router::new()
         .route(proto::CERTIFICATE_REQUEST_PATH, post(request_handler))
         .route(proto::CERTIFICATE_INSTALL_PATH, post(install_handler))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state directory as activation leaves it: `agent.key`, its self-signed `agent.pem`, and
+    /// `manager/agent.pem` issued by `ca` for that key.
+    fn activated(dir: &Path, ca: &ca::ManagerCa) -> (PKey<Private>, X509) {
+        let (key, self_signed) = AgentIdentity::generate("web-1").unwrap();
+        let cert = ca
+            .sign_agent_csr(&ca::make_csr(&key, "web-1").unwrap(), "web-1")
+            .unwrap();
+        durable::create_private_dir(&dir.join(super::super::MANAGER_DIR), 0o700).unwrap();
+        durable::write_atomic(
+            &dir.join(KEY_FILE),
+            &key.private_key_to_pem_pkcs8().unwrap(),
+            0o600,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(SELF_SIGNED_CERT_FILE),
+            self_signed.to_pem().unwrap(),
+        )
+        .unwrap();
+        std::fs::write(dir.join(ISSUED_CERT_FILE), cert.to_pem().unwrap()).unwrap();
+        (key, cert)
+    }
+
+    #[test]
+    fn a_re_issue_interrupted_after_its_commit_is_finished_at_the_next_start() {
+        let home = tempfile::tempdir().unwrap();
+        let ca = ca::ManagerCa::load_or_create(home.path()).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path();
+        let (old_key, old_cert) = activated(dir, &ca);
+        assert!(issued_identity(dir).unwrap().1.to_der().unwrap() == old_cert.to_der().unwrap());
+        repair(dir, "web-1").unwrap();
+
+        // The commit happened, then the agent died before the other files were written.
+        let key = ca::new_key().unwrap();
+        let cert = ca
+            .sign_agent_csr(&ca::make_csr(&key, "web-1").unwrap(), "web-1")
+            .unwrap();
+        let mut pair = key.private_key_to_pem_pkcs8().unwrap();
+        pair.extend_from_slice(&cert.to_pem().unwrap());
+        durable::write_atomic(&dir.join(IDENTITY_FILE), &pair, 0o600).unwrap();
+        let (served_key, served) = issued_identity(dir).unwrap();
+        assert!(served_key.public_eq(&key));
+        assert_eq!(served.to_der().unwrap(), cert.to_der().unwrap());
+
+        repair(dir, "web-1").unwrap();
+        // What activation wrote means what it meant: the issued pair, and a self-signed
+        // certificate for the same key to fall back to.
+        let legacy = super::super::load_identity(dir, ISSUED_CERT_FILE).unwrap();
+        assert!(legacy.0.public_eq(&key) && !legacy.0.public_eq(&old_key));
+        assert_eq!(legacy.1.to_der().unwrap(), cert.to_der().unwrap());
+        assert!(self_signed_config(dir).unwrap().key.public_eq(&key));
+        use std::os::unix::fs::PermissionsExt;
+        for file in [KEY_FILE, IDENTITY_FILE] {
+            let mode = std::fs::metadata(dir.join(file))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
+    }
 }

@@ -411,8 +411,15 @@ impl AgentIdentity {
     /// name is a host name or IP address it is also the subjectAltName.
     pub fn generate(common_name: &str) -> Result<(PKey<Private>, X509), CaError> {
         let key = generate_p256()?;
+        let cert = Self::self_signed(&key, common_name)?;
+        Ok((key, cert))
+    }
+
+    /// A self-signed certificate as [`AgentIdentity::generate`] makes, for an existing key
+    /// (an agent whose key a certificate re-issue replaced).
+    pub fn self_signed(key: &PKeyRef<Private>, common_name: &str) -> Result<X509, CaError> {
         let name = name_with_cn(common_name)?;
-        let mut builder = new_builder(&name, &name, &key, SELF_SIGNED_DAYS)?;
+        let mut builder = new_builder(&name, &name, key, SELF_SIGNED_DAYS)?;
         builder.append_extension(BasicConstraints::new().critical().build()?)?;
         builder.append_extension(KeyUsage::new().critical().digital_signature().build()?)?;
         builder.append_extension(ExtendedKeyUsage::new().server_auth().build()?)?;
@@ -422,8 +429,8 @@ impl AgentIdentity {
         }
         let ski = SubjectKeyIdentifier::new().build(&builder.x509v3_context(None, None))?;
         builder.append_extension(ski)?;
-        builder.sign(&key, digest_for(&key))?;
-        Ok((key, builder.build()))
+        builder.sign(key, digest_for(key))?;
+        Ok(builder.build())
     }
 }
 
