@@ -1224,7 +1224,7 @@ async fn deactivate(
         return *response;
     }
     let result = forget_manager(&agent.dir).and_then(|_| {
-        // The self-signed identity again (a re-issue gave the served key a successor).
+        // The self-signed identity on disk again (after a re-issue: for the new key).
         let config = identity::self_signed_config(&agent.dir)?;
         agent.handle.reload(&config)?;
         inner.key = config.key;

@@ -231,6 +231,8 @@ fn agent_refusal(address: &str, status: reqwest::StatusCode, body: &[u8]) -> Use
             "give it one on the host: `pm-agent reset --activation-key-file FILE` (a key from \
              `pm-activate key new --out FILE`), then `systemctl reload pm-agent`",
         ),
+        "clock" => UserError::failure(format!("agent `{address}`: {message}"))
+            .with_hint("set the host's clock right (NTP, chrony), then run the same command again"),
         "wrong_key" => UserError::failure(format!(
             "wrong activation key: the agent at `{address}` holds a different key ({message})"
         ))
