@@ -3,8 +3,8 @@
 # (OpenSSL headers, ClamAV's freshclam/clamscan/sigtool for the end-to-end tests, Prometheus's
 # promtool and server for the exporter's and dashboards' tests, groff/man-db, systemd-analyze
 # and unshare/setpriv for the install kit's tests, patchelf for the packages, python3-venv for
-# Ansible, faketime for agents whose clock is off), the DuckDB CLI from PyPI, and the prebuilt
-# libduckdb. Safe to run again: it skips what is already there.
+# Ansible, faketime for the tests that move an agent's or the manager's clock), the DuckDB CLI
+# from PyPI, and the prebuilt libduckdb. Safe to run again: it skips what is already there.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 

@@ -48,7 +48,8 @@ pub enum Command {
         /// The host's name (or its address) as `pm-activate list` shows it
         host: String,
     },
-    /// Hosts with group, profile, address, state, activation time and agent version
+    /// Hosts with group, profile, address, state, activation time, certificate expiry and
+    /// agent version
     List,
     /// Scan profiles hosts get (`default` always exists)
     Profile {
@@ -74,7 +75,8 @@ pub struct HostArgs {
     /// File holding the activation key the agent was given (`pm-activate key new --out`)
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
-    /// Name to give the host (default: the name the agent reports)
+    /// Name to give the host (default: its name in the inventory, else the one the agent
+    /// reports); on a host this manager activated, renames it and its history
     #[arg(long)]
     pub name: Option<String>,
     /// Host group
@@ -216,9 +218,15 @@ pub enum KeyProblem {
     /// Not of the form `pmk1.<id>.<secret>`.
     #[error("this is not a pm activation key (expected pmk1.<id>.<secret>)")]
     Malformed,
-    /// No key with that id, or the secret does not match.
+    /// No key with that id.
     #[error("activation key `{0}` is not known to this manager")]
     Unknown(String),
+    /// A key with that id exists, but the secret is not its secret.
+    #[error(
+        "activation key `{0}` is known to this manager, but the key file's secret does not \
+         match it: the file was damaged, edited, or mixes two keys"
+    )]
+    WrongSecret(String),
     /// Past its expiry.
     #[error("activation key `{id}` expired at {at}")]
     Expired { id: String, at: DateTime<Utc> },
@@ -259,13 +267,14 @@ pub fn check_key(
     now: DateTime<Utc>,
 ) -> Result<ActivationKeyRecord, KeyProblem> {
     let (id, secret) = parse_key(text)?;
-    let record = keys
-        .iter()
-        .find(|k| {
-            k.id == id
-                && openssl::memcmp::eq(k.secret_sha256.as_bytes(), secret_hash(&secret).as_bytes())
-        })
-        .ok_or_else(|| KeyProblem::Unknown(id.clone()))?;
+    let with_id: Vec<&ActivationKeyRecord> = keys.iter().filter(|k| k.id == id).collect();
+    if with_id.is_empty() {
+        return Err(KeyProblem::Unknown(id));
+    }
+    let record = with_id
+        .into_iter()
+        .find(|k| openssl::memcmp::eq(k.secret_sha256.as_bytes(), secret_hash(&secret).as_bytes()))
+        .ok_or_else(|| KeyProblem::WrongSecret(id.clone()))?;
     check_key_state(record, now)?;
     Ok(record.clone())
 }
@@ -563,7 +572,12 @@ mod tests {
         let forged = format!("pmk1.{id}.{}", String::from_utf8(wrong).unwrap());
         assert_eq!(
             check_key(&forged, &records, Utc::now()),
-            Err(KeyProblem::Unknown(id))
+            Err(KeyProblem::WrongSecret(id))
+        );
+        let unknown = format!("pmk1.00000000.{}", "A".repeat(43));
+        assert_eq!(
+            check_key(&unknown, &records, Utc::now()),
+            Err(KeyProblem::Unknown("00000000".into()))
         );
         assert_eq!(
             check_key("hello", &records, Utc::now()),

@@ -14,6 +14,8 @@
 //! manager/ca.pem                       the manager CA (the only issuer of accepted clients)
 //! manager/manifest-signing.pub.pem     the manager's manifest signing key
 //! manager/agent.pem                    the certificate the manager CA issued to this agent
+//! manager/identity.pem                 after a re-issue: its key and certificate, 0600 (`identity`)
+//! manager/renewal.key                  a re-issue's new key until its certificate arrives, 0600
 //! manager/manager.json                 dist URL, host name, activated at, CA fingerprint
 //! ```
 //!
@@ -50,6 +52,7 @@ use crate::proto::{self, ErrorResponse};
 use crate::tls::{self, ClientAuth, TlsConnectInfo, TlsHandle, TlsListener, TlsServerConfig};
 
 mod hold;
+mod identity;
 mod install;
 mod poll;
 mod reports;
@@ -440,7 +443,7 @@ fn load_activation(dir: &Path) -> Result<Option<Activation>> {
         ))
     })?;
     let ca = ca::load_certificate(&dir.join(MANAGER_CA_FILE))?;
-    let cert = ca::load_certificate(&dir.join(ISSUED_CERT_FILE))?;
+    let (record, cert) = identity::issued_certificate(dir, record)?;
     Ok(Some(Activation { record, ca, cert }))
 }
 
@@ -522,12 +525,11 @@ fn init(dir: &Path, args: &InitArgs, json: bool) -> Result<ExitStatus> {
             ))
             .into());
         }
-        let cert_file = if dir.join(MANAGER_FILE).exists() {
-            ISSUED_CERT_FILE
+        let (_, cert) = if dir.join(MANAGER_FILE).exists() {
+            identity::issued_identity(dir)?
         } else {
-            SELF_SIGNED_CERT_FILE
+            load_identity(dir, SELF_SIGNED_CERT_FILE)?
         };
-        let (_, cert) = load_identity(dir, cert_file)?;
         return print_init(
             InitReport {
                 changed: false,
@@ -914,15 +916,6 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Resp
     })
 }
 
-fn self_signed_config(agent: &Agent, inner: &Inner) -> Result<TlsServerConfig> {
-    let (_, cert) = load_identity(&agent.dir, SELF_SIGNED_CERT_FILE)?;
-    Ok(TlsServerConfig {
-        key: inner.key.clone(),
-        cert,
-        client_auth: ClientAuth::None,
-    })
-}
-
 async fn challenge(
     State(agent): State<Arc<Agent>>,
     ConnectInfo(info): ConnectInfo<TlsConnectInfo>,
@@ -1062,8 +1055,25 @@ async fn complete(
     if !ours {
         return bad("the issued certificate is not for this agent's key");
     }
-    if !ca::verify_issued_by(&cert, &ca_cert) {
-        return bad("the issued certificate is not valid under the given CA");
+    match ca::check_issued_by(&cert, &ca_cert) {
+        Ok(()) => {}
+        Err(ca::IssueProblem::NotIssued) => {
+            return bad("the issued certificate is not valid under the given CA");
+        }
+        Err(problem) => {
+            return error(
+                StatusCode::CONFLICT,
+                "clock",
+                format!(
+                    "{}; set this host's clock right (NTP) and activate it again",
+                    crate::hosts::describe_problem(
+                        "the issued certificate",
+                        "this agent's clock",
+                        &problem
+                    )
+                ),
+            );
+        }
     }
     let activation = match commit_activation(&agent.dir, &request, ca_cert, cert) {
         Ok(activation) => activation,
@@ -1119,6 +1129,13 @@ fn commit_activation(
     write(MANAGER_CA_FILE, &ca_cert.to_pem()?)?;
     write(MANIFEST_KEY_FILE, request.manifest_key_pem.as_bytes())?;
     write(ISSUED_CERT_FILE, &cert.to_pem()?)?;
+    // A re-issued pair left by a deactivation that crashed halfway would outrank this one.
+    let reissued = dir.join(identity::IDENTITY_FILE);
+    match std::fs::remove_file(&reissued) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(io_error("remove", &reissued)(err)),
+    }
     let record = ManagerRecord {
         dist_url: request.dist_url.clone(),
         host_name: request.host_name.clone(),
@@ -1151,6 +1168,20 @@ fn from_manager(inner: &Inner, info: &TlsConnectInfo) -> Result<(), Box<Response
         return Err(Box::new(not_activated()));
     }
     match &info.peer {
+        // Signed by the manager CA but outside its validity by this host's clock (the TLS
+        // listener lets only that failure through, so that it can be named): nothing is done,
+        // the answer says which clock to look at.
+        Some(peer) if !peer.verified && peer.outside_validity => Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "clock",
+            format!(
+                "the manager's client certificate is valid from {} to {}, but this agent's \
+                 clock reads {}: set the clock of this host (or of the manager) right",
+                crate::hosts::at(peer.not_before),
+                crate::hosts::at(peer.not_after),
+                crate::hosts::at(chrono::Utc::now())
+            ),
+        ))),
         // Agents' certificates come from the same CA: one of them (a compromised host) must
         // not be able to drive the others. Theirs carry serverAuth, the manager's does not.
         Some(peer) if peer.verified && peer.server_auth => Err(Box::new(error(
@@ -1218,8 +1249,11 @@ async fn deactivate(
         return *response;
     }
     let result = forget_manager(&agent.dir).and_then(|_| {
-        let config = self_signed_config(&agent, &inner)?;
-        agent.handle.reload(&config)
+        // The self-signed identity on disk again (after a re-issue: for the new key).
+        let config = identity::self_signed_config(&agent.dir)?;
+        agent.handle.reload(&config)?;
+        inner.key = config.key;
+        Ok(())
     });
     if let Err(err) = result {
         tracing::error!(error = %format!("{err:#}"), "cannot forget the manager");
@@ -1255,6 +1289,7 @@ fn router(agent: Arc<Agent>) -> Router {
         .route(proto::UPDATE_PATH, post(install::update_handler))
         .route(proto::ROLLBACK_PATH, post(install::rollback_handler))
         .merge(upgrade::routes())
+        .merge(identity::routes())
         .fallback(fallback)
         .method_not_allowed_fallback(fallback)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -1274,7 +1309,8 @@ fn load_state(dir: &Path) -> Result<Loaded> {
         Some(activation) => {
             // A crash between the commit and the deletion of the key leaves it behind.
             remove_activation_key(dir)?;
-            let (key, cert) = load_identity(dir, ISSUED_CERT_FILE)?;
+            identity::repair(dir, &load_config(dir)?.host_name)?;
+            let (key, cert) = identity::issued_identity(dir)?;
             TlsServerConfig {
                 key,
                 cert,

@@ -137,6 +137,7 @@ pub fn examine(
     let config = check_config(home, &mut checks);
     check_secrets(home, config.as_ref(), &mut checks);
     checks.push(check_inventory(home, config.as_ref()));
+    checks.extend(check_certificates(home));
     let dist_manifest = check_repository(home, &mut checks);
     if serve.is_some() || exporter.is_some() {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -395,6 +396,65 @@ fn humantime_days(duration: Duration) -> String {
         s if s % 3600 == 0 => format!("{}h", s / 3600),
         s => format!("{s}s"),
     }
+}
+
+/// Agent certificates whose automatic renewal is overdue: less than
+/// [`crate::hosts::OVERDUE_DAYS`] left (pm-poll renews them with a third of their life left),
+/// or expired. Not listed when the inventory cannot be read (its own check says why).
+fn check_certificates(home: &Path) -> Option<Check> {
+    const NAME: &str = "certificates";
+    let inventory = Inventory::open_for_snapshot(home).ok()??;
+    let now = chrono::Utc::now();
+    let soon = inventory
+        .certificates_expiring(now + chrono::TimeDelta::days(crate::hosts::OVERDUE_DAYS))
+        .ok()?;
+    if soon.is_empty() {
+        let known = inventory.certificate_metrics().ok()?;
+        return Some(Check::ok(
+            NAME,
+            Some(match known.iter().map(|c| c.expires_at).min() {
+                Some(first) => format!(
+                    "{} host certificates, the first expires {}",
+                    known.len(),
+                    first.format("%Y-%m-%d")
+                ),
+                None => "no host certificate recorded yet".to_string(),
+            }),
+        ));
+    }
+    let expired = soon.iter().filter(|c| c.expires_at <= now).count();
+    let named: Vec<String> = soon
+        .iter()
+        .take(5)
+        .map(|c| {
+            format!(
+                "{} ({} {})",
+                c.host,
+                if c.expires_at <= now {
+                    "expired"
+                } else {
+                    "expires"
+                },
+                c.expires_at.format("%Y-%m-%d")
+            )
+        })
+        .collect();
+    let more = soon.len().saturating_sub(named.len());
+    Some(Check::warn(
+        NAME,
+        format!(
+            "{} host certificates expire within {} days or have expired ({expired} expired): {}{};              their automatic renewal is overdue",
+            soon.len(),
+            crate::hosts::OVERDUE_DAYS,
+            named.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ),
+        "pm-poll renews a certificate once a third of its life is left: check that the poll          timer runs (`systemctl status pm-poll.timer`) and what its log says for these hosts;          renew an expired one with `pm-activate host ADDRESS`",
+    ))
 }
 
 /// The generations: dist verified (signature, sizes, sha256), latest and backups present.

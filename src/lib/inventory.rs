@@ -16,6 +16,9 @@ pub use query::{QueryError, QueryResult, QuerySink, QueryValue};
 
 mod bulk;
 
+mod hosts;
+pub use hosts::HostCertificateExpiry;
+
 mod poll;
 mod rollout;
 pub use poll::{FleetRow, PollCursors, PollFailure, PolledHost, RecordedPolls};
@@ -59,6 +62,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
     (6, "setup", include_str!("../../sql/0006_setup.sql")),
     (7, "polls", include_str!("../../sql/0007_polls.sql")),
     (8, "rollouts", include_str!("../../sql/0008_rollouts.sql")),
+    (
+        9,
+        "host_identity",
+        include_str!("../../sql/0009_host_identity.sql"),
+    ),
     (10, "holds", include_str!("../../sql/0010_holds.sql")),
 ];
 
@@ -214,6 +222,8 @@ pub struct HostRecord {
     pub certificate_serial: Option<String>,
     /// Fingerprint of that certificate.
     pub certificate_fingerprint: Option<String>,
+    /// End of that certificate's validity (`pm-poll` renews it well before).
+    pub certificate_expires_at: Option<DateTime<Utc>>,
     /// pm-agent version it reported.
     pub agent_version: Option<String>,
     /// Engine adapter it reported.
@@ -244,6 +254,7 @@ impl HostRecord {
             labels: "{}".into(),
             certificate_serial: None,
             certificate_fingerprint: None,
+            certificate_expires_at: None,
             agent_version: None,
             engine: None,
             activated_at: None,
@@ -726,8 +737,10 @@ impl Inventory {
         self.db(self.conn.execute(
             "INSERT OR REPLACE INTO hosts (host, address, host_group, profile, labels,
                  certificate_serial, certificate_fingerprint, agent_version, engine, activated_at,
-                 activation_key_id, state, deactivated_at, setup_failed, license_sha256)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?), ?, ?, to_timestamp(?), ?, ?)",
+                 activation_key_id, state, deactivated_at, setup_failed, license_sha256,
+                 certificate_expires_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?), ?, ?, to_timestamp(?), ?, ?,
+                     to_timestamp(?))",
             params![
                 host.host,
                 host.address,
@@ -744,6 +757,7 @@ impl Inventory {
                 to_epoch(host.deactivated_at),
                 host.setup_failed,
                 host.license_sha256,
+                to_epoch(host.certificate_expires_at),
             ],
         ))?;
         Ok(())
@@ -755,7 +769,7 @@ impl Inventory {
             "SELECT host, address, host_group, profile, labels, certificate_serial,
                     certificate_fingerprint, agent_version, engine, epoch(activated_at),
                     activation_key_id, state, epoch(deactivated_at), coalesce(setup_failed, ''),
-                    license_sha256
+                    license_sha256, epoch(certificate_expires_at)
              FROM hosts ORDER BY host",
         ))?;
         let rows = self.db(statement.query_map([], |row| {
@@ -775,6 +789,7 @@ impl Inventory {
                 deactivated_at: from_epoch(row.get(12)?),
                 setup_failed: row.get(13)?,
                 license_sha256: row.get(14)?,
+                certificate_expires_at: from_epoch(row.get(15)?),
             })
         }))?;
         rows.map(|row| self.db(row)).collect()
@@ -1151,6 +1166,7 @@ mod tests {
             labels: r#"{"site":"paris"}"#.into(),
             certificate_serial: Some("ab12".into()),
             certificate_fingerprint: Some("sha256:00".into()),
+            certificate_expires_at: DateTime::from_timestamp(1_831_536_000, 0),
             agent_version: Some("1.0.0".into()),
             engine: Some("clamav".into()),
             activated_at: DateTime::from_timestamp(1_800_000_000, 0),

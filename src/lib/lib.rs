@@ -13,6 +13,7 @@ pub mod durable;
 pub mod exporter;
 #[cfg(test)]
 mod fuzz;
+pub mod hosts;
 pub mod inventory;
 pub mod kit;
 pub mod lab;

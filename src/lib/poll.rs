@@ -131,6 +131,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
         deadline: args.deadline.unwrap_or(config.deadline),
         inactive_after: config.inactive_after,
         scan_max_age: config.scan_max_age,
+        ca: certificate_authority(&home)?,
     };
     // Thousands of agents at once need thousands of sockets: take the hard limit, like other
     // network daemons do (the soft default is often 1024).
@@ -173,13 +174,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     Ok(status)
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) concurrency: usize,
     pub(crate) timeout: Duration,
     pub(crate) deadline: Duration,
     pub(crate) inactive_after: Duration,
     pub(crate) scan_max_age: Duration,
+    /// The manager CA: renews agent certificates that are due ([`crate::hosts::renew`]) and
+    /// tells an expired certificate from a stranger's when TLS fails.
+    pub(crate) ca: Option<Arc<ManagerCa>>,
+}
+
+/// The manager CA for [`Settings::ca`].
+pub(crate) fn certificate_authority(home: &Path) -> Result<Option<Arc<ManagerCa>>, UserError> {
+    ManagerCa::load_or_create(home)
+        .map(|ca| Some(Arc::new(ca)))
+        .map_err(|err| UserError::failure(format!("manager CA: {err}")))
 }
 
 /// What one poll did, for printing.
@@ -207,6 +218,8 @@ struct Summary {
     new_scans: usize,
     new_findings: usize,
     new_update_runs: usize,
+    /// Agent certificates this poll renewed (less than a third of their life was left).
+    certificates_renewed: usize,
     duration_seconds: f64,
     network_seconds: f64,
     inventory_write_seconds: f64,
@@ -351,6 +364,14 @@ fn poll_once(
             new_scans: scans,
             new_findings: findings,
             new_update_runs: update_runs,
+            certificates_renewed: polled
+                .iter()
+                .filter(|p| {
+                    p.certificate
+                        .as_ref()
+                        .is_some_and(|c| c.renewed_from.is_some())
+                })
+                .count(),
             duration_seconds: started.elapsed().as_secs_f64(),
             network_seconds,
             inventory_write_seconds,
@@ -376,6 +397,7 @@ impl Summary {
             new_scans: 0,
             new_findings: 0,
             new_update_runs: 0,
+            certificates_renewed: 0,
             duration_seconds,
             network_seconds: 0.0,
             inventory_write_seconds: 0.0,
@@ -447,10 +469,11 @@ pub(crate) async fn ask_all(
             let cursor = cursors.get(&target.host).cloned().unwrap_or_default();
             let results = Arc::clone(&results);
             let timeout = settings.timeout;
+            let ca = settings.ca.clone();
             async move {
                 // Each host on its own task, so the two runtime threads share the TLS work.
                 let polled = tokio::spawn(async move {
-                    ask_one(&client, &target, &cursor, timeout, shift).await
+                    ask_one(&client, &target, &cursor, timeout, shift, ca.as_deref()).await
                 })
                 .await;
                 if let Ok(polled) = polled {
@@ -483,6 +506,7 @@ pub(crate) async fn ask_all(
                         settings.deadline
                     ),
                 }),
+                certificate: None,
             })
         })
         .collect()
@@ -541,6 +565,7 @@ async fn ask_one(
     cursor: &PollCursors,
     timeout: Duration,
     shift: chrono::Duration,
+    ca: Option<&ManagerCa>,
 ) -> PolledHost {
     let polled_at = Utc::now() + shift;
     let started = Instant::now();
@@ -558,11 +583,141 @@ async fn ask_one(
     let latency_ms = answer
         .is_ok()
         .then(|| started.elapsed().as_secs_f64() * 1000.0);
+    let (answer, certificate) = match (answer, ca) {
+        (Ok((answer, Some(cert))), Some(ca)) => {
+            let seen = renew_if_due(client, target, &cert, ca, timeout).await;
+            (Ok(answer), Some(seen))
+        }
+        (Ok((answer, cert)), _) => (
+            Ok(answer),
+            cert.map(|cert| crate::hosts::CertificateSeen {
+                current: crate::hosts::HostCertificate::of(&cert),
+                renewed_from: None,
+            }),
+        ),
+        // Only this manager's check of the agent's certificate failing is explained by a look
+        // at it (one more handshake); a link that broke mid-handshake is not asked again.
+        (Err(failure), Some(ca))
+            if failure.kind == "tls" && failure.message.contains("certificate verify failed") =>
+        {
+            (
+                Err(explain_tls(target, ca, timeout).await.unwrap_or(failure)),
+                None,
+            )
+        }
+        (Err(failure), _) => (Err(failure), None),
+    };
     PolledHost {
         host: target.host.clone(),
         polled_at,
         latency_ms,
         answer,
+        certificate,
+    }
+}
+
+/// Renews the certificate a host presented when it is due (less than a third of its life
+/// left) or does not carry the host's name (renamed before names followed): a new key and
+/// certificate over the mutual-TLS identity it has, checked on a new connection the way this
+/// poll checks one. A failure is logged and leaves the certificate as it was, to be tried
+/// again next poll; `pm_host_certificate_expiry_timestamp_seconds` and pm-doctor show it.
+async fn renew_if_due(
+    client: &reqwest::Client,
+    target: &Target,
+    cert: &openssl::x509::X509,
+    ca: &ManagerCa,
+    timeout: Duration,
+) -> crate::hosts::CertificateSeen {
+    let current = crate::hosts::HostCertificate::of(cert);
+    let renamed = crate::pki::ca::common_name(cert).as_deref() != Some(target.host.as_str());
+    if !renamed && !crate::hosts::renewal_due(current.not_before, current.expires_at, Utc::now()) {
+        return crate::hosts::CertificateSeen {
+            current,
+            renewed_from: None,
+        };
+    }
+    let renewal = async {
+        let new =
+            crate::hosts::renew::reissue(client, &target.address, &target.host, ca, None).await?;
+        crate::hosts::renew::verify(client, &target.address, &tls::fingerprint(&new)).await?;
+        Ok::<_, crate::hosts::renew::RenewError>(new)
+    };
+    match tokio::time::timeout(timeout * 2, renewal).await {
+        Ok(Ok(new)) => {
+            tracing::info!(
+                host = %target.host,
+                from = %current.serial,
+                to = %crate::pki::ca::serial_hex(&new).unwrap_or_default(),
+                "renewed the agent certificate"
+            );
+            crate::hosts::CertificateSeen {
+                current: crate::hosts::HostCertificate::of(&new),
+                renewed_from: Some(current.serial),
+            }
+        }
+        outcome => {
+            let error = match outcome {
+                Ok(Err(err)) => format!("{err} (hint: {})", err.hint()),
+                _ => format!("no answer within {:?}", timeout * 2),
+            };
+            tracing::warn!(
+                host = %target.host,
+                expires_at = %crate::hosts::at(current.expires_at),
+                %error,
+                "cannot renew the agent certificate; trying again next poll"
+            );
+            crate::hosts::CertificateSeen {
+                current,
+                renewed_from: None,
+            }
+        }
+    }
+}
+
+/// Says why TLS with a host failed when its certificate tells: expired or not yet valid by
+/// this manager's clock (both times named), issued by another CA, or not naming this address
+/// (the host moved). `None` when the certificate cannot be read or shows nothing wrong.
+async fn explain_tls(target: &Target, ca: &ManagerCa, timeout: Duration) -> Option<PollFailure> {
+    let address = &target.address;
+    let socket = tokio::net::lookup_host(address.as_str())
+        .await
+        .ok()?
+        .next()?;
+    let cert = tls::fetch_server_certificate(socket, timeout).await.ok()?;
+    let serial = crate::pki::ca::serial_hex(&cert).unwrap_or_default();
+    let whose = format!("agent `{address}`'s certificate (serial {serial})");
+    let clock = "this manager's clock";
+    match crate::pki::ca::check_issued_by(&cert, ca.certificate()) {
+        Err(problem @ crate::pki::ca::IssueProblem::Expired { .. }) => Some(failure(
+            "expired",
+            format!(
+                "{}: the manager no longer trusts it; if this manager's clock is right, renew                  it with `pm-activate host {address}`",
+                crate::hosts::describe_problem(&whose, clock, &problem)
+            ),
+        )),
+        Err(problem @ crate::pki::ca::IssueProblem::NotYetValid { .. }) => Some(failure(
+            "clock",
+            format!(
+                "{}: set this manager's clock right (NTP)",
+                crate::hosts::describe_problem(&whose, clock, &problem)
+            ),
+        )),
+        Err(crate::pki::ca::IssueProblem::NotIssued) => Some(failure(
+            "tls",
+            format!(
+                "agent `{address}` presents a certificate this manager's CA did not issue                  (serial {serial}): it was reset or activated by another manager; activate it                  again with `pm-activate host {address} --key-file F`"
+            ),
+        )),
+        Ok(()) if !crate::pki::ca::names_host(&cert, crate::hosts::address_host(address)) => {
+            Some(failure(
+                "tls",
+                format!(
+                    "agent `{address}` presents the certificate of host `{}`, which does not                      name this address: the host moved; `pm-activate host ADDRESS` at its new                      address re-issues it there",
+                    crate::pki::ca::common_name(&cert).unwrap_or_default()
+                ),
+            ))
+        }
+        Ok(()) => None,
     }
 }
 
@@ -571,7 +726,7 @@ async fn request(
     target: &Target,
     cursor: &PollCursors,
     timeout: Duration,
-) -> Result<PollResponse, PollFailure> {
+) -> Result<(PollResponse, Option<openssl::x509::X509>), PollFailure> {
     let address = &target.address;
     let mut url =
         reqwest::Url::parse(&format!("https://{address}{}", proto::POLL_PATH)).map_err(|err| {
@@ -595,6 +750,17 @@ async fn request(
         .await
         .map_err(|err| transport_failure(address, &err, timeout))?;
     let status = response.status();
+    let peer = response
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|info| info.peer_certificate())
+        .and_then(|der| openssl::x509::X509::from_der(der).ok());
+    let agent_time = response
+        .headers()
+        .get(reqwest::header::DATE)
+        .and_then(|date| date.to_str().ok())
+        .and_then(|date| httpdate::parse_http_date(date).ok())
+        .map(DateTime::<Utc>::from);
     let body = proto::read_body(response, MAX_ANSWER)
         .await
         .map_err(|err| match err {
@@ -605,20 +771,42 @@ async fn request(
             ),
         })?;
     if !status.is_success() {
-        let message = serde_json::from_slice::<ErrorResponse>(&body)
+        let refusal = serde_json::from_slice::<ErrorResponse>(&body).ok();
+        if let Some(refusal) = refusal.as_ref().filter(|e| e.code == "clock") {
+            let offset = agent_time
+                .map(|t| {
+                    format!(
+                        "; the agent's clock is {} this manager's",
+                        crate::hosts::clock_offset(t, Utc::now())
+                    )
+                })
+                .unwrap_or_default();
+            return Err(failure(
+                "clock",
+                format!(
+                    "agent `{address}` refuses this manager's certificate: {}{offset}",
+                    refusal.message
+                ),
+            ));
+        }
+        let message = refusal
             .map(|e| format!("{} ({})", e.message, e.code))
-            .unwrap_or_else(|_| format!("HTTP {status}"));
+            .unwrap_or_else(|| format!("HTTP {status}"));
         return Err(failure(
             "rejected",
             format!("agent `{address}` refused the poll: {message}"),
         ));
     }
-    parse_answer(&body).map_err(|problem| {
-        failure(
-            "bad_response",
-            format!("agent `{address}` answered something that is not a poll answer: {problem}"),
-        )
-    })
+    parse_answer(&body)
+        .map(|answer| (answer, peer))
+        .map_err(|problem| {
+            failure(
+                "bad_response",
+                format!(
+                    "agent `{address}` answered something that is not a poll answer: {problem}"
+                ),
+            )
+        })
 }
 
 /// Parses an agent's poll answer (at most [`MAX_ANSWER`] bytes, which bounds every string in

@@ -29,6 +29,40 @@ pub const STATUS_PATH: &str = "/v1/status";
 /// Path that makes an activated agent forget its manager (mutual TLS).
 pub const DEACTIVATE_PATH: &str = "/v1/deactivate";
 
+/// Path of the first step of a certificate renewal (mutual TLS, an activated agent): the agent
+/// makes a new key, keeps it aside and answers [`CertificateRequestAnswer`].
+pub const CERTIFICATE_REQUEST_PATH: &str = "/v1/certificate/request";
+/// Path of the second step: [`CertificateInstall`] in, [`CertificateInstalled`] out; the agent
+/// serves every new connection with the new key and certificate from then on.
+pub const CERTIFICATE_INSTALL_PATH: &str = "/v1/certificate/install";
+
+/// The agent's answer to [`CERTIFICATE_REQUEST_PATH`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateRequestAnswer {
+    /// PEM certificate signing request for the agent's new key.
+    pub csr_pem: String,
+}
+
+/// [`CERTIFICATE_INSTALL_PATH`] request: the certificate the manager CA issued for the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateInstall {
+    /// The new certificate (PEM), for the key of the last request.
+    pub certificate_pem: String,
+    /// The name the manager knows the host by (its certificate's common name; changes with a
+    /// rename).
+    pub host_name: String,
+}
+
+/// The agent's answer to [`CERTIFICATE_INSTALL_PATH`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateInstalled {
+    /// Serial of the certificate the agent now presents (hex).
+    pub certificate_serial: String,
+    /// Its fingerprint.
+    pub certificate_fingerprint: String,
+}
+
 /// Step 1 request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChallengeRequest {

@@ -1164,6 +1164,7 @@ pub(crate) fn execute(
         deadline: Duration::from_secs(300),
         inactive_after: crate::poll::load_config(home)?.inactive_after,
         scan_max_age: crate::poll::load_config(home)?.scan_max_age,
+        ca: crate::poll::certificate_authority(home)?,
     };
     // One listener for the whole run: a Ctrl-C or SIGTERM at any point (a wave, the pause, the
     // poll) stops before the next wave; the hosts asked so far are recorded.
@@ -2045,6 +2046,7 @@ fn push_scan(
                     deadline: Duration::from_secs(60),
                     inactive_after: Duration::from_secs(1800),
                     scan_max_age: Duration::from_secs(7 * 86_400),
+                    ca: None,
                 };
                 let mut answer = ask_all(
                     &client,

@@ -159,12 +159,17 @@ fn build_current(config: &TlsServerConfig) -> Result<Current> {
             builder
                 .add_client_ca(ca)
                 .context("cannot announce the client CA")?;
-            let mode = if matches!(config.client_auth, ClientAuth::Required { .. }) {
-                SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT
+            if matches!(config.client_auth, ClientAuth::Required { .. }) {
+                // A certificate from the CA that fails only on time gets through the handshake
+                // (marked `outside_validity`, never `verified`), so the agent can answer which
+                // clock is wrong instead of a bare "bad certificate" alert.
+                builder.set_verify_callback(
+                    SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+                    |ok, context| ok || is_clock_error(context.error()),
+                );
             } else {
-                SslVerifyMode::PEER
-            };
-            builder.set_verify(mode);
+                builder.set_verify(SslVerifyMode::PEER);
+            }
         }
     }
     Ok(Current {
@@ -332,6 +337,14 @@ pub struct PeerCertificate {
     /// Whether it may serve TLS (extended key usage serverAuth): every agent's certificate
     /// does, the manager's client certificate does not.
     pub server_auth: bool,
+    /// Not verified only because it is outside its validity by this machine's clock (expired
+    /// or not yet valid): [`ClientAuth::Required`] lets such a handshake through so that the
+    /// handler can refuse it naming the clocks, never serve it.
+    pub outside_validity: bool,
+    /// Start of its validity.
+    pub not_before: chrono::DateTime<chrono::Utc>,
+    /// End of its validity.
+    pub not_after: chrono::DateTime<chrono::Utc>,
 }
 
 impl PeerCertificate {
@@ -350,14 +363,27 @@ impl PeerCertificate {
         let server_auth = cert
             .extended_key_usage()
             .is_some_and(|usage| usage.contains(openssl::x509::X509ExtendedKeyUsage::SSL_SERVER));
+        let (not_before, not_after) = crate::pki::ca::validity(cert);
         PeerCertificate {
             fingerprint: fingerprint(cert),
             subject_cn,
             serial_hex,
             verified,
             server_auth,
+            outside_validity: false,
+            not_before,
+            not_after,
         }
     }
+}
+
+/// OpenSSL's `X509_V_ERR_CERT_NOT_YET_VALID` and `X509_V_ERR_CERT_HAS_EXPIRED`: the only
+/// verification failures that are about the clock.
+const CLOCK_ERRORS: [i32; 2] = [9, 10];
+
+/// Whether a verification result is a clock failure only (see [`CLOCK_ERRORS`]).
+fn is_clock_error(result: X509VerifyResult) -> bool {
+    CLOCK_ERRORS.contains(&result.as_raw())
 }
 
 /// What a handler knows about its connection: `ConnectInfo<TlsConnectInfo>` when the router
@@ -377,12 +403,14 @@ pub struct TlsConnectInfo {
 impl TlsConnectInfo {
     /// Reads the connection's certificates from an established TLS session.
     pub fn from_ssl(ssl: &SslRef, remote: SocketAddr) -> TlsConnectInfo {
-        let verified = ssl.verify_result() == X509VerifyResult::OK;
+        let result = ssl.verify_result();
+        let verified = result == X509VerifyResult::OK;
         TlsConnectInfo {
             remote,
-            peer: ssl
-                .peer_certificate()
-                .map(|cert| PeerCertificate::new(&cert, verified)),
+            peer: ssl.peer_certificate().map(|cert| PeerCertificate {
+                outside_validity: is_clock_error(result),
+                ..PeerCertificate::new(&cert, verified)
+            }),
             local_fingerprint: ssl.certificate().map(fingerprint).unwrap_or_default(),
         }
     }

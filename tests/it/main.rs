@@ -18,6 +18,7 @@ mod doctor;
 mod exporter;
 mod faults;
 mod holds;
+mod host_identity;
 mod inventory;
 mod kit;
 mod lab_agents;

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::support::{AgentSetup, EICAR, Pm, duckdb_cli, hold_read_write, sql};
 
-fn host<'a>(report: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn host<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["hosts"]
         .as_array()
         .unwrap()

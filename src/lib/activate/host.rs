@@ -10,7 +10,7 @@
 //! the group, profile and labels steps, each reported. Run again against an agent this manager
 //! already activated, it only re-applies the steps (mutual TLS, no key needed).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -24,8 +24,10 @@ use serde::Serialize;
 use super::setup::{self, SetupPlan};
 use super::{HostArgs, KeyProblem, check_key, inventory_error};
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
-use crate::inventory::{HostRecord, Inventory};
-use crate::pki::ca::{ManagerCa, cert_fingerprint, serial_hex, verify_issued_by};
+use crate::hosts::{self, HostCertificate, NameUse, renew};
+use crate::inventory::{ActivationKeyRecord, HostRecord, Inventory, LicenseRecord};
+use crate::pki::ca::{IssueProblem, ManagerCa, cert_fingerprint, check_issued_by, serial_hex};
+use crate::profile::Profile;
 use crate::proto;
 use crate::tls;
 
@@ -41,6 +43,9 @@ pub struct Step {
     /// Why it was skipped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+    /// What it did, when that is worth saying (a certificate re-issued).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Step {
@@ -50,7 +55,14 @@ impl Step {
             ok: true,
             error: None,
             skipped: None,
+            note: None,
         }
+    }
+
+    /// The step with what it did.
+    fn with_note(mut self, note: String) -> Step {
+        self.note = Some(note);
+        self
     }
 
     pub(super) fn failed(name: &str, error: impl Into<String>) -> Step {
@@ -59,6 +71,7 @@ impl Step {
             ok: false,
             error: Some(error.into()),
             skipped: None,
+            note: None,
         }
     }
 
@@ -68,6 +81,7 @@ impl Step {
             ok: true,
             error: None,
             skipped: Some(why.into()),
+            note: None,
         }
     }
 }
@@ -85,8 +99,12 @@ struct HostReport {
     labels: BTreeMap<String, String>,
     certificate_serial: Option<String>,
     certificate_fingerprint: Option<String>,
+    certificate_expires_at: Option<chrono::DateTime<Utc>>,
     agent_version: Option<String>,
     engine: Option<String>,
+    /// What else happened: kept from an earlier activation, renamed from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
     steps: Vec<Step>,
 }
 
@@ -180,6 +198,9 @@ fn read_key_file(path: &Path) -> Result<String, UserError> {
 fn key_error(problem: KeyProblem) -> UserError {
     let hint = match problem {
         KeyProblem::Malformed => "give the file written by `pm-activate key new --out FILE`",
+        KeyProblem::WrongSecret(_) => {
+            "give the file `pm-activate key new --out FILE` wrote, unchanged, or create a new key"
+        }
         _ => "create a new key with `pm-activate key new --out FILE` and give it to the agent",
     };
     match problem {
@@ -210,6 +231,8 @@ fn agent_refusal(address: &str, status: reqwest::StatusCode, body: &[u8]) -> Use
             "give it one on the host: `pm-agent reset --activation-key-file FILE` (a key from \
              `pm-activate key new --out FILE`), then `systemctl reload pm-agent`",
         ),
+        "clock" => UserError::failure(format!("agent `{address}`: {message}"))
+            .with_hint("set the host's clock right (NTP, chrony), then run the same command again"),
         "wrong_key" => UserError::failure(format!(
             "wrong activation key: the agent at `{address}` holds a different key ({message})"
         ))
@@ -229,6 +252,18 @@ pub(super) async fn post_json<T: Serialize, R: serde::de::DeserializeOwned>(
     path: &str,
     body: &T,
 ) -> Result<R, UserError> {
+    post_json_dated(client, address, path, body)
+        .await
+        .map(|(answer, _)| answer)
+}
+
+/// [`post_json`], with the agent's clock as its answer's `Date` header gives it.
+async fn post_json_dated<T: Serialize, R: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    address: &str,
+    path: &str,
+    body: &T,
+) -> Result<(R, Option<chrono::DateTime<Utc>>), UserError> {
     let response = client
         .post(format!("https://{address}{path}"))
         .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -236,7 +271,13 @@ pub(super) async fn post_json<T: Serialize, R: serde::de::DeserializeOwned>(
         .send()
         .await
         .map_err(|err| request_error(address, err))?;
-    read_answer(address, path, response).await
+    let agent_time = response
+        .headers()
+        .get(reqwest::header::DATE)
+        .and_then(|date| date.to_str().ok())
+        .and_then(|date| httpdate::parse_http_date(date).ok())
+        .map(chrono::DateTime::<Utc>::from);
+    Ok((read_answer(address, path, response).await?, agent_time))
 }
 
 /// Reads an agent's answer: its refusal as an error, or the JSON document it must be.
@@ -264,16 +305,21 @@ async fn read_answer<R: serde::de::DeserializeOwned>(
     })
 }
 
+/// The agent's status, and the fingerprint of the certificate it answered over.
 async fn get_status(
     client: &reqwest::Client,
     address: &str,
-) -> Result<proto::AgentStatus, UserError> {
+) -> Result<(proto::AgentStatus, Option<String>), UserError> {
     let response = client
         .get(format!("https://{address}{}", proto::STATUS_PATH))
         .send()
         .await
         .map_err(|err| request_error(address, err))?;
-    read_answer(address, proto::STATUS_PATH, response).await
+    let presented = tls::peer_fingerprint(&response);
+    Ok((
+        read_answer(address, proto::STATUS_PATH, response).await?,
+        presented,
+    ))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -293,27 +339,39 @@ fn manager_pki(home: &Path) -> Result<(ManagerCa, (PKey<Private>, X509)), UserEr
     Ok((ca, identity))
 }
 
-/// A mutual-TLS client for an agent this manager activated: its chain must verify against the
-/// CA and, when known, it must present exactly the certificate the manager issued.
+/// How far a mutual-TLS client trusts an agent this manager activated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trust<'a> {
+    /// The CA, and the name of the address in the URL: exactly what `pm-poll` checks.
+    AsPoll,
+    /// The CA and exactly this certificate (by fingerprint), whatever it names.
+    Pinned(&'a str),
+    /// Exactly this certificate, also outside its validity: the one the inventory recorded for
+    /// the host, to renew it after it expired.
+    PinnedExpired(&'a str),
+}
+
+/// A mutual-TLS client for an agent this manager activated (see [`Trust`]).
 fn mutual_client(
     ca: &ManagerCa,
     identity: &(PKey<Private>, X509),
-    pin: Option<&str>,
+    trust: Trust<'_>,
     timeout: Duration,
 ) -> Result<reqwest::Client, UserError> {
-    tls::client_builder(
-        Some(ca.certificate()),
-        pin,
-        Some((&identity.0, &identity.1)),
-    )
-    .and_then(|b| {
-        b.timeout(timeout)
-            .connect_timeout(timeout)
-            .pool_max_idle_per_host(0)
-            .build()
-            .context("cannot build the TLS client")
-    })
-    .map_err(|err| UserError::failure(format!("{err:#}")))
+    let (ca, pin) = match trust {
+        Trust::AsPoll => (Some(ca.certificate()), None),
+        Trust::Pinned(pin) => (Some(ca.certificate()), Some(pin)),
+        Trust::PinnedExpired(pin) => (None, Some(pin)),
+    };
+    tls::client_builder(ca, pin, Some((&identity.0, &identity.1)))
+        .and_then(|b| {
+            b.timeout(timeout)
+                .connect_timeout(timeout)
+                .pool_max_idle_per_host(0)
+                .build()
+                .context("cannot build the TLS client")
+        })
+        .map_err(|err| UserError::failure(format!("{err:#}")))
 }
 
 /// `pm-activate host`.
@@ -326,14 +384,20 @@ pub fn activate_host(
         // Refused before any agent is contacted.
         dist_url(home, Some(url))?;
     }
+    if args.targets.is_some() && args.name.is_some() {
+        return Err(UserError::usage("--name names one host: it cannot go with --targets").into());
+    }
     if let Some(targets) = &args.targets {
-        return activate_many(home, global, &args, targets);
+        let addresses = read_targets(targets)?;
+        let context = Shared::load(home, global, &args)?;
+        return activate_many(home, global, &args, &context, &addresses);
     }
     let address = args
         .address
         .clone()
         .ok_or_else(|| UserError::usage("give the agent's ADDRESS or --targets FILE"))?;
-    let report = activate_one(home, global, &args, &address)?;
+    let context = Shared::load(home, global, &args)?;
+    let report = activate_one(home, global, &args, &context, &runtime()?, &address)?;
     print_host_report(global, &report)
 }
 
@@ -350,45 +414,147 @@ fn inventory_turn() -> std::sync::MutexGuard<'static, ()> {
 /// How many agents `--targets` activates at once.
 const BULK_CONCURRENCY: usize = 8;
 
-/// `pm-activate host --targets FILE`: every address of the file, concurrently, with a summary.
+/// Everything one `pm-activate host` run reads once, however many agents it activates: the
+/// inventory (keys, hosts, profiles, licenses, revoked serials, read-only and closed at once),
+/// the CA and client identity, the key file and the flags' values. With `--targets` each agent
+/// then costs its own network work only (an unreachable one well under a millisecond of CPU).
+struct Shared {
+    keys: Vec<ActivationKeyRecord>,
+    hosts: Vec<HostRecord>,
+    profiles: Vec<Profile>,
+    licenses: Vec<LicenseRecord>,
+    /// Revoked serial -> the host it was revoked for.
+    revoked: HashMap<String, String>,
+    ca: ManagerCa,
+    identity: (PKey<Private>, X509),
+    /// The activation key's text (never logged).
+    key: Option<String>,
+    labels: BTreeMap<String, String>,
+}
+
+impl Shared {
+    /// Checks the flags, reads the key file, the inventory and the PKI; refuses an unknown
+    /// profile before any agent is contacted (or a key use is taken).
+    fn load(home: &Path, global: &GlobalArgs, args: &HostArgs) -> anyhow::Result<Shared> {
+        let labels = parse_labels(&args.labels)?;
+        if let Some(group) = &args.group {
+            check_name("group", group)?;
+        }
+        if let Some(profile) = &args.profile {
+            check_name("profile", profile)?;
+        }
+        if let Some(name) = &args.name {
+            hosts::check_name("--name", name)?;
+        }
+        let key = args.key_file.as_deref().map(read_key_file).transpose()?;
+        if let Some(key) = &key {
+            super::parse_key(key).map_err(key_error)?;
+        }
+        let (keys, hosts, profiles, licenses, revoked) = {
+            let _turn = inventory_turn();
+            match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
+                Some(inventory) => (
+                    inventory.activation_keys().map_err(inventory_error)?,
+                    inventory.hosts().map_err(inventory_error)?,
+                    inventory.profiles().map_err(inventory_error)?,
+                    inventory.licenses().map_err(inventory_error)?,
+                    inventory.revoked_hosts().map_err(inventory_error)?,
+                ),
+                None => Default::default(),
+            }
+        };
+        let (ca, identity) = manager_pki(home)?;
+        let context = Shared {
+            keys,
+            hosts,
+            profiles,
+            licenses,
+            revoked,
+            ca,
+            identity,
+            key,
+            labels,
+        };
+        context.plan(home, args, None)?;
+        Ok(context)
+    }
+
+    /// What to set up on the host: a host already known keeps its group and profile unless the
+    /// flags change them.
+    fn plan(
+        &self,
+        home: &Path,
+        args: &HostArgs,
+        known: Option<&HostRecord>,
+    ) -> Result<SetupPlan, UserError> {
+        let group = args
+            .group
+            .clone()
+            .or_else(|| known.map(|h| h.group.clone()))
+            .unwrap_or_else(|| "default".into());
+        let profile = args
+            .profile
+            .clone()
+            .or_else(|| known.map(|h| h.profile.clone()))
+            .unwrap_or_else(|| crate::profile::DEFAULT_PROFILE.into());
+        SetupPlan::load(home, &self.profiles, &self.licenses, &group, &profile)
+    }
+}
+
+/// The addresses of a targets file, each once: the first column of the same reader as every
+/// other `--targets` (BOM, quotes, comments, `host,wave`).
+fn read_targets(targets: &Path) -> Result<Vec<String>, UserError> {
+    let mut seen = std::collections::HashSet::new();
+    Ok(crate::targets::read_targets_file(targets)?
+        .into_iter()
+        .map(|listed| listed.name)
+        .filter(|name| seen.insert(name.clone()))
+        .collect())
+}
+
+/// `pm-activate host --targets FILE`: every address of the file, [`BULK_CONCURRENCY`] at a
+/// time (workers that each take the next address, so one slow agent holds up no other), with
+/// a summary.
 fn activate_many(
     home: &Path,
     global: &GlobalArgs,
     args: &HostArgs,
-    targets: &Path,
+    context: &Shared,
+    addresses: &[String],
 ) -> anyhow::Result<ExitStatus> {
-    if args.name.is_some() {
-        return Err(UserError::usage("--name names one host: it cannot go with --targets").into());
-    }
-    // The same reader as every other --targets (BOM, quotes, `host,wave`): the first column.
-    let mut addresses: Vec<String> = Vec::new();
-    for listed in crate::targets::read_targets_file(targets)? {
-        if !addresses.contains(&listed.name) {
-            addresses.push(listed.name);
-        }
-    }
-    // Create the CA and client certificate once, before the workers race for them.
-    manager_pki(home)?;
-    let mut outcomes: Vec<(String, Result<HostReport, anyhow::Error>)> = Vec::new();
-    for chunk in addresses.chunks(BULK_CONCURRENCY) {
-        let results: Vec<_> = std::thread::scope(|scope| {
-            let workers: Vec<_> = chunk
-                .iter()
-                .map(|address| {
-                    scope
-                        .spawn(move || (address.clone(), activate_one(home, global, args, address)))
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done: std::sync::Mutex<Vec<(usize, Result<HostReport, anyhow::Error>)>> =
+        std::sync::Mutex::new(Vec::with_capacity(addresses.len()));
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..BULK_CONCURRENCY.min(addresses.len()))
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    let runtime = runtime()?;
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(address) = addresses.get(i) else {
+                            return Ok(());
+                        };
+                        let outcome = activate_one(home, global, args, context, &runtime, address);
+                        done.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push((i, outcome));
+                    }
                 })
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().expect("an activation worker panicked"))
-                .collect()
-        });
-        outcomes.extend(results);
-    }
+            })
+            .collect();
+        for worker in workers {
+            worker.join().expect("an activation worker panicked")?;
+        }
+        Ok(())
+    })?;
+    let mut outcomes = done
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    outcomes.sort_by_key(|(i, _)| *i);
     let mut reports = Vec::new();
     let mut failures = Vec::new();
-    for (address, outcome) in outcomes {
+    for (i, outcome) in outcomes {
         match outcome {
             Ok(report) => reports.push(report),
             Err(err) => {
@@ -397,7 +563,7 @@ fn activate_many(
                     .find_map(|c| c.downcast_ref::<UserError>())
                     .and_then(|u| u.hint.clone());
                 failures.push(serde_json::json!({
-                    "address": address, "error": format!("{err:#}"), "hint": hint,
+                    "address": addresses[i], "error": format!("{err:#}"), "hint": hint,
                 }));
             }
         }
@@ -467,125 +633,154 @@ fn activate_many(
     })
 }
 
+/// What the activation of one agent works with besides the agent: the run's flags and what it
+/// read once, and the worker's runtime.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    home: &'a Path,
+    global: &'a GlobalArgs,
+    args: &'a HostArgs,
+    context: &'a Shared,
+    runtime: &'a tokio::runtime::Runtime,
+}
+
+/// An agent that answered TLS: where, and the certificate it presented.
+struct Reached {
+    socket: SocketAddr,
+    /// `host:port` as the inventory records it.
+    address: String,
+    presented: X509,
+}
+
 /// Activates (or re-applies the setup of) the agent at `address`.
 fn activate_one(
     home: &Path,
     global: &GlobalArgs,
     args: &HostArgs,
+    context: &Shared,
+    runtime: &tokio::runtime::Runtime,
     address: &str,
 ) -> anyhow::Result<HostReport> {
-    let labels = parse_labels(&args.labels)?;
-    if let Some(group) = &args.group {
-        check_name("group", group)?;
-    }
-    if let Some(profile) = &args.profile {
-        check_name("profile", profile)?;
-    }
-    let key = args.key_file.as_deref().map(read_key_file).transpose()?;
-    if let Some(key) = &key {
-        super::parse_key(key).map_err(key_error)?;
-    }
-    // What the inventory knows: keys, hosts, profiles, licenses (read-only, closed right away).
-    let (keys, hosts, profiles, licenses) = {
-        let _turn = inventory_turn();
-        match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
-            Some(inventory) => (
-                inventory.activation_keys().map_err(inventory_error)?,
-                inventory.hosts().map_err(inventory_error)?,
-                inventory.profiles().map_err(inventory_error)?,
-                inventory.licenses().map_err(inventory_error)?,
-            ),
-            None => (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
-        }
+    let run = Run {
+        home,
+        global,
+        args,
+        context,
+        runtime,
     };
-    // A host already known keeps its group and profile unless the flags change them.
-    let plan_for = |known: Option<&HostRecord>| {
-        let group = args
-            .group
-            .clone()
-            .or_else(|| known.map(|h| h.group.clone()))
-            .unwrap_or_else(|| "default".into());
-        let profile = args
-            .profile
-            .clone()
-            .or_else(|| known.map(|h| h.profile.clone()))
-            .unwrap_or_else(|| crate::profile::DEFAULT_PROFILE.into());
-        SetupPlan::load(home, &profiles, &licenses, &group, &profile)
-    };
-    // Refuse an unknown profile before the agent is contacted (or a key use is taken).
-    plan_for(None)?;
-    let runtime = runtime()?;
     let (socket, address) = runtime.block_on(resolve(address))?;
-    let presented = runtime
-        .block_on(tls::fetch_server_certificate(socket, args.timeout))
-        .map_err(|err| unreachable(&address, &err));
-    let (ca, identity) = manager_pki(home)?;
-    let presented = match presented {
+    let presented = match runtime.block_on(tls::fetch_server_certificate(socket, args.timeout)) {
         Ok(cert) => cert,
-        Err(unreachable) => {
+        Err(err) => {
             // A bad key is the first thing to fix, even when the agent is also down.
-            if let Some(key) = &key {
-                check_key(key, &keys, Utc::now()).map_err(key_error)?;
+            if let Some(key) = &context.key {
+                check_key(key, &context.keys, Utc::now()).map_err(key_error)?;
             }
-            return Err(unreachable.into());
+            return Err(unreachable(&address, &err).into());
         }
     };
     let presented_serial = serial_hex(&presented).unwrap_or_default();
-    if verify_issued_by(&presented, ca.certificate()) {
-        // Activated by this manager already.
-        if let Some(host) = revoked_host(home, global, &presented_serial)? {
-            return Err(UserError::failure(format!(
-                "certificate serial {presented_serial} of {host} was revoked: agent `{address}` \
-                 is not accepted again"
-            ))
-            .with_hint("run `pm-agent reset` on the host, then activate it again with a new key")
-            .into());
-        }
-        return reapply(
-            home, global, args, &runtime, &address, &ca, &identity, &presented, &hosts, labels,
-            &plan_for,
-        );
-    }
-    if !self_signed(&presented) {
-        // Issued by another manager's CA: that agent answers only its manager (mutual TLS).
-        let issuer = presented
-            .issuer_name()
-            .entries_by_nid(openssl::nid::Nid::COMMONNAME)
-            .next()
-            .and_then(|e| e.data().to_string().ok())
-            .unwrap_or_else(|| "an unknown CA".into());
+    let issued = check_issued_by(&presented, context.ca.certificate());
+    if issued != Err(IssueProblem::NotIssued)
+        && let Some(host) = context.revoked.get(&presented_serial)
+    {
         return Err(UserError::failure(format!(
-            "agent `{address}` is already activated by another manager (its certificate was              issued by `{issuer}`, not by this manager's CA)"
+            "certificate serial {presented_serial} of {host} was revoked: agent `{address}` is \
+             not accepted again"
         ))
-        .with_hint("run `pm-agent reset` on the host first, then activate it again")
+        .with_hint("run `pm-agent reset` on the host, then activate it again with a new key")
         .into());
     }
-    let Some(key) = key else {
+    let whose = format!("agent `{address}`'s certificate (serial {presented_serial})");
+    let reached = Reached {
+        socket,
+        address: address.clone(),
+        presented: presented.clone(),
+    };
+    match issued {
+        // Activated by this manager already.
+        Ok(()) => reapply(run, &reached, false),
+        Err(problem @ IssueProblem::Expired { .. }) => {
+            if hosts::find_by_certificate(&context.hosts, &presented).is_none() {
+                return Err(UserError::failure(format!(
+                    "{}, and no active host of this inventory has it",
+                    hosts::describe_problem(&whose, "this manager's clock", &problem)
+                ))
+                .with_hint(
+                    "run `pm-agent reset --activation-key-file F` on the host, then activate it \
+                     again with that key",
+                )
+                .into());
+            }
+            reapply(run, &reached, true)
+        }
+        Err(problem @ IssueProblem::NotYetValid { .. }) => Err(UserError::failure(
+            hosts::describe_problem(&whose, "this manager's clock", &problem),
+        )
+        .with_hint("set this manager's clock right (NTP, chrony), then run the same command again")
+        .into()),
+        // Issued by another manager's CA: that agent answers only its manager (mutual TLS).
+        Err(IssueProblem::NotIssued) if !self_signed(&presented) => {
+            let issuer = presented
+                .issuer_name()
+                .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+                .next()
+                .and_then(|e| e.data().to_string().ok())
+                .unwrap_or_else(|| "an unknown CA".into());
+            Err(UserError::failure(format!(
+                "agent `{address}` is already activated by another manager: its certificate \
+                 was issued by `{issuer}`, not by this manager's CA"
+            ))
+            .with_hint("run `pm-agent reset` on the host first, then activate it again")
+            .into())
+        }
+        Err(IssueProblem::NotIssued) => activate_new(run, reached),
+    }
+}
+
+/// Activates an agent that presents its self-signed certificate: the key protocol.
+fn activate_new(run: Run<'_>, reached: Reached) -> anyhow::Result<HostReport> {
+    let Reached {
+        socket,
+        address,
+        presented,
+    } = reached;
+    let presented = &presented;
+    let Some(key) = &run.context.key else {
         return Err(UserError::usage(format!(
             "agent `{address}` is not activated by this manager: --key-file is needed"
         ))
         .with_hint("create a key with `pm-activate key new --out FILE` and give it to the agent")
         .into());
     };
-    let record = check_key(&key, &keys, Utc::now()).map_err(key_error)?;
-    let dist_url = dist_url(home, args.dist_url.as_deref())?;
-    let pin = tls::fingerprint(&presented);
+    let record = check_key(key, &run.context.keys, Utc::now()).map_err(key_error)?;
+    if let Some(name) = &run.args.name {
+        hosts::check_name_free(
+            &run.context.hosts,
+            name,
+            NameUse::Activate { address: &address },
+        )?;
+    }
+    let dist_url = dist_url(run.home, run.args.dist_url.as_deref())?;
+    let pin = tls::fingerprint(presented);
     let started = Utc::now();
-    if global.dry_run {
+    if run.global.dry_run {
         // Key, agent and dist URL are fine; the agent is not told anything. It would be
         // activated: changed (what Ansible's check mode reports).
         return Ok(HostReport {
             changed: true,
             action: "dry-run",
-            host: args.name.clone().unwrap_or_default(),
+            host: run.args.name.clone().unwrap_or_default(),
             address,
-            group: args.group.clone().unwrap_or_else(|| "default".into()),
-            profile: args.profile.clone().unwrap_or_else(|| "default".into()),
-            labels,
+            group: run.args.group.clone().unwrap_or_else(|| "default".into()),
+            profile: run.args.profile.clone().unwrap_or_else(|| "default".into()),
+            labels: run.context.labels.clone(),
             certificate_serial: None,
             certificate_fingerprint: Some(pin),
+            certificate_expires_at: None,
             agent_version: None,
             engine: None,
+            note: None,
             steps: Vec::new(),
         });
     }
@@ -593,25 +788,27 @@ fn activate_one(
     // Step 1: challenge, over the pinned certificate.
     let pinned = tls::client_builder(None, Some(&pin), None)
         .and_then(|b| {
-            b.timeout(args.timeout)
-                .connect_timeout(args.timeout)
+            b.timeout(run.args.timeout)
+                .connect_timeout(run.args.timeout)
                 .build()
                 .context("cannot build the TLS client")
         })
         .map_err(|err| UserError::failure(format!("{err:#}")))?;
     let manager_nonce = proto::nonce();
+    let ca = &run.context.ca;
     let ca_fingerprint =
         cert_fingerprint(ca.certificate()).map_err(|err| UserError::failure(err.to_string()))?;
-    let challenge: proto::ChallengeResponse = runtime.block_on(post_json(
-        &pinned,
-        &address,
-        proto::CHALLENGE_PATH,
-        &proto::ChallengeRequest {
-            manager_nonce: manager_nonce.clone(),
-            manager_ca_fingerprint: ca_fingerprint,
-        },
-    ))?;
-    let expected = proto::agent_proof(&key, &pin, &manager_nonce, &challenge.agent_nonce);
+    let (challenge, agent_time): (proto::ChallengeResponse, _) =
+        run.runtime.block_on(post_json_dated(
+            &pinned,
+            &address,
+            proto::CHALLENGE_PATH,
+            &proto::ChallengeRequest {
+                manager_nonce: manager_nonce.clone(),
+                manager_ca_fingerprint: ca_fingerprint,
+            },
+        ))?;
+    let expected = proto::agent_proof(key, &pin, &manager_nonce, &challenge.agent_nonce);
     if !proto::proofs_equal(&expected, &challenge.agent_proof) {
         return Err(UserError::failure(format!(
             "wrong activation key: the agent at `{address}` holds a different key"
@@ -622,25 +819,58 @@ fn activate_one(
         )
         .into());
     }
-    let host_name = args
-        .name
-        .clone()
-        .unwrap_or_else(|| challenge.host_name.clone());
-    if let Some(other) = hosts
-        .iter()
-        .find(|h| h.host == host_name && h.state == "active" && h.address != address)
-    {
-        return Err(UserError::failure(format!(
-            "host `{host_name}` is already activated at `{}`; agent `{address}` cannot take its name",
-            other.address
-        ))
-        .with_hint(format!(
-            "give this one another name with --name, or `pm-activate deactivate {host_name}` first"
-        ))
-        .into());
+    // Both clocks are known now: certificates work up to an hour apart, not beyond.
+    if let Some(agent_time) = agent_time {
+        let now = Utc::now();
+        if (agent_time - now).abs() > hosts::MAX_CLOCK_SKEW {
+            return Err(UserError::failure(format!(
+                "the clock of agent `{address}` reads {}, {} this manager's ({}): certificates \
+                 would not be valid on both sides",
+                hosts::at(agent_time),
+                hosts::clock_offset(agent_time, now),
+                hosts::at(now)
+            ))
+            .with_hint(
+                "set the host's clock right (NTP, chrony; or this manager's if it is the wrong \
+                 one), then run the same command again: no key use was taken",
+            )
+            .into());
+        }
     }
+    // The host this manager knew at this address, back after a wipe or a reset (a new CA):
+    // names are the manager's, so it keeps the name it had even if the agent's own differs.
+    let returning = run
+        .context
+        .hosts
+        .iter()
+        .find(|h| h.state == "active" && h.address == address);
+    let host_name = match (&run.args.name, returning) {
+        (Some(name), _) => name.clone(),
+        (None, Some(host)) => host.host.clone(),
+        (None, None) => {
+            hosts::check_name("the agent's host name", &challenge.host_name).map_err(|err| {
+                UserError::usage(err.message).with_hint("give the host a name with --name")
+            })?;
+            challenge.host_name.clone()
+        }
+    };
+    hosts::check_name_free(
+        &run.context.hosts,
+        &host_name,
+        NameUse::Activate { address: &address },
+    )
+    .map_err(|err| match &run.args.name {
+        Some(_) => err,
+        // The name came from the agent, not from the operator: the command itself was fine.
+        None => UserError::failure(format!("{}; agent `{address}` reports that name", err.message))
+            .with_hint(format!(
+                "give this one another name with --name, or `pm-activate deactivate {host_name}`                  first if that host is gone for good"
+            )),
+    })?;
+    let (ips, dns) = hosts::reach_names(&address, Some(socket.ip()));
+    let dns: Vec<&str> = dns.iter().map(String::as_str).collect();
     let certificate = ca
-        .sign_agent_csr_for(challenge.csr_pem.as_bytes(), &host_name, &[socket.ip()])
+        .sign_agent_csr_with(challenge.csr_pem.as_bytes(), &host_name, &ips, &dns)
         .map_err(|err| {
             UserError::failure(format!(
                 "cannot issue a certificate for agent `{address}` as `{host_name}`: {err}"
@@ -649,12 +879,14 @@ fn activate_one(
         })?;
     let serial = serial_hex(&certificate).map_err(|e| UserError::failure(e.to_string()))?;
     let fingerprint = tls::fingerprint(&certificate);
+    let issued = HostCertificate::of(&certificate);
 
     // One use of the key, atomically: a replay or a concurrent activation is refused here,
     // before the agent is told anything.
     {
         let _turn = inventory_turn();
-        let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+        let inventory =
+            Inventory::open(run.home, run.global.lock_timeout).map_err(inventory_error)?;
         if !inventory
             .use_activation_key(&record.id)
             .map_err(inventory_error)?
@@ -669,12 +901,12 @@ fn activate_one(
     }
 
     // Step 2: complete.
-    let manifest_key = crate::pki::SigningKey::load_or_create(home)
+    let manifest_key = crate::pki::SigningKey::load_or_create(run.home)
         .and_then(|k| k.public_key_pem())
         .map_err(|err| UserError::failure(format!("manifest signing key: {err}")))?;
     let request = proto::ActivateRequest {
         agent_nonce: challenge.agent_nonce.clone(),
-        manager_proof: proto::manager_proof(&key, &pin, &challenge.agent_nonce, &manager_nonce),
+        manager_proof: proto::manager_proof(key, &pin, &challenge.agent_nonce, &manager_nonce),
         ca_pem: String::from_utf8_lossy(
             &ca.certificate_pem()
                 .map_err(|e| UserError::failure(e.to_string()))?,
@@ -691,7 +923,8 @@ fn activate_one(
         host_name: host_name.clone(),
     };
     let completed: proto::ActivateResponse =
-        runtime.block_on(post_json(&pinned, &address, proto::ACTIVATE_PATH, &request))?;
+        run.runtime
+            .block_on(post_json(&pinned, &address, proto::ACTIVATE_PATH, &request))?;
     if !completed.certificate_serial.eq_ignore_ascii_case(&serial) {
         tracing::warn!(
             expected = %serial,
@@ -701,10 +934,12 @@ fn activate_one(
     }
     tracing::info!(host = %host_name, %address, key = %record.id, "agent activated");
 
-    // From now on: mutual TLS, the CA and the issued certificate.
+    // From now on: mutual TLS, checked the way pm-poll checks it.
     let mut steps = vec![Step::ok("activate")];
-    let mutual = mutual_client(&ca, &identity, Some(&fingerprint), args.timeout)?;
-    let status = runtime.block_on(verify_status(&mutual, &address, &ca));
+    let mutual = mutual_client(ca, &run.context.identity, Trust::AsPoll, run.args.timeout)?;
+    let status = run
+        .runtime
+        .block_on(verify_status(&mutual, &address, ca, &fingerprint));
     let (agent_version, engine) = match &status {
         Ok(status) => {
             steps.push(Step::ok("verify"));
@@ -715,11 +950,35 @@ fn activate_one(
             (challenge.agent_version.clone(), challenge.engine.clone())
         }
     };
-    let plan = plan_for(None)?;
-    let setup = runtime.block_on(setup::apply(&mutual, &address, &plan));
+    // The same host back (its state wiped, or reset): what the operator set before stays
+    // unless the flags change it.
+    let earlier = run.context.hosts.iter().find(|h| h.host == host_name);
+    let plan = run.context.plan(run.home, run.args, earlier)?;
+    let setup = run.runtime.block_on(setup::apply(&mutual, &address, &plan));
     steps.extend(setup.steps.iter().cloned());
     let group = plan.group.clone();
     let profile = plan.profile.name.clone();
+    let mut labels: BTreeMap<String, String> = earlier
+        .map(|h| serde_json::from_str(&h.labels).unwrap_or_default())
+        .unwrap_or_default();
+    labels.extend(run.context.labels.clone());
+    let note = earlier.map(|earlier| {
+        let mut kept = Vec::new();
+        if run.args.group.is_none() {
+            kept.push(format!("group {}", earlier.group));
+        }
+        if run.args.profile.is_none() {
+            kept.push(format!("profile {}", earlier.profile));
+        }
+        if labels.keys().any(|k| !run.context.labels.contains_key(k)) {
+            kept.push(format!("labels {}", label_text(&labels)));
+        }
+        if kept.is_empty() {
+            "activated again under its earlier name".to_string()
+        } else {
+            format!("{} kept from its earlier activation", kept.join(", "))
+        }
+    });
     let host = HostRecord {
         host: host_name.clone(),
         address: address.clone(),
@@ -728,6 +987,7 @@ fn activate_one(
         labels: serde_json::to_string(&labels).expect("a map of strings"),
         certificate_serial: Some(serial.clone()),
         certificate_fingerprint: Some(fingerprint.clone()),
+        certificate_expires_at: Some(issued.expires_at),
         agent_version: Some(agent_version.clone()),
         engine: Some(engine.clone()),
         activated_at: Some(Utc::now()),
@@ -739,18 +999,27 @@ fn activate_one(
     };
     steps.extend(labels_step(&labels));
     let failed = steps.iter().any(|s| !s.ok);
-    // A host activated again under the same name gets a new certificate; the old one is done.
-    let replaced = hosts
-        .iter()
-        .find(|h| h.host == host_name)
-        .and_then(|h| h.certificate_serial.clone())
-        .filter(|old| *old != serial);
     let turn = inventory_turn();
-    let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
-    inventory
+    let inventory = Inventory::open(run.home, run.global.lock_timeout).map_err(inventory_error)?;
+    let taken = inventory
         .transaction(|inv| {
-            if let Some(old) = &replaced {
-                inv.revoke_certificate(old, &host_name, "replaced by a new activation")?;
+            // Another activation (another agent of the same --targets file, another run) may
+            // have taken the name since it was checked.
+            let now = inv.hosts()?;
+            if let Err(err) =
+                hosts::check_name_free(&now, &host_name, NameUse::Activate { address: &address })
+            {
+                return Ok(Some(err));
+            }
+            // A host activated again under the same name gets a new certificate; the old one
+            // is done.
+            if let Some(old) = now
+                .iter()
+                .find(|h| h.host == host_name)
+                .and_then(|h| h.certificate_serial.clone())
+                .filter(|old| *old != serial)
+            {
+                inv.revoke_certificate(&old, &host_name, "replaced by a new activation")?;
             }
             inv.upsert_host(&host)?;
             inv.insert_job(
@@ -758,12 +1027,20 @@ fn activate_one(
                 started,
                 if failed { "partial" } else { "ok" },
                 &format!("activated {host_name} at {address} with key {}", record.id),
-            )
-            .map(|_| ())
+            )?;
+            Ok(None)
         })
         .map_err(inventory_error)?;
     drop(inventory);
     drop(turn);
+    if let Some(err) = taken {
+        return Err(err
+            .with_hint(format!(
+                "the agent at `{address}` was told it is `{host_name}`; run `pm-agent reset` on \
+                 it and activate it again with another --name"
+            ))
+            .into());
+    }
     Ok(HostReport {
         changed: true,
         action: "activated",
@@ -774,10 +1051,21 @@ fn activate_one(
         labels,
         certificate_serial: Some(serial),
         certificate_fingerprint: Some(fingerprint),
+        certificate_expires_at: Some(issued.expires_at),
         agent_version: Some(agent_version),
         engine: Some(engine),
+        note,
         steps,
     })
+}
+
+/// `k=v, k2=v2`.
+fn label_text(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Labels are the manager's own (target selection): recorded with the host, not sent.
@@ -785,10 +1073,13 @@ fn labels_step(labels: &BTreeMap<String, String>) -> Option<Step> {
     (!labels.is_empty()).then(|| Step::ok("labels"))
 }
 
+/// Asks the agent for its status until it reports being activated by this manager and
+/// presents the certificate `fingerprint`.
 async fn verify_status(
     client: &reqwest::Client,
     address: &str,
     ca: &ManagerCa,
+    fingerprint: &str,
 ) -> Result<proto::AgentStatus, UserError> {
     let ours = cert_fingerprint(ca.certificate()).map_err(|e| UserError::failure(e.to_string()))?;
     // The agent switches to its new certificate right after answering; give it a moment.
@@ -798,7 +1089,13 @@ async fn verify_status(
             tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
         }
         match get_status(client, address).await {
-            Ok(status)
+            Ok((_, presented)) if presented.as_deref() != Some(fingerprint) => {
+                last = Some(UserError::failure(format!(
+                    "agent `{address}` presents certificate {}, not {fingerprint}",
+                    presented.unwrap_or_default()
+                )));
+            }
+            Ok((status, _))
                 if status.activated
                     && status.manager_ca_fingerprint.as_deref() == Some(ours.as_str()) =>
             {
@@ -820,20 +1117,6 @@ fn self_signed(cert: &X509) -> bool {
     cert.public_key()
         .and_then(|key| cert.verify(&key))
         .unwrap_or(false)
-}
-
-fn revoked_host(
-    home: &Path,
-    global: &GlobalArgs,
-    serial: &str,
-) -> Result<Option<String>, anyhow::Error> {
-    let _turn = inventory_turn();
-    match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
-        Some(inventory) => Ok(inventory
-            .revoked_certificate(serial)
-            .map_err(inventory_error)?),
-        None => Ok(None),
-    }
 }
 
 fn dist_url(home: &Path, flag: Option<&str>) -> Result<String, UserError> {
@@ -866,59 +1149,148 @@ fn dist_url(home: &Path, flag: Option<&str>) -> Result<String, UserError> {
         })
 }
 
-/// Re-applies group, profile and labels to a host this manager already activated.
-#[allow(clippy::too_many_arguments)]
-fn reapply(
-    home: &Path,
-    global: &GlobalArgs,
-    args: &HostArgs,
-    runtime: &tokio::runtime::Runtime,
-    address: &str,
-    ca: &ManagerCa,
-    identity: &(PKey<Private>, X509),
+/// Why a host's certificate is re-issued when its setup is re-applied, and what the old
+/// serial is recorded as (`revoked_certificates.reason`).
+fn reissue_reason(
     presented: &X509,
-    hosts: &[HostRecord],
-    labels: BTreeMap<String, String>,
-    plan_for: &dyn Fn(Option<&HostRecord>) -> Result<SetupPlan, UserError>,
-) -> anyhow::Result<HostReport> {
+    address: &str,
+    host_name: &str,
+    expired: bool,
+) -> Option<(&'static str, &'static str)> {
+    let (not_before, not_after) = crate::pki::ca::validity(presented);
+    if !crate::pki::ca::names_host(presented, hosts::address_host(address)) {
+        Some(("for its new address", "re-issued for a new address"))
+    } else if crate::pki::ca::common_name(presented).as_deref() != Some(host_name) {
+        Some(("for its new name", "re-issued for a new name"))
+    } else if expired {
+        Some(("after it expired", "renewed"))
+    } else if hosts::renewal_due(not_before, not_after, Utc::now()) {
+        Some(("before it expires", "renewed"))
+    } else {
+        None
+    }
+}
+
+/// Re-applies group, profile and labels to a host this manager already activated; renames it
+/// (its history moves with it) and re-issues its certificate when the address, the name or its
+/// age asks for it, and verifies the way `pm-poll` will reach it.
+fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<HostReport> {
+    let (socket, address, presented) =
+        (reached.socket, reached.address.as_str(), &reached.presented);
     let fingerprint = tls::fingerprint(presented);
-    let serial = serial_hex(presented).unwrap_or_default();
+    let old_serial = serial_hex(presented).unwrap_or_default();
     let started = Utc::now();
-    let mutual = mutual_client(ca, identity, Some(&fingerprint), args.timeout)?;
+    let known = hosts::find_by_certificate(&run.context.hosts, presented);
+    let host_name = run
+        .args
+        .name
+        .clone()
+        .or_else(|| known.map(|h| h.host.clone()))
+        .or_else(|| crate::pki::ca::common_name(presented))
+        .unwrap_or_else(|| hosts::address_host(address).to_string());
+    let renamed_from = known
+        .map(|h| h.host.clone())
+        .filter(|old| *old != host_name);
+    match (known, &renamed_from) {
+        (Some(_), Some(old)) => hosts::check_name_free(
+            &run.context.hosts,
+            &host_name,
+            NameUse::Rename { from: old },
+        )?,
+        (None, _) => {
+            hosts::check_name("the host's name", &host_name)?;
+            hosts::check_name_free(
+                &run.context.hosts,
+                &host_name,
+                NameUse::Activate { address },
+            )?
+        }
+        (Some(_), None) => {}
+    }
     let mut steps = Vec::new();
-    let status = runtime.block_on(verify_status(&mutual, address, ca));
+    let mut reissued = None;
+    let reason = reissue_reason(presented, address, &host_name, expired);
+    if let Some((why, _)) = reason {
+        if run.global.dry_run {
+            steps.push(Step::skipped(
+                "certificate",
+                format!("dry run: would re-issue it {why}"),
+            ));
+        } else {
+            let trust = if expired {
+                Trust::PinnedExpired(&fingerprint)
+            } else {
+                Trust::Pinned(&fingerprint)
+            };
+            let pinned = mutual_client(
+                &run.context.ca,
+                &run.context.identity,
+                trust,
+                run.args.timeout,
+            )?;
+            let cert = run
+                .runtime
+                .block_on(renew::reissue(
+                    &pinned,
+                    address,
+                    &host_name,
+                    &run.context.ca,
+                    Some(socket.ip()),
+                ))
+                .map_err(|err| UserError::failure(err.to_string()).with_hint(err.hint()))?;
+            steps.push(Step::ok("certificate").with_note(format!(
+                "re-issued {why}: serial {}, valid until {}; serial {old_serial} retired",
+                serial_hex(&cert).unwrap_or_default(),
+                hosts::at(crate::pki::ca::validity(&cert).1)
+            )));
+            reissued = Some(cert);
+        }
+    }
+    let current = reissued.as_ref().unwrap_or(presented);
+    let certificate = HostCertificate::of(current);
+    // Verified the way the poll timer will reach it (CA and the address's name, no pin); a dry
+    // run changed nothing yet, so it checks the certificate as it is.
+    let trust = if run.global.dry_run {
+        Trust::Pinned(&fingerprint)
+    } else {
+        Trust::AsPoll
+    };
+    let mutual = mutual_client(
+        &run.context.ca,
+        &run.context.identity,
+        trust,
+        run.args.timeout,
+    )?;
+    let status = run.runtime.block_on(verify_status(
+        &mutual,
+        address,
+        &run.context.ca,
+        &certificate.fingerprint,
+    ));
     match &status {
         Ok(_) => steps.push(Step::ok("verify")),
         Err(err) => steps.push(Step::failed("verify", err.to_string())),
     }
-    let with_serial = |h: &&HostRecord| h.certificate_serial.as_deref() == Some(serial.as_str());
-    // A renamed host leaves its old row (deactivated) with the same serial: prefer the live one.
-    let known = hosts
-        .iter()
-        .filter(with_serial)
-        .find(|h| h.state == "active")
-        .or_else(|| hosts.iter().find(with_serial));
-    let host_name = args
-        .name
-        .clone()
-        .or_else(|| known.map(|h| h.host.clone()))
-        .or_else(|| status.as_ref().ok().map(|s| s.host_name.clone()))
-        .unwrap_or_else(|| address.to_string());
     let mut host = known.cloned().unwrap_or_else(|| HostRecord {
-        certificate_serial: Some(serial.clone()),
+        certificate_serial: Some(old_serial.clone()),
         certificate_fingerprint: Some(fingerprint.clone()),
         ..HostRecord::active(&host_name, address)
     });
     let before = host.clone();
     host.host = host_name.clone();
     host.address = address.to_string();
-    let plan = plan_for(known)?;
+    if reissued.is_some() || host.certificate_expires_at.is_none() {
+        host.certificate_serial = Some(certificate.serial.clone());
+        host.certificate_fingerprint = Some(certificate.fingerprint.clone());
+        host.certificate_expires_at = Some(certificate.expires_at);
+    }
+    let plan = run.context.plan(run.home, run.args, known)?;
     host.group = plan.group.clone();
     host.profile = plan.profile.name.clone();
-    let setup = if global.dry_run {
+    let setup = if run.global.dry_run {
         None
     } else {
-        Some(runtime.block_on(setup::apply(&mutual, address, &plan)))
+        Some(run.runtime.block_on(setup::apply(&mutual, address, &plan)))
     };
     if let Some(setup) = &setup {
         steps.extend(setup.steps.iter().cloned());
@@ -929,7 +1301,7 @@ fn reapply(
     }
     let mut merged: BTreeMap<String, String> =
         serde_json::from_str(&host.labels).unwrap_or_default();
-    merged.extend(labels);
+    merged.extend(run.context.labels.clone());
     host.labels = serde_json::to_string(&merged).expect("a map of strings");
     if let Ok(status) = &status {
         host.agent_version = Some(status.agent_version.clone());
@@ -939,28 +1311,62 @@ fn reapply(
     let failed = steps.iter().any(|s| !s.ok);
     let agent_changed = setup.as_ref().is_some_and(|s| s.changed);
     let changed = host != before || known.is_none() || agent_changed;
-    if changed && !global.dry_run {
+    let note = renamed_from
+        .as_ref()
+        .map(|old| format!("renamed from {old}: its history moved with it"));
+    if changed && !run.global.dry_run {
+        let mut summary = format!("re-applied setup of {} at {address}", host.host);
+        if let Some(note) = &note {
+            summary.push_str(&format!("; {note}"));
+        }
+        if let (Some(cert), Some((why, _))) = (&reissued, reason) {
+            summary.push_str(&format!(
+                "; certificate re-issued {why} (serial {}, serial {old_serial} retired)",
+                serial_hex(cert).unwrap_or_default()
+            ));
+        }
         let _turn = inventory_turn();
-        let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
-        inventory
+        let inventory =
+            Inventory::open(run.home, run.global.lock_timeout).map_err(inventory_error)?;
+        let taken = inventory
             .transaction(|inv| {
-                if before.host != host.host && known.is_some() {
-                    // Renamed: keep the old row as history.
-                    let mut old = before.clone();
-                    old.state = "deactivated".into();
-                    old.deactivated_at = Some(Utc::now());
-                    inv.upsert_host(&old)?;
+                match &renamed_from {
+                    Some(old) => {
+                        // The host's row under its old name first, then it and every row of
+                        // its history move to the new name.
+                        let mut stay = host.clone();
+                        stay.host = old.clone();
+                        inv.upsert_host(&stay)?;
+                        if let Err(tables) = inv.rename_host(old, &host.host)? {
+                            return Ok(Some(tables));
+                        }
+                    }
+                    None => inv.upsert_host(&host)?,
                 }
-                inv.upsert_host(&host)?;
+                if let (Some(_), Some((_, recorded_as))) = (&reissued, reason) {
+                    inv.revoke_certificate(&old_serial, &host.host, recorded_as)?;
+                }
                 inv.insert_job(
                     "activate",
                     started,
                     if failed { "partial" } else { "ok" },
-                    &format!("re-applied setup of {} at {address}", host.host),
-                )
-                .map(|_| ())
+                    &summary,
+                )?;
+                Ok(None)
             })
             .map_err(inventory_error)?;
+        if let Some(tables) = taken {
+            return Err(UserError::usage(format!(
+                "the name `{}` was taken while this ran (rows in {})",
+                host.host,
+                tables.join(", ")
+            ))
+            .with_hint(
+                "nothing was recorded; pick another name, or run the same command again: the \
+                 next poll gives the host back its recorded name",
+            )
+            .into());
+        }
     }
     Ok(HostReport {
         changed,
@@ -970,10 +1376,12 @@ fn reapply(
         group: host.group.clone(),
         profile: host.profile.clone(),
         labels: merged,
-        certificate_serial: Some(serial),
-        certificate_fingerprint: Some(fingerprint),
+        certificate_serial: Some(certificate.serial),
+        certificate_fingerprint: Some(certificate.fingerprint),
+        certificate_expires_at: Some(certificate.expires_at),
         agent_version: host.agent_version.clone(),
         engine: host.engine.clone(),
+        note,
         steps,
     })
 }
@@ -993,20 +1401,29 @@ fn print_host_report(global: &GlobalArgs, report: &HostReport) -> anyhow::Result
             "already activated, nothing to change:"
         };
         cli::print_text(format!(
-            "{verb} {} at {} (group {}, profile {}, certificate serial {})",
+            "{verb} {} at {} (group {}, profile {}, certificate serial {}{})",
             report.host,
             report.address,
             report.group,
             report.profile,
-            report.certificate_serial.as_deref().unwrap_or("?")
+            report.certificate_serial.as_deref().unwrap_or("?"),
+            report
+                .certificate_expires_at
+                .map(|at| format!(", valid until {}", hosts::at(at)))
+                .unwrap_or_default()
         ))?;
+        if let Some(note) = &report.note {
+            cli::print_text(note)?;
+        }
         let mut table = cli::table(&["step", "result"]);
         for step in &report.steps {
             table.add_row(vec![
                 step.name.clone(),
-                match &step.error {
-                    None => "ok".to_string(),
-                    Some(error) => format!("failed: {error}"),
+                match (&step.error, &step.note, &step.skipped) {
+                    (Some(error), _, _) => format!("failed: {error}"),
+                    (None, Some(note), _) => format!("ok: {note}"),
+                    (None, None, Some(why)) => format!("skipped: {why}"),
+                    (None, None, None) => "ok".to_string(),
                 },
             ]);
         }
@@ -1074,12 +1491,11 @@ pub fn deactivate(home: &Path, global: &GlobalArgs, name: &str) -> anyhow::Resul
     }
     let started = Utc::now();
     let (ca, identity) = manager_pki(home)?;
-    let client = mutual_client(
-        &ca,
-        &identity,
-        host.certificate_fingerprint.as_deref(),
-        Duration::from_secs(10),
-    )?;
+    let trust = host
+        .certificate_fingerprint
+        .as_deref()
+        .map_or(Trust::AsPoll, Trust::Pinned);
+    let client = mutual_client(&ca, &identity, trust, Duration::from_secs(10))?;
     let runtime = runtime()?;
     let told = runtime.block_on(async {
         let response = client
@@ -1170,6 +1586,7 @@ pub fn list(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                     "activated_at": h.activated_at, "deactivated_at": h.deactivated_at,
                     "agent_version": h.agent_version, "engine": h.engine,
                     "certificate_serial": h.certificate_serial,
+                    "certificate_expires_at": h.certificate_expires_at,
                     "setup_failed": h.setup_failed.split(',').filter(|s| !s.is_empty())
                         .collect::<Vec<_>>(),
                     "license_sha256": h.license_sha256,
@@ -1186,6 +1603,7 @@ pub fn list(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
         "address",
         "state",
         "activated",
+        "certificate until",
         "agent",
         "setup",
     ]);
@@ -1198,6 +1616,9 @@ pub fn list(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
             host.state.clone(),
             host.activated_at
                 .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+                .unwrap_or_default(),
+            host.certificate_expires_at
+                .map(|t| t.format("%Y-%m-%d").to_string())
                 .unwrap_or_default(),
             host.agent_version.clone().unwrap_or_default(),
             if host.setup_failed.is_empty() {

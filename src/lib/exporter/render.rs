@@ -367,6 +367,17 @@ impl SnapshotCollector {
             "When the hold on the host ends by itself (no series: none, or until released)",
             per_host(|h| h.held_until),
         )?;
+        gauge(
+            e,
+            "pm_host_certificate_expiry_timestamp_seconds",
+            "When the agent certificate of the host expires (pm-poll renews it with a third of its life left)",
+            snapshot.host_certificates.iter().map(|c| {
+                (
+                    [("host", c.host.clone()), ("group", c.group.clone())],
+                    c.expires_at.timestamp() as f64,
+                )
+            }),
+        )?;
 
         let components = &snapshot.host_components;
         let component_labels = |c: &crate::inventory::HostComponentMetrics| {
@@ -701,6 +712,12 @@ mod tests {
                 }],
                 last_bundle_import: None,
                 rollouts: Vec::new(),
+                host_certificates: vec![crate::inventory::HostCertificateExpiry {
+                    host: "web-1".into(),
+                    group: "web".into(),
+                    address: "10.0.0.1:7505".into(),
+                    expires_at: chrono::DateTime::from_timestamp(1_731_536_000, 0).unwrap(),
+                }],
             },
             waves: vec![
                 RolloutWaveMetrics {
@@ -787,6 +804,9 @@ pm_host_held{host="new \"one\"",group="default"} 0
 # HELP pm_host_hold_until_timestamp_seconds When the hold on the host ends by itself (no series: none, or until released)
 # TYPE pm_host_hold_until_timestamp_seconds gauge
 pm_host_hold_until_timestamp_seconds{host="web-1",group="web"} 1700086400.0
+# HELP pm_host_certificate_expiry_timestamp_seconds When the agent certificate of the host expires (pm-poll renews it with a third of its life left)
+# TYPE pm_host_certificate_expiry_timestamp_seconds gauge
+pm_host_certificate_expiry_timestamp_seconds{host="web-1",group="web"} 1731536000.0
 # HELP pm_host_component_version Installed version of the component (integer versions only)
 # TYPE pm_host_component_version gauge
 pm_host_component_version{host="web-1",group="web",component="daily"} 27000

@@ -8,7 +8,7 @@ use super::{HostRecord, Inventory, InventoryError};
 /// The `hosts` columns in the order the staging table has them.
 const HOST_COLUMNS: &str = "host, address, host_group, profile, labels, certificate_serial, \
      certificate_fingerprint, agent_version, engine, activated_at, activation_key_id, state, \
-     deactivated_at, setup_failed, license_sha256";
+     deactivated_at, setup_failed, license_sha256, certificate_expires_at";
 
 fn timestamp(time: Option<chrono::DateTime<chrono::Utc>>) -> Value {
     time.map_or(Value::Null, |t| {
@@ -27,7 +27,7 @@ impl Inventory {
         )))?;
         let mut appender = self.db(self.conn.appender("staged_hosts"))?;
         for host in hosts {
-            let row: [Value; 15] = [
+            let row: [Value; 16] = [
                 Value::Text(host.host.clone()),
                 Value::Text(host.address.clone()),
                 Value::Text(host.group.clone()),
@@ -43,6 +43,7 @@ impl Inventory {
                 timestamp(host.deactivated_at),
                 Value::Text(host.setup_failed.clone()),
                 host.license_sha256.clone().into(),
+                timestamp(host.certificate_expires_at),
             ];
             self.db(appender.append_row(duckdb::appender_params_from_iter(row)))?;
         }

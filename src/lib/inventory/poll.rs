@@ -35,6 +35,9 @@ pub struct PolledHost {
     pub latency_ms: Option<f64>,
     /// The agent's answer or why there is none.
     pub answer: Result<PollResponse, PollFailure>,
+    /// The certificate the host presented (and the serial the poll renewed it from), recorded
+    /// by the host registry ([`Inventory::record_seen_certificates`]).
+    pub certificate: Option<crate::hosts::CertificateSeen>,
 }
 
 /// The newest report ids recorded for a host: the agent only sends newer ones.
@@ -521,6 +524,7 @@ impl Inventory {
                 ]
             }),
         )?;
+        self.record_seen_certificates(polled)?;
         Ok(recorded)
     }
 
@@ -676,6 +680,7 @@ mod tests {
             polled_at: at,
             latency_ms: Some(1.5),
             answer,
+            certificate: None,
         };
         let first = inventory
             .transaction(|inv| inv.record_polls(1, &[poll(Ok(answer("3", vec![scan("a")])), at)]))

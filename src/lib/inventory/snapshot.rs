@@ -151,6 +151,8 @@ pub struct MetricsSnapshot {
     pub last_bundle_import: Option<f64>,
     /// Running rollouts and the most recent one.
     pub rollouts: Vec<RolloutMetrics>,
+    /// Active hosts' certificate expiry (from `hosts`, not `fleet_status`).
+    pub host_certificates: Vec<super::HostCertificateExpiry>,
 }
 
 impl Inventory {
@@ -204,6 +206,7 @@ impl Inventory {
                 .last_bundle_import()?
                 .map(|b| b.at.timestamp_micros() as f64 / 1e6),
             rollouts: self.rollout_metrics()?,
+            host_certificates: self.certificate_metrics()?,
         })
     }
 

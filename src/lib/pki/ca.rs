@@ -15,6 +15,7 @@ use std::fs::File;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use chrono::{DateTime, Utc};
 use openssl::asn1::{Asn1Integer, Asn1Time};
 use openssl::bn::{BigNum, MsbOption};
 use openssl::ec::{EcGroup, EcKey};
@@ -45,7 +46,9 @@ pub const CLIENT_CERT_FILE: &str = "pki/client.pem";
 const LOCK_FILE: &str = "pki/.lock";
 const CA_DAYS: u32 = 3650;
 const CLIENT_DAYS: u32 = 730;
-const AGENT_DAYS: u32 = 365;
+/// How long an agent certificate is valid; `pm-poll` renews it well before the end
+/// ([`crate::hosts::renewal_due`]).
+pub const AGENT_DAYS: u32 = 365;
 const SELF_SIGNED_DAYS: u32 = 3650;
 /// A client certificate closer than this to its end is issued again.
 const CLIENT_RENEW_DAYS: u32 = 30;
@@ -307,10 +310,29 @@ impl ManagerCa {
         host_name: &str,
         addresses: &[IpAddr],
     ) -> Result<X509, CaError> {
+        self.sign_agent_csr_with(csr_pem, host_name, addresses, &[])
+    }
+
+    /// Like [`ManagerCa::sign_agent_csr_for`], with DNS names the manager reaches the agent by
+    /// (the host part of an address such as `scan-7.lan:7505`) added to the subjectAltName too;
+    /// each is checked like a host name.
+    pub fn sign_agent_csr_with(
+        &self,
+        csr_pem: &[u8],
+        host_name: &str,
+        addresses: &[IpAddr],
+        dns_names: &[&str],
+    ) -> Result<X509, CaError> {
         let mut san = host_san(host_name)?;
         for address in addresses {
             if host_name.parse::<IpAddr>().ok() != Some(*address) {
                 san.ip(&address.to_string());
+            }
+        }
+        for name in dns_names {
+            if !name.eq_ignore_ascii_case(host_name) {
+                check_host_name(name)?;
+                san.dns(name);
             }
         }
         let public = checked_csr_key(csr_pem)?;
@@ -389,8 +411,15 @@ impl AgentIdentity {
     /// name is a host name or IP address it is also the subjectAltName.
     pub fn generate(common_name: &str) -> Result<(PKey<Private>, X509), CaError> {
         let key = generate_p256()?;
+        let cert = Self::self_signed(&key, common_name)?;
+        Ok((key, cert))
+    }
+
+    /// A self-signed certificate as [`AgentIdentity::generate`] makes, for an existing key
+    /// (an agent whose key a certificate re-issue replaced).
+    pub fn self_signed(key: &PKeyRef<Private>, common_name: &str) -> Result<X509, CaError> {
         let name = name_with_cn(common_name)?;
-        let mut builder = new_builder(&name, &name, &key, SELF_SIGNED_DAYS)?;
+        let mut builder = new_builder(&name, &name, key, SELF_SIGNED_DAYS)?;
         builder.append_extension(BasicConstraints::new().critical().build()?)?;
         builder.append_extension(KeyUsage::new().critical().digital_signature().build()?)?;
         builder.append_extension(ExtendedKeyUsage::new().server_auth().build()?)?;
@@ -400,8 +429,8 @@ impl AgentIdentity {
         }
         let ski = SubjectKeyIdentifier::new().build(&builder.x509v3_context(None, None))?;
         builder.append_extension(ski)?;
-        builder.sign(&key, digest_for(&key))?;
-        Ok((key, builder.build()))
+        builder.sign(key, digest_for(key))?;
+        Ok(builder.build())
     }
 }
 
@@ -447,6 +476,112 @@ pub fn verify_issued_by(cert: &X509Ref, ca: &X509Ref) -> bool {
         context.init(&store, cert, &chain, |context| context.verify_cert())
     };
     verify().unwrap_or(false)
+}
+
+/// Why a certificate does not verify under a CA, told apart so that a clock can be named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IssueProblem {
+    /// Not signed by the CA (another manager's, self-signed, damaged).
+    NotIssued,
+    /// Signed by the CA, but its validity starts after `now` (the reader's clock is behind the
+    /// issuer's, or the issuer's was ahead).
+    NotYetValid {
+        /// Start of its validity.
+        not_before: DateTime<Utc>,
+        /// The clock it was checked against.
+        now: DateTime<Utc>,
+    },
+    /// Signed by the CA, but its validity ended before `now`.
+    Expired {
+        /// End of its validity.
+        not_after: DateTime<Utc>,
+        /// The clock it was checked against.
+        now: DateTime<Utc>,
+    },
+}
+
+/// Whether `cert` is signed by `ca` and valid by this machine's clock; when it is signed but
+/// out of its validity, says which end and both times (a chain check that ignores time, then
+/// the dates).
+pub fn check_issued_by(cert: &X509Ref, ca: &X509Ref) -> Result<(), IssueProblem> {
+    if verify_issued_by(cert, ca) {
+        return Ok(());
+    }
+    let signed = || -> Result<bool, ErrorStack> {
+        let mut store = X509StoreBuilder::new()?;
+        store.add_cert(ca.to_owned())?;
+        store.set_flags(X509VerifyFlags::PARTIAL_CHAIN | X509VerifyFlags::NO_CHECK_TIME)?;
+        let store = store.build();
+        let chain = Stack::new()?;
+        let mut context = X509StoreContext::new()?;
+        context.init(&store, cert, &chain, |context| context.verify_cert())
+    };
+    if !signed().unwrap_or(false) {
+        return Err(IssueProblem::NotIssued);
+    }
+    let now = Utc::now();
+    let (not_before, not_after) = validity(cert);
+    if not_before > now {
+        Err(IssueProblem::NotYetValid { not_before, now })
+    } else if not_after < now {
+        Err(IssueProblem::Expired { not_after, now })
+    } else {
+        // The CA itself is out of its validity (10 years): name its end.
+        let (ca_not_before, ca_not_after) = validity(ca);
+        if ca_not_before > now {
+            Err(IssueProblem::NotYetValid {
+                not_before: ca_not_before,
+                now,
+            })
+        } else {
+            Err(IssueProblem::Expired {
+                not_after: ca_not_after,
+                now,
+            })
+        }
+    }
+}
+
+/// Start and end of a certificate's validity.
+pub fn validity(cert: &X509Ref) -> (DateTime<Utc>, DateTime<Utc>) {
+    (asn1_time(cert.not_before()), asn1_time(cert.not_after()))
+}
+
+/// An ASN.1 time as UTC (the Unix epoch if OpenSSL cannot compare it, which it always can).
+fn asn1_time(time: &openssl::asn1::Asn1TimeRef) -> DateTime<Utc> {
+    let seconds = Asn1Time::from_unix(0)
+        .and_then(|epoch| epoch.diff(time))
+        .map(|diff| i64::from(diff.days) * 86_400 + i64::from(diff.secs))
+        .unwrap_or_default();
+    DateTime::from_timestamp(seconds, 0).unwrap_or_default()
+}
+
+/// Whether the certificate's subjectAltName names `host` (an IP address or a DNS name,
+/// without port): what a client connecting to `https://host:port` checks.
+pub fn names_host(cert: &X509Ref, host: &str) -> bool {
+    let Some(names) = cert.subject_alt_names() else {
+        return false;
+    };
+    let ip = host.parse::<IpAddr>().ok();
+    names.iter().any(|name| match ip {
+        Some(IpAddr::V4(v4)) => name.ipaddress() == Some(&v4.octets()[..]),
+        Some(IpAddr::V6(v6)) => name.ipaddress() == Some(&v6.octets()[..]),
+        None => name.dnsname().is_some_and(|d| d.eq_ignore_ascii_case(host)),
+    })
+}
+
+/// The subject's common name (the host name the manager chose), if it has one.
+pub fn common_name(cert: &X509Ref) -> Option<String> {
+    cert.subject_name()
+        .entries_by_nid(Nid::COMMONNAME)
+        .next()
+        .and_then(|entry| entry.data().to_string().ok())
+}
+
+/// Checks that `name` can name a host in a certificate: an IP address, or a DNS name of
+/// labels of letters, digits, `-` and `_` (not starting or ending with `-`), at most 64 bytes.
+pub fn check_host_name(name: &str) -> Result<(), CaError> {
+    host_san(name).map(|_| ())
 }
 
 /// Reads a private key in PEM form, refusing a file readable by group or others.
@@ -560,6 +695,11 @@ fn new_builder<T: HasPublic>(
     let not_after = Asn1Time::days_from_now(days)?;
     builder.set_not_after(&not_after)?;
     Ok(builder)
+}
+
+/// A new ECDSA P-256 key, the kind agents hold (for a certificate re-issue).
+pub fn new_key() -> Result<PKey<Private>, CaError> {
+    Ok(generate_p256()?)
 }
 
 fn generate_p256() -> Result<PKey<Private>, ErrorStack> {
