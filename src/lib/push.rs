@@ -1522,8 +1522,10 @@ fn push_schedule(
             "scan" => "--scan",
             _ => "--scan-path",
         };
-        UserError::usage(format!("`{flag}` {problem}"))
-            .with_hint("cron: 5 fields (minute first) or 6 (seconds first), e.g. \"0 3 * * *\"")
+        UserError::usage(format!("`{flag}` {problem}")).with_hint(
+            "cron: 5 fields (minute first) or 6 (seconds first), e.g. \"0 3 * * *\"; the day \
+                 of month must exist in the month (no February 30)",
+        )
     })?;
     let what = match (&request.update, &request.scan) {
         (None, None) => "cleared".to_string(),

@@ -105,9 +105,9 @@ fn parse(expression: &str) -> Result<Cron, String> {
 type Jobs = Vec<(Job, String, Cron)>;
 
 impl ScheduleConfig {
-    /// Checks the schedule the way `agent.toml` is checked at load: cron syntax, a scan needs
-    /// paths, the paths are absolute. The error names the key at fault (`update`, `scan`,
-    /// `scan_paths`) and the problem.
+    /// Checks the schedule the way `agent.toml` is checked at load: cron syntax, an expression
+    /// that fires at all, a scan needs paths, the paths are absolute. The error names the key
+    /// at fault (`update`, `scan`, `scan_paths`) and the problem.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         self.parse_jobs().map(drop)
     }
@@ -122,6 +122,18 @@ impl ScheduleConfig {
                         format!("is not a cron expression (`{expression}`): {problem}"),
                     )
                 })?;
+                // Valid syntax can still name no date at all (`0 0 30 2 *`): the task would
+                // find no next run and only say so in the log, so it is refused here, where
+                // the expression is given (agent.toml, the API, `pm-push schedule`).
+                if cron.find_next_occurrence(&Local::now(), false).is_err() {
+                    return Err((
+                        job.as_str(),
+                        format!(
+                            "`{expression}` never fires: no date matches its day of month and \
+                             month"
+                        ),
+                    ));
+                }
                 jobs.push((job, expression.clone(), cron));
             }
         }
@@ -378,6 +390,31 @@ pub(super) fn routes() -> Router<Arc<Agent>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_expression_that_never_fires_is_refused_like_a_malformed_one() {
+        let check = |update: &str| {
+            ScheduleConfig {
+                update: Some(update.into()),
+                ..Default::default()
+            }
+            .check()
+        };
+        assert!(check("0 3 * * *").is_ok());
+        // Every four years is rare, not never.
+        assert!(check("0 0 29 2 *").is_ok());
+        for never in ["0 0 30 2 *", "0 0 31 4 *", "0 0 0 31 11 *"] {
+            let started = std::time::Instant::now();
+            let (key, problem) = check(never).unwrap_err();
+            assert_eq!(key, "update");
+            assert!(problem.contains("never fires"), "{never}: {problem}");
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(2),
+                "{never}"
+            );
+        }
+        assert!(check("every tuesday").unwrap_err().1.contains("not a cron"));
+    }
 
     #[test]
     fn only_the_last_update_runs_are_kept_newest_first() {
