@@ -282,8 +282,12 @@ impl SnapshotCollector {
         gauge(
             e,
             "pm_host_up",
-            "1 if the last poll of the host succeeded, else 0",
-            hosts.iter().map(|h| (host_labels(h), flag(h.reachable))),
+            "1 if the last poll of the host succeeded, else 0; absent before its first poll",
+            // Before its first poll nothing is known about a host: absent, not down.
+            hosts
+                .iter()
+                .filter(|h| h.last_poll.is_some())
+                .map(|h| (host_labels(h), flag(h.reachable))),
         )?;
         gauge(
             e,
@@ -701,10 +705,9 @@ mod tests {
     #[test]
     fn a_fixture_renders_to_the_exact_gauge_text_in_both_formats() {
         // The gauges are rendered once and served in both formats: they must not differ.
-        let expected = r#"# HELP pm_host_up 1 if the last poll of the host succeeded, else 0
+        let expected = r#"# HELP pm_host_up 1 if the last poll of the host succeeded, else 0; absent before its first poll
 # TYPE pm_host_up gauge
 pm_host_up{host="web-1",group="web"} 1
-pm_host_up{host="new \"one\"",group="default"} 0
 # HELP pm_host_inactive 1 if the host had no successful contact for inactive_after
 # TYPE pm_host_inactive gauge
 pm_host_inactive{host="web-1",group="web"} 0
