@@ -1683,6 +1683,7 @@ fn push_scan(
         .map_err(inventory_error)?
         .unwrap_or_default();
     let polled: Arc<Mutex<Vec<crate::inventory::PolledHost>>> = Arc::default();
+    let failed_scans = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let status = on_targets(
         home,
         global,
@@ -1698,6 +1699,7 @@ fn push_scan(
             let request = Arc::clone(&request);
             let cursors = cursors.clone();
             let polled = Arc::clone(&polled);
+            let failed_scans = Arc::clone(&failed_scans);
             async move {
                 let report = scan_one(&client, &target.address, &request).await?;
                 // The report is on the agent now: a poll brings it (and the state) in.
@@ -1720,15 +1722,21 @@ fn push_scan(
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .append(&mut answer);
-                Ok((
-                    true,
-                    format!(
-                        "{}: {} finding(s), {} file(s) scanned",
-                        report.result.as_str(),
-                        report.findings.len(),
-                        report.files_scanned.map_or("?".into(), |n| n.to_string())
-                    ),
-                ))
+                let summary = format!(
+                    "{}: {} finding(s), {} file(s) scanned",
+                    report.result.as_str(),
+                    report.findings.len(),
+                    report.files_scanned.map_or("?".into(), |n| n.to_string())
+                );
+                // A scan that did not run to completion is a failed host, recorded all the same.
+                if report.result == proto::ScanResult::Error {
+                    failed_scans.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return Err(format!(
+                        "the scan failed ({summary}): {}",
+                        report.error.as_deref().unwrap_or("no reason given")
+                    ));
+                }
+                Ok((true, summary))
             }
         },
         |inv, _| {
@@ -1740,6 +1748,11 @@ fn push_scan(
             Ok(())
         },
     )?;
+    // Hosts that scanned and failed answered, and their reports are recorded: partial (3), as
+    // when some hosts fail; 1 is for when no host could be asked at all.
+    if status == ExitStatus::Failure && failed_scans.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        return Ok(ExitStatus::Partial);
+    }
     Ok(status)
 }
 

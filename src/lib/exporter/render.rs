@@ -330,7 +330,7 @@ impl SnapshotCollector {
         gauge(
             e,
             "pm_host_scan_findings",
-            "Findings of the last scan",
+            "Findings of the last scan that ran to completion; a failed scan never lowers it",
             hosts
                 .iter()
                 .filter_map(|h| Some((host_labels(h), h.scan_findings?))),
@@ -727,7 +727,7 @@ pm_host_last_update_success{host="web-1",group="web"} 1
 # HELP pm_host_last_scan_timestamp_seconds Last scan
 # TYPE pm_host_last_scan_timestamp_seconds gauge
 pm_host_last_scan_timestamp_seconds{host="web-1",group="web"} 1700000000.0
-# HELP pm_host_scan_findings Findings of the last scan
+# HELP pm_host_scan_findings Findings of the last scan that ran to completion; a failed scan never lowers it
 # TYPE pm_host_scan_findings gauge
 pm_host_scan_findings{host="web-1",group="web"} 2
 # HELP pm_host_version_status Versions against dist: 0 green (all components at dist), 1 yellow (some behind), 2 red (all behind or none comparable), 3 unknown (no dist or never polled)

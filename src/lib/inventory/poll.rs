@@ -406,8 +406,17 @@ impl Inventory {
                             }
                             .to_string(),
                         );
-                        state.last_scan_findings =
-                            Some(scan.findings.len().min(i32::MAX as usize) as i32);
+                        let found = scan.findings.len().min(i32::MAX as usize) as i32;
+                        state.last_scan_findings = match scan.result {
+                            // A failed scan says nothing about the files it did not reach: it
+                            // never lowers what is known (PmHostInfected stays until a clean
+                            // rescan), it only adds what it did find.
+                            ScanResult::Error => match state.last_scan_findings {
+                                Some(known) => Some(known.max(found)),
+                                None => (found > 0).then_some(found),
+                            },
+                            ScanResult::Clean | ScanResult::Infected => Some(found),
+                        };
                         recorded.scans += 1;
                         recorded.findings += scan.findings.len();
                         changed = true;
@@ -751,5 +760,67 @@ mod tests {
         );
         assert_eq!(inventory.prune_polls(later).unwrap(), 3);
         assert_eq!(count(&inventory, "component_versions"), 3, "history stays");
+    }
+
+    /// Records one successful poll of `web-1` answering `answer`.
+    fn record_answer(inventory: &Inventory, answer: PollResponse) -> RecordedPolls {
+        inventory
+            .transaction(|inv| {
+                inv.record_polls(
+                    1,
+                    &[PolledHost {
+                        host: "web-1".into(),
+                        polled_at: Utc::now(),
+                        latency_ms: None,
+                        answer: Ok(answer),
+                    }],
+                )
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_failed_scan_never_lowers_the_findings_known_and_only_adds_what_it_found() {
+        let home = tempfile::tempdir().unwrap();
+        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        let findings_after = |scans: Vec<ScanReport>| {
+            record_answer(&inventory, answer("3", scans));
+            let states = inventory.host_states().unwrap();
+            let state = &states["web-1"];
+            (
+                state.last_scan_result.clone().unwrap(),
+                state.last_scan_findings,
+            )
+        };
+        let failed = |id: &str, found: usize| ScanReport {
+            result: ScanResult::Error,
+            error: Some("exited with status 2".into()),
+            findings: scan(id).findings.into_iter().cycle().take(found).collect(),
+            ..scan(id)
+        };
+        // Unknown stays unknown (absent, never 0).
+        assert_eq!(findings_after(vec![failed("a", 0)]), ("error".into(), None));
+        assert_eq!(
+            findings_after(vec![failed("b", 1)]),
+            ("error".into(), Some(1))
+        );
+        assert_eq!(
+            findings_after(vec![scan("c")]),
+            ("infected".into(), Some(1))
+        );
+        assert_eq!(
+            findings_after(vec![failed("d", 0)]),
+            ("error".into(), Some(1))
+        );
+        assert_eq!(
+            findings_after(vec![failed("e", 3)]),
+            ("error".into(), Some(3))
+        );
+        let clean = ScanReport {
+            result: ScanResult::Clean,
+            findings: Vec::new(),
+            ..scan("f")
+        };
+        assert_eq!(findings_after(vec![clean]), ("clean".into(), Some(0)));
     }
 }
