@@ -1491,6 +1491,21 @@ fn push_profile(
     )
 }
 
+/// Sends profile `name` to the hosts named in `hosts` with the per-host run and report of
+/// `pm-push profile` (`pm-activate profile new` after it replaced a profile they use).
+pub(crate) fn resend_profile(
+    home: &Path,
+    global: &GlobalArgs,
+    name: &str,
+    hosts: &[String],
+) -> anyhow::Result<ExitStatus> {
+    let targets = TargetArgs {
+        hosts: hosts.to_vec(),
+        ..TargetArgs::default()
+    };
+    push_profile(home, global, name, &targets)
+}
+
 /// `pm-push schedule`: the agents' own schedule (`POST /v1/setup/schedule`), checked here like
 /// the agents check it, so a bad one reaches no host; `clear` (an empty request) gives each
 /// agent its agent.toml schedule back.
