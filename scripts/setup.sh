@@ -3,12 +3,12 @@
 # (OpenSSL headers, ClamAV's freshclam/clamscan/sigtool for the end-to-end tests, Prometheus's
 # promtool and server for the exporter's and dashboards' tests, groff/man-db, systemd-analyze
 # and unshare/setpriv for the install kit's tests, patchelf for the packages, python3-venv for
-# Ansible), the DuckDB CLI from PyPI, and the prebuilt
-# libduckdb. Safe to run again: it skips what is already there.
+# Ansible, libfaketime for an agent whose clock steps back), the DuckDB CLI from PyPI, and the
+# prebuilt libduckdb. Safe to run again: it skips what is already there.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
-apt_packages=(pkg-config libssl-dev openssl curl ca-certificates clamav clamav-freshclam clamav-daemon clamdscan prometheus groff-base man-db systemd util-linux patchelf python3-venv python3-apt sudo)
+apt_packages=(pkg-config libssl-dev openssl curl ca-certificates clamav clamav-freshclam clamav-daemon clamdscan prometheus groff-base man-db systemd util-linux patchelf python3-venv python3-apt sudo faketime)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "${package}" 2>/dev/null | grep -q "install ok installed" || missing+=("${package}")

@@ -299,6 +299,20 @@ fn io_error(action: &str, path: &Path) -> impl FnOnce(std::io::Error) -> anyhow:
     move |err| anyhow::Error::new(err).context(message)
 }
 
+/// Opens (creating it 0600) a file of the state directory that is locked with `flock` and read
+/// and written while locked (`run.lock`, `reports.seq`).
+fn open_locked_file(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_error("open", path))
+}
+
 fn not_initialised(dir: &Path) -> anyhow::Error {
     UserError::failure(format!(
         "`{}` holds no pm-agent state",

@@ -279,6 +279,7 @@ fn run_engine(engine: Engine, argv: &[OsString], paths: &[PathBuf]) -> ScanRepor
     };
     ScanReport {
         id: new_id(started_at),
+        seq: None,
         started_at,
         finished_at,
         duration_seconds,
@@ -312,12 +313,14 @@ pub(super) fn scan(dir: &Path, config: &AgentConfig, paths: &[PathBuf]) -> Resul
     let argv = engine_argv(dir, config)?;
     let _one_at_a_time = SCAN_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     let report = run_engine(config.engine, &argv, paths);
-    super::reports::store(
-        &dir.join(SCANS_DIR),
-        &report.id,
-        &report,
-        reports_keep(config),
-    )?;
+    let report =
+        super::reports::store_numbered(dir, &dir.join(SCANS_DIR), reports_keep(config), |seq| {
+            let report = ScanReport {
+                seq: Some(seq),
+                ..report
+            };
+            (report.id.clone(), report)
+        })?;
     tracing::info!(
         id = %report.id,
         program = report.program.as_deref().unwrap_or("?"),

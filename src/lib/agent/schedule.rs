@@ -343,21 +343,29 @@ pub(super) fn record_run(
             started_at.format("%Y%m%dT%H%M%S%.6fZ"),
             &proto::nonce()[..8]
         ),
+        seq: None,
         trigger: trigger.into(),
         started_at,
         finished_at: chrono::Utc::now(),
         report: result.as_ref().ok().cloned(),
         error: result.as_ref().err().map(|err| format!("{err:#}")),
     };
-    if let Err(err) = store_update(dir, &run) {
+    if let Err(err) = store_update(dir, run) {
         tracing::error!(error = %format!("{err:#}"), "cannot keep the update report");
     }
     result
 }
 
-/// Stores an update run and removes the oldest beyond [`UPDATES_KEEP`].
-fn store_update(dir: &Path, run: &UpdateRun) -> Result<()> {
-    super::reports::store(&dir.join(UPDATES_DIR), &run.id, run, UPDATES_KEEP)
+/// Stores an update run with the next number of the agent's report stream and removes the
+/// oldest beyond [`UPDATES_KEEP`].
+fn store_update(dir: &Path, run: UpdateRun) -> Result<UpdateRun> {
+    super::reports::store_numbered(dir, &dir.join(UPDATES_DIR), UPDATES_KEEP, |seq| {
+        let run = UpdateRun {
+            seq: Some(seq),
+            ..run
+        };
+        (run.id.clone(), run)
+    })
 }
 
 /// The kept update runs, newest first.
@@ -424,13 +432,14 @@ mod tests {
             let at = start + chrono::Duration::seconds(n as i64);
             let run = UpdateRun {
                 id: at.format("%Y%m%dT%H%M%S%.6fZ").to_string(),
+                seq: None,
                 trigger: "schedule".into(),
                 started_at: at,
                 finished_at: at,
                 report: None,
                 error: Some(format!("run {n}")),
             };
-            store_update(dir.path(), &run).unwrap();
+            store_update(dir.path(), run).unwrap();
         }
         let runs = list_updates(dir.path()).unwrap();
         assert_eq!(runs.len(), UPDATES_KEEP);
