@@ -1315,6 +1315,11 @@ async fn run_blocking(
     .await;
     match joined {
         Ok(Ok(report)) => axum::Json(report).into_response(),
+        Ok(Err(err)) if super::stop::stopping() => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            format!("{err:#}"),
+        ),
         Ok(Err(err)) => {
             tracing::error!(error = %format!("{err:#}"), "install failed");
             super::failure_response("install_failed", &err)

@@ -286,6 +286,13 @@ async fn run_schedule(agent: Arc<Agent>, job: Job, cron: Cron, scan_paths: Arc<[
 
 /// Runs one scheduled job like its on-demand counterpart and logs the outcome.
 async fn run_once(agent: &Arc<Agent>, job: Job, scan_paths: &Arc<[PathBuf]>) {
+    if super::stop::stopping() {
+        tracing::info!(
+            job = job.as_str(),
+            "scheduled run skipped: the agent is stopping"
+        );
+        return;
+    }
     if job == Job::Update && agent.lock().activation.is_none() {
         tracing::info!("scheduled update skipped: the agent is not activated (no dist URL)");
         return;
@@ -329,20 +336,30 @@ async fn run_once(agent: &Arc<Agent>, job: Job, scan_paths: &Arc<[PathBuf]>) {
 }
 
 /// Runs an install (update or rollback) and keeps its run report in `updates/` whatever the
-/// outcome, so the manager's poll sees every install, whoever started it.
+/// outcome, so the manager's poll sees every install, whoever started it. A stopping agent
+/// starts none; one the agent exits without is recorded by [`record_abandoned`].
 pub(super) fn record_run(
     dir: &Path,
     trigger: &str,
     install: impl FnOnce() -> Result<proto::InstallReport>,
 ) -> Result<proto::InstallReport> {
+    if super::stop::stopping() {
+        return Err(super::stop::refusal("the install"));
+    }
     let started_at = chrono::Utc::now();
+    let id = format!(
+        "{}-{}",
+        started_at.format("%Y%m%dT%H%M%S%.6fZ"),
+        &proto::nonce()[..8]
+    );
+    super::stop::install_started(super::stop::Install {
+        id: id.clone(),
+        trigger: trigger.into(),
+        started_at,
+    });
     let result = install();
     let run = UpdateRun {
-        id: format!(
-            "{}-{}",
-            started_at.format("%Y%m%dT%H%M%S%.6fZ"),
-            &proto::nonce()[..8]
-        ),
+        id,
         seq: None,
         trigger: trigger.into(),
         started_at,
@@ -350,10 +367,36 @@ pub(super) fn record_run(
         report: result.as_ref().ok().cloned(),
         error: result.as_ref().err().map(|err| format!("{err:#}")),
     };
-    if let Err(err) = store_update(dir, run) {
+    if super::stop::install_ended(&run.id)
+        && let Err(err) = store_update(dir, run)
+    {
         tracing::error!(error = %format!("{err:#}"), "cannot keep the update report");
     }
     result
+}
+
+/// Keeps an update run for each install the agent exits without (see `stop`).
+pub(super) fn record_abandoned(dir: &Path) {
+    for install in super::stop::abandon_installs() {
+        let run = UpdateRun {
+            id: install.id,
+            seq: None,
+            trigger: install.trigger,
+            started_at: install.started_at,
+            finished_at: chrono::Utc::now(),
+            report: None,
+            error: Some(format!(
+                "abandoned: the agent stopped before this install finished (it had {:?} to); an \
+                 install is all-or-nothing, so the database directory holds one whole set, never \
+                 a mix (the next poll shows which), and the next update completes it",
+                super::stop::STOP_GRACE
+            )),
+        };
+        tracing::warn!(id = %run.id, "an install under way was abandoned by the stop");
+        if let Err(err) = store_update(dir, run) {
+            tracing::error!(error = %format!("{err:#}"), "cannot keep the update report");
+        }
+    }
 }
 
 /// Stores an update run with the next number of the agent's report stream and removes the
