@@ -9,6 +9,8 @@
 //! updates/<id>.json     the last scheduled update runs (see `schedule`)
 //! installed.json        installed set and 3 backups; files/<sha256> their local copies (see `install`)
 //! run.lock              held by `pm-agent run` while it lives: one agent per state dir (see `stop`)
+//! reports.seq           the report stream id and the last number a report got (see `reports`)
+//! scan-names.<pid>/     aliases of files whose paths hold control characters, during a scan
 //! agent.key             the agent's ECDSA P-256 key (0600)
 //! agent.pem             its self-signed certificate (used until activation)
 //! activation.key        the activation key (0600), deleted once activated
