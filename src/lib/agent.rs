@@ -8,6 +8,9 @@
 //! scans/<id>.json       the last scan reports (see `scan`)
 //! updates/<id>.json     the last scheduled update runs (see `schedule`)
 //! installed.json        installed set and 3 backups; files/<sha256> their local copies (see `install`)
+//! run.lock              held by `pm-agent run` while it lives: one agent per state dir (see `stop`)
+//! reports.seq           the report stream id and the last number a report got (see `reports`)
+//! scan-names.<pid>/     aliases of files whose paths hold control characters, during a scan
 //! agent.key             the agent's ECDSA P-256 key (0600)
 //! agent.pem             its self-signed certificate (used until activation)
 //! activation.key        the activation key (0600), deleted once activated
@@ -59,6 +62,7 @@ mod reports;
 mod scan;
 mod schedule;
 pub mod setup;
+mod stop;
 mod upgrade;
 
 pub use install::DIST_STALL_TIMEOUT;
@@ -314,6 +318,20 @@ pub fn run(args: Args) -> Result<ExitStatus> {
 fn io_error(action: &str, path: &Path) -> impl FnOnce(std::io::Error) -> anyhow::Error {
     let message = format!("cannot {action} `{}`", path.display());
     move |err| anyhow::Error::new(err).context(message)
+}
+
+/// Opens (creating it 0600) a file of the state directory that is locked with `flock` and read
+/// and written while locked (`run.lock`, `reports.seq`).
+fn open_locked_file(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_error("open", path))
 }
 
 fn not_initialised(dir: &Path) -> anyhow::Error {
@@ -1381,6 +1399,8 @@ const RESTART_GRACE: Duration = Duration::from_secs(30);
 
 fn serve(dir: &Path) -> Result<ExitStatus> {
     let config = load_config(dir)?;
+    // Before the port or any state: one agent per state directory.
+    let _run_lock = stop::lock(dir)?;
     let executable = upgrade::Executable::current()
         .inspect_err(|err| {
             tracing::warn!(error = %format!("{err:#}"), "cannot read the executable: self-upgrade is off");
@@ -1401,11 +1421,17 @@ fn serve(dir: &Path) -> Result<ExitStatus> {
             upgrade_error.take(),
         ))?;
         let Some(replaced) = replaced else {
-            return Ok(ExitStatus::Success);
+            break;
         };
         // The server is down and its port released; on success this never returns.
         upgrade_error = Some(upgrade::exec(replaced));
     }
+    // Stopped: work still under way after the grace is left behind (a scan engine was ended
+    // already; an install is all-or-nothing) and recorded as abandoned.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    schedule::record_abandoned(dir);
+    tracing::info!("stopped");
+    Ok(ExitStatus::Success)
 }
 
 /// Serves the API until a signal (`None`) or a self-upgrade that replaced the executable
@@ -1459,12 +1485,13 @@ async fn serve_until_stopped(
     )
     .with_graceful_shutdown(async move {
         tokio::select! {
-            _ = crate::mirror::shutdown_signal() => {}
+            _ = crate::mirror::shutdown_signal() => stop::begin(),
             _ = restart_agent.restart.requested() => {}
         }
     });
     // After a restart request, open requests get RESTART_GRACE to finish (a long scan must not
-    // hold the upgrade forever); dropping the server then closes the listener.
+    // hold the upgrade forever); after a stop, STOP_GRACE (the running scan is ended at once,
+    // nothing new starts); dropping the server then closes the listener.
     let restart_agent = Arc::clone(&agent);
     let served = tokio::select! {
         served = served => served.context("the agent API stopped"),
@@ -1472,19 +1499,20 @@ async fn serve_until_stopped(
             restart_agent.restart.requested().await;
             tokio::time::sleep(RESTART_GRACE).await;
         } => Ok(()),
+        _ = async {
+            stop::requested().await;
+            tokio::time::sleep(stop::STOP_GRACE).await;
+        } => {
+            tracing::warn!(grace = ?stop::STOP_GRACE, "requests still open after the stop's grace: closing them");
+            Ok(())
+        }
     };
     reloader.abort();
     for task in scheduled {
         task.abort();
     }
     served?;
-    match agent.restart.take() {
-        Some(replaced) => Ok(Some(replaced)),
-        None => {
-            tracing::info!("stopped");
-            Ok(None)
-        }
-    }
+    Ok(agent.restart.take())
 }
 
 #[cfg(test)]

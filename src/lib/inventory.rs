@@ -68,6 +68,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         include_str!("../../sql/0009_host_identity.sql"),
     ),
     (10, "holds", include_str!("../../sql/0010_holds.sql")),
+    (
+        12,
+        "agent_reports",
+        include_str!("../../sql/0012_agent_reports.sql"),
+    ),
 ];
 
 /// Inventory errors.

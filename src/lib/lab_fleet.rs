@@ -708,6 +708,7 @@ impl FleetState {
             ],
             scans,
             updates: Vec::new(),
+            report_stream: None,
         }
     }
 
@@ -728,6 +729,7 @@ impl FleetState {
         };
         proto::ScanReport {
             id: format!("{}-{index:08x}", started_at.format("%Y%m%dT%H%M%S%.6fZ")),
+            seq: None,
             started_at,
             finished_at,
             duration_seconds: 0.85,

@@ -1124,6 +1124,7 @@ mod tests {
         };
         let scan = |id: &str, result: ScanResult, findings: Vec<ScanFinding>| ScanReport {
             id: id.into(),
+            seq: Some(7),
             started_at: at("2026-11-26T07:58:10.123456Z"),
             finished_at: at("2026-11-26T07:58:12.5Z"),
             duration_seconds: 2.376544,
@@ -1195,6 +1196,7 @@ mod tests {
             ],
             updates: vec![UpdateRun {
                 id: "20261126T060000.000000Z".into(),
+                seq: Some(5),
                 trigger: "schedule".into(),
                 started_at: at("2026-11-26T06:00:00Z"),
                 finished_at: at("2026-11-26T06:00:03Z"),
@@ -1215,6 +1217,7 @@ mod tests {
                 }),
                 error: None,
             }],
+            report_stream: Some("0a1b2c3d4e5f6a7b".into()),
         }
     }
 

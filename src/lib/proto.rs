@@ -222,8 +222,25 @@ pub fn unhex(text: &str) -> Option<Vec<u8>> {
 }
 
 /// Path of the manager's poll (mutual TLS): [`PollResponse`], with the query
-/// `?scans_after=ID&updates_after=ID` so only reports the manager has not recorded come back.
+/// `?scans_after=CURSOR&updates_after=CURSOR` so only reports the manager has not recorded come
+/// back. A cursor is a report id (reports whose id sorts after it), or
+/// `seq:<report_stream>:<N>` (reports whose sequence number is above N; see
+/// [`PollResponse::report_stream`]), which an agent of another stream, or an older agent,
+/// cannot match and answers as it can.
 pub const POLL_PATH: &str = "/v1/poll";
+/// Prefix of a sequence cursor in the poll query.
+pub const SEQ_CURSOR_PREFIX: &str = "seq:";
+
+/// A poll cursor by sequence number: `seq:<stream>:<n>`.
+pub fn seq_cursor(stream: &str, seq: u64) -> String {
+    format!("{SEQ_CURSOR_PREFIX}{stream}:{seq}")
+}
+
+/// The stream and number of a sequence cursor; `None` for an id cursor.
+pub fn parse_seq_cursor(cursor: &str) -> Option<(&str, u64)> {
+    let (stream, seq) = cursor.strip_prefix(SEQ_CURSOR_PREFIX)?.rsplit_once(':')?;
+    Some((stream, seq.parse().ok()?))
+}
 /// At most this many scan reports and this many update runs in one poll answer.
 pub const POLL_MAX_REPORTS: usize = 50;
 
@@ -278,6 +295,11 @@ pub struct PollResponse {
     pub scans: Vec<ScanReport>,
     /// Update and rollback runs newer than `updates_after`, oldest first.
     pub updates: Vec<UpdateRun>,
+    /// The agent's report stream: its reports carry sequence numbers of this stream, which
+    /// only grow, whatever its clock does (absent: an agent from before sequence numbers, or
+    /// one that has made no report yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_stream: Option<String>,
 }
 
 /// Path that makes an activated agent install the manager's dist now (mutual TLS); the body is
@@ -332,6 +354,9 @@ pub const UPDATES_PATH: &str = "/v1/updates";
 pub struct UpdateRun {
     /// Sortable id (start time, UTC).
     pub id: String,
+    /// Its number in the agent's report stream (absent on runs from before them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
     /// What started it: `schedule`, `manager` (the API) or `local` (`pm-agent update`).
     pub trigger: String,
     /// When it started.
@@ -591,6 +616,9 @@ pub struct ScanFinding {
 pub struct ScanReport {
     /// Unique and sortable by start time: `20261126T075810.123456Z-1a2b3c4d`.
     pub id: String,
+    /// Its number in the agent's report stream (absent on reports from before them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
     /// When the engine was started.
     pub started_at: chrono::DateTime<chrono::Utc>,
     /// When it ended.
@@ -682,6 +710,18 @@ pub async fn read_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sequence_cursor_round_trips_and_an_id_is_not_one() {
+        let cursor = seq_cursor("0a1b", 42);
+        assert_eq!(cursor, "seq:0a1b:42");
+        assert_eq!(parse_seq_cursor(&cursor), Some(("0a1b", 42)));
+        assert_eq!(parse_seq_cursor("20261126T075810.123456Z-1a2b3c4d"), None);
+        assert_eq!(parse_seq_cursor("seq:0a1b:x"), None);
+        // An agent from before sequence numbers compares it as an id: it sorts after every id
+        // (digits), so such an agent sends nothing rather than everything again.
+        assert!(cursor.as_str() > "99991231T235959.999999Z-ffffffff");
+    }
 
     /// Serves `body` once per request at `/` on a loopback port; returns its URL.
     async fn serve(body: fn() -> axum::body::Body) -> String {

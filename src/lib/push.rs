@@ -1832,6 +1832,21 @@ fn push_profile(
     )
 }
 
+/// Sends profile `name` to the hosts named in `hosts` with the per-host run and report of
+/// `pm-push profile` (`pm-activate profile new` after it replaced a profile they use).
+pub(crate) fn resend_profile(
+    home: &Path,
+    global: &GlobalArgs,
+    name: &str,
+    hosts: &[String],
+) -> anyhow::Result<ExitStatus> {
+    let targets = TargetArgs {
+        hosts: hosts.to_vec(),
+        ..TargetArgs::default()
+    };
+    push_profile(home, global, name, &targets)
+}
+
 /// `pm-push schedule`: the agents' own schedule (`POST /v1/setup/schedule`), checked here like
 /// the agents check it, so a bad one reaches no host; `clear` (an empty request) gives each
 /// agent its agent.toml schedule back.
@@ -1863,8 +1878,10 @@ fn push_schedule(
             "scan" => "--scan",
             _ => "--scan-path",
         };
-        UserError::usage(format!("`{flag}` {problem}"))
-            .with_hint("cron: 5 fields (minute first) or 6 (seconds first), e.g. \"0 3 * * *\"")
+        UserError::usage(format!("`{flag}` {problem}")).with_hint(
+            "cron: 5 fields (minute first) or 6 (seconds first), e.g. \"0 3 * * *\"; the day \
+                 of month must exist in the month (no February 30)",
+        )
     })?;
     let what = match (&request.update, &request.scan) {
         (None, None) => "cleared".to_string(),
@@ -2022,6 +2039,7 @@ fn push_scan(
         .map_err(inventory_error)?
         .unwrap_or_default();
     let polled: Arc<Mutex<Vec<crate::inventory::PolledHost>>> = Arc::default();
+    let failed_scans = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let status = on_targets(
         home,
         global,
@@ -2037,6 +2055,7 @@ fn push_scan(
             let request = Arc::clone(&request);
             let cursors = cursors.clone();
             let polled = Arc::clone(&polled);
+            let failed_scans = Arc::clone(&failed_scans);
             async move {
                 let report = scan_one(&client, &target.address, &request).await?;
                 // The report is on the agent now: a poll brings it (and the state) in.
@@ -2060,15 +2079,21 @@ fn push_scan(
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .append(&mut answer);
-                Ok((
-                    true,
-                    format!(
-                        "{}: {} finding(s), {} file(s) scanned",
-                        report.result.as_str(),
-                        report.findings.len(),
-                        report.files_scanned.map_or("?".into(), |n| n.to_string())
-                    ),
-                ))
+                let summary = format!(
+                    "{}: {} finding(s), {} file(s) scanned",
+                    report.result.as_str(),
+                    report.findings.len(),
+                    report.files_scanned.map_or("?".into(), |n| n.to_string())
+                );
+                // A scan that did not run to completion is a failed host, recorded all the same.
+                if report.result == proto::ScanResult::Error {
+                    failed_scans.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return Err(format!(
+                        "the scan failed ({summary}): {}",
+                        report.error.as_deref().unwrap_or("no reason given")
+                    ));
+                }
+                Ok((true, summary))
             }
         },
         |inv, _, _| {
@@ -2080,6 +2105,11 @@ fn push_scan(
             Ok(())
         },
     )?;
+    // Hosts that scanned and failed answered, and their reports are recorded: partial (3), as
+    // when some hosts fail; 1 is for when no host could be asked at all.
+    if status == ExitStatus::Failure && failed_scans.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        return Ok(ExitStatus::Partial);
+    }
     Ok(status)
 }
 

@@ -82,12 +82,16 @@ pub(crate) struct Running {
 impl Running {
     /// Starts `pm-agent run` and waits until it completes TLS handshakes.
     pub(crate) fn start(state: &Path, addr: SocketAddr) -> Running {
-        let mut child = Pm::agent(state)
-            .args(["run"])
-            .command()
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        Running::start_with_env(state, addr, &[])
+    }
+
+    /// [`Running::start`] with more environment variables.
+    pub(crate) fn start_with_env(state: &Path, addr: SocketAddr, env: &[(&str, &str)]) -> Running {
+        let mut pm = Pm::agent(state).args(["run"]);
+        for (key, value) in env {
+            pm = pm.env(key, value);
+        }
+        let mut child = pm.command().stderr(Stdio::piped()).spawn().unwrap();
         let stderr = Arc::new(Mutex::new(String::new()));
         let lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let sink = Arc::clone(&stderr);
@@ -121,12 +125,35 @@ impl Running {
         }
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends it a signal by name (`TERM`, `HUP`).
+    pub(crate) fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Its exit status, if it exits within `within`.
+    pub(crate) fn wait_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

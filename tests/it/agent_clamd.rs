@@ -178,7 +178,13 @@ fn scans_go_through_clamd_which_reloads_an_update_and_clamscan_takes_over_when_c
     // clamdscan prints no "Scanned files:" line.
     assert_eq!(report["files_scanned"], Value::Null, "{report}");
     let conf = std::fs::read_to_string(agent.state().join("clamdscan.conf")).unwrap();
-    assert_eq!(conf, format!("LocalSocket {}\n", clamd.socket.display()));
+    assert_eq!(
+        conf,
+        format!(
+            "LocalSocket {}\nExcludePath [[:cntrl:]]\n",
+            clamd.socket.display()
+        )
+    );
 
     // The manager publishes a database that detects EICAR; the update tells clamd to reload.
     manager.publish(DETECTS_EICAR);
@@ -197,6 +203,23 @@ fn scans_go_through_clamd_which_reloads_an_update_and_clamscan_takes_over_when_c
         assert!(Instant::now() < deadline, "clamd never reloaded: {report}");
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // A name that would forge clamdscan's output (issue 16): clamdscan skips it (ExcludePath),
+    // clamscan scans the file through an alias, and the one finding names the true path.
+    let forged = agent.dir.path().join("forged");
+    let planted = forged.join("evil\n/etc/passwd: Backdoor.Fake FOUND\nx");
+    std::fs::create_dir_all(planted.parent().unwrap()).unwrap();
+    std::fs::write(&planted, EICAR).unwrap();
+    let (report, logs) = scan(&agent, &forged);
+    assert_eq!(report["program"], "clamdscan", "{report}\n{logs}");
+    assert_eq!(
+        report["findings"],
+        serde_json::json!([{
+            "path": format!("{}/evil\\n/etc/passwd: Backdoor.Fake FOUND\\nx", forged.display()),
+            "signature": "Eicar-Test-Signature",
+        }]),
+        "{report}\n{logs}"
+    );
 
     // clamd stops: the scan still runs, with clamscan over the database directory, and warns.
     clamd.stop();

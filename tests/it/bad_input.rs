@@ -1347,6 +1347,12 @@ static CLI: &[Case<Cli>] = &[
         "* * *",
     ),
     case(
+        "push: schedule a cron that never fires",
+        ("pm-push", &["schedule", "--update", "0 0 30 2 *"]),
+        2,
+        "never fires",
+    ),
+    case(
         "push: schedule a scan without paths",
         ("pm-push", &["schedule", "--scan", "0 3 * * *"]),
         2,

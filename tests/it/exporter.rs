@@ -12,7 +12,7 @@ const OPENMETRICS: &str =
     "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
 
 /// Starts `pm-exporter` on a free loopback port.
-fn exporter(home: &Home, flags: &[&str]) -> Server {
+pub(crate) fn exporter(home: &Home, flags: &[&str]) -> Server {
     Server::spawn(
         Pm::new("pm-exporter")
             .args(["--listen", "127.0.0.1:0"])
@@ -51,14 +51,14 @@ fn get_with(
     })
 }
 
-fn scrape(server: &Server) -> String {
+pub(crate) fn scrape(server: &Server) -> String {
     let (code, _, body) = get(server, "/metrics", None);
     assert_eq!(code, 200, "{body}");
     body
 }
 
 /// The value of the series written exactly as `series` (name and labels), if present.
-fn value(body: &str, series: &str) -> Option<f64> {
+pub(crate) fn value(body: &str, series: &str) -> Option<f64> {
     body.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .map(|v| v.parse().unwrap())

@@ -6,6 +6,7 @@ mod activate_host;
 mod activate_setup;
 mod agent;
 mod agent_clamd;
+mod agent_day2;
 mod agent_install;
 mod agent_scan;
 mod agent_schedule;

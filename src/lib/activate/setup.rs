@@ -42,6 +42,10 @@ pub enum ProfileCommand {
         /// Raw configuration text for a `command` engine (file mode)
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
+        /// Replace a profile active hosts use with one of the other mode (form or file); the
+        /// hosts that use it get it at once either way
+        #[arg(long)]
+        force: bool,
     },
     /// Show a profile
     Show {
@@ -97,7 +101,12 @@ pub fn profile_command(
     command: ProfileCommand,
 ) -> anyhow::Result<ExitStatus> {
     match command {
-        ProfileCommand::New { name, set, file } => profile_new(home, global, name, &set, file),
+        ProfileCommand::New {
+            name,
+            set,
+            file,
+            force,
+        } => profile_new(home, global, name, &set, file, force),
         ProfileCommand::Show { name } => {
             let profile = read_profiles(home, global)?
                 .into_iter()
@@ -158,6 +167,7 @@ fn profile_new(
     name: String,
     set: &[String],
     file: Option<PathBuf>,
+    force: bool,
 ) -> anyhow::Result<ExitStatus> {
     let body = match file {
         Some(path) => {
@@ -188,12 +198,19 @@ fn profile_new(
     };
     let profile = Profile { name, body };
     profile.validate().map_err(profile_error)?;
-    let changed = if global.dry_run {
-        read_profiles(home, global)?.iter().all(|p| *p != profile)
+    let (changed, users) = if global.dry_run {
+        let users =
+            match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
+                Some(inventory) => check_replacement(&inventory, &profile, force)?,
+                None => Vec::new(),
+            };
+        let changed = read_profiles(home, global)?.iter().all(|p| *p != profile);
+        (changed, users)
     } else {
         let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+        let users = check_replacement(&inventory, &profile, force)?;
         let started = Utc::now();
-        inventory
+        let changed = inventory
             .transaction(|inv| {
                 let changed = inv.save_profile(&profile)?;
                 if changed {
@@ -206,8 +223,22 @@ fn profile_new(
                 }
                 Ok(changed)
             })
-            .map_err(inventory_error)?
+            .map_err(inventory_error)?;
+        (changed, users)
     };
+    // The hosts that use a changed profile get it now: the inventory never says a host runs a
+    // profile it does not have. The report is then `pm-push profile`'s, a row per host.
+    if changed && !users.is_empty() {
+        if !global.json && !global.quiet {
+            cli::print_text(format!(
+                "saved profile {}: {}; sending it to the {} active host(s) that use it",
+                profile.name,
+                profile.summary(),
+                users.len()
+            ))?;
+        }
+        return crate::push::resend_profile(home, global, &profile.name, &users);
+    }
     if global.json {
         cli::print_json(&serde_json::json!({ "changed": changed, "profile": profile }))?;
     } else if !global.quiet {
@@ -218,6 +249,63 @@ fn profile_new(
         })?;
     }
     Ok(ExitStatus::Success)
+}
+
+/// The active hosts that hold the profile `new` replaces (by name; a host whose profile step
+/// failed does not hold it and gets it when `pm-activate host` retries the step). Replacing one
+/// they hold with the other mode is refused without `force`: a `clamav` agent refuses a file
+/// profile, so the hosts would silently stay on the old one while the inventory names the new.
+fn check_replacement(
+    inventory: &Inventory,
+    new: &Profile,
+    force: bool,
+) -> anyhow::Result<Vec<String>> {
+    let users: Vec<crate::inventory::HostRecord> = inventory
+        .hosts()
+        .map_err(inventory_error)?
+        .into_iter()
+        .filter(|h| {
+            h.state == "active"
+                && h.profile == new.name
+                && !h.setup_failed.split(',').any(|step| step == "profile")
+        })
+        .collect();
+    let Some(old) = inventory.profile(&new.name).map_err(inventory_error)? else {
+        return Ok(Vec::new());
+    };
+    if !force && !users.is_empty() && old.mode() != new.mode() {
+        const SHOWN: usize = 10;
+        let mut named: Vec<String> = users
+            .iter()
+            .take(SHOWN)
+            .map(|h| {
+                format!(
+                    "{} ({})",
+                    h.host,
+                    h.engine.as_deref().unwrap_or("engine unknown")
+                )
+            })
+            .collect();
+        if users.len() > SHOWN {
+            named.push(format!("and {} more", users.len() - SHOWN));
+        }
+        return Err(UserError::usage(format!(
+            "profile `{}` is used by {} active host(s) ({}) as a {} profile; saving a {} profile \
+             over it changes its mode",
+            new.name,
+            users.len(),
+            named.join(", "),
+            old.mode(),
+            new.mode()
+        ))
+        .with_hint(
+            "clamav agents take form profiles only: save it under a new name and move the hosts \
+             that should use it (`pm-push profile NAME --host H`), or give --force to replace it \
+             and send it to those hosts now",
+        )
+        .into());
+    }
+    Ok(users.into_iter().map(|h| h.host).collect())
 }
 
 fn profile_delete(home: &Path, global: &GlobalArgs, name: &str) -> anyhow::Result<ExitStatus> {

@@ -1331,6 +1331,11 @@ async fn run_blocking(
     .await;
     match joined {
         Ok(Ok(report)) => axum::Json(report).into_response(),
+        Ok(Err(err)) if super::stop::stopping() && err.downcast_ref::<Held>().is_none() => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            format!("{err:#}"),
+        ),
         Ok(Err(err)) => match err.downcast_ref::<Held>() {
             Some(Held(hold)) => {
                 tracing::info!(reason = %hold.reason, "install refused: the host is held");

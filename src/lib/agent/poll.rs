@@ -1,6 +1,10 @@
 //! `GET /v1/poll` (mutual TLS): everything the manager's `pm-poll` records about this host in one
 //! answer: status, what is installed, the schedule, and the scan reports and install runs the
-//! manager has not seen yet (`?scans_after=ID&updates_after=ID`, ids sort by time).
+//! manager has not seen yet (`?scans_after=CURSOR&updates_after=CURSOR`): those numbered above
+//! N for a cursor `seq:STREAM:N` of this agent's report stream (see `reports`), every kept one
+//! for a cursor of another stream (this state directory is not the one the manager knew), and
+//! those whose id sorts after an id cursor (a manager from before the numbers, or its first
+//! poll since). The answer names the stream.
 
 use std::sync::Arc;
 
@@ -25,13 +29,27 @@ struct Cursors {
     updates_after: Option<String>,
 }
 
-/// Reports newer than `after`, oldest first, at most [`proto::POLL_MAX_REPORTS`] (the oldest
-/// ones first, so a manager that was away catches up over a few polls without gaps).
-fn newer<T>(newest_first: Vec<T>, id: impl Fn(&T) -> &str, after: Option<&str>) -> Vec<T> {
-    let mut items: Vec<T> = newest_first
-        .into_iter()
-        .filter(|item| after.is_none_or(|after| id(item) > after))
-        .collect();
+/// Reports newer than `after` (a cursor, see the module), oldest first, at most
+/// [`proto::POLL_MAX_REPORTS`] (the oldest ones first, so a manager that was away catches up
+/// over a few polls without gaps).
+fn newer<T>(
+    newest_first: Vec<T>,
+    key: impl Fn(&T) -> (Option<u64>, &str),
+    after: Option<&str>,
+    stream: Option<&str>,
+) -> Vec<T> {
+    let is_new = |item: &T| {
+        let (seq, id) = key(item);
+        match after {
+            None => true,
+            Some(cursor) => match proto::parse_seq_cursor(cursor) {
+                Some((of, after)) if Some(of) == stream => seq.is_some_and(|seq| seq > after),
+                Some(_) => true,
+                None => id > cursor,
+            },
+        }
+    };
+    let mut items: Vec<T> = newest_first.into_iter().filter(is_new).collect();
     items.reverse();
     items.truncate(proto::POLL_MAX_REPORTS);
     items
@@ -47,20 +65,24 @@ fn answer(agent: &Agent, status: proto::AgentStatus, cursors: &Cursors) -> Resul
             next_run: entry.next_run.map(|t| t.with_timezone(&chrono::Utc)),
         })
         .collect();
+    let stream = super::reports::stream(&agent.dir);
     Ok(PollResponse {
         status,
         installed: super::install::installed_state(&agent.dir)?,
         schedule,
         scans: newer(
             super::scan::list(&agent.dir)?,
-            |r| r.id.as_str(),
+            |r| (r.seq, r.id.as_str()),
             cursors.scans_after.as_deref(),
+            stream.as_deref(),
         ),
         updates: newer(
             super::schedule::list_updates(&agent.dir)?,
-            |r| r.id.as_str(),
+            |r| (r.seq, r.id.as_str()),
             cursors.updates_after.as_deref(),
+            stream.as_deref(),
         ),
+        report_stream: stream,
     })
 }
 
@@ -111,14 +133,53 @@ pub(super) fn routes() -> Router<Arc<Agent>> {
 mod tests {
     use super::*;
 
+    /// A report as the tests see it: its number and id.
+    type Report = (Option<u64>, String);
+
+    fn key(report: &Report) -> (Option<u64>, &str) {
+        (report.0, &report.1)
+    }
+
+    fn ids(reports: Vec<Report>) -> Vec<String> {
+        reports.into_iter().map(|(_, id)| id).collect()
+    }
+
     #[test]
     fn only_reports_after_the_cursor_come_back_oldest_first_and_bounded() {
-        let newest_first: Vec<String> = (0..80).rev().map(|n| format!("{n:03}")).collect();
-        let all = newer(newest_first.clone(), |s| s.as_str(), None);
+        let newest_first: Vec<Report> = (0..80).rev().map(|n| (None, format!("{n:03}"))).collect();
+        let all = newer(newest_first.clone(), key, None, None);
         assert_eq!(all.len(), proto::POLL_MAX_REPORTS);
-        assert_eq!(all[0], "000");
-        let after = newer(newest_first.clone(), |s| s.as_str(), Some("077"));
-        assert_eq!(after, ["078", "079"]);
-        assert!(newer(newest_first, |s| s.as_str(), Some("079")).is_empty());
+        assert_eq!(all[0].1, "000");
+        let after = newer(newest_first.clone(), key, Some("077"), None);
+        assert_eq!(ids(after), ["078", "079"]);
+        assert!(newer(newest_first, key, Some("079"), None).is_empty());
+    }
+
+    #[test]
+    fn a_sequence_cursor_counts_in_its_own_stream_only() {
+        // Numbered 1..=4, newest first, with ids that went back with the clock at 3.
+        let newest_first: Vec<Report> = vec![
+            (Some(4), "2026-a".into()),
+            (Some(3), "2025-z".into()),
+            (Some(2), "2030-b".into()),
+            (Some(1), "2030-a".into()),
+            (None, "2029-z".into()),
+        ];
+        let cursor = proto::seq_cursor("ab", 2);
+        assert_eq!(
+            ids(newer(newest_first.clone(), key, Some(&cursor), Some("ab"))),
+            ["2025-z", "2026-a"],
+            "the reports made after the clock stepped back come back"
+        );
+        // Another stream (a new state directory): everything kept, for the manager to sort.
+        assert_eq!(
+            newer(newest_first.clone(), key, Some(&cursor), Some("cd")).len(),
+            5
+        );
+        // An id cursor (a manager from before the numbers): by id, as before.
+        assert_eq!(
+            ids(newer(newest_first, key, Some("2030-a"), Some("ab"))),
+            ["2030-b"]
+        );
     }
 }

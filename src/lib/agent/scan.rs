@@ -7,7 +7,8 @@
 //!   when `clamd_socket` is set in `agent.toml`, the real
 //!   `clamdscan --config-file=<state>/clamdscan.conf --fdpass --infected -- PATH...` through the
 //!   running clamd (its databases are already loaded, and `--fdpass` lets it read files it has no
-//!   permission for). `clamdscan.conf` is written by the agent and holds only `LocalSocket`.
+//!   permission for). `clamdscan.conf` is written by the agent and holds only `LocalSocket` and
+//!   the exclusion of names with control characters.
 //!   clamscan still runs when the active profile has form keys (clamdscan takes no per-scan
 //!   options: they are `clamd.conf` settings) or when clamd does not answer `PING` on the socket
 //!   (a warning, not a failure); each case says so in a log line.
@@ -19,7 +20,9 @@
 //! signal) = error, with the engine's stderr as the error text. Each stdout line of the form
 //! `PATH: SIGNATURE FOUND` is a finding; a `Scanned files: N` line gives the number of files
 //! scanned (clamscan's summary; a `command` engine may print one too; clamdscan prints none, so
-//! its reports have no count).
+//! its reports have no count). A file name cannot add or move a finding: names with control
+//! characters never reach the engine's output, the files they lead to are scanned through
+//! private aliases, and a finding must name a path the engine was given (see `names`).
 //!
 //! No shell is ever involved: the engine argv comes from the agent's own configuration, and each
 //! path is one separate argument. Paths are made absolute (the CLI) or must be absolute (the
@@ -29,12 +32,17 @@
 //! keys become `clamscan` options; a `command` engine reads `profile.conf` where its
 //! `scan_command` says `{profile}`. Without one, the engine runs with its defaults.
 //!
+//! A stopping agent (see `stop`) starts no scan, and ends the engine of the one under way: its
+//! report says so (result `error`).
+//!
 //! Reports are kept as `scans/<id>.json` (write aside, fsync, rename); ids sort by start time
 //! and only the newest `scan_reports_keep` (default 20) are kept.
 
 use std::ffi::OsString;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus as ProcessStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -50,8 +58,10 @@ use serde::Serialize;
 use super::{Agent, AgentConfig, Engine, error, from_manager, io_error, load_config, parse_body};
 use crate::cli::{ExitStatus, UserError};
 use crate::profile::{Profile, ProfileBody};
-use crate::proto::{self, ScanFinding, ScanList, ScanReport, ScanResult};
+use crate::proto::{self, ScanList, ScanReport, ScanResult};
 use crate::tls::TlsConnectInfo;
+
+mod names;
 
 /// Directory of the kept scan reports, relative to the state directory.
 pub const SCANS_DIR: &str = "scans";
@@ -68,6 +78,10 @@ pub const PROFILE_PLACEHOLDER: &str = "{profile}";
 const MAX_PATHS: usize = 1000;
 /// At most this much of the engine's stderr is kept as the error text.
 const MAX_ERROR_TEXT: usize = 8 * 1024;
+/// How often a running engine is checked for its end and for a stop of the agent.
+const ENGINE_POLL: Duration = Duration::from_millis(20);
+/// At most this many aliases per run of a `command` engine (they are arguments).
+const ALIASES_PER_RUN: usize = 1000;
 
 /// One scan at a time per process: engines are heavy, and the report store is pruned after each.
 static SCAN_LOCK: Mutex<()> = Mutex::new(());
@@ -80,11 +94,25 @@ pub struct ScanArgs {
     pub paths: Vec<PathBuf>,
 }
 
+/// How a scan runs its engine: the argv before the paths of the main run, and of the run over
+/// the aliases of names the main run must not see (see `names`).
+struct Engines {
+    /// The main run's argv; the paths follow.
+    main: Vec<OsString>,
+    /// The alias run's argv: clamscan over a `--file-list` of aliases (`clamav`), or the same
+    /// argv with the aliases as paths (`command`).
+    aliases: Vec<OsString>,
+    /// Whether the engine is told to skip names with control characters itself (`clamav`).
+    excludes_names: bool,
+    /// Whether links inside the tree are followed (the profile's `follow_symlinks`).
+    follow_symlinks: bool,
+}
+
 /// The engine argv before the paths, with the active profile applied: `clamav` runs clamdscan
 /// when clamd can take the scan (see [`clamd_takes`]), else clamscan with the form keys as
 /// options; `command` gets the path of `profile.conf` wherever its `scan_command` has an
 /// argument `{profile}`.
-fn engine_argv(dir: &Path, config: &AgentConfig) -> Result<Vec<OsString>> {
+fn engine_argv(dir: &Path, config: &AgentConfig) -> Result<Engines> {
     let profile = super::setup::load(dir)?.profile;
     match config.engine {
         Engine::Clamav => {
@@ -92,30 +120,57 @@ fn engine_argv(dir: &Path, config: &AgentConfig) -> Result<Vec<OsString>> {
                 Some(Profile {
                     body: ProfileBody::Form { options },
                     ..
-                }) => options.clamscan_args(),
-                _ => Vec::new(),
+                }) => options.clone(),
+                _ => Default::default(),
             };
-            if let Some(socket) = &config.clamd_socket
-                && clamd_takes(socket, &options)
-            {
-                return clamdscan_argv(dir, socket);
-            }
+            let follow_symlinks = options.follow_symlinks == Some(true);
+            let options = options.clamscan_args();
             let mut database = OsString::from("--database=");
             database.push(config.database_dir.as_os_str());
-            let mut argv: Vec<OsString> = vec![
-                "clamscan".into(),
-                "-r".into(),
-                "--infected".into(),
-                database,
-            ];
-            argv.extend(options.into_iter().map(OsString::from));
-            argv.push("--".into());
-            Ok(argv)
+            let clamscan = |extra: &[&str]| -> Vec<OsString> {
+                let mut argv: Vec<OsString> = vec!["clamscan".into()];
+                argv.extend(extra.iter().map(OsString::from));
+                argv.extend(["--infected".into(), database.clone()]);
+                argv.extend(options.iter().map(OsString::from));
+                argv
+            };
+            // The aliases are links given directly: followed even when the profile says never
+            // (`=1` is clamscan's default: links given directly only; `=2` also chains).
+            let mut aliases: Vec<OsString> = clamscan(&[])
+                .into_iter()
+                .filter(|arg| !arg.as_bytes().starts_with(b"--follow-file-symlinks="))
+                .collect();
+            aliases.push(
+                if follow_symlinks {
+                    "--follow-file-symlinks=2"
+                } else {
+                    "--follow-file-symlinks=1"
+                }
+                .into(),
+            );
+            let main = if let Some(socket) = &config.clamd_socket
+                && clamd_takes(socket, &options)
+            {
+                clamdscan_argv(dir, socket)?
+            } else {
+                let exclude = names::CONTROL_CHARACTERS;
+                let mut argv = clamscan(&["-r"]);
+                argv.push(format!("--exclude={exclude}").into());
+                argv.push(format!("--exclude-dir={exclude}").into());
+                argv.push("--".into());
+                argv
+            };
+            Ok(Engines {
+                main,
+                aliases,
+                excludes_names: true,
+                follow_symlinks,
+            })
         }
         Engine::Command => match &config.scan_command {
             Some(argv) if !argv.is_empty() && !argv[0].is_empty() => {
                 let conf = super::setup::profile_conf(dir);
-                Ok(argv
+                let argv: Vec<OsString> = argv
                     .iter()
                     .map(|arg| {
                         if arg == PROFILE_PLACEHOLDER {
@@ -124,7 +179,13 @@ fn engine_argv(dir: &Path, config: &AgentConfig) -> Result<Vec<OsString>> {
                             OsString::from(arg)
                         }
                     })
-                    .collect())
+                    .collect();
+                Ok(Engines {
+                    main: argv.clone(),
+                    aliases: argv,
+                    excludes_names: false,
+                    follow_symlinks: false,
+                })
             }
             _ => Err(UserError::usage(
                 "the `command` engine needs `scan_command` in agent.toml".to_string(),
@@ -175,7 +236,11 @@ fn clamd_takes(socket: &Path, profile_options: &[String]) -> bool {
 /// clamdscan's argv before the paths, after writing `clamdscan.conf` when it changed.
 fn clamdscan_argv(dir: &Path, socket: &Path) -> Result<Vec<OsString>> {
     let conf = dir.join(CLAMDSCAN_CONF);
-    let text = format!("LocalSocket {}\n", socket.display());
+    let text = format!(
+        "LocalSocket {}\nExcludePath {}\n",
+        socket.display(),
+        names::CONTROL_CHARACTERS
+    );
     if std::fs::read(&conf).ok().as_deref() != Some(text.as_bytes()) {
         crate::durable::write_atomic(&conf, text.as_bytes(), 0o644)
             .map_err(io_error("write", &conf))?;
@@ -189,30 +254,6 @@ fn clamdscan_argv(dir: &Path, socket: &Path) -> Result<Vec<OsString>> {
         "--infected".into(),
         "--".into(),
     ])
-}
-
-/// `PATH: SIGNATURE FOUND` lines and the `Scanned files: N` summary line.
-fn parse_output(stdout: &str) -> (Vec<ScanFinding>, Option<u64>) {
-    let mut findings = Vec::new();
-    let mut files_scanned = None;
-    for line in stdout.lines() {
-        let line = line.trim_end_matches('\r');
-        if let Some(rest) = line.strip_suffix(" FOUND")
-            && let Some((path, signature)) = rest.rsplit_once(": ")
-            && !path.is_empty()
-            && !signature.trim().is_empty()
-        {
-            findings.push(ScanFinding {
-                path: path.to_string(),
-                signature: signature.trim().to_string(),
-            });
-        } else if let Some(count) = line.strip_prefix("Scanned files: ")
-            && let Ok(count) = count.trim().parse()
-        {
-            files_scanned = Some(count);
-        }
-    }
-    (findings, files_scanned)
 }
 
 /// The end of `text`, at most [`MAX_ERROR_TEXT`] bytes, on a character boundary.
@@ -233,66 +274,190 @@ fn new_id(at: chrono::DateTime<chrono::Utc>) -> String {
     )
 }
 
-/// Runs the engine over `paths` and reads its answer. Never fails: an engine that cannot run
-/// gives a report with result `error`.
-fn run_engine(engine: Engine, argv: &[OsString], paths: &[PathBuf]) -> ScanReport {
-    let started_at = chrono::Utc::now();
-    let clock = Instant::now();
+/// What one run of an engine gave.
+struct EngineRun {
+    /// Its stdout, read after it ended.
+    stdout: Vec<u8>,
+    /// `None` when it ran to completion; else why not (cannot start, a status other than 0 and
+    /// 1, a signal, the agent stopping).
+    error: Option<String>,
+}
+
+/// Runs `argv` + `paths` and waits for it, reading its output, ending it if the agent is asked
+/// to stop meanwhile. Never fails: an engine that cannot run is an [`EngineRun`] with an error.
+fn run_engine(argv: &[OsString], paths: &[PathBuf], c_locale: bool) -> EngineRun {
     let program = argv[0].to_string_lossy().into_owned();
-    let output = Command::new(&argv[0])
+    let started = Instant::now();
+    let mut command = Command::new(&argv[0]);
+    command
         .args(&argv[1..])
         .args(paths)
         .stdin(Stdio::null())
-        .output();
-    let duration_seconds = clock.elapsed().as_secs_f64();
-    let finished_at = chrono::Utc::now();
-    let (findings, files_scanned, result, error) = match output {
-        Err(err) => (
-            Vec::new(),
-            None,
-            ScanResult::Error,
-            Some(format!("cannot run `{program}`: {err}")),
-        ),
-        Ok(output) => {
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let (findings, files_scanned) = parse_output(&stdout);
-            let (result, error) = match output.status.code() {
-                Some(0) if findings.is_empty() => (ScanResult::Clean, None),
-                Some(0 | 1) => (ScanResult::Infected, None),
-                code => {
-                    let how = match code {
-                        Some(code) => format!("`{program}` exited with status {code}"),
-                        None => format!("`{program}` was killed by a signal"),
-                    };
-                    let text = tail(&stderr);
-                    let error = if text.is_empty() {
-                        how
-                    } else {
-                        format!("{how}: {text}")
-                    };
-                    (ScanResult::Error, Some(error))
-                }
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if c_locale {
+        // `[[:cntrl:]]` means exactly the ASCII control characters.
+        command.env("LC_ALL", "C");
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            return EngineRun {
+                stdout: Vec::new(),
+                error: Some(format!("cannot run `{program}`: {err}")),
             };
-            (findings, files_scanned, result, error)
         }
     };
-    ScanReport {
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let mut ended_by_stop = false;
+    let status: std::io::Result<ProcessStatus> = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) => {}
+            Err(err) => break Err(err),
+        }
+        if super::stop::stopping() && !ended_by_stop {
+            ended_by_stop = true;
+            tracing::warn!(program, "the agent is stopping: ending the scan engine");
+            let _ = child.kill();
+        }
+        std::thread::sleep(ENGINE_POLL);
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+    let error = match status {
+        _ if ended_by_stop => Some(format!(
+            "the agent stopped during the scan: `{program}` was ended after {:.1} s; scan again",
+            started.elapsed().as_secs_f64()
+        )),
+        Err(err) => Some(format!("cannot wait for `{program}`: {err}")),
+        Ok(status) => match status.code() {
+            Some(0 | 1) => None,
+            code => {
+                let how = match code {
+                    Some(code) => format!("`{program}` exited with status {code}"),
+                    None => format!("`{program}` was killed by a signal"),
+                };
+                let text = tail(&stderr);
+                Some(if text.is_empty() {
+                    how
+                } else {
+                    format!("{how}: {text}")
+                })
+            }
+        },
+    };
+    EngineRun { stdout, error }
+}
+
+/// Runs the engine over `paths` the way `names` describes (the main run over the parts without
+/// unprintable names, a run over the aliases of the files such names lead to) and makes the
+/// report. Fails only when the aliases cannot be made.
+fn run_scan(
+    dir: &Path,
+    engine: Engine,
+    engines: &Engines,
+    paths: &[PathBuf],
+) -> Result<ScanReport> {
+    let started_at = chrono::Utc::now();
+    let clock = Instant::now();
+    let plan = names::plan(paths, engines.follow_symlinks, !engines.excludes_names);
+    let main_paths = if engines.excludes_names {
+        plan.roots
+    } else {
+        plan.parts
+    };
+    let mut findings = Vec::new();
+    let mut counts = Vec::new();
+    let mut errors = Vec::new();
+    let mut dropped = Vec::new();
+    let mut read = |run: EngineRun, given: &[PathBuf], aliases: Option<&names::Aliases>| {
+        let parsed = names::parse(&run.stdout, given, aliases);
+        findings.extend(parsed.findings);
+        counts.push(parsed.files_scanned);
+        dropped.extend(parsed.dropped);
+        errors.extend(run.error);
+    };
+    let c_locale = engines.excludes_names;
+    if !main_paths.is_empty() {
+        let run = run_engine(&engines.main, &main_paths, c_locale);
+        read(run, &main_paths, None);
+    }
+    if !plan.aliased.is_empty() && !super::stop::stopping() {
+        tracing::info!(
+            files = plan.aliased.len(),
+            "files whose paths hold control characters are scanned through aliases"
+        );
+        let aliases = names::Aliases::create(dir, &plan.aliased)?;
+        if engines.excludes_names {
+            let mut file_list = OsString::from("--file-list=");
+            file_list.push(aliases.file_list()?);
+            let mut argv = engines.aliases.clone();
+            argv.push(file_list);
+            read(run_engine(&argv, &[], c_locale), &[], Some(&aliases));
+        } else {
+            for batch in aliases.paths().chunks(ALIASES_PER_RUN) {
+                if super::stop::stopping() {
+                    break;
+                }
+                read(
+                    run_engine(&engines.aliases, batch, c_locale),
+                    &[],
+                    Some(&aliases),
+                );
+            }
+        }
+    }
+    for line in &dropped {
+        tracing::warn!(line = %line, "ignoring an engine line that names no path it was given");
+    }
+    let files_scanned = counts
+        .iter()
+        .try_fold(0u64, |sum, count| count.map(|n| sum.saturating_add(n)));
+    let result = if !errors.is_empty() {
+        ScanResult::Error
+    } else if findings.is_empty() {
+        ScanResult::Clean
+    } else {
+        ScanResult::Infected
+    };
+    Ok(ScanReport {
         id: new_id(started_at),
+        seq: None,
         started_at,
-        finished_at,
-        duration_seconds,
+        finished_at: chrono::Utc::now(),
+        duration_seconds: clock.elapsed().as_secs_f64(),
         engine: engine.as_str().to_string(),
-        program: Some(program),
+        program: Some(engines.main[0].to_string_lossy().into_owned()),
         paths: paths
             .iter()
-            .map(|p| p.to_string_lossy().into_owned())
+            .map(|p| names::escape(p.as_os_str().as_bytes()))
             .collect(),
         files_scanned,
         findings,
         result,
-        error,
-    }
+        error: (!errors.is_empty()).then(|| errors.join("; ")),
+    })
 }
 
 fn reports_keep(config: &AgentConfig) -> usize {
@@ -309,15 +474,21 @@ pub(super) fn list(dir: &Path) -> Result<Vec<ScanReport>> {
 
 /// Scans `paths` (absolute) with the configured engine and keeps the report.
 pub(super) fn scan(dir: &Path, config: &AgentConfig, paths: &[PathBuf]) -> Result<ScanReport> {
-    let argv = engine_argv(dir, config)?;
+    let engines = engine_argv(dir, config)?;
     let _one_at_a_time = SCAN_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
-    let report = run_engine(config.engine, &argv, paths);
-    super::reports::store(
-        &dir.join(SCANS_DIR),
-        &report.id,
-        &report,
-        reports_keep(config),
-    )?;
+    // Scans queued behind the one that ran when the stop came never start.
+    if super::stop::stopping() {
+        return Err(super::stop::refusal("the scan"));
+    }
+    let report = run_scan(dir, config.engine, &engines, paths)?;
+    let report =
+        super::reports::store_numbered(dir, &dir.join(SCANS_DIR), reports_keep(config), |seq| {
+            let report = ScanReport {
+                seq: Some(seq),
+                ..report
+            };
+            (report.id.clone(), report)
+        })?;
     tracing::info!(
         id = %report.id,
         program = report.program.as_deref().unwrap_or("?"),
@@ -426,6 +597,11 @@ async fn scan_handler(
         tokio::task::spawn_blocking(move || scan(&worker.dir, &worker.config, &paths)).await;
     match scanned {
         Ok(Ok(report)) => axum::Json(report).into_response(),
+        Ok(Err(err)) if super::stop::stopping() => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            format!("{err:#}"),
+        ),
         Ok(Err(err)) => {
             tracing::error!(error = %format!("{err:#}"), "cannot scan");
             // A user error here is the engine configuration (`scan_command` missing).
@@ -472,31 +648,6 @@ pub(super) fn routes() -> Router<Arc<Agent>> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn findings_and_the_summary_are_parsed() {
-        let stdout = "/d/eicar.com: Eicar-Test-Signature FOUND\n\
-                      /d/odd: name.txt: Fake.Sig FOUND\n\
-                      /d/clean.txt: OK\n\
-                      \n----------- SCAN SUMMARY -----------\n\
-                      Scanned files: 3\nInfected files: 2\n";
-        let (findings, scanned) = parse_output(stdout);
-        assert_eq!(scanned, Some(3));
-        assert_eq!(
-            findings,
-            vec![
-                ScanFinding {
-                    path: "/d/eicar.com".into(),
-                    signature: "Eicar-Test-Signature".into()
-                },
-                ScanFinding {
-                    path: "/d/odd: name.txt".into(),
-                    signature: "Fake.Sig".into()
-                },
-            ]
-        );
-        assert_eq!(parse_output("FOUND\n: FOUND\n"), (Vec::new(), None));
-    }
-
     /// Writes a `setup.json` whose profile has the form keys `options`.
     fn set_up_profile(dir: &Path, options: crate::profile::ScanOptions) {
         let setup = super::super::setup::Setup {
@@ -538,15 +689,53 @@ mod tests {
             },
         );
         let conf = dir.path().join("profile.conf").into_os_string();
+        let engines = engine_argv(dir.path(), &config).unwrap();
         assert_eq!(
-            engine_argv(dir.path(), &config).unwrap(),
+            engines.main,
             [OsString::from("/opt/scan"), "--config".into(), conf]
         );
+        assert_eq!(engines.aliases, engines.main);
+        assert!(!engines.excludes_names);
         config.engine = Engine::Clamav;
-        let argv = engine_argv(dir.path(), &config).unwrap();
+        let engines = engine_argv(dir.path(), &config).unwrap();
         assert_eq!(
-            argv[4..],
-            [OsString::from("--exclude-dir=^/proc"), "--".into()]
+            engines.main[1..],
+            [
+                OsString::from("-r"),
+                "--infected".into(),
+                "--database=/db".into(),
+                "--exclude-dir=^/proc".into(),
+                "--exclude=[[:cntrl:]]".into(),
+                "--exclude-dir=[[:cntrl:]]".into(),
+                "--".into()
+            ]
+        );
+        // The aliases: files from a list, links given directly followed, no recursion.
+        assert_eq!(
+            engines.aliases[1..],
+            [
+                OsString::from("--infected"),
+                "--database=/db".into(),
+                "--exclude-dir=^/proc".into(),
+                "--follow-file-symlinks=1".into()
+            ]
+        );
+        set_up_profile(
+            dir.path(),
+            crate::profile::ScanOptions {
+                follow_symlinks: Some(false),
+                ..Default::default()
+            },
+        );
+        let engines = engine_argv(dir.path(), &config).unwrap();
+        assert!(
+            engines.main.contains(&"--follow-file-symlinks=0".into())
+                && engines
+                    .aliases
+                    .ends_with(&["--follow-file-symlinks=1".into()])
+                && !engines.aliases.contains(&"--follow-file-symlinks=0".into()),
+            "{:?}",
+            engines.aliases
         );
     }
 
@@ -564,8 +753,9 @@ mod tests {
         let conf = dir.path().join(CLAMDSCAN_CONF);
         let mut config_file = OsString::from("--config-file=");
         config_file.push(&conf);
+        let engines = engine_argv(dir.path(), &config).unwrap();
         assert_eq!(
-            engine_argv(dir.path(), &config).unwrap(),
+            engines.main,
             [
                 OsString::from("clamdscan"),
                 config_file,
@@ -574,13 +764,18 @@ mod tests {
                 "--".into()
             ]
         );
+        // Names clamdscan's output cannot carry go to clamscan through aliases.
+        assert_eq!(engines.aliases[0], "clamscan");
         assert_eq!(&clamd.join().unwrap(), b"zPING\0");
         assert_eq!(
             std::fs::read_to_string(&conf).unwrap(),
-            format!("LocalSocket {}\n", socket.display())
+            format!(
+                "LocalSocket {}\nExcludePath [[:cntrl:]]\n",
+                socket.display()
+            )
         );
         // Nobody answers on the socket any more: clamscan.
-        let argv = engine_argv(dir.path(), &config).unwrap();
+        let argv = engine_argv(dir.path(), &config).unwrap().main;
         assert_eq!(argv[0], "clamscan");
         // Profile options are clamd.conf settings for clamd: clamscan, without asking clamd.
         set_up_profile(
@@ -590,7 +785,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let argv = engine_argv(dir.path(), &config).unwrap();
+        let argv = engine_argv(dir.path(), &config).unwrap().main;
         assert_eq!(argv[0], "clamscan");
         assert!(
             argv.contains(&OsString::from("--exclude=\\.log$")),

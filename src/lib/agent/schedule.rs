@@ -108,9 +108,9 @@ fn parse(expression: &str) -> Result<Cron, String> {
 type Jobs = Vec<(Job, String, Cron)>;
 
 impl ScheduleConfig {
-    /// Checks the schedule the way `agent.toml` is checked at load: cron syntax, a scan needs
-    /// paths, the paths are absolute. The error names the key at fault (`update`, `scan`,
-    /// `scan_paths`) and the problem.
+    /// Checks the schedule the way `agent.toml` is checked at load: cron syntax, an expression
+    /// that fires at all, a scan needs paths, the paths are absolute. The error names the key
+    /// at fault (`update`, `scan`, `scan_paths`) and the problem.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         self.parse_jobs().map(drop)
     }
@@ -125,6 +125,18 @@ impl ScheduleConfig {
                         format!("is not a cron expression (`{expression}`): {problem}"),
                     )
                 })?;
+                // Valid syntax can still name no date at all (`0 0 30 2 *`): the task would
+                // find no next run and only say so in the log, so it is refused here, where
+                // the expression is given (agent.toml, the API, `pm-push schedule`).
+                if cron.find_next_occurrence(&Local::now(), false).is_err() {
+                    return Err((
+                        job.as_str(),
+                        format!(
+                            "`{expression}` never fires: no date matches its day of month and \
+                             month"
+                        ),
+                    ));
+                }
                 jobs.push((job, expression.clone(), cron));
             }
         }
@@ -277,6 +289,13 @@ async fn run_schedule(agent: Arc<Agent>, job: Job, cron: Cron, scan_paths: Arc<[
 
 /// Runs one scheduled job like its on-demand counterpart and logs the outcome.
 async fn run_once(agent: &Arc<Agent>, job: Job, scan_paths: &Arc<[PathBuf]>) {
+    if super::stop::stopping() {
+        tracing::info!(
+            job = job.as_str(),
+            "scheduled run skipped: the agent is stopping"
+        );
+        return;
+    }
     if job == Job::Update && agent.lock().activation.is_none() {
         tracing::info!("scheduled update skipped: the agent is not activated (no dist URL)");
         return;
@@ -326,41 +345,83 @@ async fn run_once(agent: &Arc<Agent>, job: Job, scan_paths: &Arc<[PathBuf]>) {
 
 /// Runs an install (update or rollback) and keeps its run report in `updates/` whatever the
 /// outcome, so the manager's poll sees every install, whoever started it. An install a hold
-/// did not allow never started: no report (it would count as a failed update).
+/// did not allow never started: no report (it would count as a failed update). A stopping agent
+/// starts none; one the agent exits without is recorded by [`record_abandoned`].
 pub(super) fn record_run(
     dir: &Path,
     trigger: &str,
     install: impl FnOnce() -> Result<proto::InstallReport>,
 ) -> Result<proto::InstallReport> {
+    if super::stop::stopping() {
+        return Err(super::stop::refusal("the install"));
+    }
     let started_at = chrono::Utc::now();
+    let id = format!(
+        "{}-{}",
+        started_at.format("%Y%m%dT%H%M%S%.6fZ"),
+        &proto::nonce()[..8]
+    );
+    super::stop::install_started(super::stop::Install {
+        id: id.clone(),
+        trigger: trigger.into(),
+        started_at,
+    });
     let result = install();
     let run = UpdateRun {
-        id: format!(
-            "{}-{}",
-            started_at.format("%Y%m%dT%H%M%S%.6fZ"),
-            &proto::nonce()[..8]
-        ),
+        id,
+        seq: None,
         trigger: trigger.into(),
         started_at,
         finished_at: chrono::Utc::now(),
         report: result.as_ref().ok().cloned(),
         error: result.as_ref().err().map(|err| format!("{err:#}")),
     };
-    if result
+    let held = result
         .as_ref()
-        .is_err_and(|err| err.downcast_ref::<Held>().is_some())
+        .is_err_and(|err| err.downcast_ref::<Held>().is_some());
+    if super::stop::install_ended(&run.id)
+        && !held
+        && let Err(err) = store_update(dir, run)
     {
-        return result;
-    }
-    if let Err(err) = store_update(dir, &run) {
         tracing::error!(error = %format!("{err:#}"), "cannot keep the update report");
     }
     result
 }
 
-/// Stores an update run and removes the oldest beyond [`UPDATES_KEEP`].
-fn store_update(dir: &Path, run: &UpdateRun) -> Result<()> {
-    super::reports::store(&dir.join(UPDATES_DIR), &run.id, run, UPDATES_KEEP)
+/// Keeps an update run for each install the agent exits without (see `stop`).
+pub(super) fn record_abandoned(dir: &Path) {
+    for install in super::stop::abandon_installs() {
+        let run = UpdateRun {
+            id: install.id,
+            seq: None,
+            trigger: install.trigger,
+            started_at: install.started_at,
+            finished_at: chrono::Utc::now(),
+            report: None,
+            error: Some(format!(
+                "abandoned: the agent stopped before this install finished (it had {:?} to); an \
+                 install is all-or-nothing, so the database directory holds one whole set, never \
+                 a mix (the next poll shows which), and the next update completes it",
+                super::stop::STOP_GRACE
+            )),
+        };
+        tracing::warn!(id = %run.id, "an install under way was abandoned by the stop");
+        if let Err(err) = store_update(dir, run) {
+            tracing::error!(error = %format!("{err:#}"), "cannot keep the update report");
+        }
+    }
+}
+
+/// Stores an update run with the next number of the agent's report stream and removes the
+/// oldest beyond [`UPDATES_KEEP`].
+fn store_update(dir: &Path, run: UpdateRun) -> Result<UpdateRun> {
+    super::reports::store_numbered(dir, &dir.join(UPDATES_DIR), UPDATES_KEEP, |seq| {
+        let run = UpdateRun {
+            seq: Some(seq),
+            ..run
+        };
+        (run.id.clone(), run)
+    })
 }
 
 /// The kept update runs, newest first.
@@ -395,6 +456,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_expression_that_never_fires_is_refused_like_a_malformed_one() {
+        let check = |update: &str| {
+            ScheduleConfig {
+                update: Some(update.into()),
+                ..Default::default()
+            }
+            .check()
+        };
+        assert!(check("0 3 * * *").is_ok());
+        // Every four years is rare, not never.
+        assert!(check("0 0 29 2 *").is_ok());
+        for never in ["0 0 30 2 *", "0 0 31 4 *", "0 0 0 31 11 *"] {
+            let started = std::time::Instant::now();
+            let (key, problem) = check(never).unwrap_err();
+            assert_eq!(key, "update");
+            assert!(problem.contains("never fires"), "{never}: {problem}");
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(2),
+                "{never}"
+            );
+        }
+        assert!(check("every tuesday").unwrap_err().1.contains("not a cron"));
+    }
+
+    #[test]
     fn only_the_last_update_runs_are_kept_newest_first() {
         let dir = tempfile::tempdir().unwrap();
         let start = chrono::Utc::now();
@@ -402,13 +488,14 @@ mod tests {
             let at = start + chrono::Duration::seconds(n as i64);
             let run = UpdateRun {
                 id: at.format("%Y%m%dT%H%M%S%.6fZ").to_string(),
+                seq: None,
                 trigger: "schedule".into(),
                 started_at: at,
                 finished_at: at,
                 report: None,
                 error: Some(format!("run {n}")),
             };
-            store_update(dir.path(), &run).unwrap();
+            store_update(dir.path(), run).unwrap();
         }
         let runs = list_updates(dir.path()).unwrap();
         assert_eq!(runs.len(), UPDATES_KEEP);

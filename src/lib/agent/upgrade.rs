@@ -399,6 +399,14 @@ pub(super) async fn upgrade_handler(
     if let Err(response) = from_manager(&agent.lock(), &info) {
         return *response;
     }
+    if super::stop::stopping() {
+        let refusal = super::stop::refusal("the upgrade");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            format!("{refusal:#}"),
+        );
+    }
     let Some(exe) = agent.executable.clone() else {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -284,8 +284,12 @@ impl SnapshotCollector {
         gauge(
             e,
             "pm_host_up",
-            "1 if the last poll of the host succeeded, else 0",
-            hosts.iter().map(|h| (host_labels(h), flag(h.reachable))),
+            "1 if the last poll of the host succeeded, else 0; absent before its first poll",
+            // Before its first poll nothing is known about a host: absent, not down.
+            hosts
+                .iter()
+                .filter(|h| h.last_poll.is_some())
+                .map(|h| (host_labels(h), flag(h.reachable))),
         )?;
         gauge(
             e,
@@ -328,7 +332,7 @@ impl SnapshotCollector {
         gauge(
             e,
             "pm_host_scan_findings",
-            "Findings of the last scan",
+            "Findings of the last scan that ran to completion; a failed scan never lowers it",
             hosts
                 .iter()
                 .filter_map(|h| Some((host_labels(h), h.scan_findings?))),
@@ -760,10 +764,9 @@ mod tests {
     #[test]
     fn a_fixture_renders_to_the_exact_gauge_text_in_both_formats() {
         // The gauges are rendered once and served in both formats: they must not differ.
-        let expected = r#"# HELP pm_host_up 1 if the last poll of the host succeeded, else 0
+        let expected = r#"# HELP pm_host_up 1 if the last poll of the host succeeded, else 0; absent before its first poll
 # TYPE pm_host_up gauge
 pm_host_up{host="web-1",group="web"} 1
-pm_host_up{host="new \"one\"",group="default"} 0
 # HELP pm_host_inactive 1 if the host had no successful contact for inactive_after
 # TYPE pm_host_inactive gauge
 pm_host_inactive{host="web-1",group="web"} 0
@@ -783,7 +786,7 @@ pm_host_last_update_success{host="web-1",group="web"} 1
 # HELP pm_host_last_scan_timestamp_seconds Last scan
 # TYPE pm_host_last_scan_timestamp_seconds gauge
 pm_host_last_scan_timestamp_seconds{host="web-1",group="web"} 1700000000.0
-# HELP pm_host_scan_findings Findings of the last scan
+# HELP pm_host_scan_findings Findings of the last scan that ran to completion; a failed scan never lowers it
 # TYPE pm_host_scan_findings gauge
 pm_host_scan_findings{host="web-1",group="web"} 2
 # HELP pm_host_version_status Versions against dist: 0 green (all components at dist), 1 yellow (some behind), 2 red (all behind or none comparable), 3 unknown (no dist or never polled)

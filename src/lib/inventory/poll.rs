@@ -40,13 +40,34 @@ pub struct PolledHost {
     pub certificate: Option<crate::hosts::CertificateSeen>,
 }
 
-/// The newest report ids recorded for a host: the agent only sends newer ones.
+/// Where the manager stands in a host's reports: the agent only sends newer ones. Each is a
+/// sequence cursor (`seq:STREAM:N`, see `report_cursors`) when the agent numbers its reports,
+/// else the newest report id recorded.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PollCursors {
-    /// Newest scan report id recorded.
+    /// Scan reports recorded up to here.
     pub scans_after: Option<String>,
-    /// Newest install run id recorded.
+    /// Install runs recorded up to here.
     pub updates_after: Option<String>,
+}
+
+/// A host's place in its agent's report stream (`report_cursors`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct StreamCursor {
+    stream: String,
+    scans_seq: Option<u64>,
+    updates_seq: Option<u64>,
+}
+
+/// Whether a report is new to the inventory: by its number when the host's cursor is in the
+/// same stream and has one for this kind (a report without a number is older than the numbers),
+/// else by its id against the newest id recorded.
+fn is_new(seq_cursor: Option<u64>, id_cursor: Option<&str>, seq: Option<u64>, id: &str) -> bool {
+    match (seq_cursor, seq) {
+        (Some(after), Some(seq)) => seq > after,
+        (Some(_), None) => false,
+        (None, _) => id_cursor.is_none_or(|after| id > after),
+    }
 }
 
 /// What a recorded poll added.
@@ -194,19 +215,41 @@ impl Inventory {
 
     /// The report cursors of every host polled before.
     pub fn poll_cursors(&self) -> Result<HashMap<String, PollCursors>, InventoryError> {
+        let streams = self.stream_cursors()?;
         Ok(self
             .host_states()?
             .into_values()
             .map(|state| {
-                (
-                    state.host,
-                    PollCursors {
-                        scans_after: state.last_scan_id,
-                        updates_after: state.last_update_id,
-                    },
-                )
+                let stream = streams.get(&state.host);
+                let by_seq = |seq: fn(&StreamCursor) -> Option<u64>| {
+                    stream.and_then(|c| Some(crate::proto::seq_cursor(&c.stream, seq(c)?)))
+                };
+                let cursors = PollCursors {
+                    scans_after: by_seq(|c| c.scans_seq).or(state.last_scan_id),
+                    updates_after: by_seq(|c| c.updates_seq).or(state.last_update_id),
+                };
+                (state.host, cursors)
             })
             .collect())
+    }
+
+    /// Each host's place in its agent's report stream.
+    fn stream_cursors(&self) -> Result<HashMap<String, StreamCursor>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT host, stream, scans_after_seq, updates_after_seq FROM report_cursors",
+        ))?;
+        let rows = self.db(statement.query_map([], |row| {
+            let seq = |n: Option<i64>| n.and_then(|n| u64::try_from(n).ok());
+            Ok((
+                row.get::<_, String>(0)?,
+                StreamCursor {
+                    stream: row.get(1)?,
+                    scans_seq: seq(row.get(2)?),
+                    updates_seq: seq(row.get(3)?),
+                },
+            ))
+        }))?;
+        rows.map(|row| self.db(row)).collect()
     }
 
     /// Each host's current components and their versions.
@@ -246,6 +289,8 @@ impl Inventory {
         let now = Utc::now();
         let mut states = self.host_states()?;
         let mut current = self.installed_components()?;
+        let mut streams = self.stream_cursors()?;
+        let mut new_streams = Vec::new();
         let mut recorded = RecordedPolls::default();
 
         let mut polls = Vec::with_capacity(polled.len());
@@ -364,13 +409,33 @@ impl Inventory {
                         ]);
                     }
 
-                    // Reports newer than what is recorded (the cursor as of this transaction).
+                    // Reports newer than what is recorded (the cursors as of this
+                    // transaction): by number within the agent's report stream, by id before
+                    // the host's first numbered poll or when its stream changed.
+                    let stream = streams
+                        .remove(&poll.host)
+                        .filter(|c| answer.report_stream.as_deref() == Some(c.stream.as_str()));
+                    let (scans_seq, updates_seq) = stream
+                        .as_ref()
+                        .map_or((None, None), |c| (c.scans_seq, c.updates_seq));
+                    let highest = |cursor: Option<u64>, seqs: &mut dyn Iterator<Item = u64>| {
+                        seqs.chain(cursor).max()
+                    };
+                    if let Some(stream) = &answer.report_stream {
+                        new_streams.push([
+                            Value::Text(poll.host.clone()),
+                            Value::Text(stream.clone()),
+                            highest(scans_seq, &mut answer.scans.iter().filter_map(|r| r.seq))
+                                .map_or(Value::Null, |n| Value::BigInt(n as i64)),
+                            highest(
+                                updates_seq,
+                                &mut answer.updates.iter().filter_map(|r| r.seq),
+                            )
+                            .map_or(Value::Null, |n| Value::BigInt(n as i64)),
+                        ]);
+                    }
                     for scan in &answer.scans {
-                        if state
-                            .last_scan_id
-                            .as_deref()
-                            .is_some_and(|c| scan.id.as_str() <= c)
-                        {
+                        if !is_new(scans_seq, state.last_scan_id.as_deref(), scan.seq, &scan.id) {
                             continue;
                         }
                         scans.push([
@@ -399,7 +464,15 @@ impl Inventory {
                                 ts(Some(scan.finished_at)),
                             ]);
                         }
-                        state.last_scan_id = Some(scan.id.clone());
+                        // The id cursor only grows: after a clock step back the newest report
+                        // can have the smallest id.
+                        if state
+                            .last_scan_id
+                            .as_deref()
+                            .is_none_or(|c| scan.id.as_str() > c)
+                        {
+                            state.last_scan_id = Some(scan.id.clone());
+                        }
                         state.last_scan_at = Some(scan.finished_at);
                         state.last_scan_result = Some(
                             match scan.result {
@@ -409,18 +482,28 @@ impl Inventory {
                             }
                             .to_string(),
                         );
-                        state.last_scan_findings =
-                            Some(scan.findings.len().min(i32::MAX as usize) as i32);
+                        let found = scan.findings.len().min(i32::MAX as usize) as i32;
+                        state.last_scan_findings = match scan.result {
+                            // A failed scan says nothing about the files it did not reach: it
+                            // never lowers what is known (PmHostInfected stays until a clean
+                            // rescan), it only adds what it did find.
+                            ScanResult::Error => match state.last_scan_findings {
+                                Some(known) => Some(known.max(found)),
+                                None => (found > 0).then_some(found),
+                            },
+                            ScanResult::Clean | ScanResult::Infected => Some(found),
+                        };
                         recorded.scans += 1;
                         recorded.findings += scan.findings.len();
                         changed = true;
                     }
                     for run in &answer.updates {
-                        if state
-                            .last_update_id
-                            .as_deref()
-                            .is_some_and(|c| run.id.as_str() <= c)
-                        {
+                        if !is_new(
+                            updates_seq,
+                            state.last_update_id.as_deref(),
+                            run.seq,
+                            &run.id,
+                        ) {
                             continue;
                         }
                         let report = run.report.as_ref();
@@ -438,7 +521,13 @@ impl Inventory {
                             text(run.error.as_deref()),
                             ts(Some(now)),
                         ]);
-                        state.last_update_id = Some(run.id.clone());
+                        if state
+                            .last_update_id
+                            .as_deref()
+                            .is_none_or(|c| run.id.as_str() > c)
+                        {
+                            state.last_update_id = Some(run.id.clone());
+                        }
                         state.last_update_at = Some(run.finished_at);
                         state.last_update_ok = Some(run.error.is_none());
                         state.last_update_error = run.error.clone();
@@ -482,6 +571,14 @@ impl Inventory {
         self.append("scans", scans)?;
         self.append("scan_findings", findings)?;
         self.append("update_runs", updates)?;
+
+        // Where each host that answered stands in its report stream (none: an agent from
+        // before the numbers, asked by id from now on).
+        self.db(self.conn.execute_batch(
+            "DELETE FROM report_cursors
+                 WHERE host IN (SELECT host FROM polled_hosts WHERE answered)",
+        ))?;
+        self.append("report_cursors", new_streams)?;
 
         // Replace the current state of the polled hosts (and the components of those that
         // answered): the names staged above, delete, append.
@@ -635,18 +732,21 @@ mod tests {
             scans,
             updates: vec![UpdateRun {
                 id: "20260101T000000.000000Z-aa".into(),
+                seq: None,
                 trigger: "schedule".into(),
                 started_at: Utc::now(),
                 finished_at: Utc::now(),
                 report: None,
                 error: Some("no dist".into()),
             }],
+            report_stream: None,
         }
     }
 
     fn scan(id: &str) -> ScanReport {
         ScanReport {
             id: id.into(),
+            seq: None,
             started_at: Utc::now(),
             finished_at: Utc::now(),
             duration_seconds: 0.5,
@@ -739,5 +839,115 @@ mod tests {
         );
         assert_eq!(inventory.prune(later, None, false).unwrap().polls, 3);
         assert_eq!(count(&inventory, "component_versions"), 3, "history stays");
+    }
+
+    /// Records one successful poll of `web-1` answering `answer`.
+    fn record_answer(inventory: &Inventory, answer: PollResponse) -> RecordedPolls {
+        inventory
+            .transaction(|inv| {
+                inv.record_polls(
+                    1,
+                    &[PolledHost {
+                        host: "web-1".into(),
+                        polled_at: Utc::now(),
+                        latency_ms: None,
+                        answer: Ok(answer),
+                        certificate: None,
+                    }],
+                )
+            })
+            .unwrap()
+    }
+
+    /// A poll answer from a numbering agent: scans with (id, seq), stream `ab`.
+    fn numbered(scans: &[(&str, u64)]) -> PollResponse {
+        let mut answer = answer(
+            "3",
+            scans
+                .iter()
+                .map(|(id, seq)| ScanReport {
+                    seq: Some(*seq),
+                    ..scan(id)
+                })
+                .collect(),
+        );
+        answer.updates.clear();
+        answer.report_stream = Some("ab".into());
+        answer
+    }
+
+    #[test]
+    fn reports_are_recorded_by_number_once_an_agent_numbers_them_whatever_its_clock_does() {
+        let home = tempfile::tempdir().unwrap();
+        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        let record = |answer: PollResponse| record_answer(&inventory, answer);
+        let cursor = |inventory: &Inventory| inventory.poll_cursors().unwrap()["web-1"].clone();
+        // Before the upgrade: by id.
+        record(answer("3", vec![scan("2030-a")]));
+        assert_eq!(cursor(&inventory).scans_after.as_deref(), Some("2030-a"));
+        // The first poll of the upgraded agent came with the id cursor: what it sent is new.
+        assert_eq!(record(numbered(&[("2030-b", 1)])).scans, 1);
+        assert_eq!(cursor(&inventory).scans_after.as_deref(), Some("seq:ab:1"));
+        // The clock stepped back: the ids sort lower, the numbers still count up.
+        assert_eq!(record(numbered(&[("2029-a", 2), ("2029-b", 3)])).scans, 2);
+        assert_eq!(cursor(&inventory).scans_after.as_deref(), Some("seq:ab:3"));
+        // The same answer again (a racing poll): nothing twice.
+        assert_eq!(record(numbered(&[("2029-a", 2), ("2029-b", 3)])).scans, 0);
+        assert_eq!(count(&inventory, "scans"), 4);
+        let states = inventory.host_states().unwrap();
+        assert_eq!(
+            states["web-1"].last_scan_id.as_deref(),
+            Some("2030-b"),
+            "the id cursor only grows"
+        );
+        // The agent went back to a version from before the numbers: by id again.
+        record(answer("3", vec![scan("2031-a")]));
+        assert_eq!(cursor(&inventory).scans_after.as_deref(), Some("2031-a"));
+        assert_eq!(count(&inventory, "scans"), 5);
+    }
+
+    #[test]
+    fn a_failed_scan_never_lowers_the_findings_known_and_only_adds_what_it_found() {
+        let home = tempfile::tempdir().unwrap();
+        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        let findings_after = |scans: Vec<ScanReport>| {
+            record_answer(&inventory, answer("3", scans));
+            let states = inventory.host_states().unwrap();
+            let state = &states["web-1"];
+            (
+                state.last_scan_result.clone().unwrap(),
+                state.last_scan_findings,
+            )
+        };
+        let failed = |id: &str, found: usize| ScanReport {
+            result: ScanResult::Error,
+            error: Some("exited with status 2".into()),
+            findings: scan(id).findings.into_iter().cycle().take(found).collect(),
+            ..scan(id)
+        };
+        // Unknown stays unknown (absent, never 0).
+        assert_eq!(findings_after(vec![failed("a", 0)]), ("error".into(), None));
+        assert_eq!(
+            findings_after(vec![failed("b", 1)]),
+            ("error".into(), Some(1))
+        );
+        assert_eq!(
+            findings_after(vec![scan("c")]),
+            ("infected".into(), Some(1))
+        );
+        assert_eq!(
+            findings_after(vec![failed("d", 0)]),
+            ("error".into(), Some(1))
+        );
+        assert_eq!(
+            findings_after(vec![failed("e", 3)]),
+            ("error".into(), Some(3))
+        );
+        let clean = ScanReport {
+            result: ScanResult::Clean,
+            findings: Vec::new(),
+            ..scan("f")
+        };
+        assert_eq!(findings_after(vec![clean]), ("clean".into(), Some(0)));
     }
 }

@@ -30,7 +30,7 @@ pub struct HostMetrics {
     pub last_update_ok: Option<bool>,
     /// Last scan.
     pub last_scan: Option<f64>,
-    /// Findings of the last scan.
+    /// Findings of the last scan that ran to completion (a failed one only ever raises them).
     pub scan_findings: Option<i64>,
     /// `green`, `yellow`, `red` or `unknown`.
     pub version_colour: String,
