@@ -6,9 +6,9 @@
 -- for reports above it (`scans_after=seq:STREAM:N`). A host without a row here, or whose agent
 -- answers from another stream (a new state directory) or without one (an agent from before the
 -- numbers), is asked by report id as before (host_state.last_scan_id / last_update_id, which
--- keep growing as the highest id recorded). One row per host that answered a poll; a host
--- renamed in the inventory keeps its cursor only if its row here is renamed with it (without
--- it, the next poll asks by id once and takes up the numbers again).
+-- keep growing as the highest id recorded). One row per host that answered a poll; a rename
+-- moves it with the host's other rows (the host registry renames every table with a `host`
+-- column).
 CREATE TABLE report_cursors (
     host              VARCHAR NOT NULL,
     stream            VARCHAR NOT NULL,

@@ -260,10 +260,12 @@ mod tests {
             inventory.tables_naming_hosts().unwrap(),
             [
                 "component_versions",
+                "holds",
                 "host_ids",
                 "host_state",
                 "installed_components",
                 "job_results",
+                "report_cursors",
                 "revoked_certificates",
                 "scan_findings",
                 "scans",
