@@ -105,7 +105,8 @@ SELECT h.host,
        s.last_scan_result,
        s.last_scan_findings,
        CASE
-           WHEN s.last_scan_result = 'infected' THEN 'red'
+           -- A failed scan keeps the findings of the last one that ran (unknown is not clean).
+           WHEN s.last_scan_result = 'infected' OR s.last_scan_findings > 0 THEN 'red'
            WHEN s.last_scan_result = 'clean' AND s.last_scan_at >= now() - to_seconds(cfg.scan_max_age) THEN 'green'
            ELSE 'yellow'
        END AS scan_colour,

@@ -182,9 +182,10 @@ fn a_failed_scan_fails_and_leaves_the_findings_gauge_as_it_was() {
     assert_eq!(
         sql(
             &setup.home,
-            "SELECT last_scan_result, last_scan_findings FROM fleet_status"
+            "SELECT last_scan_result, last_scan_findings, scan_colour FROM fleet_status"
         ),
-        ["error,1"]
+        ["error,1,red"],
+        "a failed scan proves nothing clean: the host stays red"
     );
     assert_eq!(
         metric(&setup.home, findings_series),
