@@ -146,6 +146,7 @@ pub fn examine(
         // environment.
         let client = reqwest::Client::builder()
             .no_proxy()
+            .tcp_nodelay(true)
             .timeout(HTTP_TIMEOUT)
             .build()?;
         if let Some(url) = serve {

@@ -329,6 +329,7 @@ pub const DIST_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) fn http_client() -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .no_proxy()
+        .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(DIST_STALL_TIMEOUT)
         .timeout(Duration::from_secs(600))
