@@ -54,6 +54,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
     (6, "setup", include_str!("../../sql/0006_setup.sql")),
     (7, "polls", include_str!("../../sql/0007_polls.sql")),
     (8, "rollouts", include_str!("../../sql/0008_rollouts.sql")),
+    (
+        11,
+        "mirror_repairs",
+        include_str!("../../sql/0011_mirror_repairs.sql"),
+    ),
 ];
 
 /// Inventory errors.

@@ -19,6 +19,87 @@ pub fn agent_component(arch: &str, os: &str) -> String {
     format!("pm-agent-{arch}-{os}")
 }
 
+/// Plain-text signature databases ClamAV loads from its database directory without a container
+/// (`CLI_DBEXT` in libclamav/readdb.h minus the signed containers): how third-party feeds
+/// (SaneSecurity, URLhaus, a site's own hashes) ship. Matched as a case-insensitive suffix.
+const PLAIN_SIGNATURE_EXTENSIONS: &[&str] = &[
+    ".hdb", ".hdu", ".hsb", ".hsu", ".mdb", ".mdu", ".msb", ".msu", ".ndb", ".ndu", ".ldb", ".ldu",
+    ".cdb", ".idb", ".fp", ".sfp", ".ign", ".ign2", ".pdb", ".gdb", ".wdb", ".ftm", ".cbc", ".crb",
+    ".cat", ".pwdb", ".yar", ".yara",
+];
+
+/// Whether ClamAV loads `name` of a product of `kind`: the signed `.cvd` databases of `clamav`
+/// products (their cdiffs and `.sign` files are for freshclam), and the plain signature files of
+/// `files` feeds (anything else in a feed, e.g. an index or a README, stays out of the engine).
+/// Agents install exactly these into the engine's database directory, by file name.
+pub fn engine_loads(kind: &str, name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    match kind {
+        "clamav" => lower.ends_with(".cvd"),
+        "files" => PLAIN_SIGNATURE_EXTENSIONS
+            .iter()
+            .any(|ext| lower.ends_with(ext) && lower.len() > ext.len()),
+        _ => false,
+    }
+}
+
+/// Whether a database named `name` may go into the engine's database directory: letters,
+/// digits, `-`, `_` and `.`, not hidden. Agents skip a feed's file named otherwise (with a
+/// warning) and refuse a ClamAV database named otherwise; `pm-mirror sync` warns about such a
+/// feed file.
+pub fn engine_file_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Two files a revision would install under one name in the engine's database directory (where
+/// agents put every database by its file name): agents refuse such a revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineNameClash {
+    /// The file name both would take (`site.hdb`).
+    pub name: String,
+    /// The first file's path (`vendor-a/site.hdb`).
+    pub first: String,
+    /// The second's (`vendor-b/site.hdb`).
+    pub second: String,
+}
+
+impl std::fmt::Display for EngineNameClash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` and `{}` would both be `{}` in the scanning engine's database directory, and \
+             agents refuse a dist where one database replaces another",
+            self.first, self.second, self.name
+        )
+    }
+}
+
+/// The first clash among `files` (product kind, path), in order: see [`EngineNameClash`].
+pub fn engine_name_clash<'a>(
+    files: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Option<EngineNameClash> {
+    let mut seen: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for (kind, path) in files {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        // Agents never install a name the directory cannot take, so it clashes with nothing.
+        if !engine_loads(kind, name) || !engine_file_name_ok(name) {
+            continue;
+        }
+        if let Some(first) = seen.insert(name, path) {
+            return Some(EngineNameClash {
+                name: name.to_string(),
+                first: first.to_string(),
+                second: path.to_string(),
+            });
+        }
+    }
+    None
+}
+
 /// `manifest.json` of one revision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -206,6 +287,15 @@ impl Manifest {
                 Some(entry) => entry.config_product() == name,
                 None => f.product == name,
             })
+    }
+
+    /// Two files this revision would install under one name ([`engine_name_clash`]), in the
+    /// order agents read them: products in order, each product's files by path.
+    pub fn engine_name_clash(&self) -> Option<EngineNameClash> {
+        engine_name_clash(self.products.iter().flat_map(|product| {
+            self.product_files(&product.name)
+                .map(|file| (product.kind.as_str(), file.path.as_str()))
+        }))
     }
 
     /// The pm-agent package for `component` ([`agent_component`]): the file of an `agent`
@@ -441,6 +531,7 @@ mod tests {
         let _ = manifest.total_bytes();
         let _ = content_sha256(&manifest.files);
         let _ = manifest.has_agent_product();
+        let _ = manifest.engine_name_clash();
         let _ = manifest.agent_package(&agent_component("x86_64", "linux"));
         for product in &manifest.products {
             let _ = manifest.file(&product.name);

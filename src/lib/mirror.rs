@@ -959,6 +959,15 @@ pub fn verify_revision_dir(
             .into());
         }
     }
+    // Made by an older pm, or by hand: agents would refuse it, so it is not served.
+    if let Some(clash) = manifest.engine_name_clash() {
+        return Err(UserError::failure(format!("{label}: {clash}"))
+            .with_hint(
+                "rename one of them in its feed or drop one of the products from pm.toml, then \
+                 run `pm-mirror sync` and `pm-mirror publish`",
+            )
+            .into());
+    }
     Ok(manifest)
 }
 

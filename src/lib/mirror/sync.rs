@@ -107,6 +107,15 @@ impl ProductReport {
         !self.entries.is_empty()
     }
 
+    /// Fails it after its own sync ended well, for what only all products together show.
+    fn fail(&mut self, error: String) {
+        tracing::error!(product = %self.name, error = %error, "product sync failed");
+        self.result = ProductResult::Failed;
+        self.state.last_failure_at = Some(self.finished_at);
+        self.state.last_error = Some(error.clone());
+        self.error = Some(error);
+    }
+
     /// `component=version` list for the inventory.
     pub fn versions(&self) -> String {
         self.components
@@ -444,7 +453,63 @@ pub(crate) async fn sync_products(
         reports.push(report);
     }
     fail_name_clashes(&mut reports);
+    // What latest would hold: the staged files, or in a dry run the files the entries name.
+    let files: Vec<(String, String)> = match staged.as_deref() {
+        Some(staged) => staged
+            .files()
+            .iter()
+            .map(|f| (f.product.clone(), f.path.clone()))
+            .collect(),
+        None => reports
+            .iter()
+            .flat_map(|r| r.entries.iter())
+            .flat_map(|e| {
+                e.components.iter().map(|c| match e.kind.as_str() {
+                    "clamav" => (e.name.clone(), format!("{}/{}.cvd", e.name, c.name)),
+                    _ => (e.name.clone(), format!("{}/{}", e.name, c.name)),
+                })
+            })
+            .collect(),
+    };
+    fail_engine_name_clashes(&mut reports, &files);
     reports
+}
+
+/// Agents put every database file into the engine's directory by its name, and refuse a dist
+/// in which two would share one (the whole fleet would be stuck). Such a revision is never
+/// staged: the product that brings the second of the two files fails. `files` are (product,
+/// path) of what latest would hold.
+fn fail_engine_name_clashes(reports: &mut [ProductReport], files: &[(String, String)]) {
+    let kind_of = |product: &str| {
+        reports
+            .iter()
+            .flat_map(|r| r.entries.iter())
+            .find(|e| e.name == product)
+            .map(|e| e.kind.clone())
+    };
+    let mut ordered: Vec<(usize, String, String)> = files
+        .iter()
+        .filter_map(|(product, path)| {
+            let index = reports
+                .iter()
+                .position(|r| r.entries.iter().any(|e| e.name == *product))?;
+            Some((index, kind_of(product)?, path.clone()))
+        })
+        .collect();
+    ordered.sort();
+    let Some(clash) = crate::manifest::engine_name_clash(
+        ordered
+            .iter()
+            .map(|(_, kind, path)| (kind.as_str(), path.as_str())),
+    ) else {
+        return;
+    };
+    let Some(&(failing, _, _)) = ordered.iter().find(|(_, _, path)| *path == clash.second) else {
+        return;
+    };
+    reports[failing].fail(format!(
+        "{clash}: rename one of them in its feed, or drop one of the products from pm.toml"
+    ));
 }
 
 /// A product name may appear once in latest. `sync_pm` refuses a parent product named like a
@@ -474,12 +539,7 @@ fn fail_name_clashes(reports: &mut [ProductReport]) {
             "product `{name}` is brought by both `{}` and `{}`: a mirror holds one product of each name, rename the local one",
             reports[failing].name, reports[other].name
         );
-        tracing::error!(product = %reports[failing].name, error = %error, "product sync failed");
-        let report = &mut reports[failing];
-        report.result = ProductResult::Failed;
-        report.state.last_failure_at = Some(report.finished_at);
-        report.state.last_error = Some(error.clone());
-        report.error = Some(error);
+        reports[failing].fail(error);
     }
 }
 
@@ -883,6 +943,19 @@ async fn sync_files(
     outcome
         .validators
         .insert(index_url.to_string(), new_validators);
+    for file in &index.files {
+        let name = file.path.rsplit('/').next().unwrap_or(&file.path);
+        if crate::manifest::engine_loads("files", name)
+            && !crate::manifest::engine_file_name_ok(name)
+        {
+            outcome.warnings.push(format!(
+                "`{}/{}` is served, but agents do not install it into the engine's database \
+                 directory, whose names are letters, digits, `-`, `_` and `.`: ask the feed to \
+                 rename it",
+                product.name, file.path
+            ));
+        }
+    }
     product_entry.version = Some(index.version.clone());
     for file in &index.files {
         let path = format!("{}/{}", product.name, file.path);
