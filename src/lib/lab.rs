@@ -422,6 +422,8 @@ async fn answer(
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         ))
     } else if let Some(name) = path.strip_prefix("/vendor/") {
+        // Clients percent-encode names with a space or a non-ASCII letter.
+        let name = crate::manifest::decode_url_segment(name).unwrap_or_default();
         let feed_file = lab.state().feed.iter().find(|f| f.path == name).cloned();
         match feed_file {
             Some(f) => match std::fs::File::open(&f.disk_path) {

@@ -218,13 +218,44 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Whether a relative path from an index is safe to use under the product directory.
 pub fn safe_relative_path(path: &str) -> bool {
-    // `:` would let a URL join leave the index's host (`http:evil/x`); `?#%` change meaning.
+    // `:` would let a URL join leave the index's host (`http:evil/x`); `?#%` change meaning;
+    // control characters (a newline) would break every log line and table that names the file.
     !path.is_empty()
         && !path.starts_with('/')
         && !path.contains(['\\', ':', '?', '#', '%', '\0'])
+        && !path.chars().any(char::is_control)
         && path
             .split('/')
             .all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
+/// What stays as it is in a URL path segment: RFC 3986's unreserved characters. Everything
+/// else of a file name (a space, `é`, `+`) is percent-encoded as UTF-8.
+const URL_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A manifest path as it goes into a URL (`vendor/release%20notes.txt`): each segment
+/// percent-encoded, the `/` between them kept. Every client of a pm mirror (a child mirror's
+/// sync, agents) asks for files this way, and `pm-mirror serve` decodes it
+/// ([`decode_url_segment`]), so a feed's file name with a space or a non-ASCII letter is served
+/// like any other.
+pub fn url_path(path: &str) -> String {
+    path.split('/')
+        .map(|segment| percent_encoding::utf8_percent_encode(segment, URL_SEGMENT).to_string())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// One segment of a request path with its percent-escapes decoded; `None` when the bytes are
+/// not UTF-8 (no manifest path holds such a name).
+pub fn decode_url_segment(segment: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .ok()
+        .map(|text| text.into_owned())
 }
 
 /// The manifest format this pm writes and reads.
@@ -600,5 +631,67 @@ mod tests {
         if !campaign.replay {
             assert!(campaign.accepted < campaign.cases, "nothing was damaged");
         }
+    }
+
+    #[test]
+    fn manifest_paths_go_into_urls_percent_encoded_per_segment_and_back() {
+        let check = |path: &str, url: &str| {
+            assert_eq!(url_path(path), url, "{path}");
+            let decoded: Vec<String> = url
+                .split('/')
+                .map(|segment| decode_url_segment(segment).unwrap())
+                .collect();
+            assert_eq!(decoded.join("/"), path, "{url}");
+        };
+        check("clamav/daily-27430.cdiff", "clamav/daily-27430.cdiff");
+        check("vendor/release notes.txt", "vendor/release%20notes.txt");
+        check("vendor/Über+sig~1.hdb", "vendor/%C3%9Cber%2Bsig~1.hdb");
+        check("backup/2/manifest.json", "backup/2/manifest.json");
+        assert_eq!(decode_url_segment("%ff"), None);
+        assert_eq!(decode_url_segment("a%2fb").as_deref(), Some("a/b"));
+    }
+
+    #[test]
+    fn two_databases_of_one_name_clash_other_files_do_not() {
+        let check = |files: &[(&str, &str)], expected: Option<(&str, &str, &str)>| {
+            let clash = engine_name_clash(files.iter().copied());
+            assert_eq!(
+                clash
+                    .as_ref()
+                    .map(|c| (c.name.as_str(), c.first.as_str(), c.second.as_str())),
+                expected,
+                "{files:?}"
+            );
+        };
+        check(
+            &[("files", "a/site.hdb"), ("files", "b/site.hdb")],
+            Some(("site.hdb", "a/site.hdb", "b/site.hdb")),
+        );
+        check(
+            &[("files", "a/x/site.ndb"), ("files", "a/y/site.ndb")],
+            Some(("site.ndb", "a/x/site.ndb", "a/y/site.ndb")),
+        );
+        check(
+            &[("clamav", "clamav/daily.cvd"), ("clamav", "hq/daily.cvd")],
+            Some(("daily.cvd", "clamav/daily.cvd", "hq/daily.cvd")),
+        );
+        // What the engine does not load may share a name: it stays in its product directory.
+        check(&[("files", "a/README"), ("files", "b/README")], None);
+        check(
+            &[
+                ("clamav", "clamav/test-6.cdiff"),
+                ("files", "b/test-6.cdiff"),
+            ],
+            None,
+        );
+        check(
+            &[("files", "a/daily.cvd"), ("clamav", "clamav/daily.cvd")],
+            None,
+        );
+        check(&[("files", "a/site.hdb"), ("files", "b/site.HDB")], None);
+        check(
+            &[("files", "a/my site.hdb"), ("files", "b/my site.hdb")],
+            None,
+        );
     }
 }

@@ -188,6 +188,90 @@ fn serve_says_on_sigterm_how_many_requests_and_body_bytes_it_served() {
     assert!(stderr.iter().any(|l| l == &expected), "{stderr:?}");
 }
 
+/// Issue 16: a feed's file whose name holds a space or a non-ASCII letter was published, then
+/// answered 404 by serve, so a child mirror failed the whole product. Clients percent-encode
+/// such names and serve decodes them.
+#[test]
+fn feed_files_named_with_a_space_or_accents_are_served_and_a_child_mirror_carries_them() {
+    let lab = Lab::start(3);
+    let feed = tempfile::tempdir().unwrap();
+    std::fs::create_dir(feed.path().join("notes")).unwrap();
+    let files = [
+        ("release notes.txt", "what changed\n"),
+        ("notes/Überwachung ä+ö.txt", "umlauts\n"),
+        ("site.hdb", "44d88612fea8a8f36de82e1278abb02f:68:Eicar\n"),
+        ("my site.hdb", "44d88612fea8a8f36de82e1278abb02f:68:Eicar\n"),
+    ];
+    for (name, text) in files {
+        std::fs::write(feed.path().join(name), text).unwrap();
+    }
+    lab.upstream.set_feed(feed.path(), "1").unwrap();
+    let parent = Home::new();
+    parent.clamav_and_feed_config(&lab);
+    let parent_sync = Pm::mirror(&parent).args(["sync"]).json();
+    Pm::mirror(&parent).args(["publish"]).json();
+    let server = Server::start(&parent);
+
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |path: &str| {
+        crate::support::runtime().block_on(async {
+            let response = client
+                .get(format!("{}{path}", server.base))
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        })
+    };
+    assert_eq!(get("/vendor/release%20notes.txt"), (200, files[0].1.into()));
+    assert_eq!(
+        get("/vendor/notes/%C3%9Cberwachung%20%C3%A4%2B%C3%B6.txt"),
+        (200, files[1].1.into())
+    );
+    // Decoded names are still plain names: no hidden files, no `/` inside a segment (`%2e%2e`
+    // is normalised away by the client; the unit test of `resolve` sends it).
+    for path in [
+        "/vendor%2frelease%20notes.txt",
+        "/%2elock",
+        "/vendor/release%ff.txt",
+    ] {
+        assert_eq!(get(path).0, 404, "{path}");
+    }
+
+    // A child mirror asks for them encoded and carries them.
+    let child = Home::new();
+    child.config(&format!(
+        "[[products]]\nname = \"site\"\nkind = \"pm\"\nurl = \"{}\"\ntrusted_key = \"{}\"\n\
+         [http]\ntimeout = \"3s\"\nretries = 2\nbackoff = \"50ms\"\n",
+        server.base,
+        parent
+            .path()
+            .join(pm::pki::SIGNING_PUBLIC_KEY_FILE)
+            .display()
+    ));
+    let sync = Pm::mirror(&child).args(["--json", "sync"]).run();
+    assert_eq!(sync.code(), 0, "{}{}", sync.stdout(), sync.stderr());
+    for (name, text) in files {
+        let copy = child.repo("latest/vendor").join(name);
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), text, "{name}");
+    }
+
+    // Served, but the engine's directory takes no such database name: the parent's sync said so.
+    assert_eq!(
+        parent_sync["products"][1]["warnings"][0],
+        "`vendor/my site.hdb` is served, but agents do not install it into the engine's \
+         database directory, whose names are letters, digits, `-`, `_` and `.`: ask the feed to \
+         rename it"
+    );
+    assert_eq!(
+        parent_sync["products"][1]["warnings"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
 /// Issue 16: every request on a kept-alive connection waited about 40 ms (28 requests/s on one
 /// connection, the CPU idle): the file body went out after the headers in a second small write,
 /// which Nagle's algorithm held until the client's delayed ACK. Serve sets `TCP_NODELAY` and

@@ -359,8 +359,13 @@ async fn get_unless_missing(
     Ok(Some(body))
 }
 
+/// `base/path`, the manifest path percent-encoded ([`crate::manifest::url_path`]).
 pub(super) fn join_url(base: &str, path: &str) -> String {
-    format!("{}/{path}", base.trim_end_matches('/'))
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        crate::manifest::url_path(path)
+    )
 }
 
 /// The manager's manifest verification key, given at activation.

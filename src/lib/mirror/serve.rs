@@ -105,18 +105,27 @@ pub fn router(state: ServeState) -> Router {
 }
 
 /// Maps a request path to a file under the current view, refusing anything but plain names.
+/// Each segment's percent-escapes are decoded first (clients encode names with a space or a
+/// non-ASCII letter, [`crate::manifest::url_path`]); a decoded segment must still be a plain
+/// name, so `%2e%2e` and `%2f` lead nowhere.
 fn resolve(repo_root: &Path, path: &str) -> Option<PathBuf> {
-    let parts: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
-    let plain = |part: &&str| {
+    let parts: Vec<String> = path
+        .strip_prefix('/')
+        .unwrap_or(path)
+        .split('/')
+        .map(crate::manifest::decode_url_segment)
+        .collect::<Option<_>>()?;
+    let plain = |part: &String| {
         !part.is_empty()
-            && *part != "."
-            && *part != ".."
+            && part != "."
+            && part != ".."
             && !part.starts_with('.')
-            && !part.contains(['%', '\\', '\0'])
+            && !part.contains(['/', '\\', '\0'])
     };
     if parts.is_empty() || !parts.iter().all(plain) {
         return None;
     }
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
     let view = repo_root.join("view");
     match parts.as_slice() {
         [name]
@@ -365,6 +374,17 @@ mod tests {
         check("/../etc/passwd", None);
         check("/clamav/../../etc/passwd", None);
         check("/clamav/%2e%2e/x", None);
+        check("/clamav/a%2fb", None);
+        check("/clamav/%2elock", None);
+        check("/clamav/%ff", None);
+        check(
+            "/vendor/release%20notes.txt",
+            Some("/h/repo/view/dist/vendor/release notes.txt"),
+        );
+        check(
+            "/vendor/%C3%BCber%2Bsig.hdb",
+            Some("/h/repo/view/dist/vendor/über+sig.hdb"),
+        );
         check("/.lock", None);
         check("/", None);
         check("//clamav/test.cvd", None);

@@ -552,8 +552,13 @@ fn kind_name(source: &ProductSource) -> &'static str {
     }
 }
 
+/// `base/file`, the file's path percent-encoded ([`crate::manifest::url_path`]).
 fn join(base: &str, file: &str) -> Result<Url, ProductError> {
-    let text = format!("{}/{}", base.trim_end_matches('/'), file);
+    let text = format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        crate::manifest::url_path(file)
+    );
     Url::parse(&text).map_err(|err| ProductError::Verify {
         url: String::new(),
         problem: format!("`{text}` is not a URL: {err}"),
@@ -1001,7 +1006,7 @@ async fn sync_files(
         };
         outcome.result = ProductResult::Updated;
         let url = index_url
-            .join(&file.path)
+            .join(&crate::manifest::url_path(&file.path))
             .map_err(|err| bad_index(err.to_string()))?;
         let index_dir = index_url
             .join(".")
