@@ -1,5 +1,10 @@
 -- The mirror's day-2 repairs (issue 16).
 
+-- What a sync noted without failing, one note per line: a cdiff damaged upstream and left out
+-- (clients at the version before it download the whole CVD), a cool-down, ... `pm-mirror
+-- status` shows the notes of the sync that brought each product's current content.
+ALTER TABLE mirror_syncs ADD COLUMN warnings VARCHAR;
+
 -- Components per product: two products may both have a component named `test` (ClamAV's test
 -- database and a feed's file `test`); compared by name alone, one product's dist version was
 -- taken for the other's and `behind_by` was wrong. dist_components now has one row per product

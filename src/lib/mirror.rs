@@ -415,6 +415,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
                         revision: new_manifest.as_ref().map(|m| m.revision.clone()),
                         error: p.error.clone(),
                         bundle_sha256: None,
+                        warnings: (!p.warnings.is_empty()).then(|| p.warnings.join("\n")),
                     })
                     .collect();
                 inv.record_syncs(job_id, &rows)?;
@@ -1064,6 +1065,10 @@ pub struct ProductStatus {
     pub cooldown_until: Option<DateTime<Utc>>,
     /// Why.
     pub cooldown_reason: Option<String>,
+    /// What the sync that brought its content in latest noted without failing (a damaged
+    /// cdiff left out, ...).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Per component.
     pub components: Vec<ComponentStatus>,
 }
@@ -1087,13 +1092,14 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
     let config = load_config(home)?;
     let repo = Repo::new(home);
     let generations = repo.generations().map_err(repo_error)?;
-    let (states, last_import) =
+    let (states, last_import, warnings) =
         match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
             Some(inventory) => (
                 inventory.product_states().map_err(inventory_error)?,
                 inventory.last_bundle_import().map_err(inventory_error)?,
+                inventory.content_warnings().map_err(inventory_error)?,
             ),
-            None => (Vec::new(), None),
+            None => (Vec::new(), None, Vec::new()),
         };
     let manifest_of =
         |revision: &Option<String>| revision.as_ref().and_then(|r| repo.manifest(r).ok());
@@ -1186,6 +1192,11 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
             cooldown_reason: state
                 .filter(|s| s.cooldown_until.is_some_and(|until| until > now))
                 .and_then(|s| s.cooldown_reason.clone()),
+            warnings: warnings
+                .iter()
+                .filter(|(name, _)| *name == product.name)
+                .flat_map(|(_, text)| text.lines().map(String::from))
+                .collect(),
             components,
         });
     }
@@ -1292,6 +1303,9 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                 .filter(|f| product.last_success_at.is_none_or(|s| s < *f)),
         ) {
             cli::print_text(format!("{}: last sync failed: {error}", product.name))?;
+        }
+        for warning in &product.warnings {
+            cli::print_text(format!("{}: warning: {warning}", product.name))?;
         }
     }
     Ok(ExitStatus::Success)

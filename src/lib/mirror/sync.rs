@@ -761,11 +761,47 @@ async fn sync_clamav(
                     break;
                 }
             };
-            clamav::verify_cdiff(&read(&target)?).map_err(|source| ProductError::Clamav {
-                url: url.to_string(),
-                source,
-            })?;
-            outcome.files_downloaded += 1;
+            let sign_name = format!("{name}.sign");
+            let sign = sign_entry(product, db, &sign_name, cdiff_version);
+            let checked = match clamav::verify_cdiff(&read(&target)?) {
+                Ok(_) => {
+                    fetch_sign_file(context, staged, join(base, &sign_name)?, sign, &target).await
+                }
+                Err(source) => Err(ProductError::Clamav {
+                    url: url.to_string(),
+                    source,
+                }),
+            };
+            match checked {
+                Ok(signs) => outcome.files_downloaded += 1 + signs,
+                // freshclam meets a cdiff that does not verify by downloading the whole CVD,
+                // which latest holds (verified above). Left out, the cdiff costs clients at the
+                // version before it the whole CVD (as it does freshclam); the older cdiffs lead
+                // only to it, so they go too. Said in the report, `mirror_syncs` and status.
+                Err(ProductError::Clamav {
+                    url: failed,
+                    source,
+                }) => {
+                    let _ = std::fs::remove_file(&target);
+                    let _ = std::fs::remove_file(staged.path_for(&format!("{path}.sign"))?);
+                    // The cdiff itself, or its detached signature.
+                    let why = if failed == url.as_str() {
+                        source.to_string()
+                    } else {
+                        format!("`{failed}`: {source}")
+                    };
+                    let warning = format!(
+                        "`{url}` is damaged upstream ({why}): left out with the older cdiffs; \
+                         clients at {db} {} or older download the whole `{cvd_name}` (version \
+                         {version}, verified) instead, as freshclam does",
+                        cdiff_version - 1
+                    );
+                    tracing::warn!(product = %product.name, %url, error = %source, "a damaged cdiff upstream is left out; clients fall back to the whole CVD");
+                    outcome.warnings.push(warning);
+                    break;
+                }
+                Err(other) => return Err(other),
+            }
             staged.add(FileEntry {
                 path,
                 size: downloaded.size,
@@ -775,10 +811,6 @@ async fn sync_clamav(
                 version: Some(cdiff_version.to_string()),
                 build_time: None,
             });
-            let sign_name = format!("{name}.sign");
-            let sign = sign_entry(product, db, &sign_name, cdiff_version);
-            outcome.files_downloaded +=
-                fetch_sign_file(context, staged, join(base, &sign_name)?, sign, &target).await?;
         }
     }
     outcome.entries = vec![entry];
