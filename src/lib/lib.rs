@@ -21,6 +21,7 @@ pub mod lab_cli;
 pub mod lab_fleet;
 pub mod manifest;
 pub mod mirror;
+pub mod ownership;
 pub mod pki;
 pub mod poll;
 pub mod profile;

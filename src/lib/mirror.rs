@@ -131,9 +131,34 @@ pub enum TrustCommand {
     },
 }
 
+impl Command {
+    /// The subcommand's name when it writes the home (repository, inventory, keys, trust
+    /// store), even in a dry run: those run only as the home's owner
+    /// ([`crate::ownership::check_home`]). `status`, `serve` and `trust list` only read.
+    fn writes_home(&self) -> Option<&'static str> {
+        match self {
+            Command::Status | Command::Serve { .. } => None,
+            Command::Trust {
+                command: TrustCommand::List,
+            } => None,
+            Command::Sync { .. } => Some("sync"),
+            Command::Publish { .. } => Some("publish"),
+            Command::Rollback { .. } => Some("rollback"),
+            Command::Gc => Some("gc"),
+            Command::Export { .. } => Some("export"),
+            Command::Import { .. } => Some("import"),
+            Command::Key { .. } => Some("key export-public"),
+            Command::Trust { .. } => Some("trust"),
+        }
+    }
+}
+
 /// Runs `pm-mirror` and returns its exit status.
 pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     let home = args.global.home();
+    if let Some(command) = args.command.writes_home() {
+        crate::ownership::check_home(&home, &format!("pm-mirror {command}"))?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -1337,9 +1362,11 @@ async fn run_serve(home: &Path, listen: std::net::SocketAddr) -> anyhow::Result<
 /// `--json` document of `pm-mirror gc`.
 #[derive(Debug, Serialize)]
 pub struct GcReport {
-    /// Whether anything was removed.
+    /// Whether anything was removed (with `--dry-run`: would be).
     pub changed: bool,
-    /// Paths removed.
+    /// `--dry-run`: nothing was removed.
+    pub dry_run: bool,
+    /// Paths removed (with `--dry-run`: that a gc would remove).
     pub removed: Vec<PathBuf>,
 }
 
@@ -1347,21 +1374,28 @@ fn run_gc(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
     let repo = Repo::new(home);
     let lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
     let removed = if global.dry_run {
-        Vec::new()
+        repo.garbage(&lock).map_err(repo_error)?
     } else {
         repo.collect_garbage(&lock).map_err(repo_error)?
     };
     let report = GcReport {
         changed: !removed.is_empty(),
+        dry_run: global.dry_run,
         removed,
     };
     if global.json {
         cli::print_json(&report)?;
-    } else {
-        cli::print_text(format!(
-            "removed {} unreferenced entries",
-            report.removed.len()
-        ))?;
+    } else if !global.quiet {
+        let verb = if report.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        let mut text = format!("{verb} {} unreferenced entries", report.removed.len());
+        for path in &report.removed {
+            text.push_str(&format!("\n  {}", path.display()));
+        }
+        cli::print_text(text)?;
     }
     Ok(ExitStatus::Success)
 }
