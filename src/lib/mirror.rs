@@ -268,15 +268,41 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
     let started_at = Utc::now();
     let config = load_config(home)?;
     if config.products.is_empty() {
-        return Err(UserError::usage(format!(
-            "`{}` lists no products",
-            home.join("pm.toml").display()
-        ))
-        .with_hint(format!(
-            "add a [[products]] table, for example:\n{}",
-            config::EXAMPLE.trim_end()
-        ))
-        .into());
+        // A closed site has no upstream: its latest comes from `pm-mirror import`. Its sync
+        // timer still runs (and publish after it re-signs dist), so that is not an error.
+        let latest = Repo::new(home).generations().map_err(repo_error)?.latest;
+        let Some(latest) = latest else {
+            return Err(UserError::usage(format!(
+                "`{}` lists no products and latest is empty",
+                home.join("pm.toml").display()
+            ))
+            .with_hint(format!(
+                "add a [[products]] table, for example:\n{}\nor, on a closed site, import a \
+                 bundle with `pm-mirror import FILE`",
+                config::EXAMPLE.trim_end()
+            ))
+            .into());
+        };
+        let report = SyncReport {
+            changed: false,
+            dry_run: global.dry_run,
+            revision: Some(latest.clone()),
+            previous_revision: Some(latest.clone()),
+            bytes_downloaded: 0,
+            duration_seconds: started.elapsed().as_secs_f64(),
+            incomplete: Vec::new(),
+            products: Vec::new(),
+        };
+        if global.json {
+            cli::print_json(&report)?;
+        } else if !global.quiet {
+            cli::print_text(format!(
+                "nothing to sync: `{}` lists no products (a closed site: latest {latest} comes \
+                 from `pm-mirror import`)",
+                home.join("pm.toml").display()
+            ))?;
+        }
+        return Ok(ExitStatus::Success);
     }
     for name in only {
         if !config.products.iter().any(|p| &p.name == name) {
@@ -676,24 +702,18 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
     } else {
         before.publish(config.retention.archives)
     };
+    let valid_for = config.serve.dist_valid_for;
+    // Whenever this publish does not publish latest, it still re-signs dist when due: a refusal
+    // run by the sync timer every 30 minutes must not freeze the fleet's dist until it expires.
+    let keep_dist_signed = |lock: &crate::repo::RepoLock| {
+        if global.dry_run {
+            return Ok((current_statement(&repo)?.map(|s| s.expires_at), false));
+        }
+        re_sign_if_due(home, &repo, lock, &before, valid_for)
+    };
     let Some(mut rotation) = rotation else {
         let mut report = up_to_date(format!("dist is up to date with latest ({latest})"));
-        let valid_for = config.serve.dist_valid_for;
-        let current = current_statement(&repo)?;
-        report.dist_valid_until = current.as_ref().map(|s| s.expires_at);
-        let due = current
-            .as_ref()
-            .is_none_or(|s| s.is_due_for_refresh(Utc::now(), valid_for));
-        if before.dist.is_some() && due && !global.dry_run {
-            // The same dist, signed again: agents tell a live mirror from a frozen one by it.
-            let mut after = before.clone();
-            after.dist_serial += 1;
-            let statement = sign_dist_statement(home, &repo, &after, valid_for)?;
-            repo.switch(&lock, &after, Some(&statement.1))
-                .map_err(repo_error)?;
-            report.dist_valid_until = Some(statement.0.expires_at);
-            report.re_signed = true;
-        }
+        (report.dist_valid_until, report.re_signed) = keep_dist_signed(&lock)?;
         drop(lock);
         print_publish(global, &report)?;
         return Ok(ExitStatus::Success);
@@ -706,6 +726,9 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
             .unwrap_or_else(|| "an unknown date".into())
     }) {
         if !again {
+            if let Err(err) = keep_dist_signed(&lock) {
+                tracing::warn!(error = %format!("{err:#}"), "cannot re-sign dist");
+            }
             return Err(UserError::usage(format!(
                 "latest `{latest}` was rolled back from dist; refusing to publish it again"
             ))
@@ -726,7 +749,12 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
     let mut dist_valid_until = None;
     if !global.dry_run {
         // Sign-check the revision being published: never serve a manifest we did not sign.
-        verify_revision(&repo, home, &latest)?;
+        if let Err(refused) = verify_revision(&repo, home, &latest) {
+            if let Err(err) = keep_dist_signed(&lock) {
+                tracing::warn!(error = %format!("{err:#}"), "cannot re-sign dist");
+            }
+            return Err(refused);
+        }
         let statement =
             sign_dist_statement(home, &repo, &rotation.after, config.serve.dist_valid_for)?;
         repo.switch(&lock, &rotation.after, Some(&statement.1))
@@ -932,6 +960,32 @@ fn sign_dist_statement(
     let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
     let signed = SignedStatement::sign(&statement, &key)?;
     Ok((statement, signed))
+}
+
+/// Signs the statement of an unchanged dist again when a part of its validity has passed (or it
+/// has none): agents tell a live mirror from a frozen one by it. Returns the statement's expiry
+/// and whether it was signed now.
+fn re_sign_if_due(
+    home: &Path,
+    repo: &Repo,
+    lock: &crate::repo::RepoLock,
+    before: &Generations,
+    valid_for: std::time::Duration,
+) -> anyhow::Result<(Option<DateTime<Utc>>, bool)> {
+    let current = current_statement(repo)?;
+    let due = current
+        .as_ref()
+        .is_none_or(|s| s.is_due_for_refresh(Utc::now(), valid_for));
+    if before.dist.is_none() || !due {
+        return Ok((current.map(|s| s.expires_at), false));
+    }
+    let mut after = before.clone();
+    after.dist_serial += 1;
+    let (statement, signed) = sign_dist_statement(home, repo, &after, valid_for)?;
+    repo.switch(lock, &after, Some(&signed))
+        .map_err(repo_error)?;
+    tracing::info!(dist = ?after.dist, dist_serial = after.dist_serial, "re-signed dist");
+    Ok((Some(statement.expires_at), true))
 }
 
 /// The current view's dist statement, parsed (`None` before the first publish that wrote one).
