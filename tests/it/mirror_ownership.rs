@@ -167,7 +167,11 @@ fn entries_root_left_in_the_home_stop_sync_and_publish_before_anything_changes_w
 #[test]
 fn a_garbage_collection_that_fails_after_the_switch_keeps_the_switch_and_its_record() {
     let lab = Lab::start(3);
-    let home = Home::new();
+    // On the build's disk: `chattr +i` needs a file system that has the flag (a tmpfs /tmp has
+    // not).
+    let home = Home {
+        dir: tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap(),
+    };
     home.clamav_config(&lab, "");
     Pm::mirror(&home).args(["sync"]).json();
     // r1 becomes garbage when latest moves on; an immutable file in it cannot be removed,
@@ -175,7 +179,12 @@ fn a_garbage_collection_that_fails_after_the_switch_keeps_the_switch_and_its_rec
     let pinned = home.repo("revisions/r1/clamav/test.cvd");
     let chattr = |flag: &str| {
         let status = Command::new("chattr").arg(flag).arg(&pinned).status();
-        assert!(status.unwrap().success(), "chattr {flag}");
+        assert!(
+            status.unwrap().success(),
+            "chattr {flag} failed: this test needs a file system with the immutable flag (ext4, \
+             xfs, btrfs) under {}",
+            env!("CARGO_TARGET_TMPDIR")
+        );
     };
     chattr("+i");
     lab.upstream.set_version(5).unwrap();
