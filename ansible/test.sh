@@ -186,6 +186,41 @@ for unit in pm-mirror-sync.service pm-poll.service; do
 done
 [[ "$(pm stat -c %U /var/lib/pm/inventory.duckdb)" == pm ]] || fail "the inventory is not pm's"
 echo "  pm-mirror-sync.service and pm-poll.service succeeded"
+
+step "upstream down: the sync unit fails, and its publish still re-signs dist"
+# A closed site's sync and a connected site's whose upstream is down for a week alike: publish
+# (ExecStopPost=) must re-sign dist's statement on schedule whatever sync did, or every agent
+# refuses dist once [serve] dist_valid_for passes. Here dist_valid_for is 14 s (re-signing due
+# after 2 s) and upstream answers 500; then pm.toml is restored and dist re-signed for 7 days.
+pm cp -p /var/lib/pm/pm.toml /var/lib/pm/pm.toml.test-saved
+pm python3 - <<'PY'
+import pathlib
+path = pathlib.Path("/var/lib/pm/pm.toml")
+text = path.read_text()
+assert "[serve]\n" in text, text
+path.write_text(text.replace("[serve]\n", '[serve]\ndist_valid_for = "14s"\n') + "\n[http]\nretries = 0\n")
+PY
+statement() { pm cat /var/lib/pm/repo/view/dist.json | json_field "$1"; }
+seconds_since() { statement "__import__('time').time() - __import__('datetime').datetime.fromisoformat(d['$1'].replace('Z', '+00:00')).timestamp()"; }
+serial_before="$(statement 'd["dist_serial"]')"
+python3 -c "import time; time.sleep(max(0.0, 3 - $(seconds_since signed_at)))"
+curl -sf -X POST -H 'content-type: application/json' -d '{"kind": "server_error"}' \
+  "http://127.0.0.1:${upstream_port}/_lab/fault" >/dev/null
+in_box systemctl start pm-mirror-sync.service && fail "pm-mirror-sync.service succeeded with upstream answering 500"
+[[ "$(in_box systemctl show -P Result pm-mirror-sync.service)" == exit-code ]] \
+  || fail "pm-mirror-sync.service: $(in_box systemctl show -P Result pm-mirror-sync.service), expected exit-code"
+serial_after="$(statement 'd["dist_serial"]')"
+left="$(python3 -c "print(-$(seconds_since expires_at))")"
+(( serial_after > serial_before )) || { in_box journalctl -u pm-mirror-sync.service --no-pager >&2 || true; fail "dist was not re-signed after the failed sync (dist serial ${serial_before} -> ${serial_after})"; }
+python3 -c "import sys; sys.exit(not 0 < ${left} <= 14)" || fail "the statement expires in ${left} s, not within dist_valid_for 14 s"
+echo "  sync failed (exit-code), publish re-signed dist: serial ${serial_before} -> ${serial_after}, valid ${left%.*} s more"
+# Back to the inventory's pm.toml; once the short statement expired, publish signs for 7 days.
+curl -sf -X POST "http://127.0.0.1:${upstream_port}/_lab/clear" >/dev/null
+pm mv /var/lib/pm/pm.toml.test-saved /var/lib/pm/pm.toml
+in_box systemctl reset-failed pm-mirror-sync.service
+python3 -c "import time; time.sleep(max(0.0, 0.5 - $(seconds_since expires_at)))"
+pm runuser -u pm -- pm-mirror --home /var/lib/pm -q publish || fail "publish after restoring pm.toml"
+python3 -c "import sys; sys.exit(not $(seconds_since expires_at) < -86400)" || fail "dist was not re-signed for 7 days"
 playbook unchanged -i "${work}/inventory.yml" rollout.yml
 playbook unchanged -i "${work}/inventory.yml" rollout.yml --check
 

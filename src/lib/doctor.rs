@@ -136,6 +136,7 @@ pub fn examine(
     let mut checks = Vec::new();
     let config = check_config(home, &mut checks);
     check_secrets(home, config.as_ref(), &mut checks);
+    checks.push(check_ownership(home));
     checks.push(check_inventory(home, config.as_ref()));
     checks.extend(check_certificates(home));
     let dist_manifest = check_repository(home, &mut checks);
@@ -147,6 +148,7 @@ pub fn examine(
         // environment.
         let client = reqwest::Client::builder()
             .no_proxy()
+            .tcp_nodelay(true)
             .timeout(HTTP_TIMEOUT)
             .build()?;
         if let Some(url) = serve {
@@ -273,7 +275,7 @@ fn check_secret_file(name: String, path: &Path) -> Check {
             format!("chmod 600 {}", path.display()),
         );
     }
-    let me = effective_uid();
+    let me = crate::ownership::effective_uid();
     if me.is_some_and(|uid| uid != metadata.uid()) {
         return Check::fail(
             name,
@@ -293,9 +295,41 @@ fn check_secret_file(name: String, path: &Path) -> Check {
     Check::ok(name, Some(format!("mode {mode:o}")))
 }
 
-/// The effective user: the owner of `/proc/self` (no libc, no unsafe).
-fn effective_uid() -> Option<u32> {
-    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+/// Everything pm writes in the home belongs to the home's owner: an entry another user left
+/// (a `sudo pm-mirror sync` by hand) stops the owner's next sync or publish halfway.
+fn check_ownership(home: &Path) -> Check {
+    const NAME: &str = "ownership";
+    let Ok(metadata) = std::fs::metadata(home) else {
+        return Check::warn(
+            NAME,
+            format!("`{}` does not exist", home.display()),
+            "check --home (or PM_HOME)",
+        );
+    };
+    let owner = metadata.uid();
+    let foreign = crate::ownership::foreign_entries(home, owner);
+    if foreign.is_empty() {
+        return Check::ok(
+            NAME,
+            Some(format!(
+                "everything pm writes belongs to {}",
+                crate::ownership::describe_user(owner)
+            )),
+        );
+    }
+    Check::fail(
+        NAME,
+        format!(
+            "{} belong to another user than {}, who owns the home: its next sync or publish \
+             fails",
+            crate::ownership::name_foreign(&foreign),
+            crate::ownership::describe_user(owner)
+        ),
+        format!(
+            "{} (as root); run pm as the home's owner, never as root",
+            crate::ownership::chown_hint(home, owner)
+        ),
+    )
 }
 
 /// The inventory as the exporter opens it: read-only, one attempt, never migrated; and whether

@@ -180,6 +180,11 @@ async fn serve(args: Args, tls: Option<TlsServerConfig>) -> anyhow::Result<ExitS
             .await?;
         }
         None => {
+            // Small answers after their headers: without TCP_NODELAY, Nagle's algorithm holds
+            // them until the client's delayed ACK (40 ms per request on a kept-alive connection).
+            let tcp = axum::serve::ListenerExt::tap_io(tcp, |stream| {
+                let _ = stream.set_nodelay(true);
+            });
             axum::serve(tcp, app.into_make_service_with_connect_info::<SocketAddr>())
                 .with_graceful_shutdown(crate::mirror::shutdown_signal())
                 .await?;

@@ -69,6 +69,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
     ),
     (10, "holds", include_str!("../../sql/0010_holds.sql")),
     (
+        11,
+        "mirror_repairs",
+        include_str!("../../sql/0011_mirror_repairs.sql"),
+    ),
+    (
         12,
         "agent_reports",
         include_str!("../../sql/0012_agent_reports.sql"),
@@ -153,6 +158,8 @@ pub struct SyncRecord {
     pub error: Option<String>,
     /// sha256 of the bundle an import read.
     pub bundle_sha256: Option<String>,
+    /// What the sync noted without failing, one note per line.
+    pub warnings: Option<String>,
 }
 
 /// Per-product upstream state that later syncs and `status` read.
@@ -521,8 +528,8 @@ impl Inventory {
             self.db(self.conn.execute(
                 "INSERT INTO mirror_syncs (job_id, product, source, started_at, finished_at,
                      duration_seconds, result, bytes_downloaded, versions, revision, error,
-                     bundle_sha256)
-                 VALUES (?, ?, ?, to_timestamp(?), to_timestamp(?), ?, ?, ?, ?, ?, ?, ?)",
+                     bundle_sha256, warnings)
+                 VALUES (?, ?, ?, to_timestamp(?), to_timestamp(?), ?, ?, ?, ?, ?, ?, ?, ?)",
                 params![
                     job_id,
                     row.product,
@@ -536,6 +543,7 @@ impl Inventory {
                     row.revision,
                     row.error,
                     row.bundle_sha256,
+                    row.warnings,
                 ],
             ))?;
         }
@@ -625,6 +633,21 @@ impl Inventory {
                 },
             )
             .optional())
+    }
+
+    /// Per product, the notes of the sync that brought its current content (its newest
+    /// `updated` row that made a revision), one note per line; products without notes are
+    /// left out.
+    pub fn content_warnings(&self) -> Result<Vec<(String, String)>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT product, warnings FROM (
+                 SELECT product, warnings FROM mirror_syncs
+                 WHERE result = 'updated' AND revision IS NOT NULL
+                 QUALIFY row_number() OVER (PARTITION BY product ORDER BY id DESC) = 1
+             ) WHERE warnings IS NOT NULL ORDER BY product",
+        ))?;
+        let rows = self.db(statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))))?;
+        rows.map(|row| self.db(row)).collect()
     }
 
     /// The newest exporter serial accepted from `signer`.

@@ -207,6 +207,9 @@ impl LabUpstream {
     pub async fn spawn(&self, addr: &str) -> anyhow::Result<std::net::SocketAddr> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
+        let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+            let _ = stream.set_nodelay(true);
+        });
         let router = self.router();
         tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
@@ -419,13 +422,16 @@ async fn answer(
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         ))
     } else if let Some(name) = path.strip_prefix("/vendor/") {
+        // Clients percent-encode names with a space or a non-ASCII letter.
+        let name = crate::manifest::decode_url_segment(name).unwrap_or_default();
         let feed_file = lab.state().feed.iter().find(|f| f.path == name).cloned();
         match feed_file {
-            Some(f) => match tokio::fs::File::open(&f.disk_path).await {
+            Some(f) => match std::fs::File::open(&f.disk_path) {
                 Ok(file) => {
                     let modified = std::fs::metadata(&f.disk_path)
                         .and_then(|m| m.modified())
                         .unwrap_or(SystemTime::UNIX_EPOCH);
+                    let file = Arc::new(file);
                     Some((Content::File { file, len: f.size }, modified))
                 }
                 Err(_) => None,
@@ -511,7 +517,9 @@ fn etag_of(content: &Content, modified: SystemTime) -> String {
                 &crate::manifest::hex(&openssl::sha::sha256(bytes))[..16]
             )
         }
-        Content::File { len, .. } => format!("\"{len:x}-{seconds:x}\""),
+        Content::File { len, .. } | Content::Prefix { len, .. } => {
+            format!("\"{len:x}-{seconds:x}\"")
+        }
     }
 }
 
@@ -554,7 +562,10 @@ impl LabProxy {
             }),
             forwarded: Arc::default(),
             refused: Arc::default(),
-            client: reqwest::Client::builder().no_proxy().build()?,
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .tcp_nodelay(true)
+                .build()?,
         })
     }
 

@@ -118,6 +118,9 @@ pub fn run(args: Args) -> anyhow::Result<crate::cli::ExitStatus> {
                     "lab upstream on http://{}/ (test.cvd version {version})",
                     listener.local_addr()?
                 );
+                let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+                    let _ = stream.set_nodelay(true);
+                });
                 axum::serve(listener, lab.router())
                     .with_graceful_shutdown(crate::mirror::shutdown_signal())
                     .await?;

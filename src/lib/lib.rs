@@ -22,6 +22,7 @@ pub mod lab_cli;
 pub mod lab_fleet;
 pub mod manifest;
 pub mod mirror;
+pub mod ownership;
 pub mod pki;
 pub mod poll;
 pub mod profile;

@@ -19,6 +19,87 @@ pub fn agent_component(arch: &str, os: &str) -> String {
     format!("pm-agent-{arch}-{os}")
 }
 
+/// Plain-text signature databases ClamAV loads from its database directory without a container
+/// (`CLI_DBEXT` in libclamav/readdb.h minus the signed containers): how third-party feeds
+/// (SaneSecurity, URLhaus, a site's own hashes) ship. Matched as a case-insensitive suffix.
+const PLAIN_SIGNATURE_EXTENSIONS: &[&str] = &[
+    ".hdb", ".hdu", ".hsb", ".hsu", ".mdb", ".mdu", ".msb", ".msu", ".ndb", ".ndu", ".ldb", ".ldu",
+    ".cdb", ".idb", ".fp", ".sfp", ".ign", ".ign2", ".pdb", ".gdb", ".wdb", ".ftm", ".cbc", ".crb",
+    ".cat", ".pwdb", ".yar", ".yara",
+];
+
+/// Whether ClamAV loads `name` of a product of `kind`: the signed `.cvd` databases of `clamav`
+/// products (their cdiffs and `.sign` files are for freshclam), and the plain signature files of
+/// `files` feeds (anything else in a feed, e.g. an index or a README, stays out of the engine).
+/// Agents install exactly these into the engine's database directory, by file name.
+pub fn engine_loads(kind: &str, name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    match kind {
+        "clamav" => lower.ends_with(".cvd"),
+        "files" => PLAIN_SIGNATURE_EXTENSIONS
+            .iter()
+            .any(|ext| lower.ends_with(ext) && lower.len() > ext.len()),
+        _ => false,
+    }
+}
+
+/// Whether a database named `name` may go into the engine's database directory: letters,
+/// digits, `-`, `_` and `.`, not hidden. Agents skip a feed's file named otherwise (with a
+/// warning) and refuse a ClamAV database named otherwise; `pm-mirror sync` warns about such a
+/// feed file.
+pub fn engine_file_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Two files a revision would install under one name in the engine's database directory (where
+/// agents put every database by its file name): agents refuse such a revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineNameClash {
+    /// The file name both would take (`site.hdb`).
+    pub name: String,
+    /// The first file's path (`vendor-a/site.hdb`).
+    pub first: String,
+    /// The second's (`vendor-b/site.hdb`).
+    pub second: String,
+}
+
+impl std::fmt::Display for EngineNameClash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` and `{}` would both be `{}` in the scanning engine's database directory, and \
+             agents refuse a dist where one database replaces another",
+            self.first, self.second, self.name
+        )
+    }
+}
+
+/// The first clash among `files` (product kind, path), in order: see [`EngineNameClash`].
+pub fn engine_name_clash<'a>(
+    files: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Option<EngineNameClash> {
+    let mut seen: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for (kind, path) in files {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        // Agents never install a name the directory cannot take, so it clashes with nothing.
+        if !engine_loads(kind, name) || !engine_file_name_ok(name) {
+            continue;
+        }
+        if let Some(first) = seen.insert(name, path) {
+            return Some(EngineNameClash {
+                name: name.to_string(),
+                first: first.to_string(),
+                second: path.to_string(),
+            });
+        }
+    }
+    None
+}
+
 /// `manifest.json` of one revision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -137,13 +218,44 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Whether a relative path from an index is safe to use under the product directory.
 pub fn safe_relative_path(path: &str) -> bool {
-    // `:` would let a URL join leave the index's host (`http:evil/x`); `?#%` change meaning.
+    // `:` would let a URL join leave the index's host (`http:evil/x`); `?#%` change meaning;
+    // control characters (a newline) would break every log line and table that names the file.
     !path.is_empty()
         && !path.starts_with('/')
         && !path.contains(['\\', ':', '?', '#', '%', '\0'])
+        && !path.chars().any(char::is_control)
         && path
             .split('/')
             .all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
+/// What stays as it is in a URL path segment: RFC 3986's unreserved characters. Everything
+/// else of a file name (a space, `é`, `+`) is percent-encoded as UTF-8.
+const URL_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A manifest path as it goes into a URL (`vendor/release%20notes.txt`): each segment
+/// percent-encoded, the `/` between them kept. Every client of a pm mirror (a child mirror's
+/// sync, agents) asks for files this way, and `pm-mirror serve` decodes it
+/// ([`decode_url_segment`]), so a feed's file name with a space or a non-ASCII letter is served
+/// like any other.
+pub fn url_path(path: &str) -> String {
+    path.split('/')
+        .map(|segment| percent_encoding::utf8_percent_encode(segment, URL_SEGMENT).to_string())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// One segment of a request path with its percent-escapes decoded; `None` when the bytes are
+/// not UTF-8 (no manifest path holds such a name).
+pub fn decode_url_segment(segment: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .ok()
+        .map(|text| text.into_owned())
 }
 
 /// The manifest format this pm writes and reads.
@@ -206,6 +318,15 @@ impl Manifest {
                 Some(entry) => entry.config_product() == name,
                 None => f.product == name,
             })
+    }
+
+    /// Two files this revision would install under one name ([`engine_name_clash`]), in the
+    /// order agents read them: products in order, each product's files by path.
+    pub fn engine_name_clash(&self) -> Option<EngineNameClash> {
+        engine_name_clash(self.products.iter().flat_map(|product| {
+            self.product_files(&product.name)
+                .map(|file| (product.kind.as_str(), file.path.as_str()))
+        }))
     }
 
     /// The pm-agent package for `component` ([`agent_component`]): the file of an `agent`
@@ -441,6 +562,7 @@ mod tests {
         let _ = manifest.total_bytes();
         let _ = content_sha256(&manifest.files);
         let _ = manifest.has_agent_product();
+        let _ = manifest.engine_name_clash();
         let _ = manifest.agent_package(&agent_component("x86_64", "linux"));
         for product in &manifest.products {
             let _ = manifest.file(&product.name);
@@ -509,5 +631,67 @@ mod tests {
         if !campaign.replay {
             assert!(campaign.accepted < campaign.cases, "nothing was damaged");
         }
+    }
+
+    #[test]
+    fn manifest_paths_go_into_urls_percent_encoded_per_segment_and_back() {
+        let check = |path: &str, url: &str| {
+            assert_eq!(url_path(path), url, "{path}");
+            let decoded: Vec<String> = url
+                .split('/')
+                .map(|segment| decode_url_segment(segment).unwrap())
+                .collect();
+            assert_eq!(decoded.join("/"), path, "{url}");
+        };
+        check("clamav/daily-27430.cdiff", "clamav/daily-27430.cdiff");
+        check("vendor/release notes.txt", "vendor/release%20notes.txt");
+        check("vendor/Über+sig~1.hdb", "vendor/%C3%9Cber%2Bsig~1.hdb");
+        check("backup/2/manifest.json", "backup/2/manifest.json");
+        assert_eq!(decode_url_segment("%ff"), None);
+        assert_eq!(decode_url_segment("a%2fb").as_deref(), Some("a/b"));
+    }
+
+    #[test]
+    fn two_databases_of_one_name_clash_other_files_do_not() {
+        let check = |files: &[(&str, &str)], expected: Option<(&str, &str, &str)>| {
+            let clash = engine_name_clash(files.iter().copied());
+            assert_eq!(
+                clash
+                    .as_ref()
+                    .map(|c| (c.name.as_str(), c.first.as_str(), c.second.as_str())),
+                expected,
+                "{files:?}"
+            );
+        };
+        check(
+            &[("files", "a/site.hdb"), ("files", "b/site.hdb")],
+            Some(("site.hdb", "a/site.hdb", "b/site.hdb")),
+        );
+        check(
+            &[("files", "a/x/site.ndb"), ("files", "a/y/site.ndb")],
+            Some(("site.ndb", "a/x/site.ndb", "a/y/site.ndb")),
+        );
+        check(
+            &[("clamav", "clamav/daily.cvd"), ("clamav", "hq/daily.cvd")],
+            Some(("daily.cvd", "clamav/daily.cvd", "hq/daily.cvd")),
+        );
+        // What the engine does not load may share a name: it stays in its product directory.
+        check(&[("files", "a/README"), ("files", "b/README")], None);
+        check(
+            &[
+                ("clamav", "clamav/test-6.cdiff"),
+                ("files", "b/test-6.cdiff"),
+            ],
+            None,
+        );
+        check(
+            &[("files", "a/daily.cvd"), ("clamav", "clamav/daily.cvd")],
+            None,
+        );
+        check(&[("files", "a/site.hdb"), ("files", "b/site.HDB")], None);
+        check(
+            &[("files", "a/my site.hdb"), ("files", "b/my site.hdb")],
+            None,
+        );
     }
 }

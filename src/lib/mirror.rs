@@ -131,9 +131,34 @@ pub enum TrustCommand {
     },
 }
 
+impl Command {
+    /// The subcommand's name when it writes the home (repository, inventory, keys, trust
+    /// store), even in a dry run: those run only as the home's owner
+    /// ([`crate::ownership::check_home`]). `status`, `serve` and `trust list` only read.
+    fn writes_home(&self) -> Option<&'static str> {
+        match self {
+            Command::Status | Command::Serve { .. } => None,
+            Command::Trust {
+                command: TrustCommand::List,
+            } => None,
+            Command::Sync { .. } => Some("sync"),
+            Command::Publish { .. } => Some("publish"),
+            Command::Rollback { .. } => Some("rollback"),
+            Command::Gc => Some("gc"),
+            Command::Export { .. } => Some("export"),
+            Command::Import { .. } => Some("import"),
+            Command::Key { .. } => Some("key export-public"),
+            Command::Trust { .. } => Some("trust"),
+        }
+    }
+}
+
 /// Runs `pm-mirror` and returns its exit status.
 pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     let home = args.global.home();
+    if let Some(command) = args.command.writes_home() {
+        crate::ownership::check_home(&home, &format!("pm-mirror {command}"))?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -243,15 +268,41 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
     let started_at = Utc::now();
     let config = load_config(home)?;
     if config.products.is_empty() {
-        return Err(UserError::usage(format!(
-            "`{}` lists no products",
-            home.join("pm.toml").display()
-        ))
-        .with_hint(format!(
-            "add a [[products]] table, for example:\n{}",
-            config::EXAMPLE.trim_end()
-        ))
-        .into());
+        // A closed site has no upstream: its latest comes from `pm-mirror import`. Its sync
+        // timer still runs (and publish after it re-signs dist), so that is not an error.
+        let latest = Repo::new(home).generations().map_err(repo_error)?.latest;
+        let Some(latest) = latest else {
+            return Err(UserError::usage(format!(
+                "`{}` lists no products and latest is empty",
+                home.join("pm.toml").display()
+            ))
+            .with_hint(format!(
+                "add a [[products]] table, for example:\n{}\nor, on a closed site, import a \
+                 bundle with `pm-mirror import FILE`",
+                config::EXAMPLE.trim_end()
+            ))
+            .into());
+        };
+        let report = SyncReport {
+            changed: false,
+            dry_run: global.dry_run,
+            revision: Some(latest.clone()),
+            previous_revision: Some(latest.clone()),
+            bytes_downloaded: 0,
+            duration_seconds: started.elapsed().as_secs_f64(),
+            incomplete: Vec::new(),
+            products: Vec::new(),
+        };
+        if global.json {
+            cli::print_json(&report)?;
+        } else if !global.quiet {
+            cli::print_text(format!(
+                "nothing to sync: `{}` lists no products (a closed site: latest {latest} comes \
+                 from `pm-mirror import`)",
+                home.join("pm.toml").display()
+            ))?;
+        }
+        return Ok(ExitStatus::Success);
     }
     for name in only {
         if !config.products.iter().any(|p| &p.name == name) {
@@ -415,6 +466,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
                         revision: new_manifest.as_ref().map(|m| m.revision.clone()),
                         error: p.error.clone(),
                         bundle_sha256: None,
+                        warnings: (!p.warnings.is_empty()).then(|| p.warnings.join("\n")),
                     })
                     .collect();
                 inv.record_syncs(job_id, &rows)?;
@@ -650,24 +702,18 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
     } else {
         before.publish(config.retention.archives)
     };
+    let valid_for = config.serve.dist_valid_for;
+    // Whenever this publish does not publish latest, it still re-signs dist when due: a refusal
+    // run by the sync timer every 30 minutes must not freeze the fleet's dist until it expires.
+    let keep_dist_signed = |lock: &crate::repo::RepoLock| {
+        if global.dry_run {
+            return Ok((current_statement(&repo)?.map(|s| s.expires_at), false));
+        }
+        re_sign_if_due(home, &repo, lock, &before, valid_for)
+    };
     let Some(mut rotation) = rotation else {
         let mut report = up_to_date(format!("dist is up to date with latest ({latest})"));
-        let valid_for = config.serve.dist_valid_for;
-        let current = current_statement(&repo)?;
-        report.dist_valid_until = current.as_ref().map(|s| s.expires_at);
-        let due = current
-            .as_ref()
-            .is_none_or(|s| s.is_due_for_refresh(Utc::now(), valid_for));
-        if before.dist.is_some() && due && !global.dry_run {
-            // The same dist, signed again: agents tell a live mirror from a frozen one by it.
-            let mut after = before.clone();
-            after.dist_serial += 1;
-            let statement = sign_dist_statement(home, &repo, &after, valid_for)?;
-            repo.switch(&lock, &after, Some(&statement.1))
-                .map_err(repo_error)?;
-            report.dist_valid_until = Some(statement.0.expires_at);
-            report.re_signed = true;
-        }
+        (report.dist_valid_until, report.re_signed) = keep_dist_signed(&lock)?;
         drop(lock);
         print_publish(global, &report)?;
         return Ok(ExitStatus::Success);
@@ -680,6 +726,9 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
             .unwrap_or_else(|| "an unknown date".into())
     }) {
         if !again {
+            if let Err(err) = keep_dist_signed(&lock) {
+                tracing::warn!(error = %format!("{err:#}"), "cannot re-sign dist");
+            }
             return Err(UserError::usage(format!(
                 "latest `{latest}` was rolled back from dist; refusing to publish it again"
             ))
@@ -700,7 +749,12 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
     let mut dist_valid_until = None;
     if !global.dry_run {
         // Sign-check the revision being published: never serve a manifest we did not sign.
-        verify_revision(&repo, home, &latest)?;
+        if let Err(refused) = verify_revision(&repo, home, &latest) {
+            if let Err(err) = keep_dist_signed(&lock) {
+                tracing::warn!(error = %format!("{err:#}"), "cannot re-sign dist");
+            }
+            return Err(refused);
+        }
         let statement =
             sign_dist_statement(home, &repo, &rotation.after, config.serve.dist_valid_for)?;
         repo.switch(&lock, &rotation.after, Some(&statement.1))
@@ -908,6 +962,32 @@ fn sign_dist_statement(
     Ok((statement, signed))
 }
 
+/// Signs the statement of an unchanged dist again when a part of its validity has passed (or it
+/// has none): agents tell a live mirror from a frozen one by it. Returns the statement's expiry
+/// and whether it was signed now.
+fn re_sign_if_due(
+    home: &Path,
+    repo: &Repo,
+    lock: &crate::repo::RepoLock,
+    before: &Generations,
+    valid_for: std::time::Duration,
+) -> anyhow::Result<(Option<DateTime<Utc>>, bool)> {
+    let current = current_statement(repo)?;
+    let due = current
+        .as_ref()
+        .is_none_or(|s| s.is_due_for_refresh(Utc::now(), valid_for));
+    if before.dist.is_none() || !due {
+        return Ok((current.map(|s| s.expires_at), false));
+    }
+    let mut after = before.clone();
+    after.dist_serial += 1;
+    let (statement, signed) = sign_dist_statement(home, repo, &after, valid_for)?;
+    repo.switch(lock, &after, Some(&signed))
+        .map_err(repo_error)?;
+    tracing::info!(dist = ?after.dist, dist_serial = after.dist_serial, "re-signed dist");
+    Ok((Some(statement.expires_at), true))
+}
+
 /// The current view's dist statement, parsed (`None` before the first publish that wrote one).
 fn current_statement(repo: &Repo) -> anyhow::Result<Option<DistStatement>> {
     let Some(signed) = repo.dist_statement().map_err(repo_error)? else {
@@ -958,6 +1038,15 @@ pub fn verify_revision_dir(
             .with_hint("the repository was modified by hand; run `pm-mirror sync` to stage a fresh revision")
             .into());
         }
+    }
+    // Made by an older pm, or by hand: agents would refuse it, so it is not served.
+    if let Some(clash) = manifest.engine_name_clash() {
+        return Err(UserError::failure(format!("{label}: {clash}"))
+            .with_hint(
+                "rename one of them in its feed or drop one of the products from pm.toml, then \
+                 run `pm-mirror sync` and `pm-mirror publish`",
+            )
+            .into());
     }
     Ok(manifest)
 }
@@ -1055,6 +1144,10 @@ pub struct ProductStatus {
     pub cooldown_until: Option<DateTime<Utc>>,
     /// Why.
     pub cooldown_reason: Option<String>,
+    /// What the sync that brought its content in latest noted without failing (a damaged
+    /// cdiff left out, ...).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Per component.
     pub components: Vec<ComponentStatus>,
 }
@@ -1078,13 +1171,14 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
     let config = load_config(home)?;
     let repo = Repo::new(home);
     let generations = repo.generations().map_err(repo_error)?;
-    let (states, last_import) =
+    let (states, last_import, warnings) =
         match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
             Some(inventory) => (
                 inventory.product_states().map_err(inventory_error)?,
                 inventory.last_bundle_import().map_err(inventory_error)?,
+                inventory.content_warnings().map_err(inventory_error)?,
             ),
-            None => (Vec::new(), None),
+            None => (Vec::new(), None, Vec::new()),
         };
     let manifest_of =
         |revision: &Option<String>| revision.as_ref().and_then(|r| repo.manifest(r).ok());
@@ -1177,6 +1271,11 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
             cooldown_reason: state
                 .filter(|s| s.cooldown_until.is_some_and(|until| until > now))
                 .and_then(|s| s.cooldown_reason.clone()),
+            warnings: warnings
+                .iter()
+                .filter(|(name, _)| *name == product.name)
+                .flat_map(|(_, text)| text.lines().map(String::from))
+                .collect(),
             components,
         });
     }
@@ -1284,6 +1383,9 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
         ) {
             cli::print_text(format!("{}: last sync failed: {error}", product.name))?;
         }
+        for warning in &product.warnings {
+            cli::print_text(format!("{}: warning: {warning}", product.name))?;
+        }
     }
     Ok(ExitStatus::Success)
 }
@@ -1314,9 +1416,11 @@ async fn run_serve(home: &Path, listen: std::net::SocketAddr) -> anyhow::Result<
 /// `--json` document of `pm-mirror gc`.
 #[derive(Debug, Serialize)]
 pub struct GcReport {
-    /// Whether anything was removed.
+    /// Whether anything was removed (with `--dry-run`: would be).
     pub changed: bool,
-    /// Paths removed.
+    /// `--dry-run`: nothing was removed.
+    pub dry_run: bool,
+    /// Paths removed (with `--dry-run`: that a gc would remove).
     pub removed: Vec<PathBuf>,
 }
 
@@ -1324,21 +1428,28 @@ fn run_gc(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
     let repo = Repo::new(home);
     let lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
     let removed = if global.dry_run {
-        Vec::new()
+        repo.garbage(&lock).map_err(repo_error)?
     } else {
         repo.collect_garbage(&lock).map_err(repo_error)?
     };
     let report = GcReport {
         changed: !removed.is_empty(),
+        dry_run: global.dry_run,
         removed,
     };
     if global.json {
         cli::print_json(&report)?;
-    } else {
-        cli::print_text(format!(
-            "removed {} unreferenced entries",
-            report.removed.len()
-        ))?;
+    } else if !global.quiet {
+        let verb = if report.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        let mut text = format!("{verb} {} unreferenced entries", report.removed.len());
+        for path in &report.removed {
+            text.push_str(&format!("\n  {}", path.display()));
+        }
+        cli::print_text(text)?;
     }
     Ok(ExitStatus::Success)
 }

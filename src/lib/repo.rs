@@ -386,7 +386,8 @@ impl Repo {
     }
 
     /// Makes `generations` the current state in one atomic step, creating the archive of a
-    /// revision that is newly archived first. Garbage is collected afterwards. The new view
+    /// revision that is newly archived first. Garbage is collected afterwards (a failure there
+    /// is logged, not returned: the switch happened). The new view
     /// holds `statement` as its signed dist statement, or with `None` (dist unchanged) the
     /// current view's.
     pub fn switch(
@@ -485,7 +486,15 @@ impl Repo {
         let pointer = self.root.join("view");
         durable::replace_symlink(&Path::new("views").join(format!("v{number}")), &pointer)
             .map_err(io_err("switch", &pointer))?;
-        self.collect_garbage(_lock)?;
+        // The switch is done: a caller must now record it, so garbage that cannot be removed
+        // (an entry another user owns, an immutable file) is a warning, never an error that
+        // would leave the new view without its record. The next run or `pm-mirror gc` retries.
+        if let Err(err) = self.collect_garbage(_lock) {
+            let cause = std::error::Error::source(&err)
+                .map(|source| format!(": {source}"))
+                .unwrap_or_default();
+            tracing::warn!(error = %format!("{err}{cause}"), "cannot remove what the new view no longer references; `pm-mirror gc` will try again");
+        }
         Ok(())
     }
 
@@ -540,9 +549,9 @@ impl Repo {
         })
     }
 
-    /// Removes what the current view no longer references: old views, revisions, archives and
-    /// staging left by a killed process. Returns the paths removed.
-    pub fn collect_garbage(&self, _lock: &RepoLock) -> Result<Vec<PathBuf>, RepoError> {
+    /// What the current view no longer references (old views, revisions, archives and staging
+    /// left by a killed process): what [`Repo::collect_garbage`] removes, for `gc --dry-run`.
+    pub fn garbage(&self, _lock: &RepoLock) -> Result<Vec<PathBuf>, RepoError> {
         let generations = self.generations()?;
         let current_view = fs::read_link(self.root.join("view")).ok();
         let live: std::collections::HashSet<&String> = generations.live_revisions().collect();
@@ -551,37 +560,54 @@ impl Repo {
             .iter()
             .map(|r| format!("{r}.tar.gz"))
             .collect();
-        let mut removed = Vec::new();
-        let mut sweep = |dir: &str, keep: &dyn Fn(&str) -> bool| -> Result<(), RepoError> {
+        let mut garbage = Vec::new();
+        let mut sweep = |dir: &str, keep: &dyn Fn(&str) -> bool| {
             let dir = self.root.join(dir);
             let Ok(entries) = fs::read_dir(&dir) else {
-                return Ok(());
+                return;
             };
             for entry in entries.filter_map(|e| e.ok()) {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if keep(&name) {
-                    continue;
+                if !keep(&entry.file_name().to_string_lossy()) {
+                    garbage.push(entry.path());
                 }
-                let path = entry.path();
-                let result = if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    make_writable(&path);
-                    fs::remove_dir_all(&path)
-                } else {
-                    fs::remove_file(&path)
-                };
-                result.map_err(io_err("remove", &path))?;
-                removed.push(path);
             }
-            Ok(())
         };
-        sweep("revisions", &|name| live.iter().any(|r| r.as_str() == name))?;
-        sweep("archives", &|name| live_archives.contains(name))?;
+        sweep("revisions", &|name| live.iter().any(|r| r.as_str() == name));
+        sweep("archives", &|name| live_archives.contains(name));
         sweep("views", &|name| {
             current_view
                 .as_ref()
                 .is_some_and(|v| v.file_name().is_some_and(|f| f == name))
-        })?;
-        Ok(removed)
+        });
+        garbage.sort();
+        Ok(garbage)
+    }
+
+    /// Removes what the current view no longer references ([`Repo::garbage`]). Returns the
+    /// paths removed; when one cannot be removed, the others still are and the first failure
+    /// is the error.
+    pub fn collect_garbage(&self, lock: &RepoLock) -> Result<Vec<PathBuf>, RepoError> {
+        let mut removed = Vec::new();
+        let mut first_error = None;
+        for path in self.garbage(lock)? {
+            let is_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            let result = if is_dir {
+                make_writable(&path);
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match result {
+                Ok(()) => removed.push(path),
+                Err(err) => {
+                    first_error.get_or_insert_with(|| io_err("remove", &path)(err));
+                }
+            }
+        }
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(removed),
+        }
     }
 }
 

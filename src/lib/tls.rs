@@ -506,6 +506,7 @@ pub fn client_builder(
         .tls_version_min(reqwest::tls::Version::TLS_1_2)
         .tls_info(true)
         .https_only(true)
+        .tcp_nodelay(true)
         .no_proxy();
     let roots = match ca {
         Some(ca) => vec![

@@ -132,12 +132,12 @@ fn a_polled_fleet_is_exported_in_both_formats_and_promtool_accepts_it() {
         (format!("pm_host_version_status{local}"), 0.0),
         (format!("pm_host_last_update_success{local}"), 1.0),
         (
-            r#"pm_host_component_version{host="127.0.0.1",group="default",component="test"}"#
+            r#"pm_host_component_version{host="127.0.0.1",group="default",product="clamav",component="test"}"#
                 .to_string(),
             3.0,
         ),
         (
-            r#"pm_host_component_behind_dist{host="127.0.0.1",group="default",component="test"}"#
+            r#"pm_host_component_behind_dist{host="127.0.0.1",group="default",product="clamav",component="test"}"#
                 .to_string(),
             0.0,
         ),

@@ -288,7 +288,7 @@ fn setting<'a>(settings: &'a [(String, String)], key: &str) -> Vec<&'a str> {
         .collect()
 }
 
-/// The unit's `key` command line (ExecStart, ExecStartPost) with the paths of `rewrites`,
+/// The unit's `key` command line (ExecStart, ExecStopPost) with the paths of `rewrites`,
 /// run as systemd would apply the unit's hardening, emulated without systemd: in a private
 /// mount namespace (`unshare -m`) every mount is remounted read-only but the
 /// `ReadWritePaths` (ProtectSystem=strict), `ReadOnlyPaths` are bind-mounted read-only, an empty
@@ -428,7 +428,7 @@ fn the_manager_units_sync_publish_serve_and_export_under_their_hardening() {
     let rewrites = manager_rewrites(&bins, home.path(), free_port());
 
     // pm-mirror-sync.service: as nobody, everything read-only but PM_HOME.
-    for key in ["ExecStart", "ExecStartPost"] {
+    for key in ["ExecStart", "ExecStopPost"] {
         let (code, stdout, stderr) = run(&mut hardened("pm-mirror-sync.service", key, &rewrites));
         assert_eq!(code, 0, "{key}: {stdout}{stderr}");
     }

@@ -26,6 +26,8 @@ mod lab_agents;
 mod lab_fleet;
 mod mirror_airgap;
 mod mirror_chain;
+mod mirror_ownership;
+mod mirror_products;
 mod mirror_publish;
 mod mirror_serve;
 mod mirror_sync;

@@ -619,3 +619,56 @@ fn a_replayed_older_bundle_is_refused_even_without_numeric_versions() {
         .clone();
     assert_eq!(version.as_deref(), Some("2026.1"));
 }
+
+/// Issue 16: a closed site's sync exited 2 (no products), the unit's `ExecStartPost=` publish
+/// was skipped, and dist's statement expired a week later. Its sync has nothing to do, and the
+/// unit runs publish however sync ended (the systemd box of the Ansible test runs the unit).
+#[test]
+fn a_closed_sites_sync_timer_has_nothing_to_sync_and_its_publish_keeps_dist_signed() {
+    let sites = Sites::new(3);
+    sites.offline.config("[serve]\ndist_valid_for = \"7s\"\n");
+    sites.export("r1.tar", None);
+    assert_eq!(sites.import("r1.tar").code(), 0);
+    Pm::mirror(&sites.offline).args(["publish"]).json();
+    // A seventh of the validity passes: the next publish is due to re-sign.
+    std::thread::sleep(Duration::from_millis(1100));
+
+    let sync = Pm::mirror(&sites.offline).args(["-q", "sync"]).run();
+    assert_eq!(sync.code(), 0, "{}", sync.stderr());
+    assert_eq!(
+        (sync.stdout(), sync.stderr()),
+        (String::new(), String::new())
+    );
+    let report = Pm::mirror(&sites.offline).args(["sync"]).json();
+    assert_eq!(
+        (&report["changed"], &report["revision"]),
+        (&false.into(), &"r1".into())
+    );
+    let publish = Pm::mirror(&sites.offline).args(["publish"]).json();
+    assert_eq!(publish["re_signed"], true, "{publish}");
+
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/systemd/pm-mirror-sync.service"),
+    )
+    .unwrap();
+    let lines: Vec<&str> = unit.lines().filter(|l| l.starts_with("Exec")).collect();
+    assert_eq!(
+        lines,
+        [
+            "ExecStart=/usr/local/bin/pm-mirror -q sync",
+            "ExecStopPost=/usr/local/bin/pm-mirror -q publish"
+        ],
+        "systemd skips ExecStartPost= after a failed ExecStart="
+    );
+
+    // Before anything was imported there is nothing to publish either: a usage error.
+    let empty = Home::new();
+    empty.config("[retention]\narchives = 5\n");
+    let run = Pm::mirror(&empty).args(["sync"]).run();
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(
+        run.stderr().contains("pm-mirror import FILE"),
+        "{}",
+        run.stderr()
+    );
+}

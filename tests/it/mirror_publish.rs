@@ -374,6 +374,45 @@ fn rollback_moves_dist_to_a_backup_and_publish_refuses_the_rolled_back_revision_
     assert_eq!(served_json(&server, "/manifest.json")["revision"], "r3");
 }
 
+/// Issue 16 (found by the Ansible test's upstream-down step): after a rollback latest stays
+/// the rolled-back revision until upstream moves on, every publish refused it, and none
+/// re-signed dist, which agents refuse once `dist_valid_for` passed.
+#[test]
+fn a_publish_that_refuses_a_rolled_back_latest_still_re_signs_dist() {
+    let mut feed = Feed::new("[serve]\ndist_valid_for = \"7s\"\n");
+    for _ in 0..2 {
+        feed.new_revision();
+        Pm::mirror(&feed.home).args(["publish"]).json();
+    }
+    Pm::mirror(&feed.home)
+        .args(["rollback", "--generation", "1"])
+        .json();
+    let before = feed.generations();
+    // A seventh of the validity passes: the statement is due to be re-signed.
+    std::thread::sleep(Duration::from_millis(1100));
+
+    let refused = Pm::mirror(&feed.home).args(["publish"]).run();
+    assert_eq!(refused.code(), 2, "{}", refused.stderr());
+    assert!(
+        refused
+            .stderr()
+            .contains("error: latest `r2` was rolled back"),
+        "{}",
+        refused.stderr()
+    );
+    let after = feed.generations();
+    assert_eq!(after.dist.as_deref(), Some("r1"));
+    assert_eq!(
+        after.dist_serial,
+        before.dist_serial + 1,
+        "dist was not re-signed"
+    );
+    let statement: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(feed.home.repo("view/dist.json")).unwrap()).unwrap();
+    assert_eq!(statement["revision"], "r1");
+    assert_eq!(statement["dist_serial"], after.dist_serial);
+}
+
 #[test]
 fn after_a_rollback_a_newer_revision_publishes_normally() {
     let mut feed = Feed::new("");

@@ -6,7 +6,8 @@ use std::time::Duration;
 use pm::lab::{FaultKind, LabProxy};
 
 use crate::support::{
-    Home, Lab, Pm, component_version, manifest, synced_at_3_with_6_upstream, testdb, write_feed,
+    Home, Lab, Pm, Server, component_version, freshclam_updates_test_1_to_6, manifest, sql,
+    synced_at_3_with_6_upstream, testdb, write_feed,
 };
 
 fn cdiffs_in(home: &Home, generation: &str) -> Vec<String> {
@@ -176,10 +177,53 @@ fn a_cvd_with_a_bad_signature_is_rejected_and_latest_stays_as_it_was() {
     assert!(stdout.contains("digital signature"), "{stdout}");
 }
 
+/// Issue 16: a cdiff damaged upstream kept the mirror behind. Like freshclam, the mirror falls
+/// back to the whole CVD (verified), leaves the damaged cdiff out and says so.
 #[test]
-fn a_corrupted_cdiff_is_rejected_and_latest_stays_as_it_was() {
-    let (_, stdout) = rejected_sync_keeps_latest(FaultKind::CorruptByte, "test-5.cdiff");
-    assert!(stdout.contains("test-5.cdiff"), "{stdout}");
+fn a_cdiff_damaged_upstream_is_left_out_and_latest_moves_on_with_the_verified_cvd() {
+    let lab = Lab::start(5);
+    let home = Home::new();
+    home.clamav_config(&lab, "");
+    Pm::mirror(&home).args(["sync"]).json();
+    lab.upstream.set_version(6).unwrap();
+    lab.fault(FaultKind::CorruptByte, "test-6.cdiff", None);
+
+    let sync = Pm::mirror(&home).args(["--json", "sync"]).run();
+    assert_eq!(sync.code(), 0, "{}{}", sync.stdout(), sync.stderr());
+    let report = sync.json();
+    assert_eq!(report["changed"], true);
+    let product = &report["products"][0];
+    assert_eq!(product["result"], "updated");
+    assert_eq!(product["components"][0]["version"], "6");
+    let warning = product["warnings"][0].as_str().unwrap().to_string();
+    assert!(
+        warning.contains("/clamav/test-6.cdiff` is damaged upstream")
+            && warning.contains("clients at test 5 or older download the whole `test.cvd`"),
+        "{warning}"
+    );
+    let cvd = std::fs::read(home.repo("latest/clamav/test.cvd")).unwrap();
+    assert_eq!(cvd, std::fs::read(testdb().join("test-6.cvd")).unwrap());
+    // Older cdiffs lead only to the missing one: they go too, with the signature files.
+    assert_eq!(cdiffs_in(&home, "latest"), Vec::<String>::new());
+    assert!(!home.repo("latest/clamav/test-6.cdiff.sign").exists());
+
+    // Where an operator looks: mirror_syncs and status, until latest's content changes.
+    let recorded = sql(
+        &home,
+        "SELECT warnings FROM mirror_syncs ORDER BY id DESC LIMIT 1",
+    );
+    assert!(recorded.join("\n").contains("test-6.cdiff"), "{recorded:?}");
+    lab.upstream.clear_faults();
+    Pm::mirror(&home).args(["sync"]).json();
+    let status = Pm::mirror(&home).args(["status"]).json();
+    assert_eq!(status["products"][0]["warnings"][0], warning.as_str());
+    let text = Pm::mirror(&home).args(["status"]).run().stdout();
+    assert!(text.contains("clamav: warning: `http://"), "{text}");
+
+    // A stock freshclam behind it falls back to the whole CVD too.
+    Pm::mirror(&home).args(["publish"]).json();
+    let server = Server::start(&home);
+    freshclam_updates_test_1_to_6(&server.base, "DatabaseMirror", "test.cvd");
 }
 
 #[test]

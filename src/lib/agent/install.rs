@@ -217,29 +217,6 @@ fn have_copy(dir: &Path, file: &SetFile) -> bool {
         && sha256_file(&path).is_ok_and(|sha| sha == file.sha256)
 }
 
-/// Plain-text signature databases ClamAV loads from its database directory without a container
-/// (`CLI_DBEXT` in libclamav/readdb.h minus the signed containers): how third-party feeds
-/// (SaneSecurity, URLhaus, a site's own hashes) ship. Matched as a case-insensitive suffix.
-const PLAIN_SIGNATURE_EXTENSIONS: &[&str] = &[
-    ".hdb", ".hdu", ".hsb", ".hsu", ".mdb", ".mdu", ".msb", ".msu", ".ndb", ".ndu", ".ldb", ".ldu",
-    ".cdb", ".idb", ".fp", ".sfp", ".ign", ".ign2", ".pdb", ".gdb", ".wdb", ".ftm", ".cbc", ".crb",
-    ".cat", ".pwdb", ".yar", ".yara",
-];
-
-/// Whether ClamAV loads `name` of a product of `kind`: the signed `.cvd` databases of `clamav`
-/// products (their cdiffs and `.sign` files are for freshclam), and the plain signature files of
-/// `files` feeds (anything else in a feed, e.g. an index or a README, stays out of the engine).
-fn engine_loads(kind: &str, name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    match kind {
-        "clamav" => lower.ends_with(".cvd"),
-        "files" => PLAIN_SIGNATURE_EXTENSIONS
-            .iter()
-            .any(|ext| lower.ends_with(ext) && lower.len() > ext.len()),
-        _ => false,
-    }
-}
-
 /// What the engine takes from a revision: (name in the database directory, manifest path, entry).
 fn engine_files(engine: Engine, manifest: &Manifest) -> Result<Vec<(SetFile, String)>> {
     if engine != Engine::Clamav {
@@ -257,14 +234,11 @@ fn engine_files(engine: Engine, manifest: &Manifest) -> Result<Vec<(SetFile, Str
                 .path
                 .rsplit('/')
                 .next()
-                .filter(|name| engine_loads(&product.kind, name))
+                .filter(|name| crate::manifest::engine_loads(&product.kind, name))
             else {
                 continue;
             };
-            let safe = !name.starts_with('.')
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            let safe = crate::manifest::engine_file_name_ok(name)
                 && !entry.path.split('/').any(|s| s == ".." || s.is_empty());
             let sha_ok = entry.sha256.len() == 64
                 && entry
@@ -331,6 +305,7 @@ pub const DIST_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) fn http_client() -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .no_proxy()
+        .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(DIST_STALL_TIMEOUT)
         .timeout(Duration::from_secs(600))
@@ -386,8 +361,13 @@ async fn get_unless_missing(
     Ok(Some(body))
 }
 
+/// `base/path`, the manifest path percent-encoded ([`crate::manifest::url_path`]).
 pub(super) fn join_url(base: &str, path: &str) -> String {
-    format!("{}/{path}", base.trim_end_matches('/'))
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        crate::manifest::url_path(path)
+    )
 }
 
 /// The manager's manifest verification key, given at activation.

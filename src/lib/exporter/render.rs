@@ -388,6 +388,7 @@ impl SnapshotCollector {
             [
                 ("host", c.host.clone()),
                 ("group", c.group.clone()),
+                ("product", c.product.clone()),
                 ("component", c.component.clone()),
             ]
         };
@@ -682,6 +683,7 @@ mod tests {
             |name: &str, version: Option<i64>, behind: Option<i64>| HostComponentMetrics {
                 host: "web-1".into(),
                 group: "web".into(),
+                product: if name == "daily" { "clamav" } else { "vendor" }.into(),
                 component: name.into(),
                 version,
                 build_time: Some(1_699_000_000.0),
@@ -812,14 +814,14 @@ pm_host_hold_until_timestamp_seconds{host="web-1",group="web"} 1700086400.0
 pm_host_certificate_expiry_timestamp_seconds{host="web-1",group="web"} 1731536000.0
 # HELP pm_host_component_version Installed version of the component (integer versions only)
 # TYPE pm_host_component_version gauge
-pm_host_component_version{host="web-1",group="web",component="daily"} 27000
+pm_host_component_version{host="web-1",group="web",product="clamav",component="daily"} 27000
 # HELP pm_host_component_build_timestamp_seconds Upstream build time of the installed component
 # TYPE pm_host_component_build_timestamp_seconds gauge
-pm_host_component_build_timestamp_seconds{host="web-1",group="web",component="daily"} 1699000000.0
-pm_host_component_build_timestamp_seconds{host="web-1",group="web",component="feed"} 1699000000.0
+pm_host_component_build_timestamp_seconds{host="web-1",group="web",product="clamav",component="daily"} 1699000000.0
+pm_host_component_build_timestamp_seconds{host="web-1",group="web",product="vendor",component="feed"} 1699000000.0
 # HELP pm_host_component_behind_dist Dist version minus installed version, 0 when current or ahead
 # TYPE pm_host_component_behind_dist gauge
-pm_host_component_behind_dist{host="web-1",group="web",component="daily"} 2
+pm_host_component_behind_dist{host="web-1",group="web",product="clamav",component="daily"} 2
 # HELP pm_hosts Active hosts by version status
 # TYPE pm_hosts gauge
 pm_hosts{version_status="green"} 0

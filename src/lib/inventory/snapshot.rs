@@ -53,6 +53,8 @@ pub struct HostComponentMetrics {
     pub host: String,
     /// Its group.
     pub group: String,
+    /// The product the component came from (`clamav`; empty when the inventory cannot tell).
+    pub product: String,
     /// Component name (`daily`).
     pub component: String,
     /// Installed version, when it is an integer.
@@ -247,13 +249,15 @@ impl Inventory {
                     epoch(installed_build_time),
                     CASE WHEN TRY_CAST(installed_version AS BIGINT) IS NOT NULL
                               AND TRY_CAST(dist_version AS BIGINT) IS NOT NULL
-                         THEN behind_by END
-             FROM host_versions ORDER BY host, component",
+                         THEN behind_by END,
+                    coalesce(product, '')
+             FROM host_versions ORDER BY host, product, component",
         ))?;
         let rows = self.db(statement.query_map([], |row| {
             Ok(HostComponentMetrics {
                 host: row.get(0)?,
                 group: row.get(1)?,
+                product: row.get(6)?,
                 component: row.get(2)?,
                 version: row.get(3)?,
                 build_time: row.get(4)?,

@@ -621,6 +621,7 @@ fn record_import(
                         revision: report.revision.clone().filter(|_| report.changed),
                         error: None,
                         bundle_sha256: Some(report.sha256.clone()),
+                        warnings: None,
                     }
                 })
                 .collect();

@@ -107,6 +107,15 @@ impl ProductReport {
         !self.entries.is_empty()
     }
 
+    /// Fails it after its own sync ended well, for what only all products together show.
+    fn fail(&mut self, error: String) {
+        tracing::error!(product = %self.name, error = %error, "product sync failed");
+        self.result = ProductResult::Failed;
+        self.state.last_failure_at = Some(self.finished_at);
+        self.state.last_error = Some(error.clone());
+        self.error = Some(error);
+    }
+
     /// `component=version` list for the inventory.
     pub fn versions(&self) -> String {
         self.components
@@ -444,7 +453,63 @@ pub(crate) async fn sync_products(
         reports.push(report);
     }
     fail_name_clashes(&mut reports);
+    // What latest would hold: the staged files, or in a dry run the files the entries name.
+    let files: Vec<(String, String)> = match staged.as_deref() {
+        Some(staged) => staged
+            .files()
+            .iter()
+            .map(|f| (f.product.clone(), f.path.clone()))
+            .collect(),
+        None => reports
+            .iter()
+            .flat_map(|r| r.entries.iter())
+            .flat_map(|e| {
+                e.components.iter().map(|c| match e.kind.as_str() {
+                    "clamav" => (e.name.clone(), format!("{}/{}.cvd", e.name, c.name)),
+                    _ => (e.name.clone(), format!("{}/{}", e.name, c.name)),
+                })
+            })
+            .collect(),
+    };
+    fail_engine_name_clashes(&mut reports, &files);
     reports
+}
+
+/// Agents put every database file into the engine's directory by its name, and refuse a dist
+/// in which two would share one (the whole fleet would be stuck). Such a revision is never
+/// staged: the product that brings the second of the two files fails. `files` are (product,
+/// path) of what latest would hold.
+fn fail_engine_name_clashes(reports: &mut [ProductReport], files: &[(String, String)]) {
+    let kind_of = |product: &str| {
+        reports
+            .iter()
+            .flat_map(|r| r.entries.iter())
+            .find(|e| e.name == product)
+            .map(|e| e.kind.clone())
+    };
+    let mut ordered: Vec<(usize, String, String)> = files
+        .iter()
+        .filter_map(|(product, path)| {
+            let index = reports
+                .iter()
+                .position(|r| r.entries.iter().any(|e| e.name == *product))?;
+            Some((index, kind_of(product)?, path.clone()))
+        })
+        .collect();
+    ordered.sort();
+    let Some(clash) = crate::manifest::engine_name_clash(
+        ordered
+            .iter()
+            .map(|(_, kind, path)| (kind.as_str(), path.as_str())),
+    ) else {
+        return;
+    };
+    let Some(&(failing, _, _)) = ordered.iter().find(|(_, _, path)| *path == clash.second) else {
+        return;
+    };
+    reports[failing].fail(format!(
+        "{clash}: rename one of them in its feed, or drop one of the products from pm.toml"
+    ));
 }
 
 /// A product name may appear once in latest. `sync_pm` refuses a parent product named like a
@@ -474,12 +539,7 @@ fn fail_name_clashes(reports: &mut [ProductReport]) {
             "product `{name}` is brought by both `{}` and `{}`: a mirror holds one product of each name, rename the local one",
             reports[failing].name, reports[other].name
         );
-        tracing::error!(product = %reports[failing].name, error = %error, "product sync failed");
-        let report = &mut reports[failing];
-        report.result = ProductResult::Failed;
-        report.state.last_failure_at = Some(report.finished_at);
-        report.state.last_error = Some(error.clone());
-        report.error = Some(error);
+        reports[failing].fail(error);
     }
 }
 
@@ -492,8 +552,13 @@ fn kind_name(source: &ProductSource) -> &'static str {
     }
 }
 
+/// `base/file`, the file's path percent-encoded ([`crate::manifest::url_path`]).
 fn join(base: &str, file: &str) -> Result<Url, ProductError> {
-    let text = format!("{}/{}", base.trim_end_matches('/'), file);
+    let text = format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        crate::manifest::url_path(file)
+    );
     Url::parse(&text).map_err(|err| ProductError::Verify {
         url: String::new(),
         problem: format!("`{text}` is not a URL: {err}"),
@@ -696,11 +761,47 @@ async fn sync_clamav(
                     break;
                 }
             };
-            clamav::verify_cdiff(&read(&target)?).map_err(|source| ProductError::Clamav {
-                url: url.to_string(),
-                source,
-            })?;
-            outcome.files_downloaded += 1;
+            let sign_name = format!("{name}.sign");
+            let sign = sign_entry(product, db, &sign_name, cdiff_version);
+            let checked = match clamav::verify_cdiff(&read(&target)?) {
+                Ok(_) => {
+                    fetch_sign_file(context, staged, join(base, &sign_name)?, sign, &target).await
+                }
+                Err(source) => Err(ProductError::Clamav {
+                    url: url.to_string(),
+                    source,
+                }),
+            };
+            match checked {
+                Ok(signs) => outcome.files_downloaded += 1 + signs,
+                // freshclam meets a cdiff that does not verify by downloading the whole CVD,
+                // which latest holds (verified above). Left out, the cdiff costs clients at the
+                // version before it the whole CVD (as it does freshclam); the older cdiffs lead
+                // only to it, so they go too. Said in the report, `mirror_syncs` and status.
+                Err(ProductError::Clamav {
+                    url: failed,
+                    source,
+                }) => {
+                    let _ = std::fs::remove_file(&target);
+                    let _ = std::fs::remove_file(staged.path_for(&format!("{path}.sign"))?);
+                    // The cdiff itself, or its detached signature.
+                    let why = if failed == url.as_str() {
+                        source.to_string()
+                    } else {
+                        format!("`{failed}`: {source}")
+                    };
+                    let warning = format!(
+                        "`{url}` is damaged upstream ({why}): left out with the older cdiffs; \
+                         clients at {db} {} or older download the whole `{cvd_name}` (version \
+                         {version}, verified) instead, as freshclam does",
+                        cdiff_version - 1
+                    );
+                    tracing::warn!(product = %product.name, %url, error = %source, "a damaged cdiff upstream is left out; clients fall back to the whole CVD");
+                    outcome.warnings.push(warning);
+                    break;
+                }
+                Err(other) => return Err(other),
+            }
             staged.add(FileEntry {
                 path,
                 size: downloaded.size,
@@ -710,10 +811,6 @@ async fn sync_clamav(
                 version: Some(cdiff_version.to_string()),
                 build_time: None,
             });
-            let sign_name = format!("{name}.sign");
-            let sign = sign_entry(product, db, &sign_name, cdiff_version);
-            outcome.files_downloaded +=
-                fetch_sign_file(context, staged, join(base, &sign_name)?, sign, &target).await?;
         }
     }
     outcome.entries = vec![entry];
@@ -883,6 +980,19 @@ async fn sync_files(
     outcome
         .validators
         .insert(index_url.to_string(), new_validators);
+    for file in &index.files {
+        let name = file.path.rsplit('/').next().unwrap_or(&file.path);
+        if crate::manifest::engine_loads("files", name)
+            && !crate::manifest::engine_file_name_ok(name)
+        {
+            outcome.warnings.push(format!(
+                "`{}/{}` is served, but agents do not install it into the engine's database \
+                 directory, whose names are letters, digits, `-`, `_` and `.`: ask the feed to \
+                 rename it",
+                product.name, file.path
+            ));
+        }
+    }
     product_entry.version = Some(index.version.clone());
     for file in &index.files {
         let path = format!("{}/{}", product.name, file.path);
@@ -928,7 +1038,7 @@ async fn sync_files(
         };
         outcome.result = ProductResult::Updated;
         let url = index_url
-            .join(&file.path)
+            .join(&crate::manifest::url_path(&file.path))
             .map_err(|err| bad_index(err.to_string()))?;
         let index_dir = index_url
             .join(".")

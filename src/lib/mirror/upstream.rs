@@ -133,6 +133,8 @@ impl Upstream {
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("pm-mirror/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.http.connect_timeout)
+            // reqwest's default, said here: a request's body never waits for an ACK (Nagle).
+            .tcp_nodelay(true)
             .read_timeout(config.http.timeout.min(Duration::from_secs(120)))
             .timeout(config.http.timeout);
         if let Some(proxy) = &config.proxy {
