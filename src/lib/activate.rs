@@ -129,6 +129,9 @@ pub enum KeyCommand {
 /// Runs `pm-activate` and returns its exit status.
 pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     let home = args.global.home();
+    if let Some(command) = args.command.writes_home() {
+        crate::ownership::check_home(&home, &format!("pm-activate {command}"))?;
+    }
     match args.command {
         Command::Key { command } => match command {
             KeyCommand::New {
@@ -149,6 +152,32 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
         Command::List => host::list(&home, &args.global),
         Command::Profile { command } => setup::profile_command(&home, &args.global, command),
         Command::License { command } => setup::license_command(&home, &args.global, command),
+    }
+}
+
+impl Command {
+    /// The subcommand's name when it writes the home (inventory, keys, PKI, licenses): those
+    /// run only as the home's owner ([`crate::ownership::check_home`]); listing only reads.
+    fn writes_home(&self) -> Option<&'static str> {
+        match self {
+            Command::Key { command } => match command {
+                KeyCommand::New { .. } => Some("key new"),
+                KeyCommand::Revoke { .. } => Some("key revoke"),
+                KeyCommand::List => None,
+            },
+            Command::Host(_) => Some("host"),
+            Command::Deactivate { .. } => Some("deactivate"),
+            Command::List => None,
+            Command::Profile { command } => match command {
+                setup::ProfileCommand::New { .. } => Some("profile new"),
+                setup::ProfileCommand::Delete { .. } => Some("profile delete"),
+                setup::ProfileCommand::Show { .. } | setup::ProfileCommand::List => None,
+            },
+            Command::License { command } => match command {
+                setup::LicenseCommand::Add { .. } => Some("license add"),
+                setup::LicenseCommand::List => None,
+            },
+        }
     }
 }
 

@@ -112,6 +112,8 @@ pub(crate) fn load_config(home: &Path) -> Result<PollConfig, UserError> {
 /// Runs `pm-poll`.
 pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     let home = args.global.home();
+    // Every poll writes the inventory (and renews certificates): only as the home's owner.
+    crate::ownership::check_home(&home, "pm-poll")?;
     let config = load_config(&home)?;
     let keep = Keep::of(&config);
     if args.prune {

@@ -249,6 +249,10 @@ pub(crate) fn inventory_error(err: InventoryError) -> anyhow::Error {
 /// Runs `pm-push`.
 pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     let home = args.global.home();
+    // Every subcommand but the listings records a job: only as the home's owner.
+    if !matches!(args.command, Command::Status { .. } | Command::Holds) {
+        crate::ownership::check_home(&home, "pm-push")?;
+    }
     match &args.command {
         Command::Update(update) => start(&home, &args.global, update),
         Command::Status { job } => status(&home, &args.global, *job),

@@ -70,6 +70,8 @@ pub struct Args {
 /// Runs `pm-rollback`.
 pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     let home = args.global.home();
+    // A rollback records a job and may rotate dist: only as the home's owner.
+    crate::ownership::check_home(&home, "pm-rollback")?;
     match (&args.generation, &args.to) {
         (Some(generation), None) => fleet(&home, &args, *generation),
         (None, Some(to)) => one_host(&home, &args, to),

@@ -220,3 +220,78 @@ fn a_garbage_collection_that_fails_after_the_switch_keeps_the_switch_and_its_rec
     assert_eq!(gc["changed"], true);
     assert!(!home.repo("revisions/r1").exists());
 }
+
+/// The other manager tools write the same home (the inventory, keys, the CA): run as root on the
+/// service user's home, each one that writes is refused before it changes anything, with the
+/// same hint, and root's readers still read.
+#[test]
+fn sudo_pm_activate_poll_push_and_rollback_on_the_service_users_home_are_refused() {
+    let lab = Lab::start(3);
+    let home = nobodys_home(&lab);
+    let first_key = home.path().join("first.key");
+    let run = as_nobody(
+        "pm-activate",
+        &home,
+        &["key", "new", "--out", first_key.to_str().unwrap()],
+    );
+    assert_eq!(run.code(), 0, "{}{}", run.stdout(), run.stderr());
+    let second_key = home.path().join("second.key");
+    let writers: [(&str, &[&str]); 6] = [
+        (
+            "pm-activate",
+            &["key", "new", "--out", second_key.to_str().unwrap()],
+        ),
+        (
+            "pm-activate",
+            &["profile", "new", "p", "--set", "max_filesize=1M"],
+        ),
+        ("pm-poll", &[]),
+        ("pm-poll", &["--prune"]),
+        ("pm-push", &["update"]),
+        ("pm-rollback", &["--generation", "1"]),
+    ];
+    for (program, args) in writers {
+        let run = Pm::new(program)
+            .args(["--home", home.path().to_str().unwrap()])
+            .args(args)
+            .run();
+        assert_eq!(
+            run.code(),
+            2,
+            "{program} {args:?}: {}{}",
+            run.stdout(),
+            run.stderr()
+        );
+        let stderr = run.stderr();
+        assert!(
+            stderr.contains("error: refusing to run as root on")
+                && stderr.contains(&format!(
+                    "hint: run it as the owner: `sudo -u nobody {program}"
+                )),
+            "{program} {args:?}: {stderr}"
+        );
+    }
+    let foreign = Command::new("find")
+        .arg(home.path())
+        .args(["!", "-user", NOBODY])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&foreign.stdout), "", "root wrote");
+    for (program, args) in [
+        ("pm-activate", &["key", "list"][..]),
+        ("pm-push", &["holds"]),
+        ("pm-query", &["SELECT count(*) FROM hosts"]),
+    ] {
+        let run = Pm::new(program)
+            .args(["--home", home.path().to_str().unwrap()])
+            .args(args)
+            .run();
+        assert_eq!(
+            run.code(),
+            0,
+            "{program} {args:?}: {}{}",
+            run.stdout(),
+            run.stderr()
+        );
+    }
+}
