@@ -340,8 +340,15 @@ struct RefreshState {
     last_attempt: Option<Instant>,
     running: bool,
     warned: Vec<FailureKind>,
+    /// Since when every refresh found a writer holding the file.
+    busy_since: Option<Instant>,
     last_error: Option<String>,
 }
+
+/// How long a writer may hold the inventory before the exporter warns: pm-poll's transaction
+/// for 10,000 hosts takes about a second, so a busy refresh now and then is the normal case
+/// (counted in `pm_inventory_read_errors_total`, not worth a warning each poll).
+const BUSY_WARN_AFTER: Duration = Duration::from_secs(60);
 
 /// The exporter's shared state: the snapshot served and how refreshing it goes.
 #[derive(Debug)]
@@ -440,11 +447,21 @@ impl Exporter {
                     tracing::info!(home = %self.home.display(), "inventory readable again");
                 }
                 state.warned.clear();
+                state.busy_since = None;
                 state.last_error = None;
             }
             Err(failure) => {
                 self.read_errors.fetch_add(1, Ordering::Relaxed);
-                if !state.warned.contains(&failure.kind) {
+                let busy_for = match failure.kind {
+                    FailureKind::Busy => {
+                        state.busy_since.get_or_insert_with(Instant::now).elapsed()
+                    }
+                    _ => {
+                        state.busy_since = None;
+                        Duration::MAX
+                    }
+                };
+                if busy_for >= BUSY_WARN_AFTER && !state.warned.contains(&failure.kind) {
                     state.warned.push(failure.kind);
                     tracing::warn!(
                         kind = ?failure.kind,

@@ -328,6 +328,10 @@ impl Inventory {
         let path = home.join(INVENTORY_FILE);
         if !path.exists() {
             create_complete(&path)?;
+        } else {
+            // A first run killed between linking its inventory into place and removing the
+            // staging name left that name behind: the writers after it remove it.
+            remove_abandoned_staging(home);
         }
         let conn = open_with_retry(&path, AccessMode::ReadWrite, lock_timeout)?;
         // Appended timestamps are UTC; DuckDB would read them in the session's time zone.

@@ -412,10 +412,15 @@ fn the_last_snapshot_is_served_while_pm_poll_writes_and_after_the_inventory_is_g
     let (code, _, _) = get(&server, "/healthz", None);
     assert_eq!(code, 200, "a snapshot exists");
 
-    // Warned once per kind of failure, not per refresh.
+    // Warned once per kind of failure, not per refresh; a writer holding the file for seconds
+    // (a poll) is the normal case and no warning.
     let stderr = server.stop();
-    let warnings = stderr.iter().filter(|l| l.contains("WARN")).count();
-    assert!((1..=4).contains(&warnings), "{stderr:#?}");
+    let warnings: Vec<_> = stderr.iter().filter(|l| l.contains("WARN")).collect();
+    assert!((1..=3).contains(&warnings.len()), "{stderr:#?}");
+    assert!(
+        !warnings.iter().any(|l| l.contains("Busy")),
+        "{warnings:#?}"
+    );
 }
 
 #[test]
