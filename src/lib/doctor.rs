@@ -400,7 +400,7 @@ fn retention_overdue(inventory: &Inventory, poll: &PollConfig) -> Option<(String
     if chrono::Utc::now() - oldest <= keep + PRUNE_SLACK {
         return None;
     }
-    let last = match inventory.last_prune_at().ok()? {
+    let last = match inventory.last_prune_at(chrono::Utc::now()).ok()? {
         Some(at) => format!("the last prune ran at {}", at.to_rfc3339()),
         None => "no prune ever ran".into(),
     };

@@ -38,6 +38,9 @@ pub struct PolledHost {
     /// The certificate the host presented (and the serial the poll renewed it from), recorded
     /// by the host registry ([`Inventory::record_seen_certificates`]).
     pub certificate: Option<crate::hosts::CertificateSeen>,
+    /// How far this manager's clock was ahead of the agent's when it answered (the `Date` of
+    /// its answer; negative: behind), for the prune's check of the manager's clock.
+    pub clock_ahead_of_agent: Option<chrono::Duration>,
 }
 
 /// Where the manager stands in a host's reports: the agent only sends newer ones. Each is a
@@ -781,6 +784,7 @@ mod tests {
             latency_ms: Some(1.5),
             answer,
             certificate: None,
+            clock_ahead_of_agent: None,
         };
         let first = inventory
             .transaction(|inv| inv.record_polls(1, &[poll(Ok(answer("3", vec![scan("a")])), at)]))
@@ -853,6 +857,7 @@ mod tests {
                         latency_ms: None,
                         answer: Ok(answer),
                         certificate: None,
+                        clock_ahead_of_agent: None,
                     }],
                 )
             })
