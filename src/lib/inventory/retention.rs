@@ -87,8 +87,10 @@ impl Inventory {
     }
 
     /// What a prune at `now` measures ages from: the newest poll not after `now` recorded by
-    /// a run other than `this_job` (`None`: no such poll), and how many polls are stamped
-    /// after `now` (recorded while the clock was ahead, or the clock stepped back since).
+    /// a run other than `this_job` (`None`: no such poll), and how many polls of other runs
+    /// are stamped more than [`crate::hosts::MAX_CLOCK_SKEW`] after `now` (recorded while the
+    /// clock was ahead, or the clock stepped back since; a run writing at the same time stamps
+    /// its polls a little after `now`, which is no sign of either).
     pub fn prune_reference(
         &self,
         now: DateTime<Utc>,
@@ -97,8 +99,13 @@ impl Inventory {
         let (newest, ahead): (Option<f64>, i64) = self.db(self.conn.query_row(
             "SELECT epoch(max(polled_at) FILTER (WHERE polled_at <= to_timestamp(?1) \
                  AND job_id IS DISTINCT FROM ?2)), \
-             count(*) FILTER (WHERE polled_at > to_timestamp(?1)) FROM polls",
-            params![epoch(now), this_job],
+             count(*) FILTER (WHERE polled_at > to_timestamp(?3) \
+                 AND job_id IS DISTINCT FROM ?2) FROM polls",
+            params![
+                epoch(now),
+                this_job,
+                epoch(now + crate::hosts::MAX_CLOCK_SKEW)
+            ],
             |row| Ok((row.get(0)?, row.get(1)?)),
         ))?;
         Ok((newest.map(from_epoch), ahead as usize))
@@ -290,13 +297,14 @@ mod tests {
 
     #[test]
     fn rows_stamped_after_the_clock_neither_date_the_prune_nor_hold_it_off() {
-        // Polls of job 1 (10 days ago), job 2 (1 day ago) and job 3 (100 days ahead); a prune
-        // stamped 100 days ahead.
+        // Polls of job 1 (10 days ago), job 2 (1 day ago), job 3 (100 days ahead) and job 4
+        // (a minute ahead: a run writing meanwhile); a prune stamped 100 days ahead.
         let (_home, inventory) = inventory_with(
             "INSERT INTO polls VALUES
                  (1, 1, now() - INTERVAL 10 DAY, true, NULL, NULL, 1),
                  (2, 1, now() - INTERVAL 1 DAY, true, NULL, NULL, 1),
-                 (3, 1, now() + INTERVAL 100 DAY, true, NULL, NULL, 1);",
+                 (3, 1, now() + INTERVAL 100 DAY, true, NULL, NULL, 1),
+                 (4, 1, now() + INTERVAL 1 MINUTE, true, NULL, NULL, 1);",
         );
         let now = Utc::now();
         inventory
@@ -319,6 +327,11 @@ mod tests {
         assert_eq!(
             days(inventory.prune_reference(now, Some(1)).unwrap()),
             (Some(1), 1)
+        );
+        // Its own polls stamped ahead are no sign of a clock that was.
+        assert_eq!(
+            days(inventory.prune_reference(now, Some(3)).unwrap()),
+            (Some(1), 0)
         );
     }
 }
