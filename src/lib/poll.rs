@@ -1013,10 +1013,12 @@ fn before(now: DateTime<Utc>, age: Duration, key: &str) -> Result<DateTime<Utc>,
 /// Prunes in one transaction and records it as a `prune` job (whose time decides when pm-poll
 /// prunes by itself next); `dry_run` counts instead and records nothing.
 ///
-/// Ages are measured from the newest poll before `now` recorded by a run other than
+/// Ages are measured from the newest answered poll before `now` recorded by a run other than
 /// `this_job`, never from a later time than the clock: a clock that jumped ahead (a wrong RTC
 /// after a reboot, an NTP misstep) cannot make the history look older than it is, and after a
 /// long outage the first prune deletes nothing new (the next one, a day later, catches up).
+/// Only an answered poll counts: its agent's clock was compared with the manager's
+/// ([`clock_refusal`]), which a poll nobody answered could not do.
 fn prune_inventory(
     inventory: &Inventory,
     now: DateTime<Utc>,

@@ -86,8 +86,9 @@ impl Inventory {
         Ok(seconds.map(from_epoch))
     }
 
-    /// What a prune at `now` measures ages from: the newest poll not after `now` recorded by
-    /// a run other than `this_job` (`None`: no such poll), and how many polls of other runs
+    /// What a prune at `now` measures ages from: the newest answered poll not after `now`
+    /// recorded by a run other than `this_job` (`None`: no such poll; a poll no agent answered
+    /// could not check the clock that stamped it), and how many polls of other runs
     /// are stamped more than [`crate::hosts::MAX_CLOCK_SKEW`] after `now` (recorded while the
     /// clock was ahead, or the clock stepped back since; a run writing at the same time stamps
     /// its polls a little after `now`, which is no sign of either).
@@ -98,7 +99,7 @@ impl Inventory {
     ) -> Result<(Option<DateTime<Utc>>, usize), InventoryError> {
         let (newest, ahead): (Option<f64>, i64) = self.db(self.conn.query_row(
             "SELECT epoch(max(polled_at) FILTER (WHERE polled_at <= to_timestamp(?1) \
-                 AND job_id IS DISTINCT FROM ?2)), \
+                 AND ok AND job_id IS DISTINCT FROM ?2)), \
              count(*) FILTER (WHERE polled_at > to_timestamp(?3) \
                  AND job_id IS DISTINCT FROM ?2) FROM polls",
             params![
@@ -298,13 +299,15 @@ mod tests {
     #[test]
     fn rows_stamped_after_the_clock_neither_date_the_prune_nor_hold_it_off() {
         // Polls of job 1 (10 days ago), job 2 (1 day ago), job 3 (100 days ahead) and job 4
-        // (a minute ahead: a run writing meanwhile); a prune stamped 100 days ahead.
+        // (a minute ahead: a run writing meanwhile), job 5 (an hour ago, unanswered: it dates
+        // nothing); a prune stamped 100 days ahead.
         let (_home, inventory) = inventory_with(
             "INSERT INTO polls VALUES
                  (1, 1, now() - INTERVAL 10 DAY, true, NULL, NULL, 1),
                  (2, 1, now() - INTERVAL 1 DAY, true, NULL, NULL, 1),
                  (3, 1, now() + INTERVAL 100 DAY, true, NULL, NULL, 1),
-                 (4, 1, now() + INTERVAL 1 MINUTE, true, NULL, NULL, 1);",
+                 (4, 1, now() + INTERVAL 1 MINUTE, true, NULL, NULL, 1),
+                 (5, 1, now() - INTERVAL 1 HOUR, false, 'timeout', 'no answer', NULL);",
         );
         let now = Utc::now();
         inventory
