@@ -1089,18 +1089,31 @@ fn clock_ahead_of_agents(polled: &[PolledHost]) -> Option<chrono::Duration> {
     ahead.get(ahead.len() / 2).copied()
 }
 
+/// How far this manager's clock was ahead of its agents' (negative: behind) at the last poll
+/// that heard any, and when, when they disagreed by more than clocks may
+/// ([`crate::hosts::MAX_CLOCK_SKEW`]) and the clock was not set back since (`now` is not
+/// before that poll; pm-poll measures again at its next poll). Read by the prune and pm-doctor.
+pub(crate) fn clock_out_of_step(
+    inventory: &Inventory,
+    now: DateTime<Utc>,
+) -> Result<Option<(chrono::Duration, DateTime<Utc>)>, InventoryError> {
+    Ok(inventory
+        .clock_against_agents()?
+        .map(|(ahead, checked_at)| (chrono::Duration::seconds(ahead), checked_at))
+        .filter(|(ahead, checked_at)| {
+            ahead.abs() > crate::hosts::MAX_CLOCK_SKEW && now >= *checked_at
+        }))
+}
+
 /// Why no prune may run at `now`: the last poll that heard agents found this manager's clock
-/// further ahead of theirs than clocks may disagree ([`crate::hosts::MAX_CLOCK_SKEW`]), and
-/// the clock was not set back since (`now` is not before that poll).
+/// further ahead of theirs than clocks may disagree ([`clock_out_of_step`]).
 fn clock_refusal(inventory: &Inventory, now: DateTime<Utc>) -> anyhow::Result<Option<UserError>> {
-    let Some((ahead, checked_at)) = inventory.clock_against_agents().map_err(inventory_error)?
+    let Some((ahead, checked_at)) = clock_out_of_step(inventory, now)
+        .map_err(inventory_error)?
+        .filter(|(ahead, _)| *ahead > chrono::Duration::zero())
     else {
         return Ok(None);
     };
-    let ahead = chrono::Duration::seconds(ahead);
-    if ahead <= crate::hosts::MAX_CLOCK_SKEW || now < checked_at {
-        return Ok(None);
-    }
     Ok(Some(
         UserError::failure(format!(
             "this manager's clock was {} its agents' at the poll of {}: ages measured by it \

@@ -188,6 +188,13 @@ fn a_manager_clock_far_ahead_never_prunes_history_and_its_prune_does_not_block_l
     assert_eq!(run.code(), 1, "{}\n{}", run.stdout(), run.stderr());
     assert!(run.stderr().contains("hint: "), "{}", run.stderr());
     assert_eq!(history(&setup), before);
+    // pm-doctor says so too.
+    let run = at("+102d", "pm-doctor", &setup.home, &[]);
+    assert!(
+        run.stdout().contains("days ahead of its agents'"),
+        "{}",
+        run.stdout()
+    );
 
     // 4. Two days on, the agent down (no poll can check the clock), the prune job stamped 100
     // days ahead does not hold off the daily prune, which deletes nothing recent and keeps the
