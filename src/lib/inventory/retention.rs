@@ -127,7 +127,7 @@ impl Inventory {
 
     /// How far this manager's clock was ahead of its agents' (seconds, negative: behind) at
     /// the last poll that heard one, and when that was by the manager's clock
-    /// ([`CLOCK_AHEAD_SECONDS`], [`CLOCK_CHECKED_AT`] in `settings`, written by pm-poll).
+    /// (`CLOCK_AHEAD_SECONDS` and `CLOCK_CHECKED_AT` in `settings`, written by pm-poll).
     pub fn clock_against_agents(&self) -> Result<Option<(i64, DateTime<Utc>)>, InventoryError> {
         let value = |key: &str| {
             self.db(self.conn.query_row(
