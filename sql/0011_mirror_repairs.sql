@@ -31,6 +31,12 @@ GROUP BY f.revision, f.product, f.component;
 -- host installed is the database of that name (`<product>/<component>.cvd` of a ClamAV
 -- product before `<product>/<component>` of a feed; a revision may not install two files of
 -- one name), else the same in dist.
+-- A component of dist the agent would install and the host lacks (a product added after its
+-- last install) is a row too: `missing`, no installed version, behind_by 1. What an agent
+-- installs is what `manifest::engine_loads` says (a unit test holds this view to it): a ClamAV
+-- product's `.cvd` databases and a feed's plain signature files named as the engine's directory
+-- takes them, never an `agent` package, a cdiff, a `.sign` file or a feed's README. A host that
+-- never installed a revision lacks nothing here (fleet_status: red, nothing to compare).
 CREATE OR REPLACE VIEW host_versions AS
 WITH origins AS (
     SELECT revision,
@@ -42,29 +48,62 @@ WITH origins AS (
 ),
 dist AS (
     SELECT revision FROM dist_history ORDER BY id DESC LIMIT 1
+),
+installed AS (
+    SELECT h.host,
+           h.host_group AS grp,
+           coalesce(o.product, od.product) AS product,
+           c.component,
+           c.version,
+           c.build_time
+    FROM hosts h
+    JOIN installed_components c ON c.host = h.host
+    LEFT JOIN origins o ON o.revision = c.revision AND o.component = c.component
+    LEFT JOIN origins od ON od.revision = (SELECT revision FROM dist) AND od.component = c.component
+    WHERE h.state = 'active'
+),
+dist_installs AS (
+    SELECT DISTINCT f.product, f.component
+    FROM revision_files f
+    WHERE f.revision = (SELECT revision FROM dist)
+      AND f.version IS NOT NULL
+      AND (f.path = f.product || '/' || f.component || '.cvd'
+           OR (f.path = f.product || '/' || f.component
+               AND regexp_full_match(lower(f.path),
+                   '(.*/)?[a-z0-9_-][a-z0-9_.-]*\.(hdb|hdu|hsb|hsu|mdb|mdu|msb|msu|ndb|ndu|ldb|ldu|cdb|idb|fp|sfp|ign|ign2|pdb|gdb|wdb|ftm|cbc|crb|cat|pwdb|yar|yara)')))
+),
+missing AS (
+    SELECT i.host, i.grp, d.product, d.component
+    FROM (SELECT DISTINCT i.host, i.grp
+          FROM installed i JOIN host_state s ON s.host = i.host
+          WHERE s.installed_revision IS NOT NULL) i
+    CROSS JOIN dist_installs d
+    WHERE NOT EXISTS (SELECT 1 FROM installed j
+                      WHERE j.host = i.host AND j.product = d.product AND j.component = d.component)
 )
-SELECT h.host,
-       h.host_group AS grp,
-       coalesce(o.product, od.product) AS product,
-       c.component,
-       c.version AS installed_version,
-       c.build_time AS installed_build_time,
+SELECT i.host,
+       i.grp,
+       i.product,
+       i.component,
+       i.version AS installed_version,
+       i.build_time AS installed_build_time,
        d.version AS dist_version,
        d.build_time AS dist_build_time,
        CASE
            WHEN d.version IS NULL THEN NULL
-           WHEN c.version IS NULL THEN 1
-           WHEN TRY_CAST(c.version AS BIGINT) IS NOT NULL AND TRY_CAST(d.version AS BIGINT) IS NOT NULL
-               THEN greatest(TRY_CAST(d.version AS BIGINT) - TRY_CAST(c.version AS BIGINT), 0)
-           WHEN c.version = d.version THEN 0
+           WHEN i.version IS NULL THEN 1
+           WHEN TRY_CAST(i.version AS BIGINT) IS NOT NULL AND TRY_CAST(d.version AS BIGINT) IS NOT NULL
+               THEN greatest(TRY_CAST(d.version AS BIGINT) - TRY_CAST(i.version AS BIGINT), 0)
+           WHEN i.version = d.version THEN 0
            ELSE 1
-       END AS behind_by
-FROM hosts h
-JOIN installed_components c ON c.host = h.host
-LEFT JOIN origins o ON o.revision = c.revision AND o.component = c.component
-LEFT JOIN origins od ON od.revision = (SELECT revision FROM dist) AND od.component = c.component
-LEFT JOIN dist_components d ON d.product = coalesce(o.product, od.product) AND d.component = c.component
-WHERE h.state = 'active';
+       END AS behind_by,
+       false AS missing
+FROM installed i
+LEFT JOIN dist_components d ON d.product = i.product AND d.component = i.component
+UNION ALL
+SELECT m.host, m.grp, m.product, m.component, NULL, NULL, d.version, d.build_time, 1, true
+FROM missing m
+JOIN dist_components d ON d.product = m.product AND d.component = m.component;
 
 -- Hosts per product and component version across the active fleet, and whether that is
 -- dist's version.
@@ -73,6 +112,7 @@ SELECT product,
        component,
        installed_version AS version,
        count(*) AS hosts,
-       bool_or(installed_version = dist_version) AS is_dist   -- NULL: dist has no such component
+       -- NULL: dist has no such component; false with no version: the hosts that lack it
+       bool_or(CASE WHEN missing THEN false ELSE installed_version = dist_version END) AS is_dist
 FROM host_versions
 GROUP BY product, component, installed_version;

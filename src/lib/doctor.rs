@@ -340,7 +340,7 @@ fn check_inventory(home: &Path, config: Option<&Config>) -> Check {
         Ok(Some(inventory)) => {
             let version = inventory.schema_version().unwrap_or_default();
             let poll = config.map(|c| c.poll.clone()).unwrap_or_default();
-            match retention_overdue(&inventory, &poll) {
+            match clock_off(&inventory).or_else(|| retention_overdue(&inventory, &poll)) {
                 Some((message, hint)) => Check::warn(NAME, message, hint),
                 None => Check::ok(
                     NAME,
@@ -388,6 +388,28 @@ fn check_inventory(home: &Path, config: Option<&Config>) -> Check {
     }
 }
 
+/// What is wrong, and what to do, when the last poll that heard agents found this manager's
+/// clock out of step with theirs (the median of their answers): polls are stamped with it,
+/// and while it is ahead pm-poll prunes nothing.
+fn clock_off(inventory: &Inventory) -> Option<(String, String)> {
+    let (ahead, checked_at) =
+        crate::poll::clock_out_of_step(inventory, chrono::Utc::now()).ok()??;
+    Some((
+        format!(
+            "this manager's clock was {} its agents' at the poll of {}: polls are stamped with \
+             it{}",
+            crate::hosts::clock_offset(checked_at, checked_at - ahead),
+            checked_at.to_rfc3339(),
+            if ahead > chrono::Duration::zero() {
+                ", and pm-poll prunes nothing while it is ahead"
+            } else {
+                ""
+            }
+        ),
+        "set this manager's clock right (`timedatectl status`, NTP), then run pm-poll".into(),
+    ))
+}
+
 /// Slack past `keep_polls` before an old poll means no prune ran: pm-poll prunes at most a
 /// day apart, and a day without polls delays it.
 const PRUNE_SLACK: chrono::Duration = chrono::Duration::days(2);
@@ -400,7 +422,7 @@ fn retention_overdue(inventory: &Inventory, poll: &PollConfig) -> Option<(String
     if chrono::Utc::now() - oldest <= keep + PRUNE_SLACK {
         return None;
     }
-    let last = match inventory.last_prune_at().ok()? {
+    let last = match inventory.last_prune_at(chrono::Utc::now()).ok()? {
         Some(at) => format!("the last prune ran at {}", at.to_rfc3339()),
         None => "no prune ever ran".into(),
     };

@@ -22,7 +22,7 @@ pub fn agent_component(arch: &str, os: &str) -> String {
 /// Plain-text signature databases ClamAV loads from its database directory without a container
 /// (`CLI_DBEXT` in libclamav/readdb.h minus the signed containers): how third-party feeds
 /// (SaneSecurity, URLhaus, a site's own hashes) ship. Matched as a case-insensitive suffix.
-const PLAIN_SIGNATURE_EXTENSIONS: &[&str] = &[
+pub(crate) const PLAIN_SIGNATURE_EXTENSIONS: &[&str] = &[
     ".hdb", ".hdu", ".hsb", ".hsu", ".mdb", ".mdu", ".msb", ".msu", ".ndb", ".ndu", ".ldb", ".ldu",
     ".cdb", ".idb", ".fp", ".sfp", ".ign", ".ign2", ".pdb", ".gdb", ".wdb", ".ftm", ".cbc", ".crb",
     ".cat", ".pwdb", ".yar", ".yara",

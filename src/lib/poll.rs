@@ -323,11 +323,22 @@ fn poll_once(
                 ),
             ])?;
             let recorded = inv.record_polls(job_id, &polled)?;
+            if let Some(ahead) = clock_ahead_of_agents(&polled) {
+                inv.save_clock_against_agents(ahead, started_at)?;
+                if ahead.abs() > crate::hosts::MAX_CLOCK_SKEW {
+                    tracing::warn!(
+                        "this manager's clock is {} its agents' (the median of their answers): \
+                         polls are stamped with it and no prune runs while it is ahead; set it \
+                         right (`timedatectl status`, NTP)",
+                        crate::hosts::clock_offset(started_at, started_at - ahead)
+                    );
+                }
+            }
             Ok((job_id, recorded))
         })
         .map_err(inventory_error)?;
     let inventory_write_seconds = write.elapsed().as_secs_f64();
-    let pruned = prune_if_due(&inventory, started_at, keep);
+    let pruned = prune_if_due(&inventory, started_at, job_id, keep);
     let names: Vec<String> = targets.iter().map(|t| t.host.clone()).collect();
     let rows = inventory
         .fleet_status(Some(&names))
@@ -509,6 +520,7 @@ pub(crate) async fn ask_all(
                     ),
                 }),
                 certificate: None,
+                clock_ahead_of_agent: None,
             })
         })
         .collect()
@@ -585,6 +597,11 @@ async fn ask_one(
     let latency_ms = answer
         .is_ok()
         .then(|| started.elapsed().as_secs_f64() * 1000.0);
+    let answered_at = Utc::now() + shift;
+    let (answer, clock_ahead_of_agent) = match answer {
+        Ok((answer, cert, agent_time)) => (Ok((answer, cert)), agent_time.map(|t| answered_at - t)),
+        Err(failure) => (Err(failure), None),
+    };
     let (answer, certificate) = match (answer, ca) {
         (Ok((answer, Some(cert))), Some(ca)) => {
             let seen = renew_if_due(client, target, &cert, ca, timeout).await;
@@ -615,6 +632,7 @@ async fn ask_one(
         latency_ms,
         answer,
         certificate,
+        clock_ahead_of_agent,
     }
 }
 
@@ -728,7 +746,14 @@ async fn request(
     target: &Target,
     cursor: &PollCursors,
     timeout: Duration,
-) -> Result<(PollResponse, Option<openssl::x509::X509>), PollFailure> {
+) -> Result<
+    (
+        PollResponse,
+        Option<openssl::x509::X509>,
+        Option<DateTime<Utc>>,
+    ),
+    PollFailure,
+> {
     let address = &target.address;
     let mut url =
         reqwest::Url::parse(&format!("https://{address}{}", proto::POLL_PATH)).map_err(|err| {
@@ -800,7 +825,7 @@ async fn request(
         ));
     }
     parse_answer(&body)
-        .map(|answer| (answer, peer))
+        .map(|answer| (answer, peer, agent_time))
         .map_err(|problem| {
             failure(
                 "bad_response",
@@ -966,6 +991,8 @@ const PRUNE_EVERY: chrono::Duration = chrono::Duration::days(1);
 struct PruneReport {
     #[serde(flatten)]
     deleted: Pruned,
+    /// Ages were measured from here: the newest poll of an earlier run, never after the clock.
+    as_of: String,
     /// Polls before this were deleted.
     polls_before: String,
     /// Scans, findings, install runs and superseded versions before this were deleted;
@@ -985,17 +1012,37 @@ fn before(now: DateTime<Utc>, age: Duration, key: &str) -> Result<DateTime<Utc>,
 
 /// Prunes in one transaction and records it as a `prune` job (whose time decides when pm-poll
 /// prunes by itself next); `dry_run` counts instead and records nothing.
+///
+/// Ages are measured from the newest answered poll before `now` recorded by a run other than
+/// `this_job`, never from a later time than the clock: a clock that jumped ahead (a wrong RTC
+/// after a reboot, an NTP misstep) cannot make the history look older than it is, and after a
+/// long outage the first prune deletes nothing new (the next one, a day later, catches up).
+/// Only an answered poll counts: its agent's clock was compared with the manager's
+/// ([`clock_refusal`]), which a poll nobody answered could not do.
 fn prune_inventory(
     inventory: &Inventory,
     now: DateTime<Utc>,
+    this_job: Option<i64>,
     keep: Keep,
     dry_run: bool,
 ) -> anyhow::Result<PruneReport> {
     let started = Instant::now();
-    let polls_before = before(now, keep.polls, "keep_polls")?;
+    let (newest, stamped_ahead) = inventory
+        .prune_reference(now, this_job)
+        .map_err(inventory_error)?;
+    let as_of = newest.map_or(now, |newest| newest.min(now));
+    if stamped_ahead > 0 {
+        tracing::warn!(
+            polls = stamped_ahead,
+            "polls are stamped after this manager's clock (recorded while it was ahead, or it \
+             was set back since): they stay, and ages are measured from the newest poll before \
+             now"
+        );
+    }
+    let polls_before = before(as_of, keep.polls, "keep_polls")?;
     let history_before = keep
         .history
-        .map(|age| before(now, age, "keep_history"))
+        .map(|age| before(as_of, age, "keep_history"))
         .transpose()?;
     let deleted = inventory
         .transaction(|inv| {
@@ -1007,7 +1054,7 @@ fn prune_inventory(
                     "ok",
                     &format!(
                         "deleted {} polls before {}, {} scans, {} findings, {} install runs, {} \
-                         superseded versions before {}",
+                         superseded versions before {} (ages from the newest poll, {})",
                         deleted.polls,
                         polls_before.to_rfc3339(),
                         deleted.scans,
@@ -1015,6 +1062,7 @@ fn prune_inventory(
                         deleted.update_runs,
                         deleted.component_versions,
                         history_before.map_or("-".into(), |t| t.to_rfc3339()),
+                        as_of.to_rfc3339(),
                     ),
                 )?;
             }
@@ -1023,19 +1071,76 @@ fn prune_inventory(
         .map_err(inventory_error)?;
     Ok(PruneReport {
         deleted,
+        as_of: as_of.to_rfc3339(),
         polls_before: polls_before.to_rfc3339(),
         history_before: history_before.map(|t| t.to_rfc3339()),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
-/// After a poll, on the inventory it just wrote: prunes when `auto_prune` is on and the last
-/// prune is a day old (or there was none). A failed prune is a warning: the poll is recorded.
-fn prune_if_due(inventory: &Inventory, now: DateTime<Utc>, keep: Keep) -> Option<PruneReport> {
+/// The median of how far this manager's clock was ahead of each agent that answered (one
+/// agent with a wrong clock does not make the manager's look wrong); `None` without answers.
+fn clock_ahead_of_agents(polled: &[PolledHost]) -> Option<chrono::Duration> {
+    let mut ahead: Vec<chrono::Duration> = polled
+        .iter()
+        .filter_map(|p| p.clock_ahead_of_agent)
+        .collect();
+    ahead.sort_unstable();
+    ahead.get(ahead.len() / 2).copied()
+}
+
+/// How far this manager's clock was ahead of its agents' (negative: behind) at the last poll
+/// that heard any, and when, when they disagreed by more than clocks may
+/// ([`crate::hosts::MAX_CLOCK_SKEW`]) and the clock was not set back since (`now` is not
+/// before that poll; pm-poll measures again at its next poll). Read by the prune and pm-doctor.
+pub(crate) fn clock_out_of_step(
+    inventory: &Inventory,
+    now: DateTime<Utc>,
+) -> Result<Option<(chrono::Duration, DateTime<Utc>)>, InventoryError> {
+    Ok(inventory
+        .clock_against_agents()?
+        .map(|(ahead, checked_at)| (chrono::Duration::seconds(ahead), checked_at))
+        .filter(|(ahead, checked_at)| {
+            ahead.abs() > crate::hosts::MAX_CLOCK_SKEW && now >= *checked_at
+        }))
+}
+
+/// Why no prune may run at `now`: the last poll that heard agents found this manager's clock
+/// further ahead of theirs than clocks may disagree ([`clock_out_of_step`]).
+fn clock_refusal(inventory: &Inventory, now: DateTime<Utc>) -> anyhow::Result<Option<UserError>> {
+    let Some((ahead, checked_at)) = clock_out_of_step(inventory, now)
+        .map_err(inventory_error)?
+        .filter(|(ahead, _)| *ahead > chrono::Duration::zero())
+    else {
+        return Ok(None);
+    };
+    Ok(Some(
+        UserError::failure(format!(
+            "this manager's clock was {} its agents' at the poll of {}: ages measured by it \
+             would take recent polls and history for old ones, so nothing was pruned",
+            crate::hosts::clock_offset(checked_at, checked_at - ahead),
+            checked_at.to_rfc3339()
+        ))
+        .with_hint(
+            "set this manager's clock right (`timedatectl status`, NTP), then run pm-poll: \
+             pruning resumes once a poll finds the clocks in step",
+        ),
+    ))
+}
+
+/// After a poll (`this_job`), on the inventory it just wrote: prunes when `auto_prune` is on,
+/// the last prune is a day old (or there was none) and the clock is not far ahead of the
+/// agents'. A failed or refused prune is a warning: the poll is recorded.
+fn prune_if_due(
+    inventory: &Inventory,
+    now: DateTime<Utc>,
+    this_job: i64,
+    keep: Keep,
+) -> Option<PruneReport> {
     if !keep.daily {
         return None;
     }
-    let due = match inventory.last_prune_at() {
+    let due = match inventory.last_prune_at(now) {
         Ok(last) => last.is_none_or(|last| now - last >= PRUNE_EVERY),
         Err(err) => {
             tracing::warn!(error = %err, "cannot tell when the inventory was last pruned");
@@ -1045,13 +1150,17 @@ fn prune_if_due(inventory: &Inventory, now: DateTime<Utc>, keep: Keep) -> Option
     if !due {
         return None;
     }
-    match prune_inventory(inventory, now, keep, false) {
+    let refused = clock_refusal(inventory, now).and_then(|refusal| match refusal {
+        Some(refusal) => Err(refusal.into()),
+        None => Ok(()),
+    });
+    match refused.and_then(|()| prune_inventory(inventory, now, Some(this_job), keep, false)) {
         Ok(report) => {
             tracing::info!(deleted = ?report.deleted, seconds = report.seconds, "pruned");
             Some(report)
         }
         Err(err) => {
-            tracing::warn!(error = %format!("{err:#}"), "the daily prune failed; the poll is recorded");
+            tracing::warn!(error = %format!("{err:#}"), "the daily prune did not run; the poll is recorded");
             None
         }
     }
@@ -1061,7 +1170,11 @@ fn prune_if_due(inventory: &Inventory, now: DateTime<Utc>, keep: Keep) -> Option
 /// `keep_polls`.
 fn prune(home: &Path, global: &GlobalArgs, keep: Keep) -> anyhow::Result<ExitStatus> {
     let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
-    let report = prune_inventory(&inventory, Utc::now() + clock()?, keep, global.dry_run)?;
+    let now = Utc::now() + clock()?;
+    if let Some(refusal) = clock_refusal(&inventory, now)? {
+        return Err(refusal.into());
+    }
+    let report = prune_inventory(&inventory, now, None, keep, global.dry_run)?;
     let deleted = report.deleted;
     if global.json {
         cli::print_json(&serde_json::json!({
@@ -1323,5 +1436,39 @@ mod tests {
         );
         answer.scans.truncate(proto::POLL_MAX_REPORTS);
         assert!(parse_answer(&serde_json::to_vec(&answer).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn the_clock_against_agents_is_the_median_of_those_that_answered() {
+        let check = |aheads: &[Option<i64>], expected: Option<i64>| {
+            let polled: Vec<PolledHost> = aheads
+                .iter()
+                .map(|ahead| PolledHost {
+                    host: "web-1".into(),
+                    polled_at: Utc::now(),
+                    latency_ms: None,
+                    answer: Err(PollFailure {
+                        kind: "timeout".into(),
+                        message: String::new(),
+                    }),
+                    certificate: None,
+                    clock_ahead_of_agent: ahead.map(chrono::Duration::seconds),
+                })
+                .collect();
+            assert_eq!(
+                clock_ahead_of_agents(&polled),
+                expected.map(chrono::Duration::seconds),
+                "{aheads:?}"
+            );
+        };
+        check(&[], None);
+        check(&[None, None], None);
+        check(&[Some(5), None], Some(5));
+        // One agent with a wrong clock does not make the manager's look wrong.
+        check(&[Some(1), Some(-86_400 * 300), Some(2)], Some(1));
+        check(
+            &[Some(86_400 * 100), Some(86_400 * 101), None],
+            Some(86_400 * 101),
+        );
     }
 }

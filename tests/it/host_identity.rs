@@ -173,7 +173,7 @@ fn poll(home: &Home, flags: &[&str]) -> (i32, Value, String) {
 }
 
 /// `TOOL --home HOME --json ARGS` under `faketime -f OFFSET`: a manager whose clock is on.
-fn at(offset: &str, tool: &str, home: &Home, args: &[&str]) -> Run {
+pub(crate) fn at(offset: &str, tool: &str, home: &Home, args: &[&str]) -> Run {
     let mut command = Command::new("faketime");
     command
         .args(["-f", offset, bin(tool), "--home"])

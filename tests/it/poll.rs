@@ -347,3 +347,82 @@ fn prune_drops_old_polls_and_keeps_versions_and_scans() {
     let again = Pm::poll(&setup.home).args(["--prune"]).json();
     assert_eq!(again["changed"], false);
 }
+
+/// Red team A item 10: a host that never installed a whole product of dist (a feed added
+/// later) is behind dist, though every component it has is at dist's version. What the agent
+/// would not install (the feed's README) does not count.
+#[test]
+fn a_host_missing_a_whole_product_of_dist_is_behind_dist_and_yellow() {
+    let setup = AgentSetup::new();
+    setup.agent_cmd(&["update"]);
+    let (code, report) = poll(&setup, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(host(&report, "127.0.0.1")["version_colour"], "green");
+
+    // The feed arrives on the manager (a site hash database and a README); dist has it, the
+    // host not yet.
+    let feed = setup.tmp.path().join("feed");
+    std::fs::create_dir_all(feed.join("sigs")).unwrap();
+    std::fs::write(
+        feed.join("sigs/site.hdb"),
+        "44d88612fea8a8f36de82e1278abb02f:68:Pm.Site.Sample\n",
+    )
+    .unwrap();
+    std::fs::write(feed.join("README.txt"), "not a database").unwrap();
+    setup.lab.upstream.set_feed(&feed, "1").unwrap();
+    setup.home.clamav_and_feed_config(&setup.lab);
+    Pm::mirror(&setup.home).args(["sync"]).json();
+    Pm::mirror(&setup.home).args(["publish"]).json();
+
+    let (code, report) = poll(&setup, &[]);
+    assert_eq!(code, 0, "{report}");
+    let row = host(&report, "127.0.0.1");
+    assert_eq!(row["version_colour"], "yellow", "{row}");
+    assert_eq!(row["versions"], "sigs/site.hdb -/1, test 3/3", "{row}");
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT product, component, installed_version, dist_version, behind_by, missing \
+             FROM host_versions ORDER BY product, component"
+        ),
+        [
+            "clamav,test,3,3,0,false",
+            "vendor,sigs/site.hdb,NULL,1,1,true",
+            // The agent's own version, which dist does not compare.
+            "NULL,pm-agent,0.1.0,NULL,NULL,false"
+        ]
+    );
+    assert_eq!(
+        sql(&setup.home, "SELECT host, reason FROM stale_hosts"),
+        ["127.0.0.1,behind dist"]
+    );
+    let server = crate::exporter::exporter(&setup.home, &[]);
+    let body = crate::exporter::scrape(&server);
+    let labels = r#"{host="127.0.0.1",group="default"}"#;
+    assert_eq!(
+        crate::exporter::value(&body, &format!("pm_host_version_status{labels}")),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        crate::exporter::value(
+            &body,
+            r#"pm_host_component_missing{host="127.0.0.1",group="default",product="vendor",component="sigs/site.hdb"}"#
+        ),
+        Some(1.0),
+        "{body}"
+    );
+
+    // Once the host installs it, it is green again and nothing is missing.
+    setup.agent_cmd(&["update"]);
+    let (code, report) = poll(&setup, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(host(&report, "127.0.0.1")["version_colour"], "green");
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT count(*) FROM host_versions WHERE missing"
+        ),
+        ["0"]
+    );
+}

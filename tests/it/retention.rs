@@ -27,6 +27,11 @@ fn a_poll_prunes_polls_older_than_keep_polls_once_a_day_without_a_timer() {
     // A poll 40 days ago: nothing is that old yet, but it is the first prune of this inventory.
     poll_at(&setup, Some(&forty_days_ago));
     assert_eq!(count(&setup, "SELECT count(*) FROM polls"), 1);
+    // Ages are measured from the newest poll of an earlier run: the first poll after 38 days
+    // without one prunes nothing new.
+    let two_days_ago = (chrono::Utc::now() - chrono::Duration::days(2)).to_rfc3339();
+    let report = poll_at(&setup, Some(&two_days_ago));
+    assert_eq!(report["pruned"]["polls"], 0, "{report:#}");
 
     // Today's poll is the first in more than a day: it also deletes what is older than
     // keep_polls (30 days by default), records the prune as a job and says so.
@@ -34,7 +39,7 @@ fn a_poll_prunes_polls_older_than_keep_polls_once_a_day_without_a_timer() {
     assert_eq!(report["pruned"]["polls"], 1, "{report:#}");
     assert_eq!(
         count(&setup, "SELECT count(*) FROM polls"),
-        1,
+        2,
         "the old poll is gone"
     );
     assert_eq!(
@@ -51,7 +56,7 @@ fn a_poll_prunes_polls_older_than_keep_polls_once_a_day_without_a_timer() {
     let report = poll_at(&setup, None);
     assert!(report.get("pruned").is_none(), "{report:#}");
     assert_eq!(count(&setup, prunes), after_first_day);
-    assert_eq!(count(&setup, "SELECT count(*) FROM polls"), 2);
+    assert_eq!(count(&setup, "SELECT count(*) FROM polls"), 3);
 
     // auto_prune = false: pm-poll --prune (from the operator's own timer) is the only way.
     let config = std::fs::read_to_string(setup.home.path().join("pm.toml")).unwrap();
@@ -118,4 +123,97 @@ fn the_exporter_reports_the_inventory_file_size() {
     };
     let on_disk = file("inventory.duckdb") + file("inventory.duckdb.wal");
     assert_eq!(size, on_disk as f64);
+}
+
+/// Red team A item 3: a manager whose clock ran far ahead (an NTP misstep, a wrong RTC after a
+/// reboot) must not prune the history as if it had aged. Real agent, real pm-poll under
+/// libfaketime, real inventory.
+#[test]
+fn a_manager_clock_far_ahead_never_prunes_history_and_its_prune_does_not_block_later_ones() {
+    use crate::host_identity::at;
+
+    let mut setup = AgentSetup::new();
+    let config = std::fs::read_to_string(setup.home.path().join("pm.toml")).unwrap();
+    setup
+        .home
+        .config(&format!("{config}\n[poll]\nkeep_history = \"90d\"\n"));
+    let run = Pm::push(&setup.home).args(["update", "--all"]).run();
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    for _ in 0..3 {
+        // The first of them prunes (the first prune of this inventory), with no warning: a
+        // clock in step with the agents' and no poll stamped ahead.
+        let run = Pm::poll(&setup.home).args(["--json"]).run();
+        assert_eq!(run.code(), 0, "{}", run.stderr());
+        assert!(!run.stderr().contains("WARN"), "{}", run.stderr());
+    }
+    let history = |setup: &AgentSetup| {
+        [
+            "SELECT count(*) FROM polls WHERE polled_at <= now()",
+            "SELECT count(*) FROM update_runs",
+            "SELECT count(*) FROM component_versions",
+        ]
+        .map(|q| count(setup, q))
+    };
+    let before = history(&setup);
+    assert!(before[0] >= 4 && before[1] >= 1, "{before:?}");
+
+    // 1. The agent is down and the clock is 100 days ahead: the first prune of this inventory
+    // is due, but ages are measured from the newest poll of an earlier run, not the clock.
+    let mut agent = setup.agent.take().unwrap();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    // Nor does `pm-poll --prune` on that clock: a poll no agent answered dates nothing.
+    for (args, code) in [(&["--timeout", "2s"][..], 1), (&["--prune"], 0)] {
+        let run = at("+100d", "pm-poll", &setup.home, args);
+        assert_eq!(run.code(), code, "{}\n{}", run.stdout(), run.stderr());
+        let after = history(&setup);
+        assert_eq!(after, before, "{}\n{}", run.stdout(), run.stderr());
+    }
+
+    // 2. The agent answers and its clock says this manager is 102 days ahead: no prune runs
+    // (it is due again), a warning says why; the polls are recorded.
+    setup.run_agent();
+    let run = at("+102d", "pm-poll", &setup.home, &["--timeout", "5s"]);
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert!(run.json().get("pruned").is_none(), "{}", run.stdout());
+    assert!(
+        run.stderr().contains("ahead of its agents"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(history(&setup), before);
+
+    // 3. `pm-poll --prune` on that clock is refused with what to do, and deletes nothing.
+    let run = at("+102d", "pm-poll", &setup.home, &["--prune"]);
+    assert_eq!(run.code(), 1, "{}\n{}", run.stdout(), run.stderr());
+    assert!(run.stderr().contains("hint: "), "{}", run.stderr());
+    assert_eq!(history(&setup), before);
+    // pm-doctor says so too.
+    let run = at("+102d", "pm-doctor", &setup.home, &[]);
+    assert!(
+        run.stdout().contains("days ahead of its agents'"),
+        "{}",
+        run.stdout()
+    );
+
+    // 4. Two days on, the agent down (no poll can check the clock), the prune job stamped 100
+    // days ahead does not hold off the daily prune, which deletes nothing recent and keeps the
+    // polls stamped ahead.
+    let mut agent = setup.agent.take().unwrap();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let run = at("+2d", "pm-poll", &setup.home, &["--timeout", "2s"]);
+    assert_eq!(run.code(), 1, "{}\n{}", run.stdout(), run.stderr());
+    let report = run.json();
+    assert!(report.get("pruned").is_some(), "{report:#}");
+    assert_eq!(report["pruned"]["polls"], 0, "{report:#}");
+    assert_eq!(history(&setup), before);
+    assert_eq!(
+        count(
+            &setup,
+            "SELECT count(*) FROM polls WHERE polled_at > now() + INTERVAL 50 DAY"
+        ),
+        2,
+        "the polls stamped ahead stay"
+    );
 }

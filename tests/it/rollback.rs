@@ -197,3 +197,45 @@ fn a_fleet_rollback_stopped_by_a_failed_host_names_the_same_pm_rollback_as_next_
         assert_eq!(sigtool_version(&db), "3", "agent {n}");
     }
 }
+
+/// Red team A item 5 (found before the mirror part's fix; kept as the fleet path's guard):
+/// after a fleet rollback latest is the rolled-back revision, every routine publish refuses it,
+/// and one must still re-sign dist, or agents refuse dist once `dist_valid_for` passed.
+#[test]
+fn after_a_fleet_rollback_a_refused_publish_re_signs_dist_and_agents_accept_it() {
+    let setup = AgentSetup::new();
+    let config = std::fs::read_to_string(setup.home.path().join("pm.toml")).unwrap();
+    setup
+        .home
+        .config(&format!("{config}\n[serve]\ndist_valid_for = \"14s\"\n"));
+    setup.publish(4);
+    let run = Pm::push(&setup.home).args(["update", "--all"]).run();
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    let (code, report) = rollback(&setup, &["--generation", "1"]);
+    assert_eq!(code, 0, "{report}");
+    let rolled_back = std::time::Instant::now();
+    let statement = || -> Value {
+        serde_json::from_slice(&std::fs::read(setup.home.repo("view/dist.json")).unwrap()).unwrap()
+    };
+    let signed = statement();
+    assert_eq!(signed["revision"], "r1", "{signed}");
+
+    // The sync timer's publish, once a seventh of the validity passed: refused, re-signed.
+    std::thread::sleep(std::time::Duration::from_millis(2_500));
+    let run = Pm::mirror(&setup.home).args(["publish"]).run();
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(run.stderr().contains("was rolled back"), "{}", run.stderr());
+    let re_signed = statement();
+    assert_eq!(re_signed["revision"], "r1");
+    assert!(
+        re_signed["dist_serial"].as_u64() > signed["dist_serial"].as_u64(),
+        "{signed} -> {re_signed}"
+    );
+
+    // Past the rollback's statement, the agent still takes dist (the re-signed one).
+    std::thread::sleep(
+        std::time::Duration::from_millis(14_500).saturating_sub(rolled_back.elapsed()),
+    );
+    let report = setup.agent_cmd(&["update"]);
+    assert_eq!(report["revision"], "r1", "{report}");
+}

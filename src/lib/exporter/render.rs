@@ -416,6 +416,16 @@ impl SnapshotCollector {
                 .iter()
                 .filter_map(|c| Some((component_labels(c), c.behind?))),
         )?;
+        gauge(
+            e,
+            "pm_host_component_missing",
+            "1 for a component of dist the agent would install and the host lacks (a product it \
+             never installed); absent when the host has it",
+            components
+                .iter()
+                .filter(|c| c.missing)
+                .map(|c| (component_labels(c), 1)),
+        )?;
 
         // Every status is present, also with no host in it, so a dashboard never shows a gap.
         let by_status =
@@ -688,6 +698,7 @@ mod tests {
                 version,
                 build_time: Some(1_699_000_000.0),
                 behind,
+                missing: false,
             };
         Arc::new(SnapshotData {
             snapshot: MetricsSnapshot {
@@ -695,6 +706,11 @@ mod tests {
                 host_components: vec![
                     component("daily", Some(27000), Some(2)),
                     component("feed", None, None),
+                    HostComponentMetrics {
+                        build_time: None,
+                        missing: true,
+                        ..component("site.hdb", None, None)
+                    },
                 ],
                 dist: Some(DistMetrics {
                     revision: "r7".into(),
@@ -822,6 +838,9 @@ pm_host_component_build_timestamp_seconds{host="web-1",group="web",product="vend
 # HELP pm_host_component_behind_dist Dist version minus installed version, 0 when current or ahead
 # TYPE pm_host_component_behind_dist gauge
 pm_host_component_behind_dist{host="web-1",group="web",product="clamav",component="daily"} 2
+# HELP pm_host_component_missing 1 for a component of dist the agent would install and the host lacks (a product it never installed); absent when the host has it
+# TYPE pm_host_component_missing gauge
+pm_host_component_missing{host="web-1",group="web",product="vendor",component="site.hdb"} 1
 # HELP pm_hosts Active hosts by version status
 # TYPE pm_hosts gauge
 pm_hosts{version_status="green"} 0

@@ -38,6 +38,9 @@ pub struct PolledHost {
     /// The certificate the host presented (and the serial the poll renewed it from), recorded
     /// by the host registry ([`Inventory::record_seen_certificates`]).
     pub certificate: Option<crate::hosts::CertificateSeen>,
+    /// How far this manager's clock was ahead of the agent's when it answered (the `Date` of
+    /// its answer; negative: behind), for the prune's check of the manager's clock.
+    pub clock_ahead_of_agent: Option<chrono::Duration>,
 }
 
 /// Where the manager stands in a host's reports: the agent only sends newer ones. Each is a
@@ -781,6 +784,7 @@ mod tests {
             latency_ms: Some(1.5),
             answer,
             certificate: None,
+            clock_ahead_of_agent: None,
         };
         let first = inventory
             .transaction(|inv| inv.record_polls(1, &[poll(Ok(answer("3", vec![scan("a")])), at)]))
@@ -853,6 +857,7 @@ mod tests {
                         latency_ms: None,
                         answer: Ok(answer),
                         certificate: None,
+                        clock_ahead_of_agent: None,
                     }],
                 )
             })
@@ -949,5 +954,85 @@ mod tests {
             ..scan("f")
         };
         assert_eq!(findings_after(vec![clean]), ("clean".into(), Some(0)));
+    }
+
+    #[test]
+    fn host_versions_counts_as_missing_exactly_what_the_agent_would_install() {
+        use crate::manifest::{PLAIN_SIGNATURE_EXTENSIONS, engine_file_name_ok, engine_loads};
+        let home = tempfile::tempdir().unwrap();
+        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        // (product, kind, file name in the product); a feed file's component is its path in
+        // the feed, a ClamAV file's the database it belongs to.
+        let mut files: Vec<(&str, &str, String)> = [
+            ("clamav", "clamav", "test.cvd"),
+            ("clamav", "clamav", "daily.cvd"),
+            ("clamav", "clamav", "daily-2.cdiff"),
+            ("clamav", "clamav", "daily.cvd.sign"),
+            ("agent", "agent", "pm-agent-0.1.0-aarch64-linux"),
+            ("vendor", "files", "README.txt"),
+            ("vendor", "files", "index.json"),
+            ("vendor", "files", ".hidden.ndb"),
+            ("vendor", "files", "bad name.ndb"),
+            ("vendor", "files", "ndb"),
+            ("vendor", "files", "a.ndb.txt"),
+            ("vendor", "files", "sub/dir/z.ldb"),
+            ("vendor", "files", "Upper.HDB"),
+        ]
+        .map(|(p, k, n)| (p, k, n.to_string()))
+        .into();
+        for ext in PLAIN_SIGNATURE_EXTENSIONS {
+            files.push(("vendor", "files", format!("x{ext}")));
+        }
+        inventory
+            .conn
+            .execute_batch(
+                "INSERT INTO hosts (host, address) VALUES ('web-1', '10.0.0.1:7505'),
+                     ('web-2', '10.0.0.2:7505');
+                 INSERT INTO host_state (host, last_poll_at, reachable, installed_revision)
+                     VALUES ('web-1', now(), true, 'r1'), ('web-2', now(), true, NULL);
+                 -- web-2 never installed a revision; it reports only its agent's version.
+                 INSERT INTO installed_components VALUES ('web-1', 'test', '1', NULL, 'r1'),
+                     ('web-2', 'pm-agent', '0.1.0', NULL, NULL);
+                 INSERT INTO dist_history (changed_at, action, revision)
+                     VALUES (now(), 'publish', 'r1');",
+            )
+            .unwrap();
+        let mut expected = Vec::new();
+        for (product, kind, name) in &files {
+            let component = match *kind {
+                "files" => name.clone(),
+                "agent" => "pm-agent-aarch64-linux".to_string(),
+                _ => name.split(['.', '-']).next().unwrap().to_string(),
+            };
+            inventory
+                .conn
+                .execute(
+                    "INSERT INTO revision_files VALUES ('r1', ?, ?, ?, '1', NULL, 1, 'x')",
+                    params![format!("{product}/{name}"), product, component],
+                )
+                .unwrap();
+            let base = name.rsplit('/').next().unwrap();
+            if engine_loads(kind, base) && engine_file_name_ok(base) && component != "test" {
+                expected.push(format!("web-1 {product} {component}"));
+            }
+        }
+        expected.sort();
+        expected.dedup();
+        let missing: Vec<String> = inventory
+            .conn
+            .prepare(
+                "SELECT host || ' ' || product || ' ' || component FROM host_versions \
+                 WHERE missing ORDER BY 1",
+            )
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(missing, expected);
+        assert!(
+            missing.contains(&"web-1 clamav daily".to_string()),
+            "{missing:?}"
+        );
     }
 }

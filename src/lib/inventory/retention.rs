@@ -32,6 +32,20 @@ pub struct Pruned {
     pub component_versions: usize,
 }
 
+/// `settings` key: seconds this manager's clock was ahead of the median of its agents' clocks
+/// at the last poll that heard any (negative: behind).
+const CLOCK_AHEAD_SECONDS: &str = "manager_clock_ahead_seconds";
+/// `settings` key: when (epoch seconds, the manager's clock) that was measured.
+const CLOCK_CHECKED_AT: &str = "manager_clock_checked_at";
+
+fn epoch(at: DateTime<Utc>) -> f64 {
+    at.timestamp_micros() as f64 / 1e6
+}
+
+fn from_epoch(seconds: f64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros((seconds * 1e6).round() as i64).unwrap_or_default()
+}
+
 /// The tables pruned by `keep_history`, each with the condition on a row (`?`: the cutoff).
 const HISTORY: [(&str, &str); 4] = [
     ("scans", "finished_at < to_timestamp(?)"),
@@ -57,14 +71,76 @@ impl Inventory {
         Some(size + std::fs::metadata(wal).map_or(0, |m| m.len()))
     }
 
-    /// When the newest prune (a `prune` job, by pm-poll or `pm-poll --prune`) started.
-    pub fn last_prune_at(&self) -> Result<Option<DateTime<Utc>>, InventoryError> {
+    /// When the newest prune (a `prune` job, by pm-poll or `pm-poll --prune`) started, of those
+    /// not after `now`: a prune stamped by a clock that was ahead must not hold off the next.
+    pub fn last_prune_at(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, InventoryError> {
         let seconds: Option<f64> = self.db(self.conn.query_row(
-            "SELECT epoch(max(started_at)) FROM jobs WHERE kind = 'prune'",
-            [],
+            "SELECT epoch(max(started_at)) FROM jobs WHERE kind = 'prune' \
+             AND started_at <= to_timestamp(?)",
+            params![epoch(now)],
             |row| row.get(0),
         ))?;
-        Ok(seconds.and_then(|s| DateTime::from_timestamp_micros((s * 1e6).round() as i64)))
+        Ok(seconds.map(from_epoch))
+    }
+
+    /// What a prune at `now` measures ages from: the newest answered poll not after `now`
+    /// recorded by a run other than `this_job` (`None`: no such poll; a poll no agent answered
+    /// could not check the clock that stamped it), and how many polls of other runs
+    /// are stamped more than [`crate::hosts::MAX_CLOCK_SKEW`] after `now` (recorded while the
+    /// clock was ahead, or the clock stepped back since; a run writing at the same time stamps
+    /// its polls a little after `now`, which is no sign of either).
+    pub fn prune_reference(
+        &self,
+        now: DateTime<Utc>,
+        this_job: Option<i64>,
+    ) -> Result<(Option<DateTime<Utc>>, usize), InventoryError> {
+        let (newest, ahead): (Option<f64>, i64) = self.db(self.conn.query_row(
+            "SELECT epoch(max(polled_at) FILTER (WHERE polled_at <= to_timestamp(?1) \
+                 AND ok AND job_id IS DISTINCT FROM ?2)), \
+             count(*) FILTER (WHERE polled_at > to_timestamp(?3) \
+                 AND job_id IS DISTINCT FROM ?2) FROM polls",
+            params![
+                epoch(now),
+                this_job,
+                epoch(now + crate::hosts::MAX_CLOCK_SKEW)
+            ],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        ))?;
+        Ok((newest.map(from_epoch), ahead as usize))
+    }
+
+    /// Records how far this manager's clock is ahead of its agents' (`ahead`, negative:
+    /// behind), measured at `at` by the manager's clock (call inside a transaction).
+    pub fn save_clock_against_agents(
+        &self,
+        ahead: chrono::Duration,
+        at: DateTime<Utc>,
+    ) -> Result<(), InventoryError> {
+        self.save_settings(&[
+            (CLOCK_AHEAD_SECONDS, ahead.num_seconds().to_string()),
+            (CLOCK_CHECKED_AT, at.timestamp().to_string()),
+        ])
+    }
+
+    /// How far this manager's clock was ahead of its agents' (seconds, negative: behind) at
+    /// the last poll that heard one, and when that was by the manager's clock
+    /// (`CLOCK_AHEAD_SECONDS` and `CLOCK_CHECKED_AT` in `settings`, written by pm-poll).
+    pub fn clock_against_agents(&self) -> Result<Option<(i64, DateTime<Utc>)>, InventoryError> {
+        let value = |key: &str| {
+            self.db(self.conn.query_row(
+                "SELECT TRY_CAST(max(value) AS BIGINT) FROM settings WHERE key = ?",
+                params![key],
+                |row| row.get::<_, Option<i64>>(0),
+            ))
+        };
+        let (Some(ahead), Some(at)) = (value(CLOCK_AHEAD_SECONDS)?, value(CLOCK_CHECKED_AT)?)
+        else {
+            return Ok(None);
+        };
+        Ok(DateTime::from_timestamp(at, 0).map(|at| (ahead, at)))
     }
 
     /// When the oldest poll kept was recorded (`None`: no polls).
@@ -75,7 +151,7 @@ impl Inventory {
                 .query_row("SELECT epoch(min(polled_at)) FROM polls", [], |row| {
                     row.get(0)
                 }))?;
-        Ok(seconds.and_then(|s| DateTime::from_timestamp_micros((s * 1e6).round() as i64)))
+        Ok(seconds.map(from_epoch))
     }
 
     /// Deletes polls older than `polls_before` and, with `history_before`, the history older
@@ -87,7 +163,7 @@ impl Inventory {
         dry_run: bool,
     ) -> Result<Pruned, InventoryError> {
         let run = |table: &str, condition: &str, before: DateTime<Utc>| {
-            let cutoff = before.timestamp_micros() as f64 / 1e6;
+            let cutoff = epoch(before);
             if dry_run {
                 self.db(self.conn.query_row(
                     &format!("SELECT count(*) FROM {table} WHERE {condition}"),
@@ -132,15 +208,19 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn pruning_keeps_recent_history_and_each_hosts_newest_version() {
+    /// A new inventory in a temporary home holding the rows `sql` inserts.
+    fn inventory_with(sql: &str) -> (tempfile::TempDir, Inventory) {
         let home = tempfile::tempdir().unwrap();
         let inventory = Inventory::open(home.path(), Duration::from_secs(5)).unwrap();
+        inventory.conn.execute_batch(sql).unwrap();
+        (home, inventory)
+    }
+
+    #[test]
+    fn pruning_keeps_recent_history_and_each_hosts_newest_version() {
         // Two hosts; days ago: 400 and 10. web-2's only version is 400 days old.
-        inventory
-            .conn
-            .execute_batch(
-                "INSERT INTO polls VALUES
+        let (_home, inventory) = inventory_with(
+            "INSERT INTO polls VALUES
                      (1, 1, now() - INTERVAL 400 DAY, true, NULL, NULL, 1),
                      (2, 1, now() - INTERVAL 10 DAY, true, NULL, NULL, 1);
                  INSERT INTO scans VALUES
@@ -160,8 +240,7 @@ mod tests {
                      ('web-1', 'daily', '2', NULL, 'r2', now() - INTERVAL 300 DAY),
                      ('web-1', 'daily', '3', NULL, 'r3', now() - INTERVAL 10 DAY),
                      ('web-2', 'daily', '1', NULL, 'r1', now() - INTERVAL 400 DAY);",
-            )
-            .unwrap();
+        );
         let days_ago = |days: i64| Utc::now() - chrono::Duration::days(days);
 
         // Counting changes nothing.
@@ -214,6 +293,48 @@ mod tests {
         let expected_versions = [("web-1", "2"), ("web-1", "3"), ("web-2", "1")]
             .map(|(h, v)| (h.to_string(), v.to_string()));
         assert_eq!(versions, expected_versions);
-        assert_eq!(inventory.last_prune_at().unwrap(), None);
+        assert_eq!(inventory.last_prune_at(Utc::now()).unwrap(), None);
+    }
+
+    #[test]
+    fn rows_stamped_after_the_clock_neither_date_the_prune_nor_hold_it_off() {
+        // Polls of job 1 (10 days ago), job 2 (1 day ago), job 3 (100 days ahead) and job 4
+        // (a minute ahead: a run writing meanwhile), job 5 (an hour ago, unanswered: it dates
+        // nothing); a prune stamped 100 days ahead.
+        let (_home, inventory) = inventory_with(
+            "INSERT INTO polls VALUES
+                 (1, 1, now() - INTERVAL 10 DAY, true, NULL, NULL, 1),
+                 (2, 1, now() - INTERVAL 1 DAY, true, NULL, NULL, 1),
+                 (3, 1, now() + INTERVAL 100 DAY, true, NULL, NULL, 1),
+                 (4, 1, now() + INTERVAL 1 MINUTE, true, NULL, NULL, 1),
+                 (5, 1, now() - INTERVAL 1 HOUR, false, 'timeout', 'no answer', NULL);",
+        );
+        let now = Utc::now();
+        inventory
+            .insert_job("prune", now + chrono::Duration::days(100), "ok", "")
+            .unwrap();
+        assert_eq!(inventory.last_prune_at(now).unwrap(), None);
+
+        let days = |(newest, ahead): (Option<DateTime<Utc>>, usize)| {
+            (newest.map(|at| (now - at).num_hours() / 24), ahead)
+        };
+        assert_eq!(
+            days(inventory.prune_reference(now, None).unwrap()),
+            (Some(1), 1)
+        );
+        // The run that is pruning does not date its own prune.
+        assert_eq!(
+            days(inventory.prune_reference(now, Some(2)).unwrap()),
+            (Some(10), 1)
+        );
+        assert_eq!(
+            days(inventory.prune_reference(now, Some(1)).unwrap()),
+            (Some(1), 1)
+        );
+        // Its own polls stamped ahead are no sign of a clock that was.
+        assert_eq!(
+            days(inventory.prune_reference(now, Some(3)).unwrap()),
+            (Some(1), 0)
+        );
     }
 }

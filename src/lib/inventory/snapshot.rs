@@ -63,6 +63,8 @@ pub struct HostComponentMetrics {
     pub build_time: Option<f64>,
     /// Versions behind dist (never negative), when both versions are integers.
     pub behind: Option<i64>,
+    /// A component of dist the agent would install and the host lacks (`host_versions.missing`).
+    pub missing: bool,
 }
 
 /// What dist is (the newest `dist_history` row).
@@ -250,7 +252,7 @@ impl Inventory {
                     CASE WHEN TRY_CAST(installed_version AS BIGINT) IS NOT NULL
                               AND TRY_CAST(dist_version AS BIGINT) IS NOT NULL
                          THEN behind_by END,
-                    coalesce(product, '')
+                    coalesce(product, ''), missing
              FROM host_versions ORDER BY host, product, component",
         ))?;
         let rows = self.db(statement.query_map([], |row| {
@@ -262,6 +264,7 @@ impl Inventory {
                 version: row.get(3)?,
                 build_time: row.get(4)?,
                 behind: row.get(5)?,
+                missing: row.get(7)?,
             })
         }))?;
         rows.map(|row| self.db(row)).collect()
