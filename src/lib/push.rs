@@ -9,7 +9,7 @@
 //! leaves a job that says where it stopped, and `resume JOB` continues it. Before each wave dist
 //! is read again: a rollout never installs a revision it did not start with.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -257,7 +257,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
         Command::Update(update) => start(&home, &args.global, update),
         Command::Status { job } => status(&home, &args.global, *job),
         Command::Resume { job } => resume(&home, &args.global, *job),
-        Command::Profile { name, targets } => push_profile(&home, &args.global, name, targets),
+        Command::Profile { name, targets } => {
+            push_profile(&home, &args.global, name, targets, HashSet::new())
+        }
         Command::License {
             file,
             expires,
@@ -1551,6 +1553,7 @@ impl Executed {
 type HostOutcome = Result<(bool, String), String>;
 
 /// What a per-host command is, for the job log and the output.
+#[derive(Default)]
 struct JobKind<'a> {
     kind: &'static str,
     what: &'a str,
@@ -1563,6 +1566,13 @@ struct JobKind<'a> {
     /// (upgrade-agent: a package that breaks the agent must not take the fleet's management
     /// channel with it).
     canary: bool,
+    /// Hosts whose record on the manager this command changes whatever their agent answers (a
+    /// hold, a release, a profile saved before it is sent): when such an agent fails, the
+    /// manager changed all the same, so the run is partial (exit 3) and `changed`, never
+    /// "failed, nothing done".
+    recorded: HashSet<String>,
+    /// Hosts the command leaves as they are (the op says why): reported `skipped`.
+    left_alone: HashSet<String>,
 }
 
 /// Resolves the targets (read-only) and returns them with every host record.
@@ -1619,8 +1629,11 @@ where
         timeout,
         unchanged_is_skipped,
         canary,
+        recorded,
+        left_alone,
     } = job;
-    let result_of = |outcome: &HostOutcome| match outcome {
+    let result_of = |target: &Target, outcome: &HostOutcome| match outcome {
+        Ok(_) if left_alone.contains(&target.host) => "skipped",
         Ok((false, _)) if unchanged_is_skipped => "skipped",
         Ok(_) => "ok",
         Err(_) => "failed",
@@ -1686,8 +1699,11 @@ where
             host: target.host.clone(),
             wave: Some(0),
             attempt: 1,
-            result: result_of(outcome).into(),
-            changed: outcome.as_ref().ok().map(|(changed, _)| *changed),
+            result: result_of(target, outcome).into(),
+            changed: match outcome {
+                Ok((changed, _)) => Some(*changed),
+                Err(_) => recorded.contains(&target.host).then_some(true),
+            },
             revision: None,
             error: outcome.as_ref().err().cloned(),
         })
@@ -1704,6 +1720,11 @@ where
     let failed = attempts.iter().filter(|a| a.result == "failed").count();
     let skipped = attempts.iter().filter(|a| a.result == "skipped").count();
     let untouched = not_attempted.len();
+    // Failed with nothing changed anywhere: only then is a run "failed" rather than partial.
+    let failed_unchanged = attempts
+        .iter()
+        .filter(|a| a.result == "failed" && a.changed != Some(true))
+        .count();
     let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
     let job_id = inventory
         .transaction(|inv| {
@@ -1712,7 +1733,7 @@ where
                 started,
                 match failed {
                     0 => "ok",
-                    n if n + untouched == attempts.len() => "failed",
+                    _ if failed_unchanged + untouched == attempts.len() => "failed",
                     _ => "partial",
                 },
                 &format!("{kind} {what}: {} hosts, {failed} failed", attempts.len()),
@@ -1727,11 +1748,12 @@ where
         .iter()
         .map(|(target, outcome)| match outcome {
             Ok((changed, detail)) => serde_json::json!({
-                "host": target.host, "result": result_of(outcome), "changed": changed,
+                "host": target.host, "result": result_of(target, outcome), "changed": changed,
                 "detail": detail, "error": null,
             }),
             Err(error) => serde_json::json!({
-                "host": target.host, "result": "failed", "changed": false, "error": error,
+                "host": target.host, "result": "failed",
+                "changed": recorded.contains(&target.host), "error": error,
             }),
         })
         .chain(not_attempted.iter().map(|target| {
@@ -1741,7 +1763,7 @@ where
         }))
         .collect();
     lines.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
-    let changed = outcomes.iter().any(|(_, o)| matches!(o, Ok((true, _))));
+    let changed = attempts.iter().any(|a| a.changed == Some(true));
     if global.json {
         cli::print_json(&serde_json::json!({
             "changed": changed, "job_id": job_id, "kind": kind, "hosts": lines,
@@ -1779,7 +1801,7 @@ where
     }
     Ok(match failed {
         0 => ExitStatus::Success,
-        n if n + untouched == lines.len() => ExitStatus::Failure,
+        _ if failed_unchanged + untouched == lines.len() => ExitStatus::Failure,
         _ => ExitStatus::Partial,
     })
 }
@@ -1788,12 +1810,14 @@ fn setup_error(err: UserError) -> String {
     err.message
 }
 
-/// `pm-push profile NAME`.
+/// `pm-push profile NAME`; `recorded`: the hosts for whose sake the manager already changed
+/// (the profile was saved), so a host that fails leaves the run partial, not failed.
 fn push_profile(
     home: &Path,
     global: &GlobalArgs,
     name: &str,
     targets: &TargetArgs,
+    recorded: HashSet<String>,
 ) -> anyhow::Result<ExitStatus> {
     let profile = Inventory::open_read_only(home, global.lock_timeout)
         .map_err(inventory_error)?
@@ -1817,6 +1841,8 @@ fn push_profile(
             timeout: Duration::from_secs(30),
             unchanged_is_skipped: false,
             canary: false,
+            recorded,
+            ..JobKind::default()
         },
         targets,
         |client, target| {
@@ -1848,7 +1874,14 @@ pub(crate) fn resend_profile(
         hosts: hosts.to_vec(),
         ..TargetArgs::default()
     };
-    push_profile(home, global, name, &targets)
+    // The profile is saved: whatever the hosts answer, the manager changed.
+    push_profile(
+        home,
+        global,
+        name,
+        &targets,
+        hosts.iter().cloned().collect(),
+    )
 }
 
 /// `pm-push schedule`: the agents' own schedule (`POST /v1/setup/schedule`), checked here like
@@ -1910,6 +1943,7 @@ fn push_schedule(
             timeout: Duration::from_secs(30),
             unchanged_is_skipped: false,
             canary: false,
+            ..JobKind::default()
         },
         targets,
         |client, target| {
@@ -1985,6 +2019,7 @@ fn push_license(
             timeout: Duration::from_secs(30),
             unchanged_is_skipped: false,
             canary: false,
+            ..JobKind::default()
         },
         targets,
         |client, target| {
@@ -2053,6 +2088,7 @@ fn push_scan(
             timeout,
             unchanged_is_skipped: false,
             canary: false,
+            ..JobKind::default()
         },
         targets,
         |client, target| {
@@ -2163,6 +2199,7 @@ fn push_upgrade_agent(
             timeout,
             unchanged_is_skipped: true,
             canary: true,
+            ..JobKind::default()
         },
         targets,
         move |client, target| async move {
