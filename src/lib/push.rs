@@ -564,6 +564,17 @@ pub(crate) struct Report {
     /// for a fleet rollback the same `pm-rollback` again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) next_step: Option<String>,
+    /// A fleet rollback that cannot continue as it was run: dist moved since (what happened,
+    /// and what to do instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dist_moved: Option<DistMoved>,
+}
+
+/// Why a fleet rollback cannot continue as it was run, and what to do.
+#[derive(Debug, Serialize)]
+struct DistMoved {
+    error: String,
+    hint: Option<String>,
 }
 
 pub(crate) fn report(
@@ -627,6 +638,7 @@ pub(crate) fn report(
             }
             _ => None,
         },
+        dist_moved: None,
     }
 }
 
@@ -708,6 +720,13 @@ pub(crate) fn print(global: &GlobalArgs, report: &Report) -> anyhow::Result<Exit
                      were not touched",
                     report.stopped_at_wave.unwrap_or_default()
                 );
+            }
+            if let Some(moved) = &report.dist_moved {
+                eprintln!("error: {}", moved.error);
+                if let Some(hint) = &moved.hint {
+                    eprintln!("hint: {hint}");
+                }
+                return Ok(status);
             }
             eprintln!(
                 "hint: after fixing the failed hosts, run the same pm-rollback again: `{next}` \
@@ -997,6 +1016,17 @@ fn status(home: &Path, global: &GlobalArgs, job: Option<i64>) -> anyhow::Result<
     );
     if record.kind == "rollback" && matches!(state.as_str(), "stopped" | "interrupted") {
         report.next_step = Some(rollback_command(&record));
+        // Once dist moved (a publish), the same command would install another revision.
+        let generations = Repo::new(home)
+            .generations()
+            .map_err(|err| UserError::failure(err.to_string()))?;
+        if let Some(moved) = crate::rollback::dist_moved(&record, &generations) {
+            report.next_step = None;
+            report.dist_moved = Some(DistMoved {
+                error: moved.message,
+                hint: moved.hint,
+            });
+        }
     }
     print(global, &report).map(|status| {
         // Showing a rollout succeeds whatever the rollout's outcome.
