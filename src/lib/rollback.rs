@@ -87,7 +87,8 @@ struct FleetReport {
     #[serde(flatten)]
     rollout: push::Report,
     generation: u32,
-    /// Whether the manager's dist rotated back (the whole fleet targeted, every host OK).
+    /// Whether the manager's dist rotated back (the whole fleet targeted, every host OK); in a
+    /// dry run, whether it would once every host asked succeeds.
     dist_rolled_back: bool,
     /// Whether every target reported OK (rolled back, or already there).
     targets_ok: bool,
@@ -169,16 +170,23 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
     };
     let command = command_line();
     if global.dry_run {
+        // What the real run does when every host it asks succeeds: over the whole fleet dist
+        // rotates back (held hosts do not block it, hosts on the revision are skipped), even
+        // when nobody needs to install; over part of it dist stays.
+        let rotates = args.targets.is_all();
         let mut report = FleetReport {
             rollout: push::report("rollback", None, &revision, "planned", None, &hosts),
             generation,
-            dist_rolled_back: false,
+            dist_rolled_back: rotates,
             targets_ok: false,
             dist_before: dist_before.clone(),
-            dist_after: dist_before,
+            dist_after: if rotates {
+                Some(revision.clone())
+            } else {
+                dist_before
+            },
         };
-        // A real run over the whole fleet moves dist even when every host is on it already.
-        report.rollout.changed |= args.targets.is_all();
+        report.rollout.changed |= rotates;
         return print(global, &report);
     }
     let _lock = push::rollout_lock(home)?;
@@ -497,7 +505,20 @@ fn print(global: &GlobalArgs, report: &FleetReport) -> anyhow::Result<ExitStatus
         },
         &report.rollout,
     )?;
-    cli::print_text(if report.dist_rolled_back {
+    let planned = report.rollout.state == "planned";
+    cli::print_text(if planned && report.dist_rolled_back {
+        format!(
+            "dist would roll back: {} -> {} (backup/{}), once every host asked succeeds",
+            report.dist_before.as_deref().unwrap_or("-"),
+            report.dist_after.as_deref().unwrap_or("-"),
+            report.generation
+        )
+    } else if planned {
+        format!(
+            "dist would stay at {}: only part of the fleet is targeted",
+            report.dist_before.as_deref().unwrap_or("-")
+        )
+    } else if report.dist_rolled_back {
         format!(
             "dist rolled back: {} -> {} (backup/{}); `pm-mirror publish` will not publish the \
              rolled-back revisions again without --again",

@@ -273,3 +273,42 @@ fn a_publish_during_an_unfinished_fleet_rollback_makes_running_it_again_refused_
         assert_eq!(sigtool_version(&db), "4", "agent {n}");
     }
 }
+
+/// Red team A, item 15: the dry run says what the real run then does to dist.
+#[test]
+fn a_dry_run_of_a_fleet_rollback_predicts_the_dist_the_real_run_leaves() {
+    let setup = AgentSetup::new();
+    Pm::push(&setup.home).args(["update"]).json();
+    setup.publish(6);
+    Pm::push(&setup.home).args(["update"]).json();
+    // Every host held: nothing to ask, and dist still rotates back.
+    Pm::push(&setup.home)
+        .args(["hold", "--all", "--reason", "x"])
+        .json();
+    let (code, part) = rollback(
+        &setup,
+        &["--generation", "1", "--host", "127.0.0.1", "--dry-run"],
+    );
+    assert_eq!(code, 0, "{part}");
+    assert_eq!(
+        (&part["dist_rolled_back"], &part["dist_after"]),
+        (&false.into(), &"r2".into()),
+        "part of the fleet: dist stays: {part}"
+    );
+    let (code, planned) = rollback(&setup, &["--generation", "1", "--dry-run"]);
+    assert_eq!(code, 0, "{planned}");
+    let text = Pm::rollback(&setup.home)
+        .args(["--generation", "1", "--dry-run"])
+        .run();
+    assert!(
+        text.stdout().contains("dist would roll back: r2 -> r1"),
+        "{}",
+        text.stdout()
+    );
+    let (code, done) = rollback(&setup, &["--generation", "1"]);
+    assert_eq!(code, 0, "{done}");
+    assert_eq!(done["dist_after"], "r1", "{done}");
+    for field in ["dist_rolled_back", "dist_before", "dist_after"] {
+        assert_eq!(planned[field], done[field], "{field}: {planned} / {done}");
+    }
+}
