@@ -1014,12 +1014,22 @@ fn status(home: &Path, global: &GlobalArgs, job: Option<i64>) -> anyhow::Result<
         record.stopped_at_wave,
         &hosts,
     );
-    if record.kind == "rollback" && matches!(state.as_str(), "stopped" | "interrupted") {
+    // A rollback that ran every wave but left hosts behind is unfinished too, until dist is
+    // its revision (that run, or a later one, rotated it).
+    let generations = Repo::new(home)
+        .generations()
+        .map_err(|err| UserError::failure(err.to_string()))?;
+    let left_behind = record.kind == "rollback"
+        && state == "done"
+        && generations.dist != record.revision
+        && hosts
+            .iter()
+            .any(|h| matches!(h.result.as_str(), "failed" | "not_attempted" | "pending"));
+    if record.kind == "rollback" && matches!(state.as_str(), "stopped" | "interrupted")
+        || left_behind
+    {
         report.next_step = Some(rollback_command(&record));
         // Once dist moved (a publish), the same command would install another revision.
-        let generations = Repo::new(home)
-            .generations()
-            .map_err(|err| UserError::failure(err.to_string()))?;
         if let Some(moved) = crate::rollback::dist_moved(&record, &generations) {
             report.next_step = None;
             report.dist_moved = Some(DistMoved {
@@ -1028,7 +1038,25 @@ fn status(home: &Path, global: &GlobalArgs, job: Option<i64>) -> anyhow::Result<
             });
         }
     }
-    print(global, &report).map(|status| {
+    let printed = print(global, &report);
+    // `print` names the next step of a stopped or interrupted rollout only.
+    if left_behind && !global.json {
+        match (&report.dist_moved, &report.next_step) {
+            (Some(moved), _) => {
+                eprintln!("error: {}", moved.error);
+                if let Some(hint) = &moved.hint {
+                    eprintln!("hint: {hint}");
+                }
+            }
+            (None, Some(next)) => eprintln!(
+                "hint: not every target rolled back: after fixing those hosts, run the same \
+                 pm-rollback again: `{next}` (hosts already on {} are skipped)",
+                report.revision
+            ),
+            (None, None) => {}
+        }
+    }
+    printed.map(|status| {
         // Showing a rollout succeeds whatever the rollout's outcome.
         if matches!(status, ExitStatus::Usage) {
             status

@@ -208,12 +208,23 @@ fn a_publish_during_an_unfinished_fleet_rollback_makes_running_it_again_refused_
         let (code, pushed) = fleet.push(&["update"]);
         assert_eq!(code, 0, "{pushed}");
     }
-    // dist r3 (test 5), backup/1 r2 (test 4). One host cannot install: the rollback stops.
+    // dist r3 (test 5), backup/1 r2 (test 4). One host cannot install: the rollback runs its
+    // waves (one failure allowed) and ends with that host behind.
     fleet.break_agent(2);
-    let (code, report) = rollback(&fleet.setup, &["--generation", "1"]);
+    let (code, report) = rollback(&fleet.setup, &["--generation", "1", "--max-failures", "1"]);
     assert_eq!(code, 3, "{report}");
-    assert_eq!(report["revision"], "r2");
+    assert_eq!(
+        (&report["revision"], &report["state"]),
+        (&"r2".into(), &"done".into())
+    );
     let job = report["job_id"].as_i64().unwrap().to_string();
+    let status = Pm::push(home).args(["status", &job]).run();
+    assert!(
+        status.stderr().contains("run the same pm-rollback again")
+            && status.stderr().contains("--generation 1 --max-failures 1"),
+        "pm-push status names the next step of a rollback that left a host behind: {}",
+        status.stderr()
+    );
     // The sync timer publishes test 6: dist r4, backup/1 r3 (the revision rolled back from).
     fleet.setup.lab.upstream.set_version(6).unwrap();
     Pm::mirror(home).args(["sync"]).json();
