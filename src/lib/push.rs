@@ -2051,9 +2051,13 @@ fn push_license(
     expires: Option<chrono::DateTime<Utc>>,
     targets: &TargetArgs,
 ) -> anyhow::Result<ExitStatus> {
-    if let (Some(file), Some(expires)) = (file, expires) {
-        crate::activate::setup::register_license(home, global, file, expires)?;
-    }
+    // A license registered here is a change on the manager whatever the agents answer.
+    let registered = match (file, expires) {
+        (Some(file), Some(expires)) => {
+            crate::activate::setup::register_license(home, global, file, expires)?.1
+        }
+        _ => false,
+    };
     let licenses = Inventory::open_read_only(home, global.lock_timeout)
         .map_err(inventory_error)?
         .map(|inv| inv.licenses())
@@ -2068,6 +2072,11 @@ fn push_license(
     let (targets, hosts) = resolve(home, global, targets)?;
     let license = Arc::new((license, content));
     let sha256 = license.0.sha256.clone();
+    let recorded: HashSet<String> = if registered {
+        targets.iter().map(|t| t.host.clone()).collect()
+    } else {
+        HashSet::new()
+    };
     on_targets(
         home,
         global,
@@ -2077,6 +2086,7 @@ fn push_license(
             timeout: Duration::from_secs(30),
             unchanged_is_skipped: false,
             canary: false,
+            recorded,
             ..JobKind::default()
         },
         targets,

@@ -351,7 +351,7 @@ fn a_timed_hold_keeps_a_hand_rollbacks_hold_and_the_host_stays_rolled_back_when_
 
 /// Red team A, item 14: the manager records a hold or a release whatever the agent answers.
 #[test]
-fn hold_and_release_of_a_host_that_does_not_answer_are_partial_and_changed() {
+fn hold_release_and_license_of_a_host_that_does_not_answer_are_partial_and_changed() {
     let mut setup = AgentSetup::new();
     if let Some(mut agent) = setup.agent.take() {
         agent.kill().unwrap();
@@ -381,4 +381,19 @@ fn hold_and_release_of_a_host_that_does_not_answer_are_partial_and_changed() {
     let (code, again) = run(&["release", "--host", "127.0.0.1"]);
     assert_eq!(code, 1, "{again}");
     assert_eq!(again["changed"], false, "{again}");
+    // A license registered by the same command is a change on the manager too.
+    let file = setup.tmp.path().join("site.lic");
+    std::fs::write(&file, "LICENSE-ID=4711\n").unwrap();
+    let license: [&str; 6] = [
+        "license",
+        file.to_str().unwrap(),
+        "--expires",
+        "2099-01-01",
+        "--host",
+        "127.0.0.1",
+    ];
+    let (code, sent) = run(&license);
+    assert_eq!((code, &sent["changed"]), (3, &true.into()), "{sent}");
+    let (code, again) = run(&license);
+    assert_eq!((code, &again["changed"]), (1, &false.into()), "{again}");
 }
