@@ -1700,16 +1700,25 @@ where
         return no_target(global, kind, what);
     }
     if global.dry_run {
-        let hosts: Vec<_> = targets.iter().map(|t| t.host.clone()).collect();
+        let (skip, hosts): (Vec<String>, Vec<String>) = targets
+            .iter()
+            .map(|t| t.host.clone())
+            .partition(|host| left_alone.contains(host));
         if global.json {
             cli::print_json(&serde_json::json!({
-                "changed": false, "kind": kind, "would_apply_to": hosts, "hosts": [],
+                "changed": false, "kind": kind, "would_apply_to": hosts, "would_skip": skip,
+                "hosts": [],
             }))?;
         } else {
             cli::print_text(format!(
-                "{kind} {what}: would apply to {} host(s): {}",
+                "{kind} {what}: would apply to {} host(s): {}{}",
                 hosts.len(),
-                hosts.join(", ")
+                hosts.join(", "),
+                if skip.is_empty() {
+                    String::new()
+                } else {
+                    format!("; would skip {}: {}", skip.len(), skip.join(", "))
+                }
             ))?;
         }
         return Ok(ExitStatus::Success);

@@ -309,6 +309,14 @@ fn a_timed_hold_keeps_a_hand_rollbacks_hold_and_the_host_stays_rolled_back_when_
         .args(["--host", "127.0.0.1", "--to", "backup:1"])
         .json();
     assert_eq!(back["report"]["revision"], "r1", "{back}");
+    let planned = Pm::push(&setup.home)
+        .args(["hold", "--host", "127.0.0.1", "--until", "3s", "--dry-run"])
+        .json();
+    assert_eq!(
+        planned["would_skip"],
+        serde_json::json!(["127.0.0.1"]),
+        "{planned}"
+    );
     let run = Pm::push(&setup.home)
         .args(["hold", "--host", "127.0.0.1", "--until", "3s"])
         .args(["--reason", "maintenance window", "--json"])
