@@ -249,7 +249,10 @@ pub fn finish(result: anyhow::Result<ExitStatus>, json: bool) -> ExitCode {
     if let Some(hint) = hint {
         let _ = writeln!(stderr, "hint: {hint}");
     }
-    if json {
+    // `--json` anywhere asks for the document, also when the tool's own flags disagree with
+    // it (`pm-query --json --format csv`): the rule `parse_args` follows for clap's errors.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if json || json_requested(&argv) {
         let _ = print_json(&error_document(status, &format!("{err:#}"), hint, None));
     }
     status.into()

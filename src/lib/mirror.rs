@@ -775,7 +775,9 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
         dist_valid_until,
         re_signed: false,
     };
+    let mut unfinished_rollback = None;
     if let Some(inventory) = inventory {
+        unfinished_rollback = unfinished_fleet_rollback(&inventory);
         inventory
             .transaction(|inv| {
                 let summary = format!("dist is now {latest}");
@@ -796,7 +798,32 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
     }
     drop(lock);
     print_publish(global, &report)?;
+    if let Some((job_id, revision, hosts)) = unfinished_rollback {
+        // Publish does not wait for it (docs/day-2-operations.md says why); its hosts stay
+        // held, and running it again is refused with what to do instead.
+        eprintln!(
+            "warning: fleet rollback job {job_id} to {revision} has not finished ({hosts} host(s) \
+             held there): this publish shifted the backups, so that rollback's next step changed; \
+             `pm-push status {job_id}` says what to do"
+        );
+    }
     Ok(ExitStatus::Success)
+}
+
+/// The newest fleet rollback whose hosts are still held at its revision (it did not rotate
+/// dist): its job, revision and the number of hosts held.
+fn unfinished_fleet_rollback(inventory: &Inventory) -> Option<(i64, String, usize)> {
+    let holds = inventory.holds().ok()?;
+    let fleet = |h: &&crate::inventory::HoldRecord| {
+        h.kind == crate::proto::HoldKind::FleetRollback.as_str() && h.job_id.is_some()
+    };
+    let newest = holds.values().filter(fleet).max_by_key(|h| h.job_id)?;
+    let hosts = holds
+        .values()
+        .filter(fleet)
+        .filter(|h| h.job_id == newest.job_id)
+        .count();
+    Some((newest.job_id?, newest.revision.clone()?, hosts))
 }
 
 /// What [`rollback_dist`] did, or with `--dry-run` would do; the `--json` document of

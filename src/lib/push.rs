@@ -9,7 +9,7 @@
 //! leaves a job that says where it stopped, and `resume JOB` continues it. Before each wave dist
 //! is read again: a rollout never installs a revision it did not start with.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -257,7 +257,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
         Command::Update(update) => start(&home, &args.global, update),
         Command::Status { job } => status(&home, &args.global, *job),
         Command::Resume { job } => resume(&home, &args.global, *job),
-        Command::Profile { name, targets } => push_profile(&home, &args.global, name, targets),
+        Command::Profile { name, targets } => {
+            push_profile(&home, &args.global, name, targets, HashSet::new())
+        }
         Command::License {
             file,
             expires,
@@ -562,6 +564,17 @@ pub(crate) struct Report {
     /// for a fleet rollback the same `pm-rollback` again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) next_step: Option<String>,
+    /// A fleet rollback that cannot continue as it was run: dist moved since (what happened,
+    /// and what to do instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dist_moved: Option<DistMoved>,
+}
+
+/// Why a fleet rollback cannot continue as it was run, and what to do.
+#[derive(Debug, Serialize)]
+struct DistMoved {
+    error: String,
+    hint: Option<String>,
 }
 
 pub(crate) fn report(
@@ -625,6 +638,7 @@ pub(crate) fn report(
             }
             _ => None,
         },
+        dist_moved: None,
     }
 }
 
@@ -706,6 +720,13 @@ pub(crate) fn print(global: &GlobalArgs, report: &Report) -> anyhow::Result<Exit
                      were not touched",
                     report.stopped_at_wave.unwrap_or_default()
                 );
+            }
+            if let Some(moved) = &report.dist_moved {
+                eprintln!("error: {}", moved.error);
+                if let Some(hint) = &moved.hint {
+                    eprintln!("hint: {hint}");
+                }
+                return Ok(status);
             }
             eprintln!(
                 "hint: after fixing the failed hosts, run the same pm-rollback again: `{next}` \
@@ -993,10 +1014,49 @@ fn status(home: &Path, global: &GlobalArgs, job: Option<i64>) -> anyhow::Result<
         record.stopped_at_wave,
         &hosts,
     );
-    if record.kind == "rollback" && matches!(state.as_str(), "stopped" | "interrupted") {
+    // A rollback that ran every wave but left hosts behind is unfinished too, until dist is
+    // its revision (that run, or a later one, rotated it).
+    let generations = Repo::new(home)
+        .generations()
+        .map_err(|err| UserError::failure(err.to_string()))?;
+    let left_behind = record.kind == "rollback"
+        && state == "done"
+        && generations.dist != record.revision
+        && hosts
+            .iter()
+            .any(|h| matches!(h.result.as_str(), "failed" | "not_attempted" | "pending"));
+    if record.kind == "rollback" && matches!(state.as_str(), "stopped" | "interrupted")
+        || left_behind
+    {
         report.next_step = Some(rollback_command(&record));
+        // Once dist moved (a publish), the same command would install another revision.
+        if let Some(moved) = crate::rollback::dist_moved(&record, &generations) {
+            report.next_step = None;
+            report.dist_moved = Some(DistMoved {
+                error: moved.message,
+                hint: moved.hint,
+            });
+        }
     }
-    print(global, &report).map(|status| {
+    let printed = print(global, &report);
+    // `print` names the next step of a stopped or interrupted rollout only.
+    if left_behind && !global.json {
+        match (&report.dist_moved, &report.next_step) {
+            (Some(moved), _) => {
+                eprintln!("error: {}", moved.error);
+                if let Some(hint) = &moved.hint {
+                    eprintln!("hint: {hint}");
+                }
+            }
+            (None, Some(next)) => eprintln!(
+                "hint: not every target rolled back: after fixing those hosts, run the same \
+                 pm-rollback again: `{next}` (hosts already on {} are skipped)",
+                report.revision
+            ),
+            (None, None) => {}
+        }
+    }
+    printed.map(|status| {
         // Showing a rollout succeeds whatever the rollout's outcome.
         if matches!(status, ExitStatus::Usage) {
             status
@@ -1551,6 +1611,7 @@ impl Executed {
 type HostOutcome = Result<(bool, String), String>;
 
 /// What a per-host command is, for the job log and the output.
+#[derive(Default)]
 struct JobKind<'a> {
     kind: &'static str,
     what: &'a str,
@@ -1563,6 +1624,13 @@ struct JobKind<'a> {
     /// (upgrade-agent: a package that breaks the agent must not take the fleet's management
     /// channel with it).
     canary: bool,
+    /// Hosts whose record on the manager this command changes whatever their agent answers (a
+    /// hold, a release, a profile saved before it is sent): when such an agent fails, the
+    /// manager changed all the same, so the run is partial (exit 3) and `changed`, never
+    /// "failed, nothing done".
+    recorded: HashSet<String>,
+    /// Hosts the command leaves as they are (the op says why): reported `skipped`.
+    left_alone: HashSet<String>,
 }
 
 /// Resolves the targets (read-only) and returns them with every host record.
@@ -1619,8 +1687,11 @@ where
         timeout,
         unchanged_is_skipped,
         canary,
+        recorded,
+        left_alone,
     } = job;
-    let result_of = |outcome: &HostOutcome| match outcome {
+    let result_of = |target: &Target, outcome: &HostOutcome| match outcome {
+        Ok(_) if left_alone.contains(&target.host) => "skipped",
         Ok((false, _)) if unchanged_is_skipped => "skipped",
         Ok(_) => "ok",
         Err(_) => "failed",
@@ -1629,16 +1700,25 @@ where
         return no_target(global, kind, what);
     }
     if global.dry_run {
-        let hosts: Vec<_> = targets.iter().map(|t| t.host.clone()).collect();
+        let (skip, hosts): (Vec<String>, Vec<String>) = targets
+            .iter()
+            .map(|t| t.host.clone())
+            .partition(|host| left_alone.contains(host));
         if global.json {
             cli::print_json(&serde_json::json!({
-                "changed": false, "kind": kind, "would_apply_to": hosts, "hosts": [],
+                "changed": false, "kind": kind, "would_apply_to": hosts, "would_skip": skip,
+                "hosts": [],
             }))?;
         } else {
             cli::print_text(format!(
-                "{kind} {what}: would apply to {} host(s): {}",
+                "{kind} {what}: would apply to {} host(s): {}{}",
                 hosts.len(),
-                hosts.join(", ")
+                hosts.join(", "),
+                if skip.is_empty() {
+                    String::new()
+                } else {
+                    format!("; would skip {}: {}", skip.len(), skip.join(", "))
+                }
             ))?;
         }
         return Ok(ExitStatus::Success);
@@ -1686,8 +1766,11 @@ where
             host: target.host.clone(),
             wave: Some(0),
             attempt: 1,
-            result: result_of(outcome).into(),
-            changed: outcome.as_ref().ok().map(|(changed, _)| *changed),
+            result: result_of(target, outcome).into(),
+            changed: match outcome {
+                Ok((changed, _)) => Some(*changed),
+                Err(_) => recorded.contains(&target.host).then_some(true),
+            },
             revision: None,
             error: outcome.as_ref().err().cloned(),
         })
@@ -1704,6 +1787,11 @@ where
     let failed = attempts.iter().filter(|a| a.result == "failed").count();
     let skipped = attempts.iter().filter(|a| a.result == "skipped").count();
     let untouched = not_attempted.len();
+    // Failed with nothing changed anywhere: only then is a run "failed" rather than partial.
+    let failed_unchanged = attempts
+        .iter()
+        .filter(|a| a.result == "failed" && a.changed != Some(true))
+        .count();
     let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
     let job_id = inventory
         .transaction(|inv| {
@@ -1712,7 +1800,7 @@ where
                 started,
                 match failed {
                     0 => "ok",
-                    n if n + untouched == attempts.len() => "failed",
+                    _ if failed_unchanged + untouched == attempts.len() => "failed",
                     _ => "partial",
                 },
                 &format!("{kind} {what}: {} hosts, {failed} failed", attempts.len()),
@@ -1727,11 +1815,12 @@ where
         .iter()
         .map(|(target, outcome)| match outcome {
             Ok((changed, detail)) => serde_json::json!({
-                "host": target.host, "result": result_of(outcome), "changed": changed,
+                "host": target.host, "result": result_of(target, outcome), "changed": changed,
                 "detail": detail, "error": null,
             }),
             Err(error) => serde_json::json!({
-                "host": target.host, "result": "failed", "changed": false, "error": error,
+                "host": target.host, "result": "failed",
+                "changed": recorded.contains(&target.host), "error": error,
             }),
         })
         .chain(not_attempted.iter().map(|target| {
@@ -1741,7 +1830,7 @@ where
         }))
         .collect();
     lines.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
-    let changed = outcomes.iter().any(|(_, o)| matches!(o, Ok((true, _))));
+    let changed = attempts.iter().any(|a| a.changed == Some(true));
     if global.json {
         cli::print_json(&serde_json::json!({
             "changed": changed, "job_id": job_id, "kind": kind, "hosts": lines,
@@ -1779,7 +1868,7 @@ where
     }
     Ok(match failed {
         0 => ExitStatus::Success,
-        n if n + untouched == lines.len() => ExitStatus::Failure,
+        _ if failed_unchanged + untouched == lines.len() => ExitStatus::Failure,
         _ => ExitStatus::Partial,
     })
 }
@@ -1788,12 +1877,14 @@ fn setup_error(err: UserError) -> String {
     err.message
 }
 
-/// `pm-push profile NAME`.
+/// `pm-push profile NAME`; `recorded`: the hosts for whose sake the manager already changed
+/// (the profile was saved), so a host that fails leaves the run partial, not failed.
 fn push_profile(
     home: &Path,
     global: &GlobalArgs,
     name: &str,
     targets: &TargetArgs,
+    recorded: HashSet<String>,
 ) -> anyhow::Result<ExitStatus> {
     let profile = Inventory::open_read_only(home, global.lock_timeout)
         .map_err(inventory_error)?
@@ -1817,6 +1908,8 @@ fn push_profile(
             timeout: Duration::from_secs(30),
             unchanged_is_skipped: false,
             canary: false,
+            recorded,
+            ..JobKind::default()
         },
         targets,
         |client, target| {
@@ -1848,7 +1941,14 @@ pub(crate) fn resend_profile(
         hosts: hosts.to_vec(),
         ..TargetArgs::default()
     };
-    push_profile(home, global, name, &targets)
+    // The profile is saved: whatever the hosts answer, the manager changed.
+    push_profile(
+        home,
+        global,
+        name,
+        &targets,
+        hosts.iter().cloned().collect(),
+    )
 }
 
 /// `pm-push schedule`: the agents' own schedule (`POST /v1/setup/schedule`), checked here like
@@ -1910,6 +2010,7 @@ fn push_schedule(
             timeout: Duration::from_secs(30),
             unchanged_is_skipped: false,
             canary: false,
+            ..JobKind::default()
         },
         targets,
         |client, target| {
@@ -1959,9 +2060,13 @@ fn push_license(
     expires: Option<chrono::DateTime<Utc>>,
     targets: &TargetArgs,
 ) -> anyhow::Result<ExitStatus> {
-    if let (Some(file), Some(expires)) = (file, expires) {
-        crate::activate::setup::register_license(home, global, file, expires)?;
-    }
+    // A license registered here is a change on the manager whatever the agents answer.
+    let registered = match (file, expires) {
+        (Some(file), Some(expires)) => {
+            crate::activate::setup::register_license(home, global, file, expires)?.1
+        }
+        _ => false,
+    };
     let licenses = Inventory::open_read_only(home, global.lock_timeout)
         .map_err(inventory_error)?
         .map(|inv| inv.licenses())
@@ -1976,6 +2081,11 @@ fn push_license(
     let (targets, hosts) = resolve(home, global, targets)?;
     let license = Arc::new((license, content));
     let sha256 = license.0.sha256.clone();
+    let recorded: HashSet<String> = if registered {
+        targets.iter().map(|t| t.host.clone()).collect()
+    } else {
+        HashSet::new()
+    };
     on_targets(
         home,
         global,
@@ -1985,6 +2095,8 @@ fn push_license(
             timeout: Duration::from_secs(30),
             unchanged_is_skipped: false,
             canary: false,
+            recorded,
+            ..JobKind::default()
         },
         targets,
         |client, target| {
@@ -2053,6 +2165,7 @@ fn push_scan(
             timeout,
             unchanged_is_skipped: false,
             canary: false,
+            ..JobKind::default()
         },
         targets,
         |client, target| {
@@ -2163,6 +2276,7 @@ fn push_upgrade_agent(
             timeout,
             unchanged_is_skipped: true,
             canary: true,
+            ..JobKind::default()
         },
         targets,
         move |client, target| async move {

@@ -12,6 +12,7 @@
 //! `--host H --to backup:N | REVISION`: one host only; `backup:N` is the host's own local backup
 //! (`POST /v1/rollback`), a revision is installed from the generation the mirror serves it in.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -22,9 +23,9 @@ use serde::Serialize;
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
 use crate::inventory::{HoldRecord, HostAttempt, Inventory, RolloutRecord};
 use crate::poll::{Settings, ask_all, mutual_client};
-use crate::proto::{self, InstallReport};
+use crate::proto::{self, HoldKind, InstallReport};
 use crate::push::{self, Action, WaveArgs, inventory_error};
-use crate::repo::{BACKUP_GENERATIONS, Repo};
+use crate::repo::{BACKUP_GENERATIONS, Generations, Repo};
 use crate::targets::TargetArgs;
 
 /// `pm-rollback` command line.
@@ -86,7 +87,8 @@ struct FleetReport {
     #[serde(flatten)]
     rollout: push::Report,
     generation: u32,
-    /// Whether the manager's dist rotated back (the whole fleet targeted, every host OK).
+    /// Whether the manager's dist rotated back (the whole fleet targeted, every host OK); in a
+    /// dry run, whether it would once every host asked succeeds.
     dist_rolled_back: bool,
     /// Whether every target reported OK (rolled back, or already there).
     targets_ok: bool,
@@ -147,7 +149,9 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
     };
     let installed = push::read_installed(home, global)?;
     let action = Action::Generation(generation);
-    let holds = push::holds_in_the_way(push::read_holds(home, global)?, action, &revision);
+    let holds_in_force = push::read_holds(home, global)?;
+    refuse_over_an_unfinished_rollback(home, global, &holds_in_force, &revision, &generations)?;
+    let holds = push::holds_in_the_way(holds_in_force, action, &revision);
     let (hosts, waves) = push::plan_attempts(
         targets.clone(),
         &installed,
@@ -166,16 +170,23 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
     };
     let command = command_line();
     if global.dry_run {
+        // What the real run does when every host it asks succeeds: over the whole fleet dist
+        // rotates back (held hosts do not block it, hosts on the revision are skipped), even
+        // when nobody needs to install; over part of it dist stays.
+        let rotates = args.targets.is_all();
         let mut report = FleetReport {
             rollout: push::report("rollback", None, &revision, "planned", None, &hosts),
             generation,
-            dist_rolled_back: false,
+            dist_rolled_back: rotates,
             targets_ok: false,
             dist_before: dist_before.clone(),
-            dist_after: dist_before,
+            dist_after: if rotates {
+                Some(revision.clone())
+            } else {
+                dist_before
+            },
         };
-        // A real run over the whole fleet moves dist even when every host is on it already.
-        report.rollout.changed |= args.targets.is_all();
+        report.rollout.changed |= rotates;
         return print(global, &report);
     }
     let _lock = push::rollout_lock(home)?;
@@ -183,6 +194,8 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
     // names it as the next step).
     let mut stored = serde_json::to_value(&options)?;
     stored["command"] = serde_json::Value::String(command.clone());
+    // The revision it rolls back from, for what `pm-push status` says once dist moves.
+    stored["from"] = serde_json::json!(dist_before);
     let record = RolloutRecord {
         job_id: 0,
         kind: "rollback".into(),
@@ -337,6 +350,140 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
     print(global, &report)
 }
 
+/// Refuses a fleet rollback to `revision` while the hosts an earlier one moved are still held
+/// at another revision (it did not finish): after a publish, `--generation N` names the
+/// revision that rollback was moving away from, and rolling dist back to it would undo both.
+/// The same rollback run again (the same revision) continues it.
+fn refuse_over_an_unfinished_rollback(
+    home: &Path,
+    global: &GlobalArgs,
+    holds: &HashMap<String, HoldRecord>,
+    revision: &str,
+    generations: &Generations,
+) -> anyhow::Result<()> {
+    let Some(job_id) = holds
+        .values()
+        .filter(|hold| {
+            hold.kind == HoldKind::FleetRollback.as_str()
+                && hold
+                    .revision
+                    .as_deref()
+                    .is_some_and(|held| held != revision)
+        })
+        .filter_map(|hold| hold.job_id)
+        .max()
+    else {
+        return Ok(());
+    };
+    let record = Inventory::open_read_only(home, global.lock_timeout)
+        .map_err(inventory_error)?
+        .map(|inv| inv.rollout(Some(job_id), "rollback"))
+        .transpose()
+        .map_err(inventory_error)?
+        .flatten()
+        .map(|(record, _)| record);
+    let Some(record) = record.filter(|r| r.kind == "rollback" && r.generation.is_some()) else {
+        return Ok(());
+    };
+    let mut held: Vec<&str> = holds
+        .values()
+        .filter(|hold| hold.job_id == Some(job_id))
+        .map(|hold| hold.host.as_str())
+        .collect();
+    held.sort_unstable();
+    let refusal = dist_moved(&record, generations).unwrap_or_else(|| {
+        // backup/N still serves it: this is another rollback, not that one run again.
+        UserError::usage(format!(
+            "fleet rollback job {job_id} to {} has not finished, and this one would install \
+             {revision}",
+            record.revision.as_deref().unwrap_or("-"),
+        ))
+        .with_hint(format!(
+            "one fleet rollback at a time: finish that one (`{}`), or end its holds first: \
+             `pm-push release --where \"hold_kind = 'fleet-rollback'\"`",
+            push::rollback_command(&record)
+        ))
+    });
+    Err(UserError {
+        message: format!(
+            "{}; held there meanwhile: {}",
+            refusal.message,
+            held.join(", ")
+        ),
+        ..refusal
+    }
+    .into())
+}
+
+/// What became of an unfinished fleet rollback when backup/N no longer serves the revision it
+/// installs (a publish, or a dist rollback, since it began): running it again would install
+/// another revision, so this says what happened and what to do. None while it still can
+/// continue, or once dist is its revision (it finished).
+pub(crate) fn dist_moved(record: &RolloutRecord, generations: &Generations) -> Option<UserError> {
+    let revision = record.revision.as_deref()?;
+    let n = usize::try_from(record.generation?).ok()?;
+    let now = generations
+        .backups
+        .get(n.checked_sub(1)?)
+        .map(String::as_str);
+    if now == Some(revision) || generations.dist.as_deref() == Some(revision) {
+        return None;
+    }
+    let command = push::rollback_command(record);
+    let from: Option<String> = serde_json::from_str::<serde_json::Value>(&record.options)
+        .ok()
+        .and_then(|options| options["from"].as_str().map(str::to_string));
+    let dist = generations.dist.as_deref().unwrap_or("-");
+    let would = match now {
+        Some(now) if from.as_deref() == Some(now) => {
+            format!("{now}, the revision it was rolling back from")
+        }
+        Some(now) => now.to_string(),
+        None => "nothing (there is no such backup now)".to_string(),
+    };
+    let message = format!(
+        "fleet rollback job {} to {revision} did not finish, and dist moved since it began \
+         (dist is now {dist}, backup/{n} is {}): `{command}` would now install {would}, not \
+         {revision}",
+        record.job_id,
+        now.unwrap_or("-"),
+    );
+    let keep_dist = format!(
+        "to keep dist ({dist}) instead, end that rollback's holds and update: `pm-push release \
+         --where \"hold_kind = 'fleet-rollback'\"`, then `pm-push update`"
+    );
+    let hint = match generations.backups.iter().position(|r| r == revision) {
+        Some(i) => format!(
+            "to finish rolling back to {revision}, name the generation that serves it now: `{}` \
+             (once every target is on it, dist rotates to {revision} and the revisions after it \
+             are marked rolled back); {keep_dist}",
+            with_generation(&command, i + 1)
+        ),
+        None => format!("{revision} is no longer served (`pm-mirror status`); {keep_dist}"),
+    };
+    Some(UserError::usage(message).with_hint(hint))
+}
+
+/// `command` (a `pm-rollback` command line) with `--generation` set to `n`.
+fn with_generation(command: &str, n: usize) -> String {
+    let Some(mut words) = shlex::split(command) else {
+        return format!("pm-rollback --generation {n}");
+    };
+    let mut i = 0;
+    while i < words.len() {
+        if words[i] == "--generation" && i + 1 < words.len() {
+            words[i + 1] = n.to_string();
+            i += 1;
+        } else if words[i].starts_with("--generation=") {
+            // shlex quotes a word with `=`: two words read the same and better.
+            words.splice(i..=i, ["--generation".to_string(), n.to_string()]);
+            i += 1;
+        }
+        i += 1;
+    }
+    shlex::try_join(words.iter().map(String::as_str)).unwrap_or_else(|_| words.join(" "))
+}
+
 fn print(global: &GlobalArgs, report: &FleetReport) -> anyhow::Result<ExitStatus> {
     let reached = report.rollout.summary.get("ok").copied().unwrap_or(0)
         + report.rollout.summary.get("skipped").copied().unwrap_or(0);
@@ -358,7 +505,20 @@ fn print(global: &GlobalArgs, report: &FleetReport) -> anyhow::Result<ExitStatus
         },
         &report.rollout,
     )?;
-    cli::print_text(if report.dist_rolled_back {
+    let planned = report.rollout.state == "planned";
+    cli::print_text(if planned && report.dist_rolled_back {
+        format!(
+            "dist would roll back: {} -> {} (backup/{}), once every host asked succeeds",
+            report.dist_before.as_deref().unwrap_or("-"),
+            report.dist_after.as_deref().unwrap_or("-"),
+            report.generation
+        )
+    } else if planned {
+        format!(
+            "dist would stay at {}: only part of the fleet is targeted",
+            report.dist_before.as_deref().unwrap_or("-")
+        )
+    } else if report.dist_rolled_back {
         format!(
             "dist rolled back: {} -> {} (backup/{}); `pm-mirror publish` will not publish the \
              rolled-back revisions again without --again",
@@ -566,4 +726,26 @@ fn one_host(home: &Path, args: &Args, to: &str) -> anyhow::Result<ExitStatus> {
     } else {
         ExitStatus::Failure
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_step_names_the_generation_that_serves_the_revision_now() {
+        let check = |command: &str, n: usize, expected: &str| {
+            assert_eq!(with_generation(command, n), expected, "{command}");
+        };
+        check(
+            "pm-rollback --generation 1",
+            2,
+            "pm-rollback --generation 2",
+        );
+        check(
+            "pm-rollback --wave-size 10 --generation=1 --group 'web farm'",
+            3,
+            "pm-rollback --wave-size 10 --generation 3 --group 'web farm'",
+        );
+    }
 }

@@ -92,6 +92,17 @@ pub fn read_targets_file(path: &Path) -> Result<Vec<Listed>, UserError> {
     let at = |line: u64| format!("{}:{line}", path.display());
     let shape = "lines are `host` or `host,wave` (waves 1, 2, ...), e.g. `10.0.0.5,1`; quote a \
                  field that holds a comma";
+    // csv reads a quote left open to the end of the file as one field (`"db-1` is `db-1`, and
+    // every line after it too): a host never spans lines, so a quote must close on its line.
+    if let Some(line) = unclosed_quote(bytes) {
+        return Err(UserError::usage(format!(
+            "{}: a quote opened on this line is not closed on it",
+            at(line)
+        ))
+        .with_hint(format!(
+            "close the quote (`\"db-1\"`) or remove it; {shape}"
+        )));
+    }
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -177,6 +188,46 @@ pub fn read_targets_file(path: &Path) -> Result<Vec<Listed>, UserError> {
         );
     }
     Ok(listed)
+}
+
+/// The line (from 1) of a quoted field that does not close on the line it opened on, read as
+/// csv reads quotes: a `"` starts a quoted field at the start of a field (spaces before it
+/// aside), `""` inside one is a quote, and `#` outside one starts a comment.
+fn unclosed_quote(bytes: &[u8]) -> Option<u64> {
+    let mut line = 1u64;
+    let mut i = 0;
+    let mut field_start = true;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\n' => {
+                line += 1;
+                field_start = true;
+            }
+            b',' => field_start = true,
+            b' ' | b'\t' | b'\r' => {}
+            b'#' => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' if field_start => {
+                i += 1;
+                loop {
+                    match bytes.get(i) {
+                        Some(b'"') if bytes.get(i + 1) == Some(&b'"') => i += 2,
+                        Some(b'"') => break,
+                        Some(b'\n') | None => return Some(line),
+                        Some(_) => i += 1,
+                    }
+                }
+                field_start = false;
+            }
+            _ => field_start = false,
+        }
+        i += 1;
+    }
+    None
 }
 
 /// A wave plan gives every host a wave or none: a line without one among lines with one is
@@ -643,6 +694,20 @@ mod tests {
         refused(b"web-000,-2\n", &["wave `-2`"]);
         refused(b"# none\n\n", &["lists no host"]);
         refused(b"\xff\xfeweb\n", &["not valid UTF-8"]);
+        // A quote left open: csv would read `db-1` (and every line after it) as one field.
+        refused(
+            b"\"db-1",
+            &["update_list.csv:1", "not closed", "close the quote"],
+        );
+        refused(
+            b"web-0\n\"db-1\nweb-2\n",
+            &["update_list.csv:2", "not closed"],
+        );
+        refused(b"web-0,\"1\n", &["update_list.csv:1", "not closed"]);
+        check(
+            b"\"db \"\"1\"\"\",1\n# a \"quote in a comment\nweb-2,1 # and \" here\n",
+            &[("db \"1\"", Some(1), 1), ("web-2", Some(1), 3)],
+        );
     }
 
     #[test]

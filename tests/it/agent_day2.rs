@@ -537,15 +537,17 @@ fn overwriting_a_profile_in_use_with_another_mode_needs_force_and_then_reaches_i
     );
 
     // With --force the new mode is saved and re-sent: this clamav host refuses a file profile,
-    // which is a failed host (exit 1: every host failed; a job row to retry from), and it keeps
-    // the profile it had.
+    // which is a failed host (a job row to retry from), and it keeps the profile it had. The
+    // profile is saved all the same: partial (exit 3) and changed, not "failed, nothing done"
+    // (red team A, item 14).
     let run = Pm::activate(&setup.home)
         .args(["profile", "new", "servers", "--force", "--file"])
         .args([&file])
         .args(["--json"])
         .run();
-    assert_eq!(run.code(), 1, "{}\n{}", run.stdout(), run.stderr());
+    assert_eq!(run.code(), 3, "{}\n{}", run.stdout(), run.stderr());
     let report = run.json();
+    assert_eq!(report["changed"], true, "{report:#}");
     assert_eq!(report["kind"], "profile", "{report:#}");
     assert_eq!(first_host(&report)["result"], "failed", "{report:#}");
     assert!(

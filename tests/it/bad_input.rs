@@ -1862,6 +1862,19 @@ static TARGETS: &[Case<TargetsInput>] = &[
         2,
         "cannot read targets file",
     ),
+    // Red team A, item 17: csv read a quote left open as the rest of the file.
+    case(
+        "push: a quote never closed",
+        (PUSH, Some("\"sim-000\n")),
+        2,
+        "not closed",
+    ),
+    case(
+        "activate: a quote never closed",
+        (ACTIVATE, Some("sim-000\n\"sim-001")),
+        2,
+        "not closed",
+    ),
     case("poll: unknown host", (POLL, Some("nobody\n")), 2, "nobody"),
     case(
         "poll: a directory",

@@ -42,6 +42,7 @@ fn every_tool_prints_one_json_document_for_a_usage_error_under_json() {
     let bad_value = "bad value";
     let out_of_range = "out-of-range value";
     let missing_argument = "missing argument or subcommand";
+    let flags_disagree = "flags that disagree";
     let cases: &[(&str, &str, &[&str])] = &[
         ("pm-mirror", unknown_flag, &["--json", "sync", "--bogus"]),
         ("pm-mirror", missing_argument, &["--json"]),
@@ -77,6 +78,12 @@ fn every_tool_prints_one_json_document_for_a_usage_error_under_json() {
             &["--json", "--generation", "x", "--all"],
         ),
         ("pm-query", missing_argument, &["--json"]),
+        // Red team A, item 16: flags that disagree, found after parsing.
+        (
+            "pm-query",
+            flags_disagree,
+            &["--json", "--format", "csv", "SELECT 1"],
+        ),
         (
             "pm-query",
             bad_value,

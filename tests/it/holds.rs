@@ -296,3 +296,112 @@ fn rollouts_report_held_hosts_and_a_fleet_rollback_moves_dist_without_waiting_fo
         "rollback"
     );
 }
+
+/// Red team A, item 9: a maintenance window over a host rolled back by hand.
+#[test]
+fn a_timed_hold_keeps_a_hand_rollbacks_hold_and_the_host_stays_rolled_back_when_it_ends() {
+    let setup = AgentSetup::new();
+    let state = setup.state();
+    Pm::agent(&state).args(["update"]).json();
+    setup.publish(6);
+    Pm::agent(&state).args(["update"]).json();
+    let back = Pm::rollback(&setup.home)
+        .args(["--host", "127.0.0.1", "--to", "backup:1"])
+        .json();
+    assert_eq!(back["report"]["revision"], "r1", "{back}");
+    let planned = Pm::push(&setup.home)
+        .args(["hold", "--host", "127.0.0.1", "--until", "3s", "--dry-run"])
+        .json();
+    assert_eq!(
+        planned["would_skip"],
+        serde_json::json!(["127.0.0.1"]),
+        "{planned}"
+    );
+    let run = Pm::push(&setup.home)
+        .args(["hold", "--host", "127.0.0.1", "--until", "3s"])
+        .args(["--reason", "maintenance window", "--json"])
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let held = run.json();
+    let line = host_result(&held, "127.0.0.1");
+    assert_eq!(line["result"], "skipped", "said per host: {held}");
+    assert_eq!(line["changed"], false, "{held}");
+    assert!(
+        line["detail"]
+            .as_str()
+            .unwrap()
+            .contains("kept its rollback hold at r1"),
+        "{held}"
+    );
+    assert!(
+        run.stderr().contains("keep their rollback hold"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(
+        Pm::agent(&state).args(["status"]).json()["hold"]["kind"],
+        "rollback"
+    );
+    // The window is over: the host is still held where it was rolled back to.
+    std::thread::sleep(Duration::from_secs(4));
+    let pushed = Pm::push(&setup.home).args(["update"]).json();
+    assert_eq!(
+        host_result(&pushed, "127.0.0.1")["result"],
+        "held",
+        "{pushed}"
+    );
+    assert_eq!(installed(&state), "r1", "the hand rollback was undone");
+    assert_eq!(
+        sql(&setup.home, "SELECT held, hold_kind FROM fleet_status"),
+        ["true,rollback"]
+    );
+}
+
+/// Red team A, item 14: the manager records a hold or a release whatever the agent answers.
+#[test]
+fn hold_release_and_license_of_a_host_that_does_not_answer_are_partial_and_changed() {
+    let mut setup = AgentSetup::new();
+    if let Some(mut agent) = setup.agent.take() {
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+    }
+    let run = |args: &[&str]| {
+        let run = Pm::push(&setup.home).args(args).args(["--json"]).run();
+        (run.code(), run.json())
+    };
+    let (code, held) = run(&["hold", "--host", "127.0.0.1", "--until", "4h"]);
+    assert_eq!(code, 3, "recorded on the manager, not on the agent: {held}");
+    assert_eq!(held["changed"], true, "{held}");
+    let line = host_result(&held, "127.0.0.1");
+    assert_eq!(
+        (&line["result"], &line["changed"]),
+        (&"failed".into(), &true.into())
+    );
+    assert_eq!(
+        sql(&setup.home, "SELECT kind, on_agent FROM host_holds"),
+        ["hold,false"]
+    );
+    let (code, released) = run(&["release", "--host", "127.0.0.1"]);
+    assert_eq!(code, 3, "{released}");
+    assert_eq!(released["changed"], true, "{released}");
+    assert_eq!(sql(&setup.home, "SELECT count(*) FROM host_holds"), ["0"]);
+    // Nothing left to change on the manager, and the agent still does not answer: failed.
+    let (code, again) = run(&["release", "--host", "127.0.0.1"]);
+    assert_eq!(code, 1, "{again}");
+    assert_eq!(again["changed"], false, "{again}");
+    // A license registered by the same command is a change on the manager too.
+    let file = setup.tmp.path().join("site.lic");
+    std::fs::write(&file, "LICENSE-ID=4711\n").unwrap();
+    let license: [&str; 6] = [
+        "license",
+        file.to_str().unwrap(),
+        "--expires",
+        "2099-01-01",
+        "--host",
+        "127.0.0.1",
+    ];
+    let (code, sent) = run(&license);
+    assert_eq!((code, &sent["changed"]), (3, &true.into()), "{sent}");
+    let (code, again) = run(&license);
+    assert_eq!((code, &again["changed"]), (1, &false.into()), "{again}");
+}

@@ -239,3 +239,129 @@ fn after_a_fleet_rollback_a_refused_publish_re_signs_dist_and_agents_accept_it()
     let report = setup.agent_cmd(&["update"]);
     assert_eq!(report["revision"], "r1", "{report}");
 }
+
+/// Red team A, item 2: a fleet rollback that did not finish, then the sync timer's publish.
+#[test]
+fn a_publish_during_an_unfinished_fleet_rollback_makes_running_it_again_refused_with_what_to_do() {
+    let fleet = Fleet::start(3);
+    let home = &fleet.setup.home;
+    for version in [4, 5] {
+        fleet.setup.publish(version);
+        let (code, pushed) = fleet.push(&["update"]);
+        assert_eq!(code, 0, "{pushed}");
+    }
+    // dist r3 (test 5), backup/1 r2 (test 4). One host cannot install: the rollback runs its
+    // waves (one failure allowed) and ends with that host behind.
+    fleet.break_agent(2);
+    let (code, report) = rollback(&fleet.setup, &["--generation", "1", "--max-failures", "1"]);
+    assert_eq!(code, 3, "{report}");
+    assert_eq!(
+        (&report["revision"], &report["state"]),
+        (&"r2".into(), &"done".into())
+    );
+    let job = report["job_id"].as_i64().unwrap().to_string();
+    let status = Pm::push(home).args(["status", &job]).run();
+    assert!(
+        status.stderr().contains("run the same pm-rollback again")
+            && status.stderr().contains("--generation 1 --max-failures 1"),
+        "pm-push status names the next step of a rollback that left a host behind: {}",
+        status.stderr()
+    );
+    // The sync timer publishes test 6: dist r4, backup/1 r3 (the revision rolled back from).
+    fleet.setup.lab.upstream.set_version(6).unwrap();
+    Pm::mirror(home).args(["sync"]).json();
+    let published = Pm::mirror(home).args(["publish"]).run();
+    assert_eq!(published.code(), 0, "{}", published.stderr());
+    assert!(
+        published
+            .stderr()
+            .contains(&format!("fleet rollback job {job} to r2 has not finished")),
+        "publish warns: {}",
+        published.stderr()
+    );
+    fleet.mend_agent(2);
+
+    // The printed next step, run again: refused, nothing moves, and it says what to do.
+    let again = Pm::rollback(home).args(["--generation", "1"]).run();
+    assert_eq!(again.code(), 2, "{}{}", again.stdout(), again.stderr());
+    let stderr = again.stderr();
+    assert!(
+        stderr.contains("would now install r3, the revision it was rolling back from, not r2")
+            && stderr.contains("--generation 2")
+            && stderr.contains("lab-000, lab-001"),
+        "{stderr}"
+    );
+    assert_eq!(
+        sql(
+            home,
+            "SELECT action, revision FROM dist_history ORDER BY id DESC LIMIT 1"
+        ),
+        ["publish,r4"],
+        "dist did not move"
+    );
+    assert_eq!(
+        sql(
+            home,
+            "SELECT host, kind, revision FROM host_holds ORDER BY host"
+        ),
+        ["lab-000,fleet-rollback,r2", "lab-001,fleet-rollback,r2"],
+        "the hosts it moved stay held"
+    );
+    let status = Pm::push(home).args(["status", &job]).run();
+    assert!(
+        status.stderr().contains("would now install r3")
+            && status.stderr().contains("--generation 2")
+            && !status.stderr().contains("run the same pm-rollback again"),
+        "pm-push status says so too: {}",
+        status.stderr()
+    );
+
+    // The step it names finishes the rollback to r2.
+    let (code, report) = rollback(&fleet.setup, &["--generation", "2"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["dist_rolled_back"], true, "{report}");
+    assert_eq!(report["dist_after"], "r2");
+    for n in 0..3 {
+        let db = fleet.dir.join(format!("agent-{n:03}-db"));
+        assert_eq!(sigtool_version(&db), "4", "agent {n}");
+    }
+}
+
+/// Red team A, item 15: the dry run says what the real run then does to dist.
+#[test]
+fn a_dry_run_of_a_fleet_rollback_predicts_the_dist_the_real_run_leaves() {
+    let setup = AgentSetup::new();
+    Pm::push(&setup.home).args(["update"]).json();
+    setup.publish(6);
+    Pm::push(&setup.home).args(["update"]).json();
+    // Every host held: nothing to ask, and dist still rotates back.
+    Pm::push(&setup.home)
+        .args(["hold", "--all", "--reason", "x"])
+        .json();
+    let (code, part) = rollback(
+        &setup,
+        &["--generation", "1", "--host", "127.0.0.1", "--dry-run"],
+    );
+    assert_eq!(code, 0, "{part}");
+    assert_eq!(
+        (&part["dist_rolled_back"], &part["dist_after"]),
+        (&false.into(), &"r2".into()),
+        "part of the fleet: dist stays: {part}"
+    );
+    let (code, planned) = rollback(&setup, &["--generation", "1", "--dry-run"]);
+    assert_eq!(code, 0, "{planned}");
+    let text = Pm::rollback(&setup.home)
+        .args(["--generation", "1", "--dry-run"])
+        .run();
+    assert!(
+        text.stdout().contains("dist would roll back: r2 -> r1"),
+        "{}",
+        text.stdout()
+    );
+    let (code, done) = rollback(&setup, &["--generation", "1"]);
+    assert_eq!(code, 0, "{done}");
+    assert_eq!(done["dist_after"], "r1", "{done}");
+    for field in ["dist_rolled_back", "dist_before", "dist_after"] {
+        assert_eq!(planned[field], done[field], "{field}: {planned} / {done}");
+    }
+}

@@ -8,7 +8,7 @@
 //! way; an agent that still holds itself after a release the manager recorded refuses the next
 //! push, which records the hold again, so the two never disagree for long unseen.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,6 +101,16 @@ pub(super) fn push_hold(
     }
     let (targets, _) = resolve(home, global, targets)?;
     let installed = super::read_installed(home, global)?;
+    let in_force = read_holds(home, global)?;
+    // A rollback's hold is kept: it has no end, and a window replacing it would hand the host
+    // back to dist when the window ends, undoing the rollback.
+    let kept: Arc<HashMap<String, HoldRecord>> = Arc::new(
+        in_force
+            .iter()
+            .filter(|(_, hold)| keeps_over_a_window(hold))
+            .map(|(host, hold)| (host.clone(), hold.clone()))
+            .collect(),
+    );
     let spec = HoldSpec {
         kind: HoldKind::Hold,
         reason: reason.to_string(),
@@ -117,7 +127,29 @@ pub(super) fn push_hold(
         only_kind: None,
     });
     let detail = what.clone();
-    on_targets(
+    // The manager records the hold whatever the agent answers: those whose hold differs change.
+    let recorded: HashSet<String> = targets
+        .iter()
+        .filter(|t| !kept.contains_key(&t.host))
+        .filter(|t| {
+            in_force.get(&t.host).is_none_or(|hold| {
+                hold.kind != spec.kind.as_str() || hold.reason != spec.reason || hold.until != until
+            })
+        })
+        .map(|t| t.host.clone())
+        .collect();
+    let left_alone: HashSet<String> = kept.keys().cloned().collect();
+    let record_kept = Arc::clone(&kept);
+    let (n_kept, targets_kept) = {
+        let mut hosts: Vec<&str> = targets
+            .iter()
+            .filter(|t| kept.contains_key(&t.host))
+            .map(|t| t.host.as_str())
+            .collect();
+        hosts.sort_unstable();
+        (hosts.len(), hosts.join(", "))
+    };
+    let status = on_targets(
         home,
         global,
         JobKind {
@@ -126,12 +158,28 @@ pub(super) fn push_hold(
             timeout: HOLD_TIMEOUT,
             unchanged_is_skipped: false,
             canary: false,
+            recorded,
+            left_alone,
         },
         targets,
         move |client, target| {
             let body = Arc::clone(&body);
             let detail = detail.clone();
+            let kept = kept.get(&target.host).cloned();
             async move {
+                if let Some(hold) = kept {
+                    return Ok((
+                        false,
+                        format!(
+                            "kept its {} hold at {} (no end): {}; `pm-push release --host {}` \
+                             ends it",
+                            hold.kind,
+                            hold.revision.as_deref().unwrap_or("its revision"),
+                            hold.reason,
+                            target.host
+                        ),
+                    ));
+                }
                 send(&client, &target, &body)
                     .await
                     .map(|changed| (changed, detail))
@@ -147,6 +195,7 @@ pub(super) fn push_hold(
         |inv, job_id, outcomes| {
             let holds: Vec<HoldRecord> = outcomes
                 .iter()
+                .filter(|(target, _)| !record_kept.contains_key(&target.host))
                 .map(|(target, outcome)| HoldRecord {
                     host: target.host.clone(),
                     kind: spec.kind.as_str().into(),
@@ -161,7 +210,22 @@ pub(super) fn push_hold(
                 .collect();
             inv.record_holds(&holds)
         },
-    )
+    )?;
+    if n_kept > 0 {
+        eprintln!(
+            "note: {n_kept} host(s) rolled back keep their rollback hold, which lasts until \
+             released (longer than this hold): {targets_kept}; to put them under this hold \
+             instead, `pm-push release` them first (they then follow dist when it ends)"
+        );
+    }
+    Ok(status)
+}
+
+/// Whether `hold` stays when a window (`pm-push hold`) is put on its host: a rollback's, by
+/// hand or of the fleet. It has no end, so it holds at least as long as any window; replaced,
+/// the host would follow dist again when the window ends, undoing the rollback.
+fn keeps_over_a_window(hold: &HoldRecord) -> bool {
+    hold.kind == HoldKind::Rollback.as_str() || hold.kind == HoldKind::FleetRollback.as_str()
 }
 
 /// `pm-push release [targets]`.
@@ -178,6 +242,12 @@ pub(super) fn push_release(
     });
     let hosts: Vec<String> = targets.iter().map(|t| t.host.clone()).collect();
     let released_by = crate::inventory::actor();
+    // Released on the manager whatever the agent answers.
+    let recorded: HashSet<String> = hosts
+        .iter()
+        .filter(|host| held.contains_key(*host))
+        .cloned()
+        .collect();
     on_targets(
         home,
         global,
@@ -187,6 +257,8 @@ pub(super) fn push_release(
             timeout: HOLD_TIMEOUT,
             unchanged_is_skipped: false,
             canary: false,
+            recorded,
+            ..JobKind::default()
         },
         targets,
         move |client, target| {
