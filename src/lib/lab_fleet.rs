@@ -709,6 +709,7 @@ impl FleetState {
             scans,
             updates: Vec::new(),
             report_stream: None,
+            report_last: None,
         }
     }
 

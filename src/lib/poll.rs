@@ -1220,6 +1220,7 @@ mod tests {
                 error: None,
             }],
             report_stream: Some("0a1b2c3d4e5f6a7b".into()),
+            report_last: Some(1),
         }
     }
 

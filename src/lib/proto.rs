@@ -300,6 +300,11 @@ pub struct PollResponse {
     /// one that has made no report yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_stream: Option<String>,
+    /// The last number the agent gave in its report stream. Below the manager's cursor, the
+    /// agent's state went back (a VM snapshot or backup restored): its answer then holds every
+    /// kept report, and numbers the manager recorded may name other reports now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_last: Option<u64>,
 }
 
 /// Path that makes an activated agent install the manager's dist now (mutual TLS); the body is

@@ -4,7 +4,11 @@
 //! N for a cursor `seq:STREAM:N` of this agent's report stream (see `reports`), every kept one
 //! for a cursor of another stream (this state directory is not the one the manager knew), and
 //! those whose id sorts after an id cursor (a manager from before the numbers, or its first
-//! poll since). The answer names the stream.
+//! poll since). The answer names the stream and its last number.
+//!
+//! A cursor of this stream above the last number means this state directory went back in time
+//! (a VM snapshot or a backup restored): the numbers after it were given again to other
+//! reports, so every kept report comes back, of both kinds, for the manager to sort by id.
 
 use std::sync::Arc;
 
@@ -27,6 +31,16 @@ use crate::tls::TlsConnectInfo;
 struct Cursors {
     scans_after: Option<String>,
     updates_after: Option<String>,
+}
+
+/// Whether the manager has seen numbers of this stream that it has not given yet: its state was
+/// restored from before them (see the module).
+fn rewound(cursors: &Cursors, stream: &str, last: u64) -> bool {
+    [&cursors.scans_after, &cursors.updates_after]
+        .into_iter()
+        .flatten()
+        .filter_map(|cursor| proto::parse_seq_cursor(cursor))
+        .any(|(of, after)| of == stream && after > last)
 }
 
 /// Reports newer than `after` (a cursor, see the module), oldest first, at most
@@ -65,7 +79,17 @@ fn answer(agent: &Agent, status: proto::AgentStatus, cursors: &Cursors) -> Resul
             next_run: entry.next_run.map(|t| t.with_timezone(&chrono::Utc)),
         })
         .collect();
-    let stream = super::reports::stream(&agent.dir);
+    let (stream, last) = super::reports::stream(&agent.dir).unzip();
+    // A rewound stream answers as another stream would: with every report kept.
+    let own_stream = stream
+        .as_deref()
+        .filter(|stream| !last.is_some_and(|last| rewound(cursors, stream, last)));
+    if own_stream.is_none() && stream.is_some() {
+        tracing::warn!(
+            last = last.unwrap_or_default(),
+            "the manager has seen report numbers this agent has not given yet (its state was restored from a snapshot or backup?): sending every kept report"
+        );
+    }
     Ok(PollResponse {
         status,
         installed: super::install::installed_state(&agent.dir)?,
@@ -74,14 +98,15 @@ fn answer(agent: &Agent, status: proto::AgentStatus, cursors: &Cursors) -> Resul
             super::scan::list(&agent.dir)?,
             |r| (r.seq, r.id.as_str()),
             cursors.scans_after.as_deref(),
-            stream.as_deref(),
+            own_stream,
         ),
         updates: newer(
             super::schedule::list_updates(&agent.dir)?,
             |r| (r.seq, r.id.as_str()),
             cursors.updates_after.as_deref(),
-            stream.as_deref(),
+            own_stream,
         ),
+        report_last: last,
         report_stream: stream,
     })
 }
@@ -181,5 +206,22 @@ mod tests {
             ids(newer(newest_first, key, Some("2030-a"), Some("ab"))),
             ["2030-b"]
         );
+    }
+
+    #[test]
+    fn a_cursor_above_the_last_number_of_this_stream_means_the_state_went_back() {
+        let check = |scans: Option<&str>, updates: Option<&str>, expected: bool| {
+            let cursors = Cursors {
+                scans_after: scans.map(str::to_string),
+                updates_after: updates.map(str::to_string),
+            };
+            assert_eq!(rewound(&cursors, "ab", 5), expected, "{cursors:?}");
+        };
+        check(None, None, false);
+        check(Some("seq:ab:5"), Some("seq:ab:3"), false);
+        check(Some("seq:ab:2"), Some("seq:ab:6"), true);
+        check(Some("seq:ab:9"), None, true);
+        // Another stream's numbers, or ids, say nothing about this one.
+        check(Some("seq:cd:9"), Some("20991231T000000.000000Z-ff"), false);
     }
 }

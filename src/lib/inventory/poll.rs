@@ -233,6 +233,48 @@ impl Inventory {
             .collect())
     }
 
+    /// The reports of these answers already recorded, as (host, report id): a report is
+    /// recorded once whatever the cursors say (a restored agent sends what it keeps again).
+    fn recorded_report_ids<'a>(
+        &self,
+        polled: &'a [PolledHost],
+    ) -> Result<HashSet<(&'a str, &'a str)>, InventoryError> {
+        let sent: Vec<(&str, &str)> = polled
+            .iter()
+            .filter_map(|poll| Some((poll.host.as_str(), poll.answer.as_ref().ok()?)))
+            .flat_map(|(host, answer)| {
+                let scans = answer.scans.iter().map(|r| r.id.as_str());
+                let runs = answer.updates.iter().map(|r| r.id.as_str());
+                scans.chain(runs).map(move |id| (host, id))
+            })
+            .collect();
+        if sent.is_empty() {
+            return Ok(HashSet::new());
+        }
+        self.db(self.conn.execute_batch(
+            "CREATE OR REPLACE TEMP TABLE sent_reports (host VARCHAR, id VARCHAR)",
+        ))?;
+        self.append(
+            "sent_reports",
+            sent.iter()
+                .map(|(host, id)| [Value::Text(host.to_string()), Value::Text(id.to_string())]),
+        )?;
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT host, id FROM sent_reports s
+                 WHERE EXISTS (SELECT 1 FROM scans WHERE host = s.host AND scan_id = s.id)
+                    OR EXISTS (SELECT 1 FROM update_runs WHERE host = s.host AND run_id = s.id)",
+        ))?;
+        let found: HashSet<(String, String)> = self
+            .db(statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))))?
+            .map(|row| self.db(row))
+            .collect::<Result<_, _>>()?;
+        self.db(self.conn.execute_batch("DROP TABLE sent_reports"))?;
+        Ok(sent
+            .into_iter()
+            .filter(|(host, id)| found.contains(&(host.to_string(), id.to_string())))
+            .collect())
+    }
+
     /// Each host's place in its agent's report stream.
     fn stream_cursors(&self) -> Result<HashMap<String, StreamCursor>, InventoryError> {
         let mut statement = self.db(self.conn.prepare(
@@ -301,6 +343,7 @@ impl Inventory {
         let mut updates = Vec::new();
         let mut new_states = Vec::with_capacity(polled.len());
         let mut answered: HashSet<&str> = HashSet::new();
+        let recorded_ids = self.recorded_report_ids(polled)?;
 
         for poll in polled {
             let before = states.remove(&poll.host);
@@ -418,8 +461,26 @@ impl Inventory {
                     let (scans_seq, updates_seq) = stream
                         .as_ref()
                         .map_or((None, None), |c| (c.scans_seq, c.updates_seq));
+                    // The agent's state went back (a snapshot or backup restored): the numbers
+                    // above its last one were recorded but name other reports now. It sent
+                    // every report it keeps; those whose id is not recorded are new, and the
+                    // cursors start again from what it sent.
+                    let rewound = answer
+                        .report_last
+                        .is_some_and(|last| scans_seq.max(updates_seq).is_some_and(|n| n > last));
+                    if rewound {
+                        tracing::warn!(
+                            host = %poll.host,
+                            last = answer.report_last,
+                            "the agent's report numbers went back (state restored from a snapshot or backup?): taking its kept reports by id"
+                        );
+                    }
                     let highest = |cursor: Option<u64>, seqs: &mut dyn Iterator<Item = u64>| {
-                        seqs.chain(cursor).max()
+                        if rewound {
+                            seqs.max().or(answer.report_last)
+                        } else {
+                            seqs.chain(cursor).max()
+                        }
                     };
                     if let Some(stream) = &answer.report_stream {
                         new_streams.push([
@@ -435,7 +496,9 @@ impl Inventory {
                         ]);
                     }
                     for scan in &answer.scans {
-                        if !is_new(scans_seq, state.last_scan_id.as_deref(), scan.seq, &scan.id) {
+                        let new = rewound
+                            || is_new(scans_seq, state.last_scan_id.as_deref(), scan.seq, &scan.id);
+                        if !new || recorded_ids.contains(&(poll.host.as_str(), scan.id.as_str())) {
                             continue;
                         }
                         scans.push([
@@ -498,12 +561,14 @@ impl Inventory {
                         changed = true;
                     }
                     for run in &answer.updates {
-                        if !is_new(
-                            updates_seq,
-                            state.last_update_id.as_deref(),
-                            run.seq,
-                            &run.id,
-                        ) {
+                        let new = rewound
+                            || is_new(
+                                updates_seq,
+                                state.last_update_id.as_deref(),
+                                run.seq,
+                                &run.id,
+                            );
+                        if !new || recorded_ids.contains(&(poll.host.as_str(), run.id.as_str())) {
                             continue;
                         }
                         let report = run.report.as_ref();
@@ -740,6 +805,7 @@ mod tests {
                 error: Some("no dist".into()),
             }],
             report_stream: None,
+            report_last: None,
         }
     }
 
@@ -904,6 +970,37 @@ mod tests {
         record(answer("3", vec![scan("2031-a")]));
         assert_eq!(cursor(&inventory).scans_after.as_deref(), Some("2031-a"));
         assert_eq!(count(&inventory, "scans"), 5);
+    }
+
+    #[test]
+    fn an_agent_whose_numbers_went_back_has_its_kept_reports_taken_by_id_once() {
+        let home = tempfile::tempdir().unwrap();
+        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        let record = |scans: &[(&str, u64)], last: u64| {
+            let mut answer = numbered(scans);
+            answer.report_last = Some(last);
+            record_answer(&inventory, answer).scans
+        };
+        let cursor = || {
+            inventory.poll_cursors().unwrap()["web-1"]
+                .scans_after
+                .clone()
+        };
+        assert_eq!(record(&[("a", 1), ("b", 2), ("c", 3)], 3), 3);
+        // Restored to a state from after `a`: it made `d` as number 2 and sends all it keeps.
+        assert_eq!(record(&[("a", 1), ("d", 2)], 2), 1, "only `d` is new");
+        assert_eq!(
+            cursor().as_deref(),
+            Some("seq:ab:2"),
+            "the cursor starts again"
+        );
+        // The next poll is by number again, and the same answer twice records nothing.
+        assert_eq!(record(&[("e", 3)], 3), 1);
+        assert_eq!(record(&[("e", 3)], 3), 0);
+        assert_eq!(count(&inventory, "scans"), 5);
+        // Restored to a state with no scan report at all: the cursor is its last number.
+        assert_eq!(record(&[], 1), 0);
+        assert_eq!(cursor().as_deref(), Some("seq:ab:1"));
     }
 
     #[test]
