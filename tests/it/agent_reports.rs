@@ -116,3 +116,122 @@ fn reports_made_after_an_agents_state_is_restored_from_a_snapshot_are_recorded_o
         "the install run made after the restore is recorded too, once"
     );
 }
+
+/// `dir/d1/d2/.../dN` made, with EICAR at the bottom; the bottom directory.
+fn eicar_levels_down(dir: &Path, levels: usize) -> std::path::PathBuf {
+    let mut deep = dir.to_owned();
+    for level in 1..=levels {
+        deep.push(format!("d{level}"));
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(deep.join("eicar.com"), EICAR).unwrap();
+    deep
+}
+
+#[test]
+fn a_scan_that_could_not_reach_the_files_of_its_paths_is_not_clean() {
+    let setup = AgentSetup::new();
+    setup.publish(6);
+    setup.agent_cmd(&["update"]);
+
+    // EICAR 16 directories down: clamscan's own limit (15) used to skip it in silence.
+    let deep = setup.tmp.path().join("deep");
+    eicar_levels_down(&deep, 16);
+    let (code, report) = push(&setup, &["scan", "--path", deep.to_str().unwrap(), "--all"]);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report["hosts"][0]["detail"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("infected: 1 finding(s), 1 file(s) scanned")),
+        "{report}"
+    );
+
+    // Deeper than the agent's limit: the scan says what it left, and fails.
+    let deeper = setup.tmp.path().join("deeper");
+    eicar_levels_down(&deeper, 257);
+    let (code, report) = push(
+        &setup,
+        &["scan", "--path", deeper.to_str().unwrap(), "--all"],
+    );
+    assert_eq!(code, 3, "{report}");
+    let error = report["hosts"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("is more than 256 directory levels below the path asked for"),
+        "{report}"
+    );
+
+    // A link whose target is not mounted is a path that is not there.
+    let link = setup.tmp.path().join("data-link");
+    std::os::unix::fs::symlink("/mnt/not-mounted", &link).unwrap();
+    let (code, report) = push(&setup, &["scan", "--path", link.to_str().unwrap(), "--all"]);
+    assert_eq!(code, 3, "a scan of nothing is failed: {report}");
+    let error = report["hosts"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("is a link to `/mnt/not-mounted`, which does not resolve"),
+        "{report}"
+    );
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT result, findings FROM scan_history ORDER BY started_at"
+        ),
+        ["infected,1", "error,0", "error,0"]
+    );
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT last_scan_result, scan_colour FROM fleet_status"
+        ),
+        ["error,red"],
+        "never green: the last complete scan found EICAR"
+    );
+}
+
+#[test]
+fn a_missing_path_fails_a_scan_that_found_something_in_another_path() {
+    let setup = AgentSetup::new();
+    setup.publish(6);
+    setup.agent_cmd(&["update"]);
+    let infected = setup.tmp.path().join("infected");
+    std::fs::create_dir_all(&infected).unwrap();
+    std::fs::write(infected.join("eicar.com"), EICAR).unwrap();
+    let (code, report) = push(
+        &setup,
+        &[
+            "scan",
+            "--path",
+            "/does/not/exist",
+            "--path",
+            infected.to_str().unwrap(),
+            "--all",
+        ],
+    );
+    assert_eq!(code, 3, "{report}");
+    let host = &report["hosts"][0];
+    assert_eq!(host["result"], "failed", "{host}");
+    assert!(
+        host["error"].as_str().is_some_and(
+            |e| e.contains("`/does/not/exist` does not exist") && e.contains("1 finding(s)")
+        ),
+        "the error names the path and the findings: {host}"
+    );
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT result, findings, error LIKE '%/does/not/exist%' FROM scan_history"
+        ),
+        ["error,1,true"]
+    );
+    assert_eq!(
+        sql(&setup.home, "SELECT count(*) FROM scan_alerts"),
+        ["1"],
+        "what it found is still an alert"
+    );
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT last_scan_findings, scan_colour FROM fleet_status"
+        ),
+        ["1,red"]
+    );
+}
