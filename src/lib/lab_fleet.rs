@@ -693,6 +693,7 @@ impl FleetState {
                     build_time: Some(self.enrolled_at - chrono::Duration::days(1)),
                 }],
                 backups: vec![Some(format!("r{}", version.saturating_sub(1)))],
+                damaged: Vec::new(),
             }),
             schedule: vec![
                 proto::ScheduleEntry {

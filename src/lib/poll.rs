@@ -1168,6 +1168,7 @@ mod tests {
                     },
                 ],
                 backups: vec![Some("r41".into()), Some("r40".into()), None],
+                damaged: Vec::new(),
             }),
             schedule: vec![
                 ScheduleEntry {

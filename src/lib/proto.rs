@@ -269,6 +269,11 @@ pub struct InstalledState {
     pub components: Vec<InstalledComponent>,
     /// Revisions of the local backups, `backup:1` first.
     pub backups: Vec<Option<String>>,
+    /// Files of the installed set the database directory no longer holds as installed (gone,
+    /// another size), for people; `revision` is then absent and their components have no
+    /// version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damaged: Vec<String>,
 }
 
 /// One configured schedule of the agent.

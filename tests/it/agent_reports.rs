@@ -235,3 +235,41 @@ fn a_missing_path_fails_a_scan_that_found_something_in_another_path() {
         ["1,red"]
     );
 }
+
+#[test]
+fn database_files_removed_on_the_host_show_in_the_poll_and_the_next_push_installs_them_again() {
+    let setup = AgentSetup::new();
+    let (code, report) = push(&setup, &["update", "--all"]);
+    assert_eq!(code, 0, "{report}");
+    let status = || {
+        let run = Pm::poll(&setup.home).args(["--json"]).run();
+        assert_eq!(run.code(), 0, "{}", run.stderr());
+        sql(
+            &setup.home,
+            "SELECT coalesce(installed_revision, '-'), versions, version_colour FROM fleet_status",
+        )
+    };
+    assert_eq!(status(), ["r1,test 3/3,green"]);
+
+    // Someone empties the database directory by hand.
+    for entry in std::fs::read_dir(setup.db()).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    assert_eq!(
+        status(),
+        ["-,test -/3,red"],
+        "the poll shows what the directory holds, not what was installed"
+    );
+    let status_text = Pm::agent(&setup.state()).args(["status"]).run().stdout();
+    assert!(
+        status_text.contains("`test.cvd` is missing from"),
+        "pm-agent status says it too: {status_text}"
+    );
+
+    // The push does not skip the host: it installs dist again.
+    let (code, report) = push(&setup, &["update", "--all"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["hosts"][0]["result"], "ok", "{report}");
+    assert!(setup.db().join("test.cvd").is_file());
+    assert_eq!(status(), ["r1,test 3/3,green"]);
+}

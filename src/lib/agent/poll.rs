@@ -92,7 +92,7 @@ fn answer(agent: &Agent, status: proto::AgentStatus, cursors: &Cursors) -> Resul
     }
     Ok(PollResponse {
         status,
-        installed: super::install::installed_state(&agent.dir)?,
+        installed: super::install::installed_state(&agent.dir, &agent.config.database_dir)?,
         schedule,
         scans: newer(
             super::scan::list(&agent.dir)?,

@@ -392,6 +392,16 @@ impl Inventory {
                     state.reported_profile = answer.status.profile.clone();
                     state.license_expires_at = answer.status.license_expires_at;
                     let revision = answer.installed.as_ref().and_then(|i| i.revision.clone());
+                    if let Some(installed) = answer.installed.as_ref()
+                        && !installed.damaged.is_empty()
+                    {
+                        tracing::warn!(
+                            host = %poll.host,
+                            damaged = %installed.damaged.join("; "),
+                            "the host's database directory no longer holds what it installed: `pm-push update --host {}` installs it again",
+                            poll.host
+                        );
+                    }
                     state.installed_revision = revision.clone();
                     state.installed_serial = answer
                         .installed
@@ -792,6 +802,7 @@ mod tests {
                     build_time: DateTime::from_timestamp(1_700_000_000, 0),
                 }],
                 backups: vec![Some("r1".into()), None],
+                damaged: Vec::new(),
             }),
             schedule: Vec::new(),
             scans,
