@@ -750,7 +750,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
     for problem in &report.database_problems {
         table.add_row(vec![
             "database problem".to_string(),
-            format!("{problem}: run `pm-agent update` to install it again"),
+            format!("{problem}: the next install copies it back"),
         ]);
     }
     for (n, revision) in report.backups.iter().enumerate() {

@@ -398,8 +398,7 @@ impl Inventory {
                         tracing::warn!(
                             host = %poll.host,
                             damaged = %installed.damaged.join("; "),
-                            "the host's database directory no longer holds what it installed: `pm-push update --host {}` installs it again",
-                            poll.host
+                            "the host's database directory no longer holds what it installed: it is behind dist until an install puts the files back"
                         );
                     }
                     state.installed_revision = revision.clone();
