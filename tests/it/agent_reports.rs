@@ -41,8 +41,18 @@ fn copy_tree(from: &Path, to: &Path) {
     );
 }
 
-#[test]
-fn reports_made_after_an_agents_state_is_restored_from_a_snapshot_are_recorded_once() {
+/// Two `pm-poll` runs: what the first takes, the second must not take again.
+fn poll_twice(setup: &AgentSetup) {
+    for _ in 0..2 {
+        let run = Pm::poll(&setup.home).args(["--json"]).run();
+        assert_eq!(run.code(), 0, "{}", run.stderr());
+    }
+}
+
+/// A host whose agent's state is restored from a snapshot after the manager recorded four
+/// reports made since (an install run and three clean scans): the setup, a clean and an
+/// infected directory.
+fn restored_after_four_reports() -> (AgentSetup, String, String) {
     let mut setup = AgentSetup::new();
     let clean = setup.tmp.path().join("clean");
     std::fs::create_dir_all(&clean).unwrap();
@@ -50,11 +60,11 @@ fn reports_made_after_an_agents_state_is_restored_from_a_snapshot_are_recorded_o
     let infected = setup.tmp.path().join("infected");
     std::fs::create_dir_all(&infected).unwrap();
     std::fs::write(infected.join("eicar.com"), EICAR).unwrap();
-    let clean = clean.to_str().unwrap();
+    let clean = clean.to_str().unwrap().to_string();
 
     let (code, report) = push(&setup, &["update", "--all"]);
     assert_eq!(code, 0, "{report}");
-    let (code, report) = push(&setup, &["scan", "--path", clean, "--all"]);
+    let (code, report) = push(&setup, &["scan", "--path", &clean, "--all"]);
     assert_eq!(code, 0, "{report}");
 
     // The snapshot: the VM is stopped and its disk copied.
@@ -66,7 +76,7 @@ fn reports_made_after_an_agents_state_is_restored_from_a_snapshot_are_recorded_o
     let (code, report) = push(&setup, &["update", "--all"]);
     assert_eq!(code, 0, "{report}");
     for _ in 0..3 {
-        let (code, report) = push(&setup, &["scan", "--path", clean, "--all"]);
+        let (code, report) = push(&setup, &["scan", "--path", &clean, "--all"]);
         assert_eq!(code, 0, "{report}");
     }
     assert_eq!(sql(&setup.home, "SELECT count(*) FROM scan_history"), ["4"]);
@@ -76,16 +86,19 @@ fn reports_made_after_an_agents_state_is_restored_from_a_snapshot_are_recorded_o
     std::fs::remove_dir_all(setup.state()).unwrap();
     copy_tree(&snapshot, &setup.state());
     setup.run_agent();
-    let infected = infected.to_str().unwrap();
-    let (code, report) = push(&setup, &["scan", "--path", infected, "--all"]);
+    let infected = infected.to_str().unwrap().to_string();
+    (setup, clean, infected)
+}
+
+#[test]
+fn reports_made_after_an_agents_state_is_restored_from_a_snapshot_are_recorded_once() {
+    let (setup, _, infected) = restored_after_four_reports();
+    let (code, report) = push(&setup, &["scan", "--path", &infected, "--all"]);
     assert_eq!(code, 0, "{report}");
     // The restored agent is back on r1: the push installs dist again.
     let (code, report) = push(&setup, &["update", "--all"]);
     assert_eq!(code, 0, "{report}");
-    for _ in 0..2 {
-        let run = Pm::poll(&setup.home).args(["--json"]).run();
-        assert_eq!(run.code(), 0, "{}", run.stderr());
-    }
+    poll_twice(&setup);
 
     assert_eq!(
         sql(
@@ -115,6 +128,28 @@ fn reports_made_after_an_agents_state_is_restored_from_a_snapshot_are_recorded_o
         ["r1", "r2", "r2"],
         "the install run made after the restore is recorded too, once"
     );
+}
+
+#[test]
+fn reports_made_after_a_restore_are_recorded_even_when_they_outnumber_the_reports_it_lost() {
+    let (setup, clean, infected) = restored_after_four_reports();
+    // Before any poll, the restored agent makes more reports than the restore took back (its
+    // numbers pass the manager's cursor again): EICAR first, then clean scans.
+    for path in [&infected, &clean, &clean, &clean, &clean] {
+        Pm::agent(&setup.state())
+            .args(["scan", path.as_str(), "--json"])
+            .run();
+    }
+    poll_twice(&setup);
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT result, count(*) FROM scan_history GROUP BY result ORDER BY result"
+        ),
+        ["clean,8", "infected,1"],
+        "every scan once: four from before the restore, five after"
+    );
+    assert_eq!(sql(&setup.home, "SELECT count(*) FROM scan_alerts"), ["1"]);
 }
 
 /// `dir/d1/d2/.../dN` made, with EICAR at the bottom; the bottom directory.

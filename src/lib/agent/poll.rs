@@ -6,9 +6,10 @@
 //! those whose id sorts after an id cursor (a manager from before the numbers, or its first
 //! poll since). The answer names the stream and its last number.
 //!
-//! A cursor of this stream above the last number means this state directory went back in time
-//! (a VM snapshot or a backup restored): the numbers after it were given again to other
-//! reports, so every kept report comes back, of both kinds, for the manager to sort by id.
+//! A cursor of this stream above the last number, or naming a report this agent numbered
+//! otherwise, means this state directory went back in time (a VM snapshot or a backup
+//! restored): the numbers after it were given again to other reports, so every kept report
+//! comes back, of both kinds, for the manager to sort by id.
 
 use std::sync::Arc;
 
@@ -33,14 +34,30 @@ struct Cursors {
     updates_after: Option<String>,
 }
 
-/// Whether the manager has seen numbers of this stream that it has not given yet: its state was
-/// restored from before them (see the module).
-fn rewound(cursors: &Cursors, stream: &str, last: u64) -> bool {
-    [&cursors.scans_after, &cursors.updates_after]
-        .into_iter()
-        .flatten()
-        .filter_map(|cursor| proto::parse_seq_cursor(cursor))
-        .any(|(of, after)| of == stream && after > last)
+/// Whether one kind's `cursor` shows that this state directory went back (see the module): it
+/// names a number of this stream the agent has not given yet, or one the agent gave to another
+/// report than the one the manager recorded under it (the kept report of that number has
+/// another id, or is gone while older ones of the kind are kept: pruning takes the oldest).
+/// `kept`: the kind's kept reports as (number, id).
+fn rewound(cursor: Option<&str>, stream: &str, last: u64, kept: &[(Option<u64>, &str)]) -> bool {
+    let Some((of, after, recorded_id)) = cursor.and_then(proto::parse_seq_cursor) else {
+        return false;
+    };
+    if of != stream {
+        return false;
+    }
+    if after > last {
+        return true;
+    }
+    let Some(recorded_id) = recorded_id else {
+        return false;
+    };
+    match kept.iter().find(|(seq, _)| *seq == Some(after)) {
+        Some((_, id)) => *id != recorded_id,
+        None => kept
+            .iter()
+            .any(|(seq, _)| seq.is_some_and(|seq| seq < after)),
+    }
 }
 
 /// Reports newer than `after` (a cursor, see the module), oldest first, at most
@@ -57,7 +74,7 @@ fn newer<T>(
         match after {
             None => true,
             Some(cursor) => match proto::parse_seq_cursor(cursor) {
-                Some((of, after)) if Some(of) == stream => seq.is_some_and(|seq| seq > after),
+                Some((of, after, _)) if Some(of) == stream => seq.is_some_and(|seq| seq > after),
                 Some(_) => true,
                 None => id > cursor,
             },
@@ -80,10 +97,17 @@ fn answer(agent: &Agent, status: proto::AgentStatus, cursors: &Cursors) -> Resul
         })
         .collect();
     let (stream, last) = super::reports::stream(&agent.dir).unzip();
+    let scans = super::scan::list(&agent.dir)?;
+    let updates = super::schedule::list_updates(&agent.dir)?;
+    let scan_keys: Vec<_> = scans.iter().map(|r| (r.seq, r.id.as_str())).collect();
+    let update_keys: Vec<_> = updates.iter().map(|r| (r.seq, r.id.as_str())).collect();
     // A rewound stream answers as another stream would: with every report kept.
-    let own_stream = stream
-        .as_deref()
-        .filter(|stream| !last.is_some_and(|last| rewound(cursors, stream, last)));
+    let own_stream = stream.as_deref().filter(|stream| {
+        !last.is_some_and(|last| {
+            rewound(cursors.scans_after.as_deref(), stream, last, &scan_keys)
+                || rewound(cursors.updates_after.as_deref(), stream, last, &update_keys)
+        })
+    });
     if own_stream.is_none() && stream.is_some() {
         tracing::warn!(
             last = last.unwrap_or_default(),
@@ -95,13 +119,13 @@ fn answer(agent: &Agent, status: proto::AgentStatus, cursors: &Cursors) -> Resul
         installed: super::install::installed_state(&agent.dir, &agent.config.database_dir)?,
         schedule,
         scans: newer(
-            super::scan::list(&agent.dir)?,
+            scans,
             |r| (r.seq, r.id.as_str()),
             cursors.scans_after.as_deref(),
             own_stream,
         ),
         updates: newer(
-            super::schedule::list_updates(&agent.dir)?,
+            updates,
             |r| (r.seq, r.id.as_str()),
             cursors.updates_after.as_deref(),
             own_stream,
@@ -190,7 +214,7 @@ mod tests {
             (Some(1), "2030-a".into()),
             (None, "2029-z".into()),
         ];
-        let cursor = proto::seq_cursor("ab", 2);
+        let cursor = proto::seq_cursor("ab", 2, None);
         assert_eq!(
             ids(newer(newest_first.clone(), key, Some(&cursor), Some("ab"))),
             ["2025-z", "2026-a"],
@@ -209,19 +233,24 @@ mod tests {
     }
 
     #[test]
-    fn a_cursor_above_the_last_number_of_this_stream_means_the_state_went_back() {
-        let check = |scans: Option<&str>, updates: Option<&str>, expected: bool| {
-            let cursors = Cursors {
-                scans_after: scans.map(str::to_string),
-                updates_after: updates.map(str::to_string),
-            };
-            assert_eq!(rewound(&cursors, "ab", 5), expected, "{cursors:?}");
+    fn a_cursor_the_stream_does_not_match_any_more_means_the_state_went_back() {
+        // Kept: numbers 3 and 5 of this kind (4 went to the other kind), last given 6.
+        let kept = [(Some(5), "e"), (Some(3), "c")];
+        let check = |cursor: Option<&str>, expected: bool| {
+            assert_eq!(rewound(cursor, "ab", 6, &kept), expected, "{cursor:?}");
         };
-        check(None, None, false);
-        check(Some("seq:ab:5"), Some("seq:ab:3"), false);
-        check(Some("seq:ab:2"), Some("seq:ab:6"), true);
-        check(Some("seq:ab:9"), None, true);
+        check(None, false);
+        check(Some("seq:ab:5"), false);
+        check(Some("seq:ab:5:e"), false);
+        check(Some("seq:ab:9"), true);
+        // Number 5 was given to another report than the one recorded under it.
+        check(Some("seq:ab:5:x"), true);
+        // Number 4 of this kind is not kept while 3 is: it went to another report.
+        check(Some("seq:ab:4:d"), true);
+        // Number 2 is older than anything kept: pruned, nothing to tell.
+        check(Some("seq:ab:2:b"), false);
         // Another stream's numbers, or ids, say nothing about this one.
-        check(Some("seq:cd:9"), Some("20991231T000000.000000Z-ff"), false);
+        check(Some("seq:cd:9"), false);
+        check(Some("20991231T000000.000000Z-ff"), false);
     }
 }

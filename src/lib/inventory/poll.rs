@@ -57,6 +57,9 @@ struct StreamCursor {
     stream: String,
     scans_seq: Option<u64>,
     updates_seq: Option<u64>,
+    /// The ids of the reports recorded under those numbers.
+    scans_id: Option<String>,
+    updates_id: Option<String>,
 }
 
 /// Whether a report is new to the inventory: by its number when the host's cursor is in the
@@ -221,12 +224,16 @@ impl Inventory {
             .into_values()
             .map(|state| {
                 let stream = streams.get(&state.host);
-                let by_seq = |seq: fn(&StreamCursor) -> Option<u64>| {
-                    stream.and_then(|c| Some(crate::proto::seq_cursor(&c.stream, seq(c)?)))
+                let by_seq = |seq: Option<u64>, id: Option<&str>| {
+                    Some(crate::proto::seq_cursor(&stream?.stream, seq?, id))
                 };
                 let cursors = PollCursors {
-                    scans_after: by_seq(|c| c.scans_seq).or(state.last_scan_id),
-                    updates_after: by_seq(|c| c.updates_seq).or(state.last_update_id),
+                    scans_after: stream
+                        .and_then(|c| by_seq(c.scans_seq, c.scans_id.as_deref()))
+                        .or(state.last_scan_id),
+                    updates_after: stream
+                        .and_then(|c| by_seq(c.updates_seq, c.updates_id.as_deref()))
+                        .or(state.last_update_id),
                 };
                 (state.host, cursors)
             })
@@ -278,7 +285,8 @@ impl Inventory {
     /// Each host's place in its agent's report stream.
     fn stream_cursors(&self) -> Result<HashMap<String, StreamCursor>, InventoryError> {
         let mut statement = self.db(self.conn.prepare(
-            "SELECT host, stream, scans_after_seq, updates_after_seq FROM report_cursors",
+            "SELECT host, stream, scans_after_seq, updates_after_seq, scans_after_id, updates_after_id
+             FROM report_cursors",
         ))?;
         let rows = self.db(statement.query_map([], |row| {
             let seq = |n: Option<i64>| n.and_then(|n| u64::try_from(n).ok());
@@ -288,6 +296,8 @@ impl Inventory {
                     stream: row.get(1)?,
                     scans_seq: seq(row.get(2)?),
                     updates_seq: seq(row.get(3)?),
+                    scans_id: row.get(4)?,
+                    updates_id: row.get(5)?,
                 },
             ))
         }))?;
@@ -470,13 +480,29 @@ impl Inventory {
                     let (scans_seq, updates_seq) = stream
                         .as_ref()
                         .map_or((None, None), |c| (c.scans_seq, c.updates_seq));
-                    // The agent's state went back (a snapshot or backup restored): the numbers
-                    // above its last one were recorded but name other reports now. It sent
-                    // every report it keeps; those whose id is not recorded are new, and the
+                    let scan_keys: Vec<(u64, &str)> = answer
+                        .scans
+                        .iter()
+                        .filter_map(|r| Some((r.seq?, r.id.as_str())))
+                        .collect();
+                    let update_keys: Vec<(u64, &str)> = answer
+                        .updates
+                        .iter()
+                        .filter_map(|r| Some((r.seq?, r.id.as_str())))
+                        .collect();
+                    // The agent's state went back (a snapshot or backup restored): numbers the
+                    // manager recorded name other reports now. The agent says so by its last
+                    // number, or by sending numbers at or below the cursor (it sends every
+                    // report it keeps then); those whose id is not recorded are new, and the
                     // cursors start again from what it sent.
-                    let rewound = answer
-                        .report_last
-                        .is_some_and(|last| scans_seq.max(updates_seq).is_some_and(|n| n > last));
+                    let at_or_below = |cursor: Option<u64>, keys: &[(u64, &str)]| {
+                        cursor.is_some_and(|after| keys.iter().any(|(seq, _)| *seq <= after))
+                    };
+                    let rewound = stream.is_some()
+                        && (answer.report_last.is_some_and(|last| {
+                            scans_seq.max(updates_seq).is_some_and(|n| n > last)
+                        }) || at_or_below(scans_seq, &scan_keys)
+                            || at_or_below(updates_seq, &update_keys));
                     if rewound {
                         tracing::warn!(
                             host = %poll.host,
@@ -484,24 +510,37 @@ impl Inventory {
                             "the agent's report numbers went back (state restored from a snapshot or backup?): taking its kept reports by id"
                         );
                     }
-                    let highest = |cursor: Option<u64>, seqs: &mut dyn Iterator<Item = u64>| {
-                        if rewound {
-                            seqs.max().or(answer.report_last)
-                        } else {
-                            seqs.chain(cursor).max()
+                    // The next cursor of a kind: its highest number sent, and that report's id.
+                    let next = |cursor: Option<u64>, id: Option<&String>, keys: &[(u64, &str)]| {
+                        let sent = keys.iter().max_by_key(|(seq, _)| *seq);
+                        match sent {
+                            Some((seq, id)) if rewound || cursor.is_none_or(|c| *seq > c) => {
+                                (Some(*seq), Some(id.to_string()))
+                            }
+                            _ if rewound => (answer.report_last, None),
+                            _ => (cursor, id.cloned()),
                         }
                     };
-                    if let Some(stream) = &answer.report_stream {
+                    if let Some(stream_id) = &answer.report_stream {
+                        let (scans_next, scans_next_id) = next(
+                            scans_seq,
+                            stream.as_ref().and_then(|c| c.scans_id.as_ref()),
+                            &scan_keys,
+                        );
+                        let (updates_next, updates_next_id) = next(
+                            updates_seq,
+                            stream.as_ref().and_then(|c| c.updates_id.as_ref()),
+                            &update_keys,
+                        );
+                        let number =
+                            |n: Option<u64>| n.map_or(Value::Null, |n| Value::BigInt(n as i64));
                         new_streams.push([
                             Value::Text(poll.host.clone()),
-                            Value::Text(stream.clone()),
-                            highest(scans_seq, &mut answer.scans.iter().filter_map(|r| r.seq))
-                                .map_or(Value::Null, |n| Value::BigInt(n as i64)),
-                            highest(
-                                updates_seq,
-                                &mut answer.updates.iter().filter_map(|r| r.seq),
-                            )
-                            .map_or(Value::Null, |n| Value::BigInt(n as i64)),
+                            Value::Text(stream_id.clone()),
+                            number(scans_next),
+                            number(updates_next),
+                            text(scans_next_id.as_deref()),
+                            text(updates_next_id.as_deref()),
                         ]);
                     }
                     for scan in &answer.scans {
@@ -963,10 +1002,16 @@ mod tests {
         assert_eq!(cursor(&inventory).scans_after.as_deref(), Some("2030-a"));
         // The first poll of the upgraded agent came with the id cursor: what it sent is new.
         assert_eq!(record(numbered(&[("2030-b", 1)])).scans, 1);
-        assert_eq!(cursor(&inventory).scans_after.as_deref(), Some("seq:ab:1"));
+        assert_eq!(
+            cursor(&inventory).scans_after.as_deref(),
+            Some("seq:ab:1:2030-b")
+        );
         // The clock stepped back: the ids sort lower, the numbers still count up.
         assert_eq!(record(numbered(&[("2029-a", 2), ("2029-b", 3)])).scans, 2);
-        assert_eq!(cursor(&inventory).scans_after.as_deref(), Some("seq:ab:3"));
+        assert_eq!(
+            cursor(&inventory).scans_after.as_deref(),
+            Some("seq:ab:3:2029-b")
+        );
         // The same answer again (a racing poll): nothing twice.
         assert_eq!(record(numbered(&[("2029-a", 2), ("2029-b", 3)])).scans, 0);
         assert_eq!(count(&inventory, "scans"), 4);
@@ -1001,13 +1046,17 @@ mod tests {
         assert_eq!(record(&[("a", 1), ("d", 2)], 2), 1, "only `d` is new");
         assert_eq!(
             cursor().as_deref(),
-            Some("seq:ab:2"),
+            Some("seq:ab:2:d"),
             "the cursor starts again"
         );
         // The next poll is by number again, and the same answer twice records nothing.
         assert_eq!(record(&[("e", 3)], 3), 1);
         assert_eq!(record(&[("e", 3)], 3), 0);
         assert_eq!(count(&inventory, "scans"), 5);
+        // Restored again, to after `d`, with numbers given past the cursor before the poll:
+        // the agent saw that its number 3 is not `e` and sent all it keeps.
+        assert_eq!(record(&[("d", 2), ("f", 3), ("g", 4)], 4), 2);
+        assert_eq!(cursor().as_deref(), Some("seq:ab:4:g"));
         // Restored to a state with no scan report at all: the cursor is its last number.
         assert_eq!(record(&[], 1), 0);
         assert_eq!(cursor().as_deref(), Some("seq:ab:1"));
