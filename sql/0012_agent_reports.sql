@@ -13,5 +13,10 @@ CREATE TABLE report_cursors (
     host              VARCHAR NOT NULL,
     stream            VARCHAR NOT NULL,
     scans_after_seq   BIGINT,     -- NULL: no numbered scan report recorded from this stream
-    updates_after_seq BIGINT      -- NULL: no numbered install run recorded from this stream
+    updates_after_seq BIGINT,     -- NULL: no numbered install run recorded from this stream
+    -- The report ids recorded under those numbers, sent with them (`seq:STREAM:N:ID`): an agent
+    -- whose state was restored from a snapshot gives the numbers again to other reports, and
+    -- answers with every report it keeps when its report N is not this one. NULL: not known.
+    scans_after_id    VARCHAR,
+    updates_after_id  VARCHAR
 );

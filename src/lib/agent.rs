@@ -630,6 +630,10 @@ struct LocalStatus {
     /// Revision installed from dist and the revisions of the local backups (`backup:1` first).
     installed_revision: Option<String>,
     backups: Vec<Option<String>>,
+    /// Files of the installed set the database directory no longer holds as installed (the
+    /// next install puts them back).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    database_problems: Vec<String>,
     /// The agent's own schedule and the next fire times (local time).
     schedule: Vec<schedule::ScheduleStatus>,
     /// What the manager set up: group, scan profile, license.
@@ -649,6 +653,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
     };
     let record = activation.as_ref().map(|a| &a.record);
     let installed = install::revisions(dir)?;
+    let database_problems = install::database_problems(dir, &config.database_dir)?;
     let schedule = schedule::status(&config, &dir.join(CONFIG_FILE))?;
     let setup = setup::load(dir)?;
     let report = LocalStatus {
@@ -671,6 +676,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
         agent_sha256: upgrade::Executable::current().ok().map(|e| e.sha256),
         installed_revision: installed.0,
         backups: installed.1,
+        database_problems,
         schedule,
         group: setup.group,
         profile: setup.profile,
@@ -741,6 +747,12 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
         "installed".to_string(),
         report.installed_revision.clone().unwrap_or_else(none),
     ]);
+    for problem in &report.database_problems {
+        table.add_row(vec![
+            "database problem".to_string(),
+            format!("{problem}: the next install copies it back"),
+        ]);
+    }
     for (n, revision) in report.backups.iter().enumerate() {
         table.add_row(vec![
             format!("backup:{}", n + 1),

@@ -693,6 +693,7 @@ impl FleetState {
                     build_time: Some(self.enrolled_at - chrono::Duration::days(1)),
                 }],
                 backups: vec![Some(format!("r{}", version.saturating_sub(1)))],
+                damaged: Vec::new(),
             }),
             schedule: vec![
                 proto::ScheduleEntry {
@@ -709,6 +710,7 @@ impl FleetState {
             scans,
             updates: Vec::new(),
             report_stream: None,
+            report_last: None,
         }
     }
 

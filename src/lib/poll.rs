@@ -1281,6 +1281,7 @@ mod tests {
                     },
                 ],
                 backups: vec![Some("r41".into()), Some("r40".into()), None],
+                damaged: Vec::new(),
             }),
             schedule: vec![
                 ScheduleEntry {
@@ -1333,6 +1334,7 @@ mod tests {
                 error: None,
             }],
             report_stream: Some("0a1b2c3d4e5f6a7b".into()),
+            report_last: Some(1),
         }
     }
 

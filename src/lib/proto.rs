@@ -224,22 +224,30 @@ pub fn unhex(text: &str) -> Option<Vec<u8>> {
 /// Path of the manager's poll (mutual TLS): [`PollResponse`], with the query
 /// `?scans_after=CURSOR&updates_after=CURSOR` so only reports the manager has not recorded come
 /// back. A cursor is a report id (reports whose id sorts after it), or
-/// `seq:<report_stream>:<N>` (reports whose sequence number is above N; see
+/// `seq:<report_stream>:<N>[:<id>]` (reports whose sequence number is above N; see
 /// [`PollResponse::report_stream`]), which an agent of another stream, or an older agent,
 /// cannot match and answers as it can.
 pub const POLL_PATH: &str = "/v1/poll";
 /// Prefix of a sequence cursor in the poll query.
 pub const SEQ_CURSOR_PREFIX: &str = "seq:";
 
-/// A poll cursor by sequence number: `seq:<stream>:<n>`.
-pub fn seq_cursor(stream: &str, seq: u64) -> String {
-    format!("{SEQ_CURSOR_PREFIX}{stream}:{seq}")
+/// A poll cursor by sequence number: `seq:<stream>:<n>`, or `seq:<stream>:<n>:<id>` with the
+/// id of the report numbered n that the manager recorded, so that an agent whose state went
+/// back (a snapshot restored) sees that its number n now names another report.
+pub fn seq_cursor(stream: &str, seq: u64, id: Option<&str>) -> String {
+    match id {
+        Some(id) => format!("{SEQ_CURSOR_PREFIX}{stream}:{seq}:{id}"),
+        None => format!("{SEQ_CURSOR_PREFIX}{stream}:{seq}"),
+    }
 }
 
-/// The stream and number of a sequence cursor; `None` for an id cursor.
-pub fn parse_seq_cursor(cursor: &str) -> Option<(&str, u64)> {
-    let (stream, seq) = cursor.strip_prefix(SEQ_CURSOR_PREFIX)?.rsplit_once(':')?;
-    Some((stream, seq.parse().ok()?))
+/// The stream, number and report id (when given) of a sequence cursor; `None` for an id
+/// cursor. Report ids hold no `:`.
+pub fn parse_seq_cursor(cursor: &str) -> Option<(&str, u64, Option<&str>)> {
+    let mut fields = cursor.strip_prefix(SEQ_CURSOR_PREFIX)?.splitn(3, ':');
+    let stream = fields.next()?;
+    let seq = fields.next()?.parse().ok()?;
+    Some((stream, seq, fields.next()))
 }
 /// At most this many scan reports and this many update runs in one poll answer.
 pub const POLL_MAX_REPORTS: usize = 50;
@@ -269,6 +277,11 @@ pub struct InstalledState {
     pub components: Vec<InstalledComponent>,
     /// Revisions of the local backups, `backup:1` first.
     pub backups: Vec<Option<String>>,
+    /// Files of the installed set the database directory no longer holds as installed (gone,
+    /// another size), for people; `revision` is then absent and their components have no
+    /// version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damaged: Vec<String>,
 }
 
 /// One configured schedule of the agent.
@@ -300,6 +313,11 @@ pub struct PollResponse {
     /// one that has made no report yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_stream: Option<String>,
+    /// The last number the agent gave in its report stream. Below the manager's cursor, the
+    /// agent's state went back (a VM snapshot or backup restored): its answer then holds every
+    /// kept report, and numbers the manager recorded may name other reports now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_last: Option<u64>,
 }
 
 /// Path that makes an activated agent install the manager's dist now (mutual TLS); the body is
@@ -713,10 +731,13 @@ mod tests {
 
     #[test]
     fn a_sequence_cursor_round_trips_and_an_id_is_not_one() {
-        let cursor = seq_cursor("0a1b", 42);
+        let cursor = seq_cursor("0a1b", 42, None);
         assert_eq!(cursor, "seq:0a1b:42");
-        assert_eq!(parse_seq_cursor(&cursor), Some(("0a1b", 42)));
-        assert_eq!(parse_seq_cursor("20261126T075810.123456Z-1a2b3c4d"), None);
+        assert_eq!(parse_seq_cursor(&cursor), Some(("0a1b", 42, None)));
+        let id = "20261126T075810.123456Z-1a2b3c4d";
+        let with_id = seq_cursor("0a1b", 42, Some(id));
+        assert_eq!(parse_seq_cursor(&with_id), Some(("0a1b", 42, Some(id))));
+        assert_eq!(parse_seq_cursor(id), None);
         assert_eq!(parse_seq_cursor("seq:0a1b:x"), None);
         // An agent from before sequence numbers compares it as an id: it sorts after every id
         // (digits), so such an agent sends nothing rather than everything again.

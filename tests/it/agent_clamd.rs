@@ -181,7 +181,7 @@ fn scans_go_through_clamd_which_reloads_an_update_and_clamscan_takes_over_when_c
     assert_eq!(
         conf,
         format!(
-            "LocalSocket {}\nExcludePath [[:cntrl:]]\n",
+            "LocalSocket {}\nExcludePath [[:cntrl:]]\nMaxDirectoryRecursion 256\n",
             clamd.socket.display()
         )
     );
@@ -220,6 +220,19 @@ fn scans_go_through_clamd_which_reloads_an_update_and_clamscan_takes_over_when_c
         }]),
         "{report}\n{logs}"
     );
+
+    // EICAR 16 directories down: clamdscan's walk goes as deep as the agent's (its default
+    // limit, 15, skipped it in silence).
+    let deep = agent.dir.path().join("deep");
+    let mut bottom = deep.clone();
+    for level in 1..=16 {
+        bottom.push(format!("d{level}"));
+    }
+    std::fs::create_dir_all(&bottom).unwrap();
+    std::fs::write(bottom.join("eicar.com"), EICAR).unwrap();
+    let (report, logs) = scan(&agent, &deep);
+    assert_eq!(report["program"], "clamdscan", "{report}\n{logs}");
+    assert!(eicar_found(&report, &bottom), "{report}\n{logs}");
 
     // clamd stops: the scan still runs, with clamscan over the database directory, and warns.
     clamd.stop();

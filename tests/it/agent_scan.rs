@@ -182,16 +182,15 @@ fn clamscan_of_a_clean_directory_is_clean() {
 }
 
 #[test]
-fn a_missing_path_is_an_error_with_clamscans_message() {
+fn a_missing_path_is_an_error_that_names_it() {
     let agent = ScanAgent::init("clamav");
     let missing = agent.tmp.path().join("no-such-dir");
     let (code, report) = agent.scan(&[&missing]);
     assert_eq!(code, 1, "{report}");
     assert_eq!(report["result"], "error", "{report}");
     let error = report["error"].as_str().unwrap();
-    assert!(error.contains("exited with status 2"), "{error}");
     assert!(
-        error.contains(&missing.display().to_string())
+        error.contains(&format!("`{}` does not exist", missing.display()))
             && error.contains("No such file or directory"),
         "{error}"
     );

@@ -8,6 +8,7 @@ mod agent;
 mod agent_clamd;
 mod agent_day2;
 mod agent_install;
+mod agent_reports;
 mod agent_scan;
 mod agent_schedule;
 mod ansible;

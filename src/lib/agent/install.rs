@@ -1231,30 +1231,78 @@ pub fn rollback(
     Ok(report)
 }
 
+/// The files of `set` that the database directory `db` no longer holds as installed, checked
+/// cheaply (one `stat` each: there, a regular file, the installed size), with what is wrong,
+/// for people. A file changed in place at the same size is only found by the next install,
+/// which checks every file's sha256.
+pub(super) fn damaged_files(db: &Path, set: &InstalledSet) -> Vec<(String, String)> {
+    set.files
+        .iter()
+        .filter_map(|file| {
+            let path = db.join(&file.name);
+            let problem = match fs::symlink_metadata(&path) {
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    format!("`{}` is missing from `{}`", file.name, db.display())
+                }
+                Err(err) => format!("`{}` cannot be read: {err}", path.display()),
+                Ok(meta) if !meta.is_file() => {
+                    format!("`{}` is not a regular file", path.display())
+                }
+                Ok(meta) if meta.len() != file.size => format!(
+                    "`{}` is {} bytes, installed as {}",
+                    path.display(),
+                    meta.len(),
+                    file.size
+                ),
+                Ok(_) => return None,
+            };
+            Some((file.name.clone(), problem))
+        })
+        .collect()
+}
+
 /// The installed revision and the revisions of the backups (`backup:1` first), for `status`.
-/// What is installed, for the manager's poll.
-pub(super) fn installed_state(dir: &Path) -> Result<Option<proto::InstalledState>> {
+/// What is installed, for the manager's poll: what the database directory `db` really holds.
+/// A file of the installed set that is gone or changed (see [`damaged_files`]) has no version,
+/// and the set no revision: the manager shows the host behind dist and installs it again.
+pub(super) fn installed_state(dir: &Path, db: &Path) -> Result<Option<proto::InstalledState>> {
     let (installed, backups) = load_sets(dir)?;
-    Ok(installed.map(|set| proto::InstalledState {
-        revision: set.revision,
-        serial: set.serial,
-        installed_at: set.installed_at,
-        components: set
-            .files
-            .iter()
-            .map(|file| proto::InstalledComponent {
-                component: file.component.clone().unwrap_or_else(|| {
-                    // Sets installed before components were recorded: `daily.cvd` -> `daily`.
-                    file.name
-                        .rsplit_once('.')
-                        .map_or(file.name.clone(), |(stem, _)| stem.to_string())
-                }),
-                version: file.version.clone(),
-                build_time: file.build_time,
-            })
-            .collect(),
-        backups: backups.into_iter().map(|set| set.revision).collect(),
+    Ok(installed.map(|set| {
+        let damaged = damaged_files(db, &set);
+        let is_damaged = |file: &SetFile| damaged.iter().any(|(name, _)| *name == file.name);
+        proto::InstalledState {
+            revision: set.revision.clone().filter(|_| damaged.is_empty()),
+            serial: set.serial,
+            installed_at: set.installed_at,
+            components: set
+                .files
+                .iter()
+                .map(|file| proto::InstalledComponent {
+                    component: file.component.clone().unwrap_or_else(|| {
+                        // Sets installed before components were recorded: `daily.cvd` -> `daily`.
+                        file.name
+                            .rsplit_once('.')
+                            .map_or(file.name.clone(), |(stem, _)| stem.to_string())
+                    }),
+                    version: file.version.clone().filter(|_| !is_damaged(file)),
+                    build_time: file.build_time.filter(|_| !is_damaged(file)),
+                })
+                .collect(),
+            backups: backups.into_iter().map(|set| set.revision).collect(),
+            damaged: damaged.into_iter().map(|(_, problem)| problem).collect(),
+        }
     }))
+}
+
+/// What is wrong with the database directory against the installed set, for `status`.
+pub(super) fn database_problems(dir: &Path, db: &Path) -> Result<Vec<String>> {
+    let (installed, _) = load_sets(dir)?;
+    Ok(installed
+        .map(|set| damaged_files(db, &set))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, problem)| problem)
+        .collect())
 }
 
 pub(super) fn revisions(dir: &Path) -> Result<(Option<String>, Vec<Option<String>>)> {
@@ -1566,5 +1614,62 @@ mod tests {
             let problem = parse_update_request(bad.as_bytes()).unwrap_err();
             assert!(problem.contains(says), "{bad}: {problem}");
         }
+    }
+
+    #[test]
+    fn files_gone_or_of_another_size_are_damaged_and_leave_no_revision_or_version() {
+        let db = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let file = |name: &str, size: u64| SetFile {
+            name: name.into(),
+            sha256: "00".into(),
+            size,
+            version: Some("6".into()),
+            component: None,
+            build_time: None,
+            dist_sha256: None,
+        };
+        let set = InstalledSet {
+            revision: Some("r5".into()),
+            serial: Some(5),
+            installed_at: chrono::Utc::now(),
+            files: vec![
+                file("daily.cvd", 4),
+                file("main.cvd", 4),
+                file("site.ndb", 4),
+                file("test.cvd", 4),
+            ],
+        };
+        fs::write(db.path().join("daily.cvd"), b"abcd").unwrap();
+        fs::write(db.path().join("main.cvd"), b"abcdef").unwrap();
+        fs::create_dir(db.path().join("site.ndb")).unwrap();
+        let names: Vec<String> = damaged_files(db.path(), &set)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(names, ["main.cvd", "site.ndb", "test.cvd"]);
+
+        write_json(
+            &state.path().join(INSTALLED_FILE),
+            &InstallState {
+                installed: Some(set),
+                backups: Vec::new(),
+            },
+        )
+        .unwrap();
+        let polled = installed_state(state.path(), db.path()).unwrap().unwrap();
+        assert_eq!(polled.revision, None);
+        let versions: Vec<Option<&str>> = polled
+            .components
+            .iter()
+            .map(|c| c.version.as_deref())
+            .collect();
+        assert_eq!(versions, [Some("6"), None, None, None]);
+        assert!(
+            polled.damaged[0].ends_with("main.cvd` is 6 bytes, installed as 4"),
+            "{:?}",
+            polled.damaged
+        );
+        assert!(polled.damaged[2].starts_with("`test.cvd` is missing from"));
     }
 }

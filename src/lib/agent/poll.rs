@@ -4,7 +4,12 @@
 //! N for a cursor `seq:STREAM:N` of this agent's report stream (see `reports`), every kept one
 //! for a cursor of another stream (this state directory is not the one the manager knew), and
 //! those whose id sorts after an id cursor (a manager from before the numbers, or its first
-//! poll since). The answer names the stream.
+//! poll since). The answer names the stream and its last number.
+//!
+//! A cursor of this stream above the last number, or naming a report this agent numbered
+//! otherwise, means this state directory went back in time (a VM snapshot or a backup
+//! restored): the numbers after it were given again to other reports, so every kept report
+//! comes back, of both kinds, for the manager to sort by id.
 
 use std::sync::Arc;
 
@@ -29,6 +34,32 @@ struct Cursors {
     updates_after: Option<String>,
 }
 
+/// Whether one kind's `cursor` shows that this state directory went back (see the module): it
+/// names a number of this stream the agent has not given yet, or one the agent gave to another
+/// report than the one the manager recorded under it (the kept report of that number has
+/// another id, or is gone while older ones of the kind are kept: pruning takes the oldest).
+/// `kept`: the kind's kept reports as (number, id).
+fn rewound(cursor: Option<&str>, stream: &str, last: u64, kept: &[(Option<u64>, &str)]) -> bool {
+    let Some((of, after, recorded_id)) = cursor.and_then(proto::parse_seq_cursor) else {
+        return false;
+    };
+    if of != stream {
+        return false;
+    }
+    if after > last {
+        return true;
+    }
+    let Some(recorded_id) = recorded_id else {
+        return false;
+    };
+    match kept.iter().find(|(seq, _)| *seq == Some(after)) {
+        Some((_, id)) => *id != recorded_id,
+        None => kept
+            .iter()
+            .any(|(seq, _)| seq.is_some_and(|seq| seq < after)),
+    }
+}
+
 /// Reports newer than `after` (a cursor, see the module), oldest first, at most
 /// [`proto::POLL_MAX_REPORTS`] (the oldest ones first, so a manager that was away catches up
 /// over a few polls without gaps).
@@ -43,7 +74,7 @@ fn newer<T>(
         match after {
             None => true,
             Some(cursor) => match proto::parse_seq_cursor(cursor) {
-                Some((of, after)) if Some(of) == stream => seq.is_some_and(|seq| seq > after),
+                Some((of, after, _)) if Some(of) == stream => seq.is_some_and(|seq| seq > after),
                 Some(_) => true,
                 None => id > cursor,
             },
@@ -65,23 +96,41 @@ fn answer(agent: &Agent, status: proto::AgentStatus, cursors: &Cursors) -> Resul
             next_run: entry.next_run.map(|t| t.with_timezone(&chrono::Utc)),
         })
         .collect();
-    let stream = super::reports::stream(&agent.dir);
+    let (stream, last) = super::reports::stream(&agent.dir).unzip();
+    let scans = super::scan::list(&agent.dir)?;
+    let updates = super::schedule::list_updates(&agent.dir)?;
+    let scan_keys: Vec<_> = scans.iter().map(|r| (r.seq, r.id.as_str())).collect();
+    let update_keys: Vec<_> = updates.iter().map(|r| (r.seq, r.id.as_str())).collect();
+    // A rewound stream answers as another stream would: with every report kept.
+    let own_stream = stream.as_deref().filter(|stream| {
+        !last.is_some_and(|last| {
+            rewound(cursors.scans_after.as_deref(), stream, last, &scan_keys)
+                || rewound(cursors.updates_after.as_deref(), stream, last, &update_keys)
+        })
+    });
+    if own_stream.is_none() && stream.is_some() {
+        tracing::warn!(
+            last = last.unwrap_or_default(),
+            "the manager has seen report numbers this agent has not given yet (its state was restored from a snapshot or backup?): sending every kept report"
+        );
+    }
     Ok(PollResponse {
         status,
-        installed: super::install::installed_state(&agent.dir)?,
+        installed: super::install::installed_state(&agent.dir, &agent.config.database_dir)?,
         schedule,
         scans: newer(
-            super::scan::list(&agent.dir)?,
+            scans,
             |r| (r.seq, r.id.as_str()),
             cursors.scans_after.as_deref(),
-            stream.as_deref(),
+            own_stream,
         ),
         updates: newer(
-            super::schedule::list_updates(&agent.dir)?,
+            updates,
             |r| (r.seq, r.id.as_str()),
             cursors.updates_after.as_deref(),
-            stream.as_deref(),
+            own_stream,
         ),
+        report_last: last,
         report_stream: stream,
     })
 }
@@ -165,7 +214,7 @@ mod tests {
             (Some(1), "2030-a".into()),
             (None, "2029-z".into()),
         ];
-        let cursor = proto::seq_cursor("ab", 2);
+        let cursor = proto::seq_cursor("ab", 2, None);
         assert_eq!(
             ids(newer(newest_first.clone(), key, Some(&cursor), Some("ab"))),
             ["2025-z", "2026-a"],
@@ -181,5 +230,27 @@ mod tests {
             ids(newer(newest_first, key, Some("2030-a"), Some("ab"))),
             ["2030-b"]
         );
+    }
+
+    #[test]
+    fn a_cursor_the_stream_does_not_match_any_more_means_the_state_went_back() {
+        // Kept: numbers 3 and 5 of this kind (4 went to the other kind), last given 6.
+        let kept = [(Some(5), "e"), (Some(3), "c")];
+        let check = |cursor: Option<&str>, expected: bool| {
+            assert_eq!(rewound(cursor, "ab", 6, &kept), expected, "{cursor:?}");
+        };
+        check(None, false);
+        check(Some("seq:ab:5"), false);
+        check(Some("seq:ab:5:e"), false);
+        check(Some("seq:ab:9"), true);
+        // Number 5 was given to another report than the one recorded under it.
+        check(Some("seq:ab:5:x"), true);
+        // Number 4 of this kind is not kept while 3 is: it went to another report.
+        check(Some("seq:ab:4:d"), true);
+        // Number 2 is older than anything kept: pruned, nothing to tell.
+        check(Some("seq:ab:2:b"), false);
+        // Another stream's numbers, or ids, say nothing about this one.
+        check(Some("seq:cd:9"), false);
+        check(Some("20991231T000000.000000Z-ff"), false);
     }
 }

@@ -98,10 +98,10 @@ pub(super) fn store_numbered<T: Serialize>(
     Ok(report)
 }
 
-/// The agent's report stream id, when it has numbered a report.
-pub(super) fn stream(state_dir: &Path) -> Option<String> {
+/// The agent's report stream id and the last number it gave, when it has numbered a report.
+pub(super) fn stream(state_dir: &Path) -> Option<(String, u64)> {
     let text = std::fs::read_to_string(state_dir.join(SEQUENCE_FILE)).ok()?;
-    parse_sequence(&text).map(|(stream, _)| stream.to_string())
+    parse_sequence(&text).map(|(stream, last)| (stream.to_string(), last))
 }
 
 fn parse_sequence(text: &str) -> Option<(&str, u64)> {
@@ -239,8 +239,8 @@ mod tests {
             kept.iter().map(|r| r.seq.unwrap()).collect::<Vec<_>>(),
             [3, 2, 1]
         );
-        let stream = stream(state.path()).unwrap();
-        assert_eq!(stream.len(), 16);
+        let (stream, last) = stream(state.path()).unwrap();
+        assert_eq!((stream.len(), last), (16, 3));
 
         // A damaged sequence: a new stream, numbered above what is kept.
         std::fs::write(state.path().join(SEQUENCE_FILE), "garbage\n").unwrap();
@@ -255,6 +255,6 @@ mod tests {
         })
         .unwrap();
         assert_eq!(report.seq, Some(4));
-        assert_ne!(super::stream(state.path()).unwrap(), stream);
+        assert_ne!(super::stream(state.path()).unwrap().0, stream);
     }
 }

@@ -7,8 +7,8 @@
 //!   when `clamd_socket` is set in `agent.toml`, the real
 //!   `clamdscan --config-file=<state>/clamdscan.conf --fdpass --infected -- PATH...` through the
 //!   running clamd (its databases are already loaded, and `--fdpass` lets it read files it has no
-//!   permission for). `clamdscan.conf` is written by the agent and holds only `LocalSocket` and
-//!   the exclusion of names with control characters.
+//!   permission for). `clamdscan.conf` is written by the agent and holds only `LocalSocket`,
+//!   the exclusion of names with control characters and the directory depth limit.
 //!   clamscan still runs when the active profile has form keys (clamdscan takes no per-scan
 //!   options: they are `clamd.conf` settings) or when clamd does not answer `PING` on the socket
 //!   (a warning, not a failure); each case says so in a log line.
@@ -17,7 +17,10 @@
 //!   arguments.
 //!
 //! Both are read the same way: exit status 0 = clean, 1 = something found, anything else (or a
-//! signal) = error, with the engine's stderr as the error text. Each stdout line of the form
+//! signal) = error, with the engine's stderr as the error text. The agent's own walk of the
+//! paths (see `names`) makes it `error` too, whatever the engine found elsewhere: a path that
+//! does not resolve (given to no engine), directories past the depth limit the engines share
+//! with the walk, or an engine that scanned none of the files the walk found. Each stdout line of the form
 //! `PATH: SIGNATURE FOUND` is a finding; a `Scanned files: N` line gives the number of files
 //! scanned (clamscan's summary; a `command` engine may print one too; clamdscan prints none, so
 //! its reports have no count). A file name cannot add or move a finding: names with control
@@ -106,6 +109,9 @@ struct Engines {
     excludes_names: bool,
     /// Whether links inside the tree are followed (the profile's `follow_symlinks`).
     follow_symlinks: bool,
+    /// Whether the profile excludes files (`exclude`, `exclude_dir`): the engine may then
+    /// rightly scan fewer files than the agent's walk finds, none included.
+    excludes_files: bool,
 }
 
 /// The engine argv before the paths, with the active profile applied: `clamav` runs clamdscan
@@ -124,6 +130,7 @@ fn engine_argv(dir: &Path, config: &AgentConfig) -> Result<Engines> {
                 _ => Default::default(),
             };
             let follow_symlinks = options.follow_symlinks == Some(true);
+            let excludes_files = !options.exclude.is_empty() || !options.exclude_dir.is_empty();
             let options = options.clamscan_args();
             let mut database = OsString::from("--database=");
             database.push(config.database_dir.as_os_str());
@@ -155,6 +162,7 @@ fn engine_argv(dir: &Path, config: &AgentConfig) -> Result<Engines> {
             } else {
                 let exclude = names::CONTROL_CHARACTERS;
                 let mut argv = clamscan(&["-r"]);
+                argv.push(format!("--max-dir-recursion={}", names::MAX_DEPTH).into());
                 argv.push(format!("--exclude={exclude}").into());
                 argv.push(format!("--exclude-dir={exclude}").into());
                 argv.push("--".into());
@@ -165,6 +173,7 @@ fn engine_argv(dir: &Path, config: &AgentConfig) -> Result<Engines> {
                 aliases,
                 excludes_names: true,
                 follow_symlinks,
+                excludes_files,
             })
         }
         Engine::Command => match &config.scan_command {
@@ -185,6 +194,7 @@ fn engine_argv(dir: &Path, config: &AgentConfig) -> Result<Engines> {
                     aliases: argv,
                     excludes_names: false,
                     follow_symlinks: false,
+                    excludes_files: false,
                 })
             }
             _ => Err(UserError::usage(
@@ -237,9 +247,10 @@ fn clamd_takes(socket: &Path, profile_options: &[String]) -> bool {
 fn clamdscan_argv(dir: &Path, socket: &Path) -> Result<Vec<OsString>> {
     let conf = dir.join(CLAMDSCAN_CONF);
     let text = format!(
-        "LocalSocket {}\nExcludePath {}\n",
+        "LocalSocket {}\nExcludePath {}\nMaxDirectoryRecursion {}\n",
         socket.display(),
-        names::CONTROL_CHARACTERS
+        names::CONTROL_CHARACTERS,
+        names::MAX_DEPTH
     );
     if std::fs::read(&conf).ok().as_deref() != Some(text.as_bytes()) {
         crate::durable::write_atomic(&conf, text.as_bytes(), 0o644)
@@ -381,15 +392,16 @@ fn run_scan(
 ) -> Result<ScanReport> {
     let started_at = chrono::Utc::now();
     let clock = Instant::now();
-    let plan = names::plan(paths, engines.follow_symlinks, !engines.excludes_names);
+    let mut plan = names::plan(paths, engines.follow_symlinks, !engines.excludes_names);
     let main_paths = if engines.excludes_names {
-        plan.roots
+        std::mem::take(&mut plan.roots)
     } else {
-        plan.parts
+        std::mem::take(&mut plan.parts)
     };
     let mut findings = Vec::new();
     let mut counts = Vec::new();
-    let mut errors = Vec::new();
+    // A path that is not there fails the scan whatever the others found (they are reported).
+    let mut errors = plan.missing.clone();
     let mut dropped = Vec::new();
     let mut read = |run: EngineRun, given: &[PathBuf], aliases: Option<&names::Aliases>| {
         let parsed = names::parse(&run.stdout, given, aliases);
@@ -434,6 +446,7 @@ fn run_scan(
     let files_scanned = counts
         .iter()
         .try_fold(0u64, |sum, count| count.map(|n| sum.saturating_add(n)));
+    errors.extend(unscanned(&plan, files_scanned, engines, errors.is_empty()));
     let result = if !errors.is_empty() {
         ScanResult::Error
     } else if findings.is_empty() {
@@ -458,6 +471,37 @@ fn run_scan(
         result,
         error: (!errors.is_empty()).then(|| errors.join("; ")),
     })
+}
+
+/// What makes a scan that ran to completion fail all the same: directories past the depth
+/// limit (nothing below them was scanned), or an engine that scanned none of the files the
+/// agent's walk found (`ran`: no other error explains it; a profile that excludes files may).
+fn unscanned(
+    plan: &names::Plan,
+    files_scanned: Option<u64>,
+    engines: &Engines,
+    ran: bool,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    if let Some(first) = plan.too_deep.first() {
+        let more = match plan.too_deep.len() {
+            1 => String::new(),
+            n => format!(" (and {} more like it)", n - 1),
+        };
+        errors.push(format!(
+            "`{}`{more} is more than {} directory levels below the path asked for: nothing \
+             below it was scanned; scan it as a path of its own",
+            names::escape(first.as_os_str().as_bytes()),
+            names::MAX_DEPTH,
+        ));
+    }
+    if ran && files_scanned == Some(0) && plan.files > 0 && !engines.excludes_files {
+        errors.push(format!(
+            "the engine scanned none of the {} file(s) the paths hold: nothing was checked",
+            plan.files
+        ));
+    }
+    errors
 }
 
 fn reports_keep(config: &AgentConfig) -> usize {
@@ -705,6 +749,7 @@ mod tests {
                 "--infected".into(),
                 "--database=/db".into(),
                 "--exclude-dir=^/proc".into(),
+                "--max-dir-recursion=256".into(),
                 "--exclude=[[:cntrl:]]".into(),
                 "--exclude-dir=[[:cntrl:]]".into(),
                 "--".into()
@@ -740,6 +785,52 @@ mod tests {
     }
 
     #[test]
+    fn a_scan_that_scanned_none_of_the_files_found_or_stopped_at_the_depth_limit_fails() {
+        let engines = |excludes_files| Engines {
+            main: vec!["clamscan".into()],
+            aliases: Vec::new(),
+            excludes_names: true,
+            follow_symlinks: false,
+            excludes_files,
+        };
+        let plan = |files, too_deep: &[&str]| names::Plan {
+            files,
+            too_deep: too_deep.iter().map(PathBuf::from).collect(),
+            ..Default::default()
+        };
+        let check = |plan: names::Plan, scanned, excludes_files, ran, expected: &[&str]| {
+            assert_eq!(
+                unscanned(&plan, scanned, &engines(excludes_files), ran),
+                expected
+            );
+        };
+        check(plan(2, &[]), Some(2), false, true, &[]);
+        // An empty directory holds nothing to miss.
+        check(plan(0, &[]), Some(0), false, true, &[]);
+        check(
+            plan(2, &[]),
+            Some(0),
+            false,
+            true,
+            &["the engine scanned none of the 2 file(s) the paths hold: nothing was checked"],
+        );
+        // A profile may exclude them all; clamdscan counts nothing; another error says why.
+        check(plan(2, &[]), Some(0), true, true, &[]);
+        check(plan(2, &[]), None, false, true, &[]);
+        check(plan(2, &[]), Some(0), false, false, &[]);
+        check(
+            plan(1, &["/a", "/b"]),
+            Some(1),
+            false,
+            true,
+            &[
+                "`/a` (and 1 more like it) is more than 256 directory levels below the path asked \
+               for: nothing below it was scanned; scan it as a path of its own",
+            ],
+        );
+    }
+
+    #[test]
     fn clamd_scans_only_when_it_answers_and_the_profile_has_no_options() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("clamd.sock");
@@ -770,7 +861,7 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(&conf).unwrap(),
             format!(
-                "LocalSocket {}\nExcludePath [[:cntrl:]]\n",
+                "LocalSocket {}\nExcludePath [[:cntrl:]]\nMaxDirectoryRecursion 256\n",
                 socket.display()
             )
         );

@@ -60,6 +60,9 @@ struct StreamCursor {
     stream: String,
     scans_seq: Option<u64>,
     updates_seq: Option<u64>,
+    /// The ids of the reports recorded under those numbers.
+    scans_id: Option<String>,
+    updates_id: Option<String>,
 }
 
 /// Whether a report is new to the inventory: by its number when the host's cursor is in the
@@ -224,22 +227,69 @@ impl Inventory {
             .into_values()
             .map(|state| {
                 let stream = streams.get(&state.host);
-                let by_seq = |seq: fn(&StreamCursor) -> Option<u64>| {
-                    stream.and_then(|c| Some(crate::proto::seq_cursor(&c.stream, seq(c)?)))
+                let by_seq = |seq: Option<u64>, id: Option<&str>| {
+                    Some(crate::proto::seq_cursor(&stream?.stream, seq?, id))
                 };
                 let cursors = PollCursors {
-                    scans_after: by_seq(|c| c.scans_seq).or(state.last_scan_id),
-                    updates_after: by_seq(|c| c.updates_seq).or(state.last_update_id),
+                    scans_after: stream
+                        .and_then(|c| by_seq(c.scans_seq, c.scans_id.as_deref()))
+                        .or(state.last_scan_id),
+                    updates_after: stream
+                        .and_then(|c| by_seq(c.updates_seq, c.updates_id.as_deref()))
+                        .or(state.last_update_id),
                 };
                 (state.host, cursors)
             })
             .collect())
     }
 
+    /// The reports of these answers already recorded, as (host, report id): a report is
+    /// recorded once whatever the cursors say (a restored agent sends what it keeps again).
+    fn recorded_report_ids<'a>(
+        &self,
+        polled: &'a [PolledHost],
+    ) -> Result<HashSet<(&'a str, &'a str)>, InventoryError> {
+        let sent: Vec<(&str, &str)> = polled
+            .iter()
+            .filter_map(|poll| Some((poll.host.as_str(), poll.answer.as_ref().ok()?)))
+            .flat_map(|(host, answer)| {
+                let scans = answer.scans.iter().map(|r| r.id.as_str());
+                let runs = answer.updates.iter().map(|r| r.id.as_str());
+                scans.chain(runs).map(move |id| (host, id))
+            })
+            .collect();
+        if sent.is_empty() {
+            return Ok(HashSet::new());
+        }
+        self.db(self.conn.execute_batch(
+            "CREATE OR REPLACE TEMP TABLE sent_reports (host VARCHAR, id VARCHAR)",
+        ))?;
+        self.append(
+            "sent_reports",
+            sent.iter()
+                .map(|(host, id)| [Value::Text(host.to_string()), Value::Text(id.to_string())]),
+        )?;
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT host, id FROM sent_reports s
+                 WHERE EXISTS (SELECT 1 FROM scans WHERE host = s.host AND scan_id = s.id)
+                    OR EXISTS (SELECT 1 FROM update_runs WHERE host = s.host AND run_id = s.id)",
+        ))?;
+        let found: HashSet<(String, String)> = self
+            .db(statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))))?
+            .map(|row| self.db(row))
+            .collect::<Result<_, _>>()?;
+        self.db(self.conn.execute_batch("DROP TABLE sent_reports"))?;
+        Ok(sent
+            .into_iter()
+            .filter(|(host, id)| found.contains(&(host.to_string(), id.to_string())))
+            .collect())
+    }
+
     /// Each host's place in its agent's report stream.
     fn stream_cursors(&self) -> Result<HashMap<String, StreamCursor>, InventoryError> {
         let mut statement = self.db(self.conn.prepare(
-            "SELECT host, stream, scans_after_seq, updates_after_seq FROM report_cursors",
+            "SELECT host, stream, scans_after_seq, updates_after_seq, scans_after_id, updates_after_id
+             FROM report_cursors",
         ))?;
         let rows = self.db(statement.query_map([], |row| {
             let seq = |n: Option<i64>| n.and_then(|n| u64::try_from(n).ok());
@@ -249,6 +299,8 @@ impl Inventory {
                     stream: row.get(1)?,
                     scans_seq: seq(row.get(2)?),
                     updates_seq: seq(row.get(3)?),
+                    scans_id: row.get(4)?,
+                    updates_id: row.get(5)?,
                 },
             ))
         }))?;
@@ -304,6 +356,7 @@ impl Inventory {
         let mut updates = Vec::new();
         let mut new_states = Vec::with_capacity(polled.len());
         let mut answered: HashSet<&str> = HashSet::new();
+        let recorded_ids = self.recorded_report_ids(polled)?;
 
         for poll in polled {
             let before = states.remove(&poll.host);
@@ -352,6 +405,15 @@ impl Inventory {
                     state.reported_profile = answer.status.profile.clone();
                     state.license_expires_at = answer.status.license_expires_at;
                     let revision = answer.installed.as_ref().and_then(|i| i.revision.clone());
+                    if let Some(installed) = answer.installed.as_ref()
+                        && !installed.damaged.is_empty()
+                    {
+                        tracing::warn!(
+                            host = %poll.host,
+                            damaged = %installed.damaged.join("; "),
+                            "the host's database directory no longer holds what it installed: it is behind dist until an install puts the files back"
+                        );
+                    }
                     state.installed_revision = revision.clone();
                     state.installed_serial = answer
                         .installed
@@ -421,24 +483,73 @@ impl Inventory {
                     let (scans_seq, updates_seq) = stream
                         .as_ref()
                         .map_or((None, None), |c| (c.scans_seq, c.updates_seq));
-                    let highest = |cursor: Option<u64>, seqs: &mut dyn Iterator<Item = u64>| {
-                        seqs.chain(cursor).max()
+                    let scan_keys: Vec<(u64, &str)> = answer
+                        .scans
+                        .iter()
+                        .filter_map(|r| Some((r.seq?, r.id.as_str())))
+                        .collect();
+                    let update_keys: Vec<(u64, &str)> = answer
+                        .updates
+                        .iter()
+                        .filter_map(|r| Some((r.seq?, r.id.as_str())))
+                        .collect();
+                    // The agent's state went back (a snapshot or backup restored): numbers the
+                    // manager recorded name other reports now. The agent says so by its last
+                    // number, or by sending numbers at or below the cursor (it sends every
+                    // report it keeps then); those whose id is not recorded are new, and the
+                    // cursors start again from what it sent.
+                    let at_or_below = |cursor: Option<u64>, keys: &[(u64, &str)]| {
+                        cursor.is_some_and(|after| keys.iter().any(|(seq, _)| *seq <= after))
                     };
-                    if let Some(stream) = &answer.report_stream {
+                    let rewound = stream.is_some()
+                        && (answer.report_last.is_some_and(|last| {
+                            scans_seq.max(updates_seq).is_some_and(|n| n > last)
+                        }) || at_or_below(scans_seq, &scan_keys)
+                            || at_or_below(updates_seq, &update_keys));
+                    if rewound {
+                        tracing::warn!(
+                            host = %poll.host,
+                            last = answer.report_last,
+                            "the agent's report numbers went back (state restored from a snapshot or backup?): taking its kept reports by id"
+                        );
+                    }
+                    // The next cursor of a kind: its highest number sent, and that report's id.
+                    let next = |cursor: Option<u64>, id: Option<&String>, keys: &[(u64, &str)]| {
+                        let sent = keys.iter().max_by_key(|(seq, _)| *seq);
+                        match sent {
+                            Some((seq, id)) if rewound || cursor.is_none_or(|c| *seq > c) => {
+                                (Some(*seq), Some(id.to_string()))
+                            }
+                            _ if rewound => (answer.report_last, None),
+                            _ => (cursor, id.cloned()),
+                        }
+                    };
+                    if let Some(stream_id) = &answer.report_stream {
+                        let (scans_next, scans_next_id) = next(
+                            scans_seq,
+                            stream.as_ref().and_then(|c| c.scans_id.as_ref()),
+                            &scan_keys,
+                        );
+                        let (updates_next, updates_next_id) = next(
+                            updates_seq,
+                            stream.as_ref().and_then(|c| c.updates_id.as_ref()),
+                            &update_keys,
+                        );
+                        let number =
+                            |n: Option<u64>| n.map_or(Value::Null, |n| Value::BigInt(n as i64));
                         new_streams.push([
                             Value::Text(poll.host.clone()),
-                            Value::Text(stream.clone()),
-                            highest(scans_seq, &mut answer.scans.iter().filter_map(|r| r.seq))
-                                .map_or(Value::Null, |n| Value::BigInt(n as i64)),
-                            highest(
-                                updates_seq,
-                                &mut answer.updates.iter().filter_map(|r| r.seq),
-                            )
-                            .map_or(Value::Null, |n| Value::BigInt(n as i64)),
+                            Value::Text(stream_id.clone()),
+                            number(scans_next),
+                            number(updates_next),
+                            text(scans_next_id.as_deref()),
+                            text(updates_next_id.as_deref()),
                         ]);
                     }
                     for scan in &answer.scans {
-                        if !is_new(scans_seq, state.last_scan_id.as_deref(), scan.seq, &scan.id) {
+                        let new = rewound
+                            || is_new(scans_seq, state.last_scan_id.as_deref(), scan.seq, &scan.id);
+                        if !new || recorded_ids.contains(&(poll.host.as_str(), scan.id.as_str())) {
                             continue;
                         }
                         scans.push([
@@ -501,12 +612,14 @@ impl Inventory {
                         changed = true;
                     }
                     for run in &answer.updates {
-                        if !is_new(
-                            updates_seq,
-                            state.last_update_id.as_deref(),
-                            run.seq,
-                            &run.id,
-                        ) {
+                        let new = rewound
+                            || is_new(
+                                updates_seq,
+                                state.last_update_id.as_deref(),
+                                run.seq,
+                                &run.id,
+                            );
+                        if !new || recorded_ids.contains(&(poll.host.as_str(), run.id.as_str())) {
                             continue;
                         }
                         let report = run.report.as_ref();
@@ -730,6 +843,7 @@ mod tests {
                     build_time: DateTime::from_timestamp(1_700_000_000, 0),
                 }],
                 backups: vec![Some("r1".into()), None],
+                damaged: Vec::new(),
             }),
             schedule: Vec::new(),
             scans,
@@ -743,6 +857,7 @@ mod tests {
                 error: Some("no dist".into()),
             }],
             report_stream: None,
+            report_last: None,
         }
     }
 
@@ -892,10 +1007,16 @@ mod tests {
         assert_eq!(cursor(&inventory).scans_after.as_deref(), Some("2030-a"));
         // The first poll of the upgraded agent came with the id cursor: what it sent is new.
         assert_eq!(record(numbered(&[("2030-b", 1)])).scans, 1);
-        assert_eq!(cursor(&inventory).scans_after.as_deref(), Some("seq:ab:1"));
+        assert_eq!(
+            cursor(&inventory).scans_after.as_deref(),
+            Some("seq:ab:1:2030-b")
+        );
         // The clock stepped back: the ids sort lower, the numbers still count up.
         assert_eq!(record(numbered(&[("2029-a", 2), ("2029-b", 3)])).scans, 2);
-        assert_eq!(cursor(&inventory).scans_after.as_deref(), Some("seq:ab:3"));
+        assert_eq!(
+            cursor(&inventory).scans_after.as_deref(),
+            Some("seq:ab:3:2029-b")
+        );
         // The same answer again (a racing poll): nothing twice.
         assert_eq!(record(numbered(&[("2029-a", 2), ("2029-b", 3)])).scans, 0);
         assert_eq!(count(&inventory, "scans"), 4);
@@ -909,6 +1030,41 @@ mod tests {
         record(answer("3", vec![scan("2031-a")]));
         assert_eq!(cursor(&inventory).scans_after.as_deref(), Some("2031-a"));
         assert_eq!(count(&inventory, "scans"), 5);
+    }
+
+    #[test]
+    fn an_agent_whose_numbers_went_back_has_its_kept_reports_taken_by_id_once() {
+        let home = tempfile::tempdir().unwrap();
+        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        let record = |scans: &[(&str, u64)], last: u64| {
+            let mut answer = numbered(scans);
+            answer.report_last = Some(last);
+            record_answer(&inventory, answer).scans
+        };
+        let cursor = || {
+            inventory.poll_cursors().unwrap()["web-1"]
+                .scans_after
+                .clone()
+        };
+        assert_eq!(record(&[("a", 1), ("b", 2), ("c", 3)], 3), 3);
+        // Restored to a state from after `a`: it made `d` as number 2 and sends all it keeps.
+        assert_eq!(record(&[("a", 1), ("d", 2)], 2), 1, "only `d` is new");
+        assert_eq!(
+            cursor().as_deref(),
+            Some("seq:ab:2:d"),
+            "the cursor starts again"
+        );
+        // The next poll is by number again, and the same answer twice records nothing.
+        assert_eq!(record(&[("e", 3)], 3), 1);
+        assert_eq!(record(&[("e", 3)], 3), 0);
+        assert_eq!(count(&inventory, "scans"), 5);
+        // Restored again, to after `d`, with numbers given past the cursor before the poll:
+        // the agent saw that its number 3 is not `e` and sent all it keeps.
+        assert_eq!(record(&[("d", 2), ("f", 3), ("g", 4)], 4), 2);
+        assert_eq!(cursor().as_deref(), Some("seq:ab:4:g"));
+        // Restored to a state with no scan report at all: the cursor is its last number.
+        assert_eq!(record(&[], 1), 0);
+        assert_eq!(cursor().as_deref(), Some("seq:ab:1"));
     }
 
     #[test]

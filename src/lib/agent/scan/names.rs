@@ -46,8 +46,11 @@ use crate::proto::ScanFinding;
 pub(super) const CONTROL_CHARACTERS: &str = "[[:cntrl:]]";
 /// Prefix of the directory of aliases, in the state directory; the pid follows.
 const ALIASES_PREFIX: &str = "scan-names.";
-/// Deeper directories than this are not walked (clamscan stops at 15 by default).
-const MAX_DEPTH: usize = 256;
+/// Directories this many levels below a path asked for are not walked, by the agent or the
+/// engine: clamscan gets it as `--max-dir-recursion`, clamdscan as `MaxDirectoryRecursion`
+/// (both stop at 15 by default, which silently left deeper files unscanned). Anything deeper
+/// makes the scan's result `error` ([`Plan::too_deep`]).
+pub(super) const MAX_DEPTH: usize = 256;
 
 /// Whether a name or path holds a character the engine's line output cannot carry.
 pub(super) fn unprintable(bytes: &[u8]) -> bool {
@@ -89,6 +92,27 @@ pub(super) struct Plan {
     pub parts: Vec<PathBuf>,
     /// Regular files an unprintable name leads to, true paths: scanned through aliases.
     pub aliased: Vec<PathBuf>,
+    /// Regular files the walk found, as the engine walks (aliased ones included): what a scan
+    /// that ran to completion has scanned.
+    pub files: u64,
+    /// Paths asked for that do not resolve (missing, a dangling link, a file taken for a
+    /// directory), each with why; they are given to no engine.
+    pub missing: Vec<String>,
+    /// Directories [`MAX_DEPTH`] levels down that hold something: neither the walk nor the
+    /// engine went into them.
+    pub too_deep: Vec<PathBuf>,
+}
+
+/// Why `path` does not resolve (`err`: what `stat` said), naming the target of a dangling link.
+fn unresolved(path: &Path, err: &std::io::Error) -> String {
+    let shown = escape(path.as_os_str().as_bytes());
+    match fs::read_link(path) {
+        Ok(target) => format!(
+            "`{shown}` is a link to `{}`, which does not resolve ({err}): is it mounted?",
+            escape(target.as_os_str().as_bytes())
+        ),
+        Err(_) => format!("`{shown}` does not exist ({err})"),
+    }
 }
 
 /// Walks `paths` (absolute) the way the engine would: symbolic links inside the tree only when
@@ -103,22 +127,36 @@ pub(super) fn plan(paths: &[PathBuf], follow_symlinks: bool, split: bool) -> Pla
         plan: Plan::default(),
     };
     for path in paths {
+        // A path given directly is followed, link or not, as the engines do.
+        let meta = fs::metadata(path);
+        if let Err(err) = &meta
+            && err.kind() != std::io::ErrorKind::PermissionDenied
+        {
+            walk.plan.missing.push(unresolved(path, err));
+            continue;
+        }
         let real_unprintable =
             fs::canonicalize(path).is_ok_and(|real| unprintable(real.as_os_str().as_bytes()));
         let bad = unprintable(path.as_os_str().as_bytes()) || real_unprintable;
         if !bad {
             walk.plan.roots.push(path.clone());
         }
-        // A path given directly is followed, link or not, as the engines do.
-        match fs::metadata(path) {
+        match meta {
             Ok(meta) if meta.is_dir() => {
                 walk.visited.insert((meta.dev(), meta.ino()));
                 if walk.directory(path, bad, 0) && !bad {
                     walk.plan.parts.push(path.clone());
                 }
             }
-            Ok(meta) if meta.is_file() && bad => walk.plan.aliased.push(path.clone()),
-            // Missing, unreadable or special: the engine says what it is.
+            Ok(meta) if meta.is_file() => {
+                walk.plan.files += 1;
+                if bad {
+                    walk.plan.aliased.push(path.clone());
+                } else {
+                    walk.plan.parts.push(path.clone());
+                }
+            }
+            // Unreadable or special: the engine says what it is.
             _ if !bad => walk.plan.parts.push(path.clone()),
             _ => {}
         }
@@ -140,6 +178,9 @@ impl Walk {
     /// unprintable is below it; when something is, the clean parts below are in `parts`.
     fn directory(&mut self, dir: &Path, bad: bool, depth: usize) -> bool {
         if depth >= MAX_DEPTH {
+            if fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
+                self.plan.too_deep.push(dir.to_owned());
+            }
             return !bad;
         }
         let Ok(entries) = fs::read_dir(dir) else {
@@ -185,6 +226,7 @@ impl Walk {
                     clean = false;
                 }
             } else if is_file {
+                self.plan.files += 1;
                 let child_bad = child_bad
                     || (kind.is_symlink()
                         && fs::canonicalize(&child)
@@ -480,12 +522,45 @@ mod tests {
             "{whole:?}"
         );
         assert_eq!(whole.aliased, [in_bad_dir]);
-        // Missing paths are left to the engine.
+        assert_eq!((clamav.files, command.files, followed.files), (6, 6, 7));
+        // Paths that do not resolve go to no engine: missing, a dangling link.
         let missing = root.join("missing");
-        let left = plan(std::slice::from_ref(&missing), false, true);
+        let dangling = root.join("data-link");
+        std::os::unix::fs::symlink("/mnt/not-mounted", &dangling).unwrap();
+        let left = plan(&[missing, dangling, top.clone()], false, true);
         assert_eq!(
-            (left.roots, left.parts),
-            (vec![missing.clone()], vec![missing])
+            (left.roots, left.parts, left.files),
+            (vec![top.clone()], vec![top], 1)
         );
+        assert_eq!(left.missing.len(), 2, "{:?}", left.missing);
+        assert!(
+            left.missing[0].starts_with(&format!("`{}/missing` does not exist", root.display()))
+        );
+        assert!(
+            left.missing[1].contains("is a link to `/mnt/not-mounted`, which does not resolve"),
+            "{:?}",
+            left.missing
+        );
+    }
+
+    #[test]
+    fn directories_past_the_depth_limit_are_named_not_skipped_in_silence() {
+        let root = tempfile::tempdir().unwrap();
+        let mut deepest_walked = root.path().to_owned();
+        for level in 1..MAX_DEPTH {
+            deepest_walked.push(format!("{level}"));
+        }
+        let too_deep = deepest_walked.join(MAX_DEPTH.to_string());
+        fs::create_dir_all(&too_deep).unwrap();
+        fs::write(deepest_walked.join("deep-enough"), b"x").unwrap();
+        let walked = plan(&[root.path().to_owned()], false, false);
+        assert!(
+            walked.too_deep.is_empty(),
+            "an empty directory past the limit is no loss"
+        );
+        assert_eq!(walked.files, 1);
+        fs::write(too_deep.join("too-deep"), b"x").unwrap();
+        let walked = plan(&[root.path().to_owned()], false, false);
+        assert_eq!((walked.too_deep, walked.files), (vec![too_deep], 1));
     }
 }
