@@ -6,8 +6,12 @@
 //!   common name and a subjectAltName of the host's certificate. A name belongs to one host:
 //!   [`check_name_free`] refuses taking an active host's name, and a rename onto any name the
 //!   inventory already holds (its history stays with it).
-//! - **Addresses** ([`reach_names`]): what a certificate must name for `https://ADDRESS` to
-//!   verify, the check `pm-poll` makes.
+//! - **Addresses** ([`reach_names`], [`check_address_free`]): what a certificate must name for
+//!   `https://ADDRESS` to verify, the check `pm-poll` makes; one active host per address.
+//! - **Who answers** ([`Registry`], [`WrongHost`]): the certificate an agent presents must be
+//!   the host's own (its recorded serial or fingerprint, or one the CA issued to its name), not
+//!   another host's that answers at its address; every mutual-TLS client of the manager tools
+//!   checks it before a request is sent, and `pm-poll` for the host it polls.
 //! - **Certificates** ([`HostCertificate`], [`renewal_due`]): each host's serial, fingerprint and
 //!   expiry; renewal once less than [`RENEW_WHEN_LEFT`] of the lifetime is left, over the
 //!   mutual-TLS identity the host already has ([`renew`]).
@@ -16,6 +20,8 @@
 //!
 //! The inventory side (renames that move a host's history in one transaction, certificate
 //! records) is `inventory/hosts.rs`.
+
+use std::net::SocketAddr;
 
 use chrono::{DateTime, Utc};
 use openssl::x509::X509Ref;
@@ -127,6 +133,115 @@ pub fn check_name_free(hosts: &[HostRecord], name: &str, to: NameUse<'_>) -> Res
             holder.address
         ))
         .with_hint("pick a name no host has had (`pm-activate list` shows them all)")),
+    }
+}
+
+/// Refuses to put host `name` (its name in the inventory now, or the one it is activated under)
+/// at `address` when another active host is recorded there (usage error, exit 2): two hosts at
+/// one address would both be answered by the one agent there, a down host would look healthy
+/// and what is meant for one would reach the other.
+pub fn check_address_free(
+    hosts: &[HostRecord],
+    address: &str,
+    name: &str,
+) -> Result<(), UserError> {
+    let Some(holder) = hosts
+        .iter()
+        .find(|h| h.state == "active" && h.address == address && h.host != name)
+    else {
+        return Ok(());
+    };
+    let holder = &holder.host;
+    Err(UserError::usage(format!(
+        "`{address}` is the address of active host `{holder}`: host `{name}` cannot be there too"
+    ))
+    .with_hint(format!(
+        "one active host per address: if `{holder}` is gone for good, `pm-activate deactivate \
+         {holder}` first; if it moved, run `pm-activate host` at its new address first"
+    )))
+}
+
+/// An agent presents another host's certificate (or one no active host has) at an address
+/// where a host is recorded: it is not that host's agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "agent `{address}` presents the certificate of {presented} (serial {serial}), not of \
+     {expected}: another host's agent answers at this address (moved by hand?), so it was asked \
+     nothing; put the agents back where they are recorded, or `pm-activate deactivate` a host \
+     that is gone for good and run `pm-activate host {address}` for the agent that moved"
+)]
+pub struct WrongHost {
+    /// The address connected to.
+    pub address: String,
+    /// The host(s) recorded at that address, as shown: `` `web-2` ``.
+    pub expected: String,
+    /// Whose certificate it is, as shown: `` host `web-1` `` or `no active host`.
+    pub presented: String,
+    /// The presented certificate's serial.
+    pub serial: String,
+}
+
+/// The hosts of the inventory as the manager's mutual-TLS clients check who answers (read once
+/// per command, before any agent is asked).
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    hosts: Vec<HostRecord>,
+}
+
+impl Registry {
+    /// The registry of these hosts (active and deactivated).
+    pub fn new(hosts: Vec<HostRecord>) -> Registry {
+        Registry { hosts }
+    }
+
+    /// The host `cert` belongs to ([`find_by_certificate`]).
+    pub fn owner(&self, cert: &X509Ref) -> Option<&HostRecord> {
+        find_by_certificate(&self.hosts, cert)
+    }
+
+    /// Checks that `cert`, presented at `address`, is host `host`'s own.
+    pub fn check_host(&self, host: &str, address: &str, cert: &X509Ref) -> Result<(), WrongHost> {
+        self.check(address, &[host], cert)
+    }
+
+    /// Checks a new connection to `remote`: when active hosts are recorded at that address, the
+    /// certificate presented must be one of theirs. Addresses recorded by name (not an IP) are
+    /// not matched here; `pm-poll` checks those per host ([`Registry::check_host`]).
+    pub fn check_connection(&self, remote: SocketAddr, cert: &X509Ref) -> Result<(), WrongHost> {
+        let here: Vec<&str> = self
+            .hosts
+            .iter()
+            .filter(|h| h.state == "active")
+            .filter(|h| h.address.parse::<SocketAddr>().is_ok_and(|a| a == remote))
+            .map(|h| h.host.as_str())
+            .collect();
+        if here.is_empty() {
+            return Ok(());
+        }
+        self.check(&remote.to_string(), &here, cert)
+    }
+
+    fn check(&self, address: &str, expected: &[&str], cert: &X509Ref) -> Result<(), WrongHost> {
+        let owner = self.owner(cert).filter(|h| h.state == "active");
+        if owner.is_some_and(|h| expected.contains(&h.host.as_str())) {
+            return Ok(());
+        }
+        let names = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| format!("`{}`", shown(n)))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        };
+        Err(WrongHost {
+            address: address.to_string(),
+            expected: names(expected),
+            presented: owner.map_or_else(
+                || "no active host".to_string(),
+                |h| format!("host `{}`", shown(&h.host)),
+            ),
+            serial: ca::serial_hex(cert).unwrap_or_default(),
+        })
     }
 }
 
@@ -352,6 +467,25 @@ mod tests {
         // The same host back after a wipe, or a deactivated name activated again.
         assert!(check_name_free(&hosts, "a21", activate("127.0.0.21:7505")).is_ok());
         assert!(check_name_free(&hosts, "old", activate("127.0.0.9:7505")).is_ok());
+    }
+
+    #[test]
+    fn one_active_host_per_address() {
+        let hosts = [
+            host("a21", "127.0.0.21:7505", "active"),
+            host("old", "127.0.0.30:7505", "deactivated"),
+        ];
+        let error = check_address_free(&hosts, "127.0.0.21:7505", "a22").unwrap_err();
+        assert!(
+            error.message.contains("active host `a21`"),
+            "{}",
+            error.message
+        );
+        assert!(error.hint.unwrap().contains("pm-activate deactivate a21"));
+        // The host itself, another port, a deactivated host's address.
+        assert!(check_address_free(&hosts, "127.0.0.21:7505", "a21").is_ok());
+        assert!(check_address_free(&hosts, "127.0.0.21:7506", "a22").is_ok());
+        assert!(check_address_free(&hosts, "127.0.0.30:7505", "a22").is_ok());
     }
 
     #[test]

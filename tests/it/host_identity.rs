@@ -27,13 +27,17 @@ struct Agent {
 impl Agent {
     /// `pm-agent init` as `name` on `ip` (a free port) with a fresh key from `home`, then run.
     fn start(home: &Home, name: &str, ip: &str) -> Agent {
+        Agent::start_at(home, name, format!("{ip}:{}", free_port()).parse().unwrap())
+    }
+
+    /// `pm-agent init` as `name` listening on `addr`, with a fresh key from `home`, then run.
+    fn start_at(home: &Home, name: &str, addr: SocketAddr) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("activation.key");
         Pm::activate(home)
             .args(["key", "new", "--out"])
             .args([&key_file])
             .json();
-        let addr: SocketAddr = format!("{ip}:{}", free_port()).parse().unwrap();
         let mut agent = Agent {
             dir,
             addr,
@@ -124,13 +128,23 @@ impl Agent {
 
     /// Moves the agent to `ip` (same port): `listen` in agent.toml, then a restart.
     fn readdress(&mut self, ip: &str) {
+        self.move_to(format!("{ip}:{}", self.addr.port()).parse().unwrap());
+    }
+
+    /// Moves the agent to `addr`: `listen` in agent.toml, then a restart.
+    fn move_to(&mut self, addr: SocketAddr) {
         self.stop();
+        self.listen_at(addr);
+        self.run(None);
+    }
+
+    /// Rewrites `listen` in agent.toml (the agent stopped; it listens there once run).
+    fn listen_at(&mut self, addr: SocketAddr) {
         let path = self.state().join("agent.toml");
         let text = std::fs::read_to_string(&path).unwrap();
         let old = self.addr.to_string();
-        self.addr = format!("{ip}:{}", self.addr.port()).parse().unwrap();
+        self.addr = addr;
         std::fs::write(&path, text.replace(&old, &self.addr.to_string())).unwrap();
-        self.run(None);
     }
 
     /// The certificate the agent presents now.
@@ -762,4 +776,153 @@ fn bulk_activation_of_unreachable_targets_costs_little_cpu_per_target() {
         .sum();
     // Under 1 ms each in a release build; a debug build gets 5 ms (2 s in all).
     assert!(cpu < 2.0, "{cpu} s of CPU for 400 unreachable targets");
+}
+
+/// The hold `pm-agent status` shows for the agent in `state` (`null` when none).
+fn agent_hold(state: &std::path::Path) -> Value {
+    Pm::agent(state).args(["status"]).json()["hold"].clone()
+}
+
+#[test]
+fn an_agent_moved_onto_another_active_hosts_address_is_refused_and_that_host_never_polls_green() {
+    let home = Home::new();
+    let mut a61 = Agent::start(&home, "a61", "127.0.77.61");
+    let mut a62 = Agent::start(&home, "a62", "127.0.77.62");
+    activate(&home, &a61, &[]);
+    activate(&home, &a62, &[]);
+    let serial_61 = serial(&a61.certificate());
+    // a62's agent is down; a61's agent is moved onto a62's address by hand.
+    a62.stop();
+    a61.move_to(a62.addr);
+    let before = host_tables(&home);
+
+    let run = reapply(&home, &a62.addr.to_string(), &[]);
+    assert_eq!(run.code(), 2, "{}\n{}", run.stdout(), run.stderr());
+    let stderr = run.stderr();
+    assert!(
+        stderr.contains("error: ") && stderr.contains("`a62`") && stderr.contains("`a61`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("hint: ") && stderr.contains("pm-activate deactivate a62"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("  "), "runs of spaces: {stderr}");
+    assert_eq!(
+        host_tables(&home),
+        before,
+        "the refused move changed the inventory"
+    );
+    assert_eq!(
+        serial(&a61.certificate()),
+        serial_61,
+        "the agent got a new certificate"
+    );
+
+    // The poll timer meets a61's agent at a62's address: a62 is not reachable-green, and
+    // nothing is renewed.
+    let (code, report, stderr) = poll(&home, &["--all"]);
+    assert_ne!(code, 0, "{report}\n{stderr}");
+    let a62_line = host(&report, "a62");
+    assert_eq!(a62_line["polled"], "wrong_host", "{report}");
+    assert_eq!(a62_line["reachable"], false, "{report}");
+    assert_ne!(host(&report, "a61")["polled"], "ok", "{report}");
+    assert_eq!(report["summary"]["certificates_renewed"], 0, "{report}");
+    assert_eq!(serial(&a61.certificate()), serial_61);
+    let error = sql(
+        &home,
+        "SELECT error FROM poll_history WHERE host = 'a62' ORDER BY polled_at DESC LIMIT 1",
+    );
+    assert!(
+        error[0].contains("`a61`") && error[0].contains("`a62`"),
+        "the failure names both hosts: {error:?}"
+    );
+
+    // A hold meant for a62 never lands on a61's agent.
+    let run = Pm::push(&home)
+        .args([
+            "--json",
+            "hold",
+            "--host",
+            "a62",
+            "--reason",
+            "a62 is being repaired",
+        ])
+        .run();
+    assert_ne!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert_eq!(agent_hold(&a61.state()), Value::Null);
+
+    // Nor is a new host activated there while a62 holds the address.
+    a61.stop();
+    let a63 = Agent::start_at(&home, "a63", a62.addr);
+    let keys_before = sql(&home, "SELECT id, uses FROM activation_keys ORDER BY id");
+    let run = Pm::activate(&home)
+        .args(["host", &a63.addr.to_string(), "--key-file"])
+        .args([&a63.key_file])
+        .args(["--dist-url", NO_DIST, "--name", "a63"])
+        .run();
+    assert_eq!(run.code(), 2, "{}\n{}", run.stdout(), run.stderr());
+    assert!(run.stderr().contains("`a62`"), "{}", run.stderr());
+    assert_eq!(
+        sql(&home, "SELECT id, uses FROM activation_keys ORDER BY id"),
+        keys_before,
+        "the refused activation took a key use"
+    );
+}
+
+#[test]
+fn agents_that_swap_addresses_are_polled_as_the_wrong_host_never_renewed_nor_told_anything() {
+    // Two agents on one machine (one IP, two ports) whose configurations were swapped by hand:
+    // each presents a certificate naming the address the other host is recorded at.
+    let home = Home::new();
+    let ip = "127.0.77.64";
+    let mut a64 = Agent::start(&home, "a64", ip);
+    let mut a65 = Agent::start(&home, "a65", ip);
+    activate(&home, &a64, &[]);
+    activate(&home, &a65, &[]);
+    let (addr_64, addr_65) = (a64.addr, a65.addr);
+    let (serial_64, serial_65) = (serial(&a64.certificate()), serial(&a65.certificate()));
+    a64.stop();
+    a65.stop();
+    a64.listen_at(addr_65);
+    a65.listen_at(addr_64);
+    a64.run(None);
+    a65.run(None);
+
+    let (code, report, stderr) = poll(&home, &["--all"]);
+    assert_ne!(code, 0, "{report}\n{stderr}");
+    for name in ["a64", "a65"] {
+        let line = host(&report, name);
+        assert_eq!(line["polled"], "wrong_host", "{name}: {report}");
+        assert_eq!(line["reachable"], false, "{name}: {report}");
+    }
+    assert_eq!(report["summary"]["certificates_renewed"], 0, "{report}");
+    assert_eq!(
+        serial(&a64.certificate()),
+        serial_64,
+        "a64's agent was re-issued"
+    );
+    assert_eq!(
+        serial(&a65.certificate()),
+        serial_65,
+        "a65's agent was re-issued"
+    );
+    assert_eq!(common_name(&a64.certificate()), "a64");
+
+    // A hold for a64 goes to its address, where a65's agent answers: refused before it is sent.
+    let run = Pm::push(&home)
+        .args(["--json", "hold", "--host", "a64", "--reason", "window"])
+        .run();
+    assert_ne!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert!(
+        run.stdout().contains("a65"),
+        "the failure names the agent met: {}",
+        run.stdout()
+    );
+    assert_eq!(
+        agent_hold(&a65.state()),
+        Value::Null,
+        "a65's agent took a64's hold"
+    );
+    assert_eq!(agent_hold(&a64.state()), Value::Null);
 }

@@ -760,6 +760,7 @@ fn activate_new(run: Run<'_>, reached: Reached) -> anyhow::Result<HostReport> {
             name,
             NameUse::Activate { address: &address },
         )?;
+        hosts::check_address_free(&run.context.hosts, &address, name)?;
     }
     let dist_url = dist_url(run.home, run.args.dist_url.as_deref())?;
     let pin = tls::fingerprint(presented);
@@ -1207,6 +1208,11 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
         }
         (Some(_), None) => {}
     }
+    hosts::check_address_free(
+        &run.context.hosts,
+        address,
+        known.map_or(&host_name, |h| &h.host),
+    )?;
     let mut steps = Vec::new();
     let mut reissued = None;
     let reason = reissue_reason(presented, address, &host_name, expired);
