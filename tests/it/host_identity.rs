@@ -926,3 +926,82 @@ fn agents_that_swap_addresses_are_polled_as_the_wrong_host_never_renewed_nor_tol
     );
     assert_eq!(agent_hold(&a64.state()), Value::Null);
 }
+
+#[test]
+fn a_rename_while_a_rollout_runs_is_refused_and_renaming_there_and_back_leaves_one_host() {
+    let fleet = crate::push::Fleet::start(3);
+    let home = &fleet.setup.home;
+    fleet.setup.publish(6);
+    let address = sql(home, "SELECT address FROM hosts WHERE host = 'lab-002'").remove(0);
+    let mut child = Pm::push(home)
+        .args([
+            "update",
+            "--group",
+            "lab",
+            "--wave-size",
+            "1",
+            "--pause",
+            "3s",
+            "--json",
+        ])
+        .command()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    fleet.wait_for_canary();
+    let before = host_tables(home);
+    let run = reapply(home, &address, &["--name", "app-2"]);
+    let stderr = run.stderr();
+    assert_eq!(run.code(), 1, "{}\n{stderr}", run.stdout());
+    let job = sql(home, "SELECT max(job_id) FROM rollouts").remove(0);
+    assert!(
+        stderr.contains(&format!("job {job}")) && stderr.contains(&format!("pid {}", child.id())),
+        "names the rollout and its process: {stderr}"
+    );
+    assert!(stderr.contains("hint: "), "{stderr}");
+    assert_eq!(
+        host_tables(home),
+        before,
+        "the refused rename changed the inventory"
+    );
+    assert!(child.wait().unwrap().success(), "the rollout ends well");
+
+    // Once it ended, the rename moves everything, and nothing comes back under the old name.
+    let run = reapply(home, &address, &["--name", "app-2"]);
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    let (code, report, stderr) = poll(home, &["--all"]);
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert_eq!(
+        host(&report, "app-2")["version_colour"],
+        "green",
+        "{report}"
+    );
+    let status = Pm::push(home).args(["status", &job]).json();
+    assert_eq!(status["summary"]["pending"], 0, "{status}");
+    assert_eq!(status["summary"]["ok"], 3, "{status}");
+    let left = sql(
+        home,
+        "SELECT count(*) FROM (SELECT host FROM host_ids UNION ALL SELECT host FROM host_state
+         UNION ALL SELECT host FROM job_results UNION ALL SELECT host FROM update_runs
+         UNION ALL SELECT host FROM report_cursors) WHERE host = 'lab-002'",
+    );
+    assert_eq!(left, ["0"], "rows left under the old name");
+
+    // Renaming back gives one active host for the agent, with its group.
+    let run = reapply(home, &address, &["--name", "lab-002"]);
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert_eq!(
+        sql(
+            home,
+            &format!(
+                "SELECT host, host_group FROM hosts WHERE state = 'active' AND address = '{address}'"
+            ),
+        ),
+        ["lab-002,lab"]
+    );
+    let (code, report, stderr) = poll(home, &["--all"]);
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert_eq!(report["summary"]["certificates_renewed"], 0, "{report}");
+    assert_eq!(report["hosts"].as_array().unwrap().len(), 3, "{report}");
+}

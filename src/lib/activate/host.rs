@@ -1208,6 +1208,16 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
         }
         (Some(_), None) => {}
     }
+    if let Some(old) = &renamed_from {
+        let inventory = Inventory::open_read_only(run.home, run.global.lock_timeout)
+            .map_err(inventory_error)?;
+        if let Some(inventory) = inventory
+            && let Some(err) =
+                rollout_running(run.home, &inventory, old).map_err(inventory_error)?
+        {
+            return Err(err.into());
+        }
+    }
     hosts::check_address_free(
         &run.context.hosts,
         address,
@@ -1338,13 +1348,29 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
             .transaction(|inv| {
                 match &renamed_from {
                     Some(old) => {
-                        // The host's row under its old name first, then it and every row of
-                        // its history move to the new name.
+                        // The host's row under its old name first (with the certificate the
+                        // agent has now, whatever follows), then it and every row of its
+                        // history move to the new name.
                         let mut stay = host.clone();
                         stay.host = old.clone();
                         inv.upsert_host(&stay)?;
+                        // A rollout may have started since the check above.
+                        if let Some(err) = rollout_running(run.home, inv, old)? {
+                            return Ok(Some(err));
+                        }
                         if let Err(tables) = inv.rename_host(old, &host.host)? {
-                            return Ok(Some(tables));
+                            return Ok(Some(
+                                UserError::usage(format!(
+                                    "the name `{}` has rows in the inventory ({}): a rename \
+                                     never mixes two hosts' histories",
+                                    host.host,
+                                    tables.join(", ")
+                                ))
+                                .with_hint(format!(
+                                    "the host keeps its name `{old}`; pick a name no host has \
+                                     had (`pm-activate list`)"
+                                )),
+                            ));
                         }
                     }
                     None => inv.upsert_host(&host)?,
@@ -1361,17 +1387,15 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
                 Ok(None)
             })
             .map_err(inventory_error)?;
-        if let Some(tables) = taken {
-            return Err(UserError::usage(format!(
-                "the name `{}` was taken while this ran (rows in {})",
-                host.host,
-                tables.join(", ")
-            ))
-            .with_hint(
-                "nothing was recorded; pick another name, or run the same command again: the \
-                 next poll gives the host back its recorded name",
-            )
-            .into());
+        if let Some(err) = taken {
+            if reissued.is_some() {
+                tracing::warn!(
+                    host = %host.host,
+                    "the agent already has a certificate for the new name, recorded under its \
+                     old one: the next poll gives it back one for the old name"
+                );
+            }
+            return Err(err.into());
         }
     }
     Ok(HostReport {
@@ -1390,6 +1414,44 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
         note,
         steps,
     })
+}
+
+/// Refuses renaming `host` while a rollout that includes it runs: its process would go on
+/// recording the host under the old name, splitting its history (a failure, exit 1; nothing
+/// changed). A rollout recorded as running whose process is gone is not in the way.
+fn rollout_running(
+    home: &Path,
+    inventory: &Inventory,
+    host: &str,
+) -> Result<Option<UserError>, crate::inventory::InventoryError> {
+    let running = inventory.running_rollouts_of(host)?;
+    let Some((job, kind, pid)) = running
+        .into_iter()
+        .find(|(_, _, pid)| crate::push::rollout_process_alive(home, *pid))
+    else {
+        return Ok(None);
+    };
+    let tool = if kind == "rollback" {
+        "pm-rollback"
+    } else {
+        "pm-push update"
+    };
+    let pid = pid.unwrap_or_default();
+    Ok(Some(
+        UserError::failure(format!(
+            "host `{host}` is in rollout job {job} (`{tool}`, pid {pid}), which is still \
+             running: a rename now would split its history between two names"
+        ))
+        .with_hint(format!(
+            "run the same command again once it ended (`pm-push status {job}`); to rename now, \
+             stop it first (`kill -INT {pid}`), rename, then {}",
+            if kind == "rollback" {
+                "run the same `pm-rollback` again".to_string()
+            } else {
+                format!("`pm-push resume {job}`")
+            }
+        )),
+    ))
 }
 
 fn print_host_report(global: &GlobalArgs, report: &HostReport) -> anyhow::Result<ExitStatus> {

@@ -76,7 +76,8 @@ impl Inventory {
 
     /// Records holds, each replacing the one in force on its host.
     pub fn record_holds(&self, holds: &[HoldRecord]) -> Result<(), InventoryError> {
-        for hold in holds {
+        let gone = self.gone_hosts(holds.iter().map(|h| h.host.as_str()), "the hold")?;
+        for hold in holds.iter().filter(|h| !gone.contains(&h.host)) {
             self.db(self.conn.execute(
                 "UPDATE holds SET released_at = now(), released_by = 'a newer hold',
                         release_job_id = ?
@@ -153,6 +154,12 @@ mod tests {
     fn a_hold_replaces_the_one_in_force_ends_at_its_time_and_releases_by_kind() {
         let home = tempfile::tempdir().unwrap();
         let inventory = Inventory::open(home.path(), std::time::Duration::from_secs(5)).unwrap();
+        for host in ["a", "b", "c"] {
+            let address = format!("{host}.lan:7505");
+            inventory
+                .upsert_host(&crate::inventory::HostRecord::active(host, &address))
+                .unwrap();
+        }
         let past = Utc::now() - chrono::Duration::seconds(1);
         inventory
             .record_holds(&[
