@@ -147,6 +147,21 @@ impl Agent {
         std::fs::write(&path, text.replace(&old, &self.addr.to_string())).unwrap();
     }
 
+    /// The host's state directory is wiped and the agent set up again as `name` with a new
+    /// key, then run.
+    fn wipe_and_init(&mut self, home: &Home, name: &str) {
+        self.stop();
+        std::fs::remove_dir_all(self.state()).unwrap();
+        let key_file = self.dir.path().join("second.key");
+        Pm::activate(home)
+            .args(["key", "new", "--out"])
+            .args([&key_file])
+            .json();
+        self.key_file = key_file;
+        self.init(name);
+        self.run(None);
+    }
+
     /// The certificate the agent presents now.
     fn certificate(&self) -> openssl::x509::X509 {
         runtime()
@@ -464,17 +479,7 @@ fn reactivating_a_wiped_agent_keeps_its_group_profile_and_labels() {
             "rack=4",
         ],
     );
-    // The host's state directory is wiped and the agent set up again with a new key.
-    agent.stop();
-    std::fs::remove_dir_all(agent.state()).unwrap();
-    let key_file = agent.dir.path().join("second.key");
-    Pm::activate(&home)
-        .args(["key", "new", "--out"])
-        .args([&key_file])
-        .json();
-    agent.key_file = key_file;
-    agent.init("a51");
-    agent.run(None);
+    agent.wipe_and_init(&home, "a51");
 
     let run = Pm::activate(&home)
         .args(["host", &agent.addr.to_string(), "--key-file"])
@@ -1004,4 +1009,47 @@ fn a_rename_while_a_rollout_runs_is_refused_and_renaming_there_and_back_leaves_o
     assert_eq!(code, 0, "{report}\n{stderr}");
     assert_eq!(report["summary"]["certificates_renewed"], 0, "{report}");
     assert_eq!(report["hosts"].as_array().unwrap().len(), 3, "{report}");
+}
+
+#[test]
+fn reactivating_a_wiped_agent_gives_it_back_the_hold_in_force() {
+    let home = Home::new();
+    let mut agent = Agent::start(&home, "a71", "127.0.77.71");
+    activate(&home, &agent, &["--group", "db"]);
+    let run = Pm::push(&home)
+        .args([
+            "--json",
+            "hold",
+            "--host",
+            "a71",
+            "--until",
+            "2d",
+            "--reason",
+            "change freeze CHG-9",
+        ])
+        .run();
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert_eq!(agent_hold(&agent.state())["reason"], "change freeze CHG-9");
+
+    // The host's state is wiped; it is set up and activated again with a key.
+    agent.wipe_and_init(&home, "a71");
+    let report = activate(&home, &agent, &[]);
+    let step = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "hold")
+        .unwrap_or_else(|| panic!("no hold step: {report}"));
+    assert_eq!(step["ok"], true, "{report}");
+
+    let hold = agent_hold(&agent.state());
+    assert_eq!(
+        hold["reason"], "change freeze CHG-9",
+        "the agent holds again: {hold}"
+    );
+    let holds = Pm::push(&home).args(["holds"]).json();
+    let line = &holds["holds"][0];
+    assert_eq!(line["host"], "a71", "{holds}");
+    assert_eq!(line["on_agent"], true, "{holds}");
+    assert_eq!(line["reason"], "change freeze CHG-9", "{holds}");
 }

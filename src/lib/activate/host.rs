@@ -425,6 +425,8 @@ struct Shared {
     licenses: Vec<LicenseRecord>,
     /// Revoked serial -> the host it was revoked for.
     revoked: HashMap<String, String>,
+    /// The hold in force on each held host, sent again with the setup steps.
+    holds: HashMap<String, crate::inventory::HoldRecord>,
     ca: ManagerCa,
     identity: (PKey<Private>, X509),
     /// The activation key's text (never logged).
@@ -450,7 +452,7 @@ impl Shared {
         if let Some(key) = &key {
             super::parse_key(key).map_err(key_error)?;
         }
-        let (keys, hosts, profiles, licenses, revoked) = {
+        let (keys, hosts, profiles, licenses, revoked, holds) = {
             let _turn = inventory_turn();
             match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
                 Some(inventory) => (
@@ -459,6 +461,7 @@ impl Shared {
                     inventory.profiles().map_err(inventory_error)?,
                     inventory.licenses().map_err(inventory_error)?,
                     inventory.revoked_hosts().map_err(inventory_error)?,
+                    inventory.holds().map_err(inventory_error)?,
                 ),
                 None => Default::default(),
             }
@@ -470,6 +473,7 @@ impl Shared {
             profiles,
             licenses,
             revoked,
+            holds,
             ca,
             identity,
             key,
@@ -497,7 +501,11 @@ impl Shared {
             .clone()
             .or_else(|| known.map(|h| h.profile.clone()))
             .unwrap_or_else(|| crate::profile::DEFAULT_PROFILE.into());
-        SetupPlan::load(home, &self.profiles, &self.licenses, &group, &profile)
+        let mut plan = SetupPlan::load(home, &self.profiles, &self.licenses, &group, &profile)?;
+        plan.hold = known
+            .and_then(|h| self.holds.get(&h.host))
+            .and_then(|hold| hold.spec(Utc::now()));
+        Ok(plan)
     }
 }
 
@@ -863,10 +871,13 @@ fn activate_new(run: Run<'_>, reached: Reached) -> anyhow::Result<HostReport> {
     .map_err(|err| match &run.args.name {
         Some(_) => err,
         // The name came from the agent, not from the operator: the command itself was fine.
-        None => UserError::failure(format!("{}; agent `{address}` reports that name", err.message))
-            .with_hint(format!(
-                "give this one another name with --name, or `pm-activate deactivate {host_name}`                  first if that host is gone for good"
-            )),
+        None => UserError::failure(format!(
+            "{}; agent `{address}` reports that name",
+            err.message
+        ))
+        .with_hint(format!(
+            "give this one another name with --name, or `pm-activate deactivate {host_name}`                  first if that host is gone for good"
+        )),
     })?;
     let (ips, dns) = hosts::reach_names(&address, Some(socket.ip()));
     let dns: Vec<&str> = dns.iter().map(String::as_str).collect();
@@ -1023,6 +1034,10 @@ fn activate_new(run: Run<'_>, reached: Reached) -> anyhow::Result<HostReport> {
                 inv.revoke_certificate(&old, &host_name, "replaced by a new activation")?;
             }
             inv.upsert_host(&host)?;
+            // A new agent state holds only what this activation sent it.
+            if let Some(sent) = setup.hold_sent {
+                inv.set_hold_on_agent(&host_name, sent)?;
+            }
             inv.insert_job(
                 "activate",
                 started,
@@ -1325,7 +1340,11 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
     }
     steps.extend(labels_step(&merged));
     let failed = steps.iter().any(|s| !s.ok);
-    let agent_changed = setup.as_ref().is_some_and(|s| s.changed);
+    let hold_now_on_agent = setup.as_ref().is_some_and(|s| s.hold_sent == Some(true))
+        && known
+            .and_then(|h| run.context.holds.get(&h.host))
+            .is_some_and(|hold| !hold.on_agent);
+    let agent_changed = setup.as_ref().is_some_and(|s| s.changed) || hold_now_on_agent;
     let changed = host != before || known.is_none() || agent_changed;
     let note = renamed_from
         .as_ref()
@@ -1377,6 +1396,9 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
                 }
                 if let (Some(_), Some((_, recorded_as))) = (&reissued, reason) {
                     inv.revoke_certificate(&old_serial, &host.host, recorded_as)?;
+                }
+                if hold_now_on_agent {
+                    inv.set_hold_on_agent(&host.host, true)?;
                 }
                 inv.insert_job(
                     "activate",

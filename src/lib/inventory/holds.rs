@@ -33,6 +33,23 @@ pub struct HoldRecord {
 }
 
 impl HoldRecord {
+    /// The hold as the manager asks an agent for it again (re-activation, `pm-activate host`):
+    /// its kind, reason, who set it and its end, with what is left of it from `now`. `None` for
+    /// a kind this manager does not know.
+    pub fn spec(&self, now: DateTime<Utc>) -> Option<crate::proto::HoldSpec> {
+        use crate::proto::HoldKind;
+        let kind = [HoldKind::Hold, HoldKind::Rollback, HoldKind::FleetRollback]
+            .into_iter()
+            .find(|kind| kind.as_str() == self.kind)?;
+        Some(crate::proto::HoldSpec {
+            kind,
+            reason: self.reason.clone(),
+            set_by: self.set_by.clone(),
+            until: self.until,
+            seconds_left: self.until.map(|at| (at - now).num_seconds().max(0) as u64),
+        })
+    }
+
     /// `hold (why) since T, until U` for the output of rollouts.
     pub fn describe(&self) -> String {
         format!(
@@ -101,6 +118,16 @@ impl Inventory {
                 ],
             ))?;
         }
+        Ok(())
+    }
+
+    /// Records whether `host`'s agent has the hold in force on the manager (`pm-push holds`:
+    /// "agent has it").
+    pub fn set_hold_on_agent(&self, host: &str, on_agent: bool) -> Result<(), InventoryError> {
+        self.db(self.conn.execute(
+            "UPDATE holds SET on_agent = ? WHERE host = ? AND released_at IS NULL",
+            params![on_agent, host],
+        ))?;
         Ok(())
     }
 
