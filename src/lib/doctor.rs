@@ -477,7 +477,8 @@ fn check_certificates(home: &Path) -> Option<Check> {
     Some(Check::warn(
         NAME,
         format!(
-            "{} host certificates expire within {} days or have expired ({expired} expired): {}{};              their automatic renewal is overdue",
+            "{} host certificates expire within {} days or have expired ({expired} expired): {}{}; \
+             their automatic renewal is overdue",
             soon.len(),
             crate::hosts::OVERDUE_DAYS,
             named.join(", "),
@@ -487,7 +488,9 @@ fn check_certificates(home: &Path) -> Option<Check> {
                 String::new()
             }
         ),
-        "pm-poll renews a certificate once a third of its life is left: check that the poll          timer runs (`systemctl status pm-poll.timer`) and what its log says for these hosts;          renew an expired one with `pm-activate host ADDRESS`",
+        "pm-poll renews a certificate once a third of its life is left: check that the poll \
+         timer runs (`systemctl status pm-poll.timer`) and what its log says for these hosts; \
+         renew an expired one with `pm-activate host ADDRESS`",
     ))
 }
 

@@ -756,7 +756,8 @@ async fn explain_tls(
         Err(problem @ crate::pki::ca::IssueProblem::Expired { .. }) => Some(failure(
             "expired",
             format!(
-                "{}: the manager no longer trusts it; if this manager's clock is right, renew                  it with `pm-activate host {address}`",
+                "{}: the manager no longer trusts it; if this manager's clock is right, renew \
+                 it with `pm-activate host {address}`",
                 crate::hosts::describe_problem(&whose, clock, &problem)
             ),
         )),
@@ -770,14 +771,18 @@ async fn explain_tls(
         Err(crate::pki::ca::IssueProblem::NotIssued) => Some(failure(
             "tls",
             format!(
-                "agent `{address}` presents a certificate this manager's CA did not issue                  (serial {serial}): it was reset or activated by another manager; activate it                  again with `pm-activate host {address} --key-file F`"
+                "agent `{address}` presents a certificate this manager's CA did not issue \
+                 (serial {serial}): it was reset or activated by another manager; activate it \
+                 again with `pm-activate host {address} --key-file F`"
             ),
         )),
         Ok(()) if !crate::pki::ca::names_host(&cert, crate::hosts::address_host(address)) => {
             Some(failure(
                 "tls",
                 format!(
-                    "agent `{address}` presents the certificate of host `{}`, which does not                      name this address: the host moved; `pm-activate host ADDRESS` at its new                      address re-issues it there",
+                    "agent `{address}` presents the certificate of host `{}`, which does not \
+                     name this address: the host moved; `pm-activate host ADDRESS` at its new \
+                     address re-issues it there",
                     crate::pki::ca::common_name(&cert).unwrap_or_default()
                 ),
             ))

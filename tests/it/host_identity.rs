@@ -618,6 +618,7 @@ fn an_expired_certificate_is_named_as_such_and_pm_activate_renews_it() {
     let line = host(&report, "a81");
     let error = line["error"].as_str().unwrap();
     assert!(error.contains("expired"), "{error}");
+    assert!(!error.contains("  "), "runs of spaces: {error}");
     assert!(!error.contains("not activated"), "{error}");
     assert!(
         error.contains("pm-activate host"),
@@ -698,6 +699,13 @@ fn certificate_expiry_is_exported_and_pm_doctor_warns_when_renewal_is_overdue() 
         overdue["hint"].as_str().unwrap().contains("pm-poll"),
         "{overdue}"
     );
+    for field in ["message", "hint"] {
+        let text = overdue[field].as_str().unwrap();
+        assert!(
+            !text.contains("  "),
+            "runs of spaces in the {field}: {text}"
+        );
+    }
 }
 
 #[test]
@@ -1053,3 +1061,30 @@ fn reactivating_a_wiped_agent_gives_it_back_the_hold_in_force() {
     assert_eq!(line["on_agent"], true, "{holds}");
     assert_eq!(line["reason"], "change freeze CHG-9", "{holds}");
 }
+
+#[test]
+fn errors_about_names_and_strangers_read_as_one_sentence_without_runs_of_spaces() {
+    let home = Home::new();
+    let mut first = Agent::start(&home, "a95", "127.0.77.95");
+    activate(&home, &first, &[]);
+    // Another agent reports the same name: refused, and the message says what to do.
+    let second = Agent::start(&home, "a95", "127.0.77.96");
+    let run = Pm::activate(&home)
+        .args(["host", &second.addr.to_string(), "--key-file"])
+        .args([&second.key_file])
+        .args(["--dist-url", NO_DIST])
+        .run();
+    assert_eq!(run.code(), 1, "{}\n{}", run.stdout(), run.stderr());
+    let stderr = run.stderr();
+    assert!(stderr.contains("pm-activate deactivate a95"), "{stderr}");
+    assert!(!stderr.contains("  "), "runs of spaces: {stderr}");
+
+    // The first host's agent is set up again and not activated: a stranger to this manager.
+    first.wipe_and_init(&home, "a95");
+    let (code, report, stderr) = poll(&home, &["--host", "a95"]);
+    assert_eq!(code, 1, "{report}\n{stderr}");
+    let error = host(&report, "a95")["error"].as_str().unwrap().to_string();
+    assert!(error.contains("did not issue"), "{error}");
+    assert!(!error.contains("  "), "runs of spaces: {error}");
+}
+

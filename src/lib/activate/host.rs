@@ -876,7 +876,8 @@ fn activate_new(run: Run<'_>, reached: Reached) -> anyhow::Result<HostReport> {
             err.message
         ))
         .with_hint(format!(
-            "give this one another name with --name, or `pm-activate deactivate {host_name}`                  first if that host is gone for good"
+            "give this one another name with --name, or `pm-activate deactivate {host_name}` \
+             first if that host is gone for good"
         )),
     })?;
     let (ips, dns) = hosts::reach_names(&address, Some(socket.ip()));
