@@ -336,6 +336,7 @@ fn poll_once(
                 ),
             ])?;
             let recorded = inv.record_polls(job_id, &polled)?;
+            inv.record_seen_holds(&polled)?;
             Ok((job_id, recorded))
         })
         .map_err(inventory_error)?;
@@ -1218,6 +1219,8 @@ mod tests {
                 group: Some("web".into()),
                 profile: Some("default".into()),
                 license_expires_at: Some(at("2027-11-26T00:00:00Z")),
+                hold: None,
+                reports_hold: true,
             },
             installed: Some(InstalledState {
                 revision: Some("r42".into()),

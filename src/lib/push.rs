@@ -1424,6 +1424,7 @@ pub(crate) fn execute(
                     inv.record_polls(job_id, &polled)?;
                 }
                 inv.record_holds(&new_holds)?;
+                inv.record_seen_holds(&polled)?;
                 if let Some(final_state) = final_state {
                     inv.update_rollout(
                         job_id,

@@ -1093,3 +1093,43 @@ fn errors_about_names_and_strangers_read_as_one_sentence_without_runs_of_spaces(
     assert!(!error.contains("  "), "runs of spaces: {error}");
 }
 
+#[test]
+fn a_hold_the_agent_lost_reads_not_on_the_agent_after_a_poll_until_pm_activate_gives_it_back() {
+    let home = Home::new();
+    let agent = Agent::start(&home, "a72", "127.0.77.72");
+    activate(&home, &agent, &[]);
+    let run = Pm::push(&home)
+        .args([
+            "--json",
+            "hold",
+            "--host",
+            "a72",
+            "--reason",
+            "change freeze CHG-10",
+        ])
+        .run();
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    let on_agent = || Pm::push(&home).args(["holds"]).json()["holds"][0]["on_agent"].clone();
+    assert_eq!(on_agent(), true);
+
+    // The agent's setup is restored from a snapshot taken before the hold.
+    let path = agent.state().join("setup.json");
+    let mut setup: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    setup.as_object_mut().unwrap().remove("hold");
+    std::fs::write(&path, serde_json::to_vec(&setup).unwrap()).unwrap();
+    assert_eq!(agent_hold(&agent.state()), Value::Null);
+
+    let (code, report, stderr) = poll(&home, &["--all"]);
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert_eq!(
+        on_agent(),
+        false,
+        "the manager says the agent has a hold it lost"
+    );
+
+    // Re-applying the host's setup gives it back.
+    let run = reapply(&home, &agent.addr.to_string(), &[]);
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert_eq!(agent_hold(&agent.state())["reason"], "change freeze CHG-10");
+    assert_eq!(on_agent(), true);
+}

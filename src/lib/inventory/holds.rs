@@ -131,6 +131,37 @@ impl Inventory {
         Ok(())
     }
 
+    /// What polls saw of the agents' holds: for each held host that answered with its hold
+    /// (agents of this release), whether its agent has the hold in force on the manager (same
+    /// kind and reason) is recorded, so `pm-push holds` never says "agent has it" for an agent
+    /// that lost it (state wiped, reset or restored from a snapshot). Only the hosts whose
+    /// answer differs from the record are written; returns how many.
+    pub fn record_seen_holds(
+        &self,
+        polled: &[crate::inventory::PolledHost],
+    ) -> Result<usize, InventoryError> {
+        let held = self.holds()?;
+        let mut changed = 0;
+        for poll in polled {
+            let (Ok(answer), Some(hold)) = (&poll.answer, held.get(&poll.host)) else {
+                continue;
+            };
+            if !answer.status.reports_hold {
+                continue;
+            }
+            let has = answer
+                .status
+                .hold
+                .as_ref()
+                .is_some_and(|h| h.kind.as_str() == hold.kind && h.reason == hold.reason);
+            if has != hold.on_agent {
+                self.set_hold_on_agent(&poll.host, has)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
     /// Releases the holds on `hosts` that are not released yet (only those of `only_kind`
     /// when given); returns how many were in force.
     pub fn release_holds(

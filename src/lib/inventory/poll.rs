@@ -717,6 +717,8 @@ mod tests {
                 group: Some("web".into()),
                 profile: Some("default".into()),
                 license_expires_at: None,
+                hold: None,
+                reports_hold: true,
             },
             installed: Some(InstalledState {
                 revision: Some(format!("r{version}")),
