@@ -21,6 +21,7 @@
 //! The inventory side (renames that move a host's history in one transaction, certificate
 //! records) is `inventory/hosts.rs`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use chrono::{DateTime, Utc};
@@ -182,21 +183,61 @@ pub struct WrongHost {
 }
 
 /// The hosts of the inventory as the manager's mutual-TLS clients check who answers (read once
-/// per command, before any agent is asked).
+/// per command, before any agent is asked), indexed so that each check costs the same at
+/// 10,000 hosts as at 10.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     hosts: Vec<HostRecord>,
+    /// Active hosts by certificate serial, fingerprint and name; any host by serial.
+    active_serial: HashMap<String, usize>,
+    active_fingerprint: HashMap<String, usize>,
+    active_name: HashMap<String, usize>,
+    any_serial: HashMap<String, usize>,
+    /// Active hosts by the address they are recorded at (those recorded by IP).
+    at: HashMap<SocketAddr, Vec<usize>>,
 }
 
 impl Registry {
     /// The registry of these hosts (active and deactivated).
     pub fn new(hosts: Vec<HostRecord>) -> Registry {
-        Registry { hosts }
+        let mut registry = Registry::default();
+        for (i, h) in hosts.iter().enumerate() {
+            let active = h.state == "active";
+            if let Some(serial) = &h.certificate_serial {
+                registry.any_serial.entry(serial.clone()).or_insert(i);
+                if active {
+                    registry.active_serial.entry(serial.clone()).or_insert(i);
+                }
+            }
+            if !active {
+                continue;
+            }
+            if let Some(fingerprint) = &h.certificate_fingerprint {
+                registry
+                    .active_fingerprint
+                    .entry(fingerprint.clone())
+                    .or_insert(i);
+            }
+            registry.active_name.entry(h.host.clone()).or_insert(i);
+            if let Ok(address) = h.address.parse::<SocketAddr>() {
+                registry.at.entry(address).or_default().push(i);
+            }
+        }
+        registry.hosts = hosts;
+        registry
     }
 
-    /// The host `cert` belongs to ([`find_by_certificate`]).
+    /// The host `cert` belongs to ([`find_by_certificate`]'s rule).
     pub fn owner(&self, cert: &X509Ref) -> Option<&HostRecord> {
-        find_by_certificate(&self.hosts, cert)
+        owner_of(cert, |key| {
+            let map = match key {
+                Key::ActiveSerial(_) => &self.active_serial,
+                Key::ActiveFingerprint(_) => &self.active_fingerprint,
+                Key::ActiveName(_) => &self.active_name,
+                Key::AnySerial(_) => &self.any_serial,
+            };
+            map.get(key.text()).map(|&i| &self.hosts[i])
+        })
     }
 
     /// Checks that `cert`, presented at `address`, is host `host`'s own.
@@ -208,16 +249,10 @@ impl Registry {
     /// certificate presented must be one of theirs. Addresses recorded by name (not an IP) are
     /// not matched here; `pm-poll` checks those per host ([`Registry::check_host`]).
     pub fn check_connection(&self, remote: SocketAddr, cert: &X509Ref) -> Result<(), WrongHost> {
-        let here: Vec<&str> = self
-            .hosts
-            .iter()
-            .filter(|h| h.state == "active")
-            .filter(|h| h.address.parse::<SocketAddr>().is_ok_and(|a| a == remote))
-            .map(|h| h.host.as_str())
-            .collect();
-        if here.is_empty() {
+        let Some(here) = self.at.get(&remote) else {
             return Ok(());
-        }
+        };
+        let here: Vec<&str> = here.iter().map(|&i| self.hosts[i].host.as_str()).collect();
         self.check(&remote.to_string(), &here, cert)
     }
 
@@ -245,25 +280,62 @@ impl Registry {
     }
 }
 
-/// The host a certificate belongs to: the active host with its serial, else with its
-/// fingerprint, else the active host it names (a renewal the inventory has not recorded yet:
-/// the CA only ever issues a name to that host).
-pub fn find_by_certificate<'a>(hosts: &'a [HostRecord], cert: &X509Ref) -> Option<&'a HostRecord> {
+/// What a certificate is looked up by, in [`owner_of`]'s order.
+#[derive(Clone, Copy)]
+enum Key<'a> {
+    ActiveSerial(&'a str),
+    ActiveFingerprint(&'a str),
+    ActiveName(&'a str),
+    AnySerial(&'a str),
+}
+
+impl<'a> Key<'a> {
+    fn text(self) -> &'a str {
+        let (Key::ActiveSerial(t)
+        | Key::ActiveFingerprint(t)
+        | Key::ActiveName(t)
+        | Key::AnySerial(t)) = self;
+        t
+    }
+}
+
+/// The rule of [`find_by_certificate`], over a lookup of hosts by key.
+fn owner_of<'a>(
+    cert: &X509Ref,
+    find: impl Fn(Key<'_>) -> Option<&'a HostRecord>,
+) -> Option<&'a HostRecord> {
     let serial = ca::serial_hex(cert).ok();
     let fingerprint = crate::tls::fingerprint(cert);
-    let active = || hosts.iter().filter(|h| h.state == "active");
-    active()
-        .find(|h| h.certificate_serial.is_some() && h.certificate_serial == serial)
-        .or_else(|| active().find(|h| h.certificate_fingerprint.as_deref() == Some(&fingerprint)))
-        .or_else(|| {
-            let name = ca::common_name(cert)?;
-            active().find(|h| h.host == name)
-        })
-        .or_else(|| {
-            hosts
+    let name = ca::common_name(cert);
+    serial
+        .as_deref()
+        .and_then(|s| find(Key::ActiveSerial(s)))
+        .or_else(|| find(Key::ActiveFingerprint(&fingerprint)))
+        .or_else(|| name.as_deref().and_then(|n| find(Key::ActiveName(n))))
+        .or_else(|| serial.as_deref().and_then(|s| find(Key::AnySerial(s))))
+}
+
+/// The host a certificate belongs to: the active host with its serial, else with its
+/// fingerprint, else the active host it names (a renewal the inventory has not recorded yet:
+/// the CA only ever issues a name to that host), else the (deactivated) host with its serial.
+pub fn find_by_certificate<'a>(hosts: &'a [HostRecord], cert: &X509Ref) -> Option<&'a HostRecord> {
+    owner_of(cert, |key| {
+        let active = |h: &&HostRecord| h.state == "active";
+        match key {
+            Key::ActiveSerial(s) => hosts
                 .iter()
-                .find(|h| h.certificate_serial.is_some() && h.certificate_serial == serial)
-        })
+                .filter(active)
+                .find(|h| h.certificate_serial.as_deref() == Some(s)),
+            Key::ActiveFingerprint(f) => hosts
+                .iter()
+                .filter(active)
+                .find(|h| h.certificate_fingerprint.as_deref() == Some(f)),
+            Key::ActiveName(n) => hosts.iter().filter(active).find(|h| h.host == n),
+            Key::AnySerial(s) => hosts
+                .iter()
+                .find(|h| h.certificate_serial.as_deref() == Some(s)),
+        }
+    })
 }
 
 /// The host part of `host:port` (`[v6]:port` without brackets), as a URL names it.

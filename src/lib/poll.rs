@@ -245,13 +245,13 @@ fn poll_once(
     settings: &Settings,
     keep: Keep,
     runtime: &tokio::runtime::Runtime,
-    client: &mut Option<reqwest::Client>,
+    client: &mut Option<(u64, reqwest::Client)>,
 ) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     let shift = clock()?;
     let started_at = Utc::now() + shift;
     // What to ask, read-only and closed right away.
-    let (targets, cursors, settings) = {
+    let (targets, cursors, settings, roster) = {
         let Some(inventory) =
             Inventory::open_read_only(home, args.global.lock_timeout).map_err(inventory_error)?
         else {
@@ -265,6 +265,7 @@ fn poll_once(
         let hosts = inventory.hosts().map_err(inventory_error)?;
         let where_hosts = args.targets.where_hosts(&inventory)?;
         let targets = args.targets.resolve(&hosts, where_hosts.as_ref())?;
+        let roster = roster(&hosts);
         let settings = Settings {
             registry: Some(Arc::new(crate::hosts::Registry::new(hosts))),
             ..settings.clone()
@@ -273,6 +274,7 @@ fn poll_once(
             targets,
             inventory.poll_cursors().map_err(inventory_error)?,
             settings,
+            roster,
         )
     };
     let settings = &settings;
@@ -289,16 +291,19 @@ fn poll_once(
             hosts: Vec::new(),
         });
     }
+    // `--watch` keeps its client (and connections) while the hosts it checks answers against
+    // stay the same; a rename, a move or a renewal makes a new one.
     let client = match client {
-        Some(client) => client.clone(),
-        None => client
-            .insert(mutual_client(
+        Some((kept, client)) if *kept == roster => client.clone(),
+        _ => {
+            let new = mutual_client(
                 home,
                 settings.timeout,
                 args.watch.is_some(),
                 args.global.lock_timeout,
-            )?)
-            .clone(),
+            )?;
+            client.insert((roster, new)).1.clone()
+        }
     };
     let network = Instant::now();
     let polled = runtime.block_on(ask_all(&client, &targets, &cursors, settings, shift));
@@ -419,6 +424,18 @@ impl Summary {
             inventory_write_seconds: 0.0,
         }
     }
+}
+
+/// What the mutual-TLS client's check of who answers depends on: each host's name, address,
+/// state and certificate.
+fn roster(hosts: &[crate::inventory::HostRecord]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for h in hosts {
+        (&h.host, &h.address, &h.state, &h.certificate_serial).hash(&mut hasher);
+        h.certificate_fingerprint.hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 /// The manager's mutual-TLS client: agents must present a certificate from its CA.
