@@ -162,6 +162,21 @@ pub fn check_address_free(
     )))
 }
 
+/// Addresses more than one active host is recorded at (an inventory from before the rule of
+/// [`check_address_free`]), with those hosts' names, in address order.
+pub fn shared_addresses(hosts: &[HostRecord]) -> Vec<(String, Vec<String>)> {
+    let mut at: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for h in hosts.iter().filter(|h| h.state == "active") {
+        at.entry(h.address.as_str())
+            .or_default()
+            .push(h.host.clone());
+    }
+    at.into_iter()
+        .filter(|(_, names)| names.len() > 1)
+        .map(|(address, names)| (address.to_string(), names))
+        .collect()
+}
+
 /// An agent presents another host's certificate (or one no active host has) at an address
 /// where a host is recorded: it is not that host's agent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -558,6 +573,19 @@ mod tests {
         assert!(check_address_free(&hosts, "127.0.0.21:7505", "a21").is_ok());
         assert!(check_address_free(&hosts, "127.0.0.21:7506", "a22").is_ok());
         assert!(check_address_free(&hosts, "127.0.0.30:7505", "a22").is_ok());
+        assert!(shared_addresses(&hosts).is_empty());
+        let shared = [
+            host("b2", "127.0.0.21:7505", "active"),
+            host("b3", "127.0.0.30:7505", "active"),
+        ];
+        let all: Vec<HostRecord> = hosts.iter().chain(&shared).cloned().collect();
+        assert_eq!(
+            shared_addresses(&all),
+            [(
+                "127.0.0.21:7505".to_string(),
+                vec!["a21".to_string(), "b2".to_string()]
+            )]
+        );
     }
 
     #[test]

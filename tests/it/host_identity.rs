@@ -1133,3 +1133,53 @@ fn a_hold_the_agent_lost_reads_not_on_the_agent_after_a_poll_until_pm_activate_g
     assert_eq!(agent_hold(&agent.state())["reason"], "change freeze CHG-10");
     assert_eq!(on_agent(), true);
 }
+
+#[test]
+fn pm_doctor_names_active_hosts_that_share_an_address() {
+    let home = Home::new();
+    let a66 = Agent::start(&home, "a66", "127.0.77.66");
+    let a67 = Agent::start(&home, "a67", "127.0.77.67");
+    activate(&home, &a66, &[]);
+    activate(&home, &a67, &[]);
+    let addresses = || {
+        let report = Pm::new("pm-doctor")
+            .args(["--json", "--home", home.path().to_str().unwrap()])
+            .run()
+            .json();
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "addresses")
+            .cloned()
+            .unwrap_or_else(|| panic!("no addresses check: {report}"))
+    };
+    assert_eq!(addresses()["result"], "ok");
+    // An inventory from before the rule: a66 was moved onto a67's address.
+    let file = home.path().join("inventory.duckdb");
+    let (code, _, stderr) = crate::support::duckdb(&[
+        file.to_str().unwrap(),
+        "-c",
+        &format!(
+            "UPDATE hosts SET address = '{}' WHERE host = 'a66'",
+            a67.addr
+        ),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let check = addresses();
+    assert_eq!(check["result"], "warn", "{check}");
+    let message = check["message"].as_str().unwrap();
+    assert!(
+        message.contains("a66")
+            && message.contains("a67")
+            && message.contains(&a67.addr.to_string()),
+        "{check}"
+    );
+    assert!(
+        check["hint"]
+            .as_str()
+            .unwrap()
+            .contains("pm-activate deactivate"),
+        "{check}"
+    );
+}
