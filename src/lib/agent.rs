@@ -1256,6 +1256,8 @@ fn agent_status(agent: &Agent, inner: &Inner) -> proto::AgentStatus {
         group: setup.group,
         profile: setup.profile.map(|p| p.name),
         license_expires_at: setup.license.map(|l| l.expires_at),
+        hold: setup.hold.filter(|h| hold::in_force(h, chrono::Utc::now())),
+        reports_hold: true,
     }
 }
 

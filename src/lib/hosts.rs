@@ -6,8 +6,12 @@
 //!   common name and a subjectAltName of the host's certificate. A name belongs to one host:
 //!   [`check_name_free`] refuses taking an active host's name, and a rename onto any name the
 //!   inventory already holds (its history stays with it).
-//! - **Addresses** ([`reach_names`]): what a certificate must name for `https://ADDRESS` to
-//!   verify, the check `pm-poll` makes.
+//! - **Addresses** ([`reach_names`], [`check_address_free`]): what a certificate must name for
+//!   `https://ADDRESS` to verify, the check `pm-poll` makes; one active host per address.
+//! - **Who answers** ([`Registry`], [`WrongHost`]): the certificate an agent presents must be
+//!   the host's own (its recorded serial or fingerprint, or one the CA issued to its name), not
+//!   another host's that answers at its address; every mutual-TLS client of the manager tools
+//!   checks it before a request is sent, and `pm-poll` for the host it polls.
 //! - **Certificates** ([`HostCertificate`], [`renewal_due`]): each host's serial, fingerprint and
 //!   expiry; renewal once less than [`RENEW_WHEN_LEFT`] of the lifetime is left, over the
 //!   mutual-TLS identity the host already has ([`renew`]).
@@ -16,6 +20,9 @@
 //!
 //! The inventory side (renames that move a host's history in one transaction, certificate
 //! records) is `inventory/hosts.rs`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
 
 use chrono::{DateTime, Utc};
 use openssl::x509::X509Ref;
@@ -130,25 +137,220 @@ pub fn check_name_free(hosts: &[HostRecord], name: &str, to: NameUse<'_>) -> Res
     }
 }
 
-/// The host a certificate belongs to: the active host with its serial, else with its
-/// fingerprint, else the active host it names (a renewal the inventory has not recorded yet:
-/// the CA only ever issues a name to that host).
-pub fn find_by_certificate<'a>(hosts: &'a [HostRecord], cert: &X509Ref) -> Option<&'a HostRecord> {
+/// Refuses to put host `name` (its name in the inventory now, or the one it is activated under)
+/// at `address` when another active host is recorded there (usage error, exit 2): two hosts at
+/// one address would both be answered by the one agent there, a down host would look healthy
+/// and what is meant for one would reach the other.
+pub fn check_address_free(
+    hosts: &[HostRecord],
+    address: &str,
+    name: &str,
+) -> Result<(), UserError> {
+    let Some(holder) = hosts
+        .iter()
+        .find(|h| h.state == "active" && h.address == address && h.host != name)
+    else {
+        return Ok(());
+    };
+    let holder = &holder.host;
+    Err(UserError::usage(format!(
+        "`{address}` is the address of active host `{holder}`: host `{name}` cannot be there too"
+    ))
+    .with_hint(format!(
+        "one active host per address: if `{holder}` is gone for good, `pm-activate deactivate \
+         {holder}` first; if it moved, run `pm-activate host` at its new address first"
+    )))
+}
+
+/// Addresses more than one active host is recorded at (an inventory from before the rule of
+/// [`check_address_free`]), with those hosts' names, in address order.
+pub fn shared_addresses(hosts: &[HostRecord]) -> Vec<(String, Vec<String>)> {
+    let mut at: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for h in hosts.iter().filter(|h| h.state == "active") {
+        at.entry(h.address.as_str())
+            .or_default()
+            .push(h.host.clone());
+    }
+    at.into_iter()
+        .filter(|(_, names)| names.len() > 1)
+        .map(|(address, names)| (address.to_string(), names))
+        .collect()
+}
+
+/// An agent presents another host's certificate (or one no active host has) at an address
+/// where a host is recorded: it is not that host's agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "agent `{address}` presents the certificate of {presented} (serial {serial}), not of \
+     {expected}: another host's agent answers at this address (moved by hand?), so it was asked \
+     nothing; put the agents back where they are recorded, or `pm-activate deactivate` a host \
+     that is gone for good and run `pm-activate host {address}` for the agent that moved"
+)]
+pub struct WrongHost {
+    /// The address connected to.
+    pub address: String,
+    /// The host(s) recorded at that address, as shown: `` `web-2` ``.
+    pub expected: String,
+    /// Whose certificate it is, as shown: `` host `web-1` `` or `no active host`.
+    pub presented: String,
+    /// The presented certificate's serial.
+    pub serial: String,
+}
+
+/// The hosts of the inventory as the manager's mutual-TLS clients check who answers (read once
+/// per command, before any agent is asked), indexed so that each check costs the same at
+/// 10,000 hosts as at 10.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    hosts: Vec<HostRecord>,
+    /// Active hosts by certificate serial, fingerprint and name; any host by serial.
+    active_serial: HashMap<String, usize>,
+    active_fingerprint: HashMap<String, usize>,
+    active_name: HashMap<String, usize>,
+    any_serial: HashMap<String, usize>,
+    /// Active hosts by the address they are recorded at (those recorded by IP).
+    at: HashMap<SocketAddr, Vec<usize>>,
+}
+
+impl Registry {
+    /// The registry of these hosts (active and deactivated).
+    pub fn new(hosts: Vec<HostRecord>) -> Registry {
+        let mut registry = Registry::default();
+        for (i, h) in hosts.iter().enumerate() {
+            let active = h.state == "active";
+            if let Some(serial) = &h.certificate_serial {
+                registry.any_serial.entry(serial.clone()).or_insert(i);
+                if active {
+                    registry.active_serial.entry(serial.clone()).or_insert(i);
+                }
+            }
+            if !active {
+                continue;
+            }
+            if let Some(fingerprint) = &h.certificate_fingerprint {
+                registry
+                    .active_fingerprint
+                    .entry(fingerprint.clone())
+                    .or_insert(i);
+            }
+            registry.active_name.entry(h.host.clone()).or_insert(i);
+            if let Ok(address) = h.address.parse::<SocketAddr>() {
+                registry.at.entry(address).or_default().push(i);
+            }
+        }
+        registry.hosts = hosts;
+        registry
+    }
+
+    /// The host `cert` belongs to ([`find_by_certificate`]'s rule).
+    pub fn owner(&self, cert: &X509Ref) -> Option<&HostRecord> {
+        owner_of(cert, |key| {
+            let map = match key {
+                Key::ActiveSerial(_) => &self.active_serial,
+                Key::ActiveFingerprint(_) => &self.active_fingerprint,
+                Key::ActiveName(_) => &self.active_name,
+                Key::AnySerial(_) => &self.any_serial,
+            };
+            map.get(key.text()).map(|&i| &self.hosts[i])
+        })
+    }
+
+    /// Checks that `cert`, presented at `address`, is host `host`'s own.
+    pub fn check_host(&self, host: &str, address: &str, cert: &X509Ref) -> Result<(), WrongHost> {
+        self.check(address, &[host], cert)
+    }
+
+    /// Checks a new connection to `remote`: when active hosts are recorded at that address, the
+    /// certificate presented must be one of theirs. Addresses recorded by name (not an IP) are
+    /// not matched here; `pm-poll` checks those per host ([`Registry::check_host`]).
+    pub fn check_connection(&self, remote: SocketAddr, cert: &X509Ref) -> Result<(), WrongHost> {
+        let Some(here) = self.at.get(&remote) else {
+            return Ok(());
+        };
+        let here: Vec<&str> = here.iter().map(|&i| self.hosts[i].host.as_str()).collect();
+        self.check(&remote.to_string(), &here, cert)
+    }
+
+    fn check(&self, address: &str, expected: &[&str], cert: &X509Ref) -> Result<(), WrongHost> {
+        let owner = self.owner(cert).filter(|h| h.state == "active");
+        if owner.is_some_and(|h| expected.contains(&h.host.as_str())) {
+            return Ok(());
+        }
+        let names = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| format!("`{}`", shown(n)))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        };
+        Err(WrongHost {
+            address: address.to_string(),
+            expected: names(expected),
+            presented: owner.map_or_else(
+                || "no active host".to_string(),
+                |h| format!("host `{}`", shown(&h.host)),
+            ),
+            serial: ca::serial_hex(cert).unwrap_or_default(),
+        })
+    }
+}
+
+/// What a certificate is looked up by, in [`owner_of`]'s order.
+#[derive(Clone, Copy)]
+enum Key<'a> {
+    ActiveSerial(&'a str),
+    ActiveFingerprint(&'a str),
+    ActiveName(&'a str),
+    AnySerial(&'a str),
+}
+
+impl<'a> Key<'a> {
+    fn text(self) -> &'a str {
+        let (Key::ActiveSerial(t)
+        | Key::ActiveFingerprint(t)
+        | Key::ActiveName(t)
+        | Key::AnySerial(t)) = self;
+        t
+    }
+}
+
+/// The rule of [`find_by_certificate`], over a lookup of hosts by key.
+fn owner_of<'a>(
+    cert: &X509Ref,
+    find: impl Fn(Key<'_>) -> Option<&'a HostRecord>,
+) -> Option<&'a HostRecord> {
     let serial = ca::serial_hex(cert).ok();
     let fingerprint = crate::tls::fingerprint(cert);
-    let active = || hosts.iter().filter(|h| h.state == "active");
-    active()
-        .find(|h| h.certificate_serial.is_some() && h.certificate_serial == serial)
-        .or_else(|| active().find(|h| h.certificate_fingerprint.as_deref() == Some(&fingerprint)))
-        .or_else(|| {
-            let name = ca::common_name(cert)?;
-            active().find(|h| h.host == name)
-        })
-        .or_else(|| {
-            hosts
+    let name = ca::common_name(cert);
+    serial
+        .as_deref()
+        .and_then(|s| find(Key::ActiveSerial(s)))
+        .or_else(|| find(Key::ActiveFingerprint(&fingerprint)))
+        .or_else(|| name.as_deref().and_then(|n| find(Key::ActiveName(n))))
+        .or_else(|| serial.as_deref().and_then(|s| find(Key::AnySerial(s))))
+}
+
+/// The host a certificate belongs to: the active host with its serial, else with its
+/// fingerprint, else the active host it names (a renewal the inventory has not recorded yet:
+/// the CA only ever issues a name to that host), else the (deactivated) host with its serial.
+pub fn find_by_certificate<'a>(hosts: &'a [HostRecord], cert: &X509Ref) -> Option<&'a HostRecord> {
+    owner_of(cert, |key| {
+        let active = |h: &&HostRecord| h.state == "active";
+        match key {
+            Key::ActiveSerial(s) => hosts
                 .iter()
-                .find(|h| h.certificate_serial.is_some() && h.certificate_serial == serial)
-        })
+                .filter(active)
+                .find(|h| h.certificate_serial.as_deref() == Some(s)),
+            Key::ActiveFingerprint(f) => hosts
+                .iter()
+                .filter(active)
+                .find(|h| h.certificate_fingerprint.as_deref() == Some(f)),
+            Key::ActiveName(n) => hosts.iter().filter(active).find(|h| h.host == n),
+            Key::AnySerial(s) => hosts
+                .iter()
+                .find(|h| h.certificate_serial.as_deref() == Some(s)),
+        }
+    })
 }
 
 /// The host part of `host:port` (`[v6]:port` without brackets), as a URL names it.
@@ -352,6 +554,38 @@ mod tests {
         // The same host back after a wipe, or a deactivated name activated again.
         assert!(check_name_free(&hosts, "a21", activate("127.0.0.21:7505")).is_ok());
         assert!(check_name_free(&hosts, "old", activate("127.0.0.9:7505")).is_ok());
+    }
+
+    #[test]
+    fn one_active_host_per_address() {
+        let hosts = [
+            host("a21", "127.0.0.21:7505", "active"),
+            host("old", "127.0.0.30:7505", "deactivated"),
+        ];
+        let error = check_address_free(&hosts, "127.0.0.21:7505", "a22").unwrap_err();
+        assert!(
+            error.message.contains("active host `a21`"),
+            "{}",
+            error.message
+        );
+        assert!(error.hint.unwrap().contains("pm-activate deactivate a21"));
+        // The host itself, another port, a deactivated host's address.
+        assert!(check_address_free(&hosts, "127.0.0.21:7505", "a21").is_ok());
+        assert!(check_address_free(&hosts, "127.0.0.21:7506", "a22").is_ok());
+        assert!(check_address_free(&hosts, "127.0.0.30:7505", "a22").is_ok());
+        assert!(shared_addresses(&hosts).is_empty());
+        let shared = [
+            host("b2", "127.0.0.21:7505", "active"),
+            host("b3", "127.0.0.30:7505", "active"),
+        ];
+        let all: Vec<HostRecord> = hosts.iter().chain(&shared).cloned().collect();
+        assert_eq!(
+            shared_addresses(&all),
+            [(
+                "127.0.0.21:7505".to_string(),
+                vec!["a21".to_string(), "b2".to_string()]
+            )]
+        );
     }
 
     #[test]

@@ -682,6 +682,8 @@ impl FleetState {
                 group: Some(self.group.clone()),
                 profile: Some("default".into()),
                 license_expires_at: Some(self.enrolled_at + chrono::Duration::days(365)),
+                hold: None,
+                reports_hold: false,
             },
             installed: Some(proto::InstalledState {
                 revision: Some(format!("r{version}")),

@@ -134,6 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
         inactive_after: config.inactive_after,
         scan_max_age: config.scan_max_age,
         ca: certificate_authority(&home)?,
+        registry: None,
     };
     // Thousands of agents at once need thousands of sockets: take the hard limit, like other
     // network daemons do (the soft default is often 1024).
@@ -186,6 +187,9 @@ pub(crate) struct Settings {
     /// The manager CA: renews agent certificates that are due ([`crate::hosts::renew`]) and
     /// tells an expired certificate from a stranger's when TLS fails.
     pub(crate) ca: Option<Arc<ManagerCa>>,
+    /// The hosts, to check that each answers with its own certificate (`None`: not checked
+    /// beyond the client's own check of each connection).
+    pub(crate) registry: Option<Arc<crate::hosts::Registry>>,
 }
 
 /// The manager CA for [`Settings::ca`].
@@ -241,13 +245,13 @@ fn poll_once(
     settings: &Settings,
     keep: Keep,
     runtime: &tokio::runtime::Runtime,
-    client: &mut Option<reqwest::Client>,
+    client: &mut Option<(u64, reqwest::Client)>,
 ) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     let shift = clock()?;
     let started_at = Utc::now() + shift;
     // What to ask, read-only and closed right away.
-    let (targets, cursors) = {
+    let (targets, cursors, settings, roster) = {
         let Some(inventory) =
             Inventory::open_read_only(home, args.global.lock_timeout).map_err(inventory_error)?
         else {
@@ -261,8 +265,19 @@ fn poll_once(
         let hosts = inventory.hosts().map_err(inventory_error)?;
         let where_hosts = args.targets.where_hosts(&inventory)?;
         let targets = args.targets.resolve(&hosts, where_hosts.as_ref())?;
-        (targets, inventory.poll_cursors().map_err(inventory_error)?)
+        let roster = roster(&hosts);
+        let settings = Settings {
+            registry: Some(Arc::new(crate::hosts::Registry::new(hosts))),
+            ..settings.clone()
+        };
+        (
+            targets,
+            inventory.poll_cursors().map_err(inventory_error)?,
+            settings,
+            roster,
+        )
     };
+    let settings = &settings;
     if targets.is_empty() {
         crate::targets::note_no_active_host();
     }
@@ -276,16 +291,19 @@ fn poll_once(
             hosts: Vec::new(),
         });
     }
+    // `--watch` keeps its client (and connections) while the hosts it checks answers against
+    // stay the same; a rename, a move or a renewal makes a new one.
     let client = match client {
-        Some(client) => client.clone(),
-        None => client
-            .insert(mutual_client(
+        Some((kept, client)) if *kept == roster => client.clone(),
+        _ => {
+            let new = mutual_client(
                 home,
                 settings.timeout,
                 args.watch.is_some(),
                 args.global.lock_timeout,
-            )?)
-            .clone(),
+            )?;
+            client.insert((roster, new)).1.clone()
+        }
     };
     let network = Instant::now();
     let polled = runtime.block_on(ask_all(&client, &targets, &cursors, settings, shift));
@@ -323,6 +341,7 @@ fn poll_once(
                 ),
             ])?;
             let recorded = inv.record_polls(job_id, &polled)?;
+            inv.record_seen_holds(&polled)?;
             if let Some(ahead) = clock_ahead_of_agents(&polled) {
                 inv.save_clock_against_agents(ahead, started_at)?;
                 if ahead.abs() > crate::hosts::MAX_CLOCK_SKEW {
@@ -418,6 +437,18 @@ impl Summary {
     }
 }
 
+/// What the mutual-TLS client's check of who answers depends on: each host's name, address,
+/// state and certificate.
+fn roster(hosts: &[crate::inventory::HostRecord]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for h in hosts {
+        (&h.host, &h.address, &h.state, &h.certificate_serial).hash(&mut hasher);
+        h.certificate_fingerprint.hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
 /// The manager's mutual-TLS client: agents must present a certificate from its CA.
 /// With `keep_alive` (`--watch`) idle connections stay open for the next round; a single poll
 /// closes each one after its answer, so open sockets never pile up to one per host. The
@@ -433,9 +464,12 @@ pub(crate) fn mutual_client(
     let identity = ca
         .client_identity(home)
         .map_err(|err| UserError::failure(format!("manager client certificate: {err}")))?;
-    // An agent presenting a revoked certificate is someone holding a deactivated host's key.
-    let revoked = match Inventory::open_read_only(home, lock_timeout) {
-        Ok(Some(inventory)) => inventory.revoked_serials(),
+    // An agent presenting a revoked certificate is someone holding a deactivated host's key;
+    // one presenting another host's certificate at a host's address is not that host's agent.
+    let (revoked, registry) = match Inventory::open_read_only(home, lock_timeout) {
+        Ok(Some(inventory)) => inventory
+            .revoked_serials()
+            .and_then(|revoked| Ok((revoked, inventory.hosts()?))),
         Ok(None) => Ok(Default::default()),
         Err(err) => Err(err),
     }
@@ -449,19 +483,22 @@ pub(crate) fn mutual_client(
         };
         UserError::failure(format!("cannot read the revoked certificates: {err}")).with_hint(hint)
     })?;
+    let registry = crate::hosts::Registry::new(registry);
     tls::client_builder(
         Some(ca.certificate()),
         None,
         Some((&identity.0, &identity.1)),
     )
     .and_then(|b| {
-        tls::refuse_revoked(b, revoked)
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(30)))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(usize::from(keep_alive))
-            .build()
-            .context("cannot build the TLS client")
+        tls::check_servers(tls::refuse_revoked(b, revoked), move |remote, cert| {
+            registry.check_connection(remote, cert)
+        })
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(30)))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(usize::from(keep_alive))
+        .build()
+        .context("cannot build the TLS client")
     })
     .map_err(|err| UserError::failure(format!("{err:#}")))
 }
@@ -483,10 +520,15 @@ pub(crate) async fn ask_all(
             let results = Arc::clone(&results);
             let timeout = settings.timeout;
             let ca = settings.ca.clone();
+            let registry = settings.registry.clone();
             async move {
                 // Each host on its own task, so the two runtime threads share the TLS work.
                 let polled = tokio::spawn(async move {
-                    ask_one(&client, &target, &cursor, timeout, shift, ca.as_deref()).await
+                    let checked = Checks {
+                        ca: ca.as_deref(),
+                        registry: registry.as_deref(),
+                    };
+                    ask_one(&client, &target, &cursor, timeout, shift, checked).await
                 })
                 .await;
                 if let Ok(polled) = polled {
@@ -552,6 +594,9 @@ fn transport_failure(address: &str, err: &reqwest::Error, timeout: Duration) -> 
         );
     }
     let lower = chain.to_ascii_lowercase();
+    if let Some(wrong) = tls::find_cause::<crate::hosts::WrongHost>(err) {
+        return failure("wrong_host", wrong.to_string());
+    }
     if tls::find_cause::<tls::RevokedCertificate>(err).is_some() {
         return failure(
             "tls",
@@ -573,14 +618,24 @@ fn transport_failure(address: &str, err: &reqwest::Error, timeout: Duration) -> 
     failure("unreachable", format!("agent `{address}`: {chain}"))
 }
 
+/// What a poll checks of the agents it reaches besides TLS.
+#[derive(Clone, Copy)]
+struct Checks<'a> {
+    /// Renews certificates and explains TLS failures.
+    ca: Option<&'a ManagerCa>,
+    /// Each host must answer with its own certificate.
+    registry: Option<&'a crate::hosts::Registry>,
+}
+
 async fn ask_one(
     client: &reqwest::Client,
     target: &Target,
     cursor: &PollCursors,
     timeout: Duration,
     shift: chrono::Duration,
-    ca: Option<&ManagerCa>,
+    checks: Checks<'_>,
 ) -> PolledHost {
+    let ca = checks.ca;
     let polled_at = Utc::now() + shift;
     let started = Instant::now();
     let answer = tokio::time::timeout(timeout, request(client, target, cursor, timeout))
@@ -594,6 +649,16 @@ async fn ask_one(
                 ),
             ))
         });
+    // Another host's agent at this host's address: its answer is not this host's, and its
+    // certificate is never renewed under this host's name.
+    let answer = match (answer, checks.registry) {
+        (Ok((_, Some(cert), _)), Some(registry))
+            if let Err(wrong) = registry.check_host(&target.host, &target.address, &cert) =>
+        {
+            Err(failure("wrong_host", wrong.to_string()))
+        }
+        (answer, _) => answer,
+    };
     let latency_ms = answer
         .is_ok()
         .then(|| started.elapsed().as_secs_f64() * 1000.0);
@@ -620,7 +685,9 @@ async fn ask_one(
             if failure.kind == "tls" && failure.message.contains("certificate verify failed") =>
         {
             (
-                Err(explain_tls(target, ca, timeout).await.unwrap_or(failure)),
+                Err(explain_tls(target, checks, ca, timeout)
+                    .await
+                    .unwrap_or(failure)),
                 None,
             )
         }
@@ -697,7 +764,12 @@ async fn renew_if_due(
 /// Says why TLS with a host failed when its certificate tells: expired or not yet valid by
 /// this manager's clock (both times named), issued by another CA, or not naming this address
 /// (the host moved). `None` when the certificate cannot be read or shows nothing wrong.
-async fn explain_tls(target: &Target, ca: &ManagerCa, timeout: Duration) -> Option<PollFailure> {
+async fn explain_tls(
+    target: &Target,
+    checks: Checks<'_>,
+    ca: &ManagerCa,
+    timeout: Duration,
+) -> Option<PollFailure> {
     let address = &target.address;
     let socket = tokio::net::lookup_host(address.as_str())
         .await
@@ -707,11 +779,21 @@ async fn explain_tls(target: &Target, ca: &ManagerCa, timeout: Duration) -> Opti
     let serial = crate::pki::ca::serial_hex(&cert).unwrap_or_default();
     let whose = format!("agent `{address}`'s certificate (serial {serial})");
     let clock = "this manager's clock";
-    match crate::pki::ca::check_issued_by(&cert, ca.certificate()) {
+    let issued = crate::pki::ca::check_issued_by(&cert, ca.certificate());
+    // Another host's certificate (it answers at this host's address): named as such.
+    if issued != Err(crate::pki::ca::IssueProblem::NotIssued)
+        && let Some(registry) = checks.registry
+        && let Err(wrong) = registry.check_host(&target.host, address, &cert)
+        && registry.owner(&cert).is_some()
+    {
+        return Some(failure("wrong_host", wrong.to_string()));
+    }
+    match issued {
         Err(problem @ crate::pki::ca::IssueProblem::Expired { .. }) => Some(failure(
             "expired",
             format!(
-                "{}: the manager no longer trusts it; if this manager's clock is right, renew                  it with `pm-activate host {address}`",
+                "{}: the manager no longer trusts it; if this manager's clock is right, renew \
+                 it with `pm-activate host {address}`",
                 crate::hosts::describe_problem(&whose, clock, &problem)
             ),
         )),
@@ -725,14 +807,18 @@ async fn explain_tls(target: &Target, ca: &ManagerCa, timeout: Duration) -> Opti
         Err(crate::pki::ca::IssueProblem::NotIssued) => Some(failure(
             "tls",
             format!(
-                "agent `{address}` presents a certificate this manager's CA did not issue                  (serial {serial}): it was reset or activated by another manager; activate it                  again with `pm-activate host {address} --key-file F`"
+                "agent `{address}` presents a certificate this manager's CA did not issue \
+                 (serial {serial}): it was reset or activated by another manager; activate it \
+                 again with `pm-activate host {address} --key-file F`"
             ),
         )),
         Ok(()) if !crate::pki::ca::names_host(&cert, crate::hosts::address_host(address)) => {
             Some(failure(
                 "tls",
                 format!(
-                    "agent `{address}` presents the certificate of host `{}`, which does not                      name this address: the host moved; `pm-activate host ADDRESS` at its new                      address re-issues it there",
+                    "agent `{address}` presents the certificate of host `{}`, which does not \
+                     name this address: the host moved; `pm-activate host ADDRESS` at its new \
+                     address re-issues it there",
                     crate::pki::ca::common_name(&cert).unwrap_or_default()
                 ),
             ))
@@ -1263,6 +1349,8 @@ mod tests {
                 group: Some("web".into()),
                 profile: Some("default".into()),
                 license_expires_at: Some(at("2027-11-26T00:00:00Z")),
+                hold: None,
+                reports_hold: true,
             },
             installed: Some(InstalledState {
                 revision: Some("r42".into()),

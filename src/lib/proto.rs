@@ -171,6 +171,13 @@ pub struct AgentStatus {
     /// Expiry of the license the manager gave it.
     #[serde(default)]
     pub license_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The hold in force on the agent (none: not held).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<HoldState>,
+    /// Whether the agent reports its hold in `hold` (agents from before do not: their `hold`
+    /// tells nothing).
+    #[serde(default)]
+    pub reports_hold: bool,
 }
 
 /// Setup step: the host group (mutual TLS), [`GroupRequest`] in, [`SetupResponse`] out.

@@ -1135,6 +1135,9 @@ async fn post_agent_raw(
             .body(body);
     }
     let response = request.send().await.map_err(|err| {
+        if let Some(wrong) = crate::tls::find_cause::<crate::hosts::WrongHost>(&err) {
+            return wrong.to_string();
+        }
         let mut text = err.to_string();
         let mut source = std::error::Error::source(&err);
         while let Some(cause) = source {
@@ -1191,17 +1194,15 @@ pub(crate) fn execute(
         .build()
         .context("cannot start the async runtime")?;
     let client = mutual_client(home, options.timeout, false, global.lock_timeout)?;
-    let addresses: HashMap<String, String> = {
-        let inventory = Inventory::open_read_only(home, global.lock_timeout)
-            .map_err(inventory_error)?
-            .ok_or_else(|| UserError::failure("the inventory went away"))?;
-        inventory
-            .hosts()
-            .map_err(inventory_error)?
-            .into_iter()
-            .map(|h| (h.host, h.address))
-            .collect()
-    };
+    let known = Inventory::open_read_only(home, global.lock_timeout)
+        .map_err(inventory_error)?
+        .ok_or_else(|| UserError::failure("the inventory went away"))?
+        .hosts()
+        .map_err(inventory_error)?;
+    let addresses: HashMap<String, String> = known
+        .iter()
+        .map(|h| (h.host.clone(), h.address.clone()))
+        .collect();
     let hold_spec: Option<Arc<proto::HoldSpec>> = match action {
         Action::Update => None,
         Action::Generation(n) => Some(Arc::new(proto::HoldSpec {
@@ -1229,6 +1230,7 @@ pub(crate) fn execute(
         inactive_after: crate::poll::load_config(home)?.inactive_after,
         scan_max_age: crate::poll::load_config(home)?.scan_max_age,
         ca: crate::poll::certificate_authority(home)?,
+        registry: Some(Arc::new(crate::hosts::Registry::new(known))),
     };
     // One listener for the whole run: a Ctrl-C or SIGTERM at any point (a wave, the pause, the
     // poll) stops before the next wave; the hosts asked so far are recorded.
@@ -1482,6 +1484,7 @@ pub(crate) fn execute(
                     inv.record_polls(job_id, &polled)?;
                 }
                 inv.record_holds(&new_holds)?;
+                inv.record_seen_holds(&polled)?;
                 if let Some(final_state) = final_state {
                     inv.update_rollout(
                         job_id,
@@ -2183,6 +2186,7 @@ fn push_scan(
                     inactive_after: Duration::from_secs(1800),
                     scan_max_age: Duration::from_secs(7 * 86_400),
                     ca: None,
+                    registry: None,
                 };
                 let mut answer = ask_all(
                     &client,

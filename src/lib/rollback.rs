@@ -638,6 +638,7 @@ fn one_host(home: &Path, args: &Args, to: &str) -> anyhow::Result<ExitStatus> {
             inactive_after: Duration::from_secs(1800),
             scan_max_age: Duration::from_secs(7 * 86_400),
             ca: None,
+            registry: None,
         };
         ask_all(
             &client,

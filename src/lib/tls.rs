@@ -629,8 +629,9 @@ pub fn find_cause<'a, T: std::error::Error + 'static>(
 }
 
 /// What a [`CertCheckLayer`] asks of each new connection's server certificate (DER, `None` if
-/// the server presented none).
-type CertCheck = Arc<dyn Fn(Option<&[u8]>) -> Result<(), BoxError> + Send + Sync>;
+/// the server presented none), and of the address connected to.
+type CertCheck =
+    Arc<dyn Fn(Option<SocketAddr>, Option<&[u8]>) -> Result<(), BoxError> + Send + Sync>;
 
 /// A connector layer that checks each new connection's server certificate before any request
 /// is sent on it: against a pin, or against the revoked serials.
@@ -642,7 +643,7 @@ struct CertCheckLayer {
 impl CertCheckLayer {
     fn pin(pin: Arc<str>) -> CertCheckLayer {
         CertCheckLayer {
-            check: Arc::new(move |der| {
+            check: Arc::new(move |_, der| {
                 let actual = der.map(fingerprint_der).unwrap_or_default();
                 if actual != *pin {
                     return Err(Box::new(PinMismatch {
@@ -697,7 +698,10 @@ where
             let der = extensions
                 .get::<reqwest::tls::TlsInfo>()
                 .and_then(|info| info.peer_certificate());
-            check(der)?;
+            let remote = extensions
+                .get::<hyper_util::client::legacy::connect::HttpInfo>()
+                .map(|info| info.remote_addr());
+            check(remote, der)?;
             Ok(connection)
         })
     }
@@ -724,13 +728,36 @@ pub fn refuse_revoked(
         return builder;
     }
     builder.connector_layer(CertCheckLayer {
-        check: Arc::new(move |der| {
+        check: Arc::new(move |_, der| {
             let serial = der
                 .and_then(|der| X509::from_der(der).ok())
                 .and_then(|cert| crate::pki::ca::serial_hex(&cert).ok());
             match serial {
                 Some(serial) if revoked.contains(&serial) => {
                     Err(Box::new(RevokedCertificate { serial }) as BoxError)
+                }
+                _ => Ok(()),
+            }
+        }),
+    })
+}
+
+/// Makes `builder` run `check` on each new connection, with the address connected to and the
+/// certificate the server presented, before any request is sent on it; its error becomes the
+/// request's (find it with [`find_cause`]).
+pub fn check_servers<E>(
+    builder: reqwest::ClientBuilder,
+    check: impl Fn(SocketAddr, &X509) -> Result<(), E> + Send + Sync + 'static,
+) -> reqwest::ClientBuilder
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    builder.connector_layer(CertCheckLayer {
+        check: Arc::new(move |remote, der| {
+            let cert = der.and_then(|der| X509::from_der(der).ok());
+            match (remote, cert) {
+                (Some(remote), Some(cert)) => {
+                    check(remote, &cert).map_err(|e| Box::new(e) as BoxError)
                 }
                 _ => Ok(()),
             }

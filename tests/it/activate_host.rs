@@ -157,6 +157,8 @@ async fn status(State(state): State<Arc<Mutex<AgentState>>>) -> Response {
         group: None,
         profile: None,
         license_expires_at: None,
+        hold: None,
+        reports_hold: false,
     })
 }
 

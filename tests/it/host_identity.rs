@@ -27,13 +27,17 @@ struct Agent {
 impl Agent {
     /// `pm-agent init` as `name` on `ip` (a free port) with a fresh key from `home`, then run.
     fn start(home: &Home, name: &str, ip: &str) -> Agent {
+        Agent::start_at(home, name, format!("{ip}:{}", free_port()).parse().unwrap())
+    }
+
+    /// `pm-agent init` as `name` listening on `addr`, with a fresh key from `home`, then run.
+    fn start_at(home: &Home, name: &str, addr: SocketAddr) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("activation.key");
         Pm::activate(home)
             .args(["key", "new", "--out"])
             .args([&key_file])
             .json();
-        let addr: SocketAddr = format!("{ip}:{}", free_port()).parse().unwrap();
         let mut agent = Agent {
             dir,
             addr,
@@ -124,12 +128,37 @@ impl Agent {
 
     /// Moves the agent to `ip` (same port): `listen` in agent.toml, then a restart.
     fn readdress(&mut self, ip: &str) {
+        self.move_to(format!("{ip}:{}", self.addr.port()).parse().unwrap());
+    }
+
+    /// Moves the agent to `addr`: `listen` in agent.toml, then a restart.
+    fn move_to(&mut self, addr: SocketAddr) {
         self.stop();
+        self.listen_at(addr);
+        self.run(None);
+    }
+
+    /// Rewrites `listen` in agent.toml (the agent stopped; it listens there once run).
+    fn listen_at(&mut self, addr: SocketAddr) {
         let path = self.state().join("agent.toml");
         let text = std::fs::read_to_string(&path).unwrap();
         let old = self.addr.to_string();
-        self.addr = format!("{ip}:{}", self.addr.port()).parse().unwrap();
+        self.addr = addr;
         std::fs::write(&path, text.replace(&old, &self.addr.to_string())).unwrap();
+    }
+
+    /// The host's state directory is wiped and the agent set up again as `name` with a new
+    /// key, then run.
+    fn wipe_and_init(&mut self, home: &Home, name: &str) {
+        self.stop();
+        std::fs::remove_dir_all(self.state()).unwrap();
+        let key_file = self.dir.path().join("second.key");
+        Pm::activate(home)
+            .args(["key", "new", "--out"])
+            .args([&key_file])
+            .json();
+        self.key_file = key_file;
+        self.init(name);
         self.run(None);
     }
 
@@ -450,17 +479,7 @@ fn reactivating_a_wiped_agent_keeps_its_group_profile_and_labels() {
             "rack=4",
         ],
     );
-    // The host's state directory is wiped and the agent set up again with a new key.
-    agent.stop();
-    std::fs::remove_dir_all(agent.state()).unwrap();
-    let key_file = agent.dir.path().join("second.key");
-    Pm::activate(&home)
-        .args(["key", "new", "--out"])
-        .args([&key_file])
-        .json();
-    agent.key_file = key_file;
-    agent.init("a51");
-    agent.run(None);
+    agent.wipe_and_init(&home, "a51");
 
     let run = Pm::activate(&home)
         .args(["host", &agent.addr.to_string(), "--key-file"])
@@ -599,6 +618,7 @@ fn an_expired_certificate_is_named_as_such_and_pm_activate_renews_it() {
     let line = host(&report, "a81");
     let error = line["error"].as_str().unwrap();
     assert!(error.contains("expired"), "{error}");
+    assert!(!error.contains("  "), "runs of spaces: {error}");
     assert!(!error.contains("not activated"), "{error}");
     assert!(
         error.contains("pm-activate host"),
@@ -679,6 +699,13 @@ fn certificate_expiry_is_exported_and_pm_doctor_warns_when_renewal_is_overdue() 
         overdue["hint"].as_str().unwrap().contains("pm-poll"),
         "{overdue}"
     );
+    for field in ["message", "hint"] {
+        let text = overdue[field].as_str().unwrap();
+        assert!(
+            !text.contains("  "),
+            "runs of spaces in the {field}: {text}"
+        );
+    }
 }
 
 #[test]
@@ -762,4 +789,397 @@ fn bulk_activation_of_unreachable_targets_costs_little_cpu_per_target() {
         .sum();
     // Under 1 ms each in a release build; a debug build gets 5 ms (2 s in all).
     assert!(cpu < 2.0, "{cpu} s of CPU for 400 unreachable targets");
+}
+
+/// The hold `pm-agent status` shows for the agent in `state` (`null` when none).
+fn agent_hold(state: &std::path::Path) -> Value {
+    Pm::agent(state).args(["status"]).json()["hold"].clone()
+}
+
+#[test]
+fn an_agent_moved_onto_another_active_hosts_address_is_refused_and_that_host_never_polls_green() {
+    let home = Home::new();
+    let mut a61 = Agent::start(&home, "a61", "127.0.77.61");
+    let mut a62 = Agent::start(&home, "a62", "127.0.77.62");
+    activate(&home, &a61, &[]);
+    activate(&home, &a62, &[]);
+    let serial_61 = serial(&a61.certificate());
+    // a62's agent is down; a61's agent is moved onto a62's address by hand.
+    a62.stop();
+    a61.move_to(a62.addr);
+    let before = host_tables(&home);
+
+    let run = reapply(&home, &a62.addr.to_string(), &[]);
+    assert_eq!(run.code(), 2, "{}\n{}", run.stdout(), run.stderr());
+    let stderr = run.stderr();
+    assert!(
+        stderr.contains("error: ") && stderr.contains("`a62`") && stderr.contains("`a61`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("hint: ") && stderr.contains("pm-activate deactivate a62"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("  "), "runs of spaces: {stderr}");
+    assert_eq!(
+        host_tables(&home),
+        before,
+        "the refused move changed the inventory"
+    );
+    assert_eq!(
+        serial(&a61.certificate()),
+        serial_61,
+        "the agent got a new certificate"
+    );
+
+    // The poll timer meets a61's agent at a62's address: a62 is not reachable-green, and
+    // nothing is renewed.
+    let (code, report, stderr) = poll(&home, &["--all"]);
+    assert_ne!(code, 0, "{report}\n{stderr}");
+    let a62_line = host(&report, "a62");
+    assert_eq!(a62_line["polled"], "wrong_host", "{report}");
+    assert_eq!(a62_line["reachable"], false, "{report}");
+    assert_ne!(host(&report, "a61")["polled"], "ok", "{report}");
+    assert_eq!(report["summary"]["certificates_renewed"], 0, "{report}");
+    assert_eq!(serial(&a61.certificate()), serial_61);
+    let error = sql(
+        &home,
+        "SELECT error FROM poll_history WHERE host = 'a62' ORDER BY polled_at DESC LIMIT 1",
+    );
+    assert!(
+        error[0].contains("`a61`") && error[0].contains("`a62`"),
+        "the failure names both hosts: {error:?}"
+    );
+
+    // A hold meant for a62 never lands on a61's agent.
+    let run = Pm::push(&home)
+        .args([
+            "--json",
+            "hold",
+            "--host",
+            "a62",
+            "--reason",
+            "a62 is being repaired",
+        ])
+        .run();
+    assert_ne!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert_eq!(agent_hold(&a61.state()), Value::Null);
+
+    // Nor is a new host activated there while a62 holds the address.
+    a61.stop();
+    let a63 = Agent::start_at(&home, "a63", a62.addr);
+    let keys_before = sql(&home, "SELECT id, uses FROM activation_keys ORDER BY id");
+    let run = Pm::activate(&home)
+        .args(["host", &a63.addr.to_string(), "--key-file"])
+        .args([&a63.key_file])
+        .args(["--dist-url", NO_DIST, "--name", "a63"])
+        .run();
+    assert_eq!(run.code(), 2, "{}\n{}", run.stdout(), run.stderr());
+    assert!(run.stderr().contains("`a62`"), "{}", run.stderr());
+    assert_eq!(
+        sql(&home, "SELECT id, uses FROM activation_keys ORDER BY id"),
+        keys_before,
+        "the refused activation took a key use"
+    );
+}
+
+#[test]
+fn agents_that_swap_addresses_are_polled_as_the_wrong_host_never_renewed_nor_told_anything() {
+    // Two agents on one machine (one IP, two ports) whose configurations were swapped by hand:
+    // each presents a certificate naming the address the other host is recorded at.
+    let home = Home::new();
+    let ip = "127.0.77.64";
+    let mut a64 = Agent::start(&home, "a64", ip);
+    let mut a65 = Agent::start(&home, "a65", ip);
+    activate(&home, &a64, &[]);
+    activate(&home, &a65, &[]);
+    let (addr_64, addr_65) = (a64.addr, a65.addr);
+    let (serial_64, serial_65) = (serial(&a64.certificate()), serial(&a65.certificate()));
+    a64.stop();
+    a65.stop();
+    a64.listen_at(addr_65);
+    a65.listen_at(addr_64);
+    a64.run(None);
+    a65.run(None);
+
+    let (code, report, stderr) = poll(&home, &["--all"]);
+    assert_ne!(code, 0, "{report}\n{stderr}");
+    for name in ["a64", "a65"] {
+        let line = host(&report, name);
+        assert_eq!(line["polled"], "wrong_host", "{name}: {report}");
+        assert_eq!(line["reachable"], false, "{name}: {report}");
+    }
+    assert_eq!(report["summary"]["certificates_renewed"], 0, "{report}");
+    assert_eq!(
+        serial(&a64.certificate()),
+        serial_64,
+        "a64's agent was re-issued"
+    );
+    assert_eq!(
+        serial(&a65.certificate()),
+        serial_65,
+        "a65's agent was re-issued"
+    );
+    assert_eq!(common_name(&a64.certificate()), "a64");
+
+    // A hold for a64 goes to its address, where a65's agent answers: refused before it is sent.
+    let run = Pm::push(&home)
+        .args(["--json", "hold", "--host", "a64", "--reason", "window"])
+        .run();
+    assert_ne!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert!(
+        run.stdout().contains("a65"),
+        "the failure names the agent met: {}",
+        run.stdout()
+    );
+    assert_eq!(
+        agent_hold(&a65.state()),
+        Value::Null,
+        "a65's agent took a64's hold"
+    );
+    assert_eq!(agent_hold(&a64.state()), Value::Null);
+}
+
+#[test]
+fn a_rename_while_a_rollout_runs_is_refused_and_renaming_there_and_back_leaves_one_host() {
+    let fleet = crate::push::Fleet::start(3);
+    let home = &fleet.setup.home;
+    fleet.setup.publish(6);
+    let address = sql(home, "SELECT address FROM hosts WHERE host = 'lab-002'").remove(0);
+    let mut child = Pm::push(home)
+        .args([
+            "update",
+            "--group",
+            "lab",
+            "--wave-size",
+            "1",
+            "--pause",
+            "3s",
+            "--json",
+        ])
+        .command()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    fleet.wait_for_canary();
+    // The rollout goes on writing its waves meanwhile: compare the hosts only.
+    let hosts = || sql(home, "SELECT * FROM hosts ORDER BY host");
+    let before = hosts();
+    let run = reapply(home, &address, &["--name", "app-2"]);
+    let stderr = run.stderr();
+    assert_eq!(run.code(), 1, "{}\n{stderr}", run.stdout());
+    let job = sql(home, "SELECT max(job_id) FROM rollouts").remove(0);
+    assert!(
+        stderr.contains(&format!("job {job}")) && stderr.contains(&format!("pid {}", child.id())),
+        "names the rollout and its process: {stderr}"
+    );
+    assert!(stderr.contains("hint: "), "{stderr}");
+    assert_eq!(hosts(), before, "the refused rename changed the inventory");
+    assert!(child.wait().unwrap().success(), "the rollout ends well");
+    assert_eq!(
+        sql(
+            home,
+            "SELECT count(*) FROM job_results WHERE host = 'app-2'"
+        ),
+        ["0"]
+    );
+
+    // Once it ended, the rename moves everything, and nothing comes back under the old name.
+    let run = reapply(home, &address, &["--name", "app-2"]);
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    let (code, report, stderr) = poll(home, &["--all"]);
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert_eq!(
+        host(&report, "app-2")["version_colour"],
+        "green",
+        "{report}"
+    );
+    let status = Pm::push(home).args(["status", &job]).json();
+    assert_eq!(status["summary"]["pending"], 0, "{status}");
+    assert_eq!(status["summary"]["ok"], 3, "{status}");
+    let left = sql(
+        home,
+        "SELECT count(*) FROM (SELECT host FROM host_ids UNION ALL SELECT host FROM host_state
+         UNION ALL SELECT host FROM job_results UNION ALL SELECT host FROM update_runs
+         UNION ALL SELECT host FROM report_cursors) WHERE host = 'lab-002'",
+    );
+    assert_eq!(left, ["0"], "rows left under the old name");
+
+    // Renaming back gives one active host for the agent, with its group.
+    let run = reapply(home, &address, &["--name", "lab-002"]);
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert_eq!(
+        sql(
+            home,
+            &format!(
+                "SELECT host, host_group FROM hosts WHERE state = 'active' AND address = '{address}'"
+            ),
+        ),
+        ["lab-002,lab"]
+    );
+    let (code, report, stderr) = poll(home, &["--all"]);
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert_eq!(report["summary"]["certificates_renewed"], 0, "{report}");
+    assert_eq!(report["hosts"].as_array().unwrap().len(), 3, "{report}");
+}
+
+#[test]
+fn reactivating_a_wiped_agent_gives_it_back_the_hold_in_force() {
+    let home = Home::new();
+    let mut agent = Agent::start(&home, "a71", "127.0.77.71");
+    activate(&home, &agent, &["--group", "db"]);
+    let run = Pm::push(&home)
+        .args([
+            "--json",
+            "hold",
+            "--host",
+            "a71",
+            "--until",
+            "2d",
+            "--reason",
+            "change freeze CHG-9",
+        ])
+        .run();
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert_eq!(agent_hold(&agent.state())["reason"], "change freeze CHG-9");
+
+    // The host's state is wiped; it is set up and activated again with a key.
+    agent.wipe_and_init(&home, "a71");
+    let report = activate(&home, &agent, &[]);
+    let step = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "hold")
+        .unwrap_or_else(|| panic!("no hold step: {report}"));
+    assert_eq!(step["ok"], true, "{report}");
+
+    let hold = agent_hold(&agent.state());
+    assert_eq!(
+        hold["reason"], "change freeze CHG-9",
+        "the agent holds again: {hold}"
+    );
+    let holds = Pm::push(&home).args(["holds"]).json();
+    let line = &holds["holds"][0];
+    assert_eq!(line["host"], "a71", "{holds}");
+    assert_eq!(line["on_agent"], true, "{holds}");
+    assert_eq!(line["reason"], "change freeze CHG-9", "{holds}");
+}
+
+#[test]
+fn errors_about_names_and_strangers_read_as_one_sentence_without_runs_of_spaces() {
+    let home = Home::new();
+    let mut first = Agent::start(&home, "a95", "127.0.77.95");
+    activate(&home, &first, &[]);
+    // Another agent reports the same name: refused, and the message says what to do.
+    let second = Agent::start(&home, "a95", "127.0.77.96");
+    let run = Pm::activate(&home)
+        .args(["host", &second.addr.to_string(), "--key-file"])
+        .args([&second.key_file])
+        .args(["--dist-url", NO_DIST])
+        .run();
+    assert_eq!(run.code(), 1, "{}\n{}", run.stdout(), run.stderr());
+    let stderr = run.stderr();
+    assert!(stderr.contains("pm-activate deactivate a95"), "{stderr}");
+    assert!(!stderr.contains("  "), "runs of spaces: {stderr}");
+
+    // The first host's agent is set up again and not activated: a stranger to this manager.
+    first.wipe_and_init(&home, "a95");
+    let (code, report, stderr) = poll(&home, &["--host", "a95"]);
+    assert_eq!(code, 1, "{report}\n{stderr}");
+    let error = host(&report, "a95")["error"].as_str().unwrap().to_string();
+    assert!(error.contains("did not issue"), "{error}");
+    assert!(!error.contains("  "), "runs of spaces: {error}");
+}
+
+#[test]
+fn a_hold_the_agent_lost_reads_not_on_the_agent_after_a_poll_until_pm_activate_gives_it_back() {
+    let home = Home::new();
+    let agent = Agent::start(&home, "a72", "127.0.77.72");
+    activate(&home, &agent, &[]);
+    let run = Pm::push(&home)
+        .args([
+            "--json",
+            "hold",
+            "--host",
+            "a72",
+            "--reason",
+            "change freeze CHG-10",
+        ])
+        .run();
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    let on_agent = || Pm::push(&home).args(["holds"]).json()["holds"][0]["on_agent"].clone();
+    assert_eq!(on_agent(), true);
+
+    // The agent's setup is restored from a snapshot taken before the hold.
+    let path = agent.state().join("setup.json");
+    let mut setup: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    setup.as_object_mut().unwrap().remove("hold");
+    std::fs::write(&path, serde_json::to_vec(&setup).unwrap()).unwrap();
+    assert_eq!(agent_hold(&agent.state()), Value::Null);
+
+    let (code, report, stderr) = poll(&home, &["--all"]);
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert_eq!(
+        on_agent(),
+        false,
+        "the manager says the agent has a hold it lost"
+    );
+
+    // Re-applying the host's setup gives it back.
+    let run = reapply(&home, &agent.addr.to_string(), &[]);
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert_eq!(agent_hold(&agent.state())["reason"], "change freeze CHG-10");
+    assert_eq!(on_agent(), true);
+}
+
+#[test]
+fn pm_doctor_names_active_hosts_that_share_an_address() {
+    let home = Home::new();
+    let a66 = Agent::start(&home, "a66", "127.0.77.66");
+    let a67 = Agent::start(&home, "a67", "127.0.77.67");
+    activate(&home, &a66, &[]);
+    activate(&home, &a67, &[]);
+    let addresses = || {
+        let report = Pm::new("pm-doctor")
+            .args(["--json", "--home", home.path().to_str().unwrap()])
+            .run()
+            .json();
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "addresses")
+            .cloned()
+            .unwrap_or_else(|| panic!("no addresses check: {report}"))
+    };
+    assert_eq!(addresses()["result"], "ok");
+    // An inventory from before the rule: a66 was moved onto a67's address.
+    let file = home.path().join("inventory.duckdb");
+    let (code, _, stderr) = crate::support::duckdb(&[
+        file.to_str().unwrap(),
+        "-c",
+        &format!(
+            "UPDATE hosts SET address = '{}' WHERE host = 'a66'",
+            a67.addr
+        ),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let check = addresses();
+    assert_eq!(check["result"], "warn", "{check}");
+    let message = check["message"].as_str().unwrap();
+    assert!(
+        message.contains("a66")
+            && message.contains("a67")
+            && message.contains(&a67.addr.to_string()),
+        "{check}"
+    );
+    assert!(
+        check["hint"]
+            .as_str()
+            .unwrap()
+            .contains("pm-activate deactivate"),
+        "{check}"
+    );
 }

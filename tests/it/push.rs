@@ -78,7 +78,7 @@ impl Fleet {
     }
 
     /// Waits (at most a minute) until a running rollout has recorded its canary as ok.
-    fn wait_for_canary(&self) {
+    pub(crate) fn wait_for_canary(&self) {
         let file = self.setup.home.path().join("inventory.duckdb");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

@@ -425,6 +425,8 @@ struct Shared {
     licenses: Vec<LicenseRecord>,
     /// Revoked serial -> the host it was revoked for.
     revoked: HashMap<String, String>,
+    /// The hold in force on each held host, sent again with the setup steps.
+    holds: HashMap<String, crate::inventory::HoldRecord>,
     ca: ManagerCa,
     identity: (PKey<Private>, X509),
     /// The activation key's text (never logged).
@@ -450,7 +452,7 @@ impl Shared {
         if let Some(key) = &key {
             super::parse_key(key).map_err(key_error)?;
         }
-        let (keys, hosts, profiles, licenses, revoked) = {
+        let (keys, hosts, profiles, licenses, revoked, holds) = {
             let _turn = inventory_turn();
             match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
                 Some(inventory) => (
@@ -459,6 +461,7 @@ impl Shared {
                     inventory.profiles().map_err(inventory_error)?,
                     inventory.licenses().map_err(inventory_error)?,
                     inventory.revoked_hosts().map_err(inventory_error)?,
+                    inventory.holds().map_err(inventory_error)?,
                 ),
                 None => Default::default(),
             }
@@ -470,6 +473,7 @@ impl Shared {
             profiles,
             licenses,
             revoked,
+            holds,
             ca,
             identity,
             key,
@@ -497,7 +501,11 @@ impl Shared {
             .clone()
             .or_else(|| known.map(|h| h.profile.clone()))
             .unwrap_or_else(|| crate::profile::DEFAULT_PROFILE.into());
-        SetupPlan::load(home, &self.profiles, &self.licenses, &group, &profile)
+        let mut plan = SetupPlan::load(home, &self.profiles, &self.licenses, &group, &profile)?;
+        plan.hold = known
+            .and_then(|h| self.holds.get(&h.host))
+            .and_then(|hold| hold.spec(Utc::now()));
+        Ok(plan)
     }
 }
 
@@ -760,6 +768,7 @@ fn activate_new(run: Run<'_>, reached: Reached) -> anyhow::Result<HostReport> {
             name,
             NameUse::Activate { address: &address },
         )?;
+        hosts::check_address_free(&run.context.hosts, &address, name)?;
     }
     let dist_url = dist_url(run.home, run.args.dist_url.as_deref())?;
     let pin = tls::fingerprint(presented);
@@ -862,10 +871,14 @@ fn activate_new(run: Run<'_>, reached: Reached) -> anyhow::Result<HostReport> {
     .map_err(|err| match &run.args.name {
         Some(_) => err,
         // The name came from the agent, not from the operator: the command itself was fine.
-        None => UserError::failure(format!("{}; agent `{address}` reports that name", err.message))
-            .with_hint(format!(
-                "give this one another name with --name, or `pm-activate deactivate {host_name}`                  first if that host is gone for good"
-            )),
+        None => UserError::failure(format!(
+            "{}; agent `{address}` reports that name",
+            err.message
+        ))
+        .with_hint(format!(
+            "give this one another name with --name, or `pm-activate deactivate {host_name}` \
+             first if that host is gone for good"
+        )),
     })?;
     let (ips, dns) = hosts::reach_names(&address, Some(socket.ip()));
     let dns: Vec<&str> = dns.iter().map(String::as_str).collect();
@@ -1022,6 +1035,10 @@ fn activate_new(run: Run<'_>, reached: Reached) -> anyhow::Result<HostReport> {
                 inv.revoke_certificate(&old, &host_name, "replaced by a new activation")?;
             }
             inv.upsert_host(&host)?;
+            // A new agent state holds only what this activation sent it.
+            if let Some(sent) = setup.hold_sent {
+                inv.set_hold_on_agent(&host_name, sent)?;
+            }
             inv.insert_job(
                 "activate",
                 started,
@@ -1207,6 +1224,21 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
         }
         (Some(_), None) => {}
     }
+    if let Some(old) = &renamed_from {
+        let inventory = Inventory::open_read_only(run.home, run.global.lock_timeout)
+            .map_err(inventory_error)?;
+        if let Some(inventory) = inventory
+            && let Some(err) =
+                rollout_running(run.home, &inventory, old).map_err(inventory_error)?
+        {
+            return Err(err.into());
+        }
+    }
+    hosts::check_address_free(
+        &run.context.hosts,
+        address,
+        known.map_or(&host_name, |h| &h.host),
+    )?;
     let mut steps = Vec::new();
     let mut reissued = None;
     let reason = reissue_reason(presented, address, &host_name, expired);
@@ -1309,7 +1341,11 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
     }
     steps.extend(labels_step(&merged));
     let failed = steps.iter().any(|s| !s.ok);
-    let agent_changed = setup.as_ref().is_some_and(|s| s.changed);
+    let hold_now_on_agent = setup.as_ref().is_some_and(|s| s.hold_sent == Some(true))
+        && known
+            .and_then(|h| run.context.holds.get(&h.host))
+            .is_some_and(|hold| !hold.on_agent);
+    let agent_changed = setup.as_ref().is_some_and(|s| s.changed) || hold_now_on_agent;
     let changed = host != before || known.is_none() || agent_changed;
     let note = renamed_from
         .as_ref()
@@ -1332,19 +1368,38 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
             .transaction(|inv| {
                 match &renamed_from {
                     Some(old) => {
-                        // The host's row under its old name first, then it and every row of
-                        // its history move to the new name.
+                        // The host's row under its old name first (with the certificate the
+                        // agent has now, whatever follows), then it and every row of its
+                        // history move to the new name.
                         let mut stay = host.clone();
                         stay.host = old.clone();
                         inv.upsert_host(&stay)?;
+                        // A rollout may have started since the check above.
+                        if let Some(err) = rollout_running(run.home, inv, old)? {
+                            return Ok(Some(err));
+                        }
                         if let Err(tables) = inv.rename_host(old, &host.host)? {
-                            return Ok(Some(tables));
+                            return Ok(Some(
+                                UserError::usage(format!(
+                                    "the name `{}` has rows in the inventory ({}): a rename \
+                                     never mixes two hosts' histories",
+                                    host.host,
+                                    tables.join(", ")
+                                ))
+                                .with_hint(format!(
+                                    "the host keeps its name `{old}`; pick a name no host has \
+                                     had (`pm-activate list`)"
+                                )),
+                            ));
                         }
                     }
                     None => inv.upsert_host(&host)?,
                 }
                 if let (Some(_), Some((_, recorded_as))) = (&reissued, reason) {
                     inv.revoke_certificate(&old_serial, &host.host, recorded_as)?;
+                }
+                if hold_now_on_agent {
+                    inv.set_hold_on_agent(&host.host, true)?;
                 }
                 inv.insert_job(
                     "activate",
@@ -1355,17 +1410,15 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
                 Ok(None)
             })
             .map_err(inventory_error)?;
-        if let Some(tables) = taken {
-            return Err(UserError::usage(format!(
-                "the name `{}` was taken while this ran (rows in {})",
-                host.host,
-                tables.join(", ")
-            ))
-            .with_hint(
-                "nothing was recorded; pick another name, or run the same command again: the \
-                 next poll gives the host back its recorded name",
-            )
-            .into());
+        if let Some(err) = taken {
+            if reissued.is_some() {
+                tracing::warn!(
+                    host = %host.host,
+                    "the agent already has a certificate for the new name, recorded under its \
+                     old one: the next poll gives it back one for the old name"
+                );
+            }
+            return Err(err.into());
         }
     }
     Ok(HostReport {
@@ -1384,6 +1437,44 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
         note,
         steps,
     })
+}
+
+/// Refuses renaming `host` while a rollout that includes it runs: its process would go on
+/// recording the host under the old name, splitting its history (a failure, exit 1; nothing
+/// changed). A rollout recorded as running whose process is gone is not in the way.
+fn rollout_running(
+    home: &Path,
+    inventory: &Inventory,
+    host: &str,
+) -> Result<Option<UserError>, crate::inventory::InventoryError> {
+    let running = inventory.running_rollouts_of(host)?;
+    let Some((job, kind, pid)) = running
+        .into_iter()
+        .find(|(_, _, pid)| crate::push::rollout_process_alive(home, *pid))
+    else {
+        return Ok(None);
+    };
+    let tool = if kind == "rollback" {
+        "pm-rollback"
+    } else {
+        "pm-push update"
+    };
+    let pid = pid.unwrap_or_default();
+    Ok(Some(
+        UserError::failure(format!(
+            "host `{host}` is in rollout job {job} (`{tool}`, pid {pid}), which is still \
+             running: a rename now would split its history between two names"
+        ))
+        .with_hint(format!(
+            "run the same command again once it ended (`pm-push status {job}`); to rename now, \
+             stop it first (`kill -INT {pid}`), rename, then {}",
+            if kind == "rollback" {
+                "run the same `pm-rollback` again".to_string()
+            } else {
+                format!("`pm-push resume {job}`")
+            }
+        )),
+    ))
 }
 
 fn print_host_report(global: &GlobalArgs, report: &HostReport) -> anyhow::Result<ExitStatus> {

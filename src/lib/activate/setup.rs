@@ -537,6 +537,8 @@ pub struct SetupPlan {
     pub group: String,
     /// The newest registered license and its content, if any.
     pub license: Option<(LicenseRecord, Vec<u8>)>,
+    /// The hold in force on the host, sent again (a re-activated agent has lost it).
+    pub hold: Option<proto::HoldSpec>,
 }
 
 impl SetupPlan {
@@ -562,6 +564,7 @@ impl SetupPlan {
             profile,
             group: group.to_string(),
             license,
+            hold: None,
         })
     }
 }
@@ -614,12 +617,14 @@ pub async fn send_profile(
 /// What the setup steps did.
 #[derive(Debug)]
 pub struct SetupOutcome {
-    /// One step each: `profile`, `group`, `license`.
+    /// One step each: `profile`, `group`, `hold` (when one is in force), `license`.
     pub steps: Vec<Step>,
     /// Whether the agent's setup changed.
     pub changed: bool,
     /// The license the agent now holds (sha256), when that step worked.
     pub license_sha256: Option<String>,
+    /// Whether the agent took the hold in force (`None`: no hold to send).
+    pub hold_sent: Option<bool>,
 }
 
 impl SetupOutcome {
@@ -662,6 +667,16 @@ pub async fn apply(client: &reqwest::Client, address: &str, plan: &SetupPlan) ->
         )
         .await,
     );
+    let mut hold_sent = None;
+    if let Some(hold) = &plan.hold {
+        let request = proto::HoldRequest {
+            hold: Some(hold.clone()),
+            only_kind: None,
+        };
+        let result = super::host::post_json(client, address, proto::HOLD_PATH, &request).await;
+        hold_sent = Some(result.is_ok());
+        record("hold", result);
+    }
     let mut license_sha256 = None;
     match &plan.license {
         Some((license, content)) => {
@@ -680,6 +695,7 @@ pub async fn apply(client: &reqwest::Client, address: &str, plan: &SetupPlan) ->
         steps,
         changed,
         license_sha256,
+        hold_sent,
     }
 }
 

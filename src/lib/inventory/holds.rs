@@ -33,6 +33,23 @@ pub struct HoldRecord {
 }
 
 impl HoldRecord {
+    /// The hold as the manager asks an agent for it again (re-activation, `pm-activate host`):
+    /// its kind, reason, who set it and its end, with what is left of it from `now`. `None` for
+    /// a kind this manager does not know.
+    pub fn spec(&self, now: DateTime<Utc>) -> Option<crate::proto::HoldSpec> {
+        use crate::proto::HoldKind;
+        let kind = [HoldKind::Hold, HoldKind::Rollback, HoldKind::FleetRollback]
+            .into_iter()
+            .find(|kind| kind.as_str() == self.kind)?;
+        Some(crate::proto::HoldSpec {
+            kind,
+            reason: self.reason.clone(),
+            set_by: self.set_by.clone(),
+            until: self.until,
+            seconds_left: self.until.map(|at| (at - now).num_seconds().max(0) as u64),
+        })
+    }
+
     /// `hold (why) since T, until U` for the output of rollouts.
     pub fn describe(&self) -> String {
         format!(
@@ -76,7 +93,8 @@ impl Inventory {
 
     /// Records holds, each replacing the one in force on its host.
     pub fn record_holds(&self, holds: &[HoldRecord]) -> Result<(), InventoryError> {
-        for hold in holds {
+        let gone = self.gone_hosts(holds.iter().map(|h| h.host.as_str()), "the hold")?;
+        for hold in holds.iter().filter(|h| !gone.contains(&h.host)) {
             self.db(self.conn.execute(
                 "UPDATE holds SET released_at = now(), released_by = 'a newer hold',
                         release_job_id = ?
@@ -101,6 +119,47 @@ impl Inventory {
             ))?;
         }
         Ok(())
+    }
+
+    /// Records whether `host`'s agent has the hold in force on the manager (`pm-push holds`:
+    /// "agent has it").
+    pub fn set_hold_on_agent(&self, host: &str, on_agent: bool) -> Result<(), InventoryError> {
+        self.db(self.conn.execute(
+            "UPDATE holds SET on_agent = ? WHERE host = ? AND released_at IS NULL",
+            params![on_agent, host],
+        ))?;
+        Ok(())
+    }
+
+    /// What polls saw of the agents' holds: for each held host that answered with its hold
+    /// (agents of this release), whether its agent has the hold in force on the manager (same
+    /// kind and reason) is recorded, so `pm-push holds` never says "agent has it" for an agent
+    /// that lost it (state wiped, reset or restored from a snapshot). Only the hosts whose
+    /// answer differs from the record are written; returns how many.
+    pub fn record_seen_holds(
+        &self,
+        polled: &[crate::inventory::PolledHost],
+    ) -> Result<usize, InventoryError> {
+        let held = self.holds()?;
+        let mut changed = 0;
+        for poll in polled {
+            let (Ok(answer), Some(hold)) = (&poll.answer, held.get(&poll.host)) else {
+                continue;
+            };
+            if !answer.status.reports_hold {
+                continue;
+            }
+            let has = answer
+                .status
+                .hold
+                .as_ref()
+                .is_some_and(|h| h.kind.as_str() == hold.kind && h.reason == hold.reason);
+            if has != hold.on_agent {
+                self.set_hold_on_agent(&poll.host, has)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
     }
 
     /// Releases the holds on `hosts` that are not released yet (only those of `only_kind`
@@ -153,6 +212,12 @@ mod tests {
     fn a_hold_replaces_the_one_in_force_ends_at_its_time_and_releases_by_kind() {
         let home = tempfile::tempdir().unwrap();
         let inventory = Inventory::open(home.path(), std::time::Duration::from_secs(5)).unwrap();
+        for host in ["a", "b", "c"] {
+            let address = format!("{host}.lan:7505");
+            inventory
+                .upsert_host(&crate::inventory::HostRecord::active(host, &address))
+                .unwrap();
+        }
         let past = Utc::now() - chrono::Duration::seconds(1);
         inventory
             .record_holds(&[

@@ -2,7 +2,7 @@
 //! whole history in one statement per table, the certificate each host presents, and the reads
 //! `pm-doctor` and the exporter make of certificate expiry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use duckdb::params;
@@ -92,6 +92,34 @@ impl Inventory {
             params![to, from],
         ))?;
         Ok(Ok(moved))
+    }
+
+    /// Of `names`, those that are not active hosts now: renamed or deactivated since the
+    /// command that asked them read the inventory. The recorders (polls, rollout attempts,
+    /// holds) leave their rows out, so that no row lands under a name no host has (a ghost host
+    /// split from its history), and warn naming each (`what`: what was left out).
+    pub fn gone_hosts<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+        what: &str,
+    ) -> Result<HashSet<String>, InventoryError> {
+        let active: HashSet<String> = self
+            .query_strings("SELECT host FROM hosts WHERE state = 'active'")?
+            .into_iter()
+            .collect();
+        let gone: HashSet<String> = names
+            .into_iter()
+            .filter(|name| !active.contains(*name))
+            .map(str::to_string)
+            .collect();
+        for name in &gone {
+            tracing::warn!(
+                host = %name,
+                "{what} of `{name}` not recorded: it is no longer an active host (renamed or \
+                 deactivated while this ran)"
+            );
+        }
+        Ok(gone)
     }
 
     /// Every revoked certificate serial (lowercase hex) and the host it was revoked for.
@@ -319,6 +347,82 @@ mod tests {
             };
             assert_eq!(count("a22"), ["0"], "{table}");
             assert_eq!(count("a23"), ["1"], "{table}");
+        }
+    }
+
+    #[test]
+    fn rows_for_a_host_renamed_or_deactivated_meanwhile_are_left_out() {
+        use crate::inventory::{HoldRecord, HostAttempt, PollFailure};
+        let (_home, inventory) = inventory();
+        let names = ["a21", "a22", "a23"];
+        for (n, host) in names.iter().enumerate() {
+            let address = format!("127.0.0.{}:7505", 21 + n);
+            inventory
+                .upsert_host(&HostRecord::active(host, &address))
+                .unwrap();
+        }
+        // A poll, a rollout and a hold read a21, a22 and a23; then a22 is renamed and a23
+        // deactivated before they record.
+        inventory
+            .transaction(|inv| inv.rename_host("a22", "b22"))
+            .unwrap()
+            .unwrap();
+        inventory.deactivate_host("a23", "deactivated").unwrap();
+        let polled: Vec<PolledHost> = names
+            .iter()
+            .map(|host| PolledHost {
+                host: host.to_string(),
+                polled_at: Utc::now(),
+                latency_ms: None,
+                answer: Err(PollFailure {
+                    kind: "timeout".into(),
+                    message: "no answer".into(),
+                }),
+                certificate: None,
+                clock_ahead_of_agent: None,
+            })
+            .collect();
+        let attempts: Vec<HostAttempt> = names
+            .iter()
+            .map(|host| HostAttempt {
+                host: host.to_string(),
+                wave: Some(1),
+                attempt: 1,
+                result: "ok".into(),
+                changed: Some(true),
+                revision: Some("r2".into()),
+                error: None,
+            })
+            .collect();
+        let holds: Vec<HoldRecord> = names
+            .iter()
+            .map(|host| HoldRecord {
+                host: host.to_string(),
+                kind: "hold".into(),
+                reason: "window".into(),
+                revision: None,
+                set_at: Utc::now(),
+                set_by: "ops@manager".into(),
+                until: None,
+                job_id: Some(1),
+                on_agent: true,
+            })
+            .collect();
+        inventory
+            .transaction(|inv| {
+                inv.record_polls(1, &polled)?;
+                inv.record_attempts(1, &attempts)?;
+                inv.record_holds(&holds)
+            })
+            .unwrap();
+        for table in ["host_ids", "host_state", "job_results", "holds"] {
+            assert_eq!(
+                inventory
+                    .query_strings(&format!("SELECT DISTINCT host FROM {table} ORDER BY 1"))
+                    .unwrap(),
+                ["a21"],
+                "{table}"
+            );
         }
     }
 

@@ -356,9 +356,10 @@ impl Inventory {
         let mut updates = Vec::new();
         let mut new_states = Vec::with_capacity(polled.len());
         let mut answered: HashSet<&str> = HashSet::new();
+        let gone = self.gone_hosts(polled.iter().map(|p| p.host.as_str()), "the poll")?;
         let recorded_ids = self.recorded_report_ids(polled)?;
 
-        for poll in polled {
+        for poll in polled.iter().filter(|p| !gone.contains(&p.host)) {
             let before = states.remove(&poll.host);
             let mut state = before.clone().unwrap_or_else(|| HostState {
                 host: poll.host.clone(),
@@ -666,7 +667,7 @@ impl Inventory {
         ))?;
         self.append(
             "polled_hosts",
-            polled.iter().map(|p| {
+            polled.iter().filter(|p| !gone.contains(&p.host)).map(|p| {
                 [
                     Value::Text(p.host.clone()),
                     Value::Boolean(answered.contains(p.host.as_str())),
@@ -832,6 +833,8 @@ mod tests {
                 group: Some("web".into()),
                 profile: Some("default".into()),
                 license_expires_at: None,
+                hold: None,
+                reports_hold: true,
             },
             installed: Some(InstalledState {
                 revision: Some(format!("r{version}")),
@@ -892,6 +895,12 @@ mod tests {
     fn versions_and_reports_are_recorded_once_and_a_failure_keeps_the_last_contact() {
         let home = tempfile::tempdir().unwrap();
         let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        inventory
+            .upsert_host(&crate::inventory::HostRecord::active(
+                "web-1",
+                "10.0.0.1:7505",
+            ))
+            .unwrap();
         let at = DateTime::from_timestamp(1_800_000_000, 123_456_000).unwrap();
         let poll = |answer: Result<PollResponse, PollFailure>, at: DateTime<Utc>| PolledHost {
             host: "web-1".into(),
@@ -1000,6 +1009,12 @@ mod tests {
     fn reports_are_recorded_by_number_once_an_agent_numbers_them_whatever_its_clock_does() {
         let home = tempfile::tempdir().unwrap();
         let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        inventory
+            .upsert_host(&crate::inventory::HostRecord::active(
+                "web-1",
+                "10.0.0.1:7505",
+            ))
+            .unwrap();
         let record = |answer: PollResponse| record_answer(&inventory, answer);
         let cursor = |inventory: &Inventory| inventory.poll_cursors().unwrap()["web-1"].clone();
         // Before the upgrade: by id.
@@ -1036,6 +1051,12 @@ mod tests {
     fn an_agent_whose_numbers_went_back_has_its_kept_reports_taken_by_id_once() {
         let home = tempfile::tempdir().unwrap();
         let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        inventory
+            .upsert_host(&crate::inventory::HostRecord::active(
+                "web-1",
+                "10.0.0.1:7505",
+            ))
+            .unwrap();
         let record = |scans: &[(&str, u64)], last: u64| {
             let mut answer = numbered(scans);
             answer.report_last = Some(last);
@@ -1071,6 +1092,12 @@ mod tests {
     fn a_failed_scan_never_lowers_the_findings_known_and_only_adds_what_it_found() {
         let home = tempfile::tempdir().unwrap();
         let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        inventory
+            .upsert_host(&crate::inventory::HostRecord::active(
+                "web-1",
+                "10.0.0.1:7505",
+            ))
+            .unwrap();
         let findings_after = |scans: Vec<ScanReport>| {
             record_answer(&inventory, answer("3", scans));
             let states = inventory.host_states().unwrap();

@@ -96,12 +96,16 @@ impl Inventory {
         job_id: i64,
         hosts: &[HostAttempt],
     ) -> Result<(), InventoryError> {
+        let gone = self.gone_hosts(
+            hosts.iter().map(|h| h.host.as_str()),
+            "the rollout's result",
+        )?;
         let mut appender = self.db(self.conn.appender("job_results"))?;
         let now = duckdb::types::Value::Timestamp(
             duckdb::types::TimeUnit::Microsecond,
             Utc::now().timestamp_micros(),
         );
-        for host in hosts {
+        for host in hosts.iter().filter(|h| !gone.contains(&h.host)) {
             self.db(appender.append_row(params![
                 job_id,
                 host.host,
@@ -196,6 +200,25 @@ impl Inventory {
         }))?;
         let hosts = rows.map(|row| self.db(row)).collect::<Result<_, _>>()?;
         Ok(Some((record, hosts)))
+    }
+
+    /// The rollouts recorded as running that include `host`: job id, kind and the pid of the
+    /// process recorded as running it (newest first; whether it still runs is the caller's
+    /// check, `push::rollout_process_alive`).
+    pub fn running_rollouts_of(
+        &self,
+        host: &str,
+    ) -> Result<Vec<(i64, String, Option<i32>)>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT r.job_id, r.kind, r.pid FROM rollouts r
+             WHERE r.state = 'running'
+               AND EXISTS (SELECT 1 FROM job_results j WHERE j.job_id = r.job_id AND j.host = ?)
+             ORDER BY r.job_id DESC",
+        ))?;
+        let rows = self.db(statement.query_map(params![host], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        }))?;
+        rows.map(|row| self.db(row)).collect()
     }
 
     /// What each host had installed at its last answer, for hosts whose last poll succeeded
