@@ -192,9 +192,24 @@ fn prometheus_scraping_the_exporter_answers_every_dashboard_expression_and_fires
     Pm::push(&setup.home)
         .args(["hold", "--host", "web-2", "--until", "1d"])
         .json();
-    setup
-        .home
-        .clamav_config(&setup.lab, "[poll]\ninactive_after = \"8s\"\n");
+    // A vendor feed arrives with revision 5: db-3, not updated since, lacks it (a missing
+    // component).
+    let feed = setup.tmp.path().join("feed");
+    std::fs::create_dir_all(feed.join("sigs")).unwrap();
+    std::fs::write(
+        feed.join("sigs/site.hdb"),
+        "44d88612fea8a8f36de82e1278abb02f:68:Pm.Site.Sample\n",
+    )
+    .unwrap();
+    setup.lab.upstream.set_feed(&feed, "1").unwrap();
+    setup.home.clamav_config(
+        &setup.lab,
+        &format!(
+            "[[products]]\nname = \"vendor\"\nkind = \"files\"\nindex_url = \"{}\"\n\
+             [poll]\ninactive_after = \"8s\"\n",
+            setup.lab.url("/vendor/index.json")
+        ),
+    );
     setup.publish(5);
     // A rollout to the first host only: a job with waves for the rollout dashboard.
     let first = "127.0.0.1";
