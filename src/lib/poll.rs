@@ -341,7 +341,22 @@ fn poll_once(
                 ),
             ])?;
             let recorded = inv.record_polls(job_id, &polled)?;
-            inv.record_seen_holds(&polled)?;
+            for hold in inv.record_seen_holds(&polled)? {
+                let way_back = if hold.kind == crate::proto::HoldKind::Hold.as_str() {
+                    "sets it again (give its --until and --reason)"
+                } else {
+                    "gives it back as it was"
+                };
+                tracing::warn!(
+                    "`{}`'s agent does not have the {} hold the manager has in force ({}): its \
+                     state was reset or restored, and its own schedule may update it; `pm-push \
+                     hold --host {}` {way_back}",
+                    hold.host,
+                    hold.kind,
+                    hold.reason,
+                    hold.host
+                );
+            }
             if let Some(ahead) = clock_ahead_of_agents(&polled) {
                 inv.save_clock_against_agents(ahead, started_at)?;
                 if ahead.abs() > crate::hosts::MAX_CLOCK_SKEW {
