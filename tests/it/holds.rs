@@ -432,6 +432,13 @@ fn a_rollback_hold_the_agent_lost_is_seen_by_a_poll_and_given_back_by_pm_push_ho
     assert!(Pm::agent(&state).args(["status"]).json()["hold"].is_null());
     let polled = Pm::poll(&setup.home).args(["--host", "127.0.0.1"]).run();
     assert_eq!(polled.code(), 0, "{}", polled.stderr());
+    assert!(
+        polled
+            .stderr()
+            .contains("does not have the rollback hold the manager has in force"),
+        "the poll says so: {}",
+        polled.stderr()
+    );
     assert_eq!(
         sql(&setup.home, "SELECT kind, on_agent FROM host_holds"),
         ["rollback,false"],
