@@ -140,6 +140,7 @@ pub fn examine(
     checks.push(check_inventory(home, config.as_ref()));
     checks.extend(check_certificates(home));
     checks.extend(check_addresses(home));
+    checks.extend(check_setup(home));
     let dist_manifest = check_repository(home, &mut checks);
     if serve.is_some() || exporter.is_some() {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -545,6 +546,44 @@ fn check_addresses(home: &Path) -> Option<Check> {
         ),
         "one active host per address: `pm-activate deactivate HOST` the one that is gone for \
          good, or run `pm-activate host NEWADDR` where its agent listens now",
+    ))
+}
+
+/// Active hosts that lack setup steps the manager has for them (`setup_failed`: a profile saved
+/// while they were down, a license an agent refused): the manager's record names what they
+/// should have, not what they have. Not listed when the inventory cannot be read.
+fn check_setup(home: &Path) -> Option<Check> {
+    const NAME: &str = "setup";
+    let inventory = Inventory::open_for_snapshot(home).ok()??;
+    let hosts = inventory.hosts().ok()?;
+    let pending: Vec<String> = hosts
+        .iter()
+        .filter(|h| h.state == "active" && !h.setup_failed.is_empty())
+        .map(|h| format!("{} ({})", h.host, h.setup_failed.replace(',', ", ")))
+        .collect();
+    if pending.is_empty() {
+        return Some(Check::ok(
+            NAME,
+            Some("every active host has its profile, group and license".to_string()),
+        ));
+    }
+    const SHOWN: usize = 10;
+    let more = pending.len().saturating_sub(SHOWN);
+    Some(Check::warn(
+        NAME,
+        format!(
+            "{} active hosts do not have setup steps the manager has for them: {}{}",
+            pending.len(),
+            pending[..pending.len().min(SHOWN)].join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ),
+        "`pm-activate host ADDRESS` sends a host its setup again once it answers (`pm-activate \
+         list` shows the address and `setup: failed: STEP`); a profile alone: `pm-push profile \
+         NAME --host HOST`",
     ))
 }
 

@@ -341,7 +341,22 @@ fn poll_once(
                 ),
             ])?;
             let recorded = inv.record_polls(job_id, &polled)?;
-            inv.record_seen_holds(&polled)?;
+            for hold in inv.record_seen_holds(&polled)? {
+                let way_back = if hold.kind == crate::proto::HoldKind::Hold.as_str() {
+                    "sets it again (give its --until and --reason)"
+                } else {
+                    "gives it back as it was"
+                };
+                tracing::warn!(
+                    "`{}`'s agent does not have the {} hold the manager has in force ({}): its \
+                     state was reset or restored, and its own schedule may update it; `pm-push \
+                     hold --host {}` {way_back}",
+                    hold.host,
+                    hold.kind,
+                    hold.reason,
+                    hold.host
+                );
+            }
             if let Some(ahead) = clock_ahead_of_agents(&polled) {
                 inv.save_clock_against_agents(ahead, started_at)?;
                 if ahead.abs() > crate::hosts::MAX_CLOCK_SKEW {
@@ -547,7 +562,7 @@ pub(crate) async fn ask_all(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
-    targets
+    let mut polled: Vec<PolledHost> = targets
         .iter()
         .map(|target| {
             results.remove(&target.host).unwrap_or_else(|| PolledHost {
@@ -565,8 +580,55 @@ pub(crate) async fn ask_all(
                 clock_ahead_of_agent: None,
             })
         })
-        .collect()
+        .collect();
+    advise_not_yet_valid(targets, &mut polled);
+    polled
 }
+
+/// Ends the message of each certificate not yet valid by this manager's clock
+/// ([`NOT_YET_VALID`]) with what to do, decided by the clocks of the agents that answered
+/// this poll: in step with this manager's, the certificate was issued while a clock was wrong
+/// (a renewal while the manager's and the agent's clocks were both ahead) and is re-issued; out
+/// of step, this manager's clock is the one to set right; with no agent heard, both.
+fn advise_not_yet_valid(targets: &[Target], polled: &mut [PolledHost]) {
+    let ahead = clock_ahead_of_agents(polled);
+    for (target, poll) in targets.iter().zip(polled.iter_mut()) {
+        let Err(failure) = &mut poll.answer else {
+            continue;
+        };
+        let Some(problem) = failure.message.strip_suffix(NOT_YET_VALID) else {
+            continue;
+        };
+        let address = &target.address;
+        let advice = match ahead {
+            Some(ahead) if ahead.abs() <= crate::hosts::MAX_CLOCK_SKEW => format!(
+                "this manager's clock agrees with its agents' (the median of this poll's \
+                 answers), so the certificate was issued while a clock was wrong; \
+                 `pm-activate host {address}` re-issues it over the host's identity (if its agent \
+                 refuses, run `pm-agent reset` on the host, then `pm-activate host {address} \
+                 --key-file F`)"
+            ),
+            Some(ahead) => {
+                let now = Utc::now();
+                format!(
+                    "this manager's clock is {} its agents' (the median of this poll's answers): \
+                     set it right (`timedatectl status`, NTP)",
+                    crate::hosts::clock_offset(now, now - ahead)
+                )
+            }
+            None => format!(
+                "if this manager's clock is right (`timedatectl status`), the certificate was \
+                 issued while a clock was wrong and `pm-activate host {address}` re-issues it; \
+                 otherwise set this manager's clock right (NTP)"
+            ),
+        };
+        failure.message = format!("{problem}: {advice}");
+    }
+}
+
+/// Ends the message of a certificate not yet valid until [`advise_not_yet_valid`] replaces it
+/// with what to do.
+const NOT_YET_VALID: &str = ": see the clocks";
 
 fn failure(kind: &str, message: impl Into<String>) -> PollFailure {
     PollFailure {
@@ -800,7 +862,7 @@ async fn explain_tls(
         Err(problem @ crate::pki::ca::IssueProblem::NotYetValid { .. }) => Some(failure(
             "clock",
             format!(
-                "{}: set this manager's clock right (NTP)",
+                "{}{NOT_YET_VALID}",
                 crate::hosts::describe_problem(&whose, clock, &problem)
             ),
         )),
@@ -1528,23 +1590,75 @@ mod tests {
         assert!(parse_answer(&serde_json::to_vec(&answer).unwrap()).is_ok());
     }
 
+    /// A failed poll whose agent's clock was seen `ahead` (seconds) of this manager's.
+    fn failed_poll(message: &str, ahead: Option<i64>) -> PolledHost {
+        PolledHost {
+            host: "web-1".into(),
+            polled_at: Utc::now(),
+            latency_ms: None,
+            answer: Err(PollFailure {
+                kind: "timeout".into(),
+                message: message.into(),
+            }),
+            certificate: None,
+            clock_ahead_of_agent: ahead.map(chrono::Duration::seconds),
+        }
+    }
+
+    #[test]
+    fn a_certificate_not_yet_valid_blames_the_clock_the_other_agents_disagree_with() {
+        let advice = |others: &[Option<i64>]| {
+            let mut polled = vec![failed_poll(
+                &format!("valid only from T{NOT_YET_VALID}"),
+                None,
+            )];
+            polled.extend(others.iter().map(|ahead| failed_poll("", *ahead)));
+            let targets: Vec<Target> = polled.iter().map(|_| web_1()).collect();
+            advise_not_yet_valid(&targets, &mut polled);
+            polled[0].answer.clone().unwrap_err().message
+        };
+        let in_step = advice(&[Some(1), Some(-2)]);
+        assert!(
+            in_step.contains("issued while a clock was wrong"),
+            "{in_step}"
+        );
+        assert!(
+            in_step.contains("pm-activate host 10.0.0.5:7505"),
+            "{in_step}"
+        );
+        assert!(!in_step.contains("set it right"), "{in_step}");
+        let behind = advice(&[Some(-86_400 * 300)]);
+        assert!(behind.contains("300 days behind its agents'"), "{behind}");
+        assert!(behind.contains("set it right"), "{behind}");
+        let alone = advice(&[]);
+        assert!(
+            alone.contains("if this manager's clock is right"),
+            "{alone}"
+        );
+        // Other failures keep their message.
+        assert_eq!(advice_untouched(), "refused");
+    }
+
+    fn advice_untouched() -> String {
+        let mut polled = vec![failed_poll("refused", None)];
+        advise_not_yet_valid(&[web_1()], &mut polled);
+        polled[0].answer.clone().unwrap_err().message
+    }
+
+    fn web_1() -> Target {
+        Target {
+            host: "web-1".into(),
+            address: "10.0.0.5:7505".into(),
+            group: "default".into(),
+            wave: None,
+        }
+    }
+
     #[test]
     fn the_clock_against_agents_is_the_median_of_those_that_answered() {
         let check = |aheads: &[Option<i64>], expected: Option<i64>| {
-            let polled: Vec<PolledHost> = aheads
-                .iter()
-                .map(|ahead| PolledHost {
-                    host: "web-1".into(),
-                    polled_at: Utc::now(),
-                    latency_ms: None,
-                    answer: Err(PollFailure {
-                        kind: "timeout".into(),
-                        message: String::new(),
-                    }),
-                    certificate: None,
-                    clock_ahead_of_agent: ahead.map(chrono::Duration::seconds),
-                })
-                .collect();
+            let polled: Vec<PolledHost> =
+                aheads.iter().map(|ahead| failed_poll("", *ahead)).collect();
             assert_eq!(
                 clock_ahead_of_agents(&polled),
                 expected.map(chrono::Duration::seconds),

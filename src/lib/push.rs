@@ -1902,6 +1902,7 @@ fn push_profile(
         })?;
     let (targets, hosts) = resolve(home, global, targets)?;
     let profile = Arc::new(profile);
+    let recorded_for = recorded.clone();
     on_targets(
         home,
         global,
@@ -1927,7 +1928,20 @@ fn push_profile(
         |inv, _, outcomes| {
             mark_hosts(inv, &hosts, outcomes, "profile", |host| {
                 host.profile = name.to_string();
-            })
+            })?;
+            // A saved profile its host did not get (down, refused): the inventory says the
+            // step is pending (`setup: failed: profile`) until a later send reaches the host.
+            for (target, outcome) in outcomes {
+                if outcome.is_err()
+                    && recorded_for.contains(&target.host)
+                    && let Some(host) = hosts.iter().find(|h| h.host == target.host)
+                {
+                    let mut host = host.clone();
+                    host.setup_failed = with(&host.setup_failed, "profile");
+                    inv.upsert_host(&host)?;
+                }
+            }
+            Ok(())
         },
     )
 }
@@ -2047,6 +2061,15 @@ fn push_schedule(
 }
 
 /// `failed` (a comma list of setup steps) without `step`.
+/// `failed` (the failed setup steps, comma-separated) with `step` in it.
+fn with(failed: &str, step: &str) -> String {
+    let mut steps: Vec<&str> = failed.split(',').filter(|s| !s.is_empty()).collect();
+    if !steps.contains(&step) {
+        steps.push(step);
+    }
+    steps.join(",")
+}
+
 fn without(failed: &str, step: &str) -> String {
     failed
         .split(',')
@@ -2402,6 +2425,14 @@ fn summary_line(kind: &str, revision: &str, hosts: &[HostAttempt]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_setup_step_is_listed_once_and_taken_out_alone() {
+        assert_eq!(with("", "profile"), "profile");
+        assert_eq!(with("license", "profile"), "license,profile");
+        assert_eq!(with("license,profile", "profile"), "license,profile");
+        assert_eq!(without("license,profile", "profile"), "license");
+    }
 
     #[test]
     fn a_pid_now_held_by_another_program_does_not_keep_a_killed_rollout_running() {

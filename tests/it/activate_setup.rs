@@ -280,3 +280,68 @@ fn licenses_are_kept_private_and_an_expired_one_is_refused() {
     let run = Pm::activate(&home).args(["license", "list"]).run();
     assert!(!run.stdout().contains("secret license"));
 }
+
+/// Red team C, item 6: a profile replaced while a host is down. The inventory says the host does
+/// not have it yet (`setup: failed: profile`), pm-doctor names it, and `pm-activate host ADDR`
+/// sends it once the host answers.
+#[test]
+fn a_profile_replaced_while_its_host_is_down_is_pending_until_activate_host_sends_it() {
+    let mut setup = AgentSetup::new();
+    if let Some(mut agent) = setup.agent.take() {
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+    }
+    let run = Pm::activate(&setup.home)
+        .args([
+            "profile",
+            "new",
+            "default",
+            "--set",
+            r"exclude=\.bak$",
+            "--json",
+        ])
+        .run();
+    assert_eq!(run.code(), 3, "saved, not sent: partial: {}", run.stderr());
+    assert_eq!(
+        listed(&setup.home)["setup_failed"],
+        serde_json::json!(["profile"]),
+        "the inventory must not say the host has a profile it does not have"
+    );
+    setup.run_agent();
+    assert!(setup.agent_cmd(&["status"])["profile"]["options"]["exclude"].is_null());
+    let polled = Pm::poll(&setup.home).run();
+    assert_eq!(polled.code(), 0, "{}", polled.stderr());
+    assert_eq!(
+        listed(&setup.home)["setup_failed"],
+        serde_json::json!(["profile"])
+    );
+    let doctor = Pm::new("pm-doctor")
+        .args(["--home", setup.home.path().to_str().unwrap(), "--json"])
+        .run()
+        .json();
+    let check = doctor["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "setup")
+        .unwrap_or_else(|| panic!("pm-doctor names no setup check: {doctor}"));
+    assert_eq!(check["result"], "warn", "{check}");
+    assert!(
+        check["message"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1 (profile)"),
+        "{check}"
+    );
+    assert!(
+        check["hint"].as_str().unwrap().contains("pm-activate host"),
+        "{check}"
+    );
+    let (code, report) = host_again(&setup, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(listed(&setup.home)["setup_failed"], serde_json::json!([]));
+    assert_eq!(
+        setup.agent_cmd(&["status"])["profile"]["options"]["exclude"][0],
+        r"\.bak$"
+    );
+}

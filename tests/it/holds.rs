@@ -297,9 +297,8 @@ fn rollouts_report_held_hosts_and_a_fleet_rollback_moves_dist_without_waiting_fo
     );
 }
 
-/// Red team A, item 9: a maintenance window over a host rolled back by hand.
-#[test]
-fn a_timed_hold_keeps_a_hand_rollbacks_hold_and_the_host_stays_rolled_back_when_it_ends() {
+/// One agent that installed r1 then r6, rolled back by hand (`pm-rollback --to backup:1`) to r1.
+fn rolled_back_by_hand_to_r1() -> AgentSetup {
     let setup = AgentSetup::new();
     let state = setup.state();
     Pm::agent(&state).args(["update"]).json();
@@ -309,6 +308,14 @@ fn a_timed_hold_keeps_a_hand_rollbacks_hold_and_the_host_stays_rolled_back_when_
         .args(["--host", "127.0.0.1", "--to", "backup:1"])
         .json();
     assert_eq!(back["report"]["revision"], "r1", "{back}");
+    setup
+}
+
+/// Red team A, item 9: a maintenance window over a host rolled back by hand.
+#[test]
+fn a_timed_hold_keeps_a_hand_rollbacks_hold_and_the_host_stays_rolled_back_when_it_ends() {
+    let setup = rolled_back_by_hand_to_r1();
+    let state = setup.state();
     let planned = Pm::push(&setup.home)
         .args(["hold", "--host", "127.0.0.1", "--until", "3s", "--dry-run"])
         .json();
@@ -404,4 +411,73 @@ fn hold_release_and_license_of_a_host_that_does_not_answer_are_partial_and_chang
     assert_eq!((code, &sent["changed"]), (3, &true.into()), "{sent}");
     let (code, again) = run(&license);
     assert_eq!((code, &again["changed"]), (1, &false.into()), "{again}");
+}
+
+/// Red team C, item 7: an agent that lost its rollback hold (state restored from before it) is
+/// seen by the next poll, and `pm-push hold` gives the rollback hold back instead of skipping it.
+#[test]
+fn a_rollback_hold_the_agent_lost_is_seen_by_a_poll_and_given_back_by_pm_push_hold() {
+    let mut setup = rolled_back_by_hand_to_r1();
+    let state = setup.state();
+    // The agent loses its hold, as a state restored from a snapshot taken before it would.
+    if let Some(mut agent) = setup.agent.take() {
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+    }
+    let file = state.join("setup.json");
+    let mut saved: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    saved["hold"] = Value::Null;
+    std::fs::write(&file, serde_json::to_vec(&saved).unwrap()).unwrap();
+    setup.run_agent();
+    assert!(Pm::agent(&state).args(["status"]).json()["hold"].is_null());
+    let polled = Pm::poll(&setup.home).args(["--host", "127.0.0.1"]).run();
+    assert_eq!(polled.code(), 0, "{}", polled.stderr());
+    assert!(
+        polled
+            .stderr()
+            .contains("does not have the rollback hold the manager has in force"),
+        "the poll says so: {}",
+        polled.stderr()
+    );
+    assert_eq!(
+        sql(&setup.home, "SELECT kind, on_agent FROM host_holds"),
+        ["rollback,false"],
+        "the manager must not say the agent has a hold it lost"
+    );
+    let run = Pm::push(&setup.home)
+        .args(["hold", "--host", "127.0.0.1", "--reason", "re", "--json"])
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let held = run.json();
+    let line = host_result(&held, "127.0.0.1");
+    assert_eq!(
+        (&line["result"], &line["changed"]),
+        (&"ok".into(), &true.into()),
+        "{held}"
+    );
+    assert!(
+        line["detail"]
+            .as_str()
+            .unwrap()
+            .contains("gave back its rollback hold"),
+        "{held}"
+    );
+    assert_eq!(
+        Pm::agent(&state).args(["status"]).json()["hold"]["kind"],
+        "rollback"
+    );
+    assert_eq!(
+        sql(&setup.home, "SELECT kind, on_agent FROM host_holds"),
+        ["rollback,true"]
+    );
+    // Given back, it is left alone again.
+    let again = Pm::push(&setup.home)
+        .args(["hold", "--host", "127.0.0.1", "--reason", "re"])
+        .json();
+    assert_eq!(
+        host_result(&again, "127.0.0.1")["result"],
+        "skipped",
+        "{again}"
+    );
+    assert_eq!(installed(&state), "r1");
 }

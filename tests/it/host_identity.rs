@@ -1183,3 +1183,47 @@ fn pm_doctor_names_active_hosts_that_share_an_address() {
         "{check}"
     );
 }
+
+/// Red team C, item 8: a certificate renewed while the manager's and the agent's clocks were
+/// both 300 days ahead is valid only from then. With the clocks right again (another agent of
+/// the same poll agrees with the manager), the poll says it was issued while a clock was wrong,
+/// not "set this manager's clock right", and `pm-activate host ADDR` re-issues it.
+#[test]
+fn a_certificate_issued_while_both_clocks_were_ahead_is_named_so_and_pm_activate_reissues_it() {
+    let home = Home::new();
+    let mut ahead = Agent::start(&home, "a87", "127.0.0.87");
+    let right = Agent::start(&home, "a88", "127.0.0.88");
+    activate(&home, &ahead, &[]);
+    activate(&home, &right, &[]);
+    ahead.run(Some("+300d"));
+    let run = poll_at(&home, "+300d", &["--host", "a87"]);
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert_eq!(
+        run.json()["summary"]["certificates_renewed"],
+        1,
+        "{}",
+        run.stdout()
+    );
+    // Both clocks are right again.
+    ahead.run(None);
+    let (code, report, stderr) = poll(&home, &["--all"]);
+    assert_eq!(code, 3, "{report}\n{stderr}");
+    let line = host(&report, "a87");
+    assert_eq!(line["error_kind"], "clock", "{line}");
+    let error = line["error"].as_str().unwrap();
+    assert!(!error.contains("set this manager's clock right"), "{error}");
+    assert!(error.contains("issued while a clock was wrong"), "{error}");
+    assert!(
+        error.contains(&format!("pm-activate host {}", ahead.addr)),
+        "{error}"
+    );
+    let run = reapply(&home, &ahead.addr.to_string(), &["--json"]);
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert!(
+        run.stdout().contains("issued while a clock was wrong"),
+        "{}",
+        run.stdout()
+    );
+    let (code, report, stderr) = poll(&home, &["--all"]);
+    assert_eq!(code, 0, "{report}\n{stderr}");
+}

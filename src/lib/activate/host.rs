@@ -707,7 +707,7 @@ fn activate_one(
     };
     match issued {
         // Activated by this manager already.
-        Ok(()) => reapply(run, &reached, false),
+        Ok(()) => reapply(run, &reached, None),
         Err(problem @ IssueProblem::Expired { .. }) => {
             if hosts::find_by_certificate(&context.hosts, &presented).is_none() {
                 return Err(UserError::failure(format!(
@@ -720,13 +720,54 @@ fn activate_one(
                 )
                 .into());
             }
-            reapply(run, &reached, true)
+            reapply(run, &reached, Some(("after it expired", "renewed")))
         }
-        Err(problem @ IssueProblem::NotYetValid { .. }) => Err(UserError::failure(
-            hosts::describe_problem(&whose, "this manager's clock", &problem),
-        )
-        .with_hint("set this manager's clock right (NTP, chrony), then run the same command again")
-        .into()),
+        // Valid only from a time ahead of this manager's clock. Unless the last poll found
+        // this clock out of step with its agents', the certificate was issued while a clock
+        // was wrong (a renewal while the manager's and the agent's clocks were both ahead):
+        // a host of this inventory gets it re-issued over its identity, as an expired one.
+        Err(problem @ IssueProblem::NotYetValid { .. }) => {
+            let out_of_step = Inventory::open_read_only(run.home, run.global.lock_timeout)
+                .map_err(inventory_error)?
+                .map(|inv| crate::poll::clock_out_of_step(&inv, Utc::now()))
+                .transpose()
+                .map_err(inventory_error)?
+                .flatten();
+            let known = hosts::find_by_certificate(&context.hosts, &presented).is_some();
+            match out_of_step {
+                None if known => reapply(
+                    run,
+                    &reached,
+                    Some((
+                        "issued while a clock was wrong (valid only from a later time)",
+                        "re-issued: issued while a clock was wrong",
+                    )),
+                ),
+                None => Err(UserError::failure(format!(
+                    "{}, and no active host of this inventory has it",
+                    hosts::describe_problem(&whose, "this manager's clock", &problem)
+                ))
+                .with_hint(
+                    "if this manager's clock is right (`timedatectl status`), it was issued while \
+                     a clock was wrong: run `pm-agent reset --activation-key-file F` on the host, \
+                     then activate it again with that key",
+                )
+                .into()),
+                Some((ahead, _)) => {
+                    let now = Utc::now();
+                    Err(UserError::failure(format!(
+                        "{}; the last poll found this manager's clock {} its agents'",
+                        hosts::describe_problem(&whose, "this manager's clock", &problem),
+                        hosts::clock_offset(now, now - ahead)
+                    ))
+                    .with_hint(
+                        "set this manager's clock right (`timedatectl status`, NTP), then run \
+                         the same command again",
+                    )
+                    .into())
+                }
+            }
+        }
         // Issued by another manager's CA: that agent answers only its manager (mutual TLS).
         Err(IssueProblem::NotIssued) if !self_signed(&presented) => {
             let issuer = presented
@@ -1172,15 +1213,15 @@ fn reissue_reason(
     presented: &X509,
     address: &str,
     host_name: &str,
-    expired: bool,
+    outside: Option<(&'static str, &'static str)>,
 ) -> Option<(&'static str, &'static str)> {
     let (not_before, not_after) = crate::pki::ca::validity(presented);
     if !crate::pki::ca::names_host(presented, hosts::address_host(address)) {
         Some(("for its new address", "re-issued for a new address"))
     } else if crate::pki::ca::common_name(presented).as_deref() != Some(host_name) {
         Some(("for its new name", "re-issued for a new name"))
-    } else if expired {
-        Some(("after it expired", "renewed"))
+    } else if outside.is_some() {
+        outside
     } else if hosts::renewal_due(not_before, not_after, Utc::now()) {
         Some(("before it expires", "renewed"))
     } else {
@@ -1191,7 +1232,11 @@ fn reissue_reason(
 /// Re-applies group, profile and labels to a host this manager already activated; renames it
 /// (its history moves with it) and re-issues its certificate when the address, the name or its
 /// age asks for it, and verifies the way `pm-poll` will reach it.
-fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<HostReport> {
+fn reapply(
+    run: Run<'_>,
+    reached: &Reached,
+    outside: Option<(&'static str, &'static str)>,
+) -> anyhow::Result<HostReport> {
     let (socket, address, presented) =
         (reached.socket, reached.address.as_str(), &reached.presented);
     let fingerprint = tls::fingerprint(presented);
@@ -1241,7 +1286,7 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
     )?;
     let mut steps = Vec::new();
     let mut reissued = None;
-    let reason = reissue_reason(presented, address, &host_name, expired);
+    let reason = reissue_reason(presented, address, &host_name, outside);
     if let Some((why, _)) = reason {
         if run.global.dry_run {
             steps.push(Step::skipped(
@@ -1249,7 +1294,7 @@ fn reapply(run: Run<'_>, reached: &Reached, expired: bool) -> anyhow::Result<Hos
                 format!("dry run: would re-issue it {why}"),
             ));
         } else {
-            let trust = if expired {
+            let trust = if outside.is_some() {
                 Trust::PinnedExpired(&fingerprint)
             } else {
                 Trust::Pinned(&fingerprint)

@@ -135,13 +135,14 @@ impl Inventory {
     /// (agents of this release), whether its agent has the hold in force on the manager (same
     /// kind and reason) is recorded, so `pm-push holds` never says "agent has it" for an agent
     /// that lost it (state wiped, reset or restored from a snapshot). Only the hosts whose
-    /// answer differs from the record are written; returns how many.
+    /// answer differs from the record are written; returns the holds the answers show lost
+    /// (the agent does not have them), so the poll can say so.
     pub fn record_seen_holds(
         &self,
         polled: &[crate::inventory::PolledHost],
-    ) -> Result<usize, InventoryError> {
+    ) -> Result<Vec<HoldRecord>, InventoryError> {
         let held = self.holds()?;
-        let mut changed = 0;
+        let mut lost = Vec::new();
         for poll in polled {
             let (Ok(answer), Some(hold)) = (&poll.answer, held.get(&poll.host)) else {
                 continue;
@@ -156,10 +157,12 @@ impl Inventory {
                 .is_some_and(|h| h.kind.as_str() == hold.kind && h.reason == hold.reason);
             if has != hold.on_agent {
                 self.set_hold_on_agent(&poll.host, has)?;
-                changed += 1;
+            }
+            if !has {
+                lost.push(hold.clone());
             }
         }
-        Ok(changed)
+        Ok(lost)
     }
 
     /// Releases the holds on `hosts` that are not released yet (only those of `only_kind`

@@ -138,7 +138,12 @@ pub(super) fn push_hold(
         })
         .map(|t| t.host.clone())
         .collect();
-    let left_alone: HashSet<String> = kept.keys().cloned().collect();
+    // Those whose agent lost its hold get it back: they are not left alone.
+    let left_alone: HashSet<String> = kept
+        .iter()
+        .filter(|(_, hold)| hold.on_agent)
+        .map(|(host, _)| host.clone())
+        .collect();
     let record_kept = Arc::clone(&kept);
     let (n_kept, targets_kept) = {
         let mut hosts: Vec<&str> = targets
@@ -168,6 +173,35 @@ pub(super) fn push_hold(
             let kept = kept.get(&target.host).cloned();
             async move {
                 if let Some(hold) = kept {
+                    // The agent lost it (state reset or restored, seen by a poll): given back
+                    // as the manager has it, never replaced by the window.
+                    if let Some(spec) = hold.spec(Utc::now()).filter(|_| !hold.on_agent) {
+                        let request = HoldRequest {
+                            hold: Some(spec),
+                            only_kind: None,
+                        };
+                        return send(&client, &target, &request)
+                            .await
+                            .map(|_| {
+                                (
+                                    true,
+                                    format!(
+                                        "gave back its {} hold at {} (no end), which its agent \
+                                         did not have: {}",
+                                        hold.kind,
+                                        hold.revision.as_deref().unwrap_or("its revision"),
+                                        hold.reason
+                                    ),
+                                )
+                            })
+                            .map_err(|error| {
+                                format!(
+                                    "{error}; its agent does not have its {} hold and its own \
+                                     schedule may update it: run this again when it answers",
+                                    hold.kind
+                                )
+                            });
+                    }
                     return Ok((
                         false,
                         format!(
@@ -208,7 +242,15 @@ pub(super) fn push_hold(
                     on_agent: outcome.is_ok(),
                 })
                 .collect();
-            inv.record_holds(&holds)
+            inv.record_holds(&holds)?;
+            for (target, outcome) in outcomes {
+                if outcome.as_ref().is_ok_and(|(changed, _)| *changed)
+                    && record_kept.contains_key(&target.host)
+                {
+                    inv.set_hold_on_agent(&target.host, true)?;
+                }
+            }
+            Ok(())
         },
     )?;
     if n_kept > 0 {
@@ -371,6 +413,19 @@ pub(super) fn list(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatu
         ]);
     }
     cli::print_text(table)?;
+    let lost: Vec<&str> = lines
+        .iter()
+        .filter(|line| !line.on_agent)
+        .map(|line| line.host.as_str())
+        .collect();
+    if !lost.is_empty() {
+        eprintln!(
+            "note: the agents of {} do not have their hold (unreachable when it was set, or \
+             their state was reset or restored): `pm-push hold --host HOST` gives a rollback \
+             hold back as it was (a plain hold: give its --until and --reason again)",
+            lost.join(", ")
+        );
+    }
     Ok(ExitStatus::Success)
 }
 
