@@ -251,7 +251,7 @@ fn poll_once(
     let shift = clock()?;
     let started_at = Utc::now() + shift;
     // What to ask, read-only and closed right away.
-    let (targets, cursors, settings, roster) = {
+    let (targets, cursors, settings, roster, active) = {
         let Some(inventory) =
             Inventory::open_read_only(home, args.global.lock_timeout).map_err(inventory_error)?
         else {
@@ -266,6 +266,7 @@ fn poll_once(
         let where_hosts = args.targets.where_hosts(&inventory)?;
         let targets = args.targets.resolve(&hosts, where_hosts.as_ref())?;
         let roster = roster(&hosts);
+        let active = hosts.iter().filter(|h| h.state == "active").count();
         let settings = Settings {
             registry: Some(Arc::new(crate::hosts::Registry::new(hosts))),
             ..settings.clone()
@@ -275,6 +276,7 @@ fn poll_once(
             inventory.poll_cursors().map_err(inventory_error)?,
             settings,
             roster,
+            active,
         )
     };
     let settings = &settings;
@@ -345,7 +347,15 @@ fn poll_once(
             let recorded = inv.record_polls(job_id, &polled)?;
             inv.record_seen_holds(&polled)?;
             if let Some(ahead) = clock_ahead_of_agents(&polled) {
-                inv.save_clock_against_agents(ahead, started_at)?;
+                let witnesses = polled
+                    .iter()
+                    .filter(|p| p.clock_ahead_of_agent.is_some())
+                    .count();
+                inv.save_clock_against_agents(
+                    ahead,
+                    started_at,
+                    vouches_for_the_clock(witnesses, active),
+                )?;
                 if ahead.abs() > crate::hosts::MAX_CLOCK_SKEW {
                     tracing::warn!(
                         "this manager's clock is {} its agents' (the median of their answers): \
@@ -1186,6 +1196,13 @@ fn clock_ahead_of_agents(polled: &[PolledHost]) -> Option<chrono::Duration> {
     ahead.get(ahead.len() / 2).copied()
 }
 
+/// Whether `witnesses` agents whose clocks a poll read are enough to vouch for the manager's
+/// clock as a time a prune may measure from: more than half of the `active` hosts, so a run
+/// of a few hosts (`--host`) whose clocks went wrong with the manager's cannot.
+fn vouches_for_the_clock(witnesses: usize, active: usize) -> bool {
+    witnesses > 0 && witnesses * 2 > active
+}
+
 /// How far this manager's clock was ahead of its agents' (negative: behind) at the last poll
 /// that heard any, and when, when they disagreed by more than clocks may
 /// ([`crate::hosts::MAX_CLOCK_SKEW`]) and the clock was not set back since (`now` is not
@@ -1551,6 +1568,17 @@ mod tests {
         if !campaign.replay {
             assert!(campaign.accepted < campaign.cases, "nothing was damaged");
         }
+    }
+
+    #[test]
+    fn only_answers_from_more_than_half_the_active_fleet_vouch_for_the_clock() {
+        assert!(vouches_for_the_clock(1, 1));
+        assert!(vouches_for_the_clock(2, 3));
+        assert!(!vouches_for_the_clock(1, 2));
+        assert!(!vouches_for_the_clock(1, 3));
+        assert!(!vouches_for_the_clock(0, 0));
+        assert!(vouches_for_the_clock(5_001, 10_000));
+        assert!(!vouches_for_the_clock(5_000, 10_000));
     }
 
     #[test]

@@ -176,28 +176,35 @@ fn stop_agent(setup: &mut AgentSetup) {
     agent.wait().unwrap();
 }
 
-/// `pm-poll` at the clock `offset` (under libfaketime), exit `code`: it prunes nothing, says
-/// `why` on stderr, and the history is still `before`.
+/// The setup's own host, polled alone.
+const SETUP_HOST: [&str; 4] = ["--timeout", "5s", "--host", "127.0.0.1"];
+
+/// `pm-poll` of the setup's own host at the clock `offset` (under libfaketime), exit `code`:
+/// it prunes nothing, says `why` on stderr, and the history is still `before`.
 fn poll_without_prune(setup: &AgentSetup, offset: &str, code: i32, why: &str, before: [i64; 3]) {
-    let run = crate::host_identity::at(offset, "pm-poll", &setup.home, &["--timeout", "5s"]);
+    let run = crate::host_identity::at(offset, "pm-poll", &setup.home, &SETUP_HOST);
     assert_eq!(run.code(), code, "{}\n{}", run.stdout(), run.stderr());
     assert!(run.json().get("pruned").is_none(), "{}", run.stdout());
     assert!(run.stderr().contains(why), "{}", run.stderr());
     assert_eq!(history(setup), before);
 }
 
-/// Starts the agent with its clock `offset` (under libfaketime) and polls at the same
+/// Starts the agent with its clock `offset` (under libfaketime) and polls its host at the same
 /// `offset`: the daily prune runs, measured from the real clock, and deletes none of `before`.
 fn prune_with_agent_as_far_ahead(setup: &mut AgentSetup, offset: &str, before: [i64; 3]) {
-    setup.agent = Some(crate::holds::spawn_agent_with_clock(
-        &setup.state(),
-        setup.addr,
-        offset,
-    ));
-    let run = crate::host_identity::at(offset, "pm-poll", &setup.home, &["--timeout", "5s"]);
+    // libfaketime preloaded into pm-agent itself (not the `faketime` wrapper, whose child
+    // would outlive a kill), so stopping the agent stops it.
+    let mut command = Pm::agent(&setup.state()).args(["run"]).command();
+    command
+        .env("LD_PRELOAD", crate::agent_day2::LIBFAKETIME)
+        .env("FAKETIME", offset)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .stderr(std::process::Stdio::null());
+    setup.agent = Some(spawn_agent_command(command, setup.addr));
+    let run = crate::host_identity::at(offset, "pm-poll", &setup.home, &SETUP_HOST);
     assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
     let report = run.json();
-    assert_eq!(report["pruned"]["polls"], 0, "{report:#}");
+    assert_eq!(report["pruned"]["polls"], 0, "{report:#}\n{}", run.stderr());
     assert_measured_from_the_real_clock(&report);
     assert_eq!(history(setup), before);
 }
@@ -258,14 +265,15 @@ fn a_manager_clock_far_ahead_never_prunes_history_and_its_prune_does_not_block_l
 
 /// Red team C item 1: polls stamped by a run whose agents found the clock far ahead never date
 /// a later prune: not when no agent answers (that poll does not prune, and `pm-poll --prune`
-/// measures from the last run found in step), nor when the one agent answering is as far
-/// ahead as the manager. Real agent (its clock under libfaketime for the second), real pm-poll
-/// under libfaketime, real inventory.
+/// measures from the last run found in step), nor when the one agent answering (`--host`) is
+/// as far ahead as the manager, twice. Real agents (one's clock under libfaketime), real
+/// pm-poll under libfaketime, real inventory.
 #[test]
 fn polls_stamped_while_the_clock_was_ahead_never_let_a_later_prune_delete_history() {
     use crate::host_identity::at;
 
     let mut setup = fleet_keeping_history();
+    let _other = setup.add_agent("web-2", &[]);
     // Once 300 days ahead while the agent answers: no prune (as documented), but the polls
     // stay, stamped 300 days ahead.
     let run = at("+300d", "pm-poll", &setup.home, &["--timeout", "5s"]);
@@ -290,4 +298,8 @@ fn polls_stamped_while_the_clock_was_ahead_never_let_a_later_prune_delete_histor
     // step, but a prune measures from an earlier run found in step, not from the polls the
     // run 300 days ahead stamped.
     prune_with_agent_as_far_ahead(&mut setup, "+303d", before);
+    // 3. And again two days on: the run before did not vouch for the clock (one agent of two
+    // answered), so this one too measures from the real clock.
+    stop_agent(&mut setup);
+    prune_with_agent_as_far_ahead(&mut setup, "+305d", before);
 }

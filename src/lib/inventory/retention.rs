@@ -109,18 +109,19 @@ impl Inventory {
 
     /// Records how far this manager's clock is ahead of its agents' (`ahead`, negative:
     /// behind), measured at `at` by the manager's clock (call inside a transaction); not more
-    /// than [`crate::hosts::MAX_CLOCK_SKEW`] ahead, `at` is also the new
-    /// [`Inventory::clock_in_step_at`].
+    /// than [`crate::hosts::MAX_CLOCK_SKEW`] ahead and measured against enough agents to
+    /// `vouch` for it, `at` is also the new [`Inventory::clock_in_step_at`].
     pub fn save_clock_against_agents(
         &self,
         ahead: chrono::Duration,
         at: DateTime<Utc>,
+        vouch: bool,
     ) -> Result<(), InventoryError> {
         let mut settings = vec![
             (CLOCK_AHEAD_SECONDS, ahead.num_seconds().to_string()),
             (CLOCK_CHECKED_AT, at.timestamp().to_string()),
         ];
-        if ahead <= crate::hosts::MAX_CLOCK_SKEW {
+        if vouch && ahead <= crate::hosts::MAX_CLOCK_SKEW {
             settings.push((CLOCK_IN_STEP_AT, at.timestamp().to_string()));
         }
         self.save_settings(&settings)
@@ -336,12 +337,20 @@ mod tests {
         assert_eq!(inventory.clock_in_step_at().unwrap(), None);
         let now = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap();
         let hour = chrono::Duration::hours(1);
-        inventory.save_clock_against_agents(hour, now).unwrap();
+        inventory
+            .save_clock_against_agents(hour, now, true)
+            .unwrap();
+        assert_eq!(inventory.clock_in_step_at().unwrap(), Some(now));
+        // In step, but measured against too few agents to vouch for it.
+        let soon = now + hour;
+        inventory
+            .save_clock_against_agents(hour, soon, false)
+            .unwrap();
         assert_eq!(inventory.clock_in_step_at().unwrap(), Some(now));
         // Far ahead: recorded, but it vouches for nothing.
         let later = now + chrono::Duration::days(300);
         inventory
-            .save_clock_against_agents(chrono::Duration::days(300), later)
+            .save_clock_against_agents(chrono::Duration::days(300), later, true)
             .unwrap();
         assert_eq!(inventory.clock_in_step_at().unwrap(), Some(now));
         assert_eq!(
@@ -350,7 +359,7 @@ mod tests {
         );
         // Behind: its stamps are earlier than the truth, so they age nothing early.
         inventory
-            .save_clock_against_agents(-hour * 5, later)
+            .save_clock_against_agents(-hour * 5, later, true)
             .unwrap();
         assert_eq!(inventory.clock_in_step_at().unwrap(), Some(later));
     }
