@@ -251,7 +251,7 @@ fn poll_once(
     let shift = clock()?;
     let started_at = Utc::now() + shift;
     // What to ask, read-only and closed right away.
-    let (targets, cursors, settings, roster) = {
+    let (targets, cursors, settings, roster, active) = {
         let Some(inventory) =
             Inventory::open_read_only(home, args.global.lock_timeout).map_err(inventory_error)?
         else {
@@ -266,6 +266,7 @@ fn poll_once(
         let where_hosts = args.targets.where_hosts(&inventory)?;
         let targets = args.targets.resolve(&hosts, where_hosts.as_ref())?;
         let roster = roster(&hosts);
+        let active = hosts.iter().filter(|h| h.state == "active").count();
         let settings = Settings {
             registry: Some(Arc::new(crate::hosts::Registry::new(hosts))),
             ..settings.clone()
@@ -275,6 +276,7 @@ fn poll_once(
             inventory.poll_cursors().map_err(inventory_error)?,
             settings,
             roster,
+            active,
         )
     };
     let settings = &settings;
@@ -313,8 +315,10 @@ fn poll_once(
     let unreachable = polled.len() - ok;
     let write = Instant::now();
     let inventory = Inventory::open(home, args.global.lock_timeout).map_err(inventory_error)?;
-    let (job_id, recorded) = inventory
+    let (job_id, recorded, reference) = inventory
         .transaction(|inv| {
+            // Read before this run's check replaces it: a prune measures from an earlier run.
+            let reference = inv.clock_in_step_at()?;
             let job_id = inv.insert_job(
                 "poll",
                 started_at,
@@ -358,7 +362,15 @@ fn poll_once(
                 );
             }
             if let Some(ahead) = clock_ahead_of_agents(&polled) {
-                inv.save_clock_against_agents(ahead, started_at)?;
+                let witnesses = polled
+                    .iter()
+                    .filter(|p| p.clock_ahead_of_agent.is_some())
+                    .count();
+                inv.save_clock_against_agents(
+                    ahead,
+                    started_at,
+                    vouches_for_the_clock(witnesses, active),
+                )?;
                 if ahead.abs() > crate::hosts::MAX_CLOCK_SKEW {
                     tracing::warn!(
                         "this manager's clock is {} its agents' (the median of their answers): \
@@ -368,11 +380,17 @@ fn poll_once(
                     );
                 }
             }
-            Ok((job_id, recorded))
+            Ok((job_id, recorded, reference))
         })
         .map_err(inventory_error)?;
     let inventory_write_seconds = write.elapsed().as_secs_f64();
-    let pruned = prune_if_due(&inventory, started_at, job_id, keep);
+    let pruned = prune_if_due(
+        &inventory,
+        started_at,
+        job_id,
+        keep,
+        (ok > 0).then_some(reference),
+    );
     let names: Vec<String> = targets.iter().map(|t| t.host.clone()).collect();
     let rows = inventory
         .fleet_status(Some(&names))
@@ -1139,7 +1157,8 @@ const PRUNE_EVERY: chrono::Duration = chrono::Duration::days(1);
 struct PruneReport {
     #[serde(flatten)]
     deleted: Pruned,
-    /// Ages were measured from here: the newest poll of an earlier run, never after the clock.
+    /// Ages were measured from here: the start of the newest earlier poll run whose agents
+    /// found the clock in step, never after the clock.
     as_of: String,
     /// Polls before this were deleted.
     polls_before: String,
@@ -1161,24 +1180,26 @@ fn before(now: DateTime<Utc>, age: Duration, key: &str) -> Result<DateTime<Utc>,
 /// Prunes in one transaction and records it as a `prune` job (whose time decides when pm-poll
 /// prunes by itself next); `dry_run` counts instead and records nothing.
 ///
-/// Ages are measured from the newest answered poll before `now` recorded by a run other than
-/// `this_job`, never from a later time than the clock: a clock that jumped ahead (a wrong RTC
-/// after a reboot, an NTP misstep) cannot make the history look older than it is, and after a
-/// long outage the first prune deletes nothing new (the next one, a day later, catches up).
-/// Only an answered poll counts: its agent's clock was compared with the manager's
-/// ([`clock_refusal`]), which a poll nobody answered could not do.
+/// Ages are measured from `reference`, the start of the newest poll run other than `this_job`
+/// whose agents' answers found this manager's clock not ahead of theirs
+/// ([`Inventory::clock_in_step_at`]), never from a later time than the clock: a clock that
+/// jumped ahead (a wrong RTC after a reboot, an NTP misstep) cannot make the history look
+/// older than it is, nor can polls stamped while it was (their run found it ahead), and after
+/// a long outage the first prune deletes nothing new (the next one, a day later, catches up).
+/// `None` (no poll ever checked the clock: a new or upgraded inventory): the clock.
 fn prune_inventory(
     inventory: &Inventory,
     now: DateTime<Utc>,
     this_job: Option<i64>,
+    reference: Option<DateTime<Utc>>,
     keep: Keep,
     dry_run: bool,
 ) -> anyhow::Result<PruneReport> {
     let started = Instant::now();
-    let (newest, stamped_ahead) = inventory
-        .prune_reference(now, this_job)
+    let stamped_ahead = inventory
+        .polls_stamped_ahead(now, this_job)
         .map_err(inventory_error)?;
-    let as_of = newest.map_or(now, |newest| newest.min(now));
+    let as_of = reference.map_or(now, |reference| reference.min(now));
     if stamped_ahead > 0 {
         tracing::warn!(
             polls = stamped_ahead,
@@ -1237,6 +1258,13 @@ fn clock_ahead_of_agents(polled: &[PolledHost]) -> Option<chrono::Duration> {
     ahead.get(ahead.len() / 2).copied()
 }
 
+/// Whether `witnesses` agents whose clocks a poll read are enough to vouch for the manager's
+/// clock as a time a prune may measure from: more than half of the `active` hosts, so a run
+/// of a few hosts (`--host`) whose clocks went wrong with the manager's cannot.
+fn vouches_for_the_clock(witnesses: usize, active: usize) -> bool {
+    witnesses > 0 && witnesses * 2 > active
+}
+
 /// How far this manager's clock was ahead of its agents' (negative: behind) at the last poll
 /// that heard any, and when, when they disagreed by more than clocks may
 /// ([`crate::hosts::MAX_CLOCK_SKEW`]) and the clock was not set back since (`now` is not
@@ -1277,13 +1305,17 @@ fn clock_refusal(inventory: &Inventory, now: DateTime<Utc>) -> anyhow::Result<Op
 }
 
 /// After a poll (`this_job`), on the inventory it just wrote: prunes when `auto_prune` is on,
-/// the last prune is a day old (or there was none) and the clock is not far ahead of the
-/// agents'. A failed or refused prune is a warning: the poll is recorded.
+/// the last prune is a day old (or there was none), an agent answered this poll (`reference`:
+/// `None` when none did; else what [`prune_inventory`] measures from, read before this poll
+/// was recorded) and the clock is not far ahead of the agents'. A prune that did not run is
+/// a warning (none for a new inventory whose clock no poll checked yet): the poll is recorded,
+/// and the next one tries again.
 fn prune_if_due(
     inventory: &Inventory,
     now: DateTime<Utc>,
     this_job: i64,
     keep: Keep,
+    reference: Option<Option<DateTime<Utc>>>,
 ) -> Option<PruneReport> {
     if !keep.daily {
         return None;
@@ -1298,11 +1330,27 @@ fn prune_if_due(
     if !due {
         return None;
     }
+    let Some(reference) = reference else {
+        tracing::warn!(
+            "no agent answered this poll, so it could not check this manager's clock against \
+             theirs: the daily prune did not run; the next poll an agent answers prunes"
+        );
+        return None;
+    };
+    if reference.is_none() {
+        tracing::info!(
+            "no earlier poll checked this manager's clock against its agents': the daily prune \
+             waits for the next poll"
+        );
+        return None;
+    }
     let refused = clock_refusal(inventory, now).and_then(|refusal| match refusal {
         Some(refusal) => Err(refusal.into()),
         None => Ok(()),
     });
-    match refused.and_then(|()| prune_inventory(inventory, now, Some(this_job), keep, false)) {
+    match refused
+        .and_then(|()| prune_inventory(inventory, now, Some(this_job), reference, keep, false))
+    {
         Ok(report) => {
             tracing::info!(deleted = ?report.deleted, seconds = report.seconds, "pruned");
             Some(report)
@@ -1322,7 +1370,14 @@ fn prune(home: &Path, global: &GlobalArgs, keep: Keep) -> anyhow::Result<ExitSta
     if let Some(refusal) = clock_refusal(&inventory, now)? {
         return Err(refusal.into());
     }
-    let report = prune_inventory(&inventory, now, None, keep, global.dry_run)?;
+    let reference = inventory.clock_in_step_at().map_err(inventory_error)?;
+    if reference.is_none() {
+        tracing::warn!(
+            "no poll has checked this manager's clock against its agents' yet: ages are \
+             measured from the clock"
+        );
+    }
+    let report = prune_inventory(&inventory, now, None, reference, keep, global.dry_run)?;
     let deleted = report.deleted;
     if global.json {
         cli::print_json(&serde_json::json!({
@@ -1575,6 +1630,17 @@ mod tests {
         if !campaign.replay {
             assert!(campaign.accepted < campaign.cases, "nothing was damaged");
         }
+    }
+
+    #[test]
+    fn only_answers_from_more_than_half_the_active_fleet_vouch_for_the_clock() {
+        assert!(vouches_for_the_clock(1, 1));
+        assert!(vouches_for_the_clock(2, 3));
+        assert!(!vouches_for_the_clock(1, 2));
+        assert!(!vouches_for_the_clock(1, 3));
+        assert!(!vouches_for_the_clock(0, 0));
+        assert!(vouches_for_the_clock(5_001, 10_000));
+        assert!(!vouches_for_the_clock(5_000, 10_000));
     }
 
     #[test]

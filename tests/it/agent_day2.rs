@@ -430,7 +430,7 @@ fn scan_request(home: &Path, addr: SocketAddr) -> Option<(u16, Value)> {
 }
 
 /// libfaketime from Debian's `faketime` package.
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+pub(crate) const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 #[test]
 fn install_and_scan_reports_made_after_the_agents_clock_steps_back_reach_the_inventory() {

@@ -139,7 +139,7 @@ fn a_host_rolled_back_by_hand_stays_held_through_its_schedule_pushes_and_restart
 }
 
 /// `pm-agent run` under libfaketime, its clock `offset` from the machine's.
-fn spawn_agent_with_clock(state: &Path, addr: SocketAddr, offset: &str) -> Child {
+pub(crate) fn spawn_agent_with_clock(state: &Path, addr: SocketAddr, offset: &str) -> Child {
     let mut command = Command::new("faketime");
     command
         .args(["-f", offset, bin("pm-agent"), "--state"])

@@ -128,11 +128,9 @@ fn the_exporter_reports_the_inventory_file_size() {
 /// Red team A item 3: a manager whose clock ran far ahead (an NTP misstep, a wrong RTC after a
 /// reboot) must not prune the history as if it had aged. Real agent, real pm-poll under
 /// libfaketime, real inventory.
-#[test]
-fn a_manager_clock_far_ahead_never_prunes_history_and_its_prune_does_not_block_later_ones() {
-    use crate::host_identity::at;
-
-    let mut setup = AgentSetup::new();
+/// A fleet that keeps 90 days of history, updated and polled 3 times on the right clock.
+fn fleet_keeping_history() -> AgentSetup {
+    let setup = AgentSetup::new();
     let config = std::fs::read_to_string(setup.home.path().join("pm.toml")).unwrap();
     setup
         .home
@@ -140,28 +138,88 @@ fn a_manager_clock_far_ahead_never_prunes_history_and_its_prune_does_not_block_l
     let run = Pm::push(&setup.home).args(["update", "--all"]).run();
     assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
     for _ in 0..3 {
-        // The first of them prunes (the first prune of this inventory), with no warning: a
-        // clock in step with the agents' and no poll stamped ahead.
+        // The second of them prunes (the first prune of this inventory, measured from the
+        // first), with no warning: a clock in step with the agents' and no poll stamped ahead.
         let run = Pm::poll(&setup.home).args(["--json"]).run();
         assert_eq!(run.code(), 0, "{}", run.stderr());
         assert!(!run.stderr().contains("WARN"), "{}", run.stderr());
     }
-    let history = |setup: &AgentSetup| {
-        [
-            "SELECT count(*) FROM polls WHERE polled_at <= now()",
-            "SELECT count(*) FROM update_runs",
-            "SELECT count(*) FROM component_versions",
-        ]
-        .map(|q| count(setup, q))
-    };
+    setup
+}
+
+/// The history a prune too early would take: polls not stamped ahead, install runs, versions.
+fn history(setup: &AgentSetup) -> [i64; 3] {
+    [
+        "SELECT count(*) FROM polls WHERE polled_at <= now()",
+        "SELECT count(*) FROM update_runs",
+        "SELECT count(*) FROM component_versions",
+    ]
+    .map(|q| count(setup, q))
+}
+
+/// Where a prune measured ages from, from its `pruned` report, must not be after the real
+/// clock (a little slack for the run itself).
+fn assert_measured_from_the_real_clock(report: &serde_json::Value) {
+    let as_of = report["pruned"]["as_of"].as_str().unwrap_or_default();
+    let as_of = chrono::DateTime::parse_from_rfc3339(as_of)
+        .unwrap_or_else(|_| panic!("no pruned.as_of: {report:#}"));
+    assert!(
+        as_of <= chrono::Utc::now() + chrono::Duration::minutes(5),
+        "{report:#}"
+    );
+}
+
+/// Stops the setup's agent: no poll reaches it.
+fn stop_agent(setup: &mut AgentSetup) {
+    let mut agent = setup.agent.take().unwrap();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+}
+
+/// The setup's own host, polled alone.
+const SETUP_HOST: [&str; 4] = ["--timeout", "5s", "--host", "127.0.0.1"];
+
+/// `pm-poll` of the setup's own host at the clock `offset` (under libfaketime), exit `code`:
+/// it prunes nothing, says `why` on stderr, and the history is still `before`.
+fn poll_without_prune(setup: &AgentSetup, offset: &str, code: i32, why: &str, before: [i64; 3]) {
+    let run = crate::host_identity::at(offset, "pm-poll", &setup.home, &SETUP_HOST);
+    assert_eq!(run.code(), code, "{}\n{}", run.stdout(), run.stderr());
+    assert!(run.json().get("pruned").is_none(), "{}", run.stdout());
+    assert!(run.stderr().contains(why), "{}", run.stderr());
+    assert_eq!(history(setup), before);
+}
+
+/// Starts the agent with its clock `offset` (under libfaketime) and polls its host at the same
+/// `offset`: the daily prune runs, measured from the real clock, and deletes none of `before`.
+fn prune_with_agent_as_far_ahead(setup: &mut AgentSetup, offset: &str, before: [i64; 3]) {
+    // libfaketime preloaded into pm-agent itself (not the `faketime` wrapper, whose child
+    // would outlive a kill), so stopping the agent stops it.
+    let mut command = Pm::agent(&setup.state()).args(["run"]).command();
+    command
+        .env("LD_PRELOAD", crate::agent_day2::LIBFAKETIME)
+        .env("FAKETIME", offset)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .stderr(std::process::Stdio::null());
+    setup.agent = Some(spawn_agent_command(command, setup.addr));
+    let run = crate::host_identity::at(offset, "pm-poll", &setup.home, &SETUP_HOST);
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    let report = run.json();
+    assert_eq!(report["pruned"]["polls"], 0, "{report:#}\n{}", run.stderr());
+    assert_measured_from_the_real_clock(&report);
+    assert_eq!(history(setup), before);
+}
+
+#[test]
+fn a_manager_clock_far_ahead_never_prunes_history_and_its_prune_does_not_block_later_ones() {
+    use crate::host_identity::at;
+
+    let mut setup = fleet_keeping_history();
     let before = history(&setup);
     assert!(before[0] >= 4 && before[1] >= 1, "{before:?}");
 
     // 1. The agent is down and the clock is 100 days ahead: the first prune of this inventory
     // is due, but ages are measured from the newest poll of an earlier run, not the clock.
-    let mut agent = setup.agent.take().unwrap();
-    agent.kill().unwrap();
-    agent.wait().unwrap();
+    stop_agent(&mut setup);
     // Nor does `pm-poll --prune` on that clock: a poll no agent answered dates nothing.
     for (args, code) in [(&["--timeout", "2s"][..], 1), (&["--prune"], 0)] {
         let run = at("+100d", "pm-poll", &setup.home, args);
@@ -173,15 +231,7 @@ fn a_manager_clock_far_ahead_never_prunes_history_and_its_prune_does_not_block_l
     // 2. The agent answers and its clock says this manager is 102 days ahead: no prune runs
     // (it is due again), a warning says why; the polls are recorded.
     setup.run_agent();
-    let run = at("+102d", "pm-poll", &setup.home, &["--timeout", "5s"]);
-    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
-    assert!(run.json().get("pruned").is_none(), "{}", run.stdout());
-    assert!(
-        run.stderr().contains("ahead of its agents"),
-        "{}",
-        run.stderr()
-    );
-    assert_eq!(history(&setup), before);
+    poll_without_prune(&setup, "+102d", 0, "ahead of its agents", before);
 
     // 3. `pm-poll --prune` on that clock is refused with what to do, and deletes nothing.
     let run = at("+102d", "pm-poll", &setup.home, &["--prune"]);
@@ -196,18 +246,13 @@ fn a_manager_clock_far_ahead_never_prunes_history_and_its_prune_does_not_block_l
         run.stdout()
     );
 
-    // 4. Two days on, the agent down (no poll can check the clock), the prune job stamped 100
-    // days ahead does not hold off the daily prune, which deletes nothing recent and keeps the
+    // 4. Two days on, the agent down: no poll can check the clock, so none prunes, and says
+    // so. Once the agent answers (its clock two days on too), the prune job stamped 100 days
+    // ahead does not hold off the daily prune, which deletes nothing recent and keeps the
     // polls stamped ahead.
-    let mut agent = setup.agent.take().unwrap();
-    agent.kill().unwrap();
-    agent.wait().unwrap();
-    let run = at("+2d", "pm-poll", &setup.home, &["--timeout", "2s"]);
-    assert_eq!(run.code(), 1, "{}\n{}", run.stdout(), run.stderr());
-    let report = run.json();
-    assert!(report.get("pruned").is_some(), "{report:#}");
-    assert_eq!(report["pruned"]["polls"], 0, "{report:#}");
-    assert_eq!(history(&setup), before);
+    stop_agent(&mut setup);
+    poll_without_prune(&setup, "+2d", 1, "no agent answered this poll", before);
+    prune_with_agent_as_far_ahead(&mut setup, "+2d", before);
     assert_eq!(
         count(
             &setup,
@@ -216,4 +261,45 @@ fn a_manager_clock_far_ahead_never_prunes_history_and_its_prune_does_not_block_l
         2,
         "the polls stamped ahead stay"
     );
+}
+
+/// Red team C item 1: polls stamped by a run whose agents found the clock far ahead never date
+/// a later prune: not when no agent answers (that poll does not prune, and `pm-poll --prune`
+/// measures from the last run found in step), nor when the one agent answering (`--host`) is
+/// as far ahead as the manager, twice. Real agents (one's clock under libfaketime), real
+/// pm-poll under libfaketime, real inventory.
+#[test]
+fn polls_stamped_while_the_clock_was_ahead_never_let_a_later_prune_delete_history() {
+    use crate::host_identity::at;
+
+    let mut setup = fleet_keeping_history();
+    let _other = setup.add_agent("web-2", &[]);
+    // Once 300 days ahead while the agent answers: no prune (as documented), but the polls
+    // stay, stamped 300 days ahead.
+    let run = at("+300d", "pm-poll", &setup.home, &["--timeout", "5s"]);
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert!(run.json().get("pruned").is_none(), "{}", run.stdout());
+    // The clock right again.
+    let run = Pm::poll(&setup.home).args(["--json"]).run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let before = history(&setup);
+    assert!(before[1] >= 1, "{before:?}");
+
+    // 1. The clock ahead again, the agent down: nothing can contradict the clock, so the poll
+    // prunes nothing and says so; `pm-poll --prune` measures from the last poll found in step.
+    stop_agent(&mut setup);
+    poll_without_prune(&setup, "+301d", 1, "no agent answered this poll", before);
+    let run = at("+301d", "pm-poll", &setup.home, &["--prune"]);
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    assert_measured_from_the_real_clock(&run.json());
+    assert_eq!(history(&setup), before);
+
+    // 2. The one agent answering is as far ahead as the manager: this run finds the clocks in
+    // step, but a prune measures from an earlier run found in step, not from the polls the
+    // run 300 days ahead stamped.
+    prune_with_agent_as_far_ahead(&mut setup, "+303d", before);
+    // 3. And again two days on: the run before did not vouch for the clock (one agent of two
+    // answered), so this one too measures from the real clock.
+    stop_agent(&mut setup);
+    prune_with_agent_as_far_ahead(&mut setup, "+305d", before);
 }

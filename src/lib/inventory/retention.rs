@@ -37,6 +37,9 @@ pub struct Pruned {
 const CLOCK_AHEAD_SECONDS: &str = "manager_clock_ahead_seconds";
 /// `settings` key: when (epoch seconds, the manager's clock) that was measured.
 const CLOCK_CHECKED_AT: &str = "manager_clock_checked_at";
+/// `settings` key: when (epoch seconds) the newest poll run started whose agents' answers found
+/// this manager's clock not ahead of theirs (what a prune measures ages from).
+const CLOCK_IN_STEP_AT: &str = "manager_clock_in_step_at";
 
 fn epoch(at: DateTime<Utc>) -> f64 {
     at.timestamp_micros() as f64 / 1e6
@@ -86,58 +89,70 @@ impl Inventory {
         Ok(seconds.map(from_epoch))
     }
 
-    /// What a prune at `now` measures ages from: the newest answered poll not after `now`
-    /// recorded by a run other than `this_job` (`None`: no such poll; a poll no agent answered
-    /// could not check the clock that stamped it), and how many polls of other runs
-    /// are stamped more than [`crate::hosts::MAX_CLOCK_SKEW`] after `now` (recorded while the
-    /// clock was ahead, or the clock stepped back since; a run writing at the same time stamps
-    /// its polls a little after `now`, which is no sign of either).
-    pub fn prune_reference(
+    /// How many polls of runs other than `this_job` are stamped more than
+    /// [`crate::hosts::MAX_CLOCK_SKEW`] after `now` (recorded while the clock was ahead, or the
+    /// clock stepped back since; a run writing at the same time stamps its polls a little after
+    /// `now`, which is no sign of either).
+    pub fn polls_stamped_ahead(
         &self,
         now: DateTime<Utc>,
         this_job: Option<i64>,
-    ) -> Result<(Option<DateTime<Utc>>, usize), InventoryError> {
-        let (newest, ahead): (Option<f64>, i64) = self.db(self.conn.query_row(
-            "SELECT epoch(max(polled_at) FILTER (WHERE polled_at <= to_timestamp(?1) \
-                 AND ok AND job_id IS DISTINCT FROM ?2)), \
-             count(*) FILTER (WHERE polled_at > to_timestamp(?3) \
-                 AND job_id IS DISTINCT FROM ?2) FROM polls",
-            params![
-                epoch(now),
-                this_job,
-                epoch(now + crate::hosts::MAX_CLOCK_SKEW)
-            ],
-            |row| Ok((row.get(0)?, row.get(1)?)),
+    ) -> Result<usize, InventoryError> {
+        let ahead: i64 = self.db(self.conn.query_row(
+            "SELECT count(*) FROM polls WHERE polled_at > to_timestamp(?) \
+             AND job_id IS DISTINCT FROM ?",
+            params![epoch(now + crate::hosts::MAX_CLOCK_SKEW), this_job],
+            |row| row.get(0),
         ))?;
-        Ok((newest.map(from_epoch), ahead as usize))
+        Ok(ahead as usize)
     }
 
     /// Records how far this manager's clock is ahead of its agents' (`ahead`, negative:
-    /// behind), measured at `at` by the manager's clock (call inside a transaction).
+    /// behind), measured at `at` by the manager's clock (call inside a transaction); not more
+    /// than [`crate::hosts::MAX_CLOCK_SKEW`] ahead and measured against enough agents to
+    /// `vouch` for it, `at` is also the new [`Inventory::clock_in_step_at`].
     pub fn save_clock_against_agents(
         &self,
         ahead: chrono::Duration,
         at: DateTime<Utc>,
+        vouch: bool,
     ) -> Result<(), InventoryError> {
-        self.save_settings(&[
+        let mut settings = vec![
             (CLOCK_AHEAD_SECONDS, ahead.num_seconds().to_string()),
             (CLOCK_CHECKED_AT, at.timestamp().to_string()),
-        ])
+        ];
+        if vouch && ahead <= crate::hosts::MAX_CLOCK_SKEW {
+            settings.push((CLOCK_IN_STEP_AT, at.timestamp().to_string()));
+        }
+        self.save_settings(&settings)
+    }
+
+    /// When the newest poll run started whose agents' answers found this manager's clock not
+    /// ahead of theirs (`None`: no poll ever did): its stamp is a time the fleet vouched for,
+    /// which a clock that ran ahead since cannot move.
+    pub fn clock_in_step_at(&self) -> Result<Option<DateTime<Utc>>, InventoryError> {
+        Ok(self
+            .setting_seconds(CLOCK_IN_STEP_AT)?
+            .and_then(|at| DateTime::from_timestamp(at, 0)))
+    }
+
+    /// A `settings` value that holds whole seconds (`None`: unset or not a number).
+    fn setting_seconds(&self, key: &str) -> Result<Option<i64>, InventoryError> {
+        self.db(self.conn.query_row(
+            "SELECT TRY_CAST(max(value) AS BIGINT) FROM settings WHERE key = ?",
+            params![key],
+            |row| row.get(0),
+        ))
     }
 
     /// How far this manager's clock was ahead of its agents' (seconds, negative: behind) at
     /// the last poll that heard one, and when that was by the manager's clock
     /// (`CLOCK_AHEAD_SECONDS` and `CLOCK_CHECKED_AT` in `settings`, written by pm-poll).
     pub fn clock_against_agents(&self) -> Result<Option<(i64, DateTime<Utc>)>, InventoryError> {
-        let value = |key: &str| {
-            self.db(self.conn.query_row(
-                "SELECT TRY_CAST(max(value) AS BIGINT) FROM settings WHERE key = ?",
-                params![key],
-                |row| row.get::<_, Option<i64>>(0),
-            ))
-        };
-        let (Some(ahead), Some(at)) = (value(CLOCK_AHEAD_SECONDS)?, value(CLOCK_CHECKED_AT)?)
-        else {
+        let (Some(ahead), Some(at)) = (
+            self.setting_seconds(CLOCK_AHEAD_SECONDS)?,
+            self.setting_seconds(CLOCK_CHECKED_AT)?,
+        ) else {
             return Ok(None);
         };
         Ok(DateTime::from_timestamp(at, 0).map(|at| (ahead, at)))
@@ -297,44 +312,55 @@ mod tests {
     }
 
     #[test]
-    fn rows_stamped_after_the_clock_neither_date_the_prune_nor_hold_it_off() {
-        // Polls of job 1 (10 days ago), job 2 (1 day ago), job 3 (100 days ahead) and job 4
-        // (a minute ahead: a run writing meanwhile), job 5 (an hour ago, unanswered: it dates
-        // nothing); a prune stamped 100 days ahead.
+    fn rows_stamped_after_the_clock_are_counted_and_do_not_hold_off_the_prune() {
+        // Polls of job 1 (10 days ago), job 3 (100 days ahead) and job 4 (a minute ahead: a
+        // run writing meanwhile); a prune stamped 100 days ahead.
         let (_home, inventory) = inventory_with(
             "INSERT INTO polls VALUES
                  (1, 1, now() - INTERVAL 10 DAY, true, NULL, NULL, 1),
-                 (2, 1, now() - INTERVAL 1 DAY, true, NULL, NULL, 1),
                  (3, 1, now() + INTERVAL 100 DAY, true, NULL, NULL, 1),
-                 (4, 1, now() + INTERVAL 1 MINUTE, true, NULL, NULL, 1),
-                 (5, 1, now() - INTERVAL 1 HOUR, false, 'timeout', 'no answer', NULL);",
+                 (4, 1, now() + INTERVAL 1 MINUTE, true, NULL, NULL, 1);",
         );
         let now = Utc::now();
         inventory
             .insert_job("prune", now + chrono::Duration::days(100), "ok", "")
             .unwrap();
         assert_eq!(inventory.last_prune_at(now).unwrap(), None);
-
-        let days = |(newest, ahead): (Option<DateTime<Utc>>, usize)| {
-            (newest.map(|at| (now - at).num_hours() / 24), ahead)
-        };
-        assert_eq!(
-            days(inventory.prune_reference(now, None).unwrap()),
-            (Some(1), 1)
-        );
-        // The run that is pruning does not date its own prune.
-        assert_eq!(
-            days(inventory.prune_reference(now, Some(2)).unwrap()),
-            (Some(10), 1)
-        );
-        assert_eq!(
-            days(inventory.prune_reference(now, Some(1)).unwrap()),
-            (Some(1), 1)
-        );
+        assert_eq!(inventory.polls_stamped_ahead(now, None).unwrap(), 1);
         // Its own polls stamped ahead are no sign of a clock that was.
+        assert_eq!(inventory.polls_stamped_ahead(now, Some(3)).unwrap(), 0);
+    }
+
+    #[test]
+    fn only_a_clock_found_not_ahead_of_the_agents_moves_the_prune_reference() {
+        let (_home, inventory) = inventory_with("");
+        assert_eq!(inventory.clock_in_step_at().unwrap(), None);
+        let now = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap();
+        let hour = chrono::Duration::hours(1);
+        inventory
+            .save_clock_against_agents(hour, now, true)
+            .unwrap();
+        assert_eq!(inventory.clock_in_step_at().unwrap(), Some(now));
+        // In step, but measured against too few agents to vouch for it.
+        let soon = now + hour;
+        inventory
+            .save_clock_against_agents(hour, soon, false)
+            .unwrap();
+        assert_eq!(inventory.clock_in_step_at().unwrap(), Some(now));
+        // Far ahead: recorded, but it vouches for nothing.
+        let later = now + chrono::Duration::days(300);
+        inventory
+            .save_clock_against_agents(chrono::Duration::days(300), later, true)
+            .unwrap();
+        assert_eq!(inventory.clock_in_step_at().unwrap(), Some(now));
         assert_eq!(
-            days(inventory.prune_reference(now, Some(3)).unwrap()),
-            (Some(1), 0)
+            inventory.clock_against_agents().unwrap(),
+            Some((300 * 86_400, later))
         );
+        // Behind: its stamps are earlier than the truth, so they age nothing early.
+        inventory
+            .save_clock_against_agents(-hour * 5, later, true)
+            .unwrap();
+        assert_eq!(inventory.clock_in_step_at().unwrap(), Some(later));
     }
 }
