@@ -138,14 +138,18 @@ fn a_host_rolled_back_by_hand_stays_held_through_its_schedule_pushes_and_restart
     assert_eq!(again["changed"], false, "releasing twice changes nothing");
 }
 
-/// `pm-agent run` under libfaketime, its clock `offset` from the machine's.
+/// `pm-agent run` under libfaketime, its clock `offset` from the machine's: preloaded into
+/// pm-agent itself (not the `faketime` wrapper, whose child would outlive a kill).
 pub(crate) fn spawn_agent_with_clock(state: &Path, addr: SocketAddr, offset: &str) -> Child {
-    let mut command = Command::new("faketime");
+    let mut command = Command::new(bin("pm-agent"));
     command
-        .args(["-f", offset, bin("pm-agent"), "--state"])
+        .arg("--state")
         .arg(state)
         .arg("run")
         .env_remove("PM_AGENT_STATE")
+        .env("LD_PRELOAD", crate::agent_day2::LIBFAKETIME)
+        .env("FAKETIME", offset)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());

@@ -69,20 +69,19 @@ impl Agent {
             .json();
     }
 
-    /// `pm-agent run`, under `faketime -f OFFSET` when given, until it answers TLS.
+    /// `pm-agent run`, its clock at OFFSET when given (libfaketime preloaded into pm-agent
+    /// itself, not the `faketime` wrapper, whose child would outlive a stop), until it answers
+    /// TLS.
     fn run(&mut self, faketime: Option<&str>) {
         self.stop();
-        let mut command = match faketime {
-            Some(offset) => {
-                let mut command = Command::new("faketime");
-                command
-                    .args(["-f", offset, bin("pm-agent")])
-                    // Only the wall clock moves: tokio's timers keep the real monotonic clock.
-                    .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-                command
-            }
-            None => Command::new(bin("pm-agent")),
-        };
+        let mut command = Command::new(bin("pm-agent"));
+        if let Some(offset) = faketime {
+            command
+                .env("LD_PRELOAD", crate::agent_day2::LIBFAKETIME)
+                .env("FAKETIME", offset)
+                // Only the wall clock moves: tokio's timers keep the real monotonic clock.
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
         command
             .arg("--state")
             .arg(self.state())
