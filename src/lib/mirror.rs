@@ -814,16 +814,12 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
 /// dist): its job, revision and the number of hosts held.
 fn unfinished_fleet_rollback(inventory: &Inventory) -> Option<(i64, String, usize)> {
     let holds = inventory.holds().ok()?;
-    let fleet = |h: &&crate::inventory::HoldRecord| {
-        h.kind == crate::proto::HoldKind::FleetRollback.as_str() && h.job_id.is_some()
-    };
-    let newest = holds.values().filter(fleet).max_by_key(|h| h.job_id)?;
+    let record = crate::rollback::unfinished_fleet_rollback(inventory, holds.values())?;
     let hosts = holds
         .values()
-        .filter(fleet)
-        .filter(|h| h.job_id == newest.job_id)
+        .filter(|h| h.job_id == Some(record.job_id))
         .count();
-    Some((newest.job_id?, newest.revision.clone()?, hosts))
+    Some((record.job_id, record.revision?, hosts))
 }
 
 /// What [`rollback_dist`] did, or with `--dry-run` would do; the `--json` document of

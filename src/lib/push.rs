@@ -737,8 +737,8 @@ pub(crate) fn print(global: &GlobalArgs, report: &Report) -> anyhow::Result<Exit
             }
             eprintln!(
                 "hint: after fixing the failed hosts, run the same pm-rollback again: `{next}` \
-                 (hosts already on {} are skipped; dist rotates back once every target that is \
-                 not held is on it)",
+                 (hosts already on {} are skipped; without target flags, dist rotates back once \
+                 every target that is not held is on it)",
                 report.revision
             );
         }
@@ -884,7 +884,7 @@ fn resume(home: &Path, global: &GlobalArgs, job_id: i64) -> anyhow::Result<ExitS
         ))
         .with_hint(format!(
             "run the same pm-rollback again: `{}` (hosts already on its revision are skipped; \
-             dist rotates back once every target that is not held is)",
+             without target flags, dist rotates back once every target that is not held is)",
             rollback_command(&record)
         ))
         .into());

@@ -405,3 +405,36 @@ fn a_stopped_fleet_rollback_finished_by_another_run_is_finished_and_names_no_nex
     assert_eq!(json["finished"], true, "{json}");
     assert!(json.get("next_step").is_none(), "{json}");
 }
+
+/// Red team C, item 10: a rollback with target flags is not a fleet rollback: it never makes
+/// publish warn, nor refuses another one, once it is done.
+#[test]
+fn a_rollback_of_part_of_the_fleet_is_never_an_unfinished_fleet_rollback() {
+    let fleet = Fleet::start(2);
+    let home = &fleet.setup.home;
+    fleet.setup.publish(5);
+    let (code, pushed) = fleet.push(&["update"]);
+    assert_eq!(code, 0, "{pushed}");
+    let (code, report) = rollback(&fleet.setup, &["--generation", "1", "--host", "lab-000"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["state"], "done", "{report}");
+
+    fleet.setup.lab.upstream.set_version(6).unwrap();
+    Pm::mirror(home).args(["sync"]).json();
+    let published = Pm::mirror(home).args(["publish"]).run();
+    assert_eq!(published.code(), 0, "{}", published.stderr());
+    assert!(
+        !published.stderr().contains("has not finished"),
+        "publish does not warn about a rollback of part of the fleet: {}",
+        published.stderr()
+    );
+    let other = Pm::rollback(home)
+        .args(["--generation", "1", "--host", "lab-001"])
+        .run();
+    assert_eq!(other.code(), 0, "{}{}", other.stdout(), other.stderr());
+    assert!(
+        !other.stderr().contains("dist rotates"),
+        "{}",
+        other.stderr()
+    );
+}
