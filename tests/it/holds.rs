@@ -405,3 +405,26 @@ fn hold_release_and_license_of_a_host_that_does_not_answer_are_partial_and_chang
     let (code, again) = run(&license);
     assert_eq!((code, &again["changed"]), (1, &false.into()), "{again}");
 }
+
+/// Red team C, item 13: a hold with no end does not read `released` in the `until` column.
+#[test]
+fn a_hold_with_no_end_reads_no_end_in_the_until_column_not_released() {
+    let setup = AgentSetup::new();
+    let run = Pm::push(&setup.home)
+        .args(["hold", "--all", "--reason", "freeze"])
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let holds = Pm::push(&setup.home).args(["holds"]).run();
+    assert_eq!(holds.code(), 0, "{}", holds.stderr());
+    let row = holds
+        .stdout()
+        .lines()
+        .find(|l| l.contains("freeze"))
+        .unwrap_or_else(|| panic!("{}", holds.stdout()))
+        .to_string();
+    assert!(
+        !row.contains("released") && row.contains("no end"),
+        "{}",
+        holds.stdout()
+    );
+}
