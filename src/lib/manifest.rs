@@ -140,6 +140,28 @@ pub struct ProductEntry {
     pub components: Vec<ComponentEntry>,
 }
 
+/// Each product's components as (name, version), sorted: what a product's content is, for
+/// comparing it across revisions.
+pub type ProductComponents = std::collections::BTreeMap<String, Vec<(String, String)>>;
+
+impl Manifest {
+    /// Its products' components ([`ProductComponents`]).
+    pub fn product_components(&self) -> ProductComponents {
+        self.products
+            .iter()
+            .map(|product| {
+                let mut list: Vec<(String, String)> = product
+                    .components
+                    .iter()
+                    .map(|c| (c.name.clone(), c.version.clone()))
+                    .collect();
+                list.sort();
+                (product.name.clone(), list)
+            })
+            .collect()
+    }
+}
+
 impl ProductEntry {
     /// Name of the `pm.toml` product that brought this entry.
     pub fn config_product(&self) -> &str {

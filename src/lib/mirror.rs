@@ -18,7 +18,7 @@ use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
 use crate::config::{self, Config};
 use crate::dist_statement::{DistStatement, SignedStatement};
 use crate::inventory::{DistChange, Inventory, SyncRecord};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, ProductComponents};
 use crate::pki::SigningKey;
 use crate::repo::{Generations, Repo};
 
@@ -739,6 +739,15 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
             .into());
         }
         rotation.after.forget_rolled_back(&latest);
+    } else if !again {
+        // The same, product by product: a change to another product (or a feed's version
+        // alone) makes a new revision that must not carry a rolled-back product's content back.
+        if let Some(refused) = carries_rolled_back_product(&repo, &before, &latest)? {
+            if let Err(err) = keep_dist_signed(&lock) {
+                tracing::warn!(error = %format!("{err:#}"), "cannot re-sign dist");
+            }
+            return Err(refused.into());
+        }
     }
     // The inventory is opened before the switch so that a lock timeout fails with no change.
     let inventory = if global.dry_run {
@@ -810,20 +819,88 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
     Ok(ExitStatus::Success)
 }
 
+/// The refusal of a publish whose latest carries a product as a rolled-back revision had it
+/// (not as dist has it), else None.
+fn carries_rolled_back_product(
+    repo: &Repo,
+    generations: &Generations,
+    latest: &str,
+) -> anyhow::Result<Option<UserError>> {
+    if generations.rolled_back_products.is_empty() {
+        return Ok(None);
+    }
+    let latest_products = repo
+        .manifest(latest)
+        .map_err(repo_error)?
+        .product_components();
+    let dist = match &generations.dist {
+        Some(dist) => Some(
+            repo.manifest(dist)
+                .map_err(repo_error)?
+                .product_components(),
+        ),
+        None => None,
+    };
+    // Newest first, as `rolled_back` lists them.
+    let rolled_back: Vec<(&String, &ProductComponents)> = generations
+        .rolled_back
+        .iter()
+        .filter_map(|r| Some((r, generations.rolled_back_products.get(r)?)))
+        .collect();
+    let Some((product, revision)) =
+        rolled_back_products(&latest_products, dist.as_ref(), &rolled_back)
+            .into_iter()
+            .next()
+    else {
+        return Ok(None);
+    };
+    let on = generations
+        .rolled_back_on(&revision)
+        .map(|at| at.format("%Y-%m-%d %H:%M:%SZ").to_string())
+        .unwrap_or_else(|| "an unknown date".into());
+    Ok(Some(
+        UserError::usage(format!(
+            "latest `{latest}` carries `{product}` as `{revision}` had it, which was rolled back \
+             from dist on {on}; refusing to publish it"
+        ))
+        .with_hint(format!(
+            "the other products' changes go out with the first revision in which `{product}` \
+             moved on upstream (`pm-mirror sync`); run `pm-mirror publish --again` to publish \
+             `{latest}` whole, rolled-back `{product}` included"
+        )),
+    ))
+}
+
+/// The products of `latest` whose components are those of a rolled-back revision (newest
+/// first) and not those of dist, each with the newest such revision: publishing latest would
+/// bring that product's rolled-back content back.
+fn rolled_back_products(
+    latest: &ProductComponents,
+    dist: Option<&ProductComponents>,
+    rolled_back: &[(&String, &ProductComponents)],
+) -> Vec<(String, String)> {
+    latest
+        .iter()
+        .filter(|(product, now)| dist.and_then(|dist| dist.get(*product)) != Some(*now))
+        .filter_map(|(product, now)| {
+            rolled_back
+                .iter()
+                .find(|(_, old)| old.get(product) == Some(now))
+                .map(|(revision, _)| (product.clone(), revision.to_string()))
+        })
+        .collect()
+}
+
 /// The newest fleet rollback whose hosts are still held at its revision (it did not rotate
 /// dist): its job, revision and the number of hosts held.
 fn unfinished_fleet_rollback(inventory: &Inventory) -> Option<(i64, String, usize)> {
     let holds = inventory.holds().ok()?;
-    let fleet = |h: &&crate::inventory::HoldRecord| {
-        h.kind == crate::proto::HoldKind::FleetRollback.as_str() && h.job_id.is_some()
-    };
-    let newest = holds.values().filter(fleet).max_by_key(|h| h.job_id)?;
+    let record = crate::rollback::unfinished_fleet_rollback(inventory, holds.values())?;
     let hosts = holds
         .values()
-        .filter(fleet)
-        .filter(|h| h.job_id == newest.job_id)
+        .filter(|h| h.job_id == Some(record.job_id))
         .count();
-    Some((newest.job_id?, newest.revision.clone()?, hosts))
+    Some((record.job_id, record.revision?, hosts))
 }
 
 /// What [`rollback_dist`] did, or with `--dry-run` would do; the `--json` document of
@@ -867,7 +944,7 @@ pub fn rollback_dist(
     let repo = Repo::new(home);
     let lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
     let before = repo.generations().map_err(repo_error)?;
-    let Some(rollback) = before.rollback(generation) else {
+    let Some(mut rollback) = before.rollback(generation) else {
         let problem = match (&before.dist, before.backups.len()) {
             (None, _) => "dist is empty: nothing was published".to_string(),
             (Some(dist), 0) => format!("dist is {dist} and there are no backups"),
@@ -884,6 +961,16 @@ pub fn rollback_dist(
         .with_hint("`pm-mirror status` shows the generations; each publish adds a backup")
         .into());
     };
+    // What the rolled-back revisions carried, product by product: publish refuses to bring it
+    // back with another product's change.
+    for revision in &rollback.rolled_back {
+        if let Ok(manifest) = repo.manifest(revision) {
+            rollback
+                .after
+                .rolled_back_products
+                .insert(revision.clone(), manifest.product_components());
+        }
+    }
     let inventory = if global.dry_run {
         None
     } else {
@@ -1479,4 +1566,37 @@ fn run_gc(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
         cli::print_text(text)?;
     }
     Ok(ExitStatus::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn products(list: &[(&str, &str)]) -> ProductComponents {
+        list.iter()
+            .map(|(name, version)| {
+                (
+                    name.to_string(),
+                    vec![("db".to_string(), version.to_string())],
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_product_as_a_rolled_back_revision_had_it_is_found_and_one_as_dist_has_it_is_not() {
+        let dist = products(&[("clamav", "4"), ("vendor", "1")]);
+        let r2 = "r2".to_string();
+        let old = products(&[("clamav", "5"), ("vendor", "1")]);
+        let rolled_back = [(&r2, &old)];
+        let latest = products(&[("clamav", "5"), ("vendor", "2")]);
+        assert_eq!(
+            rolled_back_products(&latest, Some(&dist), &rolled_back),
+            [("clamav".to_string(), "r2".to_string())]
+        );
+        let moved_on = products(&[("clamav", "6"), ("vendor", "2")]);
+        assert!(rolled_back_products(&moved_on, Some(&dist), &rolled_back).is_empty());
+        let as_dist = products(&[("clamav", "4"), ("vendor", "1")]);
+        assert!(rolled_back_products(&as_dist, Some(&dist), &rolled_back).is_empty());
+    }
 }

@@ -568,6 +568,10 @@ pub(crate) struct Report {
     /// and what to do instead).
     #[serde(skip_serializing_if = "Option::is_none")]
     dist_moved: Option<DistMoved>,
+    /// A fleet rollback that stopped or left hosts behind, but dist is its revision now (a
+    /// later run rotated it): nothing is left to run.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    finished: bool,
 }
 
 /// Why a fleet rollback cannot continue as it was run, and what to do.
@@ -639,6 +643,7 @@ pub(crate) fn report(
             _ => None,
         },
         dist_moved: None,
+        finished: false,
     }
 }
 
@@ -713,6 +718,8 @@ pub(crate) fn print(global: &GlobalArgs, report: &Report) -> anyhow::Result<Exit
         ("update", "interrupted") => eprintln!("hint: `{next}` continues where it stopped"),
         // A fleet rollback is continued by running it again: resuming is refused for it, and
         // an update would install dist, undoing it.
+        // Finished since (dist is its revision): `pm-push status` says so instead.
+        ("rollback", "stopped" | "interrupted") if report.finished => {}
         ("rollback", state @ ("stopped" | "interrupted")) => {
             if state == "stopped" {
                 eprintln!(
@@ -730,8 +737,8 @@ pub(crate) fn print(global: &GlobalArgs, report: &Report) -> anyhow::Result<Exit
             }
             eprintln!(
                 "hint: after fixing the failed hosts, run the same pm-rollback again: `{next}` \
-                 (hosts already on {} are skipped; dist rotates back once every target that is \
-                 not held is on it)",
+                 (hosts already on {} are skipped; without target flags, dist rotates back once \
+                 every target that is not held is on it)",
                 report.revision
             );
         }
@@ -877,7 +884,7 @@ fn resume(home: &Path, global: &GlobalArgs, job_id: i64) -> anyhow::Result<ExitS
         ))
         .with_hint(format!(
             "run the same pm-rollback again: `{}` (hosts already on its revision are skipped; \
-             dist rotates back once every target that is not held is)",
+             without target flags, dist rotates back once every target that is not held is)",
             rollback_command(&record)
         ))
         .into());
@@ -1019,15 +1026,17 @@ fn status(home: &Path, global: &GlobalArgs, job: Option<i64>) -> anyhow::Result<
     let generations = Repo::new(home)
         .generations()
         .map_err(|err| UserError::failure(err.to_string()))?;
-    let left_behind = record.kind == "rollback"
-        && state == "done"
-        && generations.dist != record.revision
-        && hosts
-            .iter()
-            .any(|h| matches!(h.result.as_str(), "failed" | "not_attempted" | "pending"));
-    if record.kind == "rollback" && matches!(state.as_str(), "stopped" | "interrupted")
-        || left_behind
-    {
+    let unfinished_run = record.kind == "rollback"
+        && (matches!(state.as_str(), "stopped" | "interrupted")
+            || state == "done"
+                && hosts
+                    .iter()
+                    .any(|h| matches!(h.result.as_str(), "failed" | "not_attempted" | "pending")));
+    // Once dist is its revision the rollback is finished, whoever finished it: the command it
+    // was run with would now roll back further.
+    report.finished = unfinished_run && generations.dist == record.revision;
+    let left_behind = unfinished_run && state == "done" && !report.finished;
+    if unfinished_run && !report.finished {
         report.next_step = Some(rollback_command(&record));
         // Once dist moved (a publish), the same command would install another revision.
         if let Some(moved) = crate::rollback::dist_moved(&record, &generations) {
@@ -1039,6 +1048,13 @@ fn status(home: &Path, global: &GlobalArgs, job: Option<i64>) -> anyhow::Result<
         }
     }
     let printed = print(global, &report);
+    if report.finished && !global.json {
+        eprintln!(
+            "note: dist is {}, this rollback's revision: it is finished (a later run rotated \
+             dist), nothing is left to run",
+            report.revision
+        );
+    }
     // `print` names the next step of a stopped or interrupted rollout only.
     if left_behind && !global.json {
         match (&report.dist_moved, &report.next_step) {

@@ -105,6 +105,11 @@ pub struct Generations {
     /// When each revision in `rolled_back` was rolled back.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rolled_back_at: BTreeMap<String, DateTime<Utc>>,
+    /// The components (name, version) of each product of each revision in `rolled_back`, kept
+    /// from its manifest when it was rolled back (its directory goes at the next switch):
+    /// `pm-mirror publish` refuses a latest that carries a product as one of them had it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rolled_back_products: BTreeMap<String, crate::manifest::ProductComponents>,
     /// The counter of the view's signed dist statement ([`crate::dist_statement`]): grows with
     /// every publish, rollback and re-signing, never goes back.
     #[serde(default)]
@@ -164,6 +169,7 @@ impl Generations {
         after.rolled_back.retain(|r| r != &to);
         let kept = after.rolled_back.clone();
         after.rolled_back_at.retain(|r, _| kept.contains(r));
+        after.rolled_back_products.retain(|r, _| kept.contains(r));
         Some(Rollback {
             after,
             from,
@@ -189,6 +195,7 @@ impl Generations {
     pub fn forget_rolled_back(&mut self, revision: &str) {
         self.rolled_back.retain(|r| r != revision);
         self.rolled_back_at.remove(revision);
+        self.rolled_back_products.remove(revision);
     }
 
     /// The rotation of a publish: latest -> dist -> backup/1 -> 2 -> 3 -> archive (keep

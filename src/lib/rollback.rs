@@ -196,6 +196,8 @@ fn fleet(home: &Path, args: &Args, generation: u32) -> anyhow::Result<ExitStatus
     stored["command"] = serde_json::Value::String(command.clone());
     // The revision it rolls back from, for what `pm-push status` says once dist moves.
     stored["from"] = serde_json::json!(dist_before);
+    // With target flags dist never rotates for it: it is never an unfinished fleet rollback.
+    stored["fleet"] = serde_json::json!(args.targets.is_all());
     let record = RolloutRecord {
         job_id: 0,
         kind: "rollback".into(),
@@ -361,30 +363,20 @@ fn refuse_over_an_unfinished_rollback(
     revision: &str,
     generations: &Generations,
 ) -> anyhow::Result<()> {
-    let Some(job_id) = holds
-        .values()
-        .filter(|hold| {
-            hold.kind == HoldKind::FleetRollback.as_str()
-                && hold
-                    .revision
-                    .as_deref()
-                    .is_some_and(|held| held != revision)
-        })
-        .filter_map(|hold| hold.job_id)
-        .max()
+    let elsewhere = holds.values().filter(|hold| {
+        hold.revision
+            .as_deref()
+            .is_some_and(|held| held != revision)
+    });
+    let Some(inventory) =
+        Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)?
     else {
         return Ok(());
     };
-    let record = Inventory::open_read_only(home, global.lock_timeout)
-        .map_err(inventory_error)?
-        .map(|inv| inv.rollout(Some(job_id), "rollback"))
-        .transpose()
-        .map_err(inventory_error)?
-        .flatten()
-        .map(|(record, _)| record);
-    let Some(record) = record.filter(|r| r.kind == "rollback" && r.generation.is_some()) else {
+    let Some(record) = unfinished_fleet_rollback(&inventory, elsewhere) else {
         return Ok(());
     };
+    let job_id = record.job_id;
     let mut held: Vec<&str> = holds
         .values()
         .filter(|hold| hold.job_id == Some(job_id))
@@ -413,6 +405,35 @@ fn refuse_over_an_unfinished_rollback(
         ..refusal
     }
     .into())
+}
+
+/// The newest fleet rollback (over the whole fleet: no target flags) that still holds hosts
+/// among `holds` at its revision: it did not rotate dist. A rollback of part of the fleet never
+/// rotates dist, so it is never one (its hosts stay held until `pm-push release`).
+pub(crate) fn unfinished_fleet_rollback<'a>(
+    inventory: &Inventory,
+    holds: impl Iterator<Item = &'a HoldRecord>,
+) -> Option<RolloutRecord> {
+    let mut jobs: Vec<i64> = holds
+        .filter(|hold| hold.kind == HoldKind::FleetRollback.as_str())
+        .filter_map(|hold| hold.job_id)
+        .collect();
+    jobs.sort_unstable_by(|a, b| b.cmp(a));
+    jobs.dedup();
+    jobs.into_iter().find_map(|job_id| {
+        let (record, _) = inventory.rollout(Some(job_id), "rollback").ok()??;
+        (record.kind == "rollback" && record.generation.is_some() && is_fleet_wide(&record))
+            .then_some(record)
+    })
+}
+
+/// Whether a rollback was run over the whole fleet (no target flags, or `--all`), so that dist
+/// rotates back once it finishes. Jobs recorded before this was kept count as fleet-wide.
+pub(crate) fn is_fleet_wide(record: &RolloutRecord) -> bool {
+    serde_json::from_str::<serde_json::Value>(&record.options)
+        .ok()
+        .and_then(|options| options["fleet"].as_bool())
+        .unwrap_or(true)
 }
 
 /// What became of an unfinished fleet rollback when backup/N no longer serves the revision it
@@ -453,6 +474,11 @@ pub(crate) fn dist_moved(record: &RolloutRecord, generations: &Generations) -> O
          --where \"hold_kind = 'fleet-rollback'\"`, then `pm-push update`"
     );
     let hint = match generations.backups.iter().position(|r| r == revision) {
+        Some(i) if !is_fleet_wide(record) => format!(
+            "to finish rolling back to {revision}, name the generation that serves it now: `{}` \
+             (its targets only: dist stays); {keep_dist}",
+            with_generation(&command, i + 1)
+        ),
         Some(i) => format!(
             "to finish rolling back to {revision}, name the generation that serves it now: `{}` \
              (once every target is on it, dist rotates to {revision} and the revisions after it \

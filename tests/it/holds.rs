@@ -485,3 +485,26 @@ fn a_rollback_hold_the_agent_lost_is_seen_by_a_poll_and_given_back_by_pm_push_ho
     );
     assert_eq!(installed(&state), "r1");
 }
+
+/// Red team C, item 13: a hold with no end does not read `released` in the `until` column.
+#[test]
+fn a_hold_with_no_end_reads_no_end_in_the_until_column_not_released() {
+    let setup = AgentSetup::new();
+    let run = Pm::push(&setup.home)
+        .args(["hold", "--all", "--reason", "freeze"])
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let holds = Pm::push(&setup.home).args(["holds"]).run();
+    assert_eq!(holds.code(), 0, "{}", holds.stderr());
+    let row = holds
+        .stdout()
+        .lines()
+        .find(|l| l.contains("freeze"))
+        .unwrap_or_else(|| panic!("{}", holds.stdout()))
+        .to_string();
+    assert!(
+        !row.contains("released") && row.contains("no end"),
+        "{}",
+        holds.stdout()
+    );
+}

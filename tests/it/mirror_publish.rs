@@ -486,7 +486,14 @@ fn kill_9_during_rollback_leaves_either_the_old_or_the_new_generations() {
             rollback_time = Some(started.elapsed());
             continue;
         };
-        let new = before.rollback(1).unwrap().after;
+        let rollback = before.rollback(1).unwrap();
+        let mut new = rollback.after;
+        // pm-mirror also keeps what the rolled-back revisions carried, product by product.
+        let repo = Repo::new(feed.home.path());
+        for revision in &rollback.rolled_back {
+            let products = repo.manifest(revision).unwrap().product_components();
+            new.rolled_back_products.insert(revision.clone(), products);
+        }
         kills.round(
             &feed,
             &["rollback", "--generation", "1"],
@@ -496,4 +503,72 @@ fn kill_9_during_rollback_leaves_either_the_old_or_the_new_generations() {
         );
     }
     eprintln!("rollbacks: {kills:?}");
+}
+
+/// A home with ClamAV and a `files` feed, ClamAV published at test 4 then 5, then dist rolled
+/// back (test 5's revision is rolled back), then only the feed changes and syncs: latest carries
+/// the rolled-back ClamAV. The lab, the feed's directory, the home and the revision rolled back
+/// to.
+fn rolled_back_clamav_with_a_new_feed() -> (Lab, tempfile::TempDir, Home, String) {
+    let lab = Lab::start(4);
+    let feed = tempfile::tempdir().unwrap();
+    write_feed(feed.path(), "v1", 2);
+    lab.upstream.set_feed(feed.path(), "1").unwrap();
+    let home = Home::new();
+    home.clamav_and_feed_config(&lab);
+    Pm::mirror(&home).args(["sync"]).json();
+    Pm::mirror(&home).args(["publish"]).json();
+    lab.upstream.set_version(5).unwrap();
+    Pm::mirror(&home).args(["sync"]).json();
+    Pm::mirror(&home).args(["publish"]).json();
+    let rolled_back_to = Repo::new(home.path()).generations().unwrap().backups[0].clone();
+    let run = Pm::mirror(&home)
+        .args(["rollback", "--generation", "1"])
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    write_feed(feed.path(), "v2", 2);
+    lab.upstream.set_feed(feed.path(), "2").unwrap();
+    Pm::mirror(&home).args(["sync"]).json();
+    (lab, feed, home, rolled_back_to)
+}
+
+/// Red team C, item 4: after a rollback, a change to another product does not bring back the
+/// rolled-back ClamAV content; ClamAV moving on lifts the guard.
+#[test]
+fn a_change_to_another_product_does_not_bring_back_a_rolled_back_product() {
+    let (lab, _feed, home, rolled_back_to) = rolled_back_clamav_with_a_new_feed();
+    let generations = || Repo::new(home.path()).generations().unwrap();
+    let refused = Pm::mirror(&home).args(["publish"]).run();
+    assert_eq!(
+        refused.code(),
+        2,
+        "{}{}",
+        refused.stdout(),
+        refused.stderr()
+    );
+    assert!(
+        refused.stderr().contains("`clamav`")
+            && refused.stderr().contains("hint:")
+            && refused.stderr().contains("--again"),
+        "{}",
+        refused.stderr()
+    );
+    assert_eq!(generations().dist.as_ref(), Some(&rolled_back_to));
+
+    // ClamAV moves on: the guard lifts, the vendor change goes out with it.
+    lab.upstream.set_version(6).unwrap();
+    Pm::mirror(&home).args(["sync"]).json();
+    let published = Pm::mirror(&home).args(["publish"]).run();
+    assert_eq!(published.code(), 0, "{}", published.stderr());
+    assert_eq!(generations().dist, generations().latest);
+}
+
+/// `--again` publishes a latest carrying a rolled-back product, whole.
+#[test]
+fn publish_again_brings_back_a_rolled_back_product_with_another_products_change() {
+    let (_lab, _feed, home, _) = rolled_back_clamav_with_a_new_feed();
+    let again = Pm::mirror(&home).args(["publish", "--again"]).run();
+    assert_eq!(again.code(), 0, "{}", again.stderr());
+    let generations = Repo::new(home.path()).generations().unwrap();
+    assert_eq!(generations.dist, generations.latest);
 }

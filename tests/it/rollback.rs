@@ -240,16 +240,22 @@ fn after_a_fleet_rollback_a_refused_publish_re_signs_dist_and_agents_accept_it()
     assert_eq!(report["revision"], "r1", "{report}");
 }
 
-/// Red team A, item 2: a fleet rollback that did not finish, then the sync timer's publish.
-#[test]
-fn a_publish_during_an_unfinished_fleet_rollback_makes_running_it_again_refused_with_what_to_do() {
+/// Three hosts on dist r3 (test 5), backup/1 r2 (test 4).
+fn fleet_on_r3() -> Fleet {
     let fleet = Fleet::start(3);
-    let home = &fleet.setup.home;
     for version in [4, 5] {
         fleet.setup.publish(version);
         let (code, pushed) = fleet.push(&["update"]);
         assert_eq!(code, 0, "{pushed}");
     }
+    fleet
+}
+
+/// Red team A, item 2: a fleet rollback that did not finish, then the sync timer's publish.
+#[test]
+fn a_publish_during_an_unfinished_fleet_rollback_makes_running_it_again_refused_with_what_to_do() {
+    let fleet = fleet_on_r3();
+    let home = &fleet.setup.home;
     // dist r3 (test 5), backup/1 r2 (test 4). One host cannot install: the rollback runs its
     // waves (one failure allowed) and ends with that host behind.
     fleet.break_agent(2);
@@ -364,4 +370,71 @@ fn a_dry_run_of_a_fleet_rollback_predicts_the_dist_the_real_run_leaves() {
     for field in ["dist_rolled_back", "dist_before", "dist_after"] {
         assert_eq!(planned[field], done[field], "{field}: {planned} / {done}");
     }
+}
+
+/// Red team C, item 3: a fleet rollback that stopped, then a publish, then the rollback
+/// finished by naming the generation that serves its revision now (another job): the first
+/// job is finished, and its status offers no command (the one it was run with would now roll
+/// dist back further).
+#[test]
+fn a_stopped_fleet_rollback_finished_by_another_run_is_finished_and_names_no_next_step() {
+    let fleet = fleet_on_r3();
+    let home = &fleet.setup.home;
+    fleet.break_agent(2);
+    let (code, report) = rollback(&fleet.setup, &["--generation", "1", "--wave-size", "1"]);
+    assert_eq!(code, 3, "{report}");
+    assert_eq!(report["revision"], "r2", "{report}");
+    let job = report["job_id"].as_i64().unwrap().to_string();
+    fleet.setup.lab.upstream.set_version(6).unwrap();
+    Pm::mirror(home).args(["sync"]).json();
+    let published = Pm::mirror(home).args(["publish"]).run();
+    assert_eq!(published.code(), 0, "{}", published.stderr());
+    fleet.mend_agent(2);
+    let (code, finished) = rollback(&fleet.setup, &["--generation", "2"]);
+    assert_eq!(code, 0, "{finished}");
+    assert_eq!(finished["dist_after"], "r2", "{finished}");
+
+    let status = Pm::push(home).args(["status", &job]).run();
+    let stderr = status.stderr();
+    assert!(
+        !stderr.contains("pm-rollback --generation") && !stderr.contains("hint:"),
+        "no next step once dist is its revision: {stderr}"
+    );
+    assert!(stderr.contains("it is finished"), "{stderr}");
+    let json = Pm::push(home).args(["status", &job, "--json"]).run().json();
+    assert_eq!(json["finished"], true, "{json}");
+    assert!(json.get("next_step").is_none(), "{json}");
+}
+
+/// Red team C, item 10: a rollback with target flags is not a fleet rollback: it never makes
+/// publish warn, nor refuses another one, once it is done.
+#[test]
+fn a_rollback_of_part_of_the_fleet_is_never_an_unfinished_fleet_rollback() {
+    let fleet = Fleet::start(2);
+    let home = &fleet.setup.home;
+    fleet.setup.publish(5);
+    let (code, pushed) = fleet.push(&["update"]);
+    assert_eq!(code, 0, "{pushed}");
+    let (code, report) = rollback(&fleet.setup, &["--generation", "1", "--host", "lab-000"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["state"], "done", "{report}");
+
+    fleet.setup.lab.upstream.set_version(6).unwrap();
+    Pm::mirror(home).args(["sync"]).json();
+    let published = Pm::mirror(home).args(["publish"]).run();
+    assert_eq!(published.code(), 0, "{}", published.stderr());
+    assert!(
+        !published.stderr().contains("has not finished"),
+        "publish does not warn about a rollback of part of the fleet: {}",
+        published.stderr()
+    );
+    let other = Pm::rollback(home)
+        .args(["--generation", "1", "--host", "lab-001"])
+        .run();
+    assert_eq!(other.code(), 0, "{}{}", other.stdout(), other.stderr());
+    assert!(
+        !other.stderr().contains("dist rotates"),
+        "{}",
+        other.stderr()
+    );
 }

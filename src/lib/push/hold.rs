@@ -406,7 +406,9 @@ pub(super) fn list(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatu
             line.host.clone(),
             line.kind.clone(),
             time(line.set_at),
-            line.until.map_or("released".to_string(), time),
+            // Not `released`: it reads as if the hold had ended.
+            line.until
+                .map_or("no end (pm-push release)".to_string(), time),
             line.reason.clone(),
             line.set_by.clone(),
             if line.on_agent { "yes" } else { "no" }.to_string(),
