@@ -405,3 +405,57 @@ fn hold_release_and_license_of_a_host_that_does_not_answer_are_partial_and_chang
     let (code, again) = run(&license);
     assert_eq!((code, &again["changed"]), (1, &false.into()), "{again}");
 }
+
+/// Red team C, item 2: a window sent to an agent rolled back on the host itself
+/// (`pm-agent rollback`), which the manager did not know of.
+#[test]
+fn a_window_over_a_rollback_by_hand_on_the_host_is_skipped_and_the_host_stays_rolled_back() {
+    let setup = AgentSetup::new();
+    let state = setup.state();
+    Pm::agent(&state).args(["update"]).json();
+    setup.publish(6);
+    Pm::agent(&state).args(["update"]).json();
+    let run = Pm::agent(&state)
+        .args(["rollback", "--to", "backup:1"])
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    assert_eq!(installed(&state), "r1");
+    let run = Pm::push(&setup.home)
+        .args(["hold", "--host", "127.0.0.1", "--until", "3s"])
+        .args(["--reason", "window2", "--json"])
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let held = run.json();
+    let line = host_result(&held, "127.0.0.1");
+    assert_eq!(line["result"], "skipped", "said per host: {held}");
+    assert_eq!(line["changed"], false, "{held}");
+    assert!(
+        line["detail"]
+            .as_str()
+            .unwrap()
+            .contains("kept its rollback hold"),
+        "{held}"
+    );
+    assert!(
+        run.stderr().contains("keep their rollback hold"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(
+        Pm::agent(&state).args(["status"]).json()["hold"]["kind"],
+        "rollback"
+    );
+    // The manager learnt the agent's hold instead of recording the window.
+    assert_eq!(
+        sql(&setup.home, "SELECT held, hold_kind FROM fleet_status"),
+        ["true,rollback"]
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let pushed = Pm::push(&setup.home).args(["update"]).json();
+    assert_eq!(
+        host_result(&pushed, "127.0.0.1")["result"],
+        "held",
+        "{pushed}"
+    );
+    assert_eq!(installed(&state), "r1", "the hand rollback was undone");
+}
