@@ -299,7 +299,7 @@ struct EngineRun {
 fn run_engine(argv: &[OsString], paths: &[PathBuf], c_locale: bool) -> EngineRun {
     let program = argv[0].to_string_lossy().into_owned();
     let started = Instant::now();
-    let mut command = Command::new(&argv[0]);
+    let mut command = engine_command(&argv[0]);
     command
         .args(&argv[1..])
         .args(paths)
@@ -379,6 +379,35 @@ fn run_engine(argv: &[OsString], paths: &[PathBuf], c_locale: bool) -> EngineRun
         },
     };
     EngineRun { stdout, error }
+}
+
+/// util-linux's `setpriv`, which starts the engine with `PR_SET_PDEATHSIG` (the crate allows
+/// no unsafe code, so no `pre_exec` of our own).
+const SETPRIV: &str = "/usr/bin/setpriv";
+
+/// The command that starts `program` so that it dies with the agent (SIGKILL when the thread
+/// that started it ends; it waits for the engine, so that is when the agent dies): an agent
+/// killed mid-scan (SIGKILL, the OOM killer) leaves no engine scanning on as an orphan. Without
+/// `setpriv`, or for a program that cannot run (its own error then says why), the engine is
+/// started as it is; under systemd the unit's `KillMode=control-group` ends it all the same.
+fn engine_command(program: &std::ffi::OsStr) -> Command {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.as_bytes().contains(&b'/') {
+        runnable(Path::new(program))
+    } else {
+        std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|d| runnable(&d.join(program))))
+    };
+    if found && runnable(Path::new(SETPRIV)) {
+        let mut command = Command::new(SETPRIV);
+        command.args(["--pdeathsig", "KILL", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
 }
 
 /// Runs the engine over `paths` the way `names` describes (the main run over the parts without
@@ -493,6 +522,17 @@ fn unscanned(
              below it was scanned; scan it as a path of its own",
             names::escape(first.as_os_str().as_bytes()),
             names::MAX_DEPTH,
+        ));
+    }
+    if let Some(first) = &plan.first_too_long {
+        let more = match plan.too_long {
+            0 | 1 => String::new(),
+            n => format!(" (and {} more like it)", n - 1),
+        };
+        errors.push(format!(
+            "`{}`{more} has a path longer than the engine can open (4096 bytes): it was not \
+             scanned; scan a directory nearer to it as a path of its own, or move it up",
+            names::escape(first.as_os_str().as_bytes()),
         ));
     }
     if ran && files_scanned == Some(0) && plan.files > 0 && !engines.excludes_files {
