@@ -572,3 +572,21 @@ fn an_engine_dies_with_an_agent_killed_mid_scan() {
         "the engine (pid {engine}) scans on after its agent was killed"
     );
 }
+
+/// Red team C, item 13: a path asked for that is a loop of links (`la -> lb -> la`) was
+/// reported as a link that does not resolve, "is it mounted?".
+#[test]
+fn a_path_that_is_a_loop_of_links_is_an_error_that_says_it_is_a_loop() {
+    let agent = ScanAgent::init("clamav");
+    let la = agent.tmp.path().join("la");
+    std::os::unix::fs::symlink("lb", &la).unwrap();
+    std::os::unix::fs::symlink("la", agent.tmp.path().join("lb")).unwrap();
+    let (code, report) = agent.scan(&[&la]);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["result"], "error", "{report}");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("loop of symbolic links") && !error.contains("mounted"),
+        "{error}"
+    );
+}

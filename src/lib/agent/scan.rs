@@ -472,6 +472,16 @@ fn run_scan(
     for line in &dropped {
         tracing::warn!(line = %line, "ignoring an engine line that names no path it was given");
     }
+    if engines.follow_symlinks {
+        let before = findings.len();
+        findings = once_per_file(findings);
+        if findings.len() < before {
+            tracing::info!(
+                repeats = before - findings.len(),
+                "findings reached through links reported once"
+            );
+        }
+    }
     let files_scanned = counts
         .iter()
         .try_fold(0u64, |sum, count| count.map(|n| sum.saturating_add(n)));
@@ -500,6 +510,32 @@ fn run_scan(
         result,
         error: (!errors.is_empty()).then(|| errors.join("; ")),
     })
+}
+
+/// Each infected file once, under the shortest path that reached it: with links followed, one
+/// file is reached by several paths (a loop such as `sub/up -> ..` gives it one per way round,
+/// up to the depth limit). Findings are one when their files' real paths and signatures are;
+/// a path that no longer resolves stands for itself. Order is kept.
+fn once_per_file(findings: Vec<proto::ScanFinding>) -> Vec<proto::ScanFinding> {
+    let mut first: std::collections::HashMap<(PathBuf, String), usize> = Default::default();
+    let mut kept: Vec<proto::ScanFinding> = Vec::with_capacity(findings.len());
+    for finding in findings {
+        let real =
+            std::fs::canonicalize(&finding.path).unwrap_or_else(|_| finding.path.clone().into());
+        match first.entry((real, finding.signature.clone())) {
+            std::collections::hash_map::Entry::Occupied(seen) => {
+                let shown = &mut kept[*seen.get()];
+                if finding.path.len() < shown.path.len() {
+                    shown.path = finding.path;
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(new) => {
+                new.insert(kept.len());
+                kept.push(finding);
+            }
+        }
+    }
+    kept
 }
 
 /// What makes a scan that ran to completion fail all the same: directories past the depth
@@ -921,6 +957,37 @@ mod tests {
         assert!(
             argv.contains(&OsString::from("--exclude=\\.log$")),
             "{argv:?}"
+        );
+    }
+
+    #[test]
+    fn a_file_reached_by_several_paths_is_one_finding_under_the_shortest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sub = tmp.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("e.com"), b"x").unwrap();
+        std::os::unix::fs::symlink("..", sub.join("up")).unwrap();
+        let finding = |path: &Path, signature: &str| proto::ScanFinding {
+            path: path.display().to_string(),
+            signature: signature.into(),
+        };
+        let looped = sub.join("up/sub/up/sub/e.com");
+        let direct = sub.join("e.com");
+        let gone = tmp.path().join("gone");
+        let found = once_per_file(vec![
+            finding(&looped, "Eicar"),
+            finding(&direct, "Eicar"),
+            finding(&direct, "Other"),
+            finding(&gone, "Eicar"),
+            finding(&gone, "Eicar"),
+        ]);
+        assert_eq!(
+            found,
+            vec![
+                finding(&direct, "Eicar"),
+                finding(&direct, "Other"),
+                finding(&gone, "Eicar")
+            ]
         );
     }
 

@@ -116,6 +116,13 @@ pub(super) struct Plan {
 fn unresolved(path: &Path, err: &std::io::Error) -> String {
     let shown = escape(path.as_os_str().as_bytes());
     match fs::read_link(path) {
+        Ok(target) if err.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            format!(
+                "`{shown}` is a link to `{}`, which leads back round to itself (a loop of \
+                 symbolic links): point the link at a file or directory, or remove it",
+                escape(target.as_os_str().as_bytes())
+            )
+        }
         Ok(target) => format!(
             "`{shown}` is a link to `{}`, which does not resolve ({err}): is it mounted?",
             escape(target.as_os_str().as_bytes())
