@@ -459,3 +459,31 @@ fn a_window_over_a_rollback_by_hand_on_the_host_is_skipped_and_the_host_stays_ro
     );
     assert_eq!(installed(&state), "r1", "the hand rollback was undone");
 }
+
+/// Red team C, item 2: the manager learns a rollback the agent took itself from the next poll.
+#[test]
+fn a_poll_learns_a_rollback_taken_on_the_host() {
+    let setup = AgentSetup::new();
+    let state = setup.state();
+    Pm::agent(&state).args(["update"]).json();
+    setup.publish(6);
+    Pm::agent(&state).args(["update"]).json();
+    let run = Pm::agent(&state)
+        .args(["rollback", "--to", "backup:1"])
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    assert_eq!(sql(&setup.home, "SELECT held FROM fleet_status"), ["false"]);
+    let run = Pm::poll(&setup.home).args(["-q"]).run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    assert_eq!(
+        sql(&setup.home, "SELECT held, hold_kind FROM fleet_status"),
+        ["true,rollback"]
+    );
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT on_agent FROM holds WHERE released_at IS NULL"
+        ),
+        ["true"]
+    );
+}
