@@ -406,10 +406,9 @@ fn hold_release_and_license_of_a_host_that_does_not_answer_are_partial_and_chang
     assert_eq!((code, &again["changed"]), (1, &false.into()), "{again}");
 }
 
-/// Red team C, item 2: a window sent to an agent rolled back on the host itself
-/// (`pm-agent rollback`), which the manager did not know of.
-#[test]
-fn a_window_over_a_rollback_by_hand_on_the_host_is_skipped_and_the_host_stays_rolled_back() {
+/// An agent on r2 that the operator on the host rolled back to its backup 1 (r1) with
+/// `pm-agent rollback`, which the manager does not know of.
+fn rolled_back_on_the_host() -> AgentSetup {
     let setup = AgentSetup::new();
     let state = setup.state();
     Pm::agent(&state).args(["update"]).json();
@@ -419,6 +418,15 @@ fn a_window_over_a_rollback_by_hand_on_the_host_is_skipped_and_the_host_stays_ro
         .args(["rollback", "--to", "backup:1"])
         .run();
     assert_eq!(run.code(), 0, "{}", run.stderr());
+    setup
+}
+
+/// Red team C, item 2: a window sent to an agent rolled back on the host itself
+/// (`pm-agent rollback`), which the manager did not know of.
+#[test]
+fn a_window_over_a_rollback_by_hand_on_the_host_is_skipped_and_the_host_stays_rolled_back() {
+    let setup = rolled_back_on_the_host();
+    let state = setup.state();
     assert_eq!(installed(&state), "r1");
     let run = Pm::push(&setup.home)
         .args(["hold", "--host", "127.0.0.1", "--until", "3s"])
@@ -463,15 +471,7 @@ fn a_window_over_a_rollback_by_hand_on_the_host_is_skipped_and_the_host_stays_ro
 /// Red team C, item 2: the manager learns a rollback the agent took itself from the next poll.
 #[test]
 fn a_poll_learns_a_rollback_taken_on_the_host() {
-    let setup = AgentSetup::new();
-    let state = setup.state();
-    Pm::agent(&state).args(["update"]).json();
-    setup.publish(6);
-    Pm::agent(&state).args(["update"]).json();
-    let run = Pm::agent(&state)
-        .args(["rollback", "--to", "backup:1"])
-        .run();
-    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let setup = rolled_back_on_the_host();
     assert_eq!(sql(&setup.home, "SELECT held FROM fleet_status"), ["false"]);
     let run = Pm::poll(&setup.home).args(["-q"]).run();
     assert_eq!(run.code(), 0, "{}", run.stderr());
