@@ -210,10 +210,24 @@ pub struct LicenseRequest {
 }
 
 /// Answer of a setup step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetupResponse {
     /// Whether the agent's setup changed.
     pub changed: bool,
+    /// A hold step only: the rollback's hold the agent kept instead of the window it was sent
+    /// (a window never replaces a rollback's hold, see `agent::hold`); absent otherwise and
+    /// from agents older than this release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<HoldState>,
+}
+
+impl From<bool> for SetupResponse {
+    fn from(changed: bool) -> Self {
+        SetupResponse {
+            changed,
+            kept: None,
+        }
+    }
 }
 
 /// Decodes lowercase or uppercase hex; `None` when it is not hex.

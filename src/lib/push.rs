@@ -1648,8 +1648,9 @@ struct JobKind<'a> {
     /// manager changed all the same, so the run is partial (exit 3) and `changed`, never
     /// "failed, nothing done".
     recorded: HashSet<String>,
-    /// Hosts the command leaves as they are (the op says why): reported `skipped`.
-    left_alone: HashSet<String>,
+    /// Hosts the command leaves as they are (the op says why, and adds those an agent's answer
+    /// leaves alone): reported `skipped`.
+    left_alone: Arc<Mutex<HashSet<String>>>,
 }
 
 /// Resolves the targets (read-only) and returns them with every host record.
@@ -1709,8 +1710,14 @@ where
         recorded,
         left_alone,
     } = job;
+    let left_alone = |host: &str| {
+        left_alone
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(host)
+    };
     let result_of = |target: &Target, outcome: &HostOutcome| match outcome {
-        Ok(_) if left_alone.contains(&target.host) => "skipped",
+        Ok(_) if left_alone(&target.host) => "skipped",
         Ok((false, _)) if unchanged_is_skipped => "skipped",
         Ok(_) => "ok",
         Err(_) => "failed",
@@ -1722,7 +1729,7 @@ where
         let (skip, hosts): (Vec<String>, Vec<String>) = targets
             .iter()
             .map(|t| t.host.clone())
-            .partition(|host| left_alone.contains(host));
+            .partition(|host| left_alone(host));
         if global.json {
             cli::print_json(&serde_json::json!({
                 "changed": false, "kind": kind, "would_apply_to": hosts, "would_skip": skip,

@@ -179,7 +179,7 @@ async fn deactivate(
 /// never change anything; the real agent's are tested in `activate_setup`).
 async fn setup_step(ConnectInfo(info): ConnectInfo<TlsConnectInfo>) -> Response {
     assert!(info.peer.is_some_and(|p| p.verified));
-    json(&proto::SetupResponse { changed: false })
+    json(&proto::SetupResponse::from(false))
 }
 
 fn reset(state: &mut AgentState) {

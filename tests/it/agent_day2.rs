@@ -561,3 +561,31 @@ fn overwriting_a_profile_in_use_with_another_mode_needs_force_and_then_reaches_i
     let status = setup.agent_cmd(&["status"]);
     assert_eq!(status["profile"]["mode"], "form", "{status:#}");
 }
+
+/// Red team C, item 9: with `follow_symlinks`, a link back up the tree (`sub/up -> ..`) made
+/// clamscan report one EICAR file once per way round the loop.
+#[test]
+fn a_file_reached_through_a_symlink_loop_is_one_finding() {
+    let setup = AgentSetup::with(
+        |home| {
+            Pm::activate(home)
+                .args(["profile", "new", "links", "--set", "follow_symlinks=yes"])
+                .json();
+        },
+        &["--profile", "links"],
+    );
+    setup.agent_cmd(&["update"]);
+    let top = setup.tmp.path().join("loop");
+    write_at(&top.join("sub"), "eicar.com", EICAR);
+    std::os::unix::fs::symlink("..", top.join("sub").join("up")).unwrap();
+    let (code, report) = push(&setup, &["scan", "--path", top.to_str().unwrap(), "--all"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT path FROM scan_alerts WHERE scan_id = (SELECT max(scan_id) FROM scan_alerts)"
+        ),
+        [top.join("sub").join("eicar.com").display().to_string()],
+        "{report}"
+    );
+}

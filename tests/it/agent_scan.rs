@@ -469,3 +469,124 @@ fn a_command_engine_without_scan_command_answers_conflict() {
         );
     });
 }
+
+/// Makes `levels` directories of 250-letter names under `top`, opened by handle (their path is
+/// soon longer than PATH_MAX), with `file` holding `contents` at the bottom.
+fn deep_tree(top: &Path, levels: usize, file: &str, contents: &str) {
+    use rustix::fs::{CWD, Mode, OFlags};
+    let name = "n".repeat(250);
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let mut dir = rustix::fs::openat(CWD, top, flags, Mode::empty()).unwrap();
+    for _ in 0..levels {
+        rustix::fs::mkdirat(&dir, name.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+        dir = rustix::fs::openat(&dir, name.as_str(), flags, Mode::empty()).unwrap();
+    }
+    let fd = rustix::fs::openat(
+        &dir,
+        file,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
+    rustix::io::write(&fd, contents.as_bytes()).unwrap();
+}
+
+/// Red team C, item 5: EICAR under a path longer than PATH_MAX.
+#[test]
+fn a_file_whose_path_is_longer_than_the_engine_can_open_makes_the_scan_error_naming_it() {
+    let agent = ScanAgent::init("clamav");
+    let top = agent.dir("long", &[("clean.txt", "nothing to see\n")]);
+    deep_tree(&top, 20, "eicar.com", EICAR);
+    let (_, report) = agent.scan(&[&top]);
+    assert_eq!(report["result"], "error", "{report}");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("longer than the engine can open") && error.contains("/eicar.com`"),
+        "{error}"
+    );
+    assert_eq!(
+        report["files_scanned"], 1,
+        "the sibling was scanned: {report}"
+    );
+}
+
+/// Whether process `pid` still runs (a zombie nobody reaped has ended).
+fn runs(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|s| !s.trim_start().starts_with('Z'))
+    })
+}
+
+/// Red team C, item 11: SIGKILL of an agent mid-scan left the engine running as an orphan.
+#[test]
+fn an_engine_dies_with_an_agent_killed_mid_scan() {
+    let agent = ScanAgent::init("command");
+    let dir = agent.dir("target", &[("x.bin", "x")]);
+    let pid_file = agent.tmp.path().join("engine.pid");
+    let script = engine_script(
+        agent.tmp.path(),
+        &format!("echo $$ > {}\nexec sleep 60\n", pid_file.display()),
+    );
+    agent.configure(&format!(
+        "scan_command = [{:?}]\n",
+        script.display().to_string()
+    ));
+    let mut scan = Pm::agent(&agent.state())
+        .args(["scan"])
+        .args([&dir])
+        .command()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let engine = loop {
+        if let Ok(pid) = std::fs::read_to_string(&pid_file)
+            && !pid.trim().is_empty()
+        {
+            break pid.trim().to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the engine never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(runs(&engine));
+    scan.kill().unwrap();
+    scan.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while runs(&engine) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let orphan = runs(&engine);
+    if orphan {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &engine])
+            .status();
+    }
+    assert!(
+        !orphan,
+        "the engine (pid {engine}) scans on after its agent was killed"
+    );
+}
+
+/// Red team C, item 13: a path asked for that is a loop of links (`la -> lb -> la`) was
+/// reported as a link that does not resolve, "is it mounted?".
+#[test]
+fn a_path_that_is_a_loop_of_links_is_an_error_that_says_it_is_a_loop() {
+    let agent = ScanAgent::init("clamav");
+    let la = agent.tmp.path().join("la");
+    std::os::unix::fs::symlink("lb", &la).unwrap();
+    std::os::unix::fs::symlink("la", agent.tmp.path().join("lb")).unwrap();
+    let (code, report) = agent.scan(&[&la]);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["result"], "error", "{report}");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("loop of symbolic links") && !error.contains("mounted"),
+        "{error}"
+    );
+}

@@ -508,3 +508,85 @@ fn a_hold_with_no_end_reads_no_end_in_the_until_column_not_released() {
         holds.stdout()
     );
 }
+
+/// An agent on r2 that the operator on the host rolled back to its backup 1 (r1) with
+/// `pm-agent rollback`, which the manager does not know of.
+fn rolled_back_on_the_host() -> AgentSetup {
+    let setup = AgentSetup::new();
+    let state = setup.state();
+    Pm::agent(&state).args(["update"]).json();
+    setup.publish(6);
+    Pm::agent(&state).args(["update"]).json();
+    let run = Pm::agent(&state)
+        .args(["rollback", "--to", "backup:1"])
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    setup
+}
+
+/// Red team C, item 2: a window sent to an agent rolled back on the host itself
+/// (`pm-agent rollback`), which the manager did not know of.
+#[test]
+fn a_window_over_a_rollback_by_hand_on_the_host_is_skipped_and_the_host_stays_rolled_back() {
+    let setup = rolled_back_on_the_host();
+    let state = setup.state();
+    assert_eq!(installed(&state), "r1");
+    let run = Pm::push(&setup.home)
+        .args(["hold", "--host", "127.0.0.1", "--until", "3s"])
+        .args(["--reason", "window2", "--json"])
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let held = run.json();
+    let line = host_result(&held, "127.0.0.1");
+    assert_eq!(line["result"], "skipped", "said per host: {held}");
+    assert_eq!(line["changed"], false, "{held}");
+    assert!(
+        line["detail"]
+            .as_str()
+            .unwrap()
+            .contains("kept its rollback hold"),
+        "{held}"
+    );
+    assert!(
+        run.stderr().contains("keep their rollback hold"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(
+        Pm::agent(&state).args(["status"]).json()["hold"]["kind"],
+        "rollback"
+    );
+    // The manager learnt the agent's hold instead of recording the window.
+    assert_eq!(
+        sql(&setup.home, "SELECT held, hold_kind FROM fleet_status"),
+        ["true,rollback"]
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let pushed = Pm::push(&setup.home).args(["update"]).json();
+    assert_eq!(
+        host_result(&pushed, "127.0.0.1")["result"],
+        "held",
+        "{pushed}"
+    );
+    assert_eq!(installed(&state), "r1", "the hand rollback was undone");
+}
+
+/// Red team C, item 2: the manager learns a rollback the agent took itself from the next poll.
+#[test]
+fn a_poll_learns_a_rollback_taken_on_the_host() {
+    let setup = rolled_back_on_the_host();
+    assert_eq!(sql(&setup.home, "SELECT held FROM fleet_status"), ["false"]);
+    let run = Pm::poll(&setup.home).args(["-q"]).run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    assert_eq!(
+        sql(&setup.home, "SELECT held, hold_kind FROM fleet_status"),
+        ["true,rollback"]
+    );
+    assert_eq!(
+        sql(
+            &setup.home,
+            "SELECT on_agent FROM holds WHERE released_at IS NULL"
+        ),
+        ["true"]
+    );
+}

@@ -2,7 +2,8 @@
 //! `POST /v1/setup/hold` (`pm-push hold`, a maintenance window or change freeze), with an
 //! install that rolls the host back (`pm-rollback --host H --to ...`, a fleet rollback), and
 //! the operator on the host with `pm-agent rollback`. It is kept in `setup.json`, so it
-//! survives restarts, and it ends when released or at its end time.
+//! survives restarts, and it ends when released or at its end time. A window sent over a
+//! rollback's hold is not taken ([`keeps_over`]): the agent answers with the hold it kept.
 //!
 //! What a hold does to each kind of install, decided under the install lock (so a hold taken
 //! with an install is in force before the agent's schedule can run again):
@@ -165,14 +166,22 @@ pub(super) fn local_actor() -> String {
 }
 
 /// Takes (`Some`) or releases (`None`) a hold as `POST /v1/setup/hold` asks, under the install
-/// lock so no install runs on once the answer is given. Whether anything changed: the same
-/// hold again, or releasing none, changes nothing.
-pub(super) fn apply(dir: &Path, request: &proto::HoldRequest) -> Result<bool> {
+/// lock so no install runs on once the answer is given: whether anything changed (the same
+/// hold again, or releasing none, changes nothing), and the rollback's hold kept instead of a
+/// window ([`keeps_over`]).
+pub(super) fn apply(dir: &Path, request: &proto::HoldRequest) -> Result<proto::SetupResponse> {
     let _no_install = super::install::lock(dir)?;
     let now = Utc::now();
     let in_force = current(dir)?;
     match &request.hold {
         Some(spec) => {
+            if let Some(hold) = in_force.as_ref().filter(|hold| keeps_over(hold, spec)) {
+                tracing::info!(reason = %hold.reason, "window not taken: the host keeps its rollback's hold");
+                return Ok(proto::SetupResponse {
+                    changed: false,
+                    kept: Some(hold.clone()),
+                });
+            }
             let same = in_force.as_ref().is_some_and(|hold| {
                 hold.kind == spec.kind
                     && hold.reason == spec.reason
@@ -180,10 +189,10 @@ pub(super) fn apply(dir: &Path, request: &proto::HoldRequest) -> Result<bool> {
                     && hold.requested_until == spec.until
             });
             if same {
-                return Ok(false);
+                return Ok(false.into());
             }
             setup::set_hold(dir, Some(take(spec, now)))?;
-            Ok(true)
+            Ok(true.into())
         }
         None => {
             let releases = in_force
@@ -193,9 +202,18 @@ pub(super) fn apply(dir: &Path, request: &proto::HoldRequest) -> Result<bool> {
                 // An ended hold is tidied away too, without counting as a change.
                 setup::set_hold(dir, None)?;
             }
-            Ok(releases)
+            Ok(releases.into())
         }
     }
+}
+
+/// Whether the rollback's hold `hold` stays when `spec` is sent: a window (kind `hold`, or any
+/// hold with an end) never replaces a rollback's hold (by hand, `pm-agent rollback`, or of the
+/// fleet), whether or not the manager knew of it. Replaced, the host would follow dist again
+/// when the window ends, undoing the rollback.
+pub(super) fn keeps_over(hold: &HoldState, spec: &HoldSpec) -> bool {
+    matches!(hold.kind, HoldKind::Rollback | HoldKind::FleetRollback)
+        && (spec.kind == HoldKind::Hold || spec.until.is_some())
 }
 
 #[cfg(test)]

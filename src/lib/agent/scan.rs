@@ -299,7 +299,7 @@ struct EngineRun {
 fn run_engine(argv: &[OsString], paths: &[PathBuf], c_locale: bool) -> EngineRun {
     let program = argv[0].to_string_lossy().into_owned();
     let started = Instant::now();
-    let mut command = Command::new(&argv[0]);
+    let mut command = engine_command(&argv[0]);
     command
         .args(&argv[1..])
         .args(paths)
@@ -381,6 +381,35 @@ fn run_engine(argv: &[OsString], paths: &[PathBuf], c_locale: bool) -> EngineRun
     EngineRun { stdout, error }
 }
 
+/// util-linux's `setpriv`, which starts the engine with `PR_SET_PDEATHSIG` (the crate allows
+/// no unsafe code, so no `pre_exec` of our own).
+const SETPRIV: &str = "/usr/bin/setpriv";
+
+/// The command that starts `program` so that it dies with the agent (SIGKILL when the thread
+/// that started it ends; it waits for the engine, so that is when the agent dies): an agent
+/// killed mid-scan (SIGKILL, the OOM killer) leaves no engine scanning on as an orphan. Without
+/// `setpriv`, or for a program that cannot run (its own error then says why), the engine is
+/// started as it is; under systemd the unit's `KillMode=control-group` ends it all the same.
+fn engine_command(program: &std::ffi::OsStr) -> Command {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.as_bytes().contains(&b'/') {
+        runnable(Path::new(program))
+    } else {
+        std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|d| runnable(&d.join(program))))
+    };
+    if found && runnable(Path::new(SETPRIV)) {
+        let mut command = Command::new(SETPRIV);
+        command.args(["--pdeathsig", "KILL", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
 /// Runs the engine over `paths` the way `names` describes (the main run over the parts without
 /// unprintable names, a run over the aliases of the files such names lead to) and makes the
 /// report. Fails only when the aliases cannot be made.
@@ -443,6 +472,16 @@ fn run_scan(
     for line in &dropped {
         tracing::warn!(line = %line, "ignoring an engine line that names no path it was given");
     }
+    if engines.follow_symlinks {
+        let before = findings.len();
+        findings = once_per_file(findings);
+        if findings.len() < before {
+            tracing::info!(
+                repeats = before - findings.len(),
+                "findings reached through links reported once"
+            );
+        }
+    }
     let files_scanned = counts
         .iter()
         .try_fold(0u64, |sum, count| count.map(|n| sum.saturating_add(n)));
@@ -473,6 +512,32 @@ fn run_scan(
     })
 }
 
+/// Each infected file once, under the shortest path that reached it: with links followed, one
+/// file is reached by several paths (a loop such as `sub/up -> ..` gives it one per way round,
+/// up to the depth limit). Findings are one when their files' real paths and signatures are;
+/// a path that no longer resolves stands for itself. Order is kept.
+fn once_per_file(findings: Vec<proto::ScanFinding>) -> Vec<proto::ScanFinding> {
+    let mut first: std::collections::HashMap<(PathBuf, String), usize> = Default::default();
+    let mut kept: Vec<proto::ScanFinding> = Vec::with_capacity(findings.len());
+    for finding in findings {
+        let real =
+            std::fs::canonicalize(&finding.path).unwrap_or_else(|_| finding.path.clone().into());
+        match first.entry((real, finding.signature.clone())) {
+            std::collections::hash_map::Entry::Occupied(seen) => {
+                let shown = &mut kept[*seen.get()];
+                if finding.path.len() < shown.path.len() {
+                    shown.path = finding.path;
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(new) => {
+                new.insert(kept.len());
+                kept.push(finding);
+            }
+        }
+    }
+    kept
+}
+
 /// What makes a scan that ran to completion fail all the same: directories past the depth
 /// limit (nothing below them was scanned), or an engine that scanned none of the files the
 /// agent's walk found (`ran`: no other error explains it; a profile that excludes files may).
@@ -493,6 +558,17 @@ fn unscanned(
              below it was scanned; scan it as a path of its own",
             names::escape(first.as_os_str().as_bytes()),
             names::MAX_DEPTH,
+        ));
+    }
+    if let Some(first) = &plan.first_too_long {
+        let more = match plan.too_long {
+            0 | 1 => String::new(),
+            n => format!(" (and {} more like it)", n - 1),
+        };
+        errors.push(format!(
+            "`{}`{more} has a path longer than the engine can open (4096 bytes): it was not \
+             scanned; scan a directory nearer to it as a path of its own, or move it up",
+            names::escape(first.as_os_str().as_bytes()),
         ));
     }
     if ran && files_scanned == Some(0) && plan.files > 0 && !engines.excludes_files {
@@ -881,6 +957,37 @@ mod tests {
         assert!(
             argv.contains(&OsString::from("--exclude=\\.log$")),
             "{argv:?}"
+        );
+    }
+
+    #[test]
+    fn a_file_reached_by_several_paths_is_one_finding_under_the_shortest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sub = tmp.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("e.com"), b"x").unwrap();
+        std::os::unix::fs::symlink("..", sub.join("up")).unwrap();
+        let finding = |path: &Path, signature: &str| proto::ScanFinding {
+            path: path.display().to_string(),
+            signature: signature.into(),
+        };
+        let looped = sub.join("up/sub/up/sub/e.com");
+        let direct = sub.join("e.com");
+        let gone = tmp.path().join("gone");
+        let found = once_per_file(vec![
+            finding(&looped, "Eicar"),
+            finding(&direct, "Eicar"),
+            finding(&direct, "Other"),
+            finding(&gone, "Eicar"),
+            finding(&gone, "Eicar"),
+        ]);
+        assert_eq!(
+            found,
+            vec![
+                finding(&direct, "Eicar"),
+                finding(&direct, "Other"),
+                finding(&gone, "Eicar")
+            ]
         );
     }
 

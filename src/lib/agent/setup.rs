@@ -148,7 +148,7 @@ pub(super) fn set_hold(dir: &Path, hold: Option<proto::HoldState>) -> Result<boo
     })
 }
 
-fn apply_hold(agent: &Agent, request: HoldRequest) -> Result<bool, Refusal> {
+fn apply_hold(agent: &Agent, request: HoldRequest) -> Result<SetupResponse, Refusal> {
     if let Some(spec) = &request.hold {
         super::hold::check_spec(spec).map_err(bad)?;
     }
@@ -286,12 +286,15 @@ fn internal(err: anyhow::Error) -> Refusal {
 }
 
 /// The common shape of the handlers: mutual TLS, parse, apply off the async threads.
-async fn handle<T: serde::de::DeserializeOwned + Send + 'static>(
+async fn handle<
+    T: serde::de::DeserializeOwned + Send + 'static,
+    R: Into<SetupResponse> + Send + 'static,
+>(
     agent: Arc<Agent>,
     info: &TlsConnectInfo,
     body: &[u8],
     step: &'static str,
-    apply: fn(&Agent, T) -> Result<bool, Refusal>,
+    apply: fn(&Agent, T) -> Result<R, Refusal>,
 ) -> Response {
     if let Err(response) = from_manager(&agent.lock(), info) {
         return *response;
@@ -302,9 +305,10 @@ async fn handle<T: serde::de::DeserializeOwned + Send + 'static>(
     };
     let worker = Arc::clone(&agent);
     match tokio::task::spawn_blocking(move || apply(&worker, request)).await {
-        Ok(Ok(changed)) => {
-            tracing::info!(step, changed, "setup step applied");
-            axum::Json(SetupResponse { changed }).into_response()
+        Ok(Ok(answer)) => {
+            let answer: SetupResponse = answer.into();
+            tracing::info!(step, changed = answer.changed, "setup step applied");
+            axum::Json(answer).into_response()
         }
         Ok(Err((status, code, message))) => {
             tracing::warn!(step, code, "setup step refused");

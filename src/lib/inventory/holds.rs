@@ -131,7 +131,8 @@ impl Inventory {
         Ok(())
     }
 
-    /// What polls saw of the agents' holds: for each held host that answered with its hold
+    /// What polls saw of the agents' holds: a rollback's hold an agent has and the manager
+    /// does not (taken on the host) is recorded; for each held host that answered with its hold
     /// (agents of this release), whether its agent has the hold in force on the manager (same
     /// kind and reason) is recorded, so `pm-push holds` never says "agent has it" for an agent
     /// that lost it (state wiped, reset or restored from a snapshot). Only the hosts whose
@@ -144,12 +145,35 @@ impl Inventory {
         let held = self.holds()?;
         let mut lost = Vec::new();
         for poll in polled {
-            let (Ok(answer), Some(hold)) = (&poll.answer, held.get(&poll.host)) else {
+            let Ok(answer) = &poll.answer else {
                 continue;
             };
             if !answer.status.reports_hold {
                 continue;
             }
+            let Some(hold) = held.get(&poll.host) else {
+                // A rollback the agent took itself (`pm-agent rollback` on the host) is learnt:
+                // rollouts then report the host held, and windows leave its hold alone.
+                if let Some(theirs) = answer.status.hold.as_ref().filter(|h| {
+                    matches!(
+                        h.kind,
+                        crate::proto::HoldKind::Rollback | crate::proto::HoldKind::FleetRollback
+                    )
+                }) {
+                    self.record_holds(&[HoldRecord {
+                        host: poll.host.clone(),
+                        kind: theirs.kind.as_str().into(),
+                        reason: theirs.reason.clone(),
+                        revision: answer.installed.as_ref().and_then(|i| i.revision.clone()),
+                        set_at: theirs.set_at,
+                        set_by: format!("{} (from the agent)", theirs.set_by),
+                        until: theirs.until,
+                        job_id: None,
+                        on_agent: true,
+                    }])?;
+                }
+                continue;
+            };
             let has = answer
                 .status
                 .hold

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -138,22 +138,20 @@ pub(super) fn push_hold(
         })
         .map(|t| t.host.clone())
         .collect();
-    // Those whose agent lost its hold get it back: they are not left alone.
-    let left_alone: HashSet<String> = kept
-        .iter()
-        .filter(|(_, hold)| hold.on_agent)
-        .map(|(host, _)| host.clone())
-        .collect();
-    let record_kept = Arc::clone(&kept);
-    let (n_kept, targets_kept) = {
-        let mut hosts: Vec<&str> = targets
+    // Those whose agent lost its rollback hold get it back: they are not left alone.
+    let left_alone: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(
+        targets
             .iter()
-            .filter(|t| kept.contains_key(&t.host))
-            .map(|t| t.host.as_str())
-            .collect();
-        hosts.sort_unstable();
-        (hosts.len(), hosts.join(", "))
-    };
+            .filter(|t| kept.get(&t.host).is_some_and(|hold| hold.on_agent))
+            .map(|t| t.host.clone())
+            .collect(),
+    ));
+    // Rollback holds the manager did not know of (`pm-agent rollback` on the host), learned
+    // from the agents that kept them: recorded instead of the window.
+    let learned: Arc<Mutex<HashMap<String, proto::HoldState>>> = Arc::default();
+    let (op_left_alone, op_learned) = (Arc::clone(&left_alone), Arc::clone(&learned));
+    let all_left_alone = Arc::clone(&left_alone);
+    let record_kept = Arc::clone(&kept);
     let status = on_targets(
         home,
         global,
@@ -171,6 +169,7 @@ pub(super) fn push_hold(
             let body = Arc::clone(&body);
             let detail = detail.clone();
             let kept = kept.get(&target.host).cloned();
+            let (left_alone, learned) = (Arc::clone(&op_left_alone), Arc::clone(&op_learned));
             async move {
                 if let Some(hold) = kept {
                     // The agent lost it (state reset or restored, seen by a poll): given back
@@ -214,9 +213,25 @@ pub(super) fn push_hold(
                         ),
                     ));
                 }
-                send(&client, &target, &body)
-                    .await
-                    .map(|changed| (changed, detail))
+                let answer = send(&client, &target, &body).await;
+                if let Ok(SetupResponse {
+                    kept: Some(hold), ..
+                }) = answer
+                {
+                    let line = format!(
+                        "kept its {} hold (no end), which its agent holds: {} (set by {}); \
+                         `pm-push release --host {}` ends it",
+                        hold.kind.as_str(),
+                        hold.reason,
+                        hold.set_by,
+                        target.host
+                    );
+                    lock(&left_alone).insert(target.host.clone());
+                    lock(&learned).insert(target.host.clone(), hold);
+                    return Ok((false, line));
+                }
+                answer
+                    .map(|answer| (answer.changed, detail))
                     .map_err(|error| {
                         format!(
                             "{error}; the hold is recorded on the manager, so rollouts leave the \
@@ -227,19 +242,33 @@ pub(super) fn push_hold(
             }
         },
         |inv, job_id, outcomes| {
+            let learned = lock(&learned);
             let holds: Vec<HoldRecord> = outcomes
                 .iter()
                 .filter(|(target, _)| !record_kept.contains_key(&target.host))
-                .map(|(target, outcome)| HoldRecord {
-                    host: target.host.clone(),
-                    kind: spec.kind.as_str().into(),
-                    reason: spec.reason.clone(),
-                    revision: installed.get(&target.host).cloned().flatten(),
-                    set_at: now,
-                    set_by: spec.set_by.clone(),
-                    until,
-                    job_id: Some(job_id),
-                    on_agent: outcome.is_ok(),
+                .map(|(target, outcome)| match learned.get(&target.host) {
+                    Some(hold) => HoldRecord {
+                        host: target.host.clone(),
+                        kind: hold.kind.as_str().into(),
+                        reason: hold.reason.clone(),
+                        revision: installed.get(&target.host).cloned().flatten(),
+                        set_at: hold.set_at,
+                        set_by: format!("{} (from the agent)", hold.set_by),
+                        until: hold.until,
+                        job_id: Some(job_id),
+                        on_agent: true,
+                    },
+                    None => HoldRecord {
+                        host: target.host.clone(),
+                        kind: spec.kind.as_str().into(),
+                        reason: spec.reason.clone(),
+                        revision: installed.get(&target.host).cloned().flatten(),
+                        set_at: now,
+                        set_by: spec.set_by.clone(),
+                        until,
+                        job_id: Some(job_id),
+                        on_agent: outcome.is_ok(),
+                    },
                 })
                 .collect();
             inv.record_holds(&holds)?;
@@ -253,6 +282,11 @@ pub(super) fn push_hold(
             Ok(())
         },
     )?;
+    let (n_kept, targets_kept) = {
+        let mut hosts: Vec<String> = lock(&all_left_alone).iter().cloned().collect();
+        hosts.sort_unstable();
+        (hosts.len(), hosts.join(", "))
+    };
     if n_kept > 0 {
         eprintln!(
             "note: {n_kept} host(s) rolled back keep their rollback hold, which lasts until \
@@ -261,6 +295,10 @@ pub(super) fn push_hold(
         );
     }
     Ok(status)
+}
+
+fn lock<T>(shared: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Whether `hold` stays when a window (`pm-push hold`) is put on its host: a rollback's, by
@@ -310,6 +348,7 @@ pub(super) fn push_release(
                 let on_manager = held.contains_key(&target.host);
                 send(&client, &target, &body)
                     .await
+                    .map(|answer| answer.changed)
                     .map(
                         |on_agent| match (on_agent || on_manager, held.get(&target.host)) {
                             (true, Some(hold)) => (true, format!("released: {}", hold.describe())),
@@ -333,12 +372,13 @@ pub(super) fn push_release(
     )
 }
 
-/// Sends a hold request to one agent: whether its hold changed.
+/// Sends a hold request to one agent: whether its hold changed, and the rollback's hold it kept
+/// instead of a window.
 async fn send(
     client: &reqwest::Client,
     target: &Target,
     request: &HoldRequest,
-) -> Result<bool, String> {
+) -> Result<SetupResponse, String> {
     let body = serde_json::to_string(request).map_err(|err| err.to_string())?;
     let answer: SetupResponse = post_agent(
         client,
@@ -348,7 +388,7 @@ async fn send(
         "hold",
     )
     .await?;
-    Ok(answer.changed)
+    Ok(answer)
 }
 
 /// One hold in the output of `holds`.

@@ -34,6 +34,7 @@ use std::fs;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Result;
 
@@ -51,6 +52,10 @@ const ALIASES_PREFIX: &str = "scan-names.";
 /// (both stop at 15 by default, which silently left deeper files unscanned). Anything deeper
 /// makes the scan's result `error` ([`Plan::too_deep`]).
 pub(super) const MAX_DEPTH: usize = 256;
+
+/// Paths this long (bytes) or longer cannot be opened by name (`PATH_MAX`, its NUL included):
+/// the engines skip them without a word (clamscan stops going down and still exits 0).
+const PATH_MAX: usize = 4096;
 
 /// Whether a name or path holds a character the engine's line output cannot carry.
 pub(super) fn unprintable(bytes: &[u8]) -> bool {
@@ -101,12 +106,23 @@ pub(super) struct Plan {
     /// Directories [`MAX_DEPTH`] levels down that hold something: neither the walk nor the
     /// engine went into them.
     pub too_deep: Vec<PathBuf>,
+    /// Regular files whose path is longer than the engines can open ([`PATH_MAX`]): how many,
+    /// and the first one found (the agent counts them through directory handles).
+    pub too_long: u64,
+    pub first_too_long: Option<PathBuf>,
 }
 
 /// Why `path` does not resolve (`err`: what `stat` said), naming the target of a dangling link.
 fn unresolved(path: &Path, err: &std::io::Error) -> String {
     let shown = escape(path.as_os_str().as_bytes());
     match fs::read_link(path) {
+        Ok(target) if err.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            format!(
+                "`{shown}` is a link to `{}`, which leads back round to itself (a loop of \
+                 symbolic links): point the link at a file or directory, or remove it",
+                escape(target.as_os_str().as_bytes())
+            )
+        }
         Ok(target) => format!(
             "`{shown}` is a link to `{}`, which does not resolve ({err}): is it mounted?",
             escape(target.as_os_str().as_bytes())
@@ -194,6 +210,10 @@ impl Walk {
             let Ok(kind) = entry.file_type() else {
                 continue;
             };
+            if child.as_os_str().len() >= PATH_MAX {
+                self.too_long(dir, &entry.file_name(), &child, depth + 1);
+                continue;
+            }
             let (is_dir, is_file, meta) = if kind.is_symlink() {
                 if !self.follow_symlinks {
                     // The engines skip links inside the tree unless told to follow them.
@@ -243,6 +263,51 @@ impl Walk {
             self.plan.parts.extend(clean_children);
         }
         clean
+    }
+}
+
+impl Walk {
+    /// Counts `name` in `parent` (a path the engine cannot open: `path`) if a regular file, or
+    /// the regular files below it if a directory (links not followed, depth bounded), opened
+    /// relative to their parents.
+    fn too_long(&mut self, parent: &Path, name: &std::ffi::OsStr, path: &Path, depth: usize) {
+        use rustix::fs::{AtFlags, CWD, Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let Ok(parent) = rustix::fs::openat(CWD, parent, flags, Mode::empty()) else {
+            return;
+        };
+        // Each entry holds its directory's handle, shared by its siblings.
+        let mut stack = vec![(Arc::new(parent), name.to_owned(), path.to_owned(), depth)];
+        while let Some((at, name, path, depth)) = stack.pop() {
+            let Ok(stat) = rustix::fs::statat(&*at, &name, AtFlags::SYMLINK_NOFOLLOW) else {
+                continue;
+            };
+            match rustix::fs::FileType::from_raw_mode(stat.st_mode) {
+                rustix::fs::FileType::RegularFile => {
+                    self.plan.too_long += 1;
+                    if self.plan.first_too_long.is_none() {
+                        self.plan.first_too_long = Some(path);
+                    }
+                }
+                rustix::fs::FileType::Directory if depth < MAX_DEPTH => {
+                    let Ok(dir) = rustix::fs::openat(&*at, &name, flags, Mode::empty()) else {
+                        continue;
+                    };
+                    let Ok(entries) = rustix::fs::Dir::read_from(&dir) else {
+                        continue;
+                    };
+                    let dir = Arc::new(dir);
+                    for entry in entries.flatten() {
+                        let child = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
+                        if child != "." && child != ".." {
+                            let entry = (Arc::clone(&dir), child.to_owned(), path.join(child));
+                            stack.push((entry.0, entry.1, entry.2, depth + 1));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 }
 
