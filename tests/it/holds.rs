@@ -328,30 +328,10 @@ fn a_timed_hold_keeps_a_hand_rollbacks_hold_and_the_host_stays_rolled_back_when_
         serde_json::json!(["127.0.0.1"]),
         "{planned}"
     );
-    let run = Pm::push(&setup.home)
-        .args(["hold", "--host", "127.0.0.1", "--until", "3s"])
-        .args(["--reason", "maintenance window", "--json"])
-        .run();
-    assert_eq!(run.code(), 0, "{}", run.stderr());
-    let held = run.json();
-    let line = host_result(&held, "127.0.0.1");
-    assert_eq!(line["result"], "skipped", "said per host: {held}");
-    assert_eq!(line["changed"], false, "{held}");
-    assert!(
-        line["detail"]
-            .as_str()
-            .unwrap()
-            .contains("kept its rollback hold at r1"),
-        "{held}"
-    );
-    assert!(
-        run.stderr().contains("keep their rollback hold"),
-        "{}",
-        run.stderr()
-    );
-    assert_eq!(
-        Pm::agent(&state).args(["status"]).json()["hold"]["kind"],
-        "rollback"
+    a_window_of_3s_is_skipped_for_the_rollback_hold(
+        &setup,
+        "maintenance window",
+        "kept its rollback hold at r1",
     );
     // The window is over: the host is still held where it was rolled back to.
     std::thread::sleep(Duration::from_secs(4));
@@ -524,29 +504,20 @@ fn rolled_back_on_the_host() -> AgentSetup {
     setup
 }
 
-/// Red team C, item 2: a window sent to an agent rolled back on the host itself
-/// (`pm-agent rollback`), which the manager did not know of.
-#[test]
-fn a_window_over_a_rollback_by_hand_on_the_host_is_skipped_and_the_host_stays_rolled_back() {
-    let setup = rolled_back_on_the_host();
+/// `pm-push hold --until 3s --reason REASON` on the one host, held by a rollback: the host is
+/// `skipped` with `detail` said, the note names it, and its agent keeps the rollback hold.
+fn a_window_of_3s_is_skipped_for_the_rollback_hold(setup: &AgentSetup, reason: &str, detail: &str) {
     let state = setup.state();
-    assert_eq!(installed(&state), "r1");
     let run = Pm::push(&setup.home)
         .args(["hold", "--host", "127.0.0.1", "--until", "3s"])
-        .args(["--reason", "window2", "--json"])
+        .args(["--reason", reason, "--json"])
         .run();
     assert_eq!(run.code(), 0, "{}", run.stderr());
     let held = run.json();
     let line = host_result(&held, "127.0.0.1");
     assert_eq!(line["result"], "skipped", "said per host: {held}");
     assert_eq!(line["changed"], false, "{held}");
-    assert!(
-        line["detail"]
-            .as_str()
-            .unwrap()
-            .contains("kept its rollback hold"),
-        "{held}"
-    );
+    assert!(line["detail"].as_str().unwrap().contains(detail), "{held}");
     assert!(
         run.stderr().contains("keep their rollback hold"),
         "{}",
@@ -556,6 +527,16 @@ fn a_window_over_a_rollback_by_hand_on_the_host_is_skipped_and_the_host_stays_ro
         Pm::agent(&state).args(["status"]).json()["hold"]["kind"],
         "rollback"
     );
+}
+
+/// Red team C, item 2: a window sent to an agent rolled back on the host itself
+/// (`pm-agent rollback`), which the manager did not know of.
+#[test]
+fn a_window_over_a_rollback_by_hand_on_the_host_is_skipped_and_the_host_stays_rolled_back() {
+    let setup = rolled_back_on_the_host();
+    let state = setup.state();
+    assert_eq!(installed(&state), "r1");
+    a_window_of_3s_is_skipped_for_the_rollback_hold(&setup, "window2", "kept its rollback hold");
     // The manager learnt the agent's hold instead of recording the window.
     assert_eq!(
         sql(&setup.home, "SELECT held, hold_kind FROM fleet_status"),

@@ -884,6 +884,20 @@ mod tests {
         }
     }
 
+    /// A new inventory in a temporary home (kept alive by the first value) with one active
+    /// host, `web-1`: recorders write only for active hosts.
+    fn inventory_with_web_1() -> (tempfile::TempDir, Inventory) {
+        let home = tempfile::tempdir().unwrap();
+        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
+        inventory
+            .upsert_host(&crate::inventory::HostRecord::active(
+                "web-1",
+                "10.0.0.1:7505",
+            ))
+            .unwrap();
+        (home, inventory)
+    }
+
     fn count(inventory: &Inventory, table: &str) -> i64 {
         inventory
             .conn
@@ -893,14 +907,7 @@ mod tests {
 
     #[test]
     fn versions_and_reports_are_recorded_once_and_a_failure_keeps_the_last_contact() {
-        let home = tempfile::tempdir().unwrap();
-        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
-        inventory
-            .upsert_host(&crate::inventory::HostRecord::active(
-                "web-1",
-                "10.0.0.1:7505",
-            ))
-            .unwrap();
+        let (_home, inventory) = inventory_with_web_1();
         let at = DateTime::from_timestamp(1_800_000_000, 123_456_000).unwrap();
         let poll = |answer: Result<PollResponse, PollFailure>, at: DateTime<Utc>| PolledHost {
             host: "web-1".into(),
@@ -1007,14 +1014,7 @@ mod tests {
 
     #[test]
     fn reports_are_recorded_by_number_once_an_agent_numbers_them_whatever_its_clock_does() {
-        let home = tempfile::tempdir().unwrap();
-        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
-        inventory
-            .upsert_host(&crate::inventory::HostRecord::active(
-                "web-1",
-                "10.0.0.1:7505",
-            ))
-            .unwrap();
+        let (_home, inventory) = inventory_with_web_1();
         let record = |answer: PollResponse| record_answer(&inventory, answer);
         let cursor = |inventory: &Inventory| inventory.poll_cursors().unwrap()["web-1"].clone();
         // Before the upgrade: by id.
@@ -1049,14 +1049,7 @@ mod tests {
 
     #[test]
     fn an_agent_whose_numbers_went_back_has_its_kept_reports_taken_by_id_once() {
-        let home = tempfile::tempdir().unwrap();
-        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
-        inventory
-            .upsert_host(&crate::inventory::HostRecord::active(
-                "web-1",
-                "10.0.0.1:7505",
-            ))
-            .unwrap();
+        let (_home, inventory) = inventory_with_web_1();
         let record = |scans: &[(&str, u64)], last: u64| {
             let mut answer = numbered(scans);
             answer.report_last = Some(last);
@@ -1090,14 +1083,7 @@ mod tests {
 
     #[test]
     fn a_failed_scan_never_lowers_the_findings_known_and_only_adds_what_it_found() {
-        let home = tempfile::tempdir().unwrap();
-        let inventory = Inventory::open(home.path(), Duration::from_secs(1)).unwrap();
-        inventory
-            .upsert_host(&crate::inventory::HostRecord::active(
-                "web-1",
-                "10.0.0.1:7505",
-            ))
-            .unwrap();
+        let (_home, inventory) = inventory_with_web_1();
         let findings_after = |scans: Vec<ScanReport>| {
             record_answer(&inventory, answer("3", scans));
             let states = inventory.host_states().unwrap();
