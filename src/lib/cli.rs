@@ -240,8 +240,13 @@ pub fn finish(result: anyhow::Result<ExitStatus>, json: bool) -> ExitCode {
             == Some(std::io::ErrorKind::StorageFull)
             || cause.to_string().contains("(os error 28)")
     });
+    // A key that went missing is met by every tool that signs: one hint, wherever it surfaced.
+    let key_hint = err
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<crate::pki::PkiError>()?.hint());
     let hint = user
         .and_then(|u| u.hint.as_deref())
+        .or(key_hint)
         .or(disk_full.then_some(DISK_FULL_HINT));
     let status = user.map(|u| u.status).unwrap_or(ExitStatus::Failure);
     let mut stderr = std::io::stderr().lock();

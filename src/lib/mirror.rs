@@ -2,6 +2,7 @@
 //! generations, and serve the private mirror agents and freshclam download from.
 
 mod airgap;
+mod keys;
 mod serve;
 mod sync;
 mod upstream;
@@ -111,6 +112,21 @@ pub enum KeyCommand {
         /// File to write (PEM)
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Create the signing key if this home has none yet (never when its repository holds
+        /// signed revisions: see `key rotate --old-key-lost`)
+        #[arg(long)]
+        create: bool,
+    },
+    /// Replace the signing key: the old key signs a rotation statement that agents and mirrors
+    /// follow, and latest, dist, the backups and the dist statement are signed anew
+    Rotate {
+        /// The old key is lost (not stolen): sign everything anew without a statement; agents
+        /// must then be told to trust the new key (docs/keys.md)
+        #[arg(long)]
+        old_key_lost: bool,
+        /// Why, recorded in the rotation statement and the job
+        #[arg(long, default_value = "scheduled rotation", value_name = "TEXT")]
+        reason: String,
     },
 }
 
@@ -147,7 +163,12 @@ impl Command {
             Command::Gc => Some("gc"),
             Command::Export { .. } => Some("export"),
             Command::Import { .. } => Some("import"),
-            Command::Key { .. } => Some("key export-public"),
+            Command::Key {
+                command: KeyCommand::ExportPublic { .. },
+            } => Some("key export-public"),
+            Command::Key {
+                command: KeyCommand::Rotate { .. },
+            } => Some("key rotate"),
             Command::Trust { .. } => Some("trust"),
         }
     }
@@ -179,8 +200,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
             max_size,
         } => airgap::run_import(&home, &args.global, &file, allow_downgrade, max_size),
         Command::Key {
-            command: KeyCommand::ExportPublic { out },
-        } => airgap::run_key_export_public(&home, &args.global, &out),
+            command: KeyCommand::ExportPublic { out, create },
+        } => airgap::run_key_export_public(&home, &args.global, &out, create),
+        Command::Key {
+            command:
+                KeyCommand::Rotate {
+                    old_key_lost,
+                    reason,
+                },
+        } => keys::run_key_rotate(&home, &args.global, old_key_lost, &reason),
         Command::Trust { command } => match command {
             TrustCommand::Add { file } => airgap::run_trust_add(&home, &args.global, &file),
             TrustCommand::List => airgap::run_trust_list(&home, &args.global),
@@ -712,6 +740,9 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
         re_sign_if_due(home, &repo, lock, &before, valid_for)
     };
     let Some(mut rotation) = rotation else {
+        // Nothing to publish is no reason to hide a dist the key no longer verifies (a key
+        // lost or replaced by hand): the timer's run says so at once, not when dist expires.
+        check_dist_signature(home, &repo, &before)?;
         let mut report = up_to_date(format!("dist is up to date with latest ({latest})"));
         (report.dist_valid_until, report.re_signed) = keep_dist_signed(&lock)?;
         drop(lock);
@@ -1065,14 +1096,50 @@ fn sign_dist_statement(
     generations: &Generations,
     valid_for: std::time::Duration,
 ) -> anyhow::Result<(DistStatement, SignedStatement)> {
+    let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
+    sign_dist_statement_with(&key, repo, generations, valid_for)
+}
+
+/// Fails unless dist's manifest verifies with the home's signing key (the signature only; the
+/// files are checked when a revision is published or rolled back to).
+fn check_dist_signature(home: &Path, repo: &Repo, generations: &Generations) -> anyhow::Result<()> {
+    let Some(dist) = &generations.dist else {
+        return Ok(());
+    };
+    let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
+    let dir = repo.revision_dir(dist);
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_default();
+    if key.verifying_key()?.verify(
+        &read(crate::manifest::MANIFEST_FILE),
+        &read(crate::manifest::SIGNATURE_FILE),
+    ) {
+        return Ok(());
+    }
+    Err(UserError::failure(format!(
+        "dist ({dist}) is not signed by this manager's key {}",
+        key.fingerprint()?
+    ))
+    .with_hint(
+        "the signing key was replaced by hand, or dist's signature damaged: sign the repository \
+         anew with `pm-mirror key rotate` (see docs/keys.md), or restore `pki/` from a backup",
+    )
+    .into())
+}
+
+/// [`sign_dist_statement`] with a given key (a rotation signs with the key it installs last).
+fn sign_dist_statement_with(
+    key: &SigningKey,
+    repo: &Repo,
+    generations: &Generations,
+    valid_for: std::time::Duration,
+) -> anyhow::Result<(DistStatement, SignedStatement)> {
     let dist = generations
         .dist
         .as_deref()
         .expect("a dist statement is signed for a dist");
     let manifest = repo.manifest(dist).map_err(repo_error)?;
     let statement = DistStatement::new(&manifest, generations.dist_serial, valid_for);
-    let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
-    let signed = SignedStatement::sign(&statement, &key)?;
+    let signed = SignedStatement::sign(&statement, key)?;
     Ok((statement, signed))
 }
 
@@ -1135,9 +1202,21 @@ pub fn verify_revision_dir(
         return Err(UserError::failure(format!(
             "the manifest of {label} is not signed by this manager's key"
         ))
-        .with_hint("run `pm-mirror sync` to stage a fresh revision")
+        .with_hint(
+            "if the signing key was replaced, sign the repository anew with `pm-mirror key \
+             rotate` (or `--old-key-lost`, docs/keys.md); otherwise run `pm-mirror sync` to \
+             stage a fresh revision",
+        )
         .into());
     }
+    verify_revision_files(dir, label)
+}
+
+/// The part of [`verify_revision_dir`] that needs no key: every file `manifest.json` lists, with
+/// its size and sha256, and no engine name clash.
+pub fn verify_revision_files(dir: &Path, label: &str) -> anyhow::Result<Manifest> {
+    let manifest_bytes = std::fs::read(dir.join(crate::manifest::MANIFEST_FILE))
+        .with_context(|| format!("cannot read the manifest of {label}"))?;
     let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
         .with_context(|| format!("the manifest of {label} is not valid JSON"))?;
     for file in &manifest.files {

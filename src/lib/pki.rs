@@ -4,6 +4,7 @@
 //! The mutual-TLS certificates (manager CA, client and agent certificates) are in [`ca`].
 
 pub mod ca;
+pub mod rotation;
 
 use std::path::{Path, PathBuf};
 
@@ -38,9 +39,36 @@ pub enum PkiError {
     /// The private key is readable by others.
     #[error("`{path}` is readable by other users (mode {mode:o})")]
     LoosePermissions { path: PathBuf, mode: u32 },
+    /// The key is gone but the repository holds revisions it signed: creating a new one
+    /// silently would leave every agent, importer and backup unable to verify them.
+    #[error(
+        "the manifest signing key `{path}` is missing, but this home's repository holds \
+         revisions signed with a key"
+    )]
+    Lost { path: PathBuf },
+    /// `pm-mirror key rotate` stopped half-way: nothing may sign until it has finished.
+    #[error("a key rotation is unfinished (`{path}` is the new key waiting to be installed)")]
+    RotationUnfinished { path: PathBuf },
     /// An OpenSSL operation failed.
     #[error("openssl: {0}")]
     Openssl(#[from] openssl::error::ErrorStack),
+}
+
+impl PkiError {
+    /// What the operator should do, for the errors that have one answer.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            PkiError::Lost { .. } => Some(
+                "restore `pki/` from a backup of PM_HOME; if the key is truly lost, run \
+                 `pm-mirror key rotate --old-key-lost` and tell the agents to trust the new \
+                 key (docs/keys.md)",
+            ),
+            PkiError::RotationUnfinished { .. } => {
+                Some("run `pm-mirror key rotate` again to finish it (docs/keys.md)")
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The manager's manifest signing key.
@@ -54,56 +82,113 @@ impl SigningKey {
         home.join(SIGNING_KEY_FILE).exists()
     }
 
-    /// Loads the key from `home`, creating it (0600, in a 0700 `pki/`) on first use.
+    /// Loads the key from `home`, creating it (0600, in a 0700 `pki/`) on first use: when the
+    /// home has no key yet and its repository no revision. A key that went missing after it
+    /// signed revisions is [`PkiError::Lost`], never silently replaced; a rotation that stopped
+    /// half-way is [`PkiError::RotationUnfinished`].
     pub fn load_or_create(home: &Path) -> Result<SigningKey, PkiError> {
-        let path = home.join(SIGNING_KEY_FILE);
-        match std::fs::read(&path) {
-            Ok(pem) => {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::metadata(&path)
-                    .map_err(|source| PkiError::Io {
-                        path: path.clone(),
-                        source,
-                    })?
-                    .permissions()
-                    .mode();
-                if mode & 0o077 != 0 {
-                    return Err(PkiError::LoosePermissions {
-                        path,
-                        mode: mode & 0o777,
-                    });
-                }
-                let key = PKey::private_key_from_pem(&pem).map_err(|source| PkiError::BadKey {
-                    path: path.clone(),
-                    source,
-                })?;
-                Ok(SigningKey { key })
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                let key = PKey::generate_ed25519()?;
-                let pki = home.join("pki");
-                durable::create_private_dir(&pki, 0o700).map_err(|source| PkiError::Io {
-                    path: pki.clone(),
-                    source,
-                })?;
-                let public_path = home.join(SIGNING_PUBLIC_KEY_FILE);
-                durable::write_atomic(&public_path, &key.public_key_to_pem()?, 0o644).map_err(
-                    |source| PkiError::Io {
-                        path: public_path,
-                        source,
-                    },
-                )?;
-                durable::write_atomic(&path, &key.private_key_to_pem_pkcs8()?, 0o600).map_err(
-                    |source| PkiError::Io {
-                        path: path.clone(),
-                        source,
-                    },
-                )?;
-                tracing::info!(path = %path.display(), "created manifest signing key");
-                Ok(SigningKey { key })
-            }
-            Err(source) => Err(PkiError::Io { path, source }),
+        let pending = home.join(rotation::PENDING_KEY_FILE);
+        if pending.exists() {
+            return Err(PkiError::RotationUnfinished { path: pending });
         }
+        match SigningKey::load(home)? {
+            Some(key) => Ok(key),
+            None if repository_has_revisions(home) => Err(PkiError::Lost {
+                path: home.join(SIGNING_KEY_FILE),
+            }),
+            None => SigningKey::create(home),
+        }
+    }
+
+    /// Loads the key from `home`; `None` when there is none.
+    pub fn load(home: &Path) -> Result<Option<SigningKey>, PkiError> {
+        SigningKey::load_file(&home.join(SIGNING_KEY_FILE))
+    }
+
+    /// Loads a private key file, refusing one readable by others; `None` when it does not exist.
+    pub fn load_file(path: &Path) -> Result<Option<SigningKey>, PkiError> {
+        use std::os::unix::fs::PermissionsExt;
+        let pem = match std::fs::read(path) {
+            Ok(pem) => pem,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(PkiError::Io {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let mode = std::fs::metadata(path)
+            .map_err(|source| PkiError::Io {
+                path: path.to_owned(),
+                source,
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(PkiError::LoosePermissions {
+                path: path.to_owned(),
+                mode: mode & 0o777,
+            });
+        }
+        let key = PKey::private_key_from_pem(&pem).map_err(|source| PkiError::BadKey {
+            path: path.to_owned(),
+            source,
+        })?;
+        if key.id() != openssl::pkey::Id::ED25519 {
+            return Err(PkiError::NotEd25519 {
+                path: path.to_owned(),
+            });
+        }
+        Ok(Some(SigningKey { key }))
+    }
+
+    /// Creates the home's key (0600, in a 0700 `pki/`) and its public half (0644).
+    pub fn create(home: &Path) -> Result<SigningKey, PkiError> {
+        let key = SigningKey::generate()?;
+        key.install(home)?;
+        tracing::info!(path = %home.join(SIGNING_KEY_FILE).display(), "created manifest signing key");
+        Ok(key)
+    }
+
+    /// A new key, not written anywhere.
+    pub fn generate() -> Result<SigningKey, PkiError> {
+        Ok(SigningKey {
+            key: PKey::generate_ed25519()?,
+        })
+    }
+
+    /// Writes this key as the home's signing key: the public half first, then the private key
+    /// by rename, so a crash leaves either key whole.
+    pub fn install(&self, home: &Path) -> Result<(), PkiError> {
+        let pki = home.join("pki");
+        durable::create_private_dir(&pki, 0o700).map_err(|source| PkiError::Io {
+            path: pki.clone(),
+            source,
+        })?;
+        let public_path = home.join(SIGNING_PUBLIC_KEY_FILE);
+        durable::write_atomic(&public_path, &self.key.public_key_to_pem()?, 0o644).map_err(
+            |source| PkiError::Io {
+                path: public_path,
+                source,
+            },
+        )?;
+        self.write_private(&home.join(SIGNING_KEY_FILE))
+    }
+
+    /// Writes the private key to `path` (0600, fsynced, by rename).
+    pub fn write_private(&self, path: &Path) -> Result<(), PkiError> {
+        durable::write_atomic(path, &self.key.private_key_to_pem_pkcs8()?, 0o600).map_err(
+            |source| PkiError::Io {
+                path: path.to_owned(),
+                source,
+            },
+        )
+    }
+
+    /// The public half, to verify with.
+    pub fn verifying_key(&self) -> Result<VerifyingKey, PkiError> {
+        Ok(VerifyingKey::from_pem(&self.public_key_pem()?)?)
     }
 
     /// Signs `message`, returning the raw 64-byte Ed25519 signature.
@@ -128,6 +213,17 @@ fn fingerprint_of_der(der: &[u8]) -> String {
         "sha256:{}",
         crate::manifest::hex(&openssl::sha::sha256(der))
     )
+}
+
+/// Whether `home/repo/revisions` holds any revision (then its key must not change silently).
+fn repository_has_revisions(home: &Path) -> bool {
+    std::fs::read_dir(home.join("repo/revisions")).is_ok_and(|entries| {
+        entries.filter_map(|e| e.ok()).any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|name| name.starts_with('r'))
+        })
+    })
 }
 
 /// Directory of keys whose bundles and parent manifests this mirror accepts.

@@ -477,6 +477,27 @@ impl Repo {
                     .map_err(io_err("write", &staging))?;
             }
         }
+        // The key chain is served beside the statement, so whoever trusts an older key of this
+        // manager can follow it to the one that signs now (crate::pki::rotation).
+        if let Some(home) = self.root.parent() {
+            let chain = home.join(crate::pki::rotation::CHAIN_FILE);
+            match fs::read(&chain) {
+                Ok(bytes) => durable::write_atomic(
+                    &staging.join(crate::pki::rotation::SERVED_FILE),
+                    &bytes,
+                    0o644,
+                )
+                .map_err(io_err("write", &staging))?,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(RepoError::Io {
+                        action: "read",
+                        path: chain,
+                        source,
+                    });
+                }
+            }
+        }
         let state = serde_json::to_vec_pretty(generations).expect("generations serialize");
         durable::write_atomic(&staging.join("state.json"), &state, 0o644)
             .map_err(io_err("write", &staging))?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{AgentSetup, Home, Lab, Pm, Server, bin, free_port, runtime};
+use crate::support::{AgentSetup, Home, Lab, Pm, Server, bin, free_port, http_get, runtime};
 
 /// The tools `scripts/install.sh` installs: all but pm-lab, which stays in the build tree.
 fn installed_tools() -> Vec<String> {
@@ -404,19 +404,6 @@ fn chown_to_nobody(path: &Path) {
     assert_eq!(code, 0, "{stderr}");
 }
 
-fn get(base: &str, path: &str) -> (u16, String) {
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    runtime().block_on(async {
-        let response = client
-            .get(format!("{base}{path}"))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.text().await.unwrap())
-    })
-}
-
 #[test]
 fn the_manager_units_sync_publish_serve_and_export_under_their_hardening() {
     let lab = Lab::start(5);
@@ -445,7 +432,7 @@ fn the_manager_units_sync_publish_serve_and_export_under_their_hardening() {
         "ExecStart",
         &rewrites,
     )));
-    let (code, manifest) = get(&serve.base, "/manifest.json");
+    let (code, manifest) = http_get(&serve.base, "/manifest.json");
     assert_eq!(code, 200, "{manifest}");
     assert!(manifest.contains("test.cvd"), "{manifest}");
     serve.stop();
@@ -458,14 +445,14 @@ fn the_manager_units_sync_publish_serve_and_export_under_their_hardening() {
     )));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (code, body) = get(&exporter.base, "/healthz");
+        let (code, body) = http_get(&exporter.base, "/healthz");
         if code == 200 {
             break;
         }
         assert!(Instant::now() < deadline, "healthz: {code} {body}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (code, metrics) = get(&exporter.base, "/metrics");
+    let (code, metrics) = http_get(&exporter.base, "/metrics");
     assert_eq!(code, 200);
     assert!(metrics.contains("pm_"), "{metrics}");
     exporter.stop();

@@ -22,6 +22,7 @@ mod faults;
 mod holds;
 mod host_identity;
 mod inventory;
+mod keys;
 mod kit;
 mod lab_agents;
 mod lab_fleet;

@@ -67,16 +67,6 @@ impl Sites {
     }
 }
 
-trait ArgPath {
-    fn arg_path(self, path: &Path) -> Self;
-}
-
-impl ArgPath for Pm {
-    fn arg_path(self, path: &Path) -> Pm {
-        self.args([path.as_os_str()])
-    }
-}
-
 #[test]
 fn an_offline_mirror_imports_a_bundle_publishes_it_and_freshclam_updates_from_it() {
     let sites = Sites::new(6);

@@ -8,15 +8,15 @@ use pm::repo::{Generations, Repo};
 use crate::support::{Home, Lab, Pm, write_feed};
 
 /// A home mirroring a `files` feed that changes on demand, so every sync makes a new revision.
-struct Feed {
+pub(crate) struct Feed {
     lab: Lab,
     dir: tempfile::TempDir,
-    home: Home,
+    pub(crate) home: Home,
     version: u32,
 }
 
 impl Feed {
-    fn new(extra_config: &str) -> Feed {
+    pub(crate) fn new(extra_config: &str) -> Feed {
         let lab = Lab::start(6);
         let dir = tempfile::tempdir().unwrap();
         let home = Home::new();
@@ -33,7 +33,7 @@ impl Feed {
     }
 
     /// Changes the feed and syncs: latest becomes a new revision.
-    fn new_revision(&mut self) -> String {
+    pub(crate) fn new_revision(&mut self) -> String {
         self.version += 1;
         write_feed(self.dir.path(), &format!("v{}", self.version), 3);
         self.lab
@@ -43,6 +43,19 @@ impl Feed {
         let report = Pm::mirror(&self.home).args(["sync"]).json();
         assert_eq!(report["changed"], true);
         report["revision"].as_str().unwrap().to_string()
+    }
+
+    /// Changes the feed and syncs, expecting the sync to fail with `message` on stderr.
+    pub(crate) fn new_revision_expecting_failure(&mut self, message: &str) {
+        self.version += 1;
+        write_feed(self.dir.path(), &format!("v{}", self.version), 3);
+        self.lab
+            .upstream
+            .set_feed(self.dir.path(), &self.version.to_string())
+            .unwrap();
+        let run = Pm::mirror(&self.home).args(["sync"]).run();
+        assert_ne!(run.code(), 0, "{}", run.stdout());
+        assert!(run.stderr().contains(message), "{}", run.stderr());
     }
 
     fn generations(&self) -> Generations {

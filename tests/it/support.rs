@@ -240,6 +240,11 @@ impl Pm {
         self
     }
 
+    /// Adds a path argument.
+    pub fn arg_path(self, path: &Path) -> Pm {
+        self.args([path.as_os_str()])
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Pm {
         self.command.env(key, value);
         self
@@ -967,4 +972,18 @@ async fn proxy_connection(client: tokio::net::TcpStream, target: SocketAddr, fau
         _ = downstream => {}
         _ = async { upstream.await; std::future::pending::<()>().await } => {}
     }
+}
+
+/// `GET base+path` over plain HTTP: status and body.
+pub fn http_get(base: &str, path: &str) -> (u16, String) {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    runtime().block_on(async {
+        let response = client
+            .get(format!("{base}{path}"))
+            .timeout(std::time::Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    })
 }

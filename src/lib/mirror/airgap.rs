@@ -666,7 +666,20 @@ pub fn run_key_export_public(
     home: &Path,
     global: &GlobalArgs,
     out: &Path,
+    create: bool,
 ) -> anyhow::Result<ExitStatus> {
+    if !SigningKey::exists(home) && !create {
+        return Err(UserError::failure(format!(
+            "this home has no manifest signing key (`{}`)",
+            home.join(crate::pki::SIGNING_KEY_FILE).display()
+        ))
+        .with_hint(
+            "on a new manager, `pm-mirror sync` creates it, or add `--create`; if the key was \
+             lost, restore `pki/` from a backup, or run `pm-mirror key rotate --old-key-lost` \
+             (docs/keys.md)",
+        )
+        .into());
+    }
     if global.dry_run && !SigningKey::exists(home) {
         // A dry run creates no key: a real run would, and write its public half.
         if global.json {

@@ -1,7 +1,7 @@
 //! `pm-mirror serve`: the private mirror. Serves `repo/dist` at `/<product>/<file>` (so a stock
 //! freshclam takes `DatabaseMirror http://HOST:PORT/clamav`), the signed manifest at
 //! `/manifest.json` and `/manifest.sig`, the signed dist statement at `/dist.json` and
-//! `/dist.sig`, and the backups under `/backup/<N>/`. Missing files are
+//! `/dist.sig`, the manifest key's rotation chain at `/keys.json`, and the backups under `/backup/<N>/`. Missing files are
 //! 404, never 403 or 429: freshclam treats those as a ban and stops asking for a day.
 
 use std::collections::HashMap;
@@ -130,7 +130,8 @@ fn resolve(repo_root: &Path, path: &str) -> Option<PathBuf> {
     match parts.as_slice() {
         [name]
             if *name == crate::dist_statement::STATEMENT_FILE
-                || *name == crate::dist_statement::SIGNATURE_FILE =>
+                || *name == crate::dist_statement::SIGNATURE_FILE
+                || *name == crate::pki::rotation::SERVED_FILE =>
         {
             Some(view.join(name))
         }
@@ -364,6 +365,7 @@ mod tests {
         check("/manifest.json", Some("/h/repo/view/dist/manifest.json"));
         check("/dist.json", Some("/h/repo/view/dist.json"));
         check("/dist.sig", Some("/h/repo/view/dist.sig"));
+        check("/keys.json", Some("/h/repo/view/keys.json"));
         check("/state.json", Some("/h/repo/view/dist/state.json"));
         check(
             "/backup/2/clamav/test.cvd",
