@@ -32,14 +32,19 @@ impl Feed {
         }
     }
 
-    /// Changes the feed and syncs: latest becomes a new revision.
-    pub(crate) fn new_revision(&mut self) -> String {
+    /// Changes the feed upstream.
+    fn change_feed(&mut self) {
         self.version += 1;
         write_feed(self.dir.path(), &format!("v{}", self.version), 3);
         self.lab
             .upstream
             .set_feed(self.dir.path(), &self.version.to_string())
             .unwrap();
+    }
+
+    /// Changes the feed and syncs: latest becomes a new revision.
+    pub(crate) fn new_revision(&mut self) -> String {
+        self.change_feed();
         let report = Pm::mirror(&self.home).args(["sync"]).json();
         assert_eq!(report["changed"], true);
         report["revision"].as_str().unwrap().to_string()
@@ -47,12 +52,7 @@ impl Feed {
 
     /// Changes the feed and syncs, expecting the sync to fail with `message` on stderr.
     pub(crate) fn new_revision_expecting_failure(&mut self, message: &str) {
-        self.version += 1;
-        write_feed(self.dir.path(), &format!("v{}", self.version), 3);
-        self.lab
-            .upstream
-            .set_feed(self.dir.path(), &self.version.to_string())
-            .unwrap();
+        self.change_feed();
         let run = Pm::mirror(&self.home).args(["sync"]).run();
         assert_ne!(run.code(), 0, "{}", run.stdout());
         assert!(run.stderr().contains(message), "{}", run.stderr());

@@ -79,19 +79,16 @@ fn rotate(
     let repo = Repo::new(home);
     let lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
     let old = SigningKey::load(home).context("cannot load the manifest signing key")?;
-    let old_public = match &old {
-        Some(key) => Some(key.verifying_key()?),
+    // With the private key lost, its public half (if it survived) still tells which
+    // signatures were ours.
+    let (old_fingerprint, old_public) = match &old {
+        Some(key) => (Some(key.fingerprint()?), Some(key.verifying_key()?)),
         None => std::fs::read(home.join(SIGNING_PUBLIC_KEY_FILE))
             .ok()
             .and_then(|pem| pki::parse_public_key(&pem, Path::new(SIGNING_PUBLIC_KEY_FILE)).ok())
-            .map(|(_, key)| key),
-    };
-    let old_fingerprint = match &old {
-        Some(key) => Some(key.fingerprint()?),
-        None => std::fs::read(home.join(SIGNING_PUBLIC_KEY_FILE))
-            .ok()
-            .and_then(|pem| pki::parse_public_key(&pem, Path::new(SIGNING_PUBLIC_KEY_FILE)).ok())
-            .map(|(fingerprint, _)| fingerprint),
+            .map_or((None, None), |(fingerprint, key)| {
+                (Some(fingerprint), Some(key))
+            }),
     };
     let pending_path = home.join(PENDING_KEY_FILE);
     let pending = SigningKey::load_file(&pending_path).with_context(|| {

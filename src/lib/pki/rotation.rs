@@ -274,6 +274,18 @@ mod tests {
         }
     }
 
+    /// Follows a chain of `rotations` from `key`.
+    fn follow_from(
+        key: &SigningKey,
+        rotations: Vec<SignedRotation>,
+    ) -> Result<Followed, ChainError> {
+        follow(
+            &chain(rotations),
+            &key.fingerprint().unwrap(),
+            verifier(key),
+        )
+    }
+
     #[test]
     fn a_follower_of_the_first_key_reaches_the_newest_through_every_rotation() {
         let [a, b, c] = [(); 3].map(|_| SigningKey::generate().unwrap());
@@ -304,13 +316,7 @@ mod tests {
         forged.statement = serde_json::to_string_pretty(&rotation).unwrap();
         forged.previous_signature = hex(&mallory.sign(forged.statement.as_bytes()).unwrap());
         forged.next_signature = hex(&b.sign(forged.statement.as_bytes()).unwrap());
-        let err = follow(
-            &chain(vec![forged]),
-            &a.fingerprint().unwrap(),
-            verifier(&a),
-        )
-        .err()
-        .unwrap();
+        let err = follow_from(&a, vec![forged]).err().unwrap();
         assert!(
             matches!(err, ChainError::NotSignedByPrevious { .. }),
             "{err}"
@@ -318,14 +324,7 @@ mod tests {
         // A statement altered after signing fails alike.
         let mut altered = SignedRotation::sign(&a, &b, 1, "yearly").unwrap();
         altered.statement = altered.statement.replace("yearly", "hourly");
-        assert!(
-            follow(
-                &chain(vec![altered]),
-                &a.fingerprint().unwrap(),
-                verifier(&a)
-            )
-            .is_err()
-        );
+        assert!(follow_from(&a, vec![altered]).is_err());
     }
 
     #[test]
@@ -333,13 +332,7 @@ mod tests {
         let [a, b, c] = [(); 3].map(|_| SigningKey::generate().unwrap());
         let mut signed = SignedRotation::sign(&a, &b, 1, "yearly").unwrap();
         signed.next_signature = hex(&c.sign(signed.statement.as_bytes()).unwrap());
-        let err = follow(
-            &chain(vec![signed]),
-            &a.fingerprint().unwrap(),
-            verifier(&a),
-        )
-        .err()
-        .unwrap();
+        let err = follow_from(&a, vec![signed]).err().unwrap();
         assert!(matches!(err, ChainError::NotSignedByNext { .. }), "{err}");
     }
 
