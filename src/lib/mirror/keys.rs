@@ -184,8 +184,11 @@ fn rotate(
                     .push(SignedRotation::sign(old, &next, sequence, reason)?);
                 chain.save(home)?;
                 // Served before any signature changes: a follower that meets a manifest signed
-                // by the new key finds the statement that lets it move on.
-                repo.switch(&lock, &generations, None).map_err(repo_error)?;
+                // by the new key finds the statement that lets it move on. (An empty repository
+                // serves nothing yet; its first view carries the chain.)
+                if generations.latest.is_some() {
+                    repo.switch(&lock, &generations, None).map_err(repo_error)?;
+                }
                 sequence
             }
         });
