@@ -356,6 +356,10 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
         None => None,
     };
     let upstream = upstream::Upstream::new(&config, global.show_progress())?;
+    if !global.dry_run && generations.latest.is_some() {
+        // A key that cannot sign fails the run before anything is downloaded.
+        SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
+    }
     let mut staged = if global.dry_run {
         None
     } else {
@@ -1107,12 +1111,7 @@ fn check_dist_signature(home: &Path, repo: &Repo, generations: &Generations) -> 
         return Ok(());
     };
     let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
-    let dir = repo.revision_dir(dist);
-    let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_default();
-    if key.verifying_key()?.verify(
-        &read(crate::manifest::MANIFEST_FILE),
-        &read(crate::manifest::SIGNATURE_FILE),
-    ) {
+    if crate::pki::revision_signed_by(repo, dist, &key.verifying_key()?) {
         return Ok(());
     }
     Err(UserError::failure(format!(

@@ -33,8 +33,8 @@ pub enum PkiError {
         path: PathBuf,
         source: openssl::error::ErrorStack,
     },
-    /// A public key of another type.
-    #[error("`{path}` is not an Ed25519 public key (pm signs with Ed25519)")]
+    /// A key of another type.
+    #[error("`{path}` is not an Ed25519 key (pm signs with Ed25519)")]
     NotEd25519 { path: PathBuf },
     /// The private key is readable by others.
     #[error("`{path}` is readable by other users (mode {mode:o})")]
@@ -46,6 +46,25 @@ pub enum PkiError {
          revisions signed with a key"
     )]
     Lost { path: PathBuf },
+    /// The key is not the one that signed the repository's dist and latest: a `pki/` restored
+    /// from before a rotation, or a key replaced by hand. Signing with it would serve what no
+    /// follower trusts.
+    #[error(
+        "the manifest signing key {fingerprint} did not sign this repository's {revision}{}",
+        match rotated_to {
+            Some((sequence, next)) => format!(
+                ": it was rotated away by rotation {sequence} (to {next}); `pki/` looks restored \
+                 from before that rotation"
+            ),
+            None => ": it is not the key this repository was signed with (a key replaced by \
+                      hand, or {revision}'s manifest was damaged)".to_string(),
+        }
+    )]
+    NotTheRepositorysKey {
+        fingerprint: String,
+        revision: String,
+        rotated_to: Option<(u64, String)>,
+    },
     /// `pm-mirror key rotate` stopped half-way: nothing may sign until it has finished.
     #[error("a key rotation is unfinished (`{path}` is the new key waiting to be installed)")]
     RotationUnfinished { path: PathBuf },
@@ -66,6 +85,16 @@ impl PkiError {
             PkiError::RotationUnfinished { .. } => {
                 Some("run `pm-mirror key rotate` again to finish it (docs/keys.md)")
             }
+            PkiError::NotTheRepositorysKey { .. } => Some(
+                "put back the key that signed the repository (restore `pki/` from a newer \
+                 backup); if that key is lost, run `pm-mirror key rotate --old-key-lost`, which \
+                 sets this one aside (docs/keys.md); `pm-doctor` tells a damaged manifest apart",
+            ),
+            PkiError::BadKey { .. } | PkiError::NotEd25519 { .. } => Some(
+                "the key file is damaged or not pm's: restore `pki/` from a backup of PM_HOME; \
+                 if there is none, run `pm-mirror key rotate --old-key-lost`, which sets the \
+                 file aside (docs/keys.md)",
+            ),
             _ => None,
         }
     }
@@ -92,12 +121,57 @@ impl SigningKey {
             return Err(PkiError::RotationUnfinished { path: pending });
         }
         match SigningKey::load(home)? {
-            Some(key) => Ok(key),
+            Some(key) => {
+                key.check_signs_repository(home)?;
+                Ok(key)
+            }
             None if repository_has_revisions(home) => Err(PkiError::Lost {
                 path: home.join(SIGNING_KEY_FILE),
             }),
             None => SigningKey::create(home),
         }
+    }
+
+    /// Fails unless this key signed the repository's dist or latest (when it has either): the
+    /// signature only, two small files each.
+    pub fn check_signs_repository(&self, home: &Path) -> Result<(), PkiError> {
+        let repo = crate::repo::Repo::new(home);
+        let Ok(generations) = repo.generations() else {
+            // A view that does not parse is the repository's problem, reported where it is read.
+            return Ok(());
+        };
+        let heads: Vec<&String> = generations
+            .dist
+            .iter()
+            .chain(generations.latest.iter())
+            .collect();
+        let Some(first) = heads.first() else {
+            return Ok(());
+        };
+        let verifier = self.verifying_key()?;
+        if heads
+            .iter()
+            .any(|revision| revision_signed_by(&repo, revision, &verifier))
+        {
+            return Ok(());
+        }
+        let fingerprint = self.fingerprint()?;
+        let rotated_to = std::fs::read(repo.root().join("view").join(rotation::SERVED_FILE))
+            .ok()
+            .and_then(|bytes| rotation::KeyChain::parse(&bytes).ok())
+            .and_then(|chain| {
+                chain
+                    .rotations
+                    .iter()
+                    .filter_map(|r| r.rotation().ok())
+                    .find(|r| r.previous_key == fingerprint)
+                    .map(|r| (r.sequence, r.next_key))
+            });
+        Err(PkiError::NotTheRepositorysKey {
+            fingerprint,
+            revision: (*first).clone(),
+            rotated_to,
+        })
     }
 
     /// Loads the key from `home`; `None` when there is none.
@@ -215,8 +289,18 @@ fn fingerprint_of_der(der: &[u8]) -> String {
     )
 }
 
+/// Whether `revision`'s manifest verifies with `key`.
+pub fn revision_signed_by(repo: &crate::repo::Repo, revision: &str, key: &VerifyingKey) -> bool {
+    let dir = repo.revision_dir(revision);
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_default();
+    key.verify(
+        &read(crate::manifest::MANIFEST_FILE),
+        &read(crate::manifest::SIGNATURE_FILE),
+    )
+}
+
 /// Whether `home/repo/revisions` holds any revision (then its key must not change silently).
-fn repository_has_revisions(home: &Path) -> bool {
+pub fn repository_has_revisions(home: &Path) -> bool {
     std::fs::read_dir(home.join("repo/revisions")).is_ok_and(|entries| {
         entries.filter_map(|e| e.ok()).any(|e| {
             e.file_name()

@@ -49,7 +49,9 @@ fn a_lost_signing_key_is_never_replaced_silently_and_rotating_with_old_key_lost_
         .run();
     assert_eq!(export.code(), 1, "{}", export.stderr());
     assert!(
-        export.stderr().contains("has no manifest signing key")
+        export
+            .stderr()
+            .contains("is missing, but this home's repository holds revisions")
             && export.stderr().contains("--old-key-lost"),
         "{}",
         export.stderr()
@@ -211,6 +213,24 @@ fn an_interrupted_rotation_stops_every_signer_until_it_is_run_again_and_finished
     pending
         .write_private(&home.join(pm::pki::rotation::PENDING_KEY_FILE))
         .unwrap();
+    // Killed after the statement too, and the old key lost since: the statement suffices.
+    let old = pm::pki::SigningKey::load(&home).unwrap().unwrap();
+    let mut chain = KeyChain::load(&home).unwrap();
+    chain
+        .rotations
+        .push(pm::pki::rotation::SignedRotation::sign(&old, &pending, 1, "interrupted").unwrap());
+    chain.save(&home).unwrap();
+    std::fs::remove_file(home.join(pm::pki::SIGNING_KEY_FILE)).unwrap();
+    // Temporaries a kill left behind.
+    let left = [
+        home.join("pki/.manifest-signing.next.key.tmp-1-1"),
+        Repo::new(&home)
+            .revision_dir("r2")
+            .join(".manifest.sig.tmp-1-1"),
+    ];
+    for path in &left {
+        std::fs::write(path, b"half").unwrap();
+    }
     let publish = Pm::mirror(&feed.home).args(["publish", "--again"]).run();
     assert_eq!(publish.code(), 1);
     assert!(
@@ -222,9 +242,212 @@ fn an_interrupted_rotation_stops_every_signer_until_it_is_run_again_and_finished
         publish.stderr()
     );
     feed.new_revision_expecting_failure("a key rotation is unfinished");
+    let dry = Pm::mirror(&feed.home)
+        .args(["--dry-run", "key", "rotate"])
+        .json();
+    assert_eq!(dry["sequence"], 1, "{dry}");
     let finished = Pm::mirror(&feed.home).args(["key", "rotate"]).json();
     assert_eq!(finished["new_key"], pending.fingerprint().unwrap().as_str());
+    assert_eq!(finished["statement"], true, "{finished}");
+    assert_eq!(finished["sequence"], 1, "{finished}");
+    assert_eq!(KeyChain::load(&home).unwrap().rotations.len(), 1);
+    for path in &left {
+        assert!(!path.exists(), "{}", path.display());
+    }
     assert!(!home.join(pm::pki::rotation::PENDING_KEY_FILE).exists());
     feed.new_revision();
     Pm::mirror(&feed.home).args(["publish"]).json();
+}
+
+/// Copies `pki/` aside, as a backup would.
+fn backup_pki(home: &Home) -> tempfile::TempDir {
+    let backup = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(home.path().join("pki"))
+        .arg(backup.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    backup
+}
+
+fn restore_pki(home: &Home, backup: &tempfile::TempDir) {
+    std::fs::remove_dir_all(home.path().join("pki")).unwrap();
+    let status = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(backup.path().join("pki"))
+        .arg(home.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn staging_left(home: &Home) -> Vec<String> {
+    std::fs::read_dir(home.path().join("repo/revisions"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.'))
+        .collect()
+}
+
+#[test]
+fn a_pki_restored_from_before_a_rotation_signs_nothing_and_old_key_lost_recovers_without_forking_the_chain()
+ {
+    let mut feed = published_three_times();
+    let backup = backup_pki(&feed.home);
+    let first = Pm::mirror(&feed.home).args(["key", "rotate"]).json();
+    restore_pki(&feed.home, &backup);
+    feed.new_revision_expecting_failure("it was rotated away by rotation 1");
+    let home = &feed.home;
+    assert!(staging_left(home).is_empty(), "{:?}", staging_left(home));
+    let publish = Pm::mirror(home).args(["publish", "--again"]).run();
+    assert_eq!(publish.code(), 1);
+    assert!(
+        publish.stderr().contains("rotated away by rotation 1")
+            && publish
+                .stderr()
+                .contains("restore `pki/` from a newer backup"),
+        "{}",
+        publish.stderr()
+    );
+    let rotate = Pm::mirror(home).args(["key", "rotate"]).run();
+    assert_eq!(rotate.code(), 1);
+    assert!(
+        rotate.stderr().contains("did not sign this repository"),
+        "{}",
+        rotate.stderr()
+    );
+    // The key that signed it is lost: set the restored one aside and sign anew.
+    let recovered = Pm::mirror(home)
+        .args(["key", "rotate", "--old-key-lost"])
+        .json();
+    assert_eq!(recovered["statement"], false, "{recovered}");
+    assert_eq!(recovered["old_key"], first["new_key"], "{recovered}");
+    let set_aside: Vec<String> = std::fs::read_dir(home.path().join("pki"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("manifest-signing.key.set-aside-"))
+        .collect();
+    assert_eq!(set_aside.len(), 1, "{set_aside:?}");
+    // The chain kept the rotation followers already know, and did not fork.
+    let chain = KeyChain::load(home.path()).unwrap();
+    assert_eq!(chain.rotations.len(), 1);
+    assert_eq!(
+        chain.last().unwrap().next_key,
+        first["new_key"].as_str().unwrap()
+    );
+    Pm::mirror(home).args(["publish", "--again"]).json();
+}
+
+#[test]
+fn a_key_replaced_by_hand_signs_nothing_and_nothing_is_downloaded_for_it() {
+    let mut feed = published_three_times();
+    pm::pki::SigningKey::generate()
+        .unwrap()
+        .write_private(&feed.home.path().join(pm::pki::SIGNING_KEY_FILE))
+        .unwrap();
+    feed.new_revision_expecting_failure("it is not the key this repository was signed with");
+    assert!(staging_left(&feed.home).is_empty());
+    let export = Pm::mirror(&feed.home)
+        .args(["export", "--out"])
+        .arg_path(&feed.home.path().join("b.tar"))
+        .run();
+    assert_eq!(export.code(), 1, "{}", export.stdout());
+    assert!(!feed.home.path().join("b.tar").exists());
+}
+
+#[test]
+fn rotating_with_the_old_key_lost_refuses_to_vouch_for_an_edited_manifest_or_a_damaged_file() {
+    let feed = published_three_times();
+    let home = &feed.home;
+    std::fs::remove_file(home.path().join(pm::pki::SIGNING_KEY_FILE)).unwrap();
+    let edit = |path: &Path, from: &[u8], to: &[u8]| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let bytes = std::fs::read(path).unwrap();
+        let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+        let mut edited = bytes.clone();
+        edited.splice(at..at + from.len(), to.iter().copied());
+        std::fs::write(path, edited).unwrap();
+        bytes
+    };
+    let manifest = Repo::new(home.path())
+        .revision_dir("r2")
+        .join("manifest.json");
+    let original = edit(&manifest, b"\"serial\": 2", b"\"serial\": 9");
+    let refused = Pm::mirror(home)
+        .args(["key", "rotate", "--old-key-lost"])
+        .run();
+    assert_eq!(refused.code(), 1, "{}", refused.stdout());
+    assert!(
+        refused
+            .stderr()
+            .contains("r2: its manifest does not verify")
+            && refused.stderr().contains("nothing was changed"),
+        "{}",
+        refused.stderr()
+    );
+    assert!(!home.path().join(pm::pki::SIGNING_KEY_FILE).exists());
+    assert!(
+        !home
+            .path()
+            .join(pm::pki::rotation::PENDING_KEY_FILE)
+            .exists()
+    );
+    std::fs::write(&manifest, original).unwrap();
+    // A file changed under a manifest that still verifies.
+    let entry = pm::repo::Repo::new(home.path())
+        .manifest("r3")
+        .unwrap()
+        .files[0]
+        .clone();
+    let file = Repo::new(home.path()).revision_dir("r3").join(&entry.path);
+    let bytes = std::fs::read(&file).unwrap();
+    edit(&file, &bytes[..1], b"#");
+    let refused = Pm::mirror(home)
+        .args(["key", "rotate", "--old-key-lost"])
+        .run();
+    assert_eq!(refused.code(), 1);
+    assert!(
+        refused.stderr().contains(&entry.path) && refused.stderr().contains("pm-mirror repair"),
+        "{}",
+        refused.stderr()
+    );
+    std::fs::write(&file, bytes).unwrap();
+    Pm::mirror(home)
+        .args(["key", "rotate", "--old-key-lost"])
+        .json();
+}
+
+#[test]
+fn a_damaged_key_file_says_what_to_do_and_old_key_lost_sets_it_aside() {
+    let feed = published_three_times();
+    let home = &feed.home;
+    let key = home.path().join(pm::pki::SIGNING_KEY_FILE);
+    std::fs::write(&key, b"").unwrap();
+    let publish = Pm::mirror(home).args(["publish", "--again"]).run();
+    assert_eq!(publish.code(), 1);
+    assert!(
+        publish.stderr().contains("hint: the key file is damaged"),
+        "{}",
+        publish.stderr()
+    );
+    Pm::mirror(home)
+        .args(["key", "rotate", "--old-key-lost"])
+        .json();
+    let damaged = std::fs::read_dir(home.path().join("pki"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("manifest-signing.key.damaged-")
+        })
+        .expect("the damaged file is kept aside");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(damaged.metadata().unwrap().permissions().mode() & 0o077, 0);
+    Pm::mirror(home).args(["publish", "--again"]).json();
 }

@@ -669,9 +669,16 @@ pub fn run_key_export_public(
     create: bool,
 ) -> anyhow::Result<ExitStatus> {
     if !SigningKey::exists(home) && !create {
+        // A key that signed revisions and went missing is the lost-key error, with its way out.
+        if pki::repository_has_revisions(home) {
+            return Err(anyhow::Error::new(pki::PkiError::Lost {
+                path: home.join(pki::SIGNING_KEY_FILE),
+            })
+            .context("cannot load the manifest signing key"));
+        }
         return Err(UserError::failure(format!(
             "this home has no manifest signing key (`{}`)",
-            home.join(crate::pki::SIGNING_KEY_FILE).display()
+            home.join(pki::SIGNING_KEY_FILE).display()
         ))
         .with_hint(
             "on a new manager, `pm-mirror sync` creates it, or add `--create`; if the key was \

@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::durable;
 use crate::inventory::Inventory;
 use crate::manifest::{MANIFEST_FILE, SIGNATURE_FILE};
-use crate::pki::rotation::{KeyChain, PENDING_KEY_FILE, RETIRED_DIR, SignedRotation};
+use crate::pki::rotation::{KeyChain, PENDING_KEY_FILE, RETIRED_DIR, SERVED_FILE, SignedRotation};
 use crate::pki::{self, SIGNING_KEY_FILE, SIGNING_PUBLIC_KEY_FILE, SigningKey};
 use crate::repo::Repo;
 
@@ -44,8 +44,6 @@ pub struct RotateReport {
     pub sequence: Option<u64>,
     /// Revisions whose manifest was signed again (latest, dist, backups).
     pub re_signed: Vec<String>,
-    /// Revisions left as they were, and why (a signature neither key made).
-    pub skipped: Vec<String>,
     /// The dist statement's serial after the rotation.
     pub dist_serial: Option<u64>,
 }
@@ -63,11 +61,7 @@ pub fn run_key_rotate(
     } else if !global.quiet {
         print(&report)?;
     }
-    Ok(if report.skipped.is_empty() {
-        ExitStatus::Success
-    } else {
-        ExitStatus::Partial
-    })
+    Ok(ExitStatus::Success)
 }
 
 fn rotate(
@@ -78,48 +72,24 @@ fn rotate(
 ) -> anyhow::Result<RotateReport> {
     let repo = Repo::new(home);
     let lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
-    let old = SigningKey::load(home).context("cannot load the manifest signing key")?;
-    // With the private key lost, its public half (if it survived) still tells which
-    // signatures were ours.
-    let (old_fingerprint, old_public) = match &old {
-        Some(key) => (Some(key.fingerprint()?), Some(key.verifying_key()?)),
-        None => std::fs::read(home.join(SIGNING_PUBLIC_KEY_FILE))
-            .ok()
-            .and_then(|pem| pki::parse_public_key(&pem, Path::new(SIGNING_PUBLIC_KEY_FILE)).ok())
-            .map_or((None, None), |(fingerprint, key)| {
-                (Some(fingerprint), Some(key))
-            }),
+    let key_path = home.join(SIGNING_KEY_FILE);
+    // A damaged key file is a lost key: `--old-key-lost` sets it aside.
+    let old = match SigningKey::load(home) {
+        Ok(key) => key,
+        Err(err @ (pki::PkiError::BadKey { .. } | pki::PkiError::NotEd25519 { .. }))
+            if old_key_lost =>
+        {
+            tracing::warn!(error = %err, "the signing key file is damaged; setting it aside");
+            None
+        }
+        Err(err) => {
+            return Err(anyhow::Error::new(err).context("cannot load the manifest signing key"));
+        }
     };
     let pending_path = home.join(PENDING_KEY_FILE);
     let pending = SigningKey::load_file(&pending_path).with_context(|| {
         format!("cannot load the unfinished rotation's key `{PENDING_KEY_FILE}`")
     })?;
-    match (&old, old_key_lost) {
-        (Some(_), true) => {
-            return Err(UserError::usage(format!(
-                "`--old-key-lost` but the signing key `{}` is here",
-                home.join(SIGNING_KEY_FILE).display()
-            ))
-            .with_hint(
-                "run `pm-mirror key rotate` without it: the old key then signs the rotation and \
-                 agents and mirrors follow by themselves",
-            )
-            .into());
-        }
-        (None, false) => {
-            return Err(UserError::failure(format!(
-                "there is no signing key to rotate: `{}` is missing",
-                home.join(SIGNING_KEY_FILE).display()
-            ))
-            .with_hint(
-                "restore `pki/` from a backup of PM_HOME and rotate then; if the key is truly \
-                 lost, run `pm-mirror key rotate --old-key-lost` (agents must then be told to \
-                 trust the new key: docs/keys.md)",
-            )
-            .into());
-        }
-        _ => {}
-    }
     let generations = repo.generations().map_err(repo_error)?;
     let mut revisions: Vec<String> = Vec::new();
     for revision in generations
@@ -132,21 +102,147 @@ fn rotate(
             revisions.push(revision.clone());
         }
     }
-    let mut chain = KeyChain::load(home)?;
+    let mut chain = current_chain(home, &repo)?;
+    // A statement already written for the pending key: the old key is not needed any more.
+    let pending_fingerprint: Option<String> =
+        pending.as_ref().map(|k| k.fingerprint()).transpose()?;
+    let written = chain
+        .last()
+        .filter(|r| Some(&r.next_key) == pending_fingerprint.as_ref());
+    // The key in `pki/` is the old key only if it signed the repository (or the pending
+    // rotation's statement starts from it).
+    let signs_repository = |key: &SigningKey| -> anyhow::Result<bool> {
+        let verifier = key.verifying_key()?;
+        let fingerprint = key.fingerprint()?;
+        Ok(revisions.is_empty()
+            || written
+                .as_ref()
+                .is_some_and(|r| r.previous_key == fingerprint)
+            || revisions
+                .iter()
+                .any(|r| pki::revision_signed_by(&repo, r, &verifier)))
+    };
+    let mut set_aside = None;
+    let old = match old {
+        Some(key) if old_key_lost && signs_repository(&key)? => {
+            return Err(UserError::usage(format!(
+                "`--old-key-lost` but the signing key `{}` is here and signed this repository",
+                key_path.display()
+            ))
+            .with_hint(
+                "run `pm-mirror key rotate` without it: the old key then signs the rotation and \
+                 agents and mirrors follow by themselves",
+            )
+            .into());
+        }
+        Some(key) if !signs_repository(&key)? => {
+            if !old_key_lost {
+                return Err(UserError::failure(format!(
+                    "the signing key {} in `{}` did not sign this repository: it cannot sign a \
+                     rotation its followers would accept",
+                    key.fingerprint()?,
+                    key_path.display()
+                ))
+                .with_hint(
+                    "put back the key that signed the repository (restore `pki/` from a newer \
+                     backup) and rotate then; if that key is lost, run `pm-mirror key rotate \
+                     --old-key-lost`, which sets this one aside (docs/keys.md)",
+                )
+                .into());
+            }
+            set_aside = Some(key);
+            None
+        }
+        Some(_) | None if old_key_lost => None,
+        Some(key) => Some(key),
+        None if written.is_some() => None,
+        None => {
+            return Err(UserError::failure(format!(
+                "there is no signing key to rotate: `{}` is missing",
+                key_path.display()
+            ))
+            .with_hint(
+                "restore `pki/` from a backup of PM_HOME and rotate then; if the key is truly \
+                 lost, run `pm-mirror key rotate --old-key-lost` (agents must then be told to \
+                 trust the new key: docs/keys.md)",
+            )
+            .into());
+        }
+    };
+    let statement = old.is_some() || written.is_some();
+    // Every key this home is known to have signed with: a manifest none of them verifies was
+    // edited after signing (when one of them verifies the others).
+    let mut known_keys = known_keys(home, &chain, old.as_ref())?;
+    if let Some(pending) = &pending {
+        known_keys.push((pending.fingerprint()?, pending.verifying_key()?));
+    }
+    let signer = |revision: &str| {
+        known_keys
+            .iter()
+            .find(|(_, key)| pki::revision_signed_by(&repo, revision, key))
+            .map(|(fingerprint, _)| fingerprint.clone())
+    };
+    let signed_by_known = |revision: &str| signer(revision).is_some();
+    // The key replaced: the one at hand, else the one that signed the repository.
+    let old_fingerprint = match &old {
+        Some(key) => Some(key.fingerprint()?),
+        None => written
+            .as_ref()
+            .map(|r| r.previous_key.clone())
+            .or_else(|| {
+                revisions
+                    .iter()
+                    .filter_map(|r| signer(r))
+                    .find(|fingerprint| Some(fingerprint) != pending_fingerprint.as_ref())
+            }),
+    };
+    let mut problems = Vec::new();
+    let any_known = revisions.iter().any(|r| signed_by_known(r));
+    for revision in &revisions {
+        if old.is_some() {
+            // With the old key at hand its signature vouches for the files.
+            if !signed_by_known(revision) {
+                problems.push(format!(
+                    "{revision}: its manifest is not signed by the old key (edited or damaged)"
+                ));
+            }
+            continue;
+        }
+        if any_known && !signed_by_known(revision) {
+            problems.push(format!(
+                "{revision}: its manifest does not verify with any key this manager signed with \
+                 (edited after signing)"
+            ));
+            continue;
+        }
+        if let Err(err) = super::verify_revision_files(&repo.revision_dir(revision), revision) {
+            problems.push(format!("{err:#}"));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(UserError::failure(format!(
+            "refusing to sign anew what no key vouches for; nothing was changed:\n  {}",
+            problems.join("\n  ")
+        ))
+        .with_hint(
+            "restore the damaged files with `pm-mirror repair` (docs/repairing.md) and run this \
+             again; `pm-doctor` shows every generation's state",
+        )
+        .into());
+    }
+    let sequence_if_signed = |chain: &KeyChain| match &written {
+        Some(r) => Some(r.sequence),
+        None => old.as_ref().map(|_| chain.next_sequence()),
+    };
     if global.dry_run {
-        let new_key = match &pending {
-            Some(key) => key.fingerprint()?,
-            None => "(a new key)".to_string(),
-        };
         return Ok(RotateReport {
             changed: true,
             dry_run: true,
             old_key: old_fingerprint,
-            new_key,
-            statement: old.is_some(),
-            sequence: old.as_ref().map(|_| chain.next_sequence()),
+            new_key: pending_fingerprint.unwrap_or_else(|| "(a new key)".to_string()),
+            statement,
+            sequence: sequence_if_signed(&chain),
             re_signed: revisions,
-            skipped: Vec::new(),
             dist_serial: generations
                 .dist
                 .as_ref()
@@ -156,6 +252,24 @@ fn rotate(
     // Opened before anything changes: a lock timeout fails with no change.
     let inventory = Inventory::open(home, global.lock_timeout).map_err(super::inventory_error)?;
     let started_at = Utc::now();
+    remove_stale_temporaries(home, &repo, &revisions);
+    if let Some(key) = &set_aside {
+        let aside = home.join(format!(
+            "{SIGNING_KEY_FILE}.set-aside-{}",
+            Utc::now().format("%Y%m%dT%H%M%SZ")
+        ));
+        std::fs::rename(&key_path, &aside)
+            .with_context(|| format!("cannot set `{}` aside", key_path.display()))?;
+        tracing::warn!(key = %key.fingerprint()?, path = %aside.display(), "set aside a signing key that did not sign this repository");
+    } else if old.is_none() && old_key_lost && key_path.exists() {
+        // Damaged: kept for whoever wants to look at it, never loaded again.
+        let aside = home.join(format!(
+            "{SIGNING_KEY_FILE}.damaged-{}",
+            Utc::now().format("%Y%m%dT%H%M%SZ")
+        ));
+        std::fs::rename(&key_path, &aside)
+            .with_context(|| format!("cannot set `{}` aside", key_path.display()))?;
+    }
     let next = match pending {
         Some(key) => key,
         None => {
@@ -169,57 +283,37 @@ fn rotate(
     };
     let next_fingerprint = next.fingerprint()?;
     let next_public = next.verifying_key()?;
-    let mut sequence = None;
-    if let Some(old) = &old {
-        let already = chain
-            .last()
-            .filter(|r| r.next_key == next_fingerprint)
-            .map(|r| r.sequence);
-        sequence = Some(match already {
-            Some(sequence) => sequence,
-            None => {
-                let sequence = chain.next_sequence();
-                chain
-                    .rotations
-                    .push(SignedRotation::sign(old, &next, sequence, reason)?);
-                chain.save(home)?;
-                // Served before any signature changes: a follower that meets a manifest signed
-                // by the new key finds the statement that lets it move on. (An empty repository
-                // serves nothing yet; its first view carries the chain.)
-                if generations.latest.is_some() {
-                    repo.switch(&lock, &generations, None).map_err(repo_error)?;
-                }
-                sequence
-            }
-        });
+    let mut sequence = written.as_ref().map(|r| r.sequence);
+    if let (Some(old), None) = (&old, &written) {
+        let number = chain.next_sequence();
+        chain
+            .rotations
+            .push(SignedRotation::sign(old, &next, number, reason)?);
+        chain.save(home)?;
+        sequence = Some(number);
+    }
+    if !chain.rotations.is_empty() {
+        // `pki/` keeps the chain followers know (also when it was restored from before a
+        // rotation).
+        chain.save(home)?;
+    }
+    if statement {
+        // Served before any signature changes: a follower that meets a manifest signed by the
+        // new key finds the statement that lets it move on. (An empty repository serves
+        // nothing yet; its first view carries the chain.)
+        if generations.latest.is_some() {
+            repo.switch(&lock, &generations, None).map_err(repo_error)?;
+        }
     }
     let mut re_signed = Vec::new();
-    let mut skipped = Vec::new();
     for revision in &revisions {
-        let dir = repo.revision_dir(revision);
-        let manifest = std::fs::read(dir.join(MANIFEST_FILE))
-            .with_context(|| format!("cannot read the manifest of {revision}"))?;
-        let signature = std::fs::read(dir.join(SIGNATURE_FILE)).unwrap_or_default();
-        if next_public.verify(&manifest, &signature) {
-            re_signed.push(revision.clone());
-            continue;
+        if !pki::revision_signed_by(&repo, revision, &next_public) {
+            let dir = repo.revision_dir(revision);
+            let manifest = std::fs::read(dir.join(MANIFEST_FILE))
+                .with_context(|| format!("cannot read the manifest of {revision}"))?;
+            durable::write_atomic(&dir.join(SIGNATURE_FILE), &next.sign(&manifest)?, 0o444)
+                .with_context(|| format!("cannot write the new signature of {revision}"))?;
         }
-        let ours = old_public
-            .as_ref()
-            .is_some_and(|key| key.verify(&manifest, &signature));
-        if !ours {
-            if old.is_some() {
-                skipped.push(format!(
-                    "{revision}: its manifest is not signed by the old key (run `pm-doctor`)"
-                ));
-                continue;
-            }
-            // The old key is lost: its public half may be too. What is signed now must at
-            // least be the files it lists, unchanged.
-            super::verify_revision_files(&dir, revision)?;
-        }
-        durable::write_atomic(&dir.join(SIGNATURE_FILE), &next.sign(&manifest)?, 0o444)
-            .with_context(|| format!("cannot write the new signature of {revision}"))?;
         re_signed.push(revision.clone());
     }
     let mut after = generations.clone();
@@ -235,20 +329,12 @@ fn rotate(
         dist_serial = Some(after.dist_serial);
     }
     // Last, by rename: until here the old key (or none) is the home's key and a rerun resumes.
-    if let Ok(pem) = std::fs::read(home.join(SIGNING_PUBLIC_KEY_FILE))
-        && let Some(fingerprint) = &old_fingerprint
-        && *fingerprint != next_fingerprint
-    {
-        let retired = home.join(RETIRED_DIR);
-        std::fs::create_dir_all(&retired)
-            .with_context(|| format!("cannot create `{}`", retired.display()))?;
-        let path = retired.join(format!(
-            "{}.pub.pem",
-            fingerprint.trim_start_matches("sha256:")
-        ));
-        durable::write_atomic(&path, &pem, 0o644)
-            .with_context(|| format!("cannot write `{}`", path.display()))?;
-    }
+    retire_public_half(
+        home,
+        old.as_ref(),
+        old_fingerprint.as_deref(),
+        &next_fingerprint,
+    )?;
     next.install(home)?;
     std::fs::remove_file(&pending_path)
         .with_context(|| format!("cannot remove `{}`", pending_path.display()))?;
@@ -256,18 +342,17 @@ fn rotate(
         .with_context(|| format!("cannot fsync `{}`", pending_path.display()))?;
     tracing::info!(old = ?old_fingerprint, new = %next_fingerprint, "rotated the manifest signing key");
     let summary = format!(
-        "manifest signing key {} replaced by {next_fingerprint}{}; {} revisions re-signed",
+        "manifest signing key {} replaced by {next_fingerprint}{}; {} revisions signed anew",
         old_fingerprint.as_deref().unwrap_or("(lost)"),
-        if old.is_some() {
+        if statement {
             ""
         } else {
             " without a rotation statement (old key lost)"
         },
         re_signed.len()
     );
-    let status = if skipped.is_empty() { "ok" } else { "partial" };
     inventory
-        .transaction(|inv| inv.insert_job("key-rotate", started_at, status, &summary))
+        .transaction(|inv| inv.insert_job("key-rotate", started_at, "ok", &summary))
         .map_err(super::inventory_error)?;
     drop(lock);
     Ok(RotateReport {
@@ -275,12 +360,117 @@ fn rotate(
         dry_run: false,
         old_key: old_fingerprint,
         new_key: next_fingerprint,
-        statement: old.is_some(),
+        statement,
         sequence,
         re_signed,
-        skipped,
         dist_serial,
     })
+}
+
+/// The chain to extend: `pki/key-chain.json`, or the served one when it is longer and starts
+/// with it (a `pki/` restored from before a rotation must not fork the chain followers know).
+fn current_chain(home: &Path, repo: &Repo) -> anyhow::Result<KeyChain> {
+    let own = KeyChain::load(home)?;
+    let served = match std::fs::read(repo.root().join("view").join(SERVED_FILE)) {
+        Ok(bytes) => KeyChain::parse(&bytes)
+            .with_context(|| format!("the served key chain `repo/view/{SERVED_FILE}`"))?,
+        Err(_) => return Ok(own),
+    };
+    if served.rotations.len() > own.rotations.len() {
+        if served.rotations.starts_with(&own.rotations) {
+            return Ok(served);
+        }
+        return Err(UserError::failure(format!(
+            "`{}` and the chain this mirror serves (`repo/view/{SERVED_FILE}`) disagree",
+            home.join(crate::pki::rotation::CHAIN_FILE).display()
+        ))
+        .with_hint(
+            "`pki/` was restored from another manager's backup, or edited: restore this \
+             manager's `pki/` (docs/keys.md)",
+        )
+        .into());
+    }
+    Ok(own)
+}
+
+/// Public keys this home signed with: its current and retired keys, and every key its chain
+/// names.
+fn known_keys(
+    home: &Path,
+    chain: &KeyChain,
+    old: Option<&SigningKey>,
+) -> anyhow::Result<Vec<(String, pki::VerifyingKey)>> {
+    let mut pems: Vec<Vec<u8>> = Vec::new();
+    if let Some(old) = old {
+        pems.push(old.public_key_pem()?);
+    }
+    pems.extend(std::fs::read(home.join(SIGNING_PUBLIC_KEY_FILE)));
+    if let Ok(entries) = std::fs::read_dir(home.join(RETIRED_DIR)) {
+        pems.extend(
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read(e.path()).ok()),
+        );
+    }
+    for rotation in chain.rotations.iter().filter_map(|r| r.rotation().ok()) {
+        pems.push(rotation.next_key_pem.into_bytes());
+    }
+    Ok(pems
+        .iter()
+        .filter_map(|pem| pki::parse_public_key(pem, Path::new("key")).ok())
+        .collect())
+}
+
+/// Keeps the old key's public half under `pki/retired/`: archives signed with it still verify.
+fn retire_public_half(
+    home: &Path,
+    old: Option<&SigningKey>,
+    old_fingerprint: Option<&str>,
+    next_fingerprint: &str,
+) -> anyhow::Result<()> {
+    let pem = match old {
+        Some(key) => Some(key.public_key_pem()?),
+        None => std::fs::read(home.join(SIGNING_PUBLIC_KEY_FILE))
+            .ok()
+            .filter(|pem| {
+                pki::parse_public_key(pem, Path::new("key"))
+                    .is_ok_and(|(fingerprint, _)| Some(fingerprint.as_str()) == old_fingerprint)
+            }),
+    };
+    let (Some(pem), Some(fingerprint)) = (pem, old_fingerprint) else {
+        return Ok(());
+    };
+    if fingerprint == next_fingerprint {
+        return Ok(());
+    }
+    let retired = home.join(RETIRED_DIR);
+    durable::create_private_dir(&retired, 0o755)
+        .with_context(|| format!("cannot create `{}`", retired.display()))?;
+    let path = retired.join(format!(
+        "{}.pub.pem",
+        fingerprint.trim_start_matches("sha256:")
+    ));
+    durable::write_atomic(&path, &pem, 0o644)
+        .with_context(|| format!("cannot write `{}`", path.display()))
+}
+
+/// Removes what a killed rotation left half-written: `pki/.<name>.tmp-*` and a revision's
+/// `.manifest.sig.tmp-*` (durable::write_atomic's temporaries).
+fn remove_stale_temporaries(home: &Path, repo: &Repo, revisions: &[String]) {
+    let dirs =
+        std::iter::once(home.join("pki")).chain(revisions.iter().map(|r| repo.revision_dir(r)));
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.contains(".tmp-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
 }
 
 fn print(report: &RotateReport) -> anyhow::Result<()> {
@@ -306,9 +496,6 @@ fn print(report: &RotateReport) -> anyhow::Result<()> {
         text.push_str(&format!(
             "dist statement signed anew (dist serial {serial})\n"
         ));
-    }
-    for skipped in &report.skipped {
-        text.push_str(&format!("not re-signed: {skipped}\n"));
     }
     if report.statement {
         text.push_str(&format!(
