@@ -78,6 +78,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "agent_reports",
         include_str!("../../sql/0012_agent_reports.sql"),
     ),
+    (
+        13,
+        "mirror_status",
+        include_str!("../../sql/0013_mirror_status.sql"),
+    ),
 ];
 
 /// Inventory errors.
@@ -183,6 +188,40 @@ pub struct ProductState {
     pub cooldown_reason: Option<String>,
     /// JSON map of URL -> conditional request validators.
     pub validators: Option<String>,
+    /// JSON map of component -> [`UpstreamComponent`]: what the last sync that contacted
+    /// upstream learnt of each component, failed or not (`pm-mirror status`).
+    pub upstream_components: Option<String>,
+}
+
+/// One component as the last sync that contacted upstream saw it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UpstreamComponent {
+    /// The version upstream offered, when the sync read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Why the sync failed on this component.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ProductState {
+    /// What the last sync that contacted upstream learnt per component; None before the first
+    /// such sync (or one recorded before this was kept).
+    pub fn upstream_components(
+        &self,
+    ) -> Option<std::collections::BTreeMap<String, UpstreamComponent>> {
+        serde_json::from_str(self.upstream_components.as_deref()?).ok()
+    }
+
+    /// Records what a sync learnt per component.
+    pub fn set_upstream_components(
+        &mut self,
+        components: impl IntoIterator<Item = (String, UpstreamComponent)>,
+    ) {
+        let map: std::collections::BTreeMap<String, UpstreamComponent> =
+            components.into_iter().collect();
+        self.upstream_components = serde_json::to_string(&map).ok();
+    }
 }
 
 /// The newest bundle import.
@@ -559,7 +598,7 @@ impl Inventory {
         let mut statement = self.db(self.conn.prepare(
             "SELECT product, upstream_versions, epoch(upstream_checked_at), epoch(last_success_at),
                     epoch(last_failure_at), last_error, epoch(cooldown_until), cooldown_reason,
-                    validators
+                    validators, upstream_components
              FROM mirror_products ORDER BY product",
         ))?;
         let rows = self.db(statement.query_map([], |row| {
@@ -573,6 +612,7 @@ impl Inventory {
                 cooldown_until: from_epoch(row.get(6)?),
                 cooldown_reason: row.get(7)?,
                 validators: row.get(8)?,
+                upstream_components: row.get(9)?,
             })
         }))?;
         rows.map(|row| self.db(row)).collect()
@@ -582,7 +622,8 @@ impl Inventory {
     pub fn save_product_state(&self, state: &ProductState) -> Result<(), InventoryError> {
         self.db(self.conn.execute(
             "INSERT OR REPLACE INTO mirror_products VALUES
-                 (?, ?, to_timestamp(?), to_timestamp(?), to_timestamp(?), ?, to_timestamp(?), ?, ?)",
+                 (?, ?, to_timestamp(?), to_timestamp(?), to_timestamp(?), ?, to_timestamp(?), ?, ?,
+                  ?)",
             params![
                 state.product,
                 state.upstream_versions,
@@ -593,6 +634,7 @@ impl Inventory {
                 to_epoch(state.cooldown_until),
                 state.cooldown_reason,
                 state.validators,
+                state.upstream_components,
             ],
         ))?;
         Ok(())

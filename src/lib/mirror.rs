@@ -1248,13 +1248,16 @@ pub struct StatusReport {
 pub struct ProductStatus {
     /// Product name.
     pub name: String,
+    /// `ok` (its last sync ended well), `failing` (its last sync failed), `deferred` (upstream
+    /// asked to wait: no sync contacts it before `cooldown_until`) or `never synced`.
+    pub state: &'static str,
     /// Last successful sync.
     pub last_success_at: Option<DateTime<Utc>>,
     /// Last failed sync and its error.
     pub last_failure_at: Option<DateTime<Utc>>,
     /// Error of the last failure.
     pub last_error: Option<String>,
-    /// Cool-down end, while it lasts.
+    /// Cool-down end, while it lasts: the next sync that contacts upstream runs after it.
     pub cooldown_until: Option<DateTime<Utc>>,
     /// Why.
     pub cooldown_reason: Option<String>,
@@ -1271,8 +1274,12 @@ pub struct ProductStatus {
 pub struct ComponentStatus {
     /// Component name.
     pub name: String,
-    /// As last seen upstream, or `unknown` when upstream did not answer.
+    /// What upstream offered at the last sync that contacted it, or `unknown` when that sync
+    /// did not learn it (upstream did not answer, the component failed or was not reached).
     pub upstream: String,
+    /// Why the last sync failed on this component (a database missing upstream, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// In latest.
     pub latest: Option<String>,
     /// In dist.
@@ -1356,15 +1363,27 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                 }
             }
         }
+        // What the last try learnt per component; syncs recorded before it was kept have only
+        // upstream_versions, which are stale once a failure is newer.
+        let tried = state.and_then(|s| s.upstream_components());
+        for name in tried.iter().flat_map(|t| t.keys()) {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
         let components = names
             .into_iter()
             .map(|name| ComponentStatus {
-                upstream: upstream_versions
-                    .iter()
-                    .find(|(c, _)| *c == name)
-                    .filter(|_| reachable)
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_else(|| "unknown".into()),
+                upstream: match &tried {
+                    Some(tried) => tried.get(&name).and_then(|c| c.version.clone()),
+                    None => upstream_versions
+                        .iter()
+                        .find(|(c, _)| *c == name)
+                        .filter(|_| reachable)
+                        .map(|(_, v)| v.clone()),
+                }
+                .unwrap_or_else(|| "unknown".into()),
+                error: tried.as_ref().and_then(|t| t.get(&name)?.error.clone()),
                 latest: version_in(latest.as_ref(), &product.name, &name),
                 dist: version_in(dist.as_ref(), &product.name, &name),
                 backups: backups
@@ -1374,14 +1393,16 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                 name,
             })
             .collect();
+        let cooldown_until = state
+            .and_then(|s| s.cooldown_until)
+            .filter(|until| *until > now);
         products.push(ProductStatus {
             name: product.name.clone(),
+            state: sync_state(state, cooldown_until),
             last_success_at: state.and_then(|s| s.last_success_at),
             last_failure_at: state.and_then(|s| s.last_failure_at),
             last_error: state.and_then(|s| s.last_error.clone()),
-            cooldown_until: state
-                .and_then(|s| s.cooldown_until)
-                .filter(|until| *until > now),
+            cooldown_until,
             cooldown_reason: state
                 .filter(|s| s.cooldown_until.is_some_and(|until| until > now))
                 .and_then(|s| s.cooldown_reason.clone()),
@@ -1489,19 +1510,48 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
         ))?;
     }
     for product in &report.products {
-        if let (Some(error), Some(_)) = (
-            &product.last_error,
-            product
-                .last_failure_at
-                .filter(|f| product.last_success_at.is_none_or(|s| s < *f)),
-        ) {
-            cli::print_text(format!("{}: last sync failed: {error}", product.name))?;
+        if let (Some(error), Some(failed_at), "failing" | "deferred") =
+            (&product.last_error, product.last_failure_at, product.state)
+        {
+            let next_try = product
+                .cooldown_until
+                .map(|t| format!("; next try after {}", t.format("%Y-%m-%d %H:%M:%SZ")))
+                .unwrap_or_default();
+            cli::print_text(format!(
+                "{}: {}: last sync failed at {}: {error}{next_try}",
+                product.name,
+                product.state,
+                failed_at.format("%Y-%m-%d %H:%M:%SZ")
+            ))?;
+        }
+        for component in &product.components {
+            if let Some(error) = &component.error {
+                cli::print_text(format!("{}/{}: {error}", product.name, component.name))?;
+            }
         }
         for warning in &product.warnings {
             cli::print_text(format!("{}: warning: {warning}", product.name))?;
         }
     }
     Ok(ExitStatus::Success)
+}
+
+/// A product's sync state for `status`: deferred while upstream's cool-down lasts, else
+/// whichever of its last success and last failure is newer.
+fn sync_state(
+    state: Option<&crate::inventory::ProductState>,
+    cooldown_until: Option<DateTime<Utc>>,
+) -> &'static str {
+    let Some(state) = state else {
+        return "never synced";
+    };
+    match (cooldown_until, state.last_success_at, state.last_failure_at) {
+        (Some(_), _, _) => "deferred",
+        (None, Some(ok), Some(failed)) if failed > ok => "failing",
+        (None, None, Some(_)) => "failing",
+        (None, Some(_), _) => "ok",
+        (None, None, None) => "never synced",
+    }
 }
 
 /// `3d 4h`, `5h 12m`, `42m`: an age for people.
@@ -1571,6 +1621,27 @@ fn run_gc(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_product_is_deferred_in_cool_down_else_as_its_newest_sync_ended() {
+        let at = |s: i64| DateTime::from_timestamp(1_900_000_000 + s, 0);
+        let check = |success: Option<i64>, failure: Option<i64>, cooling: bool, expected: &str| {
+            let state = crate::inventory::ProductState {
+                last_success_at: success.and_then(at),
+                last_failure_at: failure.and_then(at),
+                ..Default::default()
+            };
+            let until = cooling.then(|| at(3600)).flatten();
+            assert_eq!(sync_state(Some(&state), until), expected);
+        };
+        check(Some(10), None, false, "ok");
+        check(Some(10), Some(5), false, "ok");
+        check(Some(5), Some(10), false, "failing");
+        check(None, Some(10), false, "failing");
+        check(Some(5), Some(10), true, "deferred");
+        check(None, None, false, "never synced");
+        assert_eq!(sync_state(None, None), "never synced");
+    }
 
     fn products(list: &[(&str, &str)]) -> ProductComponents {
         list.iter()
