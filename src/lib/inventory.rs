@@ -235,6 +235,21 @@ pub struct BundleImport {
     pub revision: Option<String>,
 }
 
+/// A publish that tried to change dist, and how it ended (`mirror_publishes`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PublishAttempt {
+    /// When it ended.
+    pub at: DateTime<Utc>,
+    /// `published`, `refused` (exit 2: a rolled-back revision, ...) or `failed` (exit 1).
+    pub result: String,
+    /// latest: the revision it tried to publish (none when latest was empty).
+    pub revision: Option<String>,
+    /// What dist is after it: the previous revision still, unless it published.
+    pub dist: Option<String>,
+    /// Why it was refused or failed.
+    pub error: Option<String>,
+}
+
 /// A stored activation key (never the secret itself).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActivationKeyRecord {
@@ -675,6 +690,51 @@ impl Inventory {
                         at: from_epoch(row.get(0)?).unwrap_or_default(),
                         bundle_sha256: row.get(1)?,
                         revision: row.get(2)?,
+                    })
+                },
+            )
+            .optional())
+    }
+
+    /// Records a publish attempt (`job_id`: its row in `jobs`).
+    pub fn record_publish(
+        &self,
+        job_id: i64,
+        started_at: DateTime<Utc>,
+        attempt: &PublishAttempt,
+    ) -> Result<(), InventoryError> {
+        self.db(self.conn.execute(
+            "INSERT INTO mirror_publishes
+                 (job_id, attempted_at, finished_at, result, revision, dist, error)
+             VALUES (?, to_timestamp(?), to_timestamp(?), ?, ?, ?, ?)",
+            params![
+                job_id,
+                to_epoch(Some(started_at)),
+                to_epoch(Some(attempt.at)),
+                attempt.result,
+                attempt.revision,
+                attempt.dist,
+                attempt.error,
+            ],
+        ))?;
+        Ok(())
+    }
+
+    /// The newest publish attempt.
+    pub fn last_publish(&self) -> Result<Option<PublishAttempt>, InventoryError> {
+        self.db(self
+            .conn
+            .query_row(
+                "SELECT epoch(finished_at), result, revision, dist, error FROM mirror_publishes
+                 ORDER BY id DESC LIMIT 1",
+                [],
+                |row| {
+                    Ok(PublishAttempt {
+                        at: from_epoch(row.get(0)?).unwrap_or_default(),
+                        result: row.get(1)?,
+                        revision: row.get(2)?,
+                        dist: row.get(3)?,
+                        error: row.get(4)?,
                     })
                 },
             )

@@ -7,7 +7,7 @@ mod sync;
 mod upstream;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
 use crate::config::{self, Config};
 use crate::dist_statement::{DistStatement, SignedStatement};
-use crate::inventory::{DistChange, Inventory, SyncRecord};
+use crate::inventory::{DistChange, Inventory, PublishAttempt, SyncRecord};
 use crate::manifest::{Manifest, ProductComponents};
 use crate::pki::SigningKey;
 use crate::repo::{Generations, Repo};
@@ -166,7 +166,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     match args.command {
         Command::Sync { products } => runtime.block_on(run_sync(&home, &args.global, &products)),
         Command::Status => run_status(&home, &args.global),
-        Command::Publish { again } => run_publish(&home, &args.global, again),
+        Command::Publish { again } => {
+            let started_at = Utc::now();
+            let published = run_publish(&home, &args.global, again);
+            if let Err(err) = &published {
+                record_failed_publish(&home, &args.global, started_at, err);
+            }
+            published
+        }
         Command::Rollback { generation } => run_rollback(&home, &args.global, generation),
         Command::Serve { listen } => runtime.block_on(run_serve(&home, listen)),
         Command::Gc => run_gc(&home, &args.global),
@@ -791,6 +798,17 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
             .transaction(|inv| {
                 let summary = format!("dist is now {latest}");
                 let job_id = inv.insert_job("publish", started_at, "ok", &summary)?;
+                inv.record_publish(
+                    job_id,
+                    started_at,
+                    &PublishAttempt {
+                        at: Utc::now(),
+                        result: "published".into(),
+                        revision: Some(latest.clone()),
+                        dist: rotation.after.dist.clone(),
+                        error: None,
+                    },
+                )?;
                 record_live_revisions(inv, &repo)?;
                 inv.record_dist_change(
                     job_id,
@@ -817,6 +835,46 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
         );
     }
     Ok(ExitStatus::Success)
+}
+
+/// Records a publish that was refused or failed, so that `status` shows it (and `jobs` audits
+/// it): the error, what latest was and that dist did not change. Never in a dry run, never
+/// into a home without an inventory, and never at the cost of the error itself: a failure to
+/// record is a warning.
+fn record_failed_publish(
+    home: &Path,
+    global: &GlobalArgs,
+    started_at: DateTime<Utc>,
+    err: &anyhow::Error,
+) {
+    if global.dry_run || !home.join(crate::inventory::INVENTORY_FILE).exists() {
+        return;
+    }
+    let refused = err
+        .downcast_ref::<UserError>()
+        .is_some_and(|e| e.status == ExitStatus::Usage);
+    let result = if refused { "refused" } else { "failed" };
+    let generations = Repo::new(home).generations().unwrap_or_default();
+    let attempt = PublishAttempt {
+        at: Utc::now(),
+        result: result.into(),
+        revision: generations.latest,
+        dist: generations.dist,
+        error: Some(format!("{err:#}")),
+    };
+    // The publish may have failed on a busy inventory: do not wait for it as long again.
+    let recorded = Inventory::open(home, global.lock_timeout.min(Duration::from_secs(5))).and_then(
+        |inventory| {
+            inventory.transaction(|inv| {
+                let summary = format!("publish {result}; dist unchanged");
+                let job_id = inv.insert_job("publish", started_at, result, &summary)?;
+                inv.record_publish(job_id, started_at, &attempt)
+            })
+        },
+    );
+    if let Err(record) = recorded {
+        tracing::warn!(error = %record, "cannot record the failed publish in the inventory");
+    }
 }
 
 /// The refusal of a publish whose latest carries a product as a rolled-back revision had it
@@ -1235,6 +1293,8 @@ pub struct StatusReport {
     pub generations: Generations,
     /// The newest air-gap bundle import, if this mirror is fed by bundles.
     pub last_import: Option<crate::inventory::BundleImport>,
+    /// The newest publish that tried to change dist: published, refused or failed.
+    pub last_publish: Option<PublishAttempt>,
     /// Build time of the newest component in latest.
     pub newest_build_time: Option<DateTime<Utc>>,
     /// Its age: how stale the newest data of this site is.
@@ -1292,14 +1352,15 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
     let config = load_config(home)?;
     let repo = Repo::new(home);
     let generations = repo.generations().map_err(repo_error)?;
-    let (states, last_import, warnings) =
+    let (states, last_import, warnings, last_publish) =
         match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
             Some(inventory) => (
                 inventory.product_states().map_err(inventory_error)?,
                 inventory.last_bundle_import().map_err(inventory_error)?,
                 inventory.content_warnings().map_err(inventory_error)?,
+                inventory.last_publish().map_err(inventory_error)?,
             ),
-            None => (Vec::new(), None, Vec::new()),
+            None => (Vec::new(), None, Vec::new(), None),
         };
     let manifest_of =
         |revision: &Option<String>| revision.as_ref().and_then(|r| repo.manifest(r).ok());
@@ -1421,6 +1482,7 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
     let report = StatusReport {
         changed: false,
         last_import,
+        last_publish,
         newest_build_time,
         newest_data_age_seconds: newest_build_time.map(|t| (now - t).num_seconds()),
         generations,
@@ -1501,6 +1563,20 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                 .map(|r| format!(" made {r}"))
                 .unwrap_or_default(),
         ))?;
+    }
+    if let Some(publish) = &report.last_publish {
+        let at = publish.at.format("%Y-%m-%d %H:%M:%SZ");
+        let line = match (&publish.error, publish.result.as_str()) {
+            (Some(error), result) => format!(
+                "last publish {result} at {at}: {error}; dist is still {}",
+                publish.dist.as_deref().unwrap_or("empty")
+            ),
+            (None, result) => format!(
+                "last publish {at}: {result} {}",
+                publish.revision.as_deref().unwrap_or("-")
+            ),
+        };
+        cli::print_text(line)?;
     }
     if let (Some(built), Some(age)) = (report.newest_build_time, report.newest_data_age_seconds) {
         cli::print_text(format!(

@@ -1,4 +1,5 @@
-//! `pm-mirror status` tells the truth (issue 17): after upstream asked to wait, and per database.
+//! `pm-mirror status` tells the truth (issue 17): after upstream asked to wait, after a failed
+//! publish, and per database.
 
 use pm::lab::FaultKind;
 
@@ -55,6 +56,46 @@ fn after_a_429_status_shows_the_product_deferred_with_its_failure_time_error_and
         text.contains("clamav: deferred: last sync failed at ")
             && text.contains("upstream asked to wait: HTTP 429")
             && text.contains("next try after "),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_failed_publish_shows_in_status_with_its_error_and_dist_still_the_previous_revision() {
+    let (_lab, home, _) = synced_at_3_with_6_upstream();
+    Pm::mirror(&home).args(["publish"]).json();
+    Pm::mirror(&home).args(["sync"]).json();
+    // One changed byte in latest's new CVD: publish verifies latest and refuses it.
+    let cvd = home.repo("latest/clamav/test.cvd");
+    let mut bytes = std::fs::read(&cvd).unwrap();
+    bytes[600] ^= 0xff;
+    std::fs::remove_file(&cvd).unwrap();
+    std::fs::write(&cvd, bytes).unwrap();
+    let before = chrono::Utc::now();
+    let publish = Pm::mirror(&home).args(["publish"]).run();
+    assert_eq!(publish.code(), 1, "{}", publish.stderr());
+
+    let status = Pm::mirror(&home).args(["status"]).json();
+    let last = &status["last_publish"];
+    assert_eq!(last["result"], "failed", "{status}");
+    assert_eq!(last["revision"], "r2", "{last}");
+    assert_eq!(last["dist"], "r1", "{last}");
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap()
+            .contains("`clamav/test.cvd` in r2 does not match its manifest"),
+        "{last}"
+    );
+    let at = chrono::DateTime::parse_from_rfc3339(last["at"].as_str().unwrap()).unwrap();
+    assert!(at >= before, "{last}");
+    assert_eq!(status["generations"]["dist"], "r1");
+
+    let text = Pm::mirror(&home).args(["status"]).run().stdout();
+    assert!(
+        text.contains("last publish failed at ")
+            && text.contains("does not match its manifest")
+            && text.contains("dist is still r1"),
         "{text}"
     );
 }
