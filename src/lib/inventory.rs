@@ -235,6 +235,26 @@ pub struct BundleImport {
     pub revision: Option<String>,
 }
 
+/// Where a product's current content came from: the sync or bundle import that brought it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ContentOrigin {
+    /// Product name.
+    #[serde(skip)]
+    pub product: String,
+    /// `upstream`, `parent` or `bundle` (`pm-mirror import`).
+    pub source: String,
+    /// When that sync or import finished.
+    pub at: DateTime<Utc>,
+    /// The revision it made.
+    pub revision: Option<String>,
+    /// sha256 of the bundle, for an import.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle_sha256: Option<String>,
+    /// What it noted without failing, one note per line.
+    #[serde(skip)]
+    pub warnings: Option<String>,
+}
+
 /// A publish that tried to change dist, and how it ended (`mirror_publishes`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PublishAttempt {
@@ -741,18 +761,26 @@ impl Inventory {
             .optional())
     }
 
-    /// Per product, the notes of the sync that brought its current content (its newest
-    /// `updated` row that made a revision), one note per line; products without notes are
-    /// left out.
-    pub fn content_warnings(&self) -> Result<Vec<(String, String)>, InventoryError> {
+    /// Per product, the sync or import that brought its current content: its newest `updated`
+    /// row that made a revision.
+    pub fn content_origins(&self) -> Result<Vec<ContentOrigin>, InventoryError> {
         let mut statement = self.db(self.conn.prepare(
-            "SELECT product, warnings FROM (
-                 SELECT product, warnings FROM mirror_syncs
-                 WHERE result = 'updated' AND revision IS NOT NULL
-                 QUALIFY row_number() OVER (PARTITION BY product ORDER BY id DESC) = 1
-             ) WHERE warnings IS NOT NULL ORDER BY product",
+            "SELECT product, source, epoch(finished_at), revision, bundle_sha256, warnings
+             FROM mirror_syncs
+             WHERE result = 'updated' AND revision IS NOT NULL
+             QUALIFY row_number() OVER (PARTITION BY product ORDER BY id DESC) = 1
+             ORDER BY product",
         ))?;
-        let rows = self.db(statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))))?;
+        let rows = self.db(statement.query_map([], |row| {
+            Ok(ContentOrigin {
+                product: row.get(0)?,
+                source: row.get(1)?,
+                at: from_epoch(row.get(2)?).unwrap_or_default(),
+                revision: row.get(3)?,
+                bundle_sha256: row.get(4)?,
+                warnings: row.get(5)?,
+            })
+        }))?;
         rows.map(|row| self.db(row)).collect()
     }
 

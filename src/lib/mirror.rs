@@ -184,7 +184,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
             file,
             allow_downgrade,
             max_size,
-        } => airgap::run_import(&home, &args.global, &file, allow_downgrade, max_size),
+        } => {
+            // Import reads no pm.toml; without one, say what the home is taken for.
+            note_closed_home(&home, &args.global);
+            airgap::run_import(&home, &args.global, &file, allow_downgrade, max_size)
+        }
         Command::Key {
             command: KeyCommand::ExportPublic { out },
         } => airgap::run_key_export_public(&home, &args.global, &out),
@@ -203,13 +207,44 @@ fn load_config(home: &Path) -> anyhow::Result<Config> {
     Config::load(&path).map_err(|err| {
         let hint = match &err {
             config::ConfigError::Missing { .. } => format!(
-                "create it with the products to mirror, for example:\n{}",
+                "create it with the products to mirror, for example:\n{}\nor, on a closed home \
+                 fed only by bundles (`pm-mirror import`), an empty one (docs/mirror.md shows a \
+                 minimal closed-home pm.toml)",
                 config::EXAMPLE.trim_end()
             ),
             _ => "fix the value and run again; pm.toml keys are in the README".into(),
         };
         anyhow::Error::new(UserError::usage(err.to_string()).with_hint(hint))
     })
+}
+
+/// `pm.toml` for the commands a closed home runs (`status`, `publish`): with no file, the
+/// defaults of a closed home (no products, default retention and serve settings), said on
+/// stderr. `sync` keeps requiring the file ([`load_config`]): a connected mirror that lost it
+/// must fail loudly, not stop updating with exit 0.
+fn load_config_or_closed_home(home: &Path, global: &GlobalArgs) -> anyhow::Result<Config> {
+    if note_closed_home(home, global) {
+        return Ok(Config::parse("", &home.join("pm.toml"))
+            .expect("an empty pm.toml is a valid closed-home config"));
+    }
+    load_config(home)
+}
+
+/// Says on stderr (unless `-q`) that the home has no `pm.toml` and is taken for a closed home;
+/// true when it has none.
+fn note_closed_home(home: &Path, global: &GlobalArgs) -> bool {
+    if home.join("pm.toml").exists() {
+        return false;
+    }
+    if !global.quiet {
+        eprintln!(
+            "note: no `pm.toml` in `{}`: assuming a closed home (no products, its content comes \
+             from `pm-mirror import`; default retention and serve settings); create it to \
+             change them, see docs/mirror.md",
+            home.display()
+        );
+    }
+    true
 }
 
 fn inventory_error(err: crate::inventory::InventoryError) -> anyhow::Error {
@@ -672,7 +707,7 @@ pub struct PublishReport {
 
 fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<ExitStatus> {
     let started_at = Utc::now();
-    let config = load_config(home)?;
+    let config = load_config_or_closed_home(home, global)?;
     let repo = Repo::new(home);
     let lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
     let before = repo.generations().map_err(repo_error)?;
@@ -1309,7 +1344,9 @@ pub struct ProductStatus {
     /// Product name.
     pub name: String,
     /// `ok` (its last sync ended well), `failing` (its last sync failed), `deferred` (upstream
-    /// asked to wait: no sync contacts it before `cooldown_until`) or `never synced`.
+    /// asked to wait: no sync contacts it before `cooldown_until`) or `never synced`; for a
+    /// product latest, dist or a backup holds that pm.toml does not list, `imported` (it came
+    /// in a bundle: a closed home) or `not in pm.toml`.
     pub state: &'static str,
     /// Last successful sync.
     pub last_success_at: Option<DateTime<Utc>>,
@@ -1321,6 +1358,8 @@ pub struct ProductStatus {
     pub cooldown_until: Option<DateTime<Utc>>,
     /// Why.
     pub cooldown_reason: Option<String>,
+    /// Where its content in latest came from: the sync or bundle import that brought it.
+    pub origin: Option<crate::inventory::ContentOrigin>,
     /// What the sync that brought its content in latest noted without failing (a damaged
     /// cdiff left out, ...).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -1349,15 +1388,15 @@ pub struct ComponentStatus {
 }
 
 fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
-    let config = load_config(home)?;
+    let config = load_config_or_closed_home(home, global)?;
     let repo = Repo::new(home);
     let generations = repo.generations().map_err(repo_error)?;
-    let (states, last_import, warnings, last_publish) =
+    let (states, last_import, origins, last_publish) =
         match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
             Some(inventory) => (
                 inventory.product_states().map_err(inventory_error)?,
                 inventory.last_bundle_import().map_err(inventory_error)?,
-                inventory.content_warnings().map_err(inventory_error)?,
+                inventory.content_origins().map_err(inventory_error)?,
                 inventory.last_publish().map_err(inventory_error)?,
             ),
             None => (Vec::new(), None, Vec::new(), None),
@@ -1387,9 +1426,31 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
             .map(|(_, version)| version)
     };
     let now = Utc::now();
+    // pm.toml's products, then those latest, dist or a backup hold that it does not list: a
+    // closed home's, which came in bundles, or one taken out of pm.toml. What is served is shown.
+    let mut listed: Vec<(String, Option<&config::Product>)> = config
+        .products
+        .iter()
+        .map(|p| (p.name.clone(), Some(p)))
+        .collect();
+    for manifest in [latest.as_ref(), dist.as_ref()]
+        .into_iter()
+        .flatten()
+        .chain(backups.iter().flatten())
+    {
+        for entry in &manifest.products {
+            if !listed
+                .iter()
+                .any(|(name, _)| name == entry.config_product())
+            {
+                listed.push((entry.config_product().to_string(), None));
+            }
+        }
+    }
     let mut products = Vec::new();
-    for product in &config.products {
-        let state = states.iter().find(|s| s.product == product.name);
+    for (product_name, configured) in &listed {
+        let state = states.iter().find(|s| &s.product == product_name);
+        let origin = origins.iter().find(|o| &o.product == product_name);
         let upstream_versions: Vec<(String, String)> = state
             .and_then(|s| s.upstream_versions.as_deref())
             .unwrap_or("")
@@ -1411,13 +1472,13 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
             .flatten()
             .chain(backups.iter().flatten())
         {
-            for (label, _) in components_of(manifest, &product.name) {
+            for (label, _) in components_of(manifest, product_name) {
                 if !names.contains(&label) {
                     names.push(label);
                 }
             }
         }
-        if let config::ProductSource::Clamav(source) = &product.source {
+        if let Some(config::ProductSource::Clamav(source)) = configured.map(|p| &p.source) {
             for db in &source.databases {
                 if !names.contains(db) {
                     names.push(db.clone());
@@ -1443,13 +1504,14 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                         .filter(|_| reachable)
                         .map(|(_, v)| v.clone()),
                 }
-                .unwrap_or_else(|| "unknown".into()),
+                // Not in pm.toml: this mirror does not ask upstream for it.
+                .unwrap_or_else(|| if configured.is_some() { "unknown" } else { "-" }.into()),
                 error: tried.as_ref().and_then(|t| t.get(&name)?.error.clone()),
-                latest: version_in(latest.as_ref(), &product.name, &name),
-                dist: version_in(dist.as_ref(), &product.name, &name),
+                latest: version_in(latest.as_ref(), product_name, &name),
+                dist: version_in(dist.as_ref(), product_name, &name),
                 backups: backups
                     .iter()
-                    .map(|m| version_in(m.as_ref(), &product.name, &name))
+                    .map(|m| version_in(m.as_ref(), product_name, &name))
                     .collect(),
                 name,
             })
@@ -1458,8 +1520,12 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
             .and_then(|s| s.cooldown_until)
             .filter(|until| *until > now);
         products.push(ProductStatus {
-            name: product.name.clone(),
-            state: sync_state(state, cooldown_until),
+            name: product_name.clone(),
+            state: match (configured, origin) {
+                (Some(_), _) => sync_state(state, cooldown_until),
+                (None, Some(origin)) if origin.source == "bundle" => "imported",
+                (None, _) => "not in pm.toml",
+            },
             last_success_at: state.and_then(|s| s.last_success_at),
             last_failure_at: state.and_then(|s| s.last_failure_at),
             last_error: state.and_then(|s| s.last_error.clone()),
@@ -1467,11 +1533,12 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
             cooldown_reason: state
                 .filter(|s| s.cooldown_until.is_some_and(|until| until > now))
                 .and_then(|s| s.cooldown_reason.clone()),
-            warnings: warnings
-                .iter()
-                .filter(|(name, _)| *name == product.name)
-                .flat_map(|(_, text)| text.lines().map(String::from))
+            warnings: origin
+                .and_then(|o| o.warnings.as_deref())
+                .into_iter()
+                .flat_map(|text| text.lines().map(String::from))
                 .collect(),
+            origin: origin.cloned(),
             components,
         });
     }
@@ -1520,7 +1587,10 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                 product
                     .last_success_at
                     .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
-                    .unwrap_or_else(|| "never".into())
+                    .unwrap_or_else(|| match product.state {
+                        "imported" | "not in pm.toml" => "-".into(),
+                        _ => "never".into(),
+                    })
             } else {
                 String::new()
             });
@@ -1598,6 +1668,23 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                 product.name,
                 product.state,
                 failed_at.format("%Y-%m-%d %H:%M:%SZ")
+            ))?;
+        }
+        if let (Some(origin), "imported" | "not in pm.toml") = (&product.origin, product.state) {
+            let from = match &origin.bundle_sha256 {
+                Some(sha256) => format!("import of bundle {}", &sha256[..sha256.len().min(12)]),
+                None => format!("{} sync", origin.source),
+            };
+            cli::print_text(format!(
+                "{}: {}: content from {from} at {}{}",
+                product.name,
+                product.state,
+                origin.at.format("%Y-%m-%d %H:%M:%SZ"),
+                origin
+                    .revision
+                    .as_ref()
+                    .map(|r| format!(" (made {r})"))
+                    .unwrap_or_default()
             ))?;
         }
         for component in &product.components {

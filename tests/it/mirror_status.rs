@@ -1,8 +1,9 @@
 //! `pm-mirror status` tells the truth (issue 17): after upstream asked to wait, after a failed
-//! publish, and per database.
+//! publish, per database, and on a closed home fed only by bundles.
 
 use pm::lab::FaultKind;
 
+use crate::mirror_airgap::Sites;
 use crate::support::{Home, Lab, Pm, synced_at_3_with_6_upstream};
 
 fn seconds_from_now(text: &serde_json::Value) -> i64 {
@@ -145,4 +146,72 @@ fn a_database_missing_upstream_gets_its_own_row_and_error_and_the_others_their_v
         text.contains("clamav/daily: `") && text.contains("daily.cvd` is not found upstream"),
         "{text}"
     );
+}
+
+#[test]
+fn a_closed_home_with_no_pm_toml_imports_publishes_and_lists_what_it_holds_with_its_origin() {
+    let sites = Sites::new(3);
+    std::fs::remove_file(sites.offline.path().join("pm.toml")).unwrap();
+    let export = sites.export("r1.tar", None);
+    let sha256 = export["sha256"].as_str().unwrap().to_string();
+
+    let import = sites.import("r1.tar");
+    assert_eq!(import.code(), 0, "{}", import.stderr());
+    assert!(
+        import.stderr().contains("no `pm.toml`") && import.stderr().contains("closed home"),
+        "{}",
+        import.stderr()
+    );
+    let publish = Pm::mirror(&sites.offline).args(["publish"]).run();
+    assert_eq!(publish.code(), 0, "{}", publish.stderr());
+
+    let status = Pm::mirror(&sites.offline).args(["status"]).json();
+    let products = status["products"].as_array().unwrap();
+    assert_eq!(products.len(), 1, "{status}");
+    let product = &products[0];
+    assert_eq!(product["name"], "clamav");
+    assert_eq!(product["state"], "imported");
+    let test = component(product, "test");
+    assert_eq!(test["latest"], "3", "{product}");
+    assert_eq!(test["dist"], "3", "{product}");
+    assert_eq!(product["origin"]["source"], "bundle", "{product}");
+    assert_eq!(product["origin"]["bundle_sha256"], sha256.as_str());
+    assert_eq!(product["origin"]["revision"], "r1");
+
+    let text = Pm::mirror(&sites.offline).args(["status"]).run().stdout();
+    assert!(
+        text.contains("| clamav ") && text.contains(&format!("import of bundle {}", &sha256[..12])),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_closed_home_from_the_documented_minimal_pm_toml_lists_the_products_it_imported() {
+    let sites = Sites::new(3);
+    sites.offline.config(&minimal_closed_home_toml());
+    sites.export("r1.tar", None);
+    assert_eq!(sites.import("r1.tar").code(), 0);
+    Pm::mirror(&sites.offline).args(["publish"]).json();
+    let sync = Pm::mirror(&sites.offline).args(["sync"]).run();
+    assert_eq!(sync.code(), 0, "{}", sync.stderr());
+    let doctor = Pm::new("pm-doctor")
+        .args(["--home"])
+        .args([sites.offline.path()])
+        .run();
+    assert_eq!(doctor.code(), 0, "{}", doctor.stdout());
+
+    let status = Pm::mirror(&sites.offline).args(["status"]).json();
+    let product = &status["products"][0];
+    assert_eq!(product["name"], "clamav", "{status}");
+    assert_eq!(component(product, "test")["dist"], "3", "{product}");
+}
+
+/// The minimal `pm.toml` of a closed home, as docs/mirror.md shows it.
+fn minimal_closed_home_toml() -> String {
+    let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/mirror.md"))
+        .expect("docs/mirror.md");
+    let (_, after) = page
+        .split_once("<!-- closed-home-pm.toml -->\n```toml\n")
+        .expect("docs/mirror.md shows the minimal closed-home pm.toml");
+    after.split_once("```").unwrap().0.to_string()
 }
