@@ -102,6 +102,37 @@ fn a_failed_publish_shows_in_status_with_its_error_and_dist_still_the_previous_r
 }
 
 #[test]
+fn a_refused_publish_of_a_rolled_back_latest_shows_in_status_as_refused() {
+    let (_lab, home, _) = synced_at_3_with_6_upstream();
+    Pm::mirror(&home).args(["publish"]).json();
+    Pm::mirror(&home).args(["sync"]).json();
+    Pm::mirror(&home).args(["publish"]).json();
+    Pm::mirror(&home)
+        .args(["rollback", "--generation", "1"])
+        .json();
+    let publish = Pm::mirror(&home).args(["publish"]).run();
+    assert_eq!(publish.code(), 2, "{}", publish.stderr());
+
+    let last = &Pm::mirror(&home).args(["status"]).json()["last_publish"];
+    assert_eq!(last["result"], "refused", "{last}");
+    assert_eq!(last["revision"], "r2", "{last}");
+    assert_eq!(last["dist"], "r1", "{last}");
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap()
+            .contains("was rolled back from dist"),
+        "{last}"
+    );
+    // A publish that goes through is the last one then.
+    Pm::mirror(&home).args(["publish", "--again"]).json();
+    let last = &Pm::mirror(&home).args(["status"]).json()["last_publish"];
+    assert_eq!(last["result"], "published", "{last}");
+    assert_eq!(last["dist"], "r2", "{last}");
+    assert!(last["error"].is_null(), "{last}");
+}
+
+#[test]
 fn a_database_missing_upstream_gets_its_own_row_and_error_and_the_others_their_versions() {
     let lab = Lab::start(3);
     let home = Home::new();
