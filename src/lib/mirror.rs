@@ -1688,7 +1688,9 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
             ))?;
         }
         for component in &product.components {
-            if let Some(error) = &component.error {
+            // A product's only component failing says nothing the product's line did not.
+            let said = product.components.len() == 1 && component.error == product.last_error;
+            if let (Some(error), false) = (&component.error, said) {
                 cli::print_text(format!("{}/{}: {error}", product.name, component.name))?;
             }
         }
