@@ -78,6 +78,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "agent_reports",
         include_str!("../../sql/0012_agent_reports.sql"),
     ),
+    (
+        13,
+        "mirror_status",
+        include_str!("../../sql/0013_mirror_status.sql"),
+    ),
 ];
 
 /// Inventory errors.
@@ -183,6 +188,40 @@ pub struct ProductState {
     pub cooldown_reason: Option<String>,
     /// JSON map of URL -> conditional request validators.
     pub validators: Option<String>,
+    /// JSON map of component -> [`UpstreamComponent`]: what the last sync that contacted
+    /// upstream learnt of each component, failed or not (`pm-mirror status`).
+    pub upstream_components: Option<String>,
+}
+
+/// One component as the last sync that contacted upstream saw it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UpstreamComponent {
+    /// The version upstream offered, when the sync read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Why the sync failed on this component.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ProductState {
+    /// What the last sync that contacted upstream learnt per component; None before the first
+    /// such sync (or one recorded before this was kept).
+    pub fn upstream_components(
+        &self,
+    ) -> Option<std::collections::BTreeMap<String, UpstreamComponent>> {
+        serde_json::from_str(self.upstream_components.as_deref()?).ok()
+    }
+
+    /// Records what a sync learnt per component.
+    pub fn set_upstream_components(
+        &mut self,
+        components: impl IntoIterator<Item = (String, UpstreamComponent)>,
+    ) {
+        let map: std::collections::BTreeMap<String, UpstreamComponent> =
+            components.into_iter().collect();
+        self.upstream_components = serde_json::to_string(&map).ok();
+    }
 }
 
 /// The newest bundle import.
@@ -194,6 +233,41 @@ pub struct BundleImport {
     pub bundle_sha256: Option<String>,
     /// The local revision it made (none when it changed nothing).
     pub revision: Option<String>,
+}
+
+/// Where a product's current content came from: the sync or bundle import that brought it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ContentOrigin {
+    /// Product name.
+    #[serde(skip)]
+    pub product: String,
+    /// `upstream`, `parent` or `bundle` (`pm-mirror import`).
+    pub source: String,
+    /// When that sync or import finished.
+    pub at: DateTime<Utc>,
+    /// The revision it made.
+    pub revision: Option<String>,
+    /// sha256 of the bundle, for an import.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle_sha256: Option<String>,
+    /// What it noted without failing, one note per line.
+    #[serde(skip)]
+    pub warnings: Option<String>,
+}
+
+/// A publish that tried to change dist, and how it ended (`mirror_publishes`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PublishAttempt {
+    /// When it ended.
+    pub at: DateTime<Utc>,
+    /// `published`, `refused` (exit 2: a rolled-back revision, ...) or `failed` (exit 1).
+    pub result: String,
+    /// latest: the revision it tried to publish (none when latest was empty).
+    pub revision: Option<String>,
+    /// What dist is after it: the previous revision still, unless it published.
+    pub dist: Option<String>,
+    /// Why it was refused or failed.
+    pub error: Option<String>,
 }
 
 /// A stored activation key (never the secret itself).
@@ -559,7 +633,7 @@ impl Inventory {
         let mut statement = self.db(self.conn.prepare(
             "SELECT product, upstream_versions, epoch(upstream_checked_at), epoch(last_success_at),
                     epoch(last_failure_at), last_error, epoch(cooldown_until), cooldown_reason,
-                    validators
+                    validators, upstream_components
              FROM mirror_products ORDER BY product",
         ))?;
         let rows = self.db(statement.query_map([], |row| {
@@ -573,6 +647,7 @@ impl Inventory {
                 cooldown_until: from_epoch(row.get(6)?),
                 cooldown_reason: row.get(7)?,
                 validators: row.get(8)?,
+                upstream_components: row.get(9)?,
             })
         }))?;
         rows.map(|row| self.db(row)).collect()
@@ -582,7 +657,8 @@ impl Inventory {
     pub fn save_product_state(&self, state: &ProductState) -> Result<(), InventoryError> {
         self.db(self.conn.execute(
             "INSERT OR REPLACE INTO mirror_products VALUES
-                 (?, ?, to_timestamp(?), to_timestamp(?), to_timestamp(?), ?, to_timestamp(?), ?, ?)",
+                 (?, ?, to_timestamp(?), to_timestamp(?), to_timestamp(?), ?, to_timestamp(?), ?, ?,
+                  ?)",
             params![
                 state.product,
                 state.upstream_versions,
@@ -593,6 +669,7 @@ impl Inventory {
                 to_epoch(state.cooldown_until),
                 state.cooldown_reason,
                 state.validators,
+                state.upstream_components,
             ],
         ))?;
         Ok(())
@@ -639,18 +716,71 @@ impl Inventory {
             .optional())
     }
 
-    /// Per product, the notes of the sync that brought its current content (its newest
-    /// `updated` row that made a revision), one note per line; products without notes are
-    /// left out.
-    pub fn content_warnings(&self) -> Result<Vec<(String, String)>, InventoryError> {
-        let mut statement = self.db(self.conn.prepare(
-            "SELECT product, warnings FROM (
-                 SELECT product, warnings FROM mirror_syncs
-                 WHERE result = 'updated' AND revision IS NOT NULL
-                 QUALIFY row_number() OVER (PARTITION BY product ORDER BY id DESC) = 1
-             ) WHERE warnings IS NOT NULL ORDER BY product",
+    /// Records a publish attempt (`job_id`: its row in `jobs`).
+    pub fn record_publish(
+        &self,
+        job_id: i64,
+        started_at: DateTime<Utc>,
+        attempt: &PublishAttempt,
+    ) -> Result<(), InventoryError> {
+        self.db(self.conn.execute(
+            "INSERT INTO mirror_publishes
+                 (job_id, attempted_at, finished_at, result, revision, dist, error)
+             VALUES (?, to_timestamp(?), to_timestamp(?), ?, ?, ?, ?)",
+            params![
+                job_id,
+                to_epoch(Some(started_at)),
+                to_epoch(Some(attempt.at)),
+                attempt.result,
+                attempt.revision,
+                attempt.dist,
+                attempt.error,
+            ],
         ))?;
-        let rows = self.db(statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))))?;
+        Ok(())
+    }
+
+    /// The newest publish attempt.
+    pub fn last_publish(&self) -> Result<Option<PublishAttempt>, InventoryError> {
+        self.db(self
+            .conn
+            .query_row(
+                "SELECT epoch(finished_at), result, revision, dist, error FROM mirror_publishes
+                 ORDER BY id DESC LIMIT 1",
+                [],
+                |row| {
+                    Ok(PublishAttempt {
+                        at: from_epoch(row.get(0)?).unwrap_or_default(),
+                        result: row.get(1)?,
+                        revision: row.get(2)?,
+                        dist: row.get(3)?,
+                        error: row.get(4)?,
+                    })
+                },
+            )
+            .optional())
+    }
+
+    /// Per product, the sync or import that brought its current content: its newest `updated`
+    /// row that made a revision.
+    pub fn content_origins(&self) -> Result<Vec<ContentOrigin>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT product, source, epoch(finished_at), revision, bundle_sha256, warnings
+             FROM mirror_syncs
+             WHERE result = 'updated' AND revision IS NOT NULL
+             QUALIFY row_number() OVER (PARTITION BY product ORDER BY id DESC) = 1
+             ORDER BY product",
+        ))?;
+        let rows = self.db(statement.query_map([], |row| {
+            Ok(ContentOrigin {
+                product: row.get(0)?,
+                source: row.get(1)?,
+                at: from_epoch(row.get(2)?).unwrap_or_default(),
+                revision: row.get(3)?,
+                bundle_sha256: row.get(4)?,
+                warnings: row.get(5)?,
+            })
+        }))?;
         rows.map(|row| self.db(row)).collect()
     }
 

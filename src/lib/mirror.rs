@@ -8,7 +8,7 @@ mod sync;
 mod upstream;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
 use crate::config::{self, Config};
 use crate::dist_statement::{DistStatement, SignedStatement};
-use crate::inventory::{DistChange, Inventory, SyncRecord};
+use crate::inventory::{DistChange, Inventory, PublishAttempt, SyncRecord};
 use crate::manifest::{Manifest, ProductComponents};
 use crate::pki::SigningKey;
 use crate::repo::{Generations, Repo};
@@ -187,7 +187,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     match args.command {
         Command::Sync { products } => runtime.block_on(run_sync(&home, &args.global, &products)),
         Command::Status => run_status(&home, &args.global),
-        Command::Publish { again } => run_publish(&home, &args.global, again),
+        Command::Publish { again } => {
+            let started_at = Utc::now();
+            let published = run_publish(&home, &args.global, again);
+            if let Err(err) = &published {
+                record_failed_publish(&home, &args.global, started_at, err);
+            }
+            published
+        }
         Command::Rollback { generation } => run_rollback(&home, &args.global, generation),
         Command::Serve { listen } => runtime.block_on(run_serve(&home, listen)),
         Command::Gc => run_gc(&home, &args.global),
@@ -198,7 +205,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
             file,
             allow_downgrade,
             max_size,
-        } => airgap::run_import(&home, &args.global, &file, allow_downgrade, max_size),
+        } => {
+            // Import reads no pm.toml; without one, say what the home is taken for.
+            note_closed_home(&home, &args.global);
+            airgap::run_import(&home, &args.global, &file, allow_downgrade, max_size)
+        }
         Command::Key {
             command: KeyCommand::ExportPublic { out, create },
         } => airgap::run_key_export_public(&home, &args.global, &out, create),
@@ -224,13 +235,44 @@ fn load_config(home: &Path) -> anyhow::Result<Config> {
     Config::load(&path).map_err(|err| {
         let hint = match &err {
             config::ConfigError::Missing { .. } => format!(
-                "create it with the products to mirror, for example:\n{}",
+                "create it with the products to mirror, for example:\n{}\nor, on a closed home \
+                 fed only by bundles (`pm-mirror import`), an empty one (docs/mirror.md shows a \
+                 minimal closed-home pm.toml)",
                 config::EXAMPLE.trim_end()
             ),
             _ => "fix the value and run again; pm.toml keys are in the README".into(),
         };
         anyhow::Error::new(UserError::usage(err.to_string()).with_hint(hint))
     })
+}
+
+/// `pm.toml` for the commands a closed home runs (`status`, `publish`): with no file, the
+/// defaults of a closed home (no products, default retention and serve settings), said on
+/// stderr. `sync` keeps requiring the file ([`load_config`]): a connected mirror that lost it
+/// must fail loudly, not stop updating with exit 0.
+fn load_config_or_closed_home(home: &Path, global: &GlobalArgs) -> anyhow::Result<Config> {
+    if note_closed_home(home, global) {
+        return Ok(Config::parse("", &home.join("pm.toml"))
+            .expect("an empty pm.toml is a valid closed-home config"));
+    }
+    load_config(home)
+}
+
+/// Says on stderr (unless `-q`) that the home has no `pm.toml` and is taken for a closed home;
+/// true when it has none.
+fn note_closed_home(home: &Path, global: &GlobalArgs) -> bool {
+    if home.join("pm.toml").exists() {
+        return false;
+    }
+    if !global.quiet {
+        eprintln!(
+            "note: no `pm.toml` in `{}`: assuming a closed home (no products, its content comes \
+             from `pm-mirror import`; default retention and serve settings); create it to \
+             change them, see docs/mirror.md",
+            home.display()
+        );
+    }
+    true
 }
 
 fn inventory_error(err: crate::inventory::InventoryError) -> anyhow::Error {
@@ -697,7 +739,7 @@ pub struct PublishReport {
 
 fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<ExitStatus> {
     let started_at = Utc::now();
-    let config = load_config(home)?;
+    let config = load_config_or_closed_home(home, global)?;
     let repo = Repo::new(home);
     let lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
     let before = repo.generations().map_err(repo_error)?;
@@ -826,6 +868,17 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
             .transaction(|inv| {
                 let summary = format!("dist is now {latest}");
                 let job_id = inv.insert_job("publish", started_at, "ok", &summary)?;
+                inv.record_publish(
+                    job_id,
+                    started_at,
+                    &PublishAttempt {
+                        at: Utc::now(),
+                        result: "published".into(),
+                        revision: Some(latest.clone()),
+                        dist: rotation.after.dist.clone(),
+                        error: None,
+                    },
+                )?;
                 record_live_revisions(inv, &repo)?;
                 inv.record_dist_change(
                     job_id,
@@ -852,6 +905,46 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
         );
     }
     Ok(ExitStatus::Success)
+}
+
+/// Records a publish that was refused or failed, so that `status` shows it (and `jobs` audits
+/// it): the error, what latest was and that dist did not change. Never in a dry run, never
+/// into a home without an inventory, and never at the cost of the error itself: a failure to
+/// record is a warning.
+fn record_failed_publish(
+    home: &Path,
+    global: &GlobalArgs,
+    started_at: DateTime<Utc>,
+    err: &anyhow::Error,
+) {
+    if global.dry_run || !home.join(crate::inventory::INVENTORY_FILE).exists() {
+        return;
+    }
+    let refused = err
+        .downcast_ref::<UserError>()
+        .is_some_and(|e| e.status == ExitStatus::Usage);
+    let result = if refused { "refused" } else { "failed" };
+    let generations = Repo::new(home).generations().unwrap_or_default();
+    let attempt = PublishAttempt {
+        at: Utc::now(),
+        result: result.into(),
+        revision: generations.latest,
+        dist: generations.dist,
+        error: Some(format!("{err:#}")),
+    };
+    // The publish may have failed on a busy inventory: do not wait for it as long again.
+    let recorded = Inventory::open(home, global.lock_timeout.min(Duration::from_secs(5))).and_then(
+        |inventory| {
+            inventory.transaction(|inv| {
+                let summary = format!("publish {result}; dist unchanged");
+                let job_id = inv.insert_job("publish", started_at, result, &summary)?;
+                inv.record_publish(job_id, started_at, &attempt)
+            })
+        },
+    );
+    if let Err(record) = recorded {
+        tracing::warn!(error = %record, "cannot record the failed publish in the inventory");
+    }
 }
 
 /// The refusal of a publish whose latest carries a product as a rolled-back revision had it
@@ -1313,6 +1406,8 @@ pub struct StatusReport {
     pub generations: Generations,
     /// The newest air-gap bundle import, if this mirror is fed by bundles.
     pub last_import: Option<crate::inventory::BundleImport>,
+    /// The newest publish that tried to change dist: published, refused or failed.
+    pub last_publish: Option<PublishAttempt>,
     /// Build time of the newest component in latest.
     pub newest_build_time: Option<DateTime<Utc>>,
     /// Its age: how stale the newest data of this site is.
@@ -1326,16 +1421,23 @@ pub struct StatusReport {
 pub struct ProductStatus {
     /// Product name.
     pub name: String,
+    /// `ok` (its last sync ended well), `failing` (its last sync failed), `deferred` (upstream
+    /// asked to wait: no sync contacts it before `cooldown_until`) or `never synced`; for a
+    /// product latest, dist or a backup holds that pm.toml does not list, `imported` (it came
+    /// in a bundle: a closed home) or `not in pm.toml`.
+    pub state: &'static str,
     /// Last successful sync.
     pub last_success_at: Option<DateTime<Utc>>,
     /// Last failed sync and its error.
     pub last_failure_at: Option<DateTime<Utc>>,
     /// Error of the last failure.
     pub last_error: Option<String>,
-    /// Cool-down end, while it lasts.
+    /// Cool-down end, while it lasts: the next sync that contacts upstream runs after it.
     pub cooldown_until: Option<DateTime<Utc>>,
     /// Why.
     pub cooldown_reason: Option<String>,
+    /// Where its content in latest came from: the sync or bundle import that brought it.
+    pub origin: Option<crate::inventory::ContentOrigin>,
     /// What the sync that brought its content in latest noted without failing (a damaged
     /// cdiff left out, ...).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -1349,8 +1451,12 @@ pub struct ProductStatus {
 pub struct ComponentStatus {
     /// Component name.
     pub name: String,
-    /// As last seen upstream, or `unknown` when upstream did not answer.
+    /// What upstream offered at the last sync that contacted it, or `unknown` when that sync
+    /// did not learn it (upstream did not answer, the component failed or was not reached).
     pub upstream: String,
+    /// Why the last sync failed on this component (a database missing upstream, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// In latest.
     pub latest: Option<String>,
     /// In dist.
@@ -1360,17 +1466,18 @@ pub struct ComponentStatus {
 }
 
 fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
-    let config = load_config(home)?;
+    let config = load_config_or_closed_home(home, global)?;
     let repo = Repo::new(home);
     let generations = repo.generations().map_err(repo_error)?;
-    let (states, last_import, warnings) =
+    let (states, last_import, origins, last_publish) =
         match Inventory::open_read_only(home, global.lock_timeout).map_err(inventory_error)? {
             Some(inventory) => (
                 inventory.product_states().map_err(inventory_error)?,
                 inventory.last_bundle_import().map_err(inventory_error)?,
-                inventory.content_warnings().map_err(inventory_error)?,
+                inventory.content_origins().map_err(inventory_error)?,
+                inventory.last_publish().map_err(inventory_error)?,
             ),
-            None => (Vec::new(), None, Vec::new()),
+            None => (Vec::new(), None, Vec::new(), None),
         };
     let manifest_of =
         |revision: &Option<String>| revision.as_ref().and_then(|r| repo.manifest(r).ok());
@@ -1397,9 +1504,31 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
             .map(|(_, version)| version)
     };
     let now = Utc::now();
+    // pm.toml's products, then those latest, dist or a backup hold that it does not list: a
+    // closed home's, which came in bundles, or one taken out of pm.toml. What is served is shown.
+    let mut listed: Vec<(String, Option<&config::Product>)> = config
+        .products
+        .iter()
+        .map(|p| (p.name.clone(), Some(p)))
+        .collect();
+    for manifest in [latest.as_ref(), dist.as_ref()]
+        .into_iter()
+        .flatten()
+        .chain(backups.iter().flatten())
+    {
+        for entry in &manifest.products {
+            if !listed
+                .iter()
+                .any(|(name, _)| name == entry.config_product())
+            {
+                listed.push((entry.config_product().to_string(), None));
+            }
+        }
+    }
     let mut products = Vec::new();
-    for product in &config.products {
-        let state = states.iter().find(|s| s.product == product.name);
+    for (product_name, configured) in &listed {
+        let state = states.iter().find(|s| &s.product == product_name);
+        let origin = origins.iter().find(|o| &o.product == product_name);
         let upstream_versions: Vec<(String, String)> = state
             .and_then(|s| s.upstream_versions.as_deref())
             .unwrap_or("")
@@ -1421,53 +1550,73 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
             .flatten()
             .chain(backups.iter().flatten())
         {
-            for (label, _) in components_of(manifest, &product.name) {
+            for (label, _) in components_of(manifest, product_name) {
                 if !names.contains(&label) {
                     names.push(label);
                 }
             }
         }
-        if let config::ProductSource::Clamav(source) = &product.source {
+        if let Some(config::ProductSource::Clamav(source)) = configured.map(|p| &p.source) {
             for db in &source.databases {
                 if !names.contains(db) {
                     names.push(db.clone());
                 }
             }
         }
+        // What the last try learnt per component; syncs recorded before it was kept have only
+        // upstream_versions, which are stale once a failure is newer.
+        let tried = state.and_then(|s| s.upstream_components());
+        for name in tried.iter().flat_map(|t| t.keys()) {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
         let components = names
             .into_iter()
             .map(|name| ComponentStatus {
-                upstream: upstream_versions
-                    .iter()
-                    .find(|(c, _)| *c == name)
-                    .filter(|_| reachable)
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_else(|| "unknown".into()),
-                latest: version_in(latest.as_ref(), &product.name, &name),
-                dist: version_in(dist.as_ref(), &product.name, &name),
+                upstream: match &tried {
+                    Some(tried) => tried.get(&name).and_then(|c| c.version.clone()),
+                    None => upstream_versions
+                        .iter()
+                        .find(|(c, _)| *c == name)
+                        .filter(|_| reachable)
+                        .map(|(_, v)| v.clone()),
+                }
+                // Not in pm.toml: this mirror does not ask upstream for it.
+                .unwrap_or_else(|| if configured.is_some() { "unknown" } else { "-" }.into()),
+                error: tried.as_ref().and_then(|t| t.get(&name)?.error.clone()),
+                latest: version_in(latest.as_ref(), product_name, &name),
+                dist: version_in(dist.as_ref(), product_name, &name),
                 backups: backups
                     .iter()
-                    .map(|m| version_in(m.as_ref(), &product.name, &name))
+                    .map(|m| version_in(m.as_ref(), product_name, &name))
                     .collect(),
                 name,
             })
             .collect();
+        let cooldown_until = state
+            .and_then(|s| s.cooldown_until)
+            .filter(|until| *until > now);
         products.push(ProductStatus {
-            name: product.name.clone(),
+            name: product_name.clone(),
+            state: match (configured, origin) {
+                (Some(_), _) => sync_state(state, cooldown_until),
+                (None, Some(origin)) if origin.source == "bundle" => "imported",
+                (None, _) => "not in pm.toml",
+            },
             last_success_at: state.and_then(|s| s.last_success_at),
             last_failure_at: state.and_then(|s| s.last_failure_at),
             last_error: state.and_then(|s| s.last_error.clone()),
-            cooldown_until: state
-                .and_then(|s| s.cooldown_until)
-                .filter(|until| *until > now),
+            cooldown_until,
             cooldown_reason: state
                 .filter(|s| s.cooldown_until.is_some_and(|until| until > now))
                 .and_then(|s| s.cooldown_reason.clone()),
-            warnings: warnings
-                .iter()
-                .filter(|(name, _)| *name == product.name)
-                .flat_map(|(_, text)| text.lines().map(String::from))
+            warnings: origin
+                .and_then(|o| o.warnings.as_deref())
+                .into_iter()
+                .flat_map(|text| text.lines().map(String::from))
                 .collect(),
+            origin: origin.cloned(),
             components,
         });
     }
@@ -1478,6 +1627,7 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
     let report = StatusReport {
         changed: false,
         last_import,
+        last_publish,
         newest_build_time,
         newest_data_age_seconds: newest_build_time.map(|t| (now - t).num_seconds()),
         generations,
@@ -1515,7 +1665,10 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                 product
                     .last_success_at
                     .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
-                    .unwrap_or_else(|| "never".into())
+                    .unwrap_or_else(|| match product.state {
+                        "imported" | "not in pm.toml" => "-".into(),
+                        _ => "never".into(),
+                    })
             } else {
                 String::new()
             });
@@ -1559,6 +1712,20 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                 .unwrap_or_default(),
         ))?;
     }
+    if let Some(publish) = &report.last_publish {
+        let at = publish.at.format("%Y-%m-%d %H:%M:%SZ");
+        let line = match (&publish.error, publish.result.as_str()) {
+            (Some(error), result) => format!(
+                "last publish {result} at {at}: {error}; dist is still {}",
+                publish.dist.as_deref().unwrap_or("empty")
+            ),
+            (None, result) => format!(
+                "last publish {at}: {result} {}",
+                publish.revision.as_deref().unwrap_or("-")
+            ),
+        };
+        cli::print_text(line)?;
+    }
     if let (Some(built), Some(age)) = (report.newest_build_time, report.newest_data_age_seconds) {
         cli::print_text(format!(
             "newest data built {} ({} old)",
@@ -1567,19 +1734,67 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
         ))?;
     }
     for product in &report.products {
-        if let (Some(error), Some(_)) = (
-            &product.last_error,
-            product
-                .last_failure_at
-                .filter(|f| product.last_success_at.is_none_or(|s| s < *f)),
-        ) {
-            cli::print_text(format!("{}: last sync failed: {error}", product.name))?;
+        if let (Some(error), Some(failed_at), "failing" | "deferred") =
+            (&product.last_error, product.last_failure_at, product.state)
+        {
+            let next_try = product
+                .cooldown_until
+                .map(|t| format!("; next try after {}", t.format("%Y-%m-%d %H:%M:%SZ")))
+                .unwrap_or_default();
+            cli::print_text(format!(
+                "{}: {}: last sync failed at {}: {error}{next_try}",
+                product.name,
+                product.state,
+                failed_at.format("%Y-%m-%d %H:%M:%SZ")
+            ))?;
+        }
+        if let (Some(origin), "imported" | "not in pm.toml") = (&product.origin, product.state) {
+            let from = match &origin.bundle_sha256 {
+                Some(sha256) => format!("import of bundle {}", &sha256[..sha256.len().min(12)]),
+                None => format!("{} sync", origin.source),
+            };
+            cli::print_text(format!(
+                "{}: {}: content from {from} at {}{}",
+                product.name,
+                product.state,
+                origin.at.format("%Y-%m-%d %H:%M:%SZ"),
+                origin
+                    .revision
+                    .as_ref()
+                    .map(|r| format!(" (made {r})"))
+                    .unwrap_or_default()
+            ))?;
+        }
+        for component in &product.components {
+            // A product's only component failing says nothing the product's line did not.
+            let said = product.components.len() == 1 && component.error == product.last_error;
+            if let (Some(error), false) = (&component.error, said) {
+                cli::print_text(format!("{}/{}: {error}", product.name, component.name))?;
+            }
         }
         for warning in &product.warnings {
             cli::print_text(format!("{}: warning: {warning}", product.name))?;
         }
     }
     Ok(ExitStatus::Success)
+}
+
+/// A product's sync state for `status`: deferred while upstream's cool-down lasts, else
+/// whichever of its last success and last failure is newer.
+fn sync_state(
+    state: Option<&crate::inventory::ProductState>,
+    cooldown_until: Option<DateTime<Utc>>,
+) -> &'static str {
+    let Some(state) = state else {
+        return "never synced";
+    };
+    match (cooldown_until, state.last_success_at, state.last_failure_at) {
+        (Some(_), _, _) => "deferred",
+        (None, Some(ok), Some(failed)) if failed > ok => "failing",
+        (None, None, Some(_)) => "failing",
+        (None, Some(_), _) => "ok",
+        (None, None, None) => "never synced",
+    }
 }
 
 /// `3d 4h`, `5h 12m`, `42m`: an age for people.
@@ -1649,6 +1864,27 @@ fn run_gc(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_product_is_deferred_in_cool_down_else_as_its_newest_sync_ended() {
+        let at = |s: i64| DateTime::from_timestamp(1_900_000_000 + s, 0);
+        let check = |success: Option<i64>, failure: Option<i64>, cooling: bool, expected: &str| {
+            let state = crate::inventory::ProductState {
+                last_success_at: success.and_then(at),
+                last_failure_at: failure.and_then(at),
+                ..Default::default()
+            };
+            let until = cooling.then(|| at(3600)).flatten();
+            assert_eq!(sync_state(Some(&state), until), expected);
+        };
+        check(Some(10), None, false, "ok");
+        check(Some(10), Some(5), false, "ok");
+        check(Some(5), Some(10), false, "failing");
+        check(None, Some(10), false, "failing");
+        check(Some(5), Some(10), true, "deferred");
+        check(None, None, false, "never synced");
+        assert_eq!(sync_state(None, None), "never synced");
+    }
 
     fn products(list: &[(&str, &str)]) -> ProductComponents {
         list.iter()

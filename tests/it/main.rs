@@ -32,6 +32,7 @@ mod mirror_ownership;
 mod mirror_products;
 mod mirror_publish;
 mod mirror_serve;
+mod mirror_status;
 mod mirror_sync;
 mod net_faults;
 mod poll;

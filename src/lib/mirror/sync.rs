@@ -12,7 +12,7 @@ use crate::clamav;
 use crate::config::{
     AgentSource, ClamavSource, Config, FilesSource, PmSource, Product, ProductSource,
 };
-use crate::inventory::ProductState;
+use crate::inventory::{ProductState, UpstreamComponent};
 use crate::manifest::{
     AGENT_KIND, ComponentEntry, FileEntry, MANIFEST_FILE, Manifest, ProductEntry, SIGNATURE_FILE,
     agent_component,
@@ -63,6 +63,9 @@ pub struct ComponentReport {
     pub previous_version: Option<String>,
     /// Version in latest after the sync.
     pub version: Option<String>,
+    /// Why this component failed (a database missing upstream, ...), when it is the one that did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One product's part of the sync report.
@@ -172,6 +175,9 @@ enum ProductError {
     },
     #[error("`{url}` is not found upstream (HTTP 404)")]
     NotFound { url: String },
+    /// Databases missing upstream, each also the error of its own component.
+    #[error("{}", .0.join("; "))]
+    MissingDatabases(Vec<String>),
     #[error("`{url}`: {problem}")]
     Verify { url: String, problem: String },
     #[error("`{url}` is not a valid files index: {problem}")]
@@ -297,6 +303,7 @@ pub(crate) async fn sync_products(
                     upstream_version: None,
                     previous_version: Some(c.version.clone()),
                     version: Some(c.version.clone()),
+                    error: None,
                 })
                 .collect::<Vec<_>>()
         };
@@ -351,6 +358,8 @@ pub(crate) async fn sync_products(
             dry_run,
         };
         let bytes_before = upstream.bytes_received();
+        // The databases of a `clamav` product as its last try reached them.
+        let mut seen: Vec<ComponentReport> = Vec::new();
         let outcome = match &product.source {
             ProductSource::Clamav(source) => {
                 let mut last = None;
@@ -359,8 +368,17 @@ pub(crate) async fn sync_products(
                     if let Some(staged) = staged.as_deref_mut() {
                         staged.remove_product(&product.name);
                     }
-                    match sync_clamav(product, source, base, &context, staged.as_deref_mut()).await
-                    {
+                    seen.clear();
+                    let synced = sync_clamav(
+                        product,
+                        source,
+                        base,
+                        &context,
+                        staged.as_deref_mut(),
+                        &mut seen,
+                    )
+                    .await;
+                    match synced {
                         Err(err) if err.transient() => {
                             tracing::warn!(product = %product.name, url = %base, error = %err, "upstream failed, trying the next one");
                             last = Some(err);
@@ -424,12 +442,17 @@ pub(crate) async fn sync_products(
                 tracing::warn!(product = %product.name, status, until = %until, "upstream asks to back off");
                 report.result = ProductResult::Cooldown;
                 report.cooldown_until = Some(until);
-                report.error = Some(format!(
-                    "`{url}` answered HTTP {status}; cool-down until {until}"
-                ));
+                // A failure like any other for `status` (its time and error), and not an
+                // answer: what upstream offers is unknown until it lets us in again.
+                let error = format!(
+                    "upstream asked to wait: HTTP {status}, retry after {} (`{url}`)",
+                    until.format("%Y-%m-%d %H:%M:%SZ")
+                );
+                report.error = Some(error.clone());
                 state.cooldown_until = Some(until);
                 state.cooldown_reason = Some(format!("HTTP {status} from {url}"));
-                state.upstream_checked_at = Some(finished_at);
+                state.last_failure_at = Some(finished_at);
+                state.last_error = Some(error.clone());
                 if let Some(staged) = staged.as_deref_mut() {
                     staged.remove_product(&product.name);
                 }
@@ -437,17 +460,32 @@ pub(crate) async fn sync_products(
                     report.result = ProductResult::Failed;
                     report.error = Some(err);
                 }
-                report.components = unchanged_components(&previous_entries);
+                report.components =
+                    components_tried(&seen, unchanged_components(&previous_entries), &error);
             }
             Err(err) => {
                 tracing::error!(product = %product.name, error = %err, "product sync failed");
                 report.result = ProductResult::Failed;
                 report.error = Some(err.to_string());
-                report.components = unchanged_components(&previous_entries);
+                report.components = components_tried(
+                    &seen,
+                    unchanged_components(&previous_entries),
+                    &err.to_string(),
+                );
                 state.last_failure_at = Some(finished_at);
                 state.last_error = Some(err.to_string());
             }
         }
+        // What this try learnt of each component upstream, for `status`.
+        state.set_upstream_components(report.components.iter().map(|c| {
+            (
+                c.name.clone(),
+                UpstreamComponent {
+                    version: c.upstream_version.clone(),
+                    error: c.error.clone(),
+                },
+            )
+        }));
         report.finished_at = finished_at;
         report.state = state;
         reports.push(report);
@@ -473,6 +511,31 @@ pub(crate) async fn sync_products(
     };
     fail_engine_name_clashes(&mut reports, &files);
     reports
+}
+
+/// The components of a product whose try failed: the databases it reached (`seen`, the one it
+/// failed on carrying `error` unless one carries its own), then the others as latest has them,
+/// not checked upstream. A product that reports no databases keeps latest's components.
+fn components_tried(
+    seen: &[ComponentReport],
+    unchanged: Vec<ComponentReport>,
+    error: &str,
+) -> Vec<ComponentReport> {
+    if seen.is_empty() {
+        return unchanged;
+    }
+    let mut components = seen.to_vec();
+    if components.iter().all(|c| c.error.is_none())
+        && let Some(last) = components.last_mut()
+    {
+        last.error = Some(error.to_string());
+    }
+    components.extend(
+        unchanged
+            .into_iter()
+            .filter(|c| !seen.iter().any(|s| s.name == c.name)),
+    );
+    components
 }
 
 /// Agents put every database file into the engine's directory by its name, and refuse a dist
@@ -577,14 +640,19 @@ fn stime(header: &clamav::CvdHeader) -> Option<DateTime<Utc>> {
 }
 
 /// One ClamAV product: for every database, read the CVD header (conditional), and when upstream
-/// is newer download the CVD and the cdiffs of the last `cdiff_keep` versions.
+/// is newer download the CVD and the cdiffs of the last `cdiff_keep` versions. `seen` gets each
+/// database as it is reached, with the version upstream offers once its header is read, so that
+/// a failure still says what upstream offered (`status`). A database missing upstream fails the
+/// product with its own error; the databases after it are still probed, not downloaded.
 async fn sync_clamav(
     product: &Product,
     source: &ClamavSource,
     base: &str,
     context: &ProductContext<'_>,
     mut staged: Option<&mut StagedRevision>,
+    seen: &mut Vec<ComponentReport>,
 ) -> Result<ProductOutcome, ProductError> {
+    let mut missing = Vec::new();
     let mut entry = ProductEntry {
         name: product.name.clone(),
         kind: "clamav".into(),
@@ -609,6 +677,13 @@ async fn sync_clamav(
         let previous_cvd = previous_db_files.iter().find(|f| f.path == cvd_path);
         let previous_version: Option<u32> =
             previous_cvd.and_then(|f| f.version.as_deref()?.parse().ok());
+        seen.push(ComponentReport {
+            name: db.clone(),
+            upstream_version: None,
+            previous_version: previous_version.map(|v| v.to_string()),
+            version: previous_version.map(|v| v.to_string()),
+            error: None,
+        });
         // Only a file we still have makes a conditional request meaningful.
         let validators = previous_cvd.and_then(|_| context.validators.get(cvd_url.as_str()));
         let probe = context
@@ -618,9 +693,15 @@ async fn sync_clamav(
         let upstream_header = match probe {
             Fetched::NotModified => None,
             Fetched::NotFound => {
-                return Err(ProductError::NotFound {
+                let error = ProductError::NotFound {
                     url: cvd_url.to_string(),
-                });
+                }
+                .to_string();
+                if let Some(component) = seen.last_mut() {
+                    component.error = Some(error.clone());
+                }
+                missing.push(error);
+                continue;
             }
             Fetched::Body { body, validators } => {
                 let header =
@@ -636,6 +717,13 @@ async fn sync_clamav(
             .as_ref()
             .map(|h| h.version)
             .or(previous_version);
+        if let Some(component) = seen.last_mut() {
+            component.upstream_version = upstream_version.map(|v| v.to_string());
+        }
+        if !missing.is_empty() {
+            // The product fails for the database missing upstream: nothing is worth downloading.
+            continue;
+        }
         let newer = match (upstream_header.as_ref(), previous_version) {
             (None, Some(_)) => false,
             (Some(header), Some(previous)) if header.version < previous => {
@@ -653,6 +741,7 @@ async fn sync_clamav(
             upstream_version: upstream_version.map(|v| v.to_string()),
             previous_version: previous_version.map(|v| v.to_string()),
             version: previous_version.map(|v| v.to_string()),
+            error: None,
         };
         if !newer {
             if let (Some(staged), Some(dir)) = (staged.as_deref_mut(), &context.previous_dir) {
@@ -813,6 +902,9 @@ async fn sync_clamav(
             });
         }
     }
+    if !missing.is_empty() {
+        return Err(ProductError::MissingDatabases(missing));
+    }
     outcome.entries = vec![entry];
     Ok(outcome)
 }
@@ -947,6 +1039,7 @@ async fn sync_files(
                     upstream_version: Some(c.version.clone()),
                     previous_version: Some(c.version.clone()),
                     version: Some(c.version.clone()),
+                    error: None,
                 })
                 .collect();
             outcome.entries = vec![entry];
@@ -1008,6 +1101,7 @@ async fn sync_files(
             upstream_version: Some(version.clone()),
             previous_version: previous.and_then(|p| p.version.clone()),
             version: Some(version.clone()),
+            error: None,
         });
         product_entry.components.push(ComponentEntry {
             name: file.path.clone(),
@@ -1349,6 +1443,7 @@ fn parent_components(entries: &[ProductEntry], previous: &[ProductEntry]) -> Vec
                 upstream_version: Some(component.version.clone()),
                 version: Some(component.version.clone()),
                 name,
+                error: None,
             }
         })
         .collect()
@@ -1673,6 +1768,7 @@ async fn sync_agent(
             upstream_version: Some(package.version.clone()),
             previous_version: previous.and_then(|p| p.version.clone()),
             version: Some(package.version.clone()),
+            error: None,
         });
         product_entry.components.push(ComponentEntry {
             name: component,
@@ -1811,5 +1907,55 @@ mod tests {
         check("1.0.0-alpha", "1.0.0-1", Greater);
         check("1.0.0-alpha", "1.0.0-alpha.1", Less);
         check("2", "1.9.9", Greater);
+    }
+
+    #[test]
+    fn a_failed_try_files_its_error_under_the_database_it_failed_on() {
+        let component = |name: &str, upstream: Option<&str>, error: Option<&str>| ComponentReport {
+            name: name.into(),
+            upstream_version: upstream.map(String::from),
+            previous_version: Some("3".into()),
+            version: Some("3".into()),
+            error: error.map(String::from),
+        };
+        let check = |seen: &[ComponentReport], expected: &[(&str, Option<&str>, Option<&str>)]| {
+            let unchanged = vec![
+                component("main", None, None),
+                component("daily", None, None),
+            ];
+            let got: Vec<(String, Option<String>, Option<String>)> =
+                components_tried(seen, unchanged, "boom")
+                    .into_iter()
+                    .map(|c| (c.name, c.upstream_version, c.error))
+                    .collect();
+            let expected: Vec<(String, Option<String>, Option<String>)> = expected
+                .iter()
+                .map(|(n, u, e)| (n.to_string(), u.map(String::from), e.map(String::from)))
+                .collect();
+            assert_eq!(got, expected);
+        };
+        // Nothing reached (a files product, or a failure before the first database).
+        check(&[], &[("main", None, None), ("daily", None, None)]);
+        // Failed on `daily` after reading `main`: the error is daily's.
+        check(
+            &[
+                component("main", Some("62"), None),
+                component("daily", None, None),
+            ],
+            &[("main", Some("62"), None), ("daily", None, Some("boom"))],
+        );
+        // Stopped on `main`: `daily` was not reached.
+        check(
+            &[component("main", None, None)],
+            &[("main", None, Some("boom")), ("daily", None, None)],
+        );
+        // A database with its own error (missing upstream) keeps it; the others keep none.
+        check(
+            &[
+                component("main", None, Some("404")),
+                component("daily", Some("5"), None),
+            ],
+            &[("main", None, Some("404")), ("daily", Some("5"), None)],
+        );
     }
 }
