@@ -136,6 +136,7 @@ pub fn examine(
     let mut checks = Vec::new();
     let config = check_config(home, &mut checks);
     check_secrets(home, config.as_ref(), &mut checks);
+    checks.push(check_signing_key(home));
     checks.push(check_ownership(home));
     checks.push(check_inventory(home, config.as_ref()));
     checks.extend(check_certificates(home));
@@ -205,8 +206,15 @@ fn check_config(home: &Path, checks: &mut Vec<Check>) -> Option<Config> {
 /// The private keys, license files and the proxy password file: present, owned by this user,
 /// not readable by group or others. Only metadata is read, never the contents.
 fn check_secrets(home: &Path, config: Option<&Config>, checks: &mut Vec<Check>) {
+    // The signing key's file mode is checked here; whether it is there and signs the
+    // repository, by check_signing_key.
+    if home.join(crate::pki::SIGNING_KEY_FILE).exists() {
+        checks.push(check_secret_file(
+            format!("secret {}", crate::pki::SIGNING_KEY_FILE),
+            &home.join(crate::pki::SIGNING_KEY_FILE),
+        ));
+    }
     let created_by = [
-        (crate::pki::SIGNING_KEY_FILE, "run `pm-mirror sync`"),
         (
             crate::pki::ca::CA_KEY_FILE,
             "it is created by the first `pm-activate host` or `pm-poll`",
@@ -261,6 +269,59 @@ fn check_secrets(home: &Path, config: Option<&Config>, checks: &mut Vec<Check>) 
             "secret proxy password_file".to_string(),
             password,
         ));
+    }
+}
+
+/// The manifest signing key: loads, is the key that signed the repository, no rotation is
+/// unfinished (docs/keys.md). Reads the key as the signing tools do; creates nothing.
+fn check_signing_key(home: &Path) -> Check {
+    use crate::pki::{PkiError, SigningKey};
+    let name = "signing key";
+    let failed = |err: PkiError| {
+        let hint = err
+            .hint()
+            .unwrap_or("restore `pki/` from a backup of PM_HOME (docs/keys.md)");
+        Check::fail(name, err.to_string(), hint)
+    };
+    let pending = home.join(crate::pki::rotation::PENDING_KEY_FILE);
+    if pending.exists() {
+        return failed(PkiError::RotationUnfinished { path: pending });
+    }
+    match SigningKey::load(home) {
+        Err(PkiError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            Check::warn(
+                name,
+                "cannot read the signing key as this user",
+                "run pm-doctor as the home's owner to check it",
+            )
+        }
+        Err(err) => failed(err),
+        Ok(None) if crate::pki::repository_has_revisions(home) => failed(PkiError::Lost {
+            path: home.join(crate::pki::SIGNING_KEY_FILE),
+        }),
+        Ok(None) => Check::warn(
+            name,
+            "there is no signing key yet",
+            "`pm-mirror sync` creates it",
+        ),
+        Ok(Some(key)) => match key.check_signs_repository(home) {
+            Err(err) => failed(err),
+            Ok(()) => {
+                let rotations = crate::pki::rotation::KeyChain::load(home)
+                    .map(|chain| chain.rotations.len())
+                    .unwrap_or(0);
+                Check::ok(
+                    name,
+                    Some(format!(
+                        "{}; rotated {rotations} time{}",
+                        key.fingerprint().unwrap_or_default(),
+                        if rotations == 1 { "" } else { "s" }
+                    )),
+                )
+            }
+        },
     }
 }
 

@@ -25,6 +25,26 @@ fn public_key(home: &Path) -> (String, VerifyingKey) {
     pm::pki::parse_public_key(&pem, Path::new("pub.pem")).unwrap()
 }
 
+/// pm-doctor's `signing key` check: its result and message.
+fn doctor_on_key(home: &Home) -> (String, String) {
+    let report = Pm::new("pm-doctor")
+        .args(["--json", "--home"])
+        .arg_path(home.path())
+        .run();
+    let report: serde_json::Value = serde_json::from_str(&report.stdout()).unwrap();
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "signing key")
+        .expect("a signing key check")
+        .clone();
+    (
+        check["result"].as_str().unwrap().to_string(),
+        format!("{} {}", check["message"], check["hint"]),
+    )
+}
+
 /// Whether `revision`'s manifest verifies with `key`.
 fn signed_by(home: &Home, revision: &str, key: &VerifyingKey) -> bool {
     let dir = Repo::new(home.path()).revision_dir(revision);
@@ -43,6 +63,9 @@ fn a_lost_signing_key_is_never_replaced_silently_and_rotating_with_old_key_lost_
         std::fs::remove_file(home.path().join(file)).unwrap();
     }
     let out = home.path().join("exported.pem");
+    let (result, message) = doctor_on_key(home);
+    assert_eq!(result, "fail", "{message}");
+    assert!(message.contains("--old-key-lost"), "{message}");
     let export = Pm::mirror(home)
         .args(["key", "export-public", "--out"])
         .arg_path(&out)
@@ -231,6 +254,12 @@ fn an_interrupted_rotation_stops_every_signer_until_it_is_run_again_and_finished
     for path in &left {
         std::fs::write(path, b"half").unwrap();
     }
+    let (result, message) = doctor_on_key(&feed.home);
+    assert_eq!(result, "fail", "{message}");
+    assert!(
+        message.contains("a key rotation is unfinished"),
+        "{message}"
+    );
     let publish = Pm::mirror(&feed.home).args(["publish", "--again"]).run();
     assert_eq!(publish.code(), 1);
     assert!(
@@ -300,6 +329,9 @@ fn a_pki_restored_from_before_a_rotation_signs_nothing_and_old_key_lost_recovers
     let first = Pm::mirror(&feed.home).args(["key", "rotate"]).json();
     restore_pki(&feed.home, &backup);
     feed.new_revision_expecting_failure("it was rotated away by rotation 1");
+    let (result, message) = doctor_on_key(&feed.home);
+    assert_eq!(result, "fail", "{message}");
+    assert!(message.contains("rotated away by rotation 1"), "{message}");
     let home = &feed.home;
     assert!(staging_left(home).is_empty(), "{:?}", staging_left(home));
     let publish = Pm::mirror(home).args(["publish", "--again"]).run();
@@ -340,6 +372,7 @@ fn a_pki_restored_from_before_a_rotation_signs_nothing_and_old_key_lost_recovers
         first["new_key"].as_str().unwrap()
     );
     Pm::mirror(home).args(["publish", "--again"]).json();
+    assert_eq!(doctor_on_key(home).0, "ok");
 }
 
 #[test]
