@@ -78,6 +78,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "agent_reports",
         include_str!("../../sql/0012_agent_reports.sql"),
     ),
+    (
+        15,
+        "manifest_keys",
+        include_str!("../../sql/0015_manifest_keys.sql"),
+    ),
 ];
 
 /// Inventory errors.
