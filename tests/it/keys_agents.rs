@@ -263,3 +263,25 @@ fn after_a_lost_key_an_update_names_the_trust_step_and_trust_key_with_the_right_
     let check = doctor_keys_check(home);
     assert_eq!(check["result"], "ok", "{check}");
 }
+
+#[test]
+fn re_activating_an_agent_with_a_reusable_key_after_a_lost_key_gives_it_the_managers_new_key() {
+    let mut setup = AgentSetup::new();
+    setup.agent_cmd(&["update"]);
+    for file in [pm::pki::SIGNING_KEY_FILE, pm::pki::SIGNING_PUBLIC_KEY_FILE] {
+        std::fs::remove_file(setup.home.path().join(file)).unwrap();
+    }
+    Pm::mirror(&setup.home)
+        .args(["key", "rotate", "--old-key-lost"])
+        .json();
+    let new_key = manager_key(&setup.home);
+    setup.publish(4);
+
+    // Re-activation in bulk uses one reusable key for every host.
+    setup.reactivate(&["--reusable"]);
+    assert_eq!(agent_key(&setup.state()), new_key);
+    let report = setup.agent_cmd(&["update"]);
+    assert_eq!(report["revision"], "r2", "{report}");
+    assert_eq!(Pm::poll(&setup.home).run().code(), 0);
+    assert_eq!(doctor_keys_check(&setup.home)["result"], "ok");
+}
