@@ -253,6 +253,10 @@ fn after_a_lost_key_an_update_names_the_trust_step_and_trust_key_with_the_right_
     assert_eq!(trusted["previous_key"], old_key.as_str());
     assert_eq!(trusted["new_key"], new_key.as_str());
     assert_eq!(agent_key(&setup.state()), new_key);
+    assert_eq!(
+        setup.agent_cmd(&["status"])["manifest_key"],
+        new_key.as_str()
+    );
     let history = history(&setup.state());
     assert_eq!(history[0]["how"], "trusted by the operator", "{history}");
     assert_eq!(history[0]["previous_key"], old_key.as_str());

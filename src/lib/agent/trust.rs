@@ -235,6 +235,22 @@ pub struct TrustKeyReport {
 /// manifest key after its old one was lost. The key is taken only when its fingerprint is the
 /// one the operator confirmed and the manager's current dist manifest verifies with it.
 pub fn trust_key_command(dir: &Path, args: &TrustKeyArgs, json: bool) -> Result<ExitStatus> {
+    // A key file given is bad input when it is not a key: refused before anything else.
+    let given = match &args.key {
+        Some(path) => {
+            let not_a_key = |problem: String| {
+                UserError::usage(problem).with_hint(
+                    "give the file `pm-mirror key export-public --out FILE` wrote on the manager",
+                )
+            };
+            let pem = std::fs::read(path)
+                .map_err(|err| not_a_key(format!("cannot read `{}`: {err}", path.display())))?;
+            let (fingerprint, key) = crate::pki::parse_public_key(&pem, path)
+                .map_err(|err| not_a_key(err.to_string()))?;
+            Some((path.display().to_string(), pem, fingerprint, key))
+        }
+        None => None,
+    };
     let dist_url = activated_dist_url(dir)?;
     let _lock = lock(dir)?;
     let previous = trusted_fingerprint(dir);
@@ -243,23 +259,16 @@ pub fn trust_key_command(dir: &Path, args: &TrustKeyArgs, json: bool) -> Result<
         .build()
         .context("cannot start the async runtime")?;
     let client = super::install::http_client()?;
-    let (source, pem) = match &args.key {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|err| {
-                UserError::usage(format!("cannot read `{}`: {err}", path.display())).with_hint(
-                    "give the file `pm-mirror key export-public --out FILE` wrote on the manager",
-                )
-            })?;
-            (path.display().to_string(), pem)
-        }
+    let (source, pem, fingerprint, key) = match given {
+        Some(given) => given,
         None => {
             let url = join_url(&dist_url, rotation::SERVED_PUBLIC_KEY);
             let pem = runtime.block_on(get(&client, &url, MAX_KEY_BYTES))?;
-            (url, pem)
+            let (fingerprint, key) = crate::pki::parse_public_key(&pem, Path::new(&url))
+                .map_err(|err| UserError::failure(err.to_string()))?;
+            (url, pem, fingerprint, key)
         }
     };
-    let (fingerprint, key) = crate::pki::parse_public_key(&pem, Path::new(&source))
-        .map_err(|err| UserError::failure(format!("{err}")))?;
     if fingerprint != args.fingerprint {
         return Err(UserError::failure(format!(
             "the key at `{source}` is {fingerprint}, not the {} you gave: refusing it",
