@@ -289,3 +289,33 @@ fn re_activating_an_agent_with_a_reusable_key_after_a_lost_key_gives_it_the_mana
     assert_eq!(Pm::poll(&setup.home).run().code(), 0);
     assert_eq!(doctor_keys_check(&setup.home)["result"], "ok");
 }
+
+#[test]
+fn an_agent_whose_first_install_after_a_rotation_is_a_backup_generation_follows_the_chain_there() {
+    let setup = AgentSetup::new();
+    setup.publish(4);
+    setup.agent_cmd(&["update"]);
+    let old_key = agent_key(&setup.state());
+    let rotated = Pm::mirror(&setup.home)
+        .args(["key", "rotate", "--reason", "scheduled"])
+        .json();
+    let new_key = rotated["new_key"].as_str().unwrap().to_string();
+
+    // The manager's backup 1 (r1, published before the rotation, signed anew by it).
+    let run = Pm::agent(&setup.state())
+        .args(["-v", "--json", "update", "--generation", "1"])
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    assert_eq!(run.json()["revision"], "r1");
+    assert!(
+        run.stderr()
+            .contains("followed the manager's manifest key rotation")
+            && run.stderr().contains(&old_key)
+            && run.stderr().contains(&new_key)
+            && run.stderr().contains("scheduled"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(agent_key(&setup.state()), new_key);
+    assert_eq!(history(&setup.state())[0]["sequence"], 1);
+}
