@@ -127,11 +127,11 @@ json_field() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval(s
 pm() { in_box "$@"; }
 
 step "syntax and lint"
-for playbook_file in site.yml activate.yml rollout.yml rollback.yml airgap-export.yml airgap-import.yml; do
+for playbook_file in site.yml activate.yml rollout.yml rollback.yml trust-key.yml airgap-export.yml airgap-import.yml; do
   (cd "${root}/ansible" && "${ansible_bin}/ansible-playbook" -i "${work}/inventory.yml" --syntax-check "${playbook_file}" >/dev/null) \
     || fail "--syntax-check ${playbook_file}"
 done
-echo "  --syntax-check: 6 playbooks ok"
+echo "  --syntax-check: 7 playbooks ok"
 (cd "${root}/ansible" && "${ansible_bin}/ansible-lint" --nocolor -q) || fail "ansible-lint"
 echo "  ansible-lint: ok"
 
@@ -244,6 +244,13 @@ for state in /var/lib/pm-agent-a /var/lib/pm-agent-b /var/lib/pm-agent-c /var/li
   [[ "${installed}" == "${dist}" ]] || fail "agent ${state} has ${installed} after the rollback"
 done
 playbook unchanged -i "${work}/inventory.yml" rollback.yml -e "pm_rollback_revision=${dist}"
+
+step "trust-key.yml: every agent trusts the manager's key already"
+manifest_key="$(pm pm-agent --state /var/lib/pm-agent status --json | json_field 'd["manifest_key"]')"
+[[ "${manifest_key}" == sha256:* ]] || fail "pm-agent status shows no manifest key: ${manifest_key}"
+playbook failed -i "${work}/inventory.yml" trust-key.yml
+playbook unchanged -i "${work}/inventory.yml" trust-key.yml -e "pm_trust_key_fingerprint=${manifest_key}" --check
+playbook unchanged -i "${work}/inventory.yml" trust-key.yml -e "pm_trust_key_fingerprint=${manifest_key}"
 
 step "airgap-export.yml, then airgap-import.yml into a closed manager"
 playbook changed -i "${work}/inventory.yml" airgap-export.yml -e "pm_airgap_dir=${work}/airgap"

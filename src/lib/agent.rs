@@ -16,6 +16,7 @@
 //! activation.key        the activation key (0600), deleted once activated
 //! manager/ca.pem                       the manager CA (the only issuer of accepted clients)
 //! manager/manifest-signing.pub.pem     the manager's manifest signing key
+//! manager/key-rotations.json           every change of that key since activation (see `trust`)
 //! manager/agent.pem                    the certificate the manager CA issued to this agent
 //! manager/identity.pem                 after a re-issue: its key and certificate, 0600 (`identity`)
 //! manager/renewal.key                  a re-issue's new key until its certificate arrives, 0600
@@ -63,6 +64,7 @@ mod scan;
 mod schedule;
 pub mod setup;
 mod stop;
+mod trust;
 mod upgrade;
 
 pub use install::DIST_STALL_TIMEOUT;
@@ -156,6 +158,9 @@ pub enum Command {
     /// Replace this executable with the pm-agent package of the manager's dist (restart the
     /// agent afterwards; `pm-push upgrade-agent` does both)
     Upgrade,
+    /// Trust the manager's new manifest key after its old one was lost (the operator confirms
+    /// its fingerprint; a rotation is followed without this)
+    TrustKey(trust::TrustKeyArgs),
 }
 
 /// `pm-agent update`.
@@ -312,6 +317,7 @@ pub fn run(args: Args) -> Result<ExitStatus> {
             install::print(&report, args.json)
         }
         Command::Upgrade => upgrade::upgrade_command(&state, args.json),
+        Command::TrustKey(trust_args) => trust::trust_key_command(&state, &trust_args, args.json),
     }
 }
 
@@ -618,6 +624,8 @@ struct LocalStatus {
     host_name: String,
     manager_ca_fingerprint: Option<String>,
     dist_url: Option<String>,
+    /// Fingerprint of the manager's manifest key this agent trusts.
+    manifest_key: Option<String>,
     activated_at: Option<chrono::DateTime<chrono::Utc>>,
     certificate_fingerprint: String,
     certificate_serial: String,
@@ -666,6 +674,9 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
             .unwrap_or_else(|| config.host_name.clone()),
         manager_ca_fingerprint: record.map(|r| r.manager_ca_fingerprint.clone()),
         dist_url: record.map(|r| r.dist_url.clone()),
+        manifest_key: activation
+            .as_ref()
+            .and_then(|_| trust::trusted_fingerprint(dir)),
         activated_at: record.map(|r| r.activated_at),
         certificate_fingerprint: tls::fingerprint(&cert),
         certificate_serial: ca::serial_hex(&cert)?,
@@ -713,6 +724,10 @@ fn status(dir: &Path, json: bool) -> Result<ExitStatus> {
     table.add_row(vec![
         "dist URL".to_string(),
         report.dist_url.clone().unwrap_or_else(none),
+    ]);
+    table.add_row(vec![
+        "manifest key".to_string(),
+        report.manifest_key.clone().unwrap_or_else(none),
     ]);
     table.add_row(vec![
         "activated at".to_string(),
@@ -1258,6 +1273,10 @@ fn agent_status(agent: &Agent, inner: &Inner) -> proto::AgentStatus {
         license_expires_at: setup.license.map(|l| l.expires_at),
         hold: setup.hold.filter(|h| hold::in_force(h, chrono::Utc::now())),
         reports_hold: true,
+        manifest_key: inner
+            .activation
+            .as_ref()
+            .and_then(|_| trust::trusted_fingerprint(&agent.dir)),
     }
 }
 

@@ -142,6 +142,7 @@ pub fn examine(
     checks.extend(check_certificates(home));
     checks.extend(check_addresses(home));
     checks.extend(check_setup(home));
+    checks.extend(check_manifest_keys(home));
     let dist_manifest = check_repository(home, &mut checks);
     if serve.is_some() || exporter.is_some() {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -656,6 +657,93 @@ fn check_setup(home: &Path) -> Option<Check> {
          list` shows the address and `setup: failed: STEP`); a profile alone: `pm-push profile \
          NAME --host HOST`",
     ))
+}
+
+/// The manifest key each active host reported against the manager's current one: a host on an
+/// older key the rotation chain leads from follows at its next update (warn); one on a key the
+/// chain does not lead from (the key was lost and replaced) never will without the trust step
+/// (fail). Not listed when the inventory cannot be read or the manager has no key.
+fn check_manifest_keys(home: &Path) -> Option<Check> {
+    const NAME: &str = "manifest keys";
+    let pem = std::fs::read(home.join(crate::pki::SIGNING_PUBLIC_KEY_FILE)).ok()?;
+    let (current, _) = crate::pki::parse_public_key(&pem, Path::new("")).ok()?;
+    let inventory = Inventory::open_for_snapshot(home).ok()??;
+    let reported = inventory.manifest_keys().ok()?;
+    let chain = crate::pki::rotation::KeyChain::load(home).unwrap_or_default();
+    let leads_to_current = |fingerprint: &str| {
+        let retired = home.join(crate::pki::rotation::RETIRED_DIR).join(format!(
+            "{}.pub.pem",
+            fingerprint.trim_start_matches("sha256:")
+        ));
+        std::fs::read(&retired)
+            .ok()
+            .and_then(|pem| crate::pki::parse_public_key(&pem, &retired).ok())
+            .and_then(|(_, key)| crate::pki::rotation::follow(&chain, fingerprint, key).ok())
+            .is_some_and(|reached| reached.fingerprint == current)
+    };
+    let (mut following, mut lost) = (Vec::new(), Vec::new());
+    for (host, key) in &reported {
+        if *key == current {
+            continue;
+        }
+        if leads_to_current(key) {
+            following.push(host.clone());
+        } else {
+            lost.push(host.clone());
+        }
+    }
+    if following.is_empty() && lost.is_empty() {
+        return Some(Check::ok(
+            NAME,
+            Some(format!(
+                "{} hosts trust the manager's key {current}",
+                reported.len()
+            )),
+        ));
+    }
+    let mut problems = Vec::new();
+    if !lost.is_empty() {
+        problems.push(format!(
+            "{} hosts trust a key this manager no longer has: {}",
+            lost.len(),
+            some_hosts(&lost)
+        ));
+    }
+    if !following.is_empty() {
+        problems.push(format!(
+            "{} hosts still trust an older manifest key: they follow at their next update: {}",
+            following.len(),
+            some_hosts(&following)
+        ));
+    }
+    let message = problems.join("; ");
+    if lost.is_empty() {
+        return Some(Check::warn(
+            NAME,
+            message,
+            "`pm-push update` (or the agents' own schedule) moves them on; `pm-poll` then shows \
+             the new key (docs/keys.md)",
+        ));
+    }
+    Some(Check::fail(
+        NAME,
+        message,
+        format!(
+            "run the trust step on each: `pm-agent trust-key --fingerprint {current}` (ansible \
+             playbook `trust-key.yml`), or re-activate them; see docs/keys.md"
+        ),
+    ))
+}
+
+/// Up to ten host names, and how many more.
+fn some_hosts(hosts: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let more = hosts.len().saturating_sub(SHOWN);
+    let mut text = hosts[..hosts.len().min(SHOWN)].join(", ");
+    if more > 0 {
+        text.push_str(&format!(" and {more} more"));
+    }
+    text
 }
 
 /// The generations: dist verified (signature, sizes, sha256), latest and backups present.

@@ -83,6 +83,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "mirror_status",
         include_str!("../../sql/0013_mirror_status.sql"),
     ),
+    (
+        14,
+        "manifest_keys",
+        include_str!("../../sql/0014_manifest_keys.sql"),
+    ),
 ];
 
 /// Inventory errors.

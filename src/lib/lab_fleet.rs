@@ -684,6 +684,7 @@ impl FleetState {
                 license_expires_at: Some(self.enrolled_at + chrono::Duration::days(365)),
                 hold: None,
                 reports_hold: false,
+                manifest_key: None,
             },
             installed: Some(proto::InstalledState {
                 revision: Some(format!("r{version}")),

@@ -1468,6 +1468,7 @@ mod tests {
                 license_expires_at: Some(at("2027-11-26T00:00:00Z")),
                 hold: None,
                 reports_hold: true,
+                manifest_key: None,
             },
             installed: Some(InstalledState {
                 revision: Some("r42".into()),

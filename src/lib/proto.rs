@@ -178,6 +178,11 @@ pub struct AgentStatus {
     /// tells nothing).
     #[serde(default)]
     pub reports_hold: bool,
+    /// Fingerprint (`sha256:<hex>`) of the manager's manifest key the agent trusts (`None` from
+    /// agents from before key rotation, and before activation): pm-poll records it, pm-doctor
+    /// names the hosts that do not hold the manager's current key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_key: Option<String>,
 }
 
 /// Setup step: the host group (mutual TLS), [`GroupRequest`] in, [`SetupResponse`] out.

@@ -159,6 +159,7 @@ async fn status(State(state): State<Arc<Mutex<AgentState>>>) -> Response {
         license_expires_at: None,
         hold: None,
         reports_hold: false,
+        manifest_key: None,
     })
 }
 

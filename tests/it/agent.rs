@@ -751,29 +751,7 @@ fn the_manager_refuses_an_agent_presenting_a_revoked_certificate() {
     let stolen_state = stolen.path().join("state");
 
     // The operator deactivates the host (its serial is revoked) and enrols it again.
-    let mut agent = setup.agent.take().unwrap();
-    agent.kill().unwrap();
-    agent.wait().unwrap();
-    let deactivated = Pm::activate(&setup.home)
-        .args(["deactivate", "127.0.0.1"])
-        .run();
-    assert_eq!(deactivated.code(), 3, "{}", deactivated.stderr());
-    let key_file = setup.tmp.path().join("again.key");
-    Pm::activate(&setup.home)
-        .args(["key", "new", "--out"])
-        .args([&key_file])
-        .json();
-    Pm::agent(&setup.state())
-        .args(["reset", "--activation-key-file"])
-        .args([&key_file])
-        .json();
-    setup.run_agent();
-    let run = Pm::activate(&setup.home)
-        .args(["host", &setup.addr.to_string(), "--key-file"])
-        .args([&key_file])
-        .args(["--dist-url", &setup.server.base])
-        .run();
-    assert_eq!(run.code(), 0, "{}", run.stderr());
+    setup.reactivate(&[]);
     assert_eq!(Pm::poll(&setup.home).run().code(), 0);
 
     // The thief answers at the host's address with the old identity.

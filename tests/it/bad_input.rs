@@ -1695,6 +1695,42 @@ static CLI: &[Case<Cli>] = &[
         2,
         "no-such.key",
     ),
+    case(
+        "agent: trust-key with a fingerprint that is not one",
+        ("pm-agent", &["trust-key", "--fingerprint", "abc"]),
+        2,
+        "is not a key fingerprint",
+    ),
+    case(
+        "agent: trust-key with a missing key file",
+        (
+            "pm-agent",
+            &[
+                "trust-key",
+                "--fingerprint",
+                "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                "--key",
+                "{tmp}/no-such.pem",
+            ],
+        ),
+        2,
+        "no-such.pem",
+    ),
+    case(
+        "agent: trust-key with a file that is no key",
+        (
+            "pm-agent",
+            &[
+                "trust-key",
+                "--fingerprint",
+                "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                "--key",
+                "{tmp}/garbage",
+            ],
+        ),
+        2,
+        "garbage",
+    ),
     // pm-lab
     case(
         "lab: unknown fault",

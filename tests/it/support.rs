@@ -583,6 +583,37 @@ impl AgentSetup {
         agent
     }
 
+    /// Enrols the agent again, as an operator does: the agent stopped, the host deactivated
+    /// (its serial revoked), a new activation key (`key_flags`: e.g. `--reusable`), `pm-agent
+    /// reset --activation-key-file`, the agent started, `pm-activate host`.
+    pub fn reactivate(&mut self, key_flags: &[&str]) {
+        let mut agent = self.agent.take().unwrap();
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        let deactivated = Pm::activate(&self.home)
+            .args(["deactivate", "127.0.0.1"])
+            .run();
+        assert_eq!(deactivated.code(), 3, "{}", deactivated.stderr());
+        let key_file = self.tmp.path().join("again.key");
+        Pm::activate(&self.home)
+            .args(["key", "new"])
+            .args(key_flags)
+            .args(["--out"])
+            .args([&key_file])
+            .json();
+        Pm::agent(&self.state())
+            .args(["reset", "--activation-key-file"])
+            .args([&key_file])
+            .json();
+        self.run_agent();
+        let run = Pm::activate(&self.home)
+            .args(["host", &self.addr.to_string(), "--key-file"])
+            .args([&key_file])
+            .args(["--dist-url", &self.server.base])
+            .run();
+        assert_eq!(run.code(), 0, "{}", run.stderr());
+    }
+
     pub fn state(&self) -> PathBuf {
         self.tmp.path().join("state")
     }

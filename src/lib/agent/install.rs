@@ -13,7 +13,8 @@
 //! ```
 //!
 //! An update fetches `<dist_url>/manifest.json` and `manifest.sig`, checks the Ed25519
-//! signature with the manifest key the manager sent at activation, and takes the engine's files
+//! signature with the manifest key the manager sent at activation (or the key its rotation chain
+//! led to since, see `trust`), and takes the engine's files
 //! (engine `clamav`: the `.cvd` files of products of kind `clamav`, and the plain signature files
 //! — `.hdb`, `.ndb`, `.ldb`, ... — of `files` feeds). Files whose sha256 is not in `files/` are
 //! streamed to disk and checked (size, sha256, ClamAV signature) before anything is installed:
@@ -65,7 +66,7 @@ const LOCK_FILE: &str = "install.lock";
 /// How many sets are kept as backups.
 pub const BACKUPS: usize = 3;
 /// Largest manifest or signature read from dist.
-const MAX_DOCUMENT: usize = 16 * 1024 * 1024;
+pub(super) const MAX_DOCUMENT: usize = 16 * 1024 * 1024;
 /// How long an install waits for another one to finish.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
 /// Marker in the names of files written aside in the database directory.
@@ -320,7 +321,7 @@ pub(super) async fn get(client: &reqwest::Client, url: &str, limit: u64) -> Resu
 }
 
 /// [`get`], or with `missing_ok` `None` for a 404.
-async fn get_unless_missing(
+pub(super) async fn get_unless_missing(
     client: &reqwest::Client,
     url: &str,
     limit: u64,
@@ -370,48 +371,16 @@ pub(super) fn join_url(base: &str, path: &str) -> String {
     )
 }
 
-/// The manager's manifest verification key, given at activation.
-fn manifest_key(dir: &Path) -> Result<crate::pki::VerifyingKey> {
-    let key_path = dir.join(super::MANIFEST_KEY_FILE);
-    let pem = fs::read(&key_path).map_err(io_error("read", &key_path))?;
-    crate::pki::VerifyingKey::from_pem(&pem).map_err(|err| {
-        UserError::failure(format!(
-            "`{}` is not a public key: {err}",
-            key_path.display()
-        ))
-        .with_hint(format!(
-            "run `pm-agent --state {} reset` and activate again",
-            dir.display()
-        ))
-        .into()
-    })
-}
-
-fn signature_refused(url: &str, what: &str) -> anyhow::Error {
-    UserError::failure(format!(
-        "refusing `{url}`: its signature does not verify with the {what} key the manager gave \
-         at activation"
-    ))
-    .with_hint(
-        "the dist URL serves another manager's repository, or the file was altered; check the \
-         dist URL, or re-activate this agent with the manager that serves it",
-    )
-    .into()
-}
-
 /// Fetches and verifies the signed manifest at `dist_url` (dist, or a backup generation).
 pub(super) async fn fetch_manifest(
     client: &reqwest::Client,
     dir: &Path,
     dist_url: &str,
 ) -> Result<Manifest> {
-    let key = manifest_key(dir)?;
     let manifest_url = join_url(dist_url, MANIFEST_FILE);
     let body = get(client, &manifest_url, MAX_DOCUMENT as u64).await?;
     let signature = get(client, &join_url(dist_url, SIGNATURE_FILE), 4096).await?;
-    if !key.verify(&body, &signature) {
-        return Err(signature_refused(&manifest_url, "manifest"));
-    }
+    super::trust::verify_signed(client, dir, &manifest_url, &body, &signature).await?;
     let manifest: Manifest = serde_json::from_slice(&body).map_err(|err| {
         UserError::failure(format!(
             "the signed manifest `{manifest_url}` is not valid: {err}"
@@ -535,9 +504,7 @@ async fn fetch_statement(
         return Ok(None);
     };
     let signature = get(client, &join_url(dist_url, STATEMENT_SIGNATURE_FILE), 4096).await?;
-    if !manifest_key(dir)?.verify(&body, &signature) {
-        return Err(signature_refused(&url, "manifest signing"));
-    }
+    super::trust::verify_signed(client, dir, &url, &body, &signature).await?;
     serde_json::from_slice(&body).map(Some).map_err(|err| {
         UserError::failure(format!(
             "the signed dist statement `{url}` is not valid: {err}"

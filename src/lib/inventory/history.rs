@@ -508,7 +508,8 @@ impl Plan {
                                                 b.offset_raw // 3600, ' * * *') END,
                                '; scan=0 ', b.scan_hour, ' * * *') END,
                     s.id, s.at, s.result, s.findings,
-                    r.id, r.at, CASE WHEN r.id IS NOT NULL THEN true END, NULL
+                    r.id, r.at, CASE WHEN r.id IS NOT NULL THEN true END, NULL,
+                    NULL -- manifest_key: benchmark hosts report none
              FROM bench_hosts b
              JOIN last_poll p ON p.host = b.host
              LEFT JOIN last_ok o ON o.host = b.host

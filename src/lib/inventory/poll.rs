@@ -143,13 +143,14 @@ struct HostState {
     last_update_at: Option<DateTime<Utc>>,
     last_update_ok: Option<bool>,
     last_update_error: Option<String>,
+    manifest_key: Option<String>,
 }
 
 const HOST_STATE_COLUMNS: &str = "host, epoch(last_poll_at), epoch(last_ok_at), reachable, \
      error_kind, last_error, latency_ms, agent_version, engine, reported_group, reported_profile, \
      epoch(license_expires_at), installed_revision, installed_serial, epoch(installed_at), backups, \
      schedule, last_scan_id, epoch(last_scan_at), last_scan_result, last_scan_findings, \
-     last_update_id, epoch(last_update_at), last_update_ok, last_update_error";
+     last_update_id, epoch(last_update_at), last_update_ok, last_update_error, manifest_key";
 
 /// A timestamp the Appender writes as is (the connection's time zone is UTC).
 fn ts(time: Option<DateTime<Utc>>) -> Value {
@@ -213,6 +214,7 @@ impl Inventory {
                 last_update_at: from_epoch(row.get(22)?),
                 last_update_ok: row.get(23)?,
                 last_update_error: row.get(24)?,
+                manifest_key: row.get(25)?,
             })
         }))?;
         rows.map(|row| self.db(row).map(|state| (state.host.clone(), state)))
@@ -405,6 +407,7 @@ impl Inventory {
                     state.reported_group = answer.status.group.clone();
                     state.reported_profile = answer.status.profile.clone();
                     state.license_expires_at = answer.status.license_expires_at;
+                    state.manifest_key = answer.status.manifest_key.clone();
                     let revision = answer.installed.as_ref().and_then(|i| i.revision.clone());
                     if let Some(installed) = answer.installed.as_ref()
                         && !installed.damaged.is_empty()
@@ -735,6 +738,7 @@ impl Inventory {
                     ts(s.last_update_at),
                     s.last_update_ok.map_or(Value::Null, Value::Boolean),
                     text(s.last_update_error.as_deref()),
+                    text(s.manifest_key.as_deref()),
                 ]
             }),
         )?;
@@ -766,6 +770,17 @@ impl Inventory {
             self.db(appender.append_row(duckdb::appender_params_from_iter(row)))?;
         }
         self.db(appender.flush())
+    }
+
+    /// The manifest key each active host reported at its last answered poll, by host name
+    /// (hosts that never answered, or whose agent reports no key, are left out).
+    pub fn manifest_keys(&self) -> Result<Vec<(String, String)>, InventoryError> {
+        let mut statement = self.db(self.conn.prepare(
+            "SELECT s.host, s.manifest_key FROM host_state s JOIN hosts h ON h.host = s.host
+             WHERE h.state = 'active' AND s.manifest_key IS NOT NULL ORDER BY s.host",
+        ))?;
+        let rows = self.db(statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))))?;
+        rows.map(|row| self.db(row)).collect()
     }
 
     /// `fleet_status` rows, by host name (`only`: these hosts).
@@ -835,6 +850,7 @@ mod tests {
                 license_expires_at: None,
                 hold: None,
                 reports_hold: true,
+                manifest_key: None,
             },
             installed: Some(InstalledState {
                 revision: Some(format!("r{version}")),

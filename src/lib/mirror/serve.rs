@@ -1,7 +1,8 @@
 //! `pm-mirror serve`: the private mirror. Serves `repo/dist` at `/<product>/<file>` (so a stock
 //! freshclam takes `DatabaseMirror http://HOST:PORT/clamav`), the signed manifest at
 //! `/manifest.json` and `/manifest.sig`, the signed dist statement at `/dist.json` and
-//! `/dist.sig`, the manifest key's rotation chain at `/keys.json`, and the backups under `/backup/<N>/`. Missing files are
+//! `/dist.sig`, the manifest key's rotation chain at `/keys.json` (and the public key itself at
+//! `/manifest-key.pem`, for `pm-agent trust-key`), and the backups under `/backup/<N>/`. Missing files are
 //! 404, never 403 or 429: freshclam treats those as a ban and stops asking for a day.
 
 use std::collections::HashMap;
@@ -135,6 +136,11 @@ fn resolve(repo_root: &Path, path: &str) -> Option<PathBuf> {
         {
             Some(view.join(name))
         }
+        [name] if *name == crate::pki::rotation::SERVED_PUBLIC_KEY => Some(
+            repo_root
+                .parent()?
+                .join(crate::pki::SIGNING_PUBLIC_KEY_FILE),
+        ),
         ["backup", generation, rest @ ..] if !rest.is_empty() => {
             let generation: usize = generation.parse().ok()?;
             if !(1..=crate::repo::BACKUP_GENERATIONS).contains(&generation) {
@@ -366,6 +372,7 @@ mod tests {
         check("/dist.json", Some("/h/repo/view/dist.json"));
         check("/dist.sig", Some("/h/repo/view/dist.sig"));
         check("/keys.json", Some("/h/repo/view/keys.json"));
+        check("/manifest-key.pem", Some("/h/pki/manifest-signing.pub.pem"));
         check("/state.json", Some("/h/repo/view/dist/state.json"));
         check(
             "/backup/2/clamav/test.cvd",

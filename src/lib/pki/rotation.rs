@@ -22,6 +22,9 @@ use crate::proto::unhex;
 pub const CHAIN_FILE: &str = "pki/key-chain.json";
 /// The chain's name in a view, its URL path under the dist URL, and its member in a bundle.
 pub const SERVED_FILE: &str = "keys.json";
+/// The URL path under the dist URL where `pm-mirror serve` answers with the manager's current
+/// public manifest key (`pm-agent trust-key` fetches it; it is trusted only by its fingerprint).
+pub const SERVED_PUBLIC_KEY: &str = "manifest-key.pem";
 /// The new key of a rotation that has not finished yet (0600); nothing signs while it exists.
 pub const PENDING_KEY_FILE: &str = "pki/manifest-signing.next.key";
 /// Public halves of the keys this manager used before, `<hex fingerprint>.pub.pem`.
