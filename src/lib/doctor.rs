@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
 use crate::config::{Config, ConfigError, PollConfig};
+use crate::integrity;
 use crate::inventory::{Inventory, InventoryError};
 use crate::repo::{Generations, Repo};
 
@@ -587,7 +588,7 @@ fn check_setup(home: &Path) -> Option<Check> {
     ))
 }
 
-/// The generations: dist verified (signature, sizes, sha256), latest and backups present.
+/// The generations: dist verified (signature, sizes, sha256), then every generation's files.
 /// Returns the bytes of dist's `manifest.json` when dist verified.
 fn check_repository(home: &Path, checks: &mut Vec<Check>) -> Option<Vec<u8>> {
     let repo = Repo::new(home);
@@ -603,9 +604,45 @@ fn check_repository(home: &Path, checks: &mut Vec<Check>) -> Option<Vec<u8>> {
         }
     };
     let dist_manifest = check_dist(home, &repo, &generations, checks);
+    check_generations(home, &repo, &generations, checks);
+    dist_manifest
+}
+
+/// Latest and the backups present, and every generation's files (latest, dist, backup/1..3)
+/// against their signed manifests ([`integrity::survey`]: a file shared by several revisions
+/// hashed once). A damaged file is one `files` check naming every generation it reaches.
+fn check_generations(home: &Path, repo: &Repo, generations: &Generations, checks: &mut Vec<Check>) {
+    let public_path = home.join(crate::pki::SIGNING_PUBLIC_KEY_FILE);
+    let survey = std::fs::read(&public_path)
+        .ok()
+        .and_then(|pem| crate::pki::parse_public_key(&pem, &public_path).ok())
+        .map(|(_, verifier)| {
+            integrity::survey(repo, &integrity::live_generations(generations), &verifier)
+        });
+    const REPAIR: &str = "run `pm-mirror repair` (docs/repairing.md)";
+    let damage = |name: &str| -> Option<String> {
+        let survey = survey.as_ref()?;
+        let mut problems: Vec<String> = survey
+            .damage_in(name)
+            .map(|d| format!("`{}` does not match its manifest", d.path))
+            .collect();
+        problems.extend(
+            survey
+                .untrusted
+                .iter()
+                .filter(|u| u.generations.iter().any(|g| g == name))
+                .map(|u| format!("{}: {}", u.revision, u.problem)),
+        );
+        (!problems.is_empty()).then(|| problems.join("; "))
+    };
     checks.push(match &generations.latest {
         None => Check::warn("latest", "no latest revision yet", "run `pm-mirror sync`"),
-        Some(revision) => present(&repo, "latest", revision),
+        Some(revision) => match damage("latest") {
+            Some(problem) if repo.revision_dir(revision).is_dir() => {
+                Check::fail("latest", format!("{revision}: {problem}"), REPAIR)
+            }
+            _ => present(repo, "latest", revision),
+        },
     });
     let missing: Vec<String> = generations
         .backups
@@ -614,12 +651,21 @@ fn check_repository(home: &Path, checks: &mut Vec<Check>) -> Option<Vec<u8>> {
         .filter(|(_, revision)| !repo.revision_dir(revision).is_dir())
         .map(|(i, revision)| format!("backup/{} ({revision})", i + 1))
         .collect();
+    let damaged: Vec<String> = (1..=generations.backups.len())
+        .filter_map(|n| {
+            let name = format!("backup/{n}");
+            damage(&name)
+                .map(|problem| format!("{name} ({}): {problem}", generations.backups[n - 1]))
+        })
+        .collect();
     checks.push(if !missing.is_empty() {
         Check::fail(
             "backups",
             format!("missing from `repo/revisions`: {}", missing.join(", ")),
             "the repository was modified by hand; publish again with `pm-mirror publish`",
         )
+    } else if !damaged.is_empty() {
+        Check::fail("backups", damaged.join("; "), REPAIR)
     } else if generations.backups.is_empty() {
         Check::ok("backups", Some("none yet".to_string()))
     } else {
@@ -636,7 +682,39 @@ fn check_repository(home: &Path, checks: &mut Vec<Check>) -> Option<Vec<u8>> {
             ),
         )
     });
-    dist_manifest
+    let Some(survey) = survey else {
+        return;
+    };
+    checks.push(if survey.damaged.is_empty() {
+        Check::ok(
+            "files",
+            Some(format!(
+                "{} files in {} revisions match their manifests ({} distinct, {} bytes hashed)",
+                survey.files_checked,
+                survey.revisions.len(),
+                survey.inodes_hashed,
+                survey.bytes_hashed
+            )),
+        )
+    } else {
+        Check::fail(
+            "files",
+            survey
+                .damaged
+                .iter()
+                .map(|d| {
+                    format!(
+                        "`{}` is damaged in {} (found {})",
+                        d.path,
+                        d.generations_text(),
+                        d.copies[0].found
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            REPAIR,
+        )
+    });
 }
 
 /// The signed dist statement agents check: present, signed, naming dist, not near expiry.
