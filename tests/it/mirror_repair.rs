@@ -4,7 +4,7 @@
 //! revision files are read-only to their owner.
 
 use crate::doctor::{check, doctor, json};
-use crate::support::{AgentSetup, Home, Lab, Pm, Run, bin};
+use crate::support::{AgentSetup, Home, Lab, Pm, Run, bin, sql};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -168,6 +168,14 @@ fn one_changed_byte_in_a_linked_cdiff_is_named_in_every_generation_and_repaired_
     assert_eq!(check(&report, "files")["result"], "ok");
     let nothing = Pm::mirror(home).args(["repair"]).json();
     assert_eq!(nothing["changed"], false, "{nothing}");
+    assert_eq!(
+        sql(
+            home,
+            "SELECT status, summary FROM jobs WHERE kind = 'repair'"
+        ),
+        [format!("ok,repaired 1 file(s): {CDIFF}")],
+        "one job for the repair, none for the run that found nothing"
+    );
 
     Pm::mirror(home).args(["publish"]).json();
     let update = setup.agent_cmd(&["update"]);
@@ -233,6 +241,29 @@ fn a_copy_that_is_not_linked_is_restored_from_a_good_copy_in_another_revision_wi
 }
 
 #[test]
+fn a_file_damaged_in_every_live_revision_comes_back_from_an_archive_without_a_request() {
+    let lab = Lab::start(2);
+    // Five publishes: r1 (version 2) goes to `repo/archives/r1.tar.gz`; test-2.cdiff is one
+    // inode in r2..r5 and a member of the archive.
+    let home = published(&lab, &[2, 3, 4, 5, 6]);
+    assert!(home.repo("archives/r1.tar.gz").is_file());
+    let cdiff = home.repo(&format!("latest/{CDIFF}"));
+    let original = damage_one_byte(&cdiff);
+    lab.upstream.clear_requests();
+    let report = Pm::mirror(&home).args(["repair"]).json();
+    let file = &report["files"][0];
+    assert_eq!(file["source"], "archive r1", "{report}");
+    assert_eq!(
+        file["generations"],
+        serde_json::json!(["latest", "dist", "backup/1", "backup/2", "backup/3"])
+    );
+    assert_eq!(std::fs::read(&cdiff).unwrap(), original);
+    assert!(lab.clamav_requests().is_empty(), "no request upstream");
+    let (code, report) = json(doctor(&home));
+    assert_eq!(code, 0, "{report}");
+}
+
+#[test]
 fn a_damaged_file_no_source_has_is_named_with_exit_1_and_nothing_else_changes() {
     let lab = Lab::start(3);
     let home = published(&lab, &[3]);
@@ -258,6 +289,10 @@ fn a_damaged_file_no_source_has_is_named_with_exit_1_and_nothing_else_changes() 
         "{stderr}"
     );
     assert_eq!(snapshot(&home), before, "nothing changed");
+    assert_eq!(
+        sql(&home, "SELECT status FROM jobs WHERE kind = 'repair'"),
+        ["failed"]
+    );
     // The next sync brings version 4: the damaged version-3 file is left behind in the old
     // revision, never carried into the new one.
     let sync = Pm::mirror(&home).args(["sync"]).json();

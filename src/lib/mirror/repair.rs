@@ -119,6 +119,15 @@ pub(super) async fn run_repair(home: &Path, global: &GlobalArgs) -> anyhow::Resu
         Some(config) => Some(Upstream::new(config, global.show_progress())?),
         None => None,
     };
+    // Opened before anything changes: an inventory busy past the lock timeout fails the repair
+    // with nothing restored, rather than a repair done but not recorded.
+    let inventory = match global.dry_run || survey.damaged.is_empty() {
+        true => None,
+        false => Some(
+            crate::inventory::Inventory::open(home, global.lock_timeout)
+                .map_err(super::inventory_error)?,
+        ),
+    };
     let files = repair(
         &repo,
         &lock,
@@ -143,8 +152,8 @@ pub(super) async fn run_repair(home: &Path, global: &GlobalArgs) -> anyhow::Resu
         .iter()
         .filter(|f| f.result == RepairResult::Unrepairable)
         .collect();
-    if !global.dry_run && !report.files.is_empty() {
-        record_job(home, global, started_at, &report, unrepairable.len())?;
+    if let Some(inventory) = inventory {
+        record_job(&inventory, started_at, &report, unrepairable.len())?;
     }
     if global.json {
         cli::print_json(&report)?;
@@ -449,8 +458,7 @@ fn extract_member(
 
 /// A `repair` job in the inventory, so `pm-query` shows who repaired what and when.
 fn record_job(
-    home: &Path,
-    global: &GlobalArgs,
+    inventory: &crate::inventory::Inventory,
     started_at: chrono::DateTime<Utc>,
     report: &RepairReport,
     unrepairable: usize,
@@ -471,8 +479,6 @@ fn record_job(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let inventory = crate::inventory::Inventory::open(home, global.lock_timeout)
-        .map_err(super::inventory_error)?;
     inventory
         .insert_job("repair", started_at, status, &summary)
         .map_err(super::inventory_error)
@@ -491,6 +497,11 @@ pub(crate) fn repair_text(files: &[RepairedFile]) -> String {
                 RepairResult::Repaired => {
                     format!("repaired `{}` in {places} from {source}", file.path)
                 }
+                RepairResult::WouldRepair if source.contains("://") => format!(
+                    "would repair `{}` in {places} from {source} (fetched and checked by the \
+                     real run only)",
+                    file.path
+                ),
                 RepairResult::WouldRepair => {
                     format!("would repair `{}` in {places} from {source}", file.path)
                 }

@@ -1802,6 +1802,72 @@ pub(crate) fn signed_file(path: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// The URLs (or file) `origins` gives for `path` of pm.toml product `product`.
+    fn check_origins(products: &str, product: &str, path: &str, expected: &[&str]) {
+        let config = Config::parse(products, Path::new("pm.toml")).unwrap();
+        let found: Vec<String> = origins(&config, product, path)
+            .into_iter()
+            .map(|origin| match origin {
+                Origin::Url(url) => url.to_string(),
+                Origin::File(path) => path.display().to_string(),
+            })
+            .collect();
+        assert_eq!(found, expected, "{product} {path}");
+    }
+
+    #[test]
+    fn a_file_is_fetched_again_where_its_product_offers_it() {
+        let products = r#"
+[[products]]
+name = "clamav"
+kind = "clamav"
+url = "http://a.example/clamav/"
+fallback_urls = ["http://b.example/db"]
+databases = ["daily"]
+[[products]]
+name = "vendor"
+kind = "files"
+index_url = "http://c.example/feed/index.json"
+[[products]]
+name = "parent"
+kind = "pm"
+url = "http://d.example:8080"
+trusted_key = "/etc/pm/parent.pem"
+[[products]]
+name = "agent"
+kind = "agent"
+dir = "/srv/agents"
+"#;
+        check_origins(
+            products,
+            "clamav",
+            "clamav/daily-2.cdiff",
+            &[
+                "http://a.example/clamav/daily-2.cdiff",
+                "http://b.example/db/daily-2.cdiff",
+            ],
+        );
+        check_origins(
+            products,
+            "vendor",
+            "vendor/sub/my site.hdb",
+            &["http://c.example/feed/sub/my%20site.hdb"],
+        );
+        check_origins(
+            products,
+            "parent",
+            "clamav/daily.cvd",
+            &["http://d.example:8080/clamav/daily.cvd"],
+        );
+        check_origins(
+            products,
+            "agent",
+            "agent/pm-agent-1.0.0-x86_64-linux",
+            &["/srv/agents/pm-agent-1.0.0-x86_64-linux"],
+        );
+        check_origins(products, "gone", "gone/x.cvd", &[]);
+    }
+
     #[test]
     fn index_paths_must_stay_inside_the_product() {
         for (path, ok) in [
