@@ -341,13 +341,59 @@ fn replace(target: &Path, make: impl FnOnce(&Path) -> io::Result<()>) -> io::Res
     crate::durable::sync_dir(parent)
 }
 
+/// Suffix of [`aside_path`].
+const ASIDE_SUFFIX: &str = ".pm-repair";
+/// Suffix of [`source_path`].
+const SOURCE_SUFFIX: &str = ".pm-source";
+
 /// A temporary path beside `target`, for a repaired file before its rename.
 pub fn aside_path(target: &Path) -> PathBuf {
+    hidden_beside(target, ASIDE_SUFFIX)
+}
+
+/// A temporary path beside `target` where a repair puts the candidate content it checks.
+pub fn source_path(target: &Path) -> PathBuf {
+    hidden_beside(target, SOURCE_SUFFIX)
+}
+
+fn hidden_beside(target: &Path, suffix: &str) -> PathBuf {
     let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    target.with_file_name(format!(".{name}.pm-repair"))
+    target.with_file_name(format!(".{name}{suffix}"))
+}
+
+/// Removes what a killed repair left in the revisions of `generations` ([`aside_path`],
+/// [`source_path`]); the caller holds the repository lock. Returns the paths removed.
+pub fn remove_leftovers(repo: &Repo, generations: &[Generation]) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let mut stack: Vec<PathBuf> = generations
+        .iter()
+        .map(|g| repo.revision_dir(&g.revision))
+        .collect();
+    stack.dedup();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => stack.push(path),
+                Ok(_)
+                    if name.starts_with('.')
+                        && (name.ends_with(ASIDE_SUFFIX) || name.ends_with(SOURCE_SUFFIX))
+                        && fs::remove_file(&path).is_ok() =>
+                {
+                    removed.push(path)
+                }
+                _ => {}
+            }
+        }
+    }
+    removed
 }
 
 #[cfg(test)]
@@ -363,7 +409,7 @@ mod tests {
         fs::create_dir_all(b.parent().unwrap()).unwrap();
         fs::write(&a, b"damaged").unwrap();
         fs::hard_link(&a, &b).unwrap();
-        let source = aside_path(&a).with_extension("download");
+        let source = source_path(&a);
         fs::write(&source, b"good").unwrap();
         restore(&source, &[a.clone(), b.clone()]).unwrap();
         for path in [&a, &b] {
@@ -376,6 +422,21 @@ mod tests {
         );
         assert_eq!(fs::metadata(&a).unwrap().nlink(), 2);
         let left: Vec<_> = fs::read_dir(a.parent().unwrap()).unwrap().collect();
+        assert_eq!(left.len(), 1, "only the repaired file is left");
+        // What a killed repair would leave is removed by the next one.
+        fs::write(aside_path(&b), b"x").unwrap();
+        fs::write(source_path(&b), b"x").unwrap();
+        let repo = Repo::new(dir.path());
+        fs::create_dir_all(dir.path().join("repo/revisions")).unwrap();
+        fs::rename(dir.path().join("r2"), repo.revision_dir("r2")).unwrap();
+        let generations = [Generation {
+            name: "dist".into(),
+            revision: "r2".into(),
+        }];
+        assert_eq!(remove_leftovers(&repo, &generations).len(), 2);
+        let left: Vec<_> = fs::read_dir(repo.revision_dir("r2/clamav"))
+            .unwrap()
+            .collect();
         assert_eq!(left.len(), 1, "only the repaired file is left");
     }
 

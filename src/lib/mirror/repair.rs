@@ -216,6 +216,11 @@ pub(crate) async fn repair(
     upstream: Option<(&Config, &Upstream)>,
     dry_run: bool,
 ) -> Vec<RepairedFile> {
+    if !dry_run {
+        for path in integrity::remove_leftovers(repo, &integrity::live_generations(generations)) {
+            tracing::info!(path = %path.display(), "removed what a killed repair left");
+        }
+    }
     let mut order: Vec<&DamagedFile> = survey.damaged.iter().collect();
     order.sort_by_key(|d| (d.path.ends_with(".sign"), d.path.clone()));
     let mut results = Vec::new();
@@ -271,7 +276,7 @@ async fn repair_one(
                 .map(Source::Origin),
         );
     }
-    let download = integrity::aside_path(&targets[0]).with_extension("pm-source");
+    let download = integrity::source_path(&targets[0]);
     for source in sources {
         let label = source.describe();
         if dry_run && matches!(source, Source::Origin(Origin::Url(_))) {
