@@ -620,26 +620,34 @@ fn check_generations(home: &Path, repo: &Repo, generations: &Generations, checks
             integrity::survey(repo, &integrity::live_generations(generations), &verifier)
         });
     const REPAIR: &str = "run `pm-mirror repair` (docs/repairing.md)";
-    let damage = |name: &str| -> Option<String> {
+    const UNTRUSTED: &str = "the manifest was edited or `pki/manifest-signing.*` replaced: restore \
+        them from a backup of PM_HOME (`pm-mirror repair` restores files, never signatures)";
+    // What is wrong with generation `name`, and the hint for it.
+    let damage = |name: &str| -> Option<(String, &'static str)> {
         let survey = survey.as_ref()?;
-        let mut problems: Vec<String> = survey
+        let untrusted: Vec<String> = survey
+            .untrusted
+            .iter()
+            .filter(|u| u.generations.iter().any(|g| g == name))
+            .map(|u| u.problem.clone())
+            .collect();
+        let hint = if untrusted.is_empty() {
+            REPAIR
+        } else {
+            UNTRUSTED
+        };
+        let problems: Vec<String> = survey
             .damage_in(name)
             .map(|d| format!("`{}` does not match its manifest", d.path))
+            .chain(untrusted)
             .collect();
-        problems.extend(
-            survey
-                .untrusted
-                .iter()
-                .filter(|u| u.generations.iter().any(|g| g == name))
-                .map(|u| format!("{}: {}", u.revision, u.problem)),
-        );
-        (!problems.is_empty()).then(|| problems.join("; "))
+        (!problems.is_empty()).then(|| (problems.join("; "), hint))
     };
     checks.push(match &generations.latest {
         None => Check::warn("latest", "no latest revision yet", "run `pm-mirror sync`"),
         Some(revision) => match damage("latest") {
-            Some(problem) if repo.revision_dir(revision).is_dir() => {
-                Check::fail("latest", format!("{revision}: {problem}"), REPAIR)
+            Some((problem, hint)) if repo.revision_dir(revision).is_dir() => {
+                Check::fail("latest", format!("{revision}: {problem}"), hint)
             }
             _ => present(repo, "latest", revision),
         },
@@ -651,11 +659,14 @@ fn check_generations(home: &Path, repo: &Repo, generations: &Generations, checks
         .filter(|(_, revision)| !repo.revision_dir(revision).is_dir())
         .map(|(i, revision)| format!("backup/{} ({revision})", i + 1))
         .collect();
-    let damaged: Vec<String> = (1..=generations.backups.len())
+    let damaged: Vec<(String, &str)> = (1..=generations.backups.len())
         .filter_map(|n| {
             let name = format!("backup/{n}");
-            damage(&name)
-                .map(|problem| format!("{name} ({}): {problem}", generations.backups[n - 1]))
+            let (problem, hint) = damage(&name)?;
+            Some((
+                format!("{name} ({}): {problem}", generations.backups[n - 1]),
+                hint,
+            ))
         })
         .collect();
     checks.push(if !missing.is_empty() {
@@ -665,7 +676,15 @@ fn check_generations(home: &Path, repo: &Repo, generations: &Generations, checks
             "the repository was modified by hand; publish again with `pm-mirror publish`",
         )
     } else if !damaged.is_empty() {
-        Check::fail("backups", damaged.join("; "), REPAIR)
+        let hint = match damaged.iter().any(|(_, hint)| *hint == UNTRUSTED) {
+            true => UNTRUSTED,
+            false => REPAIR,
+        };
+        let problems: Vec<&str> = damaged
+            .iter()
+            .map(|(problem, _)| problem.as_str())
+            .collect();
+        Check::fail("backups", problems.join("; "), hint)
     } else if generations.backups.is_empty() {
         Check::ok("backups", Some("none yet".to_string()))
     } else {

@@ -302,6 +302,46 @@ fn a_damaged_file_no_source_has_is_named_with_exit_1_and_nothing_else_changes() 
     assert_eq!(check(&report, "latest")["result"], "ok", "{report}");
 }
 
+#[test]
+fn a_manifest_changed_by_hand_is_named_as_unsigned_and_left_to_a_backup() {
+    let lab = Lab::start(3);
+    let home = published(&lab, &[3, 4]);
+    let manifest = std::fs::canonicalize(home.repo("backup/1/manifest.json")).unwrap();
+    let mut text = std::fs::read(&manifest).unwrap();
+    text.push(b'\n');
+    std::fs::write(&manifest, &text).unwrap();
+    let (code, report) = json(doctor(&home));
+    assert_eq!(code, 1, "{report}");
+    let backups = check(&report, "backups");
+    assert_eq!(
+        backups["message"], "backup/1 (r1): its manifest is not signed by this manager's key",
+        "{report}"
+    );
+    assert!(
+        backups["hint"]
+            .as_str()
+            .unwrap()
+            .contains("never signatures"),
+        "{report}"
+    );
+    assert_eq!(check(&report, "latest")["result"], "ok", "{report}");
+    let run = Pm::mirror(&home).args(["repair", "--json"]).run();
+    assert_eq!(run.code(), 1, "{}", run.stderr());
+    let report = run.json();
+    assert_eq!(report["untrusted"][0]["revision"], "r1", "{report}");
+    assert_eq!(report["files"], serde_json::json!([]));
+    assert!(
+        run.stderr()
+            .contains("error: r1 (backup/1): its manifest is not signed")
+            && run
+                .stderr()
+                .contains("hint: a repair restores files, never manifests"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(std::fs::read(&manifest).unwrap(), text, "left as it is");
+}
+
 /// `ARGS` as nobody (uid 65534), the way `User=pm` runs the units.
 fn as_nobody(args: &[&str]) -> Run {
     let mut command = Command::new("setpriv");

@@ -109,16 +109,13 @@ pub(super) async fn run_repair(home: &Path, global: &GlobalArgs) -> anyhow::Resu
     let started = std::time::Instant::now();
     let started_at = Utc::now();
     // A closed site has no products: it repairs from its own revisions and archives only.
-    let config = super::load_config(home).ok();
+    let config = super::load_config(home)?;
     let repo = Repo::new(home);
     let lock = repo.lock(global.lock_timeout).map_err(super::repo_error)?;
     let generations = repo.generations().map_err(super::repo_error)?;
     let verifier = manifest_verifier(home)?;
     let survey = integrity::survey(&repo, &integrity::live_generations(&generations), &verifier);
-    let upstream = match &config {
-        Some(config) => Some(Upstream::new(config, global.show_progress())?),
-        None => None,
-    };
+    let upstream = Upstream::new(&config, global.show_progress())?;
     // Opened before anything changes: an inventory busy past the lock timeout fails the repair
     // with nothing restored, rather than a repair done but not recorded.
     let inventory = match global.dry_run || survey.damaged.is_empty() {
@@ -133,7 +130,7 @@ pub(super) async fn run_repair(home: &Path, global: &GlobalArgs) -> anyhow::Resu
         &lock,
         &generations,
         &survey,
-        config.as_ref().zip(upstream.as_ref()),
+        (&config, &upstream),
         global.dry_run,
     )
     .await;
@@ -176,19 +173,30 @@ pub(super) async fn run_repair(home: &Path, global: &GlobalArgs) -> anyhow::Resu
         );
     }
     if !unrepairable.is_empty() {
-        eprintln!("hint: {}", UNREPAIRABLE_HINT);
-        return Ok(ExitStatus::Failure);
+        eprintln!("hint: {UNREPAIRABLE_HINT}");
     }
     for untrusted in &report.untrusted {
         eprintln!(
-            "warning: {} ({}): {}; its files were not checked",
+            "error: {} ({}): {}; its files were not checked",
             untrusted.revision,
             untrusted.generations.join(", "),
             untrusted.problem
         );
     }
-    Ok(ExitStatus::Success)
+    if !report.untrusted.is_empty() {
+        eprintln!("hint: {UNTRUSTED_HINT}");
+    }
+    Ok(if unrepairable.is_empty() && report.untrusted.is_empty() {
+        ExitStatus::Success
+    } else {
+        ExitStatus::Failure
+    })
 }
+
+/// The next step for a revision whose manifest does not verify.
+const UNTRUSTED_HINT: &str = "a repair restores files, never manifests or signatures: restore \
+    the revision's `manifest.json`/`manifest.sig` or `pki/manifest-signing.*` from a backup of \
+    PM_HOME; a latest heals with the next sync that makes a new revision";
 
 /// The next step when no source has a file's content.
 const UNREPAIRABLE_HINT: &str = "restore the file from a backup of PM_HOME (its sha256 is \
@@ -207,13 +215,13 @@ fn manifest_verifier(home: &Path) -> anyhow::Result<crate::pki::VerifyingKey> {
 }
 
 /// Repairs every damaged file of `survey`, files a `.sign` signs before the `.sign`.
-/// `upstream`: the configuration and client to fetch from (none on a closed site).
+/// `upstream`: the configuration and client to fetch from (a closed site's has no products).
 pub(crate) async fn repair(
     repo: &Repo,
     lock: &RepoLock,
     generations: &Generations,
     survey: &Survey,
-    upstream: Option<(&Config, &Upstream)>,
+    upstream: (&Config, &Upstream),
     dry_run: bool,
 ) -> Vec<RepairedFile> {
     if !dry_run {
@@ -236,7 +244,7 @@ async fn repair_one(
     _lock: &RepoLock,
     generations: &Generations,
     survey: &Survey,
-    upstream: Option<(&Config, &Upstream)>,
+    upstream: (&Config, &Upstream),
     damaged: &DamagedFile,
     dry_run: bool,
 ) -> RepairedFile {
@@ -269,13 +277,11 @@ async fn repair_one(
             revision: revision.clone(),
         });
     }
-    if let Some((config, _)) = upstream {
-        sources.extend(
-            sync::origins(config, &damaged.config_product, &damaged.path)
-                .into_iter()
-                .map(Source::Origin),
-        );
-    }
+    sources.extend(
+        sync::origins(upstream.0, &damaged.config_product, &damaged.path)
+            .into_iter()
+            .map(Source::Origin),
+    );
     let download = integrity::source_path(&targets[0]);
     for source in sources {
         let label = source.describe();
@@ -285,21 +291,14 @@ async fn repair_one(
             result.source = Some(label);
             return result;
         }
-        let fetched = fetch(
-            repo,
-            upstream.map(|u| u.1),
-            &source,
-            damaged,
-            &download,
-            dry_run,
-        )
-        .await
-        .and_then(|()| {
-            if dry_run {
-                return Ok(());
-            }
-            check_content(damaged, &download, &targets[0])
-        });
+        let fetched = fetch(repo, upstream.1, &source, damaged, &download, dry_run)
+            .await
+            .and_then(|()| {
+                if dry_run {
+                    return Ok(());
+                }
+                check_content(damaged, &download, &targets[0])
+            });
         match fetched {
             Ok(()) if dry_run => {
                 result.result = RepairResult::WouldRepair;
@@ -333,7 +332,7 @@ async fn repair_one(
 /// has it). An archive member is checked against the manifest's sha256 as it streams.
 async fn fetch(
     repo: &Repo,
-    upstream: Option<&Upstream>,
+    upstream: &Upstream,
     source: &Source,
     damaged: &DamagedFile,
     download: &Path,
@@ -384,7 +383,6 @@ async fn fetch(
                 .map_err(|err| format!("cannot copy it: {err}"))
         }
         Source::Origin(Origin::Url(url)) => {
-            let upstream = upstream.ok_or("no upstream client")?;
             match upstream.download(url, download, damaged.size).await {
                 Ok(Fetched::Body { .. }) => Ok(()),
                 Ok(_) => Err("not found (HTTP 404): upstream has moved on".into()),
@@ -552,7 +550,7 @@ pub(crate) async fn repair_latest(
         return Ok(Vec::new());
     }
     let survey = integrity::survey(repo, &integrity::live_generations(generations), &verifier);
-    Ok(repair(repo, lock, generations, &survey, Some(upstream), dry_run).await)
+    Ok(repair(repo, lock, generations, &survey, upstream, dry_run).await)
 }
 
 /// A damaged file of latest that [`repair_latest`] could not repair and that the staged
