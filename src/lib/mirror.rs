@@ -477,6 +477,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
                     None if failed => "sync failed; latest unchanged".to_string(),
                     None => "no change".to_string(),
                 };
+                let summary = summary + &repair::repaired_summary(&report.repaired);
                 let job_id = inv.insert_job("sync", started_at, job_status, &summary)?;
                 record_live_revisions(inv, &repo)?;
                 let rows: Vec<SyncRecord> = report

@@ -4,6 +4,7 @@
 //! revision files are read-only to their owner.
 
 use crate::doctor::{check, doctor, json};
+use crate::mirror_airgap::Sites;
 use crate::support::{AgentSetup, Home, Lab, Pm, Run, bin, sql};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -205,6 +206,13 @@ fn a_sync_with_upstream_unchanged_repairs_a_damaged_latest_instead_of_saying_unc
         let path = home.repo(&format!("{generation}/{CDIFF}"));
         assert_eq!(std::fs::read(path).unwrap(), original, "{generation}");
     }
+    assert_eq!(
+        sql(
+            &home,
+            "SELECT summary FROM jobs WHERE kind = 'sync' ORDER BY id DESC LIMIT 1"
+        ),
+        [format!("no change; repaired {CDIFF}")]
+    );
     let text = Pm::mirror(&home).args(["sync"]).run();
     assert_eq!(text.code(), 0, "{}", text.stderr());
     assert!(!text.stdout().contains("repaired"), "{}", text.stdout());
@@ -340,6 +348,42 @@ fn a_manifest_changed_by_hand_is_named_as_unsigned_and_left_to_a_backup() {
         run.stderr()
     );
     assert_eq!(std::fs::read(&manifest).unwrap(), text, "left as it is");
+}
+
+#[test]
+fn an_incremental_import_onto_a_damaged_latest_is_refused_and_a_full_bundle_is_the_way_back() {
+    let sites = Sites::new(3);
+    sites.export("r1.tar", None);
+    assert_eq!(sites.import("r1.tar").code(), 0);
+    sites.lab.upstream.set_version(6).unwrap();
+    Pm::mirror(&sites.online).args(["sync"]).json();
+    sites.export("r2-since-r1.tar", Some("r1"));
+    sites.export("r2-full.tar", None);
+    // test-2.cdiff is not in the incremental bundle: the closed side links latest's copy.
+    damage_one_byte(&sites.offline.repo(&format!("latest/{CDIFF}")));
+    let before = snapshot(&sites.offline);
+    let run = sites.import("r2-since-r1.tar");
+    assert_eq!(run.code(), 1, "{}", run.stderr());
+    assert!(
+        run.stderr()
+            .contains(&format!("`{CDIFF}` of latest here was damaged on disk"))
+            && run.stderr().contains("run `pm-mirror repair`"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(snapshot(&sites.offline), before, "nothing changed");
+    // A closed site has no upstream and no other copy: repair says what to do instead.
+    let repair = Pm::mirror(&sites.offline).args(["repair"]).run();
+    assert_eq!(repair.code(), 1, "{}", repair.stderr());
+    assert!(
+        repair.stderr().contains("import` of a full bundle"),
+        "{}",
+        repair.stderr()
+    );
+    let run = sites.import("r2-full.tar");
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let (_, report) = json(doctor(&sites.offline));
+    assert_eq!(check(&report, "latest")["result"], "ok", "{report}");
 }
 
 /// `ARGS` as nobody (uid 65534), the way `User=pm` runs the units.

@@ -201,8 +201,9 @@ const UNTRUSTED_HINT: &str = "a repair restores files, never manifests or signat
 /// The next step when no source has a file's content.
 const UNREPAIRABLE_HINT: &str = "restore the file from a backup of PM_HOME (its sha256 is \
     above) and run `pm-mirror repair` again, or leave the damaged generation behind: \
-    `pm-mirror sync` and `pm-mirror publish` once upstream has moved on for latest and dist, \
-    and a backup leaves at the publishes after (never roll back to it); docs/repairing.md";
+    `pm-mirror sync` (on a closed site: `pm-mirror import` of a full bundle, exported without \
+    `--since`) and `pm-mirror publish` for latest and dist, and a backup leaves at the \
+    publishes after (never roll back to it); docs/repairing.md";
 
 /// The manager's manifest key, as the revisions were signed with it.
 fn manifest_verifier(home: &Path) -> anyhow::Result<crate::pki::VerifyingKey> {
@@ -518,6 +519,19 @@ pub(crate) fn repair_text(files: &[RepairedFile]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// `; repaired PATH, PATH` for the sync job's summary (empty when nothing was repaired).
+pub(crate) fn repaired_summary(files: &[RepairedFile]) -> String {
+    let repaired: Vec<&str> = files
+        .iter()
+        .filter(|f| f.result == RepairResult::Repaired)
+        .map(|f| f.path.as_str())
+        .collect();
+    match repaired.is_empty() {
+        true => String::new(),
+        false => format!("; repaired {}", repaired.join(", ")),
+    }
 }
 
 /// Before a sync: latest's files checked against its manifest (a sync would otherwise trust
