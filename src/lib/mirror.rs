@@ -347,6 +347,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
         global.dry_run,
     )
     .await?;
+    let repair_bytes = upstream.bytes_received();
     let mut staged = if global.dry_run {
         None
     } else {
@@ -450,7 +451,8 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
             .map(|m| m.revision.clone())
             .or(generations.latest.clone()),
         previous_revision: generations.latest.clone(),
-        bytes_downloaded: reports.iter().map(|r| r.bytes_downloaded).sum(),
+        // What the repair of a damaged latest fetched counts too.
+        bytes_downloaded: repair_bytes + reports.iter().map(|r| r.bytes_downloaded).sum::<u64>(),
         duration_seconds: started.elapsed().as_secs_f64(),
         incomplete,
         products: reports,

@@ -195,6 +195,7 @@ fn a_sync_with_upstream_unchanged_repairs_a_damaged_latest_instead_of_saying_unc
     let original = damage_one_byte(&cdiff);
     let report = Pm::mirror(&home).args(["sync"]).json();
     assert_eq!(report["changed"], false, "upstream did not move: {report}");
+    assert_eq!(report["bytes_downloaded"], original.len(), "{report}");
     let repaired = &report["repaired"][0];
     assert_eq!(repaired["path"], CDIFF, "{report}");
     assert_eq!(repaired["result"], "repaired");
