@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
 use crate::config::{Config, ConfigError, PollConfig};
+use crate::integrity;
 use crate::inventory::{Inventory, InventoryError};
 use crate::repo::{Generations, Repo};
 
@@ -746,7 +747,7 @@ fn some_hosts(hosts: &[String]) -> String {
     text
 }
 
-/// The generations: dist verified (signature, sizes, sha256), latest and backups present.
+/// The generations: dist verified (signature, sizes, sha256), then every generation's files.
 /// Returns the bytes of dist's `manifest.json` when dist verified.
 fn check_repository(home: &Path, checks: &mut Vec<Check>) -> Option<Vec<u8>> {
     let repo = Repo::new(home);
@@ -762,9 +763,53 @@ fn check_repository(home: &Path, checks: &mut Vec<Check>) -> Option<Vec<u8>> {
         }
     };
     let dist_manifest = check_dist(home, &repo, &generations, checks);
+    check_generations(home, &repo, &generations, checks);
+    dist_manifest
+}
+
+/// Latest and the backups present, and every generation's files (latest, dist, backup/1..3)
+/// against their signed manifests ([`integrity::survey`]: a file shared by several revisions
+/// hashed once). A damaged file is one `files` check naming every generation it reaches.
+fn check_generations(home: &Path, repo: &Repo, generations: &Generations, checks: &mut Vec<Check>) {
+    let public_path = home.join(crate::pki::SIGNING_PUBLIC_KEY_FILE);
+    let survey = std::fs::read(&public_path)
+        .ok()
+        .and_then(|pem| crate::pki::parse_public_key(&pem, &public_path).ok())
+        .map(|(_, verifier)| {
+            integrity::survey(repo, &integrity::live_generations(generations), &verifier)
+        });
+    const REPAIR: &str = "run `pm-mirror repair` (docs/repairing.md)";
+    const UNTRUSTED: &str = "the manifest was edited or `pki/manifest-signing.*` replaced: restore \
+        them from a backup of PM_HOME (`pm-mirror repair` restores files, never signatures)";
+    // What is wrong with generation `name`, and the hint for it.
+    let damage = |name: &str| -> Option<(String, &'static str)> {
+        let survey = survey.as_ref()?;
+        let untrusted: Vec<String> = survey
+            .untrusted
+            .iter()
+            .filter(|u| u.generations.iter().any(|g| g == name))
+            .map(|u| u.problem.clone())
+            .collect();
+        let hint = if untrusted.is_empty() {
+            REPAIR
+        } else {
+            UNTRUSTED
+        };
+        let problems: Vec<String> = survey
+            .damage_in(name)
+            .map(|d| format!("`{}` does not match its manifest", d.path))
+            .chain(untrusted)
+            .collect();
+        (!problems.is_empty()).then(|| (problems.join("; "), hint))
+    };
     checks.push(match &generations.latest {
         None => Check::warn("latest", "no latest revision yet", "run `pm-mirror sync`"),
-        Some(revision) => present(&repo, "latest", revision),
+        Some(revision) => match damage("latest") {
+            Some((problem, hint)) if repo.revision_dir(revision).is_dir() => {
+                Check::fail("latest", format!("{revision}: {problem}"), hint)
+            }
+            _ => present(repo, "latest", revision),
+        },
     });
     let missing: Vec<String> = generations
         .backups
@@ -773,12 +818,32 @@ fn check_repository(home: &Path, checks: &mut Vec<Check>) -> Option<Vec<u8>> {
         .filter(|(_, revision)| !repo.revision_dir(revision).is_dir())
         .map(|(i, revision)| format!("backup/{} ({revision})", i + 1))
         .collect();
+    let damaged: Vec<(String, &str)> = (1..=generations.backups.len())
+        .filter_map(|n| {
+            let name = format!("backup/{n}");
+            let (problem, hint) = damage(&name)?;
+            Some((
+                format!("{name} ({}): {problem}", generations.backups[n - 1]),
+                hint,
+            ))
+        })
+        .collect();
     checks.push(if !missing.is_empty() {
         Check::fail(
             "backups",
             format!("missing from `repo/revisions`: {}", missing.join(", ")),
             "the repository was modified by hand; publish again with `pm-mirror publish`",
         )
+    } else if !damaged.is_empty() {
+        let hint = match damaged.iter().any(|(_, hint)| *hint == UNTRUSTED) {
+            true => UNTRUSTED,
+            false => REPAIR,
+        };
+        let problems: Vec<&str> = damaged
+            .iter()
+            .map(|(problem, _)| problem.as_str())
+            .collect();
+        Check::fail("backups", problems.join("; "), hint)
     } else if generations.backups.is_empty() {
         Check::ok("backups", Some("none yet".to_string()))
     } else {
@@ -795,7 +860,39 @@ fn check_repository(home: &Path, checks: &mut Vec<Check>) -> Option<Vec<u8>> {
             ),
         )
     });
-    dist_manifest
+    let Some(survey) = survey else {
+        return;
+    };
+    checks.push(if survey.damaged.is_empty() {
+        Check::ok(
+            "files",
+            Some(format!(
+                "{} files in {} revisions match their manifests ({} distinct, {} bytes hashed)",
+                survey.files_checked,
+                survey.revisions.len(),
+                survey.inodes_hashed,
+                survey.bytes_hashed
+            )),
+        )
+    } else {
+        Check::fail(
+            "files",
+            survey
+                .damaged
+                .iter()
+                .map(|d| {
+                    format!(
+                        "`{}` is damaged in {} (found {})",
+                        d.path,
+                        d.generations_text(),
+                        d.copies[0].found
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            REPAIR,
+        )
+    });
 }
 
 /// The signed dist statement agents check: present, signed, naming dist, not near expiry.

@@ -14,6 +14,7 @@ pub mod exporter;
 #[cfg(test)]
 mod fuzz;
 pub mod hosts;
+pub mod integrity;
 pub mod inventory;
 pub mod kit;
 pub mod lab;

@@ -3,6 +3,7 @@
 
 mod airgap;
 mod keys;
+mod repair;
 mod serve;
 mod sync;
 mod upstream;
@@ -72,6 +73,8 @@ pub enum Command {
     },
     /// Remove revisions, views and archives nothing references any more
     Gc,
+    /// Restore every file of latest, dist and the backups that no longer matches its manifest
+    Repair,
     /// Write latest (or what changed since REV) into one signed bundle for a closed network
     Export {
         /// Bundle file to write
@@ -161,6 +164,7 @@ impl Command {
             Command::Publish { .. } => Some("publish"),
             Command::Rollback { .. } => Some("rollback"),
             Command::Gc => Some("gc"),
+            Command::Repair => Some("repair"),
             Command::Export { .. } => Some("export"),
             Command::Import { .. } => Some("import"),
             Command::Key {
@@ -198,6 +202,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
         Command::Rollback { generation } => run_rollback(&home, &args.global, generation),
         Command::Serve { listen } => runtime.block_on(run_serve(&home, listen)),
         Command::Gc => run_gc(&home, &args.global),
+        Command::Repair => runtime.block_on(repair::run_repair(&home, &args.global)),
         Command::Export { out, since } => {
             airgap::run_export(&home, &args.global, &out, since.as_deref())
         }
@@ -331,6 +336,10 @@ pub struct SyncReport {
     pub incomplete: Vec<String>,
     /// Per product.
     pub products: Vec<ProductReport>,
+    /// Files of latest that no longer matched their manifest, repaired before the sync (with
+    /// `--dry-run`: that would be), in every generation sharing them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<repair::RepairedFile>,
 }
 
 async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::Result<ExitStatus> {
@@ -362,6 +371,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
             duration_seconds: started.elapsed().as_secs_f64(),
             incomplete: Vec::new(),
             products: Vec::new(),
+            repaired: Vec::new(),
         };
         if global.json {
             cli::print_json(&report)?;
@@ -402,6 +412,16 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
         // A key that cannot sign fails the run before anything is downloaded.
         SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
     }
+    let repaired = repair::repair_latest(
+        home,
+        &repo,
+        &lock,
+        &generations,
+        (&config, &upstream),
+        global.dry_run,
+    )
+    .await?;
+    let repair_bytes = upstream.bytes_received();
     let mut staged = if global.dry_run {
         None
     } else {
@@ -417,6 +437,16 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
         dry_run: global.dry_run,
     };
     let reports = sync::sync_products(&inputs, staged.as_mut()).await;
+    // A damaged file of latest no source had must not be carried into the next revision.
+    if let Some(err) = staged
+        .as_ref()
+        .and_then(|staged| repair::carried_damage(&repaired, staged.files()))
+    {
+        if let Some(staged) = staged {
+            staged.discard();
+        }
+        return Err(err);
+    }
 
     let failed = reports.iter().any(|r| r.result == ProductResult::Failed);
     let cooling = reports.iter().any(|r| r.result == ProductResult::Cooldown);
@@ -495,10 +525,12 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
             .map(|m| m.revision.clone())
             .or(generations.latest.clone()),
         previous_revision: generations.latest.clone(),
-        bytes_downloaded: reports.iter().map(|r| r.bytes_downloaded).sum(),
+        // What the repair of a damaged latest fetched counts too.
+        bytes_downloaded: repair_bytes + reports.iter().map(|r| r.bytes_downloaded).sum::<u64>(),
         duration_seconds: started.elapsed().as_secs_f64(),
         incomplete,
         products: reports,
+        repaired,
     };
     let status = if failed {
         ExitStatus::Failure
@@ -521,6 +553,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
                     None if failed => "sync failed; latest unchanged".to_string(),
                     None => "no change".to_string(),
                 };
+                let summary = summary + &repair::repaired_summary(&report.repaired);
                 let job_id = inv.insert_job("sync", started_at, job_status, &summary)?;
                 record_live_revisions(inv, &repo)?;
                 let rows: Vec<SyncRecord> = report
@@ -685,6 +718,9 @@ fn print_sync(global: &GlobalArgs, report: &SyncReport) -> anyhow::Result<()> {
         for warning in &product.warnings {
             cli::print_text(format!("{}: {warning}", product.name))?;
         }
+    }
+    if !report.repaired.is_empty() {
+        cli::print_text(repair::repair_text(&report.repaired))?;
     }
     if !report.incomplete.is_empty() && !report.dry_run {
         cli::print_text(format!(
@@ -1320,7 +1356,10 @@ pub fn verify_revision_files(dir: &Path, label: &str) -> anyhow::Result<Manifest
                 "`{}` in {label} does not match its manifest (size {size}, sha256 {sha256})",
                 file.path
             ))
-            .with_hint("the repository was modified by hand; run `pm-mirror sync` to stage a fresh revision")
+            .with_hint(
+                "the file was damaged on disk: run `pm-mirror repair`, which restores it into \
+                 every revision that shares it (docs/repairing.md)",
+            )
             .into());
         }
     }

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use crate::support::{Home, Lab, Pm, Run, Server};
 
-fn doctor(home: &Home) -> Pm {
+pub fn doctor(home: &Home) -> Pm {
     Pm::new("pm-doctor").args(["--home", home.path().to_str().unwrap()])
 }
 
@@ -24,13 +24,13 @@ fn published_home() -> (Lab, Home) {
 }
 
 /// Runs `pm-doctor --json` and returns the exit code and the document.
-fn json(pm: Pm) -> (i32, serde_json::Value) {
+pub fn json(pm: Pm) -> (i32, serde_json::Value) {
     let run: Run = pm.args(["--json"]).run();
     (run.code(), run.json())
 }
 
 /// The check named `name`.
-fn check<'a>(document: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+pub fn check<'a>(document: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     document["checks"]
         .as_array()
         .unwrap()
@@ -154,7 +154,7 @@ fn doctor_fails_a_truncated_dist_file_naming_it() {
         message.contains(&format!("size {}", length / 2)),
         "{message}"
     );
-    assert!(dist["hint"].as_str().unwrap().contains("pm-mirror sync"));
+    assert!(dist["hint"].as_str().unwrap().contains("pm-mirror repair"));
 }
 
 #[test]

@@ -32,6 +32,7 @@ mod mirror_chain;
 mod mirror_ownership;
 mod mirror_products;
 mod mirror_publish;
+mod mirror_repair;
 mod mirror_serve;
 mod mirror_status;
 mod mirror_sync;

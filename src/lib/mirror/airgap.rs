@@ -10,7 +10,6 @@ use chrono::Utc;
 use serde::Serialize;
 
 use crate::bundle::{self, BundleBase, ReadLimits};
-use crate::clamav;
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
 use crate::inventory::{Inventory, SyncRecord};
 use crate::manifest::{FileEntry, Manifest};
@@ -365,6 +364,18 @@ fn verify_into(
                 staged
                     .carry_over(dir, file.clone())
                     .map_err(|err| err.to_string())?;
+                // Latest's copy is linked in unread: one damaged on disk would go on unseen.
+                let carried = staged.dir().join(&file.path);
+                let (size, sha256) = crate::mirror::hash_file(&carried)
+                    .map_err(|err| format!("cannot read `{}`: {err}", carried.display()))?;
+                if size != file.size || sha256 != file.sha256 {
+                    return Err(format!(
+                        "`{}` of latest here was damaged on disk (it no longer matches latest's \
+                         manifest): run `pm-mirror repair`, or import a full bundle (exported \
+                         without `--since`)",
+                        file.path
+                    ));
+                }
             }
             _ => {
                 return Err(format!(
@@ -406,21 +417,11 @@ fn verify_into(
 
 /// The same ClamAV checks a sync makes: every CVD, cdiff and detached signature.
 fn verify_clamav_files(dir: &Path, manifest: &Manifest) -> Result<(), String> {
-    let read = |path: &str| {
-        std::fs::read(dir.join(path)).map_err(|err| format!("cannot read `{path}`: {err}"))
-    };
     for file in &manifest.files {
         let path = file.path.as_str();
-        let checked = if path.ends_with(".cvd") {
-            clamav::verify_cvd(&read(path)?).map(|_| ())
-        } else if path.ends_with(".cdiff") {
-            clamav::verify_cdiff(&read(path)?)
-        } else if let Some(signed) = super::sync::signed_file(path) {
-            clamav::verify_sign_file(&read(path)?, &read(&signed)?, None).map(|_| ())
-        } else {
-            Ok(())
-        };
-        checked.map_err(|err| format!("`{path}`: {err}"))?;
+        let signed = super::sync::signed_file(path).map(|signed| dir.join(signed));
+        super::sync::verify_clamav_file(path, &dir.join(path), signed.as_deref())
+            .map_err(|err| format!("`{path}`: {err}"))?;
     }
     Ok(())
 }

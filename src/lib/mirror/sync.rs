@@ -1815,6 +1815,73 @@ async fn sync_agent(
     Ok(outcome)
 }
 
+/// Where a file of a revision can be fetched again, for `pm-mirror repair`.
+#[derive(Debug, Clone)]
+pub(crate) enum Origin {
+    /// Upstream or the parent mirror serves it at this URL (ClamAV: each configured URL).
+    Url(Url),
+    /// An `agent` product's package directory holds it.
+    File(PathBuf),
+}
+
+/// Where `pm.toml`'s product `config_product` offers the file `path` of a revision (as sync
+/// would fetch it): for a `clamav` product `url/<name>` and each fallback, for `files` the
+/// index's location, for `pm` the parent's `url/<path>`, for `agent` the package directory.
+/// Empty when the product is no longer in pm.toml.
+pub(crate) fn origins(config: &Config, config_product: &str, path: &str) -> Vec<Origin> {
+    let Some(product) = config.products.iter().find(|p| p.name == config_product) else {
+        return Vec::new();
+    };
+    let relative = path
+        .strip_prefix(&format!("{}/", product.name))
+        .unwrap_or(path);
+    match &product.source {
+        ProductSource::Clamav(source) => std::iter::once(&source.url)
+            .chain(source.fallback_urls.iter())
+            .filter_map(|base| join(base, relative).ok())
+            .map(Origin::Url)
+            .collect(),
+        ProductSource::Files(source) => Url::parse(&source.index_url)
+            .ok()
+            .and_then(|index| {
+                let url = index.join(&crate::manifest::url_path(relative)).ok()?;
+                let dir = index.join(".").ok()?;
+                (url.origin() == index.origin() && url.path().starts_with(dir.path()))
+                    .then_some(url)
+            })
+            .map(Origin::Url)
+            .into_iter()
+            .collect(),
+        ProductSource::Pm(source) => join(&source.url, path)
+            .ok()
+            .map(Origin::Url)
+            .into_iter()
+            .collect(),
+        ProductSource::Agent(source) => vec![Origin::File(source.dir.join(relative))],
+    }
+}
+
+/// ClamAV's own checks of a file of a `clamav` product fetched again, as sync checks them: a
+/// CVD's RSA signature and MD5, a cdiff's signature, a detached `.sign` against the file it
+/// signs (`signed`, read from the revision). Other files pass.
+pub(crate) fn verify_clamav_file(
+    path: &str,
+    file: &Path,
+    signed: Option<&Path>,
+) -> Result<(), String> {
+    let read = |path: &Path| read(path).map_err(|err| err.to_string());
+    let checked = if path.ends_with(".cvd") {
+        clamav::verify_cvd_file(file).map(drop)
+    } else if path.ends_with(".cdiff") {
+        clamav::verify_cdiff(&read(file)?).map(drop)
+    } else if let (true, Some(signed)) = (path.ends_with(".sign"), signed) {
+        clamav::verify_sign_file(&read(file)?, &read(signed)?, None).map(drop)
+    } else {
+        Ok(())
+    };
+    checked.map_err(|err| err.to_string())
+}
+
 /// The file a ClamAV detached signature signs: `X.cdiff.sign` signs `X.cdiff`,
 /// `<db>-<N>.cvd.sign` signs `<db>.cvd`.
 pub(crate) fn signed_file(path: &str) -> Option<String> {
@@ -1830,6 +1897,72 @@ pub(crate) fn signed_file(path: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The URLs (or file) `origins` gives for `path` of pm.toml product `product`.
+    fn check_origins(products: &str, product: &str, path: &str, expected: &[&str]) {
+        let config = Config::parse(products, Path::new("pm.toml")).unwrap();
+        let found: Vec<String> = origins(&config, product, path)
+            .into_iter()
+            .map(|origin| match origin {
+                Origin::Url(url) => url.to_string(),
+                Origin::File(path) => path.display().to_string(),
+            })
+            .collect();
+        assert_eq!(found, expected, "{product} {path}");
+    }
+
+    #[test]
+    fn a_file_is_fetched_again_where_its_product_offers_it() {
+        let products = r#"
+[[products]]
+name = "clamav"
+kind = "clamav"
+url = "http://a.example/clamav/"
+fallback_urls = ["http://b.example/db"]
+databases = ["daily"]
+[[products]]
+name = "vendor"
+kind = "files"
+index_url = "http://c.example/feed/index.json"
+[[products]]
+name = "parent"
+kind = "pm"
+url = "http://d.example:8080"
+trusted_key = "/etc/pm/parent.pem"
+[[products]]
+name = "agent"
+kind = "agent"
+dir = "/srv/agents"
+"#;
+        check_origins(
+            products,
+            "clamav",
+            "clamav/daily-2.cdiff",
+            &[
+                "http://a.example/clamav/daily-2.cdiff",
+                "http://b.example/db/daily-2.cdiff",
+            ],
+        );
+        check_origins(
+            products,
+            "vendor",
+            "vendor/sub/my site.hdb",
+            &["http://c.example/feed/sub/my%20site.hdb"],
+        );
+        check_origins(
+            products,
+            "parent",
+            "clamav/daily.cvd",
+            &["http://d.example:8080/clamav/daily.cvd"],
+        );
+        check_origins(
+            products,
+            "agent",
+            "agent/pm-agent-1.0.0-x86_64-linux",
+            &["/srv/agents/pm-agent-1.0.0-x86_64-linux"],
+        );
+        check_origins(products, "gone", "gone/x.cvd", &[]);
+    }
 
     #[test]
     fn index_paths_must_stay_inside_the_product() {
