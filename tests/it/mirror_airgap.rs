@@ -672,3 +672,114 @@ fn a_closed_sites_sync_timer_has_nothing_to_sync_and_its_publish_keeps_dist_sign
         run.stderr()
     );
 }
+
+/// Runs `pm` and waits at most 15 s: a run still going then is killed and reported as blocked,
+/// so a test of something that used to block for ever fails instead of hanging the suite.
+fn run_bounded(pm: Pm) -> std::process::Output {
+    let mut command = pm.command();
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "still blocked after 15 s; stderr:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Issue 17: `import` of a FIFO blocked for ever waiting for a writer. Anything but a regular
+/// file (FIFO, socket, directory, device) is refused at once, the mirror unchanged, while a
+/// symlink to a bundle file imports; `trust add` and `--out` of `export` and `key
+/// export-public` refuse the same.
+#[test]
+fn importing_a_fifo_socket_directory_or_device_is_refused_at_once_and_changes_nothing() {
+    let sites = Sites::new(3);
+    sites.export("pm-r1.tar", None);
+    let fifo = sites.bundle_path("bundle.fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let socket = sites.bundle_path("bundle.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let directory = sites.bundle_path("bundle.d");
+    std::fs::create_dir(&directory).unwrap();
+    let before = snapshot(sites.offline.path());
+    let cases: [(&Path, &str); 4] = [
+        (&fifo, "a FIFO (named pipe)"),
+        (&socket, "a socket"),
+        (&directory, "a directory"),
+        (Path::new("/dev/zero"), "a character device"),
+    ];
+    for (path, kind) in cases {
+        let started = std::time::Instant::now();
+        let output = run_bounded(
+            Pm::mirror(&sites.offline)
+                .args(["import", "--json"])
+                .arg_path(path),
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{kind}");
+        assert_eq!(output.status.code(), Some(2), "{kind}");
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(
+            report["error"],
+            format!(
+                "cannot import `{}`: it is {kind}, not a regular file",
+                path.display()
+            )
+        );
+        assert!(
+            report["hint"]
+                .as_str()
+                .unwrap()
+                .contains("copy it to a file first"),
+            "{report}"
+        );
+        assert_eq!(snapshot(sites.offline.path()), before, "{kind}");
+    }
+    for args in [&["trust", "add"][..], &["key", "export-public", "--out"]] {
+        let output = run_bounded(Pm::mirror(&sites.offline).args(args).arg_path(&fifo));
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr)
+                .contains("a FIFO (named pipe), not a regular file"),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let output = run_bounded(
+        Pm::mirror(&sites.online)
+            .args(["export", "--out"])
+            .arg_path(&fifo),
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let fifo_kind = std::fs::symlink_metadata(&fifo).unwrap().file_type();
+    assert!(
+        std::os::unix::fs::FileTypeExt::is_fifo(&fifo_kind),
+        "export must not replace the FIFO"
+    );
+    assert_eq!(snapshot(sites.offline.path()), before);
+
+    // A symlink to a bundle file is a regular file for this purpose.
+    let link = sites.bundle_path("latest.tar");
+    std::os::unix::fs::symlink(sites.bundle_path("pm-r1.tar"), &link).unwrap();
+    let imported = Pm::mirror(&sites.offline)
+        .args(["import", "--json"])
+        .arg_path(&link)
+        .run();
+    assert_eq!(imported.code(), 0, "{}", imported.stderr());
+    assert_eq!(imported.json()["changed"], true);
+}
