@@ -640,13 +640,13 @@ impl Inventory {
     }
 
     /// Per product, the notes of the sync that brought its current content (its newest
-    /// `updated` row that made a revision), one note per line; products without notes are
-    /// left out.
+    /// `updated` or `rolled_back_by_parent` row that made a revision), one note per line;
+    /// products without notes are left out.
     pub fn content_warnings(&self) -> Result<Vec<(String, String)>, InventoryError> {
         let mut statement = self.db(self.conn.prepare(
             "SELECT product, warnings FROM (
                  SELECT product, warnings FROM mirror_syncs
-                 WHERE result = 'updated' AND revision IS NOT NULL
+                 WHERE result IN ('updated', 'rolled_back_by_parent') AND revision IS NOT NULL
                  QUALIFY row_number() OVER (PARTITION BY product ORDER BY id DESC) = 1
              ) WHERE warnings IS NOT NULL ORDER BY product",
         ))?;

@@ -534,7 +534,12 @@ fn print_sync_errors(home: &Path, report: &SyncReport) {
             continue;
         };
         eprintln!("error: {}: {error}", product.name);
-        if error.contains("No space left on device") {
+        if error.contains("published or rolled back while this sync ran") {
+            eprintln!(
+                "hint: latest is unchanged; the parent's dist changed during the sync: run \
+                 `pm-mirror sync` again"
+            );
+        } else if error.contains("No space left on device") {
             eprintln!(
                 "hint: free space on the filesystem of `{}` (df -h) and run again; latest and \
                  dist are unchanged",
@@ -591,6 +596,9 @@ fn print_sync(global: &GlobalArgs, report: &SyncReport) -> anyhow::Result<()> {
         let result = match (&product.error, product.cooldown_until) {
             (_, Some(until)) => format!("cooldown until {}", until.format("%Y-%m-%d %H:%M:%SZ")),
             (Some(_), None) => "failed".to_string(),
+            _ if product.result == ProductResult::RolledBackByParent => {
+                "rolled back by the parent".to_string()
+            }
             _ => serde_json::to_value(product.result)
                 .ok()
                 .and_then(|v| v.as_str().map(String::from))
