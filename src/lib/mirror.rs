@@ -207,6 +207,11 @@ fn load_config(home: &Path) -> anyhow::Result<Config> {
                 "create it with the products to mirror, for example:\n{}",
                 config::EXAMPLE.trim_end()
             ),
+            config::ConfigError::Unreadable { .. } => format!(
+                "`{}` must be a regular file this user can read (`ls -l {}`)",
+                path.display(),
+                path.display()
+            ),
             _ => "fix the value and run again; pm.toml keys are in the README".into(),
         };
         anyhow::Error::new(UserError::usage(err.to_string()).with_hint(hint))

@@ -673,28 +673,10 @@ fn a_closed_sites_sync_timer_has_nothing_to_sync_and_its_publish_keeps_dist_sign
     );
 }
 
-/// Runs `pm` and waits at most 15 s: a run still going then is killed and reported as blocked,
-/// so a test of something that used to block for ever fails instead of hanging the suite.
-fn run_bounded(pm: Pm) -> std::process::Output {
-    let mut command = pm.command();
-    command
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = command.spawn().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            child.kill().unwrap();
-            let output = child.wait_with_output().unwrap();
-            panic!(
-                "still blocked after 15 s; stderr:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+/// Runs `pm` for at most 15 s (`-1`: killed then): a test of what used to block for ever fails
+/// instead of hanging the suite.
+fn run_bounded(pm: Pm) -> crate::bad_input::Outcome {
+    crate::bad_input::run_limited(pm.command(), Duration::from_secs(15))
 }
 
 /// Issue 17: `import` of a FIFO blocked for ever waiting for a writer. Anything but a regular
@@ -732,8 +714,8 @@ fn importing_a_fifo_socket_directory_or_device_is_refused_at_once_and_changes_no
                 .arg_path(path),
         );
         assert!(started.elapsed() < Duration::from_secs(5), "{kind}");
-        assert_eq!(output.status.code(), Some(2), "{kind}");
-        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(output.code, 2, "{kind}: {}", output.stderr);
+        let report: serde_json::Value = serde_json::from_str(&output.stdout).unwrap();
         assert_eq!(
             report["error"],
             format!(
@@ -752,12 +734,13 @@ fn importing_a_fifo_socket_directory_or_device_is_refused_at_once_and_changes_no
     }
     for args in [&["trust", "add"][..], &["key", "export-public", "--out"]] {
         let output = run_bounded(Pm::mirror(&sites.offline).args(args).arg_path(&fifo));
-        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert_eq!(output.code, 2, "{args:?}");
         assert!(
-            String::from_utf8_lossy(&output.stderr)
+            output
+                .stderr
                 .contains("a FIFO (named pipe), not a regular file"),
             "{args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
+            output.stderr
         );
     }
     let output = run_bounded(
@@ -765,13 +748,32 @@ fn importing_a_fifo_socket_directory_or_device_is_refused_at_once_and_changes_no
             .args(["export", "--out"])
             .arg_path(&fifo),
     );
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.code, 2, "{}", output.stderr);
     let fifo_kind = std::fs::symlink_metadata(&fifo).unwrap().file_type();
     assert!(
         std::os::unix::fs::FileTypeExt::is_fifo(&fifo_kind),
         "export must not replace the FIFO"
     );
     assert_eq!(snapshot(sites.offline.path()), before);
+
+    // The home's own pm.toml: a FIFO there would hang every tool and the sync timer.
+    let piped = Home::new();
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(piped.path().join("pm.toml"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let output = run_bounded(Pm::mirror(&piped).args(["sync"]));
+    assert_eq!(output.code, 2, "{}", output.stderr);
+    assert!(
+        output
+            .stderr
+            .contains("pm.toml`: it is a FIFO (named pipe), not a regular file"),
+        "{}",
+        output.stderr
+    );
 
     // A symlink to a bundle file is a regular file for this purpose.
     let link = sites.bundle_path("latest.tar");
