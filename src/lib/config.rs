@@ -16,11 +16,12 @@ pub enum ConfigError {
     /// The file is missing.
     #[error("no config file at `{path}`")]
     Missing { path: PathBuf },
-    /// The file exists but cannot be read.
-    #[error("cannot read `{path}`")]
+    /// The file exists but cannot be read (or is not a regular file).
+    #[error("cannot read `{path}`: {reason}")]
     Unreadable {
         path: PathBuf,
-        source: std::io::Error,
+        /// Said in the message itself (not as a `source`, which would print it twice).
+        reason: std::io::Error,
     },
     /// TOML syntax or a type/field error, with toml's own line and column.
     #[error("`{path}`: {message}")]
@@ -460,19 +461,24 @@ const RESERVED_PRODUCT_NAMES: [&str; 6] = [
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+        // Only a regular file: a FIFO here would block every tool (and the sync timer) for ever.
+        let unreadable = |reason| ConfigError::Unreadable {
+            path: path.to_owned(),
+            reason,
+        };
+        let text = match crate::durable::read_regular(path) {
+            Ok(bytes) => String::from_utf8(bytes).map_err(|err| {
+                unreadable(std::io::Error::new(std::io::ErrorKind::InvalidData, err))
+            })?,
+            Err(crate::durable::OpenRegularError::Io(err))
+                if err.kind() == std::io::ErrorKind::NotFound =>
+            {
                 return Err(ConfigError::Missing {
                     path: path.to_owned(),
                 });
             }
-            Err(source) => {
-                return Err(ConfigError::Unreadable {
-                    path: path.to_owned(),
-                    source,
-                });
-            }
+            Err(crate::durable::OpenRegularError::Io(source)) => return Err(unreadable(source)),
+            Err(not_regular) => return Err(unreadable(std::io::Error::other(not_regular))),
         };
         Config::parse(&text, path)
     }

@@ -77,6 +77,66 @@ fn sibling_tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(unique)
 }
 
+/// Why [`open_regular`] refused a path.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenRegularError {
+    /// It cannot be opened (missing, no permission).
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// It is there but is not a regular file (`kind`: "a FIFO (named pipe)", "a directory").
+    #[error("it is {kind}, not a regular file")]
+    NotRegular { kind: &'static str },
+}
+
+/// Opens a file an operator named for reading, refusing at once anything but a regular file (a
+/// symlink to one is fine). A FIFO would block `open` until a writer comes and then hand over a
+/// stream that may end anywhere; a device may never end and opening one can have effects (a tape
+/// rewinds). So the path is `stat`ed first and only a regular file is opened, with `O_NONBLOCK`
+/// so that one swapped for a FIFO between the two steps is never waited on, and the descriptor
+/// is checked again (`O_NONBLOCK` is then cleared; regular files ignore it anyway).
+pub fn open_regular(path: &Path) -> Result<File, OpenRegularError> {
+    check_regular(&fs::metadata(path)?)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)?;
+    check_regular(&file.metadata()?)?;
+    let flags = rustix::fs::fcntl_getfl(&file).map_err(io::Error::from)?;
+    rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK)
+        .map_err(io::Error::from)?;
+    Ok(file)
+}
+
+/// Reads a whole file an operator named, through [`open_regular`].
+pub fn read_regular(path: &Path) -> Result<Vec<u8>, OpenRegularError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_regular(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Refuses metadata that is not a regular file's, naming what it is.
+pub fn check_regular(metadata: &fs::Metadata) -> Result<(), OpenRegularError> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = metadata.file_type();
+    let kind = if kind.is_file() {
+        return Ok(());
+    } else if kind.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_dir() {
+        "a directory"
+    } else {
+        "of another kind"
+    };
+    Err(OpenRegularError::NotRegular { kind })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +154,37 @@ mod tests {
         );
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn open_regular_takes_files_and_links_to_them_and_refuses_the_rest_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bundle.tar");
+        fs::write(&file, b"bundle").unwrap();
+        let link = dir.path().join("link.tar");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert_eq!(read_regular(&file).unwrap(), b"bundle");
+        assert_eq!(read_regular(&link).unwrap(), b"bundle");
+        let refused = |path: &Path| match open_regular(path) {
+            Err(OpenRegularError::NotRegular { kind }) => kind,
+            other => panic!("{}: {other:?}", path.display()),
+        };
+        assert_eq!(refused(&fifo), "a FIFO (named pipe)");
+        assert_eq!(refused(dir.path()), "a directory");
+        assert_eq!(refused(Path::new("/dev/null")), "a character device");
+        assert!(matches!(
+            open_regular(&dir.path().join("missing")),
+            Err(OpenRegularError::Io(_))
+        ));
     }
 
     #[test]

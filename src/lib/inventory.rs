@@ -767,12 +767,12 @@ impl Inventory {
     }
 
     /// Per product, the sync or import that brought its current content: its newest `updated`
-    /// row that made a revision.
+    /// (or `rolled_back_by_parent`) row that made a revision.
     pub fn content_origins(&self) -> Result<Vec<ContentOrigin>, InventoryError> {
         let mut statement = self.db(self.conn.prepare(
             "SELECT product, source, epoch(finished_at), revision, bundle_sha256, warnings
              FROM mirror_syncs
-             WHERE result = 'updated' AND revision IS NOT NULL
+             WHERE result IN ('updated', 'rolled_back_by_parent') AND revision IS NOT NULL
              QUALIFY row_number() OVER (PARTITION BY product ORDER BY id DESC) = 1
              ORDER BY product",
         ))?;

@@ -3,6 +3,7 @@
 
 mod airgap;
 mod keys;
+mod removed;
 mod repair;
 mod serve;
 mod sync;
@@ -58,6 +59,10 @@ pub enum Command {
         /// Publish latest even though a rollback took it out of dist before
         #[arg(long)]
         again: bool,
+        /// Publish latest even though it leaves out a product dist holds (removed or renamed
+        /// in pm.toml): its files leave dist
+        #[arg(long)]
+        allow_removal: bool,
     },
     /// Move dist back to backup/N (dist only; to roll back the fleet use pm-rollback)
     Rollback {
@@ -191,9 +196,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
     match args.command {
         Command::Sync { products } => runtime.block_on(run_sync(&home, &args.global, &products)),
         Command::Status => run_status(&home, &args.global),
-        Command::Publish { again } => {
+        Command::Publish {
+            again,
+            allow_removal,
+        } => {
             let started_at = Utc::now();
-            let published = run_publish(&home, &args.global, again);
+            let published = run_publish(&home, &args.global, again, allow_removal);
             if let Err(err) = &published {
                 record_failed_publish(&home, &args.global, started_at, err);
             }
@@ -244,6 +252,11 @@ fn load_config(home: &Path) -> anyhow::Result<Config> {
                  fed only by bundles (`pm-mirror import`), an empty one (docs/mirror.md shows a \
                  minimal closed-home pm.toml)",
                 config::EXAMPLE.trim_end()
+            ),
+            config::ConfigError::Unreadable { .. } => format!(
+                "`{}` must be a regular file this user can read (`ls -l {}`)",
+                path.display(),
+                path.display()
             ),
             _ => "fix the value and run again; pm.toml keys are in the README".into(),
         };
@@ -340,6 +353,10 @@ pub struct SyncReport {
     /// `--dry-run`: that would be), in every generation sharing them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub repaired: Vec<repair::RepairedFile>,
+    /// Products the previous latest held that pm.toml no longer lists, with their files: this
+    /// sync left them out of latest (in a dry run: would); publish asks `--allow-removal`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<removed::RemovedProduct>,
 }
 
 async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::Result<ExitStatus> {
@@ -372,6 +389,7 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
             incomplete: Vec::new(),
             products: Vec::new(),
             repaired: Vec::new(),
+            removed: Vec::new(),
         };
         if global.json {
             cli::print_json(&report)?;
@@ -510,13 +528,20 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
     }
     drop(lock);
 
+    // Products pm.toml no longer lists leave latest with the next revision.
+    let configured: Vec<&str> = config.products.iter().map(|p| p.name.as_str()).collect();
+    let leaving = previous
+        .as_ref()
+        .map(|p| removed::unconfigured_products(p, &configured))
+        .unwrap_or_default();
     // A dry run says whether a sync would make a new revision (Ansible's check mode).
     let would_update = global.dry_run
         && !failed
         && incomplete.is_empty()
-        && reports
-            .iter()
-            .any(|r| r.result == ProductResult::WouldUpdate);
+        && (!leaving.is_empty()
+            || reports
+                .iter()
+                .any(|r| r.result == ProductResult::WouldUpdate));
     let report = SyncReport {
         changed: new_manifest.is_some() || would_update,
         dry_run: global.dry_run,
@@ -531,6 +556,11 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
         incomplete,
         products: reports,
         repaired,
+        removed: if new_manifest.is_some() || would_update {
+            leaving
+        } else {
+            Vec::new()
+        },
     };
     let status = if failed {
         ExitStatus::Failure
@@ -595,6 +625,14 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
             .map_err(inventory_error)?;
     }
     print_sync(global, &report)?;
+    removed::warn(
+        &report.removed,
+        global.dry_run,
+        "sync",
+        "latest what pm.toml no longer lists",
+        "; `pm-mirror publish` takes it out of dist only with --allow-removal (put it back in \
+         pm.toml to keep it)",
+    );
     if failed {
         print_sync_errors(home, &report);
     }
@@ -608,7 +646,12 @@ fn print_sync_errors(home: &Path, report: &SyncReport) {
             continue;
         };
         eprintln!("error: {}: {error}", product.name);
-        if error.contains("No space left on device") {
+        if error.contains("published or rolled back while this sync ran") {
+            eprintln!(
+                "hint: latest is unchanged; the parent's dist changed during the sync: run \
+                 `pm-mirror sync` again"
+            );
+        } else if error.contains("No space left on device") {
             eprintln!(
                 "hint: free space on the filesystem of `{}` (df -h) and run again; latest and \
                  dist are unchanged",
@@ -665,6 +708,9 @@ fn print_sync(global: &GlobalArgs, report: &SyncReport) -> anyhow::Result<()> {
         let result = match (&product.error, product.cooldown_until) {
             (_, Some(until)) => format!("cooldown until {}", until.format("%Y-%m-%d %H:%M:%SZ")),
             (Some(_), None) => "failed".to_string(),
+            _ if product.result == ProductResult::RolledBackByParent => {
+                "rolled back by the parent".to_string()
+            }
             _ => serde_json::to_value(product.result)
                 .ok()
                 .and_then(|v| v.as_str().map(String::from))
@@ -771,9 +817,17 @@ pub struct PublishReport {
     pub dist_valid_until: Option<DateTime<Utc>>,
     /// Whether this publish re-signed the statement of an unchanged dist.
     pub re_signed: bool,
+    /// Products dist held that this publish took out with `--allow-removal`, with their files.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<removed::RemovedProduct>,
 }
 
-fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<ExitStatus> {
+fn run_publish(
+    home: &Path,
+    global: &GlobalArgs,
+    again: bool,
+    allow_removal: bool,
+) -> anyhow::Result<ExitStatus> {
     let started_at = Utc::now();
     let config = load_config_or_closed_home(home, global)?;
     let repo = Repo::new(home);
@@ -798,6 +852,7 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
         reason: Some(reason),
         dist_valid_until: None,
         re_signed: false,
+        removed: Vec::new(),
     };
     let same_content = match &before.dist {
         Some(dist) if dist != &latest => {
@@ -862,6 +917,29 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
             return Err(refused.into());
         }
     }
+    // dist must not lose a product by a typo in pm.toml: leaving one out takes a decision.
+    let removed = match &before.dist {
+        Some(dist) => removed::removed_products(
+            &repo.manifest(dist).map_err(repo_error)?,
+            &repo.manifest(&latest).map_err(repo_error)?,
+        ),
+        None => Vec::new(),
+    };
+    if !removed.is_empty() && !allow_removal {
+        if let Err(err) = keep_dist_signed(&lock) {
+            tracing::warn!(error = %format!("{err:#}"), "cannot re-sign dist");
+        }
+        return Err(UserError::usage(format!(
+            "latest `{latest}` leaves out what dist holds; publishing it would take out of dist: {}",
+            removed::describe_all(&removed)
+        ))
+        .with_hint(
+            "a product removed or renamed in pm.toml leaves dist with its files: put it back in \
+             pm.toml under its old name and run `pm-mirror sync`, or run `pm-mirror publish \
+             --allow-removal` to publish without it",
+        )
+        .into());
+    }
     // The inventory is opened before the switch so that a lock timeout fails with no change.
     let inventory = if global.dry_run {
         None
@@ -896,6 +974,7 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
         reason: None,
         dist_valid_until,
         re_signed: false,
+        removed,
     };
     let mut unfinished_rollback = None;
     if let Some(inventory) = inventory {
@@ -931,6 +1010,13 @@ fn run_publish(home: &Path, global: &GlobalArgs, again: bool) -> anyhow::Result<
     }
     drop(lock);
     print_publish(global, &report)?;
+    removed::warn(
+        &report.removed,
+        global.dry_run,
+        "publish",
+        "dist with --allow-removal",
+        "",
+    );
     if let Some((job_id, revision, hosts)) = unfinished_rollback {
         // Publish does not wait for it (docs/day-2-operations.md says why); its hosts stay
         // held, and running it again is refused with what to do instead.

@@ -38,15 +38,15 @@ const fn case<I>(name: &'static str, input: I, code: i32, says: &'static str) ->
 }
 
 /// What one run printed and how it ended (-1: killed after the time limit).
-struct Outcome {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Outcome {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// Runs `command` with stdin closed; a run that outlives `limit` is killed (a hang is a defect
 /// too, and must not hang the suite).
-fn run_limited(mut command: Command, limit: Duration) -> Outcome {
+pub(crate) fn run_limited(mut command: Command, limit: Duration) -> Outcome {
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -885,8 +885,32 @@ static CLI: &[Case<Cli>] = &[
     case(
         "mirror: import a directory",
         ("pm-mirror", &["import", "{tmp}/dir"]),
-        1,
-        "trusts no exporter key",
+        2,
+        "it is a directory, not a regular file",
+    ),
+    case(
+        "mirror: import a device",
+        ("pm-mirror", &["import", "/dev/null"]),
+        2,
+        "it is a character device, not a regular file",
+    ),
+    case(
+        "mirror: trust add a directory",
+        ("pm-mirror", &["trust", "add", "{tmp}/dir"]),
+        2,
+        "it is a directory, not a regular file",
+    ),
+    case(
+        "mirror: export over a directory",
+        ("pm-mirror", &["export", "--out", "{tmp}/dir"]),
+        2,
+        "it is a directory, not a regular file",
+    ),
+    case(
+        "mirror: key export-public over a device",
+        ("pm-mirror", &["key", "export-public", "--out", "/dev/null"]),
+        2,
+        "it is a character device, not a regular file",
     ),
     case(
         "mirror: import max size with a bad unit",

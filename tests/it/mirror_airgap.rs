@@ -662,3 +662,116 @@ fn a_closed_sites_sync_timer_has_nothing_to_sync_and_its_publish_keeps_dist_sign
         run.stderr()
     );
 }
+
+/// Runs `pm` for at most 15 s (`-1`: killed then): a test of what used to block for ever fails
+/// instead of hanging the suite.
+fn run_bounded(pm: Pm) -> crate::bad_input::Outcome {
+    crate::bad_input::run_limited(pm.command(), Duration::from_secs(15))
+}
+
+/// Issue 17: `import` of a FIFO blocked for ever waiting for a writer. Anything but a regular
+/// file (FIFO, socket, directory, device) is refused at once, the mirror unchanged, while a
+/// symlink to a bundle file imports; `trust add` and `--out` of `export` and `key
+/// export-public` refuse the same.
+#[test]
+fn importing_a_fifo_socket_directory_or_device_is_refused_at_once_and_changes_nothing() {
+    let sites = Sites::new(3);
+    sites.export("pm-r1.tar", None);
+    let fifo = sites.bundle_path("bundle.fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let socket = sites.bundle_path("bundle.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let directory = sites.bundle_path("bundle.d");
+    std::fs::create_dir(&directory).unwrap();
+    let before = snapshot(sites.offline.path());
+    let cases: [(&Path, &str); 4] = [
+        (&fifo, "a FIFO (named pipe)"),
+        (&socket, "a socket"),
+        (&directory, "a directory"),
+        (Path::new("/dev/zero"), "a character device"),
+    ];
+    for (path, kind) in cases {
+        let started = std::time::Instant::now();
+        let output = run_bounded(
+            Pm::mirror(&sites.offline)
+                .args(["import", "--json"])
+                .arg_path(path),
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{kind}");
+        assert_eq!(output.code, 2, "{kind}: {}", output.stderr);
+        let report: serde_json::Value = serde_json::from_str(&output.stdout).unwrap();
+        assert_eq!(
+            report["error"],
+            format!(
+                "cannot import `{}`: it is {kind}, not a regular file",
+                path.display()
+            )
+        );
+        assert!(
+            report["hint"]
+                .as_str()
+                .unwrap()
+                .contains("copy it to a file first"),
+            "{report}"
+        );
+        assert_eq!(snapshot(sites.offline.path()), before, "{kind}");
+    }
+    for args in [&["trust", "add"][..], &["key", "export-public", "--out"]] {
+        let output = run_bounded(Pm::mirror(&sites.offline).args(args).arg_path(&fifo));
+        assert_eq!(output.code, 2, "{args:?}");
+        assert!(
+            output
+                .stderr
+                .contains("a FIFO (named pipe), not a regular file"),
+            "{args:?}: {}",
+            output.stderr
+        );
+    }
+    let output = run_bounded(
+        Pm::mirror(&sites.online)
+            .args(["export", "--out"])
+            .arg_path(&fifo),
+    );
+    assert_eq!(output.code, 2, "{}", output.stderr);
+    let fifo_kind = std::fs::symlink_metadata(&fifo).unwrap().file_type();
+    assert!(
+        std::os::unix::fs::FileTypeExt::is_fifo(&fifo_kind),
+        "export must not replace the FIFO"
+    );
+    assert_eq!(snapshot(sites.offline.path()), before);
+
+    // The home's own pm.toml: a FIFO there would hang every tool and the sync timer.
+    let piped = Home::new();
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(piped.path().join("pm.toml"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let output = run_bounded(Pm::mirror(&piped).args(["sync"]));
+    assert_eq!(output.code, 2, "{}", output.stderr);
+    assert!(
+        output
+            .stderr
+            .contains("pm.toml`: it is a FIFO (named pipe), not a regular file"),
+        "{}",
+        output.stderr
+    );
+
+    // A symlink to a bundle file is a regular file for this purpose.
+    let link = sites.bundle_path("latest.tar");
+    std::os::unix::fs::symlink(sites.bundle_path("pm-r1.tar"), &link).unwrap();
+    let imported = Pm::mirror(&sites.offline)
+        .args(["import", "--json"])
+        .arg_path(&link)
+        .run();
+    assert_eq!(imported.code(), 0, "{}", imported.stderr());
+    assert_eq!(imported.json()["changed"], true);
+}

@@ -233,6 +233,19 @@ fn a_child_with_the_wrong_trusted_key_refuses_the_parents_manifest() {
     assert_eq!(ok["products"][0]["components"][0]["version"], "6");
 }
 
+/// Serves `app` on a loopback port on the lab's runtime; its base URL.
+fn serve_on_lab(lab: &Lab, app: axum::Router) -> String {
+    let listener = lab
+        .runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    lab.runtime.spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
 /// What the fake parent does to file bodies (the manifest and its signature stay genuine).
 #[derive(Clone, Copy)]
 enum Tamper {
@@ -265,15 +278,7 @@ fn tampering_parent(lab: &Lab, dist: PathBuf, tamper: Arc<Mutex<Tamper>>) -> Str
             body.into_response()
         }
     });
-    let listener = lab
-        .runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    lab.runtime.spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    format!("http://{addr}")
+    serve_on_lab(lab, app)
 }
 
 #[test]
@@ -418,4 +423,219 @@ fn a_chain_works_through_an_authenticating_proxy_from_pm_toml() {
     let out = failed_sync(&child, Some(&before));
     assert!(out.contains("407"), "{out}");
     assert!(proxy.refused() >= 1);
+}
+
+/// The warnings of `product` in `pm-mirror status --json` (the sync that brought its content).
+fn status_warnings(home: &Home, product: &str) -> Vec<String> {
+    let status = Pm::mirror(home).args(["status"]).json();
+    status["products"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == product)
+        .flat_map(|p| p["warnings"].as_array().cloned().unwrap_or_default())
+        .map(|w| w.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Issue 17: a child mirror that followed its parent's rollback reported it as `updated`. The
+/// parent's manifest serial went down, so the child says `rolled back by the parent` (text,
+/// `--json`, the inventory and `status`) with the versions before and after; the parent's next
+/// publish is an update again.
+#[test]
+fn a_child_following_its_parents_rollback_says_rolled_back_by_the_parent_with_the_versions() {
+    let (lab, parent) = published_parent(5);
+    let server = Server::start(&parent);
+    let child = Home::new();
+    chain_config(&child, &server.base, &parent_key(&parent), "");
+    sync_publish(&child);
+    lab.upstream.set_version(6).unwrap();
+    sync_publish(&parent);
+    let update = Pm::mirror(&child).args(["sync"]).json();
+    assert_eq!(update["products"][0]["result"], "updated");
+
+    Pm::mirror(&parent)
+        .args(["rollback", "--generation", "1"])
+        .json();
+    let expected = "rolled back by the parent: its dist went back to r1 (manifest serial 2 -> 1): \
+                    clamav/test 6 -> 5";
+    let dry = Pm::mirror(&child).args(["--dry-run", "sync"]).json();
+    assert_eq!(dry["products"][0]["result"], "would_update");
+    assert_eq!(dry["products"][0]["warnings"], json!([expected]));
+
+    let text = Pm::mirror(&child).args(["sync"]).run();
+    assert_eq!(text.code(), 0, "{}", text.stderr());
+    let table_row = text
+        .stdout()
+        .lines()
+        .find(|line| line.contains("clamav/test"))
+        .unwrap_or_default()
+        .split('|')
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("|");
+    assert!(
+        table_row.starts_with("|site|clamav/test|5|6|5|rolled back by the parent|"),
+        "{}",
+        text.stdout()
+    );
+    assert!(
+        text.stdout().contains(&format!("site: {expected}")),
+        "{}",
+        text.stdout()
+    );
+    assert_eq!(
+        crate::support::sql(
+            &child,
+            "SELECT result, versions FROM mirror_syncs ORDER BY id DESC LIMIT 1"
+        ),
+        ["rolled_back_by_parent,clamav/test=5"]
+    );
+    assert_eq!(status_warnings(&child, "site"), [expected]);
+    assert_eq!(
+        std::fs::read(child.repo("latest/clamav/test.cvd")).unwrap(),
+        std::fs::read(testdb().join("test-5.cvd")).unwrap()
+    );
+
+    // The parent publishes its latest again: the child moves up and calls it an update.
+    Pm::mirror(&parent).args(["publish", "--again"]).json();
+    let again = Pm::mirror(&child).args(["sync"]).json();
+    let product = &again["products"][0];
+    assert_eq!(product["result"], "updated");
+    assert_eq!(product["components"][0]["previous_version"], "5");
+    assert_eq!(product["components"][0]["version"], "6");
+    assert_eq!(product["warnings"], json!(null));
+}
+
+/// A relay in front of a parent's `pm-mirror serve` that, on the first file request after each
+/// request for the manifest, runs the next of `switches` (a publish or rollback on the parent)
+/// before it forwards the request: the parent switches dist between the child's manifest and
+/// its files.
+fn switching_parent(lab: &Lab, base: String, switches: Vec<Vec<String>>, parent: &Home) -> String {
+    use axum::extract::Request;
+    use axum::response::IntoResponse;
+    let switches = Arc::new(Mutex::new(std::collections::VecDeque::from(switches)));
+    let armed = Arc::new(Mutex::new(false));
+    let parent_home = parent.path().to_path_buf();
+    let client = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: Request| {
+        let (switches, armed, parent_home) = (switches.clone(), armed.clone(), parent_home.clone());
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let path = request.uri().path().to_string();
+            let switch = {
+                let mut armed = armed.lock().unwrap();
+                if path == "/manifest.json" {
+                    *armed = true;
+                    None
+                } else if path != "/manifest.sig" && *armed {
+                    *armed = false;
+                    switches.lock().unwrap().pop_front()
+                } else {
+                    None
+                }
+            };
+            if let Some(args) = switch {
+                let status = tokio::task::spawn_blocking(move || {
+                    Pm::new("pm-mirror")
+                        .args(["--home".into(), parent_home.display().to_string()])
+                        .args(args)
+                        .command()
+                        .stdout(std::process::Stdio::null())
+                        .status()
+                        .unwrap()
+                })
+                .await
+                .unwrap();
+                assert!(status.success());
+            }
+            let mut forwarded = client.get(format!("{base}{path}"));
+            for name in ["if-none-match", "if-modified-since", "range"] {
+                if let Some(value) = request.headers().get(name) {
+                    forwarded = forwarded.header(name, value.clone());
+                }
+            }
+            let answer = forwarded.send().await.unwrap();
+            let status = answer.status();
+            let mut headers = axum::http::HeaderMap::new();
+            for name in ["etag", "last-modified", "content-range"] {
+                if let Some(value) = answer.headers().get(name) {
+                    headers.insert(name, value.clone());
+                }
+            }
+            let body = answer.bytes().await.unwrap();
+            (status, headers, body).into_response()
+        }
+    });
+    serve_on_lab(lab, app)
+}
+
+/// A parent at version 3 (published), then 5 and 6 (each synced and published), with its serve.
+fn parent_published_3_5_6() -> (Lab, Home, Server) {
+    let (lab, parent) = published_parent(3);
+    for version in [5, 6] {
+        lab.upstream.set_version(version).unwrap();
+        sync_publish(&parent);
+    }
+    let server = Server::start(&parent);
+    (lab, parent, server)
+}
+
+/// Issue 17: a child sync during which the parent switched dist failed with "not found upstream
+/// (HTTP 404)". The child sees that the parent's manifest changed and starts over once from the
+/// new one; a parent that switches again fails the sync saying what happened, latest untouched.
+#[test]
+fn a_parent_switching_dist_during_a_child_sync_is_followed_once_and_said_when_it_switches_again() {
+    let rollback = || vec!["rollback".to_string(), "--generation".into(), "1".into()];
+    let publish_again = || vec!["publish".to_string(), "--again".into()];
+
+    // One switch (a rollback to 5 while the child fetches 6's files): followed.
+    let (lab, parent, server) = parent_published_3_5_6();
+    let child = Home::new();
+    let relay = switching_parent(&lab, server.base.clone(), vec![rollback()], &parent);
+    chain_config(&child, &relay, &parent_key(&parent), "");
+    let run = Pm::mirror(&child).args(["--json", "sync"]).run();
+    assert_eq!(run.code(), 0, "{}\n{}", run.stdout(), run.stderr());
+    let product = &run.json()["products"][0];
+    assert_eq!(product["result"], "updated");
+    assert_eq!(product["components"][0]["version"], "5");
+    assert_eq!(
+        product["warnings"],
+        json!([
+            "the parent published or rolled back while this sync ran; this sync followed its new dist"
+        ])
+    );
+    assert_eq!(
+        file_list(&manifest(&child, "latest")),
+        file_list(&manifest(&parent, "dist"))
+    );
+    drop(server);
+    drop(lab);
+
+    // Two switches (a rollback, then the rolled-back revision published again): said, and
+    // nothing staged; the next sync goes through.
+    let (lab, parent, server) = parent_published_3_5_6();
+    let child = Home::new();
+    let relay = switching_parent(
+        &lab,
+        server.base.clone(),
+        vec![rollback(), publish_again()],
+        &parent,
+    );
+    chain_config(&child, &relay, &parent_key(&parent), "");
+    let out = failed_sync(&child, None);
+    assert!(
+        out.contains(&format!(
+            "site: the parent `{relay}` published or rolled back while this sync ran, twice ("
+        )) && out.contains("); run sync again"),
+        "{out}"
+    );
+    let run = Pm::mirror(&child).args(["--json", "sync"]).run();
+    assert_eq!(
+        run.code(),
+        0,
+        "the next sync goes through: {}",
+        run.stderr()
+    );
+    assert_eq!(run.json()["products"][0]["components"][0]["version"], "6");
 }

@@ -585,3 +585,119 @@ fn publish_again_brings_back_a_rolled_back_product_with_another_products_change(
     let generations = Repo::new(home.path()).generations().unwrap();
     assert_eq!(generations.dist, generations.latest);
 }
+
+/// Issue 17: a product renamed in `pm.toml` took its files out of dist at the next publish
+/// without a word, even in `publish --dry-run`. Sync (and its dry run) names what leaves
+/// latest; publish (and its dry run) refuses to take it out of dist, keeping dist as it was and
+/// signed, until `--allow-removal`, which reports what left.
+#[test]
+fn a_product_renamed_in_pm_toml_leaves_dist_only_with_allow_removal_and_every_step_names_its_files()
+{
+    let lab = Lab::start(3);
+    let feed = tempfile::tempdir().unwrap();
+    write_feed(feed.path(), "v1", 12);
+    lab.upstream.set_feed(feed.path(), "1").unwrap();
+    let home = Home::new();
+    home.clamav_and_feed_config(&lab);
+    Pm::mirror(&home).args(["sync"]).json();
+    Pm::mirror(&home).args(["publish"]).json();
+    let dist_before = crate::support::manifest(&home, "dist");
+    let vendor_files: Vec<String> = dist_before
+        .files
+        .iter()
+        .filter(|f| f.product == "vendor")
+        .map(|f| f.path.clone())
+        .collect();
+    assert_eq!(vendor_files.len(), 12);
+    // Reports name the first ten and count the rest.
+    let shown = &vendor_files[..10];
+    // A typo: `vendor` becomes `vendr`.
+    home.clamav_config(
+        &lab,
+        &format!(
+            "[[products]]\nname = \"vendr\"\nkind = \"files\"\nindex_url = \"{}\"\n",
+            lab.url("/vendor/index.json")
+        ),
+    );
+    let expected_removed = serde_json::json!([{
+        "name": "vendor",
+        "files": vendor_files.len(),
+        "bytes": dist_before.files.iter().filter(|f| f.product == "vendor").map(|f| f.size).sum::<u64>(),
+        "paths": shown,
+    }]);
+    let dry_sync = Pm::mirror(&home)
+        .args(["--dry-run", "--json", "sync"])
+        .run();
+    assert_eq!(dry_sync.code(), 0, "{}", dry_sync.stderr());
+    assert_eq!(dry_sync.json()["changed"], true);
+    assert_eq!(dry_sync.json()["removed"], expected_removed);
+    assert!(
+        dry_sync.stderr().contains(
+            "warning: this sync would leave out of latest what pm.toml no longer lists: `vendor` ("
+        ),
+        "{}",
+        dry_sync.stderr()
+    );
+    let sync = Pm::mirror(&home).args(["--json", "sync"]).run();
+    assert_eq!(sync.code(), 0, "{}", sync.stderr());
+    assert_eq!(sync.json()["removed"], expected_removed);
+    assert!(
+        sync.stderr().contains(&format!(
+            "warning: this sync left out of latest what pm.toml no longer lists: `vendor` ({} files: {}",
+            vendor_files.len(),
+            vendor_files[0]
+        )),
+        "{}",
+        sync.stderr()
+    );
+
+    for args in [&["--dry-run", "publish"][..], &["publish"]] {
+        let refused = Pm::mirror(&home).args(args).args(["--json"]).run();
+        assert_eq!(refused.code(), 2, "{args:?}: {}", refused.stdout());
+        let error = refused.json();
+        let message = error["error"].as_str().unwrap();
+        assert!(
+            message.contains("publishing it would take out of dist: `vendor` (")
+                && shown.iter().all(|path| message.contains(path.as_str()))
+                && message.contains(&format!("{} and 2 more)", shown[9])),
+            "{message}"
+        );
+        assert!(
+            error["hint"]
+                .as_str()
+                .unwrap()
+                .contains("put it back in pm.toml under its old name"),
+            "{error}"
+        );
+        assert_eq!(
+            crate::support::manifest(&home, "dist"),
+            dist_before,
+            "{args:?}"
+        );
+    }
+
+    let dry = Pm::mirror(&home)
+        .args(["--dry-run", "--json", "publish", "--allow-removal"])
+        .run();
+    assert_eq!(dry.code(), 0, "{}", dry.stderr());
+    assert_eq!(dry.json()["removed"], expected_removed);
+    assert_eq!(crate::support::manifest(&home, "dist"), dist_before);
+    let published = Pm::mirror(&home)
+        .args(["--json", "publish", "--allow-removal"])
+        .run();
+    assert_eq!(published.code(), 0, "{}", published.stderr());
+    assert_eq!(published.json()["changed"], true);
+    assert_eq!(published.json()["removed"], expected_removed);
+    assert!(
+        published
+            .stderr()
+            .contains("warning: this publish left out of dist with --allow-removal: `vendor` (")
+    );
+    let dist_after = crate::support::manifest(&home, "dist");
+    assert!(dist_after.product("vendor").is_none());
+    assert!(dist_after.product("vendr").is_some());
+    assert!(!home.repo("dist/vendor").exists());
+    // Nothing is left to remove: the next publish is up to date.
+    let again = Pm::mirror(&home).args(["--json", "publish"]).json();
+    assert_eq!(again["changed"], false);
+}

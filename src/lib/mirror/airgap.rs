@@ -47,6 +47,7 @@ pub fn run_export(
     since: Option<&str>,
 ) -> anyhow::Result<ExitStatus> {
     let started_at = Utc::now();
+    check_out_path(out)?;
     let repo = Repo::new(home);
     // Held while reading the revision so that a concurrent sync's gc cannot remove it.
     let _lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
@@ -245,8 +246,18 @@ pub fn run_import(
             .with_hint("nothing was changed; check the bundle's sha256 against the exporting side")
             .into()
     };
-    let source = std::fs::File::open(file).map_err(|err| {
-        UserError::usage(format!("cannot open bundle `{}`: {err}", file.display()))
+    let source = crate::durable::open_regular(file).map_err(|err| match err {
+        crate::durable::OpenRegularError::NotRegular { .. } => {
+            UserError::usage(format!("cannot import `{}`: {err}", file.display())).with_hint(
+                "import reads a bundle file whole before it changes anything: copy it to a file \
+             first (e.g. `ssh central cat pm-r42.tar > /var/tmp/pm-r42.tar`, or \
+             `pm-mirror export --out /var/tmp/pm-r42.tar` on the exporting side), then import \
+             that file",
+            )
+        }
+        crate::durable::OpenRegularError::Io(_) => {
+            UserError::usage(format!("cannot open bundle `{}`: {err}", file.display()))
+        }
     })?;
     let length = source.metadata().map(|m| m.len()).unwrap_or(0);
     if length > max_size {
@@ -700,10 +711,11 @@ pub fn run_key_export_public(
         }
         return Ok(ExitStatus::Success);
     }
+    check_out_path(out)?;
     let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
     let pem = key.public_key_pem()?;
     let fingerprint = key.fingerprint()?;
-    let changed = std::fs::read(out).ok().as_deref() != Some(pem.as_slice());
+    let changed = crate::durable::read_regular(out).ok().as_deref() != Some(pem.as_slice());
     if changed && !global.dry_run {
         crate::durable::write_atomic(out, &pem, 0o644)
             .with_context(|| format!("cannot write `{}`", out.display()))?;
@@ -721,10 +733,28 @@ pub fn run_key_export_public(
     Ok(ExitStatus::Success)
 }
 
+/// Refuses an `--out` that exists and is not a regular file: the file is written aside and
+/// renamed over it, which would replace a FIFO or a device node with a plain file (and reading
+/// a FIFO to compare it would block).
+fn check_out_path(out: &Path) -> Result<(), UserError> {
+    let Ok(metadata) = std::fs::metadata(out) else {
+        return Ok(());
+    };
+    crate::durable::check_regular(&metadata).map_err(|err| {
+        UserError::usage(format!("cannot write `{}`: {err}", out.display())).with_hint(
+            "--out names a file that is written aside and renamed into place: give a new path or \
+             a regular file to replace, e.g. `--out /media/usb/pm-r42.tar`",
+        )
+    })
+}
+
 /// `pm-mirror trust add FILE`.
 pub fn run_trust_add(home: &Path, global: &GlobalArgs, file: &Path) -> anyhow::Result<ExitStatus> {
-    let pem = std::fs::read(file)
-        .map_err(|err| UserError::usage(format!("cannot read `{}`: {err}", file.display())))?;
+    let pem = crate::durable::read_regular(file).map_err(|err| {
+        UserError::usage(format!("cannot read `{}`: {err}", file.display())).with_hint(
+            "give the PEM file written by `pm-mirror key export-public` on the exporting mirror",
+        )
+    })?;
     let (fingerprint, _) = pki::parse_public_key(&pem, file).map_err(|err| {
         UserError::usage(err.to_string()).with_hint(
             "give the PEM file written by `pm-mirror key export-public` on the exporting mirror",

@@ -50,6 +50,9 @@ pub enum ProductResult {
     Cooldown,
     /// `--dry-run`: upstream has something new that a sync would fetch.
     WouldUpdate,
+    /// A `pm` product followed its parent's rollback: the parent's dist went back to an older
+    /// revision (its manifest serial went down), and so did latest.
+    RolledBackByParent,
 }
 
 /// One component's versions as a sync saw them.
@@ -213,6 +216,18 @@ enum ProductError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// A file of the parent's manifest could not be had as it says (404, larger, another size
+    /// or sha256): maybe the parent switched dist meanwhile. Only [`sync_pm_following_a_switch`]
+    /// sees it.
+    #[error("{source}")]
+    ParentFile {
+        manifest_sha256: String,
+        source: Box<ProductError>,
+    },
+    #[error(
+        "the parent `{url}` published or rolled back while this sync ran, twice ({problem}); run sync again"
+    )]
+    ParentSwitched { url: String, problem: String },
 }
 
 impl ProductError {
@@ -395,7 +410,7 @@ pub(crate) async fn sync_products(
                 sync_files(product, source, &context, staged.as_deref_mut()).await
             }
             ProductSource::Pm(source) => {
-                sync_pm(product, source, &context, staged.as_deref_mut()).await
+                sync_pm_following_a_switch(product, source, &context, staged.as_deref_mut()).await
             }
             ProductSource::Agent(source) => {
                 sync_agent(product, source, &context, staged.as_deref_mut()).await
@@ -1175,6 +1190,71 @@ async fn sync_files(
     Ok(outcome)
 }
 
+/// A `pm` product's sync, run once more when a file of the parent's manifest could not be had
+/// as the manifest says (404, larger, another size or sha256) because the parent switched dist
+/// while it ran (a publish or a rollback between its manifest and its files): the manifest is
+/// fetched again and, when it is no longer the one the sync worked from, the sync starts over
+/// from the new one, as the manifest fetch does for a signature that does not match. One retry:
+/// a parent that switches again fails the product, saying so.
+async fn sync_pm_following_a_switch(
+    product: &Product,
+    source: &PmSource,
+    context: &ProductContext<'_>,
+    mut staged: Option<&mut StagedRevision>,
+) -> Result<ProductOutcome, ProductError> {
+    let mut switched = false;
+    loop {
+        let error = match sync_pm(product, source, context, staged.as_deref_mut()).await {
+            Ok(mut outcome) => {
+                if switched {
+                    outcome.warnings.push(
+                        "the parent published or rolled back while this sync ran; this sync \
+                         followed its new dist"
+                            .into(),
+                    );
+                }
+                return Ok(outcome);
+            }
+            Err(ProductError::ParentFile {
+                manifest_sha256,
+                source: error,
+            }) if parent_switched(context, source, &manifest_sha256).await => error,
+            Err(ProductError::ParentFile { source: error, .. }) => return Err(*error),
+            Err(error) => return Err(error),
+        };
+        if switched {
+            return Err(ProductError::ParentSwitched {
+                url: source.url.clone(),
+                problem: error.to_string(),
+            });
+        }
+        tracing::warn!(product = %product.name, error = %error, "the parent switched dist while this sync ran; starting over from its new manifest");
+        switched = true;
+    }
+}
+
+/// Whether the parent's `manifest.json` is now another than the one whose sha256 is given
+/// (fetched unconditionally; only to decide a retry, which verifies everything again).
+async fn parent_switched(
+    context: &ProductContext<'_>,
+    source: &PmSource,
+    manifest_sha256: &str,
+) -> bool {
+    let Ok(url) = join(&source.url, MANIFEST_FILE) else {
+        return false;
+    };
+    match context
+        .upstream
+        .fetch_small(&url, None, MANIFEST_SIZE_LIMIT)
+        .await
+    {
+        Ok(Fetched::Body { body, .. }) => {
+            crate::manifest::hex(&openssl::sha::sha256(&body)) != manifest_sha256
+        }
+        _ => false,
+    }
+}
+
 /// One `pm` product: a parent pm mirror. A conditional GET of its `manifest.json`, the Ed25519
 /// signature `manifest.sig` checked with the trusted key, then every file of the manifest at the
 /// same path (carried over from latest when its sha256 and size are unchanged), each checked
@@ -1287,9 +1367,20 @@ async fn sync_pm(
         staged.as_deref(),
         parent.products.iter().map(|e| e.name.as_str()),
     )?;
-    outcome
+    // The serial latest followed: a parent's dist whose serial is lower was rolled back there.
+    let followed_serial = context
         .validators
-        .insert(manifest_url.to_string(), new_validators);
+        .get(manifest_url.as_str())
+        .and_then(|v| v.manifest_serial)
+        .filter(|_| !previous_entries.is_empty());
+    let rolled_back = followed_serial.is_some_and(|followed| parent.serial < followed);
+    outcome.validators.insert(
+        manifest_url.to_string(),
+        Validators {
+            manifest_serial: Some(parent.serial),
+            ..new_validators
+        },
+    );
     outcome.entries = parent
         .products
         .iter()
@@ -1300,7 +1391,28 @@ async fn sync_pm(
         })
         .collect();
     outcome.components = parent_components(&outcome.entries, &previous_entries);
-    for component in &outcome.components {
+    if rolled_back {
+        let changes: Vec<String> = outcome
+            .components
+            .iter()
+            .filter_map(|c| {
+                let (new, old) = (c.version.as_ref()?, c.previous_version.as_ref()?);
+                (new != old).then(|| format!("{} {old} -> {new}", c.name))
+            })
+            .collect();
+        outcome.warnings.push(format!(
+            "rolled back by the parent: its dist went back to {} (manifest serial {} -> {}){}",
+            parent.revision,
+            followed_serial.unwrap_or_default(),
+            parent.serial,
+            if changes.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", changes.join(", "))
+            }
+        ));
+    }
+    for component in outcome.components.iter().filter(|_| !rolled_back) {
         let (Some(new), Some(old)) = (&component.version, &component.previous_version) else {
             continue;
         };
@@ -1328,7 +1440,11 @@ async fn sync_pm(
         return Ok(outcome);
     };
     if !unchanged {
-        outcome.result = ProductResult::Updated;
+        outcome.result = if rolled_back {
+            ProductResult::RolledBackByParent
+        } else {
+            ProductResult::Updated
+        };
     }
     match fetch_parent_files(context, &source.url, &parent, staged).await {
         Ok(downloaded) => outcome.files_downloaded = downloaded,
@@ -1337,7 +1453,15 @@ async fn sync_pm(
             for entry in &parent.products {
                 staged.remove_product(&entry.name);
             }
-            return Err(err);
+            return Err(match err {
+                ProductError::NotFound { .. }
+                | ProductError::Verify { .. }
+                | ProductError::Fetch(FetchError::TooLarge { .. }) => ProductError::ParentFile {
+                    manifest_sha256: crate::manifest::hex(&openssl::sha::sha256(&manifest_bytes)),
+                    source: Box::new(err),
+                },
+                err => err,
+            });
         }
     }
     Ok(outcome)

@@ -28,6 +28,10 @@ pub struct Validators {
     /// `Last-Modified` of the last 2xx answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_modified: Option<String>,
+    /// For a parent pm mirror's `manifest.json`: the serial of the manifest latest follows. A
+    /// parent's dist whose serial is lower later was rolled back there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_serial: Option<u32>,
 }
 
 impl Validators {
@@ -41,6 +45,7 @@ impl Validators {
         Validators {
             etag: text(header::ETAG),
             last_modified: text(header::LAST_MODIFIED),
+            manifest_serial: None,
         }
     }
 }
