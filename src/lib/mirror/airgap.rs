@@ -680,6 +680,8 @@ pub fn run_key_export_public(
     out: &Path,
     create: bool,
 ) -> anyhow::Result<ExitStatus> {
+    // A bad `--out` is a usage error whatever the key's state.
+    check_out_path(out)?;
     if !SigningKey::exists(home) && !create {
         // A key that signed revisions and went missing is the lost-key error, with its way out.
         if pki::repository_has_revisions(home) {
@@ -711,7 +713,6 @@ pub fn run_key_export_public(
         }
         return Ok(ExitStatus::Success);
     }
-    check_out_path(out)?;
     let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
     let pem = key.public_key_pem()?;
     let fingerprint = key.fingerprint()?;
