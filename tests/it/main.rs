@@ -23,6 +23,7 @@ mod holds;
 mod host_identity;
 mod inventory;
 mod keys;
+mod keys_mirrors;
 mod kit;
 mod lab_agents;
 mod lab_fleet;

@@ -59,6 +59,15 @@ pub fn run_export(
                 .into(),
         );
     };
+    // A dry run creates no key; a home without one has nothing it signed to check.
+    let key = if global.dry_run {
+        SigningKey::load(home).context("cannot load the manifest signing key")?
+    } else {
+        Some(SigningKey::load_or_create(home).context("cannot load the manifest signing key")?)
+    };
+    if let Some(key) = &key {
+        check_exportable(key, &repo, &latest)?;
+    }
     let manifest = repo.manifest(&latest).map_err(repo_error)?;
     let base = match since {
         None => None,
@@ -106,7 +115,7 @@ pub fn run_export(
         }
         return Ok(ExitStatus::Success);
     }
-    let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
+    let key = key.expect("a run that is not a dry run loaded or created the key");
     let total: u64 = manifest
         .files
         .iter()
@@ -179,6 +188,27 @@ pub fn run_export(
         ))?;
     }
     Ok(ExitStatus::Success)
+}
+
+/// Refuses a bundle no importer could use: the bundle is signed with `key` and carries
+/// `revision`'s `manifest.sig`, which importers check against the same key. After the key was
+/// replaced by hand the two differ, and the operator would learn it only on the closed side.
+fn check_exportable(key: &SigningKey, repo: &Repo, revision: &str) -> anyhow::Result<()> {
+    if super::signed_with(key, &repo.revision_dir(revision))? {
+        return Ok(());
+    }
+    Err(UserError::failure(format!(
+        "latest ({revision}) is not signed by the key that would sign the bundle ({}): every \
+         importer would refuse it",
+        key.fingerprint()?
+    ))
+    .with_hint(
+        "the signing key was replaced without `pm-mirror key rotate`: put the old key back in \
+         `pki/` and run `pm-mirror key rotate`, or if it is lost, remove the replacement \
+         (`pki/manifest-signing.*`) and run `pm-mirror key rotate --old-key-lost`; then export \
+         again (docs/keys.md)",
+    )
+    .into())
 }
 
 /// The files of `revision`, from the repository when it is still there, else from the inventory.
