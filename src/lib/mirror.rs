@@ -3,6 +3,7 @@
 
 mod airgap;
 mod keys;
+mod parent_key;
 mod serve;
 mod sync;
 mod upstream;
@@ -535,6 +536,8 @@ fn print_sync_errors(home: &Path, report: &SyncReport) {
                  dist are unchanged",
                 home.display()
             );
+        } else if error.contains(parent_key::NOT_FOLLOWED) {
+            eprintln!("hint: {}", parent_key::lost_key_hint(&product.name));
         } else {
             eprintln!(
                 "hint: latest is unchanged; fix the cause and run again (`pm-mirror status` \
@@ -1347,6 +1350,9 @@ pub struct ProductStatus {
     pub warnings: Vec<String>,
     /// Per component.
     pub components: Vec<ComponentStatus>,
+    /// For a `pm` product: the key the parent's manifests must be signed with now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted_key: Option<parent_key::ParentKeyStatus>,
 }
 
 /// One component's version in every generation.
@@ -1474,6 +1480,14 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                 .flat_map(|(_, text)| text.lines().map(String::from))
                 .collect(),
             components,
+            trusted_key: match &product.source {
+                config::ProductSource::Pm(source) => {
+                    parent_key::ParentKey::load(home, &product.name, &source.trusted_key)
+                        .ok()
+                        .map(|key| key.status(home, &product.name, &source.trusted_key))
+                }
+                _ => None,
+            },
         });
     }
     // How old the newest data is: what a closed site, fed by bundles, needs to see.
@@ -1582,6 +1596,11 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
         }
         for warning in &product.warnings {
             cli::print_text(format!("{}: warning: {warning}", product.name))?;
+        }
+    }
+    for product in &report.products {
+        if let Some(key) = &product.trusted_key {
+            cli::print_text(format!("{}: {}", product.name, key.describe()))?;
         }
     }
     Ok(ExitStatus::Success)

@@ -3,14 +3,14 @@
 //! sites follow it, child mirrors follow their parent's `/keys.json`; a chain the trusted key
 //! did not sign is refused everywhere and changes nothing.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use pm::pki::SigningKey;
 use pm::pki::rotation::{KeyChain, SignedRotation};
 
 use crate::agent_install::names as entries;
 use crate::mirror_airgap::{Sites, file_members, member, raw_tar, snapshot};
-use crate::support::{Home, Pm, manifest};
+use crate::support::{Home, Lab, Pm, Server, manifest};
 
 /// Issue 17: after the signing key was replaced by hand, `export` signed the bundle with the new
 /// key but carried latest's `manifest.sig` made by the old one, and every importer refused it
@@ -165,6 +165,22 @@ fn a_closed_site_that_trusted_the_old_key_follows_the_chain_a_bundle_carries_aft
     assert!(run.stderr().contains("retired"), "{}", run.stderr());
 }
 
+/// A chain in which `mallory` names the `trusted` key as the one she rotates away from, to her
+/// own, but signs the statement with her own key.
+fn forged_chain(trusted: &str, mallory: &SigningKey) -> KeyChain {
+    let mut forged = SignedRotation::sign(mallory, mallory, 1, "forged").unwrap();
+    let mut rotation = forged.rotation().unwrap();
+    rotation.previous_key = trusted.to_string();
+    forged.statement = serde_json::to_string_pretty(&rotation).unwrap();
+    forged.previous_signature =
+        pm::manifest::hex(&mallory.sign(forged.statement.as_bytes()).unwrap());
+    forged.next_signature = forged.previous_signature.clone();
+    KeyChain {
+        format: 1,
+        rotations: vec![forged],
+    }
+}
+
 /// A bundle signed by `signer` whose `keys.json` member is `chain`, carrying `online`'s latest.
 fn bundle_with_chain(online: &Home, signer: &SigningKey, chain: &[u8]) -> Vec<u8> {
     let dir = online.repo("latest");
@@ -201,18 +217,7 @@ fn a_bundle_with_a_forged_or_foreign_key_chain_is_refused_and_the_closed_site_st
     assert_eq!(sites.import("r1.tar").code(), 0);
     let trusted = fingerprint(&sites.online);
     let [mallory, stranger] = [(); 2].map(|_| SigningKey::generate().unwrap());
-    // Mallory names the trusted key as the one she rotates away from, but signs with her own.
-    let mut forged = SignedRotation::sign(&mallory, &mallory, 1, "forged").unwrap();
-    let mut rotation = forged.rotation().unwrap();
-    rotation.previous_key = trusted.clone();
-    forged.statement = serde_json::to_string_pretty(&rotation).unwrap();
-    forged.previous_signature =
-        pm::manifest::hex(&mallory.sign(forged.statement.as_bytes()).unwrap());
-    forged.next_signature = forged.previous_signature.clone();
-    let forged_chain = KeyChain {
-        format: 1,
-        rotations: vec![forged],
-    };
+    let forged_chain = forged_chain(&trusted, &mallory);
     // A genuine chain, but of a key this site never trusted.
     let foreign_chain = KeyChain {
         format: 1,
@@ -274,4 +279,206 @@ fn a_bundle_from_a_manager_whose_key_was_lost_is_refused_with_the_hint_to_trust_
     // The hint's way: the new public key carried across and trusted by hand.
     sites.trust_online_key();
     assert_eq!(sites.import("lost.tar").code(), 0);
+}
+
+/// A `pm` product `site` of `child` chained to `base`, trusting the key file `key`.
+fn child_config(child: &Home, base: &str, key: &Path) {
+    child.config(&format!(
+        "[[products]]\nname = \"site\"\nkind = \"pm\"\nurl = \"{base}\"\ntrusted_key = \"{}\"\n\
+         [http]\ntimeout = \"3s\"\nretries = 2\nbackoff = \"50ms\"\n",
+        key.display()
+    ));
+}
+
+/// A parent that synced the lab at 3 and published it, served on 127.0.19.`host`, and a child
+/// that synced and published from it, trusting the parent's key as `parent.pub.pem` in its home.
+fn parent_and_child(host: u8) -> (Lab, Home, Server, Home, PathBuf) {
+    let lab = Lab::start(3);
+    let parent = Home::new();
+    parent.clamav_config(&lab, "");
+    Pm::mirror(&parent).args(["sync"]).json();
+    Pm::mirror(&parent).args(["publish"]).json();
+    let server = Server::spawn(Pm::mirror(&parent).args([
+        "serve",
+        "--listen",
+        &format!("127.0.19.{host}:0"),
+    ]));
+    let child = Home::new();
+    let trusted_key = child.path().join("parent.pub.pem");
+    std::fs::copy(
+        parent.path().join(pm::pki::SIGNING_PUBLIC_KEY_FILE),
+        &trusted_key,
+    )
+    .unwrap();
+    child_config(&child, &server.base, &trusted_key);
+    Pm::mirror(&child).args(["sync"]).json();
+    Pm::mirror(&child).args(["publish"]).json();
+    (lab, parent, server, child, trusted_key)
+}
+
+/// Replaces a file of the parent's repository by hand (revision files are read-only).
+fn overwrite(path: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::fs::canonicalize(path.parent().unwrap()).unwrap();
+    let path = dir.join(path.file_name().unwrap());
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let aside = dir.join(".overwrite");
+    std::fs::write(&aside, bytes).unwrap();
+    std::fs::rename(&aside, &path).unwrap();
+}
+
+/// The parent's dist manifest signed anew with `key`, by hand.
+fn re_sign_parent_dist(parent: &Home, key: &SigningKey) {
+    let manifest = std::fs::read(parent.repo("dist/manifest.json")).unwrap();
+    overwrite(
+        &parent.repo("dist/manifest.sig"),
+        &key.sign(&manifest).unwrap(),
+    );
+}
+
+fn child_fails(child: &Home) -> crate::support::Run {
+    let before = manifest(child, "latest");
+    let run = Pm::mirror(child).args(["sync"]).run();
+    assert_eq!(run.code(), 1, "{}\n{}", run.stdout(), run.stderr());
+    assert_eq!(manifest(child, "latest"), before, "latest must not change");
+    run
+}
+
+#[test]
+fn a_child_mirror_follows_its_parents_key_rotation_records_it_and_no_longer_accepts_the_old_key() {
+    let (lab, parent, _server, child, trusted_key) = parent_and_child(1);
+    let operator_file = std::fs::read(&trusted_key).unwrap();
+    let first = fingerprint(&parent);
+    let old_key = pm::pki::SigningKey::load(parent.path()).unwrap().unwrap();
+    Pm::mirror(&parent)
+        .args(["key", "rotate", "--reason", "yearly"])
+        .json();
+    let second = fingerprint(&parent);
+    lab.upstream.set_version(5).unwrap();
+    Pm::mirror(&parent).args(["sync"]).json();
+    Pm::mirror(&parent).args(["publish"]).json();
+
+    let report = Pm::mirror(&child).args(["sync"]).json();
+    let product = &report["products"][0];
+    assert_eq!(product["result"], "updated", "{report}");
+    assert!(
+        product["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| *w == format!("followed the parent's key rotation 1 to {second}")),
+        "{report}"
+    );
+    assert_eq!(
+        std::fs::read(&trusted_key).unwrap(),
+        operator_file,
+        "the operator's file is theirs"
+    );
+    assert_eq!(
+        std::fs::read(child.path().join("trust/followed/site.pem")).unwrap(),
+        std::fs::read(parent.path().join(pm::pki::SIGNING_PUBLIC_KEY_FILE)).unwrap()
+    );
+    let status = Pm::mirror(&child).args(["status"]).json();
+    let key = &status["products"][0]["trusted_key"];
+    assert_eq!(key["fingerprint"], second.as_str(), "{status}");
+    assert_eq!(key["trusted_key_fingerprint"], first.as_str());
+    assert_eq!(key["rotations_followed"], serde_json::json!([1]));
+    let text = Pm::mirror(&child).args(["status"]).run().stdout();
+    assert!(
+        text.contains(&format!("site: trusts the parent's key {second}")),
+        "{text}"
+    );
+
+    // The child publishes what it followed to, and its own dist is whole: every file of the
+    // parent's dist, signed with the child's own key.
+    Pm::mirror(&child).args(["publish"]).json();
+    let child_key = pm::pki::SigningKey::load(child.path())
+        .unwrap()
+        .unwrap()
+        .verifying_key()
+        .unwrap();
+    let dist = pm::mirror::verify_revision_dir(&child.repo("dist"), "dist", &child_key).unwrap();
+    let files = |m: &pm::manifest::Manifest| -> Vec<(String, String)> {
+        m.files
+            .iter()
+            .map(|f| (f.path.clone(), f.sha256.clone()))
+            .collect()
+    };
+    assert_eq!(files(&dist), files(&manifest(&parent, "dist")));
+
+    // From now on the child starts from the key it followed: a manifest the old key signed is
+    // refused (the chain leads from it, but the child is past it).
+    lab.upstream.set_version(6).unwrap();
+    Pm::mirror(&parent).args(["sync"]).json();
+    Pm::mirror(&parent).args(["publish"]).json();
+    re_sign_parent_dist(&parent, &old_key);
+    let refused = child_fails(&child);
+    assert!(
+        refused.stdout().contains("manifest.sig` does not match"),
+        "{}",
+        refused.stdout()
+    );
+    assert_eq!(
+        Pm::mirror(&child).args(["status"]).json()["products"][0]["trusted_key"]["fingerprint"],
+        second.as_str()
+    );
+}
+
+#[test]
+fn a_forged_key_chain_on_the_parent_is_refused_and_the_child_changes_nothing() {
+    let (lab, parent, _server, child, _) = parent_and_child(2);
+    let trusted = fingerprint(&parent);
+    lab.upstream.set_version(6).unwrap();
+    Pm::mirror(&parent).args(["sync"]).json();
+    Pm::mirror(&parent).args(["publish"]).json();
+    // Whoever answers for the parent signs its manifest with their own key and serves a chain
+    // that names the parent's key as the one rotated away from.
+    let mallory = SigningKey::generate().unwrap();
+    let chain = forged_chain(&trusted, &mallory);
+    overwrite(&parent.repo("view/keys.json"), &chain.to_bytes());
+    re_sign_parent_dist(&parent, &mallory);
+
+    let run = child_fails(&child);
+    let out = run.stdout();
+    assert!(
+        out.contains("the parent's key chain")
+            && out.contains("is not signed by")
+            && out.contains("forged"),
+        "{out}"
+    );
+    assert!(
+        !child.path().join("trust").exists(),
+        "nothing recorded, nothing trusted"
+    );
+}
+
+#[test]
+fn a_child_whose_parent_lost_its_key_is_told_to_replace_trusted_key_and_what_to_remove() {
+    let (lab, parent, _server, child, trusted_key) = parent_and_child(3);
+    for file in [pm::pki::SIGNING_KEY_FILE, pm::pki::SIGNING_PUBLIC_KEY_FILE] {
+        std::fs::remove_file(parent.path().join(file)).unwrap();
+    }
+    Pm::mirror(&parent)
+        .args(["key", "rotate", "--old-key-lost"])
+        .json();
+    lab.upstream.set_version(6).unwrap();
+    Pm::mirror(&parent).args(["sync"]).json();
+    Pm::mirror(&parent).args(["publish"]).json();
+
+    let run = child_fails(&child);
+    let stderr = run.stderr();
+    assert!(
+        stderr.contains("hint:")
+            && stderr.contains("replace the `trusted_key` file of `site`")
+            && stderr.contains("pm-mirror key export-public")
+            && stderr.contains("trust/followed/site.json"),
+        "{stderr}"
+    );
+    // The hint's way: the parent's new public key in place of the operator's file.
+    Pm::mirror(&parent)
+        .args(["key", "export-public", "--out"])
+        .arg_path(&trusted_key)
+        .json();
+    let ok = Pm::mirror(&child).args(["sync"]).json();
+    assert_eq!(ok["products"][0]["result"], "updated", "{ok}");
 }
