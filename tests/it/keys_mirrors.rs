@@ -106,6 +106,18 @@ fn a_closed_site_that_trusted_the_old_key_follows_the_chain_a_bundle_carries_aft
     sites.lab.upstream.set_version(5).unwrap();
     Pm::mirror(&sites.online).args(["sync"]).json();
     sites.export("after-one.tar", None);
+    let dry = Pm::mirror(&sites.offline)
+        .args(["--dry-run", "import"])
+        .arg_path(&sites.bundle_path("after-one.tar"))
+        .run();
+    assert!(
+        dry.stdout().contains(&format!(
+            "would follow the exporter's key rotation 1 to {second}"
+        )),
+        "{}",
+        dry.stdout()
+    );
+    assert_eq!(trust_store(&sites.offline), (vec![first.clone()], vec![]));
     let run = sites.import("after-one.tar");
     assert_eq!(run.code(), 0, "{}", run.stderr());
     let report = run.json();

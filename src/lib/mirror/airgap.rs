@@ -811,8 +811,13 @@ fn print_import(global: &GlobalArgs, report: &ImportReport, file: &Path) -> anyh
         .followed
         .iter()
         .map(|f| {
+            let (follow, trust) = if global.dry_run {
+                ("would follow", "would no longer trust")
+            } else {
+                ("followed", "no longer trusting")
+            };
             format!(
-                "followed the exporter's key rotation {} to {}; no longer trusting {} (kept in \
+                "{follow} the exporter's key rotation {} to {}; {trust} {} (kept in \
                  trust/retired/)\n",
                 f.rotations
                     .iter()
