@@ -212,3 +212,88 @@ fn accepted(chain: &KeyChain, steps: &[crate::pki::rotation::Rotation]) -> Vec<S
         .cloned()
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::SigningKey;
+
+    /// A home whose `parent.pem` is `key`'s public half; returns the file.
+    fn trusting(home: &Path, key: &SigningKey) -> PathBuf {
+        let path = home.join("parent.pem");
+        std::fs::write(&path, key.public_key_pem().unwrap()).unwrap();
+        path
+    }
+
+    fn chain(rotations: Vec<SignedRotation>) -> KeyChain {
+        KeyChain {
+            format: 1,
+            rotations,
+        }
+    }
+
+    #[test]
+    fn a_followed_key_is_recorded_and_every_later_load_starts_from_it() {
+        let home = tempfile::tempdir().unwrap();
+        let [a, b, c] = [(); 3].map(|_| SigningKey::generate().unwrap());
+        let file = trusting(home.path(), &a);
+        let start = ParentKey::load(home.path(), "site", &file).unwrap();
+        assert_eq!(start.fingerprint, a.fingerprint().unwrap());
+        let parent = chain(vec![
+            SignedRotation::sign(&a, &b, 1, "").unwrap(),
+            SignedRotation::sign(&b, &c, 2, "").unwrap(),
+        ]);
+        let moved = start.follow(&parent).unwrap().unwrap();
+        assert_eq!(moved.rotations(), [1, 2]);
+        moved.record(home.path(), "site").unwrap();
+        let again = ParentKey::load(home.path(), "site", &file).unwrap();
+        assert_eq!(again.fingerprint, c.fingerprint().unwrap());
+        assert_eq!(
+            again.configured_fingerprint,
+            a.fingerprint().unwrap(),
+            "the operator's file is where following starts"
+        );
+        assert!(again.follow(&parent).unwrap().is_none(), "nothing new");
+        let (_, pem) = record_paths(home.path(), "site");
+        assert_eq!(
+            std::fs::read(pem).unwrap(),
+            c.public_key_pem().unwrap(),
+            "the key reached, beside the statements"
+        );
+    }
+
+    #[test]
+    fn a_record_from_another_key_is_ignored_and_a_damaged_one_is_refused_by_name() {
+        let home = tempfile::tempdir().unwrap();
+        let [a, b, x] = [(); 3].map(|_| SigningKey::generate().unwrap());
+        let file = trusting(home.path(), &a);
+        let start = ParentKey::load(home.path(), "site", &file).unwrap();
+        let parent = chain(vec![SignedRotation::sign(&a, &b, 1, "").unwrap()]);
+        start
+            .follow(&parent)
+            .unwrap()
+            .unwrap()
+            .record(home.path(), "site")
+            .unwrap();
+        // The operator replaced `trusted_key` (the parent's key was lost): the record leads
+        // nowhere from the new file and the new key is trusted as it is.
+        let replaced = trusting(home.path(), &x);
+        let loaded = ParentKey::load(home.path(), "site", &replaced).unwrap();
+        assert_eq!(loaded.fingerprint, x.fingerprint().unwrap());
+        assert!(loaded.followed.is_empty());
+        // A record altered by hand does not verify from the operator's key.
+        let file = trusting(home.path(), &a);
+        let (record, _) = record_paths(home.path(), "site");
+        let text = std::fs::read_to_string(&record).unwrap();
+        std::fs::write(
+            &record,
+            text.replacen("\\\"sequence\\\": 1", "\\\"sequence\\\": 9", 1),
+        )
+        .unwrap();
+        let err = ParentKey::load(home.path(), "site", &file).err().unwrap();
+        assert!(
+            err.contains("site.json") && err.contains("remove it"),
+            "{err}"
+        );
+    }
+}
