@@ -668,6 +668,12 @@ fn commit_import(
             return Err(inventory_error(err));
         }
     };
+    // The trust store moves on before the switch: the chain verified whatever happens to the
+    // content, and after the switch nothing may fail before the inventory write.
+    if let Err(err) = follow_trust(home, &bundle) {
+        staged.discard();
+        return Err(err);
+    }
     let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
     let manifest = staged
         .commit(
@@ -684,7 +690,6 @@ fn commit_import(
     };
     repo.switch(&lock, &after, None).map_err(repo_error)?;
     drop(lock);
-    follow_trust(home, &bundle)?;
     report.changed = true;
     report.revision = Some(manifest.revision.clone());
     record_import(
@@ -706,6 +711,10 @@ fn follow_trust(home: &Path, bundle: &bundle::VerifiedBundle) -> anyhow::Result<
     for followed in &bundle.followed {
         pki::trust_key(home, followed.to_pem.as_bytes(), Path::new(&followed.to))
             .context("cannot add the exporter's new key to the trust store")?;
+        if !followed.from_path.exists() {
+            // Another import of a bundle with the same chain retired it meanwhile.
+            continue;
+        }
         let record = RetiredTrust {
             fingerprint: followed.from.clone(),
             retired_at: Utc::now(),
