@@ -6,13 +6,20 @@
 //! bundle.sig       Ed25519 signature of bundle.json by the exporter's key
 //! manifest.json    the revision's manifest, as signed by the exporter
 //! manifest.sig     its signature
+//! keys.json        the exporter's key chain (only when its key was ever rotated; its sha256 is
+//!                  in bundle.json)
 //! files/<path>     every included file, in manifest order
 //! ```
 //!
-//! The reader trusts nothing it has not checked: the four leading members must come first and
+//! The reader trusts nothing it has not checked: the leading members must come first and
 //! verify against a trusted key before any file is written; every file member must be a plain
 //! file, listed, unique, of the size the manifest says and with its sha256; files are written
 //! only below the staging directory given to it.
+//!
+//! A bundle signed by a key the importer does not trust is accepted when the chain it carries
+//! leads from a trusted key to the signer's ([`rotation::follow`]); the reader says so
+//! ([`VerifiedBundle::followed`]) and the importer then moves its trust store on. A chain with a
+//! statement the trusted key did not sign refuses the bundle.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
@@ -23,12 +30,14 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{self, FileEntry, Manifest};
-use crate::pki::{SigningKey, TrustedKey};
+use crate::pki::rotation::{self, ChainError, KeyChain};
+use crate::pki::{SigningKey, TrustedKey, VerifyingKey};
 
 /// Format version of `bundle.json`.
 pub const BUNDLE_FORMAT: u32 = 1;
 const HEADER_MEMBER: &str = "bundle.json";
 const HEADER_SIGNATURE_MEMBER: &str = "bundle.sig";
+const KEYS_MEMBER: &str = rotation::SERVED_FILE;
 const FILES_PREFIX: &str = "files/";
 /// Largest `bundle.json` or `manifest.json` accepted.
 const DOCUMENT_LIMIT: u64 = 64 << 20;
@@ -54,6 +63,10 @@ pub struct BundleHeader {
     pub base: Option<BundleBase>,
     /// Paths of the files carried (all of the manifest's for a full bundle).
     pub included: Vec<String>,
+    /// sha256 of the `keys.json` member, the exporter's key chain; absent when its key was never
+    /// rotated (such bundles stay readable by a pm from before chains).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_sha256: Option<String>,
 }
 
 /// The revision an incremental bundle builds on, identified by content.
@@ -83,11 +96,22 @@ pub enum BundleError {
     /// The header or manifest does not parse or contradicts itself.
     #[error("bundle is malformed: {0}")]
     Malformed(String),
-    /// No trusted key made the signature.
+    /// No trusted key made the signature, and no chain the bundle carries leads to it from one.
     #[error(
-        "bundle is signed by a key this mirror does not trust (it claims exporter {fingerprint})"
+        "bundle is signed by a key this mirror does not trust (it claims exporter {fingerprint}){}",
+        if *carries_chain {
+            ", and the key chain it carries leads to it from none of the keys this mirror trusts"
+        } else {
+            ""
+        }
     )]
-    Untrusted { fingerprint: String },
+    Untrusted {
+        fingerprint: String,
+        carries_chain: bool,
+    },
+    /// The key chain the bundle carries does not verify: a forged or damaged statement.
+    #[error("the key chain in the bundle (`{KEYS_MEMBER}`) is refused: {0}")]
+    Chain(ChainError),
     /// The manifest's signature does not verify with the key that signed the header.
     #[error("the manifest in the bundle is not signed by the key that signed the bundle")]
     ManifestSignature,
@@ -160,6 +184,7 @@ pub fn write_bundle(
     base: Option<BundleBase>,
     included: Vec<String>,
     key: &SigningKey,
+    chain: Option<&[u8]>,
     progress: &dyn Fn(u64),
 ) -> Result<(BundleHeader, WrittenBundle), BundleError> {
     let manifest_bytes = std::fs::read(revision_dir.join(manifest::MANIFEST_FILE))
@@ -179,6 +204,7 @@ pub fn write_bundle(
         manifest_sha256: manifest::hex(&openssl::sha::sha256(&manifest_bytes)),
         base,
         included,
+        keys_sha256: chain.map(|bytes| manifest::hex(&openssl::sha::sha256(bytes))),
     };
     let header_bytes = serde_json::to_vec_pretty(&header).expect("bundle header serializes");
     let header_signature = key
@@ -233,6 +259,9 @@ pub fn write_bundle(
             manifest_sig.len() as u64,
             &mut &*manifest_sig,
         )?;
+        if let Some(mut chain) = chain {
+            append(KEYS_MEMBER, chain.len() as u64, &mut chain)?;
+        }
         for path in &header.included {
             let mut file = File::open(revision_dir.join(path))?;
             let size = file.metadata()?.len();
@@ -288,6 +317,23 @@ pub struct VerifiedBundle {
     pub sha256: String,
     /// Bytes of the file members, per product.
     pub bytes_per_product: BTreeMap<String, u64>,
+    /// Trusted keys the carried chain moved on from, to the signer's key.
+    pub followed: Vec<FollowedKey>,
+}
+
+/// A trusted key whose owner rotated away from it, as the bundle's chain shows.
+#[derive(Debug, Clone)]
+pub struct FollowedKey {
+    /// The trusted key's fingerprint.
+    pub from: String,
+    /// Its file in the trust store.
+    pub from_path: PathBuf,
+    /// The key the chain led to: the bundle's signer.
+    pub to: String,
+    /// Its PEM, to trust from now on.
+    pub to_pem: String,
+    /// Sequence numbers of the rotations followed, oldest first.
+    pub rotations: Vec<u64>,
 }
 
 /// Reads and verifies a bundle, writing its files below `staging` (which must exist and be
@@ -312,7 +358,7 @@ pub fn read_bundle(
         }),
         other => other,
     };
-    let (header, manifest, signer, bytes_per_product) = result?;
+    let (header, manifest, signer, bytes_per_product, followed) = result?;
     // Whatever follows the tar's end (padding a writer added) still counts and is hashed, so
     // the printed sha256 is that of the whole file.
     io::copy(&mut metered, &mut io::sink()).map_err(|err| {
@@ -335,10 +381,17 @@ pub fn read_bundle(
         size: metered.read,
         sha256,
         bytes_per_product,
+        followed,
     })
 }
 
-type Members = (BundleHeader, Manifest, String, BTreeMap<String, u64>);
+type Members = (
+    BundleHeader,
+    Manifest,
+    String,
+    BTreeMap<String, u64>,
+    Vec<FollowedKey>,
+);
 
 fn read_members(
     source: &mut dyn Read,
@@ -384,14 +437,20 @@ fn read_members(
         .ok()
         .and_then(|v| v.get("exporter")?.as_str().map(String::from))
         .unwrap_or_else(|| "unknown".into());
-    let signer = trusted
+    let trusted_signer = trusted
         .iter()
-        .find(|key| key.key.verify(&header_bytes, &header_signature))
-        .ok_or(BundleError::Untrusted {
+        .find(|key| key.key.verify(&header_bytes, &header_signature));
+    // Parsed before it is verified only to learn whether a chain follows; nothing it says is
+    // used until a trusted key, or one a trusted key's rotations lead to, verifies it.
+    let parsed = serde_json::from_slice::<BundleHeader>(&header_bytes);
+    let carries_chain = parsed.as_ref().is_ok_and(|h| h.keys_sha256.is_some());
+    if trusted_signer.is_none() && !carries_chain {
+        return Err(BundleError::Untrusted {
             fingerprint: claimed,
-        })?;
-    let header: BundleHeader = serde_json::from_slice(&header_bytes)
-        .map_err(|err| BundleError::Malformed(format!("bundle.json: {err}")))?;
+            carries_chain,
+        });
+    }
+    let header = parsed.map_err(|err| BundleError::Malformed(format!("bundle.json: {err}")))?;
     if header.format != BUNDLE_FORMAT {
         return Err(BundleError::Malformed(format!(
             "format {} is not supported (this pm reads format {BUNDLE_FORMAT})",
@@ -400,12 +459,38 @@ fn read_members(
     }
     let manifest_bytes = read_document(manifest::MANIFEST_FILE, DOCUMENT_LIMIT)?;
     let manifest_signature = read_document(manifest::SIGNATURE_FILE, SIGNATURE_LIMIT)?;
+    let chain = match &header.keys_sha256 {
+        None => None,
+        Some(expected) => {
+            let bytes = read_document(KEYS_MEMBER, rotation::MAX_CHAIN_BYTES)?;
+            if manifest::hex(&openssl::sha::sha256(&bytes)) != *expected {
+                return Err(BundleError::Malformed(format!(
+                    "{KEYS_MEMBER} is not the one bundle.json names"
+                )));
+            }
+            Some(KeyChain::parse(&bytes).map_err(BundleError::Chain)?)
+        }
+    };
+    let (signer, followed) = match chain {
+        Some(chain) => follow_to_signer(&chain, trusted, &header_bytes, &header_signature)
+            .map_err(|err| match err {
+                BundleError::Untrusted { .. } => BundleError::Untrusted {
+                    fingerprint: claimed.clone(),
+                    carries_chain,
+                },
+                other => other,
+            })?,
+        None => {
+            let key = trusted_signer.expect("refused above when no key signed and no chain");
+            ((key.fingerprint.clone(), key.key.clone()), Vec::new())
+        }
+    };
     if manifest::hex(&openssl::sha::sha256(&manifest_bytes)) != header.manifest_sha256 {
         return Err(BundleError::Malformed(
             "manifest.json is not the one bundle.json names".into(),
         ));
     }
-    if !signer.key.verify(&manifest_bytes, &manifest_signature) {
+    if !signer.1.verify(&manifest_bytes, &manifest_signature) {
         return Err(BundleError::ManifestSignature);
     }
     let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
@@ -475,12 +560,50 @@ fn read_members(
             "`{FILES_PREFIX}{missing}` is missing"
         )));
     }
-    Ok((
-        header,
-        manifest,
-        signer.fingerprint.clone(),
-        bytes_per_product,
-    ))
+    Ok((header, manifest, signer.0, bytes_per_product, followed))
+}
+
+/// The bundle's signer through the chain it carries: every trusted key follows the chain (a
+/// statement one of them did not sign refuses the bundle), and the signer must be a trusted key
+/// or the key one of them reaches. Returns the signer and the trusted keys the chain moved on.
+fn follow_to_signer(
+    chain: &KeyChain,
+    trusted: &[TrustedKey],
+    header_bytes: &[u8],
+    header_signature: &[u8],
+) -> Result<((String, VerifyingKey), Vec<FollowedKey>), BundleError> {
+    let mut signer = trusted
+        .iter()
+        .find(|key| key.key.verify(header_bytes, header_signature))
+        .map(|key| (key.fingerprint.clone(), key.key.clone()));
+    let mut followed = Vec::new();
+    for key in trusted {
+        let reached = rotation::follow(chain, &key.fingerprint, key.key.clone())
+            .map_err(BundleError::Chain)?;
+        let (Some(pem), false) = (&reached.pem, reached.steps.is_empty()) else {
+            continue;
+        };
+        if !reached.key.verify(header_bytes, header_signature) {
+            // Rotated on past this bundle's signer, or to a key that did not sign it: the
+            // bundle decides nothing about this key.
+            continue;
+        }
+        followed.push(FollowedKey {
+            from: key.fingerprint.clone(),
+            from_path: key.path.clone(),
+            to: reached.fingerprint.clone(),
+            to_pem: pem.clone(),
+            rotations: reached.steps.iter().map(|step| step.sequence).collect(),
+        });
+        signer.get_or_insert((reached.fingerprint, reached.key));
+    }
+    match signer {
+        Some(signer) => Ok((signer, followed)),
+        None => Err(BundleError::Untrusted {
+            fingerprint: String::new(),
+            carries_chain: true,
+        }),
+    }
 }
 
 /// The header and manifest must agree, and every path must be safe to write.
@@ -663,7 +786,7 @@ mod tests {
         .unwrap();
         let included = manifest.files.iter().map(|f| f.path.clone()).collect();
         let out = dir.join("bundle.tar");
-        write_bundle(&out, &revision, None, included, &key, &|_| {}).unwrap();
+        write_bundle(&out, &revision, None, included, &key, None, &|_| {}).unwrap();
         let bytes = std::fs::read(&out).unwrap();
         let (fingerprint, verifying) =
             crate::pki::parse_public_key(&key.public_key_pem().unwrap(), &out).unwrap();

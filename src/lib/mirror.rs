@@ -3,6 +3,7 @@
 
 mod airgap;
 mod keys;
+mod parent_key;
 mod removed;
 mod repair;
 mod serve;
@@ -657,6 +658,8 @@ fn print_sync_errors(home: &Path, report: &SyncReport) {
                  dist are unchanged",
                 home.display()
             );
+        } else if error.contains(parent_key::NOT_FOLLOWED) {
+            eprintln!("hint: {}", parent_key::lost_key_hint(&product.name));
         } else {
             eprintln!(
                 "hint: latest is unchanged; fix the cause and run again (`pm-mirror status` \
@@ -1326,7 +1329,7 @@ fn check_dist_signature(home: &Path, repo: &Repo, generations: &Generations) -> 
         return Ok(());
     };
     let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
-    if crate::pki::revision_signed_by(repo, dist, &key.verifying_key()?) {
+    if signed_with(&key, &repo.revision_dir(dist))? {
         return Ok(());
     }
     Err(UserError::failure(format!(
@@ -1338,6 +1341,15 @@ fn check_dist_signature(home: &Path, repo: &Repo, generations: &Generations) -> 
          anew with `pm-mirror key rotate` (see docs/keys.md), or restore `pki/` from a backup",
     )
     .into())
+}
+
+/// Whether the manifest of the revision in `dir` verifies with `key` (the signature only).
+fn signed_with(key: &SigningKey, dir: &Path) -> anyhow::Result<bool> {
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_default();
+    Ok(key.verifying_key()?.verify(
+        &read(crate::manifest::MANIFEST_FILE),
+        &read(crate::manifest::SIGNATURE_FILE),
+    ))
 }
 
 /// [`sign_dist_statement`] with a given key (a rotation signs with the key it installs last).
@@ -1569,6 +1581,9 @@ pub struct ProductStatus {
     pub warnings: Vec<String>,
     /// Per component.
     pub components: Vec<ComponentStatus>,
+    /// For a `pm` product: the key the parent's manifests must be signed with now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted_key: Option<parent_key::ParentKeyStatus>,
 }
 
 /// One component's version in every generation.
@@ -1743,6 +1758,14 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                 .collect(),
             origin: origin.cloned(),
             components,
+            trusted_key: match configured.map(|product| &product.source) {
+                Some(config::ProductSource::Pm(source)) => {
+                    parent_key::ParentKey::load(home, product_name, &source.trusted_key)
+                        .ok()
+                        .map(|key| key.status(home, product_name, &source.trusted_key))
+                }
+                _ => None,
+            },
         });
     }
     // How old the newest data is: what a closed site, fed by bundles, needs to see.
@@ -1899,6 +1922,11 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
         }
         for warning in &product.warnings {
             cli::print_text(format!("{}: warning: {warning}", product.name))?;
+        }
+    }
+    for product in &report.products {
+        if let Some(key) = &product.trusted_key {
+            cli::print_text(format!("{}: {}", product.name, key.describe()))?;
         }
     }
     Ok(ExitStatus::Success)

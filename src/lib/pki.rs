@@ -412,7 +412,80 @@ pub fn distrust_key(home: &Path, fingerprint: &str) -> Result<Option<String>, Pk
     }
 }
 
+/// Keys this mirror stopped trusting because their owner rotated away from them (a bundle
+/// carried the rotation): `<hex>.pem` and a `<hex>.json` [`RetiredTrust`] record beside it.
+pub const RETIRED_TRUST_DIR: &str = "trust/retired";
+
+/// Why and when a key left the trust store.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RetiredTrust {
+    /// The key retired.
+    pub fingerprint: String,
+    /// When.
+    pub retired_at: chrono::DateTime<chrono::Utc>,
+    /// The key its owner rotated to, trusted instead.
+    pub replaced_by: String,
+    /// Sequence numbers of the rotations followed.
+    pub rotations: Vec<u64>,
+    /// What carried the rotation (`bundle <sha256>`).
+    pub carried_by: String,
+}
+
+/// Moves a trusted key out of the trust store into [`RETIRED_TRUST_DIR`] with its record: the
+/// record first, then the key by rename, so a crash leaves it trusted (the next import retires
+/// it again) or retired, never lost.
+pub fn retire_trusted_key(
+    home: &Path,
+    path: &Path,
+    record: &RetiredTrust,
+) -> Result<PathBuf, PkiError> {
+    let dir = home.join(RETIRED_TRUST_DIR);
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| PkiError::Io { path, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let name = record.fingerprint.trim_start_matches("sha256:");
+    let record_path = dir.join(format!("{name}.json"));
+    let mut json = serde_json::to_vec_pretty(record).expect("a record serializes");
+    json.push(b'\n');
+    durable::write_atomic(&record_path, &json, 0o644).map_err(io(&record_path))?;
+    let retired = dir.join(format!("{name}.pem"));
+    std::fs::rename(path, &retired).map_err(io(path))?;
+    durable::sync_parent_dir(path).map_err(io(path))?;
+    durable::sync_parent_dir(&retired).map_err(io(&retired))?;
+    Ok(retired)
+}
+
+/// The records of [`RETIRED_TRUST_DIR`], oldest first.
+pub fn retired_trust(home: &Path) -> Result<Vec<RetiredTrust>, PkiError> {
+    let dir = home.join(RETIRED_TRUST_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(PkiError::Io { path: dir, source }),
+    };
+    let mut records = Vec::new();
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(|source| PkiError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        // A record damaged by hand is skipped: it decides nothing, the key is out of `trust/`.
+        if let Ok(record) = serde_json::from_slice::<RetiredTrust>(&bytes) {
+            records.push(record);
+        }
+    }
+    records.sort_by_key(|record| record.retired_at);
+    Ok(records)
+}
+
 /// A trusted public key that verifies manifest signatures.
+#[derive(Clone)]
 pub struct VerifyingKey {
     key: PKey<Public>,
 }

@@ -24,6 +24,7 @@ mod host_identity;
 mod inventory;
 mod keys;
 mod keys_agents;
+mod keys_mirrors;
 mod kit;
 mod lab_agents;
 mod lab_fleet;

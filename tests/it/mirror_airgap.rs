@@ -25,23 +25,45 @@ impl Sites {
         let offline = Home::new();
         // The closed side mirrors nothing itself: its data only arrives in bundles.
         offline.config("[retention]\narchives = 5\n");
-        let work = tempfile::tempdir().unwrap();
-        let key = work.path().join("online.pem");
-        Pm::mirror(&online)
-            .args(["key", "export-public", "--out"])
-            .arg_path(&key)
-            .json();
-        let trusted = Pm::mirror(&offline)
-            .args(["trust", "add"])
-            .arg_path(&key)
-            .json();
-        assert_eq!(trusted["changed"], true);
-        Sites {
+        let sites = Sites {
             lab,
             online,
             offline,
-            work,
+            work: tempfile::tempdir().unwrap(),
+        };
+        assert_eq!(sites.trust_online_key()["changed"], true);
+        sites
+    }
+
+    /// The online mirror's public key carried across and added to the offline trust store.
+    pub(crate) fn trust_online_key(&self) -> serde_json::Value {
+        let key = self.work.path().join("online.pem");
+        Pm::mirror(&self.online)
+            .args(["key", "export-public", "--out"])
+            .arg_path(&key)
+            .json();
+        Pm::mirror(&self.offline)
+            .args(["trust", "add"])
+            .arg_path(&key)
+            .json()
+    }
+
+    /// Another closed site that trusts what the offline mirror trusts now, and holds nothing.
+    pub(crate) fn another_closed_site(&self) -> Home {
+        let closed = Home::new();
+        closed.config("");
+        std::fs::create_dir_all(closed.path().join("trust")).unwrap();
+        for entry in std::fs::read_dir(self.offline.path().join("trust")).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                std::fs::copy(
+                    entry.path(),
+                    closed.path().join("trust").join(entry.file_name()),
+                )
+                .unwrap();
+            }
         }
+        closed
     }
 
     pub(crate) fn bundle_path(&self, name: &str) -> PathBuf {
@@ -155,17 +177,7 @@ fn an_incremental_bundle_carries_only_what_changed_since_an_imported_revision() 
     assert_eq!(cvd, std::fs::read(testdb().join("test-6.cvd")).unwrap());
 
     // A mirror that never imported the base cannot use an incremental bundle.
-    let fresh = Home::new();
-    fresh.config("");
-    std::fs::create_dir_all(fresh.path().join("trust")).unwrap();
-    for entry in std::fs::read_dir(sites.offline.path().join("trust")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(
-            entry.path(),
-            fresh.path().join("trust").join(entry.file_name()),
-        )
-        .unwrap();
-    }
+    let fresh = sites.another_closed_site();
     let refused = Pm::mirror(&fresh)
         .args(["import"])
         .args([sites.bundle_path("r2-since-r1.tar")])
@@ -179,7 +191,7 @@ fn an_incremental_bundle_carries_only_what_changed_since_an_imported_revision() 
 }
 
 /// Every file and symlink under `dir`, with contents, for byte-for-byte comparisons.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+pub(crate) fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut files = BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(current) = stack.pop() {
@@ -262,6 +274,7 @@ pub(crate) fn signed_preamble(
         manifest_sha256: pm::manifest::hex(&openssl::sha::sha256(&manifest_bytes)),
         base: None,
         included: manifest.files.iter().map(|f| f.path.clone()).collect(),
+        keys_sha256: None,
     };
     let header_bytes = serde_json::to_vec(&header).unwrap();
     let members = vec![

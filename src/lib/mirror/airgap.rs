@@ -13,7 +13,8 @@ use crate::bundle::{self, BundleBase, ReadLimits};
 use crate::cli::{self, ExitStatus, GlobalArgs, UserError};
 use crate::inventory::{Inventory, SyncRecord};
 use crate::manifest::{FileEntry, Manifest};
-use crate::pki::{self, SigningKey};
+use crate::pki::rotation::KeyChain;
+use crate::pki::{self, RetiredTrust, SigningKey};
 use crate::repo::{Generations, Repo, StagedRevision};
 
 use super::{inventory_error, repo_error};
@@ -59,6 +60,15 @@ pub fn run_export(
                 .into(),
         );
     };
+    // A dry run creates no key; a home without one has nothing it signed to check.
+    let key = if global.dry_run {
+        SigningKey::load(home).context("cannot load the manifest signing key")?
+    } else {
+        Some(SigningKey::load_or_create(home).context("cannot load the manifest signing key")?)
+    };
+    if let Some(key) = &key {
+        check_exportable(key, &repo, &latest)?;
+    }
     let manifest = repo.manifest(&latest).map_err(repo_error)?;
     let base = match since {
         None => None,
@@ -106,7 +116,7 @@ pub fn run_export(
         }
         return Ok(ExitStatus::Success);
     }
-    let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
+    let key = key.expect("a run that is not a dry run loaded or created the key");
     let total: u64 = manifest
         .files
         .iter()
@@ -127,12 +137,17 @@ pub fn run_export(
             bar.set_position(written);
         }
     };
+    // The chain travels with every bundle of a key that was ever rotated, so closed sites that
+    // trust an older key follow it; a never-rotated key's bundles stay as before.
+    let chain = KeyChain::load(home).context("cannot read the key chain")?;
+    let chain = (!chain.rotations.is_empty()).then(|| chain.to_bytes());
     let (header, written) = bundle::write_bundle(
         out,
         &repo.revision_dir(&latest),
         bundle_base,
         included,
         &key,
+        chain.as_deref(),
         &progress,
     )
     .map_err(|err| UserError::failure(err.to_string()))?;
@@ -181,6 +196,27 @@ pub fn run_export(
     Ok(ExitStatus::Success)
 }
 
+/// Refuses a bundle no importer could use: the bundle is signed with `key` and carries
+/// `revision`'s `manifest.sig`, which importers check against the same key. After the key was
+/// replaced by hand the two differ, and the operator would learn it only on the closed side.
+fn check_exportable(key: &SigningKey, repo: &Repo, revision: &str) -> anyhow::Result<()> {
+    if super::signed_with(key, &repo.revision_dir(revision))? {
+        return Ok(());
+    }
+    Err(UserError::failure(format!(
+        "latest ({revision}) is not signed by the key that would sign the bundle ({}): every \
+         importer would refuse it",
+        key.fingerprint()?
+    ))
+    .with_hint(
+        "the signing key was replaced without `pm-mirror key rotate`: put the old key back in \
+         `pki/` and run `pm-mirror key rotate`, or if it is lost, remove the replacement \
+         (`pki/manifest-signing.*`) and run `pm-mirror key rotate --old-key-lost`; then export \
+         again (docs/keys.md)",
+    )
+    .into())
+}
+
 /// The files of `revision`, from the repository when it is still there, else from the inventory.
 fn base_files(
     home: &Path,
@@ -227,9 +263,39 @@ pub struct ImportReport {
     pub size: u64,
     /// Files carried by the bundle.
     pub files_imported: usize,
+    /// Trusted keys whose owner rotated away from them, followed through the chain the bundle
+    /// carries to its signer: the signer is trusted now, they are retired (`trust/retired/`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub followed: Vec<FollowedReport>,
     /// Why nothing changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// A key rotation an import followed.
+#[derive(Debug, Serialize)]
+pub struct FollowedReport {
+    /// The key trusted before (retired now).
+    pub from: String,
+    /// The key trusted now.
+    pub to: String,
+    /// Sequence numbers of the exporter's rotations followed.
+    pub rotations: Vec<u64>,
+}
+
+/// A refused bundle: why, and what to do when there is more to say than "nothing changed".
+struct Refusal {
+    message: String,
+    hint: Option<String>,
+}
+
+impl From<String> for Refusal {
+    fn from(message: String) -> Refusal {
+        Refusal {
+            message,
+            hint: None,
+        }
+    }
 }
 
 /// `pm-mirror import FILE`.
@@ -241,10 +307,16 @@ pub fn run_import(
     max_size: u64,
 ) -> anyhow::Result<ExitStatus> {
     let started_at = Utc::now();
-    let reject = |message: String| -> anyhow::Error {
-        UserError::failure(format!("bundle `{}` rejected: {message}", file.display()))
-            .with_hint("nothing was changed; check the bundle's sha256 against the exporting side")
-            .into()
+    let reject = |refusal: Refusal| -> anyhow::Error {
+        UserError::failure(format!(
+            "bundle `{}` rejected: {}",
+            file.display(),
+            refusal.message
+        ))
+        .with_hint(refusal.hint.unwrap_or_else(|| {
+            "nothing was changed; check the bundle's sha256 against the exporting side".into()
+        }))
+        .into()
     };
     let source = crate::durable::open_regular(file).map_err(|err| match err {
         crate::durable::OpenRegularError::NotRegular { .. } => {
@@ -261,9 +333,12 @@ pub fn run_import(
     })?;
     let length = source.metadata().map(|m| m.len()).unwrap_or(0);
     if length > max_size {
-        return Err(reject(format!(
-            "{length} bytes is larger than the limit of {max_size} (raise it with --max-size)"
-        )));
+        return Err(reject(
+            format!(
+                "{length} bytes is larger than the limit of {max_size} (raise it with --max-size)"
+            )
+            .into(),
+        ));
     }
     let trusted = pki::trusted_keys(home).context("cannot read the trust store")?;
     if trusted.is_empty() {
@@ -333,10 +408,10 @@ fn verify_into(
     trusted: &[pki::TrustedKey],
     max_size: u64,
     allow_downgrade: bool,
-) -> Result<VerifiedImport, String> {
+) -> Result<VerifiedImport, Refusal> {
     let reader = std::io::BufReader::with_capacity(1 << 20, source);
     let verified = bundle::read_bundle(reader, staged.dir(), trusted, ReadLimits { max_size })
-        .map_err(|err| err.to_string())?;
+        .map_err(|err| refusal(home, err))?;
     let repo = Repo::new(home);
     let generations = repo.generations().map_err(|err| err.to_string())?;
     let previous = match &generations.latest {
@@ -357,7 +432,8 @@ fn verify_into(
                     .as_ref()
                     .map(|p| p.revision.as_str())
                     .unwrap_or("empty"),
-            ));
+            )
+            .into());
         }
     }
     let previous_dir = generations
@@ -385,14 +461,14 @@ fn verify_into(
                          manifest): run `pm-mirror repair`, or import a full bundle (exported \
                          without `--since`)",
                         file.path
-                    ));
+                    )
+                    .into());
                 }
             }
             _ => {
-                return Err(format!(
-                    "`{}` is neither in the bundle nor in latest",
-                    file.path
-                ));
+                return Err(
+                    format!("`{}` is neither in the bundle nor in latest", file.path).into(),
+                );
             }
         }
     }
@@ -400,12 +476,23 @@ fn verify_into(
     if !allow_downgrade {
         // A replayed older bundle from the same exporter is a downgrade even when its versions
         // are not numbers; the exporter's serial only grows.
-        let accepted = Inventory::open_read_only(home, global.lock_timeout)
+        // A key the chain moved on from is the same exporter: its serials count too.
+        let signers: Vec<&String> = std::iter::once(&verified.signer)
+            .chain(verified.followed.iter().map(|f| &f.from))
+            .collect();
+        let accepted = match Inventory::open_read_only(home, global.lock_timeout)
             .map_err(|err| err.to_string())?
-            .map(|inventory| inventory.accepted_bundle_serial(&verified.signer))
-            .transpose()
-            .map_err(|err| err.to_string())?
-            .flatten();
+        {
+            Some(inventory) => signers
+                .iter()
+                .map(|signer| inventory.accepted_bundle_serial(signer))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| err.to_string())?
+                .into_iter()
+                .flatten()
+                .max(),
+            None => None,
+        };
         if let Some(accepted) = accepted
             && verified.manifest.serial < accepted
         {
@@ -413,7 +500,8 @@ fn verify_into(
                 "it carries the exporter's {} (serial {}), older than serial {accepted} already \
                  imported from this exporter; pass --allow-downgrade to accept an older bundle",
                 verified.manifest.revision, verified.manifest.serial
-            ));
+            )
+            .into());
         }
         if let Some(previous) = &previous {
             check_no_downgrade(previous, &verified.manifest)?;
@@ -424,6 +512,44 @@ fn verify_into(
         previous,
         generations,
     })
+}
+
+/// What the reader refused, with a hint where the way out is not "check the bundle": a signer
+/// this mirror retired (an old bundle), or one no trusted key's rotations lead to (the
+/// exporter's key was lost and replaced: its new public key must be carried across).
+fn refusal(home: &Path, err: bundle::BundleError) -> Refusal {
+    let bundle::BundleError::Untrusted { fingerprint, .. } = &err else {
+        return err.to_string().into();
+    };
+    let retired = pki::retired_trust(home)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|r| r.fingerprint == *fingerprint);
+    if let Some(retired) = retired {
+        return Refusal {
+            message: format!(
+                "it is signed by {fingerprint}, a key this mirror retired on {} when it followed \
+                 the exporter's key rotation to {}: the bundle was made before that rotation",
+                retired.retired_at.format("%Y-%m-%d %H:%M:%SZ"),
+                retired.replaced_by
+            ),
+            hint: Some(
+                "nothing was changed; import a bundle exported since (`pm-mirror trust list` \
+                 shows the retired keys)"
+                    .into(),
+            ),
+        };
+    }
+    Refusal {
+        message: err.to_string(),
+        hint: Some(format!(
+            "nothing was changed; if the exporter's key was lost and replaced (`pm-mirror key \
+             rotate --old-key-lost`), no rotation statement can vouch for the new one: on the \
+             exporting side run `pm-mirror key export-public --out exporter.pem`, carry it across, \
+             check that its fingerprint is {fingerprint} (`pm-mirror trust add` prints it), run \
+             `pm-mirror trust add exporter.pem` and import again (docs/keys.md)"
+        )),
+    }
 }
 
 /// The same ClamAV checks a sync makes: every CVD, cdiff and detached signature.
@@ -495,6 +621,15 @@ fn commit_import(
         sha256: bundle.sha256.clone(),
         size: bundle.size,
         files_imported: bundle.header.included.len(),
+        followed: bundle
+            .followed
+            .iter()
+            .map(|f| FollowedReport {
+                from: f.from.clone(),
+                to: f.to.clone(),
+                rotations: f.rotations.clone(),
+            })
+            .collect(),
         reason: None,
     };
     let same_content = previous.as_ref().is_some_and(|p| {
@@ -514,6 +649,7 @@ fn commit_import(
         report.changed = global.dry_run && !same_content;
         if same_content && !global.dry_run {
             let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
+            follow_trust(home, &bundle)?;
             record_import(
                 &inventory,
                 home,
@@ -545,6 +681,12 @@ fn commit_import(
             return Err(inventory_error(err));
         }
     };
+    // The trust store moves on before the switch: the chain verified whatever happens to the
+    // content, and after the switch nothing may fail before the inventory write.
+    if let Err(err) = follow_trust(home, &bundle) {
+        staged.discard();
+        return Err(err);
+    }
     let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
     let manifest = staged
         .commit(
@@ -573,6 +715,31 @@ fn commit_import(
     )?;
     print_import(global, &report, file)?;
     Ok(ExitStatus::Success)
+}
+
+/// Moves the trust store on along the rotations the bundle's chain proved: its signer is trusted,
+/// the keys it rotated away from are retired. The new key first, so a crash leaves both trusted
+/// and the next import of the bundle finishes.
+fn follow_trust(home: &Path, bundle: &bundle::VerifiedBundle) -> anyhow::Result<()> {
+    for followed in &bundle.followed {
+        pki::trust_key(home, followed.to_pem.as_bytes(), Path::new(&followed.to))
+            .context("cannot add the exporter's new key to the trust store")?;
+        if !followed.from_path.exists() {
+            // Another import of a bundle with the same chain retired it meanwhile.
+            continue;
+        }
+        let record = RetiredTrust {
+            fingerprint: followed.from.clone(),
+            retired_at: Utc::now(),
+            replaced_by: followed.to.clone(),
+            rotations: followed.rotations.clone(),
+            carried_by: format!("bundle {}", bundle.sha256),
+        };
+        let retired = pki::retire_trusted_key(home, &followed.from_path, &record)
+            .context("cannot retire the key the exporter rotated away from")?;
+        tracing::info!(from = %followed.from, to = %followed.to, retired = %retired.display(), "followed the exporter's key rotation");
+    }
+    Ok(())
 }
 
 /// Records the import as a sync from `bundle`: a job and one `mirror_syncs` row per product.
@@ -662,8 +829,30 @@ fn print_import(global: &GlobalArgs, report: &ImportReport, file: &Path) -> anyh
         }
         (None, None) => String::new(),
     };
+    let followed: String = report
+        .followed
+        .iter()
+        .map(|f| {
+            let (follow, trust) = if global.dry_run {
+                ("would follow", "would no longer trust")
+            } else {
+                ("followed", "no longer trusting")
+            };
+            format!(
+                "{follow} the exporter's key rotation {} to {}; {trust} {} (kept in \
+                 trust/retired/)\n",
+                f.rotations
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                f.to,
+                f.from
+            )
+        })
+        .collect();
     cli::print_text(format!(
-        "bundle {} verified: signed by {}, exporter's {}, {} files, {}\nsha256 {}\n{verdict}",
+        "bundle {} verified: signed by {}, exporter's {}, {} files, {}\nsha256 {}\n{followed}{verdict}",
         file.display(),
         report.signer,
         report.exported_revision,
@@ -781,12 +970,15 @@ pub fn run_trust_add(home: &Path, global: &GlobalArgs, file: &Path) -> anyhow::R
 /// `pm-mirror trust list`.
 pub fn run_trust_list(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
     let keys = pki::trusted_keys(home)?;
+    let retired = pki::retired_trust(home)?;
     if global.json {
         let keys: Vec<_> = keys
             .iter()
             .map(|k| serde_json::json!({ "fingerprint": k.fingerprint, "path": k.path }))
             .collect();
-        cli::print_json(&serde_json::json!({ "changed": false, "keys": keys }))?;
+        cli::print_json(
+            &serde_json::json!({ "changed": false, "keys": keys, "retired": retired }),
+        )?;
         return Ok(ExitStatus::Success);
     }
     let mut table = cli::table(&["fingerprint", "added", "file"]);
@@ -806,6 +998,20 @@ pub fn run_trust_list(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitSt
         ]);
     }
     cli::print_text(table)?;
+    for record in &retired {
+        cli::print_text(format!(
+            "retired {} on {}: the exporter rotated to {} (rotation {}), no longer trusted",
+            record.fingerprint,
+            record.retired_at.format("%Y-%m-%d %H:%M:%SZ"),
+            record.replaced_by,
+            record
+                .rotations
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))?;
+    }
     Ok(ExitStatus::Success)
 }
 

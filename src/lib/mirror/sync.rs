@@ -17,7 +17,9 @@ use crate::manifest::{
     AGENT_KIND, ComponentEntry, FileEntry, MANIFEST_FILE, Manifest, ProductEntry, SIGNATURE_FILE,
     agent_component,
 };
+use crate::mirror::parent_key::{self, ParentKey};
 use crate::mirror::upstream::{FetchError, Fetched, Upstream, Validators};
+use crate::pki::rotation::{self, KeyChain};
 use crate::repo::{Repo, StagedRevision};
 
 /// Longest cool-down accepted from a Retry-After header.
@@ -134,6 +136,7 @@ impl ProductReport {
 
 /// Everything a product sync needs from the rest of the run.
 struct ProductContext<'a> {
+    home: &'a Path,
     config: &'a Config,
     upstream: &'a Upstream,
     previous: Option<&'a Manifest>,
@@ -365,6 +368,7 @@ pub(crate) async fn sync_products(
             .and_then(|json| serde_json::from_str(json).ok())
             .unwrap_or_default();
         let context = ProductContext {
+            home: repo.root().parent().unwrap_or(repo.root()),
             config,
             upstream,
             previous,
@@ -1272,14 +1276,10 @@ async fn sync_pm(
         url: source.url.clone(),
         problem,
     };
-    let pem =
-        std::fs::read(key_path).map_err(|err| key_error(format!("cannot read it ({err})")))?;
-    let key = crate::pki::VerifyingKey::from_pem(&pem).map_err(|_| {
-        key_error(
-            "it is not a PEM public key (write it with `pm-mirror key export-public` on the parent)"
-                .into(),
-        )
-    })?;
+    // The operator's key, or the one the parent's rotations followed before lead to.
+    let mut trusted = ParentKey::load(context.home, &product.name, key_path).map_err(key_error)?;
+    let mut chain_fetched = false;
+    let mut followed_now: Option<Vec<u64>> = None;
     let manifest_url = join(&source.url, MANIFEST_FILE)?;
     let signature_url = join(&source.url, SIGNATURE_FILE)?;
     let previous_files: Vec<FileEntry> = context
@@ -1340,17 +1340,34 @@ async fn sync_pm(
         {
             Fetched::Body {
                 body: signature, ..
-            } if key.verify(&body, &signature) => {
-                break (body, new_validators);
-            }
-            Fetched::Body { .. } if attempt < 2 => {
-                tracing::warn!(product = %product.name, url = %signature_url, "the parent's manifest signature does not match; fetching both again");
-                validators = None;
-            }
-            Fetched::Body { .. } => {
-                return Err(untrusted(format!(
-                    "the signature `{signature_url}` does not match; trust the key `pm-mirror key export-public` writes on the parent"
-                )));
+            } => {
+                if !chain_fetched && !trusted.key.verify(&body, &signature) {
+                    // The parent may have rotated its key: its chain says whether the key this
+                    // mirror trusts moved on, and to which key.
+                    chain_fetched = true;
+                    if let Some(next) =
+                        follow_parent_chain(context, source, &trusted, &manifest_url).await?
+                    {
+                        followed_now = Some(next.rotations().split_off(trusted.followed.len()));
+                        trusted = next;
+                    }
+                }
+                if trusted.key.verify(&body, &signature) {
+                    break (body, new_validators);
+                }
+                if attempt < 2 {
+                    tracing::warn!(product = %product.name, url = %signature_url, "the parent's manifest signature does not match; fetching both again");
+                    validators = None;
+                } else {
+                    return Err(untrusted(format!(
+                        "the signature `{signature_url}` does not match, and {} ({}) to the key \
+                         that made it: the parent's key was replaced without a rotation \
+                         statement (`pm-mirror key rotate --old-key-lost`), or this is not the \
+                         parent's key",
+                        parent_key::NOT_FOLLOWED,
+                        trusted.fingerprint
+                    )));
+                }
             }
             _ => {
                 return Err(untrusted(format!(
@@ -1359,6 +1376,26 @@ async fn sync_pm(
             }
         }
     };
+    if let Some(rotations) = followed_now {
+        let rotations = rotations
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let verb = if context.dry_run {
+            "would follow"
+        } else {
+            let record = trusted
+                .record(context.home, &product.name)
+                .map_err(|err| key_error(format!("cannot record the parent's new key: {err}")))?;
+            tracing::info!(product = %product.name, key = %trusted.fingerprint, record = %record.display(), "followed the parent's key rotation");
+            "followed"
+        };
+        outcome.warnings.push(format!(
+            "{verb} the parent's key rotation {rotations} to {}",
+            trusted.fingerprint
+        ));
+    }
     let parent = check_parent_manifest(&manifest_url, &manifest_bytes)?;
     check_parent_names(
         product,
@@ -1465,6 +1502,33 @@ async fn sync_pm(
         }
     }
     Ok(outcome)
+}
+
+/// The parent's `keys.json` followed from `trusted`: the key it leads to, or `None` when the
+/// parent serves no chain (a pm from before rotations) or its chain does not move `trusted` on.
+/// A statement that starts from `trusted` but that key did not sign refuses the sync.
+async fn follow_parent_chain(
+    context: &ProductContext<'_>,
+    source: &PmSource,
+    trusted: &ParentKey,
+    manifest_url: &Url,
+) -> Result<Option<ParentKey>, ProductError> {
+    let chain_url = join(&source.url, rotation::SERVED_FILE)?;
+    let body = match context
+        .upstream
+        .fetch_small(&chain_url, None, rotation::MAX_CHAIN_BYTES)
+        .await?
+    {
+        Fetched::Body { body, .. } => body,
+        _ => return Ok(None),
+    };
+    KeyChain::parse(&body)
+        .and_then(|chain| trusted.follow(&chain))
+        .map_err(|err| ProductError::Untrusted {
+            url: manifest_url.to_string(),
+            key: source.trusted_key.clone(),
+            problem: format!("the parent's key chain `{chain_url}` is refused: {err}"),
+        })
 }
 
 /// Parses a parent's (verified) manifest and checks that it can be carried as it is: product
