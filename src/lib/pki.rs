@@ -56,8 +56,10 @@ pub enum PkiError {
                 ": it was rotated away by rotation {sequence} (to {next}); `pki/` looks restored \
                  from before that rotation"
             ),
-            None => ": it is not the key this repository was signed with (a key replaced by \
-                      hand, or {revision}'s manifest was damaged)".to_string(),
+            None => format!(
+                ": it is not the key this repository was signed with (a key replaced by hand, \
+                 or {revision}'s manifest was damaged)"
+            ),
         }
     )]
     NotTheRepositorysKey {
