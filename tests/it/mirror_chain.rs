@@ -149,10 +149,15 @@ fn a_child_mirror_holds_the_parents_files_fetches_only_changes_and_freshclam_upd
     let signature_bytes = std::fs::metadata(parent.repo("dist/manifest.sig"))
         .unwrap()
         .len();
+    // The parent's signed dist statement is read with its manifest.
+    let statement_bytes: u64 = ["view/dist.json", "view/dist.sig"]
+        .iter()
+        .map(|path| std::fs::metadata(parent.repo(path)).unwrap().len())
+        .sum();
     let file_bytes: u64 = changed.iter().map(|f| f.size).sum();
     assert_eq!(
         product["bytes_downloaded"],
-        file_bytes + manifest_bytes + signature_bytes
+        file_bytes + manifest_bytes + signature_bytes + statement_bytes
     );
     let latest = manifest(&child, "latest");
     let carried = latest.file("clamav/test-2.cdiff").unwrap();
@@ -638,4 +643,54 @@ fn a_parent_switching_dist_during_a_child_sync_is_followed_once_and_said_when_it
         run.stderr()
     );
     assert_eq!(run.json()["products"][0]["components"][0]["version"], "6");
+}
+
+/// Issue 17: a child took a lower manifest serial for its parent's rollback, so an old dist of
+/// the parent replayed on the way (manifest, signature and dist statement as the parent once
+/// served them, all validly signed) was followed. The parent's signed dist statement tells the
+/// two apart, as it does for agents: a real rollback signs a newer one.
+#[test]
+fn a_child_refuses_an_old_dist_of_its_parent_replayed_but_follows_a_real_rollback() {
+    let (lab, parent) = published_parent(5);
+    let server = Server::start(&parent);
+    let child = Home::new();
+    chain_config(&child, &server.base, &parent_key(&parent), "");
+    sync_publish(&child);
+    // What the parent served for r1, kept by whoever replays it later.
+    let served = |name: &str| std::fs::read(parent.path().join("repo/view").join(name)).unwrap();
+    let old_statement = [
+        ("dist.json", served("dist.json")),
+        ("dist.sig", served("dist.sig")),
+    ];
+    lab.upstream.set_version(6).unwrap();
+    sync_publish(&parent);
+    Pm::mirror(&child).args(["sync"]).json();
+    let followed = manifest(&child, "latest").revision;
+
+    let view = std::fs::canonicalize(parent.path().join("repo/view")).unwrap();
+    for (name, bytes) in &old_statement {
+        std::fs::write(view.join(name), bytes).unwrap();
+    }
+    std::fs::remove_file(view.join("dist")).unwrap();
+    std::os::unix::fs::symlink("../../revisions/r1", view.join("dist")).unwrap();
+    let replayed = Pm::mirror(&child).args(["sync"]).run();
+    assert_eq!(replayed.code(), 1, "{}", replayed.stdout());
+    assert!(
+        replayed
+            .stderr()
+            .contains("an old dist of the parent is being replayed"),
+        "{}",
+        replayed.stderr()
+    );
+    assert_eq!(manifest(&child, "latest").revision, followed);
+
+    // The parent's own rollback signs a newer statement: followed, and said so.
+    Pm::mirror(&parent)
+        .args(["rollback", "--generation", "1"])
+        .json();
+    let rolled_back = Pm::mirror(&child).args(["sync"]).json();
+    assert_eq!(
+        rolled_back["products"][0]["result"], "rolled_back_by_parent",
+        "{rolled_back}"
+    );
 }

@@ -222,6 +222,10 @@ enum ProductError {
     /// A file of the parent's manifest could not be had as it says (404, larger, another size
     /// or sha256): maybe the parent switched dist meanwhile. Only [`sync_pm_following_a_switch`]
     /// sees it.
+    /// The parent's dist statement names another manifest than the one fetched; only
+    /// [`sync_pm`] sees it, and turns it into [`ProductError::ParentFile`].
+    #[error("{0}")]
+    Switched(String),
     #[error("{source}")]
     ParentFile {
         manifest_sha256: String,
@@ -1404,17 +1408,40 @@ async fn sync_pm(
         staged.as_deref(),
         parent.products.iter().map(|e| e.name.as_str()),
     )?;
-    // The serial latest followed: a parent's dist whose serial is lower was rolled back there.
-    let followed_serial = context
+    let followed = context
         .validators
         .get(manifest_url.as_str())
-        .and_then(|v| v.manifest_serial)
         .filter(|_| !previous_entries.is_empty());
+    let dist_serial = check_parent_statement(
+        context,
+        source,
+        &trusted,
+        &parent,
+        followed.and_then(|v| v.dist_serial),
+    )
+    .await
+    .map_err(|err| match err {
+        // A statement naming another manifest: the parent may have switched dist in between,
+        // which the caller tells apart and follows once.
+        ProductError::Switched(problem) => ProductError::ParentFile {
+            manifest_sha256: crate::manifest::hex(&openssl::sha::sha256(&manifest_bytes)),
+            source: Box::new(ProductError::Verify {
+                url: join(&source.url, crate::dist_statement::STATEMENT_FILE)
+                    .map(|u| u.to_string())
+                    .unwrap_or_default(),
+                problem,
+            }),
+        },
+        err => err,
+    })?;
+    // The serial latest followed: a parent's dist whose serial is lower was rolled back there.
+    let followed_serial = followed.and_then(|v| v.manifest_serial);
     let rolled_back = followed_serial.is_some_and(|followed| parent.serial < followed);
     outcome.validators.insert(
         manifest_url.to_string(),
         Validators {
             manifest_serial: Some(parent.serial),
+            dist_serial,
             ..new_validators
         },
     );
@@ -1507,6 +1534,87 @@ async fn sync_pm(
 /// The parent's `keys.json` followed from `trusted`: the key it leads to, or `None` when the
 /// parent serves no chain (a pm from before rotations) or its chain does not move `trusted` on.
 /// A statement that starts from `trusted` but that key did not sign refuses the sync.
+/// The parent's signed dist statement (`dist.json`, SECURITY.md's rollback and freeze attacks),
+/// as agents check it: signed by the parent's key, naming the manifest fetched, not older than
+/// one this mirror followed before (an old dist replayed: a parent's own rollback signs a newer
+/// statement), not expired (a frozen copy). A parent that serves none is followed as before,
+/// until one was seen. Returns its `dist_serial` to record.
+async fn check_parent_statement(
+    context: &ProductContext<'_>,
+    source: &PmSource,
+    trusted: &ParentKey,
+    parent: &Manifest,
+    followed: Option<u64>,
+) -> Result<Option<u64>, ProductError> {
+    use crate::dist_statement::{DistStatement, MAX_STATEMENT_BYTES, STATEMENT_FILE};
+    let url = join(&source.url, STATEMENT_FILE)?;
+    let refused = |problem: String| ProductError::Verify {
+        url: url.to_string(),
+        problem,
+    };
+    let body = match context
+        .upstream
+        .fetch_small(&url, None, MAX_STATEMENT_BYTES)
+        .await?
+    {
+        Fetched::Body { body, .. } => body,
+        _ => {
+            return match followed {
+                Some(serial) => Err(refused(format!(
+                    "the parent serves no signed dist statement, but this mirror followed one                      (dist serial {serial}) before: something strips it, or the parent's                      repository was replaced by an older one"
+                ))),
+                None => Ok(None),
+            };
+        }
+    };
+    let signature_url = join(&source.url, crate::dist_statement::SIGNATURE_FILE)?;
+    let signature = match context
+        .upstream
+        .fetch_small(&signature_url, None, SIGNATURE_SIZE_LIMIT)
+        .await?
+    {
+        Fetched::Body { body, .. } => body,
+        _ => {
+            return Err(refused(format!(
+                "its signature `{signature_url}` is not found"
+            )));
+        }
+    };
+    if !trusted.key.verify(&body, &signature) {
+        return Err(refused(format!(
+            "it is not signed by the parent's key {}",
+            trusted.fingerprint
+        )));
+    }
+    let statement: DistStatement = serde_json::from_slice(&body)
+        .map_err(|err| refused(format!("it is not a dist statement this pm reads ({err})")))?;
+    if !statement.names(parent) {
+        return Err(ProductError::Switched(format!(
+            "it names {} (serial {}) but the manifest served is {} (serial {}): the parent \
+             published or rolled back while this sync ran, or a cache mixes two dists; run sync \
+             again",
+            statement.revision, statement.manifest_serial, parent.revision, parent.serial
+        )));
+    }
+    if let Some(serial) = followed.filter(|serial| statement.dist_serial < *serial) {
+        return Err(refused(format!(
+            "its dist serial {} ({}, signed {}) is older than the {serial} this mirror followed: \
+             an old dist of the parent is being replayed; check what serves the parent's URL",
+            statement.dist_serial,
+            statement.revision,
+            statement.signed_at.format("%Y-%m-%d %H:%M:%SZ"),
+        )));
+    }
+    if statement.is_expired(Utc::now()) {
+        return Err(refused(format!(
+            "it expired at {}: the parent's dist has not been re-signed for longer than it \
+             allows (its publish timer stopped, or this is a frozen copy)",
+            statement.expires_at.format("%Y-%m-%d %H:%M:%SZ")
+        )));
+    }
+    Ok(Some(statement.dist_serial))
+}
+
 async fn follow_parent_chain(
     context: &ProductContext<'_>,
     source: &PmSource,

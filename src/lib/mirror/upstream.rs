@@ -32,6 +32,10 @@ pub struct Validators {
     /// parent's dist whose serial is lower later was rolled back there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_serial: Option<u32>,
+    /// For a parent pm mirror: the `dist_serial` of the signed dist statement latest followed.
+    /// A statement with a lower one is an old dist replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dist_serial: Option<u64>,
 }
 
 impl Validators {
@@ -46,6 +50,7 @@ impl Validators {
             etag: text(header::ETAG),
             last_modified: text(header::LAST_MODIFIED),
             manifest_serial: None,
+            dist_serial: None,
         }
     }
 }
@@ -99,7 +104,7 @@ impl FetchError {
 enum Opened {
     NotModified,
     NotFound,
-    Body(reqwest::Response, Validators),
+    Body(Box<(reqwest::Response, Validators)>),
 }
 
 /// Result of a conditional request.
@@ -172,7 +177,7 @@ impl Upstream {
             let request = self.client.get(url.clone()).header(header::RANGE, range);
             let (mut response, validators) =
                 match self.open(url, conditional(request, validators)).await? {
-                    Opened::Body(response, validators) => (response, validators),
+                    Opened::Body(body) => *body,
                     Opened::NotModified => return Ok(Fetched::NotModified),
                     Opened::NotFound => return Ok(Fetched::NotFound),
                 };
@@ -199,7 +204,7 @@ impl Upstream {
         self.with_retries(url, || async {
             let request = conditional(self.client.get(url.clone()), validators);
             let (mut response, validators) = match self.open(url, request).await? {
-                Opened::Body(response, validators) => (response, validators),
+                Opened::Body(body) => *body,
                 Opened::NotModified => return Ok(Fetched::NotModified),
                 Opened::NotFound => return Ok(Fetched::NotFound),
             };
@@ -234,7 +239,7 @@ impl Upstream {
         self.with_retries(url, || async {
             let (mut response, validators) =
                 match self.open(url, self.client.get(url.clone())).await? {
-                    Opened::Body(response, validators) => (response, validators),
+                    Opened::Body(body) => *body,
                     Opened::NotModified => return Ok(Fetched::NotModified),
                     Opened::NotFound => return Ok(Fetched::NotFound),
                 };
@@ -311,7 +316,7 @@ impl Upstream {
                 .ok();
             return Ok(Opened::NotFound);
         }
-        Ok(Opened::Body(response, validators))
+        Ok(Opened::Body(Box::new((response, validators))))
     }
 
     /// Feeds the body to `consume` chunk by chunk, counting the bytes, until the body ends or
