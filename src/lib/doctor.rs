@@ -682,8 +682,12 @@ fn check_manifest_keys(home: &Path) -> Option<Check> {
             .and_then(|(_, key)| crate::pki::rotation::follow(&chain, fingerprint, key).ok())
             .is_some_and(|reached| reached.fingerprint == current)
     };
-    let (mut following, mut lost) = (Vec::new(), Vec::new());
+    let (mut following, mut lost, mut none) = (Vec::new(), Vec::new(), Vec::new());
     for (host, key) in &reported {
+        let Some(key) = key else {
+            none.push(host.clone());
+            continue;
+        };
         if *key == current {
             continue;
         }
@@ -693,7 +697,7 @@ fn check_manifest_keys(home: &Path) -> Option<Check> {
             lost.push(host.clone());
         }
     }
-    if following.is_empty() && lost.is_empty() {
+    if following.is_empty() && lost.is_empty() && none.is_empty() {
         return Some(Check::ok(
             NAME,
             Some(format!(
@@ -717,13 +721,22 @@ fn check_manifest_keys(home: &Path) -> Option<Check> {
             some_hosts(&following)
         ));
     }
+    if !none.is_empty() {
+        problems.push(format!(
+            "{} hosts report no manifest key (an agent from before key rotation, or its key \
+             file is missing): {}",
+            none.len(),
+            some_hosts(&none)
+        ));
+    }
     let message = problems.join("; ");
     if lost.is_empty() {
         return Some(Check::warn(
             NAME,
             message,
-            "`pm-push update` (or the agents' own schedule) moves them on; `pm-poll` then shows \
-             the new key (docs/keys.md)",
+            "`pm-push update` moves hosts on an older key on, also when they are on dist; \
+             upgrade agents that report none (`pm-push upgrade-agent`), or give one back its key \
+             (`pm-agent trust-key`); `pm-poll` then shows the new key (docs/keys.md)",
         ));
     }
     Some(Check::fail(
@@ -731,7 +744,8 @@ fn check_manifest_keys(home: &Path) -> Option<Check> {
         message,
         format!(
             "run the trust step on each: `pm-agent trust-key --fingerprint {current}` (ansible \
-             playbook `trust-key.yml`), or re-activate them; see docs/keys.md"
+             playbook `trust-key.yml`), or re-activate them; upgrade agents from before key \
+             rotation (`pm-push upgrade-agent`); see docs/keys.md"
         ),
     ))
 }

@@ -291,6 +291,15 @@ fn fingerprint_of_der(der: &[u8]) -> String {
     )
 }
 
+/// `sha256:<hex>` of the home's signing key, from its public half (`None` before it exists).
+pub fn current_fingerprint(home: &Path) -> Option<String> {
+    let path = home.join(SIGNING_PUBLIC_KEY_FILE);
+    let pem = std::fs::read(&path).ok()?;
+    parse_public_key(&pem, &path)
+        .ok()
+        .map(|(fingerprint, _)| fingerprint)
+}
+
 /// Whether `revision`'s manifest verifies with `key`.
 pub fn revision_signed_by(repo: &crate::repo::Repo, revision: &str, key: &VerifyingKey) -> bool {
     let dir = repo.revision_dir(revision);

@@ -468,9 +468,10 @@ pub(crate) fn read_installed(
     home: &Path,
     global: &GlobalArgs,
 ) -> anyhow::Result<HashMap<String, Option<String>>> {
+    let manager_key = crate::pki::current_fingerprint(home);
     Ok(Inventory::open_read_only(home, global.lock_timeout)
         .map_err(inventory_error)?
-        .map(|inv| inv.installed_revisions())
+        .map(|inv| inv.installed_revisions(manager_key.as_deref()))
         .transpose()
         .map_err(inventory_error)?
         .unwrap_or_default())
@@ -778,7 +779,9 @@ fn start(home: &Path, global: &GlobalArgs, args: &UpdateArgs) -> anyhow::Result<
         let where_hosts = args.targets.where_hosts(&inventory)?;
         (
             args.targets.resolve(&hosts, where_hosts.as_ref())?,
-            inventory.installed_revisions().map_err(inventory_error)?,
+            inventory
+                .installed_revisions(crate::pki::current_fingerprint(home).as_deref())
+                .map_err(inventory_error)?,
             inventory.holds().map_err(inventory_error)?,
         )
     };

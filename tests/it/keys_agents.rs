@@ -77,6 +77,27 @@ fn a_fleet_follows_a_rotation_at_its_next_rollout_reports_the_new_key_and_rolls_
         ),
         "{check}"
     );
+    // Nothing new to install: a rollout still moves them on (hosts on an older key are not
+    // "already on dist"), as docs/keys.md's steps after a theft say.
+    let (code, pushed) = fleet.push(&["update"]);
+    assert_eq!(code, 0, "{pushed}");
+    assert!(!pushed.to_string().contains("already on"), "{pushed}");
+    for n in 0..3 {
+        let state = fleet.dir.join(format!("agent-{n:03}"));
+        assert_eq!(
+            agent_key(&state),
+            new_key,
+            "agent {n} followed without a new revision"
+        );
+    }
+    assert_eq!(Pm::poll(home).run().code(), 0);
+    let (code, pushed) = fleet.push(&["update"]);
+    assert_eq!(code, 0, "{pushed}");
+    assert_eq!(
+        pushed.to_string().matches("already on").count(),
+        3,
+        "followed hosts on dist are skipped again: {pushed}"
+    );
     fleet.setup.publish(5);
     let (code, pushed) = fleet.push(&["update"]);
     assert_eq!(code, 0, "the rollout after the rotation: {pushed}");
@@ -318,4 +339,43 @@ fn an_agent_whose_first_install_after_a_rotation_is_a_backup_generation_follows_
     );
     assert_eq!(agent_key(&setup.state()), new_key);
     assert_eq!(history(&setup.state())[0]["sequence"], 1);
+}
+
+/// Red team: an agent whose key file went missing could not update, with a bare "No such file"
+/// and no hint, while pm-doctor's `manifest keys` said ok (the host was left out).
+#[test]
+fn an_agent_that_lost_its_key_file_is_named_by_pm_doctor_and_trust_key_gives_it_back() {
+    let setup = AgentSetup::new();
+    let home = &setup.home;
+    setup.agent_cmd(&["update"]);
+    let key_file = setup.state().join(pm::agent::MANIFEST_KEY_FILE);
+    std::fs::remove_file(&key_file).unwrap();
+    assert_eq!(Pm::poll(home).run().code(), 0);
+    let check = doctor_keys_check(home);
+    assert_eq!(check["result"], "warn", "{check}");
+    assert!(
+        check["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 hosts report no manifest key"),
+        "{check}"
+    );
+    let update = Pm::agent(&setup.state()).args(["update"]).run();
+    assert_eq!(update.code(), 1);
+    assert!(
+        update.stderr().contains("is missing") && update.stderr().contains("pm-agent trust-key"),
+        "{}",
+        update.stderr()
+    );
+    let public = home.path().join(pm::pki::SIGNING_PUBLIC_KEY_FILE);
+    let fingerprint = manager_key(home);
+    let trusted = Pm::agent(&setup.state())
+        .args(["trust-key", "--fingerprint", &fingerprint, "--key"])
+        .arg_path(&public)
+        .run();
+    assert_eq!(trusted.code(), 0, "{}", trusted.stderr());
+    assert_eq!(agent_key(&setup.state()), fingerprint);
+    setup.agent_cmd(&["update"]);
+    assert_eq!(Pm::poll(home).run().code(), 0);
+    assert_eq!(doctor_keys_check(home)["result"], "ok");
 }

@@ -71,7 +71,23 @@ pub(super) struct TrustedKey {
 /// key it moved to).
 pub(super) fn trusted_key(dir: &Path) -> Result<TrustedKey> {
     let key_path = dir.join(MANIFEST_KEY_FILE);
-    let pem = std::fs::read(&key_path).map_err(io_error("read", &key_path))?;
+    let pem = match std::fs::read(&key_path) {
+        Ok(pem) => pem,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Err(UserError::failure(format!(
+                "the manager's manifest key `{}` is missing: this agent cannot verify what the \
+                 manager signs",
+                key_path.display()
+            ))
+            .with_hint(
+                "give it back with `pm-agent trust-key --fingerprint sha256:...` (the \
+                 fingerprint `pm-mirror key export-public` prints on the manager), or reset and \
+                 activate this agent again",
+            )
+            .into());
+        }
+        Err(err) => return Err(io_error("read", &key_path)(err)),
+    };
     let (fingerprint, key) = crate::pki::parse_public_key(&pem, &key_path).map_err(|err| {
         anyhow::Error::from(UserError::failure(format!("{err}")).with_hint(format!(
             "run `pm-agent --state {} reset` and activate again",

@@ -774,10 +774,13 @@ impl Inventory {
 
     /// The manifest key each active host reported at its last answered poll, by host name
     /// (hosts that never answered, or whose agent reports no key, are left out).
-    pub fn manifest_keys(&self) -> Result<Vec<(String, String)>, InventoryError> {
+    pub fn manifest_keys(&self) -> Result<Vec<(String, Option<String>)>, InventoryError> {
+        // A reachable host that reported none runs an agent from before key rotation, or lost
+        // its key file; an unreachable one is reported by the other checks.
         let mut statement = self.db(self.conn.prepare(
             "SELECT s.host, s.manifest_key FROM host_state s JOIN hosts h ON h.host = s.host
-             WHERE h.state = 'active' AND s.manifest_key IS NOT NULL ORDER BY s.host",
+             WHERE h.state = 'active' AND (s.manifest_key IS NOT NULL OR s.reachable)
+             ORDER BY s.host",
         ))?;
         let rows = self.db(statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))))?;
         rows.map(|row| self.db(row)).collect()

@@ -223,14 +223,28 @@ impl Inventory {
 
     /// What each host had installed at its last answer, for hosts whose last poll succeeded
     /// within the inactive threshold (an older answer is not trusted to skip a host).
-    pub fn installed_revisions(&self) -> Result<HashMap<String, Option<String>>, InventoryError> {
+    ///
+    /// A host that reported a manifest key other than `manager_key` counts as not installed:
+    /// the update is what makes it follow the key's rotation (docs/keys.md), even on dist.
+    pub fn installed_revisions(
+        &self,
+        manager_key: Option<&str>,
+    ) -> Result<HashMap<String, Option<String>>, InventoryError> {
         let mut statement = self.db(self.conn.prepare(
-            "SELECT host, installed_revision FROM host_state
+            "SELECT host,
+                    CASE WHEN manifest_key IS NOT NULL AND ?::VARCHAR IS NOT NULL
+                              AND manifest_key <> ?::VARCHAR
+                         THEN NULL ELSE installed_revision END
+             FROM host_state
              WHERE reachable AND last_ok_at >= now() - to_seconds(coalesce(
                  (SELECT TRY_CAST(value AS BIGINT) FROM settings
                   WHERE key = 'inactive_after_seconds'), 1800))",
         ))?;
-        let rows = self.db(statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))))?;
+        let rows = self.db(
+            statement.query_map(params![manager_key, manager_key], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            }),
+        )?;
         rows.map(|row| self.db(row)).collect()
     }
 }
