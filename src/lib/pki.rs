@@ -92,6 +92,10 @@ impl PkiError {
                  backup); if that key is lost, run `pm-mirror key rotate --old-key-lost`, which \
                  sets this one aside (docs/keys.md); `pm-doctor` tells a damaged manifest apart",
             ),
+            PkiError::LoosePermissions { .. } => Some(
+                "make it readable by its owner only (`chmod 600 FILE`), and check who else could \
+                 read it: a key others could read may be stolen (docs/keys.md)",
+            ),
             PkiError::BadKey { .. } | PkiError::NotEd25519 { .. } => Some(
                 "the key file is damaged or not pm's: restore `pki/` from a backup of PM_HOME; \
                  if there is none, run `pm-mirror key rotate --old-key-lost`, which sets the \

@@ -484,3 +484,51 @@ fn a_damaged_key_file_says_what_to_do_and_old_key_lost_sets_it_aside() {
     assert_eq!(damaged.metadata().unwrap().permissions().mode() & 0o077, 0);
     Pm::mirror(home).args(["publish", "--again"]).json();
 }
+
+fn names_in_pki(home: &Home, prefix: &str) -> usize {
+    std::fs::read_dir(home.path().join("pki"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .count()
+}
+
+/// Red team: an unusable `pki/manifest-signing.next.key` was a dead end: every command that
+/// signs named the unfinished rotation, `key rotate` failed on the file, `--old-key-lost` too.
+#[test]
+fn an_unusable_new_key_of_an_unfinished_rotation_is_set_aside_or_replaced_as_lost() {
+    let feed = published_three_times();
+    let home = &feed.home;
+    let pending = home.path().join(pm::pki::rotation::PENDING_KEY_FILE);
+    // No statement names it yet: a plain rotation sets it aside and starts over.
+    std::fs::write(&pending, b"").unwrap();
+    let rotated = Pm::mirror(home).args(["key", "rotate"]).json();
+    assert_eq!(rotated["statement"], true, "{rotated}");
+    assert_eq!(names_in_pki(home, "manifest-signing.next.key.damaged-"), 1);
+    Pm::mirror(home).args(["publish", "--again"]).json();
+
+    // A statement already names it: followers may be on it, so only --old-key-lost goes on.
+    let old = pm::pki::SigningKey::load(home.path()).unwrap().unwrap();
+    let next = pm::pki::SigningKey::generate().unwrap();
+    let mut chain = KeyChain::load(home.path()).unwrap();
+    chain
+        .rotations
+        .push(pm::pki::rotation::SignedRotation::sign(&old, &next, 2, "killed").unwrap());
+    chain.save(home.path()).unwrap();
+    std::fs::write(&pending, b"garbage").unwrap();
+    let refused = Pm::mirror(home).args(["key", "rotate"]).run();
+    assert_eq!(refused.code(), 1, "{}", refused.stdout());
+    assert!(
+        refused.stderr().contains("rotation 2 already names it")
+            && refused.stderr().contains("--old-key-lost"),
+        "{}",
+        refused.stderr()
+    );
+    let lost = Pm::mirror(home)
+        .args(["key", "rotate", "--old-key-lost"])
+        .json();
+    assert_eq!(lost["statement"], false, "{lost}");
+    assert_eq!(names_in_pki(home, "manifest-signing.key.set-aside-"), 1);
+    assert!(!pending.exists());
+    Pm::mirror(home).args(["publish", "--again"]).json();
+}

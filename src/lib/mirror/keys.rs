@@ -86,10 +86,6 @@ fn rotate(
             return Err(anyhow::Error::new(err).context("cannot load the manifest signing key"));
         }
     };
-    let pending_path = home.join(PENDING_KEY_FILE);
-    let pending = SigningKey::load_file(&pending_path).with_context(|| {
-        format!("cannot load the unfinished rotation's key `{PENDING_KEY_FILE}`")
-    })?;
     let generations = repo.generations().map_err(repo_error)?;
     let mut revisions: Vec<String> = Vec::new();
     for revision in generations
@@ -103,6 +99,55 @@ fn rotate(
         }
     }
     let mut chain = current_chain(home, &repo)?;
+    let pending_path = home.join(PENDING_KEY_FILE);
+    // A damaged new key of an unfinished rotation: harmless to replace while no statement names
+    // it (the chain's last rotation leads to the home's key); once one does, followers may have
+    // moved to it, and only `--old-key-lost` goes on (they then need the trust step).
+    let mut damaged_pending = false;
+    let pending = match SigningKey::load_file(&pending_path) {
+        Ok(key) => key,
+        Err(
+            err @ (pki::PkiError::BadKey { .. }
+            | pki::PkiError::NotEd25519 { .. }
+            | pki::PkiError::LoosePermissions { .. }),
+        ) => {
+            let home_key = old.as_ref().map(|k| k.fingerprint()).transpose()?;
+            let named = chain
+                .last()
+                .filter(|r| Some(&r.next_key) != home_key.as_ref());
+            if let (Some(named), false) = (&named, old_key_lost) {
+                return Err(UserError::failure(format!(
+                    "the new key of the unfinished rotation `{}` is unusable ({err}), and \
+                     rotation {} already names it ({})",
+                    pending_path.display(),
+                    named.sequence,
+                    named.next_key
+                ))
+                .with_hint(
+                    "restore the file from a backup of `pki/` and run `pm-mirror key rotate` \
+                     again; if there is none, the new key is lost: run `pm-mirror key rotate \
+                     --old-key-lost` (agents that followed it need the trust step, docs/keys.md)",
+                )
+                .into());
+            }
+            damaged_pending = named.is_some();
+            if !global.dry_run {
+                let aside = home.join(format!(
+                    "{PENDING_KEY_FILE}.damaged-{}",
+                    Utc::now().format("%Y%m%dT%H%M%SZ")
+                ));
+                std::fs::rename(&pending_path, &aside)
+                    .with_context(|| format!("cannot set `{}` aside", pending_path.display()))?;
+                tracing::warn!(error = %err, path = %aside.display(), "set aside the unusable new key of an unfinished rotation");
+            }
+            None
+        }
+        Err(err) => {
+            return Err(anyhow::Error::new(err).context(format!(
+                "cannot load the unfinished rotation's key `{PENDING_KEY_FILE}`"
+            )));
+        }
+    };
     // A statement already written for the pending key: the old key is not needed any more.
     let pending_fingerprint: Option<String> =
         pending.as_ref().map(|k| k.fingerprint()).transpose()?;
@@ -124,6 +169,12 @@ fn rotate(
     };
     let mut set_aside = None;
     let old = match old {
+        // The statement that leads followers to the lost new key is signed: the old key is
+        // replaced like a lost one (and kept aside).
+        Some(key) if old_key_lost && damaged_pending => {
+            set_aside = Some(key);
+            None
+        }
         Some(key) if old_key_lost && signs_repository(&key)? => {
             return Err(UserError::usage(format!(
                 "`--old-key-lost` but the signing key `{}` is here and signed this repository",
