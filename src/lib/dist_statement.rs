@@ -76,6 +76,10 @@ impl DistStatement {
 
     /// Whether publish should re-sign it at `now` (a part of `valid_for` has passed).
     pub fn is_due_for_refresh(&self, now: DateTime<Utc>, valid_for: Duration) -> bool {
+        // Signed by a clock ahead of this one: its expiry says nothing of how fresh dist is.
+        if self.signed_at > now + chrono::Duration::minutes(5) {
+            return true;
+        }
         let part = chrono::Duration::from_std(valid_for / REFRESH_AFTER_PART)
             .unwrap_or(chrono::Duration::MAX);
         now >= self.signed_at + part || self.is_expired(now)
@@ -147,6 +151,8 @@ mod tests {
         assert!(!statement.is_due_for_refresh(at(23), DEFAULT_VALID_FOR));
         assert!(statement.is_due_for_refresh(at(24), DEFAULT_VALID_FOR));
         assert!(!statement.is_expired(at(7 * 24 - 1)));
+        // Signed a year ahead (a manager clock stepped forward): due at once when it is back.
+        assert!(statement.is_due_for_refresh(at(-365 * 24), DEFAULT_VALID_FOR));
         assert!(statement.is_expired(at(7 * 24)));
     }
 

@@ -961,6 +961,17 @@ fn check_dist_statement(
             publish,
         );
     }
+    if statement.signed_at > now + chrono::Duration::minutes(5) {
+        return Check::warn(
+            NAME,
+            format!(
+                "signed at {} by a clock ahead of this one: it stays valid until {until}, far \
+                 longer than the manager allows",
+                statement.signed_at.format("%Y-%m-%d %H:%M:%SZ")
+            ),
+            "check the manager's clock, then run `pm-mirror publish` (it signs dist anew)",
+        );
+    }
     if statement.expires_at - now < chrono::Duration::days(2) {
         return Check::warn(
             NAME,

@@ -532,3 +532,36 @@ fn an_unusable_new_key_of_an_unfinished_rotation_is_set_aside_or_replaced_as_los
     assert!(!pending.exists());
     Pm::mirror(home).args(["publish", "--again"]).json();
 }
+
+/// Red team: a publish run under a clock a year ahead signed a dist statement valid for a year;
+/// with the clock right again, publish left it in place (it was not "due"), so dist's freshness
+/// guarantee was gone for a year and pm-doctor said ok.
+#[test]
+fn a_dist_statement_signed_by_a_clock_ahead_is_named_and_signed_anew_once_the_clock_is_right() {
+    let feed = published_three_times();
+    let home = &feed.home;
+    let ahead = Pm::mirror(home)
+        .args(["publish"])
+        .env("LD_PRELOAD", crate::agent_day2::LIBFAKETIME)
+        .env("FAKETIME", "+365d")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .json();
+    assert_eq!(ahead["re_signed"], true, "{ahead}");
+    let statement = |home: &Home| {
+        let signed = Repo::new(home.path()).dist_statement().unwrap().unwrap();
+        serde_json::from_slice::<pm::dist_statement::DistStatement>(&signed.document).unwrap()
+    };
+    assert!(statement(home).signed_at > chrono::Utc::now() + chrono::Duration::days(300));
+    let doctor = Pm::new("pm-doctor")
+        .args(["--json", "--home"])
+        .arg_path(home.path())
+        .run();
+    assert!(
+        doctor.stdout().contains("by a clock ahead of this one"),
+        "{}",
+        doctor.stdout()
+    );
+    let fixed = Pm::mirror(home).args(["publish"]).json();
+    assert_eq!(fixed["re_signed"], true, "{fixed}");
+    assert!(statement(home).signed_at <= chrono::Utc::now());
+}
