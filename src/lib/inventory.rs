@@ -265,7 +265,8 @@ pub struct ContentOrigin {
 pub struct PublishAttempt {
     /// When it ended.
     pub at: DateTime<Utc>,
-    /// `published`, `refused` (exit 2: a rolled-back revision, ...) or `failed` (exit 1).
+    /// `published`, `refused` (exit 2: a rolled-back revision, ...) or `failed` (exit 1); or
+    /// `up_to_date`: the first run with nothing to do after a refused or failed one.
     pub result: String,
     /// latest: the revision it tried to publish (none when latest was empty).
     pub revision: Option<String>,

@@ -885,6 +885,9 @@ fn run_publish(
         check_dist_signature(home, &repo, &before)?;
         let mut report = up_to_date(format!("dist is up to date with latest ({latest})"));
         (report.dist_valid_until, report.re_signed) = keep_dist_signed(&lock)?;
+        if !global.dry_run {
+            record_recovered_publish(home, global, &before);
+        }
         drop(lock);
         print_publish(global, &report)?;
         return Ok(ExitStatus::Success);
@@ -1036,6 +1039,36 @@ fn run_publish(
 /// it): the error, what latest was and that dist did not change. Never in a dry run, never
 /// into a home without an inventory, and never at the cost of the error itself: a failure to
 /// record is a warning.
+/// After a refused or failed publish, the next run that finds nothing to do records that it
+/// ended well (`up_to_date`), so `status` stops showing the old failure as the last word.
+/// Nothing is recorded (nor the inventory opened for writing) while the last attempt succeeded.
+fn record_recovered_publish(home: &Path, global: &GlobalArgs, generations: &Generations) {
+    let last = Inventory::open_read_only(home, global.lock_timeout)
+        .ok()
+        .flatten()
+        .and_then(|inventory| inventory.last_publish().ok().flatten());
+    if !last.is_some_and(|last| last.result == "refused" || last.result == "failed") {
+        return;
+    }
+    let started_at = Utc::now();
+    let attempt = PublishAttempt {
+        at: started_at,
+        result: "up_to_date".into(),
+        revision: generations.latest.clone(),
+        dist: generations.dist.clone(),
+        error: None,
+    };
+    let recorded = Inventory::open(home, global.lock_timeout).and_then(|inventory| {
+        inventory.transaction(|inv| {
+            let job_id = inv.insert_job("publish", started_at, "ok", "dist is up to date")?;
+            inv.record_publish(job_id, started_at, &attempt)
+        })
+    });
+    if let Err(record) = recorded {
+        tracing::warn!(error = %record, "cannot record the publish in the inventory");
+    }
+}
+
 fn record_failed_publish(
     home: &Path,
     global: &GlobalArgs,
@@ -1865,6 +1898,10 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
         let line = match (&publish.error, publish.result.as_str()) {
             (Some(error), result) => format!(
                 "last publish {result} at {at}: {error}; dist is still {}",
+                publish.dist.as_deref().unwrap_or("empty")
+            ),
+            (None, "up_to_date") => format!(
+                "last publish {at}: dist is up to date ({})",
                 publish.dist.as_deref().unwrap_or("empty")
             ),
             (None, result) => format!(

@@ -565,3 +565,27 @@ fn a_dist_statement_signed_by_a_clock_ahead_is_named_and_signed_anew_once_the_cl
     assert_eq!(fixed["re_signed"], true, "{fixed}");
     assert!(statement(home).signed_at <= chrono::Utc::now());
 }
+
+/// Red team: after a publish failed on a wrong key, the key put back and a publish with nothing
+/// to do succeeding, `status` still said the last publish failed.
+#[test]
+fn status_stops_naming_a_failed_publish_once_a_publish_with_nothing_to_do_succeeds() {
+    let feed = published_three_times();
+    let home = &feed.home;
+    let key = home.path().join(pm::pki::SIGNING_KEY_FILE);
+    let kept = std::fs::read(&key).unwrap();
+    pm::pki::SigningKey::generate()
+        .unwrap()
+        .write_private(&key)
+        .unwrap();
+    assert_eq!(Pm::mirror(home).args(["publish"]).run().code(), 1);
+    let last = &Pm::mirror(home).args(["status"]).json()["last_publish"];
+    assert_eq!(last["result"], "failed", "{last}");
+    std::fs::write(&key, kept).unwrap();
+    Pm::mirror(home).args(["publish"]).json();
+    let last = &Pm::mirror(home).args(["status"]).json()["last_publish"];
+    assert_eq!(last["result"], "up_to_date", "{last}");
+    assert!(last["error"].is_null(), "{last}");
+    let text = Pm::mirror(home).args(["status"]).run().stdout();
+    assert!(text.contains("dist is up to date (r3)"), "{text}");
+}
