@@ -1462,9 +1462,10 @@ pub fn verify_revision_dir(
             "the manifest of {label} is not signed by this manager's key"
         ))
         .with_hint(
-            "if the signing key was replaced, sign the repository anew with `pm-mirror key \
-             rotate` (or `--old-key-lost`, docs/keys.md); otherwise run `pm-mirror sync` to \
-             stage a fresh revision",
+            "if the signing key changed, `pm-doctor`'s `signing key` check says how and what to \
+             do (put back the key that signed it, or `pm-mirror key rotate --old-key-lost`: \
+             docs/keys.md); a manifest changed by hand: restore it from a backup \
+             (docs/repairing.md)",
         )
         .into());
     }

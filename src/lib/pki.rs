@@ -513,6 +513,11 @@ impl VerifyingKey {
         })
     }
 
+    /// The key in PEM form, written anew (one block, nothing around it).
+    pub fn to_pem(&self) -> Result<Vec<u8>, PkiError> {
+        Ok(self.key.public_key_to_pem()?)
+    }
+
     /// Whether `signature` is a valid signature of `message` by this key.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
         Verifier::new_without_digest(&self.key)

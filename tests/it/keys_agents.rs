@@ -367,7 +367,18 @@ fn an_agent_that_lost_its_key_file_is_named_by_pm_doctor_and_trust_key_gives_it_
         "{}",
         update.stderr()
     );
-    let public = home.path().join(pm::pki::SIGNING_PUBLIC_KEY_FILE);
+    // A key file as people keep them: a comment, and another key after it.
+    let canonical = std::fs::read(home.path().join(pm::pki::SIGNING_PUBLIC_KEY_FILE)).unwrap();
+    let other = pm::pki::SigningKey::generate()
+        .unwrap()
+        .public_key_pem()
+        .unwrap();
+    let public = home.path().join("given.pem");
+    std::fs::write(
+        &public,
+        [b"# the manager's key\n".as_slice(), &canonical, &other].concat(),
+    )
+    .unwrap();
     let fingerprint = manager_key(home);
     let trusted = Pm::agent(&setup.state())
         .args(["trust-key", "--fingerprint", &fingerprint, "--key"])
@@ -375,6 +386,11 @@ fn an_agent_that_lost_its_key_file_is_named_by_pm_doctor_and_trust_key_gives_it_
         .run();
     assert_eq!(trusted.code(), 0, "{}", trusted.stderr());
     assert_eq!(agent_key(&setup.state()), fingerprint);
+    assert_eq!(
+        std::fs::read(&key_file).unwrap(),
+        canonical,
+        "the key alone is stored"
+    );
     setup.agent_cmd(&["update"]);
     assert_eq!(Pm::poll(home).run().code(), 0);
     assert_eq!(doctor_keys_check(home)["result"], "ok");

@@ -263,7 +263,7 @@ pub fn trust_key_command(dir: &Path, args: &TrustKeyArgs, json: bool) -> Result<
                 .map_err(|err| not_a_key(format!("cannot read `{}`: {err}", path.display())))?;
             let (fingerprint, key) = crate::pki::parse_public_key(&pem, path)
                 .map_err(|err| not_a_key(err.to_string()))?;
-            Some((path.display().to_string(), pem, fingerprint, key))
+            Some((path.display().to_string(), fingerprint, key))
         }
         None => None,
     };
@@ -275,14 +275,14 @@ pub fn trust_key_command(dir: &Path, args: &TrustKeyArgs, json: bool) -> Result<
         .build()
         .context("cannot start the async runtime")?;
     let client = super::install::http_client()?;
-    let (source, pem, fingerprint, key) = match given {
+    let (source, fingerprint, key) = match given {
         Some(given) => given,
         None => {
             let url = join_url(&dist_url, rotation::SERVED_PUBLIC_KEY);
             let pem = runtime.block_on(get(&client, &url, MAX_KEY_BYTES))?;
             let (fingerprint, key) = crate::pki::parse_public_key(&pem, Path::new(&url))
                 .map_err(|err| UserError::failure(err.to_string()))?;
-            (url, pem, fingerprint, key)
+            (url, fingerprint, key)
         }
     };
     if fingerprint != args.fingerprint {
@@ -325,7 +325,8 @@ pub fn trust_key_command(dir: &Path, args: &TrustKeyArgs, json: bool) -> Result<
             reason: args.reason.clone(),
             how: BY_OPERATOR.to_string(),
         };
-        record(dir, std::slice::from_ref(&change), &pem)?;
+        // Stored as the key alone: comments or further blocks of the file given stay behind.
+        record(dir, std::slice::from_ref(&change), &key.to_pem()?)?;
         tracing::info!(
             old = previous.as_deref().unwrap_or("-"),
             new = %fingerprint,
