@@ -1579,6 +1579,8 @@ pub struct StatusReport {
     pub last_import: Option<crate::inventory::BundleImport>,
     /// The newest publish that tried to change dist: published, refused or failed.
     pub last_publish: Option<PublishAttempt>,
+    /// Until when dist's signed statement is valid: after it agents refuse dist.
+    pub dist_valid_until: Option<DateTime<Utc>>,
     /// Build time of the newest component in latest.
     pub newest_build_time: Option<DateTime<Utc>>,
     /// Its age: how stale the newest data of this site is.
@@ -1810,6 +1812,10 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
         changed: false,
         last_import,
         last_publish,
+        dist_valid_until: current_statement(&repo)
+            .ok()
+            .flatten()
+            .map(|s| s.expires_at),
         newest_build_time,
         newest_data_age_seconds: newest_build_time.map(|t| (now - t).num_seconds()),
         generations,
@@ -1893,6 +1899,17 @@ fn run_status(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitStatus> {
                 .map(|r| format!(" made {r}"))
                 .unwrap_or_default(),
         ))?;
+    }
+    if let Some(until) = report.dist_valid_until {
+        let at = until.format("%Y-%m-%d %H:%M:%SZ");
+        cli::print_text(if until <= now {
+            format!(
+                "dist statement EXPIRED at {at}: agents refuse dist; run `pm-mirror publish` \
+                 (it signs dist anew) and check the timer that runs it"
+            )
+        } else {
+            format!("dist statement valid until {at}")
+        })?;
     }
     if let Some(publish) = &report.last_publish {
         let at = publish.at.format("%Y-%m-%d %H:%M:%SZ");

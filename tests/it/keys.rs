@@ -589,3 +589,23 @@ fn status_stops_naming_a_failed_publish_once_a_publish_with_nothing_to_do_succee
     let text = Pm::mirror(home).args(["status"]).run().stdout();
     assert!(text.contains("dist is up to date (r3)"), "{text}");
 }
+
+/// Red team: `status` said nothing of an expired dist statement while agents refused dist.
+#[test]
+fn status_names_an_expired_dist_statement() {
+    let feed = published_three_times();
+    let home = &feed.home;
+    let later = Pm::mirror(home)
+        .args(["status"])
+        .env("LD_PRELOAD", crate::agent_day2::LIBFAKETIME)
+        .env("FAKETIME", "+10d")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .run();
+    assert!(
+        later.stdout().contains("dist statement EXPIRED at"),
+        "{}",
+        later.stdout()
+    );
+    let now = Pm::mirror(home).args(["status"]).json();
+    assert!(now["dist_valid_until"].is_string(), "{now}");
+}
