@@ -309,9 +309,10 @@ pub fn trust_key_command(dir: &Path, args: &TrustKeyArgs, json: bool) -> Result<
              refusing to trust it"
         ))
         .with_hint(
-            "nothing was changed; this key does not sign the manager's dist: check on the \
-             manager that `pm-mirror key rotate --old-key-lost` finished (`pm-doctor`) and that \
-             this is the fingerprint it printed",
+            "nothing was changed; this key does not sign the manager's dist now: give the \
+             fingerprint `pm-mirror key export-public` shows on the manager today (a rotation \
+             since `--old-key-lost` replaced the key it printed), and check with `pm-doctor` \
+             there that the rotation finished",
         )
         .into());
     }
