@@ -146,6 +146,9 @@ pub enum TrustCommand {
     Add {
         /// PEM public key file
         file: PathBuf,
+        /// Trust it even though its owner rotated away from it (it was retired here)
+        #[arg(long)]
+        again: bool,
     },
     /// List trusted keys
     List,
@@ -235,7 +238,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitStatus> {
                 },
         } => keys::run_key_rotate(&home, &args.global, old_key_lost, &reason),
         Command::Trust { command } => match command {
-            TrustCommand::Add { file } => airgap::run_trust_add(&home, &args.global, &file),
+            TrustCommand::Add { file, again } => {
+                airgap::run_trust_add(&home, &args.global, &file, again)
+            }
             TrustCommand::List => airgap::run_trust_list(&home, &args.global),
             TrustCommand::Remove { fingerprint } => {
                 airgap::run_trust_remove(&home, &args.global, &fingerprint)
@@ -431,12 +436,20 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
         // A key that cannot sign fails the run before anything is downloaded.
         SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
     }
+    // A repair of latest asks no upstream that is in its cool-down (a 429 or 403 earlier).
+    let mut reachable = config.clone();
+    reachable.products.retain(|product| {
+        !states.iter().any(|state| {
+            state.product == product.name
+                && state.cooldown_until.is_some_and(|until| until > Utc::now())
+        })
+    });
     let repaired = repair::repair_latest(
         home,
         &repo,
         &lock,
         &generations,
-        (&config, &upstream),
+        (&reachable, &upstream),
         global.dry_run,
     )
     .await?;
@@ -456,18 +469,14 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
         dry_run: global.dry_run,
     };
     let reports = sync::sync_products(&inputs, staged.as_mut()).await;
-    // A damaged file of latest no source had must not be carried into the next revision.
-    if let Some(err) = staged
+    // A damaged file of latest no source had must not be carried into the next revision: the
+    // run fails, recorded like any failed sync (with what upstream answered: a 429's cool-down
+    // counts), and says so after its report.
+    let carried = staged
         .as_ref()
-        .and_then(|staged| repair::carried_damage(&repaired, staged.files()))
-    {
-        if let Some(staged) = staged {
-            staged.discard();
-        }
-        return Err(err);
-    }
+        .and_then(|staged| repair::carried_damage(&repaired, staged.files()));
 
-    let failed = reports.iter().any(|r| r.result == ProductResult::Failed);
+    let failed = carried.is_some() || reports.iter().any(|r| r.result == ProductResult::Failed);
     let cooling = reports.iter().any(|r| r.result == ProductResult::Cooldown);
     // Open the inventory before anything becomes visible: if another process holds it past the
     // lock timeout, the sync fails having changed nothing.
@@ -581,6 +590,11 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
             .transaction(|inv| {
                 let summary = match &new_manifest {
                     Some(m) => format!("latest is now {}", m.revision),
+                    None if carried.is_some() => {
+                        "sync failed: latest is damaged and no source has the file; latest \
+                         unchanged"
+                            .to_string()
+                    }
                     None if failed => "sync failed; latest unchanged".to_string(),
                     None => "no change".to_string(),
                 };
@@ -624,6 +638,9 @@ async fn run_sync(home: &Path, global: &GlobalArgs, only: &[String]) -> anyhow::
                 Ok(())
             })
             .map_err(inventory_error)?;
+    }
+    if let Some(err) = carried {
+        return Err(err);
     }
     print_sync(global, &report)?;
     removed::warn(
@@ -939,11 +956,16 @@ fn run_publish(
             "latest `{latest}` leaves out what dist holds; publishing it would take out of dist: {}",
             removed::describe_all(&removed)
         ))
-        .with_hint(
+        .with_hint(if config.products.is_empty() {
+            // A closed home: the bundle it imported no longer carries the product.
+            "the last imported bundle no longer carries it (it was removed on the exporting \
+             side): run `pm-mirror publish --allow-removal` to publish without it, or import \
+             a bundle that carries it"
+        } else {
             "a product removed or renamed in pm.toml leaves dist with its files: put it back in \
              pm.toml under its old name and run `pm-mirror sync`, or run `pm-mirror publish \
-             --allow-removal` to publish without it",
-        )
+             --allow-removal` to publish without it"
+        })
         .into());
     }
     // The inventory is opened before the switch so that a lock timeout fails with no change.

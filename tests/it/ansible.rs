@@ -37,7 +37,7 @@ fn the_playbooks_install_activate_roll_out_roll_back_and_carry_bundles_and_a_sec
         "airgap-import.yml -e",
         "demo done with /usr/bin's tools",
         "both packages at 0.1.1~test, serve and the agents restarted and active",
-        "ansible: 21 playbook runs as expected",
+        "ansible: 24 playbook runs as expected",
     ] {
         assert!(text.contains(expected), "{expected} missing from:\n{text}");
     }

@@ -495,3 +495,47 @@ fn a_child_whose_parent_lost_its_key_is_told_to_replace_trusted_key_and_what_to_
     let ok = Pm::mirror(&child).args(["sync"]).json();
     assert_eq!(ok["products"][0]["result"], "updated", "{ok}");
 }
+
+/// Red team: `trust add` of a key the exporter rotated away from (retired here) trusted it
+/// again without a word, and bundles it signed were accepted again.
+#[test]
+fn trusting_a_retired_key_again_takes_again_and_clears_its_retired_record() {
+    let sites = Sites::new(3);
+    let first = fingerprint(&sites.online);
+    let old_pem = sites.work.path().join("old.pem");
+    Pm::mirror(&sites.online)
+        .args(["key", "export-public", "--out"])
+        .arg_path(&old_pem)
+        .json();
+    sites.export("before.tar", None);
+    assert_eq!(sites.import("before.tar").code(), 0);
+    Pm::mirror(&sites.online).args(["key", "rotate"]).json();
+    sites.lab.upstream.set_version(5).unwrap();
+    Pm::mirror(&sites.online).args(["sync"]).json();
+    sites.export("after.tar", None);
+    assert_eq!(sites.import("after.tar").code(), 0);
+    let refused = Pm::mirror(&sites.offline)
+        .args(["trust", "add"])
+        .arg_path(&old_pem)
+        .run();
+    assert_eq!(refused.code(), 2, "{}", refused.stdout());
+    assert!(
+        refused
+            .stderr()
+            .contains("was retired from this trust store")
+            && refused.stderr().contains("--again"),
+        "{}",
+        refused.stderr()
+    );
+    assert_eq!(trust_store(&sites.offline).1, vec![first.clone()]);
+    let again = Pm::mirror(&sites.offline)
+        .args(["trust", "add", "--again"])
+        .arg_path(&old_pem)
+        .json();
+    assert_eq!(again["changed"], true, "{again}");
+    let (trusted, retired) = trust_store(&sites.offline);
+    assert!(
+        trusted.contains(&first) && retired.is_empty(),
+        "{trusted:?} {retired:?}"
+    );
+}

@@ -788,3 +788,69 @@ fn importing_a_fifo_socket_directory_or_device_is_refused_at_once_and_changes_no
     assert_eq!(imported.code(), 0, "{}", imported.stderr());
     assert_eq!(imported.json()["changed"], true);
 }
+
+/// Red team: a closed site refused a bundle from an exporter that had removed a product as "an
+/// older bundle?", so the operator had to pass --allow-downgrade (which also lets real
+/// downgrades in), and its publish's hint spoke of pm.toml products a closed home has none of.
+#[test]
+fn a_closed_site_takes_a_newer_bundle_without_a_product_and_publishes_it_with_allow_removal() {
+    let lab = Lab::start(5);
+    let feed = tempfile::tempdir().unwrap();
+    crate::support::write_feed(feed.path(), "v1", 3);
+    lab.upstream.set_feed(feed.path(), "1").unwrap();
+    let online = Home::new();
+    online.clamav_and_feed_config(&lab);
+    Pm::mirror(&online).args(["sync"]).json();
+    Pm::mirror(&online).args(["publish"]).json();
+    let offline = Home::new();
+    offline.config("");
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("online.pem");
+    Pm::mirror(&online)
+        .args(["key", "export-public", "--out"])
+        .arg_path(&key)
+        .json();
+    Pm::mirror(&offline)
+        .args(["trust", "add"])
+        .arg_path(&key)
+        .json();
+    let bundle = |name: &str| {
+        let path = work.path().join(name);
+        Pm::mirror(&online)
+            .args(["export", "--out"])
+            .arg_path(&path)
+            .json();
+        path
+    };
+    let first = bundle("both.tar");
+    Pm::mirror(&offline)
+        .args(["import"])
+        .arg_path(&first)
+        .json();
+    Pm::mirror(&offline).args(["publish"]).json();
+
+    online.clamav_config(&lab, "");
+    Pm::mirror(&online).args(["sync"]).json();
+    Pm::mirror(&online)
+        .args(["publish", "--allow-removal"])
+        .json();
+    let second = bundle("clamav-only.tar");
+    let imported = Pm::mirror(&offline)
+        .args(["import"])
+        .arg_path(&second)
+        .run();
+    assert_eq!(imported.code(), 0, "{}", imported.stderr());
+    let refused = Pm::mirror(&offline).args(["publish"]).run();
+    assert_eq!(refused.code(), 2, "{}", refused.stdout());
+    assert!(
+        refused
+            .stderr()
+            .contains("the last imported bundle no longer carries it"),
+        "{}",
+        refused.stderr()
+    );
+    let published = Pm::mirror(&offline)
+        .args(["publish", "--allow-removal"])
+        .json();
+    assert_eq!(published["changed"], true, "{published}");
+}

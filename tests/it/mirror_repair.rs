@@ -468,3 +468,72 @@ fn a_revision_file_is_read_only_so_its_owner_cannot_write_it_by_accident() {
     assert_eq!(gc.code(), 0, "{}", gc.stderr());
     assert!(!stray.exists(), "{}", gc.stdout());
 }
+
+/// Red team: on a closed site a full bundle holding latest's content was "no change" and left
+/// latest and dist damaged, though the docs name it as the way back.
+#[test]
+fn a_full_bundle_of_the_content_latest_holds_restores_what_is_damaged_on_a_closed_site() {
+    let sites = Sites::new(3);
+    sites.export("r1.tar", None);
+    assert_eq!(sites.import("r1.tar").code(), 0);
+    Pm::mirror(&sites.offline).args(["publish"]).json();
+    damage_one_byte(&sites.offline.repo("latest/clamav/test.cvd"));
+    assert_eq!(
+        Pm::mirror(&sites.offline).args(["repair"]).run().code(),
+        1,
+        "no source on a closed site"
+    );
+    let run = sites.import("r1.tar");
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let report = run.json();
+    assert_eq!(report["changed"], true, "{report}");
+    assert!(
+        report["repaired"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("clamav/test.cvd (latest (r1), dist (r1)"),
+        "{report}"
+    );
+    let (_, doctor_report) = json(doctor(&sites.offline));
+    assert_eq!(
+        check(&doctor_report, "files")["result"],
+        "ok",
+        "{doctor_report}"
+    );
+    let again = sites.import("r1.tar").json();
+    assert_eq!(again["changed"], false, "{again}");
+}
+
+/// Red team: with latest damaged and upstream answering 429, the failed sync was not recorded
+/// (no cool-down, `status` said ok) and every later sync asked upstream again.
+#[test]
+fn a_sync_failing_on_a_damaged_latest_records_upstreams_cool_down_and_the_next_one_keeps_it() {
+    let lab = Lab::start(6);
+    let home = published(&lab, &[5, 6]);
+    damage_one_byte(&home.repo("latest/clamav/test.cvd"));
+    lab.fault(
+        pm::lab::FaultKind::TooManyRequests {
+            retry_after: Some(600),
+        },
+        "test.cvd",
+        None,
+    );
+    let first = Pm::mirror(&home).args(["sync"]).run();
+    assert_eq!(first.code(), 1, "{}", first.stdout());
+    assert!(
+        first.stderr().contains("latest is damaged"),
+        "{}",
+        first.stderr()
+    );
+    let status = Pm::mirror(&home).args(["status"]).json();
+    let clamav = &status["products"][0];
+    assert_eq!(clamav["state"], "deferred", "{status}");
+    let asked = lab.clamav_requests().len();
+    let second = Pm::mirror(&home).args(["sync"]).run();
+    assert_ne!(second.code(), 0);
+    assert_eq!(
+        lab.clamav_requests().len(),
+        asked,
+        "no request to an upstream in its cool-down"
+    );
+}

@@ -270,6 +270,10 @@ pub struct ImportReport {
     /// Why nothing changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Files damaged on disk that this bundle (holding latest's content) restored, in every
+    /// revision sharing them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<String>,
 }
 
 /// A key rotation an import followed.
@@ -503,8 +507,11 @@ fn verify_into(
             )
             .into());
         }
+        // A newer revision of the same exporter that lacks a product dropped it there (a
+        // removal, which `publish` here asks `--allow-removal` for), not an older bundle.
+        let newer = accepted.is_some_and(|accepted| verified.manifest.serial > accepted);
         if let Some(previous) = &previous {
-            check_no_downgrade(previous, &verified.manifest)?;
+            check_no_downgrade(previous, &verified.manifest, newer)?;
         }
     }
     Ok(VerifiedImport {
@@ -564,11 +571,15 @@ fn verify_clamav_files(dir: &Path, manifest: &Manifest) -> Result<(), String> {
 }
 
 /// Refuses a bundle that would move a numeric component version backwards.
-fn check_no_downgrade(previous: &Manifest, incoming: &Manifest) -> Result<(), String> {
+fn check_no_downgrade(
+    previous: &Manifest,
+    incoming: &Manifest,
+    removal_possible: bool,
+) -> Result<(), String> {
     if let Some(missing) = previous
         .products
         .iter()
-        .find(|p| incoming.product(&p.name).is_none())
+        .find(|p| !removal_possible && incoming.product(&p.name).is_none())
     {
         return Err(format!(
             "it lacks product `{}` that latest has (an older bundle?); pass --allow-downgrade to \
@@ -631,10 +642,19 @@ fn commit_import(
             })
             .collect(),
         reason: None,
+        repaired: Vec::new(),
     };
     let same_content = previous.as_ref().is_some_and(|p| {
         p.content_sha256 == bundle.manifest.content_sha256 && p.products == bundle.manifest.products
     });
+    // The bundle holds latest's content: it is the source for what is damaged on disk (a
+    // closed site's way back, docs/repairing.md).
+    if same_content && !global.dry_run {
+        let repo = Repo::new(home);
+        let _lock = repo.lock(global.lock_timeout).map_err(repo_error)?;
+        report.repaired = repair_from_bundle(home, &repo, staged.dir(), &bundle.manifest)?;
+        report.changed = !report.repaired.is_empty();
+    }
     if global.dry_run || same_content {
         staged.discard();
         report.reason = Some(if same_content {
@@ -646,7 +666,7 @@ fn commit_import(
             "dry run: verified, nothing changed".into()
         });
         // A dry run says whether the import would change latest (Ansible's check mode).
-        report.changed = global.dry_run && !same_content;
+        report.changed = report.changed || (global.dry_run && !same_content);
         if same_content && !global.dry_run {
             let inventory = Inventory::open(home, global.lock_timeout).map_err(inventory_error)?;
             follow_trust(home, &bundle)?;
@@ -822,6 +842,11 @@ fn print_import(global: &GlobalArgs, report: &ImportReport, file: &Path) -> anyh
     if global.quiet {
         return Ok(());
     }
+    let repaired: String = report
+        .repaired
+        .iter()
+        .map(|file| format!("restored from the bundle: {file}\n"))
+        .collect();
     let verdict = match (&report.reason, &report.revision) {
         (Some(reason), _) => format!("no change: {reason}"),
         (None, Some(revision)) => {
@@ -852,7 +877,7 @@ fn print_import(global: &GlobalArgs, report: &ImportReport, file: &Path) -> anyh
         })
         .collect();
     cli::print_text(format!(
-        "bundle {} verified: signed by {}, exporter's {}, {} files, {}\nsha256 {}\n{followed}{verdict}",
+        "bundle {} verified: signed by {}, exporter's {}, {} files, {}\nsha256 {}\n{followed}{repaired}{verdict}",
         file.display(),
         report.signer,
         report.exported_revision,
@@ -860,6 +885,50 @@ fn print_import(global: &GlobalArgs, report: &ImportReport, file: &Path) -> anyh
         cli::human_bytes(report.size),
         report.sha256,
     ))
+}
+
+/// Restores every file of the live generations that no longer matches its manifest and that
+/// the verified bundle in `staged_dir` carries with the same sha256, into every revision sharing
+/// it ([`crate::integrity::restore`]). Returns their paths.
+fn repair_from_bundle(
+    home: &Path,
+    repo: &Repo,
+    staged_dir: &Path,
+    manifest: &Manifest,
+) -> anyhow::Result<Vec<String>> {
+    let generations = repo.generations().map_err(repo_error)?;
+    let verifier = SigningKey::load_or_create(home)
+        .context("cannot load the manifest signing key")?
+        .verifying_key()?;
+    let survey = crate::integrity::survey(
+        repo,
+        &crate::integrity::live_generations(&generations),
+        &verifier,
+    );
+    let mut repaired = Vec::new();
+    for damaged in &survey.damaged {
+        let carried = staged_dir.join(&damaged.path);
+        let in_bundle = manifest
+            .file(&damaged.path)
+            .is_some_and(|entry| entry.sha256 == damaged.sha256 && entry.size == damaged.size);
+        // An incremental bundle does not carry what did not change.
+        if !in_bundle || !carried.is_file() {
+            continue;
+        }
+        let (size, sha256) = crate::mirror::hash_file(&carried)
+            .with_context(|| format!("cannot read `{}`", carried.display()))?;
+        if size != damaged.size || sha256 != damaged.sha256 {
+            continue;
+        }
+        let targets: Vec<PathBuf> = damaged.copies.iter().map(|c| c.path.clone()).collect();
+        let source = crate::integrity::source_path(&targets[0]);
+        std::fs::copy(&carried, &source)
+            .and_then(|_| crate::integrity::restore(&source, &targets))
+            .with_context(|| format!("cannot restore `{}` from the bundle", damaged.path))?;
+        tracing::info!(path = %damaged.path, generations = %damaged.generations_text(), "restored from the bundle");
+        repaired.push(format!("{} ({})", damaged.path, damaged.generations_text()));
+    }
+    Ok(repaired)
 }
 
 /// `pm-mirror key export-public --out FILE`.
@@ -939,7 +1008,12 @@ fn check_out_path(out: &Path) -> Result<(), UserError> {
 }
 
 /// `pm-mirror trust add FILE`.
-pub fn run_trust_add(home: &Path, global: &GlobalArgs, file: &Path) -> anyhow::Result<ExitStatus> {
+pub fn run_trust_add(
+    home: &Path,
+    global: &GlobalArgs,
+    file: &Path,
+    again: bool,
+) -> anyhow::Result<ExitStatus> {
     let pem = crate::durable::read_regular(file).map_err(|err| {
         UserError::usage(format!("cannot read `{}`: {err}", file.display())).with_hint(
             "give the PEM file written by `pm-mirror key export-public` on the exporting mirror",
@@ -950,6 +1024,49 @@ pub fn run_trust_add(home: &Path, global: &GlobalArgs, file: &Path) -> anyhow::R
             "give the PEM file written by `pm-mirror key export-public` on the exporting mirror",
         )
     })?;
+    // A key its owner rotated away from may be the stolen one: trusting it again undoes the
+    // rotation, so it takes a decision.
+    let retired = pki::retired_trust(home)?
+        .into_iter()
+        .find(|record| record.fingerprint == fingerprint);
+    if let Some(record) = &retired {
+        if !again {
+            return Err(UserError::usage(format!(
+                "{fingerprint} was retired from this trust store on {}: its owner rotated to {} \
+                 (rotation {}, carried by {})",
+                record.retired_at.format("%Y-%m-%d %H:%M:%SZ"),
+                record.replaced_by,
+                record
+                    .rotations
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                record.carried_by
+            ))
+            .with_hint(
+                "nothing was changed; a key rotated away from may be the stolen one and bundles \
+                 it signs would be accepted again: add `--again` only if you are sure (e.g. the \
+                 rotation was a mistake on the exporting side)",
+            )
+            .into());
+        }
+        if !global.dry_run {
+            let dir = home.join(pki::RETIRED_TRUST_DIR);
+            let name = fingerprint.trim_start_matches("sha256:");
+            for path in [
+                dir.join(format!("{name}.json")),
+                dir.join(format!("{name}.pem")),
+            ] {
+                if let Err(err) = std::fs::remove_file(&path)
+                    && err.kind() != std::io::ErrorKind::NotFound
+                {
+                    return Err(anyhow::Error::new(err)
+                        .context(format!("cannot remove `{}`", path.display())));
+                }
+            }
+        }
+    }
     let changed = if global.dry_run {
         !pki::trusted_keys(home)?
             .iter()
