@@ -877,36 +877,51 @@ fn check_generations(home: &Path, repo: &Repo, generations: &Generations, checks
     let Some(survey) = survey else {
         return;
     };
-    checks.push(if survey.damaged.is_empty() {
-        Check::ok(
-            "files",
-            Some(format!(
-                "{} files in {} revisions match their manifests ({} distinct, {} bytes hashed)",
-                survey.files_checked,
-                survey.revisions.len(),
-                survey.inodes_hashed,
-                survey.bytes_hashed
-            )),
-        )
-    } else {
-        Check::fail(
-            "files",
-            survey
-                .damaged
-                .iter()
-                .map(|d| {
-                    format!(
-                        "`{}` is damaged in {} (found {})",
-                        d.path,
-                        d.generations_text(),
-                        d.copies[0].found
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("; "),
-            REPAIR,
-        )
-    });
+    checks.push(
+        if survey.damaged.is_empty() && !survey.writable.is_empty() {
+            let (path, mode) = &survey.writable[0];
+            Check::warn(
+                "files",
+                format!(
+                    "{} revision files can be written (e.g. `{}`, mode {mode:o}): a write would \
+                 change every revision sharing them",
+                    survey.writable.len(),
+                    path.display()
+                ),
+                "run `pm-mirror repair`: it makes them read-only (0444) again, and look for who \
+             changed their mode",
+            )
+        } else if survey.damaged.is_empty() {
+            Check::ok(
+                "files",
+                Some(format!(
+                    "{} files in {} revisions match their manifests ({} distinct, {} bytes hashed)",
+                    survey.files_checked,
+                    survey.revisions.len(),
+                    survey.inodes_hashed,
+                    survey.bytes_hashed
+                )),
+            )
+        } else {
+            Check::fail(
+                "files",
+                survey
+                    .damaged
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "`{}` is damaged in {} (found {})",
+                            d.path,
+                            d.generations_text(),
+                            d.copies[0].found
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                REPAIR,
+            )
+        },
+    );
 }
 
 /// The signed dist statement agents check: present, signed, naming dist, not near expiry.

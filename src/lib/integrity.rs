@@ -165,6 +165,10 @@ pub struct Survey {
     pub damaged: Vec<DamagedFile>,
     /// A verified copy of each content seen (sha256 -> path), a source for repairs.
     pub good: HashMap<String, PathBuf>,
+    /// Files whose content is right but whose mode lets someone write them (anything but
+    /// [`REVISION_FILE_MODE`]'s no-write bits): the next write would damage every revision
+    /// sharing them. With their mode.
+    pub writable: Vec<(PathBuf, u32)>,
     /// Files listed in the checked manifests.
     pub files_checked: usize,
     /// Distinct inodes hashed.
@@ -242,6 +246,10 @@ pub fn survey(repo: &Repo, generations: &[Generation], verifier: &VerifyingKey) 
                                 .good
                                 .entry(file.sha256.clone())
                                 .or_insert_with(|| path.clone());
+                            let mode = meta.mode() & 0o7777;
+                            if mode & 0o222 != 0 {
+                                survey.writable.push((path.clone(), mode));
+                            }
                             None
                         }
                         Ok((size, sha256)) => Some(Found::Differs {

@@ -537,3 +537,28 @@ fn a_sync_failing_on_a_damaged_latest_records_upstreams_cool_down_and_the_next_o
         "no request to an upstream in its cool-down"
     );
 }
+
+/// Red team: a revision file made world-writable (0666) went unnoticed by pm-doctor and
+/// `pm-mirror repair`: anyone could then rewrite what dist serves.
+#[test]
+fn a_revision_file_made_writable_is_named_by_pm_doctor_and_repair_makes_it_read_only_again() {
+    let lab = Lab::start(5);
+    let home = published(&lab, &[5]);
+    let file = std::fs::canonicalize(home.repo("dist/clamav/test.cvd")).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (_, report) = json(doctor(&home));
+    let files = check(&report, "files");
+    assert_eq!(files["result"], "warn", "{report}");
+    assert!(
+        files["message"].as_str().unwrap().contains("mode 666"),
+        "{report}"
+    );
+    let repaired = Pm::mirror(&home).args(["repair"]).json();
+    assert_eq!(repaired["changed"], true, "{repaired}");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o7777,
+        0o444
+    );
+    let (_, report) = json(doctor(&home));
+    assert_eq!(check(&report, "files")["result"], "ok", "{report}");
+}

@@ -16,6 +16,7 @@
 //! path with one read-only inode by rename.
 
 use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -47,6 +48,10 @@ pub struct RepairReport {
     pub untrusted: Vec<UntrustedRevision>,
     /// Wall time.
     pub duration_seconds: f64,
+    /// Files of the right content whose mode let them be written, made 0444 again (in a dry
+    /// run: would be), with the mode they had.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub modes_restored: Vec<String>,
 }
 
 /// What happened to one damaged file.
@@ -134,9 +139,23 @@ pub(super) async fn run_repair(home: &Path, global: &GlobalArgs) -> anyhow::Resu
         global.dry_run,
     )
     .await;
+    // Right content under a mode that lets it be written: read-only again.
+    let mut modes_restored = Vec::new();
+    for (path, mode) in &survey.writable {
+        if !global.dry_run {
+            std::fs::set_permissions(
+                path,
+                std::fs::Permissions::from_mode(integrity::REVISION_FILE_MODE),
+            )
+            .with_context(|| format!("cannot make `{}` read-only", path.display()))?;
+        }
+        modes_restored.push(format!("{} (was {mode:o})", path.display()));
+    }
     drop(lock);
     let report = RepairReport {
-        changed: files.iter().any(|f| f.result != RepairResult::Unrepairable),
+        changed: files.iter().any(|f| f.result != RepairResult::Unrepairable)
+            || !modes_restored.is_empty(),
+        modes_restored,
         dry_run: global.dry_run,
         files_checked: survey.files_checked,
         bytes_hashed: survey.bytes_hashed,
@@ -154,6 +173,12 @@ pub(super) async fn run_repair(home: &Path, global: &GlobalArgs) -> anyhow::Resu
     }
     if global.json {
         cli::print_json(&report)?;
+    } else if !global.quiet && report.files.is_empty() && !report.modes_restored.is_empty() {
+        cli::print_text(format!(
+            "{} read-only (0444) again: {}",
+            if report.dry_run { "would make" } else { "made" },
+            report.modes_restored.join(", ")
+        ))?;
     } else if !global.quiet && report.files.is_empty() {
         cli::print_text(format!(
             "nothing to repair: {} files of latest, dist and the backups match their manifests \
