@@ -446,6 +446,17 @@ pub struct RetiredTrust {
     pub carried_by: String,
 }
 
+impl RetiredTrust {
+    /// `1, 2`: the rotations followed.
+    pub fn rotations_text(&self) -> String {
+        self.rotations
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// Moves a trusted key out of the trust store into [`RETIRED_TRUST_DIR`] with its record: the
 /// record first, then the key by rename, so a crash leaves it trusted (the next import retires
 /// it again) or retired, never lost.

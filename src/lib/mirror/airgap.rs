@@ -1036,12 +1036,7 @@ pub fn run_trust_add(
                  (rotation {}, carried by {})",
                 record.retired_at.format("%Y-%m-%d %H:%M:%SZ"),
                 record.replaced_by,
-                record
-                    .rotations
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                record.rotations_text(),
                 record.carried_by
             ))
             .with_hint(
@@ -1121,12 +1116,7 @@ pub fn run_trust_list(home: &Path, global: &GlobalArgs) -> anyhow::Result<ExitSt
             record.fingerprint,
             record.retired_at.format("%Y-%m-%d %H:%M:%SZ"),
             record.replaced_by,
-            record
-                .rotations
-                .iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
+            record.rotations_text()
         ))?;
     }
     Ok(ExitStatus::Success)
