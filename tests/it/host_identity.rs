@@ -200,14 +200,19 @@ fn poll(home: &Home, flags: &[&str]) -> (i32, Value, String) {
     (run.code(), run.json(), run.stderr())
 }
 
-/// `TOOL --home HOME --json ARGS` under `faketime -f OFFSET`: a manager whose clock is on.
+/// `TOOL --home HOME --json ARGS` under libfaketime at OFFSET: a manager whose clock is on.
 pub(crate) fn at(offset: &str, tool: &str, home: &Home, args: &[&str]) -> Run {
-    let mut command = Command::new("faketime");
+    // libfaketime preloaded, not the `faketime` wrapper: the wrapper keeps a semaphore in
+    // /dev/shm named by its pid, and one a killed run left behind fails a later run whose pid
+    // matches ("sem_open: File exists").
+    let mut command = Command::new(bin(tool));
     command
-        .args(["-f", offset, bin(tool), "--home"])
+        .args(["--home"])
         .arg(home.path())
         .args(["--json"])
         .args(args)
+        .env("LD_PRELOAD", crate::agent_day2::LIBFAKETIME)
+        .env("FAKETIME", offset)
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
