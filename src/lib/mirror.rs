@@ -1384,7 +1384,7 @@ fn check_dist_signature(home: &Path, repo: &Repo, generations: &Generations) -> 
         return Ok(());
     };
     let key = SigningKey::load_or_create(home).context("cannot load the manifest signing key")?;
-    if signed_with(&key, &repo.revision_dir(dist))? {
+    if crate::pki::revision_signed_by(repo, dist, &key.verifying_key()?) {
         return Ok(());
     }
     Err(UserError::failure(format!(
@@ -1396,15 +1396,6 @@ fn check_dist_signature(home: &Path, repo: &Repo, generations: &Generations) -> 
          anew with `pm-mirror key rotate` (see docs/keys.md), or restore `pki/` from a backup",
     )
     .into())
-}
-
-/// Whether the manifest of the revision in `dir` verifies with `key` (the signature only).
-fn signed_with(key: &SigningKey, dir: &Path) -> anyhow::Result<bool> {
-    let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_default();
-    Ok(key.verifying_key()?.verify(
-        &read(crate::manifest::MANIFEST_FILE),
-        &read(crate::manifest::SIGNATURE_FILE),
-    ))
 }
 
 /// [`sign_dist_statement`] with a given key (a rotation signs with the key it installs last).

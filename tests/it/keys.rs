@@ -7,6 +7,7 @@ use pm::pki::VerifyingKey;
 use pm::pki::rotation::{KeyChain, follow};
 use pm::repo::Repo;
 
+use crate::doctor::{check, doctor, json};
 use crate::mirror_publish::Feed;
 use crate::support::{Home, Pm, Server, http_get};
 
@@ -27,18 +28,8 @@ fn public_key(home: &Path) -> (String, VerifyingKey) {
 
 /// pm-doctor's `signing key` check: its result and message.
 fn doctor_on_key(home: &Home) -> (String, String) {
-    let report = Pm::new("pm-doctor")
-        .args(["--json", "--home"])
-        .arg_path(home.path())
-        .run();
-    let report: serde_json::Value = serde_json::from_str(&report.stdout()).unwrap();
-    let check = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "signing key")
-        .expect("a signing key check")
-        .clone();
+    let (_, report) = json(doctor(home));
+    let check = check(&report, "signing key");
     (
         check["result"].as_str().unwrap().to_string(),
         format!("{} {}", check["message"], check["hint"]),
@@ -47,11 +38,7 @@ fn doctor_on_key(home: &Home) -> (String, String) {
 
 /// Whether `revision`'s manifest verifies with `key`.
 fn signed_by(home: &Home, revision: &str, key: &VerifyingKey) -> bool {
-    let dir = Repo::new(home.path()).revision_dir(revision);
-    key.verify(
-        &std::fs::read(dir.join("manifest.json")).unwrap(),
-        &std::fs::read(dir.join("manifest.sig")).unwrap(),
-    )
+    pm::pki::revision_signed_by(&Repo::new(home.path()), revision, key)
 }
 
 #[test]
@@ -357,13 +344,7 @@ fn a_pki_restored_from_before_a_rotation_signs_nothing_and_old_key_lost_recovers
         .json();
     assert_eq!(recovered["statement"], false, "{recovered}");
     assert_eq!(recovered["old_key"], first["new_key"], "{recovered}");
-    let set_aside: Vec<String> = std::fs::read_dir(home.path().join("pki"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("manifest-signing.key.set-aside-"))
-        .collect();
-    assert_eq!(set_aside.len(), 1, "{set_aside:?}");
+    assert_eq!(names_in_pki(home, "manifest-signing.key.set-aside-"), 1);
     // The chain kept the rotation followers already know, and did not fork.
     let chain = KeyChain::load(home.path()).unwrap();
     assert_eq!(chain.rotations.len(), 1);

@@ -39,17 +39,8 @@ fn history(state: &Path) -> Value {
 
 /// pm-doctor's `manifest keys` check.
 fn doctor_keys_check(home: &Home) -> Value {
-    let doctor = Pm::new("pm-doctor")
-        .args(["--home", home.path().to_str().unwrap(), "--json"])
-        .run()
-        .json();
-    doctor["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "manifest keys")
-        .cloned()
-        .unwrap_or_else(|| panic!("pm-doctor has no `manifest keys` check: {doctor}"))
+    let (_, report) = crate::doctor::json(crate::doctor::doctor(home));
+    crate::doctor::check(&report, "manifest keys").clone()
 }
 
 #[test]

@@ -200,7 +200,7 @@ pub fn run_export(
 /// `revision`'s `manifest.sig`, which importers check against the same key. After the key was
 /// replaced by hand the two differ, and the operator would learn it only on the closed side.
 fn check_exportable(key: &SigningKey, repo: &Repo, revision: &str) -> anyhow::Result<()> {
-    if super::signed_with(key, &repo.revision_dir(revision))? {
+    if pki::revision_signed_by(repo, revision, &key.verifying_key()?) {
         return Ok(());
     }
     Err(UserError::failure(format!(

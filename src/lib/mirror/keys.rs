@@ -132,12 +132,7 @@ fn rotate(
             }
             damaged_pending = named.is_some();
             if !global.dry_run {
-                let aside = home.join(format!(
-                    "{PENDING_KEY_FILE}.damaged-{}",
-                    Utc::now().format("%Y%m%dT%H%M%SZ")
-                ));
-                std::fs::rename(&pending_path, &aside)
-                    .with_context(|| format!("cannot set `{}` aside", pending_path.display()))?;
+                let aside = move_aside(&pending_path, "damaged")?;
                 tracing::warn!(error = %err, path = %aside.display(), "set aside the unusable new key of an unfinished rotation");
             }
             None
@@ -305,21 +300,11 @@ fn rotate(
     let started_at = Utc::now();
     remove_stale_temporaries(home, &repo, &revisions);
     if let Some(key) = &set_aside {
-        let aside = home.join(format!(
-            "{SIGNING_KEY_FILE}.set-aside-{}",
-            Utc::now().format("%Y%m%dT%H%M%SZ")
-        ));
-        std::fs::rename(&key_path, &aside)
-            .with_context(|| format!("cannot set `{}` aside", key_path.display()))?;
+        let aside = move_aside(&key_path, "set-aside")?;
         tracing::warn!(key = %key.fingerprint()?, path = %aside.display(), "set aside a signing key that did not sign this repository");
     } else if old.is_none() && old_key_lost && key_path.exists() {
         // Damaged: kept for whoever wants to look at it, never loaded again.
-        let aside = home.join(format!(
-            "{SIGNING_KEY_FILE}.damaged-{}",
-            Utc::now().format("%Y%m%dT%H%M%SZ")
-        ));
-        std::fs::rename(&key_path, &aside)
-            .with_context(|| format!("cannot set `{}` aside", key_path.display()))?;
+        move_aside(&key_path, "damaged")?;
     }
     let next = match pending {
         Some(key) => key,
@@ -503,6 +488,17 @@ fn retire_public_half(
     ));
     durable::write_atomic(&path, &pem, 0o644)
         .with_context(|| format!("cannot write `{}`", path.display()))
+}
+
+/// Renames a key file out of the way, never deleting it: `<file>.<label>-<UTC time>` beside it
+/// (its mode, 0600, goes with it). Returns the new path.
+fn move_aside(path: &Path, label: &str) -> anyhow::Result<std::path::PathBuf> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{label}-{}", Utc::now().format("%Y%m%dT%H%M%SZ")));
+    let aside = std::path::PathBuf::from(name);
+    std::fs::rename(path, &aside)
+        .with_context(|| format!("cannot set `{}` aside", path.display()))?;
+    Ok(aside)
 }
 
 /// Removes what a killed rotation left half-written: `pki/.<name>.tmp-*` and a revision's
