@@ -471,16 +471,39 @@ pub fn retire_trusted_key(
         move |source| PkiError::Io { path, source }
     };
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let name = record.fingerprint.trim_start_matches("sha256:");
-    let record_path = dir.join(format!("{name}.json"));
+    let (record_path, retired) = retired_paths(home, &record.fingerprint);
     let mut json = serde_json::to_vec_pretty(record).expect("a record serializes");
     json.push(b'\n');
     durable::write_atomic(&record_path, &json, 0o644).map_err(io(&record_path))?;
-    let retired = dir.join(format!("{name}.pem"));
     std::fs::rename(path, &retired).map_err(io(path))?;
     durable::sync_parent_dir(path).map_err(io(path))?;
     durable::sync_parent_dir(&retired).map_err(io(&retired))?;
     Ok(retired)
+}
+
+/// Removes a retired key's record and its PEM from [`RETIRED_TRUST_DIR`] (it is trusted again);
+/// what is not there is not an error.
+pub fn forget_retired_key(home: &Path, fingerprint: &str) -> Result<(), PkiError> {
+    let (record, pem) = retired_paths(home, fingerprint);
+    for path in [record, pem] {
+        match std::fs::remove_file(&path) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                return Err(PkiError::Io { path, source: err });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The record (`<hex>.json`) and PEM (`<hex>.pem`) of a retired key.
+fn retired_paths(home: &Path, fingerprint: &str) -> (PathBuf, PathBuf) {
+    let dir = home.join(RETIRED_TRUST_DIR);
+    let name = fingerprint.trim_start_matches("sha256:");
+    (
+        dir.join(format!("{name}.json")),
+        dir.join(format!("{name}.pem")),
+    )
 }
 
 /// The records of [`RETIRED_TRUST_DIR`], oldest first.

@@ -1047,19 +1047,7 @@ pub fn run_trust_add(
             .into());
         }
         if !global.dry_run {
-            let dir = home.join(pki::RETIRED_TRUST_DIR);
-            let name = fingerprint.trim_start_matches("sha256:");
-            for path in [
-                dir.join(format!("{name}.json")),
-                dir.join(format!("{name}.pem")),
-            ] {
-                if let Err(err) = std::fs::remove_file(&path)
-                    && err.kind() != std::io::ErrorKind::NotFound
-                {
-                    return Err(anyhow::Error::new(err)
-                        .context(format!("cannot remove `{}`", path.display())));
-                }
-            }
+            pki::forget_retired_key(home, &fingerprint)?;
         }
     }
     let changed = if global.dry_run {
